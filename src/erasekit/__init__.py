@@ -1,0 +1,42 @@
+"""erasekit: erase a concept from a Stable Diffusion model, shipped as a small revertible patch.
+
+The public API is imported lazily, so ``import erasekit`` (and ``erasekit --help``) never
+imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+_API = {
+    "load_patch": "erasekit.patchfile",
+    "save_patch": "erasekit.patchfile",
+    "Patch": "erasekit.patchfile",
+    "Manifest": "erasekit.patchfile",
+    "apply_patch": "erasekit.apply",
+    "revert_patch": "erasekit.apply",
+    "apply_to_checkpoint": "erasekit.apply",
+    "revert_from_checkpoint": "erasekit.apply",
+    "detect": "erasekit.layouts",
+    "inspect_path": "erasekit.inspect",
+    "diff_paths": "erasekit.diff",
+}
+
+if TYPE_CHECKING:
+    from .apply import apply_patch, apply_to_checkpoint, revert_from_checkpoint, revert_patch
+    from .diff import diff_paths
+    from .inspect import inspect_path
+    from .layouts import detect
+    from .patchfile import Manifest, Patch, load_patch, save_patch
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'erasekit' has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""Every exception erasekit raises on purpose.
+
+Each error carries a one-line ``problem`` and a one-line ``fix``; ``str(err)`` is
+``"<problem>; <fix>"``. The CLI prints exactly that line and exits with the error's
+``exit_code``. Anything that is not an :class:`ErasekitError` is a bug in erasekit.
+"""
+
+from __future__ import annotations
+
+
+class ErasekitError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+    exit_code = 1
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+
+
+class InputFileError(ErasekitError):
+    """A path the user named is missing, is of the wrong kind, or cannot be read."""
+
+    exit_code = 2
+
+
+class PatchFormatError(ErasekitError):
+    """A file is not a valid ``.erasepatch``: truncated, corrupt header, bad manifest,
+    tensors that disagree with the manifest, or non-finite values."""
+
+    exit_code = 3
+
+
+class PatchVersionError(PatchFormatError):
+    """A patch was written by a newer erasekit with a ``format_version`` this one cannot read."""
+
+
+class LayoutError(ErasekitError):
+    """A checkpoint's layout is not one erasekit knows, or it lacks tensors its layout needs."""
+
+    exit_code = 4
+
+
+class IncompatiblePatchError(ErasekitError):
+    """A patch was made for another architecture, or its tensors do not fit the checkpoint's shapes."""
+
+    exit_code = 5
+
+
+class FingerprintMismatchError(IncompatiblePatchError):
+    """The checkpoint's tensors are not the ones the patch was made from (use ``--force`` to apply anyway)."""
+
+    def __init__(self, problem: str, fix: str, differing: int, total: int) -> None:
+        self.differing = differing
+        self.total = total
+        super().__init__(problem, fix)
+
+
+class NotAppliedError(ErasekitError):
+    """A revert was asked for a patch that the target's undo journal does not list."""
+
+    exit_code = 6
+
+
+class RevertOrderError(NotAppliedError):
+    """A patch cannot be reverted yet because patches applied after it change the same tensors."""
+
+
+class UndoRecordError(ErasekitError):
+    """An undo record is missing, corrupt, or no longer matches the checkpoint, so a bit-exact revert is impossible."""
+
+    exit_code = 6
+
+
+class TargetNotWritableError(ErasekitError):
+    """The output or in-place target cannot be written (read-only file or folder, ``.ckpt`` in place, exists)."""
+
+    exit_code = 7
+
+
+class NonFiniteError(ErasekitError):
+    """A computation produced NaN or infinite values; nothing was written."""
+
+    exit_code = 8
+
+
+class TargetLockedError(ErasekitError):
+    """Another erasekit process is writing to the same checkpoint."""
+
+    exit_code = 9

@@ -1,0 +1,379 @@
+"""The ``.erasepatch`` format: manifest model, validating reader, deterministic atomic writer.
+
+The normative description is ``docs/format.md``; this module is its reference implementation.
+No torch here: patches are read and written with numpy, so ``erasekit inspect`` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+
+from . import _st
+from ._version import __version__
+from .errors import InputFileError, PatchFormatError, PatchVersionError
+from .layouts import ARCHITECTURES, MODELSPEC_ARCH, SLOTS, SS_BASE_MODEL_VERSION, module_name, parse_module_name
+
+FORMAT_VERSION = 1
+PATCH_SUFFIX = ".erasepatch"
+STORED_DTYPES = ("F32", "F16", "BF16")
+
+# Upgrade functions from older format versions: UPGRADES[n] turns a version-n manifest dict into version n+1.
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Concept(_Model):
+    name: str = Field(min_length=1)
+    kind: Literal["object", "style", "attribute", "other"] = "object"
+
+
+class Method(_Model):
+    """How the deltas were made, with every setting needed to make them again."""
+
+    name: str = Field(min_length=1)  # "fuchi-takagi-2024", "diff", ...
+    hyperparameters: dict[str, JsonValue] = {}
+    seed: int | None = None
+    images_sha256: str | None = None
+    num_images: int | None = None
+    duration_s: float | None = None
+
+
+class EncoderInfo(_Model):
+    hidden: int = Field(gt=0)
+    intermediate: int = Field(gt=0)
+    layers: int = Field(gt=0)
+
+
+class TensorFingerprint(_Model):
+    """Identity of one base tensor: exact (sha256 of its bytes in ``dtype``) and approximate (``sketch``),
+    so that the same model stored at another precision is still recognised."""
+
+    dtype: str
+    shape: list[int]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sketch: list[float]
+
+
+class BaseModelInfo(_Model):
+    architecture: Literal["sd1", "sd2", "sdxl", "sdxl-refiner", "clip-text"]
+    encoders: dict[str, EncoderInfo]
+    tensors: dict[str, TensorFingerprint]  # "<module>.weight" / "<module>.bias"
+    source: str | None = None
+
+    @field_validator("encoders")
+    @classmethod
+    def _slots(cls, v: dict[str, EncoderInfo]) -> dict[str, EncoderInfo]:
+        bad = [s for s in v if s not in SLOTS]
+        if bad or not v:
+            raise ValueError(f"encoder slots must be among {SLOTS}, got {sorted(v)}")
+        return v
+
+
+class DeltaInfo(_Model):
+    storage: Literal["dense", "lowrank"]
+    rank: int | None = Field(default=None, gt=0)
+    bias: bool = True
+
+
+class Manifest(_Model):
+    format_version: int
+    erasekit_version: str
+    created_at: str
+    title: str
+    concepts: list[Concept] = []
+    method: Method
+    base: BaseModelInfo
+    deltas: dict[str, DeltaInfo]
+
+
+@dataclass
+class Patch:
+    """A loaded (or freshly made) patch: manifest plus its tensors, decoded to float32.
+
+    ``dtypes`` says how each tensor is stored on disk; ``warnings`` collects what a reader
+    tolerated (unknown manifest fields from a newer erasekit of the same format version).
+    """
+
+    manifest: Manifest
+    tensors: dict[str, np.ndarray]
+    dtypes: dict[str, str]
+    path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return self.manifest.title
+
+    @property
+    def patch_id(self) -> str:
+        """sha256 of the tensor data in file order: the same deltas give the same id."""
+        return data_sha256(self.tensors, self.dtypes)
+
+    def weight_delta(self, module: str) -> np.ndarray:
+        """The dense float32 weight delta of ``module`` (low-rank factors multiplied out)."""
+        info = self.manifest.deltas[module]
+        if info.storage == "dense":
+            return self.tensors[f"{module}.diff"]
+        up = self.tensors[f"{module}.lora_up.weight"].astype(np.float64)
+        down = self.tensors[f"{module}.lora_down.weight"].astype(np.float64)
+        alpha = float(self.tensors[f"{module}.alpha"])
+        return ((up @ down) * (alpha / info.rank)).astype(np.float32)  # type: ignore[operator]
+
+    def bias_delta(self, module: str) -> np.ndarray | None:
+        return self.tensors.get(f"{module}.diff_b")
+
+    def modules(self) -> list[tuple[str, str, int, str]]:
+        """(module, slot, layer, proj) in file order."""
+        out = []
+        for m in sorted(self.manifest.deltas):
+            slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
+            out.append((m, slot, layer, proj))
+        return out
+
+
+def data_sha256(tensors: dict[str, np.ndarray], dtypes: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(_st.encode(tensors[name], dtypes[name]))
+    return h.hexdigest()
+
+
+def expected_tensors(manifest: Manifest) -> dict[str, tuple[int, ...] | None]:
+    """Every tensor name the manifest implies, with its shape (None: rank-dependent, checked separately)."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for m, info in manifest.deltas.items():
+        slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
+        enc = manifest.base.encoders[slot]
+        o, i = (enc.intermediate, enc.hidden) if proj == "fc1" else (enc.hidden, enc.intermediate)
+        if info.storage == "dense":
+            out[f"{m}.diff"] = (o, i)
+        else:
+            out[f"{m}.lora_up.weight"] = (o, info.rank)  # type: ignore[assignment]
+            out[f"{m}.lora_down.weight"] = (info.rank, i)  # type: ignore[assignment]
+            out[f"{m}.alpha"] = ()
+        if info.bias:
+            out[f"{m}.diff_b"] = (o,)
+    return out
+
+
+def _check_manifest(manifest: Manifest, where: str) -> None:
+    for m in manifest.deltas:
+        parsed = parse_module_name(m)
+        if parsed is None:
+            raise PatchFormatError(f"{where}: {m!r} is not a text-encoder FFN module name",
+                                   "the file was not written by erasekit; re-create it")
+        slot, layer, _ = parsed
+        enc = manifest.base.encoders.get(slot)
+        if enc is None or layer >= enc.layers:
+            raise PatchFormatError(f"{where}: module {m} is outside the base model's encoders {sorted(manifest.base.encoders)}",
+                                   "re-create the patch")
+        for kind in ("weight", "bias") if manifest.deltas[m].bias else ("weight",):
+            if f"{m}.{kind}" not in manifest.base.tensors:
+                raise PatchFormatError(f"{where}: no base fingerprint for {m}.{kind}", "re-create the patch")
+    if manifest.base.architecture not in ARCHITECTURES:  # guarded by the Literal too
+        raise PatchFormatError(f"{where}: unknown architecture", "re-create the patch")
+
+
+def _upgrade(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    version = obj.get("format_version")
+    if type(version) is not int or version < 1:
+        raise PatchFormatError(f"{where}: manifest has no valid format_version", "re-create the patch")
+    if version > FORMAT_VERSION:
+        raise PatchVersionError(f"{where} uses format version {version}; this erasekit {__version__} reads up to "
+                                f"{FORMAT_VERSION}", "upgrade erasekit (pip install -U erasekit)")
+    while version < FORMAT_VERSION:
+        if version not in UPGRADES:
+            raise PatchFormatError(f"{where}: no upgrade from format version {version}", "re-create the patch")
+        obj = UPGRADES[version](obj)
+        version = obj["format_version"]
+    return obj
+
+
+def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]]:
+    """Parse, upgrade and validate a manifest JSON string. Returns it and any warnings."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PatchFormatError(f"{where}: the erasekit manifest is not valid JSON ({e.msg})", "re-create the patch") from None
+    if not isinstance(obj, dict):
+        raise PatchFormatError(f"{where}: the erasekit manifest is not a JSON object", "re-create the patch")
+    obj = _upgrade(obj, where)
+    try:
+        manifest = Manifest.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise PatchFormatError(f"{where}: invalid manifest field {loc or '(root)'}: {err['msg']}",
+                               "re-create the patch") from None
+    found: list[str] = []
+
+    def collect(model: BaseModel, prefix: str) -> None:
+        for k in (model.model_extra or {}):
+            found.append(prefix + k)
+        for name in type(model).model_fields:
+            val = getattr(model, name)
+            vals = val.values() if isinstance(val, dict) else val if isinstance(val, list) else [val]
+            for v in vals:
+                if isinstance(v, BaseModel):
+                    collect(v, f"{prefix}{name}.")
+
+    collect(manifest, "")
+    notes = [f"{where}: ignoring manifest fields this erasekit does not know: {', '.join(sorted(set(found)))} "
+             f"(written by erasekit {manifest.erasekit_version})"] if found else []
+    _check_manifest(manifest, where)
+    return manifest, notes
+
+
+def read_manifest(path: str | Path) -> tuple[Manifest, _st.Header, list[str]]:
+    """Read and validate header and manifest only (no tensor data)."""
+    path = Path(path)
+    header = _st.read_header(path, err=PatchFormatError, what="patch")
+    text = header.metadata.get("erasekit")
+    if text is None:
+        hint = ("it looks like a LoRA/LyCORIS network; `erasekit diff` makes patches from two checkpoints"
+                if any(k.startswith("lora_") for k in header.entries) else "name a file written by erasekit")
+        raise PatchFormatError(f"{path} is not an erasekit patch (no 'erasekit' manifest in its metadata)", hint)
+    manifest, notes = parse_manifest(text, str(path))
+    expected = expected_tensors(manifest)
+    missing = sorted(set(expected) - set(header.entries))
+    extra = sorted(set(header.entries) - set(expected))
+    if missing or extra:
+        what = (f"lacks {len(missing)} tensors the manifest lists (e.g. {missing[0]})" if missing
+                else f"has {len(extra)} tensors the manifest does not list (e.g. {extra[0]})")
+        raise PatchFormatError(f"{path} {what}", "the file is damaged or was edited; re-create it")
+    for name, shape in expected.items():
+        ent = header.entries[name]
+        if ent.dtype not in STORED_DTYPES:
+            raise PatchFormatError(f"{path}: tensor {name} is {ent.dtype}; patches store F32, F16 or BF16",
+                                   "re-create the patch")
+        if ent.shape != shape:
+            raise PatchFormatError(f"{path}: tensor {name} has shape {list(ent.shape)}, the manifest implies "
+                                   f"{list(shape)}", "the file is damaged; re-create it")  # type: ignore[arg-type]
+    return manifest, header, notes
+
+
+def load_patch(path: str | Path) -> Patch:
+    """Read a ``.erasepatch`` and validate everything: header, manifest, tensor set, shapes, dtypes,
+    finite values and the recorded data hash. Raises :class:`PatchFormatError` (or a subclass)."""
+    path = Path(path)
+    manifest, header, notes = read_manifest(path)
+    tensors: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for name in sorted(header.entries, key=lambda n: header.entries[n].begin):
+                ent = header.entries[name]
+                raw = _st.read_raw(f, ent)
+                digest.update(raw)
+                arr = _st.to_numpy(raw, ent.dtype, ent.shape).astype(np.float32)
+                if not np.isfinite(arr).all():
+                    raise PatchFormatError(f"{path}: tensor {name} holds NaN or infinite values",
+                                           "re-create the patch (the run that made it diverged)")
+                tensors[name], dtypes[name] = arr, ent.dtype
+    except OSError as e:
+        raise InputFileError(f"cannot read {path} ({e.strerror})", "check the file and its permissions") from None
+    recorded = header.metadata.get("modelspec.hash_sha256")
+    if recorded is not None and recorded != "0x" + digest.hexdigest():
+        raise PatchFormatError(f"{path}: tensor data does not match its recorded hash (corrupt file)",
+                               "re-download or re-create the patch")
+    return Patch(manifest, tensors, dtypes, path, notes)
+
+
+def metadata_for(patch: Patch) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of a patch: manifest, ModelSpec and kohya keys."""
+    m = patch.manifest
+    arch = m.base.architecture
+    meta = {
+        "format": "pt",
+        "erasekit": json.dumps(m.model_dump(mode="json"), sort_keys=True, separators=(",", ":")),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{MODELSPEC_ARCH[arch]}/erasepatch",
+        "modelspec.implementation": "erasekit",
+        "modelspec.title": m.title,
+        "modelspec.date": m.created_at,
+        "modelspec.hash_sha256": "0x" + patch.patch_id,
+        "ss_base_model_version": SS_BASE_MODEL_VERSION[arch],
+        "ss_v2": str(arch == "sd2"),
+        "ss_network_module": "lycoris.kohya",
+        "ss_output_name": m.title,
+    }
+    ranks = {d.rank for d in m.deltas.values() if d.storage == "lowrank"}
+    if len(ranks) == 1:
+        (rank,) = ranks
+        meta["ss_network_dim"] = str(rank)
+        alphas = {float(patch.tensors[f"{k}.alpha"]) for k, d in m.deltas.items() if d.storage == "lowrank"}
+        if len(alphas) == 1:
+            meta["ss_network_alpha"] = f"{alphas.pop():g}"
+    return meta
+
+
+def save_patch(patch: Patch, path: str | Path) -> Path:
+    """Write ``patch`` atomically. Same manifest and tensors -> same bytes."""
+    path = Path(path)
+    for name, arr in patch.tensors.items():
+        if not np.isfinite(arr).all():
+            from .errors import NonFiniteError
+
+            raise NonFiniteError(f"tensor {name} holds NaN or infinite values; no patch written",
+                                 "lower the learning rate or the number of steps")
+    encoded = {n: (patch.dtypes[n], tuple(a.shape), _st.encode(a, patch.dtypes[n])) for n, a in patch.tensors.items()}
+    _st.write_safetensors(path, encoded, metadata_for(patch))
+    patch.path = path
+    return path
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...]) -> TensorFingerprint:
+    """Exact hash plus a precision-independent sketch (mean, rms and 8 evenly spaced values)."""
+    arr = _st.to_numpy(raw, dtype, shape).astype(np.float64).reshape(-1)
+    idx = np.linspace(0, arr.size - 1, num=min(8, arr.size)).astype(np.int64) if arr.size else np.array([], np.int64)
+    sketch = [float(arr.mean()) if arr.size else 0.0, float(math.sqrt((arr**2).mean())) if arr.size else 0.0]
+    sketch += [float(arr[i]) for i in idx]
+    return TensorFingerprint(dtype=dtype, shape=list(shape), sha256=hashlib.sha256(raw).hexdigest(), sketch=sketch)
+
+
+def compare_fingerprint(expected: TensorFingerprint, actual: TensorFingerprint) -> Literal["exact", "approx", "differs"]:
+    """``exact``: same bytes. ``approx``: same values at another precision (e.g. fp32 base, fp16 target)."""
+    if expected.shape != actual.shape:
+        return "differs"
+    if expected.dtype == actual.dtype:
+        return "exact" if expected.sha256 == actual.sha256 else "differs"
+    a, b = np.array(expected.sketch), np.array(actual.sketch)
+    if a.shape != b.shape:
+        return "differs"
+    rms = max(abs(a[1]), 1e-12)
+    return "approx" if np.all(np.abs(a - b) <= 1e-2 * np.abs(a) + 1e-3 * rms) else "differs"
+
+
+def new_manifest(*, title: str, architecture: str, encoders: dict[str, EncoderInfo],
+                 fingerprints: dict[str, TensorFingerprint], deltas: dict[str, DeltaInfo], method: Method,
+                 concepts: list[Concept] | None = None, source: str | None = None,
+                 created_at: str | None = None) -> Manifest:
+    return Manifest(
+        format_version=FORMAT_VERSION, erasekit_version=__version__, created_at=created_at or now_iso(), title=title,
+        concepts=concepts or [], method=method,
+        base=BaseModelInfo(architecture=architecture, encoders=encoders, tensors=fingerprints, source=source),  # type: ignore[arg-type]
+        deltas=deltas,
+    )
+
+
+__all__ = ["FORMAT_VERSION", "PATCH_SUFFIX", "Concept", "DeltaInfo", "EncoderInfo", "Manifest", "Method", "Patch",
+           "TensorFingerprint", "compare_fingerprint", "fingerprint", "load_patch", "module_name", "new_manifest",
+           "parse_manifest", "read_manifest", "save_patch"]

@@ -1,0 +1,215 @@
+"""Tiny random checkpoints in every layout erasekit reads, for tests, examples and benchmarks.
+
+Nothing here downloads anything: each builder writes a small, deterministic (seeded) checkpoint
+whose text encoder has the real key names and tensor roles of its layout, at toy sizes.
+
+    python -m erasekit.testing single-sd1 /tmp/base.safetensors [--dtype F16] [--edit-layers 1]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+LAYOUTS = (
+    "diffusers-sd1", "diffusers-sd1-prefixed", "diffusers-sd1-fp16-variant", "diffusers-sd2", "diffusers-sdxl",
+    "diffusers-sdxl-refiner", "transformers-clip", "single-sd1", "single-sd1-old", "single-sd2", "single-sdxl",
+    "single-sdxl-refiner", "ckpt-sd1",
+)
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+# toy sizes: (hidden, intermediate, layers) per encoder role
+CLIP_L = (32, 64, 2)
+OPENCLIP_H = (48, 96, 3)
+BIGG = (40, 80, 2)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g) * 0.02
+
+
+def hf_text_encoder(dims: tuple[int, int, int], g: torch.Generator, vocab: int = 64) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict (no ``text_model.`` prefix), random values."""
+    h, inter, n = dims
+    sd = {"embeddings.token_embedding.weight": _rand(g, vocab, h), "embeddings.position_embedding.weight": _rand(g, 77, h),
+          "final_layer_norm.weight": torch.ones(h), "final_layer_norm.bias": torch.zeros(h)}
+    for i in range(n):
+        p = f"encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[p + f"self_attn.{proj}.weight"] = _rand(g, h, h)
+            sd[p + f"self_attn.{proj}.bias"] = _rand(g, h)
+        for ln in ("layer_norm1", "layer_norm2"):
+            sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = torch.ones(h), torch.zeros(h)
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = _rand(g, inter, h), _rand(g, inter)
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = _rand(g, h, inter), _rand(g, h)
+    return sd
+
+
+def openclip_text_encoder(dims: tuple[int, int, int], g: torch.Generator, vocab: int = 64) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower state dict (``transformer.resblocks.{i}``), random values."""
+    h, inter, n = dims
+    sd = {"token_embedding.weight": _rand(g, vocab, h), "positional_embedding": _rand(g, 77, h),
+          "ln_final.weight": torch.ones(h), "ln_final.bias": torch.zeros(h), "text_projection": _rand(g, h, h)}
+    for i in range(n):
+        p = f"transformer.resblocks.{i}."
+        sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = _rand(g, 3 * h, h), _rand(g, 3 * h)
+        sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = _rand(g, h, h), _rand(g, h)
+        for ln in ("ln_1", "ln_2"):
+            sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = torch.ones(h), torch.zeros(h)
+        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = _rand(g, inter, h), _rand(g, inter)
+        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = _rand(g, h, inter), _rand(g, h)
+    return sd
+
+
+def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def _unet_vae(g: torch.Generator, sdxl: bool = False) -> dict[str, torch.Tensor]:
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": _rand(g, 8, 4, 3, 3),
+          "model.diffusion_model.input_blocks.0.0.bias": _rand(g, 8),
+          "first_stage_model.encoder.conv_in.weight": _rand(g, 8, 3, 3, 3),
+          "first_stage_model.decoder.conv_out.weight": _rand(g, 3, 8, 3, 3)}
+    if sdxl:
+        sd["model.diffusion_model.label_emb.0.0.weight"] = _rand(g, 8, 16)
+    return sd
+
+
+def _clip_config(dims: tuple[int, int, int], hidden_act: str = "quick_gelu") -> dict[str, object]:
+    h, inter, n = dims
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": h,
+            "intermediate_size": inter, "num_hidden_layers": n, "num_attention_heads": 4, "vocab_size": 64,
+            "max_position_embeddings": 77, "hidden_act": hidden_act, "projection_dim": h,
+            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float32"}
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path, dtype: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(_DTYPES[dtype]).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+
+
+def _encoder_folder(folder: Path, sd: dict[str, torch.Tensor], config: dict[str, object], dtype: str,
+                    name: str = "model.safetensors") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    _save(sd, folder / name, dtype)
+
+
+def _edit(sd: dict[str, torch.Tensor], layers: list[int], seed: int) -> None:
+    """Perturb the FFN weights of ``layers`` in place, as an erasing tool would."""
+    g = _gen(seed + 1000)
+    for k in sorted(sd):
+        if any(f"layers.{i}.mlp." in k or f"resblocks.{i}.mlp." in k for i in layers):
+            sd[k] = sd[k] + _rand(g, *sd[k].shape) * 0.5
+
+
+def make_checkpoint(path: str | Path, layout: str, dtype: str = "F32", seed: int = 0,
+                    edit_layers: list[int] | None = None) -> Path:
+    """Write a tiny checkpoint of ``layout`` (see :data:`LAYOUTS`) at ``path`` and return the path.
+
+    ``edit_layers`` perturbs those FFN layers (same seed otherwise), giving an "edited" model to diff.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    path = Path(path)
+    g = _gen(seed)
+
+    def enc(kind: str) -> dict[str, torch.Tensor]:
+        sd = hf_text_encoder(CLIP_L, g) if kind == "L" else openclip_text_encoder(
+            OPENCLIP_H if kind == "H" else BIGG, g)
+        if edit_layers:
+            _edit(sd, edit_layers, seed)
+        return sd
+
+    if layout.startswith("diffusers"):
+        path.mkdir(parents=True, exist_ok=True)
+        comps: dict[str, list[str | None]] = {"unet": ["diffusers", "UNet2DConditionModel"],
+                                              "vae": ["diffusers", "AutoencoderKL"]}
+        cls = "StableDiffusionPipeline"
+        if layout in ("diffusers-sd1", "diffusers-sd1-prefixed", "diffusers-sd1-fp16-variant"):
+            sd = enc("L")
+            if layout == "diffusers-sd1-prefixed":
+                sd = _prefixed(sd, "text_model.")
+            _encoder_folder(path / "text_encoder", sd, _clip_config(CLIP_L), dtype)
+            if layout == "diffusers-sd1-fp16-variant":
+                _save(sd, path / "text_encoder" / "model.fp16.safetensors", "F16")
+            comps["text_encoder"] = ["transformers", "CLIPTextModel"]
+        elif layout == "diffusers-sd2":
+            _encoder_folder(path / "text_encoder", _hf_from(enc("H"), OPENCLIP_H), _clip_config(OPENCLIP_H, "gelu"), dtype)
+            comps["text_encoder"] = ["transformers", "CLIPTextModel"]
+        else:
+            cls = "StableDiffusionXLPipeline" if layout == "diffusers-sdxl" else "StableDiffusionXLImg2ImgPipeline"
+            if layout == "diffusers-sdxl":
+                _encoder_folder(path / "text_encoder", enc("L"), _clip_config(CLIP_L), dtype)
+                comps["text_encoder"] = ["transformers", "CLIPTextModel"]
+            else:
+                comps["text_encoder"] = [None, None]
+            cfg = _clip_config(BIGG, "gelu") | {"architectures": ["CLIPTextModelWithProjection"]}
+            _encoder_folder(path / "text_encoder_2", _hf_from(enc("G"), BIGG), cfg, dtype)
+            comps["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+        (path / "model_index.json").write_text(json.dumps({"_class_name": cls, "_diffusers_version": "0.42.1", **comps}, indent=1))
+        return path
+    if layout == "transformers-clip":
+        _encoder_folder(path, enc("L"), _clip_config(CLIP_L), dtype)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if layout in ("single-sd1", "ckpt-sd1"):
+        sd = _prefixed(enc("L"), "cond_stage_model.transformer.text_model.") | _unet_vae(g)
+    elif layout == "single-sd1-old":
+        sd = _prefixed(enc("L"), "cond_stage_model.transformer.") | _unet_vae(g)
+    elif layout == "single-sd2":
+        sd = _prefixed(enc("H"), "cond_stage_model.model.") | _unet_vae(g)
+    elif layout == "single-sdxl":
+        sd = (_prefixed(enc("L"), "conditioner.embedders.0.transformer.text_model.")
+              | _prefixed(enc("G"), "conditioner.embedders.1.model.") | _unet_vae(g, sdxl=True))
+    else:  # single-sdxl-refiner
+        sd = _prefixed(enc("G"), "conditioner.embedders.0.model.") | _unet_vae(g, sdxl=True)
+    if layout == "ckpt-sd1":
+        torch.save({"state_dict": {k: v.to(_DTYPES[dtype]) for k, v in sd.items()}, "global_step": 1}, path)
+    else:
+        _save(sd, path, dtype)
+    return path
+
+
+def _hf_from(oc: dict[str, torch.Tensor], dims: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """The same OpenCLIP tower in transformers naming (how diffusers stores SD2/SDXL encoders)."""
+    g = _gen(7)
+    sd = hf_text_encoder(dims, g)
+    h, _, n = dims
+    for i in range(n):
+        for a, b in (("fc1", "c_fc"), ("fc2", "c_proj")):
+            for kind in ("weight", "bias"):
+                sd[f"encoder.layers.{i}.mlp.{a}.{kind}"] = oc[f"transformer.resblocks.{i}.mlp.{b}.{kind}"]
+        q, k, v = oc[f"transformer.resblocks.{i}.attn.in_proj_weight"].chunk(3)
+        sd[f"encoder.layers.{i}.self_attn.q_proj.weight"] = q
+        sd[f"encoder.layers.{i}.self_attn.k_proj.weight"] = k
+        sd[f"encoder.layers.{i}.self_attn.v_proj.weight"] = v
+    sd["embeddings.token_embedding.weight"] = oc["token_embedding.weight"]
+    assert h == oc["ln_final.weight"].shape[0]
+    return sd
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m erasekit.testing", description="Write a tiny random checkpoint.")
+    ap.add_argument("layout", choices=LAYOUTS)
+    ap.add_argument("path")
+    ap.add_argument("--dtype", choices=sorted(_DTYPES), default="F32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--edit-layers", type=int, nargs="*", help="perturb these FFN layers (an 'edited' model)")
+    args = ap.parse_args(argv)
+    print(make_checkpoint(args.path, args.layout, args.dtype, args.seed, args.edit_layers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
