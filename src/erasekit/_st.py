@@ -197,6 +197,16 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _mode_for(path: Path) -> int:
+    """Keep the mode of the file being replaced; new files get the usual 0666 minus the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
     """Write to ``<name>.<random>.incomplete`` beside ``path``, fsync, then rename over it.
@@ -220,6 +230,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
             yield f  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
         fsync_dir(parent)
     except BaseException:

@@ -265,6 +265,19 @@ def read_manifest(path: str | Path) -> tuple[Manifest, _st.Header, list[str]]:
     return manifest, header, notes
 
 
+def is_patch_file(path: str | Path) -> bool:
+    """True for ``*.erasepatch`` and for safetensors files whose metadata holds an erasekit manifest."""
+    path = Path(path)
+    if path.suffix == PATCH_SUFFIX:
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        return "erasekit" in _st.read_header(path).metadata
+    except Exception:  # a corrupt checkpoint is reported by the checkpoint reader, with its own message
+        return False
+
+
 def load_patch(path: str | Path) -> Patch:
     """Read a ``.erasepatch`` and validate everything: header, manifest, tensor set, shapes, dtypes,
     finite values and the recorded data hash. Raises :class:`PatchFormatError` (or a subclass)."""

@@ -1,0 +1,40 @@
+"""The ``erasekit`` command line: a thin skin over the library (one module per command)."""
+
+from __future__ import annotations
+
+import typer
+
+from .._version import __version__
+from . import apply as _apply
+from . import diff as _diff
+from . import inspect as _inspect
+
+app = typer.Typer(
+    name="erasekit",
+    help="Erase a concept from a Stable Diffusion model, shipped as a small, inspectable, revertible patch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"erasekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Erase a concept from a Stable Diffusion model, shipped as a small, inspectable, revertible patch."""
+
+
+app.command("inspect")(_inspect.inspect_cmd)
+app.command("apply")(_apply.apply_cmd)
+app.command("diff")(_diff.diff_cmd)
+
+
+def main() -> None:
+    app()

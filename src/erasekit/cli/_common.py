@@ -1,0 +1,105 @@
+"""What every command shares: option types, the error table, and output helpers.
+
+Results go to stdout (tables, or JSON with ``--json``); warnings and hints go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ..errors import ErasekitError
+
+# markup=False: paths and layouts like "[single-file-sd1]" are data, not rich markup. Piped output gets
+# a wide virtual terminal so that tables are not truncated in logs.
+out = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, markup=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
+PathArg = Annotated[Path, typer.Argument(show_default=False)]
+
+INTERNAL_ERROR = 70
+
+
+def debug() -> bool:
+    return os.environ.get("ERASEKIT_DEBUG", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def errors() -> Iterator[None]:
+    """Turn known errors into one line on stderr and an exit code; tracebacks only with ERASEKIT_DEBUG=1."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except ErasekitError as e:
+        if debug():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; files are left as they were or will be rolled back by the next erasekit command",
+              file=sys.stderr)
+        raise typer.Exit(130) from None
+    except OSError as e:
+        if debug():
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; check the path, free disk space and permissions", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except Exception as e:
+        if debug():
+            raise
+        print(f"error: internal error ({type(e).__name__}: {e}); rerun with ERASEKIT_DEBUG=1 for a traceback and "
+              "report it", file=sys.stderr)
+        raise typer.Exit(INTERNAL_ERROR) from None
+
+
+def print_json(obj: Any) -> None:
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def bar(value: float, top: float, width: int = 16) -> str:
+    """A horizontal bar for tables: which layers changed is obvious at a glance."""
+    if top <= 0 or value <= 0:
+        return ""
+    cells = value / top * width
+    full = int(cells)
+    return "█" * full + ("▌" if cells - full >= 0.5 else "") or "▏"
+
+
+def ranges(nums: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    nums = sorted(set(nums))
+    parts, i = [], 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ", ".join(parts) or "none"

@@ -1,0 +1,55 @@
+"""``erasekit diff A B [-o OUT.erasepatch] [--json]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ._common import JsonOpt, PathArg, bar, errors, human_bytes, out, print_json, warn
+
+
+def diff_cmd(
+    a: PathArg,
+    b: PathArg,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Extract B minus A as a patch "
+                                                   "(checkpoints only).")] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="Title of the extracted patch.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Store low-rank (SVD) deltas of this rank "
+                                                "instead of dense ones.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of the extracted deltas: F32, F16 or BF16.")] = "F32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare two checkpoints (per-layer FFN change) or two patches (cosine similarity, norm ratio)."""
+    from ..diff import diff_paths
+
+    with errors():
+        report = diff_paths(a, b, output=output, title=title, rank=rank, dtype=dtype.upper())
+    if as_json:
+        print_json(report)
+        return
+    warn(report.notes)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    if report.kind == "patches":
+        for col in ("enc", "layer", "proj", "|A|", "|B|", "cosine", "|B|/|A|"):
+            table.add_column(col, justify="left" if col in ("enc", "proj") else "right")
+        for c in report.comparisons:
+            table.add_row(c.encoder, str(c.layer), c.proj, f"{c.norm_a:.3g}", f"{c.norm_b:.3g}",
+                          "-" if c.cosine is None else f"{c.cosine:+.3f}", "-" if c.norm_ratio is None else f"{c.norm_ratio:.3g}")
+        out.print(f"Patches A={report.a}  B={report.b}  ({report.architecture})")
+        out.print(table)
+        return
+    for col in ("enc", "layer", "proj", "shape", "|ΔW|", "|ΔW|/|W|", "|Δb|", ""):
+        table.add_column(col, justify="left" if col in ("enc", "proj", "shape", "") else "right")
+    top = max((c.delta_norm for c in report.changes), default=0.0)
+    for c in report.changes:
+        table.add_row(c.encoder, str(c.layer), c.proj, "x".join(map(str, c.shape)), f"{c.delta_norm:.3g}",
+                      f"{c.relative:.2e}", f"{c.bias_delta_norm:.3g}", bar(c.delta_norm, top))
+    changed = sum(1 for c in report.changes if c.delta_norm or c.bias_delta_norm)
+    out.print(f"Checkpoints A={report.a}  B={report.b}  ({report.architecture}): "
+              f"{changed} of {len(report.changes)} FFN projections differ")
+    out.print(table)
+    if report.output:
+        out.print(f"Wrote {report.output} ({human_bytes(report.output_bytes)}) in {report.seconds:.2f} s")

@@ -1,0 +1,92 @@
+"""``erasekit inspect FILE [--against CKPT] [--json]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ._common import JsonOpt, PathArg, bar, errors, human_bytes, out, print_json, ranges, warn
+
+
+def inspect_cmd(
+    path: PathArg,
+    against: Annotated[Optional[Path], typer.Option("--against", help="Checkpoint to compare a patch with: "
+                                                   "compatibility and relative change per layer.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe a patch (manifest, per-layer deltas) or a checkpoint (layout, encoders, applied patches)."""
+    from ..inspect import PatchInspection, inspect_path
+
+    with errors():
+        result = inspect_path(path, against)
+    if as_json:
+        print_json(result)
+        return
+    if isinstance(result, PatchInspection):
+        _render_patch(result)
+    else:
+        _render_checkpoint(result)
+
+
+def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
+    warn(r.warnings)
+    out.print(f"Patch {r.path}  ({human_bytes(r.size_bytes)}, format v{r.format_version}, "
+              f"written by erasekit {r.erasekit_version}, {r.created_at})")
+    out.print(f"  title      {r.title}")
+    if r.concepts:
+        out.print("  concepts   " + ", ".join(f"{c['name']} ({c['kind']})" for c in r.concepts))
+    hp = " ".join(f"{k}={v}" for k, v in r.method.get("hyperparameters", {}).items())
+    seed = f" seed={r.method['seed']}" if r.method.get("seed") is not None else ""
+    out.print(f"  method     {r.method['name']} {hp}{seed}".rstrip())
+    encs = ", ".join(f"{s} ({e['hidden']}x{e['intermediate']}, {e['layers']} layers)" for s, e in r.encoders.items())
+    out.print(f"  base       {r.architecture}: {encs}")
+    for slot, e in r.encoders.items():
+        layers = [row.layer for row in r.rows if row.encoder == slot]
+        out.print(f"  changed    {slot}: layers {ranges(layers)} of 0-{e['layers'] - 1}")
+    out.print(f"  patch id   {r.patch_id[:16]}")
+    if r.against:
+        out.print(f"  against    {r.against} [{r.against_layout}]: {r.compatibility}")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col, justify in (("enc", "left"), ("layer", "right"), ("proj", "left"), ("shape", "left"),
+                         ("storage", "left"), ("dtype", "left"), ("|ΔW|", "right"), ("|Δb|", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    if r.against:
+        table.add_column("|ΔW|/|W|", justify="right")
+    table.add_column("")
+    top = max((row.delta_norm for row in r.rows), default=0.0)
+    for row in r.rows:
+        cells = [row.encoder, str(row.layer), row.proj, "x".join(map(str, row.shape)), row.storage, row.dtype,
+                 f"{row.delta_norm:.3g}", f"{row.bias_delta_norm:.3g}"]
+        if r.against:
+            cells.append("-" if row.relative is None else f"{row.relative:.2e}")
+        table.add_row(*cells, bar(row.delta_norm, top))
+    out.print(table)
+
+
+def _render_checkpoint(r) -> None:  # type: ignore[no-untyped-def]
+    out.print(f"Checkpoint {r.path}")
+    out.print(f"  layout        {r.layout}")
+    out.print(f"  architecture  {r.architecture}")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("encoder", "file", "naming", "key prefix", "width", "ffn", "layers", "dtype"):
+        table.add_column(col)
+    for e in r.encoders:
+        table.add_row(e.slot, e.file, e.style, e.prefix or "(none)", str(e.hidden), str(e.intermediate), str(e.layers), e.dtype)
+    out.print(table)
+    if r.interrupted:
+        out.print(f"  interrupted: {len(r.interrupted)} apply/revert did not finish; the next "
+                  "`erasekit apply` or `apply --revert` on this checkpoint rolls it back", style="bold yellow")
+    if not r.applied:
+        out.print("  erasekit patches applied: none")
+        return
+    out.print(f"  erasekit patches applied ({len(r.applied)}, oldest first):")
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("#", "title", "strength", "fingerprint", "tensors", "applied at", "patch id"):
+        t.add_column(col)
+    for e in r.applied:
+        t.add_row(e["id"], e["title"], f"{e['strength']:g}", e["fingerprint"], str(e["tensors"]), e["applied_at"],
+                  e["patch_id"][:16])
+    out.print(t)

@@ -1,0 +1,212 @@
+"""Compare two checkpoints (FFN change table, optionally extracted as a patch) or two patches."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ErasekitError, IncompatiblePatchError
+from .layouts import Checkpoint, WeightFile, detect, module_name
+from .patchfile import (
+    DeltaInfo,
+    EncoderInfo,
+    Method,
+    Patch,
+    fingerprint,
+    is_patch_file,
+    load_patch,
+    new_manifest,
+    save_patch,
+)
+
+
+@dataclass
+class LayerChange:
+    encoder: str
+    layer: int
+    proj: str
+    shape: list[int]
+    delta_norm: float
+    base_norm: float
+    relative: float
+    bias_delta_norm: float
+
+
+@dataclass
+class LayerComparison:
+    module: str
+    encoder: str
+    layer: int
+    proj: str
+    norm_a: float
+    norm_b: float
+    cosine: float | None  # None when either side is missing or zero
+    norm_ratio: float | None  # |b| / |a|
+
+
+@dataclass
+class DiffReport:
+    kind: str  # "checkpoints" | "patches"
+    a: str
+    b: str
+    architecture: str
+    changes: list[LayerChange] = field(default_factory=list)
+    comparisons: list[LayerComparison] = field(default_factory=list)
+    other_changed: list[str] = field(default_factory=list)  # non-FFN text-encoder tensors that differ
+    output: str | None = None
+    output_bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _first_files(a: Checkpoint, b: Checkpoint) -> dict[str, tuple[WeightFile, WeightFile]]:
+    """For each encoder slot both have, the file holding it (the first variant of a diffusers folder)."""
+    out: dict[str, tuple[WeightFile, WeightFile]] = {}
+    for slot in sorted(set(a.encoders) & set(b.encoders)):
+        fa = next(f for f in a.files if slot in f.encoders)
+        fb = next(f for f in b.files if slot in f.encoders)
+        out[slot] = (fa, fb)
+    return out
+
+
+def _other_changes(fa: WeightFile, fb: WeightFile, slot: str) -> list[str]:
+    """Text-encoder tensors outside the FFN that differ between A and B."""
+    ea, eb = fa.encoders[slot], fb.encoders[slot]
+    ffn = {k for _, k, *_ in fa.ffn_keys()}
+    info_a, info_b = fa.tensor_info(), fb.tensor_info()
+    changed = []
+    for key in sorted(info_a):
+        if not key.startswith(ea.prefix) or key in ffn:
+            continue
+        other = eb.prefix + key[len(ea.prefix):]
+        if other not in info_b:
+            continue
+        if info_a[key] == info_b[other]:
+            same = fa.read_raw(key) == fb.read_raw(other)
+        else:
+            same = np.array_equal(fa.read_numpy(key), fb.read_numpy(other))
+        if not same:
+            changed.append(key)
+    return changed
+
+
+def _lowrank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    u, s, vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+    r = min(rank, s.size)
+    return (u[:, :r] * s[:r]).astype(np.float32), vh[:r].astype(np.float32)
+
+
+def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.PathLike | None = None,
+                     title: str | None = None, rank: int | None = None, dtype: str = "F32") -> DiffReport:
+    """Per-layer FFN change from A to B; with ``output``, the change as a patch that turns A into B."""
+    t0 = time.perf_counter()
+    if dtype not in ("F32", "F16", "BF16"):
+        raise ErasekitError(f"unknown patch dtype {dtype}", "use F32, F16 or BF16")
+    if rank is not None and rank < 1:
+        raise ErasekitError(f"rank must be at least 1, got {rank}", "pass --rank 1 or more, or omit it for dense deltas")
+    ca, cb = detect(a), detect(b)
+    if ca.architecture != cb.architecture:
+        raise IncompatiblePatchError(f"{ca.path} is {ca.architecture} but {cb.path} is {cb.architecture}",
+                                     "diff two checkpoints of the same architecture")
+    report = DiffReport("checkpoints", str(ca.path), str(cb.path), ca.architecture)
+    tensors: dict[str, np.ndarray] = {}
+    deltas: dict[str, DeltaInfo] = {}
+    fps = {}
+    for slot, (fa, fb) in _first_files(ca, cb).items():
+        ea, eb = fa.encoders[slot], fb.encoders[slot]
+        if ea.dims != eb.dims:
+            raise IncompatiblePatchError(f"text encoder {slot} is {ea.dims} in {ca.path} but {eb.dims} in {cb.path}",
+                                         "diff two checkpoints of the same model family")
+        report.other_changed += [f"{slot}:{k}" for k in _other_changes(fa, fb, slot)]
+        for layer in range(ea.layers):
+            for proj in ("fc1", "fc2"):
+                wa, wb = fa.read_numpy(ea.key(layer, proj, "weight")), fb.read_numpy(eb.key(layer, proj, "weight"))
+                ba, bb = fa.read_numpy(ea.key(layer, proj, "bias")), fb.read_numpy(eb.key(layer, proj, "bias"))
+                dw = wb.astype(np.float64) - wa.astype(np.float64)
+                db = bb.astype(np.float64) - ba.astype(np.float64)
+                dn, an = float(np.linalg.norm(dw)), float(np.linalg.norm(wa))
+                report.changes.append(LayerChange(slot, layer, proj, list(wa.shape), dn, an, dn / an if an else 0.0,
+                                                  float(np.linalg.norm(db))))
+                if not dw.any() and not db.any():
+                    continue
+                m = module_name(slot, layer, proj)
+                if rank:
+                    up, down = _lowrank(dw, rank)
+                    tensors[f"{m}.lora_up.weight"], tensors[f"{m}.lora_down.weight"] = up, down
+                    tensors[f"{m}.alpha"] = np.array(up.shape[1], dtype=np.float32)
+                    deltas[m] = DeltaInfo(storage="lowrank", rank=up.shape[1], bias=True)
+                else:
+                    tensors[f"{m}.diff"] = dw.astype(np.float32)
+                    deltas[m] = DeltaInfo(storage="dense", bias=True)
+                tensors[f"{m}.diff_b"] = db.astype(np.float32)
+                for kind in ("weight", "bias"):
+                    key = ea.key(layer, proj, kind)
+                    ent_dtype, ent_shape = fa.tensor_info()[key]
+                    fps[f"{m}.{kind}"] = fingerprint(fa.read_raw(key), ent_dtype, ent_shape)
+    if report.other_changed:
+        report.notes.append(f"{len(report.other_changed)} text-encoder tensors outside the FFN layers differ "
+                            "(e.g. " + report.other_changed[0] + "); a patch carries only FFN changes")
+    if output is not None:
+        if not deltas:
+            raise ErasekitError(f"{ca.path} and {cb.path} have identical FFN weights", "there is nothing to extract")
+        out = Path(output)
+        if out.exists():
+            from .errors import TargetNotWritableError
+
+            raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
+        used = {s for s in ca.encoders if any(m.startswith(f"lora_{s}_") for m in deltas)}
+        encoders = {s: EncoderInfo(hidden=e.hidden, intermediate=e.intermediate, layers=e.layers)
+                    for s, e in ca.encoders.items() if s in used}
+        manifest = new_manifest(
+            title=title or f"{cb.path.stem} minus {ca.path.stem}", architecture=ca.architecture, encoders=encoders,
+            fingerprints=fps, deltas=deltas,
+            method=Method(name="diff", hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank,
+                                                        "dtype": dtype}),
+            source=ca.path.name)
+        patch = Patch(manifest, tensors, {n: ("F32" if n.endswith(".alpha") else dtype) for n in tensors})
+        save_patch(patch, out)
+        report.output, report.output_bytes = str(out), out.stat().st_size
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def compare_patches(a: Patch, b: Patch) -> DiffReport:
+    """Per-layer cosine similarity and norm ratio of two patches' weight deltas."""
+    if a.manifest.base.architecture != b.manifest.base.architecture:
+        raise IncompatiblePatchError(f"'{a.title}' is for {a.manifest.base.architecture}, '{b.title}' for "
+                                     f"{b.manifest.base.architecture}", "compare patches made for the same architecture")
+    report = DiffReport("patches", str(a.path or a.title), str(b.path or b.title), a.manifest.base.architecture)
+    mods = {m: (s, layer, p) for m, s, layer, p in a.modules() + b.modules()}
+    for m in sorted(mods, key=lambda x: (mods[x][0], mods[x][1], mods[x][2])):
+        s, layer, p = mods[m]
+        da = a.weight_delta(m).astype(np.float64) if m in a.manifest.deltas else None
+        db = b.weight_delta(m).astype(np.float64) if m in b.manifest.deltas else None
+        na = float(np.linalg.norm(da)) if da is not None else 0.0
+        nb = float(np.linalg.norm(db)) if db is not None else 0.0
+        cos = float((da * db).sum() / (na * nb)) if da is not None and db is not None and na and nb else None
+        report.comparisons.append(LayerComparison(m, s, layer, p, na, nb, cos, nb / na if na else None))
+    return report
+
+
+def diff_paths(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.PathLike | None = None,
+               title: str | None = None, rank: int | None = None, dtype: str = "F32") -> DiffReport:
+    """Two patches -> :func:`compare_patches`; two checkpoints -> :func:`diff_checkpoints`."""
+    pa, pb = is_patch_file(a), is_patch_file(b)
+    if pa and pb:
+        if output is not None:
+            raise ErasekitError("-o extracts a patch from two checkpoints, not from two patches", "drop -o")
+        t0 = time.perf_counter()
+        report = compare_patches(load_patch(a), load_patch(b))
+        report.seconds = time.perf_counter() - t0
+        return report
+    if pa or pb:
+        raise ErasekitError(f"cannot diff a patch with a checkpoint ({a if pa else b} is a patch)",
+                            "diff two patches, or two checkpoints; `erasekit inspect PATCH --against CKPT` compares a patch with a model")
+    return diff_checkpoints(a, b, output=output, title=title, rank=rank, dtype=dtype)
+
+
+__all__ = ["DiffReport", "LayerChange", "LayerComparison", "compare_patches", "diff_checkpoints", "diff_paths"]

@@ -1,0 +1,150 @@
+"""Describe a patch (manifest and per-layer deltas) or a checkpoint (layout, encoders, applied patches).
+
+Torch-free for patches and safetensors checkpoints, so ``erasekit inspect`` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ErasekitError
+from .journal import Journal, entry_summary
+from .layouts import Checkpoint, detect
+from .patchfile import Patch, compare_fingerprint, fingerprint, is_patch_file, load_patch
+
+
+@dataclass
+class DeltaRow:
+    module: str
+    encoder: str
+    layer: int
+    proj: str
+    shape: list[int]
+    storage: str  # "dense" or "rank 4"
+    dtype: str
+    delta_norm: float
+    bias_delta_norm: float
+    relative: float | None = None  # |delta| / |W_base| when inspected against a checkpoint
+
+
+@dataclass
+class PatchInspection:
+    path: str
+    size_bytes: int
+    patch_id: str
+    format_version: int
+    erasekit_version: str
+    created_at: str
+    title: str
+    concepts: list[dict[str, str]]
+    method: dict[str, Any]
+    architecture: str
+    encoders: dict[str, dict[str, int]]
+    rows: list[DeltaRow]
+    against: str | None = None
+    against_layout: str | None = None
+    compatibility: str | None = None  # "exact", "approx", "N of M tensors differ", or the refusal message
+    warnings: list[str] = field(default_factory=list)
+    kind: str = "patch"
+
+
+@dataclass
+class EncoderRow:
+    slot: str
+    file: str
+    style: str
+    prefix: str
+    hidden: int
+    intermediate: int
+    layers: int
+    dtype: str
+
+
+@dataclass
+class CheckpointInspection:
+    path: str
+    layout: str
+    architecture: str
+    encoders: list[EncoderRow]
+    applied: list[dict[str, Any]]
+    interrupted: list[dict[str, Any]]
+    kind: str = "checkpoint"
+
+
+def _rows(patch: Patch) -> list[DeltaRow]:
+    rows = []
+    for m, slot, layer, proj in patch.modules():
+        info = patch.manifest.deltas[m]
+        d = patch.weight_delta(m)
+        b = patch.bias_delta(m)
+        main = f"{m}.diff" if info.storage == "dense" else f"{m}.lora_up.weight"
+        rows.append(DeltaRow(m, slot, layer, proj, list(d.shape), "dense" if info.storage == "dense" else f"rank {info.rank}",
+                             patch.dtypes[main], float(np.linalg.norm(d)), float(np.linalg.norm(b)) if b is not None else 0.0))
+    return rows
+
+
+def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
+    from .apply import slot_map  # apply imports torch lazily only when arithmetic happens
+
+    where = f"{ckpt.path} [{ckpt.describe()}]"
+    try:
+        mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, where)
+    except ErasekitError as e:
+        return str(e)
+    wf_for = {slot: next(f for f in ckpt.files if slot in f.encoders) for slot in set(mapping.values())}
+    statuses = []
+    for row in rows:
+        slot = mapping[row.encoder]
+        wf, enc = wf_for[slot], wf_for[slot].encoders[slot]
+        w = wf.read_numpy(enc.key(row.layer, row.proj, "weight"))
+        n = float(np.linalg.norm(w.astype(np.float64)))
+        row.relative = row.delta_norm / n if n else None
+        for kind in ("weight", "bias") if patch.manifest.deltas[row.module].bias else ("weight",):
+            key = enc.key(row.layer, row.proj, kind)
+            dtype, shape = wf.tensor_info()[key]
+            fp = fingerprint(wf.read_raw(key), dtype, shape)
+            statuses.append(compare_fingerprint(patch.manifest.base.tensors[f"{row.module}.{kind}"], fp))
+    differing = statuses.count("differs")
+    if differing:
+        return f"{differing} of {len(statuses)} base tensors differ (apply needs --force)"
+    applied = [e.patch_title for e in Journal(ckpt.path, {}).committed]
+    note = f"; note: patches already applied to it: {', '.join(applied)}" if applied else ""
+    return ("exact" if "approx" not in statuses else "approx (same model, other precision)") + note
+
+
+def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = None) -> PatchInspection | CheckpointInspection:
+    """Inspect a patch (optionally against a checkpoint) or a checkpoint."""
+    path = Path(path)
+    if is_patch_file(path):
+        patch = load_patch(path)
+        m = patch.manifest
+        rows = _rows(patch)
+        result = PatchInspection(
+            str(path), path.stat().st_size, patch.patch_id, m.format_version, m.erasekit_version, m.created_at, m.title,
+            [c.model_dump() for c in m.concepts], m.method.model_dump(mode="json"), m.base.architecture,
+            {s: e.model_dump() for s, e in m.base.encoders.items()}, rows, warnings=list(patch.warnings))
+        if against is not None:
+            ckpt = detect(against)
+            result.against, result.against_layout = str(ckpt.path), ckpt.describe()
+            result.compatibility = _against(patch, rows, ckpt)
+        return result
+    if against is not None:
+        raise ErasekitError(f"--against compares a patch with a checkpoint, and {path} is not a patch",
+                            "name a .erasepatch first")
+    ckpt = detect(path)
+    encoders = []
+    for wf in ckpt.files:
+        info = wf.tensor_info()
+        for slot, enc in sorted(wf.encoders.items()):
+            encoders.append(EncoderRow(slot, wf.display, "transformers" if enc.style == "hf" else "openclip",
+                                       enc.prefix, enc.hidden, enc.intermediate, enc.layers,
+                                       info[enc.key(0, "fc1", "weight")][0]))
+    journal = Journal(ckpt.path, {})
+    return CheckpointInspection(str(ckpt.path), ckpt.layout, ckpt.architecture, encoders,
+                                [entry_summary(e) for e in journal.committed],
+                                [entry_summary(e) for e in journal.interrupted()])
