@@ -274,8 +274,10 @@ def _weight_files(folder: Path) -> list[Path]:
     if (folder / "model.safetensors.index.json").exists() or (folder / "pytorch_model.bin.index.json").exists():
         raise LayoutError(f"{folder} holds a sharded text encoder, which erasekit does not support yet",
                           "merge the shards into one model.safetensors (save_pretrained with a larger max_shard_size)")
-    files = sorted(folder.glob("model*.safetensors"))
-    return files or sorted(folder.glob("pytorch_model*.bin"))
+    # The plain file first: it is the full-precision copy that diffs and fingerprints read.
+    plain = lambda p: (p.name not in ("model.safetensors", "pytorch_model.bin"), p.name)  # noqa: E731
+    files = sorted(folder.glob("model*.safetensors"), key=plain)
+    return files or sorted(folder.glob("pytorch_model*.bin"), key=plain)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
