@@ -151,10 +151,10 @@ def read_array(f: BinaryIO, entry: Entry) -> np.ndarray:
 
 def float32_to_bf16_bytes(arr: np.ndarray) -> bytes:
     """Round float32 to bfloat16 (nearest, ties to even), as ``torch.Tensor.to(torch.bfloat16)`` does."""
-    u = np.ascontiguousarray(arr, dtype="<f4").view(np.uint32).astype(np.uint64)
+    flat = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)
+    u = flat.view(np.uint32).astype(np.uint64)
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
-    nan = np.isnan(arr.reshape(-1))
-    rounded[nan] = 0x7FC0
+    rounded[np.isnan(flat)] = 0x7FC0
     return rounded.tobytes()
 
 

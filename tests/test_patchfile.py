@@ -1,0 +1,238 @@
+"""The .erasepatch format: golden file, determinism, metadata, and every rejected input."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit import _st
+from erasekit.errors import InputFileError, PatchFormatError, PatchVersionError
+from erasekit.patchfile import FORMAT_VERSION, UPGRADES, load_patch, parse_manifest, read_manifest, save_patch
+
+GOLDEN = Path(__file__).parent / "golden" / "v1.erasepatch"
+
+
+def split(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def join(path: Path, header: dict, data: bytes) -> Path:
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return path
+
+
+def edit_manifest(src: Path, dst: Path, fn) -> Path:  # type: ignore[no-untyped-def]
+    header, data = split(src)
+    m = json.loads(header["__metadata__"]["erasekit"])
+    fn(m)
+    header["__metadata__"]["erasekit"] = json.dumps(m)
+    return join(dst, header, data)
+
+
+def test_golden_v1_loads_forever() -> None:
+    p = load_patch(GOLDEN)
+    m = p.manifest
+    assert (m.format_version, m.title, m.base.architecture) == (1, "golden v1", "sd1")
+    assert [c.name for c in m.concepts] == ["circle"]
+    assert m.method.hyperparameters == {"lr": 1e-5, "steps": 10}
+    assert {k: v.storage for k, v in m.deltas.items()} == {
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": "dense", "lora_te_text_model_encoder_layers_1_mlp_fc2": "lowrank"}
+    assert p.dtypes["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"] == "F16"
+    assert p.patch_id == "f7fcb74db952b418" + p.patch_id[16:]
+    dense = p.weight_delta("lora_te_text_model_encoder_layers_1_mlp_fc2")
+    sv = np.linalg.svd(dense.astype(np.float64), compute_uv=False)
+    assert dense.shape == (32, 64) and sv[2] < 1e-5 * sv[0], "a rank-2 module multiplies out to rank 2"
+
+
+def test_golden_rewrites_to_identical_bytes(tmp_path: Path) -> None:
+    out = save_patch(load_patch(GOLDEN), tmp_path / "again.erasepatch")
+    assert out.read_bytes() == GOLDEN.read_bytes()
+
+
+def test_metadata_has_manifest_modelspec_and_kohya_keys() -> None:
+    header, data = split(GOLDEN)
+    meta = header["__metadata__"]
+    assert meta["format"] == "pt"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/erasepatch"
+    assert meta["modelspec.title"] == "golden v1" and meta["modelspec.date"] == "2026-11-23T00:00:00Z"
+    import hashlib
+
+    assert meta["modelspec.hash_sha256"] == "0x" + hashlib.sha256(data).hexdigest()
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_network_module"]) == ("sd_v1", "False", "lycoris.kohya")
+    # Nothing but network tensors: ComfyUI warns on unknown keys.
+    allowed = (".diff", ".diff_b", ".lora_up.weight", ".lora_down.weight", ".alpha")
+    assert all(k.startswith("lora_te_") and k.endswith(allowed) for k in header if k != "__metadata__")
+
+
+def test_same_inputs_same_bytes(tmp_path: Path) -> None:
+    p = load_patch(GOLDEN)
+    a, b = save_patch(p, tmp_path / "a.erasepatch"), save_patch(p, tmp_path / "b.erasepatch")
+    assert a.read_bytes() == b.read_bytes()
+    assert oct(a.stat().st_mode & 0o777) != oct(0o600), "atomic writes must not leave mkstemp's 0600 mode"
+
+
+def test_bf16_encoder_matches_torch() -> None:
+    x = torch.cat([torch.randn(1000) * 3, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.00390625, 1.01171875])])
+    ours = _st.float32_to_bf16_bytes(x.numpy())
+    assert ours == x.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    back = _st.to_numpy(ours, "BF16", (x.numel(),))
+    assert np.array_equal(back, x.to(torch.bfloat16).float().numpy())
+
+
+# -- rejected inputs: each a PatchFormatError with a message naming the problem --------------------
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputFileError, match="does not exist"):
+        load_patch(tmp_path / "nope.erasepatch")
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 100, -1])
+def test_truncated(tmp_path: Path, cut: int) -> None:
+    raw = GOLDEN.read_bytes()
+    bad = tmp_path / "t.erasepatch"
+    bad.write_bytes(raw[:cut] if cut >= 0 else raw[:-1])
+    with pytest.raises(PatchFormatError, match="truncated|corrupt"):
+        load_patch(bad)
+
+
+def test_huge_header_length(tmp_path: Path) -> None:
+    bad = tmp_path / "h.erasepatch"
+    bad.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(PatchFormatError, match="header claims"):
+        load_patch(bad)
+
+
+def test_header_not_json(tmp_path: Path) -> None:
+    bad = tmp_path / "j.erasepatch"
+    bad.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(PatchFormatError, match="corrupt safetensors header"):
+        load_patch(bad)
+
+
+def test_offsets_with_hole(tmp_path: Path) -> None:
+    header, data = split(GOLDEN)
+    name = next(k for k in header if k != "__metadata__")
+    b, e = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [b + 2, e + 2]
+    with pytest.raises(PatchFormatError, match="bytes for shape|hole|overlaps"):
+        load_patch(join(tmp_path / "o.erasepatch", header, data))
+
+
+def test_flipped_data_byte_fails_hash(tmp_path: Path) -> None:
+    raw = bytearray(GOLDEN.read_bytes())
+    raw[-3] ^= 0x01
+    bad = tmp_path / "c.erasepatch"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(PatchFormatError, match="does not match its recorded hash"):
+        load_patch(bad)
+
+
+def test_not_an_erasekit_file(tmp_path: Path) -> None:
+    header, data = split(GOLDEN)
+    del header["__metadata__"]["erasekit"]
+    with pytest.raises(PatchFormatError, match="not an erasekit patch.*LoRA"):
+        load_patch(join(tmp_path / "lora.safetensors.erasepatch", header, data))
+
+
+def test_newer_format_version_says_upgrade(tmp_path: Path) -> None:
+    bad = edit_manifest(GOLDEN, tmp_path / "v9.erasepatch", lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(PatchVersionError, match="upgrade erasekit"):
+        load_patch(bad)
+
+
+def test_older_version_goes_through_named_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend the current format is v2: a v1 file then loads through UPGRADES[1]."""
+    text = split(GOLDEN)[0]["__metadata__"]["erasekit"]
+
+    def upgrade_v1_to_v2(old: dict) -> dict:
+        return dict(old, format_version=2, title=old["title"] + " (upgraded)")
+
+    monkeypatch.setattr("erasekit.patchfile.FORMAT_VERSION", 2)
+    monkeypatch.setitem(UPGRADES, 1, upgrade_v1_to_v2)
+    manifest, _ = parse_manifest(text)
+    assert (manifest.format_version, manifest.title) == (2, "golden v1 (upgraded)")
+    monkeypatch.setattr("erasekit.patchfile.FORMAT_VERSION", 3)
+    with pytest.raises(PatchFormatError, match="no upgrade from format version 2"):
+        parse_manifest(text)
+
+
+def test_unknown_fields_load_with_a_warning(tmp_path: Path) -> None:
+    p = edit_manifest(GOLDEN, tmp_path / "x.erasepatch", lambda m: m["method"].update(future_knob=3))
+    loaded = load_patch(p)
+    assert loaded.warnings and "method.future_knob" in loaded.warnings[0]
+
+
+@pytest.mark.parametrize("field", ["title", "base", "deltas", "method"])
+def test_missing_required_field(tmp_path: Path, field: str) -> None:
+    p = edit_manifest(GOLDEN, tmp_path / "m.erasepatch", lambda m: m.pop(field))
+    with pytest.raises(PatchFormatError, match=f"invalid manifest field {field}"):
+        load_patch(p)
+
+
+def test_manifest_not_json(tmp_path: Path) -> None:
+    header, data = split(GOLDEN)
+    header["__metadata__"]["erasekit"] = "{not json"
+    with pytest.raises(PatchFormatError, match="not valid JSON"):
+        load_patch(join(tmp_path / "n.erasepatch", header, data))
+
+
+def test_tensor_missing_from_file(tmp_path: Path) -> None:
+    header, data = split(GOLDEN)
+    victim = "lora_te_text_model_encoder_layers_0_mlp_fc1.diff_b"
+    b, e = header.pop(victim)["data_offsets"]
+    for k, v in header.items():  # close the gap so only the missing tensor is wrong
+        if k != "__metadata__" and v["data_offsets"][0] >= e:
+            v["data_offsets"] = [v["data_offsets"][0] - (e - b), v["data_offsets"][1] - (e - b)]
+    with pytest.raises(PatchFormatError, match="lacks 1 tensors"):
+        read_manifest(join(tmp_path / "mt.erasepatch", header, data[:b] + data[e:]))
+
+
+def test_extra_tensor_in_file(tmp_path: Path) -> None:
+    header, data = split(GOLDEN)
+    header["lora_te_text_model_encoder_layers_0_mlp_fc1.extra"] = {"dtype": "F32", "shape": [1],
+                                                                     "data_offsets": [len(data), len(data) + 4]}
+    with pytest.raises(PatchFormatError, match="does not list"):
+        read_manifest(join(tmp_path / "et.erasepatch", header, data + b"\0\0\0\0"))
+
+
+def test_wrong_shape(tmp_path: Path) -> None:
+    header, data = split(GOLDEN)
+    header["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"]["shape"] = [32, 64]
+    with pytest.raises(PatchFormatError, match="manifest implies"):
+        read_manifest(join(tmp_path / "ws.erasepatch", header, data))
+
+
+def test_wrong_dtype(tmp_path: Path) -> None:
+    header, data = split(GOLDEN)
+    header["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"]["dtype"] = "I16"
+    with pytest.raises(PatchFormatError, match="patches store F32, F16 or BF16"):
+        read_manifest(join(tmp_path / "wd.erasepatch", header, data))
+
+
+def test_module_outside_encoder(tmp_path: Path) -> None:
+    def move(m: dict) -> None:
+        m["deltas"]["lora_te_text_model_encoder_layers_7_mlp_fc1"] = m["deltas"].pop("lora_te_text_model_encoder_layers_0_mlp_fc1")
+
+    with pytest.raises(PatchFormatError, match="outside the base model"):
+        load_patch(edit_manifest(GOLDEN, tmp_path / "mo.erasepatch", move))
+
+
+def test_non_finite_values(tmp_path: Path) -> None:
+    p = load_patch(GOLDEN)
+    header, data = split(GOLDEN)
+    ent = header["lora_te_text_model_encoder_layers_0_mlp_fc1.diff_b"]  # F32
+    b = ent["data_offsets"][0]
+    data = data[:b] + np.float32("nan").tobytes() + data[b + 4:]
+    del header["__metadata__"]["modelspec.hash_sha256"]
+    with pytest.raises(PatchFormatError, match="NaN or infinite"):
+        load_patch(join(tmp_path / "nan.erasepatch", header, data))
+    assert p.manifest.title == "golden v1"
