@@ -112,10 +112,11 @@ def _edit(sd: dict[str, torch.Tensor], layers: list[int], seed: int) -> None:
 
 
 def make_checkpoint(path: str | Path, layout: str, dtype: str = "F32", seed: int = 0,
-                    edit_layers: list[int] | None = None) -> Path:
+                    edit_layers: list[int] | None = None, edit_seed: int = 0) -> Path:
     """Write a tiny checkpoint of ``layout`` (see :data:`LAYOUTS`) at ``path`` and return the path.
 
-    ``edit_layers`` perturbs those FFN layers (same seed otherwise), giving an "edited" model to diff.
+    ``edit_layers`` perturbs those FFN layers (same seed otherwise), giving an "edited" model to diff;
+    ``edit_seed`` picks another perturbation of the same base.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -126,7 +127,7 @@ def make_checkpoint(path: str | Path, layout: str, dtype: str = "F32", seed: int
         sd = hf_text_encoder(CLIP_L, g) if kind == "L" else openclip_text_encoder(
             OPENCLIP_H if kind == "H" else BIGG, g)
         if edit_layers:
-            _edit(sd, edit_layers, seed)
+            _edit(sd, edit_layers, seed + 7919 * edit_seed)
         return sd
 
     if layout.startswith("diffusers"):
@@ -206,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="F32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--edit-layers", type=int, nargs="*", help="perturb these FFN layers (an 'edited' model)")
+    ap.add_argument("--edit-seed", type=int, default=0, help="another perturbation of the same base")
     args = ap.parse_args(argv)
-    print(make_checkpoint(args.path, args.layout, args.dtype, args.seed, args.edit_layers))
+    print(make_checkpoint(args.path, args.layout, args.dtype, args.seed, args.edit_layers, args.edit_seed))
     return 0
 
 
