@@ -1,0 +1,176 @@
+"""The CLI as a translation layer: arguments in, one library call, rendered result or one-line error out."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import snapshot
+from erasekit.cli import app
+from erasekit.testing import make_checkpoint
+
+GOLDEN = Path(__file__).parent / "golden" / "v1.erasepatch"
+runner = CliRunner()
+
+
+def run(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def no_torch(*argv: str) -> subprocess.CompletedProcess[str]:
+    code = ("import sys\nsys.argv = ['erasekit', *sys.argv[1:]]\nfrom erasekit.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_help_does_not_import_torch() -> None:
+    r = no_torch("--help")
+    assert "inspect" in r.stdout and "apply" in r.stdout and "diff" in r.stdout
+    assert r.stdout.strip().endswith("NO-TORCH")
+
+
+def test_inspect_patch_does_not_import_torch() -> None:
+    r = no_torch("inspect", str(GOLDEN))
+    assert "golden v1" in r.stdout and r.stdout.strip().endswith("NO-TORCH"), r.stderr
+
+
+def test_inspect_safetensors_checkpoint_does_not_import_torch(tmp_path: Path) -> None:
+    p = make_checkpoint(tmp_path / "b.safetensors", "single-sdxl", "F16")
+    r = no_torch("inspect", str(p))
+    assert "single-file-sdxl" in r.stdout and r.stdout.strip().endswith("NO-TORCH"), r.stderr
+
+
+def test_version() -> None:
+    from erasekit import __version__
+
+    assert run("--version").stdout.strip() == f"erasekit {__version__}"
+
+
+def test_apply_passes_options_to_the_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen = {}
+
+    def fake(patches, target, **kw):  # type: ignore[no-untyped-def]
+        seen.update(patches=patches, target=target, **kw)
+        from erasekit.apply import ApplyReport
+
+        return ApplyReport(str(target), "x", "sd1", str(kw["output"]), False, [], 0, 0.0)
+
+    monkeypatch.setattr("erasekit.apply.apply_to_checkpoint", fake)
+    r = run("apply", "a.erasepatch", "b.erasepatch", "--to", "m.safetensors", "-o", "o.safetensors",
+            "--strength", "0.5", "--strength", "0.25", "--force")
+    assert r.exit_code == 0, r.output
+    assert seen == {"patches": [Path("a.erasepatch"), Path("b.erasepatch")], "target": Path("m.safetensors"),
+                    "output": Path("o.safetensors"), "in_place": False, "strength": [0.5, 0.25], "force": True}
+
+
+def test_revert_passes_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake(patch, target, force):  # type: ignore[no-untyped-def]
+        seen.update(patch=patch, target=target, force=force)
+        from erasekit.apply import RevertReport
+
+        return RevertReport(str(target), "x", "t", "id", 4, True, 0.0)
+
+    monkeypatch.setattr("erasekit.apply.revert_from_checkpoint", fake)
+    assert run("apply", "--revert", "a.erasepatch", "--to", "m").exit_code == 0
+    assert seen == {"patch": Path("a.erasepatch"), "target": Path("m"), "force": False}
+
+
+def test_full_cycle_with_json(tmp_path: Path) -> None:
+    base = make_checkpoint(tmp_path / "base.safetensors", "single-sd1", "BF16")
+    edited = make_checkpoint(tmp_path / "edited.safetensors", "single-sd1", "BF16", edit_layers=[0, 1])
+    patch = tmp_path / "e.erasepatch"
+    original = snapshot(base)
+    r = run("diff", base, edited, "-o", patch, "--rank", "4", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["kind"] == "checkpoints" and d["output"] == str(patch) and len(d["changes"]) == 4
+    r = run("inspect", patch, "--against", base, "--json")
+    info = json.loads(r.stdout)
+    assert info["compatibility"] == "exact" and {row["storage"] for row in info["rows"]} == {"rank 4"}
+    r = run("apply", patch, "--to", base, "--in-place", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["applied"][0]["fingerprint"] == "exact"
+    r = run("inspect", base, "--json")
+    assert [a["title"] for a in json.loads(r.stdout)["applied"]] == ["edited minus base"]
+    r = run("inspect", base)
+    assert "edited minus base" in r.stdout and "single-file-sd1" in r.stdout
+    r = run("apply", "--revert", patch, "--to", base)
+    assert r.exit_code == 0 and "sha256 verified" in r.stdout
+    assert snapshot(base) == original
+    r = run("diff", patch, patch, "--json")
+    assert all(abs(c["cosine"] - 1) < 1e-6 for c in json.loads(r.stdout)["comparisons"])
+
+
+def test_human_tables_show_which_layers_changed(tmp_path: Path) -> None:
+    r = run("inspect", GOLDEN)
+    assert r.exit_code == 0
+    assert "changed    te: layers 0-1 of 0-1" in r.stdout
+    assert "rank 2" in r.stdout and "dense" in r.stdout and "█" in r.stdout
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> dict[str, Path]:
+    base = make_checkpoint(tmp_path / "base.safetensors", "single-sd1", "F16")
+    edited = make_checkpoint(tmp_path / "edited.safetensors", "single-sd1", "F16", edit_layers=[1])
+    patch = tmp_path / "p.erasepatch"
+    assert run("diff", base, edited, "-o", patch).exit_code == 0
+    corrupt = tmp_path / "corrupt.erasepatch"
+    corrupt.write_bytes(patch.read_bytes()[:-7])
+    xl = make_checkpoint(tmp_path / "xl.safetensors", "single-sdxl", "F16")
+    other = make_checkpoint(tmp_path / "other.safetensors", "single-sd1", "F16", seed=9)
+    ckpt = make_checkpoint(tmp_path / "old.ckpt", "ckpt-sd1", "F16")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    return {"base": base, "patch": patch, "corrupt": corrupt, "xl": xl, "other": other, "ckpt": ckpt,
+            "notes": notes, "dir": tmp_path}
+
+
+BAD = [
+    (["inspect", "{dir}/missing.erasepatch"], 2, "does not exist; check the path"),
+    (["inspect", "{corrupt}"], 3, "truncated"),
+    (["inspect", "{notes}"], 4, "not a .safetensors or .ckpt file"),
+    (["apply", "{corrupt}", "--to", "{base}", "--in-place"], 3, "truncated"),
+    (["apply", "{patch}", "--to", "{dir}/missing.safetensors", "--in-place"], 2, "does not exist"),
+    (["apply", "{patch}", "--to", "{xl}", "--in-place"], 5, "is for sd1, but .* is sdxl"),
+    (["apply", "{patch}", "--to", "{other}", "--in-place"], 5, "4 of 4 tensors .* differ .* --force"),
+    (["apply", "{patch}", "--to", "{ckpt}", "--in-place"], 7, "cannot be patched in place.*-o OUT.safetensors"),
+    (["apply", "{patch}", "--to", "{base}"], 1, "pass either -o OUT or --in-place"),
+    (["apply", "{patch}", "--to", "{base}", "-o", "{other}"], 7, "already exists"),
+    (["apply", "--revert", "{patch}", "--to", "{base}"], 6, "no erasekit patch is applied"),
+    (["apply", "--revert", "{patch}", "{patch}", "--to", "{base}"], 1, "exactly one patch"),
+    (["apply", "{patch}", "--to", "{base}", "--in-place", "--strength", "1e30"], 8, "non-finite"),
+    (["diff", "{base}", "{patch}"], 1, "cannot diff a patch with a checkpoint"),
+    (["diff", "{base}", "{xl}"], 5, "is sd1 but .* is sdxl"),
+    (["diff", "{base}", "{base}", "-o", "{dir}/same.erasepatch"], 1, "identical FFN weights"),
+    (["inspect", "{base}", "--against", "{other}"], 1, "is not a patch"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), BAD, ids=[" ".join(a[:2]) + f"-{c}" for a, c, _ in BAD])
+def test_bad_input_one_line_error_nothing_changed(world: dict[str, Path], args: list[str], code: int, message: str) -> None:
+    before = snapshot(world["dir"])
+    r = run(*[a.format(**world) for a in args])
+    assert r.exit_code == code, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in r.output
+    assert snapshot(world["dir"]) == before, "a refused command must leave every file as it was"
+
+
+def test_debug_env_shows_the_traceback(world: dict[str, Path]) -> None:
+    r = run("inspect", world["corrupt"], env={"ERASEKIT_DEBUG": "1"})
+    assert r.exit_code != 0 and type(r.exception).__name__ == "PatchFormatError"
+
+
+def test_python_dash_m() -> None:
+    r = subprocess.run([sys.executable, "-m", "erasekit", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("erasekit ")
