@@ -413,6 +413,21 @@ class RSS:
         self.peak = self._status("VmHWM") if self.ok else 0
 
 
+def io_written() -> int | None:
+    """Bytes this process has sent (or caused to be sent) to storage so far (Linux /proc/self/io)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _delta(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else b - a
+
+
 def parse_layers(text: str, n: int) -> list[int]:
     out: set[int] = set()
     for part in text.split(","):
@@ -441,6 +456,10 @@ class Round:
     revert_s: float
     hash_after_s: float
     bytes_written: int
+    undo_bytes: int
+    io_copy: int | None
+    io_apply: int | None
+    io_revert: int | None
     bit_exact: bool
     apply_peak_rss: int
     apply_base_rss: int
@@ -460,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch-dtype", choices=("F32", "F16", "BF16"), default="F32",
                     help="how the patch stores its deltas (default F32, diff_checkpoints' default)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeat", type=int, default=1, help="copy/apply/revert rounds; the table shows medians")
+    ap.add_argument("--repeat", type=int, default=3, help="copy/apply/revert rounds; the table shows medians (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint (reused next run) and the patch")
     args = ap.parse_args(argv)
     size_gb = 0.3 if args.quick else (args.size_gb if args.size_gb is not None else 2.0)
@@ -476,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     import erasekit
     from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
     from erasekit.diff import diff_checkpoints
+    from erasekit.journal import journal_dir
     from erasekit.patchfile import load_patch
 
     work = args.workdir.resolve()
@@ -575,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             # (a) copy + fsync
             copy_path.unlink(missing_ok=True)
             os.sync()
+            w0 = io_written()
             t0 = time.perf_counter()
             shutil.copyfile(big, copy_path)
             t1 = time.perf_counter()
@@ -582,23 +603,29 @@ def main(argv: list[str] | None = None) -> int:
                 os.fsync(f.fileno())
             fsync_dir(copy_path.parent)
             t2 = time.perf_counter()
+            w1 = io_written()
             copy_path.unlink()
 
             # (b) apply in place (by path, as the CLI does: loading the patch is part of it)
             os.sync()
             gc.collect()
             with rss.measure():
+                w2 = io_written()
                 t3 = time.perf_counter()
                 arep = apply_to_checkpoint([patch_path], big, in_place=True)
                 t4 = time.perf_counter()
+                w3 = io_written()
+            undo_bytes = sum(p.stat().st_size for p in journal_dir(big).glob("*.undo"))
             if read_range(big, *probe) == probe_before:
                 raise RuntimeError("apply reported success but the first patched tensor is unchanged")
 
             # (c) revert
             os.sync()
+            w4 = io_written()
             t5 = time.perf_counter()
             rrep = revert_from_checkpoint(patch_path, big)
             t6 = time.perf_counter()
+            w5 = io_written()
             if rrep.remaining:
                 raise RuntimeError(f"after revert the journal still lists {rrep.remaining}")
 
@@ -606,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             sha_after = sha256_file(big)
             hash_after_s = time.perf_counter() - t7
             rounds.append(Round(t2 - t0, t1 - t0, t2 - t1, t4 - t3, arep.seconds, t6 - t5, hash_after_s,
-                                arep.bytes_written, sha_after == sha_before and rrep.verified,
+                                arep.bytes_written, undo_bytes, _delta(w0, w1), _delta(w2, w3), _delta(w4, w5),
+                                sha_after == sha_before and rrep.verified,
                                 rss.peak, rss.base))
             if args.repeat > 1:
                 x = rounds[-1]
@@ -621,11 +649,17 @@ def main(argv: list[str] | None = None) -> int:
         unit = " (median of %d)" % len(rounds) if len(rounds) > 1 else ""
         mem = (f"{rounds[0].apply_peak_rss / MB:.0f} MB peak RSS (process was at {rounds[0].apply_base_rss / MB:.0f} MB "
                "before)" if rounds[0].apply_peak_rss else "n/a")
+        io = [rounds[0].io_copy, rounds[0].io_apply, rounds[0].io_revert]
+        io_row = ("copy {}, apply {}, revert {}  (/proc/self/io write_bytes, first round)".format(
+            *(fmt_bytes(x) for x in io)) if None not in io else "n/a (no /proc/self/io)")
         rows = [
             ("checkpoint size", f"{fmt_bytes(total)} ({total:,} bytes, {len(specs)} F16 tensors)"),
             ("patch size", f"{fmt_bytes(patch_bytes)} ({kind} {args.patch_dtype}, {len(layers)} layers)"),
             ("bytes rewritten by apply", f"{fmt_bytes(written)} ({written:,} bytes, {100 * written / total:.1f}% of "
                                          f"the checkpoint; FFN tensors in the file: {ffn_bytes:,} bytes)"),
+            ("undo record written by apply", f"{fmt_bytes(rounds[0].undo_bytes)} (the original bytes, in "
+                                             f"{journal_dir(big).parent.name}/{big.name}/)"),
+            ("bytes sent to storage", io_row),
             ("copy seconds" + unit, f"{copy_s:.3f} s  (copyfile {med(lambda x: x.copyfile_s):.3f} s + "
                                     f"fsync {med(lambda x: x.fsync_s):.3f} s)"),
             ("apply-in-place seconds" + unit, f"{apply_s:.3f} s  (ApplyReport.seconds {med(lambda x: x.apply_reported_s):.3f} s; "
@@ -656,8 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--seed", str(args.seed)]
         if args.rank:
             explicit += ["--rank", str(args.rank)]
-        if args.repeat > 1:
-            explicit += ["--repeat", str(args.repeat)]
+        explicit += ["--repeat", str(args.repeat)]
         if args.workdir.resolve() != DEFAULT_WORKDIR:
             explicit += ["--workdir", str(args.workdir)]
         if args.keep:

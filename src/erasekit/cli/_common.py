@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -26,7 +25,6 @@ err = Console(stderr=True, highlight=False, markup=False)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
-PathArg = Annotated[Path, typer.Argument(show_default=False)]
 
 INTERNAL_ERROR = 70
 

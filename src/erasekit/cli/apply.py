@@ -12,14 +12,14 @@ from ._common import ForceOpt, JsonOpt, errors, human_bytes, out, print_json, wa
 
 def apply_cmd(
     patches: Annotated[list[Path], typer.Argument(help="One or more .erasepatch files, applied in order.",
-                                                  show_default=False)],
-    to: Annotated[Path, typer.Option("--to", help="The checkpoint: diffusers folder, CLIPTextModel folder, "
+                                                  metavar="PATCH", show_default=False)],
+    to: Annotated[Path, typer.Option("--to", metavar="CKPT", help="The checkpoint: diffusers folder, CLIPTextModel folder, "
                                      ".safetensors or .ckpt file.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the result here (new file or "
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT", help="Write the result here (new file or "
                                                    "folder, written atomically).")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Rewrite only the touched tensors of the "
                                            "checkpoint, keeping an undo record.")] = False,
-    strength: Annotated[Optional[list[float]], typer.Option("--strength", help="Scale of each patch (once for "
+    strength: Annotated[Optional[list[float]], typer.Option("--strength", metavar="S", help="Scale of each patch (once for "
                                                             "all, or once per patch).")] = None,
     revert: Annotated[bool, typer.Option("--revert", help="Restore the checkpoint's bytes from before PATCH "
                                          "was applied in place (bit-exact).")] = False,

@@ -8,18 +8,18 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, PathArg, bar, errors, human_bytes, out, print_json, warn
+from ._common import JsonOpt, bar, errors, human_bytes, out, print_json, warn
 
 
 def diff_cmd(
-    a: PathArg,
-    b: PathArg,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Extract B minus A as a patch "
+    a: Annotated[Path, typer.Argument(metavar="A", help="A checkpoint or patch.", show_default=False)],
+    b: Annotated[Path, typer.Argument(metavar="B", help="A checkpoint or patch of the same kind as A.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.erasepatch", help="Extract B minus A as a patch "
                                                    "(checkpoints only).")] = None,
-    title: Annotated[Optional[str], typer.Option("--title", help="Title of the extracted patch.")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", help="Store low-rank (SVD) deltas of this rank "
+    title: Annotated[Optional[str], typer.Option("--title", metavar="TEXT", help="Title of the extracted patch.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", metavar="R", help="Store low-rank (SVD) deltas of this rank "
                                                 "instead of dense ones.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of the extracted deltas: F32, F16 or BF16.")] = "F32",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="Storage dtype of the extracted deltas: F32, F16 or BF16.")] = "F32",
     as_json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints (per-layer FFN change) or two patches (cosine similarity, norm ratio)."""

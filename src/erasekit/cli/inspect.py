@@ -8,12 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, PathArg, bar, errors, human_bytes, out, print_json, ranges, warn
+from ._common import JsonOpt, bar, errors, human_bytes, out, print_json, ranges, warn
 
 
 def inspect_cmd(
-    path: PathArg,
-    against: Annotated[Optional[Path], typer.Option("--against", help="Checkpoint to compare a patch with: "
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="A .erasepatch, or a checkpoint (folder or file).",
+                                         show_default=False)],
+    against: Annotated[Optional[Path], typer.Option("--against", metavar="CKPT", help="Checkpoint to compare a patch with: "
                                                    "compatibility and relative change per layer.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
