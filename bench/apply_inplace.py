@@ -514,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         offsets[name] = (off, off + _numel(shape) * F16)
         off += _numel(shape) * F16
 
+    load_start = os.getloadavg()[0]
     print("erasekit benchmark: apply --in-place vs. copying a single-file checkpoint", flush=True)
     ok = False
     try:
@@ -686,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {mem_gib:.1f} GiB RAM; "
               f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
               f"erasekit {erasekit.__version__}")
+        print(f"  load average (1 min): {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
+              f"(other programs running on the machine skew the figures; compare runs on an idle machine)")
         explicit = ["--size-gb", f"{size_gb:g}", "--layers", args.layers, "--patch-dtype", args.patch_dtype,
                     "--seed", str(args.seed)]
         if args.rank:

@@ -236,3 +236,28 @@ def test_non_finite_values(tmp_path: Path) -> None:
     with pytest.raises(PatchFormatError, match="NaN or infinite"):
         load_patch(join(tmp_path / "nan.erasepatch", header, data))
     assert p.manifest.title == "golden v1"
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["deltas"]["lora_te_text_model_encoder_layers_1_mlp_fc2"].pop("rank"), "rank is required"),
+    (lambda m: m["deltas"]["lora_te_text_model_encoder_layers_0_mlp_fc1"].update(rank=4), "not allowed for dense"),
+    (lambda m: m["base"]["encoders"].update(te1=m["base"]["encoders"]["te"]), "allowed are"),
+    (lambda m: m["deltas"].update(lora_te_text_model_encoder_layers_01_mlp_fc1=m["deltas"].pop(
+        "lora_te_text_model_encoder_layers_0_mlp_fc1")), "not a text-encoder FFN module name"),
+    (lambda m: m["base"]["encoders"]["te"].update(layers="2"), "invalid manifest field base.encoders.te.layers"),
+    (lambda m: m.update(deltas={}), "invalid manifest field deltas"),
+    (lambda m: m.update(title=""), "invalid manifest field title"),
+])
+def test_manifest_consistency_rules(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PatchFormatError, match=message):
+        load_patch(edit_manifest(GOLDEN, tmp_path / "r.erasepatch", edit))
+
+
+def test_f16_overflow_is_refused_before_writing(tmp_path: Path) -> None:
+    from erasekit.errors import NonFiniteError
+
+    p = load_patch(GOLDEN)
+    p.tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"] = p.tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"] * 1e9
+    with pytest.raises(NonFiniteError, match="stored as F16"):
+        save_patch(p, tmp_path / "big.erasepatch")
+    assert not (tmp_path / "big.erasepatch").exists()

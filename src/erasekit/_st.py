@@ -161,7 +161,8 @@ def float32_to_bf16_bytes(arr: np.ndarray) -> bytes:
 def encode(arr: np.ndarray, dtype: str) -> bytes:
     if dtype == "BF16":
         return float32_to_bf16_bytes(np.asarray(arr, dtype=np.float32))
-    return np.ascontiguousarray(arr, dtype=_NUMPY[dtype]).tobytes()
+    with np.errstate(over="ignore"):  # overflow to inf is reported by the callers that care
+        return np.ascontiguousarray(arr, dtype=_NUMPY[dtype]).tobytes()
 
 
 def build_header(tensors: Mapping[str, tuple[str, tuple[int, ...], bytes]], metadata: Mapping[str, str]) -> bytes:

@@ -267,7 +267,7 @@ def _stage_copy(ckpt: Checkpoint, out: Path) -> Path:
     """Copy the checkpoint (and its journal) to a hidden temporary beside ``out``; pickles become safetensors."""
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.incomplete"
     if ckpt.path.is_dir():
-        shutil.copytree(ckpt.path, tmp, ignore=shutil.ignore_patterns("lock"))
+        shutil.copytree(ckpt.path, tmp, ignore=lambda d, names: ["lock"] if Path(d).name == ".erasekit" else [])
         for wf in ckpt.files:
             if wf.format == "pickle":
                 staged = tmp / wf.label

@@ -40,7 +40,7 @@ DIRNAME = ".erasekit"
 
 
 class TensorRecord(BaseModel):
-    file: str  # weight file label, relative to the checkpoint ("text_encoder/model.safetensors" or the file name)
+    file: str  # weight file label: "text_encoder/model.safetensors" in a folder, "" for a single-file checkpoint
     key: str
     before_sha256: str
     after_sha256: str
@@ -197,10 +197,10 @@ class Journal:
             if undo_path.exists():
                 originals = self.read_undo(entry)
                 self.write_tensors(originals, {k: offsets_for(*k) for k in originals})
-            elif entry.state == "reverting":
-                raise UndoRecordError(f"an interrupted revert in {self.dir} lost its undo record",
+            else:  # the undo record is written before the entry, so only a deletion explains this
+                raise UndoRecordError(f"an interrupted {'revert' if entry.state == 'reverting' else 'apply'} in "
+                                      f"{self.dir} lost its undo record {entry.undo_file}",
                                       "restore the checkpoint from a backup")
-            # "pending" without an undo file: the crash came before any tensor was written.
             self.data.entries.remove(entry)
             self.save()
             with contextlib.suppress(FileNotFoundError):

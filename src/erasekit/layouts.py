@@ -25,6 +25,7 @@ from . import _st
 from .errors import InputFileError, LayoutError
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "clip-text")
+ARCH_SLOTS = {"sd1": {"te"}, "sd2": {"te"}, "sdxl": {"te1", "te2"}, "sdxl-refiner": {"te2"}, "clip-text": {"te"}}
 SLOTS = ("te", "te1", "te2")
 KOHYA_PREFIX = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 SS_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0",
@@ -36,7 +37,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HF_RE = re.compile(r"^(.*?)encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$")
 _OC_RE = re.compile(r"^(.*?)transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)\.(weight|bias)$")
 _OC_PROJ = {"fc1": "c_fc", "fc2": "c_proj"}
-_MODULE_RE = re.compile(r"^lora_(te|te1|te2)_text_model_encoder_layers_(\d+)_mlp_(fc1|fc2)$")
+_MODULE_RE = re.compile(r"^lora_(te|te1|te2)_text_model_encoder_layers_(0|[1-9]\d*)_mlp_(fc1|fc2)$")
 
 # single-file prefixes (up to the FFN suffix) -> (layout name, slot)
 _SINGLE_FILE = {

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from . import _st
 from ._version import __version__
 from .errors import InputFileError, PatchFormatError, PatchVersionError
-from .layouts import ARCHITECTURES, MODELSPEC_ARCH, SLOTS, SS_BASE_MODEL_VERSION, module_name, parse_module_name
+from .layouts import ARCH_SLOTS, MODELSPEC_ARCH, SLOTS, SS_BASE_MODEL_VERSION, module_name, parse_module_name
 
 FORMAT_VERSION = 1
 PATCH_SUFFIX = ".erasepatch"
@@ -32,7 +32,8 @@ UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # strict: "32" is not an int and "yes" is not a bool; unknown fields are kept and reported as warnings
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
 
 class Concept(_Model):
@@ -87,16 +88,22 @@ class DeltaInfo(_Model):
     rank: int | None = Field(default=None, gt=0)
     bias: bool = True
 
+    @model_validator(mode="after")
+    def _rank_iff_lowrank(self) -> DeltaInfo:
+        if (self.storage == "lowrank") != (self.rank is not None):
+            raise ValueError("rank is required for lowrank storage and not allowed for dense storage")
+        return self
+
 
 class Manifest(_Model):
     format_version: int
     erasekit_version: str
     created_at: str
-    title: str
+    title: str = Field(min_length=1)
     concepts: list[Concept] = []
     method: Method
     base: BaseModelInfo
-    deltas: dict[str, DeltaInfo]
+    deltas: dict[str, DeltaInfo] = Field(min_length=1)
 
 
 @dataclass
@@ -183,8 +190,10 @@ def _check_manifest(manifest: Manifest, where: str) -> None:
         for kind in ("weight", "bias") if manifest.deltas[m].bias else ("weight",):
             if f"{m}.{kind}" not in manifest.base.tensors:
                 raise PatchFormatError(f"{where}: no base fingerprint for {m}.{kind}", "re-create the patch")
-    if manifest.base.architecture not in ARCHITECTURES:  # guarded by the Literal too
-        raise PatchFormatError(f"{where}: unknown architecture", "re-create the patch")
+    allowed = ARCH_SLOTS[manifest.base.architecture]
+    if not set(manifest.base.encoders) <= allowed:
+        raise PatchFormatError(f"{where}: a {manifest.base.architecture} patch has encoder slots "
+                               f"{sorted(manifest.base.encoders)}, allowed are {sorted(allowed)}", "re-create the patch")
 
 
 def _upgrade(obj: dict[str, Any], where: str) -> dict[str, Any]:
@@ -337,13 +346,13 @@ def metadata_for(patch: Patch) -> dict[str, str]:
 def save_patch(patch: Patch, path: str | Path) -> Path:
     """Write ``patch`` atomically. Same manifest and tensors -> same bytes."""
     path = Path(path)
-    for name, arr in patch.tensors.items():
-        if not np.isfinite(arr).all():
+    encoded = {n: (patch.dtypes[n], tuple(a.shape), _st.encode(a, patch.dtypes[n])) for n, a in patch.tensors.items()}
+    for name, (dtype, shape, raw) in encoded.items():  # after encoding: F16 overflows to inf
+        if not np.isfinite(_st.to_numpy(raw, dtype, shape)).all():
             from .errors import NonFiniteError
 
-            raise NonFiniteError(f"tensor {name} holds NaN or infinite values; no patch written",
-                                 "lower the learning rate or the number of steps")
-    encoded = {n: (patch.dtypes[n], tuple(a.shape), _st.encode(a, patch.dtypes[n])) for n, a in patch.tensors.items()}
+            raise NonFiniteError(f"tensor {name} holds NaN or infinite values when stored as {dtype}; no patch written",
+                                 "lower the learning rate or the number of steps, or store F32")
     _st.write_safetensors(path, encoded, metadata_for(patch))
     patch.path = path
     return path

@@ -1,0 +1,93 @@
+"""Load a local Stable Diffusion pipeline for erase and generate (never from a hub)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import ErasekitError, InputFileError, LayoutError
+from .layouts import Checkpoint, detect
+
+SUPPORTED = ("sd1", "sd2")
+_COMPONENTS = ("unet", "vae", "tokenizer", "scheduler", "text_encoder")
+
+
+class UnsupportedModelError(LayoutError):
+    """The model is readable but erase/generate do not support its architecture yet."""
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers log loudly (progress bars, deprecations); erasekit reports for itself."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+
+
+def resolve_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ErasekitError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ErasekitError("--device cuda was asked for but this torch has no CUDA device", "use --device cpu")
+    return dev
+
+
+def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype: Any = None,
+                  config: str | os.PathLike | None = None) -> tuple[Any, Checkpoint]:
+    """A StableDiffusionPipeline from a local diffusers folder, or a single file plus ``config`` (a local
+    diffusers folder of the same architecture that supplies the component configs)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    quiet_libraries()
+    path = Path(model)
+    ckpt = detect(path)
+    if ckpt.architecture not in SUPPORTED:
+        raise UnsupportedModelError(f"{path} is {ckpt.architecture}; erase and generate support SD1.x and SD2.x so far",
+                                    "use an SD1.x or SD2.x model (SDXL support is planned)")
+    dtype = torch_dtype or torch.float32
+    if path.is_dir():
+        import json
+
+        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
+        for comp in _COMPONENTS:
+            if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
+                raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
+                                  "use a complete diffusers pipeline folder")
+        load = lambda: StableDiffusionPipeline.from_pretrained(  # noqa: E731
+            path, local_files_only=True, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    else:
+        if config is None:
+            raise ErasekitError(f"loading the single file {path} needs the configs of its architecture",
+                                "pass --config DIR, a local diffusers folder of the same model family")
+        if not Path(config).is_dir():
+            raise InputFileError(f"--config {config} is not a folder", "name a local diffusers pipeline folder")
+        load = lambda: StableDiffusionPipeline.from_single_file(  # noqa: E731
+            str(path), config=str(config), local_files_only=True, torch_dtype=dtype, safety_checker=None,
+            requires_safety_checker=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = load()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                          "check that the folder is a complete local diffusers pipeline") from None
+    pipe.set_progress_bar_config(disable=True)
+    with contextlib.suppress(Exception):
+        pipe.unet.set_default_attn_processor() if device.type == "cpu" else None  # SDPA elsewhere (default)
+    return pipe.to(device), ckpt
