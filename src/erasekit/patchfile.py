@@ -330,7 +330,9 @@ def metadata_for(patch: Patch) -> dict[str, str]:
         "modelspec.hash_sha256": "0x" + patch.patch_id,
         "ss_base_model_version": SS_BASE_MODEL_VERSION[arch],
         "ss_v2": str(arch == "sd2"),
-        "ss_network_module": "lycoris.kohya",
+        # kohya's own module for plain LoRA files; LyCORIS for anything holding full (.diff) deltas
+        "ss_network_module": ("networks.lora" if all(d.storage == "lowrank" for d in m.deltas.values())
+                              else "lycoris.kohya"),
         "ss_output_name": m.title,
     }
     ranks = {d.rank for d in m.deltas.values() if d.storage == "lowrank"}

@@ -22,6 +22,7 @@ class UnsupportedModelError(LayoutError):
 def quiet_libraries() -> None:
     """diffusers and transformers log loudly (progress bars, deprecations); erasekit reports for itself."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
     import diffusers
     import transformers
 
@@ -50,10 +51,10 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                   config: str | os.PathLike | None = None) -> tuple[Any, Checkpoint]:
     """A StableDiffusionPipeline from a local diffusers folder, or a single file plus ``config`` (a local
     diffusers folder of the same architecture that supplies the component configs)."""
+    quiet_libraries()  # before diffusers is imported: it imports transformers, which logs on import
     import torch
     from diffusers import StableDiffusionPipeline
 
-    quiet_libraries()
     path = Path(model)
     ckpt = detect(path)
     if ckpt.architecture not in SUPPORTED:

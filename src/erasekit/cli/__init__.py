@@ -7,6 +7,8 @@ import typer
 from .._version import __version__
 from . import apply as _apply
 from . import diff as _diff
+from . import erase as _erase
+from . import generate as _generate
 from . import inspect as _inspect
 
 app = typer.Typer(
@@ -32,6 +34,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Erase a concept from a Stable Diffusion model, shipped as a small, inspectable, revertible patch."""
 
 
+app.command("erase")(_erase.erase_cmd)
+app.command("generate")(_generate.generate_cmd)
 app.command("inspect")(_inspect.inspect_cmd)
 app.command("apply")(_apply.apply_cmd)
 app.command("diff")(_diff.diff_cmd)

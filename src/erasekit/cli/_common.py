@@ -101,3 +101,29 @@ def ranges(nums: list[int]) -> str:
         parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
         i = j + 1
     return ", ".join(parts) or "none"
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, enabled: bool = True) -> Iterator[Any]:
+    """A progress bar on stderr, shown from the first update on; yields ``update(done, total, text)``."""
+    if not enabled:
+        yield lambda *a: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), console=err)
+    task = None
+
+    def update(done: int, total: int, info: str) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total, info="")
+        bar.update(task, completed=done, total=total, info=info)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()

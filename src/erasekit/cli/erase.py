@@ -1,0 +1,94 @@
+"""``erasekit erase --model MODEL --concept NAME --images DIR -o OUT.erasepatch``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import JsonOpt, errors, human_bytes, out, print_json, progress_bar
+
+
+def _layers(spec: str | None) -> list[int] | None:
+    """'0-11' / '3,5,7-9' -> a list of layer indices."""
+    if spec is None:
+        return None
+    from ..errors import ErasekitError
+
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ErasekitError(f"--layers {spec!r} is not a list of layers", "write it like 0-11 or 3,5,8-11") from None
+    return layers
+
+
+def erase_cmd(
+    concept: Annotated[list[str], typer.Option("--concept", "-c", metavar="NAME", help="Concept to erase "
+                                               "(repeat for several; one patch erases all).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT.erasepatch", help="Patch to write.",
+                                         show_default=False)],
+    model: Annotated[Path, typer.Option("--model", "-m", metavar="MODEL", help="A local diffusers folder (SD1.x, "
+                                        "SD2.x), or a single file with --config.", show_default=False)],
+    images: Annotated[list[str], typer.Option("--images", metavar="DIR|auto", help="Folder of images of the "
+                                              "concept (one per --concept), or 'auto' to render them with the "
+                                              "model first.")] = ["auto"],  # noqa: B006
+    num_images: Annotated[int, typer.Option("--num-images", metavar="N", help="Images to render per concept "
+                                            "with --images auto.")] = 4,
+    kind: Annotated[str, typer.Option("--kind", help="Prompt templates: object or style.")] = "object",
+    template: Annotated[Optional[list[str]], typer.Option("--template", metavar="TEXT", help="Prompt template "
+                                                          "with {} for the concept (repeatable; replaces --kind's).")] = None,
+    templates_file: Annotated[Optional[Path], typer.Option("--templates-file", metavar="FILE", help="A file of "
+                                                           "templates, one per line.")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-5,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the images.")] = 5,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 2,
+    resolution: Annotated[int, typer.Option("--resolution", help="Training image size in pixels.")] = 512,
+    layers: Annotated[Optional[str], typer.Option("--layers", metavar="0-11", help="Text-encoder layers to "
+                                                  "change (default: all).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the frozen UNet: auto (bf16 on GPU, "
+                                       "fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+    patch_dtype: Annotated[str, typer.Option("--patch-dtype", help="Storage dtype of the deltas: F32, F16, BF16.")] = "BF16",
+    config_dir: Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
+                                                       "a local diffusers folder of the same family.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the latents cache.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Erase concepts from a model's text encoder by few-shot unlearning; write the change as a patch."""
+    from ..erase import EraseConfig, erase_model
+    from ..errors import ErasekitError
+
+    with errors():
+        tmpl = list(template or [])
+        if templates_file is not None:
+            try:
+                tmpl += [line.strip() for line in templates_file.read_text().splitlines() if line.strip()]
+            except OSError as e:
+                raise ErasekitError(f"cannot read --templates-file {templates_file} ({e.strerror})", "check the path") from None
+        try:
+            config = EraseConfig(kind=kind, templates=tmpl or None, lr=lr, epochs=epochs, steps=steps,  # type: ignore[arg-type]
+                                 batch_size=batch_size, resolution=resolution, layers=_layers(layers), seed=seed,
+                                 device=device, dtype=dtype, patch_dtype=patch_dtype.upper(), cache=not no_cache)  # type: ignore[arg-type]
+        except ValueError as e:  # pydantic's ValidationError
+            err = e.errors()[0]  # type: ignore[attr-defined]
+            raise ErasekitError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", "see erasekit erase --help") from None
+        src = "auto" if images == ["auto"] else images
+        with progress_bar("erasing", enabled=not as_json) as update:
+            report = erase_model(model, concept, src, output, config, num_images=num_images, config_dir=config_dir,
+                                 progress=lambda s: update(s.step, s.total, f"loss {s.loss:.4f}  {s.step / max(s.seconds, 1e-9):.1f} it/s"))
+    if as_json:
+        print_json({k: v for k, v in report.__dict__.items() if k != "patch"})
+        return
+    out.print(f"Erased {', '.join(report.concepts)} -> {report.output} ({human_bytes(report.patch_bytes)})")
+    out.print(f"  {report.steps} steps on {report.num_images} images, {report.device}: "
+              f"{report.loop_seconds:.2f} s in the loop, {report.total_seconds:.2f} s in total")
+    out.print(f"  training loss {report.loss_start:.4f} -> {report.loss_end:.4f}; forget loss on fixed draws "
+              f"{report.forget_loss_before:.4f} -> {report.forget_loss_after:.4f}")
+    out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_te_text_model_encoder_')} ({n:.3g})"
+                                           for m, n in report.top_layers))

@@ -1,0 +1,50 @@
+"""``erasekit generate --model MODEL [--patch P ...] "prompt" ... -o outdir/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import JsonOpt, errors, out, print_json, progress_bar
+
+
+def generate_cmd(
+    prompts: Annotated[list[str], typer.Argument(metavar="PROMPT", help="One or more prompts.", show_default=False)],
+    model: Annotated[Path, typer.Option("--model", "-m", metavar="MODEL", help="A local diffusers folder, or a "
+                                        "single file with --config.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="DIR", help="Folder for the PNGs and grid.png.")] = Path("erasekit-out"),
+    patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", metavar="PATCH", help="Patch to apply "
+                                                        "in memory (repeatable).")] = None,
+    strength: Annotated[float, typer.Option("--strength", help="Scale of the patches.")] = 1.0,
+    n: Annotated[int, typer.Option("-n", help="Images (seeds) per prompt.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="First seed; image i uses seed + i.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Image size (default: the model's).")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Render each prompt without and with the patches, "
+                                          "same seeds, side by side.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    config_dir: Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
+                                                       "a local diffusers folder of the same family.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Render prompts, optionally with patches applied (and without, with --compare)."""
+    from ..errors import ErasekitError
+    from ..generate import GenerateConfig, generate_model
+
+    with errors():
+        try:
+            config = GenerateConfig(n=n, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
+                                    strength=strength, compare=compare, device=device)
+        except ValueError as e:
+            err = e.errors()[0]  # type: ignore[attr-defined]
+            raise ErasekitError(f"invalid --{err['loc'][0]}: {err['msg']}", "see erasekit generate --help") from None
+        with progress_bar("rendering", enabled=not as_json) as update:
+            report = generate_model(model, prompts, output, config, patches=patch or [], config_dir=config_dir,
+                                    progress=lambda done, total: update(done, total, ""))
+    if as_json:
+        print_json(report)
+        return
+    out.print(f"Wrote {len(report.images)} images and {report.grid} in {report.seconds:.1f} s")

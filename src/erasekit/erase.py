@@ -1,0 +1,478 @@
+"""Few-shot concept erasing by gradient ascent through a frozen UNet into the text encoder's FFN layers.
+
+Method: Fuchi & Takagi, "Erasing Concepts from Text-to-Image Diffusion Models with Few-shot Unlearning"
+(BMVC 2024). The loop, top to bottom:
+
+1. encode each training image once with the frozen VAE (cached on disk by image bytes);
+2. each step: a batch of latents, uniform timesteps, Gaussian noise, a prompt from the templates;
+3. loss = MSE(UNet(noisy, t, TE(prompt)), target) with target = noise (epsilon) or velocity (v-prediction);
+4. *ascend* that loss (minimise its negative) with Adam, updating only TE FFN fc1/fc2 weights and biases;
+5. the patch is the difference of those tensors before and after.
+
+What makes it faster than the reference script at the same number of optimizer steps: only the FFN
+tensors require gradients (no weight gradients for the UNet, attention or embeddings, and no backward
+pass below the lowest trained layer), no per-epoch checkpoint writes, latents encoded once and cached,
+SDPA attention, and bf16 autocast for the frozen UNet on GPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ErasekitError, InputFileError, NonFiniteError
+from .layouts import module_name
+
+# Textual inversion's template lists, as the reference recipe uses them.
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
+    "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}",
+    "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}", "a rendition of the {}",
+    "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}",
+    "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a cropped painting in the style of {}", "a good painting in the style of {}",
+    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class EraseConfig(BaseModel):
+    """Every setting of an erase run; the defaults reproduce the published recipe. Recorded in the patch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["object", "style"] = "object"
+    templates: list[str] | None = None  # overrides the kind's template list; each holds one "{}"
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(1e-8, ge=0)
+    batch_size: int = Field(2, ge=1)
+    epochs: int = Field(5, ge=1)
+    steps: int | None = Field(None, ge=1)  # overrides epochs
+    resolution: int = Field(512, ge=8)
+    layers: list[int] | None = None  # text-encoder layers to train; None = all
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype of the frozen UNet
+    flip: bool = True  # horizontal flip, p = 0.5, decided once per image
+    patch_dtype: Literal["F32", "F16", "BF16"] = "BF16"
+    cache: bool = True
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one template")
+            bad = [t for t in v if t.count("{}") != 1]
+            if bad:
+                raise ValueError(f"template {bad[0]!r} must contain exactly one {{}} for the concept")
+        return v
+
+    def template_list(self) -> list[str]:
+        return list(self.templates or (STYLE_TEMPLATES if self.kind == "style" else OBJECT_TEMPLATES))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What the manifest records (device and cache are where it ran, not what it computed)."""
+        return self.model_dump(mode="json", exclude={"device", "cache", "seed"})
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    seconds: float
+
+
+@dataclass
+class EraseReport:
+    concepts: list[str]
+    output: str | None
+    steps: int
+    loss_start: float
+    loss_end: float
+    losses: list[float]
+    forget_loss_before: float  # denoising loss on fixed draws, before/after: it must rise
+    forget_loss_after: float
+    loop_seconds: float
+    total_seconds: float
+    patch_bytes: int
+    num_images: int
+    device: str
+    top_layers: list[tuple[str, float]] = field(default_factory=list)  # (module, |delta W|), largest first
+    patch: Any = None  # the Patch object (not serialised)
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputFileError(f"image folder {folder} does not exist", "check the --images path")
+    if folder.is_file():
+        return [folder]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputFileError(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})",
+                             "put a few photos of the concept there, or use --images auto")
+    return files
+
+
+def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:
+    """RGB, resized bicubic to resolution x resolution without cropping, as the reference does."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = path.read_bytes()
+        import io
+
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputFileError(f"{path} is not a readable image ({type(e).__name__})", "remove it or replace it") from None
+    return img.convert("RGB").resize((resolution, resolution), Image.BICUBIC), data
+
+
+# -- latents cache --------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    import platformdirs
+
+    return Path(os.environ.get("ERASEKIT_CACHE_DIR") or platformdirs.user_cache_dir("erasekit")) / "latents"
+
+
+CACHE_LIMIT_BYTES = int(float(os.environ.get("ERASEKIT_CACHE_MB", "512")) * 1e6)
+
+
+def vae_id(vae: Any) -> str:
+    """Identity of a VAE: its config plus the bytes of its first and last parameters."""
+    from ._torch import tensor_bytes
+
+    h = hashlib.sha256(vae.config.__repr__().encode())
+    params = list(vae.parameters())
+    for p in (params[0], params[-1]):
+        h.update(tensor_bytes(p.float()))
+    return h.hexdigest()[:16]
+
+
+def _prune(folder: Path, limit: int) -> None:
+    """Delete least recently used entries until the cache is under ``limit`` bytes."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in files)
+    for p in files:
+        if total <= limit:
+            break
+        total -= p.stat().st_size
+        p.unlink(missing_ok=True)
+
+
+def encode_images(pipe: Any, images: list[tuple[Any, bytes]], config: EraseConfig, flips: list[bool]) -> Any:
+    """Latent distribution (mean, std) of each image, through the frozen VAE once, cached on disk."""
+    import numpy as np
+    import torch
+
+    from . import _st
+
+    vae = pipe.vae
+    folder = cache_dir()
+    vid = vae_id(vae)
+    means, stds = [], []
+    for (img, data), flip in zip(images, flips):
+        key = hashlib.sha256(data + f"|{config.resolution}|{int(flip)}|{vid}".encode()).hexdigest()
+        path = folder / f"{key}.safetensors"
+        if config.cache and path.exists():
+            try:
+                h = _st.read_header(path)
+                with open(path, "rb") as f:
+                    mean = torch.from_numpy(_st.read_array(f, h.entries["mean"]).copy())
+                    std = torch.from_numpy(_st.read_array(f, h.entries["std"]).copy())
+                os.utime(path)
+                means.append(mean)
+                stds.append(std)
+                continue
+            except ErasekitError:
+                path.unlink(missing_ok=True)  # a damaged entry is recomputed
+        from PIL import Image
+
+        arr = np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img, dtype=np.float32) / 127.5 - 1.0
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(vae.device, vae.dtype)
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+        mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+        if config.cache:
+            folder.mkdir(parents=True, exist_ok=True)
+            _st.write_safetensors(path, {"mean": ("F32", tuple(mean.shape), mean.numpy().tobytes()),
+                                         "std": ("F32", tuple(std.shape), std.numpy().tobytes())}, {"vae": vid})
+            _prune(folder, CACHE_LIMIT_BYTES)
+        means.append(mean)
+        stds.append(std)
+    return torch.stack(means), torch.stack(stds)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+def _check_concepts(tokenizer: Any, concepts: Sequence[str]) -> None:
+    for c in concepts:
+        ids = tokenizer(c, add_special_tokens=False).input_ids
+        if not c.strip() or not ids:
+            raise ErasekitError(f"concept {c!r} tokenizes to nothing", "give the concept's name as a word or phrase")
+
+
+def _trainable(text_encoder: Any, layers: list[int] | None) -> list[tuple[str, str, Any]]:
+    """(module name, kind, parameter) of every FFN tensor to train, in a fixed order."""
+    n = text_encoder.config.num_hidden_layers
+    chosen = list(range(n)) if layers is None else layers
+    bad = [i for i in chosen if not 0 <= i < n]
+    if bad:
+        raise ErasekitError(f"--layers {bad[0]} is outside the text encoder's layers 0-{n - 1}", f"use layers 0-{n - 1}")
+    out = []
+    for i in sorted(set(chosen)):
+        mlp = text_encoder.get_submodule(_layers_path(text_encoder) + f".{i}.mlp")
+        for proj in ("fc1", "fc2"):
+            lin = getattr(mlp, proj)
+            out += [(module_name("te", i, proj), "weight", lin.weight), (module_name("te", i, proj), "bias", lin.bias)]
+    return out
+
+
+def _layers_path(text_encoder: Any) -> str:
+    names = dict(text_encoder.named_modules())
+    return "text_model.encoder.layers" if "text_model.encoder.layers" in names else "encoder.layers"
+
+
+def _schedule(n_images: int, config: EraseConfig, gen: Any) -> list[list[int]]:
+    """Batches of image indices: shuffled epochs of ``batch_size``, as a DataLoader(shuffle=True) would."""
+    import torch
+
+    batches: list[list[int]] = []
+    while True:
+        perm = torch.randperm(n_images, generator=gen).tolist()
+        batches += [perm[i:i + config.batch_size] for i in range(0, n_images, config.batch_size)]
+        total = config.steps if config.steps is not None else config.epochs * -(-n_images // config.batch_size)
+        if len(batches) >= total:
+            return batches[:total]
+
+
+def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], config: EraseConfig, *,
+          progress: Callable[[StepInfo], None] | None = None, base_files: Any = None) -> EraseReport:
+    """Erase ``concepts`` from ``pipe`` (a loaded SD1.x/SD2.x pipeline) using ``images[i]`` for concept i.
+
+    ``images`` holds PIL images or paths. Returns an :class:`EraseReport` whose ``patch`` is an unsaved
+    :class:`~erasekit.patchfile.Patch`; the pipeline's weights are restored before returning.
+    ``base_files`` (a detected :class:`~erasekit.layouts.Checkpoint`) makes the base fingerprints those
+    of the files on disk, so the patch applies "exact" to them.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from ._torch import tensor_bytes
+    from .patchfile import Concept, DeltaInfo, EncoderInfo, Method, Patch, fingerprint, new_manifest
+
+    t_start = time.perf_counter()
+    if not concepts:
+        raise ErasekitError("no concept given", "pass --concept NAME")
+    if len(images) != len(concepts):
+        raise ErasekitError(f"{len(concepts)} concepts but {len(images)} image sets", "give one --images per --concept")
+    tokenizer, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    _check_concepts(tokenizer, concepts)
+    device = unet.device
+
+    # images -> (PIL, bytes), with the concept index of each
+    loaded, owner = [], []
+    for ci, group in enumerate(images):
+        for item in group:
+            if isinstance(item, (str, os.PathLike)):
+                loaded.append(load_image(Path(item), config.resolution))
+            else:
+                from PIL import Image
+
+                buf = item.convert("RGB").resize((config.resolution, config.resolution), Image.BICUBIC)
+                loaded.append((buf, buf.tobytes()))
+            owner.append(ci)
+    if len(loaded) < config.batch_size:
+        raise ErasekitError(f"{len(loaded)} training images but --batch-size {config.batch_size}",
+                            "add images or lower --batch-size")
+    images_sha = hashlib.sha256(b"".join(hashlib.sha256(d).digest() for _, d in loaded)).hexdigest()
+
+    gen = torch.Generator().manual_seed(config.seed)
+    flips = [bool(torch.rand((), generator=gen) < 0.5) if config.flip else False for _ in loaded]
+    mean, std = encode_images(pipe, loaded, config, flips)
+    latents = (mean + std * torch.randn(mean.shape, generator=gen)) * pipe.vae.config.scaling_factor  # sampled once
+
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    pred_type = noise_sched.config.prediction_type
+    if pred_type not in ("epsilon", "v_prediction"):
+        raise ErasekitError(f"the model predicts {pred_type!r}", "erase supports epsilon and v_prediction models")
+    T = noise_sched.config.num_train_timesteps
+    templates = config.template_list()
+
+    # trainable tensors: FFN of the chosen layers, fp32, everything else frozen
+    for module in (unet, pipe.vae, te):
+        module.requires_grad_(False)
+    te_dtype = te.dtype
+    te.to(torch.float32)
+    params = _trainable(te, config.layers)
+    originals = {(m, k): p.detach().clone() for m, k, p in params}
+    for _, _, p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([p for _, _, p in params], lr=config.lr, betas=config.betas, eps=config.eps,
+                           weight_decay=config.weight_decay)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        config.dtype, torch.bfloat16 if (config.dtype == "auto" and device.type == "cuda") else None)
+
+    def encode(prompts: list[str]) -> Any:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        return te(ids)[0]
+
+    def denoise_loss(idx: list[int], t: Any, noise: Any, prompts: list[str]) -> Any:
+        x0 = latents[idx].to(device)
+        noise = noise.to(device)
+        t = t.to(device)
+        noisy = noise_sched.add_noise(x0, noise, t)
+        target = noise if pred_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
+        cond = encode(prompts)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def prompt_for(i: int, g: Any) -> str:
+        return templates[int(torch.randint(len(templates), (), generator=g))].format(concepts[owner[i]])
+
+    # a fixed set of draws to measure the forget loss before and after (not part of the loop's timing)
+    eval_gen = torch.Generator().manual_seed(config.seed + 1)
+    all_idx = list(range(len(loaded)))
+    eval_draws = [(torch.randint(0, T, (len(all_idx),), generator=eval_gen), torch.randn(latents.shape, generator=eval_gen),
+                   [prompt_for(i, eval_gen) for i in all_idx]) for _ in range(4)]
+
+    def forget_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([denoise_loss(all_idx, t, n, p).item() for t, n, p in eval_draws]))
+
+    before = forget_loss()
+    batches = _schedule(len(loaded), config, gen)
+    losses: list[float] = []
+    t_loop = time.perf_counter()
+    try:
+        for step, idx in enumerate(batches):
+            t = torch.randint(0, T, (len(idx),), generator=gen)
+            noise = torch.randn((len(idx), *latents.shape[1:]), generator=gen)
+            loss = denoise_loss(idx, t, noise, [prompt_for(i, gen) for i in idx])
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
+                                     "lower --lr or the number of steps")
+            (-loss).backward()  # gradient *ascent* on the denoising loss
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
+            losses.append(loss.item())
+            if progress:
+                progress(StepInfo(step + 1, len(batches), losses[-1], time.perf_counter() - t_loop))
+        loop_seconds = time.perf_counter() - t_loop
+        after = forget_loss()
+
+        # the patch: deltas of the trained tensors, fingerprints of the base tensors
+        tensors: dict[str, np.ndarray] = {}
+        fps = {}
+        spec = base_files.encoders["te"] if base_files is not None else None
+        wf = next((f for f in base_files.files if "te" in f.encoders), None) if base_files is not None else None
+        for m, kind, p in params:
+            delta = (p.detach() - originals[(m, kind)]).cpu().numpy()
+            tensors[f"{m}.diff" if kind == "weight" else f"{m}.diff_b"] = delta
+            if wf is not None and spec is not None:
+                from .layouts import parse_module_name
+
+                _, layer, proj = parse_module_name(m)  # type: ignore[misc]
+                key = spec.key(layer, proj, kind)
+                dtype, shape = wf.tensor_info()[key]
+                fps[f"{m}.{kind}"] = fingerprint(wf.read_raw(key), dtype, shape)
+            else:
+                orig = originals[(m, kind)].to(te_dtype)
+                from ._torch import dtype_code
+
+                fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
+    finally:
+        with torch.no_grad():  # leave the caller's pipeline as it was
+            for m, kind, p in params:
+                p.requires_grad_(False)
+                p.copy_(originals[(m, kind)])
+        te.to(te_dtype)
+
+    cfg = te.config
+    arch = "sd2" if cfg.hidden_act == "gelu" else "sd1"
+    hp = config.hyperparameters() | {"steps_run": len(batches), "prediction_type": pred_type}
+    manifest = new_manifest(
+        title=" + ".join(concepts) + " erased", architecture=arch,
+        encoders={"te": EncoderInfo(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+                                    layers=cfg.num_hidden_layers)},
+        fingerprints=fps, deltas={m: DeltaInfo(storage="dense", bias=True) for m, k, _ in params if k == "weight"},
+        concepts=[Concept(name=c, kind=config.kind) for c in concepts],
+        method=Method(name="fuchi-takagi-2024", hyperparameters=hp, seed=config.seed, images_sha256=images_sha,
+                      num_images=len(loaded), duration_s=round(loop_seconds, 3)),
+        source=str(base_files.path.name) if base_files is not None else None)
+    patch = Patch(manifest, tensors, {n: config.patch_dtype for n in tensors})
+    top = sorted(((m, float(np.linalg.norm(tensors[f"{m}.diff"]))) for m in manifest.deltas), key=lambda x: -x[1])
+    return EraseReport(list(concepts), None, len(batches), losses[0] if losses else float("nan"),
+                       losses[-1] if losses else float("nan"), losses, before, after, loop_seconds,
+                       time.perf_counter() - t_start, 0, len(loaded), str(device), top[:5], patch)
+
+
+def erase_model(model: str | os.PathLike, concepts: Sequence[str], images: Sequence[str | os.PathLike] | str,
+                output: str | os.PathLike, config: EraseConfig | None = None, *, num_images: int = 4,
+                config_dir: str | os.PathLike | None = None,
+                progress: Callable[[StepInfo], None] | None = None) -> EraseReport:
+    """The ``erasekit erase`` job: load the model, gather images (or generate them with ``images="auto"``),
+    erase, and write the patch atomically to ``output``."""
+    import torch
+
+    from .patchfile import save_patch
+    from .pipeline import load_pipeline, resolve_device
+
+    t0 = time.perf_counter()
+    config = config or EraseConfig()
+    out = Path(output)
+    if out.exists():
+        from .errors import TargetNotWritableError
+
+        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
+    if not out.parent.is_dir():
+        raise InputFileError(f"folder {out.parent} does not exist", "create it first or choose another output")
+    # image folders are checked before the model is loaded: a typo should fail fast
+    if images == "auto":
+        groups: list[list[Any]] | None = None
+    else:
+        dirs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+        if len(dirs) != len(concepts):
+            raise ErasekitError(f"{len(concepts)} concepts but {len(dirs)} --images folders",
+                                "give one --images per --concept, in the same order, or --images auto")
+        groups = [find_images(d) for d in dirs]
+    device = resolve_device(config.device)
+    pipe, ckpt = load_pipeline(model, device=device, torch_dtype=torch.float32, config=config_dir)
+    if groups is None:
+        from .generate import concept_prompt, render
+
+        groups = [[render(pipe, concept_prompt(c, config.kind), seed=config.seed + i, resolution=None)
+                   for i in range(num_images)] for c in concepts]
+    report = erase(pipe, concepts, groups, config, progress=progress, base_files=ckpt)
+    save_patch(report.patch, out)
+    report.output, report.patch_bytes = str(out), out.stat().st_size
+    report.total_seconds = time.perf_counter() - t0
+    return report

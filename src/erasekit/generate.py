@@ -1,0 +1,182 @@
+"""Render prompts with and without patches, same seeds: PNGs with their settings in the metadata, and a grid."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ErasekitError
+
+
+class GenerateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(4, ge=1)
+    seed: int = 0
+    steps: int = Field(25, ge=1)
+    guidance: float = 7.5
+    resolution: int | None = Field(None, ge=8)  # None: the model's native size
+    strength: float = 1.0
+    compare: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class GeneratedImage:
+    path: str
+    prompt: str
+    seed: int
+    patched: bool
+
+
+@dataclass
+class GenerateReport:
+    out_dir: str
+    grid: str
+    images: list[GeneratedImage] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def concept_prompt(concept: str, kind: str = "object") -> str:
+    """The prompt used to render a concept's training images when the user has none."""
+    return f"a painting in the style of {concept}" if kind == "style" else f"a photo of a {concept}"
+
+
+def render(pipe: Any, prompt: str, *, seed: int, resolution: int | None, steps: int = 25, guidance: float = 7.5) -> Any:
+    """One image, seeded on the CPU so the same seed gives the same picture on any device."""
+    import torch
+
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                generator=gen).images[0]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def _save_png(img: Any, path: Path, info: dict[str, str]) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    from ._st import atomic_write
+
+    meta = PngInfo()
+    for k, v in info.items():
+        meta.add_text(k, v)
+    with atomic_write(path) as f:
+        img.save(f, format="PNG", pnginfo=meta)
+
+
+def make_grid(rows: list[tuple[str, list[Any]]], columns: list[str]) -> Any:
+    """A labelled grid: one row per (label, images), one column per label in ``columns``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    scale = -(-128 // rows[0][1][0].size[0])  # small images are enlarged (nearest) so they can be seen
+    if scale > 1:
+        rows = [(label, [im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST) for im in imgs])
+                for label, imgs in rows]
+    w, h = rows[0][1][0].size
+    cell = w + 4
+    font = ImageFont.load_default()
+    label_w, head_h = 220, 20
+    grid = Image.new("RGB", (label_w + cell * len(columns), head_h + (h + 4) * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, col in enumerate(columns):
+        draw.text((label_w + j * cell + 4, 4), col, fill="black", font=font)
+    for i, (label, imgs) in enumerate(rows):
+        y = head_h + i * (h + 4)
+        draw.text((4, y + 4), label[:36], fill="black", font=font)
+        for j, img in enumerate(imgs):
+            grid.paste(img, (label_w + j * cell, y))
+    return grid
+
+
+def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, config: GenerateConfig | None = None, *,
+             patches: Sequence[Any] = (), model_name: str = "", progress: Callable[[int, int], None] | None = None) -> GenerateReport:
+    """Render ``config.n`` seeds per prompt with ``patches`` applied (and without, if ``config.compare``).
+
+    Writes ``<prompt>_<seed>[_before|_after].png`` and ``grid.png`` into ``out_dir``; the pipeline's
+    weights are as they were when this returns.
+    """
+    from .apply import apply_patch, revert_patch
+    from .patchfile import load_patch
+
+    t0 = time.perf_counter()
+    config = config or GenerateConfig()
+    if not prompts:
+        raise ErasekitError("no prompt given", 'pass one or more prompts, e.g. erasekit generate "a photo of a cat"')
+    if config.compare and not patches:
+        raise ErasekitError("--compare needs at least one --patch", "add --patch FILE, or drop --compare")
+    loaded = [p if not isinstance(p, (str, os.PathLike)) else load_patch(p) for p in patches]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [config.seed + i for i in range(config.n)]
+    passes = ([False, True] if config.compare else [True]) if loaded else [False]
+    total, done = len(prompts) * len(seeds) * len(passes), 0
+    report = GenerateReport(str(out), str(out / "grid.png"))
+    rows: list[tuple[str, list[Any]]] = []
+    patch_meta = [{"title": p.title, "patch_id": p.patch_id} for p in loaded]
+    for patched in passes:
+        if patched:
+            for p in loaded:
+                apply_patch(pipe, p, strength=config.strength)
+        try:
+            for prompt in prompts:
+                imgs = []
+                for seed in seeds:
+                    img = render(pipe, prompt, seed=seed, resolution=config.resolution, steps=config.steps,
+                                 guidance=config.guidance)
+                    suffix = ("_after" if patched else "_before") if config.compare else ""
+                    path = out / f"{_slug(prompt)}_{seed}{suffix}.png"
+                    w, h = img.size
+                    _save_png(img, path, {
+                        "prompt": prompt, "seed": str(seed),
+                        "parameters": f"{prompt}\nSteps: {config.steps}, Sampler: {type(pipe.scheduler).__name__}, "
+                                      f"CFG scale: {config.guidance}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
+                        "erasekit": json.dumps({"patches": patch_meta if patched else [], "strength": config.strength,
+                                                "steps": config.steps, "guidance": config.guidance, "model": model_name}),
+                    })
+                    report.images.append(GeneratedImage(str(path), prompt, seed, patched))
+                    imgs.append(img)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                label = prompt if not config.compare else f"{'after' if patched else 'before'}: {prompt}"
+                rows.append((label, imgs))
+        finally:
+            if patched:
+                for p in reversed(loaded):
+                    revert_patch(pipe, p)
+    if config.compare:  # before/after rows next to each other, per prompt
+        k = len(prompts)
+        rows = [r for i in range(k) for r in (rows[i], rows[k + i])]
+    grid = make_grid(rows, [f"seed {s}" for s in seeds])
+    from ._st import atomic_write
+
+    with atomic_write(out / "grid.png") as f:
+        grid.save(f, format="PNG")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def generate_model(model: str | os.PathLike, prompts: Sequence[str], out_dir: str | os.PathLike,
+                   config: GenerateConfig | None = None, *, patches: Sequence[str | os.PathLike] = (),
+                   config_dir: str | os.PathLike | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> GenerateReport:
+    """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
+    from .patchfile import load_patch
+    from .pipeline import load_pipeline, resolve_device
+
+    config = config or GenerateConfig()
+    loaded = [load_patch(p) for p in patches]  # a bad patch fails before the model loads
+    pipe, ckpt = load_pipeline(model, device=resolve_device(config.device), config=config_dir)
+    return generate(pipe, prompts, out_dir, config, patches=loaded, model_name=ckpt.path.name, progress=progress)
