@@ -424,6 +424,31 @@ def io_written() -> int | None:
     return None
 
 
+class OtherCPU:
+    """CPU time that other processes used while a section ran (all CPUs' busy time from /proc/stat
+    minus this process's own), in CPU-seconds: a check that the machine was quiet."""
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.seconds = 0.0
+
+    def _busy(self) -> float | None:
+        try:
+            f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = f[3] + (f[4] if len(f) > 4 else 0)  # idle + iowait
+        return (sum(f[:8]) - idle) / self.tick
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[OtherCPU]:
+        b0, t0 = self._busy(), os.times()
+        yield self
+        b1, t1 = self._busy(), os.times()
+        own = (t1.user - t0.user) + (t1.system - t0.system)
+        self.seconds = max(0.0, b1 - b0 - own) if b0 is not None and b1 is not None else float("nan")
+
+
 def _delta(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else b - a
 
@@ -460,6 +485,7 @@ class Round:
     io_copy: int | None
     io_apply: int | None
     io_revert: int | None
+    other_cpu: float  # CPU-seconds other processes used during copy + apply + revert
     bit_exact: bool
     apply_peak_rss: int
     apply_base_rss: int
@@ -601,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
             # (a) copy + fsync
             copy_path.unlink(missing_ok=True)
             os.sync()
+            others = [OtherCPU(), OtherCPU(), OtherCPU()]
+            section = others[0].measure()
+            section.__enter__()
             w0 = io_written()
             t0 = time.perf_counter()
             shutil.copyfile(big, copy_path)
@@ -610,12 +639,13 @@ def main(argv: list[str] | None = None) -> int:
             fsync_dir(copy_path.parent)
             t2 = time.perf_counter()
             w1 = io_written()
+            section.__exit__(None, None, None)
             copy_path.unlink()
 
             # (b) apply in place (by path, as the CLI does: loading the patch is part of it)
             os.sync()
             gc.collect()
-            with rss.measure():
+            with rss.measure(), others[1].measure():
                 w2 = io_written()
                 t3 = time.perf_counter()
                 arep = apply_to_checkpoint([patch_path], big, in_place=True)
@@ -627,11 +657,12 @@ def main(argv: list[str] | None = None) -> int:
 
             # (c) revert
             os.sync()
-            w4 = io_written()
-            t5 = time.perf_counter()
-            rrep = revert_from_checkpoint(patch_path, big)
-            t6 = time.perf_counter()
-            w5 = io_written()
+            with others[2].measure():
+                w4 = io_written()
+                t5 = time.perf_counter()
+                rrep = revert_from_checkpoint(patch_path, big)
+                t6 = time.perf_counter()
+                w5 = io_written()
             if rrep.remaining:
                 raise RuntimeError(f"after revert the journal still lists {rrep.remaining}")
 
@@ -640,12 +671,14 @@ def main(argv: list[str] | None = None) -> int:
             hash_after_s = time.perf_counter() - t7
             rounds.append(Round(t2 - t0, t1 - t0, t2 - t1, t4 - t3, arep.seconds, t6 - t5, hash_after_s,
                                 arep.bytes_written, undo_bytes, _delta(w0, w1), _delta(w2, w3), _delta(w4, w5),
+                                sum(o.seconds for o in others),
                                 sha_after == sha_before and rrep.verified,
                                 rss.peak, rss.base))
             if args.repeat > 1:
                 x = rounds[-1]
                 print(f"  round {r + 1}: copy {x.copy_s:.2f} s, apply {x.apply_s:.2f} s, revert {x.revert_s:.2f} s, "
-                      f"bit-exact {'yes' if x.bit_exact else 'NO'}", flush=True)
+                      f"bit-exact {'yes' if x.bit_exact else 'NO'}; other processes used {others[0].seconds:.2f} / "
+                      f"{others[1].seconds:.2f} / {others[2].seconds:.2f} CPU-s meanwhile", flush=True)
 
         # 5. report
         med = lambda f: statistics.median(f(x) for x in rounds)  # noqa: E731
@@ -693,10 +726,14 @@ def main(argv: list[str] | None = None) -> int:
               "Dropping the cache needs root, so no cold-cache figure is given.")
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         print(f"  machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {mem_gib:.1f} GiB RAM; "
-              f"python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, "
+              f"python {platform.python_version()}, torch {torch.__version__} (threads: {torch.get_num_threads()}), numpy {np.__version__}, "
               f"erasekit {erasekit.__version__}")
-        print(f"  load average (1 min): {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-              f"(other programs running on the machine skew the figures; compare runs on an idle machine)")
+        busy = max(x.other_cpu for x in rounds)
+        timed = max(x.copy_s + x.apply_s + x.revert_s for x in rounds)
+        print(f"  other processes: used up to {busy:.2f} CPU-s during a round's {timed:.1f} s of timed sections"
+              + ("  -- WARNING: the machine was busy, figures are skewed (torch's 2 threads suffer most)"
+                 if busy > 0.1 * timed else " (machine quiet)")
+              + f"; load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
         explicit = ["--size-gb", f"{size_gb:g}", "--layers", args.layers, "--patch-dtype", args.patch_dtype,
                     "--seed", str(args.seed)]
         if args.rank:

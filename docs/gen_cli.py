@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from erasekit.cli import app
 
-COMMANDS = ["inspect", "apply", "diff"]
+COMMANDS = ["erase", "generate", "inspect", "apply", "diff"]
 OUT = Path(__file__).with_name("cli.md")
 
 

@@ -174,3 +174,40 @@ def test_debug_env_shows_the_traceback(world: dict[str, Path]) -> None:
 def test_python_dash_m() -> None:
     r = subprocess.run([sys.executable, "-m", "erasekit", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("erasekit ")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from erasekit.testing import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
+    model = tiny_model
+    patch = tmp_path / "c.erasepatch"
+    r = run("erase", "--model", model, "--concept", "circle", "--images", "auto", "--num-images", "2",
+            "--resolution", "32", "--steps", "2", "--layers", "1", "-o", patch, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 2 and summary["output"] == str(patch)
+    assert {m for m, _ in summary["top_layers"]} == {"lora_te_text_model_encoder_layers_1_mlp_fc1",
+                                                     "lora_te_text_model_encoder_layers_1_mlp_fc2"}
+    assert set(json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]["layers"]) == {1}
+    r = run("generate", "-m", model, "a circle", "-n", "1", "--steps", "2", "--patch", patch, "--compare",
+            "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-circle_0_after.png", "a-circle_0_before.png", "grid.png"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layers", "x-y"], "--layers 'x-y' is not a list of layers"),
+    (["--layers", "7"], "--layers 7 is outside the text encoder's layers 0-1"),
+    (["--kind", "song"], "invalid --kind"),
+    (["--template", "no slot"], "invalid --templates"),
+])
+def test_erase_option_errors(tmp_path: Path, tiny_model: Path, args: list[str], message: str) -> None:
+    model = tiny_model
+    r = run("erase", "--model", model, "--concept", "circle", "--resolution", "32", "-o", tmp_path / "x.erasepatch", *args)
+    assert r.exit_code != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert not (tmp_path / "x.erasepatch").exists()

@@ -1,0 +1,193 @@
+"""The unlearning engine on a tiny pipeline: what changes, that the loss rises, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import snapshot
+from erasekit.apply import apply_patch, apply_to_checkpoint, revert_from_checkpoint
+from erasekit.erase import EraseConfig, erase, erase_model
+from erasekit.errors import ErasekitError, InputFileError, LayoutError, NonFiniteError, TargetNotWritableError
+from erasekit.patchfile import load_patch
+from erasekit.pipeline import load_pipeline
+from erasekit.testing import make_checkpoint, make_tiny_pipeline
+
+FAST = dict(resolution=32, lr=1e-3)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def circles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("circles")
+    for i in range(4):
+        img = Image.new("RGB", (64, 64), (235, 235, 235))
+        ImageDraw.Draw(img).ellipse((8 + 3 * i, 10, 52, 50 + i), fill=(200, 30, 30))
+        img.save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def work(tmp_path: Path, tiny: Path) -> Path:
+    """A private copy of the tiny pipeline (some tests write to it)."""
+    return Path(shutil.copytree(tiny, tmp_path / "model"))
+
+
+def test_only_ffn_changes_and_forget_loss_rises(tiny: Path, circles: Path) -> None:
+    pipe, ckpt = load_pipeline(tiny)
+    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    report = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**FAST), base_files=ckpt)
+    # the pipeline is left as it was
+    assert all(torch.equal(before[k], v) for k, v in pipe.text_encoder.state_dict().items())
+    assert all(torch.equal(unet_before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert report.steps == 10 and len(report.losses) == 10  # 5 epochs x 4 images / batch 2
+    assert report.forget_loss_after > report.forget_loss_before, "gradient ascent must raise the denoising loss"
+    # applying the patch changes exactly the FFN tensors of the text encoder
+    apply_patch(pipe, report.patch)
+    changed = {k for k, v in pipe.text_encoder.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {f"text_model.encoder.layers.{i}.mlp.{p}.{k}" for i in (0, 1) for p in ("fc1", "fc2")
+                       for k in ("weight", "bias")} or changed == {f"encoder.layers.{i}.mlp.{p}.{k}" for i in (0, 1)
+                                                                  for p in ("fc1", "fc2") for k in ("weight", "bias")}
+    m = report.patch.manifest
+    assert m.method.name == "fuchi-takagi-2024" and m.method.num_images == 4 and m.method.seed == 0
+    assert m.method.hyperparameters["lr"] == 1e-3 and m.method.hyperparameters["betas"] == [0.9, 0.98]
+
+
+def test_defaults_are_the_published_recipe() -> None:
+    c = EraseConfig()
+    assert (c.lr, c.betas, c.eps, c.weight_decay, c.batch_size, c.epochs, c.resolution) == (
+        1e-5, (0.9, 0.98), 1e-6, 1e-8, 2, 5, 512)
+    assert len(c.template_list()) == 27 and len(EraseConfig(kind="style").template_list()) == 19
+
+
+def test_same_seed_same_patch(tmp_path: Path, tiny: Path, circles: Path) -> None:
+    a = erase_model(tiny, ["circle"], [circles], tmp_path / "a.erasepatch", EraseConfig(**FAST))
+    b = erase_model(tiny, ["circle"], [circles], tmp_path / "b.erasepatch", EraseConfig(**FAST, cache=False))
+    pa, pb = load_patch(a.output), load_patch(b.output)
+    assert pa.patch_id == pb.patch_id
+    ma, mb = pa.manifest.model_dump(), pb.manifest.model_dump()
+    for m in (ma, mb):  # the only fields allowed to differ: when it ran and how long it took
+        m.pop("created_at")
+        m["method"].pop("duration_s")
+    assert ma == mb
+    c = erase_model(tiny, ["circle"], [circles], tmp_path / "c.erasepatch", EraseConfig(**FAST, seed=1))
+    assert load_patch(c.output).patch_id != pa.patch_id
+
+
+def test_patch_applies_exactly_and_reverts_on_the_folder(tmp_path: Path, work: Path, circles: Path) -> None:
+    report = erase_model(work, ["circle"], [circles], tmp_path / "p.erasepatch", EraseConfig(**FAST))
+    original = snapshot(work)
+    rep = apply_to_checkpoint([report.output], work, in_place=True)
+    assert rep.applied[0].fingerprint == "exact"
+    assert snapshot(work) != original
+    revert_from_checkpoint(report.output, work)
+    assert snapshot(work) == original
+
+
+def test_layers_and_v_prediction(tmp_path: Path, circles: Path) -> None:
+    model = make_tiny_pipeline(tmp_path / "v", arch="sd2", prediction_type="v_prediction")
+    r = erase_model(model, ["circle"], [circles], tmp_path / "p.erasepatch", EraseConfig(**FAST, layers=[1], steps=3))
+    m = load_patch(r.output).manifest
+    assert m.base.architecture == "sd2" and m.method.hyperparameters["prediction_type"] == "v_prediction"
+    assert list(m.deltas) == ["lora_te_text_model_encoder_layers_1_mlp_fc1", "lora_te_text_model_encoder_layers_1_mlp_fc2"]
+    assert r.steps == 3
+
+
+def test_auto_images_and_several_concepts(tmp_path: Path, tiny: Path) -> None:
+    r = erase_model(tiny, ["circle", "square"], "auto", tmp_path / "p.erasepatch", EraseConfig(**FAST, steps=2),
+                    num_images=2)
+    m = load_patch(r.output).manifest
+    assert [c.name for c in m.concepts] == ["circle", "square"] and m.method.num_images == 4
+    assert m.title == "circle + square erased"
+
+
+def test_latents_are_cached(tmp_path: Path, tiny: Path, circles: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ERASEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    pipe, _ = load_pipeline(tiny)
+    first = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**FAST, steps=2))
+    assert len(list((tmp_path / "cache" / "latents").glob("*.safetensors"))) == 4
+
+    def no_vae(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the VAE must not run when the latents are cached")
+
+    monkeypatch.setattr(pipe.vae, "encode", no_vae)
+    second = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(resolution=32, steps=2, lr=3e-3))
+    assert second.patch.patch_id != first.patch.patch_id  # other hyperparameters, same latents
+    with pytest.raises(AssertionError, match="must not run"):
+        erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**FAST, steps=2, cache=False))
+
+
+# -- bad input: one clear error, no output file -----------------------------------------------------
+
+def _expect(tmp_path: Path, exc: type[Exception], match: str, *args, **kw) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out.erasepatch"
+    with pytest.raises(exc, match=match):
+        erase_model(*args, output=out, **kw)
+    assert not out.exists() and not list(tmp_path.glob("*.incomplete"))
+
+
+def test_no_images(tmp_path: Path, tiny: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    _expect(tmp_path, InputFileError, "no images found in", tiny, ["circle"], [tmp_path / "empty"])
+    _expect(tmp_path, InputFileError, "does not exist", tiny, ["circle"], [tmp_path / "nope"])
+
+
+def test_unreadable_image_is_named(tmp_path: Path, tiny: Path, circles: Path) -> None:
+    bad = Path(shutil.copytree(circles, tmp_path / "imgs"))
+    (bad / "broken.png").write_text("not a png")
+    _expect(tmp_path, InputFileError, "broken.png is not a readable image", tiny, ["circle"], [bad],
+            config=EraseConfig(**FAST))
+
+
+def test_fewer_images_than_batch(tmp_path: Path, tiny: Path, circles: Path) -> None:
+    _expect(tmp_path, ErasekitError, "4 training images but --batch-size 8", tiny, ["circle"], [circles],
+            config=EraseConfig(**FAST, batch_size=8))
+
+
+def test_concept_without_tokens(tmp_path: Path, tiny: Path, circles: Path) -> None:
+    _expect(tmp_path, ErasekitError, "tokenizes to nothing", tiny, ["   "], [circles], config=EraseConfig(**FAST))
+
+
+def test_concepts_and_folders_must_pair(tmp_path: Path, tiny: Path, circles: Path) -> None:
+    _expect(tmp_path, ErasekitError, "2 concepts but 1 --images", tiny, ["a", "b"], [circles])
+
+
+def test_model_missing_a_component(tmp_path: Path, work: Path, circles: Path) -> None:
+    shutil.rmtree(work / "unet")
+    _expect(tmp_path, LayoutError, "lacks its unet", work, ["circle"], [circles])
+
+
+def test_unsupported_architecture(tmp_path: Path, circles: Path) -> None:
+    xl = make_checkpoint(tmp_path / "xl", "diffusers-sdxl", "F16")
+    _expect(tmp_path, LayoutError, "is sdxl; erase and generate support SD1.x and SD2.x", xl, ["circle"], [circles])
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path: Path, tiny: Path, circles: Path) -> None:
+    _expect(tmp_path, NonFiniteError, r"non-finite at step \d+; no patch", tiny, ["circle"], [circles],
+            config=EraseConfig(resolution=32, lr=1e9, steps=5))
+
+
+def test_existing_output_is_kept(tmp_path: Path, tiny: Path, circles: Path) -> None:
+    out = tmp_path / "out.erasepatch"
+    out.write_bytes(b"precious")
+    with pytest.raises(TargetNotWritableError, match="already exists"):
+        erase_model(tiny, ["circle"], [circles], out)
+    assert out.read_bytes() == b"precious"
+
+
+def test_bad_template() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        EraseConfig(templates=["no slot here"])
+    assert np.isclose(EraseConfig(templates=["a {} photo"]).lr, 1e-5)
+    assert json.dumps(EraseConfig().hyperparameters())

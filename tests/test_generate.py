@@ -1,0 +1,61 @@
+"""generate: files, PNG metadata, the grid, and --compare's same-seed before/after."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erasekit.erase import EraseConfig, erase_model
+from erasekit.errors import ErasekitError, PatchFormatError
+from erasekit.generate import GenerateConfig, generate_model
+from erasekit.testing import make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("gen")
+    model = make_tiny_pipeline(root / "tiny")
+    patch = root / "p.erasepatch"
+    erase_model(model, ["circle"], "auto", patch, EraseConfig(resolution=32, lr=1e-2, steps=4), num_images=2)
+    return model, patch
+
+
+def test_writes_images_with_metadata_and_grid(tmp_path: Path, setup: tuple[Path, Path]) -> None:
+    model, patch = setup
+    cfg = GenerateConfig(n=2, steps=3, seed=5)
+    r = generate_model(model, ["a red circle", "a square"], tmp_path / "out", cfg, patches=[patch])
+    names = sorted(Path(i.path).name for i in r.images)
+    assert names == ["a-red-circle_5.png", "a-red-circle_6.png", "a-square_5.png", "a-square_6.png"]
+    img = Image.open(tmp_path / "out" / "a-red-circle_6.png")
+    assert img.text["prompt"] == "a red circle" and img.text["seed"] == "6"
+    meta = json.loads(img.text["erasekit"])
+    assert meta["patches"][0]["title"] == "circle erased" and meta["steps"] == 3
+    assert "Seed: 6" in img.text["parameters"]
+    grid = Image.open(r.grid)
+    assert grid.size[0] > 2 * 128 and grid.size[1] > 2 * 128
+
+
+def test_compare_uses_the_same_seeds(tmp_path: Path, setup: tuple[Path, Path]) -> None:
+    model, patch = setup
+    r = generate_model(model, ["a circle"], tmp_path / "cmp", GenerateConfig(n=1, steps=3, compare=True), patches=[patch])
+    before = np.asarray(Image.open(tmp_path / "cmp" / "a-circle_0_before.png"))
+    after = np.asarray(Image.open(tmp_path / "cmp" / "a-circle_0_after.png"))
+    plain = generate_model(model, ["a circle"], tmp_path / "plain", GenerateConfig(n=1, steps=3))
+    assert np.array_equal(before, np.asarray(Image.open(plain.images[0].path))), "before == no patch, same seed"
+    assert not np.array_equal(before, after), "the patch changes the picture"
+    assert [i.patched for i in r.images] == [False, True]
+
+
+def test_bad_inputs(tmp_path: Path, setup: tuple[Path, Path]) -> None:
+    model, _ = setup
+    with pytest.raises(ErasekitError, match="--compare needs at least one --patch"):
+        generate_model(model, ["x"], tmp_path / "o", GenerateConfig(compare=True))
+    bad = tmp_path / "bad.erasepatch"
+    bad.write_bytes(b"\x00" * 4)
+    with pytest.raises(PatchFormatError, match="truncated"):
+        generate_model(model, ["x"], tmp_path / "o2", patches=[bad])
+    assert not (tmp_path / "o2").exists()
