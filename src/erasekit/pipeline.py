@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -89,6 +88,4 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
         raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                           "check that the folder is a complete local diffusers pipeline") from None
     pipe.set_progress_bar_config(disable=True)
-    with contextlib.suppress(Exception):
-        pipe.unet.set_default_attn_processor() if device.type == "cpu" else None  # SDPA elsewhere (default)
     return pipe.to(device), ckpt
