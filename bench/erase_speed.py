@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--resolution", type=int, default=None, help="image size (default: 32)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtypes", default="auto,bf16", help="erasekit autocast settings to time (comma-separated)")
     args = ap.parse_args()
     res = args.resolution or 32
     device = torch.device(args.device)
@@ -111,10 +112,12 @@ def main() -> int:
     cfg = EraseConfig(resolution=res, steps=args.steps, seed=0, device=args.device, cache=False)
     originals = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
 
-    ours, base = [], []
+    dtypes = args.dtypes.split(",")
+    ours: dict[str, list[float]] = {d: [] for d in dtypes}
+    base: list[float] = []
     for _ in range(args.repeats):
-        report = erase(pipe, ["snoopy"], [imgs], cfg)  # restores the text encoder when done
-        ours.append(report.loop_seconds)
+        for d in dtypes:  # erase() restores the text encoder when done
+            ours[d].append(erase(pipe, ["snoopy"], [imgs], cfg.model_copy(update={"dtype": d})).loop_seconds)
         # the baseline gets the same latents erasekit encoded (VAE outside both timers)
         from erasekit.erase import encode_images
 
@@ -130,14 +133,16 @@ def main() -> int:
             shutil.rmtree(save_dir, ignore_errors=True)
             pipe.text_encoder.load_state_dict(originals)
             pipe.text_encoder.requires_grad_(False)
-    b, o = min(base), min(ours)
+    b = min(base)
     print(f"model            {args.size} ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f}M UNet, "
           f"{sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.1f}M text encoder)")
     print(f"device           {device}, torch threads {torch.get_num_threads()}")
     print(f"setting          {args.steps} optimizer steps, batch 2, {res}px images, best of {args.repeats}")
     print(f"reference loop   {b:8.2f} s  ({b / args.steps:.3f} s/step)")
-    print(f"erasekit loop    {o:8.2f} s  ({o / args.steps:.3f} s/step)")
-    print(f"speed-up         {b / o:8.2f}x")
+    for d in dtypes:
+        o = min(ours[d])
+        label = f"erasekit --dtype {d}"
+        print(f"{label:<17}{o:7.2f} s  ({o / args.steps:.3f} s/step)   speed-up {b / o:5.2f}x")
     print(f"reproduce        python {' '.join(sys.argv)}")
     return 0
 

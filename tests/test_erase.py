@@ -169,8 +169,11 @@ def test_model_missing_a_component(tmp_path: Path, work: Path, circles: Path) ->
 
 
 def test_unsupported_architecture(tmp_path: Path, circles: Path) -> None:
-    xl = make_checkpoint(tmp_path / "xl", "diffusers-sdxl", "F16")
-    _expect(tmp_path, LayoutError, "is sdxl; erase and generate support SD1.x and SD2.x", xl, ["circle"], [circles])
+    refiner = make_checkpoint(tmp_path / "refiner", "diffusers-sdxl-refiner", "F16")
+    _expect(tmp_path, LayoutError, "is sdxl-refiner; erase and generate support SD1.x, SD2.x and SDXL base",
+            refiner, ["circle"], [circles])
+    lone = make_checkpoint(tmp_path / "te", "transformers-clip", "F16")
+    _expect(tmp_path, LayoutError, "is clip-text", lone, ["circle"], [circles])
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path: Path, tiny: Path, circles: Path) -> None:
@@ -191,3 +194,23 @@ def test_bad_template() -> None:
         EraseConfig(templates=["no slot here"])
     assert np.isclose(EraseConfig(templates=["a {} photo"]).lr, 1e-5)
     assert json.dumps(EraseConfig().hyperparameters())
+
+
+def test_sdxl_erases_through_both_encoders(tmp_path: Path, circles: Path) -> None:
+    xl = make_tiny_pipeline(tmp_path / "xl", arch="sdxl")
+    r = erase_model(xl, ["circle"], [circles], tmp_path / "p.erasepatch", EraseConfig(**FAST, steps=3))
+    m = load_patch(r.output).manifest
+    assert m.base.architecture == "sdxl" and set(m.base.encoders) == {"te1", "te2"}
+    # SDXL reads te1's penultimate hidden state: te1's last layer is left alone, te2's is trained (pooled output)
+    assert sorted(m.deltas) == ["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te1_text_model_encoder_layers_0_mlp_fc2",
+                                "lora_te2_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_0_mlp_fc2",
+                                "lora_te2_text_model_encoder_layers_1_mlp_fc1", "lora_te2_text_model_encoder_layers_1_mlp_fc2"]
+    original = snapshot(xl)
+    assert apply_to_checkpoint([r.output], xl, in_place=True).applied[0].fingerprint == "exact"
+    revert_from_checkpoint(r.output, xl)
+    assert snapshot(xl) == original
+    only2 = erase_model(xl, ["circle"], [circles], tmp_path / "q.erasepatch",
+                        EraseConfig(**FAST, steps=2, encoders=["te2"]))
+    assert set(load_patch(only2.output).manifest.base.encoders) == {"te2"}
+    with pytest.raises(ErasekitError, match="--encoders te is not an encoder of this sdxl model"):
+        erase_model(xl, ["circle"], [circles], tmp_path / "r.erasepatch", EraseConfig(**FAST, encoders=["te"]))

@@ -68,6 +68,7 @@ class EraseConfig(BaseModel):
     steps: int | None = Field(None, ge=1)  # overrides epochs
     resolution: int = Field(512, ge=8)
     layers: list[int] | None = None  # text-encoder layers to train; None = all
+    encoders: list[Literal["te", "te1", "te2"]] | None = None  # SDXL: which encoders to train; None = all
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype of the frozen UNet
@@ -236,7 +237,7 @@ def _check_concepts(tokenizer: Any, concepts: Sequence[str]) -> None:
             raise ErasekitError(f"concept {c!r} tokenizes to nothing", "give the concept's name as a word or phrase")
 
 
-def _trainable(text_encoder: Any, layers: list[int] | None) -> list[tuple[str, str, Any]]:
+def _trainable(slot: str, text_encoder: Any, layers: list[int] | None) -> list[tuple[str, str, Any]]:
     """(module name, kind, parameter) of every FFN tensor to train, in a fixed order."""
     n = text_encoder.config.num_hidden_layers
     chosen = list(range(n)) if layers is None else layers
@@ -248,8 +249,53 @@ def _trainable(text_encoder: Any, layers: list[int] | None) -> list[tuple[str, s
         mlp = text_encoder.get_submodule(_layers_path(text_encoder) + f".{i}.mlp")
         for proj in ("fc1", "fc2"):
             lin = getattr(mlp, proj)
-            out += [(module_name("te", i, proj), "weight", lin.weight), (module_name("te", i, proj), "bias", lin.bias)]
+            out += [(module_name(slot, i, proj), "weight", lin.weight), (module_name(slot, i, proj), "bias", lin.bias)]
     return out
+
+
+class Conditioner:
+    """Prompts -> the UNet's conditioning, for SD1.x/SD2.x (one encoder, last hidden state) and SDXL (both
+    encoders' penultimate hidden states concatenated, plus te2's pooled embedding and the size ids)."""
+
+    def __init__(self, pipe: Any, resolution: int, encoders: Sequence[str] | None) -> None:
+        te2 = getattr(pipe, "text_encoder_2", None)
+        if te2 is None:
+            self.arch = "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
+            available = {"te": (pipe.text_encoder, pipe.tokenizer)}
+        else:
+            self.arch = "sdxl"
+            available = {"te1": (pipe.text_encoder, pipe.tokenizer), "te2": (te2, pipe.tokenizer_2)}
+        self.all = available
+        chosen = list(encoders) if encoders else list(available)
+        unknown = [e for e in chosen if e not in available]
+        if unknown:
+            raise ErasekitError(f"--encoders {unknown[0]} is not an encoder of this {self.arch} model",
+                                f"choose from {', '.join(available)}")
+        self.trained = {s: available[s][0] for s in chosen}
+        self.resolution = resolution
+
+    def useful_layers(self, slot: str) -> list[int]:
+        """Layers whose change reaches the UNet: SDXL reads te1's penultimate hidden state, so te1's last
+        layer cannot matter (te2's last layer still feeds its pooled embedding)."""
+        n = self.all[slot][0].config.num_hidden_layers
+        return list(range(n - 1)) if (self.arch == "sdxl" and slot == "te1") else list(range(n))
+
+    def __call__(self, prompts: list[str], device: Any) -> tuple[Any, dict[str, Any] | None]:
+        import torch
+
+        def ids(tok: Any) -> Any:
+            return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(device)
+
+        if self.arch != "sdxl":
+            te, tok = self.all["te"]
+            return te(ids(tok))[0], None
+        (te1, tok1), (te2, tok2) = self.all["te1"], self.all["te2"]
+        h1 = te1(ids(tok1), output_hidden_states=True).hidden_states[-2]
+        out2 = te2(ids(tok2), output_hidden_states=True)
+        r = self.resolution
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=h1.dtype, device=device).repeat(len(prompts), 1)
+        return torch.cat([h1, out2.hidden_states[-2]], dim=-1), {"text_embeds": out2.text_embeds, "time_ids": time_ids}
 
 
 def _layers_path(text_encoder: Any) -> str:
@@ -272,7 +318,7 @@ def _schedule(n_images: int, config: EraseConfig, gen: Any) -> list[list[int]]:
 
 def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], config: EraseConfig, *,
           progress: Callable[[StepInfo], None] | None = None, base_files: Any = None) -> EraseReport:
-    """Erase ``concepts`` from ``pipe`` (a loaded SD1.x/SD2.x pipeline) using ``images[i]`` for concept i.
+    """Erase ``concepts`` from ``pipe`` (a loaded SD1.x, SD2.x or SDXL pipeline) using ``images[i]`` for concept i.
 
     ``images`` holds PIL images or paths. Returns an :class:`EraseReport` whose ``patch`` is an unsaved
     :class:`~erasekit.patchfile.Patch`; the pipeline's weights are restored before returning.
@@ -284,7 +330,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from ._torch import tensor_bytes
+    from ._torch import dtype_code, tensor_bytes
+    from .layouts import parse_module_name
     from .patchfile import Concept, DeltaInfo, EncoderInfo, Method, Patch, fingerprint, new_manifest
 
     t_start = time.perf_counter()
@@ -292,8 +339,10 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         raise ErasekitError("no concept given", "pass --concept NAME")
     if len(images) != len(concepts):
         raise ErasekitError(f"{len(concepts)} concepts but {len(images)} image sets", "give one --images per --concept")
-    tokenizer, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
-    _check_concepts(tokenizer, concepts)
+    unet = pipe.unet
+    cond_of = Conditioner(pipe, config.resolution, config.encoders)
+    for _, tok in cond_of.all.values():
+        _check_concepts(tok, concepts)
     device = unet.device
 
     # images -> (PIL, bytes), with the concept index of each
@@ -326,11 +375,14 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     templates = config.template_list()
 
     # trainable tensors: FFN of the chosen layers, fp32, everything else frozen
-    for module in (unet, pipe.vae, te):
+    encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
+    for module in (unet, pipe.vae, *encoders.values()):
         module.requires_grad_(False)
-    te_dtype = te.dtype
-    te.to(torch.float32)
-    params = _trainable(te, config.layers)
+    te_dtypes = {slot: te.dtype for slot, te in encoders.items()}
+    for te in encoders.values():
+        te.to(torch.float32)
+    params = [p for slot, te in cond_of.trained.items()
+              for p in _trainable(slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot))]
     originals = {(m, k): p.detach().clone() for m, k, p in params}
     for _, _, p in params:
         p.requires_grad_(True)
@@ -339,20 +391,17 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         config.dtype, torch.bfloat16 if (config.dtype == "auto" and device.type == "cuda") else None)
 
-    def encode(prompts: list[str]) -> Any:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        return te(ids)[0]
-
     def denoise_loss(idx: list[int], t: Any, noise: Any, prompts: list[str]) -> Any:
         x0 = latents[idx].to(device)
         noise = noise.to(device)
         t = t.to(device)
         noisy = noise_sched.add_noise(x0, noise, t)
         target = noise if pred_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
-        cond = encode(prompts)
+        cond, added = cond_of(prompts, device)
+        if added is not None:
+            added = {k: v.to(unet.dtype) for k, v in added.items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype)).sample
+            pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype), added_cond_kwargs=added).sample
         return F.mse_loss(pred.float(), target.float())
 
     def prompt_for(i: int, g: Any) -> str:
@@ -392,37 +441,30 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         # the patch: deltas of the trained tensors, fingerprints of the base tensors
         tensors: dict[str, np.ndarray] = {}
         fps = {}
-        spec = base_files.encoders["te"] if base_files is not None else None
-        wf = next((f for f in base_files.files if "te" in f.encoders), None) if base_files is not None else None
         for m, kind, p in params:
-            delta = (p.detach() - originals[(m, kind)]).cpu().numpy()
-            tensors[f"{m}.diff" if kind == "weight" else f"{m}.diff_b"] = delta
-            if wf is not None and spec is not None:
-                from .layouts import parse_module_name
-
-                _, layer, proj = parse_module_name(m)  # type: ignore[misc]
-                key = spec.key(layer, proj, kind)
+            slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
+            tensors[f"{m}.diff" if kind == "weight" else f"{m}.diff_b"] = (p.detach() - originals[(m, kind)]).cpu().numpy()
+            if base_files is not None:  # fingerprints of the files on disk: the patch applies "exact" to them
+                wf = next(f for f in base_files.files if slot in f.encoders)
+                key = wf.encoders[slot].key(layer, proj, kind)
                 dtype, shape = wf.tensor_info()[key]
                 fps[f"{m}.{kind}"] = fingerprint(wf.read_raw(key), dtype, shape)
-            else:
-                orig = originals[(m, kind)].to(te_dtype)
-                from ._torch import dtype_code
-
+            else:  # of the weights as they were in memory
+                orig = originals[(m, kind)].to(te_dtypes[slot])
                 fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
     finally:
         with torch.no_grad():  # leave the caller's pipeline as it was
             for m, kind, p in params:
                 p.requires_grad_(False)
                 p.copy_(originals[(m, kind)])
-        te.to(te_dtype)
+        for slot, te in encoders.items():
+            te.to(te_dtypes[slot])
 
-    cfg = te.config
-    arch = "sd2" if cfg.hidden_act == "gelu" else "sd1"
     hp = config.hyperparameters() | {"steps_run": len(batches), "prediction_type": pred_type}
     manifest = new_manifest(
-        title=" + ".join(concepts) + " erased", architecture=arch,
-        encoders={"te": EncoderInfo(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
-                                    layers=cfg.num_hidden_layers)},
+        title=" + ".join(concepts) + " erased", architecture=cond_of.arch,
+        encoders={slot: EncoderInfo(hidden=te.config.hidden_size, intermediate=te.config.intermediate_size,
+                                    layers=te.config.num_hidden_layers) for slot, te in cond_of.trained.items()},
         fingerprints=fps, deltas={m: DeltaInfo(storage="dense", bias=True) for m, k, _ in params if k == "weight"},
         concepts=[Concept(name=c, kind=config.kind) for c in concepts],
         method=Method(name="fuchi-takagi-2024", hyperparameters=hp, seed=config.seed, images_sha256=images_sha,

@@ -10,8 +10,10 @@ from typing import Any
 from .errors import ErasekitError, InputFileError, LayoutError
 from .layouts import Checkpoint, detect
 
-SUPPORTED = ("sd1", "sd2")
-_COMPONENTS = ("unet", "vae", "tokenizer", "scheduler", "text_encoder")
+SUPPORTED = ("sd1", "sd2", "sdxl")
+_COMPONENTS = {"sd1": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
+               "sd2": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
+               "sdxl": ("unet", "vae", "tokenizer", "tokenizer_2", "scheduler", "text_encoder", "text_encoder_2")}
 
 
 class UnsupportedModelError(LayoutError):
@@ -52,34 +54,35 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     diffusers folder of the same architecture that supplies the component configs)."""
     quiet_libraries()  # before diffusers is imported: it imports transformers, which logs on import
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(model)
     ckpt = detect(path)
     if ckpt.architecture not in SUPPORTED:
-        raise UnsupportedModelError(f"{path} is {ckpt.architecture}; erase and generate support SD1.x and SD2.x so far",
-                                    "use an SD1.x or SD2.x model (SDXL support is planned)")
+        raise UnsupportedModelError(f"{path} is {ckpt.architecture}; erase and generate support SD1.x, SD2.x and "
+                                    "SDXL base", "use one of those (the SDXL refiner has no prompt encoder of its own "
+                                    "to erase from; erase with the base model)")
     dtype = torch_dtype or torch.float32
+    cls = StableDiffusionXLPipeline if ckpt.architecture == "sdxl" else StableDiffusionPipeline
     if path.is_dir():
         import json
 
         index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
-        for comp in _COMPONENTS:
+        for comp in _COMPONENTS[ckpt.architecture]:
             if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
                 raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
                                   "use a complete diffusers pipeline folder")
-        load = lambda: StableDiffusionPipeline.from_pretrained(  # noqa: E731
-            path, local_files_only=True, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "feature_extractor": None,
+                                                             "requires_safety_checker": False}
+        load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **extra)  # noqa: E731
     else:
         if config is None:
             raise ErasekitError(f"loading the single file {path} needs the configs of its architecture",
                                 "pass --config DIR, a local diffusers folder of the same model family")
         if not Path(config).is_dir():
             raise InputFileError(f"--config {config} is not a folder", "name a local diffusers pipeline folder")
-        load = lambda: StableDiffusionPipeline.from_single_file(  # noqa: E731
-            str(path), config=str(config), local_files_only=True, torch_dtype=dtype, safety_checker=None,
-            requires_safety_checker=False)
+        load = lambda: cls.from_single_file(str(path), config=str(config), local_files_only=True,  # noqa: E731
+                                            torch_dtype=dtype)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -249,15 +249,18 @@ def byte_level_tokenizer(folder: Path) -> object:
 def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny runnable diffusers pipeline folder (random weights, 32x32 images, 8x8 latents).
 
-    ``arch``: "sd1" (CLIP-style quick_gelu encoder) or "sd2" (gelu encoder, like SD2.x).
+    ``arch``: "sd1" (CLIP-style quick_gelu encoder), "sd2" (gelu encoder, like SD2.x) or "sdxl" (two encoders,
+    the second with a projection, and a UNet with SDXL's text-time conditioning).
     """
     import tempfile
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if arch not in ("sd1", "sd2"):
-        raise ValueError(f"unknown arch {arch!r}; choose sd1 or sd2")
+    if arch not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"unknown arch {arch!r}; choose sd1, sd2 or sdxl")
+    if arch == "sdxl":
+        return _make_tiny_sdxl(Path(path), seed)
     path = Path(path)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -279,5 +282,40 @@ def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, predi
                                   prediction_type=prediction_type)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(path)
+    return path
+
+
+def _make_tiny_sdxl(path: Path, seed: int) -> Path:
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = byte_level_tokenizer(Path(tmp))
+        n = len(tok)
+
+        def cfg(act: str) -> CLIPTextConfig:
+            return CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=32,
+                                  bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
+
+        te1, te2 = CLIPTextModel(cfg("quick_gelu")), CLIPTextModelWithProjection(cfg("gelu"))
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
+            cross_attention_dim=64, norm_num_groups=16)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            norm_num_groups=16, sample_size=32)
+        sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                         unet=unet, scheduler=sched)
         pipe.save_pretrained(path)
     return path

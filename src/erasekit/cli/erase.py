@@ -32,7 +32,7 @@ def erase_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT.erasepatch", help="Patch to write.",
                                          show_default=False)],
     model: Annotated[Path, typer.Option("--model", "-m", metavar="MODEL", help="A local diffusers folder (SD1.x, "
-                                        "SD2.x), or a single file with --config.", show_default=False)],
+                                        "SD2.x, SDXL), or a single file with --config.", show_default=False)],
     images: Annotated[list[str], typer.Option("--images", metavar="DIR|auto", help="Folder of images of the "
                                               "concept (one per --concept), or 'auto' to render them with the "
                                               "model first.")] = ["auto"],  # noqa: B006
@@ -50,6 +50,8 @@ def erase_cmd(
     resolution: Annotated[int, typer.Option("--resolution", help="Training image size in pixels.")] = 512,
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="0-11", help="Text-encoder layers to "
                                                   "change (default: all).")] = None,
+    encoders: Annotated[Optional[str], typer.Option("--encoders", metavar="te1,te2", help="SDXL: which text "
+                                                    "encoders to change (default: both).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the frozen UNet: auto (bf16 on GPU, "
@@ -74,6 +76,7 @@ def erase_cmd(
         try:
             config = EraseConfig(kind=kind, templates=tmpl or None, lr=lr, epochs=epochs, steps=steps,  # type: ignore[arg-type]
                                  batch_size=batch_size, resolution=resolution, layers=_layers(layers), seed=seed,
+                                 encoders=[e.strip() for e in encoders.split(",")] if encoders else None,
                                  device=device, dtype=dtype, patch_dtype=patch_dtype.upper(), cache=not no_cache)  # type: ignore[arg-type]
         except ValueError as e:  # pydantic's ValidationError
             err = e.errors()[0]  # type: ignore[attr-defined]
