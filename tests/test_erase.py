@@ -214,3 +214,43 @@ def test_sdxl_erases_through_both_encoders(tmp_path: Path, circles: Path) -> Non
     assert set(load_patch(only2.output).manifest.base.encoders) == {"te2"}
     with pytest.raises(ErasekitError, match="--encoders te is not an encoder of this sdxl model"):
         erase_model(xl, ["circle"], [circles], tmp_path / "r.erasepatch", EraseConfig(**FAST, encoders=["te"]))
+
+
+def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path) -> None:
+    """With the same lr and steps, anchoring moves the conditioning of unrelated and --keep prompts far less."""
+    from erasekit.erase import Conditioner
+
+    pipe, _ = load_pipeline(tiny)
+    probe = ["a photo of a dog", "a square", ""]
+
+    def drift(recipe: str) -> float:
+        cfg = EraseConfig(resolution=32, lr=3e-3, steps=12, recipe=recipe, keep=["square"], stop_ratio=None)
+        patch = erase(pipe, ["circle"], [sorted(circles.iterdir())], cfg).patch
+        cond = Conditioner(pipe, 32, None)
+        with torch.no_grad():
+            ref = cond(probe, pipe.unet.device)[0]
+            apply_patch(pipe, patch)
+            new = cond(probe, pipe.unet.device)[0]
+        from erasekit.apply import revert_patch
+
+        revert_patch(pipe, patch)
+        return float(((new - ref) ** 2).mean())
+
+    paper, anchored = drift("paper"), drift("anchored")
+    assert anchored < 0.5 * paper, (paper, anchored)
+
+
+def test_early_stop_rule() -> None:
+    from erasekit.erase import _tipped
+
+    cfg = EraseConfig(recipe="anchored", stop_ratio=1.5, stop_window=3)
+    assert not _tipped([1.0, 1.0, 1.0, 1.1, 1.2], cfg)  # too few steps to judge
+    assert not _tipped([1.0, 1.0, 1.0, 1.1, 1.2, 1.3], cfg)
+    assert _tipped([1.0, 1.0, 1.0, 1.2, 1.8, 2.0], cfg)
+    assert not _tipped([1.0] * 3 + [9.0] * 3, EraseConfig(recipe="anchored", stop_ratio=None, stop_window=3))
+
+
+def test_recipe_settings_are_recorded_only_when_used() -> None:
+    assert "anchor_weight" not in EraseConfig().hyperparameters()
+    hp = EraseConfig(recipe="anchored", keep=["dog"]).hyperparameters()
+    assert hp["keep"] == ["dog"] and hp["anchor_weight"] == 30.0 and "" in hp["anchor_prompts"]

@@ -50,6 +50,16 @@ STYLE_TEMPLATES = (
     "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Everyday captions whose conditioning the "anchored" recipe holds in place while the concept is erased.
+GENERIC_ANCHORS = (
+    "", "a photo of a dog", "a photo of a cat", "a person walking in a park", "a city street at night",
+    "a bowl of fruit on a table", "a mountain landscape", "a portrait of a woman", "a portrait of a man",
+    "a red car parked outside", "a house with a garden", "a painting of flowers", "a cup of coffee",
+    "a beach at sunset", "a bird on a branch", "a plate of food", "a child playing with a ball",
+    "an old building", "a forest in autumn", "a boat on a lake", "a computer on a desk", "a green field",
+    "a blue sky with clouds", "a book on a shelf", "a horse in a field", "a snowy road", "a kitchen interior",
+    "a drawing of a tree", "a bicycle leaning on a wall", "a glass of water", "a cartoon character",
+)
 
 
 class EraseConfig(BaseModel):
@@ -75,6 +85,16 @@ class EraseConfig(BaseModel):
     flip: bool = True  # horizontal flip, p = 0.5, decided once per image
     patch_dtype: Literal["F32", "F16", "BF16"] = "BF16"
     cache: bool = True
+    # "paper": the published recipe, ascent only. "anchored": ascent plus a penalty that keeps the encoder's
+    # output for other prompts (generic captions and --keep concepts) where it was, and an early stop when the
+    # erasure tips (mean of the last `stop_window` losses above `stop_ratio` x the first ones).
+    recipe: Literal["paper", "anchored"] = "paper"
+    keep: list[str] = []  # concepts to protect (anchored recipe); their prompts count `keep_weight` times
+    anchor_weight: float = Field(30.0, ge=0)
+    keep_weight: float = Field(5.0, ge=0)
+    anchor_prompts: list[str] | None = None  # None: GENERIC_ANCHORS
+    stop_ratio: float | None = Field(1.5, gt=1)  # None: never stop early
+    stop_window: int = Field(5, ge=1)
 
     @field_validator("templates")
     @classmethod
@@ -92,7 +112,13 @@ class EraseConfig(BaseModel):
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the manifest records (device and cache are where it ran, not what it computed)."""
-        return self.model_dump(mode="json", exclude={"device", "cache", "seed"})
+        hp = self.model_dump(mode="json", exclude={"device", "cache", "seed"})
+        if self.recipe == "paper":
+            for k in ("keep", "anchor_weight", "keep_weight", "anchor_prompts", "stop_ratio", "stop_window"):
+                hp.pop(k)
+        elif self.anchor_prompts is None:
+            hp["anchor_prompts"] = list(GENERIC_ANCHORS)
+        return hp
 
 
 @dataclass
@@ -303,6 +329,25 @@ def _layers_path(text_encoder: Any) -> str:
     return "text_model.encoder.layers" if "text_model.encoder.layers" in names else "encoder.layers"
 
 
+def _anchor_prompts(config: EraseConfig, templates: list[str]) -> tuple[list[str], Any]:
+    """Prompts whose conditioning the anchored recipe preserves, and their weights (--keep counts more)."""
+    import torch
+
+    generic = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
+    keep = [t.format(k) for k in config.keep for t in templates[:4]]
+    weights = [1.0] * len(generic) + [config.keep_weight] * len(keep)
+    return generic + keep, torch.tensor(weights)
+
+
+def _tipped(losses: list[float], config: EraseConfig) -> bool:
+    """The erasure "tips": the loss, flat for a while, jumps. Stop when the mean of the last ``stop_window``
+    losses exceeds ``stop_ratio`` times the mean of the first ``stop_window``."""
+    w = config.stop_window
+    if config.stop_ratio is None or len(losses) < 2 * w:
+        return False
+    return sum(losses[-w:]) / w > config.stop_ratio * sum(losses[:w]) / w
+
+
 def _schedule(n_images: int, config: EraseConfig, gen: Any) -> list[list[int]]:
     """Batches of image indices: shuffled epochs of ``batch_size``, as a DataLoader(shuffle=True) would."""
     import torch
@@ -419,7 +464,14 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
     before = forget_loss()
     batches = _schedule(len(loaded), config, gen)
+    anchored = config.recipe == "anchored"
+    if anchored:  # the conditioning to hold in place, computed once with the original weights
+        anchor_prompts, anchor_w = _anchor_prompts(config, templates)
+        with torch.no_grad():
+            anchor_ref = cond_of(anchor_prompts, device)[0].detach()
+        anchor_w = anchor_w.to(device)
     losses: list[float] = []
+    stopped_at = None
     t_loop = time.perf_counter()
     try:
         for step, idx in enumerate(batches):
@@ -429,12 +481,19 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
                                      "lower --lr or the number of steps")
-            (-loss).backward()  # gradient *ascent* on the denoising loss
+            objective = -loss  # gradient *ascent* on the denoising loss
+            if anchored:
+                drift = ((cond_of(anchor_prompts, device)[0] - anchor_ref) ** 2).mean(dim=(1, 2))
+                objective = objective + config.anchor_weight * (drift * anchor_w).sum() / anchor_w.sum()
+            objective.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
             losses.append(loss.item())
             if progress:
                 progress(StepInfo(step + 1, len(batches), losses[-1], time.perf_counter() - t_loop))
+            if anchored and _tipped(losses, config):
+                stopped_at = step + 1
+                break
         loop_seconds = time.perf_counter() - t_loop
         after = forget_loss()
 
@@ -460,7 +519,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         for slot, te in encoders.items():
             te.to(te_dtypes[slot])
 
-    hp = config.hyperparameters() | {"steps_run": len(batches), "prediction_type": pred_type}
+    hp = config.hyperparameters() | {"steps_run": len(losses), "stopped_early": stopped_at is not None,
+                                     "prediction_type": pred_type}
     manifest = new_manifest(
         title=" + ".join(concepts) + " erased", architecture=cond_of.arch,
         encoders={slot: EncoderInfo(hidden=te.config.hidden_size, intermediate=te.config.intermediate_size,
@@ -472,7 +532,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         source=str(base_files.path.name) if base_files is not None else None)
     patch = Patch(manifest, tensors, {n: config.patch_dtype for n in tensors})
     top = sorted(((m, float(np.linalg.norm(tensors[f"{m}.diff"]))) for m in manifest.deltas), key=lambda x: -x[1])
-    return EraseReport(list(concepts), None, len(batches), losses[0] if losses else float("nan"),
+    return EraseReport(list(concepts), None, len(losses), losses[0] if losses else float("nan"),
                        losses[-1] if losses else float("nan"), losses, before, after, loop_seconds,
                        time.perf_counter() - t_start, 0, len(loaded), str(device), top[:5], patch)
 

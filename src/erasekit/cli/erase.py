@@ -52,6 +52,14 @@ def erase_cmd(
                                                   "change (default: all).")] = None,
     encoders: Annotated[Optional[str], typer.Option("--encoders", metavar="te1,te2", help="SDXL: which text "
                                                     "encoders to change (default: both).")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="paper: the published recipe (ascent only). anchored: "
+                                        "ascent while holding other prompts' conditioning in place, with an "
+                                        "early stop.")] = "paper",
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="NAME", help="A concept to protect "
+                                                      "(anchored recipe; repeatable).")] = None,
+    anchor_weight: Annotated[float, typer.Option("--anchor-weight", help="Weight of the anchor penalty "
+                                                 "(anchored recipe).")] = 30.0,
+    no_early_stop: Annotated[bool, typer.Option("--no-early-stop", help="Run every step (anchored recipe).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the frozen UNet: auto (bf16 on GPU, "
@@ -77,6 +85,8 @@ def erase_cmd(
             config = EraseConfig(kind=kind, templates=tmpl or None, lr=lr, epochs=epochs, steps=steps,  # type: ignore[arg-type]
                                  batch_size=batch_size, resolution=resolution, layers=_layers(layers), seed=seed,
                                  encoders=[e.strip() for e in encoders.split(",")] if encoders else None,
+                                 recipe=recipe, keep=keep or [], anchor_weight=anchor_weight,  # type: ignore[arg-type]
+                                 stop_ratio=None if no_early_stop else 1.5,
                                  device=device, dtype=dtype, patch_dtype=patch_dtype.upper(), cache=not no_cache)  # type: ignore[arg-type]
         except ValueError as e:  # pydantic's ValidationError
             err = e.errors()[0]  # type: ignore[attr-defined]
