@@ -402,16 +402,16 @@ _MEMORY_ATTR = "_erasekit_applied"
 
 def memory_encoders(model: Any) -> tuple[str, dict[str, tuple[Any, EncoderSpec]]]:
     """(architecture, slot -> (torch module, spec)) of a diffusers pipeline or a transformers text encoder."""
-    from .layouts import _find_encoders, _with_slot
+    from .layouts import find_encoders, with_slot
 
     def spec_of(module: Any, slot: str) -> EncoderSpec:
         from ._torch import dtype_code
 
         info = {k: (dtype_code(v.dtype), tuple(v.shape)) for k, v in module.state_dict().items()}
-        found = [s for (style, prefix), s in _find_encoders(info).items() if s and style == "hf" and prefix in ("", "text_model.")]
+        found = [s for (style, prefix), s in find_encoders(info).items() if s and style == "hf" and prefix in ("", "text_model.")]
         if len(found) != 1:
             raise IncompatiblePatchError(f"{type(module).__name__} is not a CLIP text encoder", "pass a pipeline or CLIPTextModel")
-        return _with_slot(found[0], slot)
+        return with_slot(found[0], slot)
 
     te, te2 = getattr(model, "text_encoder", None), getattr(model, "text_encoder_2", None)
     if te is None and te2 is None:

@@ -18,6 +18,7 @@ SDPA attention, and bf16 autocast for the frozen UNet on GPUs.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -163,19 +164,24 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:
+def training_image(img: Any, resolution: int) -> Any:
     """RGB, resized bicubic to resolution x resolution without cropping, as the reference does."""
+    from PIL import Image
+
+    return img.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+
+
+def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:
+    """The training image and the file's bytes (which key the latents cache)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         data = path.read_bytes()
-        import io
-
         img = Image.open(io.BytesIO(data))
         img.load()
     except (OSError, UnidentifiedImageError) as e:
         raise InputFileError(f"{path} is not a readable image ({type(e).__name__})", "remove it or replace it") from None
-    return img.convert("RGB").resize((resolution, resolution), Image.BICUBIC), data
+    return training_image(img, resolution), data
 
 
 # -- latents cache --------------------------------------------------------------------------------
@@ -397,10 +403,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
             if isinstance(item, (str, os.PathLike)):
                 loaded.append(load_image(Path(item), config.resolution))
             else:
-                from PIL import Image
-
-                buf = item.convert("RGB").resize((config.resolution, config.resolution), Image.BICUBIC)
-                loaded.append((buf, buf.tobytes()))
+                img = training_image(item, config.resolution)
+                loaded.append((img, img.tobytes()))
             owner.append(ci)
     if len(loaded) < config.batch_size:
         raise ErasekitError(f"{len(loaded)} training images but --batch-size {config.batch_size}",

@@ -198,7 +198,7 @@ def load_pickle_state_dict(path: Path) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def _find_encoders(info: dict[str, tuple[str, tuple[int, ...]]]) -> dict[tuple[str, str], EncoderSpec | None]:
+def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]]) -> dict[tuple[str, str], EncoderSpec | None]:
     """Group FFN keys by (style, prefix) and validate each group; slot is filled in by the caller."""
     groups: dict[tuple[str, str], dict[tuple[int, str, str], tuple[int, ...]]] = defaultdict(dict)
     for key, (_dtype, shape) in info.items():
@@ -234,20 +234,20 @@ def _find_encoders(info: dict[str, tuple[str, tuple[int, ...]]]) -> dict[tuple[s
     return found
 
 
-def _with_slot(spec: EncoderSpec, slot: str) -> EncoderSpec:
+def with_slot(spec: EncoderSpec, slot: str) -> EncoderSpec:
     return EncoderSpec(slot, spec.style, spec.prefix, spec.hidden, spec.intermediate, spec.layers)
 
 
 def _detect_single_file(path: Path) -> Checkpoint:
     wf = WeightFile(path, "")  # label "": the checkpoint file itself, whatever it is renamed to
     info = wf.tensor_info()
-    found = {k: v for k, v in _find_encoders(info).items() if v is not None}
+    found = {k: v for k, v in find_encoders(info).items() if v is not None}
     layouts = set()
     for key, spec in found.items():
         if key in _SINGLE_FILE:
             layout, slot = _SINGLE_FILE[key]
             layouts.add(layout)
-            wf.encoders[slot] = _with_slot(spec, slot)
+            wf.encoders[slot] = with_slot(spec, slot)
     if not wf.encoders:
         raise LayoutError(f"{path} has no text encoder FFN tensors erasekit knows "
                           f"({len(info)} tensors; neither SD1.x, SD2.x, SDXL nor a CLIP text encoder)",
@@ -256,7 +256,7 @@ def _detect_single_file(path: Path) -> Checkpoint:
         refiner = any(k.startswith("model.diffusion_model.label_emb.") for k in info)
         layout, arch = ("single-file-sdxl-refiner", "sdxl-refiner") if refiner else ("single-file-sd2-embedder", "sd2")
         if arch == "sd2":
-            wf.encoders = {"te": _with_slot(wf.encoders["te2"], "te")}
+            wf.encoders = {"te": with_slot(wf.encoders["te2"], "te")}
     elif layouts == {"single-file-sdxl"} and set(wf.encoders) == {"te1", "te2"}:
         layout, arch = "single-file-sdxl", "sdxl"
     elif len(layouts) == 1 and len(wf.encoders) == 1:
@@ -300,12 +300,12 @@ def _encoder_folder_files(root: Path, sub: str, slot: str) -> list[WeightFile]:
     out = []
     for p in paths:
         wf = WeightFile(p, str(p.relative_to(root)))
-        found = [s for (style, prefix), s in _find_encoders(wf.tensor_info()).items()
+        found = [s for (style, prefix), s in find_encoders(wf.tensor_info()).items()
                  if s is not None and style == "hf" and prefix in ("", "text_model.")]
         if len(found) != 1:
             raise LayoutError(f"{p} does not look like a CLIP text encoder (no encoder.layers.N.mlp.fc1.weight)",
                               "re-download the text encoder weights")
-        wf.encoders[slot] = _with_slot(found[0], slot)
+        wf.encoders[slot] = with_slot(found[0], slot)
         out.append(wf)
     return out
 
