@@ -205,9 +205,16 @@ def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
     (["--layers", "7"], "--layers 7 is outside the text encoder's layers 0-1"),
     (["--kind", "song"], "invalid --kind"),
     (["--template", "no slot"], "invalid --templates"),
+    (["--recipe", "magic"], "invalid --recipe"),
 ])
 def test_erase_option_errors(tmp_path: Path, tiny_model: Path, args: list[str], message: str) -> None:
     model = tiny_model
-    r = run("erase", "--model", model, "--concept", "circle", "--resolution", "32", "-o", tmp_path / "x.erasepatch", *args)
+    r = run("erase", "--model", model, "--concept", "circle", "--images", "auto", "--resolution", "32",
+            "-o", tmp_path / "x.erasepatch", *args)
     assert r.exit_code != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert not (tmp_path / "x.erasepatch").exists()
+
+
+def test_erase_needs_images_for_other_models(tmp_path: Path, tiny_model: Path) -> None:
+    r = run("erase", "--model", tiny_model, "--concept", "circle", "-o", tmp_path / "x.erasepatch")
+    assert r.exit_code == 1 and "needs images of the concept; pass --images DIR" in r.stderr

@@ -541,19 +541,35 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                        time.perf_counter() - t_start, 0, len(loaded), str(device), top[:5], patch)
 
 
-def erase_model(model: str | os.PathLike, concepts: Sequence[str], images: Sequence[str | os.PathLike] | str,
-                output: str | os.PathLike, config: EraseConfig | None = None, *, num_images: int = 4,
+def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
+                images: Sequence[str | os.PathLike] | str | None, output: str | os.PathLike,
+                config: EraseConfig | dict[str, Any] | None = None, *, num_images: int = 4,
                 config_dir: str | os.PathLike | None = None,
                 progress: Callable[[StepInfo], None] | None = None) -> EraseReport:
-    """The ``erasekit erase`` job: load the model, gather images (or generate them with ``images="auto"``),
-    erase, and write the patch atomically to ``output``."""
+    """The ``erasekit erase`` job: load the model (default: the built-in one), gather the images, erase, and
+    write the patch atomically to ``output``.
+
+    ``images``: one folder per concept; ``"auto"`` renders ``num_images`` per concept with the unmodified
+    model; ``None`` is allowed for the built-in toy world, whose renderer draws the concept.
+    ``config``: an :class:`EraseConfig`, or a dict of settings laid over the model's recommended ones
+    (``erasekit.json`` in the model folder; the published recipe where there is none).
+    """
     import torch
 
     from .patchfile import save_patch
-    from .pipeline import load_pipeline, resolve_device
+    from .pipeline import load_pipeline, model_settings, resolve_device
+    from .toyworld import builtin_model_path
 
     t0 = time.perf_counter()
-    config = config or EraseConfig()
+    model = Path(model) if model is not None else builtin_model_path()
+    settings = model_settings(model)
+    if not isinstance(config, EraseConfig):
+        try:
+            config = EraseConfig(**(settings.get("erase", {}) | (config or {})))
+        except ValueError as e:
+            err = e.errors()[0]  # type: ignore[attr-defined]
+            raise ErasekitError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
+                                "see erasekit erase --help") from None
     out = Path(output)
     if out.exists():
         from .errors import TargetNotWritableError
@@ -562,14 +578,19 @@ def erase_model(model: str | os.PathLike, concepts: Sequence[str], images: Seque
     if not out.parent.is_dir():
         raise InputFileError(f"folder {out.parent} does not exist", "create it first or choose another output")
     # image folders are checked before the model is loaded: a typo should fail fast
-    if images == "auto":
-        groups: list[list[Any]] | None = None
-    else:
-        dirs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    groups: list[list[Any]] | None = None
+    if images is None and not settings.get("toyworld"):
+        raise ErasekitError(f"{model} needs images of the concept", "pass --images DIR (one per concept) or --images auto")
+    if images not in (None, "auto"):
+        dirs = [images] if isinstance(images, (str, os.PathLike)) else list(images)  # type: ignore[list-item]
         if len(dirs) != len(concepts):
             raise ErasekitError(f"{len(concepts)} concepts but {len(dirs)} --images folders",
                                 "give one --images per --concept, in the same order, or --images auto")
         groups = [find_images(d) for d in dirs]
+    if images is None:
+        from .evaluate import render_concept
+
+        groups = [[render_concept(c, seed=config.seed * 1000 + i) for i in range(num_images)] for c in concepts]
     device = resolve_device(config.device)
     pipe, ckpt = load_pipeline(model, device=device, torch_dtype=torch.float32, config=config_dir)
     if groups is None:

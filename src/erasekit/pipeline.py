@@ -34,6 +34,23 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 
 
+def model_settings(model: str | os.PathLike) -> dict[str, Any]:
+    """A model folder's ``erasekit.json``: recommended settings per command (``{"erase": {...}}``) and
+    ``"toyworld": true`` for models of the built-in world. Empty for other models and for single files."""
+    import json
+
+    path = Path(model) / "erasekit.json"
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LayoutError(f"{path} is not readable JSON ({type(e).__name__})", "repair or delete it") from None
+    if not isinstance(obj, dict):
+        raise LayoutError(f"{path} is not a JSON object", "repair or delete it")
+    return obj
+
+
 def resolve_device(device: str) -> Any:
     import torch
 

@@ -8,6 +8,7 @@ from .._version import __version__
 from . import apply as _apply
 from . import diff as _diff
 from . import erase as _erase
+from . import eval as _eval
 from . import generate as _generate
 from . import inspect as _inspect
 
@@ -36,6 +37,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 app.command("erase")(_erase.erase_cmd)
 app.command("generate")(_generate.generate_cmd)
+app.command("eval")(_eval.eval_cmd)
 app.command("inspect")(_inspect.inspect_cmd)
 app.command("apply")(_apply.apply_cmd)
 app.command("diff")(_diff.diff_cmd)

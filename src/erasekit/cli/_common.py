@@ -11,7 +11,8 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -24,6 +25,9 @@ out = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() e
 err = Console(stderr=True, highlight=False, markup=False)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", metavar="MODEL", help="A local diffusers "
+                                                 "folder (SD1.x, SD2.x, SDXL), or a single file with --config. "
+                                                 "[default: the built-in toy-world model]")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
 
 INTERNAL_ERROR = 70

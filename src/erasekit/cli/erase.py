@@ -1,13 +1,17 @@
-"""``erasekit erase --model MODEL --concept NAME --images DIR -o OUT.erasepatch``."""
+"""``erasekit erase [--model MODEL] --concept NAME [--images DIR|auto] -o OUT.erasepatch``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from ._common import JsonOpt, errors, human_bytes, out, print_json, progress_bar
+from ._common import JsonOpt, ModelOpt, errors, human_bytes, out, print_json, progress_bar
+
+# Options left unset take the model's recommended value (erasekit.json in the model folder), else the
+# published recipe's; so their defaults here are None.
+Num = Optional[float]
 
 
 def _layers(spec: str | None) -> list[int] | None:
@@ -31,47 +35,49 @@ def erase_cmd(
                                                "(repeat for several; one patch erases all).", show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT.erasepatch", help="Patch to write.",
                                          show_default=False)],
-    model: Annotated[Path, typer.Option("--model", "-m", metavar="MODEL", help="A local diffusers folder (SD1.x, "
-                                        "SD2.x, SDXL), or a single file with --config.", show_default=False)],
-    images: Annotated[list[str], typer.Option("--images", metavar="DIR|auto", help="Folder of images of the "
-                                              "concept (one per --concept), or 'auto' to render them with the "
-                                              "model first.")] = ["auto"],  # noqa: B006
-    num_images: Annotated[int, typer.Option("--num-images", metavar="N", help="Images to render per concept "
-                                            "with --images auto.")] = 4,
-    kind: Annotated[str, typer.Option("--kind", help="Prompt templates: object or style.")] = "object",
+    model: ModelOpt = None,
+    images: Annotated[Optional[list[str]], typer.Option("--images", metavar="DIR|auto", help="Folder of images "
+                                                        "of the concept (one per --concept), or 'auto' to render "
+                                                        "them with the model first. The built-in model draws "
+                                                        "them itself when omitted.")] = None,
+    num_images: Annotated[int, typer.Option("--num-images", metavar="N", help="Images per concept with "
+                                            "--images auto or the built-in model.")] = 4,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="Prompt templates: object or style.")] = None,
     template: Annotated[Optional[list[str]], typer.Option("--template", metavar="TEXT", help="Prompt template "
                                                           "with {} for the concept (repeatable; replaces --kind's).")] = None,
     templates_file: Annotated[Optional[Path], typer.Option("--templates-file", metavar="FILE", help="A file of "
                                                            "templates, one per line.")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-5,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the images.")] = 5,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="paper: the published recipe (ascent only). "
+                                                  "anchored: ascent while holding other prompts' conditioning in "
+                                                  "place, with an early stop. [default: the model's, else paper]")] = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="NAME", help="A concept to protect "
+                                                      "(anchored recipe; repeatable).")] = None,
+    anchor_weight: Annotated[Num, typer.Option("--anchor-weight", help="Weight of the anchor penalty "
+                                               "(anchored recipe). [default: 30]")] = None,
+    no_early_stop: Annotated[bool, typer.Option("--no-early-stop", help="Run every step (anchored recipe).")] = False,
+    lr: Annotated[Num, typer.Option("--lr", help="Adam learning rate. [default: 1e-5]")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the images. [default: 5]")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 2,
-    resolution: Annotated[int, typer.Option("--resolution", help="Training image size in pixels.")] = 512,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step. [default: 2]")] = None,
+    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size in pixels. "
+                                                      "[default: 512]")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="0-11", help="Text-encoder layers to "
                                                   "change (default: all).")] = None,
     encoders: Annotated[Optional[str], typer.Option("--encoders", metavar="te1,te2", help="SDXL: which text "
                                                     "encoders to change (default: both).")] = None,
-    recipe: Annotated[str, typer.Option("--recipe", help="paper: the published recipe (ascent only). anchored: "
-                                        "ascent while holding other prompts' conditioning in place, with an "
-                                        "early stop.")] = "paper",
-    keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="NAME", help="A concept to protect "
-                                                      "(anchored recipe; repeatable).")] = None,
-    anchor_weight: Annotated[float, typer.Option("--anchor-weight", help="Weight of the anchor penalty "
-                                                 "(anchored recipe).")] = 30.0,
-    no_early_stop: Annotated[bool, typer.Option("--no-early-stop", help="Run every step (anchored recipe).")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the frozen UNet: auto (bf16 on GPU, "
-                                       "fp32 on CPU), fp32, bf16, fp16.")] = "auto",
-    patch_dtype: Annotated[str, typer.Option("--patch-dtype", help="Storage dtype of the deltas: F32, F16, BF16.")] = "BF16",
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of every random choice. [default: 0]")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N. [default: auto]")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Autocast dtype of the frozen UNet: auto (bf16 on "
+                                                 "GPU, fp32 on CPU), fp32, bf16, fp16.")] = None,
+    patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help="Storage dtype of the deltas: F32, "
+                                                       "F16, BF16. [default: BF16]")] = None,
     config_dir: Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
                                                        "a local diffusers folder of the same family.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the latents cache.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Erase concepts from a model's text encoder by few-shot unlearning; write the change as a patch."""
-    from ..erase import EraseConfig, erase_model
+    from ..erase import erase_model
     from ..errors import ErasekitError
 
     with errors():
@@ -81,27 +87,30 @@ def erase_cmd(
                 tmpl += [line.strip() for line in templates_file.read_text().splitlines() if line.strip()]
             except OSError as e:
                 raise ErasekitError(f"cannot read --templates-file {templates_file} ({e.strerror})", "check the path") from None
-        try:
-            config = EraseConfig(kind=kind, templates=tmpl or None, lr=lr, epochs=epochs, steps=steps,  # type: ignore[arg-type]
-                                 batch_size=batch_size, resolution=resolution, layers=_layers(layers), seed=seed,
-                                 encoders=[e.strip() for e in encoders.split(",")] if encoders else None,
-                                 recipe=recipe, keep=keep or [], anchor_weight=anchor_weight,  # type: ignore[arg-type]
-                                 stop_ratio=None if no_early_stop else 1.5,
-                                 device=device, dtype=dtype, patch_dtype=patch_dtype.upper(), cache=not no_cache)  # type: ignore[arg-type]
-        except ValueError as e:  # pydantic's ValidationError
-            err = e.errors()[0]  # type: ignore[attr-defined]
-            raise ErasekitError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", "see erasekit erase --help") from None
-        src = "auto" if images == ["auto"] else images
+        given: dict[str, Any] = {
+            "kind": kind, "templates": tmpl or None, "recipe": recipe, "keep": keep, "anchor_weight": anchor_weight,
+            "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "resolution": resolution,
+            "layers": _layers(layers), "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
+            "seed": seed, "device": device, "dtype": dtype, "patch_dtype": patch_dtype.upper() if patch_dtype else None,
+        }
+        overrides = {k: v for k, v in given.items() if v is not None}
+        if no_early_stop:
+            overrides["stop_ratio"] = None
+        if no_cache:
+            overrides["cache"] = False
+        src = None if images is None else "auto" if images == ["auto"] else images
         with progress_bar("erasing", enabled=not as_json) as update:
-            report = erase_model(model, concept, src, output, config, num_images=num_images, config_dir=config_dir,
-                                 progress=lambda s: update(s.step, s.total, f"loss {s.loss:.4f}  {s.step / max(s.seconds, 1e-9):.1f} it/s"))
+            report = erase_model(model, concept, src, output, overrides, num_images=num_images, config_dir=config_dir,
+                                 progress=lambda s: update(s.step, s.total, f"loss {s.loss:.4f}  "
+                                                                            f"{s.step / max(s.seconds, 1e-9):.1f} it/s"))
     if as_json:
         print_json({k: v for k, v in report.__dict__.items() if k != "patch"})
         return
+    stopped = " (stopped early: the erasure tipped)" if report.patch.manifest.method.hyperparameters.get("stopped_early") else ""
     out.print(f"Erased {', '.join(report.concepts)} -> {report.output} ({human_bytes(report.patch_bytes)})")
-    out.print(f"  {report.steps} steps on {report.num_images} images, {report.device}: "
+    out.print(f"  {report.steps} steps{stopped} on {report.num_images} images, {report.device}: "
               f"{report.loop_seconds:.2f} s in the loop, {report.total_seconds:.2f} s in total")
     out.print(f"  training loss {report.loss_start:.4f} -> {report.loss_end:.4f}; forget loss on fixed draws "
               f"{report.forget_loss_before:.4f} -> {report.forget_loss_after:.4f}")
-    out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_te_text_model_encoder_')} ({n:.3g})"
+    out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_').replace('_text_model_encoder_', ' ')} ({n:.3g})"
                                            for m, n in report.top_layers))

@@ -7,13 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import JsonOpt, errors, out, print_json, progress_bar
+from ._common import JsonOpt, ModelOpt, errors, out, print_json, progress_bar
 
 
 def generate_cmd(
     prompts: Annotated[list[str], typer.Argument(metavar="PROMPT", help="One or more prompts.", show_default=False)],
-    model: Annotated[Path, typer.Option("--model", "-m", metavar="MODEL", help="A local diffusers folder, or a "
-                                        "single file with --config.", show_default=False)],
+    model: ModelOpt = None,
     output: Annotated[Path, typer.Option("-o", "--output", metavar="DIR", help="Folder for the PNGs and grid.png.")] = Path("erasekit-out"),
     patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", metavar="PATCH", help="Patch to apply "
                                                         "in memory (repeatable).")] = None,

@@ -1,0 +1,214 @@
+"""``erasekit eval``: did the erase work, and what else did it touch? Judged on the built-in toy world.
+
+For the target concept's attribute (shape, colour or pattern), every concept of that attribute is rendered
+``n`` times, with and without the patches on the same seeds, and the toy world's judge says what each
+image shows. The other two attributes cycle across the seeds, so their accuracy is measured on the same
+images: erasing "circle" should leave colours and patterns alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ErasekitError, InputFileError
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(16, ge=1)
+    seed: int = 1000  # held out: the training data of the built-in model never used these seeds for sampling
+    steps: int = Field(25, ge=1)
+    guidance: float = 7.5
+    strength: float = 1.0
+    device: str = "auto"
+    batch_size: int = Field(64, ge=1)
+
+
+@dataclass
+class ConceptScore:
+    concept: str
+    before: float  # fraction of its images judged as it, without the patches
+    after: float  # ... with the patches
+
+    @property
+    def change_pp(self) -> float:
+        return 100 * (self.after - self.before)
+
+
+@dataclass
+class EvalReport:
+    concept: str
+    attribute: str
+    target: ConceptScore
+    others: list[ConceptScore]
+    attributes: dict[str, ConceptScore]  # accuracy of each other attribute over all images
+    largest_drop: ConceptScore | None
+    images_per_prompt: int
+    seeds: list[int]
+    prompts: int
+    seconds: float
+    grid: str | None = None
+    patches: list[str] = field(default_factory=list)
+
+
+def attribute_of(concept: str) -> str:
+    from .toyworld.render import ATTRIBUTES
+
+    for attr, values in ATTRIBUTES.items():
+        if concept in values:
+            return attr
+    known = "; ".join(f"{a}s: {', '.join(v)}" for a, v in ATTRIBUTES.items())
+    raise ErasekitError(f"the judge does not know the concept {concept!r}", f"name one it knows ({known})")
+
+
+def render_concept(concept: str, seed: int) -> Any:
+    """A rendered image showing ``concept``, the other attributes drawn at random (seeded)."""
+    import numpy as np
+
+    from .toyworld.render import ATTRIBUTES, render
+
+    rng = np.random.default_rng(seed)
+    attrs = {a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()}
+    attrs[attribute_of(concept)] = concept
+    return render(attrs["shape"], attrs["colour"], attrs["pattern"], rng)
+
+
+def truth_of(prompt: str) -> dict[str, str]:
+    """The attributes a prompt names, read from its words."""
+    from .toyworld.render import ATTRIBUTES
+
+    words = prompt.lower().replace(",", " ").split()
+    return {attr: v for attr, values in ATTRIBUTES.items() for v in values if v in words}
+
+
+def eval_prompts(attribute: str, n: int) -> list[tuple[str, dict[str, str]]]:
+    """For every concept of ``attribute``: ``n`` prompts naming it, the other attributes cycling evenly."""
+    from .toyworld.captions import prompt_for
+    from .toyworld.render import ATTRIBUTES
+
+    others = [a for a in ATTRIBUTES if a != attribute]
+    out = []
+    for value in ATTRIBUTES[attribute]:
+        for i in range(n):
+            a0 = ATTRIBUTES[others[0]][i % len(ATTRIBUTES[others[0]])]
+            a1 = ATTRIBUTES[others[1]][(i // len(ATTRIBUTES[others[0]])) % len(ATTRIBUTES[others[1]])]
+            truth = {attribute: value, others[0]: a0, others[1]: a1}
+            out.append((prompt_for(**truth), truth))  # type: ignore[arg-type]
+    return out
+
+
+def render_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], config: EvalConfig,
+                 progress: Callable[[int], None] | None = None) -> list[Any]:
+    """Images for (prompt, seed) pairs, in batches; each image has its own CPU generator, so the result does
+    not depend on the batch size."""
+    import torch
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images: list[Any] = []
+    for i in range(0, len(prompts), config.batch_size):
+        p, s = list(prompts[i:i + config.batch_size]), seeds[i:i + config.batch_size]
+        images += pipe(p, generator=[torch.Generator().manual_seed(x) for x in s], num_inference_steps=config.steps,
+                       guidance_scale=config.guidance, height=size, width=size).images
+        if progress:
+            progress(len(p))
+    return images
+
+
+def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model: str | os.PathLike | None = None,
+                   config: EvalConfig | None = None, prompts_file: str | os.PathLike | None = None,
+                   grid: str | os.PathLike | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Render with and without ``patches`` on the same seeds and judge both (see the module docstring)."""
+    from .apply import apply_patch, revert_patch
+    from .patchfile import load_patch
+    from .pipeline import load_pipeline, resolve_device
+    from .toyworld import builtin_model_path
+    from .toyworld.judge import judge
+
+    t0 = time.perf_counter()
+    config = config or EvalConfig()
+    attribute = attribute_of(concept)
+    loaded = [load_patch(p) for p in patches]
+    if not loaded:
+        raise ErasekitError("eval compares a model with and without patches, and no --patch was given",
+                            "pass --patch FILE")
+    if prompts_file is not None:
+        try:
+            lines = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            raise InputFileError(f"cannot read --prompts {prompts_file} ({e.strerror})", "check the path") from None
+        specs = [(p, truth_of(p)) for p in lines for _ in range(config.n)]
+        if not any(attribute in t for _, t in specs):
+            raise ErasekitError(f"no prompt in {prompts_file} names a {attribute}", f"add prompts that name {concept} "
+                                f"or another {attribute}")
+    else:
+        specs = eval_prompts(attribute, config.n)
+    prompts = [p for p, _ in specs]
+    seeds = [config.seed + (i % config.n) for i in range(len(specs))]
+    pipe, _ = load_pipeline(model or builtin_model_path(), device=resolve_device(config.device))
+    total, done = 2 * len(specs), 0
+
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress:
+            progress(done, total)
+
+    before = render_batch(pipe, prompts, seeds, config, tick)
+    for p in loaded:
+        apply_patch(pipe, p, strength=config.strength)
+    try:
+        after = render_batch(pipe, prompts, seeds, config, tick)
+    finally:
+        for p in reversed(loaded):
+            revert_patch(pipe, p)
+    lb, la = judge(before), judge(after)
+
+    def rate(labels: list[dict[str, str]], attr: str, select: Callable[[dict[str, str]], bool]) -> float:
+        hits = [lab[attr] == t[attr] for lab, (_, t) in zip(labels, specs) if attr in t and select(t)]
+        return sum(hits) / len(hits) if hits else float("nan")
+
+    def score(name: str, attr: str, select: Callable[[dict[str, str]], bool]) -> ConceptScore:
+        return ConceptScore(name, rate(lb, attr, select), rate(la, attr, select))
+
+    target = score(concept, attribute, lambda t: t.get(attribute) == concept)
+    values = sorted({t[attribute] for _, t in specs if attribute in t} - {concept})
+    others = [score(v, attribute, lambda t, v=v: t.get(attribute) == v) for v in values]
+    attributes = {a: score(a, a, lambda t: True) for a in ("shape", "colour", "pattern")
+                  if a != attribute and any(a in t for _, t in specs)}
+    drops = [o for o in others if o.change_pp < 0]
+    report = EvalReport(concept, attribute, target, others, attributes, min(drops, key=lambda o: o.change_pp) if drops else None,
+                        config.n, sorted(set(seeds)), len(set(prompts)), 0.0, patches=[p.title for p in loaded])
+    if grid is not None:
+        report.grid = str(_write_grid(Path(grid), specs, before, after, attribute, min(config.n, 8)))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _write_grid(path: Path, specs: list[tuple[str, dict[str, str]]], before: list[Any], after: list[Any],
+                attribute: str, k: int) -> Path:
+    """Per concept of the attribute: a 'before' row and an 'after' row of its first ``k`` seeds."""
+    from ._st import atomic_write
+    from .generate import make_grid
+
+    rows: list[tuple[str, list[Any]]] = []
+    seen: list[str] = []
+    for (_, t), _img in zip(specs, before):
+        if attribute in t and t[attribute] not in seen:
+            seen.append(t[attribute])
+    for value in seen:
+        idx = [i for i, (_, t) in enumerate(specs) if t.get(attribute) == value][:k]
+        rows.append((f"before: {value}", [before[i] for i in idx]))
+        rows.append((f"after:  {value}", [after[i] for i in idx]))
+    img = make_grid(rows, [f"#{i}" for i in range(k)])
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
+    return path
