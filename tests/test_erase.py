@@ -254,3 +254,12 @@ def test_recipe_settings_are_recorded_only_when_used() -> None:
     assert "anchor_weight" not in EraseConfig().hyperparameters()
     hp = EraseConfig(recipe="anchored", keep=["dog"]).hyperparameters()
     assert hp["keep"] == ["dog"] and hp["anchor_weight"] == 30.0 and "" in hp["anchor_prompts"]
+
+
+def test_anchors_naming_the_erased_concept_are_dropped() -> None:
+    from erasekit.erase import _anchor_prompts
+
+    cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"])
+    prompts, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["circle"])
+    assert prompts == ["", "a blue square", "a photo of a cross"]
+    assert weights.tolist() == [1.0, 1.0, 5.0]

@@ -335,11 +335,14 @@ def _layers_path(text_encoder: Any) -> str:
     return "text_model.encoder.layers" if "text_model.encoder.layers" in names else "encoder.layers"
 
 
-def _anchor_prompts(config: EraseConfig, templates: list[str]) -> tuple[list[str], Any]:
-    """Prompts whose conditioning the anchored recipe preserves, and their weights (--keep counts more)."""
+def _anchor_prompts(config: EraseConfig, templates: list[str], concepts: Sequence[str]) -> tuple[list[str], Any]:
+    """Prompts whose conditioning the anchored recipe preserves, and their weights (--keep counts more).
+    An anchor that names a concept being erased is dropped: holding it in place would fight the erasure."""
     import torch
 
-    generic = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
+    erased = {w for c in concepts for w in c.lower().split()}
+    generic = [p for p in (config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
+               if not erased & set(p.lower().replace(",", " ").split())]
     keep = [t.format(k) for k in config.keep for t in templates[:4]]
     weights = [1.0] * len(generic) + [config.keep_weight] * len(keep)
     return generic + keep, torch.tensor(weights)
@@ -470,7 +473,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     batches = _schedule(len(loaded), config, gen)
     anchored = config.recipe == "anchored"
     if anchored:  # the conditioning to hold in place, computed once with the original weights
-        anchor_prompts, anchor_w = _anchor_prompts(config, templates)
+        anchor_prompts, anchor_w = _anchor_prompts(config, templates, concepts)
         with torch.no_grad():
             anchor_ref = cond_of(anchor_prompts, device)[0].detach()
         anchor_w = anchor_w.to(device)
