@@ -250,3 +250,13 @@ def test_kill_9_mid_write_is_rolled_back_or_finished(tmp_path: Path, sd1: tuple[
         revert_from_checkpoint(sd1_patch, base)
     assert snapshot(base) == original
     assert not inspect_path(base).interrupted
+
+
+def test_applying_the_same_patch_twice_needs_force(sd1: tuple[Path, Path], sd1_patch: Path) -> None:
+    base, _ = sd1
+    apply_to_checkpoint([sd1_patch], base, in_place=True)
+    state = snapshot(base)
+    with pytest.raises(ErasekitError, match="already applied .*entry 0001.*--force"):
+        apply_to_checkpoint([sd1_patch], base, in_place=True)
+    assert snapshot(base) == state
+    assert len(apply_to_checkpoint([sd1_patch], base, in_place=True, force=True).applied) == 1

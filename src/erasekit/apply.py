@@ -192,6 +192,10 @@ def _apply_in_place(ckpt: Checkpoint, patches: list[Patch], strengths: list[floa
         undo_cache: dict[str, dict[tuple[str, str], bytes]] = {}
         plans = []
         for patch, strength in zip(patches, strengths):
+            twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
+            if twice and not force:
+                raise ErasekitError(f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
+                                    "revert it first, or pass --force to apply it once more")
             mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, where)
             tlist = touches(patch, mapping)
             fps: dict[str, Any] = {}
