@@ -463,7 +463,7 @@ def parse_layers(text: str, n: int) -> list[int]:
         elif part:
             out.add(int(part))
     if not out or min(out) < 0 or max(out) >= n:
-        raise argparse.ArgumentTypeError(f"--layers must name layers 0..{n - 1}, got {text!r}")
+        raise ValueError(f"--layers must name layers 0..{n - 1}, got {text!r}")
     return sorted(out)
 
 
@@ -511,7 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint (reused next run) and the patch")
     args = ap.parse_args(argv)
     size_gb = 0.3 if args.quick else (args.size_gb if args.size_gb is not None else 2.0)
-    layers = parse_layers(args.layers, CLIP_L[2])
+    try:
+        layers = parse_layers(args.layers, CLIP_L[2])
+    except ValueError:
+        ap.error(f"--layers must name layers 0..{CLIP_L[2] - 1} like 0-11 or 3,5,7, got {args.layers!r}")
     if args.rank is not None and args.rank < 1:
         ap.error("--rank must be at least 1")
     if args.repeat < 1:
@@ -521,13 +524,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import erasekit
-
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
     from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
     from erasekit.diff import diff_checkpoints
     from erasekit.journal import journal_dir
     from erasekit.patchfile import load_patch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -536,10 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     specs, notes = plan_checkpoint(target, metadata)
     header = build_header(specs, metadata)
     total = len(header) + sum(_numel(s) * F16 for _, s in specs)
-    big = work / f"sd1-synthetic-{total}-seed{args.seed}.safetensors"
-    base_small, edited_small = work / "te-base.safetensors", work / "te-edited.safetensors"
-    patch_path = work / "bench.erasepatch"
-    copy_path = work / "copy-of-checkpoint.safetensors"
+    # every file name starts with "apply_inplace-": bench/out is shared with other scripts
+    big = work / f"apply_inplace-sd1-{total}-seed{args.seed}.safetensors"
+    base_small, edited_small = work / "apply_inplace-te-base.safetensors", work / "apply_inplace-te-edited.safetensors"
+    patch_path = work / "apply_inplace-patch.erasepatch"
+    copy_path = work / "apply_inplace-copy.safetensors"
     offsets, off = {}, len(header)
     for name, shape in specs:
         offsets[name] = (off, off + _numel(shape) * F16)
@@ -571,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             if big.exists():
                 print(f"  rebuilding {big.name}: {reason}", flush=True)
             remove_checkpoint(big)
-            for stale in work.glob("sd1-synthetic-*.safetensors*"):  # other sizes/seeds from earlier runs
+            for stale in work.glob("apply_inplace-sd1-*.safetensors*"):  # other sizes/seeds from earlier runs
                 remove_checkpoint(stale)
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(args.seed + 1)
@@ -731,7 +735,9 @@ def main(argv: list[str] | None = None) -> int:
         busy = max(x.other_cpu for x in rounds)
         timed = max(x.copy_s + x.apply_s + x.revert_s for x in rounds)
         print(f"  other processes: used up to {busy:.2f} CPU-s during a round's {timed:.1f} s of timed sections"
-              + ("  -- WARNING: the machine was busy, figures are skewed (torch's 2 threads suffer most)"
+              + ("  -- WARNING: the machine was busy, figures are skewed"
+                 + (f" (apply suffers most: torch runs {torch.get_num_threads()} threads; try --torch-threads 1)"
+                    if torch.get_num_threads() > 1 else "")
                  if busy > 0.1 * timed else " (machine quiet)")
               + f"; load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
         explicit = ["--size-gb", f"{size_gb:g}", "--layers", args.layers, "--patch-dtype", args.patch_dtype,

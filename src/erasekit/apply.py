@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from . import _st
 from .errors import (
     ErasekitError,
@@ -179,74 +181,103 @@ def _offsets(ckpt: Checkpoint) -> Any:
     return offset
 
 
+def add_delta_bytes(raw: bytes, dtype: str, shape: tuple[int, ...], delta: np.ndarray, strength: float,
+                    what: str) -> bytes:
+    """Stored bytes of ``round_to_dtype(float32(W) + strength * delta)``, with numpy (no torch, one thread):
+    float32 arithmetic, then round-to-nearest-even to the stored dtype, as torch would do it."""
+    if dtype not in ("F32", "F16", "BF16", "F64"):
+        raise IncompatiblePatchError(f"tensor {what} is stored as {dtype}", "erasekit patches floating-point weights only")
+    w = _st.to_numpy(raw, dtype, shape)
+    new = w.astype(np.float64 if dtype == "F64" else np.float32) + np.float32(strength) * delta
+    out = _st.encode(new, dtype)
+    if not np.isfinite(_st.to_numpy(out, dtype, shape)).all():
+        raise NonFiniteError(f"applying at strength {strength} makes {what} non-finite; nothing was written",
+                             "use a smaller --strength")
+    return out
+
+
+@dataclass
+class _Plan:
+    patch: Patch
+    strength: float
+    status: FingerprintStatus
+    differing: int
+    originals: dict[tuple[str, str], tuple[str, tuple[int, ...], bytes]]  # (label, key) -> dtype, shape, bytes
+    before_sha: dict[tuple[str, str], str]
+    updates: dict[tuple[str, str], bytes]
+
+
+def _plan(ckpt: Checkpoint, journal: Journal, patch: Patch, strength: float, force: bool, where: str,
+          state: dict[tuple[str, str], bytes], earlier: list[_Plan], undo_cache: dict[str, Any]) -> _Plan:
+    """Everything an apply will write, computed before anything is written."""
+    twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
+    if twice and not force:
+        raise ErasekitError(f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
+                            "revert it first, or pass --force to apply it once more")
+    tlist = touches(patch, slot_map(patch, ckpt.architecture, ckpt.encoders, where))
+    deltas = {(t.module, t.kind): (patch.weight_delta(t.module) if t.kind == "weight" else patch.bias_delta(t.module))
+              for t in tlist}
+    fps: dict[str, Any] = {}
+    plan = _Plan(patch, strength, "exact", 0, {}, {}, {})
+    for wf in ckpt.files:
+        for t in tlist:
+            if t.slot not in wf.encoders:
+                continue
+            key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
+            ent = wf.header.entries[key]
+            cur = state[(wf.label, key)] if (wf.label, key) in state else wf.read_raw(key)
+            cur_sha = sha256(cur)
+            # the fingerprint is checked against the tensor as it was before any erasekit patch
+            src = journal.pristine_source(wf.label, key)
+            if src is not None:
+                if src.id not in undo_cache:
+                    undo_cache[src.id] = journal.read_undo(src)
+                pristine = undo_cache[src.id][(wf.label, key)]
+            else:
+                pristine = next((p.originals[(wf.label, key)][2] for p in earlier if (wf.label, key) in p.originals), cur)
+            fp = fingerprint(pristine, ent.dtype, ent.shape, sha256=cur_sha if pristine is cur else None)
+            name = f"{t.module}.{t.kind}"
+            # across variant files, the least favourable status counts
+            if name not in fps or compare_fingerprint(patch.manifest.base.tensors[name], fp) == "differs":
+                fps[name] = fp
+            plan.originals[(wf.label, key)] = (ent.dtype, ent.shape, cur)
+            plan.before_sha[(wf.label, key)] = cur_sha
+            plan.updates[(wf.label, key)] = add_delta_bytes(cur, ent.dtype, ent.shape, deltas[(t.module, t.kind)],
+                                                            strength, key)
+    plan.status, plan.differing = judge_fingerprints(patch, fps, force, where)
+    return plan
+
+
 def _apply_in_place(ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool,
                     where: str) -> tuple[list[AppliedPatch], int]:
-    from ._torch import from_bytes, tensor_bytes
-
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
     offset = _offsets(ckpt)
     written = 0
     with journal.locked():
         journal.recover(offset)
-        state: dict[tuple[str, str], bytes] = {}  # bytes after earlier patches of this call
-        undo_cache: dict[str, dict[tuple[str, str], bytes]] = {}
-        plans = []
+        state: dict[tuple[str, str], bytes] = {}  # bytes after the earlier patches of this call
+        plans: list[_Plan] = []
+        undo_cache: dict[str, Any] = {}
         for patch, strength in zip(patches, strengths):
-            twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
-            if twice and not force:
-                raise ErasekitError(f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
-                                    "revert it first, or pass --force to apply it once more")
-            mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, where)
-            tlist = touches(patch, mapping)
-            fps: dict[str, Any] = {}
-            originals: dict[tuple[str, str], tuple[str, tuple[int, ...], bytes]] = {}
-            updates: dict[tuple[str, str], bytes] = {}
-            for wf in ckpt.files:
-                for t in tlist:
-                    if t.slot not in wf.encoders:
-                        continue
-                    key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
-                    ent = wf.header.entries[key]
-                    cur = state.get((wf.label, key)) or wf.read_raw(key)
-                    src = journal.pristine_source(wf.label, key)
-                    if src is not None and src.id not in undo_cache:
-                        undo_cache[src.id] = journal.read_undo(src)
-                    pristine = undo_cache[src.id][(wf.label, key)] if src else _first(plans, wf.label, key, cur)
-                    fp = fingerprint(pristine, ent.dtype, ent.shape)
-                    name = f"{t.module}.{t.kind}"
-                    # Across variant files the least favourable status counts.
-                    if name not in fps or compare_fingerprint(patch.manifest.base.tensors[name], fp) == "differs":
-                        fps[name] = fp
-                    new = add_delta(from_bytes(cur, ent.dtype, ent.shape), _delta_tensor(patch, t), strength, key)
-                    originals[(wf.label, key)] = (ent.dtype, ent.shape, cur)
-                    updates[(wf.label, key)] = tensor_bytes(new)
-            status, differing = judge_fingerprints(patch, fps, force, where)
-            plans.append((patch, strength, status, differing, originals, updates))
-            state.update(updates)
+            plans.append(_plan(ckpt, journal, patch, strength, force, where, state, plans, undo_cache))
+            state.update(plans[-1].updates)
         results = []
-        for patch, strength, status, differing, originals, updates in plans:
-            entry = Entry(id=journal.next_id(), state="pending", patch_id=patch.patch_id, patch_title=patch.title,
-                          patch_path=str(patch.path) if patch.path else None, strength=strength, fingerprint=status,
-                          applied_at=now_iso(),
-                          tensors=[TensorRecord(file=label, key=key, before_sha256=sha256(originals[(label, key)][2]),
-                                                after_sha256=sha256(data)) for (label, key), data in updates.items()])
-            journal.write_undo(entry.id, originals)
+        for plan in plans:  # write-ahead: undo record, "pending" entry, tensors, "committed"
+            entry = Entry(id=journal.next_id(), state="pending", patch_id=plan.patch.patch_id,
+                          patch_title=plan.patch.title, patch_path=str(plan.patch.path) if plan.patch.path else None,
+                          strength=plan.strength, fingerprint=plan.status, applied_at=now_iso(),
+                          tensors=[TensorRecord(file=label, key=key, before_sha256=plan.before_sha[(label, key)],
+                                                after_sha256=sha256(data)) for (label, key), data in plan.updates.items()])
+            journal.write_undo(entry.id, plan.originals)
             journal.entries.append(entry)
             journal.save()
-            journal.write_tensors(updates, {k: offset(*k) for k in updates})
+            journal.write_tensors(plan.updates, {k: offset(*k) for k in plan.updates})
             entry.state = "committed"
             journal.save()
-            written += sum(len(d) for d in updates.values())
-            results.append(AppliedPatch(patch.title, patch.patch_id, strength, len(updates), status, differing))
+            written += sum(len(d) for d in plan.updates.values())
+            results.append(AppliedPatch(plan.patch.title, plan.patch.patch_id, plan.strength, len(plan.updates),
+                                        plan.status, plan.differing))
     return results, written
-
-
-def _first(plans: list[Any], label: str, key: str, cur: bytes) -> bytes:
-    """Bytes of a tensor before the first patch of this call that changed it."""
-    for plan in plans:
-        if (label, key) in plan[4]:
-            return plan[4][(label, key)][2]
-    return cur
 
 
 def _check_writable(ckpt: Checkpoint) -> None:

@@ -6,6 +6,7 @@ No torch here: patches are read and written with numpy, so ``erasekit inspect`` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -124,9 +125,10 @@ class Patch:
     def title(self) -> str:
         return self.manifest.title
 
-    @property
+    @functools.cached_property
     def patch_id(self) -> str:
-        """sha256 of the tensor data in file order: the same deltas give the same id."""
+        """sha256 of the tensor data in name order (the order erasekit writes): the same deltas give the same
+        id. Computed once: a Patch's tensors are not meant to change after it is made."""
         return data_sha256(self.tensors, self.dtypes)
 
     def weight_delta(self, module: str) -> np.ndarray:
@@ -312,7 +314,10 @@ def load_patch(path: str | Path) -> Patch:
     if recorded is not None and recorded != "0x" + digest.hexdigest():
         raise PatchFormatError(f"{path}: tensor data does not match its recorded hash (corrupt file)",
                                "re-download or re-create the patch")
-    return Patch(manifest, tensors, dtypes, path, notes)
+    patch = Patch(manifest, tensors, dtypes, path, notes)
+    if list(header.entries) and sorted(header.entries) == sorted(header.entries, key=lambda n: header.entries[n].begin):
+        patch.__dict__["patch_id"] = digest.hexdigest()  # data in name order: the file's hash is the id
+    return patch
 
 
 def metadata_for(patch: Patch) -> dict[str, str]:
@@ -364,13 +369,21 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...]) -> TensorFingerprint:
-    """Exact hash plus a precision-independent sketch (mean, rms and 8 evenly spaced values)."""
-    arr = _st.to_numpy(raw, dtype, shape).astype(np.float64).reshape(-1)
-    idx = np.linspace(0, arr.size - 1, num=min(8, arr.size)).astype(np.int64) if arr.size else np.array([], np.int64)
-    sketch = [float(arr.mean()) if arr.size else 0.0, float(math.sqrt((arr**2).mean())) if arr.size else 0.0]
-    sketch += [float(arr[i]) for i in idx]
-    return TensorFingerprint(dtype=dtype, shape=list(shape), sha256=hashlib.sha256(raw).hexdigest(), sketch=sketch)
+def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | None = None) -> TensorFingerprint:
+    """Exact hash plus a precision-independent sketch (mean, rms and 8 evenly spaced values).
+
+    ``sha256``: the hash of ``raw`` when the caller already has it."""
+    arr = _st.to_numpy(raw, dtype, shape).reshape(-1)
+    n = arr.size
+    s1 = s2 = 0.0
+    for i in range(0, n, 1 << 20):  # float64 sums, one chunk at a time: no full float64 copy
+        chunk = arr[i:i + (1 << 20)].astype(np.float64)
+        s1 += float(chunk.sum())
+        s2 += float(np.dot(chunk, chunk))
+    idx = np.linspace(0, n - 1, num=min(8, n)).astype(np.int64) if n else np.array([], np.int64)
+    sketch = [s1 / n if n else 0.0, math.sqrt(s2 / n) if n else 0.0] + [float(arr[i]) for i in idx]
+    return TensorFingerprint(dtype=dtype, shape=list(shape), sha256=sha256 or hashlib.sha256(raw).hexdigest(),
+                             sketch=sketch)
 
 
 def compare_fingerprint(expected: TensorFingerprint, actual: TensorFingerprint) -> Literal["exact", "approx", "differs"]:
