@@ -40,9 +40,12 @@ def main() -> int:
     ap.add_argument("--concepts", default="circle,red,striped")
     ap.add_argument("--seeds", default="0", help="erase seeds (comma-separated)")
     ap.add_argument("--n", type=int, default=16, help="eval images per prompt")
+    ap.add_argument("--model", default=None, help="a toy-world model folder (default: the built-in one)")
     args = ap.parse_args()
-    defaults = model_settings(builtin_model_path()).get("erase", {})
-    print(f"built-in model defaults: {defaults}")
+    model = Path(args.model) if args.model else builtin_model_path()
+    defaults = model_settings(model).get("erase", {})
+    print(f"model {model}; its erase defaults: " + ", ".join(f"{k}={v}" for k, v in defaults.items()
+                                                              if k != "anchor_prompts"))
     header = (f"{'variant':<17} {'concept':<8} {'seed':>4} {'steps':>5} {'loop s':>6}  {'target':>13}  "
               f"{'largest drop':>20}  {'attribute A':>20}  {'attribute B':>20}  bars")
     print(header)
@@ -53,8 +56,8 @@ def main() -> int:
                 for seed in (int(s) for s in args.seeds.split(",")):
                     out = Path(tmp) / f"{variant}-{concept}-{seed}.erasepatch"
                     # laid over the model's defaults (resolution, templates...): steps=None means "use epochs"
-                    er = erase_model(None, [concept], None, out, dict(VARIANTS[variant], seed=seed))
-                    ev = evaluate_model(concept, [out], config=EvalConfig(n=args.n))
+                    er = erase_model(model, [concept], None, out, dict(VARIANTS[variant], seed=seed))
+                    ev = evaluate_model(concept, [out], model=model, config=EvalConfig(n=args.n))
                     drop = ev.largest_drop
                     attrs = list(ev.attributes.values())
                     ok = (ev.target.after <= 0.05 and (drop is None or drop.change_pp >= -2)

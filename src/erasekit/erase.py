@@ -75,6 +75,7 @@ class EraseConfig(BaseModel):
     eps: float = Field(1e-6, gt=0)
     weight_decay: float = Field(1e-8, ge=0)
     batch_size: int = Field(2, ge=1)
+    draws: int = Field(1, ge=1)  # noise draws (timestep, noise, prompt) per image per step
     epochs: int = Field(5, ge=1)
     steps: int | None = Field(None, ge=1)  # overrides epochs
     resolution: int = Field(512, ge=8)
@@ -374,7 +375,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
           progress: Callable[[StepInfo], None] | None = None, base_files: Any = None) -> EraseReport:
     """Erase ``concepts`` from ``pipe`` (a loaded SD1.x, SD2.x or SDXL pipeline) using ``images[i]`` for concept i.
 
-    ``images`` holds PIL images or paths. Returns an :class:`EraseReport` whose ``patch`` is an unsaved
+    ``images`` holds PIL images or paths, or ``(image, caption)`` pairs whose caption is used instead of the
+    templates (the built-in world knows what it drew). Returns an :class:`EraseReport` whose ``patch`` is an unsaved
     :class:`~erasekit.patchfile.Patch`; the pipeline's weights are restored before returning.
     ``base_files`` (a detected :class:`~erasekit.layouts.Checkpoint`) makes the base fingerprints those
     of the files on disk, so the patch applies "exact" to them.
@@ -400,15 +402,19 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     device = unet.device
 
     # images -> (PIL, bytes), with the concept index of each
-    loaded, owner = [], []
+    loaded, owner, captions = [], [], []
     for ci, group in enumerate(images):
         for item in group:
+            caption = None
+            if isinstance(item, tuple):  # (image, caption): the image's own caption replaces the templates
+                item, caption = item
             if isinstance(item, (str, os.PathLike)):
                 loaded.append(load_image(Path(item), config.resolution))
             else:
                 img = training_image(item, config.resolution)
                 loaded.append((img, img.tobytes()))
             owner.append(ci)
+            captions.append(caption)
     if len(loaded) < config.batch_size:
         raise ErasekitError(f"{len(loaded)} training images but --batch-size {config.batch_size}",
                             "add images or lower --batch-size")
@@ -457,7 +463,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         return F.mse_loss(pred.float(), target.float())
 
     def prompt_for(i: int, g: Any) -> str:
-        return templates[int(torch.randint(len(templates), (), generator=g))].format(concepts[owner[i]])
+        template = templates[int(torch.randint(len(templates), (), generator=g))]
+        return captions[i] if captions[i] is not None else template.format(concepts[owner[i]])
 
     # a fixed set of draws to measure the forget loss before and after (not part of the loop's timing)
     eval_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -482,6 +489,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     t_loop = time.perf_counter()
     try:
         for step, idx in enumerate(batches):
+            idx = [i for i in idx for _ in range(config.draws)]  # several noise draws per image
             t = torch.randint(0, T, (len(idx),), generator=gen)
             noise = torch.randn((len(idx), *latents.shape[1:]), generator=gen)
             loss = denoise_loss(idx, t, noise, [prompt_for(i, gen) for i in idx])

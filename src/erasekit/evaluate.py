@@ -69,16 +69,17 @@ def attribute_of(concept: str) -> str:
     raise ErasekitError(f"the judge does not know the concept {concept!r}", f"name one it knows ({known})")
 
 
-def render_concept(concept: str, seed: int) -> Any:
-    """A rendered image showing ``concept``, the other attributes drawn at random (seeded)."""
+def render_concept(concept: str, seed: int) -> tuple[Any, str]:
+    """A rendered image showing ``concept`` (the other attributes drawn at random, seeded) and its caption."""
     import numpy as np
 
+    from .toyworld.captions import prompt_for
     from .toyworld.render import ATTRIBUTES, render
 
     rng = np.random.default_rng(seed)
     attrs = {a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()}
     attrs[attribute_of(concept)] = concept
-    return render(attrs["shape"], attrs["colour"], attrs["pattern"], rng)
+    return render(attrs["shape"], attrs["colour"], attrs["pattern"], rng), prompt_for(**attrs)
 
 
 def truth_of(prompt: str) -> dict[str, str]:

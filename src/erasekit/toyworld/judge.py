@@ -25,11 +25,8 @@ HEADS = tuple(ATTRIBUTES)  # ("shape", "colour", "pattern")
 DEFAULT_PATH = Path(__file__).with_name("judge.safetensors")
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-    )
+def _conv(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class Judge(nn.Module):
@@ -39,9 +36,9 @@ class Judge(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _block(3, w), nn.MaxPool2d(2),
-            _block(w, 2 * w), nn.MaxPool2d(2),
-            _block(2 * w, 4 * w), nn.MaxPool2d(2),
+            *_conv(3, w), nn.MaxPool2d(2),
+            *_conv(w, 2 * w), *_conv(2 * w, 2 * w), nn.MaxPool2d(2),
+            *_conv(2 * w, 4 * w), nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.heads = nn.ModuleDict({k: nn.Linear(4 * w, len(v)) for k, v in ATTRIBUTES.items()})

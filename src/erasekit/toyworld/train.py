@@ -15,14 +15,20 @@ Stages (each component is saved as soon as it is done, so a crash does not lose 
    gradient clipping, EMA of the weights, min-SNR-5 loss weighting. The EMA weights are saved as a
    normal diffusers ``StableDiffusionPipeline`` folder ``DIR/model`` (DDIM scheduler, no safety
    checker); the text encoder's weights are stored in float16 (config says float32, so it loads
-   in float32) to keep the folder under 20 MB;
+   in float32) to keep the folder under 20 MB; the shipped model's ``erasekit.json`` (erase
+   settings, ``"toyworld": true``) is copied in when the folder has none;
 5. a short evaluation: the judge on held-out renders and their VAE reconstructions, and generated
    images of a few prompts, judged. The final report goes to stderr and ``DIR/train_report.json``.
 
 The shipped model in ``erasekit/toyworld/model`` and ``judge.safetensors`` were made with
-``--seed 0`` and the default settings (see the model card ``model/README.md``). Runs are
-deterministic for a given seed, machine and torch version; across machines the numbers differ
-slightly (float summation order), not the quality.
+``--seed 0`` and the default settings (see the model card ``model/README.md``). Every random
+choice comes from generators seeded from ``--seed``; on another machine, torch version or thread
+count the floating-point results differ slightly, so a retrained model matches the shipped one in
+quality, not byte for byte.
+
+Order note: the judge is trained right after the VAE (it needs only the VAE) and before the
+diffusion model; the stages use independent seeds, so changing the judge does not change the
+diffusion model.
 """
 
 from __future__ import annotations
@@ -55,20 +61,20 @@ def log(msg: str) -> None:
 @dataclass
 class Settings:
     seed: int = 0
-    pool: int = 40000  # renders for the VAE and the diffusion model
+    pool: int = 30000  # renders for the VAE and the diffusion model
     heldout: int = 2000
     # VAE
-    vae_steps: int = 700
+    vae_steps: int = 500
     vae_batch: int = 64
     vae_lr: float = 1e-3
     # judge
-    judge_renders: int = 30000
-    judge_recons: int = 12000
+    judge_renders: int = 24000
+    judge_recons: int = 8000
     judge_epochs: int = 3
     judge_batch: int = 128
     judge_lr: float = 2e-3
     # diffusion model
-    steps: int = 3000
+    steps: int = 2200
     batch: int = 128
     lr: float = 1e-3
     lr_min: float = 1e-4
@@ -76,7 +82,7 @@ class Settings:
     weight_decay: float = 0.01
     ema: float = 0.998
     snr_gamma: float = 5.0
-    save_every: int = 1000
+    save_every: int = 500
     # text encoder / unet sizes
     hidden: int = 64
     te_layers: int = 2
@@ -283,7 +289,7 @@ def save_pipeline(vae, text_encoder, unet, tokenizer_dir: Path, out: Path) -> No
     # ship the slow-tokenizer files (vocab.json + merges.txt + CLIP licence), not transformers' tokenizer.json
     shutil.rmtree(tmp / "tokenizer")
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    keep = [p for p in (out / "README.md",) if p.exists()]
+    keep = [p for p in (out / "README.md", out / "erasekit.json") if p.exists()]
     for p in keep:
         shutil.copy2(p, tmp / p.name)
     shutil.rmtree(out, ignore_errors=True)
@@ -375,11 +381,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, type=Path, help="output folder (gets model/, judge.safetensors, train_report.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine one thread is faster and steadier)")
     ap.add_argument("--bpe-vocab", type=Path, default=None,
                     help="CLIP's bpe_simple_vocab_16e6.txt.gz to build the tokenizer from (default: copy the shipped tokenizer)")
     ap.add_argument("--smoke", action="store_true", help="tiny settings, to check that every stage runs (minutes)")
-    ap.add_argument("--steps", type=int, default=None, help="diffusion training steps (default 3000)")
+    ap.add_argument("--steps", type=int, default=None, help="diffusion training steps (default 2200)")
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--skip-vae", action="store_true", help="reuse DIR/model/vae")
     ap.add_argument("--skip-judge", action="store_true", help="reuse DIR/judge.safetensors")
@@ -476,6 +482,10 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.time()
     train_diffusion(s, lat_mean, lat_std, pool_y, scaling, tokenizer_dir, vae, model_dir, device)
     report["times_s"]["diffusion"] = round(time.time() - t, 1)
+    # erasekit's recommended erase settings and the "toyworld" flag: start from the shipped model's
+    shipped = default_tokenizer_dir().parent / "erasekit.json"
+    if not (model_dir / "erasekit.json").exists() and shipped.is_file():
+        shutil.copy2(shipped, model_dir / "erasekit.json")
 
     # 5. evaluation
     t = time.time()

@@ -1,0 +1,67 @@
+"""erasekit eval's pieces that do not need the built-in model: prompt sets, truth, concept images."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from erasekit.errors import ErasekitError, LayoutError
+from erasekit.evaluate import attribute_of, eval_prompts, render_concept, truth_of
+from erasekit.pipeline import model_settings
+
+
+def test_attribute_of_known_and_unknown() -> None:
+    assert (attribute_of("circle"), attribute_of("red"), attribute_of("striped")) == ("shape", "colour", "pattern")
+    with pytest.raises(ErasekitError, match="does not know the concept 'snoopy'.*shapes: circle"):
+        attribute_of("snoopy")
+
+
+def test_eval_prompts_cover_the_other_attributes_evenly() -> None:
+    specs = eval_prompts("shape", 15)
+    assert len(specs) == 5 * 15
+    circles = [t for _, t in specs if t["shape"] == "circle"]
+    assert Counter(t["colour"] for t in circles) == {c: 3 for c in ("red", "green", "blue", "yellow", "purple")}
+    assert Counter(t["pattern"] for t in circles) == {"solid": 5, "hollow": 5, "striped": 5}
+    assert all(truth_of(p) == t for p, t in specs), "every prompt names exactly its attributes"
+
+
+def test_truth_of_free_prompts() -> None:
+    assert truth_of("a photo of a red, striped circle") == {"shape": "circle", "colour": "red", "pattern": "striped"}
+    assert truth_of("a blue object") == {"colour": "blue"}
+
+
+def test_render_concept_shows_the_concept() -> None:
+    from erasekit.toyworld.judge import judge
+
+    for concept in ("circle", "red", "striped"):
+        shots = [render_concept(concept, seed=s) for s in range(6)]
+        labels = judge([img for img, _ in shots])
+        assert all(lab[attribute_of(concept)] == concept for lab in labels), (concept, labels)
+        assert all(truth_of(caption) == lab for (_, caption), lab in zip(shots, labels)), "captions say what is drawn"
+    assert render_concept("star", 3)[0].tobytes() == render_concept("star", 3)[0].tobytes()
+
+
+def test_model_settings(tmp_path: Path) -> None:
+    assert model_settings(tmp_path) == {}
+    (tmp_path / "erasekit.json").write_text(json.dumps({"erase": {"lr": 0.003}, "toyworld": True}))
+    assert model_settings(tmp_path)["erase"] == {"lr": 0.003}
+    (tmp_path / "erasekit.json").write_text("{oops")
+    with pytest.raises(LayoutError, match="erasekit.json is not readable JSON"):
+        model_settings(tmp_path)
+
+
+def test_erase_and_eval_end_to_end_on_the_builtin_model(tmp_path: Path) -> None:
+    """The README's demo, small: erase a shape with the built-in model's defaults, then judge it."""
+    from erasekit.erase import erase_model
+    from erasekit.evaluate import EvalConfig, evaluate_model
+
+    patch = tmp_path / "circle.erasepatch"
+    er = erase_model(None, ["circle"], None, patch, {})
+    assert er.forget_loss_after > er.forget_loss_before
+    ev = evaluate_model("circle", [patch], config=EvalConfig(n=4, steps=15), grid=tmp_path / "grid.png")
+    assert ev.target.before >= 0.75 and ev.target.after <= 0.25, ev.target
+    assert all(o.after >= 0.5 for o in ev.others), ev.others
+    assert (tmp_path / "grid.png").stat().st_size > 0
