@@ -66,6 +66,7 @@ def main() -> int:
                              f"{100 * ev.target.before:5.1f}->{100 * ev.target.after:5.1f}%",
                              f"{(drop.concept + ' ' + format(drop.change_pp, '+.1f') + ' pp') if drop else 'none':>20}"]
                     cells += [f"{a.concept} {100 * a.before:5.1f}->{100 * a.after:5.1f}%".rjust(20) for a in attrs]
+                    cells += [f"(elsewhere {100 * e.after - 100 * e.before:+.1f} pp)" for e in ev.attributes_elsewhere.values()]
                     print(" ".join(cells[:5]) + "  " + "  ".join(cells[5:]) + ("  PASS" if ok else "  fail"), flush=True)
     print(f"reproduce: python {' '.join(sys.argv)}")
     return 0

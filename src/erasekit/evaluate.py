@@ -50,6 +50,7 @@ class EvalReport:
     target: ConceptScore
     others: list[ConceptScore]
     attributes: dict[str, ConceptScore]  # accuracy of each other attribute over all images
+    attributes_elsewhere: dict[str, ConceptScore]  # ... over the other concepts' images only
     largest_drop: ConceptScore | None
     images_per_prompt: int
     seeds: list[int]
@@ -185,8 +186,9 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     others = [score(v, attribute, lambda t, v=v: t.get(attribute) == v) for v in values]
     attributes = {a: score(a, a, lambda t: True) for a in ("shape", "colour", "pattern")
                   if a != attribute and any(a in t for _, t in specs)}
+    elsewhere = {a: score(a, a, lambda t: t.get(attribute) != concept) for a in attributes}
     drops = [o for o in others if o.change_pp < 0]
-    report = EvalReport(concept, attribute, target, others, attributes, min(drops, key=lambda o: o.change_pp) if drops else None,
+    report = EvalReport(concept, attribute, target, others, attributes, elsewhere, min(drops, key=lambda o: o.change_pp) if drops else None,
                         config.n, sorted(set(seeds)), len(set(prompts)), 0.0, patches=[p.title for p in loaded])
     if grid is not None:
         report.grid = str(_write_grid(Path(grid), specs, before, after, attribute, min(config.n, 8)))

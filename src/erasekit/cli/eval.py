@@ -60,6 +60,9 @@ def eval_cmd(
         table.add_row(f"{o.concept} accuracy", _pct(o.before), _pct(o.after), f"{o.change_pp:+.1f} pp")
     for name, a in r.attributes.items():
         table.add_row(f"{name} accuracy (all images)", _pct(a.before), _pct(a.after), f"{a.change_pp:+.1f} pp")
+        e = r.attributes_elsewhere[name]
+        table.add_row(f"{name} accuracy (other {r.attribute}s' images)", _pct(e.before), _pct(e.after),
+                      f"{e.change_pp:+.1f} pp")
     out.print(table)
     drop = f"{r.largest_drop.concept} {r.largest_drop.change_pp:+.1f} pp" if r.largest_drop else "none"
     out.print(f"largest drop among other {r.attribute}s: {drop}")
