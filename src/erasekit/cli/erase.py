@@ -59,6 +59,7 @@ def erase_cmd(
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the images. [default: 5]")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (overrides --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step. [default: 2]")] = None,
+    draws: Annotated[Optional[int], typer.Option("--draws", help="Noise draws per image per step. [default: 1]")] = None,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size in pixels. "
                                                       "[default: 512]")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="0-11", help="Text-encoder layers to "
@@ -89,7 +90,7 @@ def erase_cmd(
                 raise ErasekitError(f"cannot read --templates-file {templates_file} ({e.strerror})", "check the path") from None
         given: dict[str, Any] = {
             "kind": kind, "templates": tmpl or None, "recipe": recipe, "keep": keep, "anchor_weight": anchor_weight,
-            "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "resolution": resolution,
+            "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "draws": draws, "resolution": resolution,
             "layers": _layers(layers), "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
             "seed": seed, "device": device, "dtype": dtype, "patch_dtype": patch_dtype.upper() if patch_dtype else None,
         }
