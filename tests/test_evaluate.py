@@ -15,7 +15,7 @@ from erasekit.pipeline import model_settings
 
 def test_attribute_of_known_and_unknown() -> None:
     assert (attribute_of("circle"), attribute_of("red"), attribute_of("striped")) == ("shape", "colour", "pattern")
-    with pytest.raises(ErasekitError, match="does not know the concept 'snoopy'.*shapes: circle"):
+    with pytest.raises(ErasekitError, match="toy world has no concept 'snoopy'.*shapes: circle"):
         attribute_of("snoopy")
 
 
