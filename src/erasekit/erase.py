@@ -97,6 +97,7 @@ class EraseConfig(BaseModel):
     anchor_prompts: list[str] | None = None  # None: GENERIC_ANCHORS
     stop_ratio: float | None = Field(1.5, gt=1)  # None: never stop early
     stop_window: int = Field(5, ge=1)
+    anchor_batch: int | None = Field(None, ge=1)  # anchors sampled per step (None: all, every step)
 
     @field_validator("templates")
     @classmethod
@@ -116,7 +117,8 @@ class EraseConfig(BaseModel):
         """What the manifest records (device and cache are where it ran, not what it computed)."""
         hp = self.model_dump(mode="json", exclude={"device", "cache", "seed"})
         if self.recipe == "paper":
-            for k in ("keep", "anchor_weight", "keep_weight", "anchor_prompts", "stop_ratio", "stop_window"):
+            for k in ("keep", "anchor_weight", "keep_weight", "anchor_prompts", "stop_ratio", "stop_window",
+                      "anchor_batch"):
                 hp.pop(k)
         elif self.anchor_prompts is None:
             hp["anchor_prompts"] = list(GENERIC_ANCHORS)
@@ -498,8 +500,11 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                                      "lower --lr or the number of steps")
             objective = -loss  # gradient *ascent* on the denoising loss
             if anchored:
-                drift = ((cond_of(anchor_prompts, device)[0] - anchor_ref) ** 2).mean(dim=(1, 2))
-                objective = objective + config.anchor_weight * (drift * anchor_w).sum() / anchor_w.sum()
+                sel = (torch.randperm(len(anchor_prompts), generator=gen)[:config.anchor_batch].tolist()
+                       if config.anchor_batch else list(range(len(anchor_prompts))))
+                drift = ((cond_of([anchor_prompts[j] for j in sel], device)[0] - anchor_ref[sel]) ** 2).mean(dim=(1, 2))
+                w = anchor_w[sel]
+                objective = objective + config.anchor_weight * (drift * w).sum() / w.sum()
             objective.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
