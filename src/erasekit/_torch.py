@@ -8,16 +8,11 @@ import torch
 _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
-_DTYPES = {v: k for k, v in _CODES.items()}
 
 
 def dtype_code(dtype: torch.dtype) -> str:
     """safetensors dtype code of a torch dtype ('F16', 'BF16', ...)."""
     return _CODES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    return _DTYPES[code]
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -26,12 +21,6 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().tobytes()
     return t.numpy().tobytes()
-
-
-def from_bytes(data: bytes, code: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=_DTYPES[code])
-    return torch.frombuffer(bytearray(data), dtype=_DTYPES[code]).reshape(shape)
 
 
 def from_numpy32(arr: np.ndarray) -> torch.Tensor:

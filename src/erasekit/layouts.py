@@ -152,10 +152,6 @@ class WeightFile:
                         out.append((slot, enc.key(i, proj, kind), i, proj, kind))
         return out
 
-    def invalidate(self) -> None:
-        self._header = None
-        self._state = None
-
 
 @dataclass
 class Checkpoint:
