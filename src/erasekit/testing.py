@@ -319,3 +319,112 @@ def _make_tiny_sdxl(path: Path, seed: int) -> Path:
                                          unet=unet, scheduler=sched)
         pipe.save_pretrained(path)
     return path
+
+
+# -- diffusers folder -> original (LDM/A1111/ComfyUI) single file ----------------------------------
+# The inverse of diffusers' single-file conversion, after diffusers' scripts/
+# convert_diffusers_to_original_stable_diffusion.py, but built from the folder's configs (any number of
+# levels and layers per block) and strict: a tensor no rule maps is an error, never copied under its own name.
+
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_SAME: dict[str, str] = {}  # leaf names kept as they are (transformer blocks, samplers, top-level convs)
+
+
+def _unet_rules(cfg: dict[str, object], keys: list[str]) -> list[tuple[str, str, dict[str, str]]]:
+    """(diffusers prefix, LDM prefix, leaf renames) for a UNet2DConditionModel of SD1.x/SD2.x shape."""
+    per = int(cfg["layers_per_block"]) + 1  # type: ignore[call-overload]  # LDM blocks per level: resnets + a sampler slot
+    rules = [("time_embedding.linear_1.", "time_embed.0.", _SAME), ("time_embedding.linear_2.", "time_embed.2.", _SAME),
+             ("conv_in.", "input_blocks.0.0.", _SAME), ("conv_norm_out.", "out.0.", _SAME), ("conv_out.", "out.2.", _SAME),
+             ("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET), ("mid_block.attentions.0.", "middle_block.1.", _SAME),
+             ("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET)]
+    for i in range(len(cfg["block_out_channels"])):  # type: ignore[arg-type]
+        for j in range(per - 1):
+            rules += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{per * i + j + 1}.0.", _UNET_RESNET),
+                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{per * i + j + 1}.1.", _SAME)]
+        rules.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{per * (i + 1)}.0.op.", _SAME))
+        for j in range(per):
+            rules += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{per * i + j}.0.", _UNET_RESNET),
+                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{per * i + j}.1.", _SAME)]
+        slot = 2 if any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys) else 1  # after the attention, if any
+        rules.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{per * i + per - 1}.{slot}.", _SAME))
+    return rules
+
+
+def _vae_rules(cfg: dict[str, object]) -> list[tuple[str, str, dict[str, str]]]:
+    """(diffusers prefix, LDM prefix, leaf renames) for an AutoencoderKL; LDM numbers decoder levels bottom-up."""
+    n = len(cfg["block_out_channels"])  # type: ignore[arg-type]
+    per = int(cfg["layers_per_block"])  # type: ignore[call-overload]
+    rules = [(f"{p}", f"{p}", _SAME) for p in ("quant_conv.", "post_quant_conv.", "encoder.conv_in.", "encoder.conv_out.",
+                                              "decoder.conv_in.", "decoder.conv_out.")]
+    for part in ("encoder", "decoder"):
+        rules += [(f"{part}.conv_norm_out.", f"{part}.norm_out.", _SAME),
+                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", _VAE_ATTN)]
+        rules += [(f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}.", _VAE_RESNET) for j in range(2)]
+    for i in range(n):
+        rules += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", _VAE_RESNET) for j in range(per)]
+        rules += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", _VAE_RESNET)
+                  for j in range(per + 1)]
+        rules += [(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", _SAME),
+                  (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.", _SAME)]
+    return rules
+
+
+def _to_ldm(sd: dict[str, torch.Tensor], rules: list[tuple[str, str, dict[str, str]]], prefix: str,
+            what: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        match = [(src, dst, leaves) for src, dst, leaves in rules if key.startswith(src)]
+        if len(match) != 1:
+            raise ValueError(f"{what} tensor {key!r} matches {len(match)} conversion rules, expected 1")
+        src, dst, leaves = match[0]
+        rest = key[len(src):]
+        for old, new in leaves.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+                if leaves is _VAE_ATTN and value.ndim == 2:
+                    value = value.reshape(*value.shape, 1, 1)  # LDM's VAE attention projections are 1x1 convs
+                break
+        else:
+            if leaves is not _SAME:
+                raise ValueError(f"{what} tensor {key!r} has no LDM name for {rest.split('.')[0]!r}")
+        out[prefix + dst + rest] = value
+    return out
+
+
+def save_single_file(pipeline_dir: str | Path, out_path: str | Path, fmt: str = "safetensors") -> Path:
+    """Write the SD1.x diffusers pipeline folder at ``pipeline_dir`` (as :func:`make_tiny_pipeline` writes it) as
+    ONE original-layout checkpoint: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
+    ``cond_stage_model.transformer.text_model.*`` (CLIP text encoder), the layout A1111/ComfyUI files have.
+
+    ``fmt``: "safetensors", or "ckpt" (a torch pickle holding ``{"state_dict": ...}``). Values are copied
+    bit for bit; only names change (and the VAE attention weights gain the 1x1 conv dims).
+    """
+    from safetensors.torch import load_file, save_file
+
+    if fmt not in ("safetensors", "ckpt"):
+        raise ValueError(f"unknown fmt {fmt!r}; choose safetensors or ckpt")
+    src, out_path = Path(pipeline_dir), Path(out_path)
+
+    def part(name: str, weights: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        cfg = json.loads((src / name / "config.json").read_text())
+        return load_file(str(src / name / weights)), cfg
+
+    unet, unet_cfg = part("unet", "diffusion_pytorch_model.safetensors")
+    vae, vae_cfg = part("vae", "diffusion_pytorch_model.safetensors")
+    te, te_cfg = part("text_encoder", "model.safetensors")
+    if te_cfg.get("hidden_act") != "quick_gelu" or unet_cfg.get("addition_embed_type") is not None:
+        raise ValueError(f"{src} is not an SD1.x pipeline (only SD1.x is written as a single file)")
+    sd = (_to_ldm(unet, _unet_rules(unet_cfg, list(unet)), "model.diffusion_model.", "UNet")
+          | _to_ldm(vae, _vae_rules(vae_cfg), "first_stage_model.", "VAE")
+          | {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in te.items()})
+    assert len(sd) == len(unet) + len(vae) + len(te), "two tensors were given the same LDM name"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if fmt == "ckpt":
+        torch.save({"state_dict": sd}, out_path)
+    else:
+        save_file(sd, str(out_path), metadata={"format": "pt"})
+    return out_path
