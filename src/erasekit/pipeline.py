@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -81,6 +82,8 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                                     "to erase from; erase with the base model)")
     dtype = torch_dtype or torch.float32
     cls = StableDiffusionXLPipeline if ckpt.architecture == "sdxl" else StableDiffusionPipeline
+    extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "feature_extractor": None,
+                                                         "requires_safety_checker": False}
     if path.is_dir():
         import json
 
@@ -89,23 +92,114 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
             if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
                 raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
                                   "use a complete diffusers pipeline folder")
-        extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "feature_extractor": None,
-                                                             "requires_safety_checker": False}
         load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **extra)  # noqa: E731
     else:
-        if config is None:
-            raise ErasekitError(f"loading the single file {path} needs the configs of its architecture",
-                                "pass --config DIR, a local diffusers folder of the same model family")
-        if not Path(config).is_dir():
-            raise InputFileError(f"--config {config} is not a folder", "name a local diffusers pipeline folder")
+        check_single_file_config(ckpt, config)
         load = lambda: cls.from_single_file(str(path), config=str(config), local_files_only=True,  # noqa: E731
-                                            torch_dtype=dtype)
+                                            torch_dtype=dtype, **extra)
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pipe = load()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
-                          "check that the folder is a complete local diffusers pipeline") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as e:
+        fix = ("check that the folder is a complete local diffusers pipeline" if path.is_dir() else
+               f"check that {path} is a complete checkpoint and --config {config} a pipeline of the same model")
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:240]  # torch puts the why on line 2
+        raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {detail})",
+                          fix) from None
+    if not path.is_dir():
+        check_single_file_pipeline(pipe, ckpt, config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), ckpt
+
+
+def _config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(architecture, slot -> text encoder config) of a diffusers folder, from its JSON files only: a folder
+    of configs without weights is enough for ``--config``."""
+    import json
+
+    def read(p: Path) -> dict[str, Any]:
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LayoutError(f"--config {config}: {p.name} is not readable JSON ({type(e).__name__})",
+                              "name a local diffusers pipeline folder") from None
+        if not isinstance(obj, dict):
+            raise LayoutError(f"--config {config}: {p.name} is not a JSON object", "name a local diffusers pipeline folder")
+        return obj
+
+    if not (config / "model_index.json").is_file():
+        raise LayoutError(f"--config {config} has no model_index.json",
+                          "name a local diffusers pipeline folder (its configs are enough, weights are not needed)")
+    index = read(config / "model_index.json")
+    names = [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and index[c][:1] != [None]]
+    slots = {("text_encoder",): ["te"], ("text_encoder", "text_encoder_2"): ["te1", "te2"],
+             ("text_encoder_2",): ["te2"]}.get(tuple(names))
+    if slots is None:
+        raise LayoutError(f"--config {config} has no text encoder in its model_index.json",
+                          "name the diffusers pipeline folder of a Stable Diffusion model")
+    configs = {}
+    for slot, name in zip(slots, names):
+        if not (config / name / "config.json").is_file():
+            raise LayoutError(f"--config {config} lacks {name}/config.json", "name a complete diffusers pipeline folder")
+        configs[slot] = read(config / name / "config.json")
+    if len(names) == 2:
+        return "sdxl", configs
+    if names == ["text_encoder_2"]:
+        return "sdxl-refiner", configs
+    return ("sd2" if configs["te"].get("hidden_act") == "gelu" else "sd1"), configs  # as layouts._detect_folder
+
+
+def check_single_file_config(ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
+    """Refuse, before anything is loaded, a ``--config`` that is missing or of another model than the file."""
+    path = ckpt.path
+    if config is None:
+        raise ErasekitError(f"loading the single file {path} needs the configs of its architecture ({ckpt.architecture})",
+                            "pass --config DIR, a local diffusers folder of the same model family")
+    config = Path(config)
+    if not config.is_dir():
+        raise InputFileError(f"--config {config} is not a folder", "name a local diffusers pipeline folder")
+    arch, configs = _config_architecture(config)
+    if arch != ckpt.architecture:
+        raise LayoutError(f"--config {config} is a pipeline for {arch} but {path.name} is {ckpt.architecture}",
+                          f"pass --config with a diffusers folder of the {ckpt.architecture} family")
+    for slot, enc in ckpt.encoders.items():
+        cfg = configs[slot]
+        dims = (cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers"))
+        # diffusers' SD2.x text encoder stops one OpenCLIP block early (23 of 24 layers: the penultimate layer)
+        layers_fit = dims[2] == enc.layers or (enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers)
+        if dims[:2] != enc.dims[:2] or not layers_fit:
+            raise LayoutError(f"--config {config} describes a text encoder of {'x'.join(map(str, dims))} (hidden x FFN "
+                              f"x layers) but {path.name} holds {'x'.join(map(str, enc.dims))}",
+                              "pass --config with the diffusers folder of the model this file was made from")
+
+
+def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
+    """diffusers loads single files with ``strict=False`` (without accelerate): tensors that its key conversion
+    misses keep their random initial values, silently. Refuse such a pipeline: every UNet and VAE tensor must
+    have a source in the file, and the text-encoder FFN tensors erasekit trains must be the file's, bit for bit
+    (a patch's base fingerprints are taken from the file)."""
+    import torch
+
+    from .apply import memory_encoders
+
+    names = list(ckpt.files[0].tensor_info())
+    for comp, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model.")):
+        need, have = len(getattr(pipe, comp).state_dict()), sum(k.startswith(prefix) for k in names)
+        if have < need:
+            raise LayoutError(f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of --config "
+                              f"{config} has {need}", "use a complete checkpoint, and --config of the same model")
+    wf = ckpt.files[0]
+    _, encoders = memory_encoders(pipe)
+    for slot, enc in ckpt.encoders.items():
+        module, spec = encoders[slot]
+        state = module.state_dict()
+        for layer, proj, kind in itertools.product(range(spec.layers), ("fc1", "fc2"), ("weight", "bias")):
+            key = enc.key(layer, proj, kind)
+            got = state[spec.key(layer, proj, kind)]
+            want = torch.from_numpy(wf.read_numpy(key).copy()).to(got.dtype)
+            if not torch.equal(got.cpu(), want):
+                raise LayoutError(f"diffusers did not load {ckpt.path.name}'s text encoder as it is stored ({key} "
+                                  "differs)", "report this with your diffusers and transformers versions")

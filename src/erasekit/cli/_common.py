@@ -28,6 +28,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", metavar="MODEL", help="A local diffusers "
                                                  "folder (SD1.x, SD2.x, SDXL), or a single file with --config. "
                                                  "[default: the built-in toy-world model]")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
+                                                  "a local diffusers folder of the same family.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
 
 INTERNAL_ERROR = 70

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ._common import JsonOpt, ModelOpt, errors, human_bytes, out, print_json, progress_bar
+from ._common import ConfigOpt, JsonOpt, ModelOpt, errors, human_bytes, out, print_json, progress_bar
 
 # Options left unset take the model's recommended value (erasekit.json in the model folder), else the
 # published recipe's; so their defaults here are None.
@@ -72,8 +72,7 @@ def erase_cmd(
                                                  "GPU, fp32 on CPU), fp32, bf16, fp16.")] = None,
     patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help="Storage dtype of the deltas: F32, "
                                                        "F16, BF16. [default: BF16]")] = None,
-    config_dir: Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
-                                                       "a local diffusers folder of the same family.")] = None,
+    config_dir: ConfigOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the latents cache.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

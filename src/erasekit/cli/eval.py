@@ -38,6 +38,9 @@ def eval_cmd(
     from ..evaluate import EvalConfig, evaluate_model
 
     with errors():
+        if model is not None and model.is_file():
+            raise ErasekitError(f"erasekit eval does not read single-file checkpoints yet ({model})",
+                                "evaluate its diffusers folder (erase and generate take a single file with --config)")
         try:
             config = EvalConfig(n=n, seed=seed, steps=steps, guidance=guidance, strength=strength, device=device)
         except ValueError as e:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import JsonOpt, ModelOpt, errors, out, print_json, progress_bar
+from ._common import ConfigOpt, JsonOpt, ModelOpt, errors, out, print_json, progress_bar
 
 
 def generate_cmd(
@@ -25,8 +25,7 @@ def generate_cmd(
     compare: Annotated[bool, typer.Option("--compare", help="Render each prompt without and with the patches, "
                                           "same seeds, side by side.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    config_dir: Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
-                                                       "a local diffusers folder of the same family.")] = None,
+    config_dir: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Render prompts, optionally with patches applied (and without, with --compare)."""
