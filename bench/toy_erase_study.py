@@ -29,7 +29,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "paper-strong": {"recipe": "paper", "lr": 1e-3, "steps": 20},
     # anchored on everyday captions only (what a user of a real model gets without --keep)
     "anchored-generic": {"recipe": "anchored", "anchor_prompts": None},
-    # the built-in model's defaults (erasekit.json): anchored on the toy world's own prompts
+    # anchored on the toy world's own prompts, without stand-ins (the defaults before 0.2)
+    "no-stand-ins": {"stand_ins": {}, "anchor_weight": 30.0},
+    # the built-in model's defaults (erasekit.json): anchored on the toy world's own prompts, with stand-ins
     "default": {},
 }
 

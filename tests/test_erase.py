@@ -260,6 +260,22 @@ def test_anchors_naming_the_erased_concept_are_dropped() -> None:
     from erasekit.erase import _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"])
-    prompts, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["circle"])
+    prompts, refs, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["circle"])
     assert prompts == ["", "a blue square", "a photo of a cross"]
+    assert refs == [[p] for p in prompts]
     assert weights.tolist() == [1.0, 1.0, 5.0]
+
+
+def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
+    from erasekit.erase import _anchor_prompts
+
+    cfg = EraseConfig(recipe="anchored", anchor_prompts=["a red Circle", "a blue square", "circles"],
+                      stand_ins={"circle": "square", "red": ["", "green"]}, stand_in_weight=0.5)
+    prompts, refs, weights = _anchor_prompts(cfg, ["a photo of a {}", "a {}"], ["circle", "red"])
+    # whole words only ("circles" is not "circle"); both erased words replaced; "" drops a word; templates added
+    assert prompts == ["a red Circle", "a blue square", "circles", "a photo of a circle", "a circle",
+                       "a photo of a red", "a red"]
+    assert refs == [["a square", "a green square"], ["a blue square"], ["circles"], ["a photo of a square"],
+                    ["a square"], ["a photo of a", "a photo of a green"], ["a", "a green"]]
+    assert weights.tolist() == [0.5, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    assert EraseConfig(stand_ins={"red": "blue"}).stand_ins == {"red": ["blue"]}

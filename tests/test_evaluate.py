@@ -54,14 +54,16 @@ def test_model_settings(tmp_path: Path) -> None:
 
 
 def test_erase_and_eval_end_to_end_on_the_builtin_model(tmp_path: Path) -> None:
-    """The README's demo, small: erase a shape with the built-in model's defaults, then judge it."""
+    """The README's demo, small: erase a shape with the built-in model's defaults, then judge it against the
+    bars (target gone; other shapes, colour and pattern as before, give or take one image)."""
     from erasekit.erase import erase_model
     from erasekit.evaluate import EvalConfig, evaluate_model
 
     patch = tmp_path / "circle.erasepatch"
     er = erase_model(None, ["circle"], None, patch, {})
     assert er.forget_loss_after > er.forget_loss_before
-    ev = evaluate_model("circle", [patch], config=EvalConfig(n=4, steps=15), grid=tmp_path / "grid.png")
-    assert ev.target.before >= 0.75 and ev.target.after <= 0.25, ev.target
-    assert all(o.after >= 0.5 for o in ev.others), ev.others
+    ev = evaluate_model("circle", [patch], config=EvalConfig(n=8), grid=tmp_path / "grid.png")
+    assert ev.target.before >= 0.75 and ev.target.after == 0, ev.target
+    assert all(o.after >= o.before - 1 / 8 for o in ev.others), ev.others
+    assert all(a.after >= a.before - 1 / 40 for a in ev.attributes.values()), ev.attributes
     assert (tmp_path / "grid.png").stat().st_size > 0

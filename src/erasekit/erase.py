@@ -12,7 +12,8 @@ Method: Fuchi & Takagi, "Erasing Concepts from Text-to-Image Diffusion Models wi
 What makes it faster than the reference script at the same number of optimizer steps: only the FFN
 tensors require gradients (no weight gradients for the UNet, attention or embeddings, and no backward
 pass below the lowest trained layer), no per-epoch checkpoint writes, latents encoded once and cached,
-SDPA attention, and bf16 autocast for the frozen UNet on GPUs.
+SDPA attention, and bf16 autocast for the frozen UNet on devices that compute bf16 natively (GPUs; CPUs
+with AVX512-BF16 or AMX).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class EraseConfig(BaseModel):
     encoders: list[Literal["te", "te1", "te2"]] | None = None  # SDXL: which encoders to train; None = all
     seed: int = 0
     device: str = "auto"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype of the frozen UNet
+    # autocast dtype of the frozen UNet; auto: bf16 where the device computes it natively, else fp32
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     flip: bool = True  # horizontal flip, p = 0.5, decided once per image
     patch_dtype: Literal["F32", "F16", "BF16"] = "BF16"
     cache: bool = True
@@ -98,6 +100,17 @@ class EraseConfig(BaseModel):
     stop_ratio: float | None = Field(1.5, gt=1)  # None: never stop early
     stop_window: int = Field(5, ge=1)
     anchor_batch: int | None = Field(None, ge=1)  # anchors sampled per step (None: all, every step)
+    # concept -> what stands in for it (anchored recipe). An anchor prompt naming the concept is then not dropped
+    # but held at the original conditioning of the same prompt with the stand-in in the concept's place ("a red
+    # circle" -> "a red square"), so the words around the concept keep their meaning. "" drops the word; several
+    # stand-ins: the mean of their conditionings.
+    stand_ins: dict[str, list[str]] = {}
+    stand_in_weight: float = Field(0.3, ge=0)  # weight of those prompts, relative to other anchors
+
+    @field_validator("stand_ins", mode="before")
+    @classmethod
+    def _listed(cls, v: Any) -> Any:
+        return {k: [w] if isinstance(w, str) else w for k, w in v.items()} if isinstance(v, dict) else v
 
     @field_validator("templates")
     @classmethod
@@ -118,7 +131,7 @@ class EraseConfig(BaseModel):
         hp = self.model_dump(mode="json", exclude={"device", "cache", "seed"})
         if self.recipe == "paper":
             for k in ("keep", "anchor_weight", "keep_weight", "anchor_prompts", "stop_ratio", "stop_window",
-                      "anchor_batch"):
+                      "anchor_batch", "stand_ins", "stand_in_weight"):
                 hp.pop(k)
         elif self.anchor_prompts is None:
             hp["anchor_prompts"] = list(GENERIC_ANCHORS)
@@ -308,6 +321,7 @@ class Conditioner:
                                 f"choose from {', '.join(available)}")
         self.trained = {s: available[s][0] for s in chosen}
         self.resolution = resolution
+        self._ids: dict[tuple[int, str], Any] = {}  # (tokenizer, prompt) -> token ids: the loop repeats prompts
 
     def useful_layers(self, slot: str) -> list[int]:
         """Layers whose change reaches the UNet: SDXL reads te1's penultimate hidden state, so te1's last
@@ -319,8 +333,12 @@ class Conditioner:
         import torch
 
         def ids(tok: Any) -> Any:
-            return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids.to(device)
+            new = [p for p in dict.fromkeys(prompts) if (id(tok), p) not in self._ids]
+            if new:
+                rows = tok(new, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+                self._ids.update({(id(tok), p): row for p, row in zip(new, rows)})
+            return torch.stack([self._ids[(id(tok), p)] for p in prompts]).to(device)
 
         if self.arch != "sdxl":
             te, tok = self.all["te"]
@@ -338,17 +356,41 @@ def _layers_path(text_encoder: Any) -> str:
     return "text_model.encoder.layers" if "text_model.encoder.layers" in names else "encoder.layers"
 
 
-def _anchor_prompts(config: EraseConfig, templates: list[str], concepts: Sequence[str]) -> tuple[list[str], Any]:
-    """Prompts whose conditioning the anchored recipe preserves, and their weights (--keep counts more).
-    An anchor that names a concept being erased is dropped: holding it in place would fight the erasure."""
+def _replace_words(prompt: str, word: str, by: str) -> str:
+    """``prompt`` with every whole-word ``word`` (case-insensitive) replaced by ``by``, spaces tidied."""
+    import re
+
+    out = re.sub(rf"(?i)(?<!\w){re.escape(word)}(?!\w)", by, prompt)
+    return " ".join(out.split())
+
+
+def _anchor_prompts(config: EraseConfig, templates: list[str],
+                    concepts: Sequence[str]) -> tuple[list[str], list[list[str]], Any]:
+    """Prompts whose conditioning the anchored recipe holds in place; for each, the prompts whose mean original
+    conditioning it is held at (the prompt itself, or for one naming an erased concept with stand-ins, that
+    prompt with each stand-in in the concept's place; the concept's first templates are added so); and their
+    weights (--keep counts more).
+    An anchor that names an erased concept without a stand-in is dropped: holding it would fight the erasure."""
     import torch
 
-    erased = {w for c in concepts for w in c.lower().split()}
-    generic = [p for p in (config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
-               if not erased & set(p.lower().replace(",", " ").split())]
-    keep = [t.format(k) for k in config.keep for t in templates[:4]]
-    weights = [1.0] * len(generic) + [config.keep_weight] * len(keep)
-    return generic + keep, torch.tensor(weights)
+    erased = [c.lower() for c in concepts]
+    stand_ins = {k.lower(): v for k, v in config.stand_ins.items()}
+    held: list[tuple[str, list[str], float]] = []
+    for p in (config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS):
+        words = set(p.lower().replace(",", " ").split())
+        named = [c for c in erased if set(c.split()) & words]
+        if not named:
+            held.append((p, [p], 1.0))
+        elif all(c in stand_ins for c in named):
+            alts = [p]
+            for c in named:
+                alts = [_replace_words(a, c, s) for a in alts for s in stand_ins[c]]
+            held.append((p, alts, config.stand_in_weight))
+    seen = {h[0] for h in held}  # the concept in its own templates, held at its stand-ins in the same templates
+    held += [(t.format(c), [_replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]], config.stand_in_weight)
+             for c in concepts if c.lower() in stand_ins for t in templates[:4] if t.format(c) not in seen]
+    held += [(k, [k], config.keep_weight) for k in (t.format(k) for k in config.keep for t in templates[:4])]
+    return [h[0] for h in held], [h[1] for h in held], torch.tensor([h[2] for h in held])
 
 
 def _tipped(losses: list[float], config: EraseConfig) -> bool:
@@ -388,7 +430,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from ._torch import dtype_code, tensor_bytes
+    from ._torch import dtype_code, native_bf16, tensor_bytes
     from .layouts import parse_module_name
     from .patchfile import Concept, DeltaInfo, EncoderInfo, Method, Patch, fingerprint, new_manifest
 
@@ -449,15 +491,15 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     opt = torch.optim.Adam([p for _, _, p in params], lr=config.lr, betas=config.betas, eps=config.eps,
                            weight_decay=config.weight_decay)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        config.dtype, torch.bfloat16 if (config.dtype == "auto" and device.type == "cuda") else None)
+        config.dtype, torch.bfloat16 if (config.dtype == "auto" and native_bf16(device)) else None)
 
-    def denoise_loss(idx: list[int], t: Any, noise: Any, prompts: list[str]) -> Any:
+    def denoise_loss(idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
         x0 = latents[idx].to(device)
         noise = noise.to(device)
         t = t.to(device)
         noisy = noise_sched.add_noise(x0, noise, t)
         target = noise if pred_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
-        cond, added = cond_of(prompts, device)
+        cond, added = conditioning
         if added is not None:
             added = {k: v.to(unet.dtype) for k, v in added.items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -476,15 +518,17 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
     def forget_loss() -> float:
         with torch.no_grad():
-            return float(np.mean([denoise_loss(all_idx, t, n, p).item() for t, n, p in eval_draws]))
+            return float(np.mean([denoise_loss(all_idx, t, n, cond_of(p, device)).item() for t, n, p in eval_draws]))
 
     before = forget_loss()
     batches = _schedule(len(loaded), config, gen)
     anchored = config.recipe == "anchored"
     if anchored:  # the conditioning to hold in place, computed once with the original weights
-        anchor_prompts, anchor_w = _anchor_prompts(config, templates, concepts)
+        anchor_prompts, ref_prompts, anchor_w = _anchor_prompts(config, templates, concepts)
         with torch.no_grad():
-            anchor_ref = cond_of(anchor_prompts, device)[0].detach()
+            flat = [r for refs in ref_prompts for r in refs]
+            conds = cond_of(flat, device)[0].detach()
+            anchor_ref = torch.stack([c.mean(0) for c in conds.split([len(r) for r in ref_prompts])])
         anchor_w = anchor_w.to(device)
     losses: list[float] = []
     stopped_at = None
@@ -494,15 +538,21 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
             idx = [i for i in idx for _ in range(config.draws)]  # several noise draws per image
             t = torch.randint(0, T, (len(idx),), generator=gen)
             noise = torch.randn((len(idx), *latents.shape[1:]), generator=gen)
-            loss = denoise_loss(idx, t, noise, [prompt_for(i, gen) for i in idx])
+            prompts = [prompt_for(i, gen) for i in idx]
+            sel = []
+            if anchored:
+                sel = (torch.randperm(len(anchor_prompts), generator=gen)[:config.anchor_batch].tolist()
+                       if config.anchor_batch else list(range(len(anchor_prompts))))
+            # one text-encoder pass for the step's prompts and its anchors
+            cond, added = cond_of(prompts + [anchor_prompts[j] for j in sel], device)
+            k = len(prompts)
+            loss = denoise_loss(idx, t, noise, (cond[:k], {n: v[:k] for n, v in added.items()} if added else None))
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
                                      "lower --lr or the number of steps")
             objective = -loss  # gradient *ascent* on the denoising loss
             if anchored:
-                sel = (torch.randperm(len(anchor_prompts), generator=gen)[:config.anchor_batch].tolist()
-                       if config.anchor_batch else list(range(len(anchor_prompts))))
-                drift = ((cond_of([anchor_prompts[j] for j in sel], device)[0] - anchor_ref[sel]) ** 2).mean(dim=(1, 2))
+                drift = ((cond[k:] - anchor_ref[sel]) ** 2).mean(dim=(1, 2))
                 w = anchor_w[sel]
                 objective = objective + config.anchor_weight * (drift * w).sum() / w.sum()
             objective.backward()
@@ -540,7 +590,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
             te.to(te_dtypes[slot])
 
     hp = config.hyperparameters() | {"steps_run": len(losses), "stopped_early": stopped_at is not None,
-                                     "prediction_type": pred_type}
+                                     "prediction_type": pred_type,
+                                     "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")}
     manifest = new_manifest(
         title=" + ".join(concepts) + " erased", architecture=cond_of.arch,
         encoders={slot: EncoderInfo(hidden=te.config.hidden_size, intermediate=te.config.intermediate_size,

@@ -52,6 +52,12 @@ def erase_cmd(
                                                   "place, with an early stop. [default: the model's, else paper]")] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="NAME", help="A concept to protect "
                                                       "(anchored recipe; repeatable).")] = None,
+    stand_in: Annotated[Optional[list[str]], typer.Option("--stand-in", metavar="CONCEPT=WORD", help="What "
+                                                          "takes the concept's place (anchored recipe; "
+                                                          "repeatable): prompts naming it are held at the same "
+                                                          "prompt with WORD instead, so the rest of the prompt "
+                                                          "keeps its meaning. WORD may be empty (drop the word) "
+                                                          "or a comma-separated list (their mean).")] = None,
     anchor_weight: Annotated[Num, typer.Option("--anchor-weight", help="Weight of the anchor penalty "
                                                "(anchored recipe). [default: 30]")] = None,
     no_early_stop: Annotated[bool, typer.Option("--no-early-stop", help="Run every step (anchored recipe).")] = False,
@@ -68,8 +74,9 @@ def erase_cmd(
                                                     "encoders to change (default: both).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of every random choice. [default: 0]")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N. [default: auto]")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Autocast dtype of the frozen UNet: auto (bf16 on "
-                                                 "GPU, fp32 on CPU), fp32, bf16, fp16.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Autocast dtype of the frozen UNet: auto (bf16 where "
+                                                 "the device computes it natively: GPUs, CPUs with "
+                                                 "AVX512-BF16/AMX; else fp32), fp32, bf16, fp16.")] = None,
     patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help="Storage dtype of the deltas: F32, "
                                                        "F16, BF16. [default: BF16]")] = None,
     config_dir: ConfigOpt = None,
@@ -87,8 +94,14 @@ def erase_cmd(
                 tmpl += [line.strip() for line in templates_file.read_text().splitlines() if line.strip()]
             except OSError as e:
                 raise ErasekitError(f"cannot read --templates-file {templates_file} ({e.strerror})", "check the path") from None
+        stand_ins: dict[str, list[str]] = {}
+        for item in stand_in or []:
+            concept, eq, words = item.partition("=")
+            if not eq or not concept.strip():
+                raise ErasekitError(f"--stand-in {item!r} is not CONCEPT=WORD", "write it as --stand-in circle=square")
+            stand_ins[concept.strip()] = [w.strip() for w in words.split(",")]
         given: dict[str, Any] = {
-            "kind": kind, "templates": tmpl or None, "recipe": recipe, "keep": keep, "anchor_weight": anchor_weight,
+            "stand_ins": stand_ins or None, "kind": kind, "templates": tmpl or None, "recipe": recipe, "keep": keep, "anchor_weight": anchor_weight,
             "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "draws": draws, "resolution": resolution,
             "layers": _layers(layers), "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
             "seed": seed, "device": device, "dtype": dtype, "patch_dtype": patch_dtype.upper() if patch_dtype else None,
