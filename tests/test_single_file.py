@@ -210,8 +210,15 @@ def test_cli_without_config_is_one_line_naming_it(tmp_path: Path, world: dict[st
     assert list(tmp_path.iterdir()) == [], "nothing is written"
 
 
-def test_cli_eval_refuses_single_files_clearly(world: dict[str, Path]) -> None:
-    r = runner.invoke(app, ["eval", "--model", str(world["file"]), "--patch", "p.erasepatch", "--concept", "circle"])
-    assert r.exit_code == 1
-    assert r.stderr.strip() == (f"error: erasekit eval does not read single-file checkpoints yet ({world['file']}); "
-                                "evaluate its diffusers folder (erase and generate take a single file with --config)")
+def test_cli_eval_takes_config(tmp_path: Path, world: dict[str, Path]) -> None:
+    patch = tmp_path / "c.erasepatch"
+    r = runner.invoke(app, ["erase", "--model", str(world["file"]), "--config", str(world["configs"]), "--concept",
+                            "circle", "--images", str(world["images"]), "--steps", "1", "--resolution", "32", "-o", str(patch)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", "--model", str(world["file"]), "--config", str(world["configs"]), "--patch",
+                            str(patch), "--concept", "circle", "-n", "1", "--steps", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["attribute"] == "shape" and report["prompts"] == 5 and 0 <= report["target"]["after"] <= 1
+    r = runner.invoke(app, ["eval", "--model", str(world["file"]), "--patch", str(patch), "--concept", "circle"])
+    assert r.exit_code == 1 and "pass --config DIR" in r.stderr

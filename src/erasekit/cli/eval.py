@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, ModelOpt, errors, out, print_json, progress_bar
+from ._common import ConfigOpt, JsonOpt, ModelOpt, errors, out, print_json, progress_bar
 
 
 def _pct(x: float) -> str:
@@ -31,6 +31,7 @@ def eval_cmd(
     grid: Annotated[Optional[Path], typer.Option("--grid", metavar="OUT.png", help="Write the labelled "
                                                  "before/after picture.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    config_dir: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Judge a patch on the built-in toy world: target rate, every other concept, other attributes."""
@@ -38,9 +39,6 @@ def eval_cmd(
     from ..evaluate import EvalConfig, evaluate_model
 
     with errors():
-        if model is not None and model.is_file():
-            raise ErasekitError(f"erasekit eval does not read single-file checkpoints yet ({model})",
-                                "evaluate its diffusers folder (erase and generate take a single file with --config)")
         try:
             config = EvalConfig(n=n, seed=seed, steps=steps, guidance=guidance, strength=strength, device=device)
         except ValueError as e:
@@ -48,7 +46,7 @@ def eval_cmd(
             raise ErasekitError(f"invalid --{err['loc'][0]}: {err['msg']}", "see erasekit eval --help") from None
         with progress_bar("rendering", enabled=not as_json) as update:
             r = evaluate_model(concept, patch, model=model, config=config, prompts_file=prompts, grid=grid,
-                               progress=lambda done, total: update(done, total, ""))
+                               config_dir=config_dir, progress=lambda done, total: update(done, total, ""))
     if as_json:
         print_json(r)
         return
