@@ -279,3 +279,21 @@ def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
                     ["a square"], ["a photo of a", "a photo of a green"], ["a", "a green"]]
     assert weights.tolist() == [0.5, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
     assert EraseConfig(stand_ins={"red": "blue"}).stand_ins == {"red": ["blue"]}
+
+
+def test_rank_stores_the_truncated_svd_of_the_dense_change(tmp_path: Path, tiny: Path, circles: Path) -> None:
+    dense = erase_model(tiny, ["circle"], [circles], tmp_path / "dense.erasepatch", EraseConfig(**FAST, patch_dtype="F32"))
+    low = erase_model(tiny, ["circle"], [circles], tmp_path / "r2.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank=2))
+    pd, pl = load_patch(dense.output), load_patch(low.output)
+    assert low.patch_bytes < dense.patch_bytes and 0 < low.rank_kept < 1 and dense.rank_kept is None
+    for m, info in pl.manifest.deltas.items():
+        assert (info.storage, info.rank) == ("lowrank", 2)
+        assert pl.tensors[f"{m}.lora_up.weight"].shape[1] == 2 and f"{m}.diff" not in pl.tensors
+        u, s, vh = np.linalg.svd(pd.weight_delta(m).astype(np.float64), full_matrices=False)
+        np.testing.assert_allclose(pl.weight_delta(m), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-6)  # the best rank-2 fit
+        np.testing.assert_array_equal(pl.tensors[f"{m}.diff_b"], pd.tensors[f"{m}.diff_b"])  # biases stay exact
+    assert pl.manifest.method.hyperparameters["rank"] == 2
+    full = erase_model(tiny, ["circle"], [circles], tmp_path / "r9.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank=999))
+    assert full.rank_kept == pytest.approx(1.0)  # a rank above the matrix's keeps everything
+    for m in pd.manifest.deltas:
+        np.testing.assert_allclose(load_patch(full.output).weight_delta(m), pd.weight_delta(m), atol=1e-6)

@@ -16,6 +16,7 @@ from .patchfile import (
     EncoderInfo,
     Method,
     Patch,
+    delta_tensors,
     fingerprint,
     is_patch_file,
     load_patch,
@@ -94,12 +95,6 @@ def _other_changes(fa: WeightFile, fb: WeightFile, slot: str) -> list[str]:
     return changed
 
 
-def _lowrank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    u, s, vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
-    r = min(rank, s.size)
-    return (u[:, :r] * s[:r]).astype(np.float32), vh[:r].astype(np.float32)
-
-
 def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.PathLike | None = None,
                      title: str | None = None, rank: int | None = None, dtype: str = "F32") -> DiffReport:
     """Per-layer FFN change from A to B; with ``output``, the change as a patch that turns A into B."""
@@ -134,15 +129,8 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
                 if not dw.any() and not db.any():
                     continue
                 m = module_name(slot, layer, proj)
-                if rank:
-                    up, down = _lowrank(dw, rank)
-                    tensors[f"{m}.lora_up.weight"], tensors[f"{m}.lora_down.weight"] = up, down
-                    tensors[f"{m}.alpha"] = np.array(up.shape[1], dtype=np.float32)
-                    deltas[m] = DeltaInfo(storage="lowrank", rank=up.shape[1], bias=True)
-                else:
-                    tensors[f"{m}.diff"] = dw.astype(np.float32)
-                    deltas[m] = DeltaInfo(storage="dense", bias=True)
-                tensors[f"{m}.diff_b"] = db.astype(np.float32)
+                stored, deltas[m], _ = delta_tensors(m, dw, db, rank)
+                tensors.update(stored)
                 for kind in ("weight", "bias"):
                     key = ea.key(layer, proj, kind)
                     ent_dtype, ent_shape = fa.tensor_info()[key]

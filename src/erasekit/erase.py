@@ -88,6 +88,7 @@ class EraseConfig(BaseModel):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     flip: bool = True  # horizontal flip, p = 0.5, decided once per image
     patch_dtype: Literal["F32", "F16", "BF16"] = "BF16"
+    rank: int | None = Field(None, ge=1)  # store each weight delta as its rank-R truncated SVD (None: dense)
     cache: bool = True
     # "paper": the published recipe, ascent only. "anchored": ascent plus a penalty that keeps the encoder's
     # output for other prompts (generic captions and --keep concepts) where it was, and an early stop when the
@@ -162,6 +163,7 @@ class EraseReport:
     num_images: int
     device: str
     top_layers: list[tuple[str, float]] = field(default_factory=list)  # (module, |delta W|), largest first
+    rank_kept: float | None = None  # with a rank: the share of the weight deltas' squared norm the patch keeps
     patch: Any = None  # the Patch object (not serialised)
 
 
@@ -432,7 +434,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
     from ._torch import dtype_code, native_bf16, tensor_bytes
     from .layouts import parse_module_name
-    from .patchfile import Concept, DeltaInfo, EncoderInfo, Method, Patch, fingerprint, new_manifest
+    from .patchfile import Concept, DeltaInfo, EncoderInfo, Method, Patch, delta_tensors, fingerprint, new_manifest
 
     t_start = time.perf_counter()
     if not concepts:
@@ -569,10 +571,15 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
         # the patch: deltas of the trained tensors, fingerprints of the base tensors
         tensors: dict[str, np.ndarray] = {}
+        deltas: dict[str, DeltaInfo] = {}
         fps = {}
+        kept: dict[str, float] = {}
+        dense = {(m, kind): (p.detach() - originals[(m, kind)]).cpu().numpy() for m, kind, p in params}
         for m, kind, p in params:
             slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
-            tensors[f"{m}.diff" if kind == "weight" else f"{m}.diff_b"] = (p.detach() - originals[(m, kind)]).cpu().numpy()
+            if kind == "weight":
+                stored, deltas[m], kept[m] = delta_tensors(m, dense[(m, "weight")], dense[(m, "bias")], config.rank)
+                tensors.update(stored)
             if base_files is not None:  # fingerprints of the files on disk: the patch applies "exact" to them
                 wf = next(f for f in base_files.files if slot in f.encoders)
                 key = wf.encoders[slot].key(layer, proj, kind)
@@ -596,16 +603,18 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         title=" + ".join(concepts) + " erased", architecture=cond_of.arch,
         encoders={slot: EncoderInfo(hidden=te.config.hidden_size, intermediate=te.config.intermediate_size,
                                     layers=te.config.num_hidden_layers) for slot, te in cond_of.trained.items()},
-        fingerprints=fps, deltas={m: DeltaInfo(storage="dense", bias=True) for m, k, _ in params if k == "weight"},
+        fingerprints=fps, deltas=deltas,
         concepts=[Concept(name=c, kind=config.kind) for c in concepts],
         method=Method(name="fuchi-takagi-2024", hyperparameters=hp, seed=config.seed, images_sha256=images_sha,
                       num_images=len(loaded), duration_s=round(loop_seconds, 3)),
         source=str(base_files.path.name) if base_files is not None else None)
     patch = Patch(manifest, tensors, {n: config.patch_dtype for n in tensors})
-    top = sorted(((m, float(np.linalg.norm(tensors[f"{m}.diff"]))) for m in manifest.deltas), key=lambda x: -x[1])
+    top = sorted(((m, float(np.linalg.norm(dense[(m, "weight")]))) for m in manifest.deltas), key=lambda x: -x[1])
+    norms2 = {m: float(np.square(dense[(m, "weight")], dtype=np.float64).sum()) for m in manifest.deltas}
+    rank_kept = (sum(kept[m] * n for m, n in norms2.items()) / (sum(norms2.values()) or 1.0)) if config.rank else None
     return EraseReport(list(concepts), None, len(losses), losses[0] if losses else float("nan"),
                        losses[-1] if losses else float("nan"), losses, before, after, loop_seconds,
-                       time.perf_counter() - t_start, 0, len(loaded), str(device), top[:5], patch)
+                       time.perf_counter() - t_start, 0, len(loaded), str(device), top[:5], rank_kept, patch)
 
 
 def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],

@@ -369,6 +369,24 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def delta_tensors(module: str, dw: np.ndarray, db: np.ndarray,
+                  rank: int | None = None) -> tuple[dict[str, np.ndarray], DeltaInfo, float]:
+    """The patch tensors of one module's weight and bias deltas: dense (``.diff``), or with ``rank`` the
+    truncated SVD of the weight delta (``.lora_up``/``.lora_down``/``.alpha``, alpha = rank so the scale is 1).
+    Also returns the fraction of the weight delta's squared norm that the stored form keeps (1.0 when dense)."""
+    out = {f"{module}.diff_b": np.asarray(db, dtype=np.float32)}
+    if not rank:
+        out[f"{module}.diff"] = np.asarray(dw, dtype=np.float32)
+        return out, DeltaInfo(storage="dense", bias=True), 1.0
+    u, sv, vh = np.linalg.svd(np.asarray(dw, dtype=np.float64), full_matrices=False)
+    r = min(rank, sv.size)
+    total = float((sv ** 2).sum())
+    out[f"{module}.lora_up.weight"] = (u[:, :r] * sv[:r]).astype(np.float32)
+    out[f"{module}.lora_down.weight"] = vh[:r].astype(np.float32)
+    out[f"{module}.alpha"] = np.array(r, dtype=np.float32)
+    return out, DeltaInfo(storage="lowrank", rank=r, bias=True), float((sv[:r] ** 2).sum()) / total if total else 1.0
+
+
 def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | None = None) -> TensorFingerprint:
     """Exact hash plus a precision-independent sketch (mean, rms and 8 evenly spaced values).
 
