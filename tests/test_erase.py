@@ -297,3 +297,13 @@ def test_rank_stores_the_truncated_svd_of_the_dense_change(tmp_path: Path, tiny:
     assert full.rank_kept == pytest.approx(1.0)  # a rank above the matrix's keeps everything
     for m in pd.manifest.deltas:
         np.testing.assert_allclose(load_patch(full.output).weight_delta(m), pd.weight_delta(m), atol=1e-6)
+
+
+def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> None:
+    from erasekit.erase import _anchor_prompts
+
+    cfg = EraseConfig(recipe="anchored", anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
+                      stand_ins={"Van Gogh": "Monet"})
+    prompts, refs, _ = _anchor_prompts(cfg, ["{}"], ["Van Gogh"])
+    assert prompts == ["a Van Gogh painting", "a tree", "Van Gogh"]
+    assert refs == [["a Monet painting"], ["a tree"], ["Monet"]]

@@ -358,12 +358,16 @@ def _layers_path(text_encoder: Any) -> str:
     return "text_model.encoder.layers" if "text_model.encoder.layers" in names else "encoder.layers"
 
 
-def _replace_words(prompt: str, word: str, by: str) -> str:
-    """``prompt`` with every whole-word ``word`` (case-insensitive) replaced by ``by``, spaces tidied."""
+def _phrase(words: str) -> Any:
+    """A case-insensitive regex matching ``words`` as whole words."""
     import re
 
-    out = re.sub(rf"(?i)(?<!\w){re.escape(word)}(?!\w)", by, prompt)
-    return " ".join(out.split())
+    return re.compile(rf"(?i)(?<!\w){re.escape(words)}(?!\w)")
+
+
+def _replace_words(prompt: str, words: str, by: str) -> str:
+    """``prompt`` with every whole-word ``words`` replaced by ``by``, spaces tidied."""
+    return " ".join(_phrase(words).sub(by, prompt).split())
 
 
 def _anchor_prompts(config: EraseConfig, templates: list[str],
@@ -372,7 +376,8 @@ def _anchor_prompts(config: EraseConfig, templates: list[str],
     conditioning it is held at (the prompt itself, or for one naming an erased concept with stand-ins, that
     prompt with each stand-in in the concept's place; the concept's first templates are added so); and their
     weights (--keep counts more).
-    An anchor that names an erased concept without a stand-in is dropped: holding it would fight the erasure."""
+    An anchor that names an erased concept without a stand-in (or names only part of a concept of several words)
+    is dropped: holding it would fight the erasure."""
     import torch
 
     erased = [c.lower() for c in concepts]
@@ -383,7 +388,7 @@ def _anchor_prompts(config: EraseConfig, templates: list[str],
         named = [c for c in erased if set(c.split()) & words]
         if not named:
             held.append((p, [p], 1.0))
-        elif all(c in stand_ins for c in named):
+        elif all(c in stand_ins and _phrase(c).search(p) for c in named):
             alts = [p]
             for c in named:
                 alts = [_replace_words(a, c, s) for a in alts for s in stand_ins[c]]
@@ -608,7 +613,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         method=Method(name="fuchi-takagi-2024", hyperparameters=hp, seed=config.seed, images_sha256=images_sha,
                       num_images=len(loaded), duration_s=round(loop_seconds, 3)),
         source=str(base_files.path.name) if base_files is not None else None)
-    patch = Patch(manifest, tensors, {n: config.patch_dtype for n in tensors})
+    patch = Patch(manifest, tensors, {n: "F32" if n.endswith(".alpha") else config.patch_dtype for n in tensors})
     top = sorted(((m, float(np.linalg.norm(dense[(m, "weight")]))) for m in manifest.deltas), key=lambda x: -x[1])
     norms2 = {m: float(np.square(dense[(m, "weight")], dtype=np.float64).sum()) for m in manifest.deltas}
     rank_kept = (sum(kept[m] * n for m, n in norms2.items()) / (sum(norms2.values()) or 1.0)) if config.rank else None
