@@ -36,6 +36,17 @@ def test_help_does_not_import_torch() -> None:
     assert r.stdout.strip().endswith("NO-TORCH")
 
 
+def test_the_python_api_is_top_level_and_lazy() -> None:
+    code = ("import sys, erasekit\n"
+            "from erasekit import unlearn, sampling, evaluate\n"
+            "assert erasekit.erase is unlearn.erase and erasekit.generate is sampling.generate\n"
+            "assert erasekit.EraseConfig is unlearn.EraseConfig and erasekit.evaluate_model is evaluate.evaluate_model\n"
+            "assert all(getattr(erasekit, n) is not None for n in erasekit.__all__)\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "NO-TORCH", r.stderr
+
+
 def test_inspect_patch_does_not_import_torch() -> None:
     r = no_torch("inspect", str(GOLDEN))
     assert "golden v1" in r.stdout and r.stdout.strip().endswith("NO-TORCH"), r.stderr

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from conftest import snapshot
 from erasekit.apply import apply_patch, apply_to_checkpoint, revert_from_checkpoint
-from erasekit.erase import EraseConfig, erase, erase_model
+from erasekit.unlearn import EraseConfig, erase, erase_model
 from erasekit.errors import ErasekitError, InputFileError, LayoutError, NonFiniteError, TargetNotWritableError
 from erasekit.patchfile import load_patch
 from erasekit.pipeline import load_pipeline
@@ -218,7 +218,7 @@ def test_sdxl_erases_through_both_encoders(tmp_path: Path, circles: Path) -> Non
 
 def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path) -> None:
     """With the same lr and steps, anchoring moves the conditioning of unrelated and --keep prompts far less."""
-    from erasekit.erase import Conditioner
+    from erasekit.unlearn import Conditioner
 
     pipe, _ = load_pipeline(tiny)
     probe = ["a photo of a dog", "a square", ""]
@@ -241,7 +241,7 @@ def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path)
 
 
 def test_early_stop_rule() -> None:
-    from erasekit.erase import _tipped
+    from erasekit.unlearn import _tipped
 
     cfg = EraseConfig(recipe="anchored", stop_ratio=1.5, stop_window=3)
     assert not _tipped([1.0, 1.0, 1.0, 1.1, 1.2], cfg)  # too few steps to judge
@@ -257,7 +257,7 @@ def test_recipe_settings_are_recorded_only_when_used() -> None:
 
 
 def test_anchors_naming_the_erased_concept_are_dropped() -> None:
-    from erasekit.erase import _anchor_prompts
+    from erasekit.unlearn import _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"])
     prompts, refs, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["circle"])
@@ -267,7 +267,7 @@ def test_anchors_naming_the_erased_concept_are_dropped() -> None:
 
 
 def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
-    from erasekit.erase import _anchor_prompts
+    from erasekit.unlearn import _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a red Circle", "a blue square", "circles"],
                       stand_ins={"circle": "square", "red": ["", "green"]}, stand_in_weight=0.5)
@@ -300,7 +300,7 @@ def test_rank_stores_the_truncated_svd_of_the_dense_change(tmp_path: Path, tiny:
 
 
 def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> None:
-    from erasekit.erase import _anchor_prompts
+    from erasekit.unlearn import _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
                       stand_ins={"Van Gogh": "Monet"})

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erasekit.erase import EraseConfig, erase_model
+from erasekit.unlearn import EraseConfig, erase_model
 from erasekit.errors import ErasekitError, PatchFormatError
-from erasekit.generate import GenerateConfig, generate_model
+from erasekit.sampling import GenerateConfig, generate_model
 from erasekit.testing import make_tiny_pipeline
 
 

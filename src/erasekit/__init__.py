@@ -22,11 +22,25 @@ _API = {
     "detect": "erasekit.layouts",
     "inspect_path": "erasekit.inspect",
     "diff_paths": "erasekit.diff",
+    "erase": "erasekit.unlearn",
+    "erase_model": "erasekit.unlearn",
+    "EraseConfig": "erasekit.unlearn",
+    "EraseReport": "erasekit.unlearn",
+    "generate": "erasekit.sampling",
+    "generate_model": "erasekit.sampling",
+    "GenerateConfig": "erasekit.sampling",
+    "evaluate_model": "erasekit.evaluate",
+    "EvalConfig": "erasekit.evaluate",
+    "load_pipeline": "erasekit.pipeline",
 }
 
 if TYPE_CHECKING:
     from .apply import apply_patch, apply_to_checkpoint, revert_from_checkpoint, revert_patch
     from .diff import diff_paths
+    from .evaluate import EvalConfig, evaluate_model
+    from .pipeline import load_pipeline
+    from .sampling import GenerateConfig, generate, generate_model
+    from .unlearn import EraseConfig, EraseReport, erase, erase_model
     from .inspect import inspect_path
     from .layouts import detect
     from .patchfile import Manifest, Patch, load_patch, save_patch

@@ -202,7 +202,7 @@ def _write_grid(path: Path, specs: list[tuple[str, dict[str, str]]], before: lis
                 attribute: str, k: int) -> Path:
     """Per concept of the attribute: a 'before' row and an 'after' row of its first ``k`` seeds."""
     from ._st import atomic_write
-    from .generate import make_grid
+    from .sampling import make_grid
 
     rows: list[tuple[str, list[Any]]] = []
     seen: list[str] = []

@@ -30,7 +30,7 @@ def generate_cmd(
 ) -> None:
     """Render prompts, optionally with patches applied (and without, with --compare)."""
     from ..errors import ErasekitError
-    from ..generate import GenerateConfig, generate_model
+    from ..sampling import GenerateConfig, generate_model
 
     with errors():
         try:

@@ -675,7 +675,7 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     device = resolve_device(config.device)
     pipe, ckpt = load_pipeline(model, device=device, torch_dtype=torch.float32, config=config_dir)
     if groups is None:
-        from .generate import concept_prompt, render
+        from .sampling import concept_prompt, render
 
         groups = [[render(pipe, concept_prompt(c, config.kind), seed=config.seed + i, resolution=None)
                    for i in range(num_images)] for c in concepts]
