@@ -217,6 +217,8 @@ def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
     (["--kind", "song"], "invalid --kind"),
     (["--template", "no slot"], "invalid --templates"),
     (["--recipe", "magic"], "invalid --recipe"),
+    (["--stand-in", "circle"], "--stand-in 'circle' is not CONCEPT=WORD"),
+    (["--rank", "0"], "invalid --rank"),
 ])
 def test_erase_option_errors(tmp_path: Path, tiny_model: Path, args: list[str], message: str) -> None:
     model = tiny_model
@@ -224,6 +226,17 @@ def test_erase_option_errors(tmp_path: Path, tiny_model: Path, args: list[str], 
             "-o", tmp_path / "x.erasepatch", *args)
     assert r.exit_code != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert not (tmp_path / "x.erasepatch").exists()
+
+
+def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
+    patch = tmp_path / "c.erasepatch"
+    r = run("erase", "--model", tiny_model, "--concept", "circle", "--images", "auto", "--num-images", "2",
+            "--resolution", "32", "--steps", "2", "--recipe", "anchored", "--stand-in", "circle=square, star",
+            "--rank", "2", "-o", patch)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"stored at rank 2: \d+\.\d% of the change's squared norm kept", r.stdout), r.stdout
+    hp = json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]
+    assert hp["stand_ins"] == {"circle": ["square", "star"]} and hp["rank"] == 2
 
 
 def test_erase_needs_images_for_other_models(tmp_path: Path, tiny_model: Path) -> None:

@@ -129,6 +129,7 @@ def erase_cmd(
     out.print(f"  training loss {report.loss_start:.4f} -> {report.loss_end:.4f}; forget loss on fixed draws "
               f"{report.forget_loss_before:.4f} -> {report.forget_loss_after:.4f}")
     if report.rank_kept is not None:
-        out.print(f"  stored at rank {rank}: {100 * report.rank_kept:.1f}% of the change's squared norm kept")
+        out.print(f"  stored at rank {report.patch.manifest.method.hyperparameters['rank']}: "
+                  f"{100 * report.rank_kept:.1f}% of the change's squared norm kept")
     out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_').replace('_text_model_encoder_', ' ')} ({n:.3g})"
                                            for m, n in report.top_layers))
