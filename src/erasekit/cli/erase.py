@@ -59,7 +59,7 @@ def erase_cmd(
                                                           "keeps its meaning. WORD may be empty (drop the word) "
                                                           "or a comma-separated list (their mean).")] = None,
     anchor_weight: Annotated[Num, typer.Option("--anchor-weight", help="Weight of the anchor penalty "
-                                               "(anchored recipe). [default: 30]")] = None,
+                                               "(anchored recipe). [default: the model's, else 30]")] = None,
     no_early_stop: Annotated[bool, typer.Option("--no-early-stop", help="Run every step (anchored recipe).")] = False,
     lr: Annotated[Num, typer.Option("--lr", help="Adam learning rate. [default: 1e-5]")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the images. [default: 5]")] = None,
@@ -104,8 +104,9 @@ def erase_cmd(
                 raise ErasekitError(f"--stand-in {item!r} is not CONCEPT=WORD", "write it as --stand-in circle=square")
             stand_ins[concept.strip()] = [w.strip() for w in words.split(",")]
         given: dict[str, Any] = {
-            "stand_ins": stand_ins or None, "kind": kind, "templates": tmpl or None, "recipe": recipe, "keep": keep,
-            "anchor_weight": anchor_weight, "rank": rank, "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "draws": draws, "resolution": resolution,
+            "kind": kind, "templates": tmpl or None, "recipe": recipe, "keep": keep, "stand_ins": stand_ins or None,
+            "anchor_weight": anchor_weight, "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size,
+            "draws": draws, "resolution": resolution, "rank": rank,
             "layers": _layers(layers), "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
             "seed": seed, "device": device, "dtype": dtype, "patch_dtype": patch_dtype.upper() if patch_dtype else None,
         }
