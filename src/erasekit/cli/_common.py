@@ -30,6 +30,7 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", metavar="MODE
                                                  "[default: the built-in toy-world model]")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
                                                   "a local diffusers folder of the same family.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
 
 INTERNAL_ERROR = 70
@@ -67,6 +68,16 @@ def errors() -> Iterator[None]:
         print(f"error: internal error ({type(e).__name__}: {e}); rerun with ERASEKIT_DEBUG=1 for a traceback and "
               "report it", file=sys.stderr)
         raise typer.Exit(INTERNAL_ERROR) from None
+
+
+def make_config(cls: Any, command: str, **values: Any) -> Any:
+    """``cls(**values)`` (a pydantic settings model), a refused value becoming a one-line error naming its option."""
+    try:
+        return cls(**values)
+    except ValueError as e:
+        err = e.errors()[0]  # type: ignore[attr-defined]
+        raise ErasekitError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
+                            f"see erasekit {command} --help") from None
 
 
 def print_json(obj: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import ConfigOpt, JsonOpt, ModelOpt, errors, out, print_json, progress_bar
+from ._common import ConfigOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar
 
 
 def _pct(x: float) -> str:
@@ -30,20 +30,16 @@ def eval_cmd(
                                                     "of the built-in set, one per line.")] = None,
     grid: Annotated[Optional[Path], typer.Option("--grid", metavar="OUT.png", help="Write the labelled "
                                                  "before/after picture.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Judge a patch on the built-in toy world: target rate, every other concept, other attributes."""
-    from ..errors import ErasekitError
     from ..evaluate import EvalConfig, evaluate_model
 
     with errors():
-        try:
-            config = EvalConfig(n=n, seed=seed, steps=steps, guidance=guidance, strength=strength, device=device)
-        except ValueError as e:
-            err = e.errors()[0]  # type: ignore[attr-defined]
-            raise ErasekitError(f"invalid --{err['loc'][0]}: {err['msg']}", "see erasekit eval --help") from None
+        config = make_config(EvalConfig, "eval", n=n, seed=seed, steps=steps, guidance=guidance, strength=strength,
+                             device=device)
         with progress_bar("rendering", enabled=not as_json) as update:
             r = evaluate_model(concept, patch, model=model, config=config, prompts_file=prompts, grid=grid,
                                config_dir=config_dir, progress=lambda done, total: update(done, total, ""))

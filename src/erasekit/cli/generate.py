@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import ConfigOpt, JsonOpt, ModelOpt, errors, out, print_json, progress_bar
+from ._common import ConfigOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar
 
 
 def generate_cmd(
@@ -24,21 +24,16 @@ def generate_cmd(
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Image size (default: the model's).")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Render each prompt without and with the patches, "
                                           "same seeds, side by side.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Render prompts, optionally with patches applied (and without, with --compare)."""
-    from ..errors import ErasekitError
     from ..sampling import GenerateConfig, generate_model
 
     with errors():
-        try:
-            config = GenerateConfig(n=n, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
-                                    strength=strength, compare=compare, device=device)
-        except ValueError as e:
-            err = e.errors()[0]  # type: ignore[attr-defined]
-            raise ErasekitError(f"invalid --{err['loc'][0]}: {err['msg']}", "see erasekit generate --help") from None
+        config = make_config(GenerateConfig, "generate", n=n, seed=seed, steps=steps, guidance=guidance,
+                             resolution=resolution, strength=strength, compare=compare, device=device)
         with progress_bar("rendering", enabled=not as_json) as update:
             report = generate_model(model, prompts, output, config, patches=patch or [], config_dir=config_dir,
                                     progress=lambda done, total: update(done, total, ""))
