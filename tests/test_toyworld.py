@@ -150,10 +150,10 @@ def test_shipped_files_are_small_and_complete() -> None:
 
 @pytest.fixture(scope="module")
 def pipe():
-    from erasekit.toyworld.evaluate import load_pipeline
+    from erasekit.pipeline import load_pipeline
+    from erasekit.toyworld import builtin_model_path
 
-    p = load_pipeline()  # local_files_only=True
-    return p
+    return load_pipeline(builtin_model_path())[0]  # local files only
 
 
 @pytest.fixture(scope="module")

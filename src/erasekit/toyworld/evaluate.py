@@ -43,36 +43,24 @@ def prompt_set(name: str) -> list[PromptSpec]:
     raise ValueError(f"unknown prompt set {name!r}")
 
 
-def load_pipeline(model: str | Path | None = None):
-    from diffusers import StableDiffusionPipeline
-
-    from . import builtin_model_path
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(model or builtin_model_path()), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 7.5, batch: int = 200) -> np.ndarray:
     """uint8 images [len(prompts), 32, 32, 3]; image i is drawn from ``torch.Generator().manual_seed(seed + i)``."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        res = pipe(prompt=chunk, height=rd.SIZE, width=rd.SIZE, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gens, output_type="np")
-        out.append(np.clip(np.round(res.images * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
+    from ..evaluate import EvalConfig, render_batch
+
+    images = render_batch(pipe, prompts, [seed + i for i in range(len(prompts))],
+                          EvalConfig(steps=steps, guidance=guidance, batch_size=batch))
+    return np.stack([np.asarray(im) for im in images])
 
 
 def evaluate(model: str | Path | None = None, judge_path: str | Path | None = None, n: int = 16, seed: int = 1000,
              prompt_set: str = "full", steps: int = 25, guidance: float = 7.5,
              log: Callable[[str], None] | None = None) -> dict:
+    from ..pipeline import load_pipeline
+    from . import builtin_model_path
     from .judge import HEADS, judge, load_judge
 
     specs = globals()["prompt_set"](prompt_set)
-    pipe = load_pipeline(model)
+    pipe, _ = load_pipeline(model or builtin_model_path())
     jm = load_judge(judge_path)
     prompts = [p for p, _ in specs for _ in range(n)]
     t = time.time()
