@@ -22,6 +22,7 @@ from .patchfile import (
     load_patch,
     new_manifest,
     save_patch,
+    storage_dtypes,
 )
 
 
@@ -155,7 +156,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
             method=Method(name="diff", hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank,
                                                         "dtype": dtype}),
             source=ca.path.name)
-        patch = Patch(manifest, tensors, {n: ("F32" if n.endswith(".alpha") else dtype) for n in tensors})
+        patch = Patch(manifest, tensors, storage_dtypes(tensors, dtype))
         save_patch(patch, out)
         report.output, report.output_bytes = str(out), out.stat().st_size
     report.seconds = time.perf_counter() - t0

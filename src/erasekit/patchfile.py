@@ -369,6 +369,12 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def storage_dtypes(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, str]:
+    """The storage dtype of each patch tensor: ``dtype`` for the deltas; F32 for low-rank ``alpha`` scalars,
+    which must stay exact (BF16 holds integers only up to 256 exactly)."""
+    return {n: "F32" if n.endswith(".alpha") else dtype for n in tensors}
+
+
 def delta_tensors(module: str, dw: np.ndarray, db: np.ndarray,
                   rank: int | None = None) -> tuple[dict[str, np.ndarray], DeltaInfo, float]:
     """The patch tensors of one module's weight and bias deltas: dense (``.diff``), or with ``rank`` the

@@ -439,7 +439,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
     from ._torch import dtype_code, native_bf16, tensor_bytes
     from .layouts import parse_module_name
-    from .patchfile import Concept, DeltaInfo, EncoderInfo, Method, Patch, delta_tensors, fingerprint, new_manifest
+    from .patchfile import (Concept, DeltaInfo, EncoderInfo, Method, Patch, delta_tensors, fingerprint, new_manifest,
+                            storage_dtypes)
 
     t_start = time.perf_counter()
     if not concepts:
@@ -613,10 +614,11 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         method=Method(name="fuchi-takagi-2024", hyperparameters=hp, seed=config.seed, images_sha256=images_sha,
                       num_images=len(loaded), duration_s=round(loop_seconds, 3)),
         source=str(base_files.path.name) if base_files is not None else None)
-    patch = Patch(manifest, tensors, {n: "F32" if n.endswith(".alpha") else config.patch_dtype for n in tensors})
-    top = sorted(((m, float(np.linalg.norm(dense[(m, "weight")]))) for m in manifest.deltas), key=lambda x: -x[1])
-    norms2 = {m: float(np.square(dense[(m, "weight")], dtype=np.float64).sum()) for m in manifest.deltas}
-    rank_kept = (sum(kept[m] * n for m, n in norms2.items()) / (sum(norms2.values()) or 1.0)) if config.rank else None
+    patch = Patch(manifest, tensors, storage_dtypes(tensors, config.patch_dtype))
+    norms = {m: float(np.linalg.norm(dense[(m, "weight")])) for m in manifest.deltas}
+    top = sorted(norms.items(), key=lambda x: -x[1])
+    rank_kept = (sum(kept[m] * n ** 2 for m, n in norms.items()) / (sum(n ** 2 for n in norms.values()) or 1.0)
+                 if config.rank else None)
     return EraseReport(list(concepts), None, len(losses), losses[0] if losses else float("nan"),
                        losses[-1] if losses else float("nan"), losses, before, after, loop_seconds,
                        time.perf_counter() - t_start, 0, len(loaded), str(device), top[:5], rank_kept, patch)
