@@ -239,6 +239,12 @@ def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
     assert hp["stand_ins"] == {"circle": ["square", "star"]} and hp["rank"] == 2
 
 
+def test_erase_with_a_missing_model_says_so(tmp_path: Path) -> None:
+    r = run("erase", "--model", tmp_path / "nope", "--concept", "circle", "-o", tmp_path / "x.erasepatch")
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist; check the --model path"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_erase_needs_images_for_other_models(tmp_path: Path, tiny_model: Path) -> None:
     r = run("erase", "--model", tiny_model, "--concept", "circle", "-o", tmp_path / "x.erasepatch")
     assert r.exit_code == 1 and "needs images of the concept; pass --images DIR" in r.stderr

@@ -645,6 +645,8 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
 
     t0 = time.perf_counter()
     model = Path(model) if model is not None else builtin_model_path()
+    if not model.exists():  # before anything that depends on the model's settings (e.g. whether it needs images)
+        raise InputFileError(f"{model} does not exist", "check the --model path")
     settings = model_settings(model)
     if not isinstance(config, EraseConfig):
         try:
