@@ -241,7 +241,7 @@ def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
 
 def test_erase_with_a_missing_model_says_so(tmp_path: Path) -> None:
     r = run("erase", "--model", tmp_path / "nope", "--concept", "circle", "-o", tmp_path / "x.erasepatch")
-    assert r.exit_code == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist; check the --model path"
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist; check the path (or name a model id: ORG/NAME[@REVISION])"
     assert list(tmp_path.iterdir()) == []
 
 

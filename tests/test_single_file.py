@@ -124,7 +124,9 @@ def test_a_pickle_that_runs_code_is_never_unpickled(tmp_path: Path, world: dict[
 
 
 def test_missing_or_wrong_config_is_refused_before_loading(tmp_path: Path, world: dict[str, Path]) -> None:
-    with pytest.raises(ErasekitError, match=r"needs the configs of its architecture \(sd1\); pass --config DIR"):
+    # no --config: the bundled SD1.x config is full size, and says so before loading the tiny file
+    with pytest.raises(LayoutError, match=r"tiny.safetensors is a UNet of other sizes \(UNet input 4 channels, width "
+                                          r"32\); erasekit's bundled sd1 config has 4 channels, width 320; pass --config DIR"):
         load_pipeline(world["file"])
     with pytest.raises(InputFileError, match="is not a folder"):
         load_pipeline(world["file"], config=world["file"])
@@ -153,7 +155,7 @@ def test_partial_loads_are_refused(tmp_path: Path, world: dict[str, Path], monke
     state = load_file(str(world["file"]))
     partial = tmp_path / "partial.safetensors"
     save_file({k: v for k, v in state.items() if k != "model.diffusion_model.out.2.weight"}, str(partial))
-    with pytest.raises(LayoutError, match=r"has 207 unet tensors \(model.diffusion_model.\*\) but the unet of --config"):
+    with pytest.raises(LayoutError, match=r"has 207 unet tensors \(model.diffusion_model.\*\) but the unet of its config \(config "):
         load_pipeline(partial, config=world["configs"])
 
     convert = sfu.convert_ldm_clip_checkpoint
@@ -201,10 +203,11 @@ def test_cli_generate_and_erase_take_config(tmp_path: Path, world: dict[str, Pat
     ["generate", "a circle", "-n", "1", "--steps", "1", "-o", "{tmp}/out"],
     ["erase", "--concept", "circle", "--images", "{images}", "--steps", "1", "-o", "{tmp}/x.erasepatch"],
 ])
-def test_cli_without_config_is_one_line_naming_it(tmp_path: Path, world: dict[str, Path], command: list[str]) -> None:
+def test_cli_file_the_bundled_configs_do_not_fit_is_one_line_naming_config(tmp_path: Path, world: dict[str, Path],
+                                                                            command: list[str]) -> None:
     args = [a.format(images=world["images"], tmp=tmp_path) for a in command]
-    r = runner.invoke(app, [*args, "--model", str(world["file"])])
-    assert r.exit_code == 1, r.output
+    r = runner.invoke(app, [*args, "--model", str(world["file"])])  # a tiny SD1 file: not the bundled SD1 sizes
+    assert r.exit_code == 4, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "pass --config DIR" in lines[0], r.stderr
     assert list(tmp_path.iterdir()) == [], "nothing is written"
@@ -221,4 +224,4 @@ def test_cli_eval_takes_config(tmp_path: Path, world: dict[str, Path]) -> None:
     report = json.loads(r.stdout)
     assert report["attribute"] == "shape" and report["prompts"] == 5 and 0 <= report["target"]["after"] <= 1
     r = runner.invoke(app, ["eval", "--model", str(world["file"]), "--patch", str(patch), "--concept", "circle"])
-    assert r.exit_code == 1 and "pass --config DIR" in r.stderr
+    assert r.exit_code == 4 and "bundled sd1 config has 4 channels, width 320; pass --config DIR" in r.stderr

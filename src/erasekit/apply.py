@@ -31,6 +31,7 @@ from .errors import (
     UndoRecordError,
 )
 from .journal import Entry, Journal, TensorRecord, copy_journal, journal_dir, sha256
+from .hub import in_hub_cache, resolve_model
 from .layouts import Checkpoint, EncoderSpec, WeightFile, detect, parse_module_name
 from .patchfile import Patch, compare_fingerprint, fingerprint, load_patch, now_iso
 
@@ -285,6 +286,10 @@ def _check_writable(ckpt: Checkpoint) -> None:
         if wf.format == "pickle":
             raise TargetNotWritableError(f"{wf.path} is a pickle and cannot be patched in place",
                                          "write a converted copy with -o OUT.safetensors")
+        if in_hub_cache(wf.path):
+            raise TargetNotWritableError(f"{wf.path} is a shared file of the Hugging Face cache (a link to a "
+                                         "content-addressed blob that other snapshots share)",
+                                         "write a patched copy with -o OUT instead of --in-place")
         if not os.access(wf.path, os.W_OK):
             raise TargetNotWritableError(f"{wf.path} is read-only", "make it writable, or use -o to write a copy")
 
@@ -342,7 +347,7 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
     if not loaded:
         raise ErasekitError("no patch given", "name at least one .erasepatch file")
     strengths = _strengths(loaded, strength)
-    ckpt = detect(target)
+    ckpt = detect(resolve_model(target))
     where = f"{ckpt.path} [{ckpt.describe()}]"
     warnings = [w for p in loaded for w in p.warnings]
     if in_place:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ErasekitError, IncompatiblePatchError
+from .hub import TEXT_ENCODERS, resolve_model
 from .layouts import Checkpoint, WeightFile, detect, module_name
 from .patchfile import (
     DeltaInfo,
@@ -104,7 +105,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
         raise ErasekitError(f"unknown patch dtype {dtype}", "use F32, F16 or BF16")
     if rank is not None and rank < 1:
         raise ErasekitError(f"rank must be at least 1, got {rank}", "pass --rank 1 or more, or omit it for dense deltas")
-    ca, cb = detect(a), detect(b)
+    ca, cb = detect(resolve_model(a, TEXT_ENCODERS)), detect(resolve_model(b, TEXT_ENCODERS))
     if ca.architecture != cb.architecture:
         raise IncompatiblePatchError(f"{ca.path} is {ca.architecture} but {cb.path} is {cb.architecture}",
                                      "diff two checkpoints of the same architecture")

@@ -128,6 +128,7 @@ def render_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], config
 def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model: str | os.PathLike | None = None,
                    config: EvalConfig | None = None, prompts_file: str | os.PathLike | None = None,
                    grid: str | os.PathLike | None = None, config_dir: str | os.PathLike | None = None,
+                   prediction_type: str | None = None,
                    progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Render with and without ``patches`` on the same seeds and judge both (see the module docstring).
     ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
@@ -157,7 +158,8 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
         specs = eval_prompts(attribute, config.n)
     prompts = [p for p, _ in specs]
     seeds = [config.seed + (i % config.n) for i in range(len(specs))]
-    pipe, _ = load_pipeline(model or builtin_model_path(), device=resolve_device(config.device), config=config_dir)
+    pipe, _ = load_pipeline(model or builtin_model_path(), device=resolve_device(config.device), config=config_dir,
+                            prediction_type=prediction_type)
     total, done = 2 * len(specs), 0
 
     def tick(k: int) -> None:

@@ -14,7 +14,9 @@ import numpy as np
 
 from .errors import ErasekitError
 from .journal import Journal, entry_summary
+from .hub import TEXT_ENCODERS, resolve_model
 from .layouts import Checkpoint, detect
+from .model_configs import choose_config
 from .patchfile import Patch, compare_fingerprint, fingerprint, is_patch_file, load_patch
 
 
@@ -46,6 +48,7 @@ class PatchInspection:
     architecture: str
     encoders: dict[str, dict[str, int]]
     rows: list[DeltaRow]
+    base_config: str | None = None
     against: str | None = None
     against_layout: str | None = None
     compatibility: str | None = None  # "exact", "approx", "N of M tensors differ", or the refusal message
@@ -73,6 +76,7 @@ class CheckpointInspection:
     encoders: list[EncoderRow]
     applied: list[dict[str, Any]]
     interrupted: list[dict[str, Any]]
+    config: str | None = None  # single files: the bundled configs erase/generate would load it with, and why
     kind: str = "checkpoint"
 
 
@@ -127,16 +131,16 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
         result = PatchInspection(
             str(path), path.stat().st_size, patch.patch_id, m.format_version, m.erasekit_version, m.created_at, m.title,
             [c.model_dump() for c in m.concepts], m.method.model_dump(mode="json"), m.base.architecture,
-            {s: e.model_dump() for s, e in m.base.encoders.items()}, rows, warnings=list(patch.warnings))
+            {s: e.model_dump() for s, e in m.base.encoders.items()}, rows, m.base.config, warnings=list(patch.warnings))
         if against is not None:
-            ckpt = detect(against)
+            ckpt = detect(resolve_model(against, TEXT_ENCODERS))
             result.against, result.against_layout = str(ckpt.path), ckpt.describe()
             result.compatibility = _against(patch, rows, ckpt)
         return result
     if against is not None:
         raise ErasekitError(f"--against compares a patch with a checkpoint, and {path} is not a patch",
                             "name a .erasepatch first")
-    ckpt = detect(path)
+    ckpt = detect(resolve_model(path, TEXT_ENCODERS))
     encoders = []
     for wf in ckpt.files:
         info = wf.tensor_info()
@@ -147,4 +151,14 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
     journal = Journal(ckpt.path, {})
     return CheckpointInspection(str(ckpt.path), ckpt.layout, ckpt.architecture, encoders,
                                 [entry_summary(e) for e in journal.committed],
-                                [entry_summary(e) for e in journal.interrupted()])
+                                [entry_summary(e) for e in journal.interrupted()], _config_of(ckpt))
+
+
+def _config_of(ckpt: Checkpoint) -> str | None:
+    """What a single file would be loaded with (folders carry their own configs)."""
+    if ckpt.path.is_dir() or ckpt.architecture == "clip-text":
+        return None
+    try:
+        return choose_config(ckpt).describe()
+    except ErasekitError as e:
+        return f"none ({e.problem})"

@@ -162,6 +162,7 @@ class Checkpoint:
     architecture: str
     files: list[WeightFile]
     notes: list[str] = field(default_factory=list)
+    config: str | None = None  # the component configs a single file was loaded with, and why (model_configs)
 
     @property
     def encoders(self) -> dict[str, EncoderSpec]:

@@ -74,6 +74,7 @@ class BaseModelInfo(_Model):
     encoders: dict[str, EncoderInfo]
     tensors: dict[str, TensorFingerprint]  # "<module>.weight" / "<module>.bias"
     source: str | None = None
+    config: str | None = None  # for a single-file base: the component configs it was loaded with, and why
 
     @field_validator("encoders")
     @classmethod
@@ -320,13 +321,20 @@ def load_patch(path: str | Path) -> Patch:
     return patch
 
 
+def manifest_json(m: Manifest) -> str:
+    """The manifest as stored: canonical JSON. Fields added since format 1 are left out while unset, so patches
+    that do not use them keep their bytes (and older readers see no unknown field)."""
+    unset = {"base": {"config"}} if m.base.config is None else None
+    return json.dumps(m.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
+
+
 def metadata_for(patch: Patch) -> dict[str, str]:
     """The safetensors ``__metadata__`` of a patch: manifest, ModelSpec and kohya keys."""
     m = patch.manifest
     arch = m.base.architecture
     meta = {
         "format": "pt",
-        "erasekit": json.dumps(m.model_dump(mode="json"), sort_keys=True, separators=(",", ":")),
+        "erasekit": manifest_json(m),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{MODELSPEC_ARCH[arch]}/erasepatch",
         "modelspec.implementation": "erasekit",
@@ -425,12 +433,13 @@ def compare_fingerprint(expected: TensorFingerprint, actual: TensorFingerprint) 
 
 def new_manifest(*, title: str, architecture: str, encoders: dict[str, EncoderInfo],
                  fingerprints: dict[str, TensorFingerprint], deltas: dict[str, DeltaInfo], method: Method,
-                 concepts: list[Concept] | None = None, source: str | None = None,
+                 concepts: list[Concept] | None = None, source: str | None = None, config: str | None = None,
                  created_at: str | None = None) -> Manifest:
     return Manifest(
         format_version=FORMAT_VERSION, erasekit_version=__version__, created_at=created_at or now_iso(), title=title,
         concepts=concepts or [], method=method,
-        base=BaseModelInfo(architecture=architecture, encoders=encoders, tensors=fingerprints, source=source),  # type: ignore[arg-type]
+        base=BaseModelInfo(architecture=architecture, encoders=encoders, tensors=fingerprints, source=source,
+                            **({"config": config} if config else {})),  # type: ignore[arg-type]
         deltas=deltas,
     )
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import ErasekitError, InputFileError, LayoutError
 from .layouts import Checkpoint, detect
+from .model_configs import choose_config
 
 SUPPORTED = ("sd1", "sd2", "sdxl")
 _COMPONENTS = {"sd1": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
@@ -23,7 +24,6 @@ class UnsupportedModelError(LayoutError):
 
 def quiet_libraries() -> None:
     """diffusers and transformers log loudly (progress bars, deprecations); erasekit reports for itself."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
     import diffusers
     import transformers
@@ -52,6 +52,13 @@ def model_settings(model: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+def weights_variant(folder: Path) -> str | None:
+    """``"fp16"`` for a folder that holds only the fp16 weight variant (as a download of just that variant does)."""
+    unet = folder / "unet"
+    plain = any(unet.glob("diffusion_pytorch_model.safetensors")) or any(unet.glob("diffusion_pytorch_model.bin"))
+    return "fp16" if not plain and any(unet.glob("diffusion_pytorch_model.fp16.*")) else None
+
+
 def resolve_device(device: str) -> Any:
     import torch
 
@@ -67,14 +74,19 @@ def resolve_device(device: str) -> Any:
 
 
 def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype: Any = None,
-                  config: str | os.PathLike | None = None) -> tuple[Any, Checkpoint]:
-    """A StableDiffusionPipeline from a local diffusers folder, or a single file plus ``config`` (a local
-    diffusers folder of the same architecture that supplies the component configs)."""
+                  config: str | os.PathLike | None = None,
+                  prediction_type: str | None = None) -> tuple[Any, Checkpoint]:
+    """A StableDiffusion(XL)Pipeline from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
+    Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
+    of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
+    is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``)."""
+    from .hub import resolve_model
+
+    path = resolve_model(model)
     quiet_libraries()  # before diffusers is imported: it imports transformers, which logs on import
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    path = Path(model)
     ckpt = detect(path)
     if ckpt.architecture not in SUPPORTED:
         raise UnsupportedModelError(f"{path} is {ckpt.architecture}; erase and generate support SD1.x, SD2.x and "
@@ -92,10 +104,14 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
             if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
                 raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
                                   "use a complete diffusers pipeline folder")
-        load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **extra)  # noqa: E731
+        variant = weights_variant(path)
+        load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, variant=variant,  # noqa: E731
+                                           **extra)
     else:
-        check_single_file_config(ckpt, config)
-        load = lambda: cls.from_single_file(str(path), config=str(config), local_files_only=True,  # noqa: E731
+        choice = choose_config(ckpt, config, prediction_type)
+        ckpt.config = choice.describe()
+        extra |= choice.tokenizers()
+        load = lambda: cls.from_single_file(str(path), config=str(choice.path), local_files_only=True,  # noqa: E731
                                             torch_dtype=dtype, **extra)
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
@@ -105,75 +121,17 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
             pipe = load()
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as e:
         fix = ("check that the folder is a complete local diffusers pipeline" if path.is_dir() else
-               f"check that {path} is a complete checkpoint and --config {config} a pipeline of the same model")
+               f"check that {path} is a complete checkpoint" + (f" and {config} a pipeline of the same model"
+                                                                 if config else ""))
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:240]  # torch puts the why on line 2
         raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {detail})",
                           fix) from None
     if not path.is_dir():
         check_single_file_pipeline(pipe, ckpt, config)
+    if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), ckpt
-
-
-def _config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
-    """(architecture, slot -> text encoder config) of a diffusers folder, from its JSON files only: a folder
-    of configs without weights is enough for ``--config``."""
-    import json
-
-    def read(p: Path) -> dict[str, Any]:
-        try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LayoutError(f"--config {config}: {p.name} is not readable JSON ({type(e).__name__})",
-                              "name a local diffusers pipeline folder") from None
-        if not isinstance(obj, dict):
-            raise LayoutError(f"--config {config}: {p.name} is not a JSON object", "name a local diffusers pipeline folder")
-        return obj
-
-    if not (config / "model_index.json").is_file():
-        raise LayoutError(f"--config {config} has no model_index.json",
-                          "name a local diffusers pipeline folder (its configs are enough, weights are not needed)")
-    index = read(config / "model_index.json")
-    names = [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and index[c][:1] != [None]]
-    slots = {("text_encoder",): ["te"], ("text_encoder", "text_encoder_2"): ["te1", "te2"],
-             ("text_encoder_2",): ["te2"]}.get(tuple(names))
-    if slots is None:
-        raise LayoutError(f"--config {config} has no text encoder in its model_index.json",
-                          "name the diffusers pipeline folder of a Stable Diffusion model")
-    configs = {}
-    for slot, name in zip(slots, names):
-        if not (config / name / "config.json").is_file():
-            raise LayoutError(f"--config {config} lacks {name}/config.json", "name a complete diffusers pipeline folder")
-        configs[slot] = read(config / name / "config.json")
-    if len(names) == 2:
-        return "sdxl", configs
-    if names == ["text_encoder_2"]:
-        return "sdxl-refiner", configs
-    return ("sd2" if configs["te"].get("hidden_act") == "gelu" else "sd1"), configs  # as layouts._detect_folder
-
-
-def check_single_file_config(ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
-    """Refuse, before anything is loaded, a ``--config`` that is missing or of another model than the file."""
-    path = ckpt.path
-    if config is None:
-        raise ErasekitError(f"loading the single file {path} needs the configs of its architecture ({ckpt.architecture})",
-                            "pass --config DIR, a local diffusers folder of the same model family")
-    config = Path(config)
-    if not config.is_dir():
-        raise InputFileError(f"--config {config} is not a folder", "name a local diffusers pipeline folder")
-    arch, configs = _config_architecture(config)
-    if arch != ckpt.architecture:
-        raise LayoutError(f"--config {config} is a pipeline for {arch} but {path.name} is {ckpt.architecture}",
-                          f"pass --config with a diffusers folder of the {ckpt.architecture} family")
-    for slot, enc in ckpt.encoders.items():
-        cfg = configs[slot]
-        dims = (cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers"))
-        # diffusers' SD2.x text encoder stops one OpenCLIP block early (23 of 24 layers: the penultimate layer)
-        layers_fit = dims[2] == enc.layers or (enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers)
-        if dims[:2] != enc.dims[:2] or not layers_fit:
-            raise LayoutError(f"--config {config} describes a text encoder of {'x'.join(map(str, dims))} (hidden x FFN "
-                              f"x layers) but {path.name} holds {'x'.join(map(str, enc.dims))}",
-                              "pass --config with the diffusers folder of the model this file was made from")
 
 
 def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
@@ -189,8 +147,9 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
     for comp, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model.")):
         need, have = len(getattr(pipe, comp).state_dict()), sum(k.startswith(prefix) for k in names)
         if have < need:
-            raise LayoutError(f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of --config "
-                              f"{config} has {need}", "use a complete checkpoint, and --config of the same model")
+            raise LayoutError(f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of its "
+                              f"config ({ckpt.config}) has {need}", "use a complete checkpoint, and --config of the "
+                              "same model")
     wf = ckpt.files[0]
     _, encoders = memory_encoders(pipe)
     for slot, enc in ckpt.encoders.items():

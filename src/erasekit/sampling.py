@@ -170,7 +170,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
 
 def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_dir: str | os.PathLike,
                    config: GenerateConfig | None = None, *, patches: Sequence[str | os.PathLike] = (),
-                   config_dir: str | os.PathLike | None = None,
+                   config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
                    progress: Callable[[int, int], None] | None = None) -> GenerateReport:
     """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
     from .patchfile import load_patch
@@ -179,5 +179,6 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
 
     config = config or GenerateConfig()
     loaded = [load_patch(p) for p in patches]  # a bad patch fails before the model loads
-    pipe, ckpt = load_pipeline(model if model is not None else builtin_model_path(), device=resolve_device(config.device), config=config_dir)
+    pipe, ckpt = load_pipeline(model if model is not None else builtin_model_path(), device=resolve_device(config.device),
+                               config=config_dir, prediction_type=prediction_type)
     return generate(pipe, prompts, out_dir, config, patches=loaded, model_name=ckpt.path.name, progress=progress)

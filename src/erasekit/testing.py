@@ -246,11 +246,14 @@ def byte_level_tokenizer(folder: Path) -> object:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon",
+                       clip_vocab: bool = False) -> Path:
     """Write a tiny runnable diffusers pipeline folder (random weights, 32x32 images, 8x8 latents).
 
     ``arch``: "sd1" (CLIP-style quick_gelu encoder), "sd2" (gelu encoder, like SD2.x) or "sdxl" (two encoders,
     the second with a projection, and a UNet with SDXL's text-time conditioning).
+    ``clip_vocab``: use the real 49408-token CLIP tokenizer that erasekit ships (sd1/sd2), as the bundled
+    single-file configs do, instead of a 514-token byte-level one.
     """
     import tempfile
 
@@ -264,7 +267,14 @@ def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, predi
     path = Path(path)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = byte_level_tokenizer(Path(tmp))
+        if clip_vocab:
+            from transformers import CLIPTokenizer
+
+            from .model_configs import TOKENIZER_DIR
+
+            tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!" if arch == "sd2" else "<|endoftext|>")
+        else:
+            tokenizer = byte_level_tokenizer(Path(tmp))
         te = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="quick_gelu" if arch == "sd1" else "gelu", projection_dim=32,

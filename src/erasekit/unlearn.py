@@ -613,7 +613,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         concepts=[Concept(name=c, kind=config.kind) for c in concepts],
         method=Method(name="fuchi-takagi-2024", hyperparameters=hp, seed=config.seed, images_sha256=images_sha,
                       num_images=len(loaded), duration_s=round(loop_seconds, 3)),
-        source=str(base_files.path.name) if base_files is not None else None)
+        source=str(base_files.path.name) if base_files is not None else None,
+        config=base_files.config if base_files is not None else None)
     patch = Patch(manifest, tensors, storage_dtypes(tensors, config.patch_dtype))
     norms = {m: float(np.linalg.norm(dense[(m, "weight")])) for m in manifest.deltas}
     top = sorted(norms.items(), key=lambda x: -x[1])
@@ -627,7 +628,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
                 images: Sequence[str | os.PathLike] | str | None, output: str | os.PathLike,
                 config: EraseConfig | dict[str, Any] | None = None, *, num_images: int = 4,
-                config_dir: str | os.PathLike | None = None,
+                config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
                 progress: Callable[[StepInfo], None] | None = None) -> EraseReport:
     """The ``erasekit erase`` job: load the model (default: the built-in one), gather the images, erase, and
     write the patch atomically to ``output``.
@@ -640,13 +641,13 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     import torch
 
     from .patchfile import save_patch
+    from .hub import resolve_model
     from .pipeline import load_pipeline, model_settings, resolve_device
     from .toyworld import builtin_model_path
 
     t0 = time.perf_counter()
-    model = Path(model) if model is not None else builtin_model_path()
-    if not model.exists():  # before anything that depends on the model's settings (e.g. whether it needs images)
-        raise InputFileError(f"{model} does not exist", "check the --model path")
+    # before anything that depends on the model's settings (e.g. whether it needs images)
+    model = resolve_model(model) if model is not None else builtin_model_path()
     settings = model_settings(model)
     if not isinstance(config, EraseConfig):
         try:
@@ -677,7 +678,8 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
 
         groups = [[render_concept(c, seed=config.seed * 1000 + i) for i in range(num_images)] for c in concepts]
     device = resolve_device(config.device)
-    pipe, ckpt = load_pipeline(model, device=device, torch_dtype=torch.float32, config=config_dir)
+    pipe, ckpt = load_pipeline(model, device=device, torch_dtype=torch.float32, config=config_dir,
+                               prediction_type=prediction_type)
     if groups is None:
         from .sampling import concept_prompt, render
 

@@ -25,11 +25,16 @@ out = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() e
 err = Console(stderr=True, highlight=False, markup=False)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", metavar="MODEL", help="A local diffusers "
-                                                 "folder (SD1.x, SD2.x, SDXL), or a single file with --config. "
-                                                 "[default: the built-in toy-world model]")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="A single .safetensors/.ckpt "
+                                                "file, a diffusers folder, or a model id ORG/NAME[@REVISION] (from "
+                                                "the Hugging Face cache, downloaded if missing): SD1.x, SD2.x, SDXL. "
+                                                "[default: the built-in toy-world model]")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
-                                                  "a local diffusers folder of the same family.")]
+                                                  "a local diffusers folder of the same model, instead of "
+                                                  "erasekit's bundled configs of its architecture.")]
+PredictionOpt = Annotated[Optional[str], typer.Option("--prediction-type", metavar="TYPE", help="epsilon or "
+                                                      "v_prediction, overriding the model's (SD2.x 512 vs 768-v "
+                                                      "single files are told apart from their weights).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
 

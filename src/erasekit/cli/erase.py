@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ._common import ConfigOpt, JsonOpt, ModelOpt, errors, human_bytes, out, print_json, progress_bar
+from ._common import ConfigOpt, PredictionOpt, JsonOpt, ModelOpt, errors, human_bytes, out, print_json, progress_bar
 
 # Options left unset take the model's recommended value (erasekit.json in the model folder), else the
 # published recipe's; so their defaults here are None.
@@ -83,6 +83,7 @@ def erase_cmd(
     patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help="Storage dtype of the deltas: F32, "
                                                        "F16, BF16. [default: BF16]")] = None,
     config_dir: ConfigOpt = None,
+    prediction_type: PredictionOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the latents cache.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -117,7 +118,7 @@ def erase_cmd(
             overrides["cache"] = False
         src = None if images is None else "auto" if images == ["auto"] else images
         with progress_bar("erasing", enabled=not as_json) as update:
-            report = erase_model(model, concept, src, output, overrides, num_images=num_images, config_dir=config_dir,
+            report = erase_model(model, concept, src, output, overrides, num_images=num_images, config_dir=config_dir, prediction_type=prediction_type,
                                  progress=lambda s: update(s.step, s.total, f"loss {s.loss:.4f}  "
                                                                             f"{s.step / max(s.seconds, 1e-9):.1f} it/s"))
     if as_json:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import ConfigOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar
+from ._common import ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar
 
 
 def _pct(x: float) -> str:
@@ -32,6 +32,7 @@ def eval_cmd(
                                                  "before/after picture.")] = None,
     device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
+    prediction_type: PredictionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Judge a patch on the built-in toy world: target rate, every other concept, other attributes."""
@@ -42,7 +43,7 @@ def eval_cmd(
                              device=device)
         with progress_bar("rendering", enabled=not as_json) as update:
             r = evaluate_model(concept, patch, model=model, config=config, prompts_file=prompts, grid=grid,
-                               config_dir=config_dir, progress=lambda done, total: update(done, total, ""))
+                               config_dir=config_dir, prediction_type=prediction_type, progress=lambda done, total: update(done, total, ""))
     if as_json:
         print_json(r)
         return

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import ConfigOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar
+from ._common import ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar
 
 
 def generate_cmd(
@@ -26,6 +26,7 @@ def generate_cmd(
                                           "same seeds, side by side.")] = False,
     device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
+    prediction_type: PredictionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Render prompts, optionally with patches applied (and without, with --compare)."""
@@ -35,7 +36,7 @@ def generate_cmd(
         config = make_config(GenerateConfig, "generate", n=n, seed=seed, steps=steps, guidance=guidance,
                              resolution=resolution, strength=strength, compare=compare, device=device)
         with progress_bar("rendering", enabled=not as_json) as update:
-            report = generate_model(model, prompts, output, config, patches=patch or [], config_dir=config_dir,
+            report = generate_model(model, prompts, output, config, patches=patch or [], config_dir=config_dir, prediction_type=prediction_type,
                                     progress=lambda done, total: update(done, total, ""))
     if as_json:
         print_json(report)

@@ -44,6 +44,8 @@ def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
     out.print(f"  method     {r.method['name']} {hp}{seed}".rstrip())
     encs = ", ".join(f"{s} ({e['hidden']}x{e['intermediate']}, {e['layers']} layers)" for s, e in r.encoders.items())
     out.print(f"  base       {r.architecture}: {encs}")
+    if r.base_config:
+        out.print(f"  configs    {r.base_config}")
     for slot, e in r.encoders.items():
         layers = [row.layer for row in r.rows if row.encoder == slot]
         out.print(f"  changed    {slot}: layers {ranges(layers)} of 0-{e['layers'] - 1}")
@@ -71,6 +73,8 @@ def _render_checkpoint(r) -> None:  # type: ignore[no-untyped-def]
     out.print(f"Checkpoint {r.path}")
     out.print(f"  layout        {r.layout}")
     out.print(f"  architecture  {r.architecture}")
+    if r.config:
+        out.print(f"  configs       {r.config}")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("encoder", "file", "naming", "key prefix", "width", "ffn", "layers", "dtype"):
         table.add_column(col)
