@@ -60,14 +60,17 @@ def in_hub_cache(path: Path) -> bool:
 def snapshot(repo: str, revision: str | None, components: tuple[str, ...] = PIPELINE) -> Path:
     """The cached snapshot folder of ``repo`` holding ``components``; downloads what is missing when online."""
     from huggingface_hub import is_offline_mode, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
+    folder: Path | None
     try:
         folder = Path(snapshot_download(repo, revision=revision, local_files_only=True))
-        if not _missing(folder, components):
-            return folder
+    except IncompleteSnapshotError as e:  # a partial download (e.g. text encoders only): enough for some commands
+        folder = Path(e.snapshot_path)
     except LocalEntryNotFoundError:
         folder = None
+    if folder is not None and not _missing(folder, components):
+        return folder
     name = repo + (f"@{revision}" if revision else "")
     if is_offline_mode():
         what = f"lacks {', '.join(_missing(folder, components))}" if folder else "is neither a local path nor"

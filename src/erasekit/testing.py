@@ -9,6 +9,7 @@ whose text encoder has the real key names and tensor roles of its layout, at toy
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -244,6 +245,33 @@ def byte_level_tokenizer(folder: Path) -> object:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def add_to_hub_cache(cache_dir: str | Path, repo_id: str, folder: str | Path, commit: str = "a" * 40,
+                     ref: str | None = "main", only: tuple[str, ...] | None = None) -> Path:
+    """Lay ``folder`` into a Hugging Face cache as huggingface_hub lays out a download: each file a
+    content-addressed blob under ``models--ORG--NAME/blobs/``, ``snapshots/<commit>/<path>`` a relative symlink
+    to it, and ``refs/<ref>`` holding the commit. ``only``: the top-level entries to copy (a partial download).
+    Returns the snapshot folder."""
+    import hashlib
+
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo_dir / "snapshots" / commit
+    for src in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        rel = src.relative_to(folder)
+        if only is not None and rel.parts[0] not in only:
+            continue
+        data = src.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    if ref is not None:
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / ref).write_text(commit)
+    return snap
 
 
 def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon",
