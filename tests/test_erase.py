@@ -173,7 +173,7 @@ def test_unsupported_architecture(tmp_path: Path, circles: Path) -> None:
     _expect(tmp_path, LayoutError, "is sdxl-refiner; erase and generate support SD1.x, SD2.x and SDXL base",
             refiner, ["circle"], [circles])
     lone = make_checkpoint(tmp_path / "te", "transformers-clip", "F16")
-    _expect(tmp_path, LayoutError, "is clip-text", lone, ["circle"], [circles])
+    _expect(tmp_path, LayoutError, "is a CLIP text encoder on its own", lone, ["circle"], [circles])
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path: Path, tiny: Path, circles: Path) -> None:

@@ -52,17 +52,24 @@ def test_golden_v1_loads_forever() -> None:
     assert dense.shape == (32, 64) and sv[2] < 1e-5 * sv[0], "a rank-2 module multiplies out to rank 2"
 
 
-def test_golden_rewrites_to_identical_bytes(tmp_path: Path) -> None:
+def test_golden_rewrites_to_the_same_data_and_manifest(tmp_path: Path) -> None:
+    """Only the ModelSpec architecture id changed since the golden file was written (…/erasepatch -> …/lycoris,
+    the id ModelSpec gives LyCORIS networks); tensor bytes and manifest are the golden file's, and writing is
+    deterministic."""
     out = save_patch(load_patch(GOLDEN), tmp_path / "again.erasepatch")
-    assert out.read_bytes() == GOLDEN.read_bytes()
+    (h_gold, d_gold), (h_new, d_new) = split(GOLDEN), split(out)
+    assert d_new == d_gold and h_new["__metadata__"]["erasekit"] == h_gold["__metadata__"]["erasekit"]
+    changed = {k for k in h_gold["__metadata__"] if h_gold["__metadata__"][k] != h_new["__metadata__"][k]}
+    assert changed == {"modelspec.architecture"}
+    assert save_patch(load_patch(out), tmp_path / "third.erasepatch").read_bytes() == out.read_bytes()
 
 
-def test_metadata_has_manifest_modelspec_and_kohya_keys() -> None:
-    header, data = split(GOLDEN)
+def test_metadata_has_manifest_modelspec_and_kohya_keys(tmp_path: Path) -> None:
+    header, data = split(save_patch(load_patch(GOLDEN), tmp_path / "again.erasepatch"))
     meta = header["__metadata__"]
     assert meta["format"] == "pt"
     assert meta["modelspec.sai_model_spec"] == "1.0.1"
-    assert meta["modelspec.architecture"] == "stable-diffusion-v1/erasepatch"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lycoris"
     assert meta["modelspec.title"] == "golden v1" and meta["modelspec.date"] == "2026-11-23T00:00:00Z"
     import hashlib
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import ErasekitError, IncompatiblePatchError
 from .hub import TEXT_ENCODERS, resolve_model
+from .ui_export import ui_advice
 from .layouts import Checkpoint, WeightFile, detect, module_name
 from .patchfile import (
     DeltaInfo,
@@ -64,6 +65,7 @@ class DiffReport:
     output_bytes: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    ui: list[str] = field(default_factory=list)  # how to load the extracted patch in ComfyUI and A1111
 
 
 def _first_files(a: Checkpoint, b: Checkpoint) -> dict[str, tuple[WeightFile, WeightFile]]:
@@ -155,13 +157,22 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
             title=title or f"{cb.path.stem} minus {ca.path.stem}", architecture=ca.architecture, encoders=encoders,
             fingerprints=fps, deltas=deltas,
             method=Method(name="diff", hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank,
-                                                        "dtype": dtype}),
+                                                        "dtype": dtype} | _prediction(ca)),
             source=ca.path.name)
         patch = Patch(manifest, tensors, storage_dtypes(tensors, dtype))
         save_patch(patch, out)
         report.output, report.output_bytes = str(out), out.stat().st_size
+        report.ui = ui_advice(patch, out)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _prediction(ckpt: Checkpoint) -> dict[str, str]:
+    """``{"prediction_type": ...}`` where the base tells it (ModelSpec names SD2.x 512 and 768-v apart)."""
+    from .model_configs import prediction_of
+
+    pred = prediction_of(ckpt)
+    return {"prediction_type": pred} if pred else {}
 
 
 def compare_patches(a: Patch, b: Patch) -> DiffReport:

@@ -195,8 +195,10 @@ def load_pickle_state_dict(path: Path) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]]) -> dict[tuple[str, str], EncoderSpec | None]:
-    """Group FFN keys by (style, prefix) and validate each group; slot is filled in by the caller."""
+def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]],
+                  only: Any = None) -> dict[tuple[str, str], EncoderSpec | None]:
+    """Group FFN keys by (style, prefix) and validate each group (of ``only`` those (style, prefix) pairs, when
+    given: another model's encoders, e.g. SD3's, are not judged); slot is filled in by the caller."""
     groups: dict[tuple[str, str], dict[tuple[int, str, str], tuple[int, ...]]] = defaultdict(dict)
     for key, (_dtype, shape) in info.items():
         m = _HF_RE.match(key)
@@ -210,6 +212,8 @@ def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]]) -> dict[tuple[st
         groups[(style, m.group(1))][(int(m.group(2)), proj, m.group(4))] = shape
     found: dict[tuple[str, str], EncoderSpec | None] = {}
     for (style, prefix), tensors in groups.items():
+        if only is not None and (style, prefix) not in only:
+            continue
         n = max(i for i, _, _ in tensors) + 1
         w1 = tensors.get((0, "fc1", "weight"))
         if w1 is None or len(w1) != 2:
@@ -231,6 +235,29 @@ def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]]) -> dict[tuple[st
     return found
 
 
+# What a file without Stable Diffusion text encoders holds, judged by its key names (first match wins).
+_LOOKS_LIKE = (
+    ("an erasekit patch (apply it to a checkpoint: erasekit apply PATCH --to MODEL)", lambda k, m: "erasekit" in m),
+    ("a LoRA/LyCORIS network, not a whole model",
+     lambda k, m: any(x.startswith(("lora_", "lycoris_")) or ".lora_up." in x or ".lora_A." in x or ".hada_w1" in x
+                      for x in k)),
+    ("an SD3 model (MMDiT)", lambda k, m: any(".joint_blocks." in x or x.startswith("joint_blocks.") for x in k)),
+    ("a FLUX model", lambda k, m: any("double_blocks." in x for x in k) and any("single_blocks." in x for x in k)),
+    ("a textual-inversion embedding", lambda k, m: any(x in ("emb_params", "clip_l", "clip_g") for x in k)
+     or any(x.startswith("string_to_param") for x in k)),
+    ("a UNet on its own", lambda k, m: any(x.startswith(("model.diffusion_model.input_blocks.", "input_blocks."))
+                                           or x.startswith("time_embedding.") for x in k)),
+    ("a VAE on its own", lambda k, m: any(x.startswith(("first_stage_model.", "encoder.conv_in.", "decoder.conv_out.",
+                                                         "encoder.down.", "decoder.up.")) for x in k)),
+)
+
+
+def looks_like(names: Any, metadata: dict[str, str]) -> str | None:
+    """What a file that is not a Stable Diffusion checkpoint looks like, for the error message; None if unknown."""
+    names = list(names)
+    return next((what for what, test in _LOOKS_LIKE if test(names, metadata)), None)
+
+
 def with_slot(spec: EncoderSpec, slot: str) -> EncoderSpec:
     return EncoderSpec(slot, spec.style, spec.prefix, spec.hidden, spec.intermediate, spec.layers)
 
@@ -238,7 +265,7 @@ def with_slot(spec: EncoderSpec, slot: str) -> EncoderSpec:
 def _detect_single_file(path: Path) -> Checkpoint:
     wf = WeightFile(path, "")  # label "": the checkpoint file itself, whatever it is renamed to
     info = wf.tensor_info()
-    found = {k: v for k, v in find_encoders(info).items() if v is not None}
+    found = {k: v for k, v in find_encoders(info, only=_SINGLE_FILE).items() if v is not None}
     layouts = set()
     for key, spec in found.items():
         if key in _SINGLE_FILE:
@@ -246,9 +273,12 @@ def _detect_single_file(path: Path) -> Checkpoint:
             layouts.add(layout)
             wf.encoders[slot] = with_slot(spec, slot)
     if not wf.encoders:
-        raise LayoutError(f"{path} has no text encoder FFN tensors erasekit knows "
+        looks = looks_like(info, wf.header.metadata if wf.format == "safetensors" else {})
+        raise LayoutError(f"{path.name} looks like {looks}, which erasekit does not erase or patch" if looks else
+                          f"{path} has no text encoder FFN tensors erasekit knows "
                           f"({len(info)} tensors; neither SD1.x, SD2.x, SDXL nor a CLIP text encoder)",
-                          "name a Stable Diffusion checkpoint or a diffusers folder")
+                          "erasekit supports SD1.x, SD2.x and SDXL checkpoints: one .safetensors/.ckpt file, a "
+                          "diffusers folder or a model id")
     if layouts == {"single-file-embedder0"}:
         refiner = any(k.startswith("model.diffusion_model.label_emb.") for k in info)
         layout, arch = ("single-file-sdxl-refiner", "sdxl-refiner") if refiner else ("single-file-sd2-embedder", "sd2")

@@ -114,6 +114,17 @@ def sd2_prediction(ckpt: Checkpoint) -> tuple[str, str]:
     return pred, f"UNet norm-bias spread {spread:.3f} {sign} {V_PREDICTION_SPREAD}"
 
 
+def prediction_of(ckpt: Checkpoint) -> str | None:
+    """The prediction type of a checkpoint where it can be told without loading it: a folder's scheduler config,
+    an SD2.x single file's metadata or weights, the reference of other single files; None for text encoders."""
+    if ckpt.path.is_dir():
+        cfg = ckpt.path / "scheduler" / "scheduler_config.json"
+        return read_json(cfg, ckpt.path).get("prediction_type", "epsilon") if cfg.is_file() else None
+    if ckpt.architecture == "sd2":
+        return sd2_prediction(ckpt)[0]
+    return None if ckpt.architecture == "clip-text" else "epsilon"
+
+
 def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> ConfigChoice:
     """The bundled configs for a single file (see the module docstring), checked against its UNet."""
     arch = ckpt.architecture

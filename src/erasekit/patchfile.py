@@ -328,6 +328,18 @@ def manifest_json(m: Manifest) -> str:
     return json.dumps(m.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
 
 
+def modelspec_architecture(m: Manifest) -> str:
+    """ModelSpec 1.0.1 id of the patch: the base model's (SD2.x split by prediction type) plus ``/lora`` for kohya
+    low-rank files or ``/lycoris`` for files holding full (``.diff``) deltas."""
+    arch = m.base.architecture
+    spec = MODELSPEC_ARCH[arch]
+    if arch == "sd2":
+        v = m.method.hyperparameters.get("prediction_type") == "v_prediction" or "v_prediction" in (m.base.config or "")
+        spec += "-768-v" if v else "-512"
+    kind = "lora" if all(d.storage == "lowrank" for d in m.deltas.values()) else "lycoris"
+    return f"{spec}/{kind}"
+
+
 def metadata_for(patch: Patch) -> dict[str, str]:
     """The safetensors ``__metadata__`` of a patch: manifest, ModelSpec and kohya keys."""
     m = patch.manifest
@@ -336,7 +348,7 @@ def metadata_for(patch: Patch) -> dict[str, str]:
         "format": "pt",
         "erasekit": manifest_json(m),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{MODELSPEC_ARCH[arch]}/erasepatch",
+        "modelspec.architecture": modelspec_architecture(m),
         "modelspec.implementation": "erasekit",
         "modelspec.title": m.title,
         "modelspec.date": m.created_at,

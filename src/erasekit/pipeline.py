@@ -88,6 +88,10 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     ckpt = detect(path)
+    if ckpt.architecture == "clip-text":
+        raise UnsupportedModelError(f"{path} is a CLIP text encoder on its own (no UNet or VAE), which erase, "
+                                    "generate and eval cannot run", "name the whole Stable Diffusion model it belongs "
+                                    "to (a text-encoder file still takes patches: erasekit apply)")
     if ckpt.architecture not in SUPPORTED:
         raise UnsupportedModelError(f"{path} is {ckpt.architecture}; erase and generate support SD1.x, SD2.x and "
                                     "SDXL base", "use one of those (the SDXL refiner has no prompt encoder of its own "

@@ -165,6 +165,7 @@ class EraseReport:
     top_layers: list[tuple[str, float]] = field(default_factory=list)  # (module, |delta W|), largest first
     rank_kept: float | None = None  # with a rank: the share of the weight deltas' squared norm the patch keeps
     patch: Any = None  # the Patch object (not serialised)
+    ui: list[str] = field(default_factory=list)  # how to load the written patch in ComfyUI and A1111
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -642,6 +643,7 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
 
     from .patchfile import save_patch
     from .hub import resolve_model
+    from .ui_export import ui_advice
     from .pipeline import load_pipeline, model_settings, resolve_device
     from .toyworld import builtin_model_path
 
@@ -688,5 +690,6 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     report = erase(pipe, concepts, groups, config, progress=progress, base_files=ckpt)
     save_patch(report.patch, out)
     report.output, report.patch_bytes = str(out), out.stat().st_size
+    report.ui = ui_advice(report.patch, out)
     report.total_seconds = time.perf_counter() - t0
     return report

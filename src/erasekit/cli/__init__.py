@@ -9,6 +9,7 @@ from . import apply as _apply
 from . import diff as _diff
 from . import erase as _erase
 from . import eval as _eval
+from . import export as _export
 from . import generate as _generate
 from . import inspect as _inspect
 
@@ -41,6 +42,7 @@ app.command("eval")(_eval.eval_cmd)
 app.command("inspect")(_inspect.inspect_cmd)
 app.command("apply")(_apply.apply_cmd)
 app.command("diff")(_diff.diff_cmd)
+app.command("export")(_export.export_cmd)
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ from ._common import JsonOpt, bar, errors, human_bytes, out, print_json, warn
 def diff_cmd(
     a: Annotated[Path, typer.Argument(metavar="A", help="A checkpoint or patch.", show_default=False)],
     b: Annotated[Path, typer.Argument(metavar="B", help="A checkpoint or patch of the same kind as A.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.erasepatch", help="Extract B minus A as a patch "
-                                                   "(checkpoints only).")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT", help="Extract B minus A as a patch "
+                                                   "(checkpoints only): NAME.safetensors for a file ComfyUI and A1111 "
+                                                   "list, or NAME.erasepatch.")] = None,
     title: Annotated[Optional[str], typer.Option("--title", metavar="TEXT", help="Title of the extracted patch.")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", metavar="R", help="Store low-rank (SVD) deltas of this rank "
                                                 "instead of dense ones.")] = None,
@@ -53,3 +54,5 @@ def diff_cmd(
     out.print(table)
     if report.output:
         out.print(f"Wrote {report.output} ({human_bytes(report.output_bytes)}) in {report.seconds:.2f} s")
+        for line in report.ui:
+            out.print(f"  {line}")

@@ -33,7 +33,8 @@ def _layers(spec: str | None) -> list[int] | None:
 def erase_cmd(
     concept: Annotated[list[str], typer.Option("--concept", "-c", metavar="NAME", help="Concept to erase "
                                                "(repeat for several; one patch erases all).", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT.erasepatch", help="Patch to write.",
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT", help="Patch to write: NAME.safetensors "
+                                         "for a file ComfyUI and A1111 list in their LoRA folders, or NAME.erasepatch.",
                                          show_default=False)],
     model: ModelOpt = None,
     images: Annotated[Optional[list[str]], typer.Option("--images", metavar="DIR|auto", help="Folder of images "
@@ -135,3 +136,5 @@ def erase_cmd(
                   f"{100 * report.rank_kept:.1f}% of the change's squared norm kept")
     out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_').replace('_text_model_encoder_', ' ')} ({n:.3g})"
                                            for m, n in report.top_layers))
+    for line in report.ui:
+        out.print(f"  {line}")
