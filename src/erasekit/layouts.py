@@ -238,6 +238,7 @@ def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]],
 # What a file without Stable Diffusion text encoders holds, judged by its key names (first match wins).
 _LOOKS_LIKE = (
     ("an erasekit patch (apply it to a checkpoint: erasekit apply PATCH --to MODEL)", lambda k, m: "erasekit" in m),
+    ("an erasekit export for a UI (inspect or apply the patch it was made from)", lambda k, m: "erasekit_export" in m),
     ("a LoRA/LyCORIS network, not a whole model",
      lambda k, m: any(x.startswith(("lora_", "lycoris_")) or ".lora_up." in x or ".lora_A." in x or ".hada_w1" in x
                       for x in k)),

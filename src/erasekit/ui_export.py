@@ -75,7 +75,7 @@ def ui_advice(patch: Patch, path: str | os.PathLike) -> list[str]:
         if loads_as_is(patch, ui):
             how = f"use {path.name} as it is" if path.suffix == ".safetensors" else f"copy it as {name}"
         else:
-            how = f"erasekit export {path} --ui {ui} -o {path.stem}-{ui}.safetensors"
+            how = f"erasekit export {path} --ui {ui} -o {path.with_name(f'{path.stem}-{ui}.safetensors')}"
         lines.append(f"{UI_NAMES[ui]}: {how}")
     return lines
 
