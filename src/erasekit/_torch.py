@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import torch
 
@@ -36,3 +39,27 @@ def native_bf16(device: torch.device) -> bool:
         checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
         return any(bool(c()) for c in checks if c is not None)
     return False
+
+
+@contextlib.contextmanager
+def kept_as_found(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Give back ``modules`` as they were on leaving the block, by success or error: each parameter's and
+    buffer's dtype and ``requires_grad``, and every submodule's train/eval mode. (Values are the caller's to
+    restore; a dtype round trip through float32 is exact.)"""
+    modules = list(modules)
+    params = [(p, p.dtype, p.requires_grad) for m in modules for p in m.parameters()]
+    buffers = [(b, b.dtype) for m in modules for b in m.buffers()]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, dtype, grad in params:
+                if p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                p.requires_grad_(grad)
+            for b, dtype in buffers:
+                if b.dtype != dtype:
+                    b.data = b.data.to(dtype)
+        for sub, training in modes:
+            sub.training = training

@@ -8,11 +8,12 @@ and checks them against their sha256.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -538,3 +539,19 @@ def revert_patch(model: Any, patch: Patch | str | os.PathLike) -> RevertReport:
     del stack[idx[-1]]
     return RevertReport(where, "in-memory", patch.title, patch.patch_id, len(rec["originals"]), True,
                         time.perf_counter() - t0, [r["title"] for r in stack])
+
+
+@contextlib.contextmanager
+def patches_applied(model: Any, patches: Sequence[Patch], strength: float = 1.0) -> Iterator[None]:
+    """Apply ``patches`` in order to an in-memory model for the ``with`` block, then revert them newest first.
+    If one is refused, those already applied are reverted before the error propagates: the caller's model is
+    left as it was found either way."""
+    applied: list[Patch] = []
+    try:
+        for p in patches:
+            apply_patch(model, p, strength=strength)
+            applied.append(p)
+        yield
+    finally:
+        for p in reversed(applied):
+            revert_patch(model, p)

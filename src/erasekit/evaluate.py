@@ -132,7 +132,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
                    progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Render with and without ``patches`` on the same seeds and judge both (see the module docstring).
     ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
-    from .apply import apply_patch, revert_patch
+    from .apply import patches_applied
     from .patchfile import load_patch
     from .pipeline import load_pipeline, resolve_device
     from .toyworld import builtin_model_path
@@ -169,13 +169,8 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
             progress(done, total)
 
     before = render_batch(pipe, prompts, seeds, config, tick)
-    for p in loaded:
-        apply_patch(pipe, p, strength=config.strength)
-    try:
+    with patches_applied(pipe, loaded, config.strength):
         after = render_batch(pipe, prompts, seeds, config, tick)
-    finally:
-        for p in reversed(loaded):
-            revert_patch(pipe, p)
     lb, la = judge(before), judge(after)
 
     def rate(labels: list[dict[str, str]], attr: str, select: Callable[[dict[str, str]], bool]) -> float:

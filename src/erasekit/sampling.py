@@ -107,7 +107,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     Writes ``<prompt>_<seed>[_before|_after].png`` and ``grid.png`` into ``out_dir``; the pipeline's
     weights are as they were when this returns.
     """
-    from .apply import apply_patch, revert_patch
+    from .apply import patches_applied
     from .patchfile import load_patch
 
     t0 = time.perf_counter()
@@ -126,10 +126,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     rows: list[tuple[str, list[Any]]] = []
     patch_meta = [{"title": p.title, "patch_id": p.patch_id} for p in loaded]
     for patched in passes:
-        if patched:
-            for p in loaded:
-                apply_patch(pipe, p, strength=config.strength)
-        try:
+        with patches_applied(pipe, loaded if patched else [], config.strength):
             for prompt in prompts:
                 imgs = []
                 for seed in seeds:
@@ -152,10 +149,6 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
                         progress(done, total)
                 label = prompt if not config.compare else f"{'after' if patched else 'before'}: {prompt}"
                 rows.append((label, imgs))
-        finally:
-            if patched:
-                for p in reversed(loaded):
-                    revert_patch(pipe, p)
     if config.compare:  # before/after rows next to each other, per prompt
         k = len(prompts)
         rows = [r for i in range(k) for r in (rows[i], rows[k + i])]

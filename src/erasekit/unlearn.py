@@ -113,6 +113,14 @@ class EraseConfig(BaseModel):
     def _listed(cls, v: Any) -> Any:
         return {k: [w] if isinstance(w, str) else w for k, w in v.items()} if isinstance(v, dict) else v
 
+    @field_validator("dtype")
+    @classmethod
+    def _no_fp16_training(cls, v: str) -> str:
+        if v == "fp16":  # fp16's range: small gradients through the UNet flush to zero without loss scaling
+            raise ValueError("fp16 autocast is not used for training (its gradients into the text encoder underflow "
+                             "without loss scaling); use bf16, auto or fp32")
+        return v
+
     @field_validator("templates")
     @classmethod
     def _one_slot(cls, v: list[str] | None) -> list[str] | None:
@@ -438,7 +446,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from ._torch import dtype_code, native_bf16, tensor_bytes
+    from ._torch import dtype_code, kept_as_found, native_bf16, tensor_bytes
     from .layouts import parse_module_name
     from .patchfile import (Concept, DeltaInfo, EncoderInfo, Method, Patch, delta_tensors, fingerprint, new_manifest,
                             storage_dtypes)
@@ -487,125 +495,123 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
     # trainable tensors: FFN of the chosen layers, fp32, everything else frozen
     encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
-    for module in (unet, pipe.vae, *encoders.values()):
-        module.requires_grad_(False)
     te_dtypes = {slot: te.dtype for slot, te in encoders.items()}
-    for te in encoders.values():
-        te.to(torch.float32)
-    params = [p for slot, te in cond_of.trained.items()
-              for p in _trainable(slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot))]
-    originals = {(m, k): p.detach().clone() for m, k, p in params}
-    for _, _, p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam([p for _, _, p in params], lr=config.lr, betas=config.betas, eps=config.eps,
-                           weight_decay=config.weight_decay)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        config.dtype, torch.bfloat16 if (config.dtype == "auto" and native_bf16(device)) else None)
+    with kept_as_found((unet, pipe.vae, *encoders.values())):  # the caller's pipeline, on success and on error
+        for module in (unet, pipe.vae, *encoders.values()):
+            module.requires_grad_(False)
+        for te in encoders.values():
+            te.to(torch.float32)
+        params = [p for slot, te in cond_of.trained.items()
+                  for p in _trainable(slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot))]
+        originals = {(m, k): p.detach().clone() for m, k, p in params}
+        for _, _, p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam([p for _, _, p in params], lr=config.lr, betas=config.betas, eps=config.eps,
+                               weight_decay=config.weight_decay)
+        amp_dtype = {"bf16": torch.bfloat16}.get(
+            config.dtype, torch.bfloat16 if (config.dtype == "auto" and native_bf16(device)) else None)
 
-    def denoise_loss(idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
-        x0 = latents[idx].to(device)
-        noise = noise.to(device)
-        t = t.to(device)
-        noisy = noise_sched.add_noise(x0, noise, t)
-        target = noise if pred_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
-        cond, added = conditioning
-        if added is not None:
-            added = {k: v.to(unet.dtype) for k, v in added.items()}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype), added_cond_kwargs=added).sample
-        return F.mse_loss(pred.float(), target.float())
+        def denoise_loss(idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
+            x0 = latents[idx].to(device)
+            noise = noise.to(device)
+            t = t.to(device)
+            noisy = noise_sched.add_noise(x0, noise, t)
+            target = noise if pred_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
+            cond, added = conditioning
+            if added is not None:
+                added = {k: v.to(unet.dtype) for k, v in added.items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype), added_cond_kwargs=added).sample
+            return F.mse_loss(pred.float(), target.float())
 
-    def prompt_for(i: int, g: Any) -> str:
-        template = templates[int(torch.randint(len(templates), (), generator=g))]
-        return captions[i] if captions[i] is not None else template.format(concepts[owner[i]])
+        def prompt_for(i: int, g: Any) -> str:
+            template = templates[int(torch.randint(len(templates), (), generator=g))]
+            return captions[i] if captions[i] is not None else template.format(concepts[owner[i]])
 
-    # a fixed set of draws to measure the forget loss before and after (not part of the loop's timing)
-    eval_gen = torch.Generator().manual_seed(config.seed + 1)
-    all_idx = list(range(len(loaded)))
-    eval_draws = [(torch.randint(0, T, (len(all_idx),), generator=eval_gen), torch.randn(latents.shape, generator=eval_gen),
-                   [prompt_for(i, eval_gen) for i in all_idx]) for _ in range(4)]
+        # a fixed set of draws to measure the forget loss before and after (not part of the loop's timing)
+        eval_gen = torch.Generator().manual_seed(config.seed + 1)
+        all_idx = list(range(len(loaded)))
+        eval_draws = [(torch.randint(0, T, (len(all_idx),), generator=eval_gen), torch.randn(latents.shape, generator=eval_gen),
+                       [prompt_for(i, eval_gen) for i in all_idx]) for _ in range(4)]
 
-    def forget_loss() -> float:
-        with torch.no_grad():
-            return float(np.mean([denoise_loss(all_idx, t, n, cond_of(p, device)).item() for t, n, p in eval_draws]))
+        def forget_loss() -> float:
+            with torch.no_grad():
+                return float(np.mean([denoise_loss(all_idx, t, n, cond_of(p, device)).item() for t, n, p in eval_draws]))
 
-    before = forget_loss()
-    batches = _schedule(len(loaded), config, gen)
-    anchored = config.recipe == "anchored"
-    if anchored:  # the conditioning to hold in place, computed once with the original weights
-        anchor_prompts, ref_prompts, anchor_w = _anchor_prompts(config, templates, concepts)
-        with torch.no_grad():
-            flat = [r for refs in ref_prompts for r in refs]
-            conds = cond_of(flat, device)[0].detach()
-            anchor_ref = torch.stack([c.mean(0) for c in conds.split([len(r) for r in ref_prompts])])
-        anchor_w = anchor_w.to(device)
-    losses: list[float] = []
-    stopped_at = None
-    t_loop = time.perf_counter()
-    try:
-        for step, idx in enumerate(batches):
-            idx = [i for i in idx for _ in range(config.draws)]  # several noise draws per image
-            t = torch.randint(0, T, (len(idx),), generator=gen)
-            noise = torch.randn((len(idx), *latents.shape[1:]), generator=gen)
-            prompts = [prompt_for(i, gen) for i in idx]
-            sel = []
-            if anchored:
-                sel = (torch.randperm(len(anchor_prompts), generator=gen)[:config.anchor_batch].tolist()
-                       if config.anchor_batch else list(range(len(anchor_prompts))))
-            # one text-encoder pass for the step's prompts and its anchors
-            cond, added = cond_of(prompts + [anchor_prompts[j] for j in sel], device)
-            k = len(prompts)
-            loss = denoise_loss(idx, t, noise, (cond[:k], {n: v[:k] for n, v in added.items()} if added else None))
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
-                                     "lower --lr or the number of steps")
-            objective = -loss  # gradient *ascent* on the denoising loss
-            if anchored:
-                drift = ((cond[k:] - anchor_ref[sel]) ** 2).mean(dim=(1, 2))
-                w = anchor_w[sel]
-                objective = objective + config.anchor_weight * (drift * w).sum() / w.sum()
-            objective.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
-            losses.append(loss.item())
-            if progress:
-                progress(StepInfo(step + 1, len(batches), losses[-1], time.perf_counter() - t_loop))
-            if anchored and _tipped(losses, config):
-                stopped_at = step + 1
-                break
-        loop_seconds = time.perf_counter() - t_loop
-        after = forget_loss()
+        before = forget_loss()
+        batches = _schedule(len(loaded), config, gen)
+        anchored = config.recipe == "anchored"
+        if anchored:  # the conditioning to hold in place, computed once with the original weights
+            anchor_prompts, ref_prompts, anchor_w = _anchor_prompts(config, templates, concepts)
+            with torch.no_grad():
+                flat = [r for refs in ref_prompts for r in refs]
+                conds = cond_of(flat, device)[0].detach()
+                anchor_ref = torch.stack([c.mean(0) for c in conds.split([len(r) for r in ref_prompts])])
+            anchor_w = anchor_w.to(device)
+        losses: list[float] = []
+        stopped_at = None
+        t_loop = time.perf_counter()
+        try:
+            for step, idx in enumerate(batches):
+                idx = [i for i in idx for _ in range(config.draws)]  # several noise draws per image
+                t = torch.randint(0, T, (len(idx),), generator=gen)
+                noise = torch.randn((len(idx), *latents.shape[1:]), generator=gen)
+                prompts = [prompt_for(i, gen) for i in idx]
+                sel = []
+                if anchored:
+                    sel = (torch.randperm(len(anchor_prompts), generator=gen)[:config.anchor_batch].tolist()
+                           if config.anchor_batch else list(range(len(anchor_prompts))))
+                # one text-encoder pass for the step's prompts and its anchors
+                cond, added = cond_of(prompts + [anchor_prompts[j] for j in sel], device)
+                k = len(prompts)
+                loss = denoise_loss(idx, t, noise, (cond[:k], {n: v[:k] for n, v in added.items()} if added else None))
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
+                                         "lower --lr or the number of steps")
+                objective = -loss  # gradient *ascent* on the denoising loss
+                if anchored:
+                    drift = ((cond[k:] - anchor_ref[sel]) ** 2).mean(dim=(1, 2))
+                    w = anchor_w[sel]
+                    objective = objective + config.anchor_weight * (drift * w).sum() / w.sum()
+                objective.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
+                losses.append(loss.item())
+                if progress:
+                    progress(StepInfo(step + 1, len(batches), losses[-1], time.perf_counter() - t_loop))
+                if anchored and _tipped(losses, config):
+                    stopped_at = step + 1
+                    break
+            loop_seconds = time.perf_counter() - t_loop
+            after = forget_loss()
 
-        # the patch: deltas of the trained tensors, fingerprints of the base tensors
-        tensors: dict[str, np.ndarray] = {}
-        deltas: dict[str, DeltaInfo] = {}
-        fps = {}
-        kept: dict[str, float] = {}
-        dense = {(m, kind): (p.detach() - originals[(m, kind)]).cpu().numpy() for m, kind, p in params}
-        for m, kind, p in params:
-            slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
-            if kind == "weight":
-                stored, deltas[m], kept[m] = delta_tensors(m, dense[(m, "weight")], dense[(m, "bias")], config.rank)
-                tensors.update(stored)
-            if base_files is not None:  # fingerprints of the files on disk: the patch applies "exact" to them
-                wf = next(f for f in base_files.files if slot in f.encoders)
-                key = wf.encoders[slot].key(layer, proj, kind)
-                dtype, shape = wf.tensor_info()[key]
-                fps[f"{m}.{kind}"] = fingerprint(wf.read_raw(key), dtype, shape)
-            else:  # of the weights as they were in memory
-                orig = originals[(m, kind)].to(te_dtypes[slot])
-                fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
-    finally:
-        with torch.no_grad():  # leave the caller's pipeline as it was
+            # the patch: deltas of the trained tensors, fingerprints of the base tensors
+            tensors: dict[str, np.ndarray] = {}
+            deltas: dict[str, DeltaInfo] = {}
+            fps = {}
+            kept: dict[str, float] = {}
+            dense = {(m, kind): (p.detach() - originals[(m, kind)]).cpu().numpy() for m, kind, p in params}
             for m, kind, p in params:
-                p.requires_grad_(False)
-                p.copy_(originals[(m, kind)])
-        for slot, te in encoders.items():
-            te.to(te_dtypes[slot])
+                slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
+                if kind == "weight":
+                    stored, deltas[m], kept[m] = delta_tensors(m, dense[(m, "weight")], dense[(m, "bias")], config.rank)
+                    tensors.update(stored)
+                if base_files is not None:  # fingerprints of the files on disk: the patch applies "exact" to them
+                    wf = next(f for f in base_files.files if slot in f.encoders)
+                    key = wf.encoders[slot].key(layer, proj, kind)
+                    dtype, shape = wf.tensor_info()[key]
+                    fps[f"{m}.{kind}"] = fingerprint(wf.read_raw(key), dtype, shape)
+                else:  # of the weights as they were in memory
+                    orig = originals[(m, kind)].to(te_dtypes[slot])
+                    fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
+        finally:
+            with torch.no_grad():  # the trained values back; kept_as_found gives back dtypes, flags and modes
+                for m, kind, p in params:
+                    p.copy_(originals[(m, kind)])
 
     hp = config.hyperparameters() | {"steps_run": len(losses), "stopped_early": stopped_at is not None,
                                      "prediction_type": pred_type,
-                                     "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")}
+                                     "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32"}
     manifest = new_manifest(
         title=" + ".join(concepts) + " erased", architecture=cond_of.arch,
         encoders={slot: EncoderInfo(hidden=te.config.hidden_size, intermediate=te.config.intermediate_size,

@@ -77,7 +77,8 @@ def erase_cmd(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N. [default: auto]")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Autocast dtype of the frozen UNet: auto (bf16 where "
                                                  "the device computes it natively: GPUs, CPUs with "
-                                                 "AVX512-BF16/AMX; else fp32), fp32, bf16, fp16.")] = None,
+                                                 "AVX512-BF16/AMX; else fp32), fp32, bf16 (fp16 is refused: its "
+                                                 "gradients underflow without loss scaling).")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", metavar="R", help="Store each weight delta as its "
                                                 "rank-R truncated SVD (LoRA-style factors) instead of dense: "
                                                 "R=32 keeps an SD1.x patch near 6 MB. [default: dense]")] = None,
