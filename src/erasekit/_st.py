@@ -189,6 +189,18 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[str, 
             f.write(tensors[name][2])
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder below ``path`` (a copied checkpoint before it is renamed into place)."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for p in files:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    if path.is_dir():
+        for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+            fsync_dir(d)
+
+
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)

@@ -9,6 +9,7 @@ and checks them against their sha256.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -239,8 +240,10 @@ def _plan(ckpt: Checkpoint, journal: Journal, patch: Patch, strength: float, for
                 pristine = next((p.originals[(wf.label, key)][2] for p in earlier if (wf.label, key) in p.originals), cur)
             fp = fingerprint(pristine, ent.dtype, ent.shape, sha256=cur_sha if pristine is cur else None)
             name = f"{t.module}.{t.kind}"
-            # across variant files, the least favourable status counts
-            if name not in fps or compare_fingerprint(patch.manifest.base.tensors[name], fp) == "differs":
+            # across variant files the least favourable status counts: an fp16 variant that matches only
+            # approximately makes the whole apply "approx", one that differs makes it "differs"
+            base = patch.manifest.base.tensors[name]
+            if name not in fps or _RANK[compare_fingerprint(base, fp)] > _RANK[compare_fingerprint(base, fps[name])]:
                 fps[name] = fp
             plan.originals[(wf.label, key)] = (ent.dtype, ent.shape, cur)
             plan.before_sha[(wf.label, key)] = cur_sha
@@ -282,7 +285,27 @@ def _apply_in_place(ckpt: Checkpoint, patches: list[Patch], strengths: list[floa
     return results, written
 
 
+_RANK = {"exact": 0, "approx": 1, "differs": 2}
+
+
+def _owning_pipeline(ckpt: Checkpoint) -> Path | None:
+    """The diffusers pipeline folder whose component ``ckpt`` is (``F`` for ``F/text_encoder``), if any."""
+    if not ckpt.path.is_dir():
+        return None
+    folder = ckpt.path.resolve()
+    index = folder.parent / "model_index.json"
+    try:
+        return folder.parent if index.is_file() and folder.name in json.loads(index.read_text()) else None
+    except (OSError, ValueError):
+        return None
+
+
 def _check_writable(ckpt: Checkpoint) -> None:
+    owner = _owning_pipeline(ckpt)
+    if owner is not None:  # one journal per weight file: the pipeline's
+        raise TargetNotWritableError(f"{ckpt.path} is the {ckpt.path.resolve().name} of the diffusers pipeline {owner}, "
+                                     "whose undo journal covers its weight files",
+                                     f"apply to (or revert from) {owner} instead, or write a copy with -o")
     for wf in ckpt.files:
         if wf.format == "pickle":
             raise TargetNotWritableError(f"{wf.path} is a pickle and cannot be patched in place",
@@ -293,6 +316,16 @@ def _check_writable(ckpt: Checkpoint) -> None:
                                          "write a patched copy with -o OUT instead of --in-place")
         if not os.access(wf.path, os.W_OK):
             raise TargetNotWritableError(f"{wf.path} is read-only", "make it writable, or use -o to write a copy")
+
+
+def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
+    """Before reading ``ckpt``'s tensors: roll back (or finish) an apply/revert that a crash interrupted, so no
+    reader sees a half-written checkpoint. Refuses while another erasekit process is writing it."""
+    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    if not journal.interrupted():
+        return []
+    with journal.locked():
+        return journal.recover(_offsets(ckpt))
 
 
 def _pickle_to_safetensors(src: Path, dst: Path) -> None:
@@ -371,6 +404,7 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
         tmp = _stage_copy(ckpt, out)
         try:
             applied, written = _apply_in_place(_restaged(ckpt, tmp), loaded, strengths, force, where)
+            _st.fsync_tree(tmp)  # every copied file on disk before the rename makes the output visible
             if tmp.is_dir():
                 os.replace(tmp, out)
             else:
@@ -396,10 +430,10 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
     patch = _as_patch(patch)
     ckpt = detect(target)
     where = f"{ckpt.path} [{ckpt.describe()}]"
+    _check_writable(ckpt)
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
     if not journal.entries:
         raise NotAppliedError(f"no erasekit patch is applied to {where}", "nothing to revert")
-    _check_writable(ckpt)
     offset = _offsets(ckpt)
     by_label = {f.label: f for f in ckpt.files}
     with journal.locked():

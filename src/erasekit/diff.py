@@ -107,7 +107,11 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
         raise ErasekitError(f"unknown patch dtype {dtype}", "use F32, F16 or BF16")
     if rank is not None and rank < 1:
         raise ErasekitError(f"rank must be at least 1, got {rank}", "pass --rank 1 or more, or omit it for dense deltas")
+    from .apply import recover_interrupted
+
     ca, cb = detect(resolve_model(a, TEXT_ENCODERS)), detect(resolve_model(b, TEXT_ENCODERS))
+    for ckpt in (ca, cb):  # never compare half-applied files
+        recover_interrupted(ckpt)
     if ca.architecture != cb.architecture:
         raise IncompatiblePatchError(f"{ca.path} is {ca.architecture} but {cb.path} is {cb.architecture}",
                                      "diff two checkpoints of the same architecture")

@@ -48,13 +48,12 @@ def resolve_model(model: str | os.PathLike, components: tuple[str, ...] = PIPELI
 
 
 def in_hub_cache(path: Path) -> bool:
-    """True for a file that is a link into a Hugging Face cache's ``blobs/`` (or a file with other hard links)."""
+    """True for a file of a Hugging Face cache: a blob (``models--ORG--NAME/blobs/<hash>``) or a snapshot link to one."""
     try:
-        if path.is_symlink():
-            return True
-        return path.stat().st_nlink > 1
+        target = Path(path).resolve()
     except OSError:
         return False
+    return target.parent.name == "blobs" and target.parent.parent.name.startswith(("models--", "datasets--", "spaces--"))
 
 
 def snapshot(repo: str, revision: str | None, components: tuple[str, ...] = PIPELINE) -> Path:

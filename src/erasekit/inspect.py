@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .apply import recover_interrupted  # torch only when arithmetic happens
 from .errors import ErasekitError
 from .journal import Journal, entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
@@ -93,7 +94,7 @@ def _rows(patch: Patch) -> list[DeltaRow]:
 
 
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
-    from .apply import slot_map  # apply imports torch lazily only when arithmetic happens
+    from .apply import slot_map
 
     where = f"{ckpt.path} [{ckpt.describe()}]"
     try:
@@ -134,6 +135,7 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
             {s: e.model_dump() for s, e in m.base.encoders.items()}, rows, m.base.config, warnings=list(patch.warnings))
         if against is not None:
             ckpt = detect(resolve_model(against, TEXT_ENCODERS))
+            recover_interrupted(ckpt)  # fingerprints of a half-applied file would mislead
             result.against, result.against_layout = str(ckpt.path), ckpt.describe()
             result.compatibility = _against(patch, rows, ckpt)
         return result

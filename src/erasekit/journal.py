@@ -68,7 +68,9 @@ class JournalFile(BaseModel):
 
 
 def journal_dir(checkpoint: Path) -> Path:
-    checkpoint = Path(checkpoint)
+    """Where a checkpoint's journal and lock live, from its resolved path: two spellings of one checkpoint
+    (a symlink, a relative path) share one journal."""
+    checkpoint = Path(checkpoint).resolve()
     if checkpoint.is_dir():
         return checkpoint / DIRNAME
     return checkpoint.parent / DIRNAME / checkpoint.name

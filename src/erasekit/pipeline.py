@@ -80,6 +80,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
     of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
     is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``)."""
+    from .apply import recover_interrupted
     from .hub import resolve_model
 
     path = resolve_model(model)
@@ -88,6 +89,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     ckpt = detect(path)
+    recover_interrupted(ckpt)  # never fingerprint or train on a half-applied file
     if ckpt.architecture == "clip-text":
         raise UnsupportedModelError(f"{path} is a CLIP text encoder on its own (no UNet or VAE), which erase, "
                                     "generate and eval cannot run", "name the whole Stable Diffusion model it belongs "
