@@ -233,9 +233,12 @@ def test_kill_9_mid_write_is_rolled_back_or_finished(tmp_path: Path, sd1: tuple[
     else:
         apply_to_checkpoint([sd1_patch], base, in_place=True)
         call = f"revert_from_checkpoint({str(sd1_patch)!r}, {str(base)!r})"
+    before_kill = snapshot(base)
     r = subprocess.run([sys.executable, "-c", KILL_MID_WRITE.format(call=call)], capture_output=True, timeout=120)
     assert r.returncode == -9, r.stderr
-    assert snapshot(base) != original if op == "apply" else True
+    assert snapshot(base) != before_kill, "half of the tensors were rewritten before the kill"
+    if op == "revert":
+        assert snapshot(base) != original, "and the other half not"
     assert len(inspect_path(base).interrupted) == 1
     if op == "apply":
         # the next write rolls the half-applied patch back first, then does its own work

@@ -193,7 +193,11 @@ def test_bad_template() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         EraseConfig(templates=["no slot here"])
     assert np.isclose(EraseConfig(templates=["a {} photo"]).lr, 1e-5)
-    assert json.dumps(EraseConfig().hyperparameters())
+    hp = EraseConfig().hyperparameters()
+    assert json.loads(json.dumps(hp)) == hp, "the recorded settings survive the manifest's JSON"
+    published = {"lr": 1e-5, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 1e-8, "batch_size": 2, "epochs": 5,
+                 "resolution": 512, "flip": True, "recipe": "paper"}
+    assert {k: hp[k] for k in published} == published
 
 
 def test_sdxl_erases_through_both_encoders(tmp_path: Path, circles: Path) -> None:

@@ -125,6 +125,24 @@ def test_header_not_json(tmp_path: Path) -> None:
         load_patch(bad)
 
 
+def test_a_header_that_names_a_key_twice_is_refused(tmp_path: Path) -> None:
+    """JSON readers disagree on which duplicate wins; a header that says two things is hostile."""
+    raw = GOLDEN.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = raw[8:8 + n].decode().rstrip()
+    name = next(k for k in json.loads(header) if k != "__metadata__")
+    entry = json.dumps(json.loads(header)[name])
+    doubled = header[:-1] + f',"{name}":{entry}' + "}"  # the same tensor again, last in the object
+    bad = tmp_path / "d.erasepatch"
+    bad.write_bytes(struct.pack("<Q", len(doubled)) + doubled.encode() + raw[8 + n:])
+    with pytest.raises(PatchFormatError, match=f"names '{name}' twice"):
+        load_patch(bad)
+    m = json.loads(json.loads(header)["__metadata__"]["erasekit"])
+    text = json.dumps(m)[:-1] + ', "title": "other"}'
+    with pytest.raises(PatchFormatError, match="manifest names 'title' twice"):
+        parse_manifest(text)
+
+
 def test_offsets_with_hole(tmp_path: Path) -> None:
     header, data = split(GOLDEN)
     name = next(k for k in header if k != "__metadata__")

@@ -36,6 +36,11 @@ def assert_ffn_matches(result: Path, edited: Path, dtype: str) -> None:
             np.testing.assert_allclose(arr, want[k][1], atol=1e-4, rtol=2**-7, err_msg=str(k))
 
 
+def ffn_bytes(path: Path) -> dict[str, bytes]:
+    wf = detect(path).files[0]
+    return {k: wf.read_raw(k) for _, k, *_ in wf.ffn_keys()}
+
+
 def non_ffn_bytes(path: Path) -> dict[tuple[str, str], bytes]:
     ckpt = detect(path)
     out = {}
@@ -65,7 +70,9 @@ def test_apply_and_revert_roundtrip(tmp_path: Path, layout: str, dtype: str) -> 
     if layout.startswith("ckpt"):
         with pytest.raises(TargetNotWritableError, match="use -o|with -o"):
             apply_to_checkpoint([patch], base, in_place=True)
-        revert_from_checkpoint(patch, out)
+        ffn = ffn_bytes(out)
+        revert_from_checkpoint(patch, out)  # the -o copy is safetensors, so it has a journal and reverts exactly
+        assert ffn_bytes(out) != ffn and ffn_bytes(out) == ffn_bytes(base), "revert restores the original bytes"
         return
     others = non_ffn_bytes(base)
     rep = apply_to_checkpoint([patch], base, in_place=True)

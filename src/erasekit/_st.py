@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -66,6 +66,22 @@ class Header:
         return 8 + self.header_len
 
 
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook refusing an object that names a key twice (JSON parsers disagree on which one wins)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(k)
+        out[k] = v
+    return out
+
+
 def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileError, what: str = "file") -> Header:
     """Read and validate a safetensors header. Raises ``err`` naming ``what`` on any defect."""
     path = Path(path)
@@ -88,7 +104,10 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
     except PermissionError:
         raise InputFileError(f"{path} is not readable", "check its permissions") from None
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKeyError as e:
+        raise err(f"{what} {path} has a safetensors header that names {e.key!r} twice (a header that says two things "
+                  "is refused)", "re-download or re-create the file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise err(f"{what} {path} has a corrupt safetensors header ({e.__class__.__name__})",
                   "re-download or re-create the file") from None

@@ -217,7 +217,9 @@ def _upgrade(obj: dict[str, Any], where: str) -> dict[str, Any]:
 def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]]:
     """Parse, upgrade and validate a manifest JSON string. Returns it and any warnings."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_st.unique_keys)
+    except _st.DuplicateKeyError as e:
+        raise PatchFormatError(f"{where}: the erasekit manifest names {e.key!r} twice", "re-create the patch") from None
     except json.JSONDecodeError as e:
         raise PatchFormatError(f"{where}: the erasekit manifest is not valid JSON ({e.msg})", "re-create the patch") from None
     if not isinstance(obj, dict):
