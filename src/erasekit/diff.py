@@ -60,7 +60,8 @@ class DiffReport:
     architecture: str
     changes: list[LayerChange] = field(default_factory=list)
     comparisons: list[LayerComparison] = field(default_factory=list)
-    other_changed: list[str] = field(default_factory=list)  # non-FFN text-encoder tensors that differ
+    other_changed: list[str] = field(default_factory=list)  # non-FFN text-encoder tensors that differ ("te:KEY")
+    other_relative: list[float] = field(default_factory=list)  # their relative change |B-A|/|A|, same order
     output: str | None = None
     output_bytes: int = 0
     seconds: float = 0.0
@@ -78,8 +79,8 @@ def _first_files(a: Checkpoint, b: Checkpoint) -> dict[str, tuple[WeightFile, We
     return out
 
 
-def _other_changes(fa: WeightFile, fb: WeightFile, slot: str) -> list[str]:
-    """Text-encoder tensors outside the FFN that differ between A and B."""
+def _other_changes(fa: WeightFile, fb: WeightFile, slot: str) -> list[tuple[str, float]]:
+    """Text-encoder tensors outside the FFN that differ between A and B, with their relative change |B-A|/|A|."""
     ea, eb = fa.encoders[slot], fb.encoders[slot]
     ffn = {k for _, k, *_ in fa.ffn_keys()}
     info_a, info_b = fa.tensor_info(), fb.tensor_info()
@@ -90,18 +91,23 @@ def _other_changes(fa: WeightFile, fb: WeightFile, slot: str) -> list[str]:
         other = eb.prefix + key[len(ea.prefix):]
         if other not in info_b:
             continue
-        if info_a[key] == info_b[other]:
-            same = fa.read_raw(key) == fb.read_raw(other)
-        else:
-            same = np.array_equal(fa.read_numpy(key), fb.read_numpy(other))
-        if not same:
-            changed.append(key)
+        if info_a[key] == info_b[other] and fa.read_raw(key) == fb.read_raw(other):
+            continue
+        va, vb = fa.read_numpy(key).astype(np.float64), fb.read_numpy(other).astype(np.float64)
+        if va.shape != vb.shape:
+            changed.append((key, float("inf")))
+        elif not np.array_equal(va, vb):
+            norm = float(np.linalg.norm(va))
+            changed.append((key, float(np.linalg.norm(vb - va)) / norm if norm else float("inf")))
     return changed
 
 
 def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.PathLike | None = None,
-                     title: str | None = None, rank: int | None = None, dtype: str = "F32") -> DiffReport:
-    """Per-layer FFN change from A to B; with ``output``, the change as a patch that turns A into B."""
+                     title: str | None = None, rank: int | None = None, dtype: str = "F32",
+                     ffn_only: bool = False) -> DiffReport:
+    """Per-layer FFN change from A to B; with ``output``, the change as a patch that turns A into B. A patch
+    carries FFN changes only: when B also differs elsewhere in the text encoder, writing one is refused unless
+    ``ffn_only`` (the patch then records what it leaves out)."""
     t0 = time.perf_counter()
     if dtype not in ("F32", "F16", "BF16"):
         raise ErasekitError(f"unknown patch dtype {dtype}", "use F32, F16 or BF16")
@@ -124,7 +130,9 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
         if ea.dims != eb.dims:
             raise IncompatiblePatchError(f"text encoder {slot} is {ea.dims} in {ca.path} but {eb.dims} in {cb.path}",
                                          "diff two checkpoints of the same model family")
-        report.other_changed += [f"{slot}:{k}" for k in _other_changes(fa, fb, slot)]
+        for key, rel in _other_changes(fa, fb, slot):
+            report.other_changed.append(f"{slot}:{key}")
+            report.other_relative.append(rel)
         for layer in range(ea.layers):
             for proj in ("fc1", "fc2"):
                 wa, wb = fa.read_numpy(ea.key(layer, proj, "weight")), fb.read_numpy(eb.key(layer, proj, "weight"))
@@ -144,11 +152,18 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
                     ent_dtype, ent_shape = fa.tensor_info()[key]
                     fps[f"{m}.{kind}"] = fingerprint(fa.read_raw(key), ent_dtype, ent_shape)
     if report.other_changed:
-        report.notes.append(f"{len(report.other_changed)} text-encoder tensors outside the FFN layers differ "
-                            "(e.g. " + report.other_changed[0] + "); a patch carries only FFN changes")
+        report.notes.append(f"{len(report.other_changed)} text-encoder tensors outside the FFN layers differ (e.g. "
+                            f"{report.other_changed[0]}); a patch carries only FFN changes")
     if output is not None:
         if not deltas:
             raise ErasekitError(f"{ca.path} and {cb.path} have identical FFN weights", "there is nothing to extract")
+        if report.other_changed and not ffn_only:
+            top = max(range(len(report.other_changed)), key=lambda i: report.other_relative[i])
+            raise ErasekitError(f"{cb.path.name} also differs from {ca.path.name} outside the FFN layers, in "
+                                f"{len(report.other_changed)} text-encoder tensors (largest: {report.other_changed[top]}, "
+                                f"relative change {report.other_relative[top]:.2e}); a patch of the FFN part would not "
+                                "reproduce the edit", "pass --ffn-only to write the FFN part anyway (the patch records "
+                                "what it leaves out, and inspect shows it)")
         out = Path(output)
         if out.exists():
             from .errors import TargetNotWritableError
@@ -161,7 +176,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
             title=title or f"{cb.path.stem} minus {ca.path.stem}", architecture=ca.architecture, encoders=encoders,
             fingerprints=fps, deltas=deltas,
             method=Method(name="diff", hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank,
-                                                        "dtype": dtype} | _prediction(ca)),
+                                                        "dtype": dtype} | _prediction(ca) | _left_out(report)),
             source=ca.path.name)
         patch = Patch(manifest, tensors, storage_dtypes(tensors, dtype))
         save_patch(patch, out)
@@ -169,6 +184,15 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
         report.ui = ui_advice(patch, out)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _left_out(report: DiffReport) -> dict[str, object]:
+    """What an ``ffn_only`` patch does not carry: ``{"left_out": {"tensors", "largest", "largest_relative"}}``."""
+    if not report.other_changed:
+        return {}
+    top = max(range(len(report.other_changed)), key=lambda i: report.other_relative[i])
+    return {"left_out": {"tensors": len(report.other_changed), "largest": report.other_changed[top],
+                         "largest_relative": report.other_relative[top]}}
 
 
 def _prediction(ckpt: Checkpoint) -> dict[str, str]:
@@ -198,7 +222,8 @@ def compare_patches(a: Patch, b: Patch) -> DiffReport:
 
 
 def diff_paths(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.PathLike | None = None,
-               title: str | None = None, rank: int | None = None, dtype: str = "F32") -> DiffReport:
+               title: str | None = None, rank: int | None = None, dtype: str = "F32",
+               ffn_only: bool = False) -> DiffReport:
     """Two patches -> :func:`compare_patches`; two checkpoints -> :func:`diff_checkpoints`."""
     pa, pb = is_patch_file(a), is_patch_file(b)
     if pa and pb:
@@ -211,7 +236,7 @@ def diff_paths(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.P
     if pa or pb:
         raise ErasekitError(f"cannot diff a patch with a checkpoint ({a if pa else b} is a patch)",
                             "diff two patches, or two checkpoints; `erasekit inspect PATCH --against CKPT` compares a patch with a model")
-    return diff_checkpoints(a, b, output=output, title=title, rank=rank, dtype=dtype)
+    return diff_checkpoints(a, b, output=output, title=title, rank=rank, dtype=dtype, ffn_only=ffn_only)
 
 
 __all__ = ["DiffReport", "LayerChange", "LayerComparison", "compare_patches", "diff_checkpoints", "diff_paths"]

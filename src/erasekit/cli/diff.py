@@ -21,13 +21,16 @@ def diff_cmd(
     rank: Annotated[Optional[int], typer.Option("--rank", metavar="R", help="Store low-rank (SVD) deltas of this rank "
                                                 "instead of dense ones.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="Storage dtype of the extracted deltas: F32, F16 or BF16.")] = "F32",
+    ffn_only: Annotated[bool, typer.Option("--ffn-only", help="With -o: write the FFN part even though B also differs "
+                                           "elsewhere in the text encoder (refused otherwise; the patch records what "
+                                           "it leaves out).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints (per-layer FFN change) or two patches (cosine similarity, norm ratio)."""
     from ..diff import diff_paths
 
     with errors():
-        report = diff_paths(a, b, output=output, title=title, rank=rank, dtype=dtype.upper())
+        report = diff_paths(a, b, output=output, title=title, rank=rank, dtype=dtype.upper(), ffn_only=ffn_only)
     if as_json:
         print_json(report)
         return

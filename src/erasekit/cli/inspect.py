@@ -39,10 +39,14 @@ def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
     out.print(f"  title      {r.title}")
     if r.concepts:
         out.print("  concepts   " + ", ".join(f"{c['name']} ({c['kind']})" for c in r.concepts))
-    hp = " ".join(f"{k}={v}" for k, v in r.method.get("hyperparameters", {}).items())
+    hp = " ".join(f"{k}={v}" for k, v in r.method.get("hyperparameters", {}).items() if k != "left_out")
     seed = f" seed={r.method['seed']}" if r.method.get("seed") is not None else ""
     out.print(f"  method     {r.method['name']} {hp}{seed}".rstrip())
     encs = ", ".join(f"{s} ({e['hidden']}x{e['intermediate']}, {e['layers']} layers)" for s, e in r.encoders.items())
+    left = r.method.get("hyperparameters", {}).get("left_out")
+    if isinstance(left, dict):
+        out.print(f"  left out   {left.get('tensors')} non-FFN tensors of the edit (largest: {left.get('largest')}, "
+                  f"relative change {left.get('largest_relative', 0):.2e})", style="bold yellow")
     out.print(f"  base       {r.architecture}: {encs}")
     if r.base_config:
         out.print(f"  configs    {r.base_config}")
