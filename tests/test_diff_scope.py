@@ -61,3 +61,29 @@ def test_an_ffn_only_edit_needs_no_flag(tmp_path: Path) -> None:
     edited = make_checkpoint(tmp_path / "b.safetensors", "single-sd1", edit_layers=[0])
     diff_checkpoints(base, edited, output=tmp_path / "p.erasepatch")
     assert "left_out" not in load_patch(tmp_path / "p.erasepatch").manifest.method.hyperparameters
+
+
+def test_clip_text_and_pipeline_patches_meet_by_one_rule_everywhere(tmp_path: Path) -> None:
+    """A patch from a bare CLIP text encoder and one from an SD1.x model with the same encoder shapes: apply, inspect
+    --against and diff of the two patches all map them onto each other the same way, and each says so."""
+    te_base = make_checkpoint(tmp_path / "te", "transformers-clip")
+    te_edit = make_checkpoint(tmp_path / "te-edit", "transformers-clip", edit_layers=[1])
+    sd_base = make_checkpoint(tmp_path / "sd.safetensors", "single-sd1")
+    sd_edit = make_checkpoint(tmp_path / "sd-edit.safetensors", "single-sd1", edit_layers=[1])
+    clip_patch, sd_patch = tmp_path / "clip.erasepatch", tmp_path / "sd.erasepatch"
+    diff_checkpoints(te_base, te_edit, output=clip_patch)
+    diff_checkpoints(sd_base, sd_edit, output=sd_patch)
+    assert load_patch(clip_patch).manifest.base.architecture == "clip-text"
+    note = "was made for clip-text and goes to a sd1 model by matching FFN shapes (encoder te -> te)"
+
+    r = runner.invoke(app, ["diff", str(sd_patch), str(clip_patch), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert any(note in n for n in report["notes"])
+    assert {c["layer"] for c in report["comparisons"]} == {1} and all(c["cosine"] is not None for c in report["comparisons"])
+
+    r = runner.invoke(app, ["inspect", str(clip_patch), "--against", str(sd_base), "--json"])
+    assert note in json.loads(r.stdout)["compatibility"]
+
+    r = runner.invoke(app, ["apply", str(clip_patch), "--to", str(sd_base), "-o", str(tmp_path / "out.safetensors")])
+    assert r.exit_code == 0 and note in r.stderr, r.output

@@ -111,6 +111,17 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
     return mapping
 
 
+def crossing_note(patch: Patch, architecture: str, mapping: dict[str, str]) -> str | None:
+    """The line that says a patch crossed between a bare CLIP text encoder and a pipeline (the one rule, used by
+    apply, inspect --against and diff of two patches: same FFN shapes, one encoder)."""
+    parch = patch.manifest.base.architecture
+    if parch == architecture or "clip-text" not in (parch, architecture):
+        return None
+    pairs = ", ".join(f"{p} -> {c}" for p, c in sorted(mapping.items()))
+    return (f"patch '{patch.title}' was made for {parch} and goes to a {architecture} model by matching FFN shapes "
+            f"(encoder {pairs})")
+
+
 @dataclass(frozen=True)
 class Touch:
     """One base tensor a patch changes: patch module and kind, and where it lives in the target."""
@@ -384,6 +395,8 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
     ckpt = detect(resolve_model(target))
     where = f"{ckpt.path} [{ckpt.describe()}]"
     warnings = [w for p in loaded for w in p.warnings]
+    warnings += [n for p in loaded
+                 if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))]
     if in_place:
         _check_writable(ckpt)
         applied, written = _apply_in_place(ckpt, loaded, strengths, force, where)

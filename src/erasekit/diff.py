@@ -205,15 +205,21 @@ def _prediction(ckpt: Checkpoint) -> dict[str, str]:
 
 def compare_patches(a: Patch, b: Patch) -> DiffReport:
     """Per-layer cosine similarity and norm ratio of two patches' weight deltas."""
-    if a.manifest.base.architecture != b.manifest.base.architecture:
-        raise IncompatiblePatchError(f"'{a.title}' is for {a.manifest.base.architecture}, '{b.title}' for "
-                                     f"{b.manifest.base.architecture}", "compare patches made for the same architecture")
+    from .apply import crossing_note, slot_map
+
+    # B's encoders onto A's by the rule apply uses (a clip-text patch meets a pipeline's encoder of equal shapes)
+    mapping = slot_map(b, a.manifest.base.architecture, a.manifest.base.encoders,  # type: ignore[arg-type]
+                       f"patch '{a.title}' ({a.manifest.base.architecture})")
     report = DiffReport("patches", str(a.path or a.title), str(b.path or b.title), a.manifest.base.architecture)
-    mods = {m: (s, layer, p) for m, s, layer, p in a.modules() + b.modules()}
+    note = crossing_note(b, a.manifest.base.architecture, mapping)
+    report.notes += [note] if note else []
+    b_as_a = {module_name(mapping[s], layer, p): m for m, s, layer, p in b.modules()}
+    mods = {m: (s, layer, p) for m, s, layer, p in a.modules()}
+    mods |= {module_name(mapping[s], layer, p): (mapping[s], layer, p) for _, s, layer, p in b.modules()}
     for m in sorted(mods, key=lambda x: (mods[x][0], mods[x][1], mods[x][2])):
         s, layer, p = mods[m]
         da = a.weight_delta(m).astype(np.float64) if m in a.manifest.deltas else None
-        db = b.weight_delta(m).astype(np.float64) if m in b.manifest.deltas else None
+        db = b.weight_delta(b_as_a[m]).astype(np.float64) if m in b_as_a else None
         na = float(np.linalg.norm(da)) if da is not None else 0.0
         nb = float(np.linalg.norm(db)) if db is not None else 0.0
         cos = float((da * db).sum() / (na * nb)) if da is not None and db is not None and na and nb else None

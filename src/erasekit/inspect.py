@@ -94,13 +94,14 @@ def _rows(patch: Patch) -> list[DeltaRow]:
 
 
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
-    from .apply import slot_map
+    from .apply import crossing_note, slot_map
 
     where = f"{ckpt.path} [{ckpt.describe()}]"
     try:
         mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, where)
     except ErasekitError as e:
         return str(e)
+    crossing = crossing_note(patch, ckpt.architecture, mapping)
     wf_for = {slot: next(f for f in ckpt.files if slot in f.encoders) for slot in set(mapping.values())}
     statuses = []
     for row in rows:
@@ -119,6 +120,7 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
         return f"{differing} of {len(statuses)} base tensors differ (apply needs --force)"
     applied = [e.patch_title for e in Journal(ckpt.path, {}).committed]
     note = f"; note: patches already applied to it: {', '.join(applied)}" if applied else ""
+    note += f"; {crossing}" if crossing else ""
     return ("exact" if "approx" not in statuses else "approx (same model, other precision)") + note
 
 
