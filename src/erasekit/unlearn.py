@@ -147,6 +147,32 @@ class EraseConfig(BaseModel):
         return hp
 
 
+# Settings a model's erasekit.json recommends because of what the model is (its image size, where bf16 pays);
+# they hold whatever the recipe. Every other recommendation tunes the model's own recipe and holds only for it.
+MODEL_PROPERTIES = ("resolution", "dtype")
+
+
+def effective_settings(recommended: dict[str, Any], given: dict[str, Any]) -> tuple[EraseConfig, dict[str, str]]:
+    """The settings an erase runs with, and where each came from ("user", "model" or "default"):
+    what the user gave always wins; a model's recommendations hold for its own recipe only (``--recipe paper``
+    on a model that recommends ``anchored`` is the whole published recipe, but at the model's resolution);
+    ``--epochs`` given alone replaces a recommended ``steps``."""
+    rec = dict(recommended)
+    if given.get("recipe", rec.get("recipe", "paper")) != rec.get("recipe", "paper"):
+        rec = {k: v for k, v in rec.items() if k in MODEL_PROPERTIES}
+    if "epochs" in given and "steps" not in given:
+        rec.pop("steps", None)
+    try:
+        config = EraseConfig(**(rec | given))
+    except ValueError as e:
+        err = e.errors()[0]  # type: ignore[attr-defined]
+        raise ErasekitError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
+                            "see erasekit erase --help") from None
+    sources = {name: "user" if name in given else "model" if name in rec else "default"
+               for name in EraseConfig.model_fields}
+    return config, sources
+
+
 @dataclass
 class StepInfo:
     step: int
@@ -174,6 +200,7 @@ class EraseReport:
     rank_kept: float | None = None  # with a rank: the share of the weight deltas' squared norm the patch keeps
     patch: Any = None  # the Patch object (not serialised)
     ui: list[str] = field(default_factory=list)  # how to load the written patch in ComfyUI and A1111
+    sources: dict[str, str] = field(default_factory=dict)  # setting -> "user" or "model" (the rest are defaults)
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -657,13 +684,9 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     # before anything that depends on the model's settings (e.g. whether it needs images)
     model = resolve_model(model) if model is not None else builtin_model_path()
     settings = model_settings(model)
+    sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):
-        try:
-            config = EraseConfig(**(settings.get("erase", {}) | (config or {})))
-        except ValueError as e:
-            err = e.errors()[0]  # type: ignore[attr-defined]
-            raise ErasekitError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
-                                "see erasekit erase --help") from None
+        config, sources = effective_settings(settings.get("erase", {}), config or {})
     out = Path(output)
     if out.exists():
         from .errors import TargetNotWritableError
@@ -697,5 +720,6 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     save_patch(report.patch, out)
     report.output, report.patch_bytes = str(out), out.stat().st_size
     report.ui = ui_advice(report.patch, out)
+    report.sources = {k: v for k, v in sources.items() if v != "default"}
     report.total_seconds = time.perf_counter() - t0
     return report

@@ -62,13 +62,19 @@ def erase_cmd(
     anchor_weight: Annotated[Num, typer.Option("--anchor-weight", help="Weight of the anchor penalty "
                                                "(anchored recipe). [default: the model's, else 30]")] = None,
     no_early_stop: Annotated[bool, typer.Option("--no-early-stop", help="Run every step (anchored recipe).")] = False,
-    lr: Annotated[Num, typer.Option("--lr", help="Adam learning rate. [default: 1e-5]")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the images. [default: 5]")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step. [default: 2]")] = None,
+    lr: Annotated[Num, typer.Option("--lr", help="Adam learning rate. [default: the model's, else 1e-5]")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the images (replaces a model's "
+                                                  "recommended --steps). [default: the model's, else 5]")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (overrides --epochs). "
+                                                 "[default: the model's, else from --epochs]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step. "
+                                                      "[default: the model's, else 2]")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Flip each image horizontally with "
+                                                 "probability 0.5, decided once. [default: the model's, else on]",
+                                                 show_default=False)] = None,
     draws: Annotated[Optional[int], typer.Option("--draws", help="Noise draws per image per step. [default: 1]")] = None,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size in pixels. "
-                                                      "[default: 512]")] = None,
+                                                      "[default: the model's, else 512]")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="0-11", help="Text-encoder layers to "
                                                   "change (default: all).")] = None,
     encoders: Annotated[Optional[str], typer.Option("--encoders", metavar="te1,te2", help="SDXL: which text "
@@ -111,7 +117,7 @@ def erase_cmd(
             "anchor_weight": anchor_weight, "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size,
             "draws": draws, "resolution": resolution, "rank": rank,
             "layers": _layers(layers), "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
-            "seed": seed, "device": device, "dtype": dtype, "patch_dtype": patch_dtype.upper() if patch_dtype else None,
+            "seed": seed, "device": device, "flip": flip, "dtype": dtype, "patch_dtype": patch_dtype.upper() if patch_dtype else None,
         }
         overrides = {k: v for k, v in given.items() if v is not None}
         if no_early_stop:
@@ -137,5 +143,10 @@ def erase_cmd(
                   f"{100 * report.rank_kept:.1f}% of the change's squared norm kept")
     out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_').replace('_text_model_encoder_', ' ')} ({n:.3g})"
                                            for m, n in report.top_layers))
+    if report.sources:
+        hp = report.patch.manifest.method.hyperparameters
+        out.print("  settings: " + ", ".join(f"{k} {hp.get(k, '')} ({src})" for k, src in sorted(report.sources.items())
+                                             if k in hp and k not in ("anchor_prompts", "stand_ins", "templates"))
+                  + "; the rest: defaults (erasekit erase --help)")
     for line in report.ui:
         out.print(f"  {line}")

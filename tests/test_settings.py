@@ -1,0 +1,61 @@
+"""Options mean what they say: what the user types wins over a model's recommendations, `--recipe paper` is the
+whole published recipe, and the run says where each setting came from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from erasekit.cli import app
+from erasekit.patchfile import load_patch
+from erasekit.pipeline import model_settings
+from erasekit.toyworld import builtin_model_path
+from erasekit.unlearn import effective_settings
+
+runner = CliRunner()
+BUILTIN = model_settings(builtin_model_path())["erase"]  # anchored, lr 3e-3, 80 steps, no flip, 32 px, fp32
+
+
+def test_recipe_paper_on_a_model_tuned_for_anchored_is_the_published_recipe() -> None:
+    config, sources = effective_settings(BUILTIN, {"recipe": "paper"})
+    assert (config.recipe, config.lr, config.steps, config.epochs, config.batch_size, config.flip) == \
+        ("paper", 1e-5, None, 5, 2, True)
+    assert (config.resolution, config.dtype) == (32, "fp32"), "what the model is still holds"
+    assert sources["recipe"] == "user" and sources["lr"] == "default" and sources["resolution"] == "model"
+
+
+def test_what_the_user_types_wins() -> None:
+    config, sources = effective_settings(BUILTIN, {"epochs": 2})
+    assert (config.steps, config.epochs) == (None, 2), "--epochs replaces the model's recommended steps"
+    assert sources["epochs"] == "user" and sources["lr"] == "model"
+    config, _ = effective_settings(BUILTIN, {"epochs": 2, "steps": 7})
+    assert config.steps == 7
+    config, sources = effective_settings(BUILTIN, {"flip": True, "lr": 0.01})
+    assert (config.flip, config.lr, config.steps) == (True, 0.01, 80) and sources["flip"] == "user"
+    config, sources = effective_settings(BUILTIN, {"recipe": "anchored"})  # the model's own recipe: its tuning holds
+    assert (config.lr, config.steps) == (3e-3, 80) and sources["steps"] == "model"
+
+
+def test_help_names_the_models_recommendation() -> None:
+    text = " ".join(runner.invoke(app, ["erase", "--help"]).stdout.split())
+    assert "Adam learning rate. [default: the model's, else 1e-5]" in text
+    assert "--flip / --no-flip" in text or "--flip/--no-flip" in text.replace(" ", "")
+
+
+def test_the_run_records_and_says_where_settings_came_from(tmp_path: Path) -> None:
+    out = tmp_path / "c.erasepatch"
+    r = runner.invoke(app, ["erase", "--concept", "circle", "--recipe", "paper", "--epochs", "1", "--num-images", "4",
+                            "--no-flip", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    hp = load_patch(out).manifest.method.hyperparameters
+    assert (hp["recipe"], hp["lr"], hp["epochs"], hp["steps"], hp["flip"], hp["steps_run"]) == \
+        ("paper", 1e-5, 1, None, False, 2)
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("settings:"))
+    assert "recipe paper (user)" in line and "epochs 1 (user)" in line and "flip False (user)" in line
+    assert "resolution 32 (model)" in line and "lr" not in line.replace("flip", "")
+    report = json.loads(runner.invoke(app, ["erase", "--concept", "red", "--steps", "1", "-o", str(tmp_path / "r.erasepatch"),
+                                            "--json"]).stdout)
+    assert report["sources"]["steps"] == "user" and report["sources"]["lr"] == "model"
