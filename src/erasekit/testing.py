@@ -202,6 +202,10 @@ def _hf_from(oc: dict[str, torch.Tensor], dims: tuple[int, int, int]) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fuzz"]:
+        return fuzz_main(argv[1:])
+
     ap = argparse.ArgumentParser(prog="python -m erasekit.testing", description="Write a tiny random checkpoint.")
     ap.add_argument("layout", choices=LAYOUTS)
     ap.add_argument("path")
@@ -212,6 +216,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     print(make_checkpoint(args.path, args.layout, args.dtype, args.seed, args.edit_layers, args.edit_seed))
     return 0
+
+
+def fuzz_main(argv: list[str]) -> int:
+    """``python -m erasekit.testing fuzz --n 10000``: a long fuzz campaign over the patch and checkpoint readers."""
+    import argparse
+    import time
+
+    from .fuzz import campaign
+
+    ap = argparse.ArgumentParser(prog="python -m erasekit.testing fuzz", description=campaign.__doc__)
+    ap.add_argument("--n", type=int, default=10_000, help="cases, spread over every mutation and both readers")
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    found = campaign(args.n, seed=args.seed)
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(found.refused.items()))
+    print(f"{found.cases} cases in {time.perf_counter() - t0:.0f} s: {found.accepted} accepted, refused: {refused}")
+    for line in found.failures[:50]:
+        print("FAILED", line)
+    print(f"{len(found.failures)} failed")
+    return 1 if found.failures else 0
 
 
 if __name__ == "__main__":
