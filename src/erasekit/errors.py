@@ -8,15 +8,20 @@ Each error carries a one-line ``problem`` and a one-line ``fix``; ``str(err)`` i
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\n``, ``\\x06``): an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ErasekitError(Exception):
     """Base class: a problem with the user's input or environment, not a bug."""
 
     exit_code = 1
 
     def __init__(self, problem: str, fix: str = "") -> None:
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem = one_line(problem)  # names from files may hold newlines or control characters
+        self.fix = one_line(fix)
+        super().__init__(f"{self.problem}; {self.fix}" if fix else self.problem)
 
 
 class InputFileError(ErasekitError):
