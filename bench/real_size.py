@@ -12,11 +12,11 @@
    patch, apply --in-place (the sha256 changes, inspect lists the patch), apply --revert (the sha256 is the
    original's). The children get an empty HF_HOME and their own latents cache, so nothing is downloaded.
 
-Peak RSS of a step is the ``ru_maxrss`` that ``os.wait4`` returns for that one child (not the running
-maximum over all children that ``getrusage(RUSAGE_CHILDREN)`` gives). The build runs in this process: its
-row shows this process's own peak. Hashing is not part of any step's time.
+Peak RSS of a step: each CLI run is the only child of a fresh ``python -c`` wrapper, which reports
+``getrusage(RUSAGE_CHILDREN).ru_maxrss`` (see ``_WRAP``). The build runs in this process: its row shows this
+process's own peak (``RUSAGE_SELF``). Hashing is not part of any step's time.
 
-    python bench/real_size.py [--workdir DIR] [--keep]      # about 10 min on 2 CPU cores
+    python bench/real_size.py [--workdir DIR] [--keep]      # about 3.5 min on 2 CPU cores, ~7 GB RAM
 
 Prints a markdown table and exits 1 if any check fails.
 """
@@ -47,6 +47,7 @@ class Step:
     peak_gb: float
     ok: bool
     result: str
+    code: int = 0  # the CLI's exit code
 
 
 def build_checkpoint(path: Path, seed: int = 0) -> None:
@@ -54,8 +55,11 @@ def build_checkpoint(path: Path, seed: int = 0) -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging as hf_logging
 
     from erasekit.testing import save_single_file
+
+    hf_logging.disable_progress_bar()
 
     def cfg(name: str) -> dict:
         return json.loads((SD1 / name / "config.json").read_text())
@@ -92,20 +96,27 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Each step runs under this small wrapper, which reports its child's peak RSS (getrusage(RUSAGE_CHILDREN) of a
+# process with one child). Measuring the child straight from this process would not do: at exec, Linux carries
+# the parent's own peak RSS (several GB here after the build) over into the child's ru_maxrss.
+_WRAP = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); open(sys.argv[1], 'w')"
+         ".write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+
+
 def cli(work: Path, name: str, *args: str) -> tuple[float, float, int, str]:
-    """Run ``python -m erasekit ARGS`` in ``work``: (wall s, peak RSS GB of that child, exit code, stdout)."""
+    """Run ``python -m erasekit ARGS`` in ``work``: (wall s, peak RSS GB of that process, exit code, stdout)."""
     env = dict(os.environ, HF_HOME=str(work / "hf-empty"), ERASEKIT_CACHE_DIR=str(work / "cache"))
-    out, err = work / "logs" / f"{name}.out", work / "logs" / f"{name}.err"
-    out.parent.mkdir(exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    out, err, rss = logs / f"{name}.out", logs / f"{name}.err", logs / f"{name}.maxrss"
     with open(out, "w") as o, open(err, "w") as e:
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "erasekit", *args], cwd=work, env=env, stdout=o, stderr=e)
-        _, status, usage = os.wait4(proc.pid, 0)
+        code = subprocess.call([sys.executable, "-c", _WRAP, str(rss), sys.executable, "-m", "erasekit", *args],
+                               cwd=work, env=env, stdout=o, stderr=e)
         seconds = time.perf_counter() - t
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.stderr.write(f"--- {name} exited {code}; stderr tail:\n{err.read_text()[-3000:]}\n")
-    return seconds, usage.ru_maxrss / 2**20, code, out.read_text()  # ru_maxrss is in KiB on Linux
+    return seconds, int(rss.read_text()) / 2**20, code, out.read_text()  # ru_maxrss is in KiB on Linux
 
 
 def run_all(work: Path) -> tuple[list[Step], dict]:
@@ -121,9 +132,10 @@ def run_all(work: Path) -> tuple[list[Step], dict]:
         seconds, peak, code, stdout = cli(work, name.split()[0] + str(len(steps)), *args)
         data = json.loads(stdout) if code == 0 and stdout.strip().startswith("{") else None
         ok, result = (False, f"exit {code}") if data is None else check(data)
-        steps.append(Step(name, seconds, peak, ok, result))
+        steps.append(Step(name, seconds, peak, ok, result, code))
         return data
 
+    facts["load_before"] = os.getloadavg()[0]
     t = time.perf_counter()
     build_checkpoint(model)
     facts["model_bytes"] = model.stat().st_size
@@ -138,9 +150,9 @@ def run_all(work: Path) -> tuple[list[Step], dict]:
     step("inspect", ["inspect", str(model), "--json"], inspect_check)
 
     def erase_check(d: dict) -> tuple[bool, str]:
-        facts["base_config"] = read_manifest(patch)[0].base.config if patch.is_file() else None
-        ok = (facts["base_config"] or "").split(" ")[0] == "sd1"
-        return ok, f"{d.get('steps')} step, patch {patch.stat().st_size / 1e6:.1f} MB; base.config {facts['base_config']}"
+        facts["base_config"] = cfg = read_manifest(patch)[0].base.config if patch.is_file() else None
+        mb = d.get("patch_bytes", 0) / 1e6
+        return (cfg or "").split(" ")[0] == "sd1", f"{d.get('steps')} step, {mb:.1f} MB patch; base.config {cfg}"
     step("erase", ["erase", "--model", str(model), "--concept", "Snoopy", "--images", "images", "--steps", "1",
                    "--resolution", "64", "--device", "cpu", "-o", patch.name, "--json"], erase_check)
 
@@ -153,7 +165,7 @@ def run_all(work: Path) -> tuple[list[Step], dict]:
 
     facts["sha_before"] = sha256(model)
     step("apply --in-place", ["apply", patch.name, "--to", str(model), "--in-place", "--json"],
-         lambda d: (True, f"{d.get('bytes_written', 0) / 1e6:.0f} MB written"))
+         lambda d: (d.get("in_place") is True, f"{d.get('bytes_written', 0) / 1e6:.0f} MB rewritten in place"))
     facts["sha_applied"] = sha256(model)
 
     def applied_check(d: dict) -> tuple[bool, str]:
@@ -172,7 +184,8 @@ def run_all(work: Path) -> tuple[list[Step], dict]:
 
 def table(steps: list[Step]) -> str:
     rows = ["| step | wall s | peak RSS GB | result |", "|---|---:|---:|---|"]
-    rows += [f"| {s.name} | {s.seconds:.1f} | {s.peak_gb:.2f} | {'ok' if s.ok else 'FAIL'}: {s.result} |" for s in steps]
+    rows += [f"| {s.name} | {s.seconds:.1f} | {s.peak_gb:.2f} | {'ok' if s.ok else 'FAIL'}: {s.result} |"
+             for s in steps]
     return "\n".join(rows)
 
 
@@ -190,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(steps))
     print(f"\nmodel file: {facts['model_bytes']:,} bytes; build {steps[0].seconds:.0f} s; "
           f"sha256 {facts['sha_before'][:16]}... (after apply {facts.get('sha_applied', '?')[:16]}...)")
-    print(f"machine: {os.cpu_count()} CPUs; work dir {work}{' (kept)' if args.keep else ' (deleted)'}")
+    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {facts['load_before']:.2f} before the build; "
+          f"work dir {work}{' (kept)' if args.keep else ' (deleted)'}")
     failed = [s.name for s in steps if not s.ok]
     print("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
     return 1 if failed else 0
