@@ -15,8 +15,8 @@ _API = {
     "save_patch": "erasekit.patchfile",
     "Patch": "erasekit.patchfile",
     "Manifest": "erasekit.patchfile",
-    "apply_patch": "erasekit.apply",
-    "revert_patch": "erasekit.apply",
+    "apply_patch": "erasekit.memory",
+    "revert_patch": "erasekit.memory",
     "apply_to_checkpoint": "erasekit.apply",
     "revert_from_checkpoint": "erasekit.apply",
     "detect": "erasekit.layouts",
@@ -35,7 +35,8 @@ _API = {
 }
 
 if TYPE_CHECKING:
-    from .apply import apply_patch, apply_to_checkpoint, revert_from_checkpoint, revert_patch
+    from .apply import apply_to_checkpoint, revert_from_checkpoint
+    from .memory import apply_patch, revert_patch
     from .diff import diff_paths
     from .evaluate import EvalConfig, evaluate_model
     from .pipeline import load_pipeline

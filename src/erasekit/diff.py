@@ -205,7 +205,7 @@ def _prediction(ckpt: Checkpoint) -> dict[str, str]:
 
 def compare_patches(a: Patch, b: Patch) -> DiffReport:
     """Per-layer cosine similarity and norm ratio of two patches' weight deltas."""
-    from .apply import crossing_note, slot_map
+    from .compat import crossing_note, slot_map
 
     # B's encoders onto A's by the rule apply uses (a clip-text patch meets a pipeline's encoder of equal shapes)
     mapping = slot_map(b, a.manifest.base.architecture, a.manifest.base.encoders,  # type: ignore[arg-type]

@@ -132,7 +132,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
                    progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Render with and without ``patches`` on the same seeds and judge both (see the module docstring).
     ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
-    from .apply import patches_applied
+    from .memory import patches_applied
     from .patchfile import load_patch
     from .pipeline import load_pipeline, resolve_device
     from .toyworld import builtin_model_path

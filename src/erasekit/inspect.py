@@ -94,7 +94,7 @@ def _rows(patch: Patch) -> list[DeltaRow]:
 
 
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
-    from .apply import crossing_note, slot_map
+    from .compat import crossing_note, slot_map
 
     where = f"{ckpt.path} [{ckpt.describe()}]"
     try:

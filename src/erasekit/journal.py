@@ -191,6 +191,31 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
 
+    def commit(self, entry: Entry, originals: dict[tuple[str, str], tuple[str, tuple[int, ...], bytes]],
+               updates: dict[tuple[str, str], bytes], offsets_for: Any) -> None:
+        """Apply, write-ahead: the undo record (fsynced), the entry as "pending", the new tensor bytes (fsynced),
+        the entry as "committed". A crash anywhere in between is rolled back by :meth:`recover`."""
+        self.write_undo(entry.id, originals)
+        self.entries.append(entry)
+        self.save()
+        self.write_tensors(updates, {k: offsets_for(*k) for k in updates})
+        entry.state = "committed"
+        self.save()
+
+    def revert(self, entry: Entry, offsets_for: Any, restored: Any, where: str) -> None:
+        """Revert, write-ahead: the entry as "reverting", the original bytes back (fsynced), each checked with
+        ``restored(record)``, then the entry and its undo record dropped. A crash is finished by :meth:`recover`."""
+        originals = self.read_undo(entry)
+        entry.state = "reverting"
+        self.save()
+        self.write_tensors(originals, {k: offsets_for(*k) for k in originals})
+        if not all(restored(r) for r in entry.tensors):
+            raise UndoRecordError(f"restored tensors of {where} do not match their recorded hashes",
+                                  "the disk may be failing; restore from a backup")
+        self.entries.remove(entry)
+        self.save()
+        (self.dir / entry.undo_file).unlink(missing_ok=True)
+
     def recover(self, offsets_for: Any) -> list[Entry]:
         """Finish or roll back interrupted entries. ``offsets_for(label, key)`` gives a tensor's byte offset."""
         done = []

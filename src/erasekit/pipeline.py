@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import ErasekitError, InputFileError, LayoutError
+from .errors import ErasekitError, LayoutError
 from .layouts import Checkpoint, detect
 from .model_configs import choose_config
 
@@ -147,7 +147,7 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
     (a patch's base fingerprints are taken from the file)."""
     import torch
 
-    from .apply import memory_encoders
+    from .memory import memory_encoders
 
     names = list(ckpt.files[0].tensor_info())
     for comp, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model.")):

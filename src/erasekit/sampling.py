@@ -107,7 +107,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     Writes ``<prompt>_<seed>[_before|_after].png`` and ``grid.png`` into ``out_dir``; the pipeline's
     weights are as they were when this returns.
     """
-    from .apply import patches_applied
+    from .memory import patches_applied
     from .patchfile import load_patch
 
     t0 = time.perf_counter()
