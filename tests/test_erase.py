@@ -12,7 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import snapshot
-from erasekit.apply import apply_patch, apply_to_checkpoint, revert_from_checkpoint
+from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+from erasekit.memory import apply_patch
 from erasekit.unlearn import EraseConfig, erase, erase_model
 from erasekit.errors import ErasekitError, InputFileError, LayoutError, NonFiniteError, TargetNotWritableError
 from erasekit.patchfile import load_patch
@@ -235,7 +236,7 @@ def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path)
             ref = cond(probe, pipe.unet.device)[0]
             apply_patch(pipe, patch)
             new = cond(probe, pipe.unet.device)[0]
-        from erasekit.apply import revert_patch
+        from erasekit.memory import revert_patch
 
         revert_patch(pipe, patch)
         return float(((new - ref) ** 2).mean())
