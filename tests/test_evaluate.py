@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from erasekit.errors import ErasekitError, LayoutError
-from erasekit.evaluate import attribute_of, eval_prompts, render_concept, truth_of
+from erasekit.toyworld.concepts import attribute_of, eval_prompts, render_concept, truth_of
 from erasekit.pipeline import model_settings
 
 

@@ -60,71 +60,6 @@ class EvalReport:
     patches: list[str] = field(default_factory=list)
 
 
-def attribute_of(concept: str) -> str:
-    from .toyworld.render import ATTRIBUTES
-
-    for attr, values in ATTRIBUTES.items():
-        if concept in values:
-            return attr
-    known = "; ".join(f"{a}s: {', '.join(v)}" for a, v in ATTRIBUTES.items())
-    raise ErasekitError(f"the built-in toy world has no concept {concept!r}",
-                        f"name one it draws and its judge knows ({known}), or give --images and --model for others")
-
-
-def render_concept(concept: str, seed: int) -> tuple[Any, str]:
-    """A rendered image showing ``concept`` (the other attributes drawn at random, seeded) and its caption."""
-    import numpy as np
-
-    from .toyworld.captions import prompt_for
-    from .toyworld.render import ATTRIBUTES, render
-
-    rng = np.random.default_rng(seed)
-    attrs = {a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()}
-    attrs[attribute_of(concept)] = concept
-    return render(attrs["shape"], attrs["colour"], attrs["pattern"], rng), prompt_for(**attrs)
-
-
-def truth_of(prompt: str) -> dict[str, str]:
-    """The attributes a prompt names, read from its words."""
-    from .toyworld.render import ATTRIBUTES
-
-    words = prompt.lower().replace(",", " ").split()
-    return {attr: v for attr, values in ATTRIBUTES.items() for v in values if v in words}
-
-
-def eval_prompts(attribute: str, n: int) -> list[tuple[str, dict[str, str]]]:
-    """For every concept of ``attribute``: ``n`` prompts naming it, the other attributes cycling evenly."""
-    from .toyworld.captions import prompt_for
-    from .toyworld.render import ATTRIBUTES
-
-    others = [a for a in ATTRIBUTES if a != attribute]
-    out = []
-    for value in ATTRIBUTES[attribute]:
-        for i in range(n):
-            a0 = ATTRIBUTES[others[0]][i % len(ATTRIBUTES[others[0]])]
-            a1 = ATTRIBUTES[others[1]][(i // len(ATTRIBUTES[others[0]])) % len(ATTRIBUTES[others[1]])]
-            truth = {attribute: value, others[0]: a0, others[1]: a1}
-            out.append((prompt_for(**truth), truth))  # type: ignore[arg-type]
-    return out
-
-
-def render_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], config: EvalConfig,
-                 progress: Callable[[int], None] | None = None) -> list[Any]:
-    """Images for (prompt, seed) pairs, in batches; each image has its own CPU generator, so the result does
-    not depend on the batch size."""
-    import torch
-
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images: list[Any] = []
-    for i in range(0, len(prompts), config.batch_size):
-        p, s = list(prompts[i:i + config.batch_size]), seeds[i:i + config.batch_size]
-        images += pipe(p, generator=[torch.Generator().manual_seed(x) for x in s], num_inference_steps=config.steps,
-                       guidance_scale=config.guidance, height=size, width=size).images
-        if progress:
-            progress(len(p))
-    return images
-
-
 def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model: str | os.PathLike | None = None,
                    config: EvalConfig | None = None, prompts_file: str | os.PathLike | None = None,
                    grid: str | os.PathLike | None = None, config_dir: str | os.PathLike | None = None,
@@ -136,6 +71,8 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     from .patchfile import load_patch
     from .pipeline import load_pipeline, resolve_device
     from .toyworld import builtin_model_path
+    from .toyworld.concepts import attribute_of, eval_prompts, truth_of
+    from .toyworld.evaluate import render_batch
     from .toyworld.judge import judge
 
     t0 = time.perf_counter()
@@ -168,9 +105,11 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
         if progress:
             progress(done, total)
 
-    before = render_batch(pipe, prompts, seeds, config, tick)
+    before = render_batch(pipe, prompts, seeds, steps=config.steps, guidance=config.guidance,
+                          batch_size=config.batch_size, progress=tick)
     with patches_applied(pipe, loaded, config.strength):
-        after = render_batch(pipe, prompts, seeds, config, tick)
+        after = render_batch(pipe, prompts, seeds, steps=config.steps, guidance=config.guidance,
+                          batch_size=config.batch_size, progress=tick)
     lb, la = judge(before), judge(after)
 
     def rate(labels: list[dict[str, str]], attr: str, select: Callable[[dict[str, str]], bool]) -> float:

@@ -705,7 +705,7 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
                                 "give one --images per --concept, in the same order, or --images auto")
         groups = [find_images(d) for d in dirs]
     if images is None:
-        from .evaluate import render_concept
+        from .toyworld.concepts import render_concept
 
         groups = [[render_concept(c, seed=config.seed * 1000 + i) for i in range(num_images)] for c in concepts]
     device = resolve_device(config.device)

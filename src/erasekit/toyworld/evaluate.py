@@ -15,7 +15,8 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,12 +44,25 @@ def prompt_set(name: str) -> list[PromptSpec]:
     raise ValueError(f"unknown prompt set {name!r}")
 
 
+def render_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25, guidance: float = 7.5,
+                 batch_size: int = 64, progress: Callable[[int], None] | None = None) -> list[Any]:
+    """Images for (prompt, seed) pairs, in batches; each image has its own CPU generator, so the result does
+    not depend on the batch size."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images: list[Any] = []
+    for i in range(0, len(prompts), batch_size):
+        p, s = list(prompts[i:i + batch_size]), seeds[i:i + batch_size]
+        images += pipe(p, generator=[torch.Generator().manual_seed(x) for x in s], num_inference_steps=steps,
+                       guidance_scale=guidance, height=size, width=size).images
+        if progress:
+            progress(len(p))
+    return images
+
+
 def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 7.5, batch: int = 200) -> np.ndarray:
     """uint8 images [len(prompts), 32, 32, 3]; image i is drawn from ``torch.Generator().manual_seed(seed + i)``."""
-    from ..evaluate import EvalConfig, render_batch
-
-    images = render_batch(pipe, prompts, [seed + i for i in range(len(prompts))],
-                          EvalConfig(steps=steps, guidance=guidance, batch_size=batch))
+    images = render_batch(pipe, prompts, [seed + i for i in range(len(prompts))], steps=steps, guidance=guidance,
+                          batch_size=batch)
     return np.stack([np.asarray(im) for im in images])
 
 
