@@ -124,7 +124,10 @@ def _download(repo: str, revision: str | None, components: tuple[str, ...]) -> P
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from huggingface_hub.utils import logging as hub_logging
+
     name = repo + (f"@{revision}" if revision else "")
+    hub_logging.set_verbosity_error()  # its retry warnings would bury the one line erasekit prints; bars stay
     try:
         files = HfApi().list_repo_files(repo, revision=revision)
         if "model_index.json" not in files:
