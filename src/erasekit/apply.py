@@ -102,7 +102,7 @@ def add_delta_bytes(raw: bytes, dtype: str, shape: tuple[int, ...], delta: np.nd
                     what: str) -> bytes:
     """Stored bytes of ``round_to_dtype(float32(W) + strength * delta)``, with numpy (no torch, one thread):
     float32 arithmetic, then round-to-nearest-even to the stored dtype, as torch would do it."""
-    if dtype not in ("F32", "F16", "BF16", "F64"):
+    if dtype not in (*_st.FLOAT_DTYPES, "F64"):
         raise IncompatiblePatchError(f"tensor {what} is stored as {dtype}", "erasekit patches floating-point weights only")
     w = _st.to_numpy(raw, dtype, shape)
     new = w.astype(np.float64 if dtype == "F64" else np.float32) + np.float32(strength) * delta

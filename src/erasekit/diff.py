@@ -14,6 +14,7 @@ from .hub import TEXT_ENCODERS, resolve_model
 from .ui_export import ui_advice
 from .layouts import Checkpoint, WeightFile, detect, module_name
 from .patchfile import (
+    STORED_DTYPES,
     DeltaInfo,
     EncoderInfo,
     Method,
@@ -109,7 +110,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
     carries FFN changes only: when B also differs elsewhere in the text encoder, writing one is refused unless
     ``ffn_only`` (the patch then records what it leaves out)."""
     t0 = time.perf_counter()
-    if dtype not in ("F32", "F16", "BF16"):
+    if dtype not in STORED_DTYPES:
         raise ErasekitError(f"unknown patch dtype {dtype}", "use F32, F16 or BF16")
     if rank is not None and rank < 1:
         raise ErasekitError(f"rank must be at least 1, got {rank}", "pass --rank 1 or more, or omit it for dense deltas")

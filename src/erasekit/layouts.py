@@ -24,7 +24,6 @@ import numpy as np
 from . import _st
 from .errors import InputFileError, LayoutError
 
-ARCHITECTURES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "clip-text")
 ARCH_SLOTS = {"sd1": {"te"}, "sd2": {"te"}, "sdxl": {"te1", "te2"}, "sdxl-refiner": {"te2"}, "clip-text": {"te"}}
 SLOTS = ("te", "te1", "te2")
 KOHYA_PREFIX = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}

@@ -26,7 +26,7 @@ from .layouts import ARCH_SLOTS, MODELSPEC_ARCH, SLOTS, SS_BASE_MODEL_VERSION, m
 
 FORMAT_VERSION = 1
 PATCH_SUFFIX = ".erasepatch"
-STORED_DTYPES = ("F32", "F16", "BF16")
+STORED_DTYPES = _st.FLOAT_DTYPES
 
 # Upgrade functions from older format versions: UPGRADES[n] turns a version-n manifest dict into version n+1.
 UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}

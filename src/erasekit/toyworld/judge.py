@@ -13,7 +13,7 @@ VAE reconstructions of renders).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,8 +97,3 @@ def judge(images: Any, model: Judge | None = None, return_probs: bool = False, b
     labels = [{k: ATTRIBUTES[k][int(p[k][i].argmax())] for k in HEADS} for i in range(len(x))]
     return (labels, p) if return_probs else labels
 
-
-def accuracy(labels: Sequence[dict[str, str]], truth: Sequence[dict[str, str]]) -> dict[str, float]:
-    """Per-head fraction of ``labels`` that equal ``truth`` (heads present in the truth only)."""
-    keys = [k for k in HEADS if truth and k in truth[0]]
-    return {k: float(np.mean([a[k] == b[k] for a, b in zip(labels, truth)])) for k in keys}

@@ -17,7 +17,6 @@ This module needs only numpy and Pillow (no torch).
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -146,12 +145,6 @@ def dataset(n: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         for k, v in attrs.items():
             labels[k][i] = ATTRIBUTES[k].index(v)
     return images, labels
-
-
-def iter_samples(seed: int) -> Iterator[tuple[Image.Image, dict[str, str]]]:
-    rng = np.random.default_rng(seed)
-    while True:
-        yield sample(rng)
 
 
 def grid(images: list[Image.Image], cols: int = 8, scale: int = 2) -> Image.Image:
