@@ -172,7 +172,7 @@ def test_shipped_model_loads_offline_in_float32(pipe) -> None:
 
 
 def test_shipped_model_follows_prompts(pipe, judge_model) -> None:
-    from erasekit.toyworld.evaluate import generate
+    from erasekit.toyworld.measure import generate
     from erasekit.toyworld.judge import judge
 
     specs = [("circle", "red", "solid"), ("square", "blue", "striped"), ("star", "yellow", "hollow")]

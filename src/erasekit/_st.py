@@ -35,7 +35,7 @@ _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",
 
 
 @dataclass(frozen=True)
-class Entry:
+class TensorEntry:
     """One tensor's place in a safetensors file; ``begin``/``end`` are absolute file offsets."""
 
     name: str
@@ -57,7 +57,7 @@ class Entry:
 class Header:
     path: Path
     header_len: int
-    entries: dict[str, Entry]
+    entries: dict[str, TensorEntry]
     metadata: dict[str, str]
     file_size: int
 
@@ -116,7 +116,7 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
     meta = obj.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise err(f"{what} {path}: __metadata__ must map strings to strings", "re-create the file")
-    entries: dict[str, Entry] = {}
+    entries: dict[str, TensorEntry] = {}
     data_start = 8 + n
     for name, info in obj.items():
         try:
@@ -130,7 +130,7 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
         if (e - b) != math.prod(shape) * ITEMSIZE[dtype]:
             raise err(f"{what} {path}: tensor {name!r} has {e - b} bytes for shape {shape} {dtype}",
                       "re-create the file")
-        entries[name] = Entry(name, dtype, tuple(shape), data_start + b, data_start + e)
+        entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + b, data_start + e)
     # The byte buffer must be indexed entirely, without holes or overlaps.
     pos = data_start
     for ent in sorted(entries.values(), key=lambda x: (x.begin, x.end)):
@@ -144,7 +144,7 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
     return Header(path, n, entries, meta, size)
 
 
-def read_raw(f: BinaryIO, entry: Entry) -> bytes:
+def read_raw(f: BinaryIO, entry: TensorEntry) -> bytes:
     f.seek(entry.begin)
     data = f.read(entry.nbytes)
     if len(data) != entry.nbytes:
@@ -164,7 +164,7 @@ def to_numpy(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def read_array(f: BinaryIO, entry: Entry) -> np.ndarray:
+def read_array(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
     return to_numpy(read_raw(f, entry), entry.dtype, entry.shape)
 
 

@@ -72,7 +72,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     from .pipeline import load_pipeline, resolve_device
     from .toyworld import builtin_model_path
     from .toyworld.concepts import attribute_of, eval_prompts, truth_of
-    from .toyworld.evaluate import render_batch
+    from .toyworld.measure import render_batch
     from .toyworld.judge import judge
 
     t0 = time.perf_counter()

@@ -5,7 +5,8 @@
 * ``captions`` -- training captions and ``prompt_for(shape=None, colour=None, pattern=None)``
 * ``judge``    -- ``load_judge()``, ``judge(images)`` (imports torch)
 * ``train``    -- ``python -m erasekit.toyworld.train --out DIR --seed 0`` (imports torch)
-* ``evaluate`` -- ``python -m erasekit.toyworld.evaluate`` (imports torch)
+* ``concepts`` -- what ``erasekit eval`` asks about: ``attribute_of``, ``render_concept``, ``eval_prompts``
+* ``measure``  -- ``python -m erasekit.toyworld.measure``: a model's accuracy per prompt set; ``render_batch`` (imports torch)
 
 Importing this package does not import torch.
 """

@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. evaluation
     t = time.time()
-    from .evaluate import evaluate
+    from .measure import evaluate
 
     report["generation"] = evaluate(model_dir, judge_path=out / "judge.safetensors", n=s.eval_n, seed=10_000 + s.seed,
                                     prompt_set="quick", log=log)["summary"]

@@ -1,6 +1,6 @@
 """Measure a toy-world model: generate images for prompts and let the judge say what they show.
 
-    python -m erasekit.toyworld.evaluate [--model DIR] [--judge FILE] [--n 16] [--seed 1000] [--set full]
+    python -m erasekit.toyworld.measure [--model DIR] [--judge FILE] [--n 16] [--seed 1000] [--set full]
 
 Prompt sets: ``full`` (every shape x colour x pattern, 75 prompts; shape, colour and pattern are all
 scored), ``quick`` (15 full prompts that cover every shape, colour and pattern), ``partial``
@@ -97,7 +97,7 @@ def evaluate(model: str | Path | None = None, judge_path: str | Path | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m erasekit.toyworld.evaluate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m erasekit.toyworld.measure", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the shipped model)")
     ap.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
     ap.add_argument("--n", type=int, default=16, help="images per prompt")
