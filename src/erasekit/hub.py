@@ -123,7 +123,6 @@ def allow_patterns(files: list[str], components: tuple[str, ...]) -> list[str]:
 def _download(repo: str, revision: str | None, components: tuple[str, ...]) -> Path:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
     from huggingface_hub.utils import logging as hub_logging
 
     name = repo + (f"@{revision}" if revision else "")
