@@ -165,3 +165,45 @@ def test_erase_generate_and_inspect_a_single_file_with_nothing_beside_it(tiny_bu
     assert json.loads(r.stdout)["config"] == "sd1 (epsilon; from its text-encoder keys)"
     r = runner.invoke(app, ["inspect", str(out)])
     assert "configs    sd1 (epsilon; from its text-encoder keys)" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny SD2.x and SDXL pipelines as single files, and their configs laid out as erasekit's bundled ones."""
+    root = tmp_path_factory.mktemp("families")
+    configs = root / "configs"
+    out: dict[str, Path] = {"configs": configs}
+    for arch, names in (("sd2", ("sd2-512", "sd2-768-v")), ("sdxl", ("sdxl",))):
+        folder = make_tiny_pipeline(root / arch, arch)
+        out[arch], out[f"{arch}-file"] = folder, save_single_file(folder, root / f"{arch}.safetensors")
+        for name in names:
+            shutil.copytree(folder, configs / name, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer*"))
+            if name == "sd2-768-v":
+                sched = configs / name / "scheduler" / "scheduler_config.json"
+                sched.write_text(json.dumps(json.loads(sched.read_text()) | {"prediction_type": "v_prediction"}))
+    return out
+
+
+@pytest.mark.parametrize("arch, name", [("sd2", "sd2-512"), ("sdxl", "sdxl")])
+def test_sd2_and_sdxl_single_files_load_with_no_config(arch: str, name: str, tiny_families: dict[str, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_configs, "CONFIGS_DIR", tiny_families["configs"])
+    reference, _ = load_pipeline(tiny_families[arch])
+    pipe, ckpt = load_pipeline(tiny_families[f"{arch}-file"])
+    assert ckpt.config.startswith(f"{name} (epsilon; ")
+    for comp in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if arch == "sdxl" else ()):
+        got, want = getattr(pipe, comp).state_dict(), getattr(reference, comp).state_dict()
+        assert set(got) == set(want), comp
+        assert all(torch.equal(got[k], want[k]) for k in want), f"{comp} differs from the folder's"
+    assert pipe.tokenizer.pad_token == ("!" if arch == "sd2" else "<|endoftext|>")
+
+
+def test_a_v_prediction_sd2_file_loads_as_768_v(tiny_families: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_configs, "CONFIGS_DIR", tiny_families["configs"])
+    tagged = tmp_path / "v.safetensors"
+    sd = load_file(str(tiny_families["sd2-file"]))
+    save_file(sd, str(tagged), metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-v2-768-v"})
+    pipe, ckpt = load_pipeline(tagged)
+    assert ckpt.config == "sd2-768-v (v_prediction; from the file's ModelSpec metadata)"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"

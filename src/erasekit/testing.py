@@ -360,18 +360,19 @@ def _make_tiny_sdxl(path: Path, seed: int) -> Path:
         tok = byte_level_tokenizer(Path(tmp))
         n = len(tok)
 
-        def cfg(act: str) -> CLIPTextConfig:
-            return CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        def cfg(act: str, width: int) -> CLIPTextConfig:
+            return CLIPTextConfig(vocab_size=n, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=32,
                                   bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
 
-        te1, te2 = CLIPTextModel(cfg("quick_gelu")), CLIPTextModelWithProjection(cfg("gelu"))
+        # two widths, as in SDXL (768 and 1280): diffusers tells the encoders of a single file apart by width
+        te1, te2 = CLIPTextModel(cfg("quick_gelu", 32)), CLIPTextModelWithProjection(cfg("gelu", 40))
         unet = UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
-            cross_attention_dim=64, norm_num_groups=16)
+            cross_attention_dim=32 + 40, norm_num_groups=16)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
@@ -413,6 +414,8 @@ def _unet_rules(cfg: dict[str, object], keys: list[str]) -> list[tuple[str, str,
                       (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{per * i + j}.1.", _SAME)]
         slot = 2 if any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys) else 1  # after the attention, if any
         rules.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{per * i + per - 1}.{slot}.", _SAME))
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL's size/pooled-text conditioning
+        rules += [("add_embedding.linear_1.", "label_emb.0.0.", _SAME), ("add_embedding.linear_2.", "label_emb.0.2.", _SAME)]
     return rules
 
 
@@ -457,10 +460,35 @@ def _to_ldm(sd: dict[str, torch.Tensor], rules: list[tuple[str, str, dict[str, s
     return out
 
 
+def _to_openclip(te: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder under OpenCLIP's names (SD2.x, SDXL's second encoder): q/k/v fused into
+    ``in_proj``, ``c_fc``/``c_proj``, ``ln_1``/``ln_2``, ``text_projection`` transposed."""
+    te = {k.removeprefix("text_model."): v for k, v in te.items() if not k.endswith("position_ids")}
+    out = {prefix + "token_embedding.weight": te.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": te.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": te.pop("final_layer_norm.weight"), prefix + "ln_final.bias": te.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in te:
+        out[prefix + "text_projection"] = te.pop("text_projection.weight").T.contiguous()
+    layers = 1 + max(int(k.split(".")[2]) for k in te if k.startswith("encoder.layers."))
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
+             "mlp.fc2": "mlp.c_proj"}
+    for i in range(layers):
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([te.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
+            for old, new in names.items():
+                out[f"{dst}{new}.{kind}"] = te.pop(f"{src}{old}.{kind}")
+    if te:
+        raise ValueError(f"text encoder tensors with no OpenCLIP name: {sorted(te)[:3]}")
+    return out
+
+
 def save_single_file(pipeline_dir: str | Path, out_path: str | Path, fmt: str = "safetensors") -> Path:
-    """Write the SD1.x diffusers pipeline folder at ``pipeline_dir`` (as :func:`make_tiny_pipeline` writes it) as
-    ONE original-layout checkpoint: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
-    ``cond_stage_model.transformer.text_model.*`` (CLIP text encoder), the layout A1111/ComfyUI files have.
+    """Write the diffusers pipeline folder at ``pipeline_dir`` (as :func:`make_tiny_pipeline` writes it) as
+    ONE original-layout checkpoint, the layout A1111/ComfyUI files have: ``model.diffusion_model.*`` (UNet),
+    ``first_stage_model.*`` (VAE) and the text encoders: SD1.x ``cond_stage_model.transformer.text_model.*``,
+    SD2.x ``cond_stage_model.model.*`` (OpenCLIP names), SDXL ``conditioner.embedders.0.transformer.text_model.*``
+    and ``conditioner.embedders.1.model.*``.
 
     ``fmt``: "safetensors", or "ckpt" (a torch pickle holding ``{"state_dict": ...}``). Values are copied
     bit for bit; only names change (and the VAE attention weights gain the 1x1 conv dims).
@@ -478,12 +506,18 @@ def save_single_file(pipeline_dir: str | Path, out_path: str | Path, fmt: str = 
     unet, unet_cfg = part("unet", "diffusion_pytorch_model.safetensors")
     vae, vae_cfg = part("vae", "diffusion_pytorch_model.safetensors")
     te, te_cfg = part("text_encoder", "model.safetensors")
-    if te_cfg.get("hidden_act") != "quick_gelu" or unet_cfg.get("addition_embed_type") is not None:
-        raise ValueError(f"{src} is not an SD1.x pipeline (only SD1.x is written as a single file)")
-    sd = (_to_ldm(unet, _unet_rules(unet_cfg, list(unet)), "model.diffusion_model.", "UNet")
-          | _to_ldm(vae, _vae_rules(vae_cfg), "first_stage_model.", "VAE")
-          | {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in te.items()})
-    assert len(sd) == len(unet) + len(vae) + len(te), "two tensors were given the same LDM name"
+    if (src / "text_encoder_2").is_dir():  # SDXL base
+        te2, _ = part("text_encoder_2", "model.safetensors")
+        encoders = ({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+                     for k, v in te.items()} | _to_openclip(te2, "conditioner.embedders.1.model."))
+    elif te_cfg.get("hidden_act") == "gelu":  # SD2.x: OpenCLIP ViT-H
+        encoders = _to_openclip(te, "cond_stage_model.model.")
+    else:
+        encoders = {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in te.items()}
+    unet_ldm = _to_ldm(unet, _unet_rules(unet_cfg, list(unet)), "model.diffusion_model.", "UNet")
+    vae_ldm = _to_ldm(vae, _vae_rules(vae_cfg), "first_stage_model.", "VAE")
+    sd = unet_ldm | vae_ldm | encoders
+    assert len(sd) == len(unet_ldm) + len(vae_ldm) + len(encoders), "two tensors were given the same LDM name"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.contiguous() for k, v in sd.items()}
     if fmt == "ckpt":
