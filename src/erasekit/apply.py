@@ -152,11 +152,12 @@ def _plan(ckpt: Checkpoint, journal: Journal, patch: Patch, strength: float, for
                 pristine = undo_cache[src.id][(wf.label, key)]
             else:
                 pristine = next((p.originals[(wf.label, key)][2] for p in earlier if (wf.label, key) in p.originals), cur)
-            fp = fingerprint(pristine, ent.dtype, ent.shape, sha256=cur_sha if pristine is cur else None)
             name = f"{t.module}.{t.kind}"
+            base = patch.manifest.base.tensors[name]
+            fp = fingerprint(pristine, ent.dtype, ent.shape, sha256=cur_sha if pristine is cur else None,
+                             sketch=ent.dtype != base.dtype)  # same dtype: the hash alone decides
             # across variant files the least favourable status counts: an fp16 variant that matches only
             # approximately makes the whole apply "approx", one that differs makes it "differs"
-            base = patch.manifest.base.tensors[name]
             if name not in fps or STATUS_RANK[compare_fingerprint(base, fp)] > STATUS_RANK[compare_fingerprint(base, fps[name])]:
                 fps[name] = fp
             plan.originals[(wf.label, key)] = (ent.dtype, ent.shape, cur)

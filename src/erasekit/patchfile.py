@@ -415,10 +415,16 @@ def delta_tensors(module: str, dw: np.ndarray, db: np.ndarray,
     return out, DeltaInfo(storage="lowrank", rank=r, bias=True), float((sv[:r] ** 2).sum()) / total if total else 1.0
 
 
-def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | None = None) -> TensorFingerprint:
+def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | None = None,
+                sketch: bool = True) -> TensorFingerprint:
     """Exact hash plus a precision-independent sketch (mean, rms and 8 evenly spaced values).
 
-    ``sha256``: the hash of ``raw`` when the caller already has it."""
+    ``sha256``: the hash of ``raw`` when the caller already has it. ``sketch=False`` leaves the sketch empty, for a
+    comparison with a fingerprint of the same dtype, which the hash alone decides (the sketch's float64 pass is
+    most of the cost)."""
+    digest = sha256 or hashlib.sha256(raw).hexdigest()
+    if not sketch:
+        return TensorFingerprint(dtype=dtype, shape=list(shape), sha256=digest, sketch=[])
     arr = _st.to_numpy(raw, dtype, shape).reshape(-1)
     n = arr.size
     s1 = s2 = 0.0
@@ -427,9 +433,8 @@ def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | No
         s1 += float(chunk.sum())
         s2 += float(np.dot(chunk, chunk))
     idx = np.linspace(0, n - 1, num=min(8, n)).astype(np.int64) if n else np.array([], np.int64)
-    sketch = [s1 / n if n else 0.0, math.sqrt(s2 / n) if n else 0.0] + [float(arr[i]) for i in idx]
-    return TensorFingerprint(dtype=dtype, shape=list(shape), sha256=sha256 or hashlib.sha256(raw).hexdigest(),
-                             sketch=sketch)
+    return TensorFingerprint(dtype=dtype, shape=list(shape), sha256=digest,
+                             sketch=[s1 / n if n else 0.0, math.sqrt(s2 / n) if n else 0.0] + [float(arr[i]) for i in idx])
 
 
 def compare_fingerprint(expected: TensorFingerprint, actual: TensorFingerprint) -> Literal["exact", "approx", "differs"]:
