@@ -77,7 +77,7 @@ def test_stacking_and_revert_order(tmp_path: Path, sd1: tuple[Path, Path], sd1_p
 def test_fingerprint_mismatch_refused_then_forced(tmp_path: Path, sd1_patch: Path) -> None:
     stranger = make_checkpoint(tmp_path / "other.safetensors", "single-sd1", "F16", seed=5)
     before = snapshot(stranger)
-    with pytest.raises(FingerprintMismatchError, match=r"4 of 4 tensors .* differ .*--force") as e:
+    with pytest.raises(FingerprintMismatchError, match=r"4 of 4 tensors .* differ .*force it to apply anyway") as e:
         apply_to_checkpoint([sd1_patch], stranger, in_place=True)
     assert (e.value.differing, e.value.total) == (4, 4)
     assert snapshot(stranger) == before and not journal_dir(stranger).joinpath("journal.json").exists()
@@ -124,7 +124,7 @@ def test_output_must_be_new_and_safetensors(tmp_path: Path, sd1: tuple[Path, Pat
         apply_to_checkpoint([sd1_patch], base, output=edited)
     with pytest.raises(TargetNotWritableError, match="must end in .safetensors"):
         apply_to_checkpoint([sd1_patch], base, output=tmp_path / "x.ckpt")
-    with pytest.raises(ErasekitError, match="-o OUT or --in-place"):
+    with pytest.raises(ErasekitError, match="give an output, or apply in place"):
         apply_to_checkpoint([sd1_patch], base)
 
 
@@ -160,7 +160,7 @@ def test_revert_after_foreign_edit_needs_force(tmp_path: Path, sd1: tuple[Path, 
         f.seek(ent.begin)
         f.write(b"\x00\x3c")
     edited_state = snapshot(base)
-    with pytest.raises(UndoRecordError, match="changed after .* --force"):
+    with pytest.raises(UndoRecordError, match="changed after .* force it to restore"):
         revert_from_checkpoint(sd1_patch, base)
     assert snapshot(base) == edited_state
     revert_from_checkpoint(sd1_patch, base, force=True)
@@ -259,7 +259,7 @@ def test_applying_the_same_patch_twice_needs_force(sd1: tuple[Path, Path], sd1_p
     base, _ = sd1
     apply_to_checkpoint([sd1_patch], base, in_place=True)
     state = snapshot(base)
-    with pytest.raises(ErasekitError, match="already applied .*entry 0001.*--force"):
+    with pytest.raises(ErasekitError, match="already applied .*entry 0001.*force it"):
         apply_to_checkpoint([sd1_patch], base, in_place=True)
     assert snapshot(base) == state
     assert len(apply_to_checkpoint([sd1_patch], base, in_place=True, force=True).applied) == 1

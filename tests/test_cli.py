@@ -151,8 +151,8 @@ BAD = [
     (["apply", "{corrupt}", "--to", "{base}", "--in-place"], 3, "truncated"),
     (["apply", "{patch}", "--to", "{dir}/missing.safetensors", "--in-place"], 2, "does not exist"),
     (["apply", "{patch}", "--to", "{xl}", "--in-place"], 5, "is for sd1, but .* is sdxl"),
-    (["apply", "{patch}", "--to", "{other}", "--in-place"], 5, "4 of 4 tensors .* differ .* --force"),
-    (["apply", "{patch}", "--to", "{ckpt}", "--in-place"], 7, "cannot be patched in place.*-o OUT.safetensors"),
+    (["apply", "{patch}", "--to", "{other}", "--in-place"], 5, r"4 of 4 tensors .* differ .*force it to apply anyway \(--force\)$"),
+    (["apply", "{patch}", "--to", "{ckpt}", "--in-place"], 7, r"cannot be patched in place.*OUT.safetensors \(-o\)$"),
     (["apply", "{patch}", "--to", "{base}"], 1, "pass either -o OUT or --in-place"),
     (["apply", "{patch}", "--to", "{base}", "-o", "{other}"], 7, "already exists"),
     (["apply", "--revert", "{patch}", "--to", "{base}"], 6, "no erasekit patch is applied"),
@@ -213,12 +213,12 @@ def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--layers", "x-y"], "--layers 'x-y' is not a list of layers"),
-    (["--layers", "7"], "--layers 7 is outside the text encoder's layers 0-1"),
-    (["--kind", "song"], "invalid --kind"),
-    (["--template", "no slot"], "invalid --templates"),
-    (["--recipe", "magic"], "invalid --recipe"),
+    (["--layers", "7"], "layer 7 is outside the text encoder's layers 0-1; use layers 0-1 (--layers)"),
+    (["--kind", "song"], "invalid kind: Input should be 'object' or 'style' (--kind)"),
+    (["--template", "no slot"], "invalid templates: "),
+    (["--recipe", "magic"], "invalid recipe: Input should be 'paper' or 'anchored' (--recipe)"),
     (["--stand-in", "circle"], "--stand-in 'circle' is not CONCEPT=WORD"),
-    (["--rank", "0"], "invalid --rank"),
+    (["--rank", "0"], "invalid rank: Input should be greater than or equal to 1 (--rank)"),
 ])
 def test_erase_option_errors(tmp_path: Path, tiny_model: Path, args: list[str], message: str) -> None:
     model = tiny_model
@@ -247,4 +247,5 @@ def test_erase_with_a_missing_model_says_so(tmp_path: Path) -> None:
 
 def test_erase_needs_images_for_other_models(tmp_path: Path, tiny_model: Path) -> None:
     r = run("erase", "--model", tiny_model, "--concept", "circle", "-o", tmp_path / "x.erasepatch")
-    assert r.exit_code == 1 and "needs images of the concept; pass --images DIR" in r.stderr
+    assert r.exit_code == 1 and "needs images of the concept; give a folder of images per concept, or 'auto'" in r.stderr
+    assert r.stderr.strip().endswith("(--images)")

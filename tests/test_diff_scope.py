@@ -37,11 +37,12 @@ def test_an_edit_beyond_the_ffn_is_refused_by_default(pair: tuple[Path, Path], t
         diff_checkpoints(*pair, output=out)
     assert str(e.value) == (f"edited.safetensors also differs from base.safetensors outside the FFN layers, in 1 "
                             f"text-encoder tensors (largest: te:{ATTN}, relative change 1.00e-02); a patch of the FFN "
-                            "part would not reproduce the edit; pass --ffn-only to write the FFN part anyway (the patch "
+                            "part would not reproduce the edit; ask for the FFN part only to write it anyway (the patch "
                             "records what it leaves out, and inspect shows it)")
+    assert e.value.option == "ffn_only"
     assert not out.exists()
     r = runner.invoke(app, ["diff", str(pair[0]), str(pair[1]), "-o", str(out)])
-    assert r.exit_code == 1 and "pass --ffn-only" in r.stderr and not out.exists()
+    assert r.exit_code == 1 and r.stderr.strip().endswith("(--ffn-only)") and not out.exists()
 
 
 def test_ffn_only_writes_the_ffn_part_and_inspect_shows_the_loss(pair: tuple[Path, Path], tmp_path: Path) -> None:

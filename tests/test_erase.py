@@ -152,7 +152,7 @@ def test_unreadable_image_is_named(tmp_path: Path, tiny: Path, circles: Path) ->
 
 
 def test_fewer_images_than_batch(tmp_path: Path, tiny: Path, circles: Path) -> None:
-    _expect(tmp_path, ErasekitError, "4 training images but --batch-size 8", tiny, ["circle"], [circles],
+    _expect(tmp_path, ErasekitError, "4 training images but a batch size of 8", tiny, ["circle"], [circles],
             config=EraseConfig(**FAST, batch_size=8))
 
 
@@ -161,7 +161,7 @@ def test_concept_without_tokens(tmp_path: Path, tiny: Path, circles: Path) -> No
 
 
 def test_concepts_and_folders_must_pair(tmp_path: Path, tiny: Path, circles: Path) -> None:
-    _expect(tmp_path, ErasekitError, "2 concepts but 1 --images", tiny, ["a", "b"], [circles])
+    _expect(tmp_path, ErasekitError, "2 concepts but 1 image folders", tiny, ["a", "b"], [circles])
 
 
 def test_model_missing_a_component(tmp_path: Path, work: Path, circles: Path) -> None:
@@ -217,7 +217,7 @@ def test_sdxl_erases_through_both_encoders(tmp_path: Path, circles: Path) -> Non
     only2 = erase_model(xl, ["circle"], [circles], tmp_path / "q.erasepatch",
                         EraseConfig(**FAST, steps=2, encoders=["te2"]))
     assert set(load_patch(only2.output).manifest.base.encoders) == {"te2"}
-    with pytest.raises(ErasekitError, match="--encoders te is not an encoder of this sdxl model"):
+    with pytest.raises(ErasekitError, match="te is not an encoder of this sdxl model"):
         erase_model(xl, ["circle"], [circles], tmp_path / "r.erasepatch", EraseConfig(**FAST, encoders=["te"]))
 
 

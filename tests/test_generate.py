@@ -52,7 +52,7 @@ def test_compare_uses_the_same_seeds(tmp_path: Path, setup: tuple[Path, Path]) -
 
 def test_bad_inputs(tmp_path: Path, setup: tuple[Path, Path]) -> None:
     model, _ = setup
-    with pytest.raises(ErasekitError, match="--compare needs at least one --patch"):
+    with pytest.raises(ErasekitError, match="compare needs at least one patch"):
         generate_model(model, ["x"], tmp_path / "o", GenerateConfig(compare=True))
     bad = tmp_path / "bad.erasepatch"
     bad.write_bytes(b"\x00" * 4)

@@ -115,7 +115,7 @@ def test_apply_in_place_to_the_cache_is_refused_and_a_copy_works(cache: Path, ti
     r = runner.invoke(app, ["apply", str(patch), "--to", "org/tiny", "--in-place"])
     assert r.exit_code == 7, r.output
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
-    assert "shared file of the Hugging Face cache" in r.stderr and "write a patched copy with -o OUT" in r.stderr
+    assert "shared file of the Hugging Face cache" in r.stderr and r.stderr.strip().endswith("write a patched copy to an output instead of in place (-o)")
     assert tree_digest(cache) == before, "no blob changed"
     copy = tmp_path / "patched"
     r = runner.invoke(app, ["apply", str(patch), "--to", "org/tiny", "-o", str(copy)])

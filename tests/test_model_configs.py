@@ -97,7 +97,7 @@ def test_sd2_768_v_and_512_are_told_apart(tmp_path: Path) -> None:
     assert bundled_choice(tagged).name == "sd2-512"  # metadata wins over the weights
     assert "ModelSpec metadata" in bundled_choice(tagged).reason
     forced = choose_config(tagged, prediction_type="v_prediction")
-    assert (forced.name, forced.reason) == ("sd2-768-v", "--prediction-type")  # the user wins over both
+    assert (forced.name, forced.reason) == ("sd2-768-v", "as given")  # the user wins over both
     with pytest.raises(Exception, match="unknown prediction type 'x'; use epsilon or v_prediction"):
         choose_config(tagged, prediction_type="x")
 
@@ -107,7 +107,7 @@ def test_files_the_bundled_configs_do_not_describe_are_refused_clearly(tmp_path:
     sd = load_file(str(path))
     sd["model.diffusion_model.input_blocks.0.0.weight"] = np.zeros((320, 9, 3, 3), np.float32)
     save_file(sd, str(path))
-    with pytest.raises(LayoutError, match=r"is an inpainting model \(UNet input 9 channels.*pass --config DIR"):
+    with pytest.raises(LayoutError, match=r"is an inpainting model \(UNet input 9 channels.*give a config: a local diffusers folder"):
         bundled_choice(detect(path))
     te_only = make_checkpoint(tmp_path / "te.safetensors", "single-sd1")
     sd = {k: v for k, v in load_file(str(te_only)).items() if k.startswith("cond_stage_model.")}

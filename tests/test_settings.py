@@ -59,3 +59,19 @@ def test_the_run_records_and_says_where_settings_came_from(tmp_path: Path) -> No
     report = json.loads(runner.invoke(app, ["erase", "--concept", "red", "--steps", "1", "-o", str(tmp_path / "r.erasepatch"),
                                             "--json"]).stdout)
     assert report["sources"]["steps"] == "user" and report["sources"]["lr"] == "model"
+
+
+def test_library_errors_name_settings_and_the_cli_adds_its_flags(tmp_path: Path) -> None:
+    """A library error names the setting at fault in words and as `option`; only the CLI names its own flag."""
+    from erasekit.errors import ErasekitError
+    from erasekit.unlearn import erase_model
+
+    with pytest.raises(ErasekitError) as e:
+        erase_model(None, ["circle"], None, tmp_path / "x.erasepatch", {"batch_size": 0})
+    assert "--" not in str(e.value) and e.value.option == "batch_size"
+    assert str(e.value).startswith("invalid batch_size: ")
+    r = runner.invoke(app, ["erase", "--concept", "circle", "--batch-size", "0", "-o", str(tmp_path / "x.erasepatch")])
+    assert r.exit_code == 1 and r.stderr.strip().endswith("(--batch-size)"), r.stderr
+    r = runner.invoke(app, ["erase", "--concept", "circle", "--images", "auto", "--layers", "9",
+                            "-o", str(tmp_path / "x.erasepatch")])
+    assert r.stderr.strip() == "error: layer 9 is outside the text encoder's layers 0-1; use layers 0-1 (--layers)"

@@ -83,7 +83,8 @@ def _strengths(patches: Sequence[Any], strength: float | Sequence[float]) -> lis
     if isinstance(strength, (int, float)):
         return [float(strength)] * len(patches)
     if len(strength) != len(patches):
-        raise ErasekitError(f"{len(strength)} strengths for {len(patches)} patches", "give one --strength per patch, or one for all")
+        raise ErasekitError(f"{len(strength)} strengths for {len(patches)} patches", "give one strength per patch, or one for all",
+                            option="strength")
     return [float(s) for s in strength]
 
 
@@ -109,7 +110,7 @@ def add_delta_bytes(raw: bytes, dtype: str, shape: tuple[int, ...], delta: np.nd
     out = _st.encode(new, dtype)
     if not np.isfinite(_st.to_numpy(out, dtype, shape)).all():
         raise NonFiniteError(f"applying at strength {strength} makes {what} non-finite; nothing was written",
-                             "use a smaller --strength")
+                             "use a smaller strength", option="strength")
     return out
 
 
@@ -130,7 +131,7 @@ def _plan(ckpt: Checkpoint, journal: Journal, patch: Patch, strength: float, for
     twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
     if twice and not force:
         raise ErasekitError(f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
-                            "revert it first, or pass --force to apply it once more")
+                            "revert it first, or force it to apply it once more", option="force")
     tlist = touches(patch, slot_map(patch, ckpt.architecture, ckpt.encoders, where))
     deltas = {(t.module, t.kind): (patch.weight_delta(t.module) if t.kind == "weight" else patch.bias_delta(t.module))
               for t in tlist}
@@ -212,17 +213,20 @@ def _check_writable(ckpt: Checkpoint) -> None:
     if owner is not None:  # one journal per weight file: the pipeline's
         raise TargetNotWritableError(f"{ckpt.path} is the {ckpt.path.resolve().name} of the diffusers pipeline {owner}, "
                                      "whose undo journal covers its weight files",
-                                     f"apply to (or revert from) {owner} instead, or write a copy with -o")
+                                     f"apply to (or revert from) {owner} instead, or write a copy to an output",
+                                     option="output")
     for wf in ckpt.files:
         if wf.format == "pickle":
             raise TargetNotWritableError(f"{wf.path} is a pickle and cannot be patched in place",
-                                         "write a converted copy with -o OUT.safetensors")
+                                         "write a converted copy to an output OUT.safetensors", option="output")
         if in_hub_cache(wf.path):
             raise TargetNotWritableError(f"{wf.path} is a shared file of the Hugging Face cache (a link to a "
                                          "content-addressed blob that other snapshots share)",
-                                         "write a patched copy with -o OUT instead of --in-place")
+                                         "write a patched copy to an output instead of in place",
+                                         option="output")
         if not os.access(wf.path, os.W_OK):
-            raise TargetNotWritableError(f"{wf.path} is read-only", "make it writable, or use -o to write a copy")
+            raise TargetNotWritableError(f"{wf.path} is read-only", "make it writable, or write a copy to an output",
+                                         option="output")
 
 
 def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
@@ -283,7 +287,7 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
     """
     t0 = time.perf_counter()
     if (output is None) == (not in_place):
-        raise ErasekitError("say where the result goes", "pass either -o OUT or --in-place")
+        raise ErasekitError("say where the result goes", "give an output, or apply in place (not both)")
     loaded = [as_patch(p) for p in patches]
     if not loaded:
         raise ErasekitError("no patch given", "name at least one .erasepatch file")
@@ -362,7 +366,8 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
         changed = sum(sha256(by_label[r.file].read_raw(r.key)) != r.after_sha256 for r in entry.tensors)
         if changed and not force:
             raise UndoRecordError(f"{changed} tensors of {where} changed after '{patch.title}' was applied "
-                                  "(by another program?)", "pass --force to restore the original bytes anyway")
+                                  "(by another program?)", "force it to restore the original bytes anyway",
+                                  option="force")
         journal.revert(entry, offset, lambda r: sha256(by_label[r.file].read_raw(r.key)) == r.before_sha256, where)
         verified = True
         remaining = [e.patch_title for e in journal.committed]

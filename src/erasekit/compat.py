@@ -90,7 +90,7 @@ def judge_fingerprints(patch: Patch, actual: dict[str, Any], force: bool, where:
         if not force:
             raise FingerprintMismatchError(
                 f"{differing} of {len(statuses)} tensors of {where} differ from the base model patch "
-                f"'{patch.title}' was made for", "apply it to that model, or pass --force to apply anyway",
+                f"'{patch.title}' was made for", "apply it to that model, or force it to apply anyway",
                 differing, len(statuses))
         return "forced", differing
     return ("approx" if "approx" in statuses else "exact"), 0

@@ -113,7 +113,8 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
     if dtype not in STORED_DTYPES:
         raise ErasekitError(f"unknown patch dtype {dtype}", "use F32, F16 or BF16")
     if rank is not None and rank < 1:
-        raise ErasekitError(f"rank must be at least 1, got {rank}", "pass --rank 1 or more, or omit it for dense deltas")
+        raise ErasekitError(f"rank must be at least 1, got {rank}", "use 1 or more, or no rank for dense deltas",
+                            option="rank")
     from .apply import recover_interrupted
 
     ca, cb = detect(resolve_model(a, TEXT_ENCODERS)), detect(resolve_model(b, TEXT_ENCODERS))
@@ -163,8 +164,8 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
             raise ErasekitError(f"{cb.path.name} also differs from {ca.path.name} outside the FFN layers, in "
                                 f"{len(report.other_changed)} text-encoder tensors (largest: {report.other_changed[top]}, "
                                 f"relative change {report.other_relative[top]:.2e}); a patch of the FFN part would not "
-                                "reproduce the edit", "pass --ffn-only to write the FFN part anyway (the patch records "
-                                "what it leaves out, and inspect shows it)")
+                                "reproduce the edit", "ask for the FFN part only to write it anyway (the patch records "
+                                "what it leaves out, and inspect shows it)", option="ffn_only")
         out = Path(output)
         if out.exists():
             from .errors import TargetNotWritableError
@@ -235,14 +236,15 @@ def diff_paths(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.P
     pa, pb = is_patch_file(a), is_patch_file(b)
     if pa and pb:
         if output is not None:
-            raise ErasekitError("-o extracts a patch from two checkpoints, not from two patches", "drop -o")
+            raise ErasekitError("an output patch is extracted from two checkpoints, not from two patches",
+                                "do not ask for an output", option="output")
         t0 = time.perf_counter()
         report = compare_patches(load_patch(a), load_patch(b))
         report.seconds = time.perf_counter() - t0
         return report
     if pa or pb:
         raise ErasekitError(f"cannot diff a patch with a checkpoint ({a if pa else b} is a patch)",
-                            "diff two patches, or two checkpoints; `erasekit inspect PATCH --against CKPT` compares a patch with a model")
+                            "diff two patches, or two checkpoints; inspecting a patch against a checkpoint compares the two")
     return diff_checkpoints(a, b, output=output, title=title, rank=rank, dtype=dtype, ffn_only=ffn_only)
 
 

@@ -18,9 +18,12 @@ class ErasekitError(Exception):
 
     exit_code = 1
 
-    def __init__(self, problem: str, fix: str = "") -> None:
+    def __init__(self, problem: str, fix: str = "", option: str | None = None) -> None:
         self.problem = one_line(problem)  # names from files may hold newlines or control characters
         self.fix = one_line(fix)
+        # the setting at fault, by its name in the library ("layers", "force"): messages name settings in words,
+        # never a command line's flags, and a front end (the CLI) adds its own name for it
+        self.option = option
         super().__init__(f"{self.problem}; {self.fix}" if fix else self.problem)
 
 
@@ -54,12 +57,12 @@ class IncompatiblePatchError(ErasekitError):
 
 
 class FingerprintMismatchError(IncompatiblePatchError):
-    """The checkpoint's tensors are not the ones the patch was made from (use ``--force`` to apply anyway)."""
+    """The checkpoint's tensors are not the ones the patch was made from (``force`` applies it anyway)."""
 
     def __init__(self, problem: str, fix: str, differing: int, total: int) -> None:
         self.differing = differing
         self.total = total
-        super().__init__(problem, fix)
+        super().__init__(problem, fix, option="force")
 
 
 class NotAppliedError(ErasekitError):

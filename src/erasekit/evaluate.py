@@ -80,13 +80,14 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     attribute = attribute_of(concept)
     loaded = [load_patch(p) for p in patches]
     if not loaded:
-        raise ErasekitError("eval compares a model with and without patches, and no --patch was given",
-                            "pass --patch FILE")
+        raise ErasekitError("eval compares a model with and without patches, and no patch was given",
+                            "give a patch file", option="patches")
     if prompts_file is not None:
         try:
             lines = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
         except OSError as e:
-            raise InputFileError(f"cannot read --prompts {prompts_file} ({e.strerror})", "check the path") from None
+            raise InputFileError(f"cannot read the prompts file {prompts_file} ({e.strerror})", "check the path",
+                                 option="prompts_file") from None
         specs = [(p, truth_of(p)) for p in lines for _ in range(config.n)]
         if not any(attribute in t for _, t in specs):
             raise ErasekitError(f"no prompt in {prompts_file} names a {attribute}", f"add prompts that name {concept} "

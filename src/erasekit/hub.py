@@ -131,7 +131,7 @@ def _download(repo: str, revision: str | None, components: tuple[str, ...]) -> P
         files = HfApi().list_repo_files(repo, revision=revision)
         if "model_index.json" not in files:
             raise ErasekitError(f"model {name} is not a diffusers pipeline (no model_index.json in the repo)",
-                                "download its single .safetensors file and pass that path as --model")
+                                "download its single .safetensors file and name that path as the model", option="model")
         return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns(files, components)))
     except GatedRepoError:
         raise ErasekitError(f"model {name} is gated: its licence must be accepted on its Hub page first",

@@ -117,7 +117,7 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
             statuses.append(compare_fingerprint(patch.manifest.base.tensors[f"{row.module}.{kind}"], fp))
     differing = statuses.count("differs")
     if differing:
-        return f"{differing} of {len(statuses)} base tensors differ (apply needs --force)"
+        return f"{differing} of {len(statuses)} base tensors differ (apply needs force)"
     applied = [e.patch_title for e in Journal(ckpt.path, {}).committed]
     note = f"; note: patches already applied to it: {', '.join(applied)}" if applied else ""
     note += f"; {crossing}" if crossing else ""
@@ -142,8 +142,8 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
             result.compatibility = _against(patch, rows, ckpt)
         return result
     if against is not None:
-        raise ErasekitError(f"--against compares a patch with a checkpoint, and {path} is not a patch",
-                            "name a .erasepatch first")
+        raise ErasekitError(f"'against' compares a patch with a checkpoint, and {path} is not a patch",
+                            "name a .erasepatch first", option="against")
     ckpt = detect(resolve_model(path, TEXT_ENCODERS))
     encoders = []
     for wf in ckpt.files:

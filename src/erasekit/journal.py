@@ -153,7 +153,8 @@ class Journal:
             self.dir.mkdir(parents=True, exist_ok=True)
         except PermissionError:
             raise TargetNotWritableError(f"cannot create the undo journal folder {self.dir} (permission denied)",
-                                         "make the checkpoint's folder writable, or use -o to write a copy elsewhere") from None
+                                         "make the checkpoint's folder writable, or write a copy to an output elsewhere",
+                                         option="output") from None
         lock = FileLock(str(self.dir / "lock"), timeout=0)
         try:
             lock.acquire()

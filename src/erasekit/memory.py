@@ -27,7 +27,7 @@ def add_delta(current: Any, delta: Any, strength: float, what: str) -> Any:
     new = (current.float() + strength * delta.to(current.device, torch.float32)).to(current.dtype)
     if not torch.isfinite(new).all():
         raise NonFiniteError(f"applying at strength {strength} makes {what} non-finite; nothing was written",
-                             "use a smaller --strength")
+                             "use a smaller strength", option="strength")
     return new
 
 

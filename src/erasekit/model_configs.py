@@ -132,7 +132,7 @@ def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> Conf
         raise LayoutError(f"{ckpt.path.name} holds only a CLIP text encoder, no UNet or VAE",
                           "name a whole Stable Diffusion checkpoint (a text-encoder file can be patched, not run)")
     if arch == "sd2":
-        pred, reason = (prediction_type, "--prediction-type") if prediction_type else sd2_prediction(ckpt)
+        pred, reason = (prediction_type, "as given") if prediction_type else sd2_prediction(ckpt)
         name = "sd2-768-v" if pred == "v_prediction" else "sd2-512"
     else:
         name, reason = arch, "from its text-encoder keys"
@@ -160,29 +160,30 @@ def _check_unet(ckpt: Checkpoint, choice: ConfigChoice) -> None:
         what = {9: "an inpainting model", 5: "a depth-conditioned model"}.get(shape[1], "a UNet of other sizes")
         raise LayoutError(f"{ckpt.path.name} is {what} (UNet input {shape[1]} channels, width {shape[0]}); erasekit's "
                           f"bundled {choice.name} config has {want[1]} channels, width {want[0]}",
-                          "pass --config DIR, a local diffusers folder of this model")
+                          "give a config: a local diffusers folder of this model", option="config_dir")
 
 
 def user_choice(ckpt: Checkpoint, config: str | os.PathLike, prediction_type: str | None = None) -> ConfigChoice:
-    """A user's ``--config`` folder, refused before anything is loaded when it is of another model than the file."""
+    """A user's ``config`` folder, refused before anything is loaded when it is of another model than the file."""
     folder = Path(config)
     if not folder.is_dir():
-        raise InputFileError(f"--config {folder} is not a folder", "name a local diffusers pipeline folder")
+        raise InputFileError(f"config {folder} is not a folder", "name a local diffusers pipeline folder", option="config_dir")
     arch, configs = config_architecture(folder)
     if arch != ckpt.architecture:
-        raise LayoutError(f"--config {folder} is a pipeline for {arch} but {ckpt.path.name} is {ckpt.architecture}",
-                          f"pass --config with a diffusers folder of the {ckpt.architecture} family")
+        raise LayoutError(f"config {folder} is a pipeline for {arch} but {ckpt.path.name} is {ckpt.architecture}",
+                          f"give as config a diffusers folder of the {ckpt.architecture} family", option="config_dir")
     for slot, enc in ckpt.encoders.items():
         cfg = configs[slot]
         dims = (cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers"))
         # diffusers' SD2.x text encoder stops one OpenCLIP block early (23 of 24 layers: the penultimate layer)
         layers_fit = dims[2] == enc.layers or (enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers)
         if dims[:2] != enc.dims[:2] or not layers_fit:
-            raise LayoutError(f"--config {folder} describes a text encoder of {'x'.join(map(str, dims))} (hidden x FFN "
+            raise LayoutError(f"config {folder} describes a text encoder of {'x'.join(map(str, dims))} (hidden x FFN "
                               f"x layers) but {ckpt.path.name} holds {'x'.join(map(str, enc.dims))}",
-                              "pass --config with the diffusers folder of the model this file was made from")
+                              "give as config the diffusers folder of the model this file was made from",
+                              option="config_dir")
     pred = prediction_type or _scheduler_prediction(folder)
-    return ConfigChoice(f"config {folder}", folder, pred, "--config", bundled=False)
+    return ConfigChoice(f"config {folder}", folder, pred, "given", bundled=False)
 
 
 def choose_config(ckpt: Checkpoint, config: str | os.PathLike | None = None,
@@ -199,19 +200,19 @@ def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     """(architecture, slot -> text encoder config) of a diffusers folder, from its JSON files only: a folder
     of configs without weights is enough."""
     if not (config / "model_index.json").is_file():
-        raise LayoutError(f"--config {config} has no model_index.json",
+        raise LayoutError(f"config {config} has no model_index.json",
                           "name a local diffusers pipeline folder (its configs are enough, weights are not needed)")
     index = read_json(config / "model_index.json", config)
     names = [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and index[c][:1] != [None]]
     slots = {("text_encoder",): ["te"], ("text_encoder", "text_encoder_2"): ["te1", "te2"],
              ("text_encoder_2",): ["te2"]}.get(tuple(names))
     if slots is None:
-        raise LayoutError(f"--config {config} has no text encoder in its model_index.json",
+        raise LayoutError(f"config {config} has no text encoder in its model_index.json",
                           "name the diffusers pipeline folder of a Stable Diffusion model")
     configs = {}
     for slot, name in zip(slots, names):
         if not (config / name / "config.json").is_file():
-            raise LayoutError(f"--config {config} lacks {name}/config.json", "name a complete diffusers pipeline folder")
+            raise LayoutError(f"config {config} lacks {name}/config.json", "name a complete diffusers pipeline folder")
         configs[slot] = read_json(config / name / "config.json", config)
     if len(names) == 2:
         return "sdxl", configs

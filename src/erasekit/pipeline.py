@@ -69,7 +69,7 @@ def resolve_device(device: str) -> Any:
     except RuntimeError:
         raise ErasekitError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ErasekitError("--device cuda was asked for but this torch has no CUDA device", "use --device cpu")
+        raise ErasekitError("device cuda was asked for but this torch has no CUDA device", "use the cpu", option="device")
     return dev
 
 
@@ -154,8 +154,8 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
         need, have = len(getattr(pipe, comp).state_dict()), sum(k.startswith(prefix) for k in names)
         if have < need:
             raise LayoutError(f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of its "
-                              f"config ({ckpt.config}) has {need}", "use a complete checkpoint, and --config of the "
-                              "same model")
+                              f"config ({ckpt.config}) has {need}", "use a complete checkpoint, and a config of the "
+                              "same model", option="config_dir")
     wf = ckpt.files[0]
     _, encoders = memory_encoders(pipe)
     for slot, enc in ckpt.encoders.items():

@@ -115,7 +115,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     if not prompts:
         raise ErasekitError("no prompt given", 'pass one or more prompts, e.g. erasekit generate "a photo of a cat"')
     if config.compare and not patches:
-        raise ErasekitError("--compare needs at least one --patch", "add --patch FILE, or drop --compare")
+        raise ErasekitError("compare needs at least one patch", "add a patch, or do not compare", option="compare")
     loaded = [p if not isinstance(p, (str, os.PathLike)) else load_patch(p) for p in patches]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -166,8 +166,7 @@ def effective_settings(recommended: dict[str, Any], given: dict[str, Any]) -> tu
         config = EraseConfig(**(rec | given))
     except ValueError as e:
         err = e.errors()[0]  # type: ignore[attr-defined]
-        raise ErasekitError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
-                            "see erasekit erase --help") from None
+        raise ErasekitError(f"invalid {err['loc'][0]}: {err['msg']}", option=str(err["loc"][0])) from None
     sources = {name: "user" if name in given else "model" if name in rec else "default"
                for name in EraseConfig.model_fields}
     return config, sources
@@ -208,13 +207,14 @@ class EraseReport:
 def find_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.exists():
-        raise InputFileError(f"image folder {folder} does not exist", "check the --images path")
+        raise InputFileError(f"image folder {folder} does not exist", "check the images path", option="images")
     if folder.is_file():
         return [folder]
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputFileError(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})",
-                             "put a few photos of the concept there, or use --images auto")
+                             "put a few photos of the concept there, or let the model draw them (images 'auto')",
+                             option="images")
     return files
 
 
@@ -329,7 +329,8 @@ def _trainable(slot: str, text_encoder: Any, layers: list[int] | None) -> list[t
     chosen = list(range(n)) if layers is None else layers
     bad = [i for i in chosen if not 0 <= i < n]
     if bad:
-        raise ErasekitError(f"--layers {bad[0]} is outside the text encoder's layers 0-{n - 1}", f"use layers 0-{n - 1}")
+        raise ErasekitError(f"layer {bad[0]} is outside the text encoder's layers 0-{n - 1}", f"use layers 0-{n - 1}",
+                            option="layers")
     out = []
     for i in sorted(set(chosen)):
         mlp = text_encoder.get_submodule(_layers_path(text_encoder) + f".{i}.mlp")
@@ -355,8 +356,8 @@ class Conditioner:
         chosen = list(encoders) if encoders else list(available)
         unknown = [e for e in chosen if e not in available]
         if unknown:
-            raise ErasekitError(f"--encoders {unknown[0]} is not an encoder of this {self.arch} model",
-                                f"choose from {', '.join(available)}")
+            raise ErasekitError(f"{unknown[0]} is not an encoder of this {self.arch} model",
+                                f"choose from {', '.join(available)}", option="encoders")
         self.trained = {s: available[s][0] for s in chosen}
         self.resolution = resolution
         self._ids: dict[tuple[int, str], Any] = {}  # (tokenizer, prompt) -> token ids: the loop repeats prompts
@@ -480,9 +481,10 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
     t_start = time.perf_counter()
     if not concepts:
-        raise ErasekitError("no concept given", "pass --concept NAME")
+        raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     if len(images) != len(concepts):
-        raise ErasekitError(f"{len(concepts)} concepts but {len(images)} image sets", "give one --images per --concept")
+        raise ErasekitError(f"{len(concepts)} concepts but {len(images)} image sets", "give one image set per concept",
+                            option="images")
     unet = pipe.unet
     cond_of = Conditioner(pipe, config.resolution, config.encoders)
     for _, tok in cond_of.all.values():
@@ -504,8 +506,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
             owner.append(ci)
             captions.append(caption)
     if len(loaded) < config.batch_size:
-        raise ErasekitError(f"{len(loaded)} training images but --batch-size {config.batch_size}",
-                            "add images or lower --batch-size")
+        raise ErasekitError(f"{len(loaded)} training images but a batch size of {config.batch_size}",
+                            "add images or lower the batch size", option="batch_size")
     images_sha = hashlib.sha256(b"".join(hashlib.sha256(d).digest() for _, d in loaded)).hexdigest()
 
     gen = torch.Generator().manual_seed(config.seed)
@@ -594,7 +596,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                 loss = denoise_loss(idx, t, noise, (cond[:k], {n: v[:k] for n, v in added.items()} if added else None))
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
-                                         "lower --lr or the number of steps")
+                                         "lower the learning rate or the number of steps", option="lr")
                 objective = -loss  # gradient *ascent* on the denoising loss
                 if anchored:
                     drift = ((cond[k:] - anchor_ref[sel]) ** 2).mean(dim=(1, 2))
@@ -697,12 +699,13 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     # image folders are checked before the model is loaded: a typo should fail fast
     groups: list[list[Any]] | None = None
     if images is None and not settings.get("toyworld"):
-        raise ErasekitError(f"{model} needs images of the concept", "pass --images DIR (one per concept) or --images auto")
+        raise ErasekitError(f"{model} needs images of the concept", "give a folder of images per concept, or 'auto' "
+                            "to let the model draw them", option="images")
     if images not in (None, "auto"):
         dirs = [images] if isinstance(images, (str, os.PathLike)) else list(images)  # type: ignore[list-item]
         if len(dirs) != len(concepts):
-            raise ErasekitError(f"{len(concepts)} concepts but {len(dirs)} --images folders",
-                                "give one --images per --concept, in the same order, or --images auto")
+            raise ErasekitError(f"{len(concepts)} concepts but {len(dirs)} image folders",
+                                "give one image folder per concept, in the same order, or 'auto'", option="images")
         groups = [find_images(d) for d in dirs]
     if images is None:
         from .toyworld.concepts import render_concept

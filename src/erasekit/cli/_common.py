@@ -39,6 +39,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
 
 INTERNAL_ERROR = 70
+# the library's name of a setting -> this command line's flag, where they differ (else --name-with-dashes)
+OPTION_FLAGS = {"concepts": "--concept", "patches": "--patch", "prompts_file": "--prompts", "output": "-o",
+                "in_place": "--in-place", "config_dir": "--config"}
 
 
 def debug() -> bool:
@@ -55,7 +58,8 @@ def errors() -> Iterator[None]:
     except ErasekitError as e:
         if debug():
             raise
-        print(f"error: {e}", file=sys.stderr)
+        flag = f" ({OPTION_FLAGS.get(e.option, '--' + e.option.replace('_', '-'))})" if e.option else ""
+        print(f"error: {e}{flag}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         print("error: interrupted; files are left as they were or will be rolled back by the next erasekit command",
@@ -81,8 +85,8 @@ def make_config(cls: Any, command: str, **values: Any) -> Any:
         return cls(**values)
     except ValueError as e:
         err = e.errors()[0]  # type: ignore[attr-defined]
-        raise ErasekitError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
-                            f"see erasekit {command} --help") from None
+        raise ErasekitError(f"invalid {err['loc'][0]}: {err['msg']}", f"see erasekit {command} --help",
+                            option=str(err["loc"][0])) from None
 
 
 def print_json(obj: Any) -> None:

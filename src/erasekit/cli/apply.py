@@ -37,6 +37,8 @@ def apply_cmd(
                                     "run: erasekit apply --revert PATCH --to CKPT")
             report = revert_from_checkpoint(patches[0], to, force=force)
         else:
+            if (output is None) == (not in_place):
+                raise ErasekitError("say where the result goes", "pass either -o OUT or --in-place")
             s = strength or [1.0]
             report = apply_to_checkpoint(patches, to, output=output, in_place=in_place,
                                          strength=s[0] if len(s) == 1 else s, force=force)
