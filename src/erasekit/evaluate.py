@@ -73,7 +73,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     from .toyworld import builtin_model_path
     from .toyworld.concepts import attribute_of, eval_prompts, truth_of
     from .toyworld.measure import render_batch
-    from .toyworld.judge import judge
+    from .toyworld.judge import accuracy, judge
 
     t0 = time.perf_counter()
     config = config or EvalConfig()
@@ -112,13 +112,10 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
         after = render_batch(pipe, prompts, seeds, steps=config.steps, guidance=config.guidance,
                           batch_size=config.batch_size, progress=tick)
     lb, la = judge(before), judge(after)
-
-    def rate(labels: list[dict[str, str]], attr: str, select: Callable[[dict[str, str]], bool]) -> float:
-        hits = [lab[attr] == t[attr] for lab, (_, t) in zip(labels, specs) if attr in t and select(t)]
-        return sum(hits) / len(hits) if hits else float("nan")
+    truths = [t for _, t in specs]
 
     def score(name: str, attr: str, select: Callable[[dict[str, str]], bool]) -> ConceptScore:
-        return ConceptScore(name, rate(lb, attr, select), rate(la, attr, select))
+        return ConceptScore(name, accuracy(lb, truths, attr, select), accuracy(la, truths, attr, select))
 
     target = score(concept, attribute, lambda t: t.get(attribute) == concept)
     values = sorted({t[attribute] for _, t in specs if attribute in t} - {concept})

@@ -13,6 +13,7 @@ VAE reconstructions of renders).
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,4 +97,12 @@ def judge(images: Any, model: Judge | None = None, return_probs: bool = False, b
     p = {k: np.concatenate(v) if v else np.zeros((0, len(ATTRIBUTES[k]))) for k, v in probs.items()}
     labels = [{k: ATTRIBUTES[k][int(p[k][i].argmax())] for k in HEADS} for i in range(len(x))]
     return (labels, p) if return_probs else labels
+
+
+def accuracy(labels: Sequence[dict[str, str]], truths: Sequence[dict[str, str]], attr: str,
+             select: Callable[[dict[str, str]], bool] = lambda t: True) -> float:
+    """The share of images whose judged ``attr`` is the true one, over the images whose truth names ``attr`` and
+    passes ``select``; NaN if there are none. The one scoring rule of ``erasekit eval`` and of measuring a model."""
+    hits = [lab[attr] == t[attr] for lab, t in zip(labels, truths) if attr in t and select(t)]
+    return sum(hits) / len(hits) if hits else float("nan")
 

@@ -71,7 +71,7 @@ def evaluate(model: str | Path | None = None, judge_path: str | Path | None = No
              log: Callable[[str], None] | None = None) -> dict:
     from ..pipeline import load_pipeline
     from . import builtin_model_path
-    from .judge import HEADS, judge, load_judge
+    from .judge import HEADS, accuracy, judge, load_judge
 
     specs = globals()["prompt_set"](prompt_set)
     pipe, _ = load_pipeline(model or builtin_model_path())
@@ -81,14 +81,10 @@ def evaluate(model: str | Path | None = None, judge_path: str | Path | None = No
     images = generate(pipe, prompts, seed, steps, guidance)
     secs = time.time() - t
     labels = judge(images, model=jm)
-    per_prompt, hits = [], {k: [] for k in HEADS}
-    for j, (p, truth) in enumerate(specs):
-        got = labels[j * n : (j + 1) * n]
-        acc = {k: float(np.mean([g[k] == v for g in got])) for k, v in truth.items()}
-        for k, v in truth.items():
-            hits[k].extend(g[k] == v for g in got)
-        per_prompt.append({"prompt": p, **{k: round(a, 3) for k, a in acc.items()}})
-    summary = {k: round(float(np.mean(v)), 4) for k, v in hits.items() if v}
+    truths = [t for _, t in specs for _ in range(n)]
+    per_prompt = [{"prompt": p, **{k: round(accuracy(labels[j * n:(j + 1) * n], [truth] * n, k), 3) for k in truth}}
+                  for j, (p, truth) in enumerate(specs)]
+    summary = {k: round(accuracy(labels, truths, k), 4) for k in HEADS if any(k in t for t in truths)}
     summary.update({"prompts": len(specs), "n_per_prompt": n, "images": len(prompts), "seconds": round(secs, 1),
                     "steps": steps, "guidance": guidance, "seed": seed, "set": prompt_set})
     if log:
