@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -160,10 +161,10 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
         if not deltas:
             raise ErasekitError(f"{ca.path} and {cb.path} have identical FFN weights", "there is nothing to extract")
         if report.other_changed and not ffn_only:
-            top = max(range(len(report.other_changed)), key=lambda i: report.other_relative[i])
+            left = _left_out(report)["left_out"]
             raise ErasekitError(f"{cb.path.name} also differs from {ca.path.name} outside the FFN layers, in "
-                                f"{len(report.other_changed)} text-encoder tensors (largest: {report.other_changed[top]}, "
-                                f"relative change {report.other_relative[top]:.2e}); a patch of the FFN part would not "
+                                f"{left['tensors']} text-encoder tensors (largest: {left['largest']}, "
+                                f"relative change {left['largest_relative']:.2e}); a patch of the FFN part would not "
                                 "reproduce the edit", "ask for the FFN part only to write it anyway (the patch records "
                                 "what it leaves out, and inspect shows it)", option="ffn_only")
         out = Path(output)
@@ -188,7 +189,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
     return report
 
 
-def _left_out(report: DiffReport) -> dict[str, object]:
+def _left_out(report: DiffReport) -> dict[str, Any]:
     """What an ``ffn_only`` patch does not carry: ``{"left_out": {"tensors", "largest", "largest_relative"}}``."""
     if not report.other_changed:
         return {}

@@ -97,3 +97,12 @@ class TargetLockedError(ErasekitError):
     """Another erasekit process is writing to the same checkpoint."""
 
     exit_code = 9
+
+
+def invalid_setting(error: Exception, fix: str = "") -> ErasekitError:
+    """The one-line error for a settings model (pydantic) that refused a value: its first complaint, naming the
+    setting (as ``option``)."""
+    first = error.errors()[0]  # type: ignore[attr-defined]
+    name = str(first["loc"][0]) if first["loc"] else "settings"
+    return ErasekitError(f"invalid {name}: {first['msg']}", fix, option=name if first["loc"] else None)
+

@@ -308,13 +308,14 @@ def _weight_files(folder: Path) -> list[Path]:
     return files or sorted(folder.glob("pytorch_model*.bin"), key=plain)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, fix: str = "repair or re-download the file") -> dict[str, Any]:
+    """A JSON object from a model's file (model_index.json, a config, erasekit.json), or a one-line LayoutError."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LayoutError(f"{path} is not readable JSON ({type(e).__name__})", "repair or re-download the file") from None
+        raise LayoutError(f"{path} is not readable JSON ({type(e).__name__})", fix) from None
     if not isinstance(obj, dict):
-        raise LayoutError(f"{path} is not a JSON object", "repair or re-download the file")
+        raise LayoutError(f"{path} is not a JSON object", fix)
     return obj
 
 
@@ -339,7 +340,7 @@ def _encoder_folder_files(root: Path, sub: str, slot: str) -> list[WeightFile]:
 
 def _detect_folder(path: Path) -> Checkpoint:
     if (path / "model_index.json").exists():
-        index = _read_json(path / "model_index.json")
+        index = read_json(path / "model_index.json")
 
         def has(component: str) -> bool:
             v = index.get(component)
@@ -354,7 +355,7 @@ def _detect_folder(path: Path) -> Checkpoint:
             arch = "sdxl-refiner"
             files = _encoder_folder_files(path, "text_encoder_2", "te2")
         elif te:
-            cfg = _read_json(path / "text_encoder" / "config.json") if (path / "text_encoder" / "config.json").exists() else {}
+            cfg = read_json(path / "text_encoder" / "config.json") if (path / "text_encoder" / "config.json").exists() else {}
             # OpenAI CLIP-L (SD1.x) uses quick_gelu; OpenCLIP ViT-H (SD2.x) uses gelu.
             arch = "sd2" if cfg.get("hidden_act") == "gelu" else "sd1"
             files = _encoder_folder_files(path, "text_encoder", "te")
@@ -367,7 +368,7 @@ def _detect_folder(path: Path) -> Checkpoint:
                               "remove the stray variant file")
         return Checkpoint(path, "diffusers", arch, files)
     if (path / "config.json").exists():
-        cfg = _read_json(path / "config.json")
+        cfg = read_json(path / "config.json")
         archs = cfg.get("architectures") or []
         if any(a in ("CLIPTextModel", "CLIPTextModelWithProjection") for a in archs):
             return Checkpoint(path, "transformers-clip", "clip-text", _encoder_folder_files(path, "", "te"))

@@ -26,14 +26,13 @@ Torch-free: only safetensors headers and one small tensor are read.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ErasekitError, InputFileError, LayoutError
-from .layouts import Checkpoint
+from .layouts import Checkpoint, read_json
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 TOKENIZER_DIR = Path(__file__).parent / "toyworld" / "model" / "tokenizer"  # the full CLIP BPE vocabulary, shipped once
@@ -65,21 +64,10 @@ class ConfigChoice:
             return {}
         from transformers import CLIPTokenizer
 
-        index = read_json(self.path / "model_index.json", self.path)
+        index = read_json(self.path / "model_index.json")
         pads = _SD2_PAD if self.name.startswith("sd2") else _PAD
         return {name: CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad)
                 for name, pad in pads.items() if (index.get(name) or [None])[0] is not None}
-
-
-def read_json(path: Path, where: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LayoutError(f"config {where}: {path.name} is not readable JSON ({type(e).__name__})",
-                          "name a local diffusers pipeline folder") from None
-    if not isinstance(obj, dict):
-        raise LayoutError(f"config {where}: {path.name} is not a JSON object", "name a local diffusers pipeline folder")
-    return obj
 
 
 def _metadata_prediction(ckpt: Checkpoint) -> str | None:
@@ -119,7 +107,7 @@ def prediction_of(ckpt: Checkpoint) -> str | None:
     an SD2.x single file's metadata or weights, the reference of other single files; None for text encoders."""
     if ckpt.path.is_dir():
         cfg = ckpt.path / "scheduler" / "scheduler_config.json"
-        return read_json(cfg, ckpt.path).get("prediction_type", "epsilon") if cfg.is_file() else None
+        return read_json(cfg).get("prediction_type", "epsilon") if cfg.is_file() else None
     if ckpt.architecture == "sd2":
         return sd2_prediction(ckpt)[0]
     return None if ckpt.architecture == "clip-text" else "epsilon"
@@ -144,7 +132,7 @@ def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> Conf
 
 def _scheduler_prediction(folder: Path) -> str:
     path = folder / "scheduler" / "scheduler_config.json"
-    return read_json(path, folder).get("prediction_type", "epsilon") if path.is_file() else "epsilon"
+    return read_json(path).get("prediction_type", "epsilon") if path.is_file() else "epsilon"
 
 
 def _check_unet(ckpt: Checkpoint, choice: ConfigChoice) -> None:
@@ -154,7 +142,7 @@ def _check_unet(ckpt: Checkpoint, choice: ConfigChoice) -> None:
         raise LayoutError(f"{ckpt.path.name} has {ckpt.architecture} text encoders but no UNet ({_UNET_IN})",
                           "name a whole checkpoint (UNet, VAE and text encoders in one file)")
     shape = info[_UNET_IN][1]
-    cfg = read_json(choice.path / "unet" / "config.json", choice.path)
+    cfg = read_json(choice.path / "unet" / "config.json")
     want = (cfg["block_out_channels"][0], cfg["in_channels"])
     if tuple(shape[:2]) != want:
         what = {9: "an inpainting model", 5: "a depth-conditioned model"}.get(shape[1], "a UNet of other sizes")
@@ -202,7 +190,7 @@ def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     if not (config / "model_index.json").is_file():
         raise LayoutError(f"config {config} has no model_index.json",
                           "name a local diffusers pipeline folder (its configs are enough, weights are not needed)")
-    index = read_json(config / "model_index.json", config)
+    index = read_json(config / "model_index.json")
     names = [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and index[c][:1] != [None]]
     slots = {("text_encoder",): ["te"], ("text_encoder", "text_encoder_2"): ["te1", "te2"],
              ("text_encoder_2",): ["te2"]}.get(tuple(names))
@@ -213,7 +201,7 @@ def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     for slot, name in zip(slots, names):
         if not (config / name / "config.json").is_file():
             raise LayoutError(f"config {config} lacks {name}/config.json", "name a complete diffusers pipeline folder")
-        configs[slot] = read_json(config / name / "config.json", config)
+        configs[slot] = read_json(config / name / "config.json")
     if len(names) == 2:
         return "sdxl", configs
     if names == ["text_encoder_2"]:

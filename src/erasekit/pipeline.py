@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ErasekitError, LayoutError
-from .layouts import Checkpoint, detect
+from .layouts import Checkpoint, detect, read_json
 from .model_configs import choose_config
 
 SUPPORTED = ("sd1", "sd2", "sdxl")
@@ -38,18 +38,10 @@ def quiet_libraries() -> None:
 def model_settings(model: str | os.PathLike) -> dict[str, Any]:
     """A model folder's ``erasekit.json``: recommended settings per command (``{"erase": {...}}``) and
     ``"toyworld": true`` for models of the built-in world. Empty for other models and for single files."""
-    import json
-
     path = Path(model) / "erasekit.json"
     if not path.is_file():
         return {}
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LayoutError(f"{path} is not readable JSON ({type(e).__name__})", "repair or delete it") from None
-    if not isinstance(obj, dict):
-        raise LayoutError(f"{path} is not a JSON object", "repair or delete it")
-    return obj
+    return read_json(path, "repair or delete it")
 
 
 def weights_variant(folder: Path) -> str | None:

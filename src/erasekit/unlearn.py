@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import ErasekitError, InputFileError, NonFiniteError
+from .errors import ErasekitError, InputFileError, NonFiniteError, invalid_setting
 from .layouts import module_name
 
 # Textual inversion's template lists, as the reference recipe uses them.
@@ -165,8 +165,7 @@ def effective_settings(recommended: dict[str, Any], given: dict[str, Any]) -> tu
     try:
         config = EraseConfig(**(rec | given))
     except ValueError as e:
-        err = e.errors()[0]  # type: ignore[attr-defined]
-        raise ErasekitError(f"invalid {err['loc'][0]}: {err['msg']}", option=str(err["loc"][0])) from None
+        raise invalid_setting(e) from None
     sources = {name: "user" if name in given else "model" if name in rec else "default"
                for name in EraseConfig.model_fields}
     return config, sources

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ..errors import ErasekitError
+from ..errors import ErasekitError, invalid_setting
 
 # markup=False: paths and layouts like "[single-file-sd1]" are data, not rich markup. Piped output gets
 # a wide virtual terminal so that tables are not truncated in logs.
@@ -84,9 +84,7 @@ def make_config(cls: Any, command: str, **values: Any) -> Any:
     try:
         return cls(**values)
     except ValueError as e:
-        err = e.errors()[0]  # type: ignore[attr-defined]
-        raise ErasekitError(f"invalid {err['loc'][0]}: {err['msg']}", f"see erasekit {command} --help",
-                            option=str(err["loc"][0])) from None
+        raise invalid_setting(e, f"see erasekit {command} --help") from None
 
 
 def print_json(obj: Any) -> None:
