@@ -24,7 +24,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from erasekit.unlearn import OBJECT_TEMPLATES, EraseConfig, erase
+from erasekit.erase_config import OBJECT_TEMPLATES, EraseConfig
+from erasekit.unlearn import erase
 from erasekit.pipeline import load_pipeline, quiet_libraries
 
 
@@ -119,7 +120,7 @@ def main() -> int:
         for d in dtypes:  # erase() restores the text encoder when done
             ours[d].append(erase(pipe, ["snoopy"], [imgs], cfg.model_copy(update={"dtype": d})).loop_seconds)
         # the baseline gets the same latents erasekit encoded (VAE outside both timers)
-        from erasekit.unlearn import encode_images
+        from erasekit.training_images import encode_images
 
         with torch.no_grad():
             loaded = [(im, im.tobytes()) for im in imgs]

@@ -16,7 +16,8 @@ from erasekit.errors import ErasekitError, IncompatiblePatchError
 from erasekit.pipeline import load_pipeline
 from erasekit.sampling import GenerateConfig, generate
 from erasekit.testing import make_checkpoint, make_tiny_pipeline
-from erasekit.unlearn import EraseConfig, erase, erase_model
+from erasekit.erase_config import EraseConfig
+from erasekit.unlearn import erase, erase_model
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_an_error_inside_the_loop_leaves_the_pipeline_as_found(pipe: Any, world:
 
     def flaky(self: Any, *args: Any, **kw: Any) -> Any:  # fails after the loop has taken a step
         calls["n"] += 1
-        if calls["n"] > 6:
+        if calls["n"] > 2:
             raise RuntimeError("CUDA out of memory (simulated)")
         return forward(self, *args, **kw)
 
@@ -90,7 +91,7 @@ def test_an_error_inside_the_loop_leaves_the_pipeline_as_found(pipe: Any, world:
     with pytest.raises(RuntimeError, match="out of memory"):
         erase(pipe, ["circle"], [world["images"]], EraseConfig(**(FAST | {"steps": 5})))
     monkeypatch.undo()
-    assert calls["n"] > 6
+    assert calls["n"] == 3  # two steps taken, the third failed
     assert_same(before, pipe)
 
 

@@ -38,9 +38,9 @@ def test_help_does_not_import_torch() -> None:
 
 def test_the_python_api_is_top_level_and_lazy() -> None:
     code = ("import sys, erasekit\n"
-            "from erasekit import unlearn, sampling, evaluate\n"
+            "from erasekit import erase_config, unlearn, sampling, evaluate\n"
             "assert erasekit.erase is unlearn.erase and erasekit.generate is sampling.generate\n"
-            "assert erasekit.EraseConfig is unlearn.EraseConfig and erasekit.evaluate_model is evaluate.evaluate_model\n"
+            "assert erasekit.EraseConfig is erase_config.EraseConfig and erasekit.evaluate_model is evaluate.evaluate_model\n"
             "assert all(getattr(erasekit, n) is not None for n in erasekit.__all__)\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -218,7 +218,8 @@ def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
     (["--template", "no slot"], "invalid templates: "),
     (["--recipe", "magic"], "invalid recipe: Input should be 'paper' or 'anchored' (--recipe)"),
     (["--stand-in", "circle"], "--stand-in 'circle' is not CONCEPT=WORD"),
-    (["--rank", "0"], "invalid rank: Input should be greater than or equal to 1 (--rank)"),
+    (["--rank", "0"], "invalid rank: Value error, rank must be at least 1, auto or dense, got 0 (--rank)"),
+    (["--rank", "low"], "invalid rank: "),
 ])
 def test_erase_option_errors(tmp_path: Path, tiny_model: Path, args: list[str], message: str) -> None:
     model = tiny_model
@@ -234,7 +235,8 @@ def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
             "--resolution", "32", "--steps", "2", "--recipe", "anchored", "--stand-in", "circle=square, star",
             "--rank", "2", "-o", patch)
     assert r.exit_code == 0, r.output
-    assert re.search(r"stored at rank 2: \d+\.\d% of the change's squared norm kept", r.stdout), r.stdout
+    assert re.search(r"stored low-rank \(ranks 2-2\): the text encoders' outputs within \d+\.\d% of the trained "
+                     r"change's, \d+\.\d% of its squared norm kept", r.stdout), r.stdout
     hp = json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]
     assert hp["stand_ins"] == {"circle": ["square", "star"]} and hp["rank"] == 2
 

@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 from conftest import snapshot
 from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
 from erasekit.memory import apply_patch
-from erasekit.unlearn import EraseConfig, erase, erase_model
+from erasekit.erase_config import EraseConfig
+from erasekit.unlearn import erase, erase_model
 from erasekit.errors import ErasekitError, InputFileError, LayoutError, NonFiniteError, TargetNotWritableError
 from erasekit.patchfile import load_patch
 from erasekit.pipeline import load_pipeline
@@ -48,7 +49,8 @@ def test_only_ffn_changes_and_forget_loss_rises(tiny: Path, circles: Path) -> No
     pipe, ckpt = load_pipeline(tiny)
     before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
     unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    report = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**FAST), base_files=ckpt)
+    report = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**FAST, forget_check=True),
+                   base_files=ckpt)
     # the pipeline is left as it was
     assert all(torch.equal(before[k], v) for k, v in pipe.text_encoder.state_dict().items())
     assert all(torch.equal(unet_before[k], v) for k, v in pipe.unet.state_dict().items())
@@ -63,6 +65,21 @@ def test_only_ffn_changes_and_forget_loss_rises(tiny: Path, circles: Path) -> No
     m = report.patch.manifest
     assert m.method.name == "fuchi-takagi-2024" and m.method.num_images == 4 and m.method.seed == 0
     assert m.method.hyperparameters["lr"] == 1e-3 and m.method.hyperparameters["betas"] == [0.9, 0.98]
+
+
+def test_the_erase_runs_the_unet_once_per_step_and_reports_where_its_time_went(tiny: Path, circles: Path) -> None:
+    pipe, _ = load_pipeline(tiny)
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        report = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**FAST, steps=6))
+    finally:
+        handle.remove()
+    assert len(calls) == 6 and report.steps == 6  # no diagnostic passes unless forget_check
+    assert report.forget_loss_before is None and report.forget_loss_after is None
+    assert list(report.timings) == ["images", "encode", "compress", "loop", "patch"]
+    assert report.timings["loop"] == report.loop_seconds and 0 < sum(report.timings.values()) <= report.total_seconds
+    assert report.loss_start == pytest.approx(report.losses[0]) and report.loss_end == pytest.approx(report.losses[-1])
 
 
 def test_defaults_are_the_published_recipe() -> None:
@@ -223,7 +240,7 @@ def test_sdxl_erases_through_both_encoders(tmp_path: Path, circles: Path) -> Non
 
 def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path) -> None:
     """With the same lr and steps, anchoring moves the conditioning of unrelated and --keep prompts far less."""
-    from erasekit.unlearn import Conditioner
+    from erasekit.conditioning import Conditioner
 
     pipe, _ = load_pipeline(tiny)
     probe = ["a photo of a dog", "a square", ""]
@@ -246,7 +263,7 @@ def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path)
 
 
 def test_early_stop_rule() -> None:
-    from erasekit.unlearn import _tipped
+    from erasekit.anchoring import tipped as _tipped
 
     cfg = EraseConfig(recipe="anchored", stop_ratio=1.5, stop_window=3)
     assert not _tipped([1.0, 1.0, 1.0, 1.1, 1.2], cfg)  # too few steps to judge
@@ -262,7 +279,7 @@ def test_recipe_settings_are_recorded_only_when_used() -> None:
 
 
 def test_anchors_naming_the_erased_concept_are_dropped() -> None:
-    from erasekit.unlearn import _anchor_prompts
+    from erasekit.anchoring import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"])
     prompts, refs, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["circle"])
@@ -272,7 +289,7 @@ def test_anchors_naming_the_erased_concept_are_dropped() -> None:
 
 
 def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
-    from erasekit.unlearn import _anchor_prompts
+    from erasekit.anchoring import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a red Circle", "a blue square", "circles"],
                       stand_ins={"circle": "square", "red": ["", "green"]}, stand_in_weight=0.5)
@@ -286,26 +303,54 @@ def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
     assert EraseConfig(stand_ins={"red": "blue"}).stand_ins == {"red": ["blue"]}
 
 
-def test_rank_stores_the_truncated_svd_of_the_dense_change(tmp_path: Path, tiny: Path, circles: Path) -> None:
-    dense = erase_model(tiny, ["circle"], [circles], tmp_path / "dense.erasepatch", EraseConfig(**FAST, patch_dtype="F32"))
+def test_a_rank_stores_the_change_projected_on_its_top_output_directions(tmp_path: Path, tiny: Path,
+                                                                        circles: Path) -> None:
+    dense = erase_model(tiny, ["circle"], [circles], tmp_path / "dense.erasepatch",
+                        EraseConfig(**FAST, patch_dtype="F32", rank="dense"))
     low = erase_model(tiny, ["circle"], [circles], tmp_path / "r2.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank=2))
     pd, pl = load_patch(dense.output), load_patch(low.output)
     assert low.patch_bytes < dense.patch_bytes and 0 < low.rank_kept < 1 and dense.rank_kept is None
+    x = np.random.default_rng(0).standard_normal((64, 100))
     for m, info in pl.manifest.deltas.items():
-        assert (info.storage, info.rank) == ("lowrank", 2)
-        assert pl.tensors[f"{m}.lora_up.weight"].shape[1] == 2 and f"{m}.diff" not in pl.tensors
-        u, s, vh = np.linalg.svd(pd.weight_delta(m).astype(np.float64), full_matrices=False)
-        np.testing.assert_allclose(pl.weight_delta(m), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-6)  # the best rank-2 fit
+        assert (info.storage, info.rank) == ("lowrank", 2) and 0 < info.error < 1 and 0 < info.kept < 1
+        up, full = pl.tensors[f"{m}.lora_up.weight"].astype(np.float64), pd.weight_delta(m).astype(np.float64)
+        assert up.shape[1] == 2 and f"{m}.diff" not in pl.tensors
+        np.testing.assert_allclose(up.T @ up, np.eye(2), atol=1e-5)  # orthonormal output directions ...
+        np.testing.assert_allclose(pl.weight_delta(m), up @ up.T @ full, atol=1e-6)  # ... the change projected on them
+        assert info.kept == pytest.approx(np.linalg.norm(up.T @ full) ** 2 / np.linalg.norm(full) ** 2, rel=1e-4)
+        xs = x[:full.shape[1]]  # a projection never moves an input further than the whole change does
+        assert (np.linalg.norm(pl.weight_delta(m) @ xs, axis=0) <= np.linalg.norm(full @ xs, axis=0) + 1e-9).all()
         np.testing.assert_array_equal(pl.tensors[f"{m}.diff_b"], pd.tensors[f"{m}.diff_b"])  # biases stay exact
-    assert pl.manifest.method.hyperparameters["rank"] == 2
+    assert pl.manifest.method.hyperparameters["rank"] == 2 and 0 < low.output_error < 1
+    assert pl.manifest.method.hyperparameters["output_error"] == pytest.approx(low.output_error, abs=1e-6)
     full = erase_model(tiny, ["circle"], [circles], tmp_path / "r9.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank=999))
-    assert full.rank_kept == pytest.approx(1.0)  # a rank above the matrix's keeps everything
+    assert full.rank_kept == pytest.approx(1.0) and full.output_error < 1e-4  # a rank above the matrix's keeps everything
     for m in pd.manifest.deltas:
         np.testing.assert_allclose(load_patch(full.output).weight_delta(m), pd.weight_delta(m), atol=1e-6)
 
 
+def test_auto_rank_takes_per_tensor_the_smallest_rank_within_the_tolerance(tmp_path: Path, tiny: Path,
+                                                                           circles: Path) -> None:
+    loose = erase_model(tiny, ["circle"], [circles], tmp_path / "loose.erasepatch",
+                        EraseConfig(**FAST, rank="auto", rank_tol=0.3, max_rank=16))
+    tight = erase_model(tiny, ["circle"], [circles], tmp_path / "tight.erasepatch",
+                        EraseConfig(**FAST, rank="auto", rank_tol=0.01, max_rank=16))
+    for report, tol in ((loose, 0.3), (tight, 0.01)):
+        deltas = load_patch(report.output).manifest.deltas
+        assert all(d.storage == "lowrank" and 1 <= d.rank <= 16 for d in deltas.values())
+        assert all(d.error <= tol + 1e-6 for d in deltas.values() if d.rank < 16)  # within tol unless capped
+    ranks = {m: (loose.patch.manifest.deltas[m].rank, tight.patch.manifest.deltas[m].rank) for m in loose.patch.manifest.deltas}
+    assert all(a <= b for a, b in ranks.values()) and any(a < b for a, b in ranks.values())
+    assert loose.patch_bytes < tight.patch_bytes and loose.output_error > tight.output_error
+    hp = loose.patch.manifest.method.hyperparameters
+    assert (hp["rank"], hp["rank_tol"], hp["max_rank"]) == ("auto", 0.3, 16)
+    assert EraseConfig().rank == "auto" and EraseConfig(rank=None).rank == "dense" and EraseConfig(rank="8").rank == 8
+    with pytest.raises(ValueError):
+        EraseConfig(rank=0)
+
+
 def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> None:
-    from erasekit.unlearn import _anchor_prompts
+    from erasekit.anchoring import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
                       stand_ins={"Van Gogh": "Monet"})

@@ -61,7 +61,8 @@ def test_erase_and_eval_end_to_end_on_the_builtin_model(tmp_path: Path) -> None:
 
     patch = tmp_path / "circle.erasepatch"
     er = erase_model(None, ["circle"], None, patch, {})
-    assert er.forget_loss_after > er.forget_loss_before
+    assert er.loss_end > er.loss_start  # the loop ascends the denoising loss
+    assert {d.storage for d in er.patch.manifest.deltas.values()} == {"lowrank"}  # compact by default
     ev = evaluate_model("circle", [patch], config=EvalConfig(n=8), grid=tmp_path / "grid.png")
     assert ev.target.before >= 0.75 and ev.target.after == 0, ev.target
     assert all(o.after >= o.before - 1 / 8 for o in ev.others), ev.others

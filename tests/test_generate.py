@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erasekit.unlearn import EraseConfig, erase_model
+from erasekit.erase_config import EraseConfig
+from erasekit.unlearn import erase_model
 from erasekit.errors import ErasekitError, PatchFormatError
 from erasekit.sampling import GenerateConfig, generate_model
 from erasekit.testing import make_tiny_pipeline

@@ -13,7 +13,7 @@ from erasekit.cli import app
 from erasekit.patchfile import load_patch
 from erasekit.pipeline import model_settings
 from erasekit.toyworld import builtin_model_path
-from erasekit.unlearn import effective_settings
+from erasekit.erase_config import effective_settings
 
 runner = CliRunner()
 BUILTIN = model_settings(builtin_model_path())["erase"]  # anchored, lr 3e-3, 80 steps, no flip, 32 px, fp32

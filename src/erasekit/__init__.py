@@ -24,7 +24,7 @@ _API = {
     "diff_paths": "erasekit.diff",
     "erase": "erasekit.unlearn",
     "erase_model": "erasekit.unlearn",
-    "EraseConfig": "erasekit.unlearn",
+    "EraseConfig": "erasekit.erase_config",
     "EraseReport": "erasekit.unlearn",
     "generate": "erasekit.sampling",
     "generate_model": "erasekit.sampling",
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from .evaluate import EvalConfig, evaluate_model
     from .pipeline import load_pipeline
     from .sampling import GenerateConfig, generate, generate_model
-    from .unlearn import EraseConfig, EraseReport, erase, erase_model
+    from .erase_config import EraseConfig
+    from .unlearn import EraseReport, erase, erase_model
     from .inspect import inspect_path
     from .layouts import detect
     from .patchfile import Manifest, Patch, load_patch, save_patch

@@ -41,6 +41,13 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype the erase loop computes the frozen UNet in, for a ``dtype`` setting of auto, fp32 or bf16."""
+    if setting == "bf16" or (setting == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
 @contextlib.contextmanager
 def kept_as_found(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
     """Give back ``modules`` as they were on leaving the block, by success or error: each parameter's and
@@ -63,3 +70,15 @@ def kept_as_found(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
                     b.data = b.data.to(dtype)
         for sub, training in modes:
             sub.training = training
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small LAPACK calls (eigh, QR of thin matrices) on one thread: on a busy CPU, MKL's threaded versions of
+    them can take seconds where one thread takes milliseconds. The caller's thread count is given back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

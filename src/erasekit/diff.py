@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .compress import truncated_svd
 from .errors import ErasekitError, IncompatiblePatchError
 from .hub import TEXT_ENCODERS, resolve_model
 from .ui_export import ui_advice
@@ -148,7 +149,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
                 if not dw.any() and not db.any():
                     continue
                 m = module_name(slot, layer, proj)
-                stored, deltas[m], _ = delta_tensors(m, dw, db, rank)
+                stored, deltas[m] = delta_tensors(m, dw, db, truncated_svd(dw, rank) if rank else None)
                 tensors.update(stored)
                 for kind in ("weight", "bias"):
                     key = ea.key(layer, proj, kind)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from . import _st
 from ._version import __version__
@@ -89,6 +90,17 @@ class DeltaInfo(_Model):
     storage: Literal["dense", "lowrank"]
     rank: int | None = Field(default=None, gt=0)
     bias: bool = True
+    # low-rank only: what the stored factors lost against the delta they stand for. error: relative error of
+    # their effect on the layer's inputs (the erase's prompts; for diff, any input: the Frobenius error);
+    # kept: the share of the delta's squared Frobenius norm they keep.
+    error: float | None = Field(default=None, ge=0)
+    kept: float | None = Field(default=None, ge=0)
+
+    @model_serializer(mode="wrap")
+    def _unset_fields_unwritten(self, handler: Any) -> dict[str, Any]:
+        """Written only when known: a manifest without them reads and rewrites byte for byte."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in ("error", "kept") and v is None)}
 
     @model_validator(mode="after")
     def _rank_iff_lowrank(self) -> DeltaInfo:
@@ -397,22 +409,19 @@ def storage_dtypes(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, str]
     return {n: "F32" if n.endswith(".alpha") else dtype for n in tensors}
 
 
-def delta_tensors(module: str, dw: np.ndarray, db: np.ndarray,
-                  rank: int | None = None) -> tuple[dict[str, np.ndarray], DeltaInfo, float]:
-    """The patch tensors of one module's weight and bias deltas: dense (``.diff``), or with ``rank`` the
-    truncated SVD of the weight delta (``.lora_up``/``.lora_down``/``.alpha``, alpha = rank so the scale is 1).
-    Also returns the fraction of the weight delta's squared norm that the stored form keeps (1.0 when dense)."""
+def delta_tensors(module: str, dw: np.ndarray, db: np.ndarray, factors: Any = None) -> tuple[dict[str, np.ndarray], DeltaInfo]:
+    """The patch tensors of one module's weight and bias deltas: dense (``.diff``), or, given ``factors`` (a
+    :class:`~erasekit.compress.LowRank`), the weight delta as ``.lora_up``/``.lora_down``/``.alpha`` (alpha = rank,
+    so the scale is 1)."""
     out = {f"{module}.diff_b": np.asarray(db, dtype=np.float32)}
-    if not rank:
+    if factors is None:
         out[f"{module}.diff"] = np.asarray(dw, dtype=np.float32)
-        return out, DeltaInfo(storage="dense", bias=True), 1.0
-    u, sv, vh = np.linalg.svd(np.asarray(dw, dtype=np.float64), full_matrices=False)
-    r = min(rank, sv.size)
-    total = float((sv ** 2).sum())
-    out[f"{module}.lora_up.weight"] = (u[:, :r] * sv[:r]).astype(np.float32)
-    out[f"{module}.lora_down.weight"] = vh[:r].astype(np.float32)
-    out[f"{module}.alpha"] = np.array(r, dtype=np.float32)
-    return out, DeltaInfo(storage="lowrank", rank=r, bias=True), float((sv[:r] ** 2).sum()) / total if total else 1.0
+        return out, DeltaInfo(storage="dense", bias=True)
+    out[f"{module}.lora_up.weight"] = np.asarray(factors.up, dtype=np.float32)
+    out[f"{module}.lora_down.weight"] = np.asarray(factors.down, dtype=np.float32)
+    out[f"{module}.alpha"] = np.array(factors.rank, dtype=np.float32)
+    return out, DeltaInfo(storage="lowrank", rank=factors.rank, bias=True, error=round(factors.error, 6),
+                          kept=round(factors.kept, 6))
 
 
 def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | None = None,

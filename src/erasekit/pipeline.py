@@ -66,12 +66,14 @@ def resolve_device(device: str) -> Any:
 
 
 def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype: Any = None,
-                  config: str | os.PathLike | None = None,
+                  text_encoder_dtype: Any = None, config: str | os.PathLike | None = None,
                   prediction_type: str | None = None) -> tuple[Any, Checkpoint]:
     """A StableDiffusion(XL)Pipeline from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
     Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
     of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
-    is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``)."""
+    is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
+    ``text_encoder_dtype`` loads the text encoders in another dtype than the rest (erase: fp32 encoders to train,
+    a bf16 UNet to compute with)."""
     from .apply import recover_interrupted
     from .hub import resolve_model
 
@@ -91,6 +93,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                                     "SDXL base", "use one of those (the SDXL refiner has no prompt encoder of its own "
                                     "to erase from; erase with the base model)")
     dtype = torch_dtype or torch.float32
+    te_dtype = text_encoder_dtype or dtype
     cls = StableDiffusionXLPipeline if ckpt.architecture == "sdxl" else StableDiffusionPipeline
     extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "feature_extractor": None,
                                                          "requires_safety_checker": False}
@@ -103,14 +106,16 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                 raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
                                   "use a complete diffusers pipeline folder")
         variant = weights_variant(path)
-        load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, variant=variant,  # noqa: E731
+        dtypes = {"default": dtype, "text_encoder": te_dtype, "text_encoder_2": te_dtype}
+        load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, variant=variant,  # noqa: E731
                                            **extra)
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
         extra |= choice.tokenizers()
+        # one dtype for a whole single file: the encoders' is the wider, the rest is cast after loading
         load = lambda: cls.from_single_file(str(path), config=str(choice.path), local_files_only=True,  # noqa: E731
-                                            torch_dtype=dtype, **extra)
+                                            torch_dtype=te_dtype, **extra)
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     try:
@@ -126,6 +131,8 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                           fix) from None
     if not path.is_dir():
         check_single_file_pipeline(pipe, ckpt, config)
+        pipe.unet.to(dtype)
+        pipe.vae.to(dtype)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)

@@ -85,14 +85,25 @@ def erase_cmd(
                                                  "the device computes it natively: GPUs, CPUs with "
                                                  "AVX512-BF16/AMX; else fp32), fp32, bf16 (fp16 is refused: its "
                                                  "gradients underflow without loss scaling).")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", metavar="R", help="Store each weight delta as its "
-                                                "rank-R truncated SVD (LoRA-style factors) instead of dense: "
-                                                "R=32 keeps an SD1.x patch near 6 MB. [default: dense]")] = None,
+    rank: Annotated[Optional[str], typer.Option("--rank", metavar="auto|N|dense", help="How to store each weight "
+                                                "delta: auto (low-rank factors, per tensor the smallest rank up to "
+                                                "--max-rank whose effect on the erase's prompts is within "
+                                                "--rank-tol of the trained delta's), N (rank N), dense (the whole "
+                                                "delta; 113 MB for SD1.x). [default: auto]")] = None,
+    rank_tol: Annotated[Optional[float], typer.Option("--rank-tol", help="--rank auto: the relative error allowed "
+                                                      "per tensor. [default: 0.05]")] = None,
+    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="--rank auto: the largest rank of a tensor "
+                                                    "(32 keeps SD1.x patches under 7 MB and SDXL ones under 33 MB). "
+                                                    "[default: 32]")] = None,
     patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help="Storage dtype of the deltas: F32, "
                                                        "F16, BF16. [default: BF16]")] = None,
     config_dir: ConfigOpt = None,
     prediction_type: PredictionOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the latents cache.")] = False,
+    forget_check: Annotated[bool, typer.Option("--forget-check", help="Also measure the denoising loss on fixed "
+                                               "draws before and after the erase (8 more UNet passes).")] = False,
+    checkpointing: Annotated[bool, typer.Option("--checkpointing", help="Gradient checkpointing of the frozen UNet: "
+                                                "less memory for more time.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Erase concepts from a model's text encoder by few-shot unlearning; write the change as a patch."""
@@ -115,7 +126,7 @@ def erase_cmd(
         given: dict[str, Any] = {
             "kind": kind, "templates": tmpl or None, "recipe": recipe, "keep": keep, "stand_ins": stand_ins or None,
             "anchor_weight": anchor_weight, "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size,
-            "draws": draws, "resolution": resolution, "rank": rank,
+            "draws": draws, "resolution": resolution, "rank": rank, "rank_tol": rank_tol, "max_rank": max_rank,
             "layers": _layers(layers), "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
             "seed": seed, "device": device, "flip": flip, "dtype": dtype, "patch_dtype": patch_dtype.upper() if patch_dtype else None,
         }
@@ -124,6 +135,7 @@ def erase_cmd(
             overrides["stop_ratio"] = None
         if no_cache:
             overrides["cache"] = False
+        overrides |= {k: True for k, on in (("forget_check", forget_check), ("checkpointing", checkpointing)) if on}
         src = None if images is None else "auto" if images == ["auto"] else images
         with progress_bar("erasing", enabled=not as_json) as update:
             report = erase_model(model, concept, src, output, overrides, num_images=num_images, config_dir=config_dir, prediction_type=prediction_type,
@@ -136,11 +148,15 @@ def erase_cmd(
     out.print(f"Erased {', '.join(report.concepts)} -> {report.output} ({human_bytes(report.patch_bytes)})")
     out.print(f"  {report.steps} steps{stopped} on {report.num_images} images, {report.device}: "
               f"{report.loop_seconds:.2f} s in the loop, {report.total_seconds:.2f} s in total")
-    out.print(f"  training loss {report.loss_start:.4f} -> {report.loss_end:.4f}; forget loss on fixed draws "
-              f"{report.forget_loss_before:.4f} -> {report.forget_loss_after:.4f}")
+    out.print(f"  denoising loss {report.loss_start:.4f} -> {report.loss_end:.4f} (first and last steps)"
+              + (f"; on fixed draws {report.forget_loss_before:.4f} -> {report.forget_loss_after:.4f}"
+                 if report.forget_loss_before is not None else ""))
+    out.print("  time: " + ", ".join(f"{phase} {s:.2f} s" for phase, s in report.timings.items()))
     if report.rank_kept is not None:
-        out.print(f"  stored at rank {report.patch.manifest.method.hyperparameters['rank']}: "
-                  f"{100 * report.rank_kept:.1f}% of the change's squared norm kept")
+        ranks = [d.rank for d in report.patch.manifest.deltas.values() if d.rank]
+        out.print(f"  stored low-rank (ranks {min(ranks)}-{max(ranks)}): the text encoders' outputs within "
+                  f"{100 * report.output_error:.1f}% of the trained change's, {100 * report.rank_kept:.1f}% of its "
+                  "squared norm kept")
     out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_').replace('_text_model_encoder_', ' ')} ({n:.3g})"
                                            for m, n in report.top_layers))
     if report.sources:

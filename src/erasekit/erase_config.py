@@ -1,0 +1,168 @@
+"""The settings of an erase run: :class:`EraseConfig`, the prompt templates, and which of a model's
+recommended settings hold when the user gives others."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import invalid_setting
+
+# Textual inversion's template lists, as the reference recipe uses them.
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
+    "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}",
+    "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}", "a rendition of the {}",
+    "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}",
+    "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a cropped painting in the style of {}", "a good painting in the style of {}",
+    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
+)
+# Everyday captions whose conditioning the "anchored" recipe holds in place while the concept is erased.
+GENERIC_ANCHORS = (
+    "", "a photo of a dog", "a photo of a cat", "a person walking in a park", "a city street at night",
+    "a bowl of fruit on a table", "a mountain landscape", "a portrait of a woman", "a portrait of a man",
+    "a red car parked outside", "a house with a garden", "a painting of flowers", "a cup of coffee",
+    "a beach at sunset", "a bird on a branch", "a plate of food", "a child playing with a ball",
+    "an old building", "a forest in autumn", "a boat on a lake", "a computer on a desk", "a green field",
+    "a blue sky with clouds", "a book on a shelf", "a horse in a field", "a snowy road", "a kitchen interior",
+    "a drawing of a tree", "a bicycle leaning on a wall", "a glass of water", "a cartoon character",
+)
+
+
+class EraseConfig(BaseModel):
+    """Every setting of an erase run; the defaults reproduce the published recipe. Recorded in the patch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["object", "style"] = "object"
+    templates: list[str] | None = None  # overrides the kind's template list; each holds one "{}"
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(1e-8, ge=0)
+    batch_size: int = Field(2, ge=1)
+    draws: int = Field(1, ge=1)  # noise draws (timestep, noise, prompt) per image per step
+    epochs: int = Field(5, ge=1)
+    steps: int | None = Field(None, ge=1)  # overrides epochs
+    resolution: int = Field(512, ge=8)
+    layers: list[int] | None = None  # text-encoder layers to train; None = all
+    encoders: list[Literal["te", "te1", "te2"]] | None = None  # SDXL: which encoders to train; None = all
+    seed: int = 0
+    device: str = "auto"
+    # autocast dtype of the frozen UNet; auto: bf16 where the device computes it natively, else fp32
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    flip: bool = True  # horizontal flip, p = 0.5, decided once per image
+    patch_dtype: Literal["F32", "F16", "BF16"] = "BF16"
+    # how each weight delta is stored. "auto": low-rank, per tensor the smallest rank (up to max_rank) whose effect
+    # on the erase's prompts is within rank_tol of the trained delta's (see erasekit.compress); N: that rank;
+    # "dense": the whole delta.
+    rank: int | Literal["auto", "dense"] = "auto"
+    rank_tol: float = Field(0.05, gt=0, lt=1)
+    max_rank: int = Field(32, ge=1)
+    cache: bool = True
+    forget_check: bool = False  # also measure the denoising loss on fixed draws before and after (8 UNet passes)
+    checkpointing: bool = False  # gradient checkpointing of the frozen UNet: less memory, about 1.3x the time
+    # "paper": the published recipe, ascent only. "anchored": ascent plus a penalty that keeps the encoder's
+    # output for other prompts (generic captions and --keep concepts) where it was, and an early stop when the
+    # erasure tips (mean of the last `stop_window` losses above `stop_ratio` x the first ones).
+    recipe: Literal["paper", "anchored"] = "paper"
+    keep: list[str] = []  # concepts to protect (anchored recipe); their prompts count `keep_weight` times
+    anchor_weight: float = Field(30.0, ge=0)
+    keep_weight: float = Field(5.0, ge=0)
+    anchor_prompts: list[str] | None = None  # None: GENERIC_ANCHORS
+    stop_ratio: float | None = Field(1.5, gt=1)  # None: never stop early
+    stop_window: int = Field(5, ge=1)
+    anchor_batch: int | None = Field(None, ge=1)  # anchors sampled per step (None: all, every step)
+    # concept -> what stands in for it (anchored recipe). An anchor prompt naming the concept is then not dropped
+    # but held at the original conditioning of the same prompt with the stand-in in the concept's place ("a red
+    # circle" -> "a red square"), so the words around the concept keep their meaning. "" drops the word; several
+    # stand-ins: the mean of their conditionings.
+    stand_ins: dict[str, list[str]] = {}
+    stand_in_weight: float = Field(0.3, ge=0)  # weight of those prompts, relative to other anchors
+
+    @field_validator("stand_ins", mode="before")
+    @classmethod
+    def _listed(cls, v: Any) -> Any:
+        return {k: [w] if isinstance(w, str) else w for k, w in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank_spelling(cls, v: Any) -> Any:
+        if v is None:  # settings written before 0.4 said None for dense
+            return "dense"
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"rank must be at least 1, auto or dense, got {v}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _no_fp16_training(cls, v: str) -> str:
+        if v == "fp16":  # fp16's range: small gradients through the UNet flush to zero without loss scaling
+            raise ValueError("fp16 autocast is not used for training (its gradients into the text encoder underflow "
+                             "without loss scaling); use bf16, auto or fp32")
+        return v
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one template")
+            bad = [t for t in v if t.count("{}") != 1]
+            if bad:
+                raise ValueError(f"template {bad[0]!r} must contain exactly one {{}} for the concept")
+        return v
+
+    def template_list(self) -> list[str]:
+        return list(self.templates or (STYLE_TEMPLATES if self.kind == "style" else OBJECT_TEMPLATES))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What the manifest records (device and cache are where it ran, not what it computed)."""
+        hp = self.model_dump(mode="json", exclude={"device", "cache", "seed", "forget_check", "checkpointing"})
+        if self.rank != "auto":
+            hp.pop("rank_tol")
+            hp.pop("max_rank")
+        if self.recipe == "paper":
+            for k in ("keep", "anchor_weight", "keep_weight", "anchor_prompts", "stop_ratio", "stop_window",
+                      "anchor_batch", "stand_ins", "stand_in_weight"):
+                hp.pop(k)
+        elif self.anchor_prompts is None:
+            hp["anchor_prompts"] = list(GENERIC_ANCHORS)
+        return hp
+
+
+# Settings a model's erasekit.json recommends because of what the model is (its image size, where bf16 pays);
+# they hold whatever the recipe. Every other recommendation tunes the model's own recipe and holds only for it.
+MODEL_PROPERTIES = ("resolution", "dtype")
+
+
+def effective_settings(recommended: dict[str, Any], given: dict[str, Any]) -> tuple[EraseConfig, dict[str, str]]:
+    """The settings an erase runs with, and where each came from ("user", "model" or "default"):
+    what the user gave always wins; a model's recommendations hold for its own recipe only (``--recipe paper``
+    on a model that recommends ``anchored`` is the whole published recipe, but at the model's resolution);
+    ``--epochs`` given alone replaces a recommended ``steps``."""
+    rec = dict(recommended)
+    if given.get("recipe", rec.get("recipe", "paper")) != rec.get("recipe", "paper"):
+        rec = {k: v for k, v in rec.items() if k in MODEL_PROPERTIES}
+    if "epochs" in given and "steps" not in given:
+        rec.pop("steps", None)
+    try:
+        config = EraseConfig(**(rec | given))
+    except ValueError as e:
+        raise invalid_setting(e) from None
+    sources = {name: "user" if name in given else "model" if name in rec else "default"
+               for name in EraseConfig.model_fields}
+    return config, sources

@@ -1,0 +1,125 @@
+"""Training images: finding and loading them, and their latents through the frozen VAE, cached on disk by
+image bytes (least recently used entries pruned past ``ERASEKIT_CACHE_MB``)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from .erase_config import EraseConfig
+from .errors import ErasekitError, InputFileError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputFileError(f"image folder {folder} does not exist", "check the images path", option="images")
+    if folder.is_file():
+        return [folder]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputFileError(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})",
+                             "put a few photos of the concept there, or let the model draw them (images 'auto')",
+                             option="images")
+    return files
+
+
+def training_image(img: Any, resolution: int) -> Any:
+    """RGB, resized bicubic to resolution x resolution without cropping, as the reference does."""
+    from PIL import Image
+
+    return img.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+
+
+def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:
+    """The training image and the file's bytes (which key the latents cache)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = path.read_bytes()
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputFileError(f"{path} is not a readable image ({type(e).__name__})", "remove it or replace it") from None
+    return training_image(img, resolution), data
+
+
+# -- latents cache --------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    import platformdirs
+
+    return Path(os.environ.get("ERASEKIT_CACHE_DIR") or platformdirs.user_cache_dir("erasekit")) / "latents"
+
+
+CACHE_LIMIT_BYTES = int(float(os.environ.get("ERASEKIT_CACHE_MB", "512")) * 1e6)
+
+
+def vae_id(vae: Any) -> str:
+    """Identity of a VAE: its config plus the bytes of its first and last parameters."""
+    from ._torch import tensor_bytes
+
+    h = hashlib.sha256(vae.config.__repr__().encode())
+    params = list(vae.parameters())
+    for p in (params[0], params[-1]):
+        h.update(tensor_bytes(p.float()))
+    return h.hexdigest()[:16]
+
+
+def _prune(folder: Path, limit: int) -> None:
+    """Delete least recently used entries until the cache is under ``limit`` bytes."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in files)
+    for p in files:
+        if total <= limit:
+            break
+        total -= p.stat().st_size
+        p.unlink(missing_ok=True)
+
+
+def encode_images(pipe: Any, images: list[tuple[Any, bytes]], config: EraseConfig, flips: list[bool]) -> Any:
+    """Latent distribution (mean, std) of each image, through the frozen VAE once, cached on disk."""
+    import numpy as np
+    import torch
+
+    from . import _st
+
+    vae = pipe.vae
+    folder = cache_dir()
+    vid = vae_id(vae)
+    means, stds = [], []
+    for (img, data), flip in zip(images, flips):
+        key = hashlib.sha256(data + f"|{config.resolution}|{int(flip)}|{vid}".encode()).hexdigest()
+        path = folder / f"{key}.safetensors"
+        if config.cache and path.exists():
+            try:
+                h = _st.read_header(path)
+                with open(path, "rb") as f:
+                    mean = torch.from_numpy(_st.read_array(f, h.entries["mean"]).copy())
+                    std = torch.from_numpy(_st.read_array(f, h.entries["std"]).copy())
+                os.utime(path)
+                means.append(mean)
+                stds.append(std)
+                continue
+            except ErasekitError:
+                path.unlink(missing_ok=True)  # a damaged entry is recomputed
+        from PIL import Image
+
+        arr = np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img, dtype=np.float32) / 127.5 - 1.0
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(vae.device, vae.dtype)
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+        mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+        if config.cache:
+            folder.mkdir(parents=True, exist_ok=True)
+            _st.write_safetensors(path, {"mean": ("F32", tuple(mean.shape), mean.numpy().tobytes()),
+                                         "std": ("F32", tuple(std.shape), std.numpy().tobytes())}, {"vae": vid})
+            _prune(folder, CACHE_LIMIT_BYTES)
+        means.append(mean)
+        stds.append(std)
+    return torch.stack(means), torch.stack(stds)
