@@ -104,9 +104,13 @@ def test_full_cycle_with_json(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["kind"] == "checkpoints" and d["output"] == str(patch) and len(d["changes"]) == 4
+    stored = [c["stored_error"] for c in d["changes"] if c["delta_norm"]]  # what rank 4 lost, per tensor
+    assert stored and all(0 <= e < 1 for e in stored)
     r = run("inspect", patch, "--against", base, "--json")
     info = json.loads(r.stdout)
     assert info["compatibility"] == "exact" and {row["storage"] for row in info["rows"]} == {"rank 4"}
+    assert sorted(row["error"] for row in info["rows"]) == pytest.approx(sorted(stored), abs=1e-6)
+    assert all(row["kept"] == pytest.approx(1 - row["error"] ** 2, abs=1e-5) for row in info["rows"])
     r = run("apply", patch, "--to", base, "--in-place", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["applied"][0]["fingerprint"] == "exact"
     r = run("inspect", base, "--json")
@@ -239,6 +243,9 @@ def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
                      r"change's, \d+\.\d% of its squared norm kept", r.stdout), r.stdout
     hp = json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]
     assert hp["stand_ins"] == {"circle": ["square", "star"]} and hp["rank"] == 2
+    table = run("inspect", patch).stdout  # what the rank-2 factors lost, per tensor
+    assert re.search(r"storage\s+dtype\s+\|ΔW\|\s+\|Δb\|\s+off\s+kept", table), table
+    assert re.search(r"rank 2\s+BF16\s+\S+\s+\S+\s+\d+\.\d%\s+\d+\.\d%", table), table
 
 
 def test_erase_with_a_missing_model_says_so(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ class LayerChange:
     base_norm: float
     relative: float
     bias_delta_norm: float
+    stored_error: float | None = None  # with -o and a rank: relative (Frobenius) error of the stored factors
 
 
 @dataclass
@@ -150,6 +151,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
                     continue
                 m = module_name(slot, layer, proj)
                 stored, deltas[m] = delta_tensors(m, dw, db, truncated_svd(dw, rank) if rank else None)
+                report.changes[-1].stored_error = deltas[m].error
                 tensors.update(stored)
                 for kind in ("weight", "bias"):
                     key = ea.key(layer, proj, kind)

@@ -33,6 +33,8 @@ class DeltaRow:
     delta_norm: float
     bias_delta_norm: float
     relative: float | None = None  # |delta| / |W_base| when inspected against a checkpoint
+    error: float | None = None  # low-rank: the stored factors' relative error against the change they stand for
+    kept: float | None = None  # low-rank: the share of that change's squared norm they keep
 
 
 @dataclass
@@ -89,7 +91,8 @@ def _rows(patch: Patch) -> list[DeltaRow]:
         b = patch.bias_delta(m)
         main = f"{m}.diff" if info.storage == "dense" else f"{m}.lora_up.weight"
         rows.append(DeltaRow(m, slot, layer, proj, list(d.shape), "dense" if info.storage == "dense" else f"rank {info.rank}",
-                             patch.dtypes[main], float(np.linalg.norm(d)), float(np.linalg.norm(b)) if b is not None else 0.0))
+                             patch.dtypes[main], float(np.linalg.norm(d)), float(np.linalg.norm(b)) if b is not None else 0.0,
+                             error=info.error, kept=info.kept))
     return rows
 
 

@@ -19,7 +19,8 @@ def diff_cmd(
                                                    "list, or NAME.erasepatch.")] = None,
     title: Annotated[Optional[str], typer.Option("--title", metavar="TEXT", help="Title of the extracted patch.")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", metavar="R", help="Store low-rank (SVD) deltas of this rank "
-                                                "instead of dense ones.")] = None,
+                                                "instead of dense ones; the table shows what each lost ('stored off': "
+                                                "the relative Frobenius error).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="Storage dtype of the extracted deltas: F32, F16 or BF16.")] = "F32",
     ffn_only: Annotated[bool, typer.Option("--ffn-only", help="With -o: write the FFN part even though B also differs "
                                            "elsewhere in the text encoder (refused otherwise; the patch records what "
@@ -45,12 +46,14 @@ def diff_cmd(
         out.print(f"Patches A={report.a}  B={report.b}  ({report.architecture})")
         out.print(table)
         return
-    for col in ("enc", "layer", "proj", "shape", "|ΔW|", "|ΔW|/|W|", "|Δb|", ""):
+    lossy = any(c.stored_error is not None for c in report.changes)
+    for col in ("enc", "layer", "proj", "shape", "|ΔW|", "|ΔW|/|W|", "|Δb|", *(["stored off"] if lossy else []), ""):
         table.add_column(col, justify="left" if col in ("enc", "proj", "shape", "") else "right")
     top = max((c.delta_norm for c in report.changes), default=0.0)
     for c in report.changes:
+        lost = ["-" if c.stored_error is None else f"{100 * c.stored_error:.1f}%"] if lossy else []
         table.add_row(c.encoder, str(c.layer), c.proj, "x".join(map(str, c.shape)), f"{c.delta_norm:.3g}",
-                      f"{c.relative:.2e}", f"{c.bias_delta_norm:.3g}", bar(c.delta_norm, top))
+                      f"{c.relative:.2e}", f"{c.bias_delta_norm:.3g}", *lost, bar(c.delta_norm, top))
     changed = sum(1 for c in report.changes if c.delta_norm or c.bias_delta_norm)
     out.print(f"Checkpoints A={report.a}  B={report.b}  ({report.architecture}): "
               f"{changed} of {len(report.changes)} FFN projections differ")

@@ -60,6 +60,10 @@ def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
     for col, justify in (("enc", "left"), ("layer", "right"), ("proj", "left"), ("shape", "left"),
                          ("storage", "left"), ("dtype", "left"), ("|ΔW|", "right"), ("|Δb|", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    lossy = any(row.error is not None for row in r.rows)
+    if lossy:  # what the low-rank factors lost: error against the trained change, share of its norm kept
+        table.add_column("off", justify="right")
+        table.add_column("kept", justify="right")
     if r.against:
         table.add_column("|ΔW|/|W|", justify="right")
     table.add_column("")
@@ -67,6 +71,8 @@ def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
     for row in r.rows:
         cells = [row.encoder, str(row.layer), row.proj, "x".join(map(str, row.shape)), row.storage, row.dtype,
                  f"{row.delta_norm:.3g}", f"{row.bias_delta_norm:.3g}"]
+        if lossy:
+            cells += ["-", "-"] if row.error is None else [f"{100 * row.error:.1f}%", f"{100 * (row.kept or 0):.1f}%"]
         if r.against:
             cells.append("-" if row.relative is None else f"{row.relative:.2e}")
         table.add_row(*cells, bar(row.delta_norm, top))
