@@ -70,15 +70,18 @@ def reference_loop(pipe: SimpleNamespace, latents: torch.Tensor, concept: str, s
     g = torch.Generator().manual_seed(seed)
     n = latents.shape[0]
     per_epoch = -(-n // batch)
+    device = latents.device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     t0 = time.perf_counter()
     for step in range(steps):
         idx = torch.randperm(n, generator=g)[:batch]
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
-        noise = torch.randn((len(idx), *latents.shape[1:]), generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(device)
+        noise = torch.randn((len(idx), *latents.shape[1:]), generator=g).to(device)
         prompts = [OBJECT_TEMPLATES[int(torch.randint(len(OBJECT_TEMPLATES), (), generator=g))].format(concept)
                    for _ in idx]
         ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        cond = te(ids)[0]
+        cond = te(ids.to(device))[0]
         pred = unet(sched.add_noise(latents[idx], noise, t), t, cond).sample
         loss = -F.mse_loss(pred, noise)
         loss.backward()
@@ -86,6 +89,7 @@ def reference_loop(pipe: SimpleNamespace, latents: torch.Tensor, concept: str, s
         opt.zero_grad()
         if (step + 1) % per_epoch == 0:
             te.save_pretrained(save_dir)  # the reference saves the text encoder every epoch
+    synchronize()
     return time.perf_counter() - t0
 
 

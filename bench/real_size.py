@@ -8,7 +8,8 @@
    folder is deleted.
 2. Writes 2 random 64x64 RGB PNGs.
 3. Runs the real CLI (``python -m erasekit``), each step a child process timed on its own: inspect (the
-   bundled sd1 config is picked), erase (1 step, 64 px; the patch records the sd1 config), generate with the
+   bundled sd1 config is picked), erase (2 steps, 64 px; the patch records the sd1 config and is at most
+   8 MB; its --json time breakdown is printed), generate with the
    patch, apply --in-place (the sha256 changes, inspect lists the patch), apply --revert (the sha256 is the
    original's). The children get an empty HF_HOME and their own latents cache, so nothing is downloaded.
 
@@ -151,9 +152,13 @@ def run_all(work: Path) -> tuple[list[Step], dict]:
 
     def erase_check(d: dict) -> tuple[bool, str]:
         facts["base_config"] = cfg = read_manifest(patch)[0].base.config if patch.is_file() else None
-        mb = d.get("patch_bytes", 0) / 1e6
-        return (cfg or "").split(" ")[0] == "sd1", f"{d.get('steps')} step, {mb:.1f} MB patch; base.config {cfg}"
-    step("erase", ["erase", "--model", str(model), "--concept", "Snoopy", "--images", "images", "--steps", "1",
+        facts["timings"], facts["steps"] = d.get("timings", {}), d.get("steps", 0)
+        ranks = [m.rank for m in read_manifest(patch)[0].deltas.values() if m.rank] if patch.is_file() else []
+        facts["patch_mb"], facts["ranks"] = d.get("patch_bytes", 0) / 1e6, ranks
+        stored = f"ranks {min(ranks)}-{max(ranks)}, outputs {100 * d.get('output_error', 0):.1f}% off" if ranks else "dense"
+        return ((cfg or "").split(" ")[0] == "sd1" and facts["patch_mb"] <= 8,
+                f"{d.get('steps')} steps, {facts['patch_mb']:.1f} MB patch ({stored}); base.config {cfg}")
+    step("erase", ["erase", "--model", str(model), "--concept", "Snoopy", "--images", "images", "--steps", "2",
                    "--resolution", "64", "--device", "cpu", "-o", patch.name, "--json"], erase_check)
 
     def generate_check(d: dict) -> tuple[bool, str]:
@@ -189,6 +194,18 @@ def table(steps: list[Step]) -> str:
     return "\n".join(rows)
 
 
+def breakdown(timings: dict, steps: int) -> str:
+    """Where the erase's time went (its --json ``timings``), and its fixed cost in optimizer steps: everything
+    but the model load and the loop, over the loop's time per step."""
+    if not timings or not steps:
+        return "(no erase timings)"
+    per_step = timings.get("loop", 0.0) / steps
+    fixed = sum(v for k, v in timings.items() if k not in ("load", "loop"))
+    rows = ["| erase phase | s |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in timings.items()]
+    return "\n".join(rows + [f"| fixed cost (all but load and loop) | {fixed:.2f} = {fixed / per_step:.2f} steps "
+                             f"of {per_step:.2f} s |"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, help="where the files go (default: a new temp dir under /tmp)")
@@ -201,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(table(steps))
+    print("\n" + breakdown(facts.get("timings", {}), facts.get("steps", 0)))
     print(f"\nmodel file: {facts['model_bytes']:,} bytes; build {steps[0].seconds:.0f} s; "
           f"sha256 {facts['sha_before'][:16]}... (after apply {facts.get('sha_applied', '?')[:16]}...)")
     print(f"machine: {os.cpu_count()} CPUs, 1-min load average {facts['load_before']:.2f} before the build; "

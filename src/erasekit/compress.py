@@ -1,5 +1,8 @@
 """Low-rank storage of an erase's weight deltas, at the rank what the erase changed needs.
 
+:class:`Compaction` does it for an erase: it measures the text encoders on the erase's own prompts before the loop
+and after it, and turns the trained deltas into factors with :func:`low_rank`.
+
 A weight delta ``dW`` (out x in) is stored as ``up @ down`` (out x r, r x in). What matters is not ``dW`` itself
 but what it does to the layer's inputs: for the inputs ``X`` the layer sees on the erase's prompts (the concept's
 and the anchors', tokens x in), the stored form's error is ``|(dW - up @ down) X^T| / |dW X^T|`` (Frobenius).
@@ -12,10 +15,13 @@ gets the smallest rank whose error is within ``tol``, at most ``max_rank``; the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .erase_config import GENERIC_ANCHORS
 
 # FFN-input rows (tokens) kept per layer to measure errors with: enough to span what the prompts use
 INPUT_ROWS = 1024
@@ -112,3 +118,116 @@ def relative_error(approx: Any, reference: Any, base: Any) -> float:
     from where the trained deltas put them, relative to how far the trained deltas moved them."""
     change = float(((reference - base).double() ** 2).sum()) ** 0.5
     return float(((approx - reference).double() ** 2).sum()) ** 0.5 / change if change else 0.0
+
+
+# -- for an erase: measured on its own prompts ----------------------------------------------------
+
+class Compaction:
+    """The erase's change, stored at low rank and measured on its prompts: create it before the loop (it encodes
+    them with the original weights), call :meth:`factors` after it."""
+
+    def __init__(self, config: Any, templates: list[str], concepts: Sequence[str], captions: list[str | None],
+                 cond_of: Any, device: Any) -> None:
+        self.config, self.cond_of, self.device = config, cond_of, device
+        self.groups = _measured_prompts(config, templates, concepts, captions)
+        self.base = _conditioning(cond_of, sum(self.groups, []), device)
+
+    def factors(self, params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any]) -> tuple[dict[str, LowRank], float]:
+        """Each trained weight's :class:`LowRank`, and the end-to-end error: how far the stored deltas move the
+        encoders' outputs from where the trained ones put them (relative to how far those moved them). Leaves the
+        trained weights at original + stored delta; the caller restores them."""
+        import torch
+
+        prompts = sum(self.groups, [])
+        trained = _conditioning(self.cond_of, prompts, self.device)
+        gen = torch.Generator().manual_seed(self.config.seed + 2)
+        inputs = _ffn_inputs(self.cond_of, list(self.groups), params, self.device, gen, INPUT_ROWS)
+        stored = _compress(self.config, params, originals, inputs)
+        _with_factors(params, originals, stored)
+        return stored, relative_error(_conditioning(self.cond_of, prompts, self.device), trained, self.base)
+
+
+def _measured_prompts(config: Any, templates: list[str], concepts: Sequence[str],
+                      captions: list[str | None]) -> tuple[list[str], list[str]]:
+    """The prompts a low-rank patch is measured on: the erased concepts' (their templates, the images' captions)
+    and those the erase should leave alone (the anchors, --keep concepts)."""
+    erased = [t.format(c) for c in concepts for t in templates] + [c for c in dict.fromkeys(captions) if c]
+    anchors = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
+    anchors += [t.format(k) for k in config.keep for t in templates[:4]]
+    return list(dict.fromkeys(erased)), [a for a in dict.fromkeys(anchors) if a not in erased]
+
+
+def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, str, Any]],
+                device: Any, gen: Any, rows: int) -> dict[str, Any]:
+    """Per trained FFN layer, the inputs it sees on each group of prompts: ``rows`` token rows in all, split evenly
+    between the groups, drawn with ``gen`` (one text-encoder pass per group)."""
+    import torch
+
+    layers = {m: p for m, kind, p in params if kind == "weight"}
+    modules = _linear_modules(cond_of, layers)
+    taken: dict[str, list[Any]] = {m: [] for m in modules}
+    groups = [g for g in groups if g]
+    pick: list[Any] = []  # the rows drawn for the group being encoded
+
+    def hook(name: str) -> Any:
+        def keep(_mod: Any, args: tuple[Any, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            taken[name].append(x[pick[0][pick[0] < x.shape[0]].to(x.device)].detach().float())
+        return keep
+
+    handles = [mod.register_forward_pre_hook(hook(m)) for m, mod in modules.items()]
+    try:
+        with torch.no_grad():
+            for group in groups:
+                total = len(group) * cond_of.tokens
+                pick[:] = [torch.randperm(total, generator=gen)[:max(1, rows // len(groups))]]
+                cond_of(group, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: torch.cat(xs) for m, xs in taken.items()}
+
+
+def _linear_modules(cond_of: Any, layers: dict[str, Any]) -> dict[str, Any]:
+    """The nn.Linear module that owns each trained weight."""
+    by_param = {id(p): m for m, p in layers.items()}
+    found = {}
+    for te, _ in cond_of.all.values():
+        for mod in te.modules():
+            w = getattr(mod, "weight", None)
+            if w is not None and id(w) in by_param:
+                found[by_param[id(w)]] = mod
+    return found
+
+
+def _conditioning(cond_of: Any, prompts: list[str], device: Any) -> Any:
+    """Everything the UNet gets from the text encoders for ``prompts``, flattened into one tensor."""
+    import torch
+
+    with torch.no_grad():
+        cond, added = cond_of(prompts, device)
+    parts = [cond.float().reshape(-1)] + ([added["text_embeds"].float().reshape(-1)] if added else [])
+    return torch.cat(parts)
+
+
+def _compress(config: Any, params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any],
+              inputs: dict[str, Any]) -> dict[str, Any]:
+    """Each trained weight's delta in low-rank form (:class:`erasekit.compress.LowRank`), per ``config.rank``."""
+    from .compress import low_rank
+
+    return {m: low_rank(p.detach() - originals[(m, kind)].to(p.device), inputs[m], config.rank, config.rank_tol, config.max_rank)
+            for m, kind, p in params if kind == "weight"}
+
+
+def _with_factors(params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any],
+                  factors: dict[str, Any]) -> None:
+    """Set each trained weight to its original plus the stored low-rank delta (biases keep their trained values)."""
+    import torch
+
+    from ._torch import from_numpy32
+
+    with torch.no_grad():
+        for m, kind, p in params:
+            if kind == "weight":
+                lr = factors[m]
+                p.copy_(originals[(m, kind)].to(p.device) + (from_numpy32(lr.up) @ from_numpy32(lr.down)).to(p.device))

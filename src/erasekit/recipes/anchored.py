@@ -1,4 +1,6 @@
-"""The anchored recipe's prompts: what it holds in place while the concept is erased, and when it stops."""
+"""The anchored recipe: ascent on the denoising loss plus a penalty that holds the text encoders' output for other
+prompts (everyday captions or the model's own list, --keep concepts, the concept's stand-ins) where it was, and an
+early stop when the erasure tips."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .erase_config import GENERIC_ANCHORS, EraseConfig
+from ..erase_config import GENERIC_ANCHORS, EraseConfig
 
 
 def _phrase(words: str) -> Any:
@@ -56,3 +58,35 @@ def tipped(losses: list[float], config: EraseConfig) -> bool:
     if config.stop_ratio is None or len(losses) < 2 * w:
         return False
     return sum(losses[-w:]) / w > config.stop_ratio * sum(losses[:w]) / w
+
+
+class Anchored:
+    def __init__(self, config: EraseConfig, templates: list[str], concepts: list[str], device: Any) -> None:
+        self.config = config
+        self.held, self.references, weights = anchor_prompts(config, templates, concepts)
+        self.weights = weights.to(device)
+        self.chosen: list[int] = []
+
+    def prepare(self, encode: Any) -> None:
+        """The conditioning each held prompt is held at: the mean over its reference prompts, original weights."""
+        import torch
+
+        with torch.no_grad():
+            flat = [r for refs in self.references for r in refs]
+            conds = encode(flat).detach()
+            self.targets = torch.stack([c.mean(0) for c in conds.split([len(r) for r in self.references])])
+
+    def step_prompts(self, gen: Any) -> list[str]:
+        import torch
+
+        n, k = len(self.held), self.config.anchor_batch
+        self.chosen = torch.randperm(n, generator=gen)[:k].tolist() if k else list(range(n))
+        return [self.held[j] for j in self.chosen]
+
+    def objective(self, loss: Any, conditioning: Any) -> Any:
+        drift = ((conditioning - self.targets[self.chosen]) ** 2).mean(dim=(1, 2))
+        w = self.weights[self.chosen]
+        return -loss + self.config.anchor_weight * (drift * w).sum() / w.sum()
+
+    def should_stop(self, losses: list[float]) -> bool:
+        return tipped(losses, self.config)

@@ -1,0 +1,64 @@
+"""The denoising loss the erase loop differentiates: the frozen UNet's prediction for noised training latents
+under a conditioning, against its target (the noise, or the velocity for v-prediction models), and the random
+draws (timesteps, noise, prompts) each step takes, all from one seeded generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ErasekitError
+
+
+class Denoiser:
+    """MSE(UNet(noisy latents, t, conditioning), target) for rows of ``latents``."""
+
+    def __init__(self, unet: Any, scheduler_config: Any, latents: Any, amp_dtype: Any) -> None:
+        from diffusers import DDPMScheduler
+
+        self.unet, self.latents, self.amp_dtype = unet, latents, amp_dtype
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ErasekitError(f"the model predicts {self.prediction_type!r}",
+                                "erase supports epsilon and v_prediction models")
+        self.timesteps = self.scheduler.config.num_train_timesteps
+
+    def loss(self, idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        unet, device = self.unet, self.unet.device
+        x0 = self.latents[idx]
+        noise, t = noise.to(device), t.to(device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        cond, added = conditioning
+        if added is not None:
+            added = {k: v.to(unet.dtype) for k, v in added.items()}
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype), added_cond_kwargs=added).sample
+        return F.mse_loss(pred.float(), target.float())
+
+
+class Draws:
+    """Each step's random choices for a batch of image indices: timesteps, noise, and a prompt per image (its own
+    caption, or a template with its concept's name)."""
+
+    def __init__(self, templates: list[str], concepts: Sequence[str], owner: list[int], captions: list[str | None],
+                 timesteps: int, latent_shape: tuple[int, ...]) -> None:
+        self.templates, self.concepts, self.owner, self.captions = templates, concepts, owner, captions
+        self.timesteps, self.latent_shape = timesteps, latent_shape
+
+    def prompt(self, i: int, gen: Any) -> str:
+        import torch
+
+        template = self.templates[int(torch.randint(len(self.templates), (), generator=gen))]
+        return self.captions[i] if self.captions[i] is not None else template.format(self.concepts[self.owner[i]])
+
+    def __call__(self, idx: list[int], gen: Any) -> tuple[Any, Any, list[str]]:
+        import torch
+
+        t = torch.randint(0, self.timesteps, (len(idx),), generator=gen)
+        noise = torch.randn((len(idx), *self.latent_shape), generator=gen)
+        return t, noise, [self.prompt(i, gen) for i in idx]
