@@ -357,3 +357,22 @@ def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> 
     prompts, refs, _ = _anchor_prompts(cfg, ["{}"], ["Van Gogh"])
     assert prompts == ["a Van Gogh painting", "a tree", "Van Gogh"]
     assert refs == [["a Monet painting"], ["a tree"], ["Monet"]]
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(tiny: Path, circles: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils.checkpoint
+
+    pipe, _ = load_pipeline(tiny)
+    cfg = dict(FAST, steps=3, dtype="fp32", rank="dense", patch_dtype="F32")
+    plain = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**cfg))
+    recomputed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    checkpointed = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**cfg, checkpointing=True))
+    assert recomputed  # the UNet's blocks ran through torch's checkpointing
+    assert not pipe.unet.is_gradient_checkpointing  # the UNet's own setting is given back
+    assert plain.losses == pytest.approx(checkpointed.losses, rel=1e-5)
+    for m in plain.patch.manifest.deltas:
+        np.testing.assert_allclose(checkpointed.patch.weight_delta(m), plain.patch.weight_delta(m), rtol=1e-4, atol=1e-7)
+    assert "checkpointing" not in checkpointed.patch.manifest.method.hyperparameters  # how it ran, not what it computed
