@@ -8,7 +8,8 @@ The baseline is the authors' training script as published, reduced to its loop: 
 whole text encoder in the optimizer (every text-encoder parameter gets a gradient and an Adam update,
 as its script had it), and the full text encoder saved at the end of every epoch. Both loops use the
 same attention implementation, the same latents (the VAE runs before the timer in both), the same
-timesteps, noise and prompts. Each loop is timed over the optimizer steps only, best of --repeats runs.
+timesteps, noise and prompts. For erasekit's runs the UNet and VAE are held in the dtype ``erasekit erase`` loads
+them in (bf16 where the device computes it natively, with ``--dtypes auto``), for the reference in fp32. Each loop is timed over the optimizer steps only, best of --repeats runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from erasekit.erase_config import OBJECT_TEMPLATES, EraseConfig
+from erasekit._torch import compute_dtype
 from erasekit.unlearn import erase
 from erasekit.pipeline import load_pipeline, quiet_libraries
 
@@ -122,7 +124,11 @@ def main() -> int:
     base: list[float] = []
     for _ in range(args.repeats):
         for d in dtypes:  # erase() restores the text encoder when done
+            for name in ("unet", "vae"):  # as erase_model loads them: in the dtype the loop computes in
+                getattr(pipe, name).to(compute_dtype(d, device))
             ours[d].append(erase(pipe, ["snoopy"], [imgs], cfg.model_copy(update={"dtype": d})).loop_seconds)
+        for name in ("unet", "vae"):  # the reference runs fp32 throughout
+            getattr(pipe, name).to(torch.float32)
         # the baseline gets the same latents erasekit encoded (VAE outside both timers)
         from erasekit.training_images import encode_images
 

@@ -258,3 +258,20 @@ def test_erase_needs_images_for_other_models(tmp_path: Path, tiny_model: Path) -
     r = run("erase", "--model", tiny_model, "--concept", "circle", "-o", tmp_path / "x.erasepatch")
     assert r.exit_code == 1 and "needs images of the concept; give a folder of images per concept, or 'auto'" in r.stderr
     assert r.stderr.strip().endswith("(--images)")
+
+
+def test_json_output_is_strict_json_with_null_for_nan(capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import dataclass
+
+    from erasekit.cli._common import print_json
+
+    @dataclass
+    class Report:
+        loss: float
+        losses: list[float]
+        nested: dict[str, object]
+
+    print_json(Report(float("nan"), [1.0, float("inf")], {"ratio": float("-inf"), "ok": 0.5}))
+    text = capsys.readouterr().out
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
+        "loss": None, "losses": [1.0, None], "nested": {"ratio": None, "ok": 0.5}}

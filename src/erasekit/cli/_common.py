@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -88,8 +89,19 @@ def make_config(cls: Any, command: str, **values: Any) -> Any:
 
 
 def print_json(obj: Any) -> None:
+    """``obj`` as strict JSON: NaN and infinities (a loss that never ran, a ratio over zero) become null."""
     data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    sys.stdout.write(json.dumps(_finite(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def warn(lines: list[str]) -> None:
