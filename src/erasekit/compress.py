@@ -25,6 +25,9 @@ from .erase_config import GENERIC_ANCHORS
 
 # FFN-input rows (tokens) kept per layer to measure errors with: enough to span what the prompts use
 INPUT_ROWS = 1024
+# prompts measured per group (the concept's, the others'): 8 x 77 tokens fill a group's half of INPUT_ROWS, and
+# each text-encoder pass over them costs (a CLIP-L pass over 58 prompts took 14 s on a 2-core CPU)
+GROUP_PROMPTS = 8
 # weight of directions the measured inputs do not reach, relative to those they do
 RIDGE = 1e-3
 
@@ -48,13 +51,13 @@ def low_rank(delta: Any, inputs: Any, rank: int | str, tol: float, max_rank: int
 
     dw = delta.detach().float()
     a = dw @ inputs.detach().float().T  # what the delta does to the inputs
-    total = float((a.double() ** 2).sum())
+    total, dw_sq = _squared_norm(a), _squared_norm(dw)
     cap = min(min(dw.shape), max_rank) if rank == "auto" else min(int(rank), *dw.shape)
     if total == 0.0 and rank == "auto":  # the delta does nothing to these inputs: its largest direction, error 0
         cap = 1
     # directions the inputs do not reach still count a little (RIDGE of an even spread over all of them), so that
     # the basis spans the delta's own outputs when the inputs leave some out: at full rank the form is exact
-    ridge = (RIDGE * total / max(float((dw.double() ** 2).sum()), 1e-300)) ** 0.5 if total else 1.0
+    ridge = (RIDGE * total / max(dw_sq, 1e-300)) ** 0.5 if total else 1.0
     basis = _top_left_vectors(torch.cat([a, ridge * dw], dim=1), cap)
     energy = ((basis.T @ a).double() ** 2).sum(dim=1).cumsum(0)  # on the inputs, kept by the first 1, 2, ... vectors
     errors = (1.0 - energy / total).clamp(min=0.0).sqrt() if total else torch.zeros_like(energy)
@@ -64,9 +67,14 @@ def low_rank(delta: Any, inputs: Any, rank: int | str, tol: float, max_rank: int
         r = int(ok.nonzero()[0]) + 1 if bool(ok.any()) else cap
     up = basis[:, :r]
     down = up.T @ dw
-    dw_sq = float((dw.double() ** 2).sum())
-    kept = float((down.double() ** 2).sum()) / dw_sq if dw_sq else 1.0
+    kept = _squared_norm(down) / dw_sq if dw_sq else 1.0
     return LowRank(up.cpu().numpy(), down.cpu().numpy(), float(errors[r - 1]), kept)
+
+
+def _squared_norm(t: Any) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(t)) ** 2
 
 
 def truncated_svd(delta: np.ndarray, rank: int) -> LowRank:
@@ -139,53 +147,60 @@ class Compaction:
         import torch
 
         prompts = sum(self.groups, [])
-        trained = _conditioning(self.cond_of, prompts, self.device)
         gen = torch.Generator().manual_seed(self.config.seed + 2)
-        inputs = _ffn_inputs(self.cond_of, list(self.groups), params, self.device, gen, INPUT_ROWS)
+        inputs, trained = _ffn_inputs(self.cond_of, self.groups, params, self.device, gen, INPUT_ROWS)
         stored = _compress(self.config, params, originals, inputs)
         _with_factors(params, originals, stored)
         return stored, relative_error(_conditioning(self.cond_of, prompts, self.device), trained, self.base)
 
 
 def _measured_prompts(config: Any, templates: list[str], concepts: Sequence[str],
-                      captions: list[str | None]) -> tuple[list[str], list[str]]:
-    """The prompts a low-rank patch is measured on: the erased concepts' (their templates, the images' captions)
-    and those the erase should leave alone (the anchors, --keep concepts)."""
-    erased = [t.format(c) for c in concepts for t in templates] + [c for c in dict.fromkeys(captions) if c]
+                      captions: list[str | None]) -> list[list[str]]:
+    """The prompts a low-rank patch is measured on, GROUP_PROMPTS of each group spread evenly over it: the erased
+    concepts' (their templates, the images' captions) and those the erase should leave alone (the anchors and
+    --keep concepts)."""
+    erased = list(dict.fromkeys([t.format(c) for c in concepts for t in templates] + [c for c in captions if c]))
     anchors = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
     anchors += [t.format(k) for k in config.keep for t in templates[:4]]
-    return list(dict.fromkeys(erased)), [a for a in dict.fromkeys(anchors) if a not in erased]
+    others = [a for a in dict.fromkeys(anchors) if a not in erased]
+    return [g for g in (_spread(erased, GROUP_PROMPTS), _spread(others, GROUP_PROMPTS)) if g]
+
+
+def _spread(items: list[str], n: int) -> list[str]:
+    """At most ``n`` of ``items``, evenly spaced, first and last included."""
+    if len(items) <= n:
+        return items
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
 
 
 def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, str, Any]],
-                device: Any, gen: Any, rows: int) -> dict[str, Any]:
-    """Per trained FFN layer, the inputs it sees on each group of prompts: ``rows`` token rows in all, split evenly
-    between the groups, drawn with ``gen`` (one text-encoder pass per group)."""
+                device: Any, gen: Any, rows: int) -> tuple[dict[str, Any], Any]:
+    """Per trained FFN layer, the inputs it sees on the prompts: ``rows`` token rows in all, split evenly between
+    the groups, drawn with ``gen``; and the conditioning of all the prompts (one text-encoder pass for both)."""
     import torch
 
     layers = {m: p for m, kind, p in params if kind == "weight"}
     modules = _linear_modules(cond_of, layers)
-    taken: dict[str, list[Any]] = {m: [] for m in modules}
-    groups = [g for g in groups if g]
-    pick: list[Any] = []  # the rows drawn for the group being encoded
+    taken: dict[str, Any] = {}
+    starts = [0]
+    for g in groups:
+        starts.append(starts[-1] + len(g) * cond_of.tokens)
+    pick = torch.cat([a + torch.randperm(b - a, generator=gen)[:max(1, rows // len(groups))]
+                      for a, b in zip(starts, starts[1:])])
 
     def hook(name: str) -> Any:
         def keep(_mod: Any, args: tuple[Any, ...]) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
-            taken[name].append(x[pick[0][pick[0] < x.shape[0]].to(x.device)].detach().float())
+            taken[name] = x[pick.to(x.device)].detach().float()
         return keep
 
     handles = [mod.register_forward_pre_hook(hook(m)) for m, mod in modules.items()]
     try:
-        with torch.no_grad():
-            for group in groups:
-                total = len(group) * cond_of.tokens
-                pick[:] = [torch.randperm(total, generator=gen)[:max(1, rows // len(groups))]]
-                cond_of(group, device)
+        conditioning = _conditioning(cond_of, sum(groups, []), device)
     finally:
         for h in handles:
             h.remove()
-    return {m: torch.cat(xs) for m, xs in taken.items()}
+    return taken, conditioning
 
 
 def _linear_modules(cond_of: Any, layers: dict[str, Any]) -> dict[str, Any]:

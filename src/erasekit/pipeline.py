@@ -113,9 +113,9 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
         extra |= choice.tokenizers()
-        # one dtype for a whole single file: the encoders' is the wider, the rest is cast after loading
+        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
         load = lambda: cls.from_single_file(str(path), config=str(choice.path), local_files_only=True,  # noqa: E731
-                                            torch_dtype=te_dtype, **extra)
+                                            torch_dtype=load_dtype, **extra)
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     try:
@@ -131,12 +131,30 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                           fix) from None
     if not path.is_dir():
         check_single_file_pipeline(pipe, ckpt, config)
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(te_dtype)
         pipe.unet.to(dtype)
         pipe.vae.to(dtype)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), ckpt
+
+
+def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
+    """The one dtype diffusers loads a whole single file in, before each component is cast to its own: the
+    file's own text-encoder dtype where that loses nothing (an fp16 file for a bf16 UNet and fp32 encoders: no
+    fp32 copy of the UNet is ever made), else fp32."""
+    import torch
+
+    if dtype == te_dtype:
+        return dtype
+    wf = next(f for f in ckpt.files if f.encoders)
+    enc = next(iter(wf.encoders.values()))
+    stored = {"F16": torch.float16, "BF16": torch.bfloat16}.get(wf.tensor_info()[enc.key(0, "fc1", "weight")][0])
+    # widening the stored encoders afterwards is exact, and a UNet computed in half precision needs no more
+    return stored if stored is not None and dtype != torch.float32 else torch.float32
 
 
 def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
