@@ -17,7 +17,7 @@ Peak RSS of a step: each CLI run is the only child of a fresh ``python -c`` wrap
 ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` (see ``_WRAP``). The build runs in this process: its row shows this
 process's own peak (``RUSAGE_SELF``). Hashing is not part of any step's time.
 
-    python bench/real_size.py [--workdir DIR] [--keep]      # about 3.5 min on 2 CPU cores, ~7 GB RAM
+    python bench/real_size.py [--workdir DIR] [--keep]      # about 2 min on 2 idle CPU cores, ~8 GB RAM
 
 Prints a markdown table and exits 1 if any check fails.
 """

@@ -376,3 +376,12 @@ def test_gradient_checkpointing_changes_memory_not_the_result(tiny: Path, circle
     for m in plain.patch.manifest.deltas:
         np.testing.assert_allclose(checkpointed.patch.weight_delta(m), plain.patch.weight_delta(m), rtol=1e-4, atol=1e-7)
     assert "checkpointing" not in checkpointed.patch.manifest.method.hyperparameters  # how it ran, not what it computed
+
+
+def test_a_shorter_run_is_the_start_of_a_longer_one(tiny: Path, circles: Path) -> None:
+    """Each epoch's shuffle is drawn when the epoch begins: --steps k stops where --steps N was after k steps."""
+    pipe, _ = load_pipeline(tiny)
+    cfg = dict(FAST, batch_size=1, dtype="fp32", rank="dense", patch_dtype="F32", cache=False)
+    long = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**cfg, steps=9))  # 4 images: 3 epochs
+    short = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**cfg, steps=5))
+    assert short.losses == long.losses[:5]

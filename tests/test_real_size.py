@@ -1,7 +1,7 @@
 """Opt-in: erasekit end to end on a full-size SD1.x single file (random weights, F16, ~2 GB) with no --config.
 
 Runs bench/real_size.py's sequence (build, inspect, erase, generate, apply --in-place, revert) through the real
-CLI. Several minutes and ~7 GB of RAM on a 2-core CPU, 2 GB of disk, so it only runs with ERASEKIT_REAL_SIZE=1.
+CLI. Several minutes and ~8 GB of RAM on a 2-core CPU, 2 GB of disk, so it only runs with ERASEKIT_REAL_SIZE=1.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(os.environ.get("ERASEKIT_REAL_SIZE") != "1",
                                 reason="builds a full-size SD1.x checkpoint and erases at real size (minutes, "
-                                       "~7 GB RAM, 2 GB disk); set ERASEKIT_REAL_SIZE=1")
+                                       "~8 GB RAM, 2 GB disk); set ERASEKIT_REAL_SIZE=1")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "real_size.py"
 

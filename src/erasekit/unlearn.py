@@ -86,17 +86,24 @@ class _Clock:
             self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - t, 4)
 
 
-def _schedule(n_images: int, config: EraseConfig, gen: Any) -> list[list[int]]:
-    """Batches of image indices: shuffled epochs of ``batch_size``, as a DataLoader(shuffle=True) would."""
+def _total_steps(n_images: int, config: EraseConfig) -> int:
+    return config.steps if config.steps is not None else config.epochs * -(-n_images // config.batch_size)
+
+
+def _batches(n_images: int, config: EraseConfig, gen: Any) -> Iterator[list[int]]:
+    """Batches of image indices: shuffled epochs of ``batch_size``, as a DataLoader(shuffle=True) would. Each
+    epoch's shuffle is drawn when the epoch begins, so the first k steps of a run are those of any longer run
+    with the same settings (``--steps 20`` is where ``--steps 80`` was after 20 steps)."""
     import torch
 
-    batches: list[list[int]] = []
-    while True:
+    total, done = _total_steps(n_images, config), 0
+    while done < total:
         perm = torch.randperm(n_images, generator=gen).tolist()
-        batches += [perm[i:i + config.batch_size] for i in range(0, n_images, config.batch_size)]
-        total = config.steps if config.steps is not None else config.epochs * -(-n_images // config.batch_size)
-        if len(batches) >= total:
-            return batches[:total]
+        for i in range(0, n_images, config.batch_size):
+            if done == total:
+                return
+            done += 1
+            yield perm[i:i + config.batch_size]
 
 
 def _gather_images(images: Sequence[Sequence[Any]], resolution: int) -> tuple[list[tuple[Any, bytes]], list[int], list[str | None]]:
@@ -239,10 +246,10 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
     opt = torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
                            fused=True if params[0].device.type == "cuda" else None)  # CUDA: one kernel, no copies
     device = denoiser.unet.device
-    batches = _schedule(n_images, config, gen)
+    total = _total_steps(n_images, config)
     losses: list[float] = []
     t0 = time.perf_counter()
-    for step, idx in enumerate(batches):
+    for step, idx in enumerate(_batches(n_images, config, gen)):
         idx = [i for i in idx for _ in range(config.draws)]  # several noise draws per image
         t, noise, prompts = draws(idx, gen)
         cond, added = cond_of(prompts + recipe.step_prompts(gen), device)
@@ -256,7 +263,7 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
         opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
         losses.append(loss.item())
         if progress:
-            progress(StepInfo(step + 1, len(batches), losses[-1], time.perf_counter() - t0))
+            progress(StepInfo(step + 1, total, losses[-1], time.perf_counter() - t0))
         if recipe.should_stop(losses):
             break
     return losses
