@@ -75,3 +75,17 @@ def test_library_errors_name_settings_and_the_cli_adds_its_flags(tmp_path: Path)
     r = runner.invoke(app, ["erase", "--concept", "circle", "--images", "auto", "--layers", "9",
                             "-o", str(tmp_path / "x.erasepatch")])
     assert r.stderr.strip() == "error: layer 9 is outside the text encoder's layers 0-1; use layers 0-1 (--layers)"
+
+
+def test_a_model_can_ask_for_its_torch_threads_for_the_length_of_a_call(tmp_path: Path) -> None:
+    import torch
+
+    from erasekit.pipeline import model_threads
+    from erasekit.toyworld import builtin_model_path
+
+    before = torch.get_num_threads()
+    with model_threads(builtin_model_path()):  # the built-in model's erasekit.json asks for one
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with model_threads(tmp_path):  # no erasekit.json: torch's own count
+        assert torch.get_num_threads() == before

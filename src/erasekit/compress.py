@@ -93,14 +93,14 @@ def _top_left_vectors(a: Any, k: int, oversample: int = 8, power_iterations: int
     draws from torch's global generator, which a library call must leave alone; this one has its own, seeded.)"""
     import torch
 
-    from ._torch import one_thread
+    from ._torch import threads
 
     if a.shape[0] <= 4 * (k + oversample):
         return _left_vectors_of(a)[:, :k].to(a.dtype)
     gen = torch.Generator(device=a.device).manual_seed(0)
     y = a @ torch.randn(a.shape[1], k + oversample, generator=gen, device=a.device, dtype=a.dtype)
     for i in range(power_iterations + 1):
-        with one_thread():
+        with threads(1):
             q = torch.linalg.qr(y).Q
         if i < power_iterations:
             y = a @ (a.T @ q)
@@ -112,11 +112,11 @@ def _left_vectors_of(a: Any) -> Any:
     (float64; much faster on CPU than an SVD of a wide matrix)."""
     import torch
 
-    from ._torch import one_thread
+    from ._torch import threads
 
     a = a.double()
     gram = a @ a.T
-    with one_thread():
+    with threads(1):
         _, vectors = torch.linalg.eigh(gram)
     return vectors.flip(1)
 

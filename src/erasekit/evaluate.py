@@ -67,12 +67,10 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
                    progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Render with and without ``patches`` on the same seeds and judge both (see the module docstring).
     ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
-    from .memory import patches_applied
     from .patchfile import load_patch
-    from .pipeline import load_pipeline, resolve_device
+    from .pipeline import load_pipeline, model_threads, resolve_device
     from .toyworld import builtin_model_path
     from .toyworld.concepts import attribute_of, eval_prompts, truth_of
-    from .toyworld.measure import render_batch
     from .toyworld.judge import accuracy, judge
 
     t0 = time.perf_counter()
@@ -96,21 +94,11 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
         specs = eval_prompts(attribute, config.n)
     prompts = [p for p, _ in specs]
     seeds = [config.seed + (i % config.n) for i in range(len(specs))]
-    pipe, _ = load_pipeline(model or builtin_model_path(), device=resolve_device(config.device), config=config_dir,
-                            prediction_type=prediction_type)
-    total, done = 2 * len(specs), 0
-
-    def tick(k: int) -> None:
-        nonlocal done
-        done += k
-        if progress:
-            progress(done, total)
-
-    before = render_batch(pipe, prompts, seeds, steps=config.steps, guidance=config.guidance,
-                          batch_size=config.batch_size, progress=tick)
-    with patches_applied(pipe, loaded, config.strength):
-        after = render_batch(pipe, prompts, seeds, steps=config.steps, guidance=config.guidance,
-                          batch_size=config.batch_size, progress=tick)
+    model = model or builtin_model_path()
+    with model_threads(model):
+        pipe, _ = load_pipeline(model, device=resolve_device(config.device), config=config_dir,
+                                prediction_type=prediction_type)
+        before, after = _render_both(pipe, loaded, prompts, seeds, config, progress)
     lb, la = judge(before), judge(after)
     truths = [t for _, t in specs]
 
@@ -130,6 +118,29 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
         report.grid = str(_write_grid(Path(grid), specs, before, after, attribute, min(config.n, 8)))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _render_both(pipe: Any, patches: list[Any], prompts: list[str], seeds: list[int], config: EvalConfig,
+                 progress: Callable[[int, int], None] | None) -> tuple[list[Any], list[Any]]:
+    """The images of ``prompts`` on ``seeds`` without the patches, then with them."""
+    from .memory import patches_applied
+    from .toyworld.measure import render_batch
+
+    total, done = 2 * len(prompts), 0
+
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress:
+            progress(done, total)
+
+    def render() -> list[Any]:
+        return render_batch(pipe, prompts, seeds, steps=config.steps, guidance=config.guidance,
+                            batch_size=config.batch_size, progress=tick)
+
+    before = render()
+    with patches_applied(pipe, patches, config.strength):
+        return before, render()
 
 
 def _write_grid(path: Path, specs: list[tuple[str, dict[str, str]]], before: list[Any], after: list[Any],

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import ErasekitError, LayoutError
@@ -42,6 +44,20 @@ def model_settings(model: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return read_json(path, "repair or delete it")
+
+
+@contextlib.contextmanager
+def model_threads(model: str | os.PathLike) -> Iterator[None]:
+    """The torch threads a model's ``erasekit.json`` asks for (``"threads": 1`` for the built-in model, whose
+    matrices are too small for a second thread to pay), for the length of a call; none asked: torch's own."""
+    n = model_settings(model).get("threads")
+    if not n:
+        yield
+        return
+    from ._torch import threads
+
+    with threads(int(n)):
+        yield
 
 
 def weights_variant(folder: Path) -> str | None:

@@ -167,11 +167,13 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
                    progress: Callable[[int, int], None] | None = None) -> GenerateReport:
     """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
     from .patchfile import load_patch
-    from .pipeline import load_pipeline, resolve_device
+    from .pipeline import load_pipeline, model_threads, resolve_device
     from .toyworld import builtin_model_path
 
     config = config or GenerateConfig()
     loaded = [load_patch(p) for p in patches]  # a bad patch fails before the model loads
-    pipe, ckpt = load_pipeline(model if model is not None else builtin_model_path(), device=resolve_device(config.device),
-                               config=config_dir, prediction_type=prediction_type)
-    return generate(pipe, prompts, out_dir, config, patches=loaded, model_name=ckpt.path.name, progress=progress)
+    model = model if model is not None else builtin_model_path()
+    with model_threads(model):
+        pipe, ckpt = load_pipeline(model, device=resolve_device(config.device), config=config_dir,
+                                   prediction_type=prediction_type)
+        return generate(pipe, prompts, out_dir, config, patches=loaded, model_name=ckpt.path.name, progress=progress)

@@ -309,14 +309,14 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     """
     t0 = time.perf_counter()
     clock = _Clock()
-    with clock("import"):
-        from .pipeline import load_pipeline, model_settings, quiet_libraries, resolve_device
+    with clock("import"):  # torch and diffusers here, so that their cost shows as "import", not as "load"
+        import importlib
+
+        from .pipeline import model_settings, model_threads, quiet_libraries
 
         quiet_libraries()
-        import diffusers  # noqa: F401  (imported here so that its cost shows as "import", not "load")
-        import torch
-
-        from ._torch import compute_dtype
+        for library in ("torch", "diffusers"):
+            importlib.import_module(library)
     from .hub import resolve_model
     from .patchfile import save_patch
     from .toyworld import builtin_model_path
@@ -350,6 +350,29 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
         from .toyworld.concepts import render_concept
 
         groups = [[render_concept(c, seed=config.seed * 1000 + i) for i in range(num_images)] for c in concepts]
+    with model_threads(model):
+        report = _erase_loaded(model, concepts, groups, config, clock, num_images=num_images, config_dir=config_dir,
+                               prediction_type=prediction_type, progress=progress)
+    with clock("save"):
+        save_patch(report.patch, out)
+    report.output, report.patch_bytes = str(out), out.stat().st_size
+    report.ui = ui_advice(report.patch, out)
+    report.sources = {k: v for k, v in sources.items() if v != "default"}
+    before_erase = {k: v for k, v in clock.seconds.items() if k != "save"}
+    report.timings = before_erase | report.timings | {"save": clock.seconds["save"]}  # in the order they ran
+    report.total_seconds = time.perf_counter() - t0
+    return report
+
+
+def _erase_loaded(model: Any, concepts: Sequence[str], groups: list[list[Any]] | None, config: EraseConfig,
+                  clock: _Clock, *, num_images: int, config_dir: Any, prediction_type: str | None,
+                  progress: Callable[[StepInfo], None] | None) -> EraseReport:
+    """Load the model, draw the images when asked to (``groups`` None), erase."""
+    import torch
+
+    from ._torch import compute_dtype
+    from .pipeline import load_pipeline, resolve_device
+
     device = resolve_device(config.device)
     with clock("load"):  # the frozen UNet and VAE in the dtype the loop computes in; the text encoders in fp32
         pipe, ckpt = load_pipeline(model, device=device, torch_dtype=compute_dtype(config.dtype, device),
@@ -361,13 +384,5 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
         with clock("render"), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             groups = [[render(pipe, concept_prompt(c, config.kind), seed=config.seed + i, resolution=None)
                        for i in range(num_images)] for c in concepts]
-    report = erase(pipe, concepts, groups, config, progress=progress, base_files=ckpt)
-    with clock("save"):
-        save_patch(report.patch, out)
-    report.output, report.patch_bytes = str(out), out.stat().st_size
-    report.ui = ui_advice(report.patch, out)
-    report.sources = {k: v for k, v in sources.items() if v != "default"}
-    before_erase = {k: v for k, v in clock.seconds.items() if k != "save"}
-    report.timings = before_erase | report.timings | {"save": clock.seconds["save"]}  # in the order they ran
-    report.total_seconds = time.perf_counter() - t0
-    return report
+    return erase(pipe, concepts, groups, config, progress=progress, base_files=ckpt)
+
