@@ -7,19 +7,26 @@
 2. Patch: ``erasekit.diff.diff_checkpoints`` of the checkpoint's text encoder against a copy whose FFN layers
    (all 12, fc1/fc2 weight and bias) are perturbed. Dense unless ``--rank``.
 3. Hashes the checkpoint (which also puts it in the page cache), then each of ``--repeats`` rounds times copy +
-   fsync (what a user would do otherwise), ``apply_to_checkpoint([patch], ckpt, in_place=True)`` (patch by path,
-   as the CLI: loading it is timed) and ``revert_from_checkpoint``, and checks that the sha256 after the revert
-   is the one from before the apply (hashing is not timed). Prints a markdown table of medians; exits 1 if a
-   revert is not bit-exact.
+   fsync (what a user would do otherwise), ``apply_to_checkpoint([patch], ckpt, in_place=True, strength=...)``
+   (patch by path, as the CLI: loading it is timed) and ``revert_from_checkpoint``, and checks that the sha256
+   after the revert is the one from before the apply (hashing is not timed). Before each revert it reads the
+   undo record: how many tensors it stores whole and how many as residual records, and the share of their
+   elements that are exceptions (the inverse arithmetic does not give them back bit for bit).
+4. Prints a markdown table of medians, with the bytes the apply wrote (tensors plus journal folder, also as a
+   share of the checkpoint) and the ratios apply/copy and revert/copy of the same rounds, then where the apply
+   and the revert spend their time (the library functions in ``PHASES``, wrapped with a clock during the timed
+   steps); exits 1 if a revert is not bit-exact.
 
-    python bench/apply_inplace.py [--repeats 3] [--workdir bench/out] [--keep]   # about 1 min on 2 cores
-    python bench/apply_inplace.py --quick                                        # seconds
+    python bench/apply_inplace.py [--repeats 3] [--rank R] [--strength S] [--keep]   # about 1 min on 2 cores
+    python bench/apply_inplace.py --quick                                            # seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib
 import os
 import shutil
 import statistics
@@ -71,6 +78,70 @@ def copy_fsync(src: Path, dst: Path) -> None:
         os.fsync(f.fileno())
 
 
+def undo_stats(folder: Path) -> tuple[int, int, int, int]:
+    """(tensors stored whole, tensors stored as residual records, exceptions, elements under residual records)."""
+    from erasekit import _st
+
+    whole = residual = exceptions = elements = 0
+    for undo in folder.glob("*.undo"):
+        entries = _st.read_header(undo).entries
+        for name, ent in entries.items():
+            if name.count("::") == 1:
+                whole += 1
+            elif name.endswith("::exc_index"):
+                residual += 1
+                exceptions += ent.numel
+                elements += _covered(entries, name.removesuffix("::exc_index"))
+    return whole, residual, exceptions, elements
+
+
+def _covered(entries: dict, name: str) -> int:
+    """Elements of the tensor a residual record stands for (the shape of its delta)."""
+    if f"{name}::diff" in entries:
+        return entries[f"{name}::diff"].numel
+    return entries[f"{name}::lora_up"].shape[0] * entries[f"{name}::lora_down"].shape[1]
+
+
+PHASES = [  # (module, function, what it does): the steps of an apply and a revert, timed on their own
+    ("erasekit.apply", "as_patch", "load and check the patch"),
+    ("erasekit.apply", "_plan", "arithmetic, hashes, undo records (threads)"),
+    ("erasekit.journal", "Journal.write_undo", "write the undo record, fsync"),
+    ("erasekit.journal", "Journal.originals", "rebuild the originals from the undo record"),
+    ("erasekit.journal", "Journal.write_tensors", "write the tensors in place, fsync"),
+]
+
+
+@contextlib.contextmanager
+def phase_clock(spent: dict[str, float]):
+    """Add the seconds spent in each of PHASES to ``spent`` while inside (the functions are wrapped, then restored)."""
+    saved = []
+    for module, attr, label in PHASES:
+        owner = importlib.import_module(module)
+        *outer, name = attr.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        if hasattr(owner, name):  # an erasekit without it: the phase shows as "-"
+            saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, _clocked(getattr(owner, name), label, spent))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _clocked(fn, label: str, spent: dict[str, float]):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
+
+    return run
+
+
 def timed(fn, *args, **kwargs):
     os.sync()  # the previous step's dirty pages go to disk before the clock starts, not during
     t = time.perf_counter()
@@ -87,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny checkpoint: checks that the script runs")
     ap.add_argument("--rank", type=int, default=None, help="a low-rank patch of this rank (default: dense)")
     ap.add_argument("--patch-dtype", choices=("F32", "F16", "BF16"), default="F32", help="default F32")
+    ap.add_argument("--strength", type=float, default=1.0, help="apply strength (default 1.0)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -120,11 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             copy_s, _ = timed(copy_fsync, ckpt, copy)
             copy.unlink()
-            apply_s, report = timed(apply_to_checkpoint, [patch], ckpt, in_place=True)
+            phases: tuple[dict[str, float], dict[str, float]] = ({}, {})
+            with phase_clock(phases[0]):
+                apply_s, report = timed(apply_to_checkpoint, [patch], ckpt, in_place=True, strength=args.strength)
             undo = sum(f.stat().st_size for f in journal_dir(ckpt).rglob("*") if f.is_file())
-            revert_s, _ = timed(revert_from_checkpoint, patch, ckpt)
+            stats = undo_stats(journal_dir(ckpt))
+            with phase_clock(phases[1]):
+                revert_s, _ = timed(revert_from_checkpoint, patch, ckpt)
             exact = sha256(ckpt) == before
-            rounds.append((copy_s, apply_s, revert_s, report.bytes_written, undo, exact))
+            rounds.append((copy_s, apply_s, revert_s, report.bytes_written, undo, exact, stats, phases))
             print(f"round {r + 1}: copy {copy_s:.2f} s, apply {apply_s:.2f} s, revert {revert_s:.2f} s, "
                   f"bit-exact {exact}", flush=True)
     finally:
@@ -135,18 +211,33 @@ def main(argv: list[str] | None = None) -> int:
 
     copy_s, apply_s, revert_s = (statistics.median(x[i] for x in rounds) for i in range(3))
     written, undo, exact = rounds[0][3], rounds[0][4], all(x[5] for x in rounds)
+    whole, residual, exceptions, elements = rounds[0][6]
     kind = f"low-rank r={args.rank}" if args.rank else "dense"
     print(f"\n| {'tiny (--quick)' if args.quick else 'SD1.x F16'} single file, median of {len(rounds)} rounds | |")
     print("|---|---:|")
     for name, value in [("checkpoint", f"{size / 1e9:.3f} GB"),
-                        ("patch (all FFN layers)", f"{patch_size / 1e6:.1f} MB, {kind} {args.patch_dtype}"),
+                        ("patch (all FFN layers)", f"{patch_size / 1e6:.1f} MB, {kind} {args.patch_dtype}, "
+                                                   f"strength {args.strength:g}"),
                         ("copy + fsync", f"{copy_s:.2f} s"), ("apply in place", f"{apply_s:.2f} s"),
                         ("revert", f"{revert_s:.2f} s"), ("apply / copy", f"{apply_s / copy_s:.2f}"),
                         ("revert / copy", f"{revert_s / copy_s:.2f}"),
-                        ("bytes rewritten by apply", f"{written / 1e6:.1f} MB"),
-                        ("undo record (journal folder)", f"{undo / 1e6:.1f} MB"),
+                        ("tensors rewritten by apply", f"{written / 1e6:.1f} MB"),
+                        ("undo record (journal folder)", f"{undo / 1e6:.1f} MB: {whole} tensors whole, "
+                                                         f"{residual} as residual records"),
+                        ("written by apply (tensors + journal)", f"{(written + undo) / 1e6:.1f} MB, "
+                                                                 f"{100 * (written + undo) / size:.1f}% of the file"),
+                        ("exceptions in residual records", f"{100 * exceptions / elements:.2f}% of {elements:,} "
+                                                           "elements" if elements else "none (no residual record)"),
                         ("bit-exact revert (sha256)", "yes" if exact else "NO")]:
         print(f"| {name} | {value} |")
+    print(f"\n| where the time goes (median of {len(rounds)} rounds) | apply | revert |")
+    print("|---|---:|---:|")
+    for _, _, label in PHASES:
+        cells = [statistics.median(x[7][i].get(label, 0.0) for x in rounds) for i in (0, 1)]
+        print(f"| {label} | " + " | ".join(f"{c:.2f} s" if c else "-" for c in cells) + " |")
+    rest = [statistics.median(x[1 + i] - sum(x[7][i].values()) for x in rounds) for i in (0, 1)]
+    print(f"| everything else (detect the checkpoint, read and hash the tensors for revert, journal) | "
+          f"{rest[0]:.2f} s | {rest[1]:.2f} s |")
     print(f"\npage cache: warm (the checkpoint was just written and hashed). {os.cpu_count()} CPUs, "
           f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end.")
     return 0 if exact else 1

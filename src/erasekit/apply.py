@@ -1,9 +1,10 @@
 """Apply patches to checkpoint files and revert them bit for bit (in-memory models: :mod:`erasekit.memory`).
 
 The arithmetic is one line: ``W' = round_to_dtype(float32(W) + strength * delta)``. Because
-``(W + d) - d != W`` in floating point, a revert never subtracts: it restores the original
-bytes saved at apply time (the undo journal on disk, or a clone kept on the model in memory),
-and checks them against their sha256.
+``(W + d) - d != W`` in floating point, a revert on disk subtracts and then puts back, from the undo
+record, every element the subtraction misses (or restores the original bytes, where the record holding
+them is smaller); in memory it restores a clone kept on the model. Either way the result is checked
+against the original sha256.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from .errors import (
     TargetNotWritableError,
     UndoRecordError,
 )
-from .journal import Entry, Journal, TensorRecord, copy_journal, journal_dir, sha256
+from ._parallel import map_threads
+from .journal import Entry, Journal, TensorAt, TensorRecord, copy_journal, journal_dir
+from .undo_record import DeltaParts, UndoTensor, add_term, delta_of, scaled, sha256, undo_record
 from .hub import in_hub_cache, resolve_model
-from .compat import STATUS_RANK, FingerprintStatus, crossing_note, judge_fingerprints, slot_map, touches
+from .compat import STATUS_RANK, FingerprintStatus, Touch, crossing_note, judge_fingerprints, slot_map, touches
 from .layouts import Checkpoint, WeightFile, detect
 from .patchfile import Patch, compare_fingerprint, fingerprint, load_patch, now_iso
 
@@ -90,28 +93,81 @@ def _strengths(patches: Sequence[Any], strength: float | Sequence[float]) -> lis
 
 # -- files ------------------------------------------------------------------------------------------
 
-def _offsets(ckpt: Checkpoint) -> Any:
+def _tensor_at(ckpt: Checkpoint) -> TensorAt:
     by_label = {f.label: f for f in ckpt.files}
 
-    def offset(label: str, key: str) -> int:
-        return by_label[label].header.entries[key].begin
+    def at(label: str, key: str) -> _st.TensorEntry:
+        wf = by_label.get(label)
+        if wf is None or key not in wf.header.entries:
+            raise UndoRecordError(f"the undo journal of {ckpt.path} names the tensor {key} of "
+                                  f"{label or ckpt.path.name}, which the checkpoint lacks",
+                                  "restore the checkpoint from a backup, or delete its .erasekit folder to forget the "
+                                  "applied patches")
+        return wf.header.entries[key]
 
-    return offset
+    return at
 
 
 def add_delta_bytes(raw: bytes, dtype: str, shape: tuple[int, ...], delta: np.ndarray, strength: float,
                     what: str) -> bytes:
-    """Stored bytes of ``round_to_dtype(float32(W) + strength * delta)``, with numpy (no torch, one thread):
+    """Stored bytes of ``round_to_dtype(float32(W) + strength * delta)``, with numpy (no torch):
     float32 arithmetic, then round-to-nearest-even to the stored dtype, as torch would do it."""
+    return _added(raw, dtype, shape, scaled(delta, strength), strength, what)
+
+
+def _added(raw: bytes, dtype: str, shape: tuple[int, ...], term: np.ndarray, strength: float, what: str) -> bytes:
     if dtype not in (*_st.FLOAT_DTYPES, "F64"):
         raise IncompatiblePatchError(f"tensor {what} is stored as {dtype}", "erasekit patches floating-point weights only")
-    w = _st.to_numpy(raw, dtype, shape)
-    new = w.astype(np.float64 if dtype == "F64" else np.float32) + np.float32(strength) * delta
-    out = _st.encode(new, dtype)
-    if not np.isfinite(_st.to_numpy(out, dtype, shape)).all():
+    out = add_term(raw, dtype, shape, term)
+    if not _finite(out, dtype):
         raise NonFiniteError(f"applying at strength {strength} makes {what} non-finite; nothing was written",
                              "use a smaller strength", option="strength")
     return out
+
+
+def _finite(raw: bytes, dtype: str) -> bool:
+    """No inf or NaN; 16-bit floats are judged by their exponent bits (numpy's isfinite on float16 is slow)."""
+    if dtype in ("F16", "BF16"):
+        exponent = np.uint16(0x7C00 if dtype == "F16" else 0x7F80)
+        return not ((np.frombuffer(raw, "<u2") & exponent) == exponent).any()
+    return bool(np.isfinite(_st.to_numpy(raw, dtype, (-1,))).all())
+
+
+def _delta_parts(patch: Patch, module: str, kind: str) -> DeltaParts:
+    """The patch tensors one delta is made of, as the patch stores them (docs/format.md §3)."""
+    if kind == "bias":
+        names = {"diff": f"{module}.diff_b"}
+    elif patch.manifest.deltas[module].storage == "dense":
+        names = {"diff": f"{module}.diff"}
+    else:
+        names = {"lora_up": f"{module}.lora_up.weight", "lora_down": f"{module}.lora_down.weight",
+                 "alpha": f"{module}.alpha"}
+    return {part: (patch.dtypes[n], patch.tensors[n]) for part, n in names.items()}
+
+
+@dataclass
+class _Rewrite:
+    """One tensor an apply changes: its bytes before and after, their hashes, its undo record."""
+
+    wf: WeightFile
+    key: str
+    touch: Touch
+    before: bytes = b""
+    before_sha: str = ""
+    after: bytes = b""
+    after_sha: str = ""
+    record: UndoTensor | None = None
+
+
+def _rewrite(job: _Rewrite, patch: Patch, strength: float, state: dict[tuple[str, str], bytes]) -> _Rewrite:
+    k, ent = (job.wf.label, job.key), job.wf.header.entries[job.key]
+    job.before = state[k] if k in state else job.wf.read_raw(job.key)
+    parts = _delta_parts(patch, job.touch.module, job.touch.kind)
+    term = scaled(delta_of(parts), strength)
+    job.after = _added(job.before, ent.dtype, ent.shape, term, strength, job.key)
+    job.before_sha, job.after_sha = sha256(job.before), sha256(job.after)
+    job.record = undo_record(job.before, job.after, ent, parts, term)
+    return job
 
 
 @dataclass
@@ -120,78 +176,66 @@ class _Plan:
     strength: float
     status: FingerprintStatus
     differing: int
-    originals: dict[tuple[str, str], tuple[str, tuple[int, ...], bytes]]  # (label, key) -> dtype, shape, bytes
-    before_sha: dict[tuple[str, str], str]
-    updates: dict[tuple[str, str], bytes]
+    rewrites: list[_Rewrite]
+
+    @property
+    def updates(self) -> dict[tuple[str, str], bytes]:
+        return {(r.wf.label, r.key): r.after for r in self.rewrites}
 
 
 def _plan(ckpt: Checkpoint, journal: Journal, patch: Patch, strength: float, force: bool, where: str,
-          state: dict[tuple[str, str], bytes], earlier: list[_Plan], undo_cache: dict[str, Any]) -> _Plan:
-    """Everything an apply will write, computed before anything is written."""
+          state: dict[tuple[str, str], bytes], pristines: dict[tuple[str, str], bytes], tensor_at: TensorAt) -> _Plan:
+    """Everything an apply will write, computed before anything is written. ``state``: the bytes after the earlier
+    patches of this command; ``pristines``: each tensor as it was before any erasekit patch, filled in here."""
     twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
     if twice and not force:
         raise ErasekitError(f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
                             "revert it first, or force it to apply it once more", option="force")
     tlist = touches(patch, slot_map(patch, ckpt.architecture, ckpt.encoders, where))
-    deltas = {(t.module, t.kind): (patch.weight_delta(t.module) if t.kind == "weight" else patch.bias_delta(t.module))
-              for t in tlist}
+    jobs = [_Rewrite(wf, wf.encoders[t.slot].key(t.layer, t.proj, t.kind), t)
+            for wf in ckpt.files for t in tlist if t.slot in wf.encoders]
+    jobs = map_threads(lambda j: _rewrite(j, patch, strength, state), jobs)
     fps: dict[str, Any] = {}
-    plan = _Plan(patch, strength, "exact", 0, {}, {}, {})
-    for wf in ckpt.files:
-        for t in tlist:
-            if t.slot not in wf.encoders:
-                continue
-            key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
-            ent = wf.header.entries[key]
-            cur = state[(wf.label, key)] if (wf.label, key) in state else wf.read_raw(key)
-            cur_sha = sha256(cur)
-            # the fingerprint is checked against the tensor as it was before any erasekit patch
-            src = journal.pristine_source(wf.label, key)
-            if src is not None:
-                if src.id not in undo_cache:
-                    undo_cache[src.id] = journal.read_undo(src)
-                pristine = undo_cache[src.id][(wf.label, key)]
-            else:
-                pristine = next((p.originals[(wf.label, key)][2] for p in earlier if (wf.label, key) in p.originals), cur)
-            name = f"{t.module}.{t.kind}"
-            base = patch.manifest.base.tensors[name]
-            fp = fingerprint(pristine, ent.dtype, ent.shape, sha256=cur_sha if pristine is cur else None,
-                             sketch=ent.dtype != base.dtype)  # same dtype: the hash alone decides
-            # across variant files the least favourable status counts: an fp16 variant that matches only
-            # approximately makes the whole apply "approx", one that differs makes it "differs"
-            if name not in fps or STATUS_RANK[compare_fingerprint(base, fp)] > STATUS_RANK[compare_fingerprint(base, fps[name])]:
-                fps[name] = fp
-            plan.originals[(wf.label, key)] = (ent.dtype, ent.shape, cur)
-            plan.before_sha[(wf.label, key)] = cur_sha
-            plan.updates[(wf.label, key)] = add_delta_bytes(cur, ent.dtype, ent.shape, deltas[(t.module, t.kind)],
-                                                            strength, key)
-    plan.status, plan.differing = judge_fingerprints(patch, fps, force, where)
-    return plan
+    for job in jobs:
+        k, ent, name = (job.wf.label, job.key), job.wf.header.entries[job.key], f"{job.touch.module}.{job.touch.kind}"
+        # the fingerprint is checked against the tensor as it was before any erasekit patch
+        if k not in pristines:
+            pristines[k] = journal.pristine(*k, job.before, tensor_at) or job.before
+        base, known = patch.manifest.base.tensors[name], job.before_sha if pristines[k] is job.before else None
+        fp = fingerprint(pristines[k], ent.dtype, ent.shape, sha256=known,
+                         sketch=ent.dtype != base.dtype)  # same dtype: the hash alone decides
+        # across variant files the least favourable status counts: an fp16 variant that matches only
+        # approximately makes the whole apply "approx", one that differs makes it "differs"
+        if name not in fps or STATUS_RANK[compare_fingerprint(base, fp)] > STATUS_RANK[compare_fingerprint(base, fps[name])]:
+            fps[name] = fp
+    status, differing = judge_fingerprints(patch, fps, force, where)
+    return _Plan(patch, strength, status, differing, jobs)
 
 
 def _apply_in_place(ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool,
                     where: str) -> tuple[list[AppliedPatch], int]:
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
-    offset = _offsets(ckpt)
+    tensor_at = _tensor_at(ckpt)
     written = 0
     with journal.locked():
-        journal.recover(offset)
+        journal.recover(tensor_at)
         state: dict[tuple[str, str], bytes] = {}  # bytes after the earlier patches of this call
+        pristines: dict[tuple[str, str], bytes] = {}
         plans: list[_Plan] = []
-        undo_cache: dict[str, Any] = {}
         for patch, strength in zip(patches, strengths):
-            plans.append(_plan(ckpt, journal, patch, strength, force, where, state, plans, undo_cache))
+            plans.append(_plan(ckpt, journal, patch, strength, force, where, state, pristines, tensor_at))
             state.update(plans[-1].updates)
         results = []
         for plan in plans:  # write-ahead: undo record, "pending" entry, tensors, "committed"
             entry = Entry(id=journal.next_id(), state="pending", patch_id=plan.patch.patch_id,
                           patch_title=plan.patch.title, patch_path=str(plan.patch.path) if plan.patch.path else None,
                           strength=plan.strength, fingerprint=plan.status, applied_at=now_iso(),
-                          tensors=[TensorRecord(file=label, key=key, before_sha256=plan.before_sha[(label, key)],
-                                                after_sha256=sha256(data)) for (label, key), data in plan.updates.items()])
-            journal.commit(entry, plan.originals, plan.updates, offset)
-            written += sum(len(d) for d in plan.updates.values())
-            results.append(AppliedPatch(plan.patch.title, plan.patch.patch_id, plan.strength, len(plan.updates),
+                          tensors=[TensorRecord(file=r.wf.label, key=r.key, before_sha256=r.before_sha,
+                                                after_sha256=r.after_sha) for r in plan.rewrites])
+            records = {(r.wf.label, r.key): r.record for r in plan.rewrites if r.record is not None}
+            journal.commit(entry, records, plan.updates, tensor_at)
+            written += sum(len(r.after) for r in plan.rewrites)
+            results.append(AppliedPatch(plan.patch.title, plan.patch.patch_id, plan.strength, len(plan.rewrites),
                                         plan.status, plan.differing))
     return results, written
 
@@ -236,7 +280,7 @@ def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
     if not journal.interrupted():
         return []
     with journal.locked():
-        return journal.recover(_offsets(ckpt))
+        return journal.recover(_tensor_at(ckpt))
 
 
 def _pickle_to_safetensors(src: Path, dst: Path) -> None:
@@ -347,10 +391,10 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
     if not journal.entries:
         raise NotAppliedError(f"no erasekit patch is applied to {where}", "nothing to revert")
-    offset = _offsets(ckpt)
+    tensor_at = _tensor_at(ckpt)
     by_label = {f.label: f for f in ckpt.files}
     with journal.locked():
-        journal.recover(offset)
+        journal.recover(tensor_at)
         matches = [e for e in journal.committed if e.patch_id == patch.patch_id]
         if not matches:
             applied = ", ".join(f"'{e.patch_title}'" for e in journal.committed) or "none"
@@ -363,12 +407,14 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
         if later:
             raise RevertOrderError(f"'{patch.title}' was followed by {', '.join(repr(e.patch_title) for e in later)}, "
                                    "which change the same tensors", "revert those first (newest first)")
-        changed = sum(sha256(by_label[r.file].read_raw(r.key)) != r.after_sha256 for r in entry.tensors)
+        current = {(r.file, r.key): by_label[r.file].read_raw(r.key) for r in entry.tensors}
+        changed = sum(h != r.after_sha256 for h, r in zip(map_threads(sha256, current.values()), entry.tensors))
         if changed and not force:
             raise UndoRecordError(f"{changed} tensors of {where} changed after '{patch.title}' was applied "
                                   "(by another program?)", "force it to restore the original bytes anyway",
                                   option="force")
-        journal.revert(entry, offset, lambda r: sha256(by_label[r.file].read_raw(r.key)) == r.before_sha256, where)
+        journal.revert(entry, tensor_at, lambda r: sha256(by_label[r.file].read_raw(r.key)) == r.before_sha256, where,
+                       current)
         verified = True
         remaining = [e.patch_title for e in journal.committed]
     return RevertReport(str(ckpt.path), ckpt.layout, entry.patch_title, entry.patch_id, len(entry.tensors), verified,
