@@ -286,3 +286,71 @@ def test_f16_overflow_is_refused_before_writing(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match="stored as F16"):
         save_patch(p, tmp_path / "big.erasepatch")
     assert not (tmp_path / "big.erasepatch").exists()
+
+
+# -- recorded evaluations (erasekit eval --record): validated strictly, newer versions kept unread ----------------
+
+EVALUATED = Path(__file__).parent / "golden" / "v1-evaluated.erasepatch"
+
+
+def _ev(edit):  # type: ignore[no-untyped-def]
+    return lambda m: edit(m["evaluations"][0])
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_ev(lambda e: e["target"].update(after=1.5)), "evaluations.0.target.after: Input should be less than or equal to 1"),
+    (_ev(lambda e: e["others"]["square"].update(before=-0.1)), "evaluations.0.others.square.before: Input should be greater"),
+    (_ev(lambda e: e["target"].update(after=float("nan"))), "evaluations.0.target.after: Input should be a finite number"),
+    (_ev(lambda e: e.update(guidance=float("inf"))), "evaluations.0.guidance: Input should be a finite number"),
+    (_ev(lambda e: e.update(strength="1")), "evaluations.0.strength: Input should be a valid number"),
+    (_ev(lambda e: e.update(surprise=1)), "evaluations.0.surprise: Extra inputs are not permitted"),
+    (_ev(lambda e: e["judge"].update(weights="x")), "evaluations.0.judge.weights: Extra inputs are not permitted"),
+    (_ev(lambda e: e.pop("target")), "evaluations.0.target: Field required"),
+    (_ev(lambda e: e.pop("version")), "evaluations.0.version: Field required"),
+    (_ev(lambda e: e.update(version=0)), "evaluations.0.version: Input should be greater than or equal to 1"),
+    (_ev(lambda e: e.update(version=True)), "evaluations.0.version: Input should be a valid integer"),
+    (_ev(lambda e: e.update(version=2.0)), "evaluations.0.version: Input should be a valid integer"),
+    (_ev(lambda e: e.update(recorded_at="yesterday")), "evaluations.0.recorded_at: String should match pattern"),
+    (_ev(lambda e: e.update(patch_id="F7")), "evaluations.0.patch_id: String should match pattern"),
+    (_ev(lambda e: e["judge"].update(kind="human")), "evaluations.0.judge.kind: Input should be 'toyworld-cnn' or 'clip'"),
+    (_ev(lambda e: e["model"].update(match="close")), "evaluations.0.model.match: Input should be 'exact', 'approx'"),
+    (_ev(lambda e: e.update(seeds=[])), "evaluations.0.seeds: List should have at least 1 item"),
+    (_ev(lambda e: e.update(images_per_prompt=0)), "evaluations.0.images_per_prompt: Input should be greater than or equal to 1"),
+    (_ev(lambda e: e["prompts"]["texts"].pop()), "evaluations.0.prompts: Value error, texts has 3 prompts, count says 4"),
+    (_ev(lambda e: e["prompts"]["texts"].reverse()), "evaluations.0.prompts: Value error, sha256 is not the hash of texts"),
+    (_ev(lambda e: e["robustness"].update(after=2)), "evaluations.0.robustness.after: Input should be less than or equal to 1"),
+    (lambda m: m.update(evaluations={"0": {}}), "evaluations: Input should be a valid list"),
+    (lambda m: m["evaluations"].append(3), "evaluations.1: Input should be a valid dictionary"),
+])
+def test_a_malformed_evaluation_is_refused(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PatchFormatError, match=f"invalid manifest field {message}".replace("(", r"\(")) as e:
+        load_patch(edit_manifest(EVALUATED, tmp_path / "e.erasepatch", edit))
+    assert e.value.fix == "a recorded evaluation was edited or damaged; re-create the patch and record its evaluation again"
+
+
+def test_an_evaluation_of_a_newer_version_is_kept_unread(tmp_path: Path) -> None:
+    """A v2 record (new keys, say) does not stop the patch loading: it is kept whole, written back as it came, and
+    named in one warning; the v1 records beside it are read as usual."""
+    def add_v2(m: dict) -> None:
+        m["evaluations"].append(dict(m["evaluations"][0], version=2, recorded_at="2027-01-01T00:00:00Z",
+                                     fid=12.5, target={"before": 1.0, "after": 0.0, "ci": [0.0, 0.1]}))
+
+    p = load_patch(edit_manifest(EVALUATED, tmp_path / "v2.erasepatch", add_v2))
+    known, future = p.manifest.evaluations
+    assert known == load_patch(EVALUATED).manifest.evaluations[0]
+    assert type(future).__name__ == "FutureEvaluation" and future.version == 2
+    assert len(p.warnings) == 1 and "1 recorded evaluation(s) use evaluation format v2" in p.warnings[0]
+    again = save_patch(p, tmp_path / "again.erasepatch")
+    stored = json.loads(split(again)[0]["__metadata__"]["erasekit"])["evaluations"][1]
+    assert stored["fid"] == 12.5 and stored["target"]["ci"] == [0.0, 0.1] and stored["version"] == 2
+    from erasekit.inspect import inspect_path
+
+    rows = inspect_path(again).evaluations  # type: ignore[union-attr]
+    assert [(e.version, e.concept) for e in rows] == [(1, "circle"), (2, None)]
+
+
+def test_no_evaluations_means_no_key_and_old_bytes(tmp_path: Path) -> None:
+    """An empty list is left out, as if the field did not exist: the golden v1 manifest rewrites byte for byte."""
+    p = edit_manifest(GOLDEN, tmp_path / "empty.erasepatch", lambda m: m.update(evaluations=[]))
+    out = save_patch(load_patch(p), tmp_path / "out.erasepatch")
+    assert split(out)[0]["__metadata__"]["erasekit"] == split(GOLDEN)[0]["__metadata__"]["erasekit"]

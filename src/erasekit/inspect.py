@@ -18,7 +18,7 @@ from .journal import Journal, entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
 from .layouts import Checkpoint, detect
 from .model_configs import choose_config
-from .patchfile import Patch, compare_fingerprint, fingerprint, is_patch_file, load_patch
+from .patchfile import Evaluation, Patch, compare_fingerprint, fingerprint, is_patch_file, load_patch
 
 
 @dataclass
@@ -35,6 +35,28 @@ class DeltaRow:
     relative: float | None = None  # |delta| / |W_base| when inspected against a checkpoint
     error: float | None = None  # low-rank: the stored factors' relative error against the change they stand for
     kept: float | None = None  # low-rank: the share of that change's squared norm they keep
+
+
+@dataclass
+class EvaluationSummary:
+    """One recorded evaluation (``erasekit eval --record``) in brief, and the record as stored (``record``)."""
+
+    version: int  # evaluation format; records newer than this erasekit reads have only ``record``
+    record: dict[str, Any]
+    recorded_at: str | None = None
+    judge: str | None = None  # "toy world" or "CLIP <folder name>"
+    model: str | None = None  # "<name> (exact|approx|differs)"
+    concept: str | None = None
+    target_before: float | None = None
+    target_after: float | None = None
+    largest_drop: str | None = None  # the other concept whose rate fell most, if any fell
+    drop_before: float | None = None
+    drop_after: float | None = None
+    paraphrase_before: float | None = None
+    paraphrase_after: float | None = None
+    images_per_prompt: int | None = None
+    strength: float | None = None
+    current: bool = True  # measured on this patch's tensors (its patch id)
 
 
 @dataclass
@@ -56,6 +78,7 @@ class PatchInspection:
     against_layout: str | None = None
     compatibility: str | None = None  # "exact", "approx", "N of M tensors differ", or the refusal message
     warnings: list[str] = field(default_factory=list)
+    evaluations: list[EvaluationSummary] = field(default_factory=list)  # oldest first
     kind: str = "patch"
 
 
@@ -94,6 +117,27 @@ def _rows(patch: Patch) -> list[DeltaRow]:
                              patch.dtypes[main], float(np.linalg.norm(d)), float(np.linalg.norm(b)) if b is not None else 0.0,
                              error=info.error, kept=info.kept))
     return rows
+
+
+def _evaluations(patch: Patch) -> list[EvaluationSummary]:
+    out = []
+    for ev in patch.manifest.evaluations:
+        record = ev.model_dump(mode="json")
+        if not isinstance(ev, Evaluation):
+            out.append(EvaluationSummary(ev.version, record, recorded_at=record.get("recorded_at")))  # type: ignore[arg-type]
+            continue
+        drops = [(r.after - r.before, name, r) for name, r in ev.others.items()
+                 if r.before is not None and r.after is not None and r.after < r.before]
+        worst = min(drops, key=lambda d: (d[0], d[1]))[1:] if drops else None
+        rob = ev.robustness
+        out.append(EvaluationSummary(
+            ev.version, record, ev.recorded_at,
+            "toy world" if ev.judge.kind == "toyworld-cnn" else f"CLIP {ev.judge.name}",
+            f"{ev.model.name} ({ev.model.match})", ev.concept, ev.target.before, ev.target.after,
+            worst[0] if worst else None, worst[1].before if worst else None, worst[1].after if worst else None,
+            rob.before if rob else None, rob.after if rob else None, ev.images_per_prompt, ev.strength,
+            ev.patch_id == patch.patch_id))
+    return out
 
 
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
@@ -137,7 +181,8 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
         result = PatchInspection(
             str(path), path.stat().st_size, patch.patch_id, m.format_version, m.erasekit_version, m.created_at, m.title,
             [c.model_dump() for c in m.concepts], m.method.model_dump(mode="json"), m.base.architecture,
-            {s: e.model_dump() for s, e in m.base.encoders.items()}, rows, m.base.config, warnings=list(patch.warnings))
+            {s: e.model_dump() for s, e in m.base.encoders.items()}, rows, m.base.config, warnings=list(patch.warnings),
+            evaluations=_evaluations(patch))
         if against is not None:
             ckpt = detect(resolve_model(against, TEXT_ENCODERS))
             recover_interrupted(ckpt)  # fingerprints of a half-applied file would mislead

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
 from . import _st
 from ._version import __version__
@@ -26,6 +26,7 @@ from .errors import InputFileError, PatchFormatError, PatchVersionError
 from .layouts import ARCH_SLOTS, MODELSPEC_ARCH, SLOTS, SS_BASE_MODEL_VERSION, module_name, parse_module_name
 
 FORMAT_VERSION = 1
+EVALUATION_VERSION = 1  # the version of the records in ``Manifest.evaluations`` this erasekit writes and reads
 PATCH_SUFFIX = ".erasepatch"
 STORED_DTYPES = _st.FLOAT_DTYPES
 
@@ -109,6 +110,129 @@ class DeltaInfo(_Model):
         return self
 
 
+# -- recorded evaluations (``erasekit eval --record``) --------------------------------------------------------------
+# A version-1 evaluation is closed: unknown keys are refused, not kept (a measurement a reader half understands is
+# worse than none). Keys are added by a new EVALUATION_VERSION; a reader keeps records of versions it does not know
+# unread (FutureEvaluation) and writes them back unchanged.
+
+_SHA256 = r"^[0-9a-f]{64}$"
+_UTC = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
+Rate = Annotated[float | None, Field(ge=0, le=1, allow_inf_nan=False)]  # null: no image had that truth
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Rates(_Closed):
+    """A share of images judged as the truth says, without the patch (``before``) and with it (``after``)."""
+
+    before: Rate
+    after: Rate
+
+
+class JudgeInfo(_Closed):
+    """What labelled the images: the toy world's CNN (``toyworld-cnn``) or a CLIP model folder (``clip``)."""
+
+    kind: Literal["toyworld-cnn", "clip"]
+    name: str = Field(min_length=1)  # file or folder name
+    sha256: str = Field(pattern=_SHA256)  # of its weights (see docs/format.md)
+
+
+class EvaluatedModel(_Closed):
+    """The model the patch was evaluated on, named as ``base.source`` names one, and how it compares with the
+    base the patch was made for (the fingerprints of the tensors the patch changes, before it was applied)."""
+
+    name: str = Field(min_length=1)
+    match: Literal["exact", "approx", "differs"]
+    sha256: str = Field(pattern=_SHA256)  # of "<fingerprint name> <sha256>\n" over the patch's base tensors, sorted
+
+
+class PromptSet(_Closed):
+    """The distinct prompts, in order of first use: their count, the sha256 of each followed by a newline (UTF-8),
+    and the prompts themselves when there are at most ``PROMPTS_LISTED`` of them."""
+
+    count: int = Field(ge=1)
+    sha256: str = Field(pattern=_SHA256)
+    texts: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _texts_match(self) -> PromptSet:
+        if self.texts is not None:
+            if len(self.texts) != self.count:
+                raise ValueError(f"texts has {len(self.texts)} prompts, count says {self.count}")
+            if prompts_sha256(self.texts) != self.sha256:
+                raise ValueError("sha256 is not the hash of texts")
+        return self
+
+
+class Robustness(_Closed):
+    """The target's rate under wordings the erase did not train on (paraphrases), over all their images."""
+
+    wordings: PromptSet  # the paraphrase prompts, the concept filled in
+    before: Rate
+    after: Rate
+
+
+class Evaluation(_Closed):
+    """One ``erasekit eval`` of this patch, alone, on one model: the settings and the measured rates."""
+
+    version: int = Field(ge=EVALUATION_VERSION, le=EVALUATION_VERSION)
+    recorded_at: str = Field(pattern=_UTC)
+    erasekit_version: str = Field(min_length=1)
+    patch_id: str = Field(pattern=_SHA256)  # the tensors measured: a record whose id is not the patch's is stale
+    concept: str = Field(min_length=1)  # the erased concept, as judged
+    attribute: str  # what the judge read: shape, colour or pattern (toy world), "concept" (CLIP)
+    labels: list[str]  # what the judge chose among for it
+    judge: JudgeInfo
+    model: EvaluatedModel
+    strength: float = Field(allow_inf_nan=False)
+    prompts: PromptSet
+    seeds: list[int] = Field(min_length=1)
+    images_per_prompt: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    guidance: float = Field(allow_inf_nan=False)
+    target: Rates  # how often the target concept is still drawn
+    others: dict[str, Rates]  # each other concept of its attribute: how often it is still drawn
+    attributes: dict[str, Rates]  # each other attribute, over all images
+    attributes_elsewhere: dict[str, Rates]  # ... over the other concepts' images only
+    robustness: Robustness | None = None
+
+    def settings_key(self) -> tuple[Any, ...]:
+        """What makes two records the same measurement (``record_evaluation`` keeps the newer): everything but the
+        time, the erasekit version, the model's name and the results."""
+        return (self.patch_id, self.concept, self.attribute, tuple(self.labels), self.judge.kind, self.judge.sha256,
+                self.model.sha256,
+                self.strength, self.prompts.sha256, tuple(self.seeds), self.images_per_prompt, self.steps,
+                self.guidance)
+
+
+class FutureEvaluation(BaseModel):
+    """A record of an evaluation version newer than this erasekit's: kept unread, written back as it came."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    version: int = Field(gt=EVALUATION_VERSION)
+
+
+def _evaluation_kind(value: Any) -> str:
+    version = value.get("version") if isinstance(value, dict) else getattr(value, "version", None)
+    return "future" if type(version) is int and version > EVALUATION_VERSION else "known"
+
+
+_EVALUATION_TAGS = ("known", "future")
+AnyEvaluation = Annotated[Union[Annotated[Evaluation, Tag("known")], Annotated[FutureEvaluation, Tag("future")]],
+                          Discriminator(_evaluation_kind)]
+PROMPTS_LISTED = 64
+
+
+def prompts_sha256(prompts: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
 class Manifest(_Model):
     format_version: int
     erasekit_version: str
@@ -118,6 +242,8 @@ class Manifest(_Model):
     method: Method
     base: BaseModelInfo
     deltas: dict[str, DeltaInfo] = Field(min_length=1)
+    # what the patch was measured to do (``erasekit eval --record``), oldest first; not part of the patch id
+    evaluations: list[AnyEvaluation] = []
 
 
 @dataclass
@@ -241,12 +367,18 @@ def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]
         manifest = Manifest.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise PatchFormatError(f"{where}: invalid manifest field {loc or '(root)'}: {err['msg']}",
-                               "re-create the patch") from None
+        parts = list(err["loc"])
+        if parts[:1] == ["evaluations"] and len(parts) > 2 and parts[2] in _EVALUATION_TAGS:
+            del parts[2]  # the union's tag, not a field
+        loc = ".".join(str(x) for x in parts)
+        fix = ("a recorded evaluation was edited or damaged; re-create the patch and record its evaluation again"
+               if parts[:1] == ["evaluations"] else "re-create the patch")
+        raise PatchFormatError(f"{where}: invalid manifest field {loc or '(root)'}: {err['msg']}", fix) from None
     found: list[str] = []
 
     def collect(model: BaseModel, prefix: str) -> None:
+        if isinstance(model, FutureEvaluation):
+            return  # kept whole, reported below
         for k in (model.model_extra or {}):
             found.append(prefix + k)
         for name in type(model).model_fields:
@@ -259,6 +391,12 @@ def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]
     collect(manifest, "")
     notes = [f"{where}: ignoring manifest fields this erasekit does not know: {', '.join(sorted(set(found)))} "
              f"(written by erasekit {manifest.erasekit_version})"] if found else []
+    future = [i for i, ev in enumerate(manifest.evaluations) if isinstance(ev, FutureEvaluation)]
+    if future:
+        versions = sorted({manifest.evaluations[i].version for i in future})
+        notes.append(f"{where}: {len(future)} recorded evaluation(s) use evaluation format "
+                     f"{', '.join(f'v{v}' for v in versions)}; this erasekit {__version__} reads v{EVALUATION_VERSION}, "
+                     "keeps them unread and does not show them (upgrade erasekit to see them)")
     _check_manifest(manifest, where)
     return manifest, notes
 
@@ -338,8 +476,12 @@ def load_patch(path: str | Path) -> Patch:
 def manifest_json(m: Manifest) -> str:
     """The manifest as stored: canonical JSON. Fields added since format 1 are left out while unset, so patches
     that do not use them keep their bytes (and older readers see no unknown field)."""
-    unset = {"base": {"config"}} if m.base.config is None else None
-    return json.dumps(m.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
+    unset: dict[str, Any] = {}
+    if m.base.config is None:
+        unset["base"] = {"config"}
+    if not m.evaluations:
+        unset["evaluations"] = True
+    return json.dumps(m.model_dump(mode="json", exclude=unset or None), sort_keys=True, separators=(",", ":"))
 
 
 def modelspec_architecture(m: Manifest) -> str:
@@ -472,6 +614,7 @@ def new_manifest(*, title: str, architecture: str, encoders: dict[str, EncoderIn
     )
 
 
-__all__ = ["FORMAT_VERSION", "PATCH_SUFFIX", "Concept", "DeltaInfo", "EncoderInfo", "Manifest", "Method", "Patch",
-           "TensorFingerprint", "compare_fingerprint", "fingerprint", "load_patch", "module_name", "new_manifest",
+__all__ = ["EVALUATION_VERSION", "FORMAT_VERSION", "PATCH_SUFFIX", "Concept", "DeltaInfo", "EncoderInfo",
+           "EvaluatedModel", "Evaluation", "FutureEvaluation", "JudgeInfo", "Manifest", "Method", "Patch", "PromptSet",
+           "Rates", "Robustness", "TensorFingerprint", "compare_fingerprint", "fingerprint", "load_patch", "module_name", "new_manifest",
            "parse_manifest", "read_manifest", "save_patch"]

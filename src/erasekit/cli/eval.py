@@ -33,10 +33,16 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
     prediction_type: PredictionOpt = None,
+    record: Annotated[bool, typer.Option("--record", help="Write this evaluation into the patch's manifest, where "
+                                         "`erasekit inspect` shows it (one --patch only; the patch id stays; the "
+                                         "same settings again replace the earlier record).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Judge a patch on the built-in toy world: target rate, every other concept, other attributes."""
     from ..evaluate import EvalConfig, evaluate_model
+
+    if record:  # the same evaluation, then written into the patch
+        from ..evidence import evaluate_and_record as evaluate_model  # type: ignore[assignment]
 
     with errors():
         config = make_config(EvalConfig, "eval", n=n, seed=seed, steps=steps, guidance=guidance, strength=strength,
@@ -66,3 +72,8 @@ def eval_cmd(
     out.print(f"largest drop among other {r.attribute}s: {drop}")
     if r.grid:
         out.print(f"grid: {r.grid}")
+    if getattr(r, "recorded", None):
+        rec = r.recorded
+        how = "replacing the earlier record of the same settings" if rec.replaced else "added"
+        out.print(f"recorded in {rec.path} ({how}; {rec.evaluations} recorded; patch id {rec.patch_id[:16]} "
+                  "unchanged)")

@@ -77,6 +77,36 @@ def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
             cells.append("-" if row.relative is None else f"{row.relative:.2e}")
         table.add_row(*cells, bar(row.delta_norm, top))
     out.print(table)
+    if r.evaluations:
+        _render_evaluations(r.evaluations)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}".rstrip("0").rstrip(".") + "%"
+
+
+def _render_evaluations(evals) -> None:  # type: ignore[no-untyped-def]
+    """The recorded evaluations (erasekit eval --record), one line each."""
+    out.print(f"  evaluations recorded ({len(evals)}, oldest first)")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("recorded", "judge", "model", "n", "strength", "target", "largest neighbour drop", "paraphrases"):
+        table.add_column(col, justify="right" if col in ("n", "strength") else "left")
+    stale = False
+    for e in evals:
+        when = (e.recorded_at or "?")[:16].replace("T", " ")
+        if e.concept is None:
+            table.add_row(when, f"(evaluation format v{e.version}: shown by a newer erasekit)", *[""] * 6)
+            continue
+        stale |= not e.current
+        drop = f"{e.largest_drop} {_pct(e.drop_before)} -> {_pct(e.drop_after)}" if e.largest_drop else "none"
+        para = "-" if e.paraphrase_before is None and e.paraphrase_after is None else \
+            f"{_pct(e.paraphrase_before)} -> {_pct(e.paraphrase_after)}"
+        table.add_row(when, e.judge, e.model + ("" if e.current else " *"), str(e.images_per_prompt), f"{e.strength:g}",
+                      f"{e.concept} {_pct(e.target_before)} -> {_pct(e.target_after)}", drop, para)
+    out.print(table)
+    if stale:
+        out.print("  * measured on other tensors than this patch's (another patch id): it does not describe this "
+                  "patch", style="bold yellow")
 
 
 def _render_checkpoint(r) -> None:  # type: ignore[no-untyped-def]
