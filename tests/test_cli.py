@@ -220,7 +220,7 @@ def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
     (["--layers", "7"], "layer 7 is outside the text encoder's layers 0-1; use layers 0-1 (--layers)"),
     (["--kind", "song"], "invalid kind: Input should be 'object' or 'style' (--kind)"),
     (["--template", "no slot"], "invalid templates: "),
-    (["--recipe", "magic"], "invalid recipe: Input should be 'paper' or 'anchored' (--recipe)"),
+    (["--recipe", "magic"], "invalid recipe: Input should be 'paper', 'anchored' or 'doco' (--recipe)"),
     (["--stand-in", "circle"], "--stand-in 'circle' is not CONCEPT=WORD"),
     (["--rank", "0"], "invalid rank: Value error, rank must be at least 1, auto or dense, got 0 (--rank)"),
     (["--rank", "low"], "invalid rank: "),

@@ -279,7 +279,7 @@ def test_recipe_settings_are_recorded_only_when_used() -> None:
 
 
 def test_anchors_naming_the_erased_concept_are_dropped() -> None:
-    from erasekit.recipes.anchored import anchor_prompts as _anchor_prompts
+    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"])
     prompts, refs, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["circle"])
@@ -289,7 +289,7 @@ def test_anchors_naming_the_erased_concept_are_dropped() -> None:
 
 
 def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
-    from erasekit.recipes.anchored import anchor_prompts as _anchor_prompts
+    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a red Circle", "a blue square", "circles"],
                       stand_ins={"circle": "square", "red": ["", "green"]}, stand_in_weight=0.5)
@@ -350,7 +350,7 @@ def test_auto_rank_takes_per_tensor_the_smallest_rank_within_the_tolerance(tmp_p
 
 
 def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> None:
-    from erasekit.recipes.anchored import anchor_prompts as _anchor_prompts
+    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
                       stand_ins={"Van Gogh": "Monet"})

@@ -5,6 +5,7 @@ draws (timesteps, noise, prompts) each step takes, all from one seeded generator
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ErasekitError
@@ -25,20 +26,63 @@ class Denoiser:
         self.timesteps = self.scheduler.config.num_train_timesteps
 
     def loss(self, idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
-        import torch
-        import torch.nn.functional as F
+        return self.predict(idx, t, noise, conditioning).loss
 
-        unet, device = self.unet, self.unet.device
+    def predict(self, idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Prediction:
+        """The UNet's prediction for rows ``idx`` of the latents noised with ``noise`` at timesteps ``t``."""
+        device = self.unet.device
         x0 = self.latents[idx]
         noise, t = noise.to(device), t.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        return Prediction(self, noisy, t, target, self.run(noisy, t, conditioning))
+
+    def run(self, noisy: Any, t: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
+        """The frozen UNet's output (float32) for ``noisy`` latents at ``t`` under ``conditioning``."""
+        import torch
+
+        unet = self.unet
         cond, added = conditioning
         if added is not None:
             added = {k: v.to(unet.dtype) for k, v in added.items()}
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype), added_cond_kwargs=added).sample
-        return F.mse_loss(pred.float(), target.float())
+        with torch.autocast(unet.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return unet(noisy.to(unet.dtype), t, cond.to(unet.dtype), added_cond_kwargs=added).sample.float()
+
+    def clean(self, noisy: Any, t: Any, out: Any) -> Any:
+        """The clean latents that the UNet's output ``out`` predicts for ``noisy`` at ``t``."""
+        a = self.scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)
+        if self.prediction_type == "epsilon":
+            return (noisy - (1 - a).sqrt() * out) / a.sqrt()
+        return a.sqrt() * noisy - (1 - a).sqrt() * out
+
+
+@dataclass
+class Prediction:
+    """One UNet pass of a step: the noised latents, their timesteps, the training target and the UNet's output."""
+
+    denoiser: Denoiser
+    noisy: Any
+    t: Any
+    target: Any
+    out: Any
+
+    @property
+    def loss(self) -> Any:
+        import torch.nn.functional as F
+
+        return F.mse_loss(self.out, self.target.float())
+
+    def clean(self) -> Any:
+        """The clean latents the output predicts (differentiable)."""
+        return self.denoiser.clean(self.noisy, self.t, self.out)
+
+    def frozen(self, conditioning: tuple[Any, dict[str, Any] | None]) -> Prediction:
+        """The same noised latents through the UNet under another conditioning, without gradients."""
+        import torch
+
+        with torch.no_grad():
+            out = self.denoiser.run(self.noisy, self.t, conditioning)
+        return Prediction(self.denoiser, self.noisy, self.t, self.target, out)
 
 
 class Draws:
@@ -49,6 +93,12 @@ class Draws:
                  timesteps: int, latent_shape: tuple[int, ...]) -> None:
         self.templates, self.concepts, self.owner, self.captions = templates, concepts, owner, captions
         self.timesteps, self.latent_shape = timesteps, latent_shape
+
+    def every_prompt(self) -> list[str]:
+        """Every prompt a draw can give, in a fixed order."""
+        named = {self.concepts[o] for o, c in zip(self.owner, self.captions) if c is None}
+        own = [c for c in self.captions if c is not None]
+        return list(dict.fromkeys(own + [t.format(c) for c in self.concepts if c in named for t in self.templates]))
 
     def prompt(self, i: int, gen: Any) -> str:
         import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import invalid_setting
 
@@ -76,8 +76,16 @@ class EraseConfig(BaseModel):
     # "paper": the published recipe, ascent only. "anchored": ascent plus a penalty that keeps the encoder's
     # output for other prompts (generic captions and --keep concepts) where it was, and an early stop when the
     # erasure tips (mean of the last `stop_window` losses above `stop_ratio` x the first ones).
-    recipe: Literal["paper", "anchored"] = "paper"
-    keep: list[str] = []  # concepts to protect (anchored recipe); their prompts count `keep_weight` times
+    # "doco": concept domain correction (arXiv 2405.15304) on the text encoders: a discriminator tells the frozen
+    # model's predictions for the stand-in's prompts from the edited model's for the concept's, and the encoders
+    # learn to fool it, with the anchored recipe's penalty holding other prompts (see erasekit.recipes.doco).
+    recipe: Literal["paper", "anchored", "doco"] = "paper"
+    # gradient surgery (erasekit.surgery): lambda, the share of the erasing gradient's conflict with the holding
+    # gradient removed each step; None: off (doco: 1.0)
+    surgery: float | None = Field(None, ge=0, le=1)
+    disc_lr: float = Field(1e-4, gt=0)  # doco: the discriminator's learning rate (Adam, betas 0.5, 0.999)
+    disc_warmup: int = Field(10, ge=0)  # doco: steps the discriminator trains alone first
+    keep: list[str] = []  # concepts to protect (anchored and doco recipes); their prompts count `keep_weight` times
     anchor_weight: float = Field(30.0, ge=0)
     keep_weight: float = Field(5.0, ge=0)
     anchor_prompts: list[str] | None = None  # None: GENERIC_ANCHORS
@@ -95,6 +103,12 @@ class EraseConfig(BaseModel):
     @classmethod
     def _listed(cls, v: Any) -> Any:
         return {k: [w] if isinstance(w, str) else w for k, w in v.items()} if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _doco_surgery(self) -> EraseConfig:
+        if self.recipe == "doco" and self.surgery is None:
+            self.surgery = 1.0  # part of the method
+        return self
 
     @field_validator("rank", mode="before")
     @classmethod
@@ -135,7 +149,11 @@ class EraseConfig(BaseModel):
         if self.rank != "auto":
             hp.pop("rank_tol")
             hp.pop("max_rank")
-        if self.recipe == "paper":
+        for k in ("disc_lr", "disc_warmup") if self.recipe != "doco" else ("stop_ratio", "stop_window"):
+            hp.pop(k)
+        if self.surgery is None:
+            hp.pop("surgery")
+        if self.recipe == "paper" and self.surgery is None:
             for k in ("keep", "anchor_weight", "keep_weight", "anchor_prompts", "stop_ratio", "stop_window",
                       "anchor_batch", "stand_ins", "stand_in_weight"):
                 hp.pop(k)
@@ -149,14 +167,19 @@ class EraseConfig(BaseModel):
 MODEL_PROPERTIES = ("resolution", "dtype")
 
 
-def effective_settings(recommended: dict[str, Any], given: dict[str, Any]) -> tuple[EraseConfig, dict[str, str]]:
+def effective_settings(recommended: dict[str, Any], given: dict[str, Any],
+                       per_recipe: dict[str, dict[str, Any]] | None = None) -> tuple[EraseConfig, dict[str, str]]:
     """The settings an erase runs with, and where each came from ("user", "model" or "default"):
-    what the user gave always wins; a model's recommendations hold for its own recipe only (``--recipe paper``
-    on a model that recommends ``anchored`` is the whole published recipe, but at the model's resolution);
-    ``--epochs`` given alone replaces a recommended ``steps``."""
+    what the user gave always wins; a model's recommendations (``recommended``, for its own recipe) hold for
+    another recipe only where ``per_recipe`` (erasekit.json's ``erase_recipes``) has an entry for it, which is laid
+    over them; otherwise only what the model is (MODEL_PROPERTIES) holds: ``--recipe paper`` on a model that
+    recommends ``anchored`` is the whole published recipe, but at the model's resolution. ``--epochs`` given alone
+    replaces a recommended ``steps``."""
     rec = dict(recommended)
-    if given.get("recipe", rec.get("recipe", "paper")) != rec.get("recipe", "paper"):
-        rec = {k: v for k, v in rec.items() if k in MODEL_PROPERTIES}
+    chosen = given.get("recipe", rec.get("recipe", "paper"))
+    if chosen != rec.get("recipe", "paper"):
+        own = (per_recipe or {}).get(chosen)
+        rec = rec | own if own is not None else {k: v for k, v in rec.items() if k in MODEL_PROPERTIES}
     if "epochs" in given and "steps" not in given:
         rec.pop("steps", None)
     try:

@@ -33,6 +33,9 @@ class Trained:
                 p.copy_(self.originals[(m, kind)])
 
 
+METHOD_NAMES = {"doco": "wu-2024-doco"}  # the other recipes are variants of Fuchi & Takagi's
+
+
 def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trained: Trained, base_files: Any,
                 ran: dict[str, Any], provenance: dict[str, Any]) -> Any:
     """The patch: the trained deltas (low-rank where ``trained.factors`` has them) and the base tensors'
@@ -67,7 +70,7 @@ def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trai
                                     layers=te.config.num_hidden_layers) for slot, te in cond_of.trained.items()},
         fingerprints=fps, deltas=deltas,
         concepts=[Concept(name=c, kind=config.kind) for c in concepts],
-        method=Method(name="fuchi-takagi-2024", hyperparameters=hp, seed=config.seed, **provenance),
+        method=Method(name=METHOD_NAMES.get(config.recipe, "fuchi-takagi-2024"), hyperparameters=hp, seed=config.seed, **provenance),
         source=str(base_files.path.name) if base_files is not None else None,
         config=base_files.config if base_files is not None else None)
     return Patch(manifest, tensors, storage_dtypes(tensors, config.patch_dtype))

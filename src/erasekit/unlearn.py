@@ -35,7 +35,8 @@ from .denoising import Denoiser, Draws
 from .erase_config import EraseConfig, effective_settings
 from .erase_patch import Trained, build_patch
 from .errors import ErasekitError, InputFileError, NonFiniteError
-from .recipes import make_recipe
+from .recipes import Objective, Step, make_recipe
+from .surgery import surgery_grads
 from .training_images import encode_images, find_images, load_image, training_image
 
 
@@ -205,9 +206,9 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                 compaction = (Compaction(config, templates, concepts, captions, cond_of, device)
                               if config.rank != "dense" else None)
             recipe = make_recipe(config, templates, list(concepts), device)
-            recipe.prepare(lambda prompts: cond_of(prompts, device)[0])
+            recipe.prepare(lambda prompts: cond_of(prompts, device), draws.every_prompt())
             with clock("loop"):
-                losses = _loop(config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress)
+                losses, conflicts = _loop(config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress)
             after = check.after() if check else None
             trained.take_deltas()
             output_error = 0.0
@@ -218,6 +219,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                    "prediction_type": denoiser.prediction_type,
                    "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32"}
             ran |= {"output_error": round(output_error, 6)} if compaction else {}
+            if config.surgery:  # the share of (step, tensor) gradients that conflicted and were projected
+                ran["surgery_conflicts"] = round(conflicts / max(1, len(losses) * len(trained.params)), 4)
             with clock("patch"):
                 patch = build_patch(config, concepts, cond_of, trained, base_files, ran,
                                     {"images_sha256": images_sha, "num_images": len(loaded),
@@ -235,9 +238,10 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
 
 def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser, draws: Draws, cond_of: Conditioner,
-          gen: Any, n_images: int, progress: Callable[[StepInfo], None] | None) -> list[float]:
+          gen: Any, n_images: int, progress: Callable[[StepInfo], None] | None) -> tuple[list[float], int]:
     """The optimizer steps: each draws a batch, encodes its prompts and the recipe's in one text-encoder pass,
-    and minimises the recipe's objective with Adam, until the schedule ends or the recipe stops. The losses."""
+    runs the UNet, and minimises the recipe's objective with Adam, until the schedule ends or the recipe stops.
+    The losses, and in how many (step, tensor) pairs surgery removed a conflict."""
     import torch
 
     params = [p for _, _, p in trained.params]
@@ -248,25 +252,44 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
     device = denoiser.unet.device
     total = _total_steps(n_images, config)
     losses: list[float] = []
+    conflicts = 0
     t0 = time.perf_counter()
     for step, idx in enumerate(_batches(n_images, config, gen)):
         idx = [i for i in idx for _ in range(config.draws)]  # several noise draws per image
         t, noise, prompts = draws(idx, gen)
         cond, added = cond_of(prompts + recipe.step_prompts(gen), device)
         k = len(prompts)
-        loss = denoiser.loss(idx, t, noise, (cond[:k], {n: v[:k] for n, v in added.items()} if added else None))
+        prediction = denoiser.predict(idx, t, noise, (cond[:k], {n: v[:k] for n, v in added.items()} if added else None))
+        loss = prediction.loss
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
                                  "lower the learning rate or the number of steps", option="lr")
-        recipe.objective(loss, cond[k:]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
+        state = Step(prediction, prompts, cond[k:])
+        conflicts += _update(opt, params, recipe.objective(state), config.surgery)
+        recipe.after_step(state)
         losses.append(loss.item())
         if progress:
             progress(StepInfo(step + 1, total, losses[-1], time.perf_counter() - t0))
         if recipe.should_stop(losses):
             break
-    return losses
+    return losses, conflicts
+
+
+def _update(opt: Any, params: list[Any], objective: Objective, surgery: float | None) -> int:
+    """One Adam step on ``objective`` (none while its erasing term is None); with ``surgery``, on the gradients
+    :func:`~erasekit.surgery.surgery_grads` makes. The number of tensors whose gradients conflicted."""
+    if objective.erase is None:
+        return 0
+    conflicts = 0
+    if surgery and objective.hold is not None:
+        conflicts = surgery_grads(params, objective.erase, objective.hold, surgery, objective.hold_counts)
+    elif objective.hold is None or not objective.hold_counts:
+        objective.erase.backward()
+    else:
+        (objective.erase + objective.hold).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
+    return conflicts
 
 
 class _ForgetCheck:
@@ -327,7 +350,7 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     settings = model_settings(model)
     sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):
-        config, sources = effective_settings(settings.get("erase", {}), config or {})
+        config, sources = effective_settings(settings.get("erase", {}), config or {}, settings.get("erase_recipes"))
     out = Path(output)
     if out.exists():
         from .errors import TargetNotWritableError

@@ -50,11 +50,17 @@ def erase_cmd(
                                                            "templates, one per line.")] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="paper: the published recipe (ascent only). "
                                                   "anchored: ascent while holding other prompts' conditioning in "
-                                                  "place, with an early stop. [default: the model's, else paper]")] = None,
+                                                  "place, with an early stop. doco: a discriminator teaches the "
+                                                  "encoders to turn the concept's images into its stand-in's, other "
+                                                  "prompts held, with gradient surgery. [default: the model's, else "
+                                                  "paper]")] = None,
+    surgery: Annotated[Num, typer.Option("--surgery", metavar="LAMBDA", help="Gradient surgery: remove this share "
+                                         "(0-1) of the erasing gradient's conflict with holding the anchor and "
+                                         "--keep prompts, per tensor, every step. [default: 1 for doco, else off]")] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="NAME", help="A concept to protect "
-                                                      "(anchored recipe; repeatable).")] = None,
+                                                      "(anchored and doco recipes; repeatable).")] = None,
     stand_in: Annotated[Optional[list[str]], typer.Option("--stand-in", metavar="CONCEPT=WORD", help="What "
-                                                          "takes the concept's place (anchored recipe; "
+                                                          "takes the concept's place (anchored and doco; "
                                                           "repeatable): prompts naming it are held at the same "
                                                           "prompt with WORD instead, so the rest of the prompt "
                                                           "keeps its meaning. WORD may be empty (drop the word) "
@@ -124,7 +130,7 @@ def erase_cmd(
                 raise ErasekitError(f"--stand-in {item!r} is not CONCEPT=WORD", "write it as --stand-in circle=square")
             stand_ins[concept.strip()] = [w.strip() for w in words.split(",")]
         given: dict[str, Any] = {
-            "kind": kind, "templates": tmpl or None, "recipe": recipe, "keep": keep, "stand_ins": stand_ins or None,
+            "kind": kind, "templates": tmpl or None, "recipe": recipe, "surgery": surgery, "keep": keep, "stand_ins": stand_ins or None,
             "anchor_weight": anchor_weight, "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size,
             "draws": draws, "resolution": resolution, "rank": rank, "rank_tol": rank_tol, "max_rank": max_rank,
             "layers": _layers(layers), "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,

@@ -1,0 +1,87 @@
+"""Holding other prompts in place: the penalty on how far the text encoders' output for anchor prompts (everyday
+captions or the model's own list, ``--keep`` concepts, the concept's stand-ins) moves from where it was. The
+anchored and doco recipes add it to their objective; with ``--surgery``, every recipe projects its erasing
+gradient off the directions that would move these prompts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from ..erase_config import GENERIC_ANCHORS, EraseConfig
+
+
+def _phrase(words: str) -> Any:
+    """A case-insensitive regex matching ``words`` as whole words."""
+    return re.compile(rf"(?i)(?<!\w){re.escape(words)}(?!\w)")
+
+
+def replace_words(prompt: str, words: str, by: str) -> str:
+    """``prompt`` with every whole-word ``words`` replaced by ``by``, spaces tidied."""
+    return " ".join(_phrase(words).sub(by, prompt).split())
+
+
+def names(prompt: str, concept: str) -> bool:
+    return bool(_phrase(concept).search(prompt))
+
+
+def anchor_prompts(config: EraseConfig, templates: list[str],
+                   concepts: Sequence[str]) -> tuple[list[str], list[list[str]], Any]:
+    """Prompts whose conditioning is held in place; for each, the prompts whose mean original conditioning it is
+    held at (the prompt itself, or for one naming an erased concept with stand-ins, that prompt with each stand-in
+    in the concept's place; the concept's first templates are added so); and their weights (--keep counts more).
+    An anchor that names an erased concept without a stand-in (or names only part of a concept of several words)
+    is dropped: holding it would fight the erasure."""
+    import torch
+
+    erased = [c.lower() for c in concepts]
+    stand_ins = {k.lower(): v for k, v in config.stand_ins.items()}
+    held: list[tuple[str, list[str], float]] = []
+    for p in (config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS):
+        words = set(p.lower().replace(",", " ").split())
+        named = [c for c in erased if set(c.split()) & words]
+        if not named:
+            held.append((p, [p], 1.0))
+        elif all(c in stand_ins and names(p, c) for c in named):
+            alts = [p]
+            for c in named:
+                alts = [replace_words(a, c, s) for a in alts for s in stand_ins[c]]
+            held.append((p, alts, config.stand_in_weight))
+    seen = {h[0] for h in held}  # the concept in its own templates, held at its stand-ins in the same templates
+    held += [(t.format(c), [replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]], config.stand_in_weight)
+             for c in concepts if c.lower() in stand_ins for t in templates[:4] if t.format(c) not in seen]
+    held += [(k, [k], config.keep_weight) for k in (t.format(k) for k in config.keep for t in templates[:4])]
+    return [h[0] for h in held], [h[1] for h in held], torch.tensor([h[2] for h in held])
+
+
+class Holding:
+    """The held prompts, the conditioning each is held at, and each step's sample of them."""
+
+    def __init__(self, config: EraseConfig, templates: list[str], concepts: list[str], device: Any) -> None:
+        self.config = config
+        self.held, self.references, weights = anchor_prompts(config, templates, concepts)
+        self.weights = weights.to(device)
+        self.chosen: list[int] = []
+
+    def prepare(self, encode: Any) -> None:
+        """The conditioning each held prompt is held at: the mean over its reference prompts, original weights."""
+        import torch
+
+        with torch.no_grad():
+            flat = [r for refs in self.references for r in refs]
+            conds = encode(flat)[0].detach()
+            self.targets = torch.stack([c.mean(0) for c in conds.split([len(r) for r in self.references])])
+
+    def step_prompts(self, gen: Any) -> list[str]:
+        import torch
+
+        n, k = len(self.held), self.config.anchor_batch
+        self.chosen = torch.randperm(n, generator=gen)[:k].tolist() if k else list(range(n))
+        return [self.held[j] for j in self.chosen]
+
+    def penalty(self, conditioning: Any) -> Any:
+        """``anchor_weight`` x the weighted mean squared drift of the step's held prompts."""
+        drift = ((conditioning - self.targets[self.chosen]) ** 2).mean(dim=(1, 2))
+        w = self.weights[self.chosen]
+        return self.config.anchor_weight * (drift * w).sum() / w.sum()

@@ -1,0 +1,119 @@
+"""The doco recipe and gradient surgery: what they compute, what they record, and that doco erases on the
+built-in model without touching its neighbours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from erasekit.cli import app
+from erasekit.erase_config import EraseConfig, effective_settings
+from erasekit.evaluate import EvalConfig, evaluate_model
+from erasekit.patchfile import load_patch
+from erasekit.pipeline import model_settings
+from erasekit.recipes.doco import DoCo, discriminator
+from erasekit.surgery import surgery_grads
+from erasekit.toyworld import builtin_model_path
+from erasekit.unlearn import erase_model
+
+SETTINGS = model_settings(builtin_model_path())
+
+
+def _two_objectives() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Two tensors; on the first the two gradients conflict (cosine < 0), on the second they agree."""
+    p = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    erase = (p[0] * torch.tensor([1.0, 2.0, 0.0])).sum() + (p[1] * torch.tensor([1.0, 1.0])).sum()
+    hold = (p[0] * torch.tensor([-1.0, 0.0, 1.0])).sum() + (p[1] * torch.tensor([2.0, 0.0])).sum()
+    return p, erase, hold
+
+
+def test_surgery_removes_the_conflicting_component_per_tensor() -> None:
+    p, erase, hold = _two_objectives()
+    assert surgery_grads(p, erase, hold, 1.0, hold_counts=False) == 1
+    # [1,2,0] against [-1,0,1]: dot -1, |b|^2 2 -> [1,2,0] + 0.5 [-1,0,1]; orthogonal to the holding gradient now
+    assert torch.allclose(p[0].grad, torch.tensor([0.5, 2.0, 0.5]))
+    assert float(p[0].grad @ torch.tensor([-1.0, 0.0, 1.0])) == 0.0
+    assert torch.equal(p[1].grad, torch.tensor([1.0, 1.0])), "gradients that agree are left alone"
+
+    p, erase, hold = _two_objectives()
+    surgery_grads(p, erase, hold, 0.5, hold_counts=True)
+    assert torch.allclose(p[0].grad, torch.tensor([0.75, 2.0, 0.25]) + torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(p[1].grad, torch.tensor([3.0, 1.0])), "the holding gradient is added where it counts"
+
+
+def test_the_discriminator_fits_any_latent_size() -> None:
+    for size in (4, 8, 64):
+        d = discriminator(4, size)
+        assert d(torch.zeros(2, 4, size, size)).shape[:2] == (2, 1)
+
+
+def test_doco_settings_are_recorded_and_its_surgery_is_on_by_default() -> None:
+    config = EraseConfig(recipe="doco")
+    assert config.surgery == 1.0
+    hp = config.hyperparameters()
+    assert (hp["surgery"], hp["disc_lr"], hp["disc_warmup"]) == (1.0, 1e-4, 10)
+    assert "stop_ratio" not in hp, "doco runs every step: the early stop is not a setting of it"
+    assert EraseConfig(recipe="doco", surgery=0).surgery == 0, "--surgery 0 turns it off"
+    for recipe in ("paper", "anchored"):
+        hp = EraseConfig(recipe=recipe).hyperparameters()
+        assert not {"surgery", "disc_lr", "disc_warmup"} & set(hp), "the other recipes' manifests are as before"
+    hp = EraseConfig(recipe="paper", surgery=0.5).hyperparameters()
+    assert hp["surgery"] == 0.5 and "anchor_prompts" in hp, "paper with surgery records what it kept clear of"
+
+
+def test_a_models_recommendations_for_another_recipe() -> None:
+    config, sources = effective_settings(SETTINGS["erase"], {"recipe": "doco"}, SETTINGS["erase_recipes"])
+    assert (config.recipe, config.steps, config.lr, config.resolution) == ("doco", 40, 3e-3, 32)
+    assert config.stand_ins["circle"] == ["square"] and sources["steps"] == "model"
+    config, _ = effective_settings(SETTINGS["erase"], {"recipe": "paper"}, SETTINGS["erase_recipes"])
+    assert (config.lr, config.stand_ins) == (1e-5, {}), "a recipe the model has no entry for: the published one"
+
+
+def test_doco_anchors_replace_the_concept_by_its_stand_ins() -> None:
+    config = EraseConfig(recipe="doco", stand_ins={"circle": ["square", "star"]})
+    recipe = DoCo(config, ["a photo of a {}"], ["circle", "red"], "cpu")
+    assert recipe.anchors("a red striped circle") == ["a striped square", "a striped star"], \
+        "each erased concept takes its stand-ins; one without (red) is dropped"
+    assert recipe.anchors("a blue square") == ["a blue square"]
+
+
+def test_doco_erases_the_target_and_leaves_its_neighbours(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    out = tmp_path / "circle.erasepatch"
+    report = erase_model(None, ["circle"], None, out, {"recipe": "doco", "steps": 25})
+    assert torch.equal(torch.get_rng_state(), rng), "the discriminator's initialisation leaves torch's generator alone"
+    manifest = load_patch(out).manifest
+    hp = manifest.method.hyperparameters
+    assert manifest.method.name == "wu-2024-doco" and hp["surgery"] == 1.0 and hp["steps"] == 25
+    assert 0 <= hp["surgery_conflicts"] <= 1
+    assert report.steps == 25
+    ev = evaluate_model("circle", [out], config=EvalConfig(n=4))
+    assert ev.target.before >= 0.75 and ev.target.after <= 0.05, "doco erases the circle"
+    assert all(o.change_pp >= -5 for o in ev.others), [(o.concept, o.change_pp) for o in ev.others]
+
+    again = tmp_path / "again.erasepatch"
+    erase_model(None, ["circle"], None, again, {"recipe": "doco", "steps": 25})
+    assert load_patch(again).patch_id == load_patch(out).patch_id, "same seed, same patch"
+
+
+def test_surgery_on_the_anchored_recipe_changes_the_patch_and_is_recorded(tmp_path: Path) -> None:
+    plain, cut = tmp_path / "plain.erasepatch", tmp_path / "cut.erasepatch"
+    erase_model(None, ["circle"], None, plain, {"steps": 6})
+    erase_model(None, ["circle"], None, cut, {"steps": 6, "surgery": 1.0})
+    a, b = load_patch(plain), load_patch(cut)
+    assert "surgery" not in a.manifest.method.hyperparameters
+    assert b.manifest.method.hyperparameters["surgery"] == 1.0
+    assert b.manifest.method.hyperparameters["surgery_conflicts"] > 0, "the anchors' gradient conflicts sometimes"
+    assert a.patch_id != b.patch_id
+
+
+@pytest.mark.parametrize("value", ["1.5", "-1"])
+def test_surgery_outside_0_1_is_refused(tmp_path: Path, value: str) -> None:
+    r = CliRunner().invoke(app, ["erase", "-c", "circle", "--recipe", "doco", "--surgery", value,
+                                 "-o", str(tmp_path / "x.erasepatch")])
+    assert r.exit_code != 0 and "surgery" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not list(tmp_path.iterdir())
