@@ -244,6 +244,56 @@ def test_a_read_only_patch_is_refused_before_anything_is_rendered(golden_copy: P
     assert golden_copy.read_bytes() == GOLDEN.read_bytes()
 
 
+def test_eval_record_through_the_cli_json_then_replace(tmp_path: Path, golden_copy: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's --record path without rendering: the evaluation is the golden file's fixed report."""
+    from erasekit.testing import make_checkpoint
+
+    base = make_checkpoint(tmp_path / "base.safetensors", "single-sd1", "F32", seed=0)  # what v1 was made for
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(maker.PROMPTS) + "\n")
+    seen = {}
+
+    def fake(concept, patches, **kw):  # type: ignore[no-untyped-def]
+        seen.update(concept=concept, patches=patches, **kw)
+        report = maker.report()
+        report.robustness = None  # what --json prints must be a dataclass, and the golden report's is a namespace
+        return report
+
+    monkeypatch.setattr("erasekit.evaluate.evaluate_model", fake)
+    args = ["eval", "-p", str(golden_copy), "-c", "circle", "-m", str(base), "--prompts", str(prompts), "-n", "2",
+            "--steps", "10", "--record"]
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    patch_id = load_patch(GOLDEN).patch_id
+    assert out["recorded"] == {"path": str(golden_copy), "patch_id": patch_id, "evaluations": 1, "replaced": False}
+    assert out["target"] == {"concept": "circle", "before": 1.0, "after": 0.0}
+    assert seen["patches"] == [golden_copy] and seen["model"] == str(base) and seen["config"].steps == 10
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (f"recorded in {golden_copy} (replacing the earlier record of the same settings; 1 recorded; patch id "
+            f"{patch_id[:16]} unchanged)") in r.stdout
+    (ev,) = load_patch(golden_copy).manifest.evaluations
+    assert isinstance(ev, Evaluation) and ev.prompts.texts == maker.PROMPTS and ev.steps == 10
+    assert (ev.model.name, ev.model.match) == ("base.safetensors", "exact") and ev.judge == judge_info(None)
+    assert split(golden_copy)[1] == split(GOLDEN)[1]
+
+
+def test_the_clip_judges_prompts_are_listed_as_eval_renders_them() -> None:
+    clip_judge = pytest.importorskip("erasekit.clip_judge")
+    from erasekit.evidence import eval_prompt_texts
+
+    report = maker.report()
+    report.judge, report.labels, report.attribute = "clip-folder", ["Snoopy", "dog", "cat"], "concept"
+    report.prompts = len({p for p, _ in clip_judge.label_prompts(report.labels, 3)})
+    texts = eval_prompt_texts(report, 3)
+    assert texts[:2] == ["a photo of a Snoopy", "a picture of a Snoopy"] and len(texts) == report.prompts == 6
+    report.prompts = 5
+    with pytest.raises(ErasekitError, match="eval rendered 5 prompts and erasekit lists 6 of them"):
+        eval_prompt_texts(report, 3)
+
+
 # -- inspect ----------------------------------------------------------------------------------------------------------
 
 def test_inspect_shows_recorded_evaluations() -> None:
@@ -300,6 +350,12 @@ def test_erase_eval_record_inspect_on_the_builtin_model(tmp_path: Path) -> None:
     assert (ev.images_per_prompt, ev.steps, ev.seeds, ev.strength) == (1, 2, [1000], 1.0)
     assert ev.prompts.texts is not None and len(ev.prompts.texts) == ev.prompts.count == 5
     assert set(ev.others) == {"cross", "square", "star", "triangle"} and set(ev.attributes) == {"colour", "pattern"}
+    from dataclasses import fields
+
+    from erasekit.evaluate import EvalReport
+
+    if "robustness" in {f.name for f in fields(EvalReport)}:  # eval measures paraphrases on the built-in model
+        assert ev.robustness is not None and ev.robustness.wordings.count >= 1
     r = runner.invoke(app, ["inspect", str(patch)])
     assert r.exit_code == 0 and "evaluations recorded (1, oldest first)" in r.stdout
     assert "toy world  built-in toy world (exact)" in r.stdout
