@@ -1,0 +1,204 @@
+"""Which recipe erases most cleanly (issue 11's bars), on the built-in toy-world model, held-out eval seeds.
+
+    python bench/recipe_table.py                       # everything below, n=16 (about 40 min on 2 busy cores)
+    python bench/recipe_table.py --sections single     # one section; --recipes, --concepts, --seeds, --n narrow it
+    python bench/recipe_table.py --quick               # doco, circle, seed 0, n=2: checks the script runs
+
+Sections, each erase judged with `evaluate_model` (the toy world's judge, `EvalConfig(n)`, seeds 1000 on, which
+the model never trained on; the paraphrase rate is its robustness section):
+
+* single: every recipe x concept (a shape, a colour, a pattern) x erase seed;
+* keep: the recipes in `--bar-recipes` again with `--keep X` (X a fixed neighbour per concept, `KEEP`);
+* multi: the three concepts erased together in one patch, each judged with it;
+* stacked: the three single-concept patches of the same seed applied together, each concept judged with them.
+
+The bars: target rate after <= 5%; every other concept of the attribute and the other attributes' accuracy at
+most 2 pp below the unpatched model's (for multi and stacked, attributes holding another erased concept are
+exempt: erasing "red" must lower colour accuracy); paraphrase rate <= 10%; with --keep X, X at most 1 pp below.
+Every result is appended to `--out` (JSON lines) as it comes, and a rerun with the same file skips what it holds,
+so an interrupted run resumes. The markdown tables at the end are built from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from erasekit.evaluate import EvalConfig, evaluate_model
+from erasekit.toyworld import builtin_model_path
+from erasekit.unlearn import erase_model
+
+# name -> settings laid over the model's erasekit.json (its own recipe's tuning, or its erase_recipes entry)
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"recipe": "paper"},  # the published recipe as published: the reference, not tuned
+    "anchored": {"recipe": "anchored"},
+    "anchored+surgery": {"recipe": "anchored", "surgery": 1.0},
+    "doco": {"recipe": "doco"},
+}
+KEEP = {"circle": "star", "red": "purple", "striped": "hollow"}  # a neighbour to protect per concept
+SECTIONS = ("single", "keep", "multi", "stacked")
+
+
+def bars(ev: Any, erased: set[str], keep: str | None) -> dict[str, Any]:
+    """One judged patch against the bars: the figures and what failed."""
+    others = {o.concept: o.change_pp for o in ev.others}
+    attrs = {a: s.change_pp for a, s in ev.attributes.items()}
+    checked = {a: d for a, d in attrs.items() if not (erased - {ev.concept}) & _values(a)}
+    para = ev.robustness.after if ev.robustness is not None else None
+    fails = []
+    if ev.target.after > 0.05:
+        fails.append(f"target {100 * ev.target.after:.0f}%")
+    fails += [f"{c} {d:+.1f}" for c, d in others.items() if d < -2 and c not in erased]
+    fails += [f"{a} {d:+.1f}" for a, d in checked.items() if d < -2]
+    if para is not None and para > 0.10:
+        fails.append(f"paraphrases {100 * para:.0f}%")
+    if keep is not None and others.get(keep, 0.0) < -1:
+        fails.append(f"kept {keep} {others[keep]:+.1f}")
+    return {"target_before": ev.target.before, "target_after": ev.target.after, "others": others,
+            "attributes": attrs, "paraphrases_before": ev.robustness.before if ev.robustness else None,
+            "paraphrases_after": para, "fails": fails}
+
+
+def _values(attribute: str) -> set[str]:
+    from erasekit.toyworld.render import ATTRIBUTES
+
+    return set(ATTRIBUTES.get(attribute, ()))
+
+
+class Runner:
+    def __init__(self, model: Path, n: int, out: Path, tmp: Path) -> None:
+        self.model, self.n, self.out, self.tmp = model, n, out, tmp
+        self.done = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())} if out.exists() else {}
+        self.patches: dict[str, Path] = {}
+
+    def erase(self, name: str, concepts: list[str], seed: int, extra: dict[str, Any]) -> tuple[Path, float]:
+        out = self.tmp / f"{name}-{'+'.join(concepts)}-{seed}-{len(self.patches)}.erasepatch"
+        report = erase_model(self.model, concepts, None, out, RECIPES[name] | extra | {"seed": seed})
+        return out, report.loop_seconds
+
+    def cell(self, key: str, make: Any) -> dict[str, Any]:
+        if key not in self.done:
+            t = time.perf_counter()
+            row = make() | {"key": key, "seconds": round(time.perf_counter() - t, 1)}
+            with self.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.done[key] = row
+            print(f"  {key}: " + (", ".join(row["fails"]) if row.get("fails") else "PASS")
+                  + f"  ({row['seconds']} s)", flush=True)
+        return self.done[key]
+
+    def judge(self, concept: str, patches: list[Path], erased: set[str], keep: str | None = None) -> dict[str, Any]:
+        ev = evaluate_model(concept, patches, model=self.model, config=EvalConfig(n=self.n))
+        return bars(ev, erased, keep)
+
+    def single(self, name: str, concept: str, seed: int, keep: str | None = None) -> dict[str, Any]:
+        def make() -> dict[str, Any]:
+            out, loop = self.erase(name, [concept], seed, {"keep": [keep]} if keep else {})
+            self.patches[f"{name}/{concept}/{seed}"] = out
+            return self.judge(concept, [out], {concept}, keep) | {"loop_s": round(loop, 2)}
+
+        return self.cell(f"{'keep' if keep else 'single'}/{name}/{concept}/{seed}", make)
+
+    def multi(self, name: str, concepts: list[str], seed: int) -> list[dict[str, Any]]:
+        keys = [f"multi/{name}/{c}/{seed}" for c in concepts]
+        if all(k in self.done for k in keys):
+            return [self.done[k] for k in keys]
+        out, loop = self.erase(name, concepts, seed, {})
+        return [self.cell(k, lambda c=c: self.judge(c, [out], set(concepts)) | {"loop_s": round(loop, 2)})
+                for k, c in zip(keys, concepts)]
+
+    def stacked(self, name: str, concepts: list[str], seed: int) -> list[dict[str, Any]]:
+        keys = [f"stacked/{name}/{c}/{seed}" for c in concepts]
+        if all(k in self.done for k in keys):
+            return [self.done[k] for k in keys]
+        for c in concepts:  # the single-concept patches (made again if an earlier run made them)
+            if f"{name}/{c}/{seed}" not in self.patches:
+                self.patches[f"{name}/{c}/{seed}"] = self.erase(name, [c], seed, {})[0]
+        patches = [self.patches[f"{name}/{c}/{seed}"] for c in concepts]
+        return [self.cell(k, lambda c=c: self.judge(c, patches, set(concepts))) for k, c in zip(keys, concepts)]
+
+
+def summary(rows: list[dict[str, Any]], section: str, names: list[str], concepts: list[str]) -> list[str]:
+    lines = [f"### {section}", "",
+             "| recipe | concept | passed | target after (max) | worst neighbour pp | worst attribute pp "
+             "| paraphrases after (max) | median loop s | failures |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name in names:
+        for c in concepts:
+            got = [r for r in rows if r["key"].startswith(f"{section}/{name}/{c}/")]
+            if not got:
+                continue
+            neighbours = [d for r in got for k, d in r["others"].items() if section != "multi" or k not in concepts]
+            attrs = [d for r in got for d in r["attributes"].values()]
+            para = [r["paraphrases_after"] for r in got if r["paraphrases_after"] is not None]
+            loops = [r["loop_s"] for r in got if "loop_s" in r]
+            fails = "; ".join(f"s{r['key'].rsplit('/', 1)[1]}: {', '.join(r['fails'])}" for r in got if r["fails"])
+            loop = f"{statistics.median(loops):.2f}" if loops else "-"
+            lines.append(f"| {name} | {c} | {sum(not r['fails'] for r in got)}/{len(got)} "
+                         f"| {100 * max(r['target_after'] for r in got):.0f}% "
+                         f"| {min(neighbours, default=0):+.1f} | {min(attrs, default=0):+.1f} "
+                         f"| {f'{100 * max(para):.0f}%' if para else '-'} | {loop} | {fails} |")
+    return lines + [""]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--bar-recipes", default="anchored,doco",
+                    help="the recipes keep, multi and stacked run for (the candidates for the model's default)")
+    ap.add_argument("--concepts", default="circle,red,striped")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--n", type=int, default=16, help="eval images per prompt")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--out", default="bench/out/recipe_table.jsonl", help="results, one JSON line per cell")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="doco, circle, seed 0, n=2, single only, a temporary --out")
+    args = ap.parse_args()
+    if args.quick:
+        args.recipes = args.bar_recipes = "doco"
+        args.concepts, args.seeds, args.n, args.sections = "circle", "0", 2, "single"
+        args.out = str(Path(tempfile.mkdtemp()) / "quick.jsonl")
+    names, bar_names = args.recipes.split(","), args.bar_recipes.split(",")
+    concepts, seeds, sections = args.concepts.split(","), [int(s) for s in args.seeds.split(",")], args.sections.split(",")
+    unknown = [r for r in names + bar_names if r not in RECIPES] + [s for s in sections if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown recipe or section {unknown[0]!r}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"eval n={args.n}; results in {out}; load average at start: {open('/proc/loadavg').read().split()[0]}",
+          flush=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Runner(builtin_model_path(), args.n, out, Path(tmp))
+        for s in seeds:
+            if "single" in sections:
+                for name in names:
+                    for c in concepts:
+                        run.single(name, c, s)
+            for name in bar_names:
+                for c in concepts if "keep" in sections else []:
+                    run.single(name, c, s, keep=KEEP[c])
+                if "multi" in sections and len(concepts) > 1:
+                    run.multi(name, concepts, s)
+                if "stacked" in sections and len(concepts) > 1:
+                    run.stacked(name, concepts, s)
+        rows = [r for r in run.done.values() if int(r["key"].rsplit("/", 1)[1]) in seeds]
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; load average at end: {open('/proc/loadavg').read().strip()}\n")
+    for section in sections:
+        print("\n".join(summary(rows, section, names if section == "single" else bar_names, concepts)))
+    print(f"reproduce: python {' '.join(sys.argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
