@@ -47,6 +47,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper-strong": {"recipe": "paper", "lr": 1e-3},
     # the built-in model's defaults (erasekit.json): the anchored recipe with stand-ins
     "default": {},
+    # DoCo on the text encoders, with the model's recommendations for it (erasekit.json's erase_recipes)
+    "doco": {"recipe": "doco"},
 }
 
 
