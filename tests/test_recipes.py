@@ -44,6 +44,23 @@ def test_surgery_removes_the_conflicting_component_per_tensor() -> None:
     assert torch.equal(p[1].grad, torch.tensor([3.0, 1.0])), "the holding gradient is added where it counts"
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_a_perfect_prediction_gives_back_the_clean_latents(prediction: str) -> None:
+    """What the discriminator sees: the clean latents a UNet output predicts, for both prediction types."""
+    from diffusers import DDPMScheduler
+
+    from erasekit.denoising import Denoiser, Prediction
+
+    d = Denoiser.__new__(Denoiser)
+    d.scheduler = DDPMScheduler(prediction_type=prediction)
+    d.prediction_type = prediction
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    noisy = d.scheduler.add_noise(x0, noise, t)
+    exact = noise if prediction == "epsilon" else d.scheduler.get_velocity(x0, noise, t)
+    assert torch.allclose(Prediction(d, noisy, t, exact, exact).clean(), x0, atol=1e-3)
+
+
 def test_the_discriminator_fits_any_latent_size() -> None:
     for size in (4, 8, 64):
         d = discriminator(4, size)
@@ -117,3 +134,22 @@ def test_surgery_outside_0_1_is_refused(tmp_path: Path, value: str) -> None:
                                  "-o", str(tmp_path / "x.erasepatch")])
     assert r.exit_code != 0 and "surgery" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch, prediction", [("sd1", "epsilon"), ("sdxl", "v_prediction")])
+def test_doco_on_real_architectures_with_user_images(tmp_path: Path, arch: str, prediction: str) -> None:
+    """Templates with the concept's name (no captions), SDXL's added conditioning for the anchors, v-prediction."""
+    from PIL import Image
+
+    from erasekit.testing import make_tiny_pipeline
+
+    model = make_tiny_pipeline(tmp_path / arch, arch=arch, prediction_type=prediction)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (200, 30 + 40 * i, 30)).save(images / f"{i}.png")
+    config = EraseConfig(recipe="doco", resolution=32, lr=1e-3, steps=3, disc_warmup=1, stand_ins={"circle": "dog"},
+                         keep=["cat"])
+    report = erase_model(model, ["circle"], [images], tmp_path / "p.erasepatch", config)
+    assert report.steps == 3 and all(map(torch.isfinite, torch.tensor(report.losses)))
+    assert load_patch(report.output).manifest.method.name == "wu-2024-doco"
