@@ -163,10 +163,13 @@ def erase_cmd(
         out.print(f"  stored low-rank (ranks {min(ranks)}-{max(ranks)}): the text encoders' outputs within "
                   f"{100 * report.output_error:.1f}% of the trained change's, {100 * report.rank_kept:.1f}% of its "
                   "squared norm kept")
+    hp = report.patch.manifest.method.hyperparameters
+    if hp.get("surgery"):
+        out.print(f"  gradient surgery (lambda {hp['surgery']}): {100 * hp['surgery_conflicts']:.0f}% of the tensors' "
+                  "erasing gradients conflicted with holding the other prompts and were projected")
     out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_').replace('_text_model_encoder_', ' ')} ({n:.3g})"
                                            for m, n in report.top_layers))
     if report.sources:
-        hp = report.patch.manifest.method.hyperparameters
         out.print("  settings: " + ", ".join(f"{k} {hp.get(k, '')} ({src})" for k, src in sorted(report.sources.items())
                                              if k in hp and k not in ("anchor_prompts", "stand_ins", "templates"))
                   + "; the rest: defaults (erasekit erase --help)")
