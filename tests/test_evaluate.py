@@ -67,4 +67,9 @@ def test_erase_and_eval_end_to_end_on_the_builtin_model(tmp_path: Path) -> None:
     assert ev.target.before >= 0.75 and ev.target.after == 0, ev.target
     assert all(o.after >= o.before - 1 / 8 for o in ev.others), ev.others
     assert all(a.after >= a.before - 1 / 40 for a in ev.attributes.values()), ev.attributes
+    # the built-in paraphrases ("one circle", "a circle shape", ...): drawn before, erased too (0 of 16 per wording
+    # when measured with n=16, docs/toyworld.md)
+    rb = ev.robustness
+    assert rb is not None and [w.concept for w in rb.wordings][:2] == ["one circle", "circle"], rb
+    assert rb.before >= 0.9 and rb.after <= 0.1, rb
     assert (tmp_path / "grid.png").stat().st_size > 0

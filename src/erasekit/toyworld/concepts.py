@@ -1,5 +1,5 @@
 """What the built-in toy world can be asked about: its concepts by attribute, an image of a concept (for erase),
-and the prompts `erasekit eval` judges."""
+and the prompts `erasekit eval` judges, paraphrases included."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ import numpy as np
 from ..errors import ErasekitError
 from .captions import prompt_for
 from .render import ATTRIBUTES, render
+
+
+# Wordings of a concept that neither erase's templates (erase_config.OBJECT_TEMPLATES) nor the world's training
+# captions (captions.CAPTION_MIX, PREFIXES) use, and that the unpatched built-in model still draws as the concept
+# (before-rates measured in docs/toyworld.md, "Paraphrases"; every one was kept only at >= 70% for every value of
+# its attribute). `erasekit eval` reports the target under them as its robustness; "{}" is the concept.
+PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "shape": ("one {}", "{}", "a {} shape", "a drawing of one {}"),
+    "colour": ("something {}", "a {} thing", "{}", "an object in {}"),
+    "pattern": ("something {}", "a {} thing", "{}", "a {} figure"),
+}
 
 
 def attribute_of(concept: str) -> str:
@@ -27,6 +38,11 @@ def render_concept(concept: str, seed: int) -> tuple[Any, str]:
     attrs = {a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()}
     attrs[attribute_of(concept)] = concept
     return render(attrs["shape"], attrs["colour"], attrs["pattern"], rng), prompt_for(**attrs)
+
+
+def paraphrases_of(concept: str) -> list[str]:
+    """The built-in paraphrase wordings of a concept's attribute (``{}`` where the concept goes)."""
+    return list(PARAPHRASES[attribute_of(concept)])
 
 
 def truth_of(prompt: str) -> dict[str, str]:
