@@ -214,14 +214,20 @@ def test_cli_file_the_bundled_configs_do_not_fit_is_one_line_naming_config(tmp_p
 
 
 def test_cli_eval_takes_config(tmp_path: Path, world: dict[str, Path]) -> None:
+    """A model other than the built-in one is judged by a local CLIP (--judge); without one it is refused."""
+    from test_clip_judge import make_colour_clip
+
     patch = tmp_path / "c.erasepatch"
     r = runner.invoke(app, ["erase", "--model", str(world["file"]), "--config", str(world["configs"]), "--concept",
                             "circle", "--images", str(world["images"]), "--steps", "1", "--resolution", "32", "-o", str(patch)])
     assert r.exit_code == 0, r.output
+    clip = ["--judge", str(make_colour_clip(tmp_path / "clip")), "--keep", "square"]
     r = runner.invoke(app, ["eval", "--model", str(world["file"]), "--config", str(world["configs"]), "--patch",
-                            str(patch), "--concept", "circle", "-n", "1", "--steps", "1", "--json"])
+                            str(patch), "--concept", "circle", *clip, "-n", "1", "--steps", "1", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert report["attribute"] == "shape" and report["prompts"] == 5 and 0 <= report["target"]["after"] <= 1
-    r = runner.invoke(app, ["eval", "--model", str(world["file"]), "--patch", str(patch), "--concept", "circle"])
+    assert report["labels"] == ["circle", "square"] and report["prompts"] == 4 and 0 <= report["target"]["after"] <= 1
+    r = runner.invoke(app, ["eval", "--model", str(world["file"]), "--patch", str(patch), "--concept", "circle", *clip])
     assert r.exit_code == 4 and r.stderr.strip().endswith("width 320; give a config: a local diffusers folder of this model (--config)")
+    r = runner.invoke(app, ["eval", "--model", str(world["file"]), "--patch", str(patch), "--concept", "circle"])
+    assert r.exit_code == 1 and r.stderr.strip().endswith("(--judge)"), r.stderr

@@ -9,10 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (OPTION_FLAGS, ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out,
+from ._common import (ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out,
                       print_json, progress_bar)
 
-OPTION_FLAGS.setdefault("stand_ins", "--stand-in")  # the library's list of stand-ins is this repeatable flag
 
 
 def _pct(x: float) -> str:
@@ -62,15 +61,15 @@ def eval_cmd(
     """Judge a patch before/after: target rate, every other concept, other attributes, paraphrases (built-in
     toy world, or any model with --judge CLIP_FOLDER)."""
     from ..evaluate import EvalConfig, evaluate_model
+    from ..evidence import evaluate_and_record
 
-    if record:  # the same evaluation, then written into the patch
-        from ..evidence import evaluate_and_record as evaluate_model  # type: ignore[assignment]
+    run = evaluate_and_record if record else evaluate_model  # --record: the same evaluation, then written into the patch
 
     with errors():
         config = make_config(EvalConfig, "eval", n=n, seed=seed, steps=steps, guidance=guidance, strength=strength,
                              device=device)
         with progress_bar("rendering", enabled=not as_json) as update:
-            r = evaluate_model(concept, patch, model=model, config=config, prompts_file=prompts,
+            r = run(concept, patch, model=model, config=config, prompts_file=prompts,
                                paraphrases=paraphrases, judge=judge, keep=keep or (), stand_ins=stand_in or (),
                                grid=grid, config_dir=config_dir, prediction_type=prediction_type,
                                progress=lambda done, total: update(done, total, ""))
