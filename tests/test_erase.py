@@ -288,6 +288,18 @@ def test_anchors_naming_the_erased_concept_are_dropped() -> None:
     assert weights.tolist() == [1.0, 1.0, 5.0]
 
 
+def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
+    """--keep X: the model's own prompts naming X count keep_weight, like X in the templates (on the built-in model
+    the templates alone, "a photo of a purple", are not how its world is described)."""
+    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
+
+    cfg = EraseConfig(recipe="anchored", anchor_prompts=["a purple object", "a blue square", "a purpled square"],
+                      keep=["purple"])
+    prompts, _, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["red"])
+    assert prompts == ["a purple object", "a blue square", "a purpled square", "a photo of a purple"]
+    assert weights.tolist() == [5.0, 1.0, 1.0, 5.0]
+
+
 def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
     from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
 

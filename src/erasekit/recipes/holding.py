@@ -30,7 +30,8 @@ def anchor_prompts(config: EraseConfig, templates: list[str],
                    concepts: Sequence[str]) -> tuple[list[str], list[list[str]], Any]:
     """Prompts whose conditioning is held in place; for each, the prompts whose mean original conditioning it is
     held at (the prompt itself, or for one naming an erased concept with stand-ins, that prompt with each stand-in
-    in the concept's place; the concept's first templates are added so); and their weights (--keep counts more).
+    in the concept's place; the concept's first templates are added so); and their weights (--keep counts more:
+    the anchors naming a --keep concept, and the concept in the first four templates).
     An anchor that names an erased concept without a stand-in (or names only part of a concept of several words)
     is dropped: holding it would fight the erasure."""
     import torch
@@ -41,8 +42,8 @@ def anchor_prompts(config: EraseConfig, templates: list[str],
     for p in (config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS):
         words = set(p.lower().replace(",", " ").split())
         named = [c for c in erased if set(c.split()) & words]
-        if not named:
-            held.append((p, [p], 1.0))
+        if not named:  # an anchor naming a --keep concept counts as much as the concept's own template prompts
+            held.append((p, [p], config.keep_weight if any(names(p, k) for k in config.keep) else 1.0))
         elif all(c in stand_ins and names(p, c) for c in named):
             alts = [p]
             for c in named:
