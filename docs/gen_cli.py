@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from erasekit.cli import app
 
-COMMANDS = ["erase", "generate", "eval", "inspect", "apply", "diff", "export"]
+COMMANDS = ["erase", "generate", "eval", "inspect", "apply", "diff", "merge", "export"]
 OUT = Path(__file__).with_name("cli.md")
 
 

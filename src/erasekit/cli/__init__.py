@@ -12,6 +12,7 @@ from . import eval as _eval
 from . import export as _export
 from . import generate as _generate
 from . import inspect as _inspect
+from . import merge as _merge
 
 app = typer.Typer(
     name="erasekit",
@@ -42,6 +43,7 @@ app.command("eval")(_eval.eval_cmd)
 app.command("inspect")(_inspect.inspect_cmd)
 app.command("apply")(_apply.apply_cmd)
 app.command("diff")(_diff.diff_cmd)
+app.command("merge")(_merge.merge_cmd)
 app.command("export")(_export.export_cmd)
 
 
