@@ -168,6 +168,11 @@ def test_low_rank_inputs_are_concatenated_exactly(tmp_path: Path, base: Path) ->
     apply_to_checkpoint([tmp_path / "m.erasepatch"], base, output=tmp_path / "merged.safetensors")
     apply_to_checkpoint([a, b], base, output=tmp_path / "ab.safetensors")
     assert_same_weights(tmp_path / "merged.safetensors", tmp_path / "ab.safetensors")
+    # strengths are folded into the up factors
+    merge_patches([a, b], tmp_path / "scaled.erasepatch", strengths=[0.5, -2])
+    apply_to_checkpoint([tmp_path / "scaled.erasepatch"], base, output=tmp_path / "scaled.safetensors")
+    apply_to_checkpoint([a, b], base, output=tmp_path / "ab-scaled.safetensors", strength=[0.5, -2])
+    assert_same_weights(tmp_path / "scaled.safetensors", tmp_path / "ab-scaled.safetensors")
 
     # dense on request; rank N projects the sum (what it lost is recorded); dense and low-rank inputs sum dense
     merge_patches([a, b], tmp_path / "dense.erasepatch", rank="dense")
@@ -218,3 +223,15 @@ def test_recorded_evaluations_are_not_carried_over(tmp_path: Path) -> None:
     golden = load_patch(GOLDEN / "v1.erasepatch")
     d = f"{M}0_mlp_fc1"
     assert np.array_equal(m.weight_delta(d), golden.weight_delta(d) * 2)
+
+
+def test_the_same_base_at_another_precision_merges(tmp_path: Path, base: Path, ab: tuple[Path, Path]) -> None:
+    base16 = make_checkpoint(tmp_path / "base16.safetensors", "single-sd1", "F16")
+    half = make_patch(tmp_path, base16, "half", [1], 4, ["square"], dtype="F16")
+    before = snapshot(tmp_path)
+    report = merge_patches([ab[0], half], tmp_path / "m.erasepatch")
+    assert any("same base at different precisions (F32, F16)" in n for n in report.notes)
+    m = load_patch(tmp_path / "m.erasepatch")
+    assert m.manifest.base.tensors[f"{SHARED}.weight"] == load_patch(ab[0]).manifest.base.tensors[f"{SHARED}.weight"]
+    assert report.dtype == "F32" and [c.name for c in m.manifest.concepts] == ["circle", "square"]
+    assert snapshot(tmp_path) == {**before, "m.erasepatch": snapshot(tmp_path / "m.erasepatch")["m.erasepatch"]}
