@@ -32,6 +32,14 @@ def inspect_cmd(
         _render_checkpoint(result)
 
 
+
+def _setting(name: str, value: object) -> object:
+    """A manifest setting as the method line shows it: a merge's inputs by title, short id and strength."""
+    if name == "patches" and isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        return "[" + ", ".join(f"{p.get('title')} ({str(p.get('patch_id'))[:12]}) x{p.get('strength')}"
+                               for p in value) + "]"
+    return value
+
 def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
     warn(r.warnings)
     out.print(f"Patch {r.path}  ({human_bytes(r.size_bytes)}, format v{r.format_version}, "
@@ -39,7 +47,7 @@ def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
     out.print(f"  title      {r.title}")
     if r.concepts:
         out.print("  concepts   " + ", ".join(f"{c['name']} ({c['kind']})" for c in r.concepts))
-    hp = " ".join(f"{k}={v}" for k, v in r.method.get("hyperparameters", {}).items() if k != "left_out")
+    hp = " ".join(f"{k}={_setting(k, v)}" for k, v in r.method.get("hyperparameters", {}).items() if k != "left_out")
     seed = f" seed={r.method['seed']}" if r.method.get("seed") is not None else ""
     out.print(f"  method     {r.method['name']} {hp}{seed}".rstrip())
     encs = ", ".join(f"{s} ({e['hidden']}x{e['intermediate']}, {e['layers']} layers)" for s, e in r.encoders.items())
