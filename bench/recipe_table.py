@@ -10,7 +10,9 @@ the model never trained on; the paraphrase rate is its robustness section):
 * single: every recipe x concept (a shape, a colour, a pattern) x erase seed;
 * keep: the recipes in `--bar-recipes` again with `--keep X` (X a fixed neighbour per concept, `KEEP`);
 * multi: the three concepts erased together in one patch, each judged with it;
-* stacked: the three single-concept patches of the same seed applied together, each concept judged with them.
+* stacked: the three single-concept patches of the same seed applied together, each concept judged with them;
+* sequential: the same stack, each patch erased `--after` the ones before it (circle; red after circle; striped
+  after both).
 
 The bars: target rate after <= 5%; every other concept of the attribute and the other attributes' accuracy at
 most 2 pp below the unpatched model's (for multi and stacked, attributes holding another erased concept are
@@ -42,7 +44,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "doco": {"recipe": "doco"},
 }
 KEEP = {"circle": "star", "red": "purple", "striped": "hollow"}  # a neighbour to protect per concept
-SECTIONS = ("single", "keep", "multi", "stacked")
+SECTIONS = ("single", "keep", "multi", "stacked", "sequential")
 
 
 def bars(ev: Any, erased: set[str], keep: str | None) -> dict[str, Any]:
@@ -77,9 +79,10 @@ class Runner:
         self.done = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())} if out.exists() else {}
         self.patches: dict[str, Path] = {}
 
-    def erase(self, name: str, concepts: list[str], seed: int, extra: dict[str, Any]) -> tuple[Path, float]:
-        out = self.tmp / f"{name}-{'+'.join(concepts)}-{seed}-{len(self.patches)}.erasepatch"
-        report = erase_model(self.model, concepts, None, out, RECIPES[name] | extra | {"seed": seed})
+    def erase(self, name: str, concepts: list[str], seed: int, extra: dict[str, Any],
+              after: list[Path] | None = None) -> tuple[Path, float]:
+        out = self.tmp / f"{name}-{'+'.join(concepts)}-{seed}-{len(self.patches)}-{len(after or [])}.erasepatch"
+        report = erase_model(self.model, concepts, None, out, RECIPES[name] | extra | {"seed": seed}, after=after or ())
         return out, report.loop_seconds
 
     def cell(self, key: str, make: Any) -> dict[str, Any]:
@@ -121,6 +124,16 @@ class Runner:
             if f"{name}/{c}/{seed}" not in self.patches:
                 self.patches[f"{name}/{c}/{seed}"] = self.erase(name, [c], seed, {})[0]
         patches = [self.patches[f"{name}/{c}/{seed}"] for c in concepts]
+        return [self.cell(k, lambda c=c: self.judge(c, patches, set(concepts))) for k, c in zip(keys, concepts)]
+
+
+    def sequential(self, name: str, concepts: list[str], seed: int) -> list[dict[str, Any]]:
+        keys = [f"sequential/{name}/{c}/{seed}" for c in concepts]
+        if all(k in self.done for k in keys):
+            return [self.done[k] for k in keys]
+        patches: list[Path] = []
+        for c in concepts:
+            patches.append(self.erase(name, [c], seed, {}, after=list(patches))[0])
         return [self.cell(k, lambda c=c: self.judge(c, patches, set(concepts))) for k, c in zip(keys, concepts)]
 
 
@@ -192,6 +205,8 @@ def main() -> int:
                     run.multi(name, concepts, s)
                 if "stacked" in sections and len(concepts) > 1:
                     run.stacked(name, concepts, s)
+                if "sequential" in sections and len(concepts) > 1:
+                    run.sequential(name, concepts, s)
         rows = [r for r in run.done.values() if int(r["key"].rsplit("/", 1)[1]) in seeds]
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; load average at end: {open('/proc/loadavg').read().strip()}\n")
     for section in sections:

@@ -153,3 +153,48 @@ def test_doco_on_real_architectures_with_user_images(tmp_path: Path, arch: str, 
     report = erase_model(model, ["circle"], [images], tmp_path / "p.erasepatch", config)
     assert report.steps == 3 and all(map(torch.isfinite, torch.tensor(report.losses)))
     assert load_patch(report.output).manifest.method.name == "wu-2024-doco"
+
+
+def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_same_base(tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import snapshot
+    from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+    from erasekit.pipeline import load_pipeline
+    from erasekit.toyworld.concepts import render_concept
+    from erasekit.unlearn import erase
+
+    circle, red, alone = tmp_path / "circle.erasepatch", tmp_path / "red.erasepatch", tmp_path / "alone.erasepatch"
+    erase_model(None, ["circle"], None, circle, {"steps": 4})
+    r = CliRunner().invoke(app, ["erase", "-c", "red", "--steps", "4", "--after", str(circle), "-o", str(red)])
+    assert r.exit_code == 0, r.output
+    erase_model(None, ["red"], None, alone, {"steps": 4})
+    a, b, c = load_patch(circle), load_patch(red), load_patch(alone)
+    assert b.manifest.method.hyperparameters["after"] == [{"patch_id": a.patch_id, "title": a.title}]
+    assert b.manifest.base.tensors == c.manifest.base.tensors == a.manifest.base.tensors, "the base is the model's own"
+    assert b.patch_id != c.patch_id, "it learned with the circle patch in place"
+    shown = CliRunner().invoke(app, ["inspect", str(red)])
+    assert f"after=[{a.title} ({a.patch_id[:12]})]" in " ".join(shown.stdout.split())
+
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_path(), model)
+    before = snapshot(model)
+    report = apply_to_checkpoint([circle, red], model, in_place=True)
+    assert [p.fingerprint for p in report.applied] == ["exact", "exact"]
+    revert_from_checkpoint(red, model)
+    revert_from_checkpoint(circle, model)
+    assert snapshot(model) == before
+
+    pipe, _ = load_pipeline(builtin_model_path())
+    weights = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    erase(pipe, ["red"], [[render_concept("red", i) for i in range(2)]], EraseConfig(resolution=32, steps=1),
+          after=[a])
+    assert all(torch.equal(weights[k], v) for k, v in pipe.text_encoder.state_dict().items()), \
+        "the earlier patches are taken off again"
+    assert not getattr(pipe, "_erasekit_applied", None)
+
+
+def test_a_missing_after_patch_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["erase", "-c", "red", "--steps", "1", "--after", str(tmp_path / "missing.erasepatch"),
+                                 "-o", str(tmp_path / "red.erasepatch")])
+    assert r.exit_code != 0 and "missing.erasepatch" in r.output and not (tmp_path / "red.erasepatch").exists()

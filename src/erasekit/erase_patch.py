@@ -21,6 +21,7 @@ class Trained:
     te_dtypes: dict[str, Any]
     dense: dict[tuple[str, str], Any] = field(default_factory=dict)
     factors: dict[str, Any] = field(default_factory=dict)
+    base: dict[tuple[str, str], Any] | None = None  # the values the patch is for, where not the originals (--after)
 
     def take_deltas(self) -> None:
         self.dense = {(m, kind): (p.detach().cpu() - self.originals[(m, kind)]).numpy() for m, kind, p in self.params}
@@ -61,7 +62,7 @@ def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trai
             dtype, shape = wf.tensor_info()[key]
             fps[f"{m}.{kind}"] = fingerprint(wf.read_raw(key), dtype, shape)
         else:  # of the weights as they were in memory
-            orig = trained.originals[(m, kind)].to(trained.te_dtypes[slot])
+            orig = (trained.base or trained.originals)[(m, kind)].to(trained.te_dtypes[slot])
             fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
     hp = config.hyperparameters() | ran
     manifest = new_manifest(

@@ -149,18 +149,22 @@ def _gradient_checkpointing(unet: Any, on: bool) -> Iterator[None]:
 
 
 def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], config: EraseConfig, *,
-          progress: Callable[[StepInfo], None] | None = None, base_files: Any = None) -> EraseReport:
+          progress: Callable[[StepInfo], None] | None = None, base_files: Any = None,
+          after: Sequence[Any] = ()) -> EraseReport:
     """Erase ``concepts`` from ``pipe`` (a loaded SD1.x, SD2.x or SDXL pipeline) using ``images[i]`` for concept i.
 
     ``images`` holds PIL images or paths, or ``(image, caption)`` pairs whose caption is used instead of the
     templates (the built-in world knows what it drew). Returns an :class:`EraseReport` whose ``patch`` is an unsaved
     :class:`~erasekit.patchfile.Patch`; the pipeline is given back as it was (weights, dtypes, flags, modes).
     ``base_files`` (a detected :class:`~erasekit.layouts.Checkpoint`) makes the base fingerprints those
-    of the files on disk, so the patch applies "exact" to them.
+    of the files on disk, so the patch applies "exact" to them. ``after``: patches (:class:`~erasekit.patchfile.Patch`)
+    the new one will be stacked on, applied in memory for the erase: it learns what is left to erase with them in
+    place, and records them (``after`` in its settings). Its base is still the model without them.
     """
     import torch
 
     from ._torch import kept_as_found, native_bf16
+    from .memory import patches_applied
 
     t_start = time.perf_counter()
     clock = _Clock()
@@ -199,40 +203,44 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
             te.to(torch.float32)
         trained = Trained([p for slot, te in cond_of.trained.items() for p in trainable(
             slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot))], {}, te_dtypes)
-        trained.originals = {(m, k): p.detach().to('cpu', copy=True) for m, k, p in trained.params}
-        try:
-            check = _ForgetCheck(config, denoiser, draws, cond_of, len(loaded), clock) if config.forget_check else None
-            with clock("compress"):  # what the encoders give the UNet before the erase, to measure the stored form on
-                compaction = (Compaction(config, templates, concepts, captions, cond_of, device)
-                              if config.rank != "dense" else None)
-            recipe = make_recipe(config, templates, list(concepts), device)
-            recipe.prepare(lambda prompts: cond_of(prompts, device), draws.every_prompt())
-            with clock("loop"):
-                losses, conflicts = _loop(config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress)
-            after = check.after() if check else None
-            trained.take_deltas()
-            output_error = 0.0
-            if compaction:
-                with clock("compress"):
-                    trained.factors, output_error = compaction.factors(trained.params, trained.originals)
-            ran = {"steps_run": len(losses), "stopped_early": recipe.should_stop(losses),
-                   "prediction_type": denoiser.prediction_type,
-                   "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32"}
-            ran |= {"output_error": round(output_error, 6)} if compaction else {}
-            if config.surgery:  # the share of (step, tensor) gradients that conflicted and were projected
-                ran["surgery_conflicts"] = round(conflicts / max(1, len(losses) * len(trained.params)), 4)
-            with clock("patch"):
-                patch = build_patch(config, concepts, cond_of, trained, base_files, ran,
-                                    {"images_sha256": images_sha, "num_images": len(loaded),
-                                     "duration_s": round(clock.seconds["loop"], 3)})
-        finally:  # the trained values back; kept_as_found gives back dtypes, flags and modes
-            trained.restore()
+        if after:  # the patch is for the weights before the earlier patches: a stack is judged against those
+            trained.base = {(m, k): p.detach().to('cpu', copy=True) for m, k, p in trained.params}
+        with patches_applied(pipe, after):  # an erase after other patches learns on top of them
+            trained.originals = {(m, k): p.detach().to('cpu', copy=True) for m, k, p in trained.params}
+            try:
+                check = _ForgetCheck(config, denoiser, draws, cond_of, len(loaded), clock) if config.forget_check else None
+                with clock("compress"):  # what the encoders give the UNet before the erase, to measure the stored form on
+                    compaction = (Compaction(config, templates, concepts, captions, cond_of, device)
+                                  if config.rank != "dense" else None)
+                recipe = make_recipe(config, templates, list(concepts), device)
+                recipe.prepare(lambda prompts: cond_of(prompts, device), draws.every_prompt())
+                with clock("loop"):
+                    losses, conflicts = _loop(config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress)
+                forget_after = check.after() if check else None
+                trained.take_deltas()
+                output_error = 0.0
+                if compaction:
+                    with clock("compress"):
+                        trained.factors, output_error = compaction.factors(trained.params, trained.originals)
+                ran = {"steps_run": len(losses), "stopped_early": recipe.should_stop(losses),
+                       "prediction_type": denoiser.prediction_type,
+                       "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32"}
+                ran |= {"output_error": round(output_error, 6)} if compaction else {}
+                ran |= {"after": [{"patch_id": p.patch_id, "title": p.title} for p in after]} if after else {}
+                if config.surgery:  # the share of (step, tensor) gradients that conflicted and were projected
+                    ran["surgery_conflicts"] = round(conflicts / max(1, len(losses) * len(trained.params)), 4)
+                with clock("patch"):
+                    patch = build_patch(config, concepts, cond_of, trained, base_files, ran,
+                                        {"images_sha256": images_sha, "num_images": len(loaded),
+                                         "duration_s": round(clock.seconds["loop"], 3)})
+            finally:  # the trained values back; kept_as_found gives back dtypes, flags and modes
+                trained.restore()
 
     norms = {m: float(np.linalg.norm(trained.dense[(m, "weight")])) for m in patch.manifest.deltas}
     kept = (sum(trained.factors[m].kept * n ** 2 for m, n in norms.items()) / (sum(n ** 2 for n in norms.values()) or 1.0)
             if trained.factors else None)
     return EraseReport(list(concepts), None, len(losses), _window_mean(losses, end=False), _window_mean(losses, end=True),
-                       losses, check.before if check else None, after, clock.seconds["loop"],
+                       losses, check.before if check else None, forget_after, clock.seconds["loop"],
                        time.perf_counter() - t_start, 0, len(loaded), str(device),
                        sorted(norms.items(), key=lambda x: -x[1])[:5], kept, output_error, patch, timings=clock.seconds)
 
@@ -321,9 +329,11 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
                 images: Sequence[str | os.PathLike] | str | None, output: str | os.PathLike,
                 config: EraseConfig | dict[str, Any] | None = None, *, num_images: int = 4,
                 config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
+                after: Sequence[str | os.PathLike] = (),
                 progress: Callable[[StepInfo], None] | None = None) -> EraseReport:
     """The ``erasekit erase`` job: load the model (default: the built-in one), gather the images, erase, and
-    write the patch atomically to ``output``.
+    write the patch atomically to ``output``. ``after``: patch files the new patch will be stacked on (see
+    :func:`erase`).
 
     ``images``: one folder per concept; ``"auto"`` renders ``num_images`` per concept with the unmodified
     model; ``None`` is allowed for the built-in toy world, whose renderer draws the concept.
@@ -341,7 +351,7 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
         for library in ("torch", "diffusers"):
             importlib.import_module(library)
     from .hub import resolve_model
-    from .patchfile import save_patch
+    from .patchfile import load_patch, save_patch
     from .toyworld import builtin_model_path
     from .ui_export import ui_advice
 
@@ -369,13 +379,14 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
             raise ErasekitError(f"{len(concepts)} concepts but {len(dirs)} image folders",
                                 "give one image folder per concept, in the same order, or 'auto'", option="images")
         groups = [find_images(d) for d in dirs]
+    earlier = [load_patch(p) for p in after]  # read before the model is loaded: a bad patch should fail fast
     if images is None:
         from .toyworld.concepts import render_concept
 
         groups = [[render_concept(c, seed=config.seed * 1000 + i) for i in range(num_images)] for c in concepts]
     with model_threads(model):
         report = _erase_loaded(model, concepts, groups, config, clock, num_images=num_images, config_dir=config_dir,
-                               prediction_type=prediction_type, progress=progress)
+                               prediction_type=prediction_type, after=earlier, progress=progress)
     with clock("save"):
         save_patch(report.patch, out)
     report.output, report.patch_bytes = str(out), out.stat().st_size
@@ -389,7 +400,7 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
 
 def _erase_loaded(model: Any, concepts: Sequence[str], groups: list[list[Any]] | None, config: EraseConfig,
                   clock: _Clock, *, num_images: int, config_dir: Any, prediction_type: str | None,
-                  progress: Callable[[StepInfo], None] | None) -> EraseReport:
+                  after: Sequence[Any], progress: Callable[[StepInfo], None] | None) -> EraseReport:
     """Load the model, draw the images when asked to (``groups`` None), erase."""
     import torch
 
@@ -407,5 +418,5 @@ def _erase_loaded(model: Any, concepts: Sequence[str], groups: list[list[Any]] |
         with clock("render"), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             groups = [[render(pipe, concept_prompt(c, config.kind), seed=config.seed + i, resolution=None)
                        for i in range(num_images)] for c in concepts]
-    return erase(pipe, concepts, groups, config, progress=progress, base_files=ckpt)
+    return erase(pipe, concepts, groups, config, progress=progress, base_files=ckpt, after=after)
 

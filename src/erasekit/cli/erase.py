@@ -57,6 +57,11 @@ def erase_cmd(
     surgery: Annotated[Num, typer.Option("--surgery", metavar="LAMBDA", help="Gradient surgery: remove this share "
                                          "(0-1) of the erasing gradient's conflict with holding the anchor and "
                                          "--keep prompts, per tensor, every step. [default: 1 for doco, else off]")] = None,
+    after: Annotated[Optional[list[Path]], typer.Option("--after", metavar="PATCH", help="A patch this one will be "
+                                                        "stacked on (repeatable, in the order they are applied): the "
+                                                        "erase runs with them applied and learns what is left; stack "
+                                                        "them in that order. Several concepts erased one after another "
+                                                        "so stay erased together.")] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="NAME", help="A concept to protect "
                                                       "(anchored and doco recipes; repeatable).")] = None,
     stand_in: Annotated[Optional[list[str]], typer.Option("--stand-in", metavar="CONCEPT=WORD", help="What "
@@ -144,7 +149,8 @@ def erase_cmd(
         overrides |= {k: True for k, on in (("forget_check", forget_check), ("checkpointing", checkpointing)) if on}
         src = None if images is None else "auto" if images == ["auto"] else images
         with progress_bar("erasing", enabled=not as_json) as update:
-            report = erase_model(model, concept, src, output, overrides, num_images=num_images, config_dir=config_dir, prediction_type=prediction_type,
+            report = erase_model(model, concept, src, output, overrides, num_images=num_images, config_dir=config_dir,
+                                 prediction_type=prediction_type, after=after or (),
                                  progress=lambda s: update(s.step, s.total, f"loss {s.loss:.4f}  "
                                                                             f"{s.step / max(s.seconds, 1e-9):.1f} it/s"))
     if as_json:

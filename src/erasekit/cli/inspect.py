@@ -34,10 +34,11 @@ def inspect_cmd(
 
 
 def _setting(name: str, value: object) -> object:
-    """A manifest setting as the method line shows it: a merge's inputs by title, short id and strength."""
-    if name == "patches" and isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        return "[" + ", ".join(f"{p.get('title')} ({str(p.get('patch_id'))[:12]}) x{p.get('strength')}"
-                               for p in value) + "]"
+    """A manifest setting as the method line shows it: a merge's inputs, or the patches an erase was made after,
+    by title and short id (and strength)."""
+    if name in ("patches", "after") and isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        return "[" + ", ".join(f"{p.get('title')} ({str(p.get('patch_id'))[:12]})"
+                               + (f" x{p['strength']}" if "strength" in p else "") for p in value) + "]"
     return value
 
 def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
