@@ -179,8 +179,10 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     model = tmp_path / "model"
     shutil.copytree(builtin_model_path(), model)
     before = snapshot(model)
+    alone_first = apply_to_checkpoint([red], model, output=tmp_path / "red-only")
+    assert any("was made to be applied after 'circle erased'" in w for w in alone_first.warnings)
     report = apply_to_checkpoint([circle, red], model, in_place=True)
-    assert [p.fingerprint for p in report.applied] == ["exact", "exact"]
+    assert [p.fingerprint for p in report.applied] == ["exact", "exact"] and not report.warnings
     revert_from_checkpoint(red, model)
     revert_from_checkpoint(circle, model)
     assert snapshot(model) == before
@@ -192,6 +194,10 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     assert all(torch.equal(weights[k], v) for k, v in pipe.text_encoder.state_dict().items()), \
         "the earlier patches are taken off again"
     assert not getattr(pipe, "_erasekit_applied", None)
+
+    from erasekit.memory import apply_patch, revert_patch
+    assert any("applied after" in w for w in apply_patch(pipe, b).warnings), "in memory too"
+    revert_patch(pipe, b)
 
 
 def test_a_missing_after_patch_is_refused_and_nothing_is_written(tmp_path: Path) -> None:

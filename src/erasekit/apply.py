@@ -35,7 +35,8 @@ from ._parallel import map_threads
 from .journal import Entry, Journal, TensorAt, TensorRecord, copy_journal, journal_dir
 from .undo_record import DeltaParts, UndoTensor, add_term, delta_of, scaled, sha256, undo_record
 from .hub import in_hub_cache, resolve_model
-from .compat import STATUS_RANK, FingerprintStatus, Touch, crossing_note, judge_fingerprints, slot_map, touches
+from .compat import (STATUS_RANK, FingerprintStatus, Touch, crossing_note, judge_fingerprints, order_notes, slot_map,
+                     touches)
 from .layouts import Checkpoint, WeightFile, detect
 from .patchfile import Patch, compare_fingerprint, fingerprint, load_patch, now_iso
 
@@ -341,6 +342,7 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
     warnings = [w for p in loaded for w in p.warnings]
     warnings += [n for p in loaded
                  if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))]
+    warnings += order_notes(loaded, [e.patch_id for e in Journal(ckpt.path, {}).committed])
     if in_place:
         _check_writable(ckpt)
         applied, written = _apply_in_place(ckpt, loaded, strengths, force, where)

@@ -7,6 +7,7 @@ encoder of equal FFN shapes. Torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,3 +95,19 @@ def judge_fingerprints(patch: Patch, actual: dict[str, Any], force: bool, where:
                 differing, len(statuses))
         return "forced", differing
     return ("approx" if "approx" in statuses else "exact"), 0
+
+
+def order_notes(patches: Sequence[Patch], applied_ids: Sequence[str]) -> list[str]:
+    """For each patch made ``--after`` others (its ``after`` setting): a note when one of those is neither already
+    applied (``applied_ids``) nor earlier in ``patches``. It was trained with them in place and measured so."""
+    notes, present = [], list(applied_ids)
+    for p in patches:
+        after = p.manifest.method.hyperparameters.get("after")
+        wanted = [a for a in after if isinstance(a, dict)] if isinstance(after, list) else []
+        missing = [a for a in wanted if a.get("patch_id") not in present]
+        if missing:
+            names = ", ".join(f"'{a.get('title')}' ({str(a.get('patch_id'))[:12]})" for a in missing)
+            notes.append(f"patch '{p.title}' was made to be applied after {names}, which is not applied before it: "
+                         "apply them first, in the order they were made")
+        present.append(p.patch_id)
+    return notes

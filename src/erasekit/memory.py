@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
-from .compat import Touch, judge_fingerprints, slot_map, touches
+from .compat import Touch, judge_fingerprints, order_notes, slot_map, touches
 from .errors import IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError
 from .layouts import EncoderSpec
 from .patchfile import Patch, fingerprint
@@ -101,11 +101,12 @@ def apply_patch(model: Any, patch: Patch | str | os.PathLike, strength: float = 
     if stack is None:
         stack = []
         object.__setattr__(model, _MEMORY_ATTR, stack)
+    notes = order_notes([patch], [rec["patch_id"] for rec in stack])
     stack.append({"patch_id": patch.patch_id, "title": patch.title, "strength": strength, "originals": originals})
     written = sum(t.numel() * t.element_size() for t in news.values())
     return ApplyReport(where, "in-memory", arch, where, True,
                        [AppliedPatch(patch.title, patch.patch_id, strength, len(news), status, differing)], written,
-                       time.perf_counter() - t0, list(patch.warnings))
+                       time.perf_counter() - t0, list(patch.warnings) + notes)
 
 
 def _memory_pristine(model: Any, slot: str, key: str, current: Any) -> Any:
