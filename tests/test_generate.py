@@ -51,6 +51,21 @@ def test_compare_uses_the_same_seeds(tmp_path: Path, setup: tuple[Path, Path]) -
     assert [i.patched for i in r.images] == [False, True]
 
 
+def test_a_batch_of_seeds_gives_the_images_of_one_seed_at_a_time(tmp_path: Path, setup: tuple[Path, Path]) -> None:
+    """--batch-size renders a prompt's seeds in one pipeline call; each keeps its own noise, so the pictures are those
+    of batch 1 (up to a last-bit difference of the batched arithmetic: at most 2 levels of 255)."""
+    model, patch = setup
+    one = generate_model(model, ["a circle"], tmp_path / "one", GenerateConfig(n=3, steps=3), patches=[patch])
+    three = generate_model(model, ["a circle"], tmp_path / "three", GenerateConfig(n=3, steps=3, batch_size=3),
+                           patches=[patch])
+    assert [Path(i.path).name for i in three.images] == [Path(i.path).name for i in one.images]
+    for a, b in zip(one.images, three.images):
+        x, y = (np.asarray(Image.open(i.path)).astype(int) for i in (a, b))
+        assert np.abs(x - y).max() <= 2
+    first, second = (np.asarray(Image.open(i.path)) for i in three.images[:2])
+    assert not np.array_equal(first, second), "every seed its own picture"
+
+
 def test_bad_inputs(tmp_path: Path, setup: tuple[Path, Path]) -> None:
     model, _ = setup
     with pytest.raises(ErasekitError, match="compare needs at least one patch"):

@@ -228,7 +228,7 @@ def _render_both(pipe: Any, patches: list[Any], prompts: list[str], seeds: list[
                  progress: Callable[[int, int], None] | None) -> tuple[list[Any], list[Any]]:
     """The images of ``prompts`` on ``seeds`` without the patches, then with them."""
     from .memory import patches_applied
-    from .toyworld.measure import render_batch
+    from .sampling import render_batch
 
     total, done = 2 * len(prompts), 0
 

@@ -27,6 +27,7 @@ class GenerateConfig(BaseModel):
     strength: float = 1.0
     compare: bool = False
     device: str = "auto"
+    batch_size: int = Field(1, ge=1)  # seeds of a prompt rendered in one pipeline call (GPUs); same images
 
 
 @dataclass
@@ -52,12 +53,26 @@ def concept_prompt(concept: str, kind: str = "object") -> str:
 
 def render(pipe: Any, prompt: str, *, seed: int, resolution: int | None, steps: int = 25, guidance: float = 7.5) -> Any:
     """One image, seeded on the CPU so the same seed gives the same picture on any device."""
+    return render_batch(pipe, [prompt], [seed], resolution=resolution, steps=steps, guidance=guidance)[0]
+
+
+def render_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, resolution: int | None = None,
+                 steps: int = 25, guidance: float = 7.5, batch_size: int = 64,
+                 progress: Callable[[int], None] | None = None) -> list[Any]:
+    """Images for (prompt, seed) pairs, ``batch_size`` per pipeline call. Each image has its own CPU generator, so
+    its initial noise does not depend on the batch (the arithmetic of a batch may round differently in the last
+    bits)."""
     import torch
 
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    gen = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                generator=gen).images[0]
+    images: list[Any] = []
+    for i in range(0, len(prompts), batch_size):
+        p, s = list(prompts[i:i + batch_size]), seeds[i:i + batch_size]
+        images += pipe(p, generator=[torch.Generator().manual_seed(x) for x in s], num_inference_steps=steps,
+                       guidance_scale=guidance, height=size, width=size).images
+        if progress:
+            progress(len(p))
+    return images
 
 
 def _slug(text: str) -> str:
@@ -129,9 +144,9 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
         with patches_applied(pipe, loaded if patched else [], config.strength):
             for prompt in prompts:
                 imgs = []
-                for seed in seeds:
-                    img = render(pipe, prompt, seed=seed, resolution=config.resolution, steps=config.steps,
-                                 guidance=config.guidance)
+                rendered = render_batch(pipe, [prompt] * len(seeds), seeds, resolution=config.resolution,
+                                        steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
+                for seed, img in zip(seeds, rendered):
                     suffix = ("_after" if patched else "_before") if config.compare else ""
                     path = out / f"{_slug(prompt)}_{seed}{suffix}.png"
                     w, h = img.size

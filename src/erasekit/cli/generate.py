@@ -24,6 +24,9 @@ def generate_cmd(
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Image size (default: the model's).")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Render each prompt without and with the patches, "
                                           "same seeds, side by side.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Seeds of a prompt rendered in one pipeline call "
+                                            "(for GPUs; each seed keeps its own noise, so the images are the "
+                                            "same).")] = 1,
     device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
     prediction_type: PredictionOpt = None,
@@ -34,7 +37,8 @@ def generate_cmd(
 
     with errors():
         config = make_config(GenerateConfig, "generate", n=n, seed=seed, steps=steps, guidance=guidance,
-                             resolution=resolution, strength=strength, compare=compare, device=device)
+                             resolution=resolution, strength=strength, compare=compare, device=device,
+                             batch_size=batch_size)
         with progress_bar("rendering", enabled=not as_json) as update:
             report = generate_model(model, prompts, output, config, patches=patch or [], config_dir=config_dir, prediction_type=prediction_type,
                                     progress=lambda done, total: update(done, total, ""))

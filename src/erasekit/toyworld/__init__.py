@@ -6,7 +6,7 @@
 * ``judge``    -- ``load_judge()``, ``judge(images)`` (imports torch)
 * ``train``    -- ``python -m erasekit.toyworld.train --out DIR --seed 0`` (imports torch)
 * ``concepts`` -- what ``erasekit eval`` asks about: ``attribute_of``, ``render_concept``, ``eval_prompts``
-* ``measure``  -- ``python -m erasekit.toyworld.measure``: a model's accuracy per prompt set; ``render_batch`` (imports torch)
+* ``measure``  -- ``python -m erasekit.toyworld.measure``: a model's accuracy per prompt set (imports torch)
 
 Importing this package does not import torch.
 """

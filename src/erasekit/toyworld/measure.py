@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
+from ..sampling import render_batch
 from . import captions as cap
 from . import render as rd
 
@@ -42,21 +42,6 @@ def prompt_set(name: str) -> list[PromptSpec]:
                 + [(cap.prompt_for(colour=c), {"colour": c}) for c in rd.COLOURS]
                 + [(cap.prompt_for(pattern=p), {"pattern": p}) for p in rd.PATTERNS])
     raise ValueError(f"unknown prompt set {name!r}")
-
-
-def render_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25, guidance: float = 7.5,
-                 batch_size: int = 64, progress: Callable[[int], None] | None = None) -> list[Any]:
-    """Images for (prompt, seed) pairs, in batches; each image has its own CPU generator, so the result does
-    not depend on the batch size."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images: list[Any] = []
-    for i in range(0, len(prompts), batch_size):
-        p, s = list(prompts[i:i + batch_size]), seeds[i:i + batch_size]
-        images += pipe(p, generator=[torch.Generator().manual_seed(x) for x in s], num_inference_steps=steps,
-                       guidance_scale=guidance, height=size, width=size).images
-        if progress:
-            progress(len(p))
-    return images
 
 
 def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 7.5, batch: int = 200) -> np.ndarray:
