@@ -239,6 +239,18 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
+def check_new_output(out: Path) -> None:
+    """Refuse, before any work, an output that exists or whose folder is missing or not writable."""
+    from .errors import TargetNotWritableError
+
+    if out.exists() or out.is_symlink():
+        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
+    if not out.parent.is_dir():
+        raise TargetNotWritableError(f"folder {out.parent} does not exist", "create it first or choose another output")
+    if not os.access(out.parent, os.W_OK):
+        raise TargetNotWritableError(f"cannot write in {out.parent} (permission denied)", "choose a writable location")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
     """Write to ``<name>.<random>.incomplete`` beside ``path``, fsync, then rename over it.

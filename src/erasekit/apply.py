@@ -349,15 +349,10 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
         out = ckpt.path
     else:
         out = Path(output)  # type: ignore[arg-type]
-        if out.exists() or out.is_symlink():
-            raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
+        _st.check_new_output(out)
         if not ckpt.path.is_dir() and out.suffix.lower() != ".safetensors":
             raise TargetNotWritableError(f"output {out} must end in .safetensors",
                                          "erasekit writes single-file checkpoints as safetensors")
-        if not out.parent.is_dir():
-            raise TargetNotWritableError(f"folder {out.parent} does not exist", "create it first or choose another output")
-        if not os.access(out.parent, os.W_OK):
-            raise TargetNotWritableError(f"cannot write in {out.parent} (permission denied)", "choose a writable location")
         for p in loaded:  # refuse early, before copying gigabytes
             slot_map(p, ckpt.architecture, ckpt.encoders, where)
         tmp = _stage_copy(ckpt, out)

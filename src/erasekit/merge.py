@@ -24,10 +24,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from . import _st
 from .compress import truncated_svd
 from .errors import ErasekitError, IncompatiblePatchError, NonFiniteError, TargetNotWritableError
 from .layouts import parse_module_name
@@ -122,15 +122,10 @@ def _check_rank(rank: int | str | None) -> int | str | None:
 
 
 def _check_output(out: Path) -> None:
-    if out.exists() or out.is_symlink():
-        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
+    _st.check_new_output(out)
     if out.suffix not in (PATCH_SUFFIX, ".safetensors"):
         raise TargetNotWritableError(f"output {out} must end in {PATCH_SUFFIX} or .safetensors",
                                      "name it NAME.erasepatch, or NAME.safetensors for a file ComfyUI and A1111 list")
-    if not out.parent.is_dir():
-        raise TargetNotWritableError(f"folder {out.parent} does not exist", "create it first or choose another output")
-    if not os.access(out.parent, os.W_OK):
-        raise TargetNotWritableError(f"cannot write in {out.parent} (permission denied)", "choose a writable location")
 
 
 def _name(p: Patch) -> str:

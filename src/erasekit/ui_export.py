@@ -106,10 +106,7 @@ def export_patch(source: str | os.PathLike, ui: str, output: str | os.PathLike) 
     if out.suffix != ".safetensors":
         raise TargetNotWritableError(f"output {out} must end in .safetensors",
                                      "ComfyUI and A1111 list only .safetensors files in their LoRA folders")
-    if out.exists() or out.is_symlink():
-        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
-    if not out.parent.is_dir():
-        raise TargetNotWritableError(f"folder {out.parent} does not exist", "create it first or choose another output")
+    _st.check_new_output(out)
     patch = load_patch(source)
     tensors, dense = export_tensors(patch, ui)
     meta = {k: v for k, v in metadata_for(patch).items() if k != "erasekit"}
