@@ -228,7 +228,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                 ran |= {"output_error": round(output_error, 6)} if compaction else {}
                 ran |= {"after": [{"patch_id": p.patch_id, "title": p.title} for p in after]} if after else {}
                 if config.surgery:  # the share of (step, tensor) gradients that conflicted and were projected
-                    ran["surgery_conflicts"] = round(conflicts / max(1, len(losses) * len(trained.params)), 4)
+                    ran["surgery_conflicts"] = round(conflicts, 4)
                 with clock("patch"):
                     patch = build_patch(config, concepts, cond_of, trained, base_files, ran,
                                         {"images_sha256": images_sha, "num_images": len(loaded),
@@ -246,10 +246,10 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
 
 def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser, draws: Draws, cond_of: Conditioner,
-          gen: Any, n_images: int, progress: Callable[[StepInfo], None] | None) -> tuple[list[float], int]:
+          gen: Any, n_images: int, progress: Callable[[StepInfo], None] | None) -> tuple[list[float], float]:
     """The optimizer steps: each draws a batch, encodes its prompts and the recipe's in one text-encoder pass,
     runs the UNet, and minimises the recipe's objective with Adam, until the schedule ends or the recipe stops.
-    The losses, and in how many (step, tensor) pairs surgery removed a conflict."""
+    The losses, and the share of (step, tensor) gradients in which surgery removed a conflict."""
     import torch
 
     params = [p for _, _, p in trained.params]
@@ -260,7 +260,7 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
     device = denoiser.unet.device
     total = _total_steps(n_images, config)
     losses: list[float] = []
-    conflicts = 0
+    per_step: list[int] = []  # conflicting tensors, per step that updated the encoders
     t0 = time.perf_counter()
     for step, idx in enumerate(_batches(n_images, config, gen)):
         idx = [i for i in idx for _ in range(config.draws)]  # several noise draws per image
@@ -273,21 +273,21 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
             raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
                                  "lower the learning rate or the number of steps", option="lr")
         state = Step(prediction, prompts, cond[k:])
-        conflicts += _update(opt, params, recipe.objective(state), config.surgery)
+        per_step += _update(opt, params, recipe.objective(state), config.surgery)
         recipe.after_step(state)
         losses.append(loss.item())
         if progress:
             progress(StepInfo(step + 1, total, losses[-1], time.perf_counter() - t0))
         if recipe.should_stop(losses):
             break
-    return losses, conflicts
+    return losses, sum(per_step) / max(1, len(per_step) * len(params))
 
 
-def _update(opt: Any, params: list[Any], objective: Objective, surgery: float | None) -> int:
-    """One Adam step on ``objective`` (none while its erasing term is None); with ``surgery``, on the gradients
-    :func:`~erasekit.surgery.surgery_grads` makes. The number of tensors whose gradients conflicted."""
+def _update(opt: Any, params: list[Any], objective: Objective, surgery: float | None) -> list[int]:
+    """One Adam step on ``objective`` (none while its erasing term is None: then ``[]``); with ``surgery``, on the
+    gradients :func:`~erasekit.surgery.surgery_grads` makes. ``[the number of tensors whose gradients conflicted]``."""
     if objective.erase is None:
-        return 0
+        return []
     conflicts = 0
     if surgery and objective.hold is not None:
         conflicts = surgery_grads(params, objective.erase, objective.hold, surgery, objective.hold_counts)
@@ -297,7 +297,7 @@ def _update(opt: Any, params: list[Any], objective: Objective, surgery: float | 
         (objective.erase + objective.hold).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
-    return conflicts
+    return [conflicts]
 
 
 class _ForgetCheck:
