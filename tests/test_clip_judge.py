@@ -151,6 +151,8 @@ def test_eval_with_the_clip_judge(tmp_path: Path, world: dict[str, Path]) -> Non
     assert (rep["judge"], rep["labels"], rep["attribute"]) == (str(world["clip"]), COLOURS, "concept")
     assert [o["concept"] for o in rep["others"]] == ["green", "blue"] and rep["attributes"] == {}
     assert rep["prompts"] == 3 * 2 and rep["images_per_prompt"] == 2
+    assert rep["prompt_texts"][:2] == ["a photo of a red", "a picture of a red"], "what --record lists"
+    assert len(rep["prompt_texts"]) == rep["prompts"]
     rb = rep["robustness"]
     assert [w["concept"] for w in rb["wordings"]] == [w.replace("{}", "red") for w in paraphrases_of("red")]
     assert rb["source"] == "built-in"

@@ -280,20 +280,6 @@ def test_eval_record_through_the_cli_json_then_replace(tmp_path: Path, golden_co
     assert split(golden_copy)[1] == split(GOLDEN)[1]
 
 
-def test_the_clip_judges_prompts_are_listed_as_eval_renders_them() -> None:
-    clip_judge = pytest.importorskip("erasekit.clip_judge")
-    from erasekit.evidence import eval_prompt_texts
-
-    report = maker.report()
-    report.judge, report.labels, report.attribute = "clip-folder", ["Snoopy", "dog", "cat"], "concept"
-    report.prompts = len({p for p, _ in clip_judge.label_prompts(report.labels, 3)})
-    texts = eval_prompt_texts(report, 3)
-    assert texts[:2] == ["a photo of a Snoopy", "a picture of a Snoopy"] and len(texts) == report.prompts == 6
-    report.prompts = 5
-    with pytest.raises(ErasekitError, match="eval rendered 5 prompts and erasekit lists 6 of them"):
-        eval_prompt_texts(report, 3)
-
-
 # -- inspect ----------------------------------------------------------------------------------------------------------
 
 def test_inspect_shows_recorded_evaluations() -> None:

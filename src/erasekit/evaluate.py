@@ -77,6 +77,7 @@ class EvalReport:
     robustness: Robustness | None = None  # None: no paraphrases (a CLIP-judged model without a paraphrases file)
     judge: str = "toyworld"  # or the CLIP model's folder
     labels: list[str] = field(default_factory=list)  # what the judge chooses among for the attribute
+    prompt_texts: list[str] = field(default_factory=list)  # the table's distinct prompts, in order (``prompts`` many)
 
 
 def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model: str | os.PathLike | None = None,
@@ -193,6 +194,7 @@ def _score(concept: str, key: str, specs: list[Spec], lb: list[dict[str, str]], 
     from .toyworld.judge import accuracy
 
     truths = [t for _, t in specs]
+    texts = list(dict.fromkeys(p for p, _ in specs))
 
     def score(name: str, attr: str, select: Callable[[dict[str, str]], bool]) -> ConceptScore:
         return ConceptScore(name, accuracy(lb, truths, attr, select), accuracy(la, truths, attr, select))
@@ -206,7 +208,7 @@ def _score(concept: str, key: str, specs: list[Spec], lb: list[dict[str, str]], 
     drops = [o for o in others if o.change_pp < 0]
     return EvalReport(concept, key, target, others, attributes, elsewhere,
                       min(drops, key=lambda o: o.change_pp) if drops else None, n, sorted(set(seeds)),
-                      len({p for p, _ in specs}), 0.0, patches=patches, judge=judge, labels=labels)
+                      len(texts), 0.0, patches=patches, judge=judge, labels=labels, prompt_texts=texts)
 
 
 def _robustness(concept: str, key: str, para: list[Spec], lb: list[dict[str, str]], la: list[dict[str, str]],

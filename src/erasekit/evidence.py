@@ -116,30 +116,6 @@ def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedM
     return EvaluatedModel(name=name, match=match, sha256=hashlib.sha256("".join(sorted(lines)).encode()).hexdigest())
 
 
-def eval_prompt_texts(report: EvalReport, n: int, prompts_file: str | os.PathLike | None = None) -> list[str]:
-    """The distinct prompts an evaluation rendered for its table (paraphrases aside), in order of first use: those
-    of ``prompts_file``, else the toy world's evaluation prompts, else the CLIP judge's label prompts."""
-    if prompts_file is not None:
-        try:
-            lines = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError):
-            raise InputFileError(f"cannot read the prompts file {prompts_file} again to record it",
-                                 "keep it in place while eval runs", option="prompts_file") from None
-    elif getattr(report, "judge", "toyworld") == "toyworld":
-        from .toyworld.concepts import eval_prompts
-
-        lines = [p for p, _ in eval_prompts(report.attribute, n)]
-    else:
-        from .clip_judge import label_prompts  # type: ignore[import-not-found,unused-ignore]
-
-        lines = [p for p, _ in label_prompts(report.labels, n)]  # type: ignore[attr-defined,unused-ignore]
-    texts = list(dict.fromkeys(lines))
-    if len(texts) != report.prompts:
-        raise ErasekitError(f"eval rendered {report.prompts} prompts and erasekit lists {len(texts)} of them; the "
-                            "evaluation was not recorded", "report this; without --record eval works as before")
-    return texts
-
-
 def prompt_set(texts: Sequence[str]) -> PromptSet:
     texts = list(texts)
     return PromptSet(count=len(texts), sha256=prompts_sha256(texts),
@@ -158,15 +134,15 @@ def evaluation_from_report(report: EvalReport, *, patch_id: str, config: EvalCon
                            judge: JudgeInfo, prompts: Sequence[str], recorded_at: str | None = None,
                            erasekit_version: str | None = None) -> Evaluation:
     """The record of ``report``, an evaluation of the patch ``patch_id`` alone. ``config``: the settings it ran
-    with; ``prompts``: the distinct prompts of its table (:func:`eval_prompt_texts`). NaN rates (no image had
+    with; ``prompts``: the distinct prompts of its table (``report.prompt_texts``). NaN rates (no image had
     that truth) become null."""
-    robust = getattr(report, "robustness", None)
+    robust = report.robustness
     robustness = None
     if robust is not None:
-        wordings = [w.concept for w in getattr(robust, "wordings", [])]
+        wordings = [w.concept for w in robust.wordings]
         robustness = Robustness(wordings=prompt_set(wordings), before=_rate(robust.before), after=_rate(robust.after))
-    labels = list(getattr(report, "labels", None) or [])
-    if not labels and getattr(report, "judge", "toyworld") == "toyworld":
+    labels = list(report.labels)
+    if not labels and report.judge == "toyworld":
         from .toyworld.render import ATTRIBUTES
 
         labels = list(ATTRIBUTES.get(report.attribute, []))
@@ -287,7 +263,7 @@ def evaluate_and_record(concept: str, patches: Sequence[str | os.PathLike], *, m
     patch = load_patch(path)
     evaluation = evaluation_from_report(
         report, patch_id=patch.patch_id, config=config, model=evaluated_model(patch, model),
-        judge=judge_info(getattr(report, "judge", None)), prompts=eval_prompt_texts(report, config.n, prompts_file),
+        judge=judge_info(report.judge), prompts=report.prompt_texts,
         recorded_at=recorded_at)
     recording = record_evaluation(path, evaluation)
     return RecordedEvalReport(**{f.name: getattr(report, f.name) for f in fields(report)}, recorded=recording)

@@ -37,7 +37,7 @@ def report() -> EvalReport:
         attributes_elsewhere={"colour": ConceptScore("colour", 1.0, 1.0),
                               "pattern": ConceptScore("pattern", 0.75, float("nan"))},
         largest_drop=ConceptScore("square", 1.0, 0.75), images_per_prompt=2, seeds=[1000, 1001], prompts=4,
-        seconds=3.5, patches=["golden v1"])
+        seconds=3.5, patches=["golden v1"], prompt_texts=list(PROMPTS))
     # set as an attribute: erasekit versions whose EvalReport has no such field still build the same record
     r.robustness = SimpleNamespace(before=1.0, after=0.25, wordings=[ConceptScore("a round shape", 1.0, 0.5),
                                                                      ConceptScore("a ring", 1.0, 0.0)])
