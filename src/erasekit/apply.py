@@ -83,13 +83,15 @@ def as_patch(p: Patch | str | os.PathLike) -> Patch:
     return p if isinstance(p, Patch) else load_patch(p)
 
 
-def _strengths(patches: Sequence[Any], strength: float | Sequence[float]) -> list[float]:
-    if isinstance(strength, (int, float)):
-        return [float(strength)] * len(patches)
-    if len(strength) != len(patches):
-        raise ErasekitError(f"{len(strength)} strengths for {len(patches)} patches", "give one strength per patch, or one for all",
+def per_patch_strengths(n: int, strength: float | Sequence[float]) -> list[float]:
+    """One strength for each of ``n`` patches, from one for all (a number, or a list of one) or one per patch."""
+    values = [float(strength)] if isinstance(strength, (int, float)) else [float(s) for s in strength]
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ErasekitError(f"{len(values)} strengths for {n} patches", "give one strength per patch, or one for all",
                             option="strength")
-    return [float(s) for s in strength]
+    return values
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -336,7 +338,7 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
     loaded = [as_patch(p) for p in patches]
     if not loaded:
         raise ErasekitError("no patch given", "name at least one .erasepatch file")
-    strengths = _strengths(loaded, strength)
+    strengths = per_patch_strengths(len(loaded), strength)
     ckpt = detect(resolve_model(target))
     where = f"{ckpt.path} [{ckpt.describe()}]"
     warnings = [w for p in loaded for w in p.warnings]

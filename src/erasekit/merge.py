@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _st
+from .apply import per_patch_strengths
 from .compress import truncated_svd
 from .errors import ErasekitError, IncompatiblePatchError, NonFiniteError, TargetNotWritableError
 from .layouts import parse_module_name
@@ -89,17 +90,7 @@ class MergeReport:
 
 
 def _strengths(n: int, strengths: float | Sequence[float] | None) -> list[float]:
-    if strengths is None:
-        values = [1.0] * n
-    elif isinstance(strengths, (int, float)):
-        values = [float(strengths)] * n
-    else:
-        values = [float(s) for s in strengths]
-        if len(values) == 1:
-            values = values * n
-        elif len(values) != n:
-            raise ErasekitError(f"{len(values)} strengths for {n} patches", "give one strength per patch, or one for all",
-                                option="strength")
+    values = per_patch_strengths(n, 1.0 if strengths is None else strengths)
     for s in values:
         if not math.isfinite(s) or s == 0:
             raise ErasekitError(f"strength {s:g} cannot be merged",
