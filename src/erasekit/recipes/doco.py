@@ -69,8 +69,10 @@ class DoCo:
             cond, added = encode(flat)
         sizes = [len(g) for g in alts.values()]
         conds = [c.mean(0) for c in cond.split(sizes)]
-        extra = ([{k: v.mean(0) for k, v in zip(added, parts)} for parts in zip(*(added[k].split(sizes) for k in added))]
-                 if added else [None] * len(alts))
+        extra: list[Any] = [None] * len(sizes)  # SDXL's added conditioning (pooled text, size ids), meaned the same way
+        if added:
+            parts = {k: v.split(sizes) for k, v in added.items()}
+            extra = [{k: parts[k][i].mean(0) for k in added} for i in range(len(sizes))]
         self.anchor = {p: (c, a) for p, c, a in zip(alts, conds, extra)}
 
     def step_prompts(self, gen: Any) -> list[str]:
