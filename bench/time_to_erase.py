@@ -37,7 +37,7 @@ from typing import Any
 from erasekit.evaluate import EvalConfig, evaluate_model
 from erasekit.pipeline import model_settings
 from erasekit.toyworld import builtin_model_path
-from erasekit.unlearn import erase_model
+from erasekit.erase_job import erase_model
 
 # name -> settings laid over the model's erasekit.json; the grid's `steps` is added to each (it replaces epochs)
 RECIPES: dict[str, dict[str, Any]] = {

@@ -17,7 +17,8 @@ from erasekit.pipeline import load_pipeline
 from erasekit.sampling import GenerateConfig, generate
 from erasekit.testing import make_checkpoint, make_tiny_pipeline
 from erasekit.erase_config import EraseConfig
-from erasekit.unlearn import erase, erase_model
+from erasekit.erase_job import erase_model
+from erasekit.unlearn import erase
 
 
 @pytest.fixture(scope="module")

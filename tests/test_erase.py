@@ -15,7 +15,8 @@ from conftest import snapshot
 from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
 from erasekit.memory import apply_patch
 from erasekit.erase_config import EraseConfig
-from erasekit.unlearn import erase, erase_model
+from erasekit.erase_job import erase_model
+from erasekit.unlearn import erase
 from erasekit.errors import ErasekitError, InputFileError, LayoutError, NonFiniteError, TargetNotWritableError
 from erasekit.patchfile import load_patch
 from erasekit.pipeline import load_pipeline

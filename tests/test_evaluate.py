@@ -56,7 +56,7 @@ def test_model_settings(tmp_path: Path) -> None:
 def test_erase_and_eval_end_to_end_on_the_builtin_model(tmp_path: Path) -> None:
     """The README's demo, small: erase a shape with the built-in model's defaults, then judge it against the
     bars (target gone; other shapes, colour and pattern as before, give or take one image)."""
-    from erasekit.unlearn import erase_model
+    from erasekit.erase_job import erase_model
     from erasekit.evaluate import EvalConfig, evaluate_model
 
     patch = tmp_path / "circle.erasepatch"

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from erasekit.erase_config import EraseConfig
-from erasekit.unlearn import erase_model
+from erasekit.erase_job import erase_model
 from erasekit.errors import ErasekitError, PatchFormatError
 from erasekit.sampling import GenerateConfig, generate_model
 from erasekit.testing import make_tiny_pipeline

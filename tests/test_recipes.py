@@ -17,7 +17,7 @@ from erasekit.pipeline import model_settings
 from erasekit.recipes.doco import DoCo, discriminator
 from erasekit.surgery import surgery_grads
 from erasekit.toyworld import builtin_model_path
-from erasekit.unlearn import erase_model
+from erasekit.erase_job import erase_model
 
 SETTINGS = model_settings(builtin_model_path())
 

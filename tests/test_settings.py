@@ -64,7 +64,7 @@ def test_the_run_records_and_says_where_settings_came_from(tmp_path: Path) -> No
 def test_library_errors_name_settings_and_the_cli_adds_its_flags(tmp_path: Path) -> None:
     """A library error names the setting at fault in words and as `option`; only the CLI names its own flag."""
     from erasekit.errors import ErasekitError
-    from erasekit.unlearn import erase_model
+    from erasekit.erase_job import erase_model
 
     with pytest.raises(ErasekitError) as e:
         erase_model(None, ["circle"], None, tmp_path / "x.erasepatch", {"batch_size": 0})

@@ -168,7 +168,7 @@ def test_partial_loads_are_refused(tmp_path: Path, world: dict[str, Path], monke
 
 def test_erase_a_single_file_then_apply_and_revert_in_place(tmp_path: Path, world: dict[str, Path]) -> None:
     from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
-    from erasekit.unlearn import erase_model
+    from erasekit.erase_job import erase_model
 
     model = shutil.copy(world["file"], tmp_path / "model.safetensors")
     patch = tmp_path / "circle.erasepatch"

@@ -23,7 +23,7 @@ _API = {
     "inspect_path": "erasekit.inspect",
     "diff_paths": "erasekit.diff",
     "erase": "erasekit.unlearn",
-    "erase_model": "erasekit.unlearn",
+    "erase_model": "erasekit.erase_job",
     "EraseConfig": "erasekit.erase_config",
     "EraseReport": "erasekit.unlearn",
     "generate": "erasekit.sampling",
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from .pipeline import load_pipeline
     from .sampling import GenerateConfig, generate, generate_model
     from .erase_config import EraseConfig
-    from .unlearn import EraseReport, erase, erase_model
+    from .erase_job import erase_model
+    from .unlearn import EraseReport, erase
     from .inspect import inspect_path
     from .layouts import detect
     from .patchfile import Manifest, Patch, load_patch, save_patch

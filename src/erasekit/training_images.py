@@ -49,6 +49,12 @@ def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:
     return training_image(img, resolution), data
 
 
+def images_digest(data: list[bytes]) -> str:
+    """What a patch records as ``images_sha256``: the hash of the images' hashes (of a file's bytes, of a drawn
+    image's pixels), in order."""
+    return hashlib.sha256(b"".join(hashlib.sha256(d).digest() for d in data)).hexdigest()
+
+
 # -- latents cache --------------------------------------------------------------------------------
 
 def cache_dir() -> Path:

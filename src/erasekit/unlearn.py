@@ -18,7 +18,6 @@ with AVX512-BF16 or AMX).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,12 +31,12 @@ import numpy as np
 from .compress import Compaction
 from .conditioning import Conditioner, check_concepts, trainable
 from .denoising import Denoiser, Draws
-from .erase_config import EraseConfig, effective_settings
+from .erase_config import EraseConfig
 from .erase_patch import Trained, build_patch
-from .errors import ErasekitError, InputFileError, NonFiniteError
+from .errors import ErasekitError, NonFiniteError
 from .recipes import Objective, Step, make_recipe
 from .surgery import surgery_grads
-from .training_images import encode_images, find_images, load_image, training_image
+from .training_images import encode_images, images_digest, load_image, training_image
 
 
 @dataclass
@@ -72,7 +71,7 @@ class EraseReport:
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds: where the erase's time went
 
 
-class _Clock:
+class Clock:
     """Seconds per phase, in the order the phases ran."""
 
     def __init__(self) -> None:
@@ -167,7 +166,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     from .memory import patches_applied
 
     t_start = time.perf_counter()
-    clock = _Clock()
+    clock = Clock()
     if not concepts:
         raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     if len(images) != len(concepts):
@@ -182,7 +181,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     if len(loaded) < config.batch_size:
         raise ErasekitError(f"{len(loaded)} training images but a batch size of {config.batch_size}",
                             "add images or lower the batch size", option="batch_size")
-    images_sha = hashlib.sha256(b"".join(hashlib.sha256(d).digest() for _, d in loaded)).hexdigest()
+    images_sha = images_digest([d for _, d in loaded])
 
     gen = torch.Generator().manual_seed(config.seed)  # every random choice of the run, in a fixed order
     flips = [bool(torch.rand((), generator=gen) < 0.5) if config.flip else False for _ in loaded]
@@ -304,7 +303,7 @@ class _ForgetCheck:
     """``--forget-check``: the denoising loss on a fixed set of draws (4 per image), before and after the loop."""
 
     def __init__(self, config: EraseConfig, denoiser: Denoiser, draws: Draws, cond_of: Conditioner, n_images: int,
-                 clock: _Clock) -> None:
+                 clock: Clock) -> None:
         import torch
 
         gen = torch.Generator().manual_seed(config.seed + 1)
@@ -323,100 +322,4 @@ class _ForgetCheck:
 
     def after(self) -> float:
         return self._measure()
-
-
-def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
-                images: Sequence[str | os.PathLike] | str | None, output: str | os.PathLike,
-                config: EraseConfig | dict[str, Any] | None = None, *, num_images: int = 4,
-                config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
-                after: Sequence[str | os.PathLike] = (),
-                progress: Callable[[StepInfo], None] | None = None) -> EraseReport:
-    """The ``erasekit erase`` job: load the model (default: the built-in one), gather the images, erase, and
-    write the patch atomically to ``output``. ``after``: patch files the new patch will be stacked on (see
-    :func:`erase`).
-
-    ``images``: one folder per concept; ``"auto"`` renders ``num_images`` per concept with the unmodified
-    model; ``None`` is allowed for the built-in toy world, whose renderer draws the concept.
-    ``config``: an :class:`EraseConfig`, or a dict of settings laid over the model's recommended ones
-    (``erasekit.json`` in the model folder; the published recipe where there is none).
-    """
-    t0 = time.perf_counter()
-    clock = _Clock()
-    with clock("import"):  # torch and diffusers here, so that their cost shows as "import", not as "load"
-        import importlib
-
-        from .pipeline import model_settings, model_threads, quiet_libraries
-
-        quiet_libraries()
-        for library in ("torch", "diffusers"):
-            importlib.import_module(library)
-    from .hub import resolve_model
-    from .patchfile import load_patch, save_patch
-    from .toyworld import builtin_model_path
-    from .ui_export import ui_advice
-
-    # before anything that depends on the model's settings (e.g. whether it needs images)
-    model = resolve_model(model) if model is not None else builtin_model_path()
-    settings = model_settings(model)
-    sources: dict[str, str] = {}
-    if not isinstance(config, EraseConfig):
-        config, sources = effective_settings(settings.get("erase", {}), config or {}, settings.get("erase_recipes"))
-    out = Path(output)
-    if out.exists():
-        from .errors import TargetNotWritableError
-
-        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
-    if not out.parent.is_dir():
-        raise InputFileError(f"folder {out.parent} does not exist", "create it first or choose another output")
-    # image folders are checked before the model is loaded: a typo should fail fast
-    groups: list[list[Any]] | None = None
-    if images is None and not settings.get("toyworld"):
-        raise ErasekitError(f"{model} needs images of the concept", "give a folder of images per concept, or 'auto' "
-                            "to let the model draw them", option="images")
-    if images not in (None, "auto"):
-        dirs = [images] if isinstance(images, (str, os.PathLike)) else list(images)  # type: ignore[list-item]
-        if len(dirs) != len(concepts):
-            raise ErasekitError(f"{len(concepts)} concepts but {len(dirs)} image folders",
-                                "give one image folder per concept, in the same order, or 'auto'", option="images")
-        groups = [find_images(d) for d in dirs]
-    earlier = [load_patch(p) for p in after]  # read before the model is loaded: a bad patch should fail fast
-    if images is None:
-        from .toyworld.concepts import render_concept
-
-        groups = [[render_concept(c, seed=config.seed * 1000 + i) for i in range(num_images)] for c in concepts]
-    with model_threads(model):
-        report = _erase_loaded(model, concepts, groups, config, clock, num_images=num_images, config_dir=config_dir,
-                               prediction_type=prediction_type, after=earlier, progress=progress)
-    with clock("save"):
-        save_patch(report.patch, out)
-    report.output, report.patch_bytes = str(out), out.stat().st_size
-    report.ui = ui_advice(report.patch, out)
-    report.sources = {k: v for k, v in sources.items() if v != "default"}
-    before_erase = {k: v for k, v in clock.seconds.items() if k != "save"}
-    report.timings = before_erase | report.timings | {"save": clock.seconds["save"]}  # in the order they ran
-    report.total_seconds = time.perf_counter() - t0
-    return report
-
-
-def _erase_loaded(model: Any, concepts: Sequence[str], groups: list[list[Any]] | None, config: EraseConfig,
-                  clock: _Clock, *, num_images: int, config_dir: Any, prediction_type: str | None,
-                  after: Sequence[Any], progress: Callable[[StepInfo], None] | None) -> EraseReport:
-    """Load the model, draw the images when asked to (``groups`` None), erase."""
-    import torch
-
-    from ._torch import compute_dtype
-    from .pipeline import load_pipeline, resolve_device
-
-    device = resolve_device(config.device)
-    with clock("load"):  # the frozen UNet and VAE in the dtype the loop computes in; the text encoders in fp32
-        pipe, ckpt = load_pipeline(model, device=device, torch_dtype=compute_dtype(config.dtype, device),
-                                   text_encoder_dtype=torch.float32, config=config_dir, prediction_type=prediction_type)
-    if groups is None:
-        from .sampling import concept_prompt, render
-
-        dtype = pipe.unet.dtype  # the encoders are fp32 and the UNet may not be: autocast bridges them
-        with clock("render"), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            groups = [[render(pipe, concept_prompt(c, config.kind), seed=config.seed + i, resolution=None)
-                       for i in range(num_images)] for c in concepts]
-    return erase(pipe, concepts, groups, config, progress=progress, base_files=ckpt, after=after)
 

@@ -118,7 +118,7 @@ def erase_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Erase concepts from a model's text encoder by few-shot unlearning; write the change as a patch."""
-    from ..unlearn import erase_model
+    from ..erase_job import erase_model
     from ..errors import ErasekitError
 
     with errors():
