@@ -216,12 +216,12 @@ def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--layers", "x-y"], "--layers 'x-y' is not a list of layers"),
+    (["--layers", "x-y"], "layers 'x-y' is not a list of layers; write it like 0-11 or 3,5,8-11 (--layers)"),
     (["--layers", "7"], "layer 7 is outside the text encoder's layers 0-1; use layers 0-1 (--layers)"),
     (["--kind", "song"], "invalid kind: Input should be 'object' or 'style' (--kind)"),
     (["--template", "no slot"], "invalid templates: "),
     (["--recipe", "magic"], "invalid recipe: Input should be 'paper', 'anchored' or 'doco' (--recipe)"),
-    (["--stand-in", "circle"], "--stand-in 'circle' is not CONCEPT=WORD"),
+    (["--stand-in", "circle"], "stand-in 'circle' is not CONCEPT=WORD; write it as circle=square (--stand-in)"),
     (["--rank", "0"], "invalid rank: Value error, rank must be at least 1, auto or dense, got 0 (--rank)"),
     (["--rank", "low"], "invalid rank: "),
 ])

@@ -3,11 +3,12 @@ recommended settings hold when the user gives others."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import invalid_setting
+from .errors import ErasekitError, InputFileError, invalid_setting
 
 # Textual inversion's template lists, as the reference recipe uses them.
 OBJECT_TEMPLATES = (
@@ -189,3 +190,39 @@ def effective_settings(recommended: dict[str, Any], given: dict[str, Any],
     sources = {name: "user" if name in given else "model" if name in rec else "default"
                for name in EraseConfig.model_fields}
     return config, sources
+
+
+# -- settings as people write them (erase's options, a batch manifest) ---------------------------------------------
+
+def parse_layers(spec: str) -> list[int]:
+    """'0-11' / '3,5,7-9' -> a list of layer indices."""
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ErasekitError(f"layers {spec!r} is not a list of layers", "write it like 0-11 or 3,5,8-11",
+                            option="layers") from None
+    return layers
+
+
+def parse_stand_ins(items: list[str]) -> dict[str, list[str]]:
+    """['circle=square', 'red=blue,green'] -> {'circle': ['square'], 'red': ['blue', 'green']}."""
+    stand_ins: dict[str, list[str]] = {}
+    for item in items:
+        concept, eq, words = item.partition("=")
+        if not eq or not concept.strip():
+            raise ErasekitError(f"stand-in {item!r} is not CONCEPT=WORD", "write it as circle=square",
+                                option="stand_ins")
+        stand_ins[concept.strip()] = [w.strip() for w in words.split(",")]
+    return stand_ins
+
+
+def read_templates_file(path: str | Path) -> list[str]:
+    """A file of prompt templates, one per line (blank lines skipped)."""
+    try:
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise InputFileError(f"cannot read the templates file {path} ({e.strerror})", "check the path",
+                             option="templates_file") from None

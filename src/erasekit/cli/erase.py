@@ -14,22 +14,6 @@ from ._common import ConfigOpt, PredictionOpt, JsonOpt, ModelOpt, errors, human_
 Num = Optional[float]
 
 
-def _layers(spec: str | None) -> list[int] | None:
-    """'0-11' / '3,5,7-9' -> a list of layer indices."""
-    if spec is None:
-        return None
-    from ..errors import ErasekitError
-
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers += list(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ErasekitError(f"--layers {spec!r} is not a list of layers", "write it like 0-11 or 3,5,8-11") from None
-    return layers
-
-
 def erase_cmd(
     concept: Annotated[list[str], typer.Option("--concept", "-c", metavar="NAME", help="Concept to erase "
                                                "(repeat for several; one patch erases all).", show_default=False)],
@@ -118,27 +102,17 @@ def erase_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Erase concepts from a model's text encoder by few-shot unlearning; write the change as a patch."""
+    from ..erase_config import parse_layers, parse_stand_ins, read_templates_file
     from ..erase_job import erase_model
-    from ..errors import ErasekitError
 
     with errors():
-        tmpl = list(template or [])
-        if templates_file is not None:
-            try:
-                tmpl += [line.strip() for line in templates_file.read_text().splitlines() if line.strip()]
-            except OSError as e:
-                raise ErasekitError(f"cannot read --templates-file {templates_file} ({e.strerror})", "check the path") from None
-        stand_ins: dict[str, list[str]] = {}
-        for item in stand_in or []:
-            concept, eq, words = item.partition("=")
-            if not eq or not concept.strip():
-                raise ErasekitError(f"--stand-in {item!r} is not CONCEPT=WORD", "write it as --stand-in circle=square")
-            stand_ins[concept.strip()] = [w.strip() for w in words.split(",")]
+        tmpl = list(template or []) + (read_templates_file(templates_file) if templates_file is not None else [])
+        stand_ins = parse_stand_ins(stand_in or [])
         given: dict[str, Any] = {
             "kind": kind, "templates": tmpl or None, "recipe": recipe, "surgery": surgery, "keep": keep, "stand_ins": stand_ins or None,
             "anchor_weight": anchor_weight, "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size,
             "draws": draws, "resolution": resolution, "rank": rank, "rank_tol": rank_tol, "max_rank": max_rank,
-            "layers": _layers(layers), "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
+            "layers": parse_layers(layers) if layers else None, "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
             "seed": seed, "device": device, "flip": flip, "dtype": dtype, "patch_dtype": patch_dtype.upper() if patch_dtype else None,
         }
         overrides = {k: v for k, v in given.items() if v is not None}
