@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -545,6 +546,15 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def source_date() -> str | None:
+    """``SOURCE_DATE_EPOCH`` (the reproducible-builds convention) as the time a new patch records, if set: the
+    same erase then writes the same bytes (patches made so record no loop duration either)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch.isdigit():
+        return None
+    return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def storage_dtypes(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, str]:
     """The storage dtype of each patch tensor: ``dtype`` for the deltas; F32 for low-rank ``alpha`` scalars,
     which must stay exact (BF16 holds integers only up to 256 exactly)."""
@@ -582,7 +592,7 @@ def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | No
     for i in range(0, n, 1 << 20):  # float64 sums, one chunk at a time: no full float64 copy
         chunk = arr[i:i + (1 << 20)].astype(np.float64)
         s1 += float(chunk.sum())
-        s2 += float(np.dot(chunk, chunk))
+        s2 += float((chunk * chunk).sum())  # numpy's pairwise sum: the same bits whatever BLAS's thread count
     idx = np.linspace(0, n - 1, num=min(8, n)).astype(np.int64) if n else np.array([], np.int64)
     return TensorFingerprint(dtype=dtype, shape=list(shape), sha256=digest,
                              sketch=[s1 / n if n else 0.0, math.sqrt(s2 / n) if n else 0.0] + [float(arr[i]) for i in idx])
@@ -606,7 +616,8 @@ def new_manifest(*, title: str, architecture: str, encoders: dict[str, EncoderIn
                  concepts: list[Concept] | None = None, source: str | None = None, config: str | None = None,
                  created_at: str | None = None) -> Manifest:
     return Manifest(
-        format_version=FORMAT_VERSION, erasekit_version=__version__, created_at=created_at or now_iso(), title=title,
+        format_version=FORMAT_VERSION, erasekit_version=__version__, created_at=created_at or source_date() or now_iso(),
+        title=title,
         concepts=concepts or [], method=method,
         base=BaseModelInfo(architecture=architecture, encoders=encoders, tensors=fingerprints, source=source,
                             **({"config": config} if config else {})),  # type: ignore[arg-type]

@@ -164,6 +164,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
 
     from ._torch import kept_as_found, native_bf16
     from .memory import patches_applied
+    from .patchfile import source_date
 
     t_start = time.perf_counter()
     clock = Clock()
@@ -231,7 +232,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                 with clock("patch"):
                     patch = build_patch(config, concepts, cond_of, trained, base_files, ran,
                                         {"images_sha256": images_sha, "num_images": len(loaded),
-                                         "duration_s": round(clock.seconds["loop"], 3)})
+                                         "duration_s": None if source_date() else round(clock.seconds["loop"], 3)})
             finally:  # the trained values back; kept_as_found gives back dtypes, flags and modes
                 trained.restore()
 
