@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from .errors import FingerprintMismatchError, IncompatiblePatchError
 from .layouts import EncoderSpec, parse_module_name
-from .patchfile import Patch, compare_fingerprint
+from .patchfile import Patch, compare_fingerprint, fingerprint
 
 FingerprintStatus = Literal["exact", "approx", "forced"]
 STATUS_RANK = {"exact": 0, "approx": 1, "differs": 2}  # across weight variants, the highest counts
@@ -81,6 +81,19 @@ def touches(patch: Patch, mapping: dict[str, str]) -> list[Touch]:
         kinds = ("weight", "bias") if patch.manifest.deltas[module].bias else ("weight",)
         out += [Touch(module, k, mapping[slot], layer, proj) for k in kinds]
     return out
+
+
+def base_statuses(patch: Patch, ckpt: Any, mapping: dict[str, str]) -> dict[str, str]:
+    """For each base tensor the patch changes (``"<module>.<kind>"``), how the checkpoint's tensor on disk compares
+    with the patch's fingerprint of it: "exact", "approx" or "differs"."""
+    statuses = {}
+    for t in touches(patch, mapping):
+        wf = next(f for f in ckpt.files if t.slot in f.encoders)
+        key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
+        dtype, shape = wf.tensor_info()[key]
+        name = f"{t.module}.{t.kind}"
+        statuses[name] = compare_fingerprint(patch.manifest.base.tensors[name], fingerprint(wf.read_raw(key), dtype, shape))
+    return statuses
 
 
 def judge_fingerprints(patch: Patch, actual: dict[str, Any], force: bool, where: str) -> tuple[FingerprintStatus, int]:

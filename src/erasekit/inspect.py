@@ -18,7 +18,7 @@ from .journal import Journal, entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
 from .layouts import Checkpoint, detect
 from .model_configs import choose_config
-from .patchfile import Evaluation, Patch, compare_fingerprint, fingerprint, is_patch_file, load_patch
+from .patchfile import Evaluation, Patch, is_patch_file, load_patch
 
 
 @dataclass
@@ -141,7 +141,7 @@ def _evaluations(patch: Patch) -> list[EvaluationSummary]:
 
 
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
-    from .compat import crossing_note, slot_map
+    from .compat import base_statuses, crossing_note, slot_map
 
     where = f"{ckpt.path} [{ckpt.describe()}]"
     try:
@@ -149,19 +149,12 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
     except ErasekitError as e:
         return str(e)
     crossing = crossing_note(patch, ckpt.architecture, mapping)
-    wf_for = {slot: next(f for f in ckpt.files if slot in f.encoders) for slot in set(mapping.values())}
-    statuses = []
     for row in rows:
-        slot = mapping[row.encoder]
-        wf, enc = wf_for[slot], wf_for[slot].encoders[slot]
-        w = wf.read_numpy(enc.key(row.layer, row.proj, "weight"))
+        wf = next(f for f in ckpt.files if mapping[row.encoder] in f.encoders)
+        w = wf.read_numpy(wf.encoders[mapping[row.encoder]].key(row.layer, row.proj, "weight"))
         n = float(np.linalg.norm(w.astype(np.float64)))
         row.relative = row.delta_norm / n if n else None
-        for kind in ("weight", "bias") if patch.manifest.deltas[row.module].bias else ("weight",):
-            key = enc.key(row.layer, row.proj, kind)
-            dtype, shape = wf.tensor_info()[key]
-            fp = fingerprint(wf.read_raw(key), dtype, shape)
-            statuses.append(compare_fingerprint(patch.manifest.base.tensors[f"{row.module}.{kind}"], fp))
+    statuses = list(base_statuses(patch, ckpt, mapping).values())
     differing = statuses.count("differs")
     if differing:
         return f"{differing} of {len(statuses)} base tensors differ (apply needs force)"
