@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from ._common import ConfigOpt, PredictionOpt, JsonOpt, ModelOpt, errors, human_bytes, out, print_json, progress_bar
+from ._common import (OPTION_FLAGS, ConfigOpt, JsonOpt, ModelOpt, PredictionOpt, err, errors, human_bytes, out,
+                      print_json, progress_bar, warn)
 
 # Options left unset take the model's recommended value (erasekit.json in the model folder), else the
 # published recipe's; so their defaults here are None.
@@ -15,11 +17,19 @@ Num = Optional[float]
 
 
 def erase_cmd(
-    concept: Annotated[list[str], typer.Option("--concept", "-c", metavar="NAME", help="Concept to erase "
-                                               "(repeat for several; one patch erases all).", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT", help="Patch to write: NAME.safetensors "
-                                         "for a file ComfyUI and A1111 list in their LoRA folders, or NAME.erasepatch.",
-                                         show_default=False)],
+    ctx: typer.Context,
+    concept: Annotated[Optional[list[str]], typer.Option("--concept", "-c", metavar="NAME", help="Concept to erase "
+                                                         "(repeat for several; one patch erases all).",
+                                                         show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT", help="Patch to write: "
+                                                   "NAME.safetensors for a file ComfyUI and A1111 list in their LoRA "
+                                                   "folders, or NAME.erasepatch.", show_default=False)] = None,
+    manifest: Annotated[Optional[Path], typer.Option("--manifest", metavar="JOBS.toml", help="Run a batch of erases "
+                                                     "instead: a TOML file whose top-level keys are defaults for every "
+                                                     "[[jobs]] table (concept, output, any option). Jobs whose patch "
+                                                     "holds the same settings are skipped. Under accelerate launch "
+                                                     "the jobs are split between the processes. See docs/batch.md.",
+                                                     show_default=False)] = None,
     model: ModelOpt = None,
     images: Annotated[Optional[list[str]], typer.Option("--images", metavar="DIR|auto", help="Folder of images "
                                                         "of the concept (one per --concept), or 'auto' to render "
@@ -102,10 +112,19 @@ def erase_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Erase concepts from a model's text encoder by few-shot unlearning; write the change as a patch."""
+    if manifest is not None:
+        given = [name for name in ctx.params if name not in ("manifest", "as_json")  # typer may bundle its own click
+                 and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        return _erase_batch(manifest, given, as_json)
     from ..erase_config import parse_layers, parse_stand_ins, read_templates_file
     from ..erase_job import erase_model
 
     with errors():
+        if not concept or output is None:
+            from ..errors import ErasekitError
+
+            raise ErasekitError("erase needs --concept and -o (or a batch of jobs: --manifest)",
+                                "name a concept and the patch to write", option="concepts" if not concept else "output")
         tmpl = list(template or []) + (read_templates_file(templates_file) if templates_file is not None else [])
         stand_ins = parse_stand_ins(stand_in or [])
         given: dict[str, Any] = {
@@ -155,3 +174,53 @@ def erase_cmd(
                   + "; the rest: defaults (erasekit erase --help)")
     for line in report.ui:
         out.print(f"  {line}")
+
+
+def _erase_batch(manifest: Path, given: list[str], as_json: bool) -> None:
+    """``erase --manifest``: run the batch, print a line per finished job (stderr) and the summary."""
+    import os
+
+    from ..batch import run_batch
+
+    quiet = os.environ.get("RANK", "0") != "0"  # under accelerate, the main process alone reports
+    with errors():
+        if given:
+            from ..errors import ErasekitError
+
+            flag = OPTION_FLAGS.get(given[0], "--" + given[0].replace("_", "-"))
+            raise ErasekitError(f"{flag} cannot be given with --manifest", "set it in the manifest (top level for "
+                                "every job, or in a [[jobs]] table)", option="manifest")
+        report = run_batch(manifest, on_job=None if as_json else _job_line)
+    if quiet:
+        raise typer.Exit(1 if report.counts["failed"] else 0)
+    warn(report.notes)
+    if as_json:
+        print_json(report)
+    else:
+        _summary(report)
+    if report.counts["failed"]:
+        print(f"error: {report.counts['failed']} of {len(report.jobs)} jobs failed (see the summary); the others ran; "
+              "fix them and rerun the manifest: finished jobs are skipped", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _job_line(r: Any) -> None:
+    what = {"done": f"done in {r.loop_seconds or 0:.1f} s", "failed": f"failed: {r.error}"}.get(r.status, r.status)
+    err.print(f"[process {r.process}] jobs[{r.index}] {r.output}: {what}")
+
+
+def _summary(report: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report.manifest}: {len(report.jobs)} jobs on {report.processes} "
+                        f"process{'es' if report.processes > 1 else ''}, {report.total_seconds:.1f} s", title_justify="left")
+    for name, justify in (("#", "right"), ("output", "left"), ("concepts", "left"), ("status", "left"),
+                          ("loop s", "right"), ("loss", "right"), ("size", "right"), ("note / error", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for j in report.jobs:
+        loss = f"{j.loss_start:.4f} -> {j.loss_end:.4f}" if j.loss_end is not None else ""
+        table.add_row(str(j.index), j.output, ", ".join(j.concepts), j.status,
+                      f"{j.loop_seconds:.2f}" if j.loop_seconds is not None else "", loss,
+                      human_bytes(j.patch_bytes) if j.patch_bytes else "", j.error or j.note or "")
+    out.print(table)
+    out.print(", ".join(f"{n} {status}" for status, n in report.counts.items()))

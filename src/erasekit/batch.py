@@ -1,0 +1,206 @@
+"""Running a batch manifest (``erasekit erase --manifest jobs.toml``): every job writes its own patch, a job that
+fails does not stop the others, and a rerun skips the jobs whose patch already holds the same settings.
+
+Each process loads a model once and reuses it for all its jobs (the erase gives the pipeline back exactly as it
+found it). Under ``accelerate launch`` (or ``torchrun``) the jobs left to do are split between the processes with
+Hugging Face Accelerate, one device each, and every process gets the whole summary back; without it, one process
+runs them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .batch_manifest import PlannedJob, plan_batch
+from .errors import ErasekitError
+
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass
+class JobResult:
+    index: int  # the job's place in the manifest
+    output: str  # as the manifest writes it
+    concepts: list[str]
+    status: Status
+    loop_seconds: float | None = None  # skipped: the loop time the patch recorded
+    load_seconds: float = 0.0  # the model load this job waited for (0 when the process had it loaded)
+    loss_start: float | None = None
+    loss_end: float | None = None
+    patch_bytes: int | None = None
+    error: str | None = None  # failed: the one-line error
+    note: str | None = None  # why a job ran although its patch existed
+    process: int = 0
+
+
+@dataclass
+class BatchReport:
+    manifest: str
+    jobs: list[JobResult]
+    processes: int
+    total_seconds: float
+    notes: list[str] = field(default_factory=list)  # about how the batch was launched
+    counts: dict[str, int] = field(default_factory=dict)  # status -> number of jobs
+
+    def __post_init__(self) -> None:
+        self.counts = {s: sum(j.status == s for j in self.jobs) for s in ("done", "skipped", "failed")}
+
+
+def run_batch(manifest: str | os.PathLike, *, on_job: Callable[[JobResult], None] | None = None) -> BatchReport:
+    """Run every job of ``manifest`` that has no up-to-date patch yet (see :mod:`erasekit.batch_manifest` for the
+    file); ``on_job`` hears of each job this process finishes. The manifest is checked whole before any model is
+    loaded (:class:`~erasekit.batch_manifest.ManifestError`)."""
+    t0 = time.perf_counter()
+    planned = plan_batch(manifest)
+    state = _processes()
+    rank = state.process_index if state else 0
+    settled, todo = [], []
+    for p in planned:  # every process decides the same, before any of them writes
+        status = _resume_status(p)
+        if status is None or status.status == "done":
+            todo.append((p, status.note if status else None))
+        else:
+            settled.append(status)
+    if state:
+        state.wait_for_everyone()
+        with state.split_between_processes(todo) as mine:
+            ran = _run_jobs(mine, rank, "cpu" if state.device.type == "cpu" else state.device, on_job)
+        ran = [JobResult(**r) for part in _gather(state, [asdict(r) for r in ran]) for r in part]
+    else:
+        ran = _run_jobs(todo, rank, None, on_job)
+    results = sorted(settled + ran, key=lambda r: r.index)
+    return BatchReport(str(manifest), results, state.num_processes if state else 1, time.perf_counter() - t0,
+                       launch_notes())
+
+
+def _processes() -> Any:
+    """accelerate's process state when this process is one of several (``accelerate launch``, ``torchrun``); on a
+    machine without GPUs the processes share the CPU (gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def launch_notes() -> list[str]:
+    """What to tell a user whose launcher asked for several processes but started one."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
+            and "WORLD_SIZE" not in os.environ:
+        return ["accelerate launch --cpu started one process (accelerate starts several CPU processes only through "
+                "mpirun): every job runs in this one; for several processes on one machine use accelerate launch "
+                "--multi_gpu --num_processes N (on a machine without GPUs they share the CPU) or torchrun"]
+    return []
+
+
+def _gather(state: Any, results: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Every process's results, in process order (sent as JSON text)."""
+    from accelerate.utils import gather_object
+
+    return [json.loads(text) for text in gather_object([json.dumps(results)])]
+
+
+def _resume_status(p: PlannedJob) -> JobResult | None:
+    """None: the job runs (no patch yet). A skipped result: its patch holds the same settings. A failed result: the
+    file there is not a patch (never replaced). A "done" placeholder with a note: the patch differs and is redone."""
+    from .patchfile import load_patch
+
+    job = p.job
+    if not job.output.exists():
+        return None
+    base = JobResult(p.index, p.name, job.concepts, "skipped")
+    try:
+        patch = load_patch(job.output)
+    except ErasekitError as e:
+        base.status, base.error = "failed", (f"{p.name} exists and is not a patch ({e.problem}); delete it or "
+                                             "choose another output")
+        return base
+    differs = settings_differ(job, patch)
+    if differs is not None:
+        base.status, base.note = "done", f"redone: {differs}"
+        return base
+    base.loop_seconds, base.patch_bytes = patch.manifest.method.duration_s, job.output.stat().st_size
+    base.note = f"patch {patch.patch_id[:12]} holds these settings"
+    return base
+
+
+def settings_differ(job: Any, patch: Any) -> str | None:
+    """What differs between the patch an :class:`~erasekit.erase_job.EraseJob` would write and ``patch``, as the
+    patch's manifest records it (concepts, seed, settings, earlier patches, training images, base model); None when
+    nothing does."""
+    m = patch.manifest
+    hp = m.method.hyperparameters
+    if [c.name for c in m.concepts] != job.concepts:
+        return "its concepts differ"
+    if m.method.seed != job.config.seed:
+        return f"its seed was {m.method.seed}"
+    wanted = json.loads(json.dumps(job.config.hyperparameters()))
+    changed = [k for k, v in wanted.items() if hp.get(k) != v]
+    if changed:
+        return f"its {', '.join(changed)} differed"
+    earlier = [a.get("patch_id") for a in hp.get("after", []) if isinstance(a, dict)] if isinstance(hp.get("after"), list) else []
+    if earlier != [p.patch_id for p in job.after]:
+        return "it was erased after other patches"
+    digest = job.images_digest()
+    if digest is not None and digest != m.method.images_sha256:
+        return "its training images differ"
+    if digest is None and m.method.num_images != job.num_images * len(job.concepts):
+        return f"it was made from {m.method.num_images} images"
+    if job.prediction_type and hp.get("prediction_type") != job.prediction_type:
+        return f"its prediction type was {hp.get('prediction_type')}"
+    return _base_differs(job, patch)
+
+
+def _base_differs(job: Any, patch: Any) -> str | None:
+    from .compat import base_statuses, slot_map
+    from .layouts import detect
+
+    ckpt = detect(job.model)
+    try:
+        statuses = base_statuses(patch, ckpt, slot_map(patch, ckpt.architecture, ckpt.encoders, str(job.model)))
+    except ErasekitError:
+        return "it was made for another model"
+    return "it was made for another model" if "differs" in statuses.values() else None
+
+
+def _run_jobs(todo: list[tuple[PlannedJob, str | None]], rank: int, device: Any,
+              on_job: Callable[[JobResult], None] | None) -> list[JobResult]:
+    """This process's jobs, in manifest order, one loaded pipeline reused while the model stays the same.
+    ``device``: the process's own device under accelerate (for jobs that leave it to ``auto``)."""
+    from .erase_job import import_libraries, load_for, run_erase
+    from .pipeline import model_threads
+    from .unlearn import Clock
+
+    if todo:
+        import_libraries()
+    loaded: tuple[Any, Any, Any] | None = None  # (load key, pipeline, checkpoint)
+    results = []
+    for p, note in todo:
+        job, clock = p.job, Clock()
+        if device is not None and job.config.device == "auto":
+            job.config = job.config.model_copy(update={"device": str(device)})
+        result = JobResult(p.index, p.name, job.concepts, "done", note=note, process=rank)
+        try:
+            with model_threads(job.model):
+                if loaded is None or loaded[0] != job.load_key():
+                    loaded = None  # the last model goes before the next one loads
+                    loaded = (job.load_key(), *load_for(job, clock))
+                report = run_erase(job, loaded[1], loaded[2], clock)
+            result.loop_seconds, result.loss_start, result.loss_end = report.loop_seconds, report.loss_start, report.loss_end
+            result.patch_bytes, result.load_seconds = report.patch_bytes, clock.seconds.get("load", 0.0)
+        except ErasekitError as e:
+            result.status, result.error = "failed", str(e)
+        except Exception as e:  # a bug in one job: reported with it, and the model is loaded afresh for the next
+            result.status, result.error = "failed", f"internal error ({type(e).__name__}: {e})"
+            loaded = None
+        results.append(result)
+        if on_job:
+            on_job(result)
+    return results
+
