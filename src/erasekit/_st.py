@@ -239,16 +239,20 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def check_new_output(out: Path) -> None:
-    """Refuse, before any work, an output that exists or whose folder is missing or not writable."""
+def check_new_output(out: Path, replace: bool = False) -> None:
+    """Refuse, before any work, an output that exists (unless it is to be ``replace``-d) or whose folder is missing
+    or not writable."""
     from .errors import TargetNotWritableError
 
-    if out.exists() or out.is_symlink():
-        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
+    if (out.exists() or out.is_symlink()) and not replace:
+        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first",
+                                     option="output")
     if not out.parent.is_dir():
-        raise TargetNotWritableError(f"folder {out.parent} does not exist", "create it first or choose another output")
+        raise TargetNotWritableError(f"folder {out.parent} does not exist", "create it first or choose another output",
+                                     option="output")
     if not os.access(out.parent, os.W_OK):
-        raise TargetNotWritableError(f"cannot write in {out.parent} (permission denied)", "choose a writable location")
+        raise TargetNotWritableError(f"cannot write in {out.parent} (permission denied)", "choose a writable location",
+                                     option="output")
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .erase_config import EraseConfig, effective_settings
-from .errors import ErasekitError, InputFileError, TargetNotWritableError
+from ._st import check_new_output
+from .errors import ErasekitError
 from .training_images import images_digest
 from .unlearn import Clock, EraseReport, StepInfo, erase
 
@@ -77,11 +78,7 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
         config, sources = effective_settings(settings.get("erase", {}), config or {}, settings.get("erase_recipes"))
         sources = {k: v for k, v in sources.items() if v != "default"}
     out = Path(output)
-    if out.exists() and not replace:
-        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
-    if not out.parent.is_dir():
-        raise InputFileError(f"folder {out.parent} does not exist", "create it first or choose another output",
-                             option="output")
+    check_new_output(out, replace)
     groups: list[list[Any]] | None = None
     if images is None and not settings.get("toyworld"):
         raise ErasekitError(f"{model} needs images of the concept", "give a folder of images per concept, or 'auto' "
