@@ -61,7 +61,6 @@ runner = CliRunner()
 
 def write(folder: Path, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "out").mkdir(exist_ok=True)
     (folder / "jobs.toml").write_text(text)
     return folder / "jobs.toml"
 
@@ -176,6 +175,7 @@ def test_changed_settings_redo_that_job_and_a_failure_spares_the_others(tmp_path
 
 def test_a_file_that_is_not_a_patch_is_never_replaced(tmp_path: Path) -> None:
     manifest = write(tmp_path, "steps = 2\n[[jobs]]\nconcept = 'circle'\noutput = 'out/a.erasepatch'\n")
+    (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a.erasepatch").write_bytes(b"my notes")
     r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
     assert r.exit_code == 1
@@ -241,8 +241,8 @@ def test_jobs_share_one_pipeline_and_leave_it_exactly_as_it_was(tmp_path: Path, 
      "jobs.toml: jobs[0] (a.erasepatch), field recipe: invalid recipe: Input should be 'paper', 'anchored' or 'doco'"),
     ("[[jobs]]\nconcept = 'circle'\noutput = 'a.erasepatch'\nafter = 'earlier.erasepatch'\n",
      "jobs.toml: jobs[0] (a.erasepatch)"),
-    ("[[jobs]]\nconcept = 'circle'\noutput = 'no/such/folder/a.erasepatch'\n",
-     "jobs.toml: jobs[0] (no/such/folder/a.erasepatch), field output: folder"),
+    ("[[jobs]]\nconcept = 'circle'\noutput = 'jobs.toml/a.erasepatch'\n",
+     "jobs.toml: jobs[0] (jobs.toml/a.erasepatch), field output: jobs.toml is not a folder"),
     ("[[jobs]\nconcept = 'circle'\n", "jobs.toml is not valid TOML ("),
 ])
 def test_a_bad_manifest_is_refused_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

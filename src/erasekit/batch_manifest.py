@@ -147,7 +147,7 @@ def plan_batch(path: str | os.PathLike) -> list[PlannedJob]:
             settings, call = _erase_arguments(options, folder)
             concepts = [entry.concept] if isinstance(entry.concept, str) else list(entry.concept)
             job = prepare_erase(call.pop("model"), concepts, call.pop("images"), output, settings, replace=True,
-                                **call)
+                                make_folder=True, **call)
         except ErasekitError as e:
             field = f", field {_FIELDS.get(e.option, e.option)}" if e.option else ""
             raise ManifestError(f"{where}{field}: {e.problem}", e.fix or "fix the manifest", option="manifest") from None

@@ -61,9 +61,10 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
                   images: Sequence[str | os.PathLike] | str | None, output: str | os.PathLike,
                   config: EraseConfig | dict[str, Any] | None = None, *, num_images: int = 4,
                   config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
-                  after: Sequence[str | os.PathLike] = (), replace: bool = False) -> EraseJob:
+                  after: Sequence[str | os.PathLike] = (), replace: bool = False, make_folder: bool = False) -> EraseJob:
     """Check an erase without loading the model (see :func:`erase_model` for the arguments). ``replace``: an
-    existing ``output`` is allowed (a batch that redoes a job replaces its patch)."""
+    existing ``output`` is allowed (a batch that redoes a job replaces its patch); ``make_folder``: the output's
+    folder may be missing (:func:`run_erase` makes it)."""
     from .hub import resolve_model
     from .patchfile import load_patch
     from .pipeline import model_settings
@@ -78,7 +79,7 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
         config, sources = effective_settings(settings.get("erase", {}), config or {}, settings.get("erase_recipes"))
         sources = {k: v for k, v in sources.items() if v != "default"}
     out = Path(output)
-    check_new_output(out, replace)
+    check_new_output(out, replace, make_folder)
     groups: list[list[Any]] | None = None
     if images is None and not settings.get("toyworld"):
         raise ErasekitError(f"{model} needs images of the concept", "give a folder of images per concept, or 'auto' "
@@ -126,6 +127,7 @@ def run_erase(job: EraseJob, pipe: Any, ckpt: Any, clock: Clock,
     groups = job.groups if job.groups is not None else _draw_images(job, pipe, clock)
     report = erase(pipe, job.concepts, groups, job.config, progress=progress, base_files=ckpt, after=job.after)
     with clock("save"):
+        job.output.parent.mkdir(parents=True, exist_ok=True)
         save_patch(report.patch, job.output)
     report.output, report.patch_bytes = str(job.output), job.output.stat().st_size
     report.ui = ui_advice(report.patch, job.output)
