@@ -285,3 +285,12 @@ def test_paths_are_relative_to_the_manifest(tmp_path: Path) -> None:
     assert job.model == tmp_path / "model" and job.output == tmp_path / "out" / "a.erasepatch"
     assert job.groups == [[tmp_path / "imgs" / "c0.png", tmp_path / "imgs" / "c1.png"]]
     assert (job.config.templates, job.config.layers) == (["a {} shape"], [0, 1])
+
+
+def test_the_example_manifest_is_valid() -> None:
+    from erasekit.batch_manifest import plan_batch
+
+    planned = plan_batch(Path(__file__).parent.parent / "examples" / "jobs.toml")
+    assert [p.job.concepts for p in planned] == [["circle"], ["red"], ["striped", "triangle"]]
+    assert [p.job.config.recipe for p in planned] == ["anchored"] * 3
+    assert planned[2].job.config.steps == 60 and planned[1].job.config.keep == ["purple"]
