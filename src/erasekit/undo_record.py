@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from . import _st
+from ._f16 import f32_to_f16
 from .errors import UndoRecordError
 
 if TYPE_CHECKING:
@@ -69,15 +70,20 @@ def scaled(delta: np.ndarray, strength: float) -> np.ndarray:
 
 
 def add_term(raw: bytes, dtype: str, shape: tuple[int, ...], term: np.ndarray, subtract: bool = False) -> bytes:
-    """Stored bytes of ``round_to_dtype(float32(W) +/- term)`` (float64 for F64), round-to-nearest-even."""
-    x = _st.to_numpy(raw, dtype, shape)
-    work = np.float64 if dtype == "F64" else np.float32
-    if x.dtype != work or not x.flags.writeable:  # BF16 arrives as a new float32 array, the others as views
-        x = x.astype(work)
+    """Stored bytes of ``round_to_dtype(float32(W) +/- term)`` (float64 for F64), round-to-nearest-even. F16 is
+    converted both ways by :mod:`erasekit._f16` (numpy's casts were most of an apply's time)."""
+    if dtype == "F64":
+        x = _st.to_numpy(raw, dtype, shape).astype(np.float64)
+    else:
+        x = _st.to_float32(raw, dtype, shape)  # F16 and BF16: a new array; F32: a read-only view
+        if not x.flags.writeable:
+            x = x.copy()
     if subtract:
         x -= term
     else:
         x += term
+    if dtype == "F16":
+        return f32_to_f16(x, overwrite=True).tobytes()
     return _st.encode(x, dtype)
 
 
@@ -133,7 +139,7 @@ def _exact_parts(parts: DeltaParts) -> DeltaParts:
     """``parts`` with any values their stored dtype would round (a patch made in memory) kept as F32."""
     out = {}
     for p, (dt, a) in parts.items():
-        same = dt == "F32" or np.array_equal(_st.to_numpy(_st.encode(a, dt), dt, a.shape), a)
+        same = dt == "F32" or np.array_equal(_st.to_float32(_st.encode(a, dt), dt, a.shape), a)
         out[p] = (dt if same else "F32", a)
     return out
 
@@ -173,7 +179,7 @@ def read_residual(header: _st.Header, f: BinaryIO, name: str, ent: _st.TensorEnt
     if any(e.dtype != wanted[p] if p in wanted else e.dtype not in _st.FLOAT_DTYPES for p, e in got.items()):
         raise _corrupt(path, key, "a part has the wrong dtype")
     raw = {p: _st.read_raw(f, e) for p, e in got.items()}
-    parts = {p: (got[p].dtype, _st.to_numpy(raw[p], got[p].dtype, got[p].shape).astype(np.float32)) for p in deltas}
+    parts = {p: (got[p].dtype, _st.to_float32(raw[p], got[p].dtype, got[p].shape)) for p in deltas}
     rec = UndoTensor(ent.dtype, ent.shape, parts=parts, exc_index=np.frombuffer(raw["exc_index"], "<u4"),
                      exc_value=np.frombuffer(raw["exc_value"], _BITS[ent.dtype]),
                      page_crc=np.frombuffer(raw["page_crc32"], "<u4"))

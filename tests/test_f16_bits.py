@@ -1,0 +1,121 @@
+"""erasekit._f16: the bit-level float16 <-> float32 conversions give numpy's bits, every one (NaN payloads too)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from erasekit import _st
+from erasekit._f16 import f16_to_f32, f32_to_f16
+
+
+def numpy_f16(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)
+
+
+def same_f16(x: np.ndarray) -> None:
+    got, want = f32_to_f16(x), numpy_f16(x)
+    assert got.dtype == np.uint16 and got.shape == want.shape
+    bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+    assert bad.size == 0, [(hex(int(np.asarray(x, np.float32).reshape(-1).view(np.uint32)[i])), hex(int(got.reshape(-1)[i])),
+                            hex(int(want.reshape(-1)[i]))) for i in bad[:8]]
+
+
+def test_f16_to_f32_every_half() -> None:
+    halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    want = halves.view(np.float16).astype(np.float32)
+    got = f16_to_f32(halves)
+    assert got.dtype == np.float32 and got.shape == (2**16,)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # NaNs included: payload and quiet bit kept
+
+
+def test_f32_to_f16_every_rounding_case() -> None:
+    """Every sign, exponent and top 10 mantissa bits of float32 (so every float16 result, every binade, inf and
+    NaN), each with the 13 bits below exact, just under a tie, a tie, and just over it."""
+    top = np.arange(2**19, dtype=np.uint32) << np.uint32(13)
+    for low in (0x0000, 0x0FFF, 0x1000, 0x1001):
+        for sign in (0, 0x80000000):
+            same_f16((top | np.uint32(low | sign)).view(np.float32))
+
+
+EDGES = [0.0, -0.0, 1.0, -1.0, 65504.0, -65504.0, 65519.99, 65520.0, -65520.0, 65535.99, 65536.0, 1e30, -1e30,
+         3.4028235e38, np.inf, -np.inf, 2.0**-14, -(2.0**-14), 2.0**-14 * (1 - 2.0**-24), 2.0**-14 - 2.0**-25,
+         2.0**-14 - 2.0**-26, 2.0**-24, 2.0**-25, -(2.0**-25), 2.0**-25 * (1 + 2.0**-23), 2.0**-26, 3 * 2.0**-25,
+         5 * 2.0**-25, 1e-45, -1e-45, 1.1754942e-38, 1.17549435e-38, 1 + 2.0**-11, 1 + 3 * 2.0**-11,
+         1 + 2.0**-11 + 2.0**-23, 2048 + 1, 2048 + 3, 4096 + 2, 4096 + 6, 0.1, -0.1, 1 / 3]
+NANS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FA00000, 0x7F802000, 0xFFFFE000]
+
+
+def test_f32_to_f16_edges() -> None:
+    """Ties at normal and subnormal scales, the subnormal boundaries, the largest half and what overflows, the
+    float32 subnormals, signed zeros, inf, and NaNs quiet and signalling with payloads (numpy's payloads kept)."""
+    values = np.array(EDGES, dtype=np.float32)
+    same_f16(values)
+    same_f16(np.array(NANS, dtype=np.uint32).view(np.float32))
+    got = f32_to_f16(values).view(np.float16)
+    assert got[1] == 0 and np.signbit(got[1]) and got[6] == 65504 and np.isinf(got[7]) and got[22] == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=32), min_size=1, max_size=64))
+def test_f32_to_f16_drawn_floats(values: list[float]) -> None:
+    same_f16(np.array(values, dtype=np.float32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64))
+def test_f32_to_f16_drawn_bit_patterns(bits: list[int]) -> None:
+    same_f16(np.array(bits, dtype=np.uint32).view(np.float32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-2.0**-13, 2.0**-13, width=32), min_size=1, max_size=64))
+def test_f32_to_f16_drawn_near_the_subnormals(values: list[float]) -> None:
+    same_f16(np.array(values, dtype=np.float32))
+
+
+def test_weights_plus_a_delta_as_apply_makes_them() -> None:
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((96, 384)) * 0.016).astype(np.float16)
+    x = w.astype(np.float32) + (rng.standard_normal(w.shape) * 0.002).astype(np.float32)
+    assert np.array_equal(f16_to_f32(w.view(np.uint16)), w.astype(np.float32))
+    same_f16(x)
+    scratch = x.copy()
+    assert np.array_equal(f32_to_f16(scratch, overwrite=True), numpy_f16(x))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (5,), (4, 6), (2, 3, 4)])
+def test_shapes(shape: tuple[int, ...]) -> None:
+    x = np.linspace(-70000, 70000, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    same_f16(x)
+    bits = numpy_f16(x)
+    assert f16_to_f32(bits).shape == shape
+    assert np.array_equal(f16_to_f32(bits), bits.view(np.float16).astype(np.float32))
+
+
+def test_inputs_left_alone_unless_overwrite() -> None:
+    base = np.linspace(-3, 3, 40, dtype=np.float32)
+    strided, f64, ro = base[::2], base.astype(np.float64)[::3], base.copy()
+    ro.flags.writeable = False
+    for x in (strided, f64, ro, base):
+        keep = x.copy()
+        assert np.array_equal(f32_to_f16(x), numpy_f16(x))
+        assert np.array_equal(x, keep)
+    for x in (strided, ro):  # not usable as scratch: copied even with overwrite
+        keep = x.copy()
+        assert np.array_equal(f32_to_f16(x, overwrite=True), numpy_f16(x))
+        assert np.array_equal(x, keep)
+
+
+def test_st_helpers_use_them() -> None:
+    """_st.encode and _st.to_float32, what apply and revert go through, give numpy's bytes and values."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((7, 9)) * 3).astype(np.float32)
+    assert _st.encode(x, "F16") == x.astype(np.float16).tobytes()
+    assert _st.encode(x.astype(np.float64), "F16") == x.astype(np.float64).astype(np.float16).tobytes()
+    raw = x.astype(np.float16).tobytes()
+    got = _st.to_float32(raw, "F16", (7, 9))
+    assert got.shape == (7, 9) and got.flags.writeable and np.array_equal(got, x.astype(np.float16).astype(np.float32))
