@@ -294,3 +294,18 @@ def test_the_example_manifest_is_valid() -> None:
     assert [p.job.concepts for p in planned] == [["circle"], ["red"], ["striped", "triangle"]]
     assert [p.job.config.recipe for p in planned] == ["anchored"] * 3
     assert planned[2].job.config.steps == 60 and planned[1].job.config.keep == ["purple"]
+
+
+def test_a_patch_made_from_another_model_is_redone(tmp_path: Path) -> None:
+    from erasekit.apply import apply_to_checkpoint
+    from erasekit.toyworld import builtin_model_path
+
+    shutil.copytree(builtin_model_path(), tmp_path / "model")
+    manifest = write(tmp_path, "model = 'model'\nsteps = 2\n[[jobs]]\nconcept = 'circle'\noutput = 'a.erasepatch'\n")
+    assert runner.invoke(app, ["erase", "--manifest", str(manifest)]).exit_code == 0
+    again = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert json.loads(again.stdout)["counts"]["skipped"] == 1
+    apply_to_checkpoint([tmp_path / "a.erasepatch"], tmp_path / "model", in_place=True)  # the model's encoder changes
+    r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["jobs"][0]["note"] == "redone: it was made for another model"

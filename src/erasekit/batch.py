@@ -59,9 +59,9 @@ def run_batch(manifest: str | os.PathLike, *, on_job: Callable[[JobResult], None
     planned = plan_batch(manifest)
     state = _processes()
     rank = state.process_index if state else 0
-    settled, todo = [], []
+    settled, todo, checked = [], [], {}
     for p in planned:  # every process decides the same, before any of them writes
-        status = _resume_status(p)
+        status = _resume_status(p, checked)
         if status is None or status.status == "done":
             todo.append((p, status.note if status else None))
         else:
@@ -106,7 +106,7 @@ def _gather(state: Any, results: list[dict[str, Any]]) -> list[list[dict[str, An
     return [json.loads(text) for text in gather_object([json.dumps(results)])]
 
 
-def _resume_status(p: PlannedJob) -> JobResult | None:
+def _resume_status(p: PlannedJob, checked: dict[Any, bool]) -> JobResult | None:
     """None: the job runs (no patch yet). A skipped result: its patch holds the same settings. A failed result: the
     file there is not a patch (never replaced). A "done" placeholder with a note: the patch differs and is redone."""
     from .patchfile import load_patch
@@ -121,7 +121,7 @@ def _resume_status(p: PlannedJob) -> JobResult | None:
         base.status, base.error = "failed", (f"{p.name} exists and is not a patch ({e.problem}); delete it or "
                                              "choose another output")
         return base
-    differs = settings_differ(job, patch)
+    differs = settings_differ(job, patch, checked)
     if differs is not None:
         base.status, base.note = "done", f"redone: {differs}"
         return base
@@ -130,10 +130,11 @@ def _resume_status(p: PlannedJob) -> JobResult | None:
     return base
 
 
-def settings_differ(job: Any, patch: Any) -> str | None:
+def settings_differ(job: Any, patch: Any, checked: dict[Any, bool] | None = None) -> str | None:
     """What differs between the patch an :class:`~erasekit.erase_job.EraseJob` would write and ``patch``, as the
     patch's manifest records it (concepts, seed, settings, earlier patches, training images, base model); None when
-    nothing does."""
+    nothing does. ``checked``: base models already compared (see :func:`_base_differs`)."""
+    checked = {} if checked is None else checked
     m = patch.manifest
     hp = m.method.hyperparameters
     if [c.name for c in m.concepts] != job.concepts:
@@ -154,19 +155,24 @@ def settings_differ(job: Any, patch: Any) -> str | None:
         return f"it was made from {m.method.num_images} images"
     if job.prediction_type and hp.get("prediction_type") != job.prediction_type:
         return f"its prediction type was {hp.get('prediction_type')}"
-    return _base_differs(job, patch)
+    return _base_differs(job, patch, checked)
 
 
-def _base_differs(job: Any, patch: Any) -> str | None:
+def _base_differs(job: Any, patch: Any, checked: dict[Any, bool]) -> str | None:
+    """Whether ``patch`` fits the job's model (exactly or at another precision). ``checked`` remembers the answer
+    per model and base: the patches of a batch share their base, and reading it is most of a resume check."""
     from .compat import base_statuses, slot_map
     from .layouts import detect
 
-    ckpt = detect(job.model)
-    try:
-        statuses = base_statuses(patch, ckpt, slot_map(patch, ckpt.architecture, ckpt.encoders, str(job.model)))
-    except ErasekitError:
-        return "it was made for another model"
-    return "it was made for another model" if "differs" in statuses.values() else None
+    key = (str(job.model), tuple(sorted((name, fp.sha256) for name, fp in patch.manifest.base.tensors.items())))
+    if key not in checked:
+        ckpt = detect(job.model)
+        try:
+            mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, str(job.model))
+            checked[key] = "differs" not in base_statuses(patch, ckpt, mapping).values()
+        except ErasekitError:
+            checked[key] = False
+    return None if checked[key] else "it was made for another model"
 
 
 def _run_jobs(todo: list[tuple[PlannedJob, str | None]], rank: int, device: Any,

@@ -182,15 +182,20 @@ def _erase_batch(manifest: Path, given: list[str], as_json: bool) -> None:
 
     from ..batch import run_batch
 
+    from ..errors import ErasekitError
+
     quiet = os.environ.get("RANK", "0") != "0"  # under accelerate, the main process alone reports
     with errors():
         if given:
-            from ..errors import ErasekitError
-
             flag = OPTION_FLAGS.get(given[0], "--" + given[0].replace("_", "-"))
             raise ErasekitError(f"{flag} cannot be given with --manifest", "set it in the manifest (top level for "
                                 "every job, or in a [[jobs]] table)", option="manifest")
-        report = run_batch(manifest, on_job=None if as_json else _job_line)
+        try:
+            report = run_batch(manifest, on_job=None if as_json else _job_line)
+        except ErasekitError as e:
+            if quiet:  # every process refuses the same manifest; one line is enough
+                raise typer.Exit(e.exit_code) from None
+            raise
     if quiet:
         raise typer.Exit(1 if report.counts["failed"] else 0)
     warn(report.notes)
