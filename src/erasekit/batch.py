@@ -61,11 +61,11 @@ def run_batch(manifest: str | os.PathLike, *, on_job: Callable[[JobResult], None
     rank = state.process_index if state else 0
     settled, todo, checked = [], [], {}
     for p in planned:  # every process decides the same, before any of them writes
-        status = _resume_status(p, checked)
-        if status is None or status.status == "done":
-            todo.append((p, status.note if status else None))
+        result, note = _resume_status(p, checked)
+        if result is None:
+            todo.append((p, note))
         else:
-            settled.append(status)
+            settled.append(result)
     if state:
         state.wait_for_everyone()
         with state.split_between_processes(todo) as mine:
@@ -106,28 +106,26 @@ def _gather(state: Any, results: list[dict[str, Any]]) -> list[list[dict[str, An
     return [json.loads(text) for text in gather_object([json.dumps(results)])]
 
 
-def _resume_status(p: PlannedJob, checked: dict[Any, bool]) -> JobResult | None:
-    """None: the job runs (no patch yet). A skipped result: its patch holds the same settings. A failed result: the
-    file there is not a patch (never replaced). A "done" placeholder with a note: the patch differs and is redone."""
+def _resume_status(p: PlannedJob, checked: dict[Any, bool]) -> tuple[JobResult | None, str | None]:
+    """(the job's result when it need not run, why it runs although its output exists). Skipped: the patch there
+    holds the same settings. Failed: the file there is not a patch (never replaced). Run, with a note: the patch
+    there differs and is redone."""
     from .patchfile import load_patch
 
     job = p.job
     if not job.output.exists():
-        return None
-    base = JobResult(p.index, p.name, job.concepts, "skipped")
+        return None, None
     try:
         patch = load_patch(job.output)
     except ErasekitError as e:
-        base.status, base.error = "failed", (f"{p.name} exists and is not a patch ({e.problem}); delete it or "
-                                             "choose another output")
-        return base
+        return JobResult(p.index, p.name, job.concepts, "failed", error=f"{p.name} exists and is not a patch "
+                         f"({e.problem}); delete it or choose another output"), None
     differs = settings_differ(job, patch, checked)
     if differs is not None:
-        base.status, base.note = "done", f"redone: {differs}"
-        return base
-    base.loop_seconds, base.patch_bytes = patch.manifest.method.duration_s, job.output.stat().st_size
-    base.note = f"patch {patch.patch_id[:12]} holds these settings"
-    return base
+        return None, f"redone: {differs}"
+    return JobResult(p.index, p.name, job.concepts, "skipped", loop_seconds=patch.manifest.method.duration_s,
+                     patch_bytes=job.output.stat().st_size,
+                     note=f"patch {patch.patch_id[:12]} holds these settings"), None
 
 
 def settings_differ(job: Any, patch: Any, checked: dict[Any, bool] | None = None) -> str | None:
