@@ -17,8 +17,12 @@
    and the revert spend their time (the library functions in ``PHASES``, wrapped with a clock during the timed
    steps); exits 1 if a revert is not bit-exact.
 
+``--convert``: instead, the milliseconds per 768x3072 F16 tensor (SD1.x's FFN weights) of numpy's float16 casts
+and of erasekit._f16's, which apply and revert use (same bits; checked), interleaved, medians of ``--repeats``.
+
     python bench/apply_inplace.py [--repeats 3] [--rank R] [--strength S] [--keep]   # about 1 min on 2 cores
     python bench/apply_inplace.py --quick                                            # seconds
+    python bench/apply_inplace.py --convert --repeats 30                             # seconds
 """
 
 from __future__ import annotations
@@ -149,6 +153,46 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t, result
 
 
+def convert_times(repeats: int, seed: int) -> int:
+    """Per-tensor ms of numpy's float16 casts vs erasekit._f16 (what an apply does per FFN weight: F16 -> F32, add
+    the delta, F32 -> F16; its undo record does it once more, backwards)."""
+    import numpy as np
+
+    from erasekit import _f16
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((3072, 768)) * 0.016).astype(np.float16)  # sigma of CLIP-L's FFN weights
+    term = (rng.standard_normal(w.shape) * 0.002).astype(np.float32)
+    x, bits = w.astype(np.float32) + term, w.view(np.uint16)
+    cases = [("F16 -> F32", lambda: w.astype(np.float32), lambda: _f16.f16_to_f32(bits)),
+             ("F32 -> F16", lambda: x.astype(np.float16), lambda: _f16.f32_to_f16(x)),
+             ("F16 + delta -> F16 (apply's arithmetic)", lambda: (w.astype(np.float32) + term).astype(np.float16),
+              lambda: _f16.f16_add(bits, term))]
+    def raw(a: np.ndarray) -> np.ndarray:
+        return a.reshape(-1).view(np.uint32 if a.dtype.itemsize == 4 else np.uint16)
+
+    want = [raw(numpy_fn()) for _, numpy_fn, _ in cases]
+    times: dict[tuple[int, int], list[float]] = {}
+    for _ in range(repeats):
+        for i, (name, *fns) in enumerate(cases):
+            for j, fn in enumerate(fns):
+                t = time.perf_counter()
+                got = fn()
+                times.setdefault((i, j), []).append(time.perf_counter() - t)
+                if not np.array_equal(raw(got), want[i]):
+                    print(f"{name}: erasekit._f16 differs from numpy")
+                    return 1
+    load = os.getloadavg()[0]
+    print(f"\n| one 768x3072 F16 tensor, median of {repeats} | numpy | erasekit._f16 | ratio |")
+    print("|---|---:|---:|---:|")
+    for i, (name, *_) in enumerate(cases):
+        a, b = (statistics.median(times[i, j]) * 1e3 for j in (0, 1))
+        print(f"| {name} | {a:.2f} ms | {b:.2f} ms | {b / a:.2f} |")
+    print(f"\nnumpy {np.__version__}, {os.cpu_count()} CPUs, load average {load:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end; every result equal to numpy's, bit for bit.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", "--repeat", type=int, default=3, help="rounds; the table shows medians (default 3)")
@@ -160,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch-dtype", choices=("F32", "F16", "BF16"), default="F32", help="default F32")
     ap.add_argument("--strength", type=float, default=1.0, help="apply strength (default 1.0)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--convert", action="store_true", help="time the float16 conversions on one tensor instead")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.convert:
+        return convert_times(args.repeats, args.seed)
 
     from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
     from erasekit.journal import journal_dir

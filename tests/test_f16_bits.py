@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from erasekit import _st
-from erasekit._f16 import f16_to_f32, f32_to_f16
+from erasekit import _f16
+from erasekit._f16 import f16_add, f16_to_f32, f32_to_f16
 
 
 def numpy_f16(x: np.ndarray) -> np.ndarray:
@@ -80,11 +81,12 @@ def test_f32_to_f16_drawn_near_the_subnormals(values: list[float]) -> None:
 def test_weights_plus_a_delta_as_apply_makes_them() -> None:
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((96, 384)) * 0.016).astype(np.float16)
-    x = w.astype(np.float32) + (rng.standard_normal(w.shape) * 0.002).astype(np.float32)
+    term = (rng.standard_normal(w.shape) * 0.002).astype(np.float32)
     assert np.array_equal(f16_to_f32(w.view(np.uint16)), w.astype(np.float32))
-    same_f16(x)
-    scratch = x.copy()
-    assert np.array_equal(f32_to_f16(scratch, overwrite=True), numpy_f16(x))
+    same_f16(w.astype(np.float32) + term)
+    assert np.array_equal(f16_add(w.view(np.uint16), term), numpy_f16(w.astype(np.float32) + term).reshape(-1))
+    assert np.array_equal(f16_add(w.view(np.uint16), term, subtract=True),
+                          numpy_f16(w.astype(np.float32) - term).reshape(-1))
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0), (5,), (4, 6), (2, 3, 4)])
@@ -96,7 +98,7 @@ def test_shapes(shape: tuple[int, ...]) -> None:
     assert np.array_equal(f16_to_f32(bits), bits.view(np.float16).astype(np.float32))
 
 
-def test_inputs_left_alone_unless_overwrite() -> None:
+def test_inputs_left_alone() -> None:
     base = np.linspace(-3, 3, 40, dtype=np.float32)
     strided, f64, ro = base[::2], base.astype(np.float64)[::3], base.copy()
     ro.flags.writeable = False
@@ -104,10 +106,27 @@ def test_inputs_left_alone_unless_overwrite() -> None:
         keep = x.copy()
         assert np.array_equal(f32_to_f16(x), numpy_f16(x))
         assert np.array_equal(x, keep)
-    for x in (strided, ro):  # not usable as scratch: copied even with overwrite
-        keep = x.copy()
-        assert np.array_equal(f32_to_f16(x, overwrite=True), numpy_f16(x))
-        assert np.array_equal(x, keep)
+    bits, term = numpy_f16(base), base[::-1].copy()
+    keep = bits.copy(), term.copy()
+    assert np.array_equal(f16_add(bits, term), numpy_f16(bits.view(np.float16).astype(np.float32) + term))
+    assert np.array_equal(bits, keep[0]) and np.array_equal(term, keep[1])
+    with pytest.raises(ValueError, match="term has 3 elements, the tensor 40"):
+        f16_add(bits, term[:3])
+
+
+def test_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrays longer than a block, and a last block shorter than the others, with specials in several blocks."""
+    monkeypatch.setattr(_f16, "CHUNK", 64)
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(1000) * 30000).astype(np.float32)
+    x[[5, 70, 640, 999]] = [np.nan, np.inf, 1e9, -70000]
+    same_f16(x)
+    bits = numpy_f16(x)
+    assert np.array_equal(f16_to_f32(bits).view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
+    term = (rng.standard_normal(1000) * 100).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = numpy_f16(bits.view(np.float16).astype(np.float32) + term)
+    assert np.array_equal(f16_add(bits, term), want)
 
 
 def test_st_helpers_use_them() -> None:

@@ -3,9 +3,12 @@
 Why: numpy's own casts between float16 and float32 are element-by-element loops (no SIMD in numpy 2.x wheels for
 x86-64: they need F16C, above the wheels' baseline). On a 768x3072 tensor they took about 4 ms (F16 -> F32) and
 6-8 ms (F32 -> F16), most of an in-place apply's time; these vectorised versions take about a quarter and a half
-of that. torch would do it faster still, but apply and inspect must not import torch.
+of that. torch would do it faster still, but apply and inspect must not import torch. They work in blocks of
+``CHUNK`` elements with small scratch arrays, reused: fresh full-size temporaries cost page faults that were as
+dear as the arithmetic.
 
 * :func:`f16_to_f32` is exact, as any conversion to a wider float is.
+* :func:`f16_add` is ``float16(float32(W) + term)`` (apply's arithmetic) without a float32 copy of ``W``.
 * :func:`f32_to_f16` rounds to nearest, ties to even, with subnormal results, overflow to inf and signed zeros.
   Elements that are inf, NaN or too large for float16 (``|x| >= 65536``; rare in weights, none in a finite apply)
   go through numpy's own cast, so NaN payloads are numpy's too.
@@ -18,57 +21,102 @@ import numpy as np
 _U16, _U32, _I16, _I32, _F16, _F32 = (np.dtype(t) for t in ("<u2", "<u4", "<i2", "<i4", "<f2", "<f4"))
 
 
+CHUNK = 1 << 17  # elements per block
+
+
 def f16_to_f32(bits: np.ndarray) -> np.ndarray:
     """float32 values of float16 ``bits`` (uint16, any shape), as a new array of the same shape."""
     bits = np.asarray(bits)
+    out = np.empty(bits.shape, _F32)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        _widen_into(np.ascontiguousarray(bits).view(_U16).reshape(-1), out.reshape(-1).view(_I32))
+    return out
+
+
+def f32_to_f16(x: np.ndarray) -> np.ndarray:
+    """float16 bits (uint16, same shape) of float32 ``x``, rounded to nearest, ties to even."""
+    x = np.asarray(x)
+    a = np.ascontiguousarray(x, dtype=_F32).reshape(-1)
+    out = np.empty(a.size, _U16)
+    scratch = _Scratch(min(a.size, CHUNK))
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        for i in range(0, a.size, CHUNK):
+            j = min(a.size, i + CHUNK)
+            w, c, s = scratch.cut(j - i)
+            np.copyto(w, a[i:j])
+            _round_into(w, c, s, out[i:j])
+    return out.reshape(x.shape)
+
+
+def f16_add(bits: np.ndarray, term: np.ndarray, subtract: bool = False) -> np.ndarray:
+    """float16 bits of ``float32(W) + term`` (``- term`` if ``subtract``), W given by its float16 ``bits`` (uint16),
+    ``term`` of the same size: what ``(W.astype(float32) + term).astype(float16)`` gives, flat."""
     h = np.ascontiguousarray(bits).view(_U16).reshape(-1)
+    t = np.asarray(term).reshape(-1)
+    if t.size != h.size:
+        raise ValueError(f"term has {t.size} elements, the tensor {h.size}")
+    out = np.empty(h.size, _U16)
+    scratch = _Scratch(min(h.size, CHUNK))
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        for i in range(0, h.size, CHUNK):
+            j = min(h.size, i + CHUNK)
+            w, c, s = scratch.cut(j - i)
+            _widen_into(h[i:j], w.view(_I32))
+            if subtract:
+                w -= t[i:j]
+            else:
+                w += t[i:j]
+            _round_into(w, c, s, out[i:j])
+    return out
+
+
+class _Scratch:
+    def __init__(self, n: int) -> None:
+        self.w, self.c, self.s = np.empty(n, _F32), np.empty(n, _U32), np.empty(n, _U32)
+
+    def cut(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.w[:n], self.c[:n], self.s[:n]
+
+
+def _widen_into(h: np.ndarray, out: np.ndarray) -> None:
+    """float32 values of the float16 bits ``h`` into ``out`` (int32, viewed as float32 after)."""
     # sign-extend to 32 bits, put the 15 exponent and mantissa bits at 13..27 and keep the sign at bit 31: a float32
     # whose exponent is the half's, unbiased by 127 - 15 = 112; multiplying by 2**112 rebiases it exactly (half
-    # subnormals arrive as float32 subnormals and leave normalised).
-    x = h.view(_I16).astype(_I32)
-    x <<= 13
-    x &= np.int32(-0x70000001)  # 0x8FFFFFFF
-    f = x.view(_F32)
+    # subnormals arrive as float32 subnormals and leave normalised)
+    np.copyto(out, h.view(_I16))
+    out <<= np.int32(13)
+    out &= np.int32(-0x70000001)  # 0x8FFFFFFF
+    f = out.view(_F32)
     f *= np.float32(2.0**112)
-    if h.size and (h & np.uint16(0x7FFF)).max() >= 0x7C00:  # inf and NaN: exponent 31 must become 255
+    if f.size and (f.max() >= 65536 or f.min() <= -65536):  # inf and NaN: exponent 31 must become 255
         idx = np.flatnonzero((h & np.uint16(0x7C00)) == 0x7C00)
         f[idx] = h[idx].view(_F16).astype(_F32)
-    return f.reshape(bits.shape)
 
 
-def f32_to_f16(x: np.ndarray, overwrite: bool = False) -> np.ndarray:
-    """float16 bits (uint16, same shape) of float32 ``x``, rounded to nearest even; ``overwrite``: ``x`` (a
-    contiguous float32 array of the caller's) may be used as scratch space and is left holding garbage."""
-    x = np.asarray(x)
-    if overwrite and x.dtype == _F32 and x.flags.c_contiguous and x.flags.writeable:
-        a = x.reshape(-1)
-    else:
-        a = np.array(x, dtype=_F32, order="C").reshape(-1)
+def _round_into(a: np.ndarray, c: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
+    """float16 bits of float32 ``a`` (left holding garbage) into ``out`` (uint16); ``c``, ``s``: uint32 scratch."""
     u = a.view(_U32)
-    sign = u >> np.uint32(16)
-    sign &= np.uint32(0x8000)
+    np.right_shift(u, np.uint32(16), out=s)
+    s &= np.uint32(0x8000)  # the sign, where float16 keeps it
     u &= np.uint32(0x7FFFFFFF)  # a = |x| from here
     special = None
     if a.size and not a.max() < 65536:  # inf, NaN (max is NaN) or beyond float16's range: numpy's cast, below
         idx = np.flatnonzero(~(a < 65536))
-        special = idx, (u[idx] | (sign[idx] << np.uint32(16))).view(_F32)
+        special = idx, (u[idx] | (s[idx] << np.uint32(16))).view(_F32)
     # round |x| to float16 precision in float32: adding c = 2**(e + 13), e the exponent of |x| but at least -14,
     # leaves float32 a quantum of 2**(e - 10), float16's at that exponent (2**-24 below 2**-14, its subnormals);
     # the FPU rounds the sum to nearest even, and subtracting c again is exact
-    c = u & np.uint32(0x7F800000)
+    np.bitwise_and(u, np.uint32(0x7F800000), out=c)
     np.maximum(c, np.uint32(113 << 23), out=c)
     c += np.uint32(13 << 23)
-    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        a += c.view(_F32)
-        a -= c.view(_F32)
-        # scaling by 2**-112 makes the float32 exponent the half's (subnormals: a float32 subnormal, exactly); its
-        # exponent and top 10 mantissa bits are then the half's 15 bits
-        a *= np.float32(2.0**-112)
+    a += c.view(_F32)
+    a -= c.view(_F32)
+    # scaling by 2**-112 makes the float32 exponent the half's (subnormals: a float32 subnormal, exactly); its
+    # exponent and top 10 mantissa bits are then the half's 15 bits
+    a *= np.float32(2.0**-112)
     u >>= np.uint32(13)
-    u |= sign
-    out = u.astype(_U16)
+    u |= s
+    np.copyto(out, u, casting="unsafe")
     if special is not None:
         idx, values = special
-        with np.errstate(over="ignore", invalid="ignore"):
-            out[idx] = values.astype(_F16).view(_U16)
-    return out.reshape(x.shape)
+        out[idx] = values.astype(_F16).view(_U16)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from . import _st
-from ._f16 import f32_to_f16
+from ._f16 import f16_add
 from .errors import UndoRecordError
 
 if TYPE_CHECKING:
@@ -70,21 +70,26 @@ def scaled(delta: np.ndarray, strength: float) -> np.ndarray:
 
 
 def add_term(raw: bytes, dtype: str, shape: tuple[int, ...], term: np.ndarray, subtract: bool = False) -> bytes:
-    """Stored bytes of ``round_to_dtype(float32(W) +/- term)`` (float64 for F64), round-to-nearest-even. F16 is
-    converted both ways by :mod:`erasekit._f16` (numpy's casts were most of an apply's time)."""
+    """Stored bytes of ``round_to_dtype(float32(W) +/- term)`` (float64 for F64), round-to-nearest-even."""
+    return _sum_bits(raw, dtype, shape, term, subtract).tobytes()
+
+
+def _sum_bits(raw: bytes, dtype: str, shape: tuple[int, ...], term: np.ndarray, subtract: bool = False) -> np.ndarray:
+    """:func:`add_term`'s bytes as a flat array of unsigned integers of the element size, without copying them into
+    a bytes object. F16 goes through :func:`erasekit._f16.f16_add` (numpy's casts were most of an apply's time)."""
+    if dtype == "F16":
+        return f16_add(np.frombuffer(raw, "<u2"), np.broadcast_to(term, shape), subtract)
     if dtype == "F64":
         x = _st.to_numpy(raw, dtype, shape).astype(np.float64)
     else:
-        x = _st.to_float32(raw, dtype, shape)  # F16 and BF16: a new array; F32: a read-only view
+        x = _st.to_float32(raw, dtype, shape)  # BF16: a new array; F32: a read-only view
         if not x.flags.writeable:
             x = x.copy()
     if subtract:
         x -= term
     else:
         x += term
-    if dtype == "F16":
-        return f32_to_f16(x, overwrite=True).tobytes()
-    return _st.encode(x, dtype)
+    return np.frombuffer(_st.encode(x, dtype), _BITS[dtype])
 
 
 def _pages(begin: int, nbytes: int) -> list[tuple[int, int]]:
@@ -154,7 +159,7 @@ def undo_record(before: bytes, after: bytes, ent: _st.TensorEntry, parts: DeltaP
     if floor >= ent.nbytes:
         return full
     bits = _BITS[ent.dtype]
-    back = np.frombuffer(add_term(after, ent.dtype, ent.shape, term, subtract=True), bits)
+    back = _sum_bits(after, ent.dtype, ent.shape, term, subtract=True)
     orig = np.frombuffer(before, bits)
     idx = np.flatnonzero(back != orig).astype("<u4")
     res = UndoTensor(ent.dtype, ent.shape, parts=_exact_parts(parts), exc_index=idx, exc_value=orig[idx],
@@ -225,7 +230,9 @@ def _undo_residual(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, strength: 
     """The inverse of the apply, corrected by the exceptions; unless ``whole`` (``cur`` is all after bytes), only
     on the pages that hold after bytes."""
     term = scaled(delta_of(rec.parts), strength)
-    back = np.frombuffer(add_term(cur, ent.dtype, ent.shape, term, subtract=True), _BITS[ent.dtype]).copy()
+    back = _sum_bits(cur, ent.dtype, ent.shape, term, subtract=True)
+    if not back.flags.writeable:
+        back = back.copy()
     back[rec.exc_index] = rec.exc_value
     if whole:
         return back.tobytes()
