@@ -42,9 +42,9 @@ def f32_to_f16(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         for i in range(0, a.size, CHUNK):
             j = min(a.size, i + CHUNK)
-            w, c, s = scratch.cut(j - i)
+            w, c, s, floor = scratch.cut(j - i)
             np.copyto(w, a[i:j])
-            _round_into(w, c, s, out[i:j])
+            _round_into(w, c, s, floor, out[i:j])
     return out.reshape(x.shape)
 
 
@@ -60,22 +60,23 @@ def f16_add(bits: np.ndarray, term: np.ndarray, subtract: bool = False) -> np.nd
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         for i in range(0, h.size, CHUNK):
             j = min(h.size, i + CHUNK)
-            w, c, s = scratch.cut(j - i)
+            w, c, s, floor = scratch.cut(j - i)
             _widen_into(h[i:j], w.view(_I32))
             if subtract:
                 w -= t[i:j]
             else:
                 w += t[i:j]
-            _round_into(w, c, s, out[i:j])
+            _round_into(w, c, s, floor, out[i:j])
     return out
 
 
 class _Scratch:
     def __init__(self, n: int) -> None:
         self.w, self.c, self.s = np.empty(n, _F32), np.empty(n, _U32), np.empty(n, _U32)
+        self.floor = np.full(n, 113 << 23, _U32)  # np.maximum is twice as fast against an array as a scalar
 
-    def cut(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.w[:n], self.c[:n], self.s[:n]
+    def cut(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.w[:n], self.c[:n], self.s[:n], self.floor[:n]
 
 
 def _widen_into(h: np.ndarray, out: np.ndarray) -> None:
@@ -93,8 +94,9 @@ def _widen_into(h: np.ndarray, out: np.ndarray) -> None:
         f[idx] = h[idx].view(_F16).astype(_F32)
 
 
-def _round_into(a: np.ndarray, c: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    """float16 bits of float32 ``a`` (left holding garbage) into ``out`` (uint16); ``c``, ``s``: uint32 scratch."""
+def _round_into(a: np.ndarray, c: np.ndarray, s: np.ndarray, floor: np.ndarray, out: np.ndarray) -> None:
+    """float16 bits of float32 ``a`` (left holding garbage) into ``out`` (uint16); ``c``, ``s``: uint32 scratch,
+    ``floor``: 113 << 23 (the exponent field of 2**-14) in each element."""
     u = a.view(_U32)
     np.right_shift(u, np.uint32(16), out=s)
     s &= np.uint32(0x8000)  # the sign, where float16 keeps it
@@ -107,7 +109,7 @@ def _round_into(a: np.ndarray, c: np.ndarray, s: np.ndarray, out: np.ndarray) ->
     # leaves float32 a quantum of 2**(e - 10), float16's at that exponent (2**-24 below 2**-14, its subnormals);
     # the FPU rounds the sum to nearest even, and subtracting c again is exact
     np.bitwise_and(u, np.uint32(0x7F800000), out=c)
-    np.maximum(c, np.uint32(113 << 23), out=c)
+    np.maximum(c, floor, out=c)
     c += np.uint32(13 << 23)
     a += c.view(_F32)
     a -= c.view(_F32)
