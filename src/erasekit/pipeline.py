@@ -130,14 +130,23 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
         ckpt.config = choice.describe()
         extra |= choice.tokenizers()
         load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
-        load = lambda: cls.from_single_file(str(path), config=str(choice.path), local_files_only=True,  # noqa: E731
-                                            torch_dtype=load_dtype, **extra)
+        load = lambda **kw: cls.from_single_file(str(path), config=str(choice.path), local_files_only=True,  # noqa: E731
+                                                 torch_dtype=load_dtype, **extra, **kw)
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe = load()
+            try:
+                pipe = load()
+            except NotImplementedError as e:
+                if path.is_dir() or "meta tensor" not in str(e):
+                    raise
+                # with accelerate installed, diffusers leaves the tensors a file lacks on the meta device and fails
+                # on them; loaded without that (missing tensors random), the check below says what is missing
+                pipe = load(low_cpu_mem_usage=False)
+                check_single_file_pipeline(pipe, ckpt, config)
+                raise
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as e:
         fix = ("check that the folder is a complete local diffusers pipeline" if path.is_dir() else
                f"check that {path} is a complete checkpoint" + (f" and {config} a pipeline of the same model"
@@ -174,8 +183,8 @@ def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
 
 
 def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
-    """diffusers loads single files with ``strict=False`` (without accelerate): tensors that its key conversion
-    misses keep their random initial values, silently. Refuse such a pipeline: every UNet and VAE tensor must
+    """diffusers loads single files with ``strict=False``: without accelerate, tensors that its key conversion
+    misses keep their random initial values, silently (with it, they stay on the meta device). Refuse such a pipeline: every UNet and VAE tensor must
     have a source in the file, and the text-encoder FFN tensors erasekit trains must be the file's, bit for bit
     (a patch's base fingerprints are taken from the file)."""
     import torch
@@ -198,6 +207,6 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
             key = enc.key(layer, proj, kind)
             got = state[spec.key(layer, proj, kind)]
             want = torch.from_numpy(wf.read_numpy(key).copy()).to(got.dtype)
-            if not torch.equal(got.cpu(), want):
+            if got.is_meta or not torch.equal(got.cpu(), want):  # meta: never loaded (accelerate's empty weights)
                 raise LayoutError(f"diffusers did not load {ckpt.path.name}'s text encoder as it is stored ({key} "
                                   "differs)", "report this with your diffusers and transformers versions")
