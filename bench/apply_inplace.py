@@ -13,9 +13,10 @@
    undo record: how many tensors it stores whole and how many as residual records, and the share of their
    elements that are exceptions (the inverse arithmetic does not give them back bit for bit).
 4. Prints a markdown table of medians, with the bytes the apply wrote (tensors plus journal folder, also as a
-   share of the checkpoint) and the ratios apply/copy and revert/copy of the same rounds, then where the apply
-   and the revert spend their time (the library functions in ``PHASES``, wrapped with a clock during the timed
-   steps); exits 1 if a revert is not bit-exact.
+   share of the checkpoint), the ratios apply/copy and revert/copy of the same rounds and the CPU time of the
+   apply and of the revert (user + system, all threads: what other jobs on the machine move least), then where
+   the apply and the revert spend their time (the library functions in ``PHASES``, wrapped with a clock during
+   the timed steps); exits 1 if a revert is not bit-exact.
 
 ``--convert``: instead, the milliseconds per 768x3072 F16 tensor (SD1.x's FFN weights) of numpy's float16 casts
 and of erasekit._f16's, which apply and revert use (same bits; checked), interleaved, medians of ``--repeats``.
@@ -146,11 +147,16 @@ def _clocked(fn, label: str, spent: dict[str, float]):
     return run
 
 
+CPU: list[float] = []  # CPU seconds (user + system, all threads) of each timed step, in order
+
+
 def timed(fn, *args, **kwargs):
     os.sync()  # the previous step's dirty pages go to disk before the clock starts, not during
-    t = time.perf_counter()
+    cpu, t = os.times(), time.perf_counter()
     result = fn(*args, **kwargs)
-    return time.perf_counter() - t, result
+    wall, end = time.perf_counter() - t, os.times()
+    CPU.append(end.user - cpu.user + end.system - cpu.system)
+    return wall, result
 
 
 def convert_times(repeats: int, seed: int) -> int:
@@ -242,14 +248,16 @@ def main(argv: list[str] | None = None) -> int:
             phases: tuple[dict[str, float], dict[str, float]] = ({}, {})
             with phase_clock(phases[0]):
                 apply_s, report = timed(apply_to_checkpoint, [patch], ckpt, in_place=True, strength=args.strength)
+            apply_cpu = CPU[-1]
             undo = sum(f.stat().st_size for f in journal_dir(ckpt).rglob("*") if f.is_file())
             stats = undo_stats(journal_dir(ckpt))
             with phase_clock(phases[1]):
                 revert_s, _ = timed(revert_from_checkpoint, patch, ckpt)
             exact = sha256(ckpt) == before
-            rounds.append((copy_s, apply_s, revert_s, report.bytes_written, undo, exact, stats, phases))
-            print(f"round {r + 1}: copy {copy_s:.2f} s, apply {apply_s:.2f} s, revert {revert_s:.2f} s, "
-                  f"bit-exact {exact}", flush=True)
+            rounds.append((copy_s, apply_s, revert_s, report.bytes_written, undo, exact, stats, phases, apply_cpu,
+                           CPU[-1]))
+            print(f"round {r + 1}: copy {copy_s:.2f} s, apply {apply_s:.2f} s ({apply_cpu:.2f} s CPU), revert "
+                  f"{revert_s:.2f} s ({CPU[-1]:.2f} s CPU), bit-exact {exact}", flush=True)
     finally:
         if args.keep:
             clean(copy)
@@ -266,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                         ("patch (all FFN layers)", f"{patch_size / 1e6:.1f} MB, {kind} {args.patch_dtype}, "
                                                    f"strength {args.strength:g}"),
                         ("copy + fsync", f"{copy_s:.2f} s"), ("apply in place", f"{apply_s:.2f} s"),
-                        ("revert", f"{revert_s:.2f} s"), ("apply / copy", f"{apply_s / copy_s:.2f}"),
+                        ("revert", f"{revert_s:.2f} s"),
+                        ("CPU time of apply, of revert (user + system, all threads)",
+                         f"{statistics.median(x[8] for x in rounds):.2f} s, {statistics.median(x[9] for x in rounds):.2f} s"),
+                        ("apply / copy", f"{apply_s / copy_s:.2f}"),
                         ("revert / copy", f"{revert_s / copy_s:.2f}"),
                         ("tensors rewritten by apply", f"{written / 1e6:.1f} MB"),
                         ("undo record (journal folder)", f"{undo / 1e6:.1f} MB: {whole} tensors whole, "
