@@ -34,7 +34,7 @@ from typing import Any
 
 from erasekit.evaluate import EvalConfig, evaluate_model
 from erasekit.toyworld import builtin_model_path
-from erasekit.unlearn import erase_model
+from erasekit.erase_job import erase_model
 
 # name -> settings laid over the model's erasekit.json (its own recipe's tuning, or its erase_recipes entry)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -64,7 +64,8 @@ def bars(ev: Any, erased: set[str], keep: str | None) -> dict[str, Any]:
         fails.append(f"kept {keep} {others[keep]:+.1f}")
     return {"target_before": ev.target.before, "target_after": ev.target.after, "others": others,
             "attributes": attrs, "paraphrases_before": ev.robustness.before if ev.robustness else None,
-            "paraphrases_after": para, "fails": fails}
+            "paraphrases_after": para, "fails": fails,
+            "paraphrase_wordings": {w.concept: w.after for w in ev.robustness.wordings} if ev.robustness else {}}
 
 
 def _values(attribute: str) -> set[str]:
@@ -74,15 +75,16 @@ def _values(attribute: str) -> set[str]:
 
 
 class Runner:
-    def __init__(self, model: Path, n: int, out: Path, tmp: Path) -> None:
+    def __init__(self, model: Path, n: int, out: Path, tmp: Path, overrides: dict[str, Any] | None = None) -> None:
         self.model, self.n, self.out, self.tmp = model, n, out, tmp
+        self.overrides = overrides or {}  # settings laid over every erase (--set, --extra-anchors)
         self.done = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())} if out.exists() else {}
         self.patches: dict[str, Path] = {}
 
     def erase(self, name: str, concepts: list[str], seed: int, extra: dict[str, Any],
               after: list[Path] | None = None) -> tuple[Path, float]:
         out = self.tmp / f"{name}-{'+'.join(concepts)}-{seed}-{len(self.patches)}-{len(after or [])}.erasepatch"
-        report = erase_model(self.model, concepts, None, out, RECIPES[name] | extra | {"seed": seed}, after=after or ())
+        report = erase_model(self.model, concepts, None, out, RECIPES[name] | self.overrides | extra | {"seed": seed}, after=after or ())
         return out, report.loop_seconds
 
     def cell(self, key: str, make: Any) -> dict[str, Any]:
@@ -171,6 +173,10 @@ def main() -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--out", default="bench/out/recipe_table.jsonl", help="results, one JSON line per cell")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--set", default="{}", metavar="JSON",
+                    help='settings laid over every erase, e.g. \'{"keep_weight": 10}\' (use another --out)')
+    ap.add_argument("--extra-anchors", default="", metavar="A|B|...",
+                    help="prompts added to the model's anchor_prompts, separated by | (use another --out)")
     ap.add_argument("--quick", action="store_true", help="doco, circle, seed 0, n=2, single only, a temporary --out")
     args = ap.parse_args()
     if args.quick:
@@ -186,13 +192,19 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    overrides = json.loads(args.set)
+    if args.extra_anchors:
+        from erasekit.pipeline import model_settings
+
+        anchors = model_settings(builtin_model_path()).get("erase", {}).get("anchor_prompts") or []
+        overrides["anchor_prompts"] = list(anchors) + args.extra_anchors.split("|")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"eval n={args.n}; results in {out}; load average at start: {open('/proc/loadavg').read().split()[0]}",
           flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        run = Runner(builtin_model_path(), args.n, out, Path(tmp))
+        run = Runner(builtin_model_path(), args.n, out, Path(tmp), overrides)
         for s in seeds:
             if "single" in sections:
                 for name in names:
