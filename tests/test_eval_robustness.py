@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from erasekit.cli import app
-from erasekit.erase_config import OBJECT_TEMPLATES
+from erasekit.erase_config import OBJECT_TEMPLATES, recommended_for
 from erasekit.errors import ErasekitError
+from erasekit.pipeline import model_settings
 from erasekit.toyworld import builtin_model_path
 from erasekit.toyworld.captions import NOUNS_WITHOUT_SHAPE, PREFIXES
 from erasekit.toyworld.concepts import PARAPHRASES, paraphrases_of
@@ -48,6 +49,10 @@ def test_builtin_paraphrases_are_wordings_the_erase_never_trained_on() -> None:
                 prompt = wording.replace("{}", concept)
                 assert wording.count("{}") == 1 and prompt not in trained, prompt
                 assert prompt not in {t.format(concept) for t in OBJECT_TEMPLATES}, prompt
+                # nor what the model recommends erasing it with (its own templates and anchors)
+                rec = recommended_for(model_settings(builtin_model_path()), [concept])
+                held = {t.format(concept) for t in rec.get("templates") or []} | set(rec["anchor_prompts"])
+                assert prompt not in held, prompt
     with pytest.raises(ErasekitError, match="no concept 'snoopy'"):
         paraphrases_of("snoopy")
 

@@ -89,3 +89,23 @@ def test_a_model_can_ask_for_its_torch_threads_for_the_length_of_a_call(tmp_path
     assert torch.get_num_threads() == before
     with model_threads(tmp_path):  # no erasekit.json: torch's own count
         assert torch.get_num_threads() == before
+
+
+def test_a_models_per_concept_recommendations_hold_where_every_concept_shares_them() -> None:
+    from erasekit.erase_config import recommended_for
+
+    settings = model_settings(builtin_model_path())
+    striped = recommended_for(settings, ["striped"])
+    assert striped["templates"] == ["a {} pattern", "{} pattern", "a photo of a {}", "a rendering of a {}"]
+    assert striped["anchor_prompts"] == BUILTIN["anchor_prompts"] + ["a solid pattern", "a hollow pattern",
+                                                                    "solid pattern", "hollow pattern"]
+    assert "anchor_prompts_extra" not in striped and striped["lr"] == BUILTIN["lr"]
+    assert recommended_for(settings, ["circle"]) == BUILTIN  # no entry: the model's settings as they are
+    assert recommended_for(settings, ["striped", "red"]) == BUILTIN  # not shared by every concept
+    assert recommended_for(settings, ["striped", "striped"]) == striped
+    config, sources = effective_settings(striped, {"templates": ["a {} thing"]})
+    assert config.templates == ["a {} thing"] and sources["templates"] == "user"
+    config, sources = effective_settings(striped, {})
+    assert sources["templates"] == sources["anchor_prompts"] == "model"
+    config, _ = effective_settings(striped, {"recipe": "paper"})  # the published recipe: none of the tuning
+    assert config.templates is None and config.anchor_prompts is None

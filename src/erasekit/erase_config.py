@@ -168,6 +168,24 @@ class EraseConfig(BaseModel):
 MODEL_PROPERTIES = ("resolution", "dtype")
 
 
+def recommended_for(model_settings: dict[str, Any], concepts: list[str]) -> dict[str, Any]:
+    """A model's recommended erase settings (its ``erasekit.json``) for these concepts: its ``erase`` settings, with
+    what its ``erase_concepts`` recommends for the concepts laid over them where it recommends the same for every
+    one of them (e.g. the wordings a pattern is held in, which suit no colour). ``anchor_prompts_extra`` there is
+    appended to the anchors rather than replacing them."""
+    rec = dict(model_settings.get("erase", {}))
+    per_concept = model_settings.get("erase_concepts", {})
+    overlays = [per_concept.get(c) for c in concepts]
+    if not overlays or overlays[0] is None or any(o != overlays[0] for o in overlays):
+        return rec
+    overlay = dict(overlays[0])
+    extra = overlay.pop("anchor_prompts_extra", [])
+    rec |= overlay
+    if extra:
+        rec["anchor_prompts"] = list(rec.get("anchor_prompts") or GENERIC_ANCHORS) + list(extra)
+    return rec
+
+
 def effective_settings(recommended: dict[str, Any], given: dict[str, Any],
                        per_recipe: dict[str, dict[str, Any]] | None = None) -> tuple[EraseConfig, dict[str, str]]:
     """The settings an erase runs with, and where each came from ("user", "model" or "default"):

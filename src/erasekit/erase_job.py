@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .erase_config import EraseConfig, effective_settings
+from .erase_config import EraseConfig, effective_settings, recommended_for
 from ._st import check_new_output
 from .errors import ErasekitError
 from .training_images import images_digest
@@ -76,7 +76,8 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     settings = model_settings(model)
     sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):
-        config, sources = effective_settings(settings.get("erase", {}), config or {}, settings.get("erase_recipes"))
+        config, sources = effective_settings(recommended_for(settings, list(concepts)), config or {},
+                                             settings.get("erase_recipes"))
         sources = {k: v for k, v in sources.items() if v != "default"}
     out = Path(output)
     check_new_output(out, replace, make_folder)
