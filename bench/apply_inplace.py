@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("copy + fsync", f"{copy_s:.2f} s"), ("apply in place", f"{apply_s:.2f} s"),
                         ("revert", f"{revert_s:.2f} s"),
                         ("CPU time of apply, of revert (user + system, all threads)",
-                         f"{statistics.median(x[8] for x in rounds):.2f} s, {statistics.median(x[9] for x in rounds):.2f} s"),
+                         f"{statistics.median(x[8] for x in rounds):.2f} s, "
+                         f"{statistics.median(x[9] for x in rounds):.2f} s"),
                         ("apply / copy", f"{apply_s / copy_s:.2f}"),
                         ("revert / copy", f"{revert_s / copy_s:.2f}"),
                         ("tensors rewritten by apply", f"{written / 1e6:.1f} MB"),

@@ -20,9 +20,9 @@ def numpy_f16(x: np.ndarray) -> np.ndarray:
 def same_f16(x: np.ndarray) -> None:
     got, want = f32_to_f16(x), numpy_f16(x)
     assert got.dtype == np.uint16 and got.shape == want.shape
-    bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
-    assert bad.size == 0, [(hex(int(np.asarray(x, np.float32).reshape(-1).view(np.uint32)[i])), hex(int(got.reshape(-1)[i])),
-                            hex(int(want.reshape(-1)[i]))) for i in bad[:8]]
+    got, want, bits = got.reshape(-1), want.reshape(-1), np.asarray(x, np.float32).reshape(-1).view(np.uint32)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, [(hex(int(bits[i])), hex(int(got[i])), hex(int(want[i]))) for i in bad[:8]]
 
 
 def test_f16_to_f32_every_half() -> None:

@@ -1,11 +1,11 @@
 """float16 <-> float32 with numpy's integer and float32 ufuncs, bit for bit what ``numpy.astype`` gives.
 
-Why: numpy's own casts between float16 and float32 are element-by-element loops (no SIMD in numpy 2.x wheels for
-x86-64: they need F16C, above the wheels' baseline). On a 768x3072 tensor they took about 4 ms (F16 -> F32) and
-6-8 ms (F32 -> F16), most of an in-place apply's time; these vectorised versions take about a quarter and a half
-of that. torch would do it faster still, but apply and inspect must not import torch. They work in blocks of
-``CHUNK`` elements with small scratch arrays, reused: fresh full-size temporaries cost page faults that were as
-dear as the arithmetic.
+Why: numpy's own casts between float16 and float32 run about one element per 2-3 ns in its x86-64 wheels (not
+vectorised; numpy 2.4 here). On a 768x3072 tensor they took about 4 ms (F16 -> F32) and 7 ms (F32 -> F16), most
+of an in-place apply's time; these vectorised versions take about half of that, and apply's F16 + delta -> F16
+(12 ms with numpy) about 5 ms (``python bench/apply_inplace.py --convert``). torch would do it faster still, but
+apply and inspect must not import torch. They work in blocks of ``CHUNK`` elements with small scratch arrays,
+reused: fresh full-size temporaries cost page faults that were as dear as the arithmetic.
 
 * :func:`f16_to_f32` is exact, as any conversion to a wider float is.
 * :func:`f16_add` is ``float16(float32(W) + term)`` (apply's arithmetic) without a float32 copy of ``W``.
