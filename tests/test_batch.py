@@ -230,7 +230,7 @@ def test_jobs_share_one_pipeline_and_leave_it_exactly_as_it_was(tmp_path: Path, 
      "jobs.toml: jobs[0] (a.erasepatch), field steps: input should be a valid integer"),
     ("[[jobs]]\nconcept = 'circle'\n", "jobs.toml: jobs[0], field output: field required; every [[jobs]] table needs "
                                        "concept and output"),
-    ("steps = 3\n", "jobs.toml: top level, field jobs: field required"),
+    ("steps = 3\n", "jobs.toml: top level, field jobs: field required; add [[jobs]] tables"),
     ("[[jobs]]\nconcept = 'circle'\noutput = 'a.erasepatch'\nimages = 'nowhere'\n",
      "jobs.toml: jobs[0] (a.erasepatch), field images: image folder"),
     ("[[jobs]]\nconcept = 'circle'\noutput = 'a.erasepatch'\n[[jobs]]\nconcept = 'red'\noutput = './a.erasepatch'\n",

@@ -125,7 +125,7 @@ def _fix(error: Any) -> str:
     if error["type"] == "extra_forbidden":
         return "name erase's long options with underscores (steps, recipe, stand_in, ...); see erasekit erase --help"
     if error["type"] == "missing":
-        return "every [[jobs]] table needs concept and output"
+        return "add [[jobs]] tables" if tuple(error["loc"]) == ("jobs",) else "every [[jobs]] table needs concept and output"
     return "fix the manifest"
 
 
