@@ -16,6 +16,8 @@ reused: fresh full-size temporaries cost page faults that were as dear as the ar
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 _U16, _U32, _I16, _I32, _F16, _F32 = (np.dtype(t) for t in ("<u2", "<u4", "<i2", "<i4", "<f2", "<f4"))
@@ -37,15 +39,7 @@ def f32_to_f16(x: np.ndarray) -> np.ndarray:
     """float16 bits (uint16, same shape) of float32 ``x``, rounded to nearest, ties to even."""
     x = np.asarray(x)
     a = np.ascontiguousarray(x, dtype=_F32).reshape(-1)
-    out = np.empty(a.size, _U16)
-    scratch = _Scratch(min(a.size, CHUNK))
-    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        for i in range(0, a.size, CHUNK):
-            j = min(a.size, i + CHUNK)
-            w, c, s, floor = scratch.cut(j - i)
-            np.copyto(w, a[i:j])
-            _round_into(w, c, s, floor, out[i:j])
-    return out.reshape(x.shape)
+    return _rounded(a.size, lambda i, j, w: np.copyto(w, a[i:j])).reshape(x.shape)
 
 
 def f16_add(bits: np.ndarray, term: np.ndarray, subtract: bool = False) -> np.ndarray:
@@ -55,17 +49,27 @@ def f16_add(bits: np.ndarray, term: np.ndarray, subtract: bool = False) -> np.nd
     t = np.asarray(term).reshape(-1)
     if t.size != h.size:
         raise ValueError(f"term has {t.size} elements, the tensor {h.size}")
-    out = np.empty(h.size, _U16)
-    scratch = _Scratch(min(h.size, CHUNK))
+
+    def fill(i: int, j: int, w: np.ndarray) -> None:
+        _widen_into(h[i:j], w.view(_I32))
+        if subtract:
+            w -= t[i:j]
+        else:
+            w += t[i:j]
+
+    return _rounded(h.size, fill)
+
+
+def _rounded(n: int, fill: Any) -> np.ndarray:
+    """float16 bits of ``n`` float32 values made block by block: ``fill(i, j, w)`` writes values ``[i, j)`` into
+    the float32 scratch ``w``, which is then rounded into the result."""
+    out = np.empty(n, _U16)
+    scratch = _Scratch(min(n, CHUNK))
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        for i in range(0, h.size, CHUNK):
-            j = min(h.size, i + CHUNK)
+        for i in range(0, n, CHUNK):
+            j = min(n, i + CHUNK)
             w, c, s, floor = scratch.cut(j - i)
-            _widen_into(h[i:j], w.view(_I32))
-            if subtract:
-                w -= t[i:j]
-            else:
-                w += t[i:j]
+            fill(i, j, w)
             _round_into(w, c, s, floor, out[i:j])
     return out
 
