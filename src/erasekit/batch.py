@@ -9,10 +9,11 @@ runs them all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -57,36 +58,56 @@ def run_batch(manifest: str | os.PathLike, *, on_job: Callable[[JobResult], None
     loaded (:class:`~erasekit.batch_manifest.ManifestError`)."""
     t0 = time.perf_counter()
     planned = plan_batch(manifest)
-    state = _processes()
-    rank = state.process_index if state else 0
+    with _processes() as state:
+        settled, todo = _decide(planned)
+        ran = _run_shares(todo, state, on_job)
+        processes = state.num_processes if state else 1
+    results = sorted(settled + ran, key=lambda r: r.index)
+    return BatchReport(str(manifest), results, processes, time.perf_counter() - t0, launch_notes())
+
+
+def _decide(planned: list[PlannedJob]) -> tuple[list[JobResult], list[tuple[PlannedJob, str | None]]]:
+    """The results of the jobs that need not run, and the jobs to run (each with why, when its output exists). Every
+    process decides the same, before any of them writes."""
     settled, todo, checked = [], [], {}
-    for p in planned:  # every process decides the same, before any of them writes
+    for p in planned:
         result, note = _resume_status(p, checked)
         if result is None:
             todo.append((p, note))
         else:
             settled.append(result)
-    if state:
-        state.wait_for_everyone()
-        with state.split_between_processes(todo) as mine:
-            ran = _run_jobs(mine, rank, "cpu" if state.device.type == "cpu" else state.device, on_job)
-        ran = [JobResult(**r) for part in _gather(state, [asdict(r) for r in ran]) for r in part]
-    else:
-        ran = _run_jobs(todo, rank, None, on_job)
-    results = sorted(settled + ran, key=lambda r: r.index)
-    return BatchReport(str(manifest), results, state.num_processes if state else 1, time.perf_counter() - t0,
-                       launch_notes())
+    return settled, todo
 
 
-def _processes() -> Any:
-    """accelerate's process state when this process is one of several (``accelerate launch``, ``torchrun``); on a
-    machine without GPUs the processes share the CPU (gloo)."""
+def _run_shares(todo: list[tuple[PlannedJob, str | None]], state: Any,
+                on_job: Callable[[JobResult], None] | None) -> list[JobResult]:
+    """This process's share of ``todo`` run (all of it without accelerate), and every process's results."""
+    if state is None:
+        return _run_jobs(todo, 0, None, on_job)
+    state.wait_for_everyone()
+    with state.split_between_processes(todo) as mine:
+        ran = _run_jobs(mine, state.process_index, "cpu" if state.device.type == "cpu" else state.device, on_job)
+    return [JobResult(**r) for part in _gather(state, [asdict(r) for r in ran]) for r in part]
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[Any]:
+    """accelerate's process state when this process is one of several (``accelerate launch``, ``torchrun``), else
+    None; on a machine without GPUs the processes share the CPU (gloo). A process group this call starts is ended
+    with it (left to interpreter exit, gloo can abort the process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+        yield None
+        return
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    started = not torch.distributed.is_initialized()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    try:
+        yield state
+    finally:
+        if started and torch.distributed.is_initialized():
+            state.destroy_process_group()
 
 
 def launch_notes() -> list[str]:
