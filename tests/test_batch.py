@@ -309,3 +309,13 @@ def test_a_patch_made_from_another_model_is_redone(tmp_path: Path) -> None:
     r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["jobs"][0]["note"] == "redone: it was made for another model"
+
+
+def test_a_broken_model_file_is_refused_with_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "weights.safetensors").write_bytes(b"junk\n")
+    write(tmp_path, "model = 'weights.safetensors'\nimages = 'auto'\n[[jobs]]\nconcept = 'x'\noutput = 'x.erasepatch'\n")
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["erase", "--manifest", "jobs.toml"])
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: jobs.toml: jobs[0] (x.erasepatch): checkpoint weights.safetensors is truncated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.toml", "weights.safetensors"]

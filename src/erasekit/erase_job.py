@@ -66,6 +66,7 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     existing ``output`` is allowed (a batch that redoes a job replaces its patch); ``make_folder``: the output's
     folder may be missing (:func:`run_erase` makes it)."""
     from .hub import resolve_model
+    from .layouts import detect
     from .patchfile import load_patch
     from .pipeline import model_settings
     from .toyworld import builtin_model_path
@@ -73,6 +74,7 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     if not concepts:
         raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     model = resolve_model(model) if model is not None else builtin_model_path()
+    detect(model)  # its files' headers: a truncated or foreign file is refused before anything runs
     settings = model_settings(model)
     sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):
