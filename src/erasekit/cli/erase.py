@@ -181,7 +181,6 @@ def _erase_batch(manifest: Path, given: list[str], as_json: bool) -> None:
     import os
 
     from ..batch import run_batch
-
     from ..errors import ErasekitError
 
     quiet = os.environ.get("RANK", "0") != "0"  # under accelerate, the main process alone reports
