@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from erasekit import _st
 from erasekit import _f16
-from erasekit._f16 import f16_add, f16_to_f32, f32_to_f16
+from erasekit._f16 import f16_add, f16_add_inverted, f16_to_f32, f32_to_f16
 
 
 def numpy_f16(x: np.ndarray) -> np.ndarray:
@@ -127,6 +127,31 @@ def test_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     with np.errstate(over="ignore", invalid="ignore"):
         want = numpy_f16(bits.view(np.float16).astype(np.float32) + term)
     assert np.array_equal(f16_add(bits, term), want)
+
+
+def inverse_misses(bits: np.ndarray, term: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What f16_add_inverted must give, by numpy's casts: the sum's bits, and where subtracting misses ``bits``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        after = numpy_f16(bits.view(np.float16).astype(np.float32) + term).reshape(-1)
+        back = numpy_f16(after.view(np.float16).astype(np.float32) - term.reshape(-1))
+    return after, np.flatnonzero(back != bits.reshape(-1))
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 17])
+def test_an_apply_and_its_exceptions_in_one_pass(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """The exceptions of a residual undo record: every element (and only those) that ``after - term`` does not give
+    back, found in blocks; specials (inf, NaN, overflow) included."""
+    monkeypatch.setattr(_f16, "CHUNK", chunk)
+    rng = np.random.default_rng(3)
+    bits = numpy_f16((rng.standard_normal((40, 25)) * 0.02).astype(np.float32))
+    term = (rng.standard_normal((40, 25)) * 0.003).astype(np.float32)
+    term.reshape(-1)[[3, 500, 999]] = [np.inf, 70000, np.nan]
+    after, misses = f16_add_inverted(bits, term)
+    want_after, want_misses = inverse_misses(bits, term)
+    assert np.array_equal(after, want_after) and np.array_equal(misses, want_misses)
+    assert misses.dtype == np.uint32 and 20 < misses.size < 900 and {3, 500, 999} <= set(misses.tolist())
+    none = f16_add_inverted(bits[:0], term[:0])
+    assert none[0].size == 0 and none[1].size == 0 and none[1].dtype == np.uint32
 
 
 def test_st_helpers_use_them() -> None:

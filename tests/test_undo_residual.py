@@ -18,7 +18,7 @@ from erasekit.apply import apply_to_checkpoint, recover_interrupted, revert_from
 from erasekit.diff import diff_checkpoints
 from erasekit.errors import FingerprintMismatchError, NonFiniteError, NotAppliedError, UndoRecordError
 from erasekit.journal import Entry, Journal, TensorRecord, journal_dir
-from erasekit.undo_record import PAGE, _pages, add_term, delta_of, scaled, sha256, undo_record
+from erasekit.undo_record import PAGE, _pages, add_term, added, delta_of, residual_fits, scaled, sha256, undo_record
 from erasekit.layouts import detect
 from erasekit.patchfile import load_patch
 from erasekit.testing import make_checkpoint
@@ -91,8 +91,10 @@ def one_tensor_file(tmp_path: Path, dtype: str, strength: float) -> dict:
              "alpha": ("F32", np.array(4, np.float32))}
     before = path.read_bytes()[ent.begin:ent.end]
     term = scaled(delta_of(parts), strength)
-    after = add_term(before, dtype, ent.shape, term)
-    record = undo_record(before, after, ent, parts, term)
+    assert residual_fits(ent, parts)
+    after, misses = added(before, ent, term, inverted=True)
+    assert after == add_term(before, dtype, ent.shape, term)
+    record = undo_record(before, after, ent, parts, misses)
     assert not record.full and 0 < record.exc_index.size < ent.numel
     journal = Journal(path, {"": path})
     entry = Entry(id="0001", state="pending", patch_id="0" * 64, patch_title="t", strength=strength,

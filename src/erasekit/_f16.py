@@ -60,6 +60,32 @@ def f16_add(bits: np.ndarray, term: np.ndarray, subtract: bool = False) -> np.nd
     return _rounded(h.size, fill)
 
 
+def f16_add_inverted(bits: np.ndarray, term: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``after = f16_add(bits, term)``, and the flat indices (uint32) where ``f16_add(after, term, subtract=True)``
+    does not give ``bits`` back: an apply and the exceptions of its undo record in one pass over the tensor, each
+    block still in the cache when it is inverted."""
+    h = np.ascontiguousarray(bits).view(_U16).reshape(-1)
+    t = np.asarray(term).reshape(-1)
+    if t.size != h.size:
+        raise ValueError(f"term has {t.size} elements, the tensor {h.size}")
+    after, back, misses = np.empty(h.size, _U16), np.empty(min(h.size, CHUNK), _U16), []
+    scratch = _Scratch(min(h.size, CHUNK))
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        for i in range(0, h.size, CHUNK):
+            j = min(h.size, i + CHUNK)
+            w, c, s, floor = scratch.cut(j - i)
+            _widen_into(h[i:j], w.view(_I32))
+            w += t[i:j]
+            _round_into(w, c, s, floor, after[i:j])
+            _widen_into(after[i:j], w.view(_I32))
+            w -= t[i:j]
+            _round_into(w, c, s, floor, back[:j - i])
+            missed = np.flatnonzero(back[:j - i] != h[i:j])
+            if missed.size:
+                misses.append((missed + i).astype(_U32))
+    return after, np.concatenate(misses) if misses else np.zeros(0, _U32)
+
+
 def _rounded(n: int, fill: Any) -> np.ndarray:
     """float16 bits of ``n`` float32 values made block by block: ``fill(i, j, w)`` writes values ``[i, j)`` into
     the float32 scratch ``w``, which is then rounded into the result."""

@@ -33,7 +33,7 @@ from .errors import (
 )
 from ._parallel import map_threads
 from .journal import Entry, Journal, TensorAt, TensorRecord, copy_journal, journal_dir
-from .undo_record import DeltaParts, UndoTensor, add_term, delta_of, scaled, sha256, undo_record
+from .undo_record import DeltaParts, UndoTensor, added, delta_of, residual_fits, scaled, sha256, undo_record
 from .hub import in_hub_cache, resolve_model
 from .compat import (STATUS_RANK, FingerprintStatus, Touch, crossing_note, judge_fingerprints, order_notes, slot_map,
                      touches)
@@ -111,21 +111,15 @@ def _tensor_at(ckpt: Checkpoint) -> TensorAt:
     return at
 
 
-def add_delta_bytes(raw: bytes, dtype: str, shape: tuple[int, ...], delta: np.ndarray, strength: float,
-                    what: str) -> bytes:
-    """Stored bytes of ``round_to_dtype(float32(W) + strength * delta)``, with numpy (no torch):
-    float32 arithmetic, then round-to-nearest-even to the stored dtype, as torch would do it."""
-    return _added(raw, dtype, shape, scaled(delta, strength), strength, what)
-
-
-def _added(raw: bytes, dtype: str, shape: tuple[int, ...], term: np.ndarray, strength: float, what: str) -> bytes:
+def _check_float(dtype: str, what: str) -> None:
     if dtype not in (*_st.FLOAT_DTYPES, "F64"):
         raise IncompatiblePatchError(f"tensor {what} is stored as {dtype}", "erasekit patches floating-point weights only")
-    out = add_term(raw, dtype, shape, term)
-    if not _finite(out, dtype):
+
+
+def _check_finite(raw: bytes, dtype: str, strength: float, what: str) -> None:
+    if not _finite(raw, dtype):
         raise NonFiniteError(f"applying at strength {strength} makes {what} non-finite; nothing was written",
                              "use a smaller strength", option="strength")
-    return out
 
 
 def _finite(raw: bytes, dtype: str) -> bool:
@@ -166,10 +160,12 @@ def _rewrite(job: _Rewrite, patch: Patch, strength: float, state: dict[tuple[str
     k, ent = (job.wf.label, job.key), job.wf.header.entries[job.key]
     job.before = state[k] if k in state else job.wf.read_raw(job.key)
     parts = _delta_parts(patch, job.touch.module, job.touch.kind)
+    _check_float(ent.dtype, job.key)
     term = scaled(delta_of(parts), strength)
-    job.after = _added(job.before, ent.dtype, ent.shape, term, strength, job.key)
+    job.after, misses = added(job.before, ent, term, inverted=residual_fits(ent, parts))
+    _check_finite(job.after, ent.dtype, strength, job.key)
     job.before_sha, job.after_sha = sha256(job.before), sha256(job.after)
-    job.record = undo_record(job.before, job.after, ent, parts, term)
+    job.record = undo_record(job.before, job.after, ent, parts, misses)
     return job
 
 
@@ -406,8 +402,9 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
         if later:
             raise RevertOrderError(f"'{patch.title}' was followed by {', '.join(repr(e.patch_title) for e in later)}, "
                                    "which change the same tensors", "revert those first (newest first)")
-        current = {(r.file, r.key): by_label[r.file].read_raw(r.key) for r in entry.tensors}
-        changed = sum(h != r.after_sha256 for h, r in zip(map_threads(sha256, current.values()), entry.tensors))
+        raw = [by_label[r.file].read_raw(r.key) for r in entry.tensors]
+        current = {(r.file, r.key): (b, h) for r, b, h in zip(entry.tensors, raw, map_threads(sha256, raw))}
+        changed = sum(current[(r.file, r.key)][1] != r.after_sha256 for r in entry.tensors)
         if changed and not force:
             raise UndoRecordError(f"{changed} tensors of {where} changed after '{patch.title}' was applied "
                                   "(by another program?)", "force it to restore the original bytes anyway",

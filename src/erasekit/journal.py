@@ -153,15 +153,18 @@ class Journal:
             return _st.read_raw(f, ent)
 
     def originals(self, entry: Entry, tensor_at: TensorAt,
-                  current: dict[tuple[str, str], bytes] | None = None) -> dict[tuple[str, str], bytes]:
-        """Every tensor's bytes from before ``entry``, rebuilt from the tensors now (``current``, else read) and
-        verified against their recorded hashes. Raises :class:`UndoRecordError`; writes nothing."""
+                  current: dict[tuple[str, str], tuple[bytes, str]] | None = None) -> dict[tuple[str, str], bytes]:
+        """Every tensor's bytes from before ``entry``, rebuilt from the tensors now (``current``: their bytes and
+        sha256, else read) and verified against their recorded hashes. Raises :class:`UndoRecordError`; writes
+        nothing."""
         undo, path, current = self.read_undo(entry, tensor_at), self.dir / entry.undo_file, current or {}
 
         def one(tr: TensorRecord) -> bytes:
             k, ent = (tr.file, tr.key), tensor_at(tr.file, tr.key)
-            cur = b"" if undo[k].full else current[k] if k in current else self._read(tr.file, ent)
-            return rebuild(undo[k], cur, ent, entry.strength, tr, path)
+            if undo[k].full:
+                return rebuild(undo[k], b"", ent, entry.strength, tr, path)
+            cur, cur_sha = current[k] if k in current else (self._read(tr.file, ent), None)
+            return rebuild(undo[k], cur, ent, entry.strength, tr, path, cur_sha)
 
         return dict(zip(((r.file, r.key) for r in entry.tensors), map_threads(one, entry.tensors)))
 
@@ -251,7 +254,7 @@ class Journal:
         self.save()
 
     def revert(self, entry: Entry, tensor_at: TensorAt, restored: Any, where: str,
-               current: dict[tuple[str, str], bytes] | None = None) -> None:
+               current: dict[tuple[str, str], tuple[bytes, str]] | None = None) -> None:
         """Revert, write-ahead: the original bytes rebuilt and verified, the entry as "reverting", the bytes written
         (fsynced), each checked with ``restored(record)``, then the entry and its undo record dropped. A crash is
         finished by :meth:`recover`."""

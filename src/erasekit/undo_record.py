@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from . import _st
-from ._f16 import f16_add
+from ._f16 import f16_add, f16_add_inverted
 from .errors import UndoRecordError
 
 if TYPE_CHECKING:
@@ -149,20 +149,38 @@ def _exact_parts(parts: DeltaParts) -> DeltaParts:
     return out
 
 
-def undo_record(before: bytes, after: bytes, ent: _st.TensorEntry, parts: DeltaParts | None,
-                term: np.ndarray) -> UndoTensor:
-    """The smaller record of one tensor that apply turned from ``before`` into ``after = before + term``."""
-    full = UndoTensor(ent.dtype, ent.shape, original=before)
+def residual_fits(ent: _st.TensorEntry, parts: DeltaParts | None) -> bool:
+    """Whether a residual record of the tensor could be smaller than its bytes; if not, apply keeps them whole and
+    need not compute the exceptions."""
     if not parts or ent.dtype not in _BITS or ent.begin % _st.ITEMSIZE[ent.dtype] or ent.numel >= 2**32:
-        return full  # page boundaries must fall between elements; indices must fit U32
+        return False  # page boundaries must fall between elements; indices must fit U32
     floor = sum(_st.ITEMSIZE[dt] * a.size for dt, a in parts.values()) + 4 * len(_pages(ent.begin, ent.nbytes))
-    if floor >= ent.nbytes:
+    return floor < ent.nbytes
+
+
+def added(before: bytes, ent: _st.TensorEntry, term: np.ndarray, inverted: bool) -> tuple[bytes, np.ndarray | None]:
+    """The bytes of ``before + term`` (:func:`add_term`) and, if ``inverted``, the exceptions of its residual record:
+    the element indices where subtracting ``term`` again does not give ``before`` back."""
+    if not inverted:
+        return add_term(before, ent.dtype, ent.shape, term), None
+    if ent.dtype == "F16":
+        after_bits, misses = f16_add_inverted(np.frombuffer(before, "<u2"), np.broadcast_to(term, ent.shape))
+        return after_bits.tobytes(), misses
+    after = add_term(before, ent.dtype, ent.shape, term)
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum is refused by the caller
+        back = _sum_bits(after, ent.dtype, ent.shape, term, subtract=True)
+    return after, np.flatnonzero(back != np.frombuffer(before, _BITS[ent.dtype])).astype("<u4")
+
+
+def undo_record(before: bytes, after: bytes, ent: _st.TensorEntry, parts: DeltaParts | None,
+                misses: np.ndarray | None) -> UndoTensor:
+    """The smaller record of one tensor that apply turned from ``before`` into ``after``; ``misses``: the exceptions
+    :func:`added` found (``None``: keep the bytes whole)."""
+    full = UndoTensor(ent.dtype, ent.shape, original=before)
+    if not parts or misses is None:
         return full
-    bits = _BITS[ent.dtype]
-    back = _sum_bits(after, ent.dtype, ent.shape, term, subtract=True)
-    orig = np.frombuffer(before, bits)
-    idx = np.flatnonzero(back != orig).astype("<u4")
-    res = UndoTensor(ent.dtype, ent.shape, parts=_exact_parts(parts), exc_index=idx, exc_value=orig[idx],
+    orig = np.frombuffer(before, _BITS[ent.dtype])
+    res = UndoTensor(ent.dtype, ent.shape, parts=_exact_parts(parts), exc_index=misses, exc_value=orig[misses],
                      page_crc=page_crcs(after, ent.begin))
     return res if res.nbytes < full.nbytes else full
 
@@ -206,13 +224,13 @@ def _consistent(rec: UndoTensor, ent: _st.TensorEntry) -> bool:
 
 
 def rebuild(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, strength: float, tr: TensorRecord,
-             path: Path) -> bytes:
-    """The tensor's bytes before the entry, from its bytes now (all, some or none of its pages rewritten),
-    verified against ``before_sha256``."""
+            path: Path, cur_sha: str | None = None) -> bytes:
+    """The tensor's bytes before the entry, from its bytes now (all, some or none of its pages rewritten; their
+    sha256 if known), verified against ``before_sha256``."""
     if rec.original is not None:
         data, cur_sha = rec.original, ""
     else:
-        cur_sha = sha256(cur)
+        cur_sha = cur_sha or sha256(cur)
         if cur_sha == tr.before_sha256:  # never rewritten, or already restored
             return cur
         data = _undo_residual(rec, cur, ent, strength, whole=cur_sha == tr.after_sha256)
