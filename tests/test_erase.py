@@ -282,8 +282,9 @@ def test_recipe_settings_are_recorded_only_when_used() -> None:
 def test_anchors_naming_the_erased_concept_are_dropped() -> None:
     from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
 
-    cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"])
-    prompts, refs, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["circle"])
+    cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"],
+                      templates=["a photo of a {}"])
+    prompts, refs, weights = _anchor_prompts(cfg, ["circle"])
     assert prompts == ["", "a blue square", "a photo of a cross"]
     assert refs == [[p] for p in prompts]
     assert weights.tolist() == [1.0, 1.0, 5.0]
@@ -295,8 +296,8 @@ def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
     from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a purple object", "a blue square", "a purpled square"],
-                      keep=["purple"])
-    prompts, _, weights = _anchor_prompts(cfg, ["a photo of a {}"], ["red"])
+                      keep=["purple"], templates=["a photo of a {}"])
+    prompts, _, weights = _anchor_prompts(cfg, ["red"])
     assert prompts == ["a purple object", "a blue square", "a purpled square", "a photo of a purple"]
     assert weights.tolist() == [5.0, 1.0, 1.0, 5.0]
 
@@ -305,8 +306,9 @@ def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
     from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a red Circle", "a blue square", "circles"],
-                      stand_ins={"circle": "square", "red": ["", "green"]}, stand_in_weight=0.5)
-    prompts, refs, weights = _anchor_prompts(cfg, ["a photo of a {}", "a {}"], ["circle", "red"])
+                      stand_ins={"circle": "square", "red": ["", "green"]}, stand_in_weight=0.5,
+                      templates=["a photo of a {}", "a {}"])
+    prompts, refs, weights = _anchor_prompts(cfg, ["circle", "red"])
     # whole words only ("circles" is not "circle"); both erased words replaced; "" drops a word; templates added
     assert prompts == ["a red Circle", "a blue square", "circles", "a photo of a circle", "a circle",
                        "a photo of a red", "a red"]
@@ -362,12 +364,35 @@ def test_auto_rank_takes_per_tensor_the_smallest_rank_within_the_tolerance(tmp_p
         EraseConfig(rank=0)
 
 
+def test_each_concept_is_trained_and_held_in_its_own_templates() -> None:
+    """concept_templates: a concept listed there is drawn, held at its stand-in and kept in its own wordings; the
+    others in the erase's templates. Draws consume the generator the same way whichever list a concept has."""
+    import torch
+
+    from erasekit.denoising import Draws
+    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
+
+    cfg = EraseConfig(recipe="anchored", anchor_prompts=[""], templates=["a photo of a {}"], keep=["hollow"],
+                      concept_templates={"Striped": ["a {} pattern", "{} pattern"], "hollow": ["{} thing"]},
+                      stand_ins={"striped": "solid", "red": "blue"})
+    prompts, refs, weights = _anchor_prompts(cfg, ["red", "striped"])
+    assert prompts == ["", "a photo of a red", "a striped pattern", "striped pattern", "hollow thing"]
+    assert refs[1:4] == [["a photo of a blue"], ["a solid pattern"], ["solid pattern"]]
+    assert weights.tolist() == pytest.approx([1.0, 0.3, 0.3, 0.3, 5.0])
+    draws = Draws([cfg.templates_for(c) for c in ("red", "striped")], ["red", "striped"], [0, 1, 1], [None] * 3, 1000,
+                  (4, 4, 4))
+    assert draws.every_prompt() == ["a photo of a red", "a striped pattern", "striped pattern"]
+    gen = torch.Generator().manual_seed(0)
+    seen = {p for _ in range(20) for p in draws([0, 1, 2], gen)[2]}
+    assert seen == set(draws.every_prompt())
+
+
 def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> None:
     from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
-                      stand_ins={"Van Gogh": "Monet"})
-    prompts, refs, _ = _anchor_prompts(cfg, ["{}"], ["Van Gogh"])
+                      stand_ins={"Van Gogh": "Monet"}, templates=["{}"])
+    prompts, refs, _ = _anchor_prompts(cfg, ["Van Gogh"])
     assert prompts == ["a Van Gogh painting", "a tree", "Van Gogh"]
     assert refs == [["a Monet painting"], ["a tree"], ["Monet"]]
 

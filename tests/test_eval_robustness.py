@@ -51,8 +51,8 @@ def test_builtin_paraphrases_are_wordings_the_erase_never_trained_on() -> None:
                 assert prompt not in {t.format(concept) for t in OBJECT_TEMPLATES}, prompt
                 # nor what the model recommends erasing it with (its own templates and anchors)
                 rec = recommended_for(model_settings(builtin_model_path()), [concept])
-                held = {t.format(concept) for t in rec.get("templates") or []} | set(rec["anchor_prompts"])
-                assert prompt not in held, prompt
+                held = {t.format(concept) for t in rec.get("concept_templates", {}).get(concept, [])}
+                assert prompt not in held | set(rec["anchor_prompts"]), prompt
     with pytest.raises(ErasekitError, match="no concept 'snoopy'"):
         paraphrases_of("snoopy")
 

@@ -91,7 +91,7 @@ def test_a_models_recommendations_for_another_recipe() -> None:
 
 def test_doco_anchors_replace_the_concept_by_its_stand_ins() -> None:
     config = EraseConfig(recipe="doco", stand_ins={"circle": ["square", "star"]})
-    recipe = DoCo(config, ["a photo of a {}"], ["circle", "red"], "cpu")
+    recipe = DoCo(config, ["circle", "red"], "cpu")
     assert recipe.anchors("a red striped circle") == ["a striped square", "a striped star"], \
         "each erased concept takes its stand-ins; one without (red) is dropped"
     assert recipe.anchors("a blue square") == ["a blue square"]

@@ -14,6 +14,7 @@ from erasekit.patchfile import load_patch
 from erasekit.pipeline import model_settings
 from erasekit.toyworld import builtin_model_path
 from erasekit.erase_config import effective_settings
+from erasekit.errors import ErasekitError
 
 runner = CliRunner()
 BUILTIN = model_settings(builtin_model_path())["erase"]  # anchored, lr 3e-3, 80 steps, no flip, 32 px, fp32
@@ -91,21 +92,29 @@ def test_a_model_can_ask_for_its_torch_threads_for_the_length_of_a_call(tmp_path
         assert torch.get_num_threads() == before
 
 
-def test_a_models_per_concept_recommendations_hold_where_every_concept_shares_them() -> None:
-    from erasekit.erase_config import recommended_for
+def test_a_models_per_concept_recommendations_give_each_concept_its_own_wordings() -> None:
+    """erasekit.json's erase_concepts: a concept's ``templates`` become its own (the erase's other concepts keep
+    theirs), its extra anchors are added to every erase naming it, other settings hold where all concepts share
+    them; a user's ``templates`` are every concept's."""
+    from erasekit.erase_config import OBJECT_TEMPLATES, recommended_for
 
     settings = model_settings(builtin_model_path())
+    pattern = ["a {} pattern", "{} pattern", "a photo of a {}", "a rendering of a {}"]
+    extra = ["a solid pattern", "a hollow pattern", "solid pattern", "hollow pattern"]
     striped = recommended_for(settings, ["striped"])
-    assert striped["templates"] == ["a {} pattern", "{} pattern", "a photo of a {}", "a rendering of a {}"]
-    assert striped["anchor_prompts"] == BUILTIN["anchor_prompts"] + ["a solid pattern", "a hollow pattern",
-                                                                    "solid pattern", "hollow pattern"]
-    assert "anchor_prompts_extra" not in striped and striped["lr"] == BUILTIN["lr"]
+    assert striped == BUILTIN | {"concept_templates": {"striped": pattern}, "anchor_prompts": BUILTIN["anchor_prompts"] + extra}
     assert recommended_for(settings, ["circle"]) == BUILTIN  # no entry: the model's settings as they are
-    assert recommended_for(settings, ["striped", "red"]) == BUILTIN  # not shared by every concept
-    assert recommended_for(settings, ["striped", "striped"]) == striped
+    assert recommended_for(settings, ["Striped", "striped"])["anchor_prompts"] == striped["anchor_prompts"]
+    three = recommended_for(settings, ["circle", "red", "striped"])
+    assert three == striped
+    config, sources = effective_settings(three, {})
+    assert sources["concept_templates"] == sources["anchor_prompts"] == "model"
+    assert config.templates_for("striped") == config.templates_for("STRIPED") == pattern
+    assert config.templates_for("red") == list(OBJECT_TEMPLATES) and config.hyperparameters()["concept_templates"]
     config, sources = effective_settings(striped, {"templates": ["a {} thing"]})
-    assert config.templates == ["a {} thing"] and sources["templates"] == "user"
-    config, sources = effective_settings(striped, {})
-    assert sources["templates"] == sources["anchor_prompts"] == "model"
+    assert config.templates_for("striped") == ["a {} thing"] and sources["templates"] == "user"
+    assert "concept_templates" not in config.hyperparameters()  # nothing per concept: not recorded
     config, _ = effective_settings(striped, {"recipe": "paper"})  # the published recipe: none of the tuning
-    assert config.templates is None and config.anchor_prompts is None
+    assert config.templates is None and config.anchor_prompts is None and config.concept_templates == {}
+    with pytest.raises(ErasekitError, match="exactly one"):
+        effective_settings({}, {"concept_templates": {"striped": ["a pattern"]}})

@@ -134,10 +134,10 @@ class Compaction:
     """The erase's change, stored at low rank and measured on its prompts: create it before the loop (it encodes
     them with the original weights), call :meth:`factors` after it."""
 
-    def __init__(self, config: Any, templates: list[str], concepts: Sequence[str], captions: list[str | None],
-                 cond_of: Any, device: Any) -> None:
+    def __init__(self, config: Any, concepts: Sequence[str], captions: list[str | None], cond_of: Any,
+                 device: Any) -> None:
         self.config, self.cond_of, self.device = config, cond_of, device
-        self.groups = _measured_prompts(config, templates, concepts, captions)
+        self.groups = _measured_prompts(config, concepts, captions)
         self.base = _conditioning(cond_of, sum(self.groups, []), device)
 
     def factors(self, params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any]) -> tuple[dict[str, LowRank], float]:
@@ -154,14 +154,14 @@ class Compaction:
         return stored, relative_error(_conditioning(self.cond_of, prompts, self.device), trained, self.base)
 
 
-def _measured_prompts(config: Any, templates: list[str], concepts: Sequence[str],
-                      captions: list[str | None]) -> list[list[str]]:
+def _measured_prompts(config: Any, concepts: Sequence[str], captions: list[str | None]) -> list[list[str]]:
     """The prompts a low-rank patch is measured on, GROUP_PROMPTS of each group spread evenly over it: the erased
     concepts' (their templates, the images' captions) and those the erase should leave alone (the anchors and
     --keep concepts)."""
-    erased = list(dict.fromkeys([t.format(c) for c in concepts for t in templates] + [c for c in captions if c]))
+    erased = list(dict.fromkeys([t.format(c) for c in concepts for t in config.templates_for(c)]
+                                + [c for c in captions if c]))
     anchors = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
-    anchors += [t.format(k) for k in config.keep for t in templates[:4]]
+    anchors += [t.format(k) for k in config.keep for t in config.templates_for(k)[:4]]
     others = [a for a in dict.fromkeys(anchors) if a not in erased]
     return [g for g in (_spread(erased, GROUP_PROMPTS), _spread(others, GROUP_PROMPTS)) if g]
 

@@ -89,7 +89,7 @@ class Draws:
     """Each step's random choices for a batch of image indices: timesteps, noise, and a prompt per image (its own
     caption, or a template with its concept's name)."""
 
-    def __init__(self, templates: list[str], concepts: Sequence[str], owner: list[int], captions: list[str | None],
+    def __init__(self, templates: list[list[str]], concepts: Sequence[str], owner: list[int], captions: list[str | None],
                  timesteps: int, latent_shape: tuple[int, ...]) -> None:
         self.templates, self.concepts, self.owner, self.captions = templates, concepts, owner, captions
         self.timesteps, self.latent_shape = timesteps, latent_shape
@@ -98,12 +98,14 @@ class Draws:
         """Every prompt a draw can give, in a fixed order."""
         named = {self.concepts[o] for o, c in zip(self.owner, self.captions) if c is None}
         own = [c for c in self.captions if c is not None]
-        return list(dict.fromkeys(own + [t.format(c) for c in self.concepts if c in named for t in self.templates]))
+        return list(dict.fromkeys(own + [t.format(c) for c, ts in zip(self.concepts, self.templates) if c in named
+                                         for t in ts]))
 
     def prompt(self, i: int, gen: Any) -> str:
         import torch
 
-        template = self.templates[int(torch.randint(len(self.templates), (), generator=gen))]
+        templates = self.templates[self.owner[i]]  # the image's concept's
+        template = templates[int(torch.randint(len(templates), (), generator=gen))]
         return self.captions[i] if self.captions[i] is not None else template.format(self.concepts[self.owner[i]])
 
     def __call__(self, idx: list[int], gen: Any) -> tuple[Any, Any, list[str]]:

@@ -48,6 +48,9 @@ class EraseConfig(BaseModel):
 
     kind: Literal["object", "style"] = "object"
     templates: list[str] | None = None  # overrides the kind's template list; each holds one "{}"
+    # concept -> its own template list, in place of `templates` for that concept (its prompts in training, the
+    # wordings it and --keep concepts are held in): e.g. a pattern in the wordings of patterns next to a colour
+    concept_templates: dict[str, list[str]] = {}
     lr: float = Field(1e-5, gt=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)
@@ -133,16 +136,20 @@ class EraseConfig(BaseModel):
     @field_validator("templates")
     @classmethod
     def _one_slot(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("give at least one template")
-            bad = [t for t in v if t.count("{}") != 1]
-            if bad:
-                raise ValueError(f"template {bad[0]!r} must contain exactly one {{}} for the concept")
-        return v
+        return v if v is None else _checked_templates(v)
+
+    @field_validator("concept_templates")
+    @classmethod
+    def _one_slot_each(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {concept: _checked_templates(t) for concept, t in v.items()}
 
     def template_list(self) -> list[str]:
         return list(self.templates or (STYLE_TEMPLATES if self.kind == "style" else OBJECT_TEMPLATES))
+
+    def templates_for(self, concept: str) -> list[str]:
+        """The templates ``concept`` is worded in: its own (``concept_templates``, any case) or the erase's."""
+        own = {k.lower(): t for k, t in self.concept_templates.items()}.get(concept.lower())
+        return list(own) if own else self.template_list()
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the manifest records (device and cache are where it ran, not what it computed)."""
@@ -154,6 +161,8 @@ class EraseConfig(BaseModel):
             hp.pop(k)
         if self.surgery is None:
             hp.pop("surgery")
+        if not self.concept_templates:
+            hp.pop("concept_templates")
         if self.recipe == "paper" and self.surgery is None:
             for k in ("keep", "anchor_weight", "keep_weight", "anchor_prompts", "stop_ratio", "stop_window",
                       "anchor_batch", "stand_ins", "stand_in_weight"):
@@ -163,6 +172,15 @@ class EraseConfig(BaseModel):
         return hp
 
 
+def _checked_templates(templates: list[str]) -> list[str]:
+    if not templates:
+        raise ValueError("give at least one template")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"template {bad[0]!r} must contain exactly one {{}} for the concept")
+    return templates
+
+
 # Settings a model's erasekit.json recommends because of what the model is (its image size, where bf16 pays);
 # they hold whatever the recipe. Every other recommendation tunes the model's own recipe and holds only for it.
 MODEL_PROPERTIES = ("resolution", "dtype")
@@ -170,19 +188,20 @@ MODEL_PROPERTIES = ("resolution", "dtype")
 
 def recommended_for(model_settings: dict[str, Any], concepts: list[str]) -> dict[str, Any]:
     """A model's recommended erase settings (its ``erasekit.json``) for these concepts: its ``erase`` settings, with
-    what its ``erase_concepts`` recommends for the concepts laid over them where it recommends the same for every
-    one of them (e.g. the wordings a pattern is held in, which suit no colour). ``anchor_prompts_extra`` there is
-    appended to the anchors rather than replacing them."""
+    what its ``erase_concepts`` recommends for each concept laid over them: ``templates`` become that concept's own
+    (``concept_templates``, e.g. the wordings a pattern is held in, which suit no colour), ``anchor_prompts_extra``
+    is appended to the anchors, and any other setting holds where every concept of the erase recommends the same."""
     rec = dict(model_settings.get("erase", {}))
-    per_concept = model_settings.get("erase_concepts", {})
-    overlays = [per_concept.get(c) for c in concepts]
-    if not overlays or overlays[0] is None or any(o != overlays[0] for o in overlays):
-        return rec
-    overlay = dict(overlays[0])
-    extra = overlay.pop("anchor_prompts_extra", [])
-    rec |= overlay
+    per_concept = {k.lower(): v for k, v in model_settings.get("erase_concepts", {}).items()}
+    overlays = [dict(per_concept.get(c.lower()) or {}) for c in concepts]
+    own = {c: o.pop("templates") for c, o in zip(concepts, overlays) if "templates" in o}
+    extra = list(dict.fromkeys(a for o in overlays for a in o.pop("anchor_prompts_extra", [])))
+    if overlays and all(o == overlays[0] for o in overlays):
+        rec |= overlays[0]
+    if own:
+        rec["concept_templates"] = own
     if extra:
-        rec["anchor_prompts"] = list(rec.get("anchor_prompts") or GENERIC_ANCHORS) + list(extra)
+        rec["anchor_prompts"] = list(rec.get("anchor_prompts") or GENERIC_ANCHORS) + extra
     return rec
 
 
@@ -193,7 +212,7 @@ def effective_settings(recommended: dict[str, Any], given: dict[str, Any],
     another recipe only where ``per_recipe`` (erasekit.json's ``erase_recipes``) has an entry for it, which is laid
     over them; otherwise only what the model is (MODEL_PROPERTIES) holds: ``--recipe paper`` on a model that
     recommends ``anchored`` is the whole published recipe, but at the model's resolution. ``--epochs`` given alone
-    replaces a recommended ``steps``."""
+    replaces a recommended ``steps``, and ``templates`` given alone the recommended ``concept_templates``."""
     rec = dict(recommended)
     chosen = given.get("recipe", rec.get("recipe", "paper"))
     if chosen != rec.get("recipe", "paper"):
@@ -201,6 +220,8 @@ def effective_settings(recommended: dict[str, Any], given: dict[str, Any],
         rec = rec | own if own is not None else {k: v for k, v in rec.items() if k in MODEL_PROPERTIES}
     if "epochs" in given and "steps" not in given:
         rec.pop("steps", None)
+    if "templates" in given and "concept_templates" not in given:  # the user's wordings are every concept's
+        rec.pop("concept_templates", None)
     try:
         config = EraseConfig(**(rec | given))
     except ValueError as e:

@@ -192,8 +192,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     amp_dtype = {"bf16": torch.bfloat16}.get(
         config.dtype, torch.bfloat16 if (config.dtype == "auto" and native_bf16(device)) else None)
     denoiser = Denoiser(unet, pipe.scheduler.config, latents.to(device), amp_dtype)
-    templates = config.template_list()
-    draws = Draws(templates, concepts, owner, captions, denoiser.timesteps, tuple(latents.shape[1:]))
+    draws = Draws([config.templates_for(c) for c in concepts], concepts, owner, captions, denoiser.timesteps,
+                  tuple(latents.shape[1:]))
     encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
     te_dtypes = {slot: te.dtype for slot, te in encoders.items()}  # the fingerprints of in-memory weights use these
     with kept_as_found((unet, pipe.vae, *encoders.values())), _gradient_checkpointing(unet, config.checkpointing):
@@ -210,9 +210,9 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
             try:
                 check = _ForgetCheck(config, denoiser, draws, cond_of, len(loaded), clock) if config.forget_check else None
                 with clock("compress"):  # what the encoders give the UNet before the erase, to measure the stored form on
-                    compaction = (Compaction(config, templates, concepts, captions, cond_of, device)
+                    compaction = (Compaction(config, concepts, captions, cond_of, device)
                                   if config.rank != "dense" else None)
-                recipe = make_recipe(config, templates, list(concepts), device)
+                recipe = make_recipe(config, list(concepts), device)
                 recipe.prepare(lambda prompts: cond_of(prompts, device), draws.every_prompt())
                 with clock("loop"):
                     losses, conflicts = _loop(config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress)

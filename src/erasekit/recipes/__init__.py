@@ -57,10 +57,10 @@ class Recipe(Protocol):
         """After each step: whether the erase is done."""
 
 
-def make_recipe(config: EraseConfig, templates: list[str], concepts: list[str], device: Any) -> Recipe:
+def make_recipe(config: EraseConfig, concepts: list[str], device: Any) -> Recipe:
     from .anchored import Anchored
     from .doco import DoCo
     from .paper import Paper
 
     recipes: dict[str, Any] = {"paper": Paper, "anchored": Anchored, "doco": DoCo}
-    return recipes[config.recipe](config, templates, concepts, device)
+    return recipes[config.recipe](config, concepts, device)

@@ -20,9 +20,9 @@ def tipped(losses: list[float], config: EraseConfig) -> bool:
 
 
 class Anchored:
-    def __init__(self, config: EraseConfig, templates: list[str], concepts: list[str], device: Any) -> None:
+    def __init__(self, config: EraseConfig, concepts: list[str], device: Any) -> None:
         self.config = config
-        self.holding = Holding(config, templates, concepts, device)
+        self.holding = Holding(config, concepts, device)
 
     def prepare(self, encode: Any, prompts: list[str]) -> None:
         self.holding.prepare(encode)

@@ -42,9 +42,9 @@ def discriminator(channels: int, size: int, width: int = 64) -> Any:
 
 
 class DoCo:
-    def __init__(self, config: EraseConfig, templates: list[str], concepts: list[str], device: Any) -> None:
+    def __init__(self, config: EraseConfig, concepts: list[str], device: Any) -> None:
         self.config, self.concepts, self.device = config, concepts, device
-        self.holding = Holding(config, templates, concepts, device)
+        self.holding = Holding(config, concepts, device)
         self.stand_ins = {k.lower(): v for k, v in config.stand_ins.items()}
         self.steps = 0
         self.disc: Any = None

@@ -26,12 +26,11 @@ def names(prompt: str, concept: str) -> bool:
     return bool(_phrase(concept).search(prompt))
 
 
-def anchor_prompts(config: EraseConfig, templates: list[str],
-                   concepts: Sequence[str]) -> tuple[list[str], list[list[str]], Any]:
+def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[str], list[list[str]], Any]:
     """Prompts whose conditioning is held in place; for each, the prompts whose mean original conditioning it is
     held at (the prompt itself, or for one naming an erased concept with stand-ins, that prompt with each stand-in
-    in the concept's place; the concept's first templates are added so); and their weights (--keep counts more:
-    the anchors naming a --keep concept, and the concept in the first four templates).
+    in the concept's place; the concept in its first four templates is added so); and their weights (--keep counts
+    more: the anchors naming a --keep concept, and the concept in its first four templates).
     An anchor that names an erased concept without a stand-in (or names only part of a concept of several words)
     is dropped: holding it would fight the erasure."""
     import torch
@@ -51,17 +50,17 @@ def anchor_prompts(config: EraseConfig, templates: list[str],
             held.append((p, alts, config.stand_in_weight))
     seen = {h[0] for h in held}  # the concept in its own templates, held at its stand-ins in the same templates
     held += [(t.format(c), [replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]], config.stand_in_weight)
-             for c in concepts if c.lower() in stand_ins for t in templates[:4] if t.format(c) not in seen]
-    held += [(k, [k], config.keep_weight) for k in (t.format(k) for k in config.keep for t in templates[:4])]
+             for c in concepts if c.lower() in stand_ins for t in config.templates_for(c)[:4] if t.format(c) not in seen]
+    held += [(p, [p], config.keep_weight) for k in config.keep for p in (t.format(k) for t in config.templates_for(k)[:4])]
     return [h[0] for h in held], [h[1] for h in held], torch.tensor([h[2] for h in held])
 
 
 class Holding:
     """The held prompts, the conditioning each is held at, and each step's sample of them."""
 
-    def __init__(self, config: EraseConfig, templates: list[str], concepts: list[str], device: Any) -> None:
+    def __init__(self, config: EraseConfig, concepts: list[str], device: Any) -> None:
         self.config = config
-        self.held, self.references, weights = anchor_prompts(config, templates, concepts)
+        self.held, self.references, weights = anchor_prompts(config, concepts)
         self.weights = weights.to(device)
         self.chosen: list[int] = []
 

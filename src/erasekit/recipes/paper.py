@@ -12,8 +12,8 @@ from .holding import Holding
 
 
 class Paper:
-    def __init__(self, config: EraseConfig, templates: list[str], concepts: list[str], device: Any) -> None:
-        self.holding = Holding(config, templates, concepts, device) if config.surgery else None
+    def __init__(self, config: EraseConfig, concepts: list[str], device: Any) -> None:
+        self.holding = Holding(config, concepts, device) if config.surgery else None
 
     def prepare(self, encode: Any, prompts: list[str]) -> None:
         if self.holding:
