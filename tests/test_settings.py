@@ -102,11 +102,14 @@ def test_a_models_per_concept_recommendations_give_each_concept_its_own_wordings
     pattern = ["a {} pattern", "{} pattern", "a photo of a {}", "a rendering of a {}"]
     extra = ["a solid pattern", "a hollow pattern", "solid pattern", "hollow pattern"]
     striped = recommended_for(settings, ["striped"])
-    assert striped == BUILTIN | {"concept_templates": {"striped": pattern}, "anchor_prompts": BUILTIN["anchor_prompts"] + extra}
+    shared = {"concept_templates": {"striped": pattern}, "anchor_prompts": BUILTIN["anchor_prompts"] + extra}
+    # keep_weight 1: a --keep of another pattern, held 5x in the same wordings, kept the paraphrases at 17-25%
+    assert striped == BUILTIN | shared | {"keep_weight": 1.0}
     assert recommended_for(settings, ["circle"]) == BUILTIN  # no entry: the model's settings as they are
-    assert recommended_for(settings, ["Striped", "striped"])["anchor_prompts"] == striped["anchor_prompts"]
+    both = recommended_for(settings, ["Striped", "striped"])  # any case
+    assert both["anchor_prompts"] == striped["anchor_prompts"] and both["keep_weight"] == 1.0
     three = recommended_for(settings, ["circle", "red", "striped"])
-    assert three == striped
+    assert three == BUILTIN | shared  # keep_weight is not every concept's
     config, sources = effective_settings(three, {})
     assert sources["concept_templates"] == sources["anchor_prompts"] == "model"
     assert config.templates_for("striped") == config.templates_for("STRIPED") == pattern
