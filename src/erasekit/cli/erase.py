@@ -169,8 +169,9 @@ def erase_cmd(
     out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_').replace('_text_model_encoder_', ' ')} ({n:.3g})"
                                            for m, n in report.top_layers))
     if report.sources:
+        lists = ("anchor_prompts", "stand_ins", "templates", "concept_templates")  # too long for one line
         out.print("  settings: " + ", ".join(f"{k} {hp.get(k, '')} ({src})" for k, src in sorted(report.sources.items())
-                                             if k in hp and k not in ("anchor_prompts", "stand_ins", "templates"))
+                                             if k in hp and k not in lists)
                   + "; the rest: defaults (erasekit erase --help)")
     for line in report.ui:
         out.print(f"  {line}")
