@@ -244,6 +244,9 @@ def test_jobs_share_one_pipeline_and_leave_it_exactly_as_it_was(tmp_path: Path, 
     ("[[jobs]]\nconcept = 'circle'\noutput = 'jobs.toml/a.erasepatch'\n",
      "jobs.toml: jobs[0] (jobs.toml/a.erasepatch), field output: jobs.toml is not a folder"),
     ("[[jobs]\nconcept = 'circle'\n", "jobs.toml is not valid TOML ("),
+    ("[[jobs]]\nconcept = 'circle'\noutput = 'a.erasepatch'\nconcept_template = {cirle = 'a {} shape'}\n",
+     "jobs.toml: jobs[0] (a.erasepatch), field concept_template: templates are given for 'cirle', which this erase "
+     "neither erases nor keeps"),
 ])
 def test_a_bad_manifest_is_refused_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          text: str, message: str) -> None:
@@ -280,11 +283,17 @@ def test_paths_are_relative_to_the_manifest(tmp_path: Path) -> None:
     render_concept("circle", 1)[0].save(tmp_path / "imgs" / "c1.png")
     shutil.copytree(builtin_model_path(), tmp_path / "model")
     planned = plan_batch(write(tmp_path, "model = 'model'\n[[jobs]]\nconcept = 'circle'\noutput = 'out/a.erasepatch'\n"
-                                         "images = 'imgs'\ntemplates = ['a {} shape']\nlayers = '0-1'\n"))
+                                         "images = 'imgs'\ntemplates = ['a {} shape']\nlayers = '0-1'\n"
+                                         "[[jobs]]\nconcept = 'circle'\noutput = 'b.erasepatch'\nimages = 'imgs'\n"
+                                         "concept_template = ['circle=a {} shape', 'circle=one {}']\n"
+                                         "[[jobs]]\nconcept = 'circle'\noutput = 'c.erasepatch'\nimages = 'imgs'\n"
+                                         "concept_template = {circle = ['a {} shape', 'one {}']}\n"))
     job = planned[0].job
     assert job.model == tmp_path / "model" and job.output == tmp_path / "out" / "a.erasepatch"
     assert job.groups == [[tmp_path / "imgs" / "c0.png", tmp_path / "imgs" / "c1.png"]]
     assert (job.config.templates, job.config.layers) == (["a {} shape"], [0, 1])
+    for p in planned[1:]:  # CONCEPT=TEMPLATE strings, or a table of lists
+        assert p.job.config.concept_templates == {"circle": ["a {} shape", "one {}"]}
 
 
 def test_the_example_manifest_is_valid() -> None:

@@ -222,6 +222,12 @@ def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
     (["--template", "no slot"], "invalid templates: "),
     (["--recipe", "magic"], "invalid recipe: Input should be 'paper', 'anchored' or 'doco' (--recipe)"),
     (["--stand-in", "circle"], "stand-in 'circle' is not CONCEPT=WORD; write it as circle=square (--stand-in)"),
+    (["--concept-template", "a {} pattern"], "concept template 'a {} pattern' is not CONCEPT=TEMPLATE; write it as "
+                                               "'Van Gogh=a painting in the style of {}' (--concept-template)"),
+    (["--concept-template", "circle=a circle"], "invalid concept_templates: "),
+    (["--concept-template", "cirle=a {} shape"], "templates are given for 'cirle', which this erase neither erases "
+                                                 "nor keeps; name it as a --concept or --keep, or check its spelling "
+                                                 "(--concept-template)"),
     (["--rank", "0"], "invalid rank: Value error, rank must be at least 1, auto or dense, got 0 (--rank)"),
     (["--rank", "low"], "invalid rank: "),
 ])
@@ -243,9 +249,22 @@ def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
                      r"change's, \d+\.\d% of its squared norm kept", r.stdout), r.stdout
     hp = json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]
     assert hp["stand_ins"] == {"circle": ["square", "star"]} and hp["rank"] == 2
+    assert "concept_templates" not in hp  # none given, none recorded
     table = run("inspect", patch).stdout  # what the rank-2 factors lost, per tensor
     assert re.search(r"storage\s+dtype\s+\|ΔW\|\s+\|Δb\|\s+off\s+kept", table), table
     assert re.search(r"rank 2\s+BF16\s+\S+\s+\S+\s+\d+\.\d%\s+\d+\.\d%", table), table
+
+
+def test_erase_with_templates_for_one_concept(tmp_path: Path, tiny_model: Path) -> None:
+    """--concept-template: that concept's own list (several, in order), recorded; the other concept keeps --template."""
+    patch = tmp_path / "cs.erasepatch"
+    r = run("erase", "--model", tiny_model, "--concept", "circle", "--concept", "striped", "--images", "auto",
+            "--num-images", "1", "--resolution", "32", "--steps", "1", "--template", "a photo of a {}",
+            "--concept-template", "striped=a {} pattern", "--concept-template", "Striped={} pattern", "-o", patch)
+    assert r.exit_code == 0, r.output
+    hp = json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]
+    assert hp["templates"] == ["a photo of a {}"]
+    assert hp["concept_templates"] == {"striped": ["a {} pattern", "{} pattern"]}  # one concept, any case
 
 
 def test_erase_with_a_missing_model_says_so(tmp_path: Path) -> None:

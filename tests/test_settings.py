@@ -114,6 +114,9 @@ def test_a_models_per_concept_recommendations_give_each_concept_its_own_wordings
     assert sources["concept_templates"] == sources["anchor_prompts"] == "model"
     assert config.templates_for("striped") == config.templates_for("STRIPED") == pattern
     assert config.templates_for("red") == list(OBJECT_TEMPLATES) and config.hyperparameters()["concept_templates"]
+    config, sources = effective_settings(three, {"concept_templates": {"circle": ["one {}"]}})
+    assert config.templates_for("circle") == ["one {}"] and config.templates_for("striped") == pattern  # merged
+    assert sources["concept_templates"] == "user"
     config, sources = effective_settings(striped, {"templates": ["a {} thing"]})
     assert config.templates_for("striped") == ["a {} thing"] and sources["templates"] == "user"
     assert "concept_templates" not in config.hyperparameters()  # nothing per concept: not recorded

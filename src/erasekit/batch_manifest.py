@@ -36,6 +36,7 @@ class JobOptions(BaseModel):
     kind: str | None = None
     templates: list[str] | None = None
     templates_file: str | None = None
+    concept_template: dict[str, str | list[str]] | list[str] | None = None  # {"Van Gogh" = "..."} or ["C=T"]
     recipe: str | None = None
     surgery: float | None = None
     after: str | list[str] | None = None
@@ -156,7 +157,8 @@ def plan_batch(path: str | os.PathLike) -> list[PlannedJob]:
 
 
 # the library's name of a setting -> the manifest's, where they differ
-_FIELDS = {"stand_ins": "stand_in", "config_dir": "config", "concepts": "concept", "stop_ratio": "no_early_stop"}
+_FIELDS = {"stand_ins": "stand_in", "config_dir": "config", "concepts": "concept", "stop_ratio": "no_early_stop",
+           "concept_templates": "concept_template"}
 
 
 def _check_unique(output: Path, seen: dict[str, int], where: str, index: int) -> None:
@@ -171,7 +173,7 @@ def _check_unique(output: Path, seen: dict[str, int], where: str, index: int) ->
 def _erase_arguments(options: dict[str, Any], folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A job's options as erase settings (for :class:`~erasekit.erase_config.EraseConfig`) and the other
     arguments of :func:`~erasekit.erase_job.prepare_erase`."""
-    from .erase_config import parse_layers, parse_stand_ins, read_templates_file
+    from .erase_config import parse_concept_templates, parse_layers, parse_stand_ins, read_templates_file
 
     o = dict(options)
     here = lambda p: folder / p  # noqa: E731
@@ -187,6 +189,10 @@ def _erase_arguments(options: dict[str, Any], folder: Path) -> tuple[dict[str, A
         templates += read_templates_file(here(o.pop("templates_file")))
     if templates:
         settings["templates"] = templates
+    if "concept_template" in o:
+        given = o.pop("concept_template")
+        settings["concept_templates"] = (parse_concept_templates(given) if isinstance(given, list) else
+                                         {c: [t] if isinstance(t, str) else t for c, t in given.items()})
     if "stand_in" in o:
         stand_in = o.pop("stand_in")
         settings["stand_ins"] = (parse_stand_ins(stand_in) if isinstance(stand_in, list) else

@@ -222,6 +222,8 @@ def effective_settings(recommended: dict[str, Any], given: dict[str, Any],
         rec.pop("steps", None)
     if "templates" in given and "concept_templates" not in given:  # the user's wordings are every concept's
         rec.pop("concept_templates", None)
+    if "concept_templates" in given:  # per concept: the user's lists win, the model's stand for the other concepts
+        given = given | {"concept_templates": rec.get("concept_templates", {}) | given["concept_templates"]}
     try:
         config = EraseConfig(**(rec | given))
     except ValueError as e:
@@ -248,14 +250,31 @@ def parse_layers(spec: str) -> list[int]:
 
 def parse_stand_ins(items: list[str]) -> dict[str, list[str]]:
     """['circle=square', 'red=blue,green'] -> {'circle': ['square'], 'red': ['blue', 'green']}."""
-    stand_ins: dict[str, list[str]] = {}
+    return {concept: [w.strip() for w in words.split(",")]
+            for concept, words in _assignments(items, "stand_ins", "stand-in", "WORD", "circle=square")}
+
+
+def parse_concept_templates(items: list[str]) -> dict[str, list[str]]:
+    """['Van Gogh=a painting in the style of {}', 'van gogh={} style'] -> {'Van Gogh': [both templates]} (a concept's
+    spellings in any case are one concept, named as first written)."""
+    out: dict[str, list[str]] = {}
+    for concept, template in _assignments(items, "concept_templates", "concept template", "TEMPLATE",
+                                          "'Van Gogh=a painting in the style of {}'"):
+        key = next((k for k in out if k.lower() == concept.lower()), concept)
+        out.setdefault(key, []).append(template.strip())
+    return out
+
+
+def _assignments(items: list[str], option: str, what: str, placeholder: str, example: str) -> list[tuple[str, str]]:
+    """``CONCEPT=VALUE`` items as (concept, value), split at the first "="."""
+    pairs = []
     for item in items:
-        concept, eq, words = item.partition("=")
+        concept, eq, value = item.partition("=")
         if not eq or not concept.strip():
-            raise ErasekitError(f"stand-in {item!r} is not CONCEPT=WORD", "write it as circle=square",
-                                option="stand_ins")
-        stand_ins[concept.strip()] = [w.strip() for w in words.split(",")]
-    return stand_ins
+            raise ErasekitError(f"{what} {item!r} is not CONCEPT={placeholder}", f"write it as {example}",
+                                option=option)
+        pairs.append((concept.strip(), value))
+    return pairs
 
 
 def read_templates_file(path: str | Path) -> list[str]:

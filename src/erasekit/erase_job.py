@@ -81,6 +81,7 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
         config, sources = effective_settings(recommended_for(settings, list(concepts)), config or {},
                                              settings.get("erase_recipes"))
         sources = {k: v for k, v in sources.items() if v != "default"}
+    _check_concept_templates(config, concepts)
     out = Path(output)
     check_new_output(out, replace, make_folder)
     groups: list[list[Any]] | None = None
@@ -102,6 +103,15 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     earlier = [load_patch(p) for p in after]
     return EraseJob(model, list(concepts), groups, config, out, num_images,
                     Path(config_dir) if config_dir is not None else None, prediction_type, earlier, sources)
+
+
+def _check_concept_templates(config: EraseConfig, concepts: Sequence[str]) -> None:
+    """Templates given for a concept the erase neither erases nor keeps would do nothing: a typo, most likely."""
+    named = {c.lower() for c in [*concepts, *config.keep]}
+    stray = [c for c in config.concept_templates if c.lower() not in named]
+    if stray:
+        raise ErasekitError(f"templates are given for {stray[0]!r}, which this erase neither erases nor keeps",
+                            "name it as a --concept or --keep, or check its spelling", option="concept_templates")
 
 
 def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:

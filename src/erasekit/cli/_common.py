@@ -42,7 +42,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the ba
 INTERNAL_ERROR = 70
 # the library's name of a setting -> this command line's flag, where they differ (else --name-with-dashes)
 OPTION_FLAGS = {"concepts": "--concept", "patches": "--patch", "prompts_file": "--prompts", "output": "-o",
-                "in_place": "--in-place", "config_dir": "--config", "stand_ins": "--stand-in"}
+                "in_place": "--in-place", "config_dir": "--config", "stand_ins": "--stand-in",
+                "concept_templates": "--concept-template"}
 
 
 def debug() -> bool:

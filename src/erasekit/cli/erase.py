@@ -42,6 +42,11 @@ def erase_cmd(
                                                           "with {} for the concept (repeatable; replaces --kind's).")] = None,
     templates_file: Annotated[Optional[Path], typer.Option("--templates-file", metavar="FILE", help="A file of "
                                                            "templates, one per line.")] = None,
+    concept_template: Annotated[Optional[list[str]], typer.Option("--concept-template", metavar="CONCEPT=TEMPLATE",
+                                                                  help="A template for one concept only, e.g. 'Van "
+                                                                  "Gogh=a painting in the style of {}' next to an "
+                                                                  "object (repeatable; that concept's list replaces "
+                                                                  "the common one).")] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="paper: the published recipe (ascent only). "
                                                   "anchored: ascent while holding other prompts' conditioning in "
                                                   "place, with an early stop. doco: a discriminator teaches the "
@@ -116,7 +121,7 @@ def erase_cmd(
         given = [name for name in ctx.params if name not in ("manifest", "as_json")  # typer may bundle its own click
                  and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
         return _erase_batch(manifest, given, as_json)
-    from ..erase_config import parse_layers, parse_stand_ins, read_templates_file
+    from ..erase_config import parse_concept_templates, parse_layers, parse_stand_ins, read_templates_file
     from ..erase_job import erase_model
 
     with errors():
@@ -128,7 +133,8 @@ def erase_cmd(
         tmpl = list(template or []) + (read_templates_file(templates_file) if templates_file is not None else [])
         stand_ins = parse_stand_ins(stand_in or [])
         given: dict[str, Any] = {
-            "kind": kind, "templates": tmpl or None, "recipe": recipe, "surgery": surgery, "keep": keep, "stand_ins": stand_ins or None,
+            "kind": kind, "templates": tmpl or None, "concept_templates": parse_concept_templates(concept_template or []) or None,
+            "recipe": recipe, "surgery": surgery, "keep": keep, "stand_ins": stand_ins or None,
             "anchor_weight": anchor_weight, "lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size,
             "draws": draws, "resolution": resolution, "rank": rank, "rank_tol": rank_tol, "max_rank": max_rank,
             "layers": parse_layers(layers) if layers else None, "encoders": [e.strip() for e in encoders.split(",")] if encoders else None,
