@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from . import _temps
 from ._f16 import f16_to_f32, f32_to_f16
 from .errors import ErasekitError, InputFileError
 
@@ -275,15 +276,16 @@ def check_new_output(out: Path, replace: bool = False, make_folder: bool = False
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Write to ``<name>.<random>.incomplete`` beside ``path``, fsync, then rename over it.
+    """Write to a temporary beside ``path`` (:mod:`erasekit._temps`), fsync, then rename over it.
 
     A crash at any point leaves either the old file or the new one, never a mix; the
-    temporary file is removed on error.
+    temporary file is removed on error, and one a killed writer left is removed by the next write.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=parent)
+        _temps.remove_stale(parent / path.name)
+        fd, tmp = tempfile.mkstemp(prefix=_temps.prefix(path), suffix=_temps.SUFFIX, dir=parent)
     except FileNotFoundError:
         raise InputFileError(f"folder {parent} does not exist", "create it first or choose another output") from None
     except PermissionError:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _st
+from . import _st, _temps
 from .errors import (
     ErasekitError,
     IncompatiblePatchError,
@@ -292,8 +292,11 @@ def _pickle_to_safetensors(src: Path, dst: Path) -> None:
 
 
 def _stage_copy(ckpt: Checkpoint, out: Path) -> Path:
-    """Copy the checkpoint (and its journal) to a hidden temporary beside ``out``; pickles become safetensors."""
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.incomplete"
+    """Copy the checkpoint (and its journal) to a hidden temporary beside ``out``; pickles become safetensors. The
+    temporaries (and their journals) of an earlier run that was killed are removed first."""
+    for stale in _temps.remove_stale(out):
+        shutil.rmtree(journal_dir(stale), ignore_errors=True)
+    tmp = out.parent / f"{_temps.prefix(out)}{secrets.token_hex(4)}{_temps.SUFFIX}"
     if ckpt.path.is_dir():
         shutil.copytree(ckpt.path, tmp, ignore=lambda d, names: ["lock"] if Path(d).name == ".erasekit" else [])
         for wf in ckpt.files:
