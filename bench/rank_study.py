@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from erasekit.evaluate import EvalConfig, evaluate_model
-from erasekit.unlearn import erase_model
+from erasekit.erase_job import erase_model
 
 
 def judged(concept: str, seed: int, rank: str, n: int, folder: Path) -> dict[str, float]:

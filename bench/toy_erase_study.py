@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from erasekit.unlearn import erase_model
+from erasekit.erase_job import erase_model
 from erasekit.evaluate import EvalConfig, evaluate_model
 from erasekit.pipeline import model_settings
 from erasekit.toyworld import builtin_model_path
