@@ -170,6 +170,14 @@ def _check_unique(output: Path, seen: dict[str, int], where: str, index: int) ->
     seen[key] = index
 
 
+def _per_concept(value: dict[str, str | list[str]] | list[str], parse: Any) -> dict[str, list[str]]:
+    """A per-concept option as a table (``{circle = "square"}``, a string or a list each) or as a list of
+    ``"concept=value"`` strings (``parse``, erase's own parser of the option)."""
+    if isinstance(value, list):
+        return parse(value)
+    return {c: [v] if isinstance(v, str) else v for c, v in value.items()}
+
+
 def _erase_arguments(options: dict[str, Any], folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A job's options as erase settings (for :class:`~erasekit.erase_config.EraseConfig`) and the other
     arguments of :func:`~erasekit.erase_job.prepare_erase`."""
@@ -189,14 +197,10 @@ def _erase_arguments(options: dict[str, Any], folder: Path) -> tuple[dict[str, A
         templates += read_templates_file(here(o.pop("templates_file")))
     if templates:
         settings["templates"] = templates
-    if "concept_template" in o:
-        given = o.pop("concept_template")
-        settings["concept_templates"] = (parse_concept_templates(given) if isinstance(given, list) else
-                                         {c: [t] if isinstance(t, str) else t for c, t in given.items()})
-    if "stand_in" in o:
-        stand_in = o.pop("stand_in")
-        settings["stand_ins"] = (parse_stand_ins(stand_in) if isinstance(stand_in, list) else
-                                 {c: [w] if isinstance(w, str) else w for c, w in stand_in.items()})
+    for key, name, parse in (("concept_template", "concept_templates", parse_concept_templates),
+                             ("stand_in", "stand_ins", parse_stand_ins)):
+        if key in o:
+            settings[name] = _per_concept(o.pop(key), parse)
     if "layers" in o:
         layers = o.pop("layers")
         settings["layers"] = parse_layers(layers) if isinstance(layers, str) else layers
