@@ -181,6 +181,11 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     before = snapshot(model)
     alone_first = apply_to_checkpoint([red], model, output=tmp_path / "red-only")
     assert any("was made to be applied after 'circle erased'" in w for w in alone_first.warnings)
+    independent = apply_to_checkpoint([circle, alone], model, output=tmp_path / "independent")
+    assert [w for w in independent.warnings if "was made without" in w] == [
+        f"patch '{c.title}' was made without '{a.title}' ({a.patch_id[:12]}) applied: each erases its concept alone, "
+        "stacked they may erase less; for concepts that must stay erased together, erase them in one patch or with "
+        "--after"], "stacking independently made erase patches says what the built-in model measured"
     report = apply_to_checkpoint([circle, red], model, in_place=True)
     assert [p.fingerprint for p in report.applied] == ["exact", "exact"] and not report.warnings
     revert_from_checkpoint(red, model)
@@ -198,6 +203,10 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     from erasekit.memory import apply_patch, revert_patch
     assert any("applied after" in w for w in apply_patch(pipe, b).warnings), "in memory too"
     revert_patch(pipe, b)
+    assert not apply_patch(pipe, a).warnings
+    assert any(f"made without '{a.title}'" in w for w in apply_patch(pipe, c).warnings), "in memory too"
+    revert_patch(pipe, c)
+    assert not any("made without" in w for w in apply_patch(pipe, b).warnings), "made --after the circle patch"
 
 
 def test_a_missing_after_patch_is_refused_and_nothing_is_written(tmp_path: Path) -> None:

@@ -343,7 +343,7 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
     warnings = [w for p in loaded for w in p.warnings]
     warnings += [n for p in loaded
                  if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))]
-    warnings += order_notes(loaded, [e.patch_id for e in Journal(ckpt.path, {}).committed])
+    warnings += order_notes(loaded, [(e.patch_id, e.patch_title) for e in Journal(ckpt.path, {}).committed])
     if in_place:
         _check_writable(ckpt)
         applied, written = _apply_in_place(ckpt, loaded, strengths, force, where)

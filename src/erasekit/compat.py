@@ -110,17 +110,31 @@ def judge_fingerprints(patch: Patch, actual: dict[str, Any], force: bool, where:
     return ("approx" if "approx" in statuses else "exact"), 0
 
 
-def order_notes(patches: Sequence[Patch], applied_ids: Sequence[str]) -> list[str]:
-    """For each patch made ``--after`` others (its ``after`` setting): a note when one of those is neither already
-    applied (``applied_ids``) nor earlier in ``patches``. It was trained with them in place and measured so."""
-    notes, present = [], list(applied_ids)
+TRAINED_METHODS = ("fuchi-takagi-2024", "wu-2024-doco")  # patches an erase trained (not diffs or merges)
+
+
+def order_notes(patches: Sequence[Patch], applied: Sequence[tuple[str, str]]) -> list[str]:
+    """Notes on a stack: ``patches`` applied in order on top of ``applied`` ((patch id, title), oldest first).
+    For an erase patch made ``--after`` others (its ``after`` setting), a note when one of those is neither already
+    applied nor earlier in ``patches``: it was trained with them in place and measured so. For an erase patch
+    stacked on patches it was not made after, a note that each was measured alone (on the built-in model such
+    stacks let concepts partly back; one patch for all, or ``--after``, is what stays erased together)."""
+    notes, present = [], list(applied)
     for p in patches:
         after = p.manifest.method.hyperparameters.get("after")
-        wanted = [a for a in after if isinstance(a, dict)] if isinstance(after, list) else []
-        missing = [a for a in wanted if a.get("patch_id") not in present]
+        wanted = {a.get("patch_id"): a.get("title") for a in after if isinstance(a, dict)} if isinstance(after, list) else {}
+        missing = [(i, t) for i, t in wanted.items() if i not in dict(present)]
         if missing:
-            names = ", ".join(f"'{a.get('title')}' ({str(a.get('patch_id'))[:12]})" for a in missing)
-            notes.append(f"patch '{p.title}' was made to be applied after {names}, which is not applied before it: "
-                         "apply them first, in the order they were made")
-        present.append(p.patch_id)
+            notes.append(f"patch '{p.title}' was made to be applied after {_named(missing)}, which is not applied "
+                         "before it: apply them first, in the order they were made")
+        unplanned = [(i, t) for i, t in present if i not in wanted and i != p.patch_id]
+        if unplanned and p.manifest.method.name in TRAINED_METHODS:
+            notes.append(f"patch '{p.title}' was made without {_named(unplanned)} applied: each erases its concept "
+                         "alone, stacked they may erase less; for concepts that must stay erased together, erase "
+                         "them in one patch or with --after")
+        present.append((p.patch_id, p.title))
     return notes
+
+
+def _named(patches: Sequence[tuple[str, str | None]]) -> str:
+    return ", ".join(f"'{t}' ({str(i)[:12]})" for i, t in patches)

@@ -101,7 +101,7 @@ def apply_patch(model: Any, patch: Patch | str | os.PathLike, strength: float = 
     if stack is None:
         stack = []
         object.__setattr__(model, _MEMORY_ATTR, stack)
-    notes = order_notes([patch], [rec["patch_id"] for rec in stack])
+    notes = order_notes([patch], [(rec["patch_id"], rec["title"]) for rec in stack])
     stack.append({"patch_id": patch.patch_id, "title": patch.title, "strength": strength, "originals": originals})
     written = sum(t.numel() * t.element_size() for t in news.values())
     return ApplyReport(where, "in-memory", arch, where, True,
