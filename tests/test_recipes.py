@@ -83,8 +83,8 @@ def test_doco_settings_are_recorded_and_its_surgery_is_on_by_default() -> None:
 
 def test_a_models_recommendations_for_another_recipe() -> None:
     config, sources = effective_settings(SETTINGS["erase"], {"recipe": "doco"}, SETTINGS["erase_recipes"])
-    assert (config.recipe, config.steps, config.lr, config.resolution) == ("doco", 80, 3e-3, 32)
-    assert config.stand_ins["circle"] == ["square"] and sources["steps"] == "model"
+    assert (config.recipe, config.epochs, config.lr, config.resolution) == ("doco", 40, 3e-3, 32)
+    assert config.stand_ins["circle"] == ["square"] and sources["epochs"] == "model"
     config, _ = effective_settings(SETTINGS["erase"], {"recipe": "paper"}, SETTINGS["erase_recipes"])
     assert (config.lr, config.stand_ins) == (1e-5, {}), "a recipe the model has no entry for: the published one"
 

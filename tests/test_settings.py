@@ -17,7 +17,7 @@ from erasekit.erase_config import effective_settings
 from erasekit.errors import ErasekitError
 
 runner = CliRunner()
-BUILTIN = model_settings(builtin_model_path())["erase"]  # anchored, lr 3e-3, 80 steps, no flip, 32 px, fp32
+BUILTIN = model_settings(builtin_model_path())["erase"]  # anchored, lr 3e-3, 40 epochs, no flip, 32 px, fp32
 
 
 def test_recipe_paper_on_a_model_tuned_for_anchored_is_the_published_recipe() -> None:
@@ -30,14 +30,13 @@ def test_recipe_paper_on_a_model_tuned_for_anchored_is_the_published_recipe() ->
 
 def test_what_the_user_types_wins() -> None:
     config, sources = effective_settings(BUILTIN, {"epochs": 2})
-    assert (config.steps, config.epochs) == (None, 2), "--epochs replaces the model's recommended steps"
-    assert sources["epochs"] == "user" and sources["lr"] == "model"
-    config, _ = effective_settings(BUILTIN, {"epochs": 2, "steps": 7})
-    assert config.steps == 7
+    assert (config.steps, config.epochs) == (None, 2) and sources["epochs"] == "user" and sources["lr"] == "model"
+    config, _ = effective_settings(BUILTIN, {"steps": 7})
+    assert (config.steps, config.epochs) == (7, 40), "--steps overrides the model's recommended epochs"
     config, sources = effective_settings(BUILTIN, {"flip": True, "lr": 0.01})
-    assert (config.flip, config.lr, config.steps) == (True, 0.01, 80) and sources["flip"] == "user"
+    assert (config.flip, config.lr, config.epochs) == (True, 0.01, 40) and sources["flip"] == "user"
     config, sources = effective_settings(BUILTIN, {"recipe": "anchored"})  # the model's own recipe: its tuning holds
-    assert (config.lr, config.steps) == (3e-3, 80) and sources["steps"] == "model"
+    assert (config.lr, config.epochs) == (3e-3, 40) and sources["epochs"] == "model"
 
 
 def test_help_names_the_models_recommendation() -> None:
