@@ -208,6 +208,13 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     revert_patch(pipe, c)
     assert not any("made without" in w for w in apply_patch(pipe, b).warnings), "made --after the circle patch"
 
+    stacked = ["--patch", str(circle), "--patch", str(alone)]
+    for cmd in (["eval", "--concept", "circle", "-n", "1", "--steps", "2", *stacked],
+                ["generate", "a circle", "-n", "1", "--steps", "2", "-o", str(tmp_path / "images"), *stacked]):
+        r = CliRunner().invoke(app, cmd)
+        assert r.exit_code == 0, r.output
+        assert f"warning: patch '{c.title}' was made without '{a.title}'" in r.stderr, (cmd[0], r.stderr)
+
 
 def test_a_missing_after_patch_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["erase", "-c", "red", "--steps", "1", "--after", str(tmp_path / "missing.erasepatch"),

@@ -78,6 +78,7 @@ class EvalReport:
     judge: str = "toyworld"  # or the CLIP model's folder
     labels: list[str] = field(default_factory=list)  # what the judge chooses among for the attribute
     prompt_texts: list[str] = field(default_factory=list)  # the table's distinct prompts, in order (``prompts`` many)
+    notes: list[str] = field(default_factory=list)  # on the stack of patches (see erasekit.compat.order_notes)
 
 
 def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model: str | os.PathLike | None = None,
@@ -93,6 +94,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     judged. ``keep``/``stand_ins``: the CLIP judge's other labels (default: those the patches record).
     ``paraphrases``: a file of wordings, one per line, ``{}`` where the concept goes (else a whole prompt), instead
     of the built-in ones. ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
+    from .compat import order_notes
     from .patchfile import load_patch
     from .pipeline import load_pipeline, model_settings, model_threads, resolve_device
     from .toyworld import builtin_model_path
@@ -138,6 +140,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
                                         "built-in" if paraphrases is None else str(paraphrases))
     if grid is not None:
         report.grid = str(_write_grid(Path(grid), key, everything, before, after, len(specs), min(config.n, 8)))
+    report.notes = order_notes(loaded, [])
     report.seconds = time.perf_counter() - t0
     return report
 

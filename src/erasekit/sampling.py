@@ -44,6 +44,7 @@ class GenerateReport:
     grid: str
     images: list[GeneratedImage] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # on the stack of patches (see erasekit.compat.order_notes)
 
 
 def concept_prompt(concept: str, kind: str = "object") -> str:
@@ -122,6 +123,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     Writes ``<prompt>_<seed>[_before|_after].png`` and ``grid.png`` into ``out_dir``; the pipeline's
     weights are as they were when this returns.
     """
+    from .compat import order_notes
     from .memory import patches_applied
     from .patchfile import load_patch
 
@@ -137,7 +139,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     seeds = [config.seed + i for i in range(config.n)]
     passes = ([False, True] if config.compare else [True]) if loaded else [False]
     total, done = len(prompts) * len(seeds) * len(passes), 0
-    report = GenerateReport(str(out), str(out / "grid.png"))
+    report = GenerateReport(str(out), str(out / "grid.png"), notes=order_notes(loaded, []))
     rows: list[tuple[str, list[Any]]] = []
     patch_meta = [{"title": p.title, "patch_id": p.patch_id} for p in loaded]
     for patched in passes:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ._common import (ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out,
-                      print_json, progress_bar)
+                      print_json, progress_bar, warn)
 
 
 
@@ -76,6 +76,7 @@ def eval_cmd(
     if as_json:
         print_json(r)
         return
+    warn(r.notes)
     judged = "" if r.judge == "toyworld" else f", judged by CLIP ({r.judge}) among {', '.join(r.labels)}"
     out.print(f"Erasing '{r.concept}' ({r.attribute}) with {', '.join(r.patches)}{judged}: {r.images_per_prompt} "
               f"images per prompt, seeds {r.seeds[0]}-{r.seeds[-1]}, {r.seconds:.0f} s")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar
+from ._common import ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar, warn
 
 
 def generate_cmd(
@@ -45,4 +45,5 @@ def generate_cmd(
     if as_json:
         print_json(report)
         return
+    warn(report.notes)
     out.print(f"Wrote {len(report.images)} images and {report.grid} in {report.seconds:.1f} s")
