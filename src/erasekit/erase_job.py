@@ -15,7 +15,7 @@ from typing import Any
 from .erase_config import EraseConfig, effective_settings, recommended_for
 from ._st import check_new_output
 from .errors import ErasekitError
-from .training_images import images_digest
+from .training_images import images_digest, training_item
 from .unlearn import Clock, EraseReport, StepInfo, erase
 
 
@@ -42,19 +42,8 @@ class EraseJob:
         """The sha256 the patch records for its training images, where it is known before the model is loaded."""
         if self.groups is None:
             return None
-        return images_digest([_image_bytes(item, self.config.resolution) for group in self.groups for item in group])
-
-
-def _image_bytes(item: Any, resolution: int) -> bytes:
-    """The bytes an image is known by (as :func:`~erasekit.unlearn.erase` reads them): a file's own bytes, a drawn
-    image's pixels at the training resolution."""
-    from .training_images import training_image
-
-    if isinstance(item, tuple):
-        item = item[0]
-    if isinstance(item, (str, os.PathLike)):
-        return Path(item).read_bytes()
-    return training_image(item, resolution).tobytes()
+        return images_digest([training_item(item[0] if isinstance(item, tuple) else item, self.config.resolution)[1]
+                              for group in self.groups for item in group])
 
 
 def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],

@@ -49,6 +49,16 @@ def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:
     return training_image(img, resolution), data
 
 
+def training_item(item: Any, resolution: int) -> tuple[Any, bytes]:
+    """An image given as a path or a PIL image: the training image and the bytes it is known by (a file's own
+    bytes; a drawn image's pixels at the training resolution), which key the latents cache and the patch's
+    ``images_sha256``."""
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(Path(item), resolution)
+    img = training_image(item, resolution)
+    return img, img.tobytes()
+
+
 def images_digest(data: list[bytes]) -> str:
     """What a patch records as ``images_sha256``: the hash of the images' hashes (of a file's bytes, of a drawn
     image's pixels), in order."""

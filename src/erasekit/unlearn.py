@@ -18,12 +18,10 @@ with AVX512-BF16 or AMX).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,7 @@ from .erase_patch import Trained, build_patch
 from .errors import ErasekitError, NonFiniteError
 from .recipes import Objective, Step, make_recipe
 from .surgery import surgery_grads
-from .training_images import encode_images, images_digest, load_image, training_image
+from .training_images import encode_images, images_digest, training_item
 
 
 @dataclass
@@ -114,11 +112,7 @@ def _gather_images(images: Sequence[Sequence[Any]], resolution: int) -> tuple[li
             caption = None
             if isinstance(item, tuple):  # (image, caption): the image's own caption replaces the templates
                 item, caption = item
-            if isinstance(item, (str, os.PathLike)):
-                loaded.append(load_image(Path(item), resolution))
-            else:
-                img = training_image(item, resolution)
-                loaded.append((img, img.tobytes()))
+            loaded.append(training_item(item, resolution))
             owner.append(ci)
             captions.append(caption)
     return loaded, owner, captions
