@@ -208,6 +208,11 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     revert_patch(pipe, c)
     assert not any("made without" in w for w in apply_patch(pipe, b).warnings), "made --after the circle patch"
 
+    from erasekit.merge import merge_patches
+    merged = merge_patches([circle, alone], tmp_path / "merged.erasepatch")
+    assert any(f"patch '{c.title}' was made without '{a.title}'" in n for n in merged.notes), "a merge is a stack"
+    assert not merge_patches([circle, red], tmp_path / "planned.erasepatch").notes
+
     stacked = ["--patch", str(circle), "--patch", str(alone)]
     for cmd in (["eval", "--concept", "circle", "-n", "1", "--steps", "2", *stacked],
                 ["generate", "a circle", "-n", "1", "--steps", "2", "-o", str(tmp_path / "images"), *stacked]):

@@ -30,6 +30,7 @@ import numpy as np
 from . import _st
 from .apply import per_patch_strengths
 from .compress import truncated_svd
+from .compat import order_notes
 from .errors import ErasekitError, IncompatiblePatchError, NonFiniteError, TargetNotWritableError
 from .layouts import parse_module_name
 from .patchfile import (
@@ -261,7 +262,7 @@ def merge_patches(paths: Sequence[str | os.PathLike | Patch], output: str | os.P
     _check_output(out)
     patches = [p if isinstance(p, Patch) else load_patch(p) for p in paths]
     encoders, fps, notes = _check_same_base(patches)
-    notes = [w for p in patches for w in p.warnings] + notes
+    notes = [w for p in patches for w in p.warnings] + notes + order_notes(patches, [])
     seen: dict[str, Patch] = {}
     for p in patches:
         if p.patch_id in seen:
