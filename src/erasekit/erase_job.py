@@ -15,7 +15,7 @@ from typing import Any
 from .erase_config import EraseConfig, effective_settings, recommended_for
 from ._st import check_new_output
 from .errors import ErasekitError
-from .training_images import images_digest, training_item
+from .training_images import image_key, images_digest
 from .unlearn import Clock, EraseReport, StepInfo, erase
 
 
@@ -42,7 +42,7 @@ class EraseJob:
         """The sha256 the patch records for its training images, where it is known before the model is loaded."""
         if self.groups is None:
             return None
-        return images_digest([training_item(item[0] if isinstance(item, tuple) else item, self.config.resolution)[1]
+        return images_digest([image_key(item[0] if isinstance(item, tuple) else item, self.config.resolution)
                               for group in self.groups for item in group])
 
 

@@ -50,13 +50,19 @@ def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:
 
 
 def training_item(item: Any, resolution: int) -> tuple[Any, bytes]:
-    """An image given as a path or a PIL image: the training image and the bytes it is known by (a file's own
-    bytes; a drawn image's pixels at the training resolution), which key the latents cache and the patch's
-    ``images_sha256``."""
+    """An image given as a path or a PIL image: the training image and :func:`image_key`'s bytes."""
     if isinstance(item, (str, os.PathLike)):
         return load_image(Path(item), resolution)
     img = training_image(item, resolution)
     return img, img.tobytes()
+
+
+def image_key(item: Any, resolution: int) -> bytes:
+    """The bytes an image is known by, which key the latents cache and the patch's ``images_sha256``: a file's own
+    bytes (read, not decoded), a drawn image's pixels at the training resolution."""
+    if isinstance(item, (str, os.PathLike)):
+        return Path(item).read_bytes()
+    return training_image(item, resolution).tobytes()
 
 
 def images_digest(data: list[bytes]) -> str:
