@@ -184,8 +184,8 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     independent = apply_to_checkpoint([circle, alone], model, output=tmp_path / "independent")
     assert [w for w in independent.warnings if "was made without" in w] == [
         f"patch '{c.title}' was made without '{a.title}' ({a.patch_id[:12]}) applied: each erases its concept alone, "
-        "stacked they may erase less; for concepts that must stay erased together, erase them in one patch or with "
-        "--after"], "stacking independently made erase patches says what the built-in model measured"
+        "stacked they may erase less; for concepts that must stay erased together, erase them in one patch (several "
+        "--concept) or each --after the ones before it"], "stacking independently made erase patches says what the built-in model measured"
     report = apply_to_checkpoint([circle, red], model, in_place=True)
     assert [p.fingerprint for p in report.applied] == ["exact", "exact"] and not report.warnings
     revert_from_checkpoint(red, model)

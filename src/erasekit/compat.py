@@ -131,7 +131,7 @@ def order_notes(patches: Sequence[Patch], applied: Sequence[tuple[str, str]]) ->
         if unplanned and p.manifest.method.name in TRAINED_METHODS:
             notes.append(f"patch '{p.title}' was made without {_named(unplanned)} applied: each erases its concept "
                          "alone, stacked they may erase less; for concepts that must stay erased together, erase "
-                         "them in one patch or with --after")
+                         "them in one patch (several --concept) or each --after the ones before it")
         present.append((p.patch_id, p.title))
     return notes
 
