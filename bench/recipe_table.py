@@ -79,11 +79,13 @@ class Runner:
         self.model, self.n, self.out, self.tmp = model, n, out, tmp
         self.overrides = overrides or {}  # settings laid over every erase (--set, --extra-anchors)
         self.done = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())} if out.exists() else {}
-        self.patches: dict[str, Path] = {}
+        self.patches: dict[str, Path] = {}  # the single-concept patches (no --keep), for the stacked section
+        self.erased = 0
 
     def erase(self, name: str, concepts: list[str], seed: int, extra: dict[str, Any],
               after: list[Path] | None = None) -> tuple[Path, float]:
-        out = self.tmp / f"{name}-{'+'.join(concepts)}-{seed}-{len(self.patches)}-{len(after or [])}.erasepatch"
+        self.erased += 1
+        out = self.tmp / f"{self.erased}-{name}-{'+'.join(concepts)}-{seed}.erasepatch"
         report = erase_model(self.model, concepts, None, out, RECIPES[name] | self.overrides | extra | {"seed": seed}, after=after or ())
         return out, report.loop_seconds
 
@@ -105,7 +107,8 @@ class Runner:
     def single(self, name: str, concept: str, seed: int, keep: str | None = None) -> dict[str, Any]:
         def make() -> dict[str, Any]:
             out, loop = self.erase(name, [concept], seed, {"keep": [keep]} if keep else {})
-            self.patches[f"{name}/{concept}/{seed}"] = out
+            if not keep:
+                self.patches[f"{name}/{concept}/{seed}"] = out
             return self.judge(concept, [out], {concept}, keep) | {"loop_s": round(loop, 2)}
 
         return self.cell(f"{'keep' if keep else 'single'}/{name}/{concept}/{seed}", make)
