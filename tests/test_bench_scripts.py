@@ -18,3 +18,35 @@ def test_a_bench_script_starts(script: str) -> None:
                        cwd=BENCH.parent)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage: "), r.stdout[:200]
+
+
+def test_the_recipe_tables_stacks_are_of_the_plain_single_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its stacked section stacks the single-concept patches, not the --keep ones the same run made under the
+    same recipe, concept and seed; no two erases share a file."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("recipe_table", BENCH / "recipe_table.py")
+    table = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(table)  # type: ignore[union-attr]
+    made: dict[Path, dict] = {}
+
+    def fake_erase(model, concepts, images, out, settings, after=()):  # noqa: ANN001, ANN202
+        assert not Path(out).exists(), f"{out} written twice"
+        Path(out).write_text("patch")
+        made[Path(out)] = settings
+        return SimpleNamespace(loop_seconds=1.0)
+
+    judged: list[list[Path]] = []
+    monkeypatch.setattr(table, "erase_model", fake_erase)
+    monkeypatch.setattr(table.Runner, "judge", lambda self, c, patches, erased, keep=None: judged.append(patches) or
+                        {"fails": [], "others": {}, "attributes": {}, "paraphrases_after": None, "target_after": 0.0})
+    run = table.Runner(tmp_path, 1, tmp_path / "out.jsonl", tmp_path)
+    for c in ("circle", "red"):
+        run.single("anchored", c, 0)
+        run.single("anchored", c, 0, keep=table.KEEP[c])
+    run.stacked("anchored", ["circle", "red"], 0)
+    run.sequential("anchored", ["circle", "red"], 0)
+    stacked = judged[4]
+    assert [made[p].get("keep") for p in stacked] == [None, None] and stacked == [judged[0][0], judged[2][0]]
+    assert len(made) == 6, "four singles and two sequential erases, each its own file"
