@@ -306,6 +306,8 @@ def test_the_example_manifest_is_valid() -> None:
 
 
 def test_a_patch_made_from_another_model_is_redone(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
     from erasekit.apply import apply_to_checkpoint
     from erasekit.toyworld import builtin_model_path
 
@@ -314,10 +316,26 @@ def test_a_patch_made_from_another_model_is_redone(tmp_path: Path) -> None:
     assert runner.invoke(app, ["erase", "--manifest", str(manifest)]).exit_code == 0
     again = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
     assert json.loads(again.stdout)["counts"]["skipped"] == 1
-    apply_to_checkpoint([tmp_path / "a.erasepatch"], tmp_path / "model", in_place=True)  # the model's encoder changes
-    r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+
+    other = tmp_path / "other"  # the same model with its encoder changed by another program
+    shutil.copytree(builtin_model_path(), other)
+    weights = load_file(other / "text_encoder" / "model.safetensors")
+    fc2 = next(k for k in weights if k.endswith("layers.1.mlp.fc2.weight"))
+    weights[fc2] = weights[fc2] + 0.01
+    save_file(weights, other / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(tmp_path / "a.erasepatch", tmp_path / "b.erasepatch")
+    elsewhere = tmp_path / "other.toml"
+    elsewhere.write_text(manifest.read_text().replace("'model'", "'other'").replace("a.erasepatch", "b.erasepatch"))
+    r = runner.invoke(app, ["erase", "--manifest", str(elsewhere), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["jobs"][0]["note"] == "redone: it was made for another model"
+
+    apply_to_checkpoint([tmp_path / "a.erasepatch"], tmp_path / "model", in_place=True)
+    r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert json.loads(r.stdout)["jobs"][0]["note"] == \
+        "redone: it was made after other patches (--after, or applied to the model in place)"
+    again = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert json.loads(again.stdout)["counts"]["skipped"] == 1, "made after the patch in place: the same settings"
 
 
 def test_a_broken_model_file_is_refused_with_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -221,6 +221,32 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
         assert f"warning: patch '{c.title}' was made without '{a.title}'" in r.stderr, (cmd[0], r.stderr)
 
 
+def test_an_erase_of_a_checkpoint_with_patches_applied_in_place_is_made_after_them(tmp_path: Path) -> None:
+    """Erase circle, apply it in place, erase red from that checkpoint: the red patch is made after the circle
+    patch on the checkpoint below it, so it applies "exact" there, says nothing, and the stack reverts bit for bit."""
+    import shutil
+
+    from conftest import snapshot
+    from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+
+    model, circle, red = tmp_path / "model", tmp_path / "circle.erasepatch", tmp_path / "red.erasepatch"
+    shutil.copytree(builtin_model_path(), model)
+    before = snapshot(model)
+    erase_model(model, ["circle"], None, circle, {"steps": 2})
+    apply_to_checkpoint([circle], model, in_place=True)
+    erase_model(model, ["red"], None, red, {"steps": 2})
+    a, b = load_patch(circle), load_patch(red)
+    assert b.manifest.method.hyperparameters["after"] == [{"patch_id": a.patch_id, "title": a.title}]
+    assert b.manifest.base.tensors == a.manifest.base.tensors, "the base is the checkpoint below the patches"
+    report = apply_to_checkpoint([red], model, in_place=True)
+    assert [p.fingerprint for p in report.applied] == ["exact"] and not report.warnings
+    revert_from_checkpoint(red, model)
+    revert_from_checkpoint(circle, model)
+    assert snapshot(model) == before
+    fresh = apply_to_checkpoint([red], model, output=tmp_path / "red-alone")
+    assert any("was made to be applied after 'circle erased'" in w for w in fresh.warnings)
+
+
 def test_a_missing_after_patch_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["erase", "-c", "red", "--steps", "1", "--after", str(tmp_path / "missing.erasepatch"),
                                  "-o", str(tmp_path / "red.erasepatch")])

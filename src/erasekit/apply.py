@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,26 @@ def per_patch_strengths(n: int, strength: float | Sequence[float]) -> list[float
 
 
 # -- files ------------------------------------------------------------------------------------------
+
+def applied_in_place(ckpt: Checkpoint) -> list[dict[str, str]]:
+    """The patches applied in place to ``ckpt``, oldest first, as an erase's ``after`` records them."""
+    return [{"patch_id": e.patch_id, "title": e.patch_title} for e in Journal(ckpt.path, {}).committed]
+
+
+def pristine_reader(ckpt: Checkpoint) -> Callable[[WeightFile, str], bytes]:
+    """``read(weight_file, key)``: a tensor's bytes as they were before the patches applied in place to ``ckpt``
+    (the file's own bytes where none changed it). Base fingerprints are of these."""
+    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    if not journal.committed:
+        return lambda wf, key: wf.read_raw(key)
+    tensor_at = _tensor_at(ckpt)
+
+    def read(wf: WeightFile, key: str) -> bytes:
+        current = wf.read_raw(key)
+        return journal.pristine(wf.label, key, current, tensor_at) or current
+
+    return read
+
 
 def _tensor_at(ckpt: Checkpoint) -> TensorAt:
     by_label = {f.label: f for f in ckpt.files}

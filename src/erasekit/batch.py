@@ -127,7 +127,7 @@ def _gather(state: Any, results: list[dict[str, Any]]) -> list[list[dict[str, An
     return [json.loads(text) for text in gather_object([json.dumps(results)])]
 
 
-def _resume_status(p: PlannedJob, checked: dict[Any, bool]) -> tuple[JobResult | None, str | None]:
+def _resume_status(p: PlannedJob, checked: dict[Any, Any]) -> tuple[JobResult | None, str | None]:
     """(the job's result when it need not run, why it runs although its output exists). Skipped: the patch there
     holds the same settings. Failed: the file there is not a patch (never replaced). Run, with a note: the patch
     there differs and is redone."""
@@ -149,10 +149,10 @@ def _resume_status(p: PlannedJob, checked: dict[Any, bool]) -> tuple[JobResult |
                      note=f"patch {patch.patch_id[:12]} holds these settings"), None
 
 
-def settings_differ(job: Any, patch: Any, checked: dict[Any, bool] | None = None) -> str | None:
+def settings_differ(job: Any, patch: Any, checked: dict[Any, Any] | None = None) -> str | None:
     """What differs between the patch an :class:`~erasekit.erase_job.EraseJob` would write and ``patch``, as the
     patch's manifest records it (concepts, seed, settings, earlier patches, training images, base model); None when
-    nothing does. ``checked``: base models already compared (see :func:`_base_differs`)."""
+    nothing does. ``checked``: what was already read of the models (see :func:`_base_differs`, :func:`_in_place`)."""
     checked = {} if checked is None else checked
     m = patch.manifest
     hp = m.method.hyperparameters
@@ -165,8 +165,8 @@ def settings_differ(job: Any, patch: Any, checked: dict[Any, bool] | None = None
     if changed:
         return f"its {', '.join(changed)} differed"
     earlier = [a.get("patch_id") for a in hp.get("after", []) if isinstance(a, dict)] if isinstance(hp.get("after"), list) else []
-    if earlier != [p.patch_id for p in job.after]:
-        return "it was erased after other patches"
+    if earlier != [a["patch_id"] for a in _in_place(job, checked)] + [p.patch_id for p in job.after]:
+        return "it was made after other patches (--after, or applied to the model in place)"
     digest = job.images_digest()
     if digest is not None and digest != m.method.images_sha256:
         return "its training images differ"
@@ -177,18 +177,31 @@ def settings_differ(job: Any, patch: Any, checked: dict[Any, bool] | None = None
     return _base_differs(job, patch, checked)
 
 
-def _base_differs(job: Any, patch: Any, checked: dict[Any, bool]) -> str | None:
+def _in_place(job: Any, checked: dict[Any, Any]) -> list[dict[str, str]]:
+    """The patches applied in place to the job's model, which an erase of it records as made after."""
+    from .apply import applied_in_place
+    from .layouts import detect
+
+    key = ("in place", str(job.model))
+    if key not in checked:
+        checked[key] = applied_in_place(detect(job.model))
+    return checked[key]
+
+
+def _base_differs(job: Any, patch: Any, checked: dict[Any, Any]) -> str | None:
     """Whether ``patch`` fits the job's model (exactly or at another precision). ``checked`` remembers the answer
     per model and base: the patches of a batch share their base, and reading it is most of a resume check."""
     from .compat import base_statuses, slot_map
     from .layouts import detect
+
+    from .apply import pristine_reader
 
     key = (str(job.model), tuple(sorted((name, fp.sha256) for name, fp in patch.manifest.base.tensors.items())))
     if key not in checked:
         ckpt = detect(job.model)
         try:
             mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, str(job.model))
-            checked[key] = "differs" not in base_statuses(patch, ckpt, mapping).values()
+            checked[key] = "differs" not in base_statuses(patch, ckpt, mapping, pristine_reader(ckpt)).values()
         except ErasekitError:
             checked[key] = False
     return None if checked[key] else "it was made for another model"

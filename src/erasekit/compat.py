@@ -83,16 +83,18 @@ def touches(patch: Patch, mapping: dict[str, str]) -> list[Touch]:
     return out
 
 
-def base_statuses(patch: Patch, ckpt: Any, mapping: dict[str, str]) -> dict[str, str]:
-    """For each base tensor the patch changes (``"<module>.<kind>"``), how the checkpoint's tensor on disk compares
-    with the patch's fingerprint of it: "exact", "approx" or "differs"."""
+def base_statuses(patch: Patch, ckpt: Any, mapping: dict[str, str], read: Any = None) -> dict[str, str]:
+    """For each base tensor the patch changes (``"<module>.<kind>"``), how the checkpoint's tensor on disk (or as
+    ``read(weight_file, key)`` gives it) compares with the patch's fingerprint of it: "exact", "approx" or
+    "differs"."""
+    read = read or (lambda wf, key: wf.read_raw(key))
     statuses = {}
     for t in touches(patch, mapping):
         wf = next(f for f in ckpt.files if t.slot in f.encoders)
         key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
         dtype, shape = wf.tensor_info()[key]
         name = f"{t.module}.{t.kind}"
-        statuses[name] = compare_fingerprint(patch.manifest.base.tensors[name], fingerprint(wf.read_raw(key), dtype, shape))
+        statuses[name] = compare_fingerprint(patch.manifest.base.tensors[name], fingerprint(read(wf, key), dtype, shape))
     return statuses
 
 

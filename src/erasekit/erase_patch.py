@@ -50,6 +50,10 @@ def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trai
     tensors: dict[str, Any] = {}
     deltas = {}
     fps = {}
+    if base_files is not None:  # a checkpoint with patches applied in place: the base is the one below them
+        from .apply import pristine_reader
+
+        read = pristine_reader(base_files)
     for m, kind, _ in trained.params:
         slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
         if kind == "weight":
@@ -60,7 +64,7 @@ def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trai
             wf = next(f for f in base_files.files if slot in f.encoders)
             key = wf.encoders[slot].key(layer, proj, kind)
             dtype, shape = wf.tensor_info()[key]
-            fps[f"{m}.{kind}"] = fingerprint(wf.read_raw(key), dtype, shape)
+            fps[f"{m}.{kind}"] = fingerprint(read(wf, key), dtype, shape)
         else:  # of the weights as they were in memory
             orig = (trained.base or trained.originals)[(m, kind)].to(trained.te_dtypes[slot])
             fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))

@@ -150,13 +150,15 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     templates (the built-in world knows what it drew). Returns an :class:`EraseReport` whose ``patch`` is an unsaved
     :class:`~erasekit.patchfile.Patch`; the pipeline is given back as it was (weights, dtypes, flags, modes).
     ``base_files`` (a detected :class:`~erasekit.layouts.Checkpoint`) makes the base fingerprints those
-    of the files on disk, so the patch applies "exact" to them. ``after``: patches (:class:`~erasekit.patchfile.Patch`)
+    of the files on disk, so the patch applies "exact" to them; where patches are applied to them in place, those
+    of the files below them, and the patch records them as made ``after`` them (as with ``after``). ``after``: patches (:class:`~erasekit.patchfile.Patch`)
     the new one will be stacked on, applied in memory for the erase: it learns what is left to erase with them in
     place, and records them (``after`` in its settings). Its base is still the model without them.
     """
     import torch
 
     from ._torch import kept_as_found, native_bf16
+    from .apply import applied_in_place
     from .memory import patches_applied
     from .patchfile import source_date
 
@@ -220,7 +222,9 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                        "prediction_type": denoiser.prediction_type,
                        "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32"}
                 ran |= {"output_error": round(output_error, 6)} if compaction else {}
-                ran |= {"after": [{"patch_id": p.patch_id, "title": p.title} for p in after]} if after else {}
+                earlier = applied_in_place(base_files) if base_files is not None else []
+                earlier += [{"patch_id": p.patch_id, "title": p.title} for p in after]
+                ran |= {"after": earlier} if earlier else {}
                 if config.surgery:  # the share of (step, tensor) gradients that conflicted and were projected
                     ran["surgery_conflicts"] = round(conflicts, 4)
                 with clock("patch"):
