@@ -238,6 +238,10 @@ def test_an_erase_of_a_checkpoint_with_patches_applied_in_place_is_made_after_th
     a, b = load_patch(circle), load_patch(red)
     assert b.manifest.method.hyperparameters["after"] == [{"patch_id": a.patch_id, "title": a.title}]
     assert b.manifest.base.tensors == a.manifest.base.tensors, "the base is the checkpoint below the patches"
+    for cmd in (["eval", "--concept", "red", "-n", "1", "--steps", "2"],
+                ["generate", "a red circle", "-n", "1", "--steps", "2", "-o", str(tmp_path / "images")]):
+        r = CliRunner().invoke(app, [*cmd, "-m", str(model), "--patch", str(red)])
+        assert r.exit_code == 0 and "warning" not in r.stderr, (cmd[0], r.output, "circle is in place below it")
     report = apply_to_checkpoint([red], model, in_place=True)
     assert [p.fingerprint for p in report.applied] == ["exact"] and not report.warnings
     revert_from_checkpoint(red, model)

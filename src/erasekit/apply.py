@@ -35,8 +35,8 @@ from ._parallel import map_threads
 from .journal import Entry, Journal, TensorAt, TensorRecord, copy_journal, journal_dir
 from .undo_record import DeltaParts, UndoTensor, added, delta_of, residual_fits, scaled, sha256, undo_record
 from .hub import in_hub_cache, resolve_model
-from .compat import (STATUS_RANK, FingerprintStatus, Touch, crossing_note, judge_fingerprints, order_notes, slot_map,
-                     touches)
+from .compat import (STATUS_RANK, FingerprintStatus, Touch, base_statuses, crossing_note, judge_fingerprints,
+                     order_notes, slot_map, touches)
 from .layouts import Checkpoint, WeightFile, detect
 from .patchfile import Patch, compare_fingerprint, fingerprint, load_patch, now_iso
 
@@ -114,6 +114,19 @@ def pristine_reader(ckpt: Checkpoint) -> Callable[[WeightFile, str], bytes]:
         return journal.pristine(wf.label, key, current, tensor_at) or current
 
     return read
+
+
+def made_below_in_place(patches: Sequence[Patch], ckpt: Checkpoint) -> list[str]:
+    """The ids of ``patches`` made for ``ckpt`` as it is below the patches applied to it in place (their base
+    fingerprints match the tensors there): loaded with those patches, its weights are not such a patch's base, and
+    in memory they are applied on trust of this check."""
+    if not applied_in_place(ckpt):
+        return []
+    read = pristine_reader(ckpt)
+    fits = [p for p in patches
+            if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders, str(ckpt.path)),
+                                              read).values()]
+    return [p.patch_id for p in fits]
 
 
 def _tensor_at(ckpt: Checkpoint) -> TensorAt:
@@ -363,7 +376,7 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
     warnings = [w for p in loaded for w in p.warnings]
     warnings += [n for p in loaded
                  if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))]
-    warnings += order_notes(loaded, [(e.patch_id, e.patch_title) for e in Journal(ckpt.path, {}).committed])
+    warnings += order_notes(loaded, applied_in_place(ckpt))
     if in_place:
         _check_writable(ckpt)
         applied, written = _apply_in_place(ckpt, loaded, strengths, force, where)

@@ -115,13 +115,14 @@ def judge_fingerprints(patch: Patch, actual: dict[str, Any], force: bool, where:
 TRAINED_METHODS = ("fuchi-takagi-2024", "wu-2024-doco")  # patches an erase trained (not diffs or merges)
 
 
-def order_notes(patches: Sequence[Patch], applied: Sequence[tuple[str, str]]) -> list[str]:
-    """Notes on a stack: ``patches`` applied in order on top of ``applied`` ((patch id, title), oldest first).
+def order_notes(patches: Sequence[Patch], applied: Sequence[dict[str, Any]]) -> list[str]:
+    """Notes on a stack: ``patches`` applied in order on top of ``applied`` (``patch_id`` and ``title`` of each,
+    oldest first).
     For an erase patch made ``--after`` others (its ``after`` setting), a note when one of those is neither already
     applied nor earlier in ``patches``: it was trained with them in place and measured so. For an erase patch
     stacked on patches it was not made after, a note that each was measured alone (on the built-in model such
     stacks let concepts partly back; one patch for all, or ``--after``, is what stays erased together)."""
-    notes, present = [], list(applied)
+    notes, present = [], [(a["patch_id"], a["title"]) for a in applied]
     for p in patches:
         after = p.manifest.method.hyperparameters.get("after")
         wanted = {a.get("patch_id"): a.get("title") for a in after if isinstance(a, dict)} if isinstance(after, list) else {}

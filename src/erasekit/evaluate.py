@@ -94,6 +94,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     judged. ``keep``/``stand_ins``: the CLIP judge's other labels (default: those the patches record).
     ``paraphrases``: a file of wordings, one per line, ``{}`` where the concept goes (else a whole prompt), instead
     of the built-in ones. ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
+    from .apply import applied_in_place, made_below_in_place
     from .compat import order_notes
     from .patchfile import load_patch
     from .pipeline import load_pipeline, model_settings, model_threads, resolve_device
@@ -130,8 +131,8 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     prompts = [p for p, _ in everything]
     seeds = [config.seed + (i % config.n) for i in range(len(everything))]  # every prompt in a block of n
     with model_threads(model):
-        pipe, _ = load_pipeline(model, device=device, config=config_dir, prediction_type=prediction_type)
-        before, after = _render_both(pipe, loaded, prompts, seeds, config, progress)
+        pipe, ckpt = load_pipeline(model, device=device, config=config_dir, prediction_type=prediction_type)
+        before, after = _render_both(pipe, loaded, prompts, seeds, config, progress, made_below_in_place(loaded, ckpt))
     lb, la = judge_fn(before), judge_fn(after)
     report = _score(concept, key, specs, lb[:len(specs)], la[:len(specs)], labels, config.n, seeds,
                     [p.title for p in loaded], judge_name)
@@ -140,7 +141,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
                                         "built-in" if paraphrases is None else str(paraphrases))
     if grid is not None:
         report.grid = str(_write_grid(Path(grid), key, everything, before, after, len(specs), min(config.n, 8)))
-    report.notes = order_notes(loaded, [])
+    report.notes = order_notes(loaded, applied_in_place(ckpt))
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -230,8 +231,9 @@ def _robustness(concept: str, key: str, para: list[Spec], lb: list[dict[str, str
 
 
 def _render_both(pipe: Any, patches: list[Any], prompts: list[str], seeds: list[int], config: EvalConfig,
-                 progress: Callable[[int, int], None] | None) -> tuple[list[Any], list[Any]]:
-    """The images of ``prompts`` on ``seeds`` without the patches, then with them."""
+                 progress: Callable[[int, int], None] | None, checked: list[str]) -> tuple[list[Any], list[Any]]:
+    """The images of ``prompts`` on ``seeds`` without the patches, then with them (``checked``: see
+    :func:`erasekit.memory.patches_applied`)."""
     from .memory import patches_applied
     from .sampling import render_batch
 
@@ -248,7 +250,7 @@ def _render_both(pipe: Any, patches: list[Any], prompts: list[str], seeds: list[
                             batch_size=config.batch_size, progress=tick)
 
     before = render()
-    with patches_applied(pipe, patches, config.strength):
+    with patches_applied(pipe, patches, config.strength, checked):
         return before, render()
 
 

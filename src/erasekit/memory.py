@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
@@ -101,7 +101,7 @@ def apply_patch(model: Any, patch: Patch | str | os.PathLike, strength: float = 
     if stack is None:
         stack = []
         object.__setattr__(model, _MEMORY_ATTR, stack)
-    notes = order_notes([patch], [(rec["patch_id"], rec["title"]) for rec in stack])
+    notes = order_notes([patch], stack)
     stack.append({"patch_id": patch.patch_id, "title": patch.title, "strength": strength, "originals": originals})
     written = sum(t.numel() * t.element_size() for t in news.values())
     return ApplyReport(where, "in-memory", arch, where, True,
@@ -142,14 +142,16 @@ def revert_patch(model: Any, patch: Patch | str | os.PathLike) -> RevertReport:
 
 
 @contextlib.contextmanager
-def patches_applied(model: Any, patches: Sequence[Patch], strength: float = 1.0) -> Iterator[None]:
+def patches_applied(model: Any, patches: Sequence[Patch], strength: float = 1.0,
+                    checked: Collection[str] = ()) -> Iterator[None]:
     """Apply ``patches`` in order to an in-memory model for the ``with`` block, then revert them newest first.
     If one is refused, those already applied are reverted before the error propagates: the caller's model is
-    left as it was found either way."""
+    left as it was found either way. ``checked``: ids of patches whose base was checked against the model's files
+    (:func:`erasekit.apply.made_below_in_place`), applied without comparing it with the loaded weights."""
     applied: list[Patch] = []
     try:
         for p in patches:
-            apply_patch(model, p, strength=strength)
+            apply_patch(model, p, strength=strength, force=p.patch_id in checked)
             applied.append(p)
         yield
     finally:

@@ -117,11 +117,14 @@ def make_grid(rows: list[tuple[str, list[Any]]], columns: list[str]) -> Any:
 
 
 def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, config: GenerateConfig | None = None, *,
-             patches: Sequence[Any] = (), model_name: str = "", progress: Callable[[int, int], None] | None = None) -> GenerateReport:
+             patches: Sequence[Any] = (), model_name: str = "", progress: Callable[[int, int], None] | None = None,
+             in_place: Sequence[dict[str, Any]] = (), checked: Sequence[str] = ()) -> GenerateReport:
     """Render ``config.n`` seeds per prompt with ``patches`` applied (and without, if ``config.compare``).
 
     Writes ``<prompt>_<seed>[_before|_after].png`` and ``grid.png`` into ``out_dir``; the pipeline's
-    weights are as they were when this returns.
+    weights are as they were when this returns. ``in_place``: the patches already in the pipeline's weights
+    (``patch_id``, ``title``; :func:`erasekit.apply.applied_in_place`), for the notes on the stack; ``checked``: see
+    :func:`erasekit.memory.patches_applied`.
     """
     from .compat import order_notes
     from .memory import patches_applied
@@ -139,11 +142,11 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     seeds = [config.seed + i for i in range(config.n)]
     passes = ([False, True] if config.compare else [True]) if loaded else [False]
     total, done = len(prompts) * len(seeds) * len(passes), 0
-    report = GenerateReport(str(out), str(out / "grid.png"), notes=order_notes(loaded, []))
+    report = GenerateReport(str(out), str(out / "grid.png"), notes=order_notes(loaded, in_place))
     rows: list[tuple[str, list[Any]]] = []
     patch_meta = [{"title": p.title, "patch_id": p.patch_id} for p in loaded]
     for patched in passes:
-        with patches_applied(pipe, loaded if patched else [], config.strength):
+        with patches_applied(pipe, loaded if patched else [], config.strength, checked):
             for prompt in prompts:
                 imgs = []
                 rendered = render_batch(pipe, [prompt] * len(seeds), seeds, resolution=config.resolution,
@@ -183,6 +186,7 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
                    config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
                    progress: Callable[[int, int], None] | None = None) -> GenerateReport:
     """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
+    from .apply import applied_in_place, made_below_in_place
     from .patchfile import load_patch
     from .pipeline import load_pipeline, model_threads, resolve_device
     from .toyworld import builtin_model_path
@@ -193,4 +197,5 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
     with model_threads(model):
         pipe, ckpt = load_pipeline(model, device=resolve_device(config.device), config=config_dir,
                                    prediction_type=prediction_type)
-        return generate(pipe, prompts, out_dir, config, patches=loaded, model_name=ckpt.path.name, progress=progress)
+        return generate(pipe, prompts, out_dir, config, patches=loaded, model_name=ckpt.path.name, progress=progress,
+                        in_place=applied_in_place(ckpt), checked=made_below_in_place(loaded, ckpt))
