@@ -242,6 +242,8 @@ def test_an_erase_of_a_checkpoint_with_patches_applied_in_place_is_made_after_th
                 ["generate", "a red circle", "-n", "1", "--steps", "2", "-o", str(tmp_path / "images")]):
         r = CliRunner().invoke(app, [*cmd, "-m", str(model), "--patch", str(red)])
         assert r.exit_code == 0 and "warning" not in r.stderr, (cmd[0], r.output, "circle is in place below it")
+    shown = " ".join(CliRunner().invoke(app, ["inspect", str(red), "--against", str(model)]).stdout.split())
+    assert "exact; note: patches already applied to it: circle erased" in shown, shown
     report = apply_to_checkpoint([red], model, in_place=True)
     assert [p.fingerprint for p in report.applied] == ["exact"] and not report.warnings
     revert_from_checkpoint(red, model)

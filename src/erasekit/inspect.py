@@ -141,6 +141,7 @@ def _evaluations(patch: Patch) -> list[EvaluationSummary]:
 
 
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
+    from .apply import pristine_reader
     from .compat import base_statuses, crossing_note, slot_map
 
     where = f"{ckpt.path} [{ckpt.describe()}]"
@@ -154,7 +155,7 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
         w = wf.read_numpy(wf.encoders[mapping[row.encoder]].key(row.layer, row.proj, "weight"))
         n = float(np.linalg.norm(w.astype(np.float64)))
         row.relative = row.delta_norm / n if n else None
-    statuses = list(base_statuses(patch, ckpt, mapping).values())
+    statuses = list(base_statuses(patch, ckpt, mapping, pristine_reader(ckpt)).values())  # below applied patches
     differing = statuses.count("differs")
     if differing:
         return f"{differing} of {len(statuses)} base tensors differ (apply needs force)"
