@@ -116,17 +116,19 @@ def pristine_reader(ckpt: Checkpoint) -> Callable[[WeightFile, str], bytes]:
     return read
 
 
-def made_below_in_place(patches: Sequence[Patch], ckpt: Checkpoint) -> list[str]:
-    """The ids of ``patches`` made for ``ckpt`` as it is below the patches applied to it in place (their base
-    fingerprints match the tensors there): loaded with those patches, its weights are not such a patch's base, and
-    in memory they are applied on trust of this check."""
-    if not applied_in_place(ckpt):
-        return []
+def in_place_stack(patches: Sequence[Patch], ckpt: Checkpoint) -> tuple[list[dict[str, str]], list[str]]:
+    """For patches to be added in memory to ``ckpt`` loaded as it is: the patches applied to it in place
+    (:func:`applied_in_place`), and the ids of ``patches`` made for it as it is below those (their base
+    fingerprints match the tensors there). The loaded weights are not such a patch's base, so in memory it is
+    applied on trust of this check."""
+    applied = applied_in_place(ckpt)
+    if not applied:
+        return [], []
     read = pristine_reader(ckpt)
     fits = [p for p in patches
             if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders, str(ckpt.path)),
                                               read).values()]
-    return [p.patch_id for p in fits]
+    return applied, [p.patch_id for p in fits]
 
 
 def _tensor_at(ckpt: Checkpoint) -> TensorAt:

@@ -191,10 +191,9 @@ def _in_place(job: Any, checked: dict[Any, Any]) -> list[dict[str, str]]:
 def _base_differs(job: Any, patch: Any, checked: dict[Any, Any]) -> str | None:
     """Whether ``patch`` fits the job's model (exactly or at another precision). ``checked`` remembers the answer
     per model and base: the patches of a batch share their base, and reading it is most of a resume check."""
+    from .apply import pristine_reader
     from .compat import base_statuses, slot_map
     from .layouts import detect
-
-    from .apply import pristine_reader
 
     key = (str(job.model), tuple(sorted((name, fp.sha256) for name, fp in patch.manifest.base.tensors.items())))
     if key not in checked:

@@ -94,7 +94,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     judged. ``keep``/``stand_ins``: the CLIP judge's other labels (default: those the patches record).
     ``paraphrases``: a file of wordings, one per line, ``{}`` where the concept goes (else a whole prompt), instead
     of the built-in ones. ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
-    from .apply import applied_in_place, made_below_in_place
+    from .apply import in_place_stack
     from .compat import order_notes
     from .patchfile import load_patch
     from .pipeline import load_pipeline, model_settings, model_threads, resolve_device
@@ -132,7 +132,8 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     seeds = [config.seed + (i % config.n) for i in range(len(everything))]  # every prompt in a block of n
     with model_threads(model):
         pipe, ckpt = load_pipeline(model, device=device, config=config_dir, prediction_type=prediction_type)
-        before, after = _render_both(pipe, loaded, prompts, seeds, config, progress, made_below_in_place(loaded, ckpt))
+        in_place, checked = in_place_stack(loaded, ckpt)
+        before, after = _render_both(pipe, loaded, prompts, seeds, config, progress, checked)
     lb, la = judge_fn(before), judge_fn(after)
     report = _score(concept, key, specs, lb[:len(specs)], la[:len(specs)], labels, config.n, seeds,
                     [p.title for p in loaded], judge_name)
@@ -141,7 +142,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
                                         "built-in" if paraphrases is None else str(paraphrases))
     if grid is not None:
         report.grid = str(_write_grid(Path(grid), key, everything, before, after, len(specs), min(config.n, 8)))
-    report.notes = order_notes(loaded, applied_in_place(ckpt))
+    report.notes = order_notes(loaded, in_place)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -123,8 +123,8 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
 
     Writes ``<prompt>_<seed>[_before|_after].png`` and ``grid.png`` into ``out_dir``; the pipeline's
     weights are as they were when this returns. ``in_place``: the patches already in the pipeline's weights
-    (``patch_id``, ``title``; :func:`erasekit.apply.applied_in_place`), for the notes on the stack; ``checked``: see
-    :func:`erasekit.memory.patches_applied`.
+    (``patch_id``, ``title``), for the notes on the stack; ``checked``: see :func:`erasekit.memory.patches_applied`
+    (both from :func:`erasekit.apply.in_place_stack`).
     """
     from .compat import order_notes
     from .memory import patches_applied
@@ -186,7 +186,7 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
                    config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
                    progress: Callable[[int, int], None] | None = None) -> GenerateReport:
     """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
-    from .apply import applied_in_place, made_below_in_place
+    from .apply import in_place_stack
     from .patchfile import load_patch
     from .pipeline import load_pipeline, model_threads, resolve_device
     from .toyworld import builtin_model_path
@@ -197,5 +197,6 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
     with model_threads(model):
         pipe, ckpt = load_pipeline(model, device=resolve_device(config.device), config=config_dir,
                                    prediction_type=prediction_type)
+        in_place, checked = in_place_stack(loaded, ckpt)
         return generate(pipe, prompts, out_dir, config, patches=loaded, model_name=ckpt.path.name, progress=progress,
-                        in_place=applied_in_place(ckpt), checked=made_below_in_place(loaded, ckpt))
+                        in_place=in_place, checked=checked)
