@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -208,6 +209,45 @@ def test_manifest_not_json(tmp_path: Path) -> None:
     header["__metadata__"]["erasekit"] = "{not json"
     with pytest.raises(PatchFormatError, match="not valid JSON"):
         load_patch(join(tmp_path / "n.erasepatch", header, data))
+
+
+NESTED = "[" * 200_000 + "]" * 200_000  # JSON nested 200,000 deep: too deep for any JSON reader's recursion
+
+
+@pytest.mark.parametrize(("where", "name", "code", "message"), [
+    ("header", "deep.erasepatch", 3, r"^error: patch .* has a safetensors header nested too deeply to read; re-create"),
+    ("header", "deep.safetensors", 4, r"^error: checkpoint .* has a safetensors header nested too deeply to read"),
+    ("manifest", "deep.erasepatch", 3, r"^error: .*: the erasekit manifest is nested too deeply to read; re-create"),
+])
+def test_json_nested_200000_deep_is_a_format_error(tmp_path: Path, where: str, name: str, code: int,
+                                                   message: str) -> None:
+    """Not an internal error (exit 70, RecursionError): the exit code and one line of any other malformed file."""
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    header, data = split(GOLDEN)
+    if where == "manifest":
+        header["__metadata__"]["erasekit"] = '{"title":' + NESTED + "}"
+        text = json.dumps(header)
+    else:
+        text = json.dumps(header)[:-1] + ', "deep": ' + NESTED + "}"
+    raw = struct.pack("<Q", len(text)) + text.encode() + data
+    path = tmp_path / name
+    path.write_bytes(raw)
+    r = CliRunner().invoke(app, ["inspect", str(path)])
+    assert r.exit_code == code, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), r.stderr
+    assert path.read_bytes() == raw
+
+
+def test_an_invalid_field_nested_hundreds_deep_is_named_in_a_short_line(tmp_path: Path) -> None:
+    p = edit_manifest(GOLDEN, tmp_path / "d.erasepatch",
+                      lambda m: m["method"]["hyperparameters"].update(x=json.loads("[" * 300 + "]" * 300)))
+    with pytest.raises(PatchFormatError, match=r"invalid manifest field method\.hyperparameters\.x\.") as e:
+        load_patch(p)
+    assert len(str(e.value)) < 300
 
 
 def test_tensor_missing_from_file(tmp_path: Path) -> None:

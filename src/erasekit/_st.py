@@ -113,6 +113,8 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise err(f"{what} {path} has a corrupt safetensors header ({e.__class__.__name__})",
                   "re-download or re-create the file") from None
+    except RecursionError:  # a safetensors header is two levels deep; thousands of levels is a hostile file
+        raise err(f"{what} {path} has a safetensors header nested too deeply to read", "re-create the file") from None
     if not isinstance(obj, dict):
         raise err(f"{what} {path} has a safetensors header that is not a JSON object", "re-create the file")
     meta = obj.pop("__metadata__", None) or {}

@@ -361,6 +361,8 @@ def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]
         raise PatchFormatError(f"{where}: the erasekit manifest names {e.key!r} twice", "re-create the patch") from None
     except json.JSONDecodeError as e:
         raise PatchFormatError(f"{where}: the erasekit manifest is not valid JSON ({e.msg})", "re-create the patch") from None
+    except RecursionError:
+        raise PatchFormatError(f"{where}: the erasekit manifest is nested too deeply to read", "re-create the patch") from None
     if not isinstance(obj, dict):
         raise PatchFormatError(f"{where}: the erasekit manifest is not a JSON object", "re-create the patch")
     obj = _upgrade(obj, where)
@@ -372,6 +374,7 @@ def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]
         if parts[:1] == ["evaluations"] and len(parts) > 2 and parts[2] in _EVALUATION_TAGS:
             del parts[2]  # the union's tag, not a field
         loc = ".".join(str(x) for x in parts)
+        loc = loc if len(loc) <= 120 else loc[:100] + "..."  # a value nested hundreds deep names a long path
         fix = ("a recorded evaluation was edited or damaged; re-create the patch and record its evaluation again"
                if parts[:1] == ["evaluations"] else "re-create the patch")
         raise PatchFormatError(f"{where}: invalid manifest field {loc or '(root)'}: {err['msg']}", fix) from None
