@@ -244,6 +244,13 @@ def test_jobs_share_one_pipeline_and_leave_it_exactly_as_it_was(tmp_path: Path, 
     ("[[jobs]]\nconcept = 'circle'\noutput = 'jobs.toml/a.erasepatch'\n",
      "jobs.toml: jobs[0] (jobs.toml/a.erasepatch), field output: jobs.toml is not a folder"),
     ("[[jobs]\nconcept = 'circle'\n", "jobs.toml is not valid TOML ("),
+    ("[[jobs]]\nconcept = 'circle'\noutput = 'a.erasepatch'\n[[jobs]]\nconcept = 'red'\noutput = 'run.sh'\n",
+     "jobs.toml: jobs[1] (run.sh), field output: a patch file's name must end in .erasepatch or .safetensors; name "
+     "the output NAME.erasepatch (or NAME.safetensors) (--manifest)"),
+    ("[[jobs]]\nconcept = 'circle'\noutput = 'out/.erasepatch'\n",
+     "jobs.toml: jobs[0] (out/.erasepatch), field output: a patch file's name must end in .erasepatch or .safetensors"),
+    ("[[jobs]]\nconcept = 'circle'\noutput = 'a.erasepatch.bak'\n",
+     "jobs.toml: jobs[0] (a.erasepatch.bak), field output: a patch file's name must end in .erasepatch or .safetensors"),
     ("[[jobs]]\nconcept = 'circle'\noutput = 'a.erasepatch'\nconcept_template = {cirle = 'a {} shape'}\n",
      "jobs.toml: jobs[0] (a.erasepatch), field concept_template: templates are given for 'cirle', which this erase "
      "neither erases nor keeps"),
@@ -260,6 +267,31 @@ def test_a_bad_manifest_is_refused_before_any_model_loads(tmp_path: Path, monkey
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith(f"error: {message}") and r.stderr.count("\n") == 1, r.stderr
     assert snapshot(tmp_path) == before and manifest.exists()
+
+
+def test_the_plan_shows_where_every_job_writes_before_any_runs(tmp_path: Path) -> None:
+    """A manifest from someone else cannot write elsewhere under a familiar name unseen: before the first job runs,
+    stderr lists each job's absolute path, with ``..`` and linked folders resolved, flagged when it lies outside
+    the manifest's folder; the JSON summary carries the same paths."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "link").symlink_to(tmp_path / "elsewhere")
+    manifest = write(tmp_path / "m", "steps = 2\n[[jobs]]\nconcept = 'circle'\noutput = 'out/a.erasepatch'\n"
+                                     "[[jobs]]\nconcept = 'red'\noutput = '../up.erasepatch'\n"
+                                     "[[jobs]]\nconcept = 'blue'\noutput = 'link/b.safetensors'\n")
+    root = Path(os.path.realpath(tmp_path))
+    r = runner.invoke(app, ["erase", "--manifest", str(manifest)])
+    assert r.exit_code == 0, r.output
+    plan = (f"3 jobs write:\n  jobs[0] circle -> {root / 'm' / 'out' / 'a.erasepatch'}\n"
+            f"  jobs[1] red -> {root / 'up.erasepatch'}  (outside the manifest's folder)\n"
+            f"  jobs[2] blue -> {root / 'elsewhere' / 'b.safetensors'}  (outside the manifest's folder)\n")
+    assert r.stderr.startswith(plan), r.stderr
+    assert (tmp_path / "up.erasepatch").is_file() and (tmp_path / "elsewhere" / "b.safetensors").is_file()
+    r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    jobs = json.loads(r.stdout)["jobs"]
+    assert [j["path"] for j in jobs] == [str(root / "m" / "out" / "a.erasepatch"), str(root / "up.erasepatch"),
+                                         str(root / "elsewhere" / "b.safetensors")]
+    assert [j["output"] for j in jobs] == ["out/a.erasepatch", "../up.erasepatch", "link/b.safetensors"]
 
 
 def test_erase_options_are_refused_next_to_a_manifest(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ class JobResult:
     error: str | None = None  # failed: the one-line error
     note: str | None = None  # why a job ran although its patch existed
     process: int = 0
+    path: str = ""  # the absolute path the job writes (see PlannedJob.path)
 
 
 @dataclass
@@ -52,12 +53,16 @@ class BatchReport:
         self.counts = {s: sum(j.status == s for j in self.jobs) for s in ("done", "skipped", "failed")}
 
 
-def run_batch(manifest: str | os.PathLike, *, on_job: Callable[[JobResult], None] | None = None) -> BatchReport:
+def run_batch(manifest: str | os.PathLike, *, on_plan: Callable[[list[PlannedJob]], None] | None = None,
+              on_job: Callable[[JobResult], None] | None = None) -> BatchReport:
     """Run every job of ``manifest`` that has no up-to-date patch yet (see :mod:`erasekit.batch_manifest` for the
-    file); ``on_job`` hears of each job this process finishes. The manifest is checked whole before any model is
-    loaded (:class:`~erasekit.batch_manifest.ManifestError`)."""
+    file); ``on_plan`` hears of the checked jobs (each with the absolute path it writes) before any runs, ``on_job``
+    of each job this process finishes. The manifest is checked whole before any model is loaded
+    (:class:`~erasekit.batch_manifest.ManifestError`)."""
     t0 = time.perf_counter()
     planned = plan_batch(manifest)
+    if on_plan:
+        on_plan(planned)
     with _processes() as state:
         settled, todo = _decide(planned)
         ran = _run_shares(todo, state, on_job)
@@ -140,13 +145,13 @@ def _resume_status(p: PlannedJob, checked: dict[Any, Any]) -> tuple[JobResult | 
         patch = load_patch(job.output)
     except ErasekitError as e:
         return JobResult(p.index, p.name, job.concepts, "failed", error=f"{p.name} exists and is not a patch "
-                         f"({e.problem}); delete it or choose another output"), None
+                         f"({e.problem}); delete it or choose another output", path=p.path), None
     differs = settings_differ(job, patch, checked)
     if differs is not None:
         return None, f"redone: {differs}"
     return JobResult(p.index, p.name, job.concepts, "skipped", loop_seconds=patch.manifest.method.duration_s,
                      patch_bytes=job.output.stat().st_size,
-                     note=f"patch {patch.patch_id[:12]} holds these settings"), None
+                     note=f"patch {patch.patch_id[:12]} holds these settings", path=p.path), None
 
 
 def settings_differ(job: Any, patch: Any, checked: dict[Any, Any] | None = None) -> str | None:
@@ -222,7 +227,7 @@ def _run_jobs(todo: list[tuple[PlannedJob, str | None]], rank: int, device: Any,
         job, clock = p.job, Clock()
         if device is not None and job.config.device == "auto":
             job.config = job.config.model_copy(update={"device": str(device)})
-        result = JobResult(p.index, p.name, job.concepts, "done", note=note, process=rank)
+        result = JobResult(p.index, p.name, job.concepts, "done", note=note, process=rank, path=p.path)
         try:
             with model_threads(job.model):
                 if loaded is None or loaded[0] != job.load_key():

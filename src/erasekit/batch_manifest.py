@@ -81,6 +81,8 @@ class PlannedJob:
     index: int
     name: str
     job: Any  # an EraseJob
+    path: str = ""  # the absolute path the job writes, its folders' links resolved
+    outside: bool = False  # that path is not under the manifest's folder
 
 
 def read_manifest(path: str | os.PathLike) -> ManifestFile:
@@ -138,9 +140,10 @@ def plan_batch(path: str | os.PathLike) -> list[PlannedJob]:
     manifest = read_manifest(path)
     folder = path.parent
     defaults = manifest.model_dump(exclude_unset=True, exclude={"jobs"})
-    planned, seen = [], {}
+    planned, seen, home = [], {}, Path(os.path.realpath(folder))
     for i, entry in enumerate(manifest.jobs):
         where = f"{path}: jobs[{i}] ({entry.output})"
+        _check_suffix(entry.output, where)
         output = folder / entry.output
         _check_unique(output, seen, where, i)
         options = defaults | entry.model_dump(exclude_unset=True, exclude={"concept", "output"})
@@ -152,8 +155,25 @@ def plan_batch(path: str | os.PathLike) -> list[PlannedJob]:
         except ErasekitError as e:
             field = f", field {_FIELDS.get(e.option, e.option)}" if e.option else ""
             raise ManifestError(f"{where}{field}: {e.problem}", e.fix or "fix the manifest", option="manifest") from None
-        planned.append(PlannedJob(i, entry.output, job))
+        written = _written_path(output)
+        planned.append(PlannedJob(i, entry.output, job, str(written), not written.is_relative_to(home)))
     return planned
+
+
+OUTPUT_SUFFIXES = (".erasepatch", ".safetensors")
+
+
+def _check_suffix(output: str, where: str) -> None:
+    """A job writes a patch: an output named like any other file (a script, a config, a dotfile) is refused."""
+    if not output.endswith(OUTPUT_SUFFIXES) or Path(output).name in OUTPUT_SUFFIXES:
+        raise ManifestError(f"{where}, field output: a patch file's name must end in .erasepatch or .safetensors",
+                            "name the output NAME.erasepatch (or NAME.safetensors)", option="manifest")
+
+
+def _written_path(output: Path) -> Path:
+    """Where a write to ``output`` lands: absolute, with the links of its folders resolved (a link at the name
+    itself is replaced by the write, not followed)."""
+    return Path(os.path.realpath(output.parent)) / output.name
 
 
 # the library's name of a setting -> the manifest's, where they differ

@@ -197,7 +197,8 @@ def _erase_batch(manifest: Path, given: list[str], as_json: bool) -> None:
             raise ErasekitError(f"{flag} cannot be given with --manifest", "set it in the manifest (top level for "
                                 "every job, or in a [[jobs]] table)", option="manifest")
         try:
-            report = run_batch(manifest, on_job=None if as_json else _job_line)
+            report = run_batch(manifest, on_plan=None if as_json or quiet else _plan_lines,
+                               on_job=None if as_json else _job_line)
         except ErasekitError as e:
             if quiet:  # every process refuses the same manifest; one line is enough
                 raise typer.Exit(e.exit_code) from None
@@ -213,6 +214,16 @@ def _erase_batch(manifest: Path, given: list[str], as_json: bool) -> None:
         print(f"error: {report.counts['failed']} of {len(report.jobs)} jobs failed (see the summary); the others ran; "
               "fix them and rerun the manifest: finished jobs are skipped", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _plan_lines(planned: list[Any]) -> None:
+    """Where every job writes, before any runs: the absolute path, flagged when outside the manifest's folder."""
+    from ..errors import one_line
+
+    print(f"{len(planned)} jobs write:", file=sys.stderr)
+    for p in planned:
+        outside = "  (outside the manifest's folder)" if p.outside else ""
+        print(f"  jobs[{p.index}] {one_line(', '.join(p.job.concepts))} -> {one_line(p.path)}{outside}", file=sys.stderr)
 
 
 def _job_line(r: Any) -> None:
