@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import snapshot
+from erasekit import _st
 from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
 from erasekit.diff import diff_checkpoints
 from erasekit.errors import (
@@ -172,7 +173,9 @@ def test_corrupt_undo_record_is_refused(tmp_path: Path, sd1: tuple[Path, Path], 
     apply_to_checkpoint([sd1_patch], base, in_place=True)
     undo = journal_dir(base) / "0001.undo"
     raw = bytearray(undo.read_bytes())
-    raw[-1] ^= 0xFF
+    first = min((e for n, e in _st.read_header(undo).entries.items() if not n.endswith("::page_crc32")),
+                key=lambda e: e.begin)
+    raw[first.begin] ^= 0xFF  # a byte of an original tensor
     undo.write_bytes(bytes(raw))
     state = snapshot(base)
     with pytest.raises(UndoRecordError, match="corrupt"):

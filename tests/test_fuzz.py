@@ -15,6 +15,7 @@ def test_every_broken_file_is_refused_cleanly_unchanged_and_in_bounded_memory() 
     assert found.cases >= 300
     assert found.failures == []
     assert found.refused.get("PatchFormatError", 0) > 50 and found.refused.get("LayoutError", 0) > 50
+    assert found.labels["patch/claims"] >= 10  # manifests claiming layers up to 70,000 wide, factors that wide
 
 
 def test_the_harness_notices_each_way_a_reader_can_break() -> None:

@@ -3,6 +3,7 @@ rebuild a tensor's original bytes bit for bit, also when a crash left it half re
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from conftest import snapshot
 from erasekit import _st
 from erasekit.apply import apply_to_checkpoint, recover_interrupted, revert_from_checkpoint
 from erasekit.diff import diff_checkpoints
-from erasekit.errors import FingerprintMismatchError, NonFiniteError, NotAppliedError, UndoRecordError
+from erasekit.errors import ErasekitWarning, FingerprintMismatchError, NonFiniteError, NotAppliedError, UndoRecordError
 from erasekit.journal import Entry, Journal, TensorRecord, journal_dir
 from erasekit.undo_record import PAGE, _pages, add_term, added, delta_of, residual_fits, scaled, sha256, undo_record
 from erasekit.layouts import detect
@@ -116,7 +117,7 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
 def recover(path: Path) -> list:
     journal = Journal(path, {"": path})
     with journal.locked():
-        return journal.recover(lambda label, key: _st.read_header(path).entries[key])
+        return journal.reconcile(lambda label, key: _st.read_header(path).entries[key])
 
 
 @pytest.mark.parametrize("dtype", ["F16", "F32"])
@@ -158,9 +159,12 @@ def test_a_tensor_in_neither_state_is_refused_and_left_alone(tmp_path: Path) -> 
         mangled[a:a + 2] = b"\x00\x3c"
     overwrite(t["path"], ent.begin, bytes(mangled))
     state = t["path"].read_bytes()
-    with pytest.raises(UndoRecordError, match="neither as patched nor as before .*restore the checkpoint from a backup"):
-        recover(t["path"])
-    assert t["path"].read_bytes() == state and Journal(t["path"], {}).interrupted()
+    with pytest.warns(ErasekitWarning, match=r"does not describe the file there \(w is neither as patched nor as "
+                                             r"before.*\): it was set aside in .*set-aside-.* nothing was written"):
+        assert recover(t["path"]) == []
+    assert t["path"].read_bytes() == state and not Journal(t["path"], {}).entries
+    [aside] = journal_dir(t["path"]).glob("set-aside-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["0001.undo", "journal.json"]
 
 
 KILL_INSIDE_A_TENSOR = """
@@ -168,16 +172,16 @@ import os, signal
 from erasekit import journal
 from erasekit.apply import apply_to_checkpoint
 
-real = journal._pwrite_all
+real = journal._write_all
 calls = []
-def dying(fd, data, offset):
+def dying(f, data, offset):
     calls.append(len(data))
     if sum(n >= 8192 for n in calls) == 2 and len(data) >= 8192:  # the 2nd weight: a page and a half, then kill -9
         n = (-offset) % 4096 + 6000
-        real(fd, bytes(data)[:n], offset)
+        real(f, bytes(data)[:n], offset)
         os.kill(os.getpid(), signal.SIGKILL)
-    real(fd, data, offset)
-journal._pwrite_all = dying
+    real(f, data, offset)
+journal._write_all = dying
 apply_to_checkpoint([{patch!r}], {base!r}, in_place=True, strength=0.5)
 """
 
@@ -264,9 +268,14 @@ def test_an_old_full_undo_record_still_reverts(tmp_path: Path, sd1: tuple[Path, 
     apply_to_checkpoint([sd1_patch], base, in_place=True, strength=0.5)  # a dense F32 patch on F16: stored whole
     data = journal_json(base)
     assert data["erasekit_journal"] == 1 and data["entries"][0]["undo"] == "full"
-    del data["entries"][0]["undo"]
+    del data["entries"][0]["undo"], data["files"], data["generation"]  # neither stamps nor page checksums then
     (journal_dir(base) / "journal.json").write_text(json.dumps(data, indent=1))
-    assert all(n.count("::") == 1 for n in undo_names(base))
+    undo = journal_dir(base) / "0001.undo"
+    header = _st.read_header(undo)
+    with open(undo, "rb") as f:
+        whole = {n: (e.dtype, e.shape, _st.read_raw(f, e)) for n, e in header.entries.items() if n.count("::") == 1}
+    _st.write_safetensors(undo, whole, header.metadata)
+    assert undo_names(base) == sorted(whole)
     _, lr = lowrank(tmp_path, "F16", "on top")
     apply_to_checkpoint([lr], base, in_place=True, force=True)  # a residual record above the old one
     assert [e.undo for e in Journal(base, {}).entries] == ["full", "residual"]
@@ -327,14 +336,15 @@ def test_writes_end_on_page_boundaries(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(journal, "WRITE_CHUNK", 4096)
     seen: list[tuple[int, int]] = []
-    real = os.pwrite
 
-    def record(fd: int, data: bytes, offset: int) -> int:
-        seen.append((offset, len(data)))
-        return real(fd, data, offset)
+    class Recording(io.FileIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            seen.append((self.tell(), len(data)))
+            return super().write(data)
 
-    monkeypatch.setattr(os, "pwrite", record)
     t = one_tensor_file(tmp_path, "F16", 1.0)
+    monkeypatch.setattr(journal, "open", lambda path, mode="rb", buffering=-1: Recording(path, "r+" if "+" in mode else
+                                                                                   "r"), raising=False)
     t["journal"].write_tensors({("", "w"): t["after"]}, {("", "w"): t["ent"].begin})
     assert t["path"].read_bytes()[t["ent"].begin:t["ent"].end] == t["after"]
     assert seen[0][0] == t["ent"].begin and all((o + n) % 4096 == 0 for o, n in seen[:-1])

@@ -98,13 +98,13 @@ def per_patch_strengths(n: int, strength: float | Sequence[float]) -> list[float
 
 def applied_in_place(ckpt: Checkpoint) -> list[dict[str, str]]:
     """The patches applied in place to ``ckpt``, oldest first, as an erase's ``after`` records them."""
-    return [{"patch_id": e.patch_id, "title": e.patch_title} for e in Journal(ckpt.path, {}).committed]
+    return [{"patch_id": e.patch_id, "title": e.patch_title} for e in checked_journal(ckpt).committed]
 
 
 def pristine_reader(ckpt: Checkpoint) -> Callable[[WeightFile, str], bytes]:
     """``read(weight_file, key)``: a tensor's bytes as they were before the patches applied in place to ``ckpt``
     (the file's own bytes where none changed it). Base fingerprints are of these."""
-    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    journal = checked_journal(ckpt)
     if not journal.committed:
         return lambda wf, key: wf.read_raw(key)
     tensor_at = _tensor_at(ckpt)
@@ -250,28 +250,32 @@ def _apply_in_place(ckpt: Checkpoint, patches: list[Patch], strengths: list[floa
                     where: str) -> tuple[list[AppliedPatch], int]:
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
     tensor_at = _tensor_at(ckpt)
-    written = 0
     with journal.locked():
-        journal.recover(tensor_at)
+        journal.reconcile(tensor_at)
         state: dict[tuple[str, str], bytes] = {}  # bytes after the earlier patches of this call
         pristines: dict[tuple[str, str], bytes] = {}
         plans: list[_Plan] = []
         for patch, strength in zip(patches, strengths):
             plans.append(_plan(ckpt, journal, patch, strength, force, where, state, pristines, tensor_at))
             state.update(plans[-1].updates)
-        results = []
-        for plan in plans:  # write-ahead: undo record, "pending" entry, tensors, "committed"
-            entry = Entry(id=journal.next_id(), state="pending", patch_id=plan.patch.patch_id,
-                          patch_title=plan.patch.title, patch_path=str(plan.patch.path) if plan.patch.path else None,
-                          strength=plan.strength, fingerprint=plan.status, applied_at=now_iso(),
-                          tensors=[TensorRecord(file=r.wf.label, key=r.key, before_sha256=r.before_sha,
-                                                after_sha256=r.after_sha) for r in plan.rewrites])
-            records = {(r.wf.label, r.key): r.record for r in plan.rewrites if r.record is not None}
-            journal.commit(entry, records, plan.updates, tensor_at)
-            written += sum(len(r.after) for r in plan.rewrites)
-            results.append(AppliedPatch(plan.patch.title, plan.patch.patch_id, plan.strength, len(plan.rewrites),
-                                        plan.status, plan.differing))
-    return results, written
+        first = int(journal.next_id())
+        journal.commit([(_entry(f"{first + i:04d}", plan), _records(plan), plan.updates)
+                        for i, plan in enumerate(plans)], tensor_at)
+    results = [AppliedPatch(p.patch.title, p.patch.patch_id, p.strength, len(p.rewrites), p.status, p.differing)
+               for p in plans]
+    return results, sum(len(r.after) for p in plans for r in p.rewrites)
+
+
+def _entry(entry_id: str, plan: _Plan) -> Entry:
+    return Entry(id=entry_id, state="pending", patch_id=plan.patch.patch_id, patch_title=plan.patch.title,
+                 patch_path=str(plan.patch.path) if plan.patch.path else None, strength=plan.strength,
+                 fingerprint=plan.status, applied_at=now_iso(),
+                 tensors=[TensorRecord(file=r.wf.label, key=r.key, before_sha256=r.before_sha,
+                                       after_sha256=r.after_sha) for r in plan.rewrites])
+
+
+def _records(plan: _Plan) -> dict[tuple[str, str], UndoTensor]:
+    return {(r.wf.label, r.key): r.record for r in plan.rewrites if r.record is not None}
 
 
 def _owning_pipeline(ckpt: Checkpoint) -> Path | None:
@@ -309,12 +313,24 @@ def _check_writable(ckpt: Checkpoint) -> None:
 
 def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
     """Before reading ``ckpt``'s tensors: roll back (or finish) an apply/revert that a crash interrupted, so no
-    reader sees a half-written checkpoint. Refuses while another erasekit process is writing it."""
+    reader sees a half-written checkpoint, and set aside a journal that does not describe the files there
+    (:meth:`Journal.reconcile`). Refuses while another erasekit process is writing it."""
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
-    if not journal.interrupted():
+    if not journal.needs_reconcile():
+        return []
+    if not journal.interrupted() and not os.access(journal.dir, os.W_OK):  # a read-only share: check, do not stamp
+        if (reason := journal.foreign(_tensor_at(ckpt))) is not None:
+            raise UndoRecordError(f"the undo journal {journal.dir} does not describe {ckpt.path} ({reason}), and it "
+                                  "cannot be set aside (read-only)", "move the journal folder away, or restore the file")
         return []
     with journal.locked():
-        return journal.recover(_tensor_at(ckpt))
+        return journal.reconcile(_tensor_at(ckpt))
+
+
+def checked_journal(ckpt: Checkpoint) -> Journal:
+    """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`)."""
+    recover_interrupted(ckpt)
+    return Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
 
 
 def _pickle_to_safetensors(src: Path, dst: Path) -> None:
@@ -427,7 +443,7 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
     tensor_at = _tensor_at(ckpt)
     by_label = {f.label: f for f in ckpt.files}
     with journal.locked():
-        journal.recover(tensor_at)
+        journal.reconcile(tensor_at)
         matches = [e for e in journal.committed if e.patch_id == patch.patch_id]
         if not matches:
             applied = ", ".join(f"'{e.patch_title}'" for e in journal.committed) or "none"
@@ -447,9 +463,8 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
             raise UndoRecordError(f"{changed} tensors of {where} changed after '{patch.title}' was applied "
                                   "(by another program?)", "force it to restore the original bytes anyway",
                                   option="force")
-        journal.revert(entry, tensor_at, lambda r: sha256(by_label[r.file].read_raw(r.key)) == r.before_sha256, where,
-                       current)
-        verified = True
+        verified = journal.revert(entry, tensor_at,
+                                  lambda r: sha256(by_label[r.file].read_raw(r.key)) == r.before_sha256, where, current)
         remaining = [e.patch_title for e in journal.committed]
     return RevertReport(str(ckpt.path), ckpt.layout, entry.patch_title, entry.patch_id, len(entry.tensors), verified,
                         time.perf_counter() - t0, remaining)

@@ -21,6 +21,8 @@ from .patchfile import (
     EncoderInfo,
     Method,
     Patch,
+    delta_inner,
+    delta_norm,
     delta_tensors,
     fingerprint,
     is_patch_file,
@@ -224,11 +226,11 @@ def compare_patches(a: Patch, b: Patch) -> DiffReport:
     mods |= {module_name(mapping[s], layer, p): (mapping[s], layer, p) for _, s, layer, p in b.modules()}
     for m in sorted(mods, key=lambda x: (mods[x][0], mods[x][1], mods[x][2])):
         s, layer, p = mods[m]
-        da = a.weight_delta(m).astype(np.float64) if m in a.manifest.deltas else None
-        db = b.weight_delta(b_as_a[m]).astype(np.float64) if m in b_as_a else None
-        na = float(np.linalg.norm(da)) if da is not None else 0.0
-        nb = float(np.linalg.norm(db)) if db is not None else 0.0
-        cos = float((da * db).sum() / (na * nb)) if da is not None and db is not None and na and nb else None
+        da = a.weight_factors(m) if m in a.manifest.deltas else None  # factors, never multiplied out
+        db = b.weight_factors(b_as_a[m]) if m in b_as_a else None
+        na = delta_norm(da) if da is not None else 0.0
+        nb = delta_norm(db) if db is not None else 0.0
+        cos = delta_inner(da, db) / (na * nb) if da is not None and db is not None and na and nb else None
         report.comparisons.append(LayerComparison(m, s, layer, p, na, nb, cos, nb / na if na else None))
     return report
 

@@ -81,6 +81,11 @@ class UndoRecordError(ErasekitError):
     exit_code = 6
 
 
+class ForeignBytesError(UndoRecordError):
+    """A tensor holds neither the bytes an undo journal entry left nor those it found: the journal describes
+    another file (the file was replaced, or changed by another program)."""
+
+
 class TargetNotWritableError(ErasekitError):
     """The output or in-place target cannot be written (read-only file or folder, ``.ckpt`` in place, exists)."""
 
@@ -106,3 +111,8 @@ def invalid_setting(error: Exception, fix: str = "") -> ErasekitError:
     name = str(first["loc"][0]) if first["loc"] else "settings"
     return ErasekitError(f"invalid {name}: {first['msg']}", fix, option=name if first["loc"] else None)
 
+
+
+class ErasekitWarning(UserWarning):
+    """Something the user should know that did not stop the command (a journal set aside); the CLI prints each as
+    one ``warning:`` line on stderr."""

@@ -3,10 +3,12 @@
 Every case starts from a valid file (a tiny patch with dense and low-rank modules, or a tiny single-file checkpoint) and breaks it one way:
 truncation, a header length far beyond the file, hostile data offsets (overlapping, out of range, negative), wrong
 dtypes and shapes, NaN/inf deltas, non-UTF-8 or non-JSON headers and metadata, manifests with missing, extra,
-wrongly typed or huge fields, names that do not belong to the layout, duplicated keys. The property, for every
+wrongly typed or huge fields, names that do not belong to the layout, duplicated keys, and manifests claiming layers
+of any width (up to 70,000) with low-rank factors of that width in the file. The property, for every
 case: the reader either accepts the file or raises an :class:`~erasekit.errors.ErasekitError` (a clear one-line
 error with its exit code), never anything else; the file's bytes do not change; and the reader's peak memory stays
-under :data:`MEMORY_LIMIT` (no size from the file is trusted before it is checked).
+under :data:`MEMORY_LIMIT` (no size from the file is trusted before it is checked, and a patch's norms, as inspect
+and diff compute them, come from its factors, never their product).
 
 ``python -m erasekit.testing fuzz --n 10000`` runs a long campaign; the test suite runs a few hundred cases.
 """
@@ -34,6 +36,7 @@ class Findings:
     accepted: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # error class -> count
     failures: list[str] = field(default_factory=list)  # anything that broke the property
+    labels: dict[str, int] = field(default_factory=dict)  # "target/strategy" -> cases
 
 
 def split(raw: bytes) -> tuple[dict[str, Any], bytes]:
@@ -50,6 +53,7 @@ def join(header: Any, data: bytes, text: str | bytes | None = None) -> bytes:
 def check(raw: bytes, read: Callable[[Path], Any], findings: Findings, label: str) -> None:
     """Write ``raw`` to a file, read it with ``read``, and record whether the property held."""
     findings.cases += 1
+    findings.labels[label] = findings.labels.get(label, 0) + 1
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "case.safetensors"
         path.write_bytes(raw)
@@ -168,8 +172,45 @@ def strategies() -> dict[str, Any]:
                               st.text(max_size=30).map(lambda t: t.encode())))
         return join(None, raw[8 + n:], body)
 
+    @st.composite
+    def claims(draw: Any, raw: bytes) -> bytes:  # wide layers claimed, and factors of that width in a small file
+        named = st.sampled_from([("sd1", "te", 768, 3072, 12), ("sdxl", "te2", 1280, 5120, 32),
+                                 ("sdxl-refiner", "te2", 1280, 5120, 32), ("sd1", "te", 65536, 65536, 2),
+                                 ("clip-text", "te", 1281, 5120, 32), ("sd2", "te", 1024, 4096, 2**31)])
+        drawn = st.tuples(st.sampled_from([("sd1", "te"), ("sd2", "te"), ("sdxl", "te1"), ("sdxl", "te2"),
+                                           ("clip-text", "te")]),
+                          st.integers(1, 70_000), st.integers(1, 70_000), st.integers(2, 40)).map(lambda t: (*t[0], *t[1:]))
+        arch, slot, hidden, intermediate, layers = draw(st.one_of(named, drawn))
+        return claimed_width(raw, arch, slot, hidden, intermediate, layers)
+
     return {"truncated": truncated, "header_length": header_length, "entry_field": entry_field, "offsets": offsets,
-            "metadata": metadata, "manifest": manifest, "values": values, "names": names, "raw_header": raw_header}
+            "metadata": metadata, "manifest": manifest, "values": values, "names": names, "raw_header": raw_header,
+            "claims": claims}
+
+
+def claimed_width(raw: bytes, architecture: str, slot: str, hidden: int, intermediate: int, layers: int) -> bytes:
+    """The patch ``raw`` reduced to its low-rank module, moved to ``slot`` of an ``architecture`` base whose encoder
+    claims these sizes, with factors and bias delta of the width they imply (BF16 0.01 throughout; no data hash)."""
+    from . import _st
+    from .layouts import module_name, parse_module_name
+
+    header, _ = split(raw)
+    meta = header["__metadata__"]
+    m = json.loads(meta.pop("erasekit"))
+    meta.pop("modelspec.hash_sha256", None)
+    old = next(k for k, d in m["deltas"].items() if d["storage"] == "lowrank")
+    _, layer, proj = parse_module_name(old)  # type: ignore[misc]
+    new, rank = module_name(slot, layer, proj), m["deltas"][old]["rank"]
+    out, into = (intermediate, hidden) if proj == "fc1" else (hidden, intermediate)
+    m["base"] |= {"architecture": architecture, "encoders": {slot: {"hidden": hidden, "intermediate": intermediate,
+                                                                   "layers": layers}},
+                  "tensors": {new + k[len(old):]: v for k, v in m["base"]["tensors"].items() if k.startswith(old + ".")}}
+    m["deltas"] = {new: m["deltas"][old]}
+    meta["erasekit"] = json.dumps(m)
+    shapes = {".lora_up.weight": (out, rank), ".lora_down.weight": (rank, into), ".diff_b": (out,)}
+    tensors = {new + k: ("BF16", shape, b"\x24\x3c" * math.prod(shape)) for k, shape in shapes.items()}
+    tensors[new + ".alpha"] = ("F32", (), struct.pack("<f", rank))
+    return _st.build_header(tensors, meta) + b"".join(tensors[n][2] for n in sorted(tensors))
 
 
 def _paths(obj: Any, prefix: tuple = ()) -> Any:
@@ -192,9 +233,13 @@ def _walk(obj: Any, path: tuple) -> Any:
 # -- campaigns ----------------------------------------------------------------------------------------
 
 def read_patch(path: Path) -> Any:
+    """Load the patch, then compute what ``erasekit inspect`` shows of it and ``erasekit diff`` of it with itself."""
+    from .diff import compare_patches
+    from .inspect import inspect_patch
     from .patchfile import load_patch
 
-    return load_patch(path)
+    patch = load_patch(path)
+    return inspect_patch(patch), compare_patches(patch, patch)
 
 
 def read_checkpoint(path: Path) -> Any:
@@ -215,7 +260,7 @@ def campaign(n: int, findings: Findings | None = None, seed: int | None = None) 
     per = max(1, n // (len(strats) * len(targets)))
     for target, (raw, read) in targets.items():
         for name, strat in strats.items():
-            if target == "checkpoint" and name in ("manifest", "values"):
+            if target == "checkpoint" and name in ("manifest", "values", "claims"):
                 continue  # checkpoints have no manifest; their values are not read by the header reader
 
             run = settings(max_examples=per, deadline=None, database=None, suppress_health_check=list(HealthCheck))(

@@ -18,7 +18,7 @@ from .journal import Journal, entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
 from .layouts import Checkpoint, detect
 from .model_configs import choose_config
-from .patchfile import Evaluation, Patch, is_patch_file, load_patch
+from .patchfile import Evaluation, Patch, delta_norm, is_patch_file, load_patch
 
 
 @dataclass
@@ -110,12 +110,12 @@ def _rows(patch: Patch) -> list[DeltaRow]:
     rows = []
     for m, slot, layer, proj in patch.modules():
         info = patch.manifest.deltas[m]
-        d = patch.weight_delta(m)
         b = patch.bias_delta(m)
         main = f"{m}.diff" if info.storage == "dense" else f"{m}.lora_up.weight"
-        rows.append(DeltaRow(m, slot, layer, proj, list(d.shape), "dense" if info.storage == "dense" else f"rank {info.rank}",
-                             patch.dtypes[main], float(np.linalg.norm(d)), float(np.linalg.norm(b)) if b is not None else 0.0,
-                             error=info.error, kept=info.kept))
+        rows.append(DeltaRow(m, slot, layer, proj, list(patch.weight_shape(m)),
+                             "dense" if info.storage == "dense" else f"rank {info.rank}", patch.dtypes[main],
+                             delta_norm(patch.weight_factors(m)),  # from the factors: no product out x in
+                             float(np.linalg.norm(b)) if b is not None else 0.0, error=info.error, kept=info.kept))
     return rows
 
 
@@ -165,23 +165,29 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
     return ("exact" if "approx" not in statuses else "approx (same model, other precision)") + note
 
 
+def inspect_patch(patch: Patch) -> PatchInspection:
+    """Describe a loaded patch (read from ``patch.path``): its manifest, and each module's delta norms, computed
+    from the stored factors (memory bounded by the file, whatever its layers' sizes)."""
+    m = patch.manifest
+    path = Path(patch.path) if patch.path is not None else None
+    return PatchInspection(
+        str(path or patch.title), path.stat().st_size if path is not None else 0, patch.patch_id, m.format_version,
+        m.erasekit_version, m.created_at, m.title, [c.model_dump() for c in m.concepts], m.method.model_dump(mode="json"),
+        m.base.architecture, {s: e.model_dump() for s, e in m.base.encoders.items()}, _rows(patch), m.base.config,
+        warnings=list(patch.warnings), evaluations=_evaluations(patch))
+
+
 def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = None) -> PatchInspection | CheckpointInspection:
     """Inspect a patch (optionally against a checkpoint) or a checkpoint."""
     path = Path(path)
     if is_patch_file(path):
         patch = load_patch(path)
-        m = patch.manifest
-        rows = _rows(patch)
-        result = PatchInspection(
-            str(path), path.stat().st_size, patch.patch_id, m.format_version, m.erasekit_version, m.created_at, m.title,
-            [c.model_dump() for c in m.concepts], m.method.model_dump(mode="json"), m.base.architecture,
-            {s: e.model_dump() for s, e in m.base.encoders.items()}, rows, m.base.config, warnings=list(patch.warnings),
-            evaluations=_evaluations(patch))
+        result = inspect_patch(patch)
         if against is not None:
             ckpt = detect(resolve_model(against, TEXT_ENCODERS))
             recover_interrupted(ckpt)  # fingerprints of a half-applied file would mislead
             result.against, result.against_layout = str(ckpt.path), ckpt.describe()
-            result.compatibility = _against(patch, rows, ckpt)
+            result.compatibility = _against(patch, result.rows, ckpt)
         return result
     if against is not None:
         raise ErasekitError(f"'against' compares a patch with a checkpoint, and {path} is not a patch",

@@ -5,42 +5,56 @@ Layout on disk (see docs/format.md, "Undo journal"):
 * a diffusers or transformers folder ``F``: ``F/.erasekit/``
 * a single file ``D/name.safetensors``: ``D/.erasekit/name.safetensors/``
 
-holding ``journal.json`` (the list of applied patches, oldest first), one ``NNNN.undo`` per
-entry (a safetensors file that says how to get back the bytes of every tensor the entry changed)
-and a ``lock`` file. Model loaders skip both: the folder is hidden and ``.undo`` is no weights
-extension.
+holding ``journal.json`` (the list of applied patches, oldest first, and a stamp of each weight file as the
+last write left it), one ``NNNN.undo`` per entry (a safetensors file that says how to get back the bytes of
+every tensor the entry changed) and a ``lock`` file. Model loaders skip both: the folder is hidden and
+``.undo`` is no weights extension. The folder is made by the first write, never by a reader or a refused
+command.
 
 What an undo record holds is :mod:`erasekit.undo_record`'s concern.
 
 Writes follow a write-ahead protocol, so that ``kill -9`` at any instant leaves a state that
 the next erasekit command completes or rolls back:
 
-apply:  write NNNN.undo (fsync) -> journal entry "pending" -> rewrite tensors (fsync) -> "committed"
+apply:  write every NNNN.undo (fsync) -> their entries "pending" -> rewrite tensors (fsync) -> all "committed"
 revert: rebuild and verify the originals -> entry "reverting" -> write them (fsync) -> drop entry, NNNN.undo
 
-:func:`Journal.recover` rolls a "pending" entry back and finishes a "reverting" one; both are
-idempotent because they only ever write bytes verified against the original hashes.
+:meth:`Journal.reconcile` rolls "pending" entries back (newest first: the patches of one command go in all
+together or not at all) and finishes a "reverting" one; it is idempotent because it only ever writes bytes
+verified against the original hashes. Before writing, it proves that the journal describes the file there: the
+file's size and header are those it stamped, and every tensor an entry touched holds, page by page, its bytes
+before or after that entry. A journal that does not describe the file (the file was replaced) is set aside,
+kept in a folder named ``set-aside-<time>`` beside it, with a warning; nothing is written to the file.
+
+Readers take no lock: ``generation`` grows with every save, and a reader that sees the same generation (and no
+interrupted entry) before and after reading the tensors saw no write (:func:`generation`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import struct
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, StringConstraints, ValidationError
 
 from . import _st
 from ._parallel import map_threads
-from .errors import TargetLockedError, TargetNotWritableError, UndoRecordError
-from .undo_record import UndoTensor, read_residual, rebuild, sha256, undo_name
+from .errors import (ErasekitWarning, ForeignBytesError, TargetLockedError, TargetNotWritableError,
+                     UndoRecordError)
+from .undo_record import UndoTensor, check_before_or_after, read_full, read_residual, rebuild, sha256, undo_name
 
 JOURNAL_VERSION = 2  # the newest this erasekit reads; a journal is saved as 1 while it holds no residual record
 DIRNAME = ".erasekit"
 WRITE_CHUNK = 1 << 20  # tensors are written in pieces that end on multiples of this in the file
+SET_ASIDE = "set-aside-"  # a journal that does not describe its file is moved into <journal dir>/set-aside-<time>/
 
 TensorAt = Callable[[str, str], _st.TensorEntry]  # (weight file label, key) -> the tensor's place in its file
 
@@ -53,7 +67,7 @@ class TensorRecord(BaseModel):
 
 
 class Entry(BaseModel):
-    id: str
+    id: Annotated[str, StringConstraints(pattern=r"^[0-9]{4,9}$")]  # names NNNN.undo: digits only, never a path
     state: Literal["pending", "committed", "reverting"]
     patch_id: str
     patch_title: str
@@ -69,8 +83,21 @@ class Entry(BaseModel):
         return f"{self.id}.undo"
 
 
+class FileStamp(BaseModel):
+    """A weight file as a write left it. Size and header say which file it is (a file of another layout, or with
+    other metadata, is not the one the journal describes); inode and modification time say whether anything
+    wrote it since (when they differ, the tensors are checked against the journal's hashes)."""
+
+    size: int
+    header_sha256: str
+    mtime_ns: int
+    inode: int
+
+
 class JournalFile(BaseModel):
     erasekit_journal: int = 1
+    generation: int = 0  # grows by one with every save
+    files: dict[str, FileStamp] = {}  # weight file label -> its stamp at the last save
     entries: list[Entry] = []
 
 
@@ -83,13 +110,42 @@ def journal_dir(checkpoint: Path) -> Path:
     return checkpoint.parent / DIRNAME / checkpoint.name
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Write ``data`` at ``offset`` in pieces that end on WRITE_CHUNK multiples of the file, so a write cut short
-    ends on a page boundary even where a file system splits writes relative to their start."""
+def file_stamp(path: Path) -> FileStamp:
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        digest = hashlib.sha256(head + f.read(min(n, _st.MAX_HEADER_BYTES))).hexdigest()
+    return FileStamp(size=st.st_size, header_sha256=digest, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
+
+
+def generation(checkpoint: Path) -> tuple[int, bool] | None:
+    """What a reader compares before and after reading a checkpoint's tensors: the journal's generation and
+    whether an entry is interrupted (None: no journal). Equal answers with no interruption: no write in between."""
+    try:
+        data = JournalFile.model_validate_json((journal_dir(checkpoint) / "journal.json").read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValidationError):
+        return (-1, True)
+    return data.generation, any(e.state != "committed" for e in data.entries)
+
+
+def _write_all(f: Any, data: bytes, offset: int) -> None:
+    """Write ``data`` at ``offset`` of the open file ``f`` in pieces that end on WRITE_CHUNK multiples of the file,
+    so a write cut short ends on a page boundary even where a file system splits writes relative to their start.
+    Only seek and write: portable (Windows has no ``os.pwrite``)."""
     view, pos = memoryview(data).cast("B"), 0
     while pos < len(view):
         end = min(len(view), pos + WRITE_CHUNK - (offset + pos) % WRITE_CHUNK)
-        pos += os.pwrite(fd, view[pos:end], offset + pos)
+        f.seek(offset + pos)
+        pos += f.write(view[pos:end])
+
+
+def _held_elsewhere(path: Path, e: OSError) -> TargetNotWritableError:
+    return TargetNotWritableError(f"cannot write {path} ({e.strerror}): it is read-only, or another program holds it "
+                                  "open (on Windows, a UI with the model loaded)",
+                                  "close the model in that program (or make the file writable), then retry")
 
 
 class Journal:
@@ -128,6 +184,13 @@ class Journal:
     def interrupted(self) -> list[Entry]:
         return [e for e in self.entries if e.state != "committed"]
 
+    def _stamps_now(self) -> dict[str, FileStamp]:
+        return {label: file_stamp(path) for label, path in self.files.items()}
+
+    def needs_reconcile(self) -> bool:
+        """Whether the journal has entries and an interrupted one, or a weight file is not as it stamped it."""
+        return bool(self.entries) and (bool(self.interrupted()) or self._stamps_now() != self.data.files)
+
     def read_undo(self, entry: Entry, tensor_at: TensorAt) -> dict[tuple[str, str], UndoTensor]:
         """The record of every tensor the entry changed (structure checked; values are checked when rebuilt)."""
         if entry.id in self._undo:
@@ -139,8 +202,7 @@ class Journal:
             for rec in entry.tensors:
                 name, ent = undo_name(rec.file, rec.key), tensor_at(rec.file, rec.key)
                 if name in header.entries:
-                    out[(rec.file, rec.key)] = UndoTensor(ent.dtype, ent.shape,
-                                                          original=_st.read_raw(f, header.entries[name]))
+                    out[(rec.file, rec.key)] = read_full(header, f, name, ent, path, rec.key)
                 elif entry.undo == "residual":
                     out[(rec.file, rec.key)] = read_residual(header, f, name, ent, path, rec.key)
                 else:
@@ -153,17 +215,21 @@ class Journal:
             return _st.read_raw(f, ent)
 
     def originals(self, entry: Entry, tensor_at: TensorAt,
-                  current: dict[tuple[str, str], tuple[bytes, str]] | None = None) -> dict[tuple[str, str], bytes]:
+                  current: dict[tuple[str, str], tuple[bytes, str]] | None = None,
+                  prove: bool = False) -> dict[tuple[str, str], bytes]:
         """Every tensor's bytes from before ``entry``, rebuilt from the tensors now (``current``: their bytes and
-        sha256, else read) and verified against their recorded hashes. Raises :class:`UndoRecordError`; writes
-        nothing."""
+        sha256, else read) and verified against their recorded hashes. ``prove``: first check that the bytes now
+        are, page by page, those before or after the entry, also where a full record would not need them
+        (:class:`ForeignBytesError` if not). Raises :class:`UndoRecordError`; writes nothing."""
         undo, path, current = self.read_undo(entry, tensor_at), self.dir / entry.undo_file, current or {}
 
         def one(tr: TensorRecord) -> bytes:
             k, ent = (tr.file, tr.key), tensor_at(tr.file, tr.key)
-            if undo[k].full:
+            if undo[k].full and not prove:
                 return rebuild(undo[k], b"", ent, entry.strength, tr, path)
             cur, cur_sha = current[k] if k in current else (self._read(tr.file, ent), None)
+            if prove:
+                check_before_or_after(undo[k], cur, ent, tr, cur_sha)
             return rebuild(undo[k], cur, ent, entry.strength, tr, path, cur_sha)
 
         return dict(zip(((r.file, r.key) for r in entry.tensors), map_threads(one, entry.tensors)))
@@ -186,12 +252,33 @@ class Journal:
             data = rebuild(undo, data, ent, e.strength, tr, self.dir / e.undo_file)
         return data
 
+    def foreign(self, tensor_at: TensorAt) -> str | None:
+        """Why the journal does not describe the weight files there (None: it does). Size and header must be as
+        stamped; where a file was written since (inode or time differ, or no stamp), each committed entry must
+        still be there: some tensor it was the last to change (and no interrupted entry touches) holds its after
+        bytes. (Another program's edit of some of them leaves the entry, which then needs a forced revert.)"""
+        now = self._stamps_now()
+        for label, stamp in self.data.files.items():
+            if label in now and (now[label].size, now[label].header_sha256) != (stamp.size, stamp.header_sha256):
+                return f"{self.files[label].name} has another size or header than the file it describes"
+        if now == self.data.files:
+            return None
+        busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
+        last = {(r.file, r.key): (e, r.after_sha256) for e in self.committed for r in e.tensors}
+        for entry in self.committed:
+            mine = [(k, after) for k, (e, after) in last.items() if e is entry and k not in busy]
+            if mine and not any(sha256(self._read(k[0], tensor_at(*k))) == after for k, after in mine):
+                return f"no tensor that patch '{entry.patch_title}' changed is as it left it"
+        return None
+
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self) -> Iterator[Journal]:
-        """Hold the checkpoint's writer lock (non-blocking: a second writer gets a clear error)."""
+        """Hold the checkpoint's writer lock (non-blocking: a second writer gets a clear error). A journal folder
+        made for the lock is removed again when the block wrote no journal (a refused command leaves nothing)."""
         from filelock import FileLock, Timeout
 
+        made = [d for d in (self.dir.parent, self.dir) if not d.exists()]
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except PermissionError:
@@ -209,11 +296,18 @@ class Journal:
             self._undo.clear()
             yield self
         finally:
+            if made and not (self.dir / "journal.json").exists():
+                with contextlib.suppress(OSError):
+                    (self.dir / "lock").unlink()
+                    for d in reversed(made):
+                        d.rmdir()
             lock.release()
 
     def save(self) -> None:
         self._undo.clear()  # ids are reused after a revert: cached records may be stale
         self.data.erasekit_journal = 2 if any(e.undo == "residual" for e in self.entries) else 1
+        self.data.generation += 1
+        self.data.files = self._stamps_now()
         with _st.atomic_write(self.dir / "journal.json") as f:
             f.write(self.data.model_dump_json(indent=1).encode())
 
@@ -233,64 +327,112 @@ class Journal:
         for (label, key), data in updates.items():
             by_file.setdefault(label, []).append((offsets[(label, key)], data))
         for label, writes in by_file.items():
-            fd = os.open(self.files[label], os.O_RDWR)
             try:
+                f = open(self.files[label], "r+b", buffering=0)
+            except PermissionError as e:
+                raise _held_elsewhere(self.files[label], e) from None
+            with f:
                 for off, data in sorted(writes, key=lambda w: w[0]):
-                    _pwrite_all(fd, data, off)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                    _write_all(f, data, off)
+                os.fsync(f.fileno())
 
-    def commit(self, entry: Entry, records: dict[tuple[str, str], UndoTensor], updates: dict[tuple[str, str], bytes],
+    def commit(self, batch: list[tuple[Entry, dict[tuple[str, str], UndoTensor], dict[tuple[str, str], bytes]]],
                tensor_at: TensorAt) -> None:
-        """Apply, write-ahead: the undo record (fsynced), the entry as "pending", the new tensor bytes (fsynced),
-        the entry as "committed". A crash anywhere in between is rolled back by :meth:`recover`."""
-        self.write_undo(entry.id, records)
-        entry.undo = "full" if all(r.full for r in records.values()) else "residual"
-        self.entries.append(entry)
-        self.save()
-        self.write_tensors(updates, {k: tensor_at(*k).begin for k in updates})
-        entry.state = "committed"
-        self.save()
+        """Apply the patches of one command, all or none, write-ahead: every undo record (fsynced), every entry as
+        "pending", each patch's tensor bytes in order (fsynced), then every entry as "committed". A crash anywhere
+        in between is rolled back by the next :meth:`reconcile`; an error here (a full disk, an I/O error) is
+        rolled back at once (and, should that fail too, by the next command; so is an interrupt)."""
+        try:
+            for entry, records, _ in batch:
+                self.write_undo(entry.id, records)
+                entry.undo = "full" if all(r.full for r in records.values()) else "residual"
+                self.entries.append(entry)
+            self.save()
+            for _, _, updates in batch:
+                self.write_tensors(updates, {k: tensor_at(*k).begin for k in updates})
+            for entry, _, _ in batch:
+                entry.state = "committed"
+            self.save()
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.data = self._load()  # what reached the disk
+                self._undo.clear()
+                self.reconcile(tensor_at)
+            raise
 
     def revert(self, entry: Entry, tensor_at: TensorAt, restored: Any, where: str,
-               current: dict[tuple[str, str], tuple[bytes, str]] | None = None) -> None:
+               current: dict[tuple[str, str], tuple[bytes, str]] | None = None) -> bool:
         """Revert, write-ahead: the original bytes rebuilt and verified, the entry as "reverting", the bytes written
         (fsynced), each checked with ``restored(record)``, then the entry and its undo record dropped. A crash is
-        finished by :meth:`recover`."""
+        finished by :meth:`reconcile`. Returns whether every restored tensor matched its recorded hash (else
+        :class:`UndoRecordError`)."""
         originals = self.originals(entry, tensor_at, current)
         entry.state = "reverting"
         self.save()
         self.write_tensors(originals, {k: tensor_at(*k).begin for k in originals})
-        if not all(map_threads(restored, entry.tensors)):
+        verified = all(map_threads(restored, entry.tensors))
+        if not verified:
             raise UndoRecordError(f"restored tensors of {where} do not match their recorded hashes",
                                   "the disk may be failing; restore from a backup")
         self.entries.remove(entry)
         self.save()
         (self.dir / entry.undo_file).unlink(missing_ok=True)
+        return verified
 
-    def recover(self, tensor_at: TensorAt) -> list[Entry]:
-        """Finish or roll back interrupted entries. ``tensor_at(label, key)`` gives a tensor's place in its file."""
+    def reconcile(self, tensor_at: TensorAt) -> list[Entry]:
+        """Under the lock: make the journal describe the weight files or set it aside. Interrupted entries are
+        finished or rolled back, newest first, each only after its tensors are proven to hold its before or after
+        bytes; stamps of files written since are renewed once their tensors are checked. Returns the entries
+        rolled back or finished."""
+        if not self.entries:
+            return []
+        reason = self.foreign(tensor_at)
+        if reason is not None:
+            self.set_aside(reason)
+            return []
         done = []
-        for entry in self.interrupted():
+        for entry in reversed(self.interrupted()):
             undo_path = self.dir / entry.undo_file
             if not undo_path.exists():  # the undo record is written before the entry, so only a deletion explains this
                 raise UndoRecordError(f"an interrupted {'revert' if entry.state == 'reverting' else 'apply'} in "
                                       f"{self.dir} lost its undo record {entry.undo_file}",
                                       "restore the checkpoint from a backup")
-            originals = self.originals(entry, tensor_at)
+            try:
+                originals = self.originals(entry, tensor_at, prove=True)
+            except ForeignBytesError as e:
+                self.set_aside(e.problem)
+                return done
             self.write_tensors(originals, {k: tensor_at(*k).begin for k in originals})
             self.data.entries.remove(entry)
             self.save()
             with contextlib.suppress(FileNotFoundError):
                 undo_path.unlink()
             done.append(entry)
+        if self._stamps_now() != self.data.files:
+            self.save()  # the files hold what the journal says: stamp them as they are
         # Undo files no entry refers to (a crash between writing one and the journal) are garbage.
         live = {e.undo_file for e in self.entries}
         for p in self.dir.glob("*.undo"):
             if p.name not in live:
                 p.unlink()
         return done
+
+    def set_aside(self, reason: str) -> Path:
+        """Move the journal and its undo records into ``set-aside-<time>/`` beside them, and warn: the journal
+        describes another file than the one there. Nothing is written to the weight files."""
+        folder = self.dir / f"{SET_ASIDE}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        folder = folder if not folder.exists() else Path(f"{folder}-{os.getpid()}")
+        folder.mkdir()
+        for p in [self.dir / "journal.json", *(self.dir / e.undo_file for e in self.entries)]:
+            if p.exists():
+                os.replace(p, folder / p.name)
+        _st.fsync_dir(self.dir)
+        self.data, self._undo = JournalFile(), {}
+        warnings.warn(ErasekitWarning(
+            f"the undo journal of {self.checkpoint} does not describe the file there ({reason}): it was set aside in "
+            f"{folder} and nothing was written to the file; if the file was replaced on purpose, delete that folder"),
+            stacklevel=2)
+        return folder
 
 
 def copy_journal(src_checkpoint: Path, dst_dir: Path) -> None:

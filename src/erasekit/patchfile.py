@@ -62,6 +62,16 @@ class EncoderInfo(_Model):
     layers: int = Field(gt=0)
 
 
+# The largest text encoder (hidden, intermediate, layers) of each architecture's encoder slot: CLIP ViT-L (SD1, SDXL's
+# first), OpenCLIP ViT-H (SD2; 24 blocks in single files) and OpenCLIP ViT-bigG (SDXL's second); a bare CLIP text
+# encoder may be any of them. A manifest claiming more is refused before a tensor is read: these sizes are what
+# bounds the memory of the commands that multiply low-rank factors out (merge, export).
+_CLIP_L, _OPENCLIP_H, _OPENCLIP_BIGG = (768, 3072, 12), (1024, 4096, 24), (1280, 5120, 32)
+MAX_ENCODER = {("sd1", "te"): _CLIP_L, ("sd2", "te"): _OPENCLIP_H, ("sdxl", "te1"): _CLIP_L,
+               ("sdxl", "te2"): _OPENCLIP_BIGG, ("sdxl-refiner", "te2"): _OPENCLIP_BIGG,
+               ("clip-text", "te"): _OPENCLIP_BIGG}
+
+
 class TensorFingerprint(_Model):
     """Identity of one base tensor: exact (sha256 of its bytes in ``dtype``) and approximate (``sketch``),
     so that the same model stored at another precision is still recognised."""
@@ -247,6 +257,9 @@ class Manifest(_Model):
     evaluations: list[AnyEvaluation] = []
 
 
+Factors = tuple[np.ndarray, Union[np.ndarray, None]]  # (up, down) of a low-rank delta, or (dense delta, None)
+
+
 @dataclass
 class Patch:
     """A loaded (or freshly made) patch: manifest plus its tensors, decoded to float32.
@@ -281,6 +294,26 @@ class Patch:
         alpha = float(self.tensors[f"{module}.alpha"])
         return ((up @ down) * (alpha / info.rank)).astype(np.float32)  # type: ignore[operator]
 
+    def weight_shape(self, module: str) -> tuple[int, int]:
+        """(out, in) of ``module``'s weight delta, without multiplying factors out."""
+        if self.manifest.deltas[module].storage == "dense":
+            return self.tensors[f"{module}.diff"].shape  # type: ignore[return-value]
+        return self.tensors[f"{module}.lora_up.weight"].shape[0], self.tensors[f"{module}.lora_down.weight"].shape[1]
+
+    def weight_factors(self, module: str) -> Factors:
+        """``module``'s weight delta in float64 for :func:`delta_inner` and :func:`delta_norm`: low-rank as
+        ``(up * alpha / rank, down)``, dense as ``(diff, None)``. Factors of a rank above the smaller side are
+        multiplied out (the product is then no larger than they are)."""
+        info = self.manifest.deltas[module]
+        if info.storage == "dense":
+            return self.tensors[f"{module}.diff"].astype(np.float64), None
+        up = self.tensors[f"{module}.lora_up.weight"]
+        down = self.tensors[f"{module}.lora_down.weight"]
+        if info.rank > min(up.shape[0], down.shape[1]):  # type: ignore[operator]
+            return self.weight_delta(module).astype(np.float64), None
+        scale = float(self.tensors[f"{module}.alpha"]) / info.rank  # type: ignore[operator]
+        return up.astype(np.float64) * scale, down.astype(np.float64)
+
     def bias_delta(self, module: str) -> np.ndarray | None:
         return self.tensors.get(f"{module}.diff_b")
 
@@ -291,6 +324,25 @@ class Patch:
             slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
             out.append((m, slot, layer, proj))
         return out
+
+
+def delta_inner(a: Factors, b: Factors) -> float:
+    """The Frobenius inner product of two weight deltas of one shape (:meth:`Patch.weight_factors`), computed from
+    the factors, never their product: ``<U D, U' D'> = sum((U^T U') * (D D'^T))`` (rank x rank) and
+    ``<A, U D> = sum((U^T A) * D)`` (rank x in)."""
+    (ua, da), (ub, db) = a, b
+    if da is None and db is None:
+        return float(np.vdot(ua, ub))
+    if da is None:
+        return float(((ub.T @ ua) * db).sum())
+    if db is None:
+        return float(((ua.T @ ub) * da).sum())
+    return float(((ua.T @ ub) * (da @ db.T)).sum())
+
+
+def delta_norm(a: Factors) -> float:
+    """The Frobenius norm of a weight delta from its factors: ``|U D|^2 = sum((U^T U) * (D D^T))``."""
+    return math.sqrt(max(delta_inner(a, a), 0.0))  # rounding may leave a zero delta's square a hair below 0
 
 
 def data_sha256(tensors: dict[str, np.ndarray], dtypes: dict[str, str]) -> str:
@@ -336,6 +388,16 @@ def _check_manifest(manifest: Manifest, where: str) -> None:
     if not set(manifest.base.encoders) <= allowed:
         raise PatchFormatError(f"{where}: a {manifest.base.architecture} patch has encoder slots "
                                f"{sorted(manifest.base.encoders)}, allowed are {sorted(allowed)}", "re-create the patch")
+    for slot, enc in manifest.base.encoders.items():
+        claimed, largest = (enc.hidden, enc.intermediate, enc.layers), MAX_ENCODER[manifest.base.architecture, slot]
+        if any(c > m for c, m in zip(claimed, largest)):
+            raise PatchFormatError(f"{where}: encoder {slot} claims {_dims(claimed)}, larger than any "
+                                   f"{manifest.base.architecture} text encoder ({_dims(largest)} at most)",
+                                   "the file is damaged or was not written by erasekit; re-create it")
+
+
+def _dims(dims: tuple[int, int, int]) -> str:
+    return f"hidden {dims[0]}, intermediate {dims[1]}, {dims[2]} layers"
 
 
 def _upgrade(obj: dict[str, Any], where: str) -> dict[str, Any]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +82,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
 
 
+def image_stems(prompts: Sequence[str]) -> dict[str, str]:
+    """Each prompt's file-name stem: its slug, readable and the same from run to run. Prompts of one run that share
+    a slug (they differ in case or punctuation, are not in ASCII, or share their first 60 characters) get, each, the
+    first 8 hex digits of the sha256 of their exact text after it (``a-photo-of-a-cat_1f3a9c0e``), so that every
+    image has its own file; a repeated prompt is refused (its images would be the same)."""
+    repeated = next((p for p, k in Counter(prompts).items() if k > 1), None)
+    if repeated is not None:
+        raise ErasekitError(f"the prompt {repeated!r} is given twice", "give each prompt once (-n sets the images "
+                            "per prompt)")
+    slugs = {p: _slug(p) for p in prompts}
+    sharing = Counter(slugs.values())
+    return {p: s if sharing[s] == 1 else f"{s}_{hashlib.sha256(p.encode()).hexdigest()[:8]}" for p, s in slugs.items()}
+
+
 def _save_png(img: Any, path: Path, info: dict[str, str]) -> None:
     from PIL.PngImagePlugin import PngInfo
 
@@ -121,8 +137,8 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
              in_place: Sequence[dict[str, Any]] = (), checked: Sequence[str] = ()) -> GenerateReport:
     """Render ``config.n`` seeds per prompt with ``patches`` applied (and without, if ``config.compare``).
 
-    Writes ``<prompt>_<seed>[_before|_after].png`` and ``grid.png`` into ``out_dir``; the pipeline's
-    weights are as they were when this returns. ``in_place``: the patches already in the pipeline's weights
+    Writes ``<prompt>_<seed>[_before|_after].png`` (``<prompt>``: see :func:`image_stems`) and ``grid.png`` into
+    ``out_dir``; the pipeline's weights are as they were when this returns. ``in_place``: the patches already in the pipeline's weights
     (``patch_id``, ``title``), for the notes on the stack; ``checked``: see :func:`erasekit.memory.patches_applied`
     (both from :func:`erasekit.apply.in_place_stack`).
     """
@@ -136,6 +152,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
         raise ErasekitError("no prompt given", 'pass one or more prompts, e.g. erasekit generate "a photo of a cat"')
     if config.compare and not patches:
         raise ErasekitError("compare needs at least one patch", "add a patch, or do not compare", option="compare")
+    stems = image_stems(prompts)
     loaded = [p if not isinstance(p, (str, os.PathLike)) else load_patch(p) for p in patches]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +170,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
                                         steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
                 for seed, img in zip(seeds, rendered):
                     suffix = ("_after" if patched else "_before") if config.compare else ""
-                    path = out / f"{_slug(prompt)}_{seed}{suffix}.png"
+                    path = out / f"{stems[prompt]}_{seed}{suffix}.png"
                     w, h = img.size
                     _save_png(img, path, {
                         "prompt": prompt, "seed": str(seed),

@@ -3,7 +3,9 @@ share (see docs/format.md, "Undo journal").
 
 A record holds, per tensor, one of:
 
-* ``full``: the original bytes (all records before journal version 2);
+* ``full``: the original bytes (all records before journal version 2), and a CRC-32 of the after bytes per
+  4 KiB page of the file (records written since erasekit knows the file a journal describes), so that recovery
+  can prove a tensor holds the bytes before or after the entry before it writes the original bytes back;
 * ``residual``: what the inverse ``round(float(after) - float32(strength) * delta)`` needs, the delta as the patch
   stores it (dense diff or low-rank factors), plus the exceptions (indices and original values of the elements the
   inverse does not give back bit for bit) and a CRC-32 of the after bytes per 4 KiB page of the file, so that a
@@ -24,7 +26,7 @@ import numpy as np
 
 from . import _st
 from ._f16 import f16_add, f16_add_inverted
-from .errors import UndoRecordError
+from .errors import ForeignBytesError, UndoRecordError
 
 if TYPE_CHECKING:
     from .journal import TensorRecord
@@ -131,13 +133,13 @@ class UndoTensor:
 
     def stored(self, name: str) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
         """The safetensors entries of this record."""
+        crc = {f"{name}::page_crc32": ("U32", self.page_crc.shape, self.page_crc.tobytes())}
         if self.original is not None:
-            return {name: (self.dtype, self.shape, self.original)}
+            return {name: (self.dtype, self.shape, self.original), **(crc if self.page_crc.size else {})}
         out = {f"{name}::{p}": (dt, a.shape, _st.encode(a, dt)) for p, (dt, a) in self.parts.items()}
         out[f"{name}::exc_index"] = ("U32", self.exc_index.shape, self.exc_index.tobytes())
         out[f"{name}::exc_value"] = (self.dtype, self.exc_value.shape, self.exc_value.tobytes())
-        out[f"{name}::page_crc32"] = ("U32", self.page_crc.shape, self.page_crc.tobytes())
-        return out
+        return {**out, **crc}
 
 
 def _exact_parts(parts: DeltaParts) -> DeltaParts:
@@ -176,18 +178,30 @@ def undo_record(before: bytes, after: bytes, ent: _st.TensorEntry, parts: DeltaP
                 misses: np.ndarray | None) -> UndoTensor:
     """The smaller record of one tensor that apply turned from ``before`` into ``after``; ``misses``: the exceptions
     :func:`added` found (``None``: keep the bytes whole)."""
-    full = UndoTensor(ent.dtype, ent.shape, original=before)
+    crcs = page_crcs(after, ent.begin)
+    full = UndoTensor(ent.dtype, ent.shape, original=before, page_crc=crcs)
     if not parts or misses is None:
         return full
     orig = np.frombuffer(before, _BITS[ent.dtype])
     res = UndoTensor(ent.dtype, ent.shape, parts=_exact_parts(parts), exc_index=misses, exc_value=orig[misses],
-                     page_crc=page_crcs(after, ent.begin))
+                     page_crc=crcs)
     return res if res.nbytes < full.nbytes else full
 
 
 def _corrupt(path: Path, key: str, what: str) -> UndoRecordError:
     return UndoRecordError(f"undo record {path} is corrupt ({key}: {what})",
                            "it is damaged; revert is impossible: restore the checkpoint from a backup")
+
+
+def read_full(header: _st.Header, f: BinaryIO, name: str, ent: _st.TensorEntry, path: Path, key: str) -> UndoTensor:
+    """A full record: the original bytes, and the after bytes' page checksums where the record has them."""
+    crc = header.entries.get(f"{name}::page_crc32")
+    rec = UndoTensor(ent.dtype, ent.shape, original=_st.read_raw(f, header.entries[name]))
+    if crc is not None:
+        rec.page_crc = np.frombuffer(_st.read_raw(f, crc), "<u4") if crc.dtype == "U32" else np.zeros(0, "<u4")
+        if len(rec.page_crc) != len(_pages(ent.begin, ent.nbytes)):
+            raise _corrupt(path, key, "its page checksums do not fit the tensor")
+    return rec
 
 
 def read_residual(header: _st.Header, f: BinaryIO, name: str, ent: _st.TensorEntry, path: Path,
@@ -237,11 +251,36 @@ def rebuild(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, strength: float, 
     if sha256(data) == tr.before_sha256:
         return data
     if cur_sha and cur_sha != tr.after_sha256:
-        raise UndoRecordError(f"{tr.key} is neither as patched nor as before (changed by another program?), and undo "
+        raise ForeignBytesError(f"{tr.key} is neither as patched nor as before (changed by another program?), and undo "
                               f"record {path} holds the change, not the original bytes",
                               "restore the checkpoint from a backup")
     raise UndoRecordError(f"undo record {path} is corrupt ({tr.key} does not match its hash)",
                           "it is damaged; revert is impossible")
+
+
+def check_before_or_after(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, tr: TensorRecord,
+                          cur_sha: str | None = None) -> None:
+    """Raise :class:`ForeignBytesError` unless ``cur`` holds the tensor's bytes before or after the entry, page by
+    page (one page may be cut inside by a write that stopped there: its before part must be the original's).
+    A residual record is not checked here: its rebuild proves it (the result must hash to the bytes before)."""
+    if rec.original is None or (cur_sha or sha256(cur)) in (tr.before_sha256, tr.after_sha256):
+        return
+    pages, orig = _pages(ent.begin, len(cur)), rec.original
+    same = [cur[a:b] == orig[a:b] for a, b in pages]
+    if len(rec.page_crc) == len(pages):
+        odd = [(a, b) for (a, b), crc, s in zip(pages, rec.page_crc.tolist(), same) if not s and zlib.crc32(cur[a:b]) != crc]
+        proven = not odd or (len(odd) == 1 and _cut_before_part(cur, orig, *odd[0], _st.ITEMSIZE[ent.dtype]))
+    else:  # a record from before page checksums: a write runs from the start, so a tensor it cut holds after
+        proven = any(same) and all(same[same.index(True):])  # bytes first and before bytes from a page on
+    if not proven:
+        raise ForeignBytesError(f"{tr.key} holds neither its bytes from before the interrupted write nor those it "
+                                "wrote", "restore the file the journal describes")
+
+
+def _cut_before_part(cur: bytes, orig: bytes, a: int, b: int, item: int) -> bool:
+    """Whether the page ``[a, b)`` is one a write stopped inside: original bytes after the cut (an apply) or
+    before it (a revert), with at least one element on either side."""
+    return any(cur[t:b] == orig[t:b] or cur[a:t] == orig[a:t] for t in range(a + item, b, item))
 
 
 def _undo_residual(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, strength: float, whole: bool) -> bytes:

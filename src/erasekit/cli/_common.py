@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -18,7 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ..errors import ErasekitError, invalid_setting
+from ..errors import ErasekitError, ErasekitWarning, invalid_setting
 
 # markup=False: paths and layouts like "[single-file-sd1]" are data, not rich markup. Piped output gets
 # a wide virtual terminal so that tables are not truncated in logs.
@@ -52,7 +53,25 @@ def debug() -> bool:
 
 @contextlib.contextmanager
 def errors() -> Iterator[None]:
-    """Turn known errors into one line on stderr and an exit code; tracebacks only with ERASEKIT_DEBUG=1."""
+    """Turn known errors into one line on stderr and an exit code; tracebacks only with ERASEKIT_DEBUG=1. The
+    library's warnings (:class:`ErasekitWarning`) become ``warning:`` lines as they happen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ErasekitWarning)
+        shown = warnings.showwarning
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, ErasekitWarning):
+                warn([str(message)])
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        with _errors_as_lines():
+            yield
+
+
+@contextlib.contextmanager
+def _errors_as_lines() -> Iterator[None]:
     try:
         yield
     except (typer.Exit, typer.Abort):

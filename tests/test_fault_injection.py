@@ -1,0 +1,199 @@
+"""Every write, fsync, rename and copy of the commands that write (``apply`` in place, with one patch and two,
+``--revert``, ``apply -o``, ``merge``, ``export``, ``erase``'s patch) failing in turn (ENOSPC from there on: a full
+disk; EIO once) or the process dying there (``os._exit`` in a child): after the next command every file is as
+before the command or as after it, the undo journal says which, no temporary is left, and a failure was one line
+with a non-zero exit (harness: tests/faults.py).
+
+A sample of k per case by default; ``ERASEKIT_FAULTS=all`` runs every k (minutes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import faults
+from conftest import snapshot
+from erasekit.journal import Journal, journal_dir
+
+ENV = {"SOURCE_DATE_EPOCH": "1700000000"}  # merge and erase write the same bytes every run
+
+
+def digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def journal_state(ckpt: Path) -> dict[str, Any]:
+    """What the undo journal beside ``ckpt`` says, and whether its records are there."""
+    journal = Journal(ckpt, {})
+    folder = journal_dir(ckpt)
+    return {"committed": [e.patch_title for e in journal.committed],
+            "interrupted": [f"{e.patch_title} ({e.state})" for e in journal.interrupted()],
+            "records missing": [e.undo_file for e in journal.entries if not (folder / e.undo_file).is_file()]}
+
+
+@dataclass
+class Case:
+    """A command that writes, and what of its folder is compared with the states before and after it."""
+
+    name: str
+    argv: Callable[[Path], list[str]]
+    state: Callable[[Path], dict[str, Any]]
+    in_place: bool  # the next command is `inspect PATCH --against CKPT`, then the same command again
+
+
+def in_place_state(ckpt: str) -> Callable[[Path], dict[str, Any]]:
+    return lambda root: {"weights": snapshot(root / ckpt), **journal_state(root / ckpt)}
+
+
+def output_state(out: str, source: str = "base.safetensors") -> Callable[[Path], dict[str, Any]]:
+    def state(root: Path) -> dict[str, Any]:
+        found = {"output": digest(root / out), "source": snapshot(root / source),
+                 "source journal": journal_state(root / source)}
+        if journal_dir(root / out).exists():  # an undo journal of the output, whether or not the output is there
+            found["output journal"] = journal_state(root / out)
+        return found
+    return state
+
+
+CASES = [
+    Case("apply", lambda r: ["apply", f"{r}/p1.erasepatch", "--to", f"{r}/base.safetensors", "--in-place"],
+         in_place_state("base.safetensors"), in_place=True),
+    Case("apply-two", lambda r: ["apply", f"{r}/p1.erasepatch", f"{r}/p2.erasepatch", "--to", f"{r}/base.safetensors",
+                                 "--in-place"], in_place_state("base.safetensors"), in_place=True),
+    Case("apply-folder", lambda r: ["apply", f"{r}/pf.erasepatch", "--to", f"{r}/folder", "--in-place"],
+         in_place_state("folder"), in_place=True),
+    Case("revert", lambda r: ["apply", "--revert", f"{r}/p1.erasepatch", "--to", f"{r}/applied.safetensors"],
+         in_place_state("applied.safetensors"), in_place=True),
+    Case("apply-o", lambda r: ["apply", f"{r}/p1.erasepatch", "--to", f"{r}/below.safetensors", "-o",
+                               f"{r}/out.safetensors"], output_state("out.safetensors", "below.safetensors"),
+         in_place=False),
+    Case("merge", lambda r: ["merge", f"{r}/p1.erasepatch", f"{r}/p2.erasepatch", "-o", f"{r}/merged.erasepatch"],
+         output_state("merged.erasepatch"), in_place=False),
+    Case("export", lambda r: ["export", f"{r}/p1.erasepatch", "--ui", "comfyui", "-o", f"{r}/exported.safetensors"],
+         output_state("exported.safetensors"), in_place=False),
+    Case("erase", lambda r: ["erase", "--concept", "circle", "--num-images", "1", "-o", f"{r}/erased.erasepatch"],
+         output_state("erased.erasepatch"), in_place=False),
+]
+MODES = {"enospc": (faults.ENOSPC, True), "eio": (faults.EIO, False), "killed": (None, False)}
+CALLS_PER_RUN = 8  # the default run tries one call in 8 (at least 4 per command), the modes taking turns
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The inputs every case starts from: a tiny SD1 file, two patches for it (layers 1 and 0), the file with the
+    first applied in place (and the second, on other tensors, below it for ``apply -o``'s journal copy), a folder
+    with two weight variants and a patch for it."""
+    from erasekit.apply import apply_to_checkpoint
+    from erasekit.diff import diff_checkpoints
+    from erasekit.testing import make_checkpoint
+
+    root = tmp_path_factory.mktemp("pristine")
+    work = tmp_path_factory.mktemp("inputs")
+    base = make_checkpoint(root / "base.safetensors", "single-sd1", "F16")
+    for name, layer, seed in (("p1", 1, 0), ("p2", 0, 1)):
+        edited = make_checkpoint(work / f"{name}.safetensors", "single-sd1", "F16", edit_layers=[layer], edit_seed=seed)
+        diff_checkpoints(base, edited, output=root / f"{name}.erasepatch", title=name)
+    applied = shutil.copyfile(base, root / "applied.safetensors")
+    apply_to_checkpoint([root / "p2.erasepatch", root / "p1.erasepatch"], applied, in_place=True)
+    below = shutil.copyfile(base, root / "below.safetensors")
+    apply_to_checkpoint([root / "p2.erasepatch"], below, in_place=True)
+    folder = make_checkpoint(root / "folder", "diffusers-sd1-fp16-variant", "F32")
+    edited = make_checkpoint(work / "folder", "diffusers-sd1-fp16-variant", "F32", edit_layers=[1])
+    diff_checkpoints(folder, edited, output=root / "pf.erasepatch", title="pf")
+    shutil.copyfile(root / "p1.erasepatch", root / "trained.erasepatch")
+    return root
+
+
+def fresh(pristine: Path, work: Path) -> Path:
+    shutil.copytree(pristine, work, symlinks=True)
+    return work
+
+
+def stubs_for(case: Case, root: Path) -> faults.Stubs | None:
+    return faults.Stubs("faults.erase_without_training", (str(root / "trained.erasepatch"),)) if case.name == "erase" else None
+
+
+def changes(found: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Which parts of a state are neither as before nor as after."""
+    odd = [f"{k}: {found.get(k)!r}" for k in sorted(set(found) | set(before) | set(after))
+           if found.get(k) not in (before.get(k), after.get(k))]
+    mixed = [k for k in found if found.get(k) == before.get(k) != after.get(k)]
+    return "; ".join(odd) or f"a mix of before ({', '.join(mixed)}) and after"
+
+
+class Violations(list):
+    def add(self, case: str, mode: str, k: int, call: faults.Call | None, what: str) -> None:
+        self.append(f"{case} {mode} k={k} ({call}): {what}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_fault_at_any_call_leaves_the_files_before_or_after(case: Case, pristine: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    before_root = fresh(pristine, tmp_path / "before")
+    before = case.state(before_root)
+    counted, calls = faults.count_calls(case.argv(before_root), before_root, stubs_for(case, before_root))
+    assert counted.exit_code == 0, counted.stderr
+    after = case.state(before_root)
+    assert after != before and calls, "the command under test changes nothing"
+
+    found = Violations()
+    for k, mode in faults.plan(len(calls), list(MODES), CALLS_PER_RUN, every=faults.every_k()):
+        root = fresh(pristine, tmp_path / f"{mode}-{k}")
+        call = _run_with_fault(case, mode, k, calls, root, after, found)
+        if call is not None:
+            _check_next(case, mode, k, call, root, before, after, found)
+    assert not found, f"{len(found)} violations:\n" + "\n".join(found)
+
+
+def _run_with_fault(case: Case, mode: str, k: int, calls: list[faults.Call], root: Path, after: dict[str, Any],
+                    found: Violations) -> faults.Call | None:
+    """The command with call k failing (or dying there); the call (None if the run went otherwise than counted)."""
+    argv, stubs = case.argv(root), stubs_for(case, root)
+    code, persistent = MODES[mode]
+    if code is None:
+        status = faults.die_at(argv, root, k, stubs, ENV)
+        if status != faults.DIED:
+            found.add(case.name, mode, k, calls[k - 1], f"the child exited {status}, not at the call")
+            return None
+        return calls[k - 1]
+    outcome, seen = faults.fail_at(argv, root, k, code, persistent, stubs)
+    if len(seen) < k or seen[k - 1].kind != calls[k - 1].kind:
+        found.add(case.name, mode, k, calls[k - 1], "the run made other calls than the counted one")
+        return None
+    if outcome.exit_code == 0 and case.state(root) != after:
+        found.add(case.name, mode, k, seen[k - 1], "reported success, but the files are not as after")
+    elif outcome.exit_code != 0 and (problem := faults.one_line_error(outcome)):
+        found.add(case.name, mode, k, seen[k - 1], problem)
+    return seen[k - 1]
+
+
+def _check_next(case: Case, mode: str, k: int, call: faults.Call, root: Path, before: dict[str, Any],
+                after: dict[str, Any], found: Violations) -> None:
+    """The next commands: for an in-place target, ``inspect PATCH --against CKPT`` (which rolls an interrupted entry
+    back first); then the same command again. The invariants after each."""
+    argv = case.argv(root)
+    if case.in_place:
+        patch, ckpt = next(a for a in argv if a.endswith(".erasepatch")), argv[argv.index("--to") + 1]
+        nxt = faults.run_cli(["inspect", patch, "--against", ckpt])
+        if nxt.exit_code != 0:
+            found.add(case.name, mode, k, call, f"the next inspect --against failed: {nxt.stderr.strip()}")
+    state = case.state(root)
+    if state not in (before, after):
+        found.add(case.name, mode, k, call, "neither before nor after: " + changes(state, before, after))
+        return
+    again = faults.run_cli(argv, stubs=stubs_for(case, root))
+    if state == before and again.exit_code != 0:
+        found.add(case.name, mode, k, call, f"running it again failed: {again.stderr.strip()}")
+    elif case.state(root) != after:
+        found.add(case.name, mode, k, call, "not as after once run again: " + changes(case.state(root), before, after))
+    left = faults.temporaries(root)
+    if left:
+        found.add(case.name, mode, k, call, f"temporaries left: {left}")
