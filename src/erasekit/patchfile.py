@@ -285,7 +285,9 @@ class Patch:
         return data_sha256(self.tensors, self.dtypes)
 
     def weight_delta(self, module: str) -> np.ndarray:
-        """The dense float32 weight delta of ``module`` (low-rank factors multiplied out)."""
+        """The dense float32 weight delta of ``module`` (low-rank factors multiplied out, in float64: out x in, at
+        most the largest encoder a manifest may claim, :data:`MAX_ENCODER`). For norms and inner products, use
+        :meth:`weight_factors`, which never multiplies out."""
         info = self.manifest.deltas[module]
         if info.storage == "dense":
             return self.tensors[f"{module}.diff"]
