@@ -37,7 +37,8 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path: Path) -> Non
         host = _temps._host()
         kept = [tmp_path / f".p.erasepatch.{host}_{live.pid}.x1.incomplete",  # a writer still at work
                 tmp_path / f".p.erasepatch.elsewhere_{os.getpid() + 1}.x2.incomplete",  # another machine's
-                tmp_path / f".q.erasepatch.{left.name.split('.')[3]}.x3.incomplete",  # another output's
+                # another output's (p.erasepatch.old), left by the same dead writer: its name matches p's pattern
+                tmp_path / f".p.erasepatch.old.{left.name.split('.')[3]}.x3.incomplete",
                 tmp_path / ".p.erasepatch.notes.incomplete"]  # not named by erasekit
         for k in kept:
             k.write_bytes(b"keep")

@@ -255,6 +255,17 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
+def _replace(tmp: str, path: Path) -> None:
+    """``os.replace``, a file that another program holds open (Windows refuses to replace it) named in one line."""
+    try:
+        os.replace(tmp, path)
+    except PermissionError as e:
+        from .errors import TargetNotWritableError
+
+        raise TargetNotWritableError(f"cannot replace {path} ({e.strerror}): another program holds it open, or it is "
+                                     "read-only", "close it in that program (or make it writable), then retry") from None
+
+
 def check_new_output(out: Path, replace: bool = False, make_folder: bool = False) -> None:
     """Refuse, before any work, an output that exists (unless it is to be ``replace``-d) or whose folder is missing
     (unless the caller will ``make_folder`` it: then the nearest folder that exists must be writable) or not
@@ -301,7 +312,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _mode_for(path))
-        os.replace(tmp, path)
+        _replace(tmp, path)
         fsync_dir(parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

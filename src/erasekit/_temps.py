@@ -4,8 +4,13 @@ killed writer left behind.
 A temporary is named ``.<output name>.<host>_<pid>.<random>.incomplete``: the machine and process that write it.
 Before writing a new one, a writer removes the temporaries of the same output whose process is gone on this
 machine (a SIGKILL, a power cut: no ``finally`` ran). Those of a live process, of another machine (a shared
-folder) or named otherwise are left alone. Windows keeps them: there, probing a process id with ``os.kill`` would
-end it.
+folder), of another user (a shared sticky folder such as /tmp, where removing them is not ours to do) or named
+otherwise are left alone, and one that cannot be removed (permission denied) is skipped. Windows keeps them:
+there, probing a process id with ``os.kill`` would end it.
+
+The machine is told by its host name and the process by its id. Two containers that share a folder, a host name
+and not a PID namespace can see each other's live writers as gone: give them different host names (docker run
+--hostname), or distinct output folders.
 """
 
 from __future__ import annotations
@@ -36,12 +41,23 @@ def remove_stale(output: Path) -> list[Path]:
     for path in output.parent.glob(glob.escape(start) + "*" + SUFFIX):
         writer = path.name[len(start):-len(SUFFIX)].rpartition(".")[0]  # "<host>_<pid>"
         host, _, pid = writer.rpartition("_")
-        if host != _host() or not pid.isdigit() or _alive(int(pid)):
+        if host != _host() or not pid.isdigit() or not _mine(path) or _alive(int(pid)):
             continue
-        with contextlib.suppress(FileNotFoundError):
+        try:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            continue
         removed.append(path)
     return removed
+
+
+def _mine(path: Path) -> bool:
+    try:
+        return path.lstat().st_uid == os.getuid()
+    except FileNotFoundError:
+        return False
 
 
 def _host() -> str:

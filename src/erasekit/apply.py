@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,17 +28,20 @@ from .errors import (
     NonFiniteError,
     NotAppliedError,
     RevertOrderError,
+    TargetLockedError,
     TargetNotWritableError,
     UndoRecordError,
 )
 from ._parallel import map_threads
-from .journal import Entry, Journal, TensorAt, TensorRecord, copy_journal, journal_dir
+from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, TensorRecord, copy_journal, generation, journal_dir
 from .undo_record import DeltaParts, UndoTensor, added, delta_of, residual_fits, scaled, sha256, undo_record
 from .hub import in_hub_cache, resolve_model
 from .compat import (STATUS_RANK, FingerprintStatus, Touch, base_statuses, crossing_note, judge_fingerprints,
                      order_notes, slot_map, touches)
 from .layouts import Checkpoint, WeightFile, detect
 from .patchfile import Patch, compare_fingerprint, fingerprint, load_patch, now_iso
+
+T = TypeVar("T")
 
 
 
@@ -120,10 +123,18 @@ def in_place_stack(patches: Sequence[Patch], ckpt: Checkpoint) -> tuple[list[dic
     """For patches to be added in memory to ``ckpt`` loaded as it is: the patches applied to it in place
     (:func:`applied_in_place`), and the ids of ``patches`` made for it as it is below those (their base
     fingerprints match the tensors there). The loaded weights are not such a patch's base, so in memory it is
-    applied on trust of this check."""
+    applied on trust of this check. A patch of ``patches`` that is itself applied in place is refused: the loaded
+    weights hold it already, and adding it again would apply it twice."""
     applied = applied_in_place(ckpt)
     if not applied:
         return [], []
+    there = {a["patch_id"] for a in applied}
+    for p in patches:
+        if p.patch_id in there:
+            raise ErasekitError(f"patch '{p.title}' is already applied to {ckpt.path} in place, so the model as loaded "
+                                "holds it: adding it again would apply it twice, and 'before' would hold it too",
+                                f"leave it out to use the model as it is, or revert it first (erasekit apply --revert "
+                                f"{p.path or 'PATCH'} --to {ckpt.path}) to compare without and with it", option="patches")
     read = pristine_reader(ckpt)
     fits = [p for p in patches
             if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders, str(ckpt.path)),
@@ -278,11 +289,26 @@ def _records(plan: _Plan) -> dict[tuple[str, str], UndoTensor]:
     return {(r.wf.label, r.key): r.record for r in plan.rewrites if r.record is not None}
 
 
-def _owning_pipeline(ckpt: Checkpoint) -> Path | None:
-    """The diffusers pipeline folder whose component ``ckpt`` is (``F`` for ``F/text_encoder``), if any."""
-    if not ckpt.path.is_dir():
+def _owning_folder(ckpt: Checkpoint) -> Path | None:
+    """The folder checkpoint whose journal covers ``ckpt``'s weight files, if it is not ``ckpt`` itself: the
+    diffusers pipeline ``F`` of a component ``F/text_encoder``, or the folder (or its pipeline) of a weight file
+    ``F/text_encoder/model.safetensors``."""
+    path = ckpt.path.resolve()
+    if path.is_dir():
+        return _pipeline_of(path)
+    folder = path.parent
+    if not ((folder / "config.json").is_file() or (folder / "model_index.json").is_file()):
         return None
-    folder = ckpt.path.resolve()
+    try:
+        owner = detect(folder)
+    except ErasekitError:
+        return None
+    if not any(wf.path.resolve() == path for wf in owner.files):
+        return None
+    return _pipeline_of(folder) or folder
+
+
+def _pipeline_of(folder: Path) -> Path | None:
     index = folder.parent / "model_index.json"
     try:
         return folder.parent if index.is_file() and folder.name in json.loads(index.read_text()) else None
@@ -291,10 +317,11 @@ def _owning_pipeline(ckpt: Checkpoint) -> Path | None:
 
 
 def _check_writable(ckpt: Checkpoint) -> None:
-    owner = _owning_pipeline(ckpt)
-    if owner is not None:  # one journal per weight file: the pipeline's
-        raise TargetNotWritableError(f"{ckpt.path} is the {ckpt.path.resolve().name} of the diffusers pipeline {owner}, "
-                                     "whose undo journal covers its weight files",
+    owner = _owning_folder(ckpt)
+    if owner is not None:  # one journal per weight file: the folder's
+        what = (f"the {ckpt.path.resolve().name} of the diffusers pipeline" if ckpt.path.is_dir()
+                else "a weight file of the model folder")
+        raise TargetNotWritableError(f"{ckpt.path} is {what} {owner}, whose undo journal covers its weight files",
                                      f"apply to (or revert from) {owner} instead, or write a copy to an output",
                                      option="output")
     for wf in ckpt.files:
@@ -327,6 +354,21 @@ def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
         return journal.reconcile(_tensor_at(ckpt))
 
 
+def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable[[T], Any] = lambda _: None) -> T:
+    """``read()`` of ``ckpt``'s files as one state of them, without a lock: interrupted writes are finished first,
+    and a read during which an in-place apply or revert saved the journal (its generation changed) is discarded
+    and done again, up to three times."""
+    for _ in range(3):
+        recover_interrupted(ckpt)
+        seen = generation(ckpt.path)
+        result = read()
+        if generation(ckpt.path) == seen and not (seen and seen[1]):
+            return result
+        discard(result)
+    raise TargetLockedError(f"{ckpt.path} kept changing while it was read (another erasekit process is applying or "
+                            "reverting patches there)", "wait for it to finish, then retry")
+
+
 def checked_journal(ckpt: Checkpoint) -> Journal:
     """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`)."""
     recover_interrupted(ckpt)
@@ -344,25 +386,69 @@ def _pickle_to_safetensors(src: Path, dst: Path) -> None:
 
 def _stage_copy(ckpt: Checkpoint, out: Path) -> Path:
     """Copy the checkpoint (and its journal) to a hidden temporary beside ``out``; pickles become safetensors. The
-    temporaries (and their journals) of an earlier run that was killed are removed first."""
+    temporaries (and their journals) of an earlier run that was killed are removed first. The copy is of one state
+    of the checkpoint: an in-place apply or revert of the source that saves its journal while the copy is made
+    makes it copy again (:func:`read_consistently`)."""
     for stale in _temps.remove_stale(out):
         shutil.rmtree(journal_dir(stale), ignore_errors=True)
-    tmp = out.parent / f"{_temps.prefix(out)}{secrets.token_hex(4)}{_temps.SUFFIX}"
+    def copy() -> Path:
+        tmp = out.parent / f"{_temps.prefix(out)}{secrets.token_hex(4)}{_temps.SUFFIX}"
+        try:
+            _copy(ckpt, tmp)
+        except BaseException as e:
+            _remove_staged(tmp)
+            if isinstance(e, PermissionError):
+                raise TargetNotWritableError(f"cannot copy {ckpt.path} to {out.parent} ({e.strerror}: {e.filename})",
+                                             "check the permissions of both", option="output") from None
+            raise
+        return tmp
+
+    return read_consistently(ckpt, copy, discard=_remove_staged)
+
+
+def _copy(ckpt: Checkpoint, tmp: Path) -> None:
     if ckpt.path.is_dir():
-        shutil.copytree(ckpt.path, tmp, ignore=lambda d, names: ["lock"] if Path(d).name == ".erasekit" else [])
+        shutil.copytree(ckpt.path, tmp, ignore=_not_the_journal_lock)
         for wf in ckpt.files:
             if wf.format == "pickle":
                 staged = tmp / wf.label
                 _pickle_to_safetensors(staged, staged.with_name(staged.name.replace("pytorch_model", "model")
                                                                 .removesuffix(".bin") + ".safetensors"))
                 staged.unlink()
+    elif ckpt.files[0].format == "pickle":
+        _pickle_to_safetensors(ckpt.path, tmp)
     else:
-        if ckpt.files[0].format == "pickle":
-            _pickle_to_safetensors(ckpt.path, tmp)
+        shutil.copyfile(ckpt.path, tmp)
+        copy_journal(ckpt.path, journal_dir(tmp))
+
+
+def _not_the_journal_lock(folder: str, names: list[str]) -> list[str]:
+    """What a copy of a checkpoint folder leaves out of its journal folder: the lock and set-aside journals."""
+    return [n for n in names if n == "lock" or n.startswith(SET_ASIDE)] if Path(folder).name == DIRNAME else []
+
+
+def _remove_staged(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    if not tmp.is_dir():
+        shutil.rmtree(journal_dir(tmp), ignore_errors=True)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the staged copy (and a single file's journal) onto ``out``."""
+    try:
+        if tmp.is_dir():
+            os.replace(tmp, out)
         else:
-            shutil.copyfile(ckpt.path, tmp)
-            copy_journal(ckpt.path, journal_dir(tmp))
-    return tmp
+            stale = journal_dir(out)
+            if stale.exists():
+                shutil.rmtree(stale)
+            os.replace(journal_dir(tmp), stale)
+            os.replace(tmp, out)
+    except PermissionError as e:
+        raise TargetNotWritableError(f"cannot write {out} ({e.strerror}): another program holds it open, or its "
+                                     "folder is read-only", "close it there (or choose another output), then retry",
+                                     option="output") from None
+    _st.fsync_dir(out.parent)
 
 
 def _restaged(ckpt: Checkpoint, tmp: Path) -> Checkpoint:
@@ -411,19 +497,9 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
         try:
             applied, written = _apply_in_place(_restaged(ckpt, tmp), loaded, strengths, force, where)
             _st.fsync_tree(tmp)  # every copied file on disk before the rename makes the output visible
-            if tmp.is_dir():
-                os.replace(tmp, out)
-            else:
-                stale = journal_dir(out)
-                if stale.exists():
-                    shutil.rmtree(stale)
-                os.replace(journal_dir(tmp), stale)
-                os.replace(tmp, out)
-            _st.fsync_dir(out.parent)
+            _publish(tmp, out)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-            if not tmp.is_dir():
-                shutil.rmtree(journal_dir(tmp), ignore_errors=True)
+            _remove_staged(tmp)
             raise
     return ApplyReport(str(ckpt.path), ckpt.layout, ckpt.architecture, str(out), in_place, applied, written,
                        time.perf_counter() - t0, warnings)

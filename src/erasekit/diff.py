@@ -120,11 +120,14 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
     if rank is not None and rank < 1:
         raise ErasekitError(f"rank must be at least 1, got {rank}", "use 1 or more, or no rank for dense deltas",
                             option="rank")
-    from .apply import recover_interrupted
+    from .apply import applied_in_place, pristine_reader, recover_interrupted
 
     ca, cb = detect(resolve_model(a, TEXT_ENCODERS)), detect(resolve_model(b, TEXT_ENCODERS))
     for ckpt in (ca, cb):  # never compare half-applied files
         recover_interrupted(ckpt)
+    # A's patches applied in place: the patch goes on top of them, so (as an erase's) its base fingerprints are of
+    # the tensors below them, and it records them as made after them
+    below_a, in_place_a = pristine_reader(ca), applied_in_place(ca)
     if ca.architecture != cb.architecture:
         raise IncompatiblePatchError(f"{ca.path} is {ca.architecture} but {cb.path} is {cb.architecture}",
                                      "diff two checkpoints of the same architecture")
@@ -158,7 +161,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
                 for kind in ("weight", "bias"):
                     key = ea.key(layer, proj, kind)
                     ent_dtype, ent_shape = fa.tensor_info()[key]
-                    fps[f"{m}.{kind}"] = fingerprint(fa.read_raw(key), ent_dtype, ent_shape)
+                    fps[f"{m}.{kind}"] = fingerprint(below_a(fa, key), ent_dtype, ent_shape)
     if report.other_changed:
         report.notes.append(f"{len(report.other_changed)} text-encoder tensors outside the FFN layers differ (e.g. "
                             f"{report.other_changed[0]}); a patch carries only FFN changes")
@@ -184,7 +187,8 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
             title=title or f"{cb.path.stem} minus {ca.path.stem}", architecture=ca.architecture, encoders=encoders,
             fingerprints=fps, deltas=deltas,
             method=Method(name="diff", hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank,
-                                                        "dtype": dtype} | _prediction(ca) | _left_out(report)),
+                                                        "dtype": dtype} | _prediction(ca) | _left_out(report)
+                          | ({"after": in_place_a} if in_place_a else {})),
             source=ca.path.name)
         patch = Patch(manifest, tensors, storage_dtypes(tensors, dtype))
         save_patch(patch, out)

@@ -182,6 +182,24 @@ def check_recordable(patches: Sequence[str | os.PathLike]) -> Path:
     return path
 
 
+def check_measured_on_its_base(patch: Patch, model: str | os.PathLike | None) -> None:
+    """Refuse to record rates measured on a model with patches applied in place that ``patch`` was not made after
+    (its ``after``, in order): they would be the rates of a stack, not of the patch on the model it is for."""
+    from .apply import applied_in_place
+    from .hub import resolve_model
+    from .layouts import detect
+    from .toyworld import builtin_model_path
+
+    in_place = applied_in_place(detect(resolve_model(model if model is not None else builtin_model_path())))
+    after = patch.manifest.method.hyperparameters.get("after")
+    made_after = [a.get("patch_id") for a in after if isinstance(a, dict)] if isinstance(after, list) else []
+    if in_place and [a["patch_id"] for a in in_place] != made_after:
+        raise ErasekitError(f"{model} has patches applied in place ({', '.join(repr(a['title']) for a in in_place)}) "
+                            f"that '{patch.title}' was not made after, so its rates would be those of a stack",
+                            "record it on the model without them (a copy, or revert them first), or evaluate without "
+                            "recording", option="record")
+
+
 def _check_writable(path: Path, real: Path) -> None:
     mode = os.stat(real).st_mode
     if not os.access(real, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
@@ -258,6 +276,7 @@ def evaluate_and_record(concept: str, patches: Sequence[str | os.PathLike], *, m
     from .evaluate import evaluate_model
 
     path = check_recordable(patches)
+    check_measured_on_its_base(load_patch(path), model)
     config = config or EvalConfig()
     report = evaluate_model(concept, [path], model=model, config=config, prompts_file=prompts_file, **kwargs)
     patch = load_patch(path)

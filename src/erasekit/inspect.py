@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .apply import recover_interrupted  # torch only when arithmetic happens
+from .apply import applied_in_place, checked_journal, recover_interrupted  # torch only when arithmetic happens
 from .errors import ErasekitError
-from .journal import Journal, entry_summary
+from .journal import entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
 from .layouts import Checkpoint, detect
 from .model_configs import choose_config
@@ -159,7 +159,7 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
     differing = statuses.count("differs")
     if differing:
         return f"{differing} of {len(statuses)} base tensors differ (apply needs force)"
-    applied = [e.patch_title for e in Journal(ckpt.path, {}).committed]
+    applied = [a["title"] for a in applied_in_place(ckpt)]
     note = f"; note: patches already applied to it: {', '.join(applied)}" if applied else ""
     note += f"; {crossing}" if crossing else ""
     return ("exact" if "approx" not in statuses else "approx (same model, other precision)") + note
@@ -200,7 +200,7 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
             encoders.append(EncoderRow(slot, wf.display, "transformers" if enc.style == "hf" else "openclip",
                                        enc.prefix, enc.hidden, enc.intermediate, enc.layers,
                                        info[enc.key(0, "fc1", "weight")][0]))
-    journal = Journal(ckpt.path, {})
+    journal = checked_journal(ckpt)  # a journal that does not describe the file is set aside first
     return CheckpointInspection(str(ckpt.path), ckpt.layout, ckpt.architecture, encoders,
                                 [entry_summary(e) for e in journal.committed],
                                 [entry_summary(e) for e in journal.interrupted()], _config_of(ckpt))

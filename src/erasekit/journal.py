@@ -441,9 +441,8 @@ def copy_journal(src_checkpoint: Path, dst_dir: Path) -> None:
     if not (src / "journal.json").exists():
         return
     dst_dir.mkdir(parents=True, exist_ok=True)
-    for p in src.iterdir():
-        if p.name != "lock":
-            shutil.copy2(p, dst_dir / p.name)
+    for p in [src / "journal.json", *src.glob("*.undo")]:
+        shutil.copy2(p, dst_dir / p.name)
 
 
 def entry_summary(entry: Entry) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
     ``text_encoder_dtype`` loads the text encoders in another dtype than the rest (erase: fp32 encoders to train,
     a bf16 UNet to compute with)."""
-    from .apply import recover_interrupted
+    from .apply import read_consistently, recover_interrupted
     from .hub import resolve_model
 
     path = resolve_model(model)
@@ -134,19 +134,21 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                                                  torch_dtype=load_dtype, **extra, **kw)
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    try:
+    def read() -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                pipe = load()
+                return load()
             except NotImplementedError as e:
                 if path.is_dir() or "meta tensor" not in str(e):
                     raise
                 # with accelerate installed, diffusers leaves the tensors a file lacks on the meta device and fails
                 # on them; loaded without that (missing tensors random), the check below says what is missing
-                pipe = load(low_cpu_mem_usage=False)
-                check_single_file_pipeline(pipe, ckpt, config)
+                check_single_file_pipeline(load(low_cpu_mem_usage=False), ckpt, config)
                 raise
+
+    try:
+        pipe = read_consistently(ckpt, read)  # never one with tensors half-written by an apply under way
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as e:
         fix = ("check that the folder is a complete local diffusers pipeline" if path.is_dir() else
                f"check that {path} is a complete checkpoint" + (f" and {config} a pipeline of the same model"

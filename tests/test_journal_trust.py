@@ -1,0 +1,208 @@
+"""Nothing lost, nothing doubled: a journal writes only into the file it describes, one apply of several patches
+is all or nothing, and the write path is portable."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from erasekit import _st
+from erasekit.apply import RevertReport, apply_to_checkpoint, revert_from_checkpoint
+from erasekit.cli import app
+from erasekit.diff import diff_checkpoints
+from erasekit.errors import ErasekitWarning, TargetNotWritableError
+from erasekit.inspect import inspect_path
+from erasekit.journal import Journal, journal_dir
+from erasekit.testing import make_checkpoint
+
+runner = CliRunner()
+
+
+def run(*args: object):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def die_after_writing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next in-place apply dies (no cleanup runs) after writing its tensors, before committing them."""
+    real = Journal.write_tensors
+
+    def write_then_die(self: Journal, updates: dict, offsets: dict) -> None:
+        real(self, updates, offsets)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Journal, "write_tensors", write_then_die)
+
+
+def another_model(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A model of the same layout, size and header as the ``sd1`` fixture's (another seed), and a patch for it."""
+    other = make_checkpoint(tmp_path / f"{name}.safetensors", "single-sd1", "F16", seed=1)
+    edited = make_checkpoint(tmp_path / f"{name}-edited.safetensors", "single-sd1", "F16", seed=1, edit_layers=[0])
+    patch = tmp_path / f"{name}.erasepatch"
+    diff_checkpoints(other, edited, output=patch)
+    return other, patch
+
+
+@pytest.mark.parametrize("command", ["inspect", "inspect --against", "diff", "apply"])
+def test_a_pending_journal_never_writes_into_the_file_that_replaced_its_own(
+        tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    base, edited = sd1
+    with monkeypatch.context() as m:
+        die_after_writing(m)
+        with pytest.raises(KeyboardInterrupt):
+            apply_to_checkpoint([sd1_patch], base, in_place=True)
+    assert [e.state for e in Journal(base, {}).entries] == ["pending"]
+    other, other_patch = another_model(tmp_path, "other")
+    assert _st.read_header(other).header_len == _st.read_header(base).header_len
+    shutil.copyfile(other, base)  # the user puts another model of the same layout under the same name
+    replaced = digest(base)
+    args = {"inspect": ["inspect", base], "inspect --against": ["inspect", other_patch, "--against", base],
+            "diff": ["diff", base, edited], "apply": ["apply", other_patch, "--to", base, "--in-place"]}[command]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning:") and "undo journal" in line]
+    assert len(warned) == 1 and "does not describe the file there" in warned[0] and "nothing was written" in warned[0]
+    if command != "apply":
+        assert digest(base) == replaced  # not one byte of the old model's tensors
+    [aside] = journal_dir(base).glob("set-aside-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["0001.undo", "journal.json"]  # kept, for the user to find
+    assert str(aside) in warned[0]
+    if command == "inspect --against":
+        assert "exact" in r.stdout  # the new file's own patch fits it
+    assert [a["title"] for a in inspect_path(base).applied] == (["other-edited minus other"] if command == "apply" else [])
+
+
+def test_committed_patches_of_a_replaced_file_are_not_listed(tmp_path: Path, sd1: tuple[Path, Path],
+                                                             sd1_patch: Path) -> None:
+    base, _ = sd1
+    apply_to_checkpoint([sd1_patch], base, in_place=True)
+    other, other_patch = another_model(tmp_path, "other")
+    shutil.copyfile(other, base)
+    with pytest.warns(ErasekitWarning, match="no tensor that patch 'layer-1 edit' changed is as it left it"):
+        assert inspect_path(base).applied == []
+    apply_to_checkpoint([other_patch], base, in_place=True)  # a patch made for the new file is not refused
+    assert digest(base) != digest(other)
+
+
+def test_a_file_copied_back_with_its_journal_still_reverts(tmp_path: Path, sd1: tuple[Path, Path],
+                                                           sd1_patch: Path) -> None:
+    """A copy (new inode and time) is not a replacement: its tensors are as the journal says, so it is stamped anew."""
+    base, _ = sd1
+    original = digest(base)
+    apply_to_checkpoint([sd1_patch], base, in_place=True)
+    shutil.copyfile(base, tmp_path / "backup")
+    os.replace(tmp_path / "backup", base)
+    revert_from_checkpoint(sd1_patch, base)
+    assert digest(base) == original
+
+
+def test_a_second_patch_that_cannot_be_written_takes_the_first_back(tmp_path: Path, sd1: tuple[Path, Path],
+                                                                   sd1_patch: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    base, _ = sd1
+    other = make_checkpoint(tmp_path / "e0.safetensors", "single-sd1", "F16", edit_layers=[0])
+    second = tmp_path / "second.erasepatch"
+    diff_checkpoints(base, other, output=second)
+    original = digest(base)
+    real, calls = Journal.write_tensors, []
+
+    def disk_full_on_the_second(self: Journal, updates: dict, offsets: dict) -> None:
+        calls.append(len(updates))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(base))
+        real(self, updates, offsets)
+
+    monkeypatch.setattr(Journal, "write_tensors", disk_full_on_the_second)
+    r = run("apply", sd1_patch, second, "--to", base, "--in-place")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "No space left on device" in r.stderr
+    assert len(calls) == 4 and digest(base) == original  # two writes, then both entries rolled back  # the first patch's tensors written back
+    assert json.loads((journal_dir(base) / "journal.json").read_text())["entries"] == []
+    assert not list(journal_dir(base).glob("*.undo"))
+
+
+@pytest.mark.parametrize("entry_id", ["../../../evil", "0001/../../x", "1e3"])
+def test_a_journal_entry_id_is_never_a_path(tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path,
+                                            entry_id: str) -> None:
+    base, _ = sd1
+    apply_to_checkpoint([sd1_patch], base, in_place=True)
+    path = journal_dir(base) / "journal.json"
+    data = json.loads(path.read_text())
+    data["entries"][0]["id"] = entry_id
+    path.write_text(json.dumps(data))
+    outside = tmp_path / "evil.undo"
+    shutil.copyfile(journal_dir(base) / "0001.undo", outside)
+    state = digest(base)
+    r = run("apply", "--revert", sd1_patch, "--to", base)
+    assert r.exit_code == 6 and "undo journal" in r.stderr and "is unreadable or corrupt" in r.stderr
+    assert r.stderr.count("\n") == 1 and digest(base) == state and outside.exists()
+
+
+def test_revert_reports_the_hash_check_it_made(sd1: tuple[Path, Path], sd1_patch: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    base, _ = sd1
+    apply_to_checkpoint([sd1_patch], base, in_place=True)
+    real = Journal.revert
+    monkeypatch.setattr(Journal, "revert", lambda self, *a, **k: real(self, *a, **k) and False)
+    report = revert_from_checkpoint(sd1_patch, base)
+    assert isinstance(report, RevertReport) and report.verified is False
+
+
+def test_a_weight_file_inside_a_model_folder_gets_no_journal_of_its_own(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path / "p", "diffusers-sd1")
+    edited = make_checkpoint(tmp_path / "e", "diffusers-sd1", edit_layers=[0])
+    patch = tmp_path / "x.erasepatch"
+    diff_checkpoints(folder, edited, output=patch)
+    weights = folder / "text_encoder" / "model.safetensors"
+    r = run("apply", patch, "--to", weights, "--in-place")
+    assert r.exit_code == 7 and f"is a weight file of the model folder {folder.resolve()}" in r.stderr
+    assert not list(folder.rglob(".erasekit"))
+
+
+def test_a_refused_apply_leaves_no_journal_folder(tmp_path: Path, sd1: tuple[Path, Path]) -> None:
+    base, _ = sd1
+    other, other_patch = another_model(tmp_path, "other")  # made for another model: its fingerprints differ
+    r = run("apply", other_patch, "--to", base, "--in-place")
+    assert r.exit_code != 0 and not (tmp_path / ".erasekit").exists()
+
+
+def test_the_write_path_needs_no_posix_only_calls(sd1: tuple[Path, Path], sd1_patch: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows has no os.pwrite/os.pread: apply, recovery and revert run without them."""
+    base, _ = sd1
+    original = digest(base)
+    for name in ("pwrite", "pread", "pwritev", "preadv"):
+        monkeypatch.delattr(os, name, raising=False)
+    apply_to_checkpoint([sd1_patch], base, in_place=True)
+    assert digest(base) != original
+    revert_from_checkpoint(sd1_patch, base)
+    assert digest(base) == original
+
+
+def test_a_file_held_by_another_program_is_named_in_one_line(sd1: tuple[Path, Path], sd1_patch: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Windows answers a write to a file a UI has open (a sharing violation is a PermissionError there)."""
+    base, _ = sd1
+    original = digest(base)
+    from erasekit import journal
+
+    def held(path: object, mode: str = "rb", buffering: int = -1):  # type: ignore[no-untyped-def]
+        if "+" in mode:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process",
+                                  str(path))
+        return open(path, mode, buffering)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(journal, "open", held, raising=False)
+    with pytest.raises(TargetNotWritableError, match=r"cannot write .*base.safetensors .*another program holds it"):
+        apply_to_checkpoint([sd1_patch], base, in_place=True)
+    monkeypatch.undo()
+    assert digest(base) == original and inspect_path(base).applied == [] and not Journal(base, {}).entries
