@@ -138,9 +138,9 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     """Render ``config.n`` seeds per prompt with ``patches`` applied (and without, if ``config.compare``).
 
     Writes ``<prompt>_<seed>[_before|_after].png`` (``<prompt>``: see :func:`image_stems`) and ``grid.png`` into
-    ``out_dir``; the pipeline's weights are as they were when this returns. ``in_place``: the patches already in the pipeline's weights
-    (``patch_id``, ``title``), for the notes on the stack; ``checked``: see :func:`erasekit.memory.patches_applied`
-    (both from :func:`erasekit.apply.in_place_stack`).
+    ``out_dir``; the pipeline's weights are as they were when this returns. ``in_place``: the patches already in
+    the pipeline's weights (``patch_id``, ``title``), for the notes on the stack; ``checked``: see
+    :func:`erasekit.memory.patches_applied` (both from :func:`erasekit.apply.in_place_stack`).
     """
     from .compat import order_notes
     from .memory import patches_applied
