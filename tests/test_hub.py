@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from erasekit.cli import app
@@ -78,7 +80,8 @@ def test_a_missing_or_partial_id_offline_names_the_download_command(cache: Path)
         resolve_model("org/missing@v2")
     assert str(e.value) == ("org/missing@v2 is neither a local path nor in the Hugging Face cache, and downloads are off "
                             "(HF_HUB_OFFLINE); download it once online: hf download org/missing --revision v2 "
-                            '--include "model_index.json" --include "scheduler/*" --include "tokenizer/*" '
+                            '--include "model_index.json" --include "erasekit.json" --include "scheduler/*" '
+                            '--include "tokenizer/*" '
                             '--include "tokenizer_2/*" --include "unet/*" --include "vae/*" --include "text_encoder/*" '
                             '--include "text_encoder_2/*"')
     with pytest.raises(ErasekitError, match=r"org/half lacks unet, vae, scheduler, tokenizer in the Hugging Face cache"):
@@ -125,7 +128,7 @@ def test_apply_in_place_to_the_cache_is_refused_and_a_copy_works(cache: Path, ti
 
 
 def test_downloads_fetch_only_what_erasekit_needs() -> None:
-    listing = ["model_index.json", "v1-5-pruned.safetensors", "scheduler/scheduler_config.json",
+    listing = ["model_index.json", "erasekit.json", "v1-5-pruned.safetensors", "scheduler/scheduler_config.json",
                "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
                "tokenizer/vocab.json", "tokenizer/merges.txt",
                "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
@@ -134,14 +137,38 @@ def test_downloads_fetch_only_what_erasekit_needs() -> None:
                "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors",
                "text_encoder/pytorch_model.bin"]
     assert allow_patterns(listing, PIPELINE) == [
-        "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+        "erasekit.json", "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
         "text_encoder/model.fp16.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json", "unet/config.json",
         "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
     assert allow_patterns(listing, TEXT_ENCODERS) == [
-        "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+        "erasekit.json", "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
         "text_encoder/model.fp16.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json"]
     assert allow_patterns(["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin"], ("unet",)) == [
         "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin"]
+
+
+def test_a_model_id_reads_the_settings_of_its_snapshot(cache: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model id's erasekit.json is its snapshot's, as its weights are: eval knows the built-in world's model
+    under an id (its judge needs the file's "toyworld"), and the settings are the snapshot's, with or without a
+    revision."""
+    from erasekit.diff import diff_checkpoints
+    from erasekit.pipeline import model_settings
+    from erasekit.toyworld import builtin_model_path
+
+    add_to_hub_cache(cache, "org/toy", builtin_model_path(), commit=COMMIT)
+    snapshot_settings = json.loads((builtin_model_path() / "erasekit.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert model_settings("org/toy") == model_settings(f"org/toy@{COMMIT}") == snapshot_settings
+    edited = shutil.copytree(builtin_model_path() / "text_encoder", tmp_path / "edited")
+    weights = load_file(edited / "model.safetensors")
+    key = next(k for k in weights if k.endswith("layers.1.mlp.fc2.weight"))
+    save_file({**weights, key: weights[key] + 0.01}, edited / "model.safetensors", metadata={"format": "pt"})
+    patch = diff_checkpoints(builtin_model_path() / "text_encoder", edited, output=tmp_path / "p.erasepatch").output
+    r = runner.invoke(app, ["eval", "--model", "org/toy", "--patch", str(patch), "--concept", "circle", "-n", "1",
+                            "--steps", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["judge"] == "toyworld"
 
 
 def test_an_fp16_only_snapshot_loads(tiny: dict[str, Path], tmp_path: Path) -> None:

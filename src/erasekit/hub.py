@@ -3,7 +3,8 @@
 The Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``) is read with the library's own API; nothing here walks it by
 hand. A model that is in the cache is used from there, with no network access. A model that is not is downloaded
 (huggingface_hub's progress bars on stderr), only the files the command needs: the pipeline's configs,
-tokenizers and the UNet, VAE and text-encoder weights, the fp16 variant where the repo has one (half the bytes;
+tokenizers, ``erasekit.json`` (a model's recommended settings, where it has one) and the UNet, VAE and
+text-encoder weights, the fp16 variant where the repo has one (half the bytes;
 erasekit computes in float32 or the autocast dtype either way). With ``HF_HUB_OFFLINE=1`` a missing model is an
 error that names the command to download it.
 
@@ -24,7 +25,7 @@ _FILE_SUFFIXES = (".safetensors", ".erasepatch", ".ckpt", ".pt", ".pth", ".bin",
 # what each command needs from a pipeline repo: text encoders only (inspect, diff), or all it runs on
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 PIPELINE = ("unet", "vae", *TEXT_ENCODERS)
-_ALWAYS = ("model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*")
+_ALWAYS = ("model_index.json", "erasekit.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*")
 
 
 def parse_model_id(text: str) -> tuple[str, str | None] | None:
@@ -103,9 +104,11 @@ def download_command(repo: str, revision: str | None, components: tuple[str, ...
 
 
 def allow_patterns(files: list[str], components: tuple[str, ...]) -> list[str]:
-    """The files of a repo listing that erasekit downloads: configs and tokenizers, and for each component its
-    fp16 weights if the repo has them, else its plain ones (safetensors before pickles)."""
-    wanted = [f for f in files if f in ("model_index.json",) or f.split("/")[0] in ("scheduler", "tokenizer", "tokenizer_2")]
+    """The files of a repo listing that erasekit downloads: configs, tokenizers and the model's ``erasekit.json``
+    (its recommended settings), and for each component its fp16 weights if the repo has them, else its plain ones
+    (safetensors before pickles)."""
+    wanted = [f for f in files if f in ("model_index.json", "erasekit.json")
+              or f.split("/")[0] in ("scheduler", "tokenizer", "tokenizer_2")]
     for comp in components:
         inside = [f for f in files if f.startswith(comp + "/") and f.count("/") == 1]
         wanted += [f for f in inside if f.endswith(".json")]

@@ -39,8 +39,12 @@ def quiet_libraries() -> None:
 
 def model_settings(model: str | os.PathLike) -> dict[str, Any]:
     """A model folder's ``erasekit.json``: recommended settings per command (``{"erase": {...}}``) and
-    ``"toyworld": true`` for models of the built-in world. Empty for other models and for single files."""
-    path = Path(model) / "erasekit.json"
+    ``"toyworld": true`` for models of the built-in world. Empty for other models and for single files. The folder
+    is the one :func:`load_pipeline` loads ``model`` from (:func:`erasekit.hub.resolve_model`): a model id's
+    snapshot in the Hugging Face cache, a local path as it is."""
+    from .hub import resolve_model
+
+    path = resolve_model(model) / "erasekit.json"
     if not path.is_file():
         return {}
     return read_json(path, "repair or delete it")
