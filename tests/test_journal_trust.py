@@ -205,4 +205,6 @@ def test_a_file_held_by_another_program_is_named_in_one_line(sd1: tuple[Path, Pa
     with pytest.raises(TargetNotWritableError, match=r"cannot write .*base.safetensors .*another program holds it"):
         apply_to_checkpoint([sd1_patch], base, in_place=True)
     monkeypatch.undo()
-    assert digest(base) == original and inspect_path(base).applied == [] and not Journal(base, {}).entries
+    assert digest(base) == original
+    r = run("inspect", sd1_patch, "--against", base)  # the next reader rolls back what the failed one could not
+    assert r.exit_code == 0 and not Journal(base, {}).entries and digest(base) == original

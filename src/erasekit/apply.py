@@ -369,6 +369,17 @@ def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable
                             "reverting patches there)", "wait for it to finish, then retry")
 
 
+def described_journal(ckpt: Checkpoint) -> Journal:
+    """``ckpt``'s journal as it is, interrupted entries included, once it is known to describe the files there
+    (:meth:`Journal.foreign`; else it is set aside). Writes nothing to the weight files: for listing it."""
+    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    if journal.entries and journal.foreign(_tensor_at(ckpt)) is not None:
+        with journal.locked():
+            if (reason := journal.foreign(_tensor_at(ckpt))) is not None:
+                journal.set_aside(reason)
+    return journal
+
+
 def checked_journal(ckpt: Checkpoint) -> Journal:
     """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`)."""
     recover_interrupted(ckpt)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .apply import applied_in_place, checked_journal, recover_interrupted  # torch only when arithmetic happens
+from .apply import applied_in_place, described_journal, recover_interrupted  # torch only when arithmetic happens
 from .errors import ErasekitError
 from .journal import entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
@@ -200,7 +200,7 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
             encoders.append(EncoderRow(slot, wf.display, "transformers" if enc.style == "hf" else "openclip",
                                        enc.prefix, enc.hidden, enc.intermediate, enc.layers,
                                        info[enc.key(0, "fc1", "weight")][0]))
-    journal = checked_journal(ckpt)  # a journal that does not describe the file is set aside first
+    journal = described_journal(ckpt)  # interrupted entries are shown; a journal of another file is set aside
     return CheckpointInspection(str(ckpt.path), ckpt.layout, ckpt.architecture, encoders,
                                 [entry_summary(e) for e in journal.committed],
                                 [entry_summary(e) for e in journal.interrupted()], _config_of(ckpt))

@@ -216,11 +216,12 @@ class Journal:
 
     def originals(self, entry: Entry, tensor_at: TensorAt,
                   current: dict[tuple[str, str], tuple[bytes, str]] | None = None,
-                  prove: bool = False) -> dict[tuple[str, str], bytes]:
+                  prove: bool = False, skip: set[tuple[str, str]] | frozenset = frozenset()) -> dict[tuple[str, str], bytes]:
         """Every tensor's bytes from before ``entry``, rebuilt from the tensors now (``current``: their bytes and
         sha256, else read) and verified against their recorded hashes. ``prove``: first check that the bytes now
         are, page by page, those before or after the entry, also where a full record would not need them
-        (:class:`ForeignBytesError` if not). Raises :class:`UndoRecordError`; writes nothing."""
+        (:class:`ForeignBytesError` if not). ``skip``: tensors left out. Raises :class:`UndoRecordError`; writes
+        nothing."""
         undo, path, current = self.read_undo(entry, tensor_at), self.dir / entry.undo_file, current or {}
 
         def one(tr: TensorRecord) -> bytes:
@@ -232,7 +233,8 @@ class Journal:
                 check_before_or_after(undo[k], cur, ent, tr, cur_sha)
             return rebuild(undo[k], cur, ent, entry.strength, tr, path, cur_sha)
 
-        return dict(zip(((r.file, r.key) for r in entry.tensors), map_threads(one, entry.tensors)))
+        wanted = [r for r in entry.tensors if (r.file, r.key) not in skip]
+        return dict(zip(((r.file, r.key) for r in wanted), map_threads(one, wanted)))
 
     def pristine(self, label: str, key: str, current: bytes, tensor_at: TensorAt) -> bytes | None:
         """The tensor as it was before any committed entry changed it, rebuilt from its bytes now down the stack of
@@ -253,10 +255,12 @@ class Journal:
         return data
 
     def foreign(self, tensor_at: TensorAt) -> str | None:
-        """Why the journal does not describe the weight files there (None: it does). Size and header must be as
-        stamped; where a file was written since (inode or time differ, or no stamp), each committed entry must
-        still be there: some tensor it was the last to change (and no interrupted entry touches) holds its after
-        bytes. (Another program's edit of some of them leaves the entry, which then needs a forced revert.)"""
+        """Why the journal does not describe the weight files there (None: it does); reads, never writes. Size and
+        header must be as stamped; where a file was written since (inode or time differ, or no stamp), each
+        committed entry must still be there: some tensor it was the last to change (and no interrupted entry
+        touches) holds its after bytes (another program's edit of some of them leaves the entry, which then needs a
+        forced revert); and each interrupted entry's tensors that no newer one touches hold, page by page, its
+        bytes before or after it."""
         now = self._stamps_now()
         for label, stamp in self.data.files.items():
             if label in now and (now[label].size, now[label].header_sha256) != (stamp.size, stamp.header_sha256):
@@ -269,6 +273,13 @@ class Journal:
             mine = [(k, after) for k, (e, after) in last.items() if e is entry and k not in busy]
             if mine and not any(sha256(self._read(k[0], tensor_at(*k))) == after for k, after in mine):
                 return f"no tensor that patch '{entry.patch_title}' changed is as it left it"
+        newer: set[tuple[str, str]] = set()
+        for entry in reversed(self.interrupted()):
+            try:
+                self.originals(entry, tensor_at, prove=True, skip=newer)
+            except ForeignBytesError as e:
+                return e.problem
+            newer |= {(r.file, r.key) for r in entry.tensors}
         return None
 
     # -- writing ---------------------------------------------------------------------------------
