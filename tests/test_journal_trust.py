@@ -208,3 +208,83 @@ def test_a_file_held_by_another_program_is_named_in_one_line(sd1: tuple[Path, Pa
     assert digest(base) == original
     r = run("inspect", sd1_patch, "--against", base)  # the next reader rolls back what the failed one could not
     assert r.exit_code == 0 and not Journal(base, {}).entries and digest(base) == original
+
+
+# -- readers of a checkpoint with patches applied in place ------------------------------------------------------
+
+@pytest.fixture
+def toy_with_a_patch_in_place(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of the built-in model with a patch (its layer-0 FFN nudged) applied in place, and a second patch."""
+    from safetensors.numpy import load_file, save_file
+
+    from erasekit.toyworld import builtin_model_path
+
+    model = shutil.copytree(builtin_model_path(), tmp_path / "model")
+    patches = []
+    for i, layer in enumerate((0, 1)):
+        edited = shutil.copytree(model, tmp_path / f"edited{i}")
+        te = edited / "text_encoder" / "model.safetensors"
+        sd = load_file(str(te))
+        key = next(k for k in sd if k.endswith(f"layers.{layer}.mlp.fc1.weight"))
+        sd[key] = sd[key] + 0.01
+        save_file(sd, str(te))
+        patches.append(tmp_path / f"p{i}.erasepatch")
+        diff_checkpoints(model, edited, output=patches[-1])
+    apply_to_checkpoint([patches[0]], model, in_place=True)
+    return model, patches[0], patches[1]
+
+
+@pytest.mark.parametrize("command", ["generate", "generate --compare", "eval", "eval --record"])
+def test_a_patch_applied_in_place_is_never_applied_again_in_memory(
+        tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path], command: str) -> None:
+    model, in_place, _ = toy_with_a_patch_in_place
+    before = digest(in_place)
+    args = {"generate": ["generate", "a red circle", "-m", model, "-p", in_place, "-o", tmp_path / "out", "-n", "1",
+                         "--steps", "2"],
+            "eval": ["eval", "-c", "circle", "-m", model, "-p", in_place, "-n", "1", "--steps", "2"]}[command.split()[0]]
+    r = run(*args, *command.split()[1:])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert f"patch '{load_title(in_place)}' is already applied to {model} in place" in r.stderr
+    assert "revert it first (erasekit apply --revert" in r.stderr
+    assert not (tmp_path / "out").exists() and digest(in_place) == before  # no images, nothing recorded
+
+
+def test_eval_records_no_rates_measured_on_other_patches_in_place(
+        toy_with_a_patch_in_place: tuple[Path, Path, Path]) -> None:
+    model, in_place, other = toy_with_a_patch_in_place
+    before = digest(other)
+    r = run("eval", "-c", "circle", "-m", model, "-p", other, "-n", "1", "--steps", "2", "--record")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert f"has patches applied in place ('{load_title(in_place)}') that '{load_title(other)}' was not made after" \
+        in r.stderr
+    assert digest(other) == before
+
+
+def load_title(path: Path) -> str:
+    from erasekit.patchfile import load_patch
+
+    return load_patch(path).title
+
+
+def test_diff_of_a_checkpoint_with_patches_in_place_gives_a_patch_that_applies_there(
+        tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path]) -> None:
+    """One rule for diff, erase, apply and inspect --against: base fingerprints of the tensors below the journal."""
+    from safetensors.numpy import load_file, save_file
+
+    model, in_place, _ = toy_with_a_patch_in_place
+    edited = shutil.copytree(model, tmp_path / "edited-after", ignore=shutil.ignore_patterns(".erasekit"))
+    te = edited / "text_encoder" / "model.safetensors"
+    sd = load_file(str(te))
+    key = next(k for k in sd if k.endswith("layers.0.mlp.fc2.weight"))
+    sd[key] = sd[key] - 0.01
+    save_file(sd, str(te))
+    out = tmp_path / "d.erasepatch"
+    assert run("diff", model, edited, "-o", out).exit_code == 0
+    from erasekit.patchfile import load_patch
+
+    after = load_patch(out).manifest.method.hyperparameters["after"]
+    assert [a["patch_id"] for a in after] == [load_patch(in_place).patch_id]
+    r = run("apply", out, "--to", model, "--in-place")
+    assert r.exit_code == 0 and "warning" not in r.stderr and "exact" in r.stdout, r.output  # before: 'differ', exit 5
+    assert run("apply", "--revert", out, "--to", model).exit_code == 0
+    assert run("apply", "--revert", in_place, "--to", model).exit_code == 0

@@ -128,6 +128,16 @@ def in_place_stack(patches: Sequence[Patch], ckpt: Checkpoint) -> tuple[list[dic
     applied = applied_in_place(ckpt)
     if not applied:
         return [], []
+    refuse_applied_twice(patches, applied, ckpt)
+    read = pristine_reader(ckpt)
+    fits = [p for p in patches
+            if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders, str(ckpt.path)),
+                                              read).values()]
+    return applied, [p.patch_id for p in fits]
+
+
+def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, str]], ckpt: Checkpoint) -> None:
+    """Refuse to add in memory a patch that is among those ``applied`` to ``ckpt`` in place."""
     there = {a["patch_id"] for a in applied}
     for p in patches:
         if p.patch_id in there:
@@ -135,11 +145,6 @@ def in_place_stack(patches: Sequence[Patch], ckpt: Checkpoint) -> tuple[list[dic
                                 "holds it: adding it again would apply it twice, and 'before' would hold it too",
                                 f"leave it out to use the model as it is, or revert it first (erasekit apply --revert "
                                 f"{p.path or 'PATCH'} --to {ckpt.path}) to compare without and with it", option="patches")
-    read = pristine_reader(ckpt)
-    fits = [p for p in patches
-            if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders, str(ckpt.path)),
-                                              read).values()]
-    return applied, [p.patch_id for p in fits]
 
 
 def _tensor_at(ckpt: Checkpoint) -> TensorAt:

@@ -185,12 +185,14 @@ def check_recordable(patches: Sequence[str | os.PathLike]) -> Path:
 def check_measured_on_its_base(patch: Patch, model: str | os.PathLike | None) -> None:
     """Refuse to record rates measured on a model with patches applied in place that ``patch`` was not made after
     (its ``after``, in order): they would be the rates of a stack, not of the patch on the model it is for."""
-    from .apply import applied_in_place
+    from .apply import applied_in_place, refuse_applied_twice
     from .hub import resolve_model
     from .layouts import detect
     from .toyworld import builtin_model_path
 
-    in_place = applied_in_place(detect(resolve_model(model if model is not None else builtin_model_path())))
+    ckpt = detect(resolve_model(model if model is not None else builtin_model_path()))
+    in_place = applied_in_place(ckpt)
+    refuse_applied_twice([patch], in_place, ckpt)
     after = patch.manifest.method.hyperparameters.get("after")
     made_after = [a.get("patch_id") for a in after if isinstance(a, dict)] if isinstance(after, list) else []
     if in_place and [a["patch_id"] for a in in_place] != made_after:
