@@ -288,3 +288,30 @@ def test_diff_of_a_checkpoint_with_patches_in_place_gives_a_patch_that_applies_t
     assert r.exit_code == 0 and "warning" not in r.stderr and "exact" in r.stdout, r.output  # before: 'differ', exit 5
     assert run("apply", "--revert", out, "--to", model).exit_code == 0
     assert run("apply", "--revert", in_place, "--to", model).exit_code == 0
+
+
+def test_apply_to_an_output_copies_one_state_of_a_checkpoint_being_written(
+        tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-place apply to the source commits between the copy of its bytes and of its journal: the copy is made
+    again, and the output's journal lists exactly the patches its bytes hold."""
+    from erasekit import apply as apply_module
+
+    base, _ = sd1
+    other = make_checkpoint(tmp_path / "e0.safetensors", "single-sd1", "F16", edit_layers=[0])
+    second = tmp_path / "second.erasepatch"
+    diff_checkpoints(base, other, output=second)
+    real, fired = apply_module.copy_journal, []
+
+    def another_writer_between(src: Path, dst: Path) -> None:
+        if not fired:
+            fired.append(apply_to_checkpoint([sd1_patch], base, in_place=True))
+        real(src, dst)
+
+    monkeypatch.setattr(apply_module, "copy_journal", another_writer_between)
+    out = tmp_path / "out.safetensors"
+    apply_to_checkpoint([second], base, output=out)
+    assert fired and [a["title"] for a in inspect_path(out).applied] == ["layer-1 edit", "e0 minus base"]
+    revert_from_checkpoint(second, out)
+    revert_from_checkpoint(sd1_patch, out)  # before: "not as the applied patches left it" (its bytes lacked it)
+    revert_from_checkpoint(sd1_patch, base)
+    assert digest(out) == digest(base)
