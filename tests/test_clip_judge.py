@@ -26,9 +26,10 @@ runner = CliRunner()
 COLOURS = ["red", "green", "blue"]
 
 
-def make_colour_clip(folder: Path, labels: list[str] = COLOURS) -> Path:
+def make_colour_clip(folder: Path, labels: list[str] = COLOURS, drawn: list[str] | None = None) -> Path:
     """A tiny CLIPModel (with its processor) whose zero-shot argmax over 'a photo of a {colour}' is the colour of
-    the toy world's objects."""
+    the toy world's objects; ``drawn``: the colour each label's text is taken to show instead (a judge that
+    confuses them)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def make_colour_clip(folder: Path, labels: list[str] = COLOURS) -> Path:
         text = model.get_text_features(**tokenizer([f"a photo of a {x}" for x in labels], padding=True,
                                                    return_tensors="pt")).pooler_output
         text = text / text.norm(dim=-1, keepdim=True)
-        shots = [[render_concept(c, s)[0] for s in range(10)] for c in labels]
+        shots = [[render_concept(c, s)[0] for s in range(10)] for c in drawn or labels]
         pooled = [vision(pixel_values=processor.image_processor(imgs, return_tensors="pt")["pixel_values"])
                   .pooler_output.mean(0) for imgs in shots]
         centroids = torch.stack(pooled)
@@ -160,6 +161,36 @@ def test_eval_with_the_clip_judge(tmp_path: Path, world: dict[str, Path]) -> Non
     assert all(0 <= s["before"] <= 1 and s["before"] == s["after"] for s in scores), scores
     assert rep["largest_drop"] is None
     assert rep["target"]["before"] >= 0.75 and rb["before"] >= 0.75, "CLIP sees the red of the model's red images"
+    assert rep["judge_notes"] == [], "so its after-rate means what it says"
+
+
+def test_a_judge_blind_to_the_target_is_noted(tmp_path: Path, world: dict[str, Path]) -> None:
+    """A judge that takes red things for blue and blue things for red finds red in almost none of the unpatched
+    model's red images: the after-rate then says nothing, and the JSON and the table say so. A judge that sees the
+    target leaves no note."""
+    blind = make_colour_clip(tmp_path / "blind", COLOURS, drawn=["blue", "green", "red"])
+    prompts = write_lines(tmp_path / "prompts.txt", [f"a photo of a {c}" for c in COLOURS])
+    args = ["eval", "--patch", str(world["patch"]), "--concept", "red", "--keep", "green", "--stand-in", "blue",
+            "-n", "2", "--steps", "8", "--prompts", str(prompts), "--paraphrases", str(write_lines(tmp_path / "p.txt", ["one {}"]))]
+    r = runner.invoke(app, [*args, "--judge", str(blind), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["target"]["before"] <= 0.25 and rep["others"][0]["before"] >= 0.75, rep
+    assert rep["judge_notes"] == [
+        f"the judge finds red in {100 * rep['target']['before']:.1f}% of the unpatched model's images of it (no "
+        f"better than chance among 3 labels (33.3%); under half the other labels' "
+        f"{50 * (rep['others'][0]['before'] + rep['others'][1]['before']):.1f}%), so its after-rate says nothing "
+        "about the erase; check that the model draws red and that the judge knows it (its label's wording, another "
+        "judge)"]
+    text = runner.invoke(app, [*args, "--judge", str(blind)])
+    assert text.exit_code == 0, text.output
+    assert "target: red rate (see the note)" in text.stdout
+    assert f"\nnote: {rep['judge_notes'][0]}\n" in text.stdout
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def test_eval_with_the_clip_judge_on_another_model(tmp_path: Path, world: dict[str, Path]) -> None:

@@ -79,6 +79,7 @@ class EvalReport:
     labels: list[str] = field(default_factory=list)  # what the judge chooses among for the attribute
     prompt_texts: list[str] = field(default_factory=list)  # the table's distinct prompts, in order (``prompts`` many)
     notes: list[str] = field(default_factory=list)  # on the stack of patches (see erasekit.compat.order_notes)
+    judge_notes: list[str] = field(default_factory=list)  # why the target's after-rate says nothing (see judge_notes)
 
 
 def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model: str | os.PathLike | None = None,
@@ -213,7 +214,27 @@ def _score(concept: str, key: str, specs: list[Spec], lb: list[dict[str, str]], 
     drops = [o for o in others if o.change_pp < 0]
     return EvalReport(concept, key, target, others, attributes, elsewhere,
                       min(drops, key=lambda o: o.change_pp) if drops else None, n, sorted(set(seeds)),
-                      len(texts), 0.0, patches=patches, judge=judge, labels=labels, prompt_texts=texts)
+                      len(texts), 0.0, patches=patches, judge=judge, labels=labels, prompt_texts=texts,
+                      judge_notes=judge_notes(target, others, len(labels)))
+
+
+def judge_notes(target: ConceptScore, others: list[ConceptScore], choices: int) -> list[str]:
+    """Why the target's after-rate says nothing about the erase: the judge does not find the target in the
+    unpatched model's images of it. That is so when its before-rate is no better than chance among the judge's
+    ``choices`` labels (1/choices), or under half the mean before-rate of the other labels (the judge and model
+    see those, not the target). Empty when neither holds."""
+    before = target.before
+    seen = [o.before for o in others if o.before == o.before]
+    reasons = []
+    if choices and before <= 1 / choices:
+        reasons.append(f"no better than chance among {choices} labels ({100 / choices:.1f}%)")
+    if seen and before < sum(seen) / len(seen) / 2:
+        reasons.append(f"under half the other labels' {100 * sum(seen) / len(seen):.1f}%")
+    if not reasons:
+        return []
+    return [f"the judge finds {target.concept} in {100 * before:.1f}% of the unpatched model's images of it "
+            f"({'; '.join(reasons)}), so its after-rate says nothing about the erase; check that the model draws "
+            f"{target.concept} and that the judge knows it (its label's wording, another judge)"]
 
 
 def _robustness(concept: str, key: str, para: list[Spec], lb: list[dict[str, str]], la: list[dict[str, str]],

@@ -87,7 +87,7 @@ def eval_cmd(
     def row(label: str, s: object) -> None:
         table.add_row(label, _pct(s.before), _pct(s.after), f"{s.change_pp:+.1f} pp")  # type: ignore[attr-defined]
 
-    row(f"target: {r.target.concept} rate", r.target)
+    row(f"target: {r.target.concept} rate" + (" (see the note)" if r.judge_notes else ""), r.target)
     for o in r.others:
         row(f"{o.concept} accuracy", o)
     for name, a in r.attributes.items():
@@ -99,6 +99,8 @@ def eval_cmd(
         for w in rb.wordings:
             row(f"  '{w.concept}'", w)
     out.print(table)
+    for note in r.judge_notes:
+        out.print(f"note: {note}", soft_wrap=True)
     drop = f"{r.largest_drop.concept} {r.largest_drop.change_pp:+.1f} pp" if r.largest_drop else "none"
     out.print(f"largest drop among other {r.attribute}s: {drop}")
     if r.grid:
