@@ -120,17 +120,70 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
     if rank is not None and rank < 1:
         raise ErasekitError(f"rank must be at least 1, got {rank}", "use 1 or more, or no rank for dense deltas",
                             option="rank")
-    from .apply import applied_in_place, pristine_reader, recover_interrupted
+    from .apply import read_consistently
 
     ca, cb = detect(resolve_model(a, TEXT_ENCODERS)), detect(resolve_model(b, TEXT_ENCODERS))
-    for ckpt in (ca, cb):  # never compare half-applied files
-        recover_interrupted(ckpt)
-    # A's patches applied in place: the patch goes on top of them, so (as an erase's) its base fingerprints are of
-    # the tensors below them, and it records them as made after them
-    below_a, in_place_a = pristine_reader(ca), applied_in_place(ca)
     if ca.architecture != cb.architecture:
         raise IncompatiblePatchError(f"{ca.path} is {ca.architecture} but {cb.path} is {cb.architecture}",
                                      "diff two checkpoints of the same architecture")
+    # one state of each (never a half-applied file), measured again if an in-place write lands meanwhile
+    m = read_consistently(ca, lambda: read_consistently(cb, lambda: _measure(ca, cb, rank)))
+    report, tensors, deltas, fps = m.report, m.tensors, m.deltas, m.fingerprints
+    if report.other_changed:
+        report.notes.append(f"{len(report.other_changed)} text-encoder tensors outside the FFN layers differ (e.g. "
+                            f"{report.other_changed[0]}); a patch carries only FFN changes")
+    if output is not None:
+        if not deltas:
+            raise ErasekitError(f"{ca.path} and {cb.path} have identical FFN weights", "there is nothing to extract")
+        if report.other_changed and not ffn_only:
+            left = _left_out(report)["left_out"]
+            raise ErasekitError(f"{cb.path.name} also differs from {ca.path.name} outside the FFN layers, in "
+                                f"{left['tensors']} text-encoder tensors (largest: {left['largest']}, "
+                                f"relative change {left['largest_relative']:.2e}); a patch of the FFN part would not "
+                                "reproduce the edit", "ask for the FFN part only to write it anyway (the patch records "
+                                "what it leaves out, and inspect shows it)", option="ffn_only")
+        out = Path(output)
+        if out.exists():
+            from .errors import TargetNotWritableError
+
+            raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
+        used = {s for s in ca.encoders if any(m.startswith(f"lora_{s}_") for m in deltas)}
+        encoders = {s: EncoderInfo(hidden=e.hidden, intermediate=e.intermediate, layers=e.layers)
+                    for s, e in ca.encoders.items() if s in used}
+        manifest = new_manifest(
+            title=title or f"{cb.path.stem} minus {ca.path.stem}", architecture=ca.architecture, encoders=encoders,
+            fingerprints=fps, deltas=deltas,
+            method=Method(name="diff", hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank,
+                                                        "dtype": dtype} | _prediction(ca) | _left_out(report)
+                          | ({"after": m.after} if m.after else {})),
+            source=ca.path.name)
+        patch = Patch(manifest, tensors, storage_dtypes(tensors, dtype))
+        save_patch(patch, out)
+        report.output, report.output_bytes = str(out), out.stat().st_size
+        report.ui = ui_advice(patch, out)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class _Measured:
+    """The FFN change from A to B: the report's table, and the patch's tensors, deltas, base fingerprints and
+    ``after`` (A's patches applied in place)."""
+
+    report: DiffReport
+    tensors: dict[str, np.ndarray]
+    deltas: dict[str, DeltaInfo]
+    fingerprints: dict[str, Any]
+    after: list[dict[str, str]]
+
+
+def _measure(ca: Checkpoint, cb: Checkpoint, rank: int | None) -> _Measured:
+    """The FFN change from A to B, layer by layer. A's patches applied in place: the patch goes on top of them,
+    so (as an erase's) its base fingerprints are of the tensors below them, and it records them as made after
+    them."""
+    from .apply import applied_in_place, pristine_reader
+
+    below_a, after = pristine_reader(ca), applied_in_place(ca)
     report = DiffReport("checkpoints", str(ca.path), str(cb.path), ca.architecture)
     tensors: dict[str, np.ndarray] = {}
     deltas: dict[str, DeltaInfo] = {}
@@ -162,40 +215,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
                     key = ea.key(layer, proj, kind)
                     ent_dtype, ent_shape = fa.tensor_info()[key]
                     fps[f"{m}.{kind}"] = fingerprint(below_a(fa, key), ent_dtype, ent_shape)
-    if report.other_changed:
-        report.notes.append(f"{len(report.other_changed)} text-encoder tensors outside the FFN layers differ (e.g. "
-                            f"{report.other_changed[0]}); a patch carries only FFN changes")
-    if output is not None:
-        if not deltas:
-            raise ErasekitError(f"{ca.path} and {cb.path} have identical FFN weights", "there is nothing to extract")
-        if report.other_changed and not ffn_only:
-            left = _left_out(report)["left_out"]
-            raise ErasekitError(f"{cb.path.name} also differs from {ca.path.name} outside the FFN layers, in "
-                                f"{left['tensors']} text-encoder tensors (largest: {left['largest']}, "
-                                f"relative change {left['largest_relative']:.2e}); a patch of the FFN part would not "
-                                "reproduce the edit", "ask for the FFN part only to write it anyway (the patch records "
-                                "what it leaves out, and inspect shows it)", option="ffn_only")
-        out = Path(output)
-        if out.exists():
-            from .errors import TargetNotWritableError
-
-            raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
-        used = {s for s in ca.encoders if any(m.startswith(f"lora_{s}_") for m in deltas)}
-        encoders = {s: EncoderInfo(hidden=e.hidden, intermediate=e.intermediate, layers=e.layers)
-                    for s, e in ca.encoders.items() if s in used}
-        manifest = new_manifest(
-            title=title or f"{cb.path.stem} minus {ca.path.stem}", architecture=ca.architecture, encoders=encoders,
-            fingerprints=fps, deltas=deltas,
-            method=Method(name="diff", hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank,
-                                                        "dtype": dtype} | _prediction(ca) | _left_out(report)
-                          | ({"after": in_place_a} if in_place_a else {})),
-            source=ca.path.name)
-        patch = Patch(manifest, tensors, storage_dtypes(tensors, dtype))
-        save_patch(patch, out)
-        report.output, report.output_bytes = str(out), out.stat().st_size
-        report.ui = ui_advice(patch, out)
-    report.seconds = time.perf_counter() - t0
-    return report
+    return _Measured(report, tensors, deltas, fps, after)
 
 
 def _left_out(report: DiffReport) -> dict[str, Any]:
