@@ -104,3 +104,12 @@ def test_unknown_or_gated_repos_online_are_one_line(error: str, message: str, tm
         resolve_model("org/x")
     assert str(e.value) == message
     assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["model_index.json", "text_encoder/config.json"])
+def test_a_model_json_nested_200000_deep_is_a_layout_error(tmp_path: Path, name: str) -> None:
+    folder = make_checkpoint(tmp_path / "m", "diffusers-sd1")
+    (folder / name).write_text("[" * 200_000 + "]" * 200_000)
+    r = CliRunner().invoke(app, ["inspect", str(folder)])
+    assert r.exit_code == 4 and r.stderr.count("\n") == 1 and "is not readable JSON (RecursionError)" in r.stderr, \
+        r.output

@@ -317,7 +317,7 @@ def _pipeline_of(folder: Path) -> Path | None:
     index = folder.parent / "model_index.json"
     try:
         return folder.parent if index.is_file() and folder.name in json.loads(index.read_text()) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

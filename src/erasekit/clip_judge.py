@@ -73,7 +73,7 @@ def load_clip_judge(folder: str | os.PathLike, labels: Sequence[str], device: An
                              "CLIPModel with its processor (saved with save_pretrained)", option="judge")
     try:
         config = json.loads((path / "config.json").read_text()) if path.is_dir() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         config = None
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind != "clip":

@@ -87,7 +87,7 @@ def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
 
     try:
         index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return ["model_index.json"]
     listed = [c for c in components if isinstance(index.get(c), list) and index[c][:1] != [None]]
     listed += [c for c in ("scheduler", "tokenizer", "tokenizer_2") if components == PIPELINE

@@ -312,7 +312,7 @@ def read_json(path: Path, fix: str = "repair or re-download the file") -> dict[s
     """A JSON object from a model's file (model_index.json, a config, erasekit.json), or a one-line LayoutError."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nested 200,000 deep
         raise LayoutError(f"{path} is not readable JSON ({type(e).__name__})", fix) from None
     if not isinstance(obj, dict):
         raise LayoutError(f"{path} is not a JSON object", fix)

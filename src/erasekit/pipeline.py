@@ -118,9 +118,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "feature_extractor": None,
                                                          "requires_safety_checker": False}
     if path.is_dir():
-        import json
-
-        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
+        index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
         for comp in _COMPONENTS[ckpt.architecture]:
             if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
                 raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
