@@ -395,9 +395,7 @@ class Journal:
         finished or rolled back, newest first, each only after its tensors are proven to hold its before or after
         bytes; stamps of files written since are renewed once their tensors are checked. Returns the entries
         rolled back or finished."""
-        if not self.entries:
-            return []
-        reason = self.foreign(tensor_at)
+        reason = self.foreign(tensor_at) if self.entries else None
         if reason is not None:
             self.set_aside(reason)
             return []
@@ -419,7 +417,7 @@ class Journal:
             with contextlib.suppress(FileNotFoundError):
                 undo_path.unlink()
             done.append(entry)
-        if self._stamps_now() != self.data.files:
+        if self.entries and self._stamps_now() != self.data.files:
             self.save()  # the files hold what the journal says: stamp them as they are
         # Undo files no entry refers to (a crash between writing one and the journal) are garbage.
         live = {e.undo_file for e in self.entries}
