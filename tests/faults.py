@@ -2,17 +2,20 @@
 command makes, then run it again with the k-th of them failing (an ``OSError``) or the process dying there
 (``os._exit`` in a child process), for every k, and check what the next command finds.
 
-The calls are counted where they leave Python for the operating system: ``os.write``, ``os.pwrite`` (the journal's
-in-place writes), ``os.fsync``, ``os.replace``, ``os.rename``, ``shutil.copyfile`` (``apply -o``'s copy), and
-``write``/``flush`` of the file objects ``os.fdopen`` gives (``erasekit._st.atomic_write``).
+The calls are counted where they leave Python for the operating system: ``os.write``, ``os.pwrite``, ``os.fsync``,
+``os.replace``, ``os.rename``, ``shutil.copyfile`` (``apply -o``'s copy), and ``write``/``flush`` of the file objects
+that ``open`` and ``os.fdopen`` give for writing (the journal's in-place writes, ``erasekit._st.atomic_write``). A
+failing write or copy is torn first (part of it reaches the file), as one cut short by a crash is.
 """
 
 from __future__ import annotations
 
 import atexit
+import builtins
 import contextlib
 import errno
 import importlib
+import io
 import json
 import os
 import shutil
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 DIED = 137  # the exit status of a child that died at its fault
+PAGE = 4096
 
 
 @dataclass
@@ -38,7 +42,8 @@ class Call:
 @dataclass
 class Faults:
     """Counts the calls; at call ``fail_at`` (1-based), and with ``persistent`` at every later one too, does
-    ``action(call)`` (raise, or end the process) instead of the call."""
+    ``action(call)`` (raise, or end the process) instead of the call, after its ``torn`` part (a write or copy cut
+    short) where the call has one."""
 
     root: Path
     fail_at: int | None = None
@@ -46,12 +51,14 @@ class Faults:
     persistent: bool = False
     calls: list[Call] = field(default_factory=list)
 
-    def hit(self, kind: str, target: str) -> None:
+    def hit(self, kind: str, target: str, torn: Callable[[], None] | None = None) -> None:
         call = Call(kind, self._short(target))
         self.calls.append(call)
         n = len(self.calls)
         if self.fail_at is not None and (n == self.fail_at or (self.persistent and n > self.fail_at)):
             assert self.action is not None
+            if torn is not None and n == self.fail_at:
+                torn()
             self.action(call)
 
     def _short(self, target: str) -> str:
@@ -79,13 +86,19 @@ def _fd_path(fd: int) -> str:
 
 
 class _CountedFile:
-    """A file object whose ``write`` and ``flush`` are counted calls."""
+    """A file object whose ``write`` and ``flush`` are counted calls; a failing write is torn first: its bytes up
+    to the file's next page boundary are written (where a write cut short by a crash stops)."""
 
     def __init__(self, f: Any, faults: Faults) -> None:
         self._f, self._faults, self._path = f, faults, _fd_path(f.fileno())
 
     def write(self, data: Any) -> int:
-        self._faults.hit("write", self._path)
+        def torn() -> None:
+            cut = PAGE - self._f.tell() % PAGE
+            if cut < len(data):
+                self._f.write(memoryview(data)[:cut])
+                self._f.flush()
+        self._faults.hit("write", self._path, torn)
         return self._f.write(data)
 
     def flush(self) -> None:
@@ -102,11 +115,15 @@ class _CountedFile:
         return self._f.__exit__(*exc)
 
 
+def _writes(mode: str) -> bool:
+    return any(c in mode for c in "wax+")
+
+
 @contextlib.contextmanager
 def injected(faults: Faults) -> Iterator[Faults]:
     """Route the counted calls through ``faults`` while the block runs."""
-    real = {name: getattr(os, name) for name in ("write", "pwrite", "fsync", "replace", "rename", "fdopen")}
-    real_copyfile = shutil.copyfile
+    real = {name: getattr(os, name) for name in ("write", "pwrite", "fsync", "replace", "rename")}
+    real_open, real_copyfile = builtins.open, shutil.copyfile
 
     def counted_fd(name: str) -> Callable[..., Any]:
         def call(fd: int, *args: Any) -> Any:
@@ -114,30 +131,43 @@ def injected(faults: Faults) -> Iterator[Faults]:
             return real[name](fd, *args)
         return call
 
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        def torn() -> None:
+            cut = PAGE - offset % PAGE
+            if cut < len(data):
+                real["pwrite"](fd, memoryview(data)[:cut], offset)
+        faults.hit("pwrite", _fd_path(fd), torn)
+        return real["pwrite"](fd, data, offset)
+
     def counted_move(name: str) -> Callable[..., Any]:
         def call(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
             faults.hit(name, f"{os.path.basename(src)} -> {os.fspath(dst)}")
             return real[name](src, dst, *args, **kwargs)
         return call
 
-    def fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        f = real["fdopen"](fd, mode, *args, **kwargs)
-        return _CountedFile(f, faults) if any(c in mode for c in "wax+") else f
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:  # os.fdopen calls it too
+        f = real_open(file, mode, *args, **kwargs)
+        return _CountedFile(f, faults) if _writes(mode) else f
 
     def copyfile(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
-        faults.hit("copyfile", f"{os.path.basename(src)} -> {os.fspath(dst)}")
+        def torn() -> None:  # the first half copied
+            with real_open(src, "rb") as f, real_open(dst, "wb") as g:
+                g.write(f.read(os.path.getsize(src) // 2))
+        faults.hit("copyfile", f"{os.path.basename(src)} -> {os.fspath(dst)}", torn)
         return real_copyfile(src, dst, *args, **kwargs)
 
-    patched = {"write": counted_fd("write"), "pwrite": counted_fd("pwrite"), "fsync": counted_fd("fsync"),
-               "replace": counted_move("replace"), "rename": counted_move("rename"), "fdopen": fdopen}
+    patched = {"write": counted_fd("write"), "pwrite": pwrite, "fsync": counted_fd("fsync"),
+               "replace": counted_move("replace"), "rename": counted_move("rename")}
     try:
         for name, fn in patched.items():
             setattr(os, name, fn)
+        builtins.open = io.open = open_
         shutil.copyfile = copyfile
         yield faults
     finally:
         for name, fn in real.items():
             setattr(os, name, fn)
+        builtins.open = io.open = real_open
         shutil.copyfile = real_copyfile
 
 
@@ -301,13 +331,18 @@ def one_line_error(outcome: Outcome) -> str | None:
     return None
 
 
-def plan(n: int, modes: list[str], per: int, every: bool) -> list[tuple[int, str]]:
-    """The (k, mode) runs for a command of ``n`` calls: every k in every mode when ``every``, else one k in ``per``
-    (at least 4), spread evenly, the modes taking turns."""
+def plan(calls: list[Call], modes: list[str], per: int, every: bool) -> list[tuple[int, str]]:
+    """The (k, mode) runs for a command that makes ``calls``: every k in every mode when ``every``, else one k in
+    ``per`` (at least 4), spread evenly, and the last rename (where the command's result appears), the modes taking
+    turns."""
+    n = len(calls)
     if every:
         return [(k, mode) for mode in modes for k in range(1, n + 1)]
     picks = min(n, max(4, -(-n // per)))
-    return [(int((i + 0.5) * n / picks) + 1, modes[i % len(modes)]) for i in range(picks)]
+    ks = [int((i + 0.5) * n / picks) + 1 for i in range(picks)]
+    renames = [k for k, call in enumerate(calls, 1) if call.kind in ("replace", "rename")]
+    ks += [renames[-1]] if renames and renames[-1] not in ks else []
+    return [(k, modes[i % len(modes)]) for i, k in enumerate(ks)]
 
 
 def every_k() -> bool:
