@@ -455,11 +455,15 @@ def _publish(tmp: Path, out: Path) -> None:
         if tmp.is_dir():
             os.replace(tmp, out)
         else:
-            stale = journal_dir(out)
-            if stale.exists():
-                shutil.rmtree(stale)
-            os.replace(journal_dir(tmp), stale)
-            os.replace(tmp, out)
+            journal = journal_dir(out)
+            if journal.exists():
+                shutil.rmtree(journal)
+            os.replace(journal_dir(tmp), journal)
+            try:
+                os.replace(tmp, out)
+            except BaseException:  # no output, so no journal for it (a crash here leaves one for a missing file,
+                shutil.rmtree(journal, ignore_errors=True)  # which a file written there later finds set aside)
+                raise
     except PermissionError as e:
         raise TargetNotWritableError(f"cannot write {out} ({e.strerror}): another program holds it open, or its "
                                      "folder is read-only", "close it there (or choose another output), then retry",
