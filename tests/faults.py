@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from typing import Any
 
 DIED = 137  # the exit status of a child that died at its fault
 PAGE = 4096
+CHILD_TIMEOUT_S = 120
 
 
 @dataclass
@@ -266,12 +268,17 @@ def die_at(argv: list[str], root: Path, k: int, stubs: Stubs | None = None, env:
         code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import faults; faults.serve()"
         _server = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    text=True)
-        atexit.register(_server.stdin.close)  # type: ignore[union-attr]
-    request = {"argv": argv, "root": str(root), "k": k, "log": str(root / f"died-at-{k}.log"), "env": env or {},
-               "stubs": [stubs.factory, list(stubs.args)] if stubs else None}
+        atexit.register(_stop, _server)
+    request = {"argv": argv, "root": str(root), "k": k, "log": str(root / f"died-at-{k}.log"),
+               "env": {**os.environ, **(env or {})}, "stubs": [stubs.factory, list(stubs.args)] if stubs else None}
     _server.stdin.write(json.dumps(request) + "\n")  # type: ignore[union-attr]
     _server.stdin.flush()  # type: ignore[union-attr]
     return int(_server.stdout.readline())  # type: ignore[union-attr]
+
+
+def _stop(server: subprocess.Popen[str]) -> None:
+    server.stdin.close()  # type: ignore[union-attr]
+    server.wait(30)
 
 
 def serve() -> None:
@@ -289,6 +296,8 @@ def serve() -> None:
 
 
 def _child(request: dict[str, Any]) -> None:
+    signal.alarm(CHILD_TIMEOUT_S)  # a child that hangs ends (exit status -14) instead of the test
+    os.environ.clear()
     os.environ.update(request["env"])
     fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)

@@ -21,7 +21,7 @@ import pytest
 import faults
 from conftest import snapshot
 from erasekit.errors import ErasekitError
-from erasekit.journal import Journal, journal_dir
+from erasekit.journal import SET_ASIDE, Journal, JournalFile, journal_dir
 
 ENV = {"SOURCE_DATE_EPOCH": "1700000000"}  # merge and erase write the same bytes every run
 
@@ -31,7 +31,7 @@ def digest(path: Path) -> str | None:
 
 
 def journal_state(ckpt: Path) -> dict[str, Any]:
-    """What the undo journal beside ``ckpt`` says, and whether its records are there."""
+    """What the undo journal beside ``ckpt`` says, and whether its undo records are there."""
     try:
         journal = Journal(ckpt, {})
     except ErasekitError as e:
@@ -40,6 +40,18 @@ def journal_state(ckpt: Path) -> dict[str, Any]:
     return {"committed": [e.patch_title for e in journal.committed],
             "interrupted": [f"{e.patch_title} ({e.state})" for e in journal.interrupted()],
             "records missing": [e.undo_file for e in journal.entries if not (folder / e.undo_file).is_file()]}
+
+
+def unnamed_records(root: Path) -> list[str]:
+    """Undo records below ``root`` that no journal entry names (what a writer killed between writing one and the
+    journal leaves; the next command that writes removes them). Journals set aside are not looked into."""
+    found = []
+    for folder in {p.parent for p in root.rglob("*.undo") if not p.parent.name.startswith(SET_ASIDE)}:
+        listed = folder / "journal.json"
+        entries = JournalFile.model_validate_json(listed.read_bytes()).entries if listed.is_file() else []
+        named = {e.undo_file for e in entries}
+        found += [str(p.relative_to(root)) for p in folder.glob("*.undo") if p.name not in named]
+    return sorted(found)
 
 
 @dataclass
@@ -191,7 +203,7 @@ def _check_next(case: Case, mode: str, k: int, call: faults.Call, root: Path, be
                 after: dict[str, Any], found: Violations) -> None:
     """The next commands: for an in-place target, ``inspect PATCH --against CKPT`` (which rolls an interrupted entry
     back first); then the same command again, which completes it (or is refused: it is done) and removes what a
-    killed run left. The invariants after each."""
+    killed run left (temporaries, undo records no entry names). The invariants after each."""
     argv = case.argv(root)
     if case.in_place:
         patch, ckpt = next(a for a in argv if a.endswith(".erasepatch")), argv[argv.index("--to") + 1]
@@ -207,5 +219,5 @@ def _check_next(case: Case, mode: str, k: int, call: faults.Call, root: Path, be
         found.add(case.name, mode, k, call, f"running it again failed: {again.stderr.strip()}")
     elif case.state(root) != after:
         found.add(case.name, mode, k, call, "not as after once run again: " + changes(case.state(root), before, after))
-    if left := faults.temporaries(root):
-        found.add(case.name, mode, k, call, f"temporaries left after running it again: {left}")
+    if left := faults.temporaries(root) + unnamed_records(root):
+        found.add(case.name, mode, k, call, f"left after running it again: {left}")
