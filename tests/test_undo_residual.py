@@ -15,7 +15,8 @@ import pytest
 
 from conftest import snapshot
 from erasekit import _st
-from erasekit.apply import apply_to_checkpoint, recover_interrupted, revert_from_checkpoint
+from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+from erasekit.in_place import recover_interrupted
 from erasekit.diff import diff_checkpoints
 from erasekit.errors import ErasekitWarning, FingerprintMismatchError, NonFiniteError, NotAppliedError, UndoRecordError
 from erasekit.journal import Entry, Journal, TensorRecord, journal_dir

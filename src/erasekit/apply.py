@@ -14,10 +14,10 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -28,20 +28,18 @@ from .errors import (
     NonFiniteError,
     NotAppliedError,
     RevertOrderError,
-    TargetLockedError,
     TargetNotWritableError,
     UndoRecordError,
 )
 from ._parallel import map_threads
-from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, TensorRecord, copy_journal, generation, journal_dir
+from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, TensorRecord, copy_journal, journal_dir
 from .undo_record import DeltaParts, UndoTensor, added, delta_of, residual_fits, scaled, sha256, undo_record
 from .hub import in_hub_cache, resolve_model
-from .compat import (STATUS_RANK, FingerprintStatus, Touch, base_statuses, crossing_note, judge_fingerprints,
+from .compat import (STATUS_RANK, FingerprintStatus, Touch, crossing_note, judge_fingerprints,
                      order_notes, slot_map, touches)
+from .in_place import applied_in_place, read_consistently, tensor_places
 from .layouts import Checkpoint, WeightFile, detect
 from .patchfile import Patch, compare_fingerprint, fingerprint, load_patch, now_iso
-
-T = TypeVar("T")
 
 
 
@@ -80,8 +78,6 @@ class RevertReport:
     remaining: list[str] = field(default_factory=list)
 
 
-
-
 def as_patch(p: Patch | str | os.PathLike) -> Patch:
     return p if isinstance(p, Patch) else load_patch(p)
 
@@ -98,69 +94,6 @@ def per_patch_strengths(n: int, strength: float | Sequence[float]) -> list[float
 
 
 # -- files ------------------------------------------------------------------------------------------
-
-def applied_in_place(ckpt: Checkpoint) -> list[dict[str, str]]:
-    """The patches applied in place to ``ckpt``, oldest first, as an erase's ``after`` records them."""
-    return [{"patch_id": e.patch_id, "title": e.patch_title} for e in checked_journal(ckpt).committed]
-
-
-def pristine_reader(ckpt: Checkpoint) -> Callable[[WeightFile, str], bytes]:
-    """``read(weight_file, key)``: a tensor's bytes as they were before the patches applied in place to ``ckpt``
-    (the file's own bytes where none changed it). Base fingerprints are of these."""
-    journal = checked_journal(ckpt)
-    if not journal.committed:
-        return lambda wf, key: wf.read_raw(key)
-    tensor_at = _tensor_at(ckpt)
-
-    def read(wf: WeightFile, key: str) -> bytes:
-        current = wf.read_raw(key)
-        return journal.pristine(wf.label, key, current, tensor_at) or current
-
-    return read
-
-
-def in_place_stack(patches: Sequence[Patch], ckpt: Checkpoint) -> tuple[list[dict[str, str]], list[str]]:
-    """For patches to be added in memory to ``ckpt`` loaded as it is: the patches applied to it in place
-    (:func:`applied_in_place`), and the ids of ``patches`` made for it as it is below those (their base
-    fingerprints match the tensors there). The loaded weights are not such a patch's base, so in memory it is
-    applied on trust of this check. A patch of ``patches`` that is itself applied in place is refused: the loaded
-    weights hold it already, and adding it again would apply it twice."""
-    applied = applied_in_place(ckpt)
-    if not applied:
-        return [], []
-    refuse_applied_twice(patches, applied, ckpt)
-    read = pristine_reader(ckpt)
-    fits = [p for p in patches
-            if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders, str(ckpt.path)),
-                                              read).values()]
-    return applied, [p.patch_id for p in fits]
-
-
-def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, str]], ckpt: Checkpoint) -> None:
-    """Refuse to add in memory a patch that is among those ``applied`` to ``ckpt`` in place."""
-    there = {a["patch_id"] for a in applied}
-    for p in patches:
-        if p.patch_id in there:
-            raise ErasekitError(f"patch '{p.title}' is already applied to {ckpt.path} in place, so the model as loaded "
-                                "holds it: adding it again would apply it twice, and 'before' would hold it too",
-                                f"leave it out to use the model as it is, or revert it first (erasekit apply --revert "
-                                f"{p.path or 'PATCH'} --to {ckpt.path}) to compare without and with it", option="patches")
-
-
-def _tensor_at(ckpt: Checkpoint) -> TensorAt:
-    by_label = {f.label: f for f in ckpt.files}
-
-    def at(label: str, key: str) -> _st.TensorEntry:
-        wf = by_label.get(label)
-        if wf is None or key not in wf.header.entries:
-            raise UndoRecordError(f"the undo journal of {ckpt.path} names the tensor {key} of "
-                                  f"{label or ckpt.path.name}, which the checkpoint lacks",
-                                  "restore the checkpoint from a backup, or delete its .erasekit folder to forget the "
-                                  "applied patches")
-        return wf.header.entries[key]
-
-    return at
-
 
 def _check_float(dtype: str, what: str) -> None:
     if dtype not in (*_st.FLOAT_DTYPES, "F64"):
@@ -265,7 +198,7 @@ def _plan(ckpt: Checkpoint, journal: Journal, patch: Patch, strength: float, for
 def _apply_in_place(ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool,
                     where: str) -> tuple[list[AppliedPatch], int]:
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
-    tensor_at = _tensor_at(ckpt)
+    tensor_at = tensor_places(ckpt)
     with journal.locked():
         journal.reconcile(tensor_at)
         state: dict[tuple[str, str], bytes] = {}  # bytes after the earlier patches of this call
@@ -341,54 +274,6 @@ def _check_writable(ckpt: Checkpoint) -> None:
         if not os.access(wf.path, os.W_OK):
             raise TargetNotWritableError(f"{wf.path} is read-only", "make it writable, or write a copy to an output",
                                          option="output")
-
-
-def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
-    """Before reading ``ckpt``'s tensors: roll back (or finish) an apply/revert that a crash interrupted, so no
-    reader sees a half-written checkpoint, and set aside a journal that does not describe the files there
-    (:meth:`Journal.reconcile`). Refuses while another erasekit process is writing it."""
-    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
-    if not journal.needs_reconcile():
-        return []
-    if not journal.interrupted() and not os.access(journal.dir, os.W_OK):  # a read-only share: check, do not stamp
-        if (reason := journal.foreign(_tensor_at(ckpt))) is not None:
-            raise UndoRecordError(f"the undo journal {journal.dir} does not describe {ckpt.path} ({reason}), and it "
-                                  "cannot be set aside (read-only)", "move the journal folder away, or restore the file")
-        return []
-    with journal.locked():
-        return journal.reconcile(_tensor_at(ckpt))
-
-
-def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable[[T], Any] = lambda _: None) -> T:
-    """``read()`` of ``ckpt``'s files as one state of them, without a lock: interrupted writes are finished first,
-    and a read during which an in-place apply or revert saved the journal (its generation changed) is discarded
-    and done again, up to three times."""
-    for _ in range(3):
-        recover_interrupted(ckpt)
-        seen = generation(ckpt.path)
-        result = read()
-        if generation(ckpt.path) == seen and not (seen and seen[1]):
-            return result
-        discard(result)
-    raise TargetLockedError(f"{ckpt.path} kept changing while it was read (another erasekit process is applying or "
-                            "reverting patches there)", "wait for it to finish, then retry")
-
-
-def described_journal(ckpt: Checkpoint) -> Journal:
-    """``ckpt``'s journal as it is, interrupted entries included, once it is known to describe the files there
-    (:meth:`Journal.foreign`; else it is set aside). Writes nothing to the weight files: for listing it."""
-    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
-    if journal.entries and journal.foreign(_tensor_at(ckpt)) is not None:
-        with journal.locked():
-            if (reason := journal.foreign(_tensor_at(ckpt))) is not None:
-                journal.set_aside(reason)
-    return journal
-
-
-def checked_journal(ckpt: Checkpoint) -> Journal:
-    """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`)."""
-    recover_interrupted(ckpt)
-    return Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
 
 
 def _pickle_to_safetensors(src: Path, dst: Path) -> None:
@@ -536,7 +421,7 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
     if not journal.entries:
         raise NotAppliedError(f"no erasekit patch is applied to {where}", "nothing to revert")
-    tensor_at = _tensor_at(ckpt)
+    tensor_at = tensor_places(ckpt)
     by_label = {f.label: f for f in ckpt.files}
     with journal.locked():
         journal.reconcile(tensor_at)

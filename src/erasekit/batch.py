@@ -184,7 +184,7 @@ def settings_differ(job: Any, patch: Any, checked: dict[Any, Any] | None = None)
 
 def _in_place(job: Any, checked: dict[Any, Any]) -> list[dict[str, str]]:
     """The patches applied in place to the job's model, which an erase of it records as made after."""
-    from .apply import applied_in_place
+    from .in_place import applied_in_place
     from .layouts import detect
 
     key = ("in place", str(job.model))
@@ -196,7 +196,7 @@ def _in_place(job: Any, checked: dict[Any, Any]) -> list[dict[str, str]]:
 def _base_differs(job: Any, patch: Any, checked: dict[Any, Any]) -> str | None:
     """Whether ``patch`` fits the job's model (exactly or at another precision). ``checked`` remembers the answer
     per model and base: the patches of a batch share their base, and reading it is most of a resume check."""
-    from .apply import pristine_reader
+    from .in_place import pristine_reader
     from .compat import base_statuses, slot_map
     from .layouts import detect
 

@@ -120,7 +120,7 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
     if rank is not None and rank < 1:
         raise ErasekitError(f"rank must be at least 1, got {rank}", "use 1 or more, or no rank for dense deltas",
                             option="rank")
-    from .apply import read_consistently
+    from .in_place import read_consistently
 
     ca, cb = detect(resolve_model(a, TEXT_ENCODERS)), detect(resolve_model(b, TEXT_ENCODERS))
     if ca.architecture != cb.architecture:
@@ -181,7 +181,7 @@ def _measure(ca: Checkpoint, cb: Checkpoint, rank: int | None) -> _Measured:
     """The FFN change from A to B, layer by layer. A's patches applied in place: the patch goes on top of them,
     so (as an erase's) its base fingerprints are of the tensors below them, and it records them as made after
     them."""
-    from .apply import applied_in_place, pristine_reader
+    from .in_place import applied_in_place, pristine_reader
 
     below_a, after = pristine_reader(ca), applied_in_place(ca)
     report = DiffReport("checkpoints", str(ca.path), str(cb.path), ca.architecture)

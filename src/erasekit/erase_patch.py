@@ -51,7 +51,7 @@ def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trai
     deltas = {}
     fps = {}
     if base_files is not None:  # a checkpoint with patches applied in place: the base is the one below them
-        from .apply import pristine_reader
+        from .in_place import pristine_reader
 
         read = pristine_reader(base_files)
     for m, kind, _ in trained.params:

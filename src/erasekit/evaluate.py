@@ -95,7 +95,7 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     judged. ``keep``/``stand_ins``: the CLIP judge's other labels (default: those the patches record).
     ``paraphrases``: a file of wordings, one per line, ``{}`` where the concept goes (else a whole prompt), instead
     of the built-in ones. ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
-    from .apply import in_place_stack
+    from .in_place import in_place_stack
     from .compat import order_notes
     from .patchfile import load_patch
     from .pipeline import load_pipeline, model_settings, model_threads, resolve_device

@@ -185,7 +185,7 @@ def check_recordable(patches: Sequence[str | os.PathLike]) -> Path:
 def check_measured_on_its_base(patch: Patch, model: str | os.PathLike | None) -> None:
     """Refuse to record rates measured on a model with patches applied in place that ``patch`` was not made after
     (its ``after``, in order): they would be the rates of a stack, not of the patch on the model it is for."""
-    from .apply import applied_in_place, refuse_applied_twice
+    from .in_place import applied_in_place, refuse_applied_twice
     from .hub import resolve_model
     from .layouts import detect
     from .toyworld import builtin_model_path

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .apply import applied_in_place, described_journal, recover_interrupted  # torch only when arithmetic happens
+from .in_place import applied_in_place, described_journal, recover_interrupted
 from .errors import ErasekitError
 from .journal import entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
@@ -141,7 +141,7 @@ def _evaluations(patch: Patch) -> list[EvaluationSummary]:
 
 
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
-    from .apply import pristine_reader
+    from .in_place import pristine_reader
     from .compat import base_statuses, crossing_note, slot_map
 
     where = f"{ckpt.path} [{ckpt.describe()}]"

@@ -147,7 +147,7 @@ def patches_applied(model: Any, patches: Sequence[Patch], strength: float = 1.0,
     """Apply ``patches`` in order to an in-memory model for the ``with`` block, then revert them newest first.
     If one is refused, those already applied are reverted before the error propagates: the caller's model is
     left as it was found either way. ``checked``: ids of patches whose base was checked against the model's files
-    (:func:`erasekit.apply.in_place_stack`), applied without comparing it with the loaded weights."""
+    (:func:`erasekit.in_place.in_place_stack`), applied without comparing it with the loaded weights."""
     applied: list[Patch] = []
     try:
         for p in patches:

@@ -94,7 +94,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
     ``text_encoder_dtype`` loads the text encoders in another dtype than the rest (erase: fp32 encoders to train,
     a bf16 UNet to compute with)."""
-    from .apply import read_consistently, recover_interrupted
+    from .in_place import read_consistently, recover_interrupted
     from .hub import resolve_model
 
     path = resolve_model(model)

@@ -140,7 +140,7 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     Writes ``<prompt>_<seed>[_before|_after].png`` (``<prompt>``: see :func:`image_stems`) and ``grid.png`` into
     ``out_dir``; the pipeline's weights are as they were when this returns. ``in_place``: the patches already in
     the pipeline's weights (``patch_id``, ``title``), for the notes on the stack; ``checked``: see
-    :func:`erasekit.memory.patches_applied` (both from :func:`erasekit.apply.in_place_stack`).
+    :func:`erasekit.memory.patches_applied` (both from :func:`erasekit.in_place.in_place_stack`).
     """
     from .compat import order_notes
     from .memory import patches_applied
@@ -203,7 +203,7 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
                    config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
                    progress: Callable[[int, int], None] | None = None) -> GenerateReport:
     """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
-    from .apply import in_place_stack
+    from .in_place import in_place_stack
     from .patchfile import load_patch
     from .pipeline import load_pipeline, model_threads, resolve_device
     from .toyworld import builtin_model_path

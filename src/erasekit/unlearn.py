@@ -158,7 +158,7 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     import torch
 
     from ._torch import kept_as_found, native_bf16
-    from .apply import applied_in_place
+    from .in_place import applied_in_place
     from .memory import patches_applied
     from .patchfile import source_date
 
