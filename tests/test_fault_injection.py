@@ -9,7 +9,6 @@ A sample of k per case by default; ``ERASEKIT_FAULTS=all`` runs every k (minutes
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +23,6 @@ from erasekit.errors import ErasekitError
 from erasekit.journal import SET_ASIDE, Journal, JournalFile, journal_dir
 
 ENV = {"SOURCE_DATE_EPOCH": "1700000000"}  # merge and erase write the same bytes every run
-
-
-def digest(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def journal_state(ckpt: Path) -> dict[str, Any]:
