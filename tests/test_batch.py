@@ -65,9 +65,10 @@ def write(folder: Path, text: str) -> Path:
     return folder / "jobs.toml"
 
 
-def erasekit(*args: object, cwd: Path, launcher: list[str] | None = None,
-             env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    command = [*(launcher or [sys.executable]), "-m", "erasekit", *map(str, args)]
+def erasekit(*args: object, cwd: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None,
+             program: list[str] | None = None) -> subprocess.Popen[str]:
+    """``program`` (default ``-m erasekit``) run with ``args`` by ``launcher`` (default this Python)."""
+    command = [*(launcher or [sys.executable]), *(program or ["-m", "erasekit"]), *map(str, args)]
     return subprocess.Popen(command, cwd=cwd, env=os.environ | REPRODUCIBLE | (env or {}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -126,13 +127,20 @@ def test_a_killed_batch_finishes_only_the_missing_jobs(killed_and_resumed: dict)
 
 def test_accelerate_splits_the_jobs_between_two_processes(killed_and_resumed: dict, tmp_path: Path) -> None:
     """Two CPU processes (accelerate's torchrun launcher; ``--cpu`` starts several only through mpirun): every job
-    runs once, and the patches are byte for byte those of one process with the same thread count."""
+    runs once, and the patches are byte for byte those of one process with the same thread count. Neither process
+    runs a thread of the process group at exit (a group left alive there can abort the process as it exits:
+    ``terminate called without an active exception``)."""
     write(tmp_path, SIX)
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     code, summary, stderr = finished(erasekit("erase", "--manifest", "jobs.toml", "--json", cwd=tmp_path,
-                                              launcher=launcher, env={"CUDA_VISIBLE_DEVICES": ""}))
+                                              launcher=launcher, env={"CUDA_VISIBLE_DEVICES": ""},
+                                              program=[str(Path(__file__).parent / "exit_threads.py")]))
     assert code == 0, stderr
+    at_exit = [json.loads(line.removeprefix("threads at exit: ")) for line in stderr.splitlines()
+               if line.startswith("threads at exit: ")]
+    assert len(at_exit) == 2, stderr
+    assert [[name for name in names if "gloo" in name] for names in at_exit] == [[], []], stderr
     assert summary["processes"] == 2
     assert sorted(j["index"] for j in summary["jobs"]) == list(range(6))
     assert {j["status"] for j in summary["jobs"]} == {"done"}

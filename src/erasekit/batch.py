@@ -99,11 +99,17 @@ def _run_shares(todo: list[tuple[PlannedJob, str | None]], state: Any,
 def _processes() -> Iterator[Any]:
     """accelerate's process state when this process is one of several (``accelerate launch``, ``torchrun``), else
     None; on a machine without GPUs the processes share the CPU (gloo). A process group this call starts is ended
-    with it (left to interpreter exit, gloo can abort the process)."""
+    with it: left to interpreter exit, its gloo threads still run there and can abort the process (std::terminate).
+
+    ``torch.distributed.nn`` is imported before the group starts: its functions take the default group as a default
+    argument, read when the module is first imported, which the jobs' libraries do (diffusers, through
+    ``torch._dynamo``). Imported while the group exists, they hold it, and ``destroy_process_group`` leaves it and
+    its threads alive."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield None
         return
     import torch
+    import torch.distributed.nn  # noqa: F401  (before the group: see above)
     from accelerate import PartialState
 
     started = not torch.distributed.is_initialized()
