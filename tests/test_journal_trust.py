@@ -315,3 +315,150 @@ def test_apply_to_an_output_copies_one_state_of_a_checkpoint_being_written(
     revert_from_checkpoint(sd1_patch, out)  # before: "not as the applied patches left it" (its bytes lacked it)
     revert_from_checkpoint(sd1_patch, base)
     assert digest(out) == digest(base)
+
+
+# -- found by review: patches of one apply on the same tensors, old records, readers side by side ------------------
+
+def two_patches_of_one_layer(tmp_path: Path, base: Path) -> list[Path]:
+    out = []
+    for name, seed in (("a", 0), ("b", 1)):
+        edited = make_checkpoint(tmp_path / f"{name}-ed.safetensors", "single-sd1", "F16", edit_layers=[1],
+                                 edit_seed=seed)
+        out.append(tmp_path / f"{name}.erasepatch")
+        diff_checkpoints(base, edited, output=out[-1], title=name, rank=2 if name == "b" else None)
+    return out
+
+
+@pytest.mark.parametrize("written", [0, 0.5, 1])
+def test_patches_of_one_apply_on_the_same_tensors_roll_back_when_it_dies(
+        tmp_path: Path, sd1: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, written: float) -> None:
+    """The second patch's 'before' is the first's 'after': a tensor still holding the original bytes (or a mix) is
+    left for the first patch's entry to restore, not taken for another file."""
+    base, _ = sd1
+    patches = two_patches_of_one_layer(tmp_path, base)
+    original = digest(base)
+    real = Journal.write_tensors
+
+    def die_in_the_first(self: Journal, updates: dict, offsets: dict) -> None:
+        items = sorted(updates.items(), key=lambda kv: offsets[kv[0]])
+        real(self, dict(items[:int(len(items) * written)]), offsets)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Journal, "write_tensors", die_in_the_first)
+        with pytest.raises(KeyboardInterrupt):
+            apply_to_checkpoint(patches, base, in_place=True)
+    assert [e.state for e in Journal(base, {}).entries] == ["pending", "pending"]
+    r = run("inspect", patches[0], "--against", base)
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+    assert digest(base) == original and not Journal(base, {}).entries
+    assert not list(journal_dir(base).glob("set-aside-*"))
+
+
+def test_an_error_in_the_first_of_two_patches_on_the_same_tensors_is_rolled_back(
+        tmp_path: Path, sd1: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    base, _ = sd1
+    patches = two_patches_of_one_layer(tmp_path, base)
+    original, real, calls = digest(base), Journal.write_tensors, []
+
+    def eio_in_the_first(self: Journal, updates: dict, offsets: dict) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            real(self, dict(list(updates.items())[:1]), offsets)
+            raise OSError(errno.EIO, "Input/output error", str(base))
+        real(self, updates, offsets)
+
+    monkeypatch.setattr(Journal, "write_tensors", eio_in_the_first)
+    r = run("apply", *patches, "--to", base, "--in-place")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Input/output error" in r.stderr
+    assert digest(base) == original and not Journal(base, {}).entries
+
+
+def test_a_revert_cut_short_under_an_undo_record_without_page_checksums_is_finished(
+        tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records written before page checksums: a revert writes the original bytes from the start of a tensor."""
+    import numpy as np
+
+    from erasekit import undo_record
+    from erasekit.journal import _write_all
+
+    base, _ = sd1
+    original = digest(base)
+    with monkeypatch.context() as m:
+        m.setattr(undo_record, "page_crcs", lambda data, begin: np.zeros(0, "<u4"))
+        apply_to_checkpoint([sd1_patch], base, in_place=True)
+
+    def cut(self: Journal, updates: dict, offsets: dict) -> None:
+        key, data = max(updates.items(), key=lambda kv: len(kv[1]))
+        with open(self.files[key[0]], "r+b", buffering=0) as f:
+            _write_all(f, data[:(offsets[key] // 4096 + 1) * 4096 - offsets[key]], offsets[key])  # to a page end
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Journal, "write_tensors", cut)
+        with pytest.raises(KeyboardInterrupt):
+            revert_from_checkpoint(sd1_patch, base)
+    assert [e.state for e in Journal(base, {}).entries] == ["reverting"]
+    r = run("inspect", sd1_patch, "--against", base)
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+    assert digest(base) == original and not Journal(base, {}).entries
+
+
+def test_a_reader_does_not_fail_while_another_holds_the_lock(tmp_path: Path, sd1: tuple[Path, Path],
+                                                            sd1_patch: Path) -> None:
+    """A journal of an older erasekit (no stamps) is stamped by the first reader that can; the others read it as it
+    is (two processes of a batch loading one model)."""
+    import subprocess
+    import sys
+
+    base, _ = sd1
+    apply_to_checkpoint([sd1_patch], base, in_place=True)
+    path = journal_dir(base) / "journal.json"
+    data = json.loads(path.read_text())
+    del data["files"], data["generation"]
+    path.write_text(json.dumps(data))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path\n"
+                               "from erasekit.journal import Journal\n"
+                               "with Journal(Path(sys.argv[1]), {}).locked():\n"
+                               "    print('held', flush=True); time.sleep(30)\n", str(base)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert [a["title"] for a in inspect_path(base).applied] == ["layer-1 edit"]
+        r = run("inspect", sd1_patch, "--against", base)
+        assert r.exit_code == 0 and "exact" in r.stdout, r.output  # before: another erasekit process is writing
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_journal_naming_a_weight_file_that_is_gone_is_set_aside(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path / "f", "diffusers-sd1-fp16-variant")
+    edited = make_checkpoint(tmp_path / "e", "diffusers-sd1-fp16-variant", edit_layers=[1])
+    patch = tmp_path / "p.erasepatch"
+    diff_checkpoints(folder, edited, output=patch)
+    apply_to_checkpoint([patch], folder, in_place=True)
+    (folder / "text_encoder" / "model.safetensors").unlink()  # the user keeps only the fp16 variant
+    with pytest.warns(ErasekitWarning, match="it names the weight file text_encoder/model.safetensors, which is not"):
+        assert inspect_path(folder).applied == []
+
+
+def test_a_refused_apply_to_an_output_leaves_no_journal_folder_there(tmp_path: Path, sd1: tuple[Path, Path],
+                                                                   sd1_patch: Path) -> None:
+    base, _ = sd1
+    apply_to_checkpoint([sd1_patch], base, in_place=True)
+    (tmp_path / "out").mkdir()
+    r = run("apply", sd1_patch, "--to", base, "-o", tmp_path / "out" / "x.safetensors")  # already applied: refused
+    assert r.exit_code == 1 and list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_interrupted_apply_whose_undo_record_was_deleted_says_so(
+        tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, _ = sd1
+    with monkeypatch.context() as m:
+        die_after_writing(m)
+        with pytest.raises(KeyboardInterrupt):
+            apply_to_checkpoint([sd1_patch], base, in_place=True)
+    (journal_dir(base) / "0001.undo").unlink()
+    r = run("inspect", sd1_patch, "--against", base)
+    assert r.exit_code == 6 and "an interrupted apply in" in r.stderr and "lost its undo record 0001.undo" in r.stderr

@@ -14,6 +14,7 @@ import math
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,7 +257,14 @@ def _mode_for(path: Path) -> int:
 
 
 def _replace(tmp: str, path: Path) -> None:
-    """``os.replace``, a file that another program holds open (Windows refuses to replace it) named in one line."""
+    """``os.replace``, a file that another program holds open (Windows refuses to replace it) named in one line.
+    On Windows a few short retries first: a reader (another erasekit reading a journal) holds a file a moment."""
+    for wait in (0.05, 0.1, 0.2, 0.4) if os.name == "nt" else ():
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            time.sleep(wait)
     try:
         os.replace(tmp, path)
     except PermissionError as e:

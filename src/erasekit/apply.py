@@ -9,6 +9,7 @@ against the original sha256.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -332,6 +333,8 @@ def _remove_staged(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     if not tmp.is_dir():
         shutil.rmtree(journal_dir(tmp), ignore_errors=True)
+        with contextlib.suppress(OSError):  # the output folder's .erasekit, if the copy made it
+            journal_dir(tmp).parent.rmdir()
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -92,6 +92,7 @@ def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedM
     patch changes are those of the base it was made for, and the sha256 of their fingerprints."""
     from .compat import slot_map, touches
     from .hub import TEXT_ENCODERS, resolve_model
+    from .in_place import pristine_reader
     from .layouts import detect
 
     if model is None:
@@ -103,13 +104,14 @@ def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedM
         name = Path(model).resolve().name if Path(model).exists() else str(model)
     ckpt = detect(path)
     mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, f"{ckpt.path} [{ckpt.describe()}]")
+    read = pristine_reader(ckpt)  # below the patches applied in place, as apply judges a base
     lines, statuses = [], []
     for t in touches(patch, mapping):
         wf = next(f for f in ckpt.files if t.slot in f.encoders)  # the first variant: the one a pipeline loads
         key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
         dtype, shape = wf.tensor_info()[key]
         expected = patch.manifest.base.tensors[f"{t.module}.{t.kind}"]
-        fp = fingerprint(wf.read_raw(key), dtype, shape, sketch=dtype != expected.dtype)
+        fp = fingerprint(read(wf, key), dtype, shape, sketch=dtype != expected.dtype)
         statuses.append(compare_fingerprint(expected, fp))
         lines.append(f"{t.module}.{t.kind} {fp.sha256}\n")
     match = "differs" if "differs" in statuses else "approx" if "approx" in statuses else "exact"
@@ -196,7 +198,7 @@ def check_measured_on_its_base(patch: Patch, model: str | os.PathLike | None) ->
     after = patch.manifest.method.hyperparameters.get("after")
     made_after = [a.get("patch_id") for a in after if isinstance(a, dict)] if isinstance(after, list) else []
     if in_place and [a["patch_id"] for a in in_place] != made_after:
-        raise ErasekitError(f"{model} has patches applied in place ({', '.join(repr(a['title']) for a in in_place)}) "
+        raise ErasekitError(f"{ckpt.path} has patches applied in place ({', '.join(repr(a['title']) for a in in_place)}) "
                             f"that '{patch.title}' was not made after, so its rates would be those of a stack",
                             "record it on the model without them (a copy, or revert them first), or evaluate without "
                             "recording", option="record")

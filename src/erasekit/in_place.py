@@ -7,13 +7,14 @@ Writers (:mod:`erasekit.apply`) build on this; it imports no writer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from . import _st
 from .compat import base_statuses, slot_map
-from .errors import ErasekitError, TargetLockedError, UndoRecordError
+from .errors import ErasekitError, TargetLockedError, TargetNotWritableError, UndoRecordError
 from .journal import Entry, Journal, TensorAt, generation
 from .layouts import Checkpoint, WeightFile
 from .patchfile import Patch
@@ -36,30 +37,45 @@ def tensor_places(ckpt: Checkpoint) -> TensorAt:
     return at
 
 
+READER_WAIT = 60.0  # seconds a reader waits for a writer of the same checkpoint (an apply, a revert) to finish
+
+
 def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
     """Before reading ``ckpt``'s tensors: roll back (or finish) an apply/revert that a crash interrupted, so no
     reader sees a half-written checkpoint, and set aside a journal that does not describe the files there
-    (:meth:`Journal.reconcile`). Refuses while another erasekit process is writing it."""
+    (:meth:`Journal.reconcile`). Only then does it take the writers' lock (waiting up to :data:`READER_WAIT` for a
+    writer at work); a journal that describes files written since (copied, or stamped by an older erasekit) is
+    stamped anew where the lock is free, and read as it is where not (another reader, a read-only folder)."""
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
     if not journal.needs_reconcile():
         return []
-    if not journal.interrupted() and not os.access(journal.dir, os.W_OK):  # a read-only share: check, do not stamp
-        if (reason := journal.foreign(tensor_places(ckpt))) is not None:
+    places = tensor_places(ckpt)
+    if not journal.interrupted():
+        reason = journal.foreign(places)
+        if reason is None:
+            with contextlib.suppress(TargetLockedError, TargetNotWritableError), journal.locked():
+                journal.reconcile(places)  # stamps, best effort
+            return []
+        if not os.access(journal.dir, os.W_OK):
             raise UndoRecordError(f"the undo journal {journal.dir} does not describe {ckpt.path} ({reason}), and it "
                                   "cannot be set aside (read-only)", "move the journal folder away, or restore the file")
-        return []
-    with journal.locked():
-        return journal.reconcile(tensor_places(ckpt))
+    with journal.locked(wait=READER_WAIT):
+        return journal.reconcile(places)
 
 
 def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable[[T], Any] = lambda _: None) -> T:
     """``read()`` of ``ckpt``'s files as one state of them, without a lock: interrupted writes are finished first,
     and a read during which an in-place apply or revert saved the journal (its generation changed) is discarded
-    and done again, up to three times."""
+    and done again, up to three times; so is one that failed meanwhile (an undo record a revert removed)."""
     for _ in range(3):
         recover_interrupted(ckpt)
         seen = generation(ckpt.path)
-        result = read()
+        try:
+            result = read()
+        except (OSError, ErasekitError):
+            if generation(ckpt.path) == seen:
+                raise
+            continue
         if generation(ckpt.path) == seen and not (seen and seen[1]):
             return result
         discard(result)

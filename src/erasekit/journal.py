@@ -67,7 +67,7 @@ class TensorRecord(BaseModel):
 
 
 class Entry(BaseModel):
-    id: Annotated[str, StringConstraints(pattern=r"^[0-9]{4,9}$")]  # names NNNN.undo: digits only, never a path
+    id: Annotated[str, StringConstraints(pattern=r"^[0-9]{4,18}$")]  # names NNNN.undo: digits only, never a path
     state: Literal["pending", "committed", "reverting"]
     patch_id: str
     patch_title: str
@@ -96,7 +96,7 @@ class FileStamp(BaseModel):
 
 class JournalFile(BaseModel):
     erasekit_journal: int = 1
-    generation: int = 0  # grows by one with every save
+    generation: int = 0  # grows with every save (to the time in ns, at least: a journal made anew never repeats one)
     files: dict[str, FileStamp] = {}  # weight file label -> its stamp at the last save
     entries: list[Entry] = []
 
@@ -216,25 +216,34 @@ class Journal:
 
     def originals(self, entry: Entry, tensor_at: TensorAt,
                   current: dict[tuple[str, str], tuple[bytes, str]] | None = None,
-                  prove: bool = False, skip: set[tuple[str, str]] | frozenset = frozenset()) -> dict[tuple[str, str], bytes]:
+                  prove: bool = False, skip: set[tuple[str, str]] | frozenset = frozenset(),
+                  older: set[tuple[str, str]] | frozenset = frozenset()) -> dict[tuple[str, str], bytes]:
         """Every tensor's bytes from before ``entry``, rebuilt from the tensors now (``current``: their bytes and
         sha256, else read) and verified against their recorded hashes. ``prove``: first check that the bytes now
         are, page by page, those before or after the entry, also where a full record would not need them
-        (:class:`ForeignBytesError` if not). ``skip``: tensors left out. Raises :class:`UndoRecordError`; writes
-        nothing."""
+        (:class:`ForeignBytesError` if not). ``skip``: tensors left out. ``older``: tensors an older interrupted
+        entry of the same command also changed: where such a tensor is not proven for this entry, this entry never
+        wrote it (the older one's writes come first) and it is left out, for the older entry to restore. Raises
+        :class:`UndoRecordError`; writes nothing."""
         undo, path, current = self.read_undo(entry, tensor_at), self.dir / entry.undo_file, current or {}
 
-        def one(tr: TensorRecord) -> bytes:
+        def one(tr: TensorRecord) -> bytes | None:
             k, ent = (tr.file, tr.key), tensor_at(tr.file, tr.key)
             if undo[k].full and not prove:
                 return rebuild(undo[k], b"", ent, entry.strength, tr, path)
             cur, cur_sha = current[k] if k in current else (self._read(tr.file, ent), None)
-            if prove:
-                check_before_or_after(undo[k], cur, ent, tr, cur_sha)
-            return rebuild(undo[k], cur, ent, entry.strength, tr, path, cur_sha)
+            try:
+                if prove:
+                    check_before_or_after(undo[k], cur, ent, tr, cur_sha, reverting=entry.state == "reverting")
+                return rebuild(undo[k], cur, ent, entry.strength, tr, path, cur_sha)
+            except ForeignBytesError:
+                if k in older:
+                    return None
+                raise
 
         wanted = [r for r in entry.tensors if (r.file, r.key) not in skip]
-        return dict(zip(((r.file, r.key) for r in wanted), map_threads(one, wanted)))
+        found = zip(((r.file, r.key) for r in wanted), map_threads(one, wanted))
+        return {k: data for k, data in found if data is not None}
 
     def pristine(self, label: str, key: str, current: bytes, tensor_at: TensorAt) -> bytes | None:
         """The tensor as it was before any committed entry changed it, rebuilt from its bytes now down the stack of
@@ -261,6 +270,11 @@ class Journal:
         touches) holds its after bytes (another program's edit of some of them leaves the entry, which then needs a
         forced revert); and each interrupted entry's tensors that no newer one touches hold, page by page, its
         bytes before or after it."""
+        gone = sorted({r.file for e in self.entries for r in e.tensors} - set(self.files))
+        if gone:
+            return f"it names the weight file {gone[0] or self.checkpoint.name}, which is not there"
+        for entry in self.interrupted():
+            self.check_undo_file(entry)
         now = self._stamps_now()
         for label, stamp in self.data.files.items():
             if label in now and (now[label].size, now[label].header_sha256) != (stamp.size, stamp.header_sha256):
@@ -273,20 +287,34 @@ class Journal:
             mine = [(k, after) for k, (e, after) in last.items() if e is entry and k not in busy]
             if mine and not any(sha256(self._read(k[0], tensor_at(*k))) == after for k, after in mine):
                 return f"no tensor that patch '{entry.patch_title}' changed is as it left it"
-        newer: set[tuple[str, str]] = set()
-        for entry in reversed(self.interrupted()):
+        proven: set[tuple[str, str]] = set()  # a tensor several interrupted entries changed: proven for one of them
+        for entry, older in reversed(self._interrupted_with_older()):
             try:
-                self.originals(entry, tensor_at, prove=True, skip=newer)
+                proven |= set(self.originals(entry, tensor_at, prove=True, skip=proven, older=older))
             except ForeignBytesError as e:
                 return e.problem
-            newer |= {(r.file, r.key) for r in entry.tensors}
         return None
+
+    def _interrupted_with_older(self) -> list[tuple[Entry, set[tuple[str, str]]]]:
+        """Each interrupted entry, oldest first, with the tensors that older interrupted entries changed."""
+        out, seen = [], set()
+        for entry in self.interrupted():
+            out.append((entry, set(seen)))
+            seen |= {(r.file, r.key) for r in entry.tensors}
+        return out
+
+    def check_undo_file(self, entry: Entry) -> None:
+        if not (self.dir / entry.undo_file).exists():  # written before the entry: only a deletion explains this
+            raise UndoRecordError(f"an interrupted {'revert' if entry.state == 'reverting' else 'apply'} in "
+                                  f"{self.dir} lost its undo record {entry.undo_file}",
+                                  "restore the checkpoint from a backup")
 
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def locked(self) -> Iterator[Journal]:
-        """Hold the checkpoint's writer lock (non-blocking: a second writer gets a clear error). A journal folder
-        made for the lock is removed again when the block wrote no journal (a refused command leaves nothing)."""
+    def locked(self, wait: float = 0) -> Iterator[Journal]:
+        """Hold the checkpoint's writer lock, waiting up to ``wait`` seconds for another holder (a second writer gets
+        a clear error at once). A journal folder made for the lock is removed again when the block wrote no journal
+        (a refused command leaves nothing)."""
         from filelock import FileLock, Timeout
 
         made = [d for d in (self.dir.parent, self.dir) if not d.exists()]
@@ -296,7 +324,7 @@ class Journal:
             raise TargetNotWritableError(f"cannot create the undo journal folder {self.dir} (permission denied)",
                                          "make the checkpoint's folder writable, or write a copy to an output elsewhere",
                                          option="output") from None
-        lock = FileLock(str(self.dir / "lock"), timeout=0)
+        lock = FileLock(str(self.dir / "lock"), timeout=wait)
         try:
             lock.acquire()
         except Timeout:
@@ -307,17 +335,21 @@ class Journal:
             self._undo.clear()
             yield self
         finally:
-            if made and not (self.dir / "journal.json").exists():
+            unmake = made and not (self.dir / "journal.json").exists()
+            if unmake:  # while holding the lock where the system allows it (POSIX), else just after (Windows)
                 with contextlib.suppress(OSError):
                     (self.dir / "lock").unlink()
+            lock.release()
+            if unmake:
+                with contextlib.suppress(OSError):
+                    (self.dir / "lock").unlink(missing_ok=True)
                     for d in reversed(made):
                         d.rmdir()
-            lock.release()
 
     def save(self) -> None:
         self._undo.clear()  # ids are reused after a revert: cached records may be stale
         self.data.erasekit_journal = 2 if any(e.undo == "residual" for e in self.entries) else 1
-        self.data.generation += 1
+        self.data.generation = max(self.data.generation + 1, time.time_ns())  # a new journal does not repeat an old one's
         self.data.files = self._stamps_now()
         with _st.atomic_write(self.dir / "journal.json") as f:
             f.write(self.data.model_dump_json(indent=1).encode())
@@ -400,14 +432,11 @@ class Journal:
             self.set_aside(reason)
             return []
         done = []
-        for entry in reversed(self.interrupted()):
+        for entry, older in reversed(self._interrupted_with_older()):
             undo_path = self.dir / entry.undo_file
-            if not undo_path.exists():  # the undo record is written before the entry, so only a deletion explains this
-                raise UndoRecordError(f"an interrupted {'revert' if entry.state == 'reverting' else 'apply'} in "
-                                      f"{self.dir} lost its undo record {entry.undo_file}",
-                                      "restore the checkpoint from a backup")
+            self.check_undo_file(entry)
             try:
-                originals = self.originals(entry, tensor_at, prove=True)
+                originals = self.originals(entry, tensor_at, prove=True, older=older)
             except ForeignBytesError as e:
                 self.set_aside(e.problem)
                 return done
@@ -430,9 +459,13 @@ class Journal:
         """Move the journal and its undo records into ``set-aside-<time>/`` beside them, and warn: the journal
         describes another file than the one there. Nothing is written to the weight files."""
         folder = self.dir / f"{SET_ASIDE}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        folder = folder if not folder.exists() else Path(f"{folder}-{os.getpid()}")
+        n = 1
+        while folder.exists() or folder.is_symlink():
+            n += 1
+            folder = self.dir / f"{SET_ASIDE}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{n}"
         folder.mkdir()
-        for p in [self.dir / "journal.json", *(self.dir / e.undo_file for e in self.entries)]:
+        # the undo files first: a journal.json left behind by a crash here still names them (none is swept away)
+        for p in [*(self.dir / e.undo_file for e in self.entries), self.dir / "journal.json"]:
             if p.exists():
                 os.replace(p, folder / p.name)
         _st.fsync_dir(self.dir)

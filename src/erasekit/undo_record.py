@@ -259,10 +259,11 @@ def rebuild(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, strength: float, 
 
 
 def check_before_or_after(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, tr: TensorRecord,
-                          cur_sha: str | None = None) -> None:
+                          cur_sha: str | None = None, reverting: bool = False) -> None:
     """Raise :class:`ForeignBytesError` unless ``cur`` holds the tensor's bytes before or after the entry, page by
     page (one page may be cut inside by a write that stopped there: its before part must be the original's).
-    A residual record is not checked here: its rebuild proves it (the result must hash to the bytes before)."""
+    A residual record is not checked here: its rebuild proves it (the result must hash to the bytes before).
+    ``reverting``: the entry's revert was under way (it writes the original bytes from the start)."""
     if rec.original is None or (cur_sha or sha256(cur)) in (tr.before_sha256, tr.after_sha256):
         return
     pages, orig = _pages(ent.begin, len(cur)), rec.original
@@ -270,8 +271,10 @@ def check_before_or_after(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, tr:
     if len(rec.page_crc) == len(pages):
         odd = [(a, b) for (a, b), crc, s in zip(pages, rec.page_crc.tolist(), same) if not s and zlib.crc32(cur[a:b]) != crc]
         proven = not odd or (len(odd) == 1 and _cut_before_part(cur, orig, *odd[0], _st.ITEMSIZE[ent.dtype]))
-    else:  # a record from before page checksums: a write runs from the start, so a tensor it cut holds after
-        proven = any(same) and all(same[same.index(True):])  # bytes first and before bytes from a page on
+    elif reverting:  # a record from before page checksums: a write runs from the start, so a revert it cut holds
+        proven = same[0] and not any(same[same.index(False):])  # original pages first, the rest still as patched
+    else:  # and an apply it cut holds after bytes first, original pages from one on
+        proven = any(same) and all(same[same.index(True):])
     if not proven:
         raise ForeignBytesError(f"{tr.key} holds neither its bytes from before the interrupted write nor those it "
                                 "wrote", "restore the file the journal describes")
