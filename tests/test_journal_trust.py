@@ -462,3 +462,23 @@ def test_an_interrupted_apply_whose_undo_record_was_deleted_says_so(
     (journal_dir(base) / "0001.undo").unlink()
     r = run("inspect", sd1_patch, "--against", base)
     assert r.exit_code == 6 and "an interrupted apply in" in r.stderr and "lost its undo record 0001.undo" in r.stderr
+
+
+def test_a_loaded_pipeline_does_not_change_when_its_file_is_written_later(tmp_path: Path) -> None:
+    """Text encoders loaded in their stored dtype are not views of the mapped file: an in-place apply by another
+    process after the (checked) read does not reach a running generate or eval."""
+    import torch
+
+    from erasekit.journal import _write_all
+    from erasekit.pipeline import load_pipeline
+    from erasekit.toyworld import builtin_model_path
+
+    model = shutil.copytree(builtin_model_path(), tmp_path / "model")
+    pipe, ckpt = load_pipeline(model, torch_dtype=torch.float16)  # the built-in model's stored dtype
+    wf = ckpt.files[0]
+    key = next(iter(wf.encoders.values())).key(0, "fc1", "weight")
+    name = next(n for n in pipe.text_encoder.state_dict() if n.endswith("layers.0.mlp.fc1.weight"))
+    loaded = pipe.text_encoder.state_dict()[name].clone()
+    with open(wf.path, "r+b", buffering=0) as f:
+        _write_all(f, b"\x00" * wf.header.entries[key].nbytes, wf.header.entries[key].begin)
+    assert torch.equal(pipe.text_encoder.state_dict()[name], loaded)

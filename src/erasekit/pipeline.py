@@ -140,7 +140,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                return load()
+                return _own_text_encoders(load())
             except NotImplementedError as e:
                 if path.is_dir() or "meta tensor" not in str(e):
                     raise
@@ -169,6 +169,17 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), ckpt
+
+
+def _own_text_encoders(pipe: Any) -> Any:
+    """``pipe`` with its text encoders' tensors in memory of their own: loaded from safetensors in their stored
+    dtype they are views of the mapped file, which an in-place apply or revert by another process would change
+    under the running job (after the read was checked to be of one state)."""
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        for tensor in [*encoder.parameters(), *encoder.buffers()] if encoder is not None else []:
+            tensor.data = tensor.data.clone()
+    return pipe
 
 
 def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
