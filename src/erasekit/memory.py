@@ -136,8 +136,9 @@ def revert_patch(model: Any, patch: Patch | str | os.PathLike) -> RevertReport:
     with torch.no_grad():
         for (slot, key), orig in rec["originals"].items():
             encoders[slot][0].get_parameter(key).data.copy_(orig)
+    verified = all(torch.equal(encoders[slot][0].get_parameter(key), orig) for (slot, key), orig in rec["originals"].items())
     del stack[idx[-1]]
-    return RevertReport(where, "in-memory", patch.title, patch.patch_id, len(rec["originals"]), True,
+    return RevertReport(where, "in-memory", patch.title, patch.patch_id, len(rec["originals"]), verified,
                         time.perf_counter() - t0, [r["title"] for r in stack])
 
 

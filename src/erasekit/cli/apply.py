@@ -48,7 +48,8 @@ def apply_cmd(
     if revert:
         left = ", ".join(report.remaining) or "none"
         out.print(f"Reverted '{report.title}' from {report.target} [{report.layout}]: {report.tensors} tensors "
-                  f"restored, sha256 verified, in {report.seconds:.2f} s. Still applied: {left}.")
+                  f"restored{', sha256 verified' if report.verified else ''}, in {report.seconds:.2f} s. "
+                  f"Still applied: {left}.")
         return
     warn(report.warnings)
     where = "in place" if report.in_place else f"-> {report.output}"
