@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+from erasekit.cli import app
 from erasekit.diff import diff_checkpoints
 from erasekit.errors import TargetLockedError, TargetNotWritableError
 from erasekit.inspect import inspect_path
@@ -25,11 +27,17 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_pipeline_component_is_not_given_a_journal_of_its_own(tmp_path: Path) -> None:
+def pipeline_and_patch(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny diffusers pipeline and a patch of its layer 0."""
     base = make_checkpoint(tmp_path / "p", "diffusers-sd1")
     edited = make_checkpoint(tmp_path / "e", "diffusers-sd1", edit_layers=[0])
     patch = tmp_path / "x.erasepatch"
     diff_checkpoints(base, edited, output=patch)
+    return base, patch
+
+
+def test_a_pipeline_component_is_not_given_a_journal_of_its_own(tmp_path: Path) -> None:
+    base, patch = pipeline_and_patch(tmp_path)
     weights = base / "text_encoder" / "model.safetensors"
     before = digest(weights)
     with pytest.raises(TargetNotWritableError, match=r"is the text_encoder of the diffusers pipeline .*apply to \(or "
@@ -41,6 +49,14 @@ def test_a_pipeline_component_is_not_given_a_journal_of_its_own(tmp_path: Path) 
         revert_from_checkpoint(patch, base / "text_encoder")
     revert_from_checkpoint(patch, base)
     assert digest(weights) == before
+
+
+def test_a_weight_file_inside_a_model_folder_gets_no_journal_of_its_own(tmp_path: Path) -> None:
+    folder, patch = pipeline_and_patch(tmp_path)
+    r = CliRunner().invoke(app, ["apply", str(patch), "--to", str(folder / "text_encoder" / "model.safetensors"),
+                                 "--in-place"])
+    assert r.exit_code == 7 and f"is a weight file of the model folder {folder.resolve()}" in r.stderr
+    assert not list(folder.rglob(".erasekit"))
 
 
 def test_two_spellings_of_one_file_share_one_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

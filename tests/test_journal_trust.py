@@ -157,17 +157,6 @@ def test_revert_reports_the_hash_check_it_made(sd1: tuple[Path, Path], sd1_patch
     assert isinstance(report, RevertReport) and report.verified is False
 
 
-def test_a_weight_file_inside_a_model_folder_gets_no_journal_of_its_own(tmp_path: Path) -> None:
-    folder = make_checkpoint(tmp_path / "p", "diffusers-sd1")
-    edited = make_checkpoint(tmp_path / "e", "diffusers-sd1", edit_layers=[0])
-    patch = tmp_path / "x.erasepatch"
-    diff_checkpoints(folder, edited, output=patch)
-    weights = folder / "text_encoder" / "model.safetensors"
-    r = run("apply", patch, "--to", weights, "--in-place")
-    assert r.exit_code == 7 and f"is a weight file of the model folder {folder.resolve()}" in r.stderr
-    assert not list(folder.rglob(".erasekit"))
-
-
 def test_a_refused_apply_leaves_no_journal_folder(tmp_path: Path, sd1: tuple[Path, Path]) -> None:
     base, _ = sd1
     other, other_patch = another_model(tmp_path, "other")  # made for another model: its fingerprints differ
