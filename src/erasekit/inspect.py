@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .in_place import applied_in_place, described_journal, recover_interrupted
+from .in_place import applied_in_place, described_journal, read_consistently
 from .errors import ErasekitError
 from .journal import entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
@@ -185,9 +185,9 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
         result = inspect_patch(patch)
         if against is not None:
             ckpt = detect(resolve_model(against, TEXT_ENCODERS))
-            recover_interrupted(ckpt)  # fingerprints of a half-applied file would mislead
             result.against, result.against_layout = str(ckpt.path), ckpt.describe()
-            result.compatibility = _against(patch, result.rows, ckpt)
+            # one state of it: fingerprints of a half-applied file, or of one an apply writes meanwhile, would mislead
+            result.compatibility = read_consistently(ckpt, lambda: _against(patch, result.rows, ckpt))
         return result
     if against is not None:
         raise ErasekitError(f"'against' compares a patch with a checkpoint, and {path} is not a patch",
