@@ -92,7 +92,6 @@ def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedM
     patch changes are those of the base it was made for, and the sha256 of their fingerprints."""
     from .compat import slot_map, touches
     from .hub import TEXT_ENCODERS, resolve_model
-    from .in_place import pristine_reader
     from .layouts import detect
 
     if model is None:
@@ -104,14 +103,13 @@ def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedM
         name = Path(model).resolve().name if Path(model).exists() else str(model)
     ckpt = detect(path)
     mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, f"{ckpt.path} [{ckpt.describe()}]")
-    read = pristine_reader(ckpt)  # below the patches applied in place, as apply judges a base
     lines, statuses = [], []
     for t in touches(patch, mapping):
         wf = next(f for f in ckpt.files if t.slot in f.encoders)  # the first variant: the one a pipeline loads
         key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
         dtype, shape = wf.tensor_info()[key]
         expected = patch.manifest.base.tensors[f"{t.module}.{t.kind}"]
-        fp = fingerprint(read(wf, key), dtype, shape, sketch=dtype != expected.dtype)
+        fp = fingerprint(wf.read_raw(key), dtype, shape, sketch=dtype != expected.dtype)
         statuses.append(compare_fingerprint(expected, fp))
         lines.append(f"{t.module}.{t.kind} {fp.sha256}\n")
     match = "differs" if "differs" in statuses else "approx" if "approx" in statuses else "exact"
