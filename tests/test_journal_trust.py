@@ -471,3 +471,27 @@ def test_a_loaded_pipeline_does_not_change_when_its_file_is_written_later(tmp_pa
     with open(wf.path, "r+b", buffering=0) as f:
         _write_all(f, b"\x00" * wf.header.entries[key].nbytes, wf.header.entries[key].begin)
     assert torch.equal(pipe.text_encoder.state_dict()[name], loaded)
+
+
+@pytest.mark.parametrize("between", ["revert", "apply"])
+def test_patches_in_place_are_read_as_the_pipeline_was_loaded(
+        tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path], between: str) -> None:
+    """A revert (or an apply) by another process between loading a model and reading which patches it holds: the
+    loaded weights and the journal disagree, so generate/eval must not add patches on the journal's word (a revert
+    of P then made P be applied a second time)."""
+    from erasekit.errors import TargetLockedError
+    from erasekit.in_place import in_place_stack
+    from erasekit.patchfile import load_patch
+    from erasekit.pipeline import load_pipeline
+
+    model, in_place, other = toy_with_a_patch_in_place
+    pipe, ckpt = load_pipeline(model)
+    if between == "revert":
+        revert_from_checkpoint(in_place, model)
+    else:
+        apply_to_checkpoint([other], model, in_place=True)
+    with pytest.raises(TargetLockedError, match="in place while it was loaded"):
+        in_place_stack([load_patch(in_place)], ckpt)
+    if between == "revert":  # loaded again, the patch is added once
+        assert run("generate", "a red circle", "-m", model, "-p", in_place, "-o", tmp_path / "o", "-n", "1",
+                   "--steps", "1").exit_code == 0

@@ -37,6 +37,7 @@ def tensor_places(ckpt: Checkpoint) -> TensorAt:
     return at
 
 
+NO_JOURNAL = (0, False)  # Checkpoint.read_at of one read while it had no journal
 READER_WAIT = 60.0  # seconds a reader waits for a writer of the same checkpoint (an apply, a revert) to finish
 
 
@@ -77,6 +78,7 @@ def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable
                 raise
             continue
         if generation(ckpt.path) == seen and not (seen and seen[1]):
+            ckpt.read_at = seen or NO_JOURNAL
             return result
         discard(result)
     raise TargetLockedError(f"{ckpt.path} kept changing while it was read (another erasekit process is applying or "
@@ -125,16 +127,27 @@ def in_place_stack(patches: Sequence[Patch], ckpt: Checkpoint) -> tuple[list[dic
     (:func:`applied_in_place`), and the ids of ``patches`` made for it as it is below those (their base
     fingerprints match the tensors there). The loaded weights are not such a patch's base, so in memory it is
     applied on trust of this check. A patch of ``patches`` that is itself applied in place is refused: the loaded
-    weights hold it already, and adding it again would apply it twice."""
+    weights hold it already, and adding it again would apply it twice. When ``ckpt`` was loaded as one state
+    (``read_at``), the journal must still be at it: an apply or revert since would make the loaded weights and the
+    journal disagree (:class:`TargetLockedError`)."""
+    _still_as_loaded(ckpt)
     applied = applied_in_place(ckpt)
-    if not applied:
-        return [], []
-    refuse_applied_twice(patches, applied, ckpt)
-    read = pristine_reader(ckpt)
-    fits = [p for p in patches
-            if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders, str(ckpt.path)),
-                                              read).values()]
-    return applied, [p.patch_id for p in fits]
+    stack: tuple[list[dict[str, str]], list[str]] = ([], [])
+    if applied:
+        refuse_applied_twice(patches, applied, ckpt)
+        read = pristine_reader(ckpt)
+        fits = [p for p in patches
+                if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders,
+                                                                    str(ckpt.path)), read).values()]
+        stack = (applied, [p.patch_id for p in fits])
+    _still_as_loaded(ckpt)
+    return stack
+
+
+def _still_as_loaded(ckpt: Checkpoint) -> None:
+    if ckpt.read_at is not None and (generation(ckpt.path) or NO_JOURNAL) != ckpt.read_at:
+        raise TargetLockedError(f"patches were applied to or reverted from {ckpt.path} in place while it was loaded",
+                                "retry, once the other erasekit process is done")
 
 
 def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, str]], ckpt: Checkpoint) -> None:

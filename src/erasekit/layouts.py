@@ -162,6 +162,8 @@ class Checkpoint:
     files: list[WeightFile]
     notes: list[str] = field(default_factory=list)
     config: str | None = None  # the component configs a single file was loaded with, and why (model_configs)
+    # the undo journal's generation when its files were last read as one state (in_place.read_consistently)
+    read_at: tuple[int, bool] | None = field(default=None, compare=False)
 
     @property
     def encoders(self) -> dict[str, EncoderSpec]:
