@@ -123,3 +123,36 @@ def test_a_models_per_concept_recommendations_give_each_concept_its_own_wordings
     assert config.templates is None and config.anchor_prompts is None and config.concept_templates == {}
     with pytest.raises(ErasekitError, match="exactly one"):
         effective_settings({}, {"concept_templates": {"striped": ["a pattern"]}})
+
+
+# -- the size an erase trains at ---------------------------------------------------------------------------------------
+
+def test_the_native_sizes_of_the_bundled_configs() -> None:
+    from erasekit.model_configs import CONFIGS_DIR, native_resolution_of
+
+    sizes = {name: native_resolution_of(CONFIGS_DIR / name)
+             for name in ("sd1", "sd2-512", "sd2-768-v", "sdxl", "sdxl-refiner")}
+    assert sizes == {"sd1": 512, "sd2-512": 512, "sd2-768-v": 768, "sdxl": 1024, "sdxl-refiner": 1024}
+
+
+def test_an_erase_trains_at_the_models_native_size_unless_told(tmp_path: Path) -> None:
+    """SDXL (and SD2 768-v) erased at 512 with time ids of 512 while generate, eval and the UIs render at native
+    size: the size now comes from the UNet and VAE configs (a tiny pipeline's: 8 latents x 4 = 32 px)."""
+    from PIL import Image
+
+    from erasekit.erase_job import prepare_erase
+    from erasekit.testing import make_tiny_pipeline
+
+    xl = make_tiny_pipeline(tmp_path / "xl", arch="sdxl")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (40, 40), colour).save(images / f"{i}.png")
+    job = prepare_erase(xl, ["circle"], [images], tmp_path / "a.erasepatch", {})
+    assert (job.config.resolution, job.sources["resolution"]) == (32, "native")
+    job = prepare_erase(xl, ["circle"], [images], tmp_path / "b.erasepatch", {"resolution": 16})
+    assert (job.config.resolution, job.sources["resolution"]) == (16, "user; native 32")
+    r = runner.invoke(app, ["erase", "-m", str(xl), "-c", "circle", "--images", str(images), "--resolution", "16",
+                            "--steps", "1", "-o", str(tmp_path / "c.erasepatch")])
+    assert r.exit_code == 0 and "resolution 16 (user; native 32)" in r.stdout, r.output
+    assert load_patch(tmp_path / "c.erasepatch").manifest.method.hyperparameters["resolution"] == 16

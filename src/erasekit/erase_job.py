@@ -32,7 +32,7 @@ class EraseJob:
     config_dir: Path | None = None
     prediction_type: str | None = None
     after: list[Any] = field(default_factory=list)  # the earlier patches (Patch objects)
-    sources: dict[str, str] = field(default_factory=dict)  # setting -> "user" or "model" (the rest: defaults)
+    sources: dict[str, str] = field(default_factory=dict)  # setting -> "user", "model" or "native" (the rest: defaults)
 
     def load_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one loaded pipeline."""
@@ -57,19 +57,21 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     from .hub import resolve_model
     from .layouts import detect
     from .patchfile import load_patch
+    from .model_configs import native_resolution
     from .pipeline import model_settings
     from .toyworld import builtin_model_path
 
     if not concepts:
         raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     model = resolve_model(model) if model is not None else builtin_model_path()
-    detect(model)  # its files' headers: a truncated or foreign file is refused before anything runs
+    ckpt = detect(model)  # its files' headers: a truncated or foreign file is refused before anything runs
     settings = model_settings(model)
     sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):
         config, sources = effective_settings(recommended_for(settings, list(concepts)), config or {},
                                              settings.get("erase_recipes"))
         sources = {k: v for k, v in sources.items() if v != "default"}
+        config, sources = _at_native_size(config, sources, native_resolution(ckpt, config_dir, prediction_type))
     _check_concept_templates(config, concepts)
     out = Path(output)
     check_new_output(out, replace, make_folder)
@@ -92,6 +94,16 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     earlier = [load_patch(p) for p in after]
     return EraseJob(model, list(concepts), groups, config, out, num_images,
                     Path(config_dir) if config_dir is not None else None, prediction_type, earlier, sources)
+
+
+def _at_native_size(config: EraseConfig, sources: dict[str, str], native: int | None) -> tuple[EraseConfig, dict[str, str]]:
+    """Train at the size the model renders at (SDXL 1024, SD2 768-v 768), as generate, eval and the UIs do, unless
+    the user or the model's erasekit.json chose one; a size chosen otherwise says what the native one is."""
+    if native is None or config.resolution == native:
+        return config, sources
+    if "resolution" not in sources:
+        return config.model_copy(update={"resolution": native}), sources | {"resolution": "native"}
+    return config, sources | {"resolution": f"{sources['resolution']}; native {native}"}
 
 
 def _check_concept_templates(config: EraseConfig, concepts: Sequence[str]) -> None:

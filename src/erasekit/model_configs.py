@@ -207,3 +207,25 @@ def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     if names == ["text_encoder_2"]:
         return "sdxl-refiner", configs
     return ("sd2" if configs["te"].get("hidden_act") == "gelu" else "sd1"), configs  # as layouts._detect_folder
+
+
+def native_resolution(ckpt: Checkpoint, config: str | os.PathLike | None = None,
+                      prediction_type: str | None = None) -> int | None:
+    """The image size the model renders at by default, from the model folder's configs or those a single file is
+    loaded with (:func:`native_resolution_of`). None when they do not tell."""
+    try:
+        return native_resolution_of(ckpt.path if ckpt.path.is_dir() else choose_config(ckpt, config, prediction_type).path)
+    except ErasekitError:
+        return None
+
+
+def native_resolution_of(folder: Path) -> int | None:
+    """The default image size of a diffusers pipeline folder, as its pipelines choose it: the UNet's ``sample_size``
+    times the VAE's scale factor, 2 ** (its blocks - 1) (SD1 512, SD2 768-v 768, SDXL 1024)."""
+    unet, vae = read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json")
+    size, blocks = unet.get("sample_size"), vae.get("block_out_channels")
+    if isinstance(size, list):  # [height, width]: a square model's
+        size = size[0] if len(set(size)) == 1 else None
+    if not isinstance(size, int) or not isinstance(blocks, list) or not blocks:
+        return None
+    return size * 2 ** (len(blocks) - 1)

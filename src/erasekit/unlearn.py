@@ -65,7 +65,7 @@ class EraseReport:
     output_error: float = 0.0  # low-rank: how far the stored deltas move the encoders' outputs from the trained ones
     patch: Any = None  # the Patch object (not serialised)
     ui: list[str] = field(default_factory=list)  # how to load the written patch in ComfyUI and A1111
-    sources: dict[str, str] = field(default_factory=dict)  # setting -> "user" or "model" (the rest are defaults)
+    sources: dict[str, str] = field(default_factory=dict)  # setting -> "user", "model" or "native" (the rest are defaults)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds: where the erase's time went
 
 

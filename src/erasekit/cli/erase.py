@@ -84,7 +84,9 @@ def erase_cmd(
                                                  show_default=False)] = None,
     draws: Annotated[Optional[int], typer.Option("--draws", help="Noise draws per image per step. [default: 1]")] = None,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training image size in pixels. "
-                                                      "[default: the model's, else 512]")] = None,
+                                                      "[default: the model's erasekit.json, else its native size "
+                                                      "(UNet sample size x VAE scale: SD1 512, SD2 768-v 768, SDXL "
+                                                      "1024)]")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="0-11", help="Text-encoder layers to "
                                                   "change (default: all).")] = None,
     encoders: Annotated[Optional[str], typer.Option("--encoders", metavar="te1,te2", help="SDXL: which text "
