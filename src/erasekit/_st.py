@@ -256,7 +256,7 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _replace(tmp: str, path: Path) -> None:
+def replace(tmp: str | Path, path: Path) -> None:
     """``os.replace``, a file that another program holds open (Windows refuses to replace it) named in one line.
     On Windows a few short retries first: a reader (another erasekit reading a journal) holds a file a moment."""
     for wait in (0.05, 0.1, 0.2, 0.4) if os.name == "nt" else ():
@@ -270,8 +270,9 @@ def _replace(tmp: str, path: Path) -> None:
     except PermissionError as e:
         from .errors import TargetNotWritableError
 
-        raise TargetNotWritableError(f"cannot replace {path} ({e.strerror}): another program holds it open, or it is "
-                                     "read-only", "close it in that program (or make it writable), then retry") from None
+        raise TargetNotWritableError(f"cannot replace {path} ({e.strerror}): another program holds it open, or it or "
+                                     "its folder is read-only", "close it in that program (or make it writable), "
+                                     "then retry") from None
 
 
 def check_new_output(out: Path, replace: bool = False, make_folder: bool = False) -> None:
@@ -320,7 +321,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _mode_for(path))
-        _replace(tmp, path)
+        replace(tmp, path)
         fsync_dir(parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

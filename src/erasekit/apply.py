@@ -338,24 +338,20 @@ def _remove_staged(tmp: Path) -> None:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the staged copy (and a single file's journal) onto ``out``."""
-    try:
-        if tmp.is_dir():
-            os.replace(tmp, out)
-        else:
-            journal = journal_dir(out)
-            if journal.exists():
-                shutil.rmtree(journal)
-            os.replace(journal_dir(tmp), journal)
-            try:
-                os.replace(tmp, out)
-            except BaseException:  # no output, so no journal for it (a crash here leaves one for a missing file,
-                shutil.rmtree(journal, ignore_errors=True)  # which a file written there later finds set aside)
-                raise
-    except PermissionError as e:
-        raise TargetNotWritableError(f"cannot write {out} ({e.strerror}): another program holds it open, or its "
-                                     "folder is read-only", "close it there (or choose another output), then retry",
-                                     option="output") from None
+    """Rename the staged copy (and a single file's journal) onto ``out`` (a file another program holds open is
+    named in one line: :func:`erasekit._st.replace`)."""
+    if tmp.is_dir():
+        _st.replace(tmp, out)
+    else:
+        journal = journal_dir(out)
+        if journal.exists():
+            shutil.rmtree(journal)
+        _st.replace(journal_dir(tmp), journal)
+        try:
+            _st.replace(tmp, out)
+        except BaseException:  # no output, so no journal for it (a crash here leaves one for a missing file,
+            shutil.rmtree(journal, ignore_errors=True)  # which a file written there later finds set aside)
+            raise
     _st.fsync_dir(out.parent)
 
 

@@ -26,8 +26,9 @@ file's size and header are those it stamped, and every tensor an entry touched h
 before or after that entry. A journal that does not describe the file (the file was replaced) is set aside,
 kept in a folder named ``set-aside-<time>`` beside it, with a warning; nothing is written to the file.
 
-Readers take no lock: ``generation`` grows with every save, and a reader that sees the same generation (and no
-interrupted entry) before and after reading the tensors saw no write (:func:`generation`).
+Readers take the lock only to recover or set aside (:mod:`erasekit.in_place`): ``generation`` grows with every
+save, and a reader that sees the same generation (and no interrupted entry) before and after reading the tensors
+saw no write (:func:`generation`).
 """
 
 from __future__ import annotations
