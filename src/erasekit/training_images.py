@@ -104,19 +104,38 @@ def _prune(folder: Path, limit: int) -> None:
         p.unlink(missing_ok=True)
 
 
+# in every cache key: entries from before the VAE encoded in float32 are never read (it encoded in its loaded dtype,
+# and :func:`vae_id` cannot tell a half-precision VAE from the float32 one when the weights are half-precision
+# values, as fp16 downloads are)
+ENCODED_IN = "f32"
+
+
 def encode_images(pipe: Any, images: list[tuple[Any, bytes]], config: EraseConfig, flips: list[bool]) -> Any:
-    """Latent distribution (mean, std) of each image, through the frozen VAE once, cached on disk."""
+    """Latent distribution (mean, std) of each image, through the frozen VAE once, cached on disk. The VAE encodes
+    in float32 whatever dtype it was loaded in (fp16 overflows in SDXL's VAE, which its config marks
+    ``force_upcast``), and is given back as found."""
+    import torch
+
+    from ._torch import kept_as_found
+
+    vae = pipe.vae
+    vid = vae_id(vae)
+    with kept_as_found([vae]):
+        vae.to(torch.float32)
+        return _encode_all(vae, vid, images, config, flips)
+
+
+def _encode_all(vae: Any, vid: str, images: list[tuple[Any, bytes]], config: EraseConfig, flips: list[bool]) -> Any:
+    """:func:`encode_images` with the VAE in float32: each image from the cache, else encoded and cached."""
     import numpy as np
     import torch
 
     from . import _st
 
-    vae = pipe.vae
     folder = cache_dir()
-    vid = vae_id(vae)
     means, stds = [], []
     for (img, data), flip in zip(images, flips):
-        key = hashlib.sha256(data + f"|{config.resolution}|{int(flip)}|{vid}".encode()).hexdigest()
+        key = hashlib.sha256(data + f"|{config.resolution}|{int(flip)}|{vid}|{ENCODED_IN}".encode()).hexdigest()
         path = folder / f"{key}.safetensors"
         if config.cache and path.exists():
             try:
@@ -133,7 +152,7 @@ def encode_images(pipe: Any, images: list[tuple[Any, bytes]], config: EraseConfi
         from PIL import Image
 
         arr = np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img, dtype=np.float32) / 127.5 - 1.0
-        x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(vae.device, vae.dtype)
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(vae.device, torch.float32)
         with torch.no_grad():
             dist = vae.encode(x).latent_dist
         mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()

@@ -1,0 +1,112 @@
+"""The VAE encodes training images in float32 whatever dtype it was loaded in."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erasekit import _st
+from erasekit.erase_config import EraseConfig
+from erasekit.pipeline import load_pipeline
+from erasekit.testing import make_tiny_pipeline
+from erasekit.training_images import cache_dir, encode_images, training_image, vae_id
+
+# -- the VAE encodes in float32 -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_pipe(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The tiny SD1 pipeline with its VAE in bfloat16, as a half-precision load leaves it."""
+    pipe, _ = load_pipeline(make_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny"))
+    pipe.vae.to(torch.bfloat16)
+    return pipe
+
+
+def _images(n: int = 2) -> list[tuple[Image.Image, bytes]]:
+    rng = np.random.default_rng(0)
+    images = [training_image(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), 32) for _ in range(n)]
+    return [(img, img.tobytes()) for img in images]
+
+
+def _latent_dist(vae: torch.nn.Module, images: list[tuple[Image.Image, bytes]]):  # type: ignore[no-untyped-def]
+    """The images' latent distribution through ``vae`` in the dtype it is in."""
+    arr = np.stack([np.asarray(img, dtype=np.float32) / 127.5 - 1.0 for img, _ in images])
+    with torch.no_grad():
+        return vae.encode(torch.from_numpy(arr).permute(0, 3, 1, 2).to(vae.dtype)).latent_dist
+
+
+def _encoded_directly(vae: torch.nn.Module, images: list[tuple[Image.Image, bytes]]) -> torch.Tensor:
+    return _latent_dist(vae, images).mean.float()
+
+
+def test_a_half_precision_vae_encodes_in_float32_and_is_given_back_as_found(bf16_pipe, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ERASEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    vae = bf16_pipe.vae
+    vae.train()  # a mode and flags it must be given back in
+    vae.encoder.conv_in.weight.requires_grad_(False)
+    images = _images()
+    in_fp32 = _encoded_directly(copy.deepcopy(vae).float(), images)
+    in_bf16 = _encoded_directly(copy.deepcopy(vae), images)
+    assert (in_fp32 - in_bf16).abs().max() > 1e-3  # the test can tell the two apart
+
+    mean, std = encode_images(bf16_pipe, images, EraseConfig(cache=False), [False, False])
+    torch.testing.assert_close(mean, in_fp32, rtol=1e-5, atol=1e-6)
+    assert mean.dtype == std.dtype == torch.float32 and bool((std > 0).all())
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    assert vae.training and all(m.training for m in vae.modules())
+    assert not vae.encoder.conv_in.weight.requires_grad and vae.decoder.conv_out.weight.requires_grad
+    assert vae.device == torch.device("cpu")
+    assert not (tmp_path / "cache").exists()  # cache=False writes nothing
+    vae.eval()
+
+
+def test_the_vae_is_given_back_as_found_when_encoding_fails(bf16_pipe, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    vae = bf16_pipe.vae
+
+    def broken(x: torch.Tensor) -> None:
+        assert x.dtype == torch.float32 and vae.encoder.conv_in.weight.dtype == torch.float32
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(vae, "encode", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        encode_images(bf16_pipe, _images(1), EraseConfig(cache=False), [False])
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in vae.buffers() if b.is_floating_point()} <= {torch.bfloat16}
+
+
+def _old_key(data: bytes, resolution: int, flip: bool, vid: str) -> str:
+    """The latents cache key of erasekit before the VAE encoded in float32 (it encoded in the VAE's dtype)."""
+    return hashlib.sha256(data + f"|{resolution}|{int(flip)}|{vid}".encode()).hexdigest()
+
+
+def test_latents_cached_by_a_half_precision_encode_are_not_reused(bf16_pipe, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 VAE whose weights are bfloat16 values has the same vae_id as the bfloat16 one: an entry an
+    earlier erasekit wrote from the bfloat16 encode must not stand in for the float32 encode."""
+    monkeypatch.setenv("ERASEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    cache = cache_dir()
+    images = _images(1)
+    fp32_pipe = copy.copy(bf16_pipe)
+    fp32_pipe.vae = copy.deepcopy(bf16_pipe.vae).float()
+    vid = vae_id(fp32_pipe.vae)
+    assert vid == vae_id(bf16_pipe.vae)
+    dist = _latent_dist(bf16_pipe.vae, images)
+    cache.mkdir(parents=True)
+    config = EraseConfig(cache=True, resolution=32)
+    old = cache / f"{_old_key(images[0][1], config.resolution, False, vid)}.safetensors"
+    _st.write_safetensors(old, {name: ("F32", tuple(t.shape[1:]), t[0].float().numpy().tobytes())
+                                for name, t in (("mean", dist.mean), ("std", dist.std))}, {"vae": vid})
+
+    mean, _ = encode_images(fp32_pipe, images, config, [False])
+    torch.testing.assert_close(mean, _encoded_directly(fp32_pipe.vae, images), rtol=1e-5, atol=1e-6)
+    assert len(list(cache.glob("*.safetensors"))) == 2  # the float32 encode was cached beside the old entry
+    again, _ = encode_images(fp32_pipe, images, config, [False])
+    assert torch.equal(again, mean)
+
