@@ -1,20 +1,28 @@
-"""The VAE encodes training images in float32 whatever dtype it was loaded in."""
+"""The VAE encodes training images in float32 whatever dtype it was loaded in; an SD2.x prediction type guessed
+from a weight statistic close to its threshold is said to be a guess."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
 
 from erasekit import _st
+from erasekit.cli import app
 from erasekit.erase_config import EraseConfig
+from erasekit.errors import ErasekitWarning
+from erasekit.layouts import detect
+from erasekit.model_configs import _SPREAD_KEY, V_PREDICTION_SPREAD, sd2_prediction
 from erasekit.pipeline import load_pipeline
-from erasekit.testing import make_tiny_pipeline
+from erasekit.testing import make_checkpoint, make_tiny_pipeline
 from erasekit.training_images import cache_dir, encode_images, training_image, vae_id
 
 # -- the VAE encodes in float32 -------------------------------------------------------------------
@@ -110,3 +118,70 @@ def test_latents_cached_by_a_half_precision_encode_are_not_reused(bf16_pipe, tmp
     again, _ = encode_images(fp32_pipe, images, config, [False])
     assert torch.equal(again, mean)
 
+
+
+# -- an SD2.x prediction type guessed close to the threshold --------------------------------------
+
+GUESSED = "was guessed from a weight statistic close to its threshold"
+
+
+def _sd2_file(path: Path, spread: float, metadata: dict[str, str] | None = None) -> Path:
+    """A tiny SD2.x single file whose UNet norm bias (the statistic's tensor, at its reference size) has exactly
+    standard deviation ``spread``."""
+    make_checkpoint(path, "single-sd2")
+    sd = load_file(str(path))
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = np.zeros((320, 4, 3, 3), np.float32)
+    z = np.random.default_rng(0).normal(size=1280)
+    sd[_SPREAD_KEY] = ((z - z.mean()) / z.std() * spread).astype(np.float32)
+    save_file(sd, str(path), metadata={"format": "pt", **(metadata or {})})
+    return path
+
+
+@pytest.mark.parametrize(("spread", "expected"), [(0.08, "epsilon"), (0.1, "v_prediction")])
+def test_a_guess_close_to_the_threshold_warns_once_and_stands(tmp_path: Path, spread: float, expected: str) -> None:
+    path = _sd2_file(tmp_path / "near.safetensors", spread)
+    with pytest.warns(ErasekitWarning) as caught:
+        pred, reason = sd2_prediction(detect(path))
+    assert (pred, reason.split()[-2:]) == (expected, [">" if expected == "v_prediction" else "<=", "0.09"])
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"near.safetensors: the prediction type {expected} {GUESSED} (UNet norm-bias spread "
+                              f"{spread:.3f}, threshold {V_PREDICTION_SPREAD}")
+    assert "v_prediction for a 768-v model, epsilon for a 512 one" in message
+    assert caught[0].message.option == "prediction_type"
+
+
+@pytest.mark.parametrize(("spread", "metadata", "expected"), [
+    (0.01, None, "epsilon"), (0.213, None, "v_prediction"),
+    (0.0666, None, "epsilon"), (0.1134, None, "v_prediction"),  # just outside the band (0.0675-0.1125)
+    (0.09, {"modelspec.prediction_type": "v"}, "v_prediction"),  # the metadata says: nothing is guessed
+])
+def test_a_clear_or_told_prediction_type_does_not_warn(tmp_path: Path, spread: float,
+                                                       metadata: dict[str, str] | None, expected: str) -> None:
+    ckpt = detect(_sd2_file(tmp_path / "far.safetensors", spread, metadata))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sd2_prediction(ckpt)[0] == expected
+
+
+def test_inspect_shows_the_guess_as_one_warning_line_naming_the_option(tmp_path: Path) -> None:
+    runner = CliRunner()
+    near = runner.invoke(app, ["inspect", str(_sd2_file(tmp_path / "near.safetensors", 0.08))])
+    assert near.exit_code == 0 and "sd2-512 (epsilon; UNet norm-bias spread 0.080 <= 0.09)" in near.stdout
+    lines = near.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: near.safetensors: the prediction type epsilon {GUESSED}")
+    assert lines[0].endswith("epsilon for a 512 one (--prediction-type)")
+    far = runner.invoke(app, ["inspect", str(_sd2_file(tmp_path / "far.safetensors", 0.213))])
+    assert far.exit_code == 0 and "sd2-768-v" in far.stdout and far.stderr == ""
+
+
+def test_the_cli_shows_a_warning_given_twice_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """erase reads a single file's configs twice (its native size, then the pipeline): one line, not two."""
+    from erasekit.cli._common import errors
+
+    with errors():
+        for _ in range(2):
+            warnings.warn(ErasekitWarning("the prediction type epsilon was guessed", option="prediction_type"))
+        warnings.warn(ErasekitWarning("another"))
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: the prediction type epsilon was guessed (--prediction-type)", "warning: another"]

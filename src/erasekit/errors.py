@@ -115,4 +115,8 @@ def invalid_setting(error: Exception, fix: str = "") -> ErasekitError:
 
 class ErasekitWarning(UserWarning):
     """Something the user should know that did not stop the command (a journal set aside); the CLI prints each as
-    one ``warning:`` line on stderr."""
+    one ``warning:`` line on stderr. ``option``: the setting that would settle it, as in :class:`ErasekitError`."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        self.option = option
+        super().__init__(message)

@@ -18,7 +18,8 @@ SD 2.x 512 (epsilon) and 768-v (v-prediction) have the same tensor shapes. erase
 ``prediction_type`` given by the user; the file's ModelSpec metadata (``modelspec.prediction_type`` or
 ``modelspec.architecture``); else the spread of one UNet tensor (the bias of the first norm of the last output
 block's transformer): v-prediction training leaves it far wider (std above :data:`V_PREDICTION_SPREAD`) than
-epsilon training does. The choice and its reason are shown by ``erasekit inspect`` and recorded in patches.
+epsilon training does. The choice and its reason are shown by ``erasekit inspect`` and recorded in patches; a
+spread within :data:`NEAR_THRESHOLD` of the threshold is a guess, and a warning says so.
 
 The CLIP BPE vocabulary ships once, with the built-in model; the tokenizers are built from it.
 Torch-free: only safetensors headers and one small tensor are read.
@@ -27,17 +28,21 @@ Torch-free: only safetensors headers and one small tensor are read.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ErasekitError, InputFileError, LayoutError
+from .errors import ErasekitError, ErasekitWarning, InputFileError, LayoutError
 from .layouts import Checkpoint, read_json
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 TOKENIZER_DIR = Path(__file__).parent / "toyworld" / "model" / "tokenizer"  # the full CLIP BPE vocabulary, shipped once
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 V_PREDICTION_SPREAD = 0.09
+# a spread within this share of the threshold (0.0675-0.1125) is a guess: the threshold is one cut-off with no
+# measured margin, and the reference v-prediction value the docs show (0.213) is 2.4x it, far outside the band
+NEAR_THRESHOLD = 0.25
 _SPREAD_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 # OpenCLIP tokenizers (SD2.x, SDXL's second encoder) pad with "!" (id 0); OpenAI CLIP's with the end token
@@ -99,6 +104,12 @@ def sd2_prediction(ckpt: Checkpoint) -> tuple[str, str]:
     spread = float(wf.read_numpy(_SPREAD_KEY).std())
     pred = "v_prediction" if spread > V_PREDICTION_SPREAD else "epsilon"
     sign = ">" if pred == "v_prediction" else "<="
+    if abs(spread - V_PREDICTION_SPREAD) <= NEAR_THRESHOLD * V_PREDICTION_SPREAD:
+        warnings.warn(ErasekitWarning(
+            f"{ckpt.path.name}: the prediction type {pred} was guessed from a weight statistic close to its threshold "
+            f"(UNet norm-bias spread {spread:.3f}, threshold {V_PREDICTION_SPREAD}; the file has no ModelSpec "
+            f"metadata); if that is wrong, set the prediction type: v_prediction for a 768-v model, epsilon for a 512 one",
+            option="prediction_type"), stacklevel=2)
     return pred, f"UNet norm-bias spread {spread:.3f} {sign} {V_PREDICTION_SPREAD}"
 
 

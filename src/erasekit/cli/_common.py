@@ -51,17 +51,26 @@ def debug() -> bool:
     return os.environ.get("ERASEKIT_DEBUG", "") not in ("", "0")
 
 
+def flag_of(option: str | None) -> str:
+    """`` (--flag)`` for a library setting's name (``""`` for none): how a message names the option to change."""
+    return f" ({OPTION_FLAGS.get(option, '--' + option.replace('_', '-'))})" if option else ""
+
+
 @contextlib.contextmanager
 def errors() -> Iterator[None]:
     """Turn known errors into one line on stderr and an exit code; tracebacks only with ERASEKIT_DEBUG=1. The
-    library's warnings (:class:`ErasekitWarning`) become ``warning:`` lines as they happen."""
+    library's warnings (:class:`ErasekitWarning`) become ``warning:`` lines as they happen, each line once."""
     with warnings.catch_warnings():
         warnings.simplefilter("always", ErasekitWarning)
         shown = warnings.showwarning
+        lines: set[str] = set()
 
         def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
             if issubclass(category, ErasekitWarning):
-                warn([str(message)])
+                line = str(message) + flag_of(getattr(message, "option", None))
+                if line not in lines:  # a check the command makes twice (a single file's configs) warns once
+                    warn([line])
+                    lines.add(line)
             else:
                 shown(message, category, *args, **kwargs)
 
@@ -79,8 +88,7 @@ def _errors_as_lines() -> Iterator[None]:
     except ErasekitError as e:
         if debug():
             raise
-        flag = f" ({OPTION_FLAGS.get(e.option, '--' + e.option.replace('_', '-'))})" if e.option else ""
-        print(f"error: {e}{flag}", file=sys.stderr)
+        print(f"error: {e}{flag_of(e.option)}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         print("error: interrupted; files are left as they were or will be rolled back by the next erasekit command",
