@@ -245,7 +245,7 @@ def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
             "--resolution", "32", "--steps", "2", "--recipe", "anchored", "--stand-in", "circle=square, star",
             "--rank", "2", "-o", patch)
     assert r.exit_code == 0, r.output
-    assert re.search(r"stored low-rank \(ranks 2-2\): the text encoders' outputs within \d+\.\d% of the trained "
+    assert re.search(r"stored low-rank \(ranks 2-2\): the text encoders' outputs within \d+\.\d% \(hidden states\) of the trained "
                      r"change's, \d+\.\d% of its squared norm kept", r.stdout), r.stdout
     hp = json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]
     assert hp["stand_ins"] == {"circle": ["square", "star"]} and hp["rank"] == 2

@@ -298,8 +298,8 @@ def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a purple object", "a blue square", "a purpled square"],
                       keep=["purple"], templates=["a photo of a {}"])
     prompts, _, weights = _anchor_prompts(cfg, ["red"])
-    assert prompts == ["a purple object", "a blue square", "a purpled square", "a photo of a purple"]
-    assert weights.tolist() == [5.0, 1.0, 1.0, 5.0]
+    assert prompts == ["", "a purple object", "a blue square", "a purpled square", "a photo of a purple"]
+    assert weights.tolist() == [1.0, 5.0, 1.0, 1.0, 5.0]
 
 
 def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
@@ -310,11 +310,11 @@ def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
                       templates=["a photo of a {}", "a {}"])
     prompts, refs, weights = _anchor_prompts(cfg, ["circle", "red"])
     # whole words only ("circles" is not "circle"); both erased words replaced; "" drops a word; templates added
-    assert prompts == ["a red Circle", "a blue square", "circles", "a photo of a circle", "a circle",
+    assert prompts == ["", "a red Circle", "a blue square", "circles", "a photo of a circle", "a circle",
                        "a photo of a red", "a red"]
-    assert refs == [["a square", "a green square"], ["a blue square"], ["circles"], ["a photo of a square"],
+    assert refs == [[""], ["a square", "a green square"], ["a blue square"], ["circles"], ["a photo of a square"],
                     ["a square"], ["a photo of a", "a photo of a green"], ["a", "a green"]]
-    assert weights.tolist() == [0.5, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    assert weights.tolist() == [1.0, 0.5, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
     assert EraseConfig(stand_ins={"red": "blue"}).stand_ins == {"red": ["blue"]}
 
 
@@ -393,8 +393,8 @@ def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
                       stand_ins={"Van Gogh": "Monet"}, templates=["{}"])
     prompts, refs, _ = _anchor_prompts(cfg, ["Van Gogh"])
-    assert prompts == ["a Van Gogh painting", "a tree", "Van Gogh"]
-    assert refs == [["a Monet painting"], ["a tree"], ["Monet"]]
+    assert prompts == ["", "a Van Gogh painting", "a tree", "Van Gogh"]
+    assert refs == [[""], ["a Monet painting"], ["a tree"], ["Monet"]]
 
 
 def test_gradient_checkpointing_changes_memory_not_the_result(tiny: Path, circles: Path,

@@ -11,6 +11,12 @@ The best rank-r form for that error is ``P_r dW``, where ``P_r`` projects onto t
 ``dW X^T``: ``up`` is those vectors and ``down = up^T dW``. Being a projection of ``dW``'s output, it never moves
 any input, seen or unseen, further than ``dW`` does (``|P_r dW x| <= |dW x|``). With ``rank="auto"`` each tensor
 gets the smallest rank whose error is within ``tol``, at most ``max_rank``; the error reached is recorded.
+
+Per-tensor errors add up through the layers, so the stored form is then judged end to end, on each output the
+UNet reads (:func:`erasekit.conditioning.encoder_outputs`) separately: one that moved little must not hide
+behind one that moved a lot. Where an output is off by more than ``tol``, every tensor's ``tol`` is halved and
+the deltas compressed again (at most :data:`TIGHTENINGS` times). A layer that reaches the UNet only through the
+pooled embedding (SDXL's te2 last layer) is measured on the end-of-text rows that the embedding is read from.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ INPUT_ROWS = 1024
 GROUP_PROMPTS = 8
 # weight of directions the measured inputs do not reach, relative to those they do
 RIDGE = 1e-3
+# times rank="auto" halves the per-tensor tolerance when an output is off by more than it end to end
+TIGHTENINGS = 3
 
 
 @dataclass
@@ -140,18 +148,27 @@ class Compaction:
         self.groups = _measured_prompts(config, concepts, captions)
         self.base = _conditioning(cond_of, sum(self.groups, []), device)
 
-    def factors(self, params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any]) -> tuple[dict[str, LowRank], float]:
-        """Each trained weight's :class:`LowRank`, and the end-to-end error: how far the stored deltas move the
-        encoders' outputs from where the trained ones put them (relative to how far those moved them). Leaves the
-        trained weights at original + stored delta; the caller restores them."""
+    def factors(self, params: list[tuple[str, str, Any]],
+                originals: dict[tuple[str, str], Any]) -> tuple[dict[str, LowRank], dict[str, float]]:
+        """Each trained weight's :class:`LowRank`, and the end-to-end error per output: how far the stored deltas
+        move it from where the trained ones put it (relative to how far those moved it). Leaves the trained
+        weights at original + stored delta; the caller restores them."""
         import torch
 
         prompts = sum(self.groups, [])
         gen = torch.Generator().manual_seed(self.config.seed + 2)
         inputs, trained = _ffn_inputs(self.cond_of, self.groups, params, self.device, gen, INPUT_ROWS)
-        stored = _compress(self.config, params, originals, inputs)
-        _with_factors(params, originals, stored)
-        return stored, relative_error(_conditioning(self.cond_of, prompts, self.device), trained, self.base)
+        deltas = {m: p.detach() - originals[(m, kind)].to(p.device) for m, kind, p in params if kind == "weight"}
+        tol = self.config.rank_tol
+        for _ in range(TIGHTENINGS + 1):
+            stored = _compress(self.config, deltas, inputs, tol)
+            _with_factors(params, originals, stored)
+            got = _conditioning(self.cond_of, prompts, self.device)
+            errors = {name: relative_error(got[name], trained[name], self.base[name]) for name in got}
+            if self.config.rank != "auto" or max(errors.values()) <= self.config.rank_tol or _at_cap(stored, self.config):
+                break
+            tol /= 2
+        return stored, errors
 
 
 def _measured_prompts(config: Any, concepts: Sequence[str], captions: list[str | None]) -> list[list[str]]:
@@ -173,11 +190,19 @@ def _spread(items: list[str], n: int) -> list[str]:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
 
 
+def _at_cap(stored: dict[str, LowRank], config: Any) -> bool:
+    """Whether every tensor is stored at the highest rank allowed: tightening cannot help."""
+    return all(lr.rank >= min(lr.up.shape[0], lr.down.shape[1], config.max_rank) for lr in stored.values())
+
+
 def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, str, Any]],
-                device: Any, gen: Any, rows: int) -> tuple[dict[str, Any], Any]:
+                device: Any, gen: Any, rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per trained FFN layer, the inputs it sees on the prompts: ``rows`` token rows in all, split evenly between
-    the groups, drawn with ``gen``; and the conditioning of all the prompts (one text-encoder pass for both)."""
+    the groups, drawn with ``gen`` (for a layer read only through the pooled embedding, every prompt's end-of-text
+    row); and the outputs of all the prompts (one text-encoder pass for both)."""
     import torch
+
+    from .layouts import parse_module_name
 
     layers = {m: p for m, kind, p in params if kind == "weight"}
     modules = _linear_modules(cond_of, layers)
@@ -185,13 +210,20 @@ def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, s
     starts = [0]
     for g in groups:
         starts.append(starts[-1] + len(g) * cond_of.tokens)
-    pick = torch.cat([a + torch.randperm(b - a, generator=gen)[:max(1, rows // len(groups))]
-                      for a, b in zip(starts, starts[1:])])
+    spread = torch.cat([a + torch.randperm(b - a, generator=gen)[:max(1, rows // len(groups))]
+                        for a, b in zip(starts, starts[1:])])
+    prompts = sum(groups, [])
+    picks = {}
+    for m in modules:
+        slot, layer, _ = parse_module_name(m)  # type: ignore[misc]
+        picks[m] = spread
+        if cond_of.pooled_only(slot, layer):
+            picks[m] = torch.tensor([i * cond_of.tokens + pos for i, pos in enumerate(cond_of.pooled_positions(slot, prompts))])
 
     def hook(name: str) -> Any:
         def keep(_mod: Any, args: tuple[Any, ...]) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
-            taken[name] = x[pick.to(x.device)].detach().float()
+            taken[name] = x[picks[name].to(x.device)].detach().float()
         return keep
 
     handles = [mod.register_forward_pre_hook(hook(m)) for m, mod in modules.items()]
@@ -215,23 +247,19 @@ def _linear_modules(cond_of: Any, layers: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _conditioning(cond_of: Any, prompts: list[str], device: Any) -> Any:
-    """Everything the UNet gets from the text encoders for ``prompts``, flattened into one tensor."""
+def _conditioning(cond_of: Any, prompts: list[str], device: Any) -> dict[str, Any]:
+    """Each output the UNet reads from the text encoders for ``prompts`` (hidden states, pooled embedding)."""
     import torch
 
+    from .conditioning import encoder_outputs
+
     with torch.no_grad():
-        cond, added = cond_of(prompts, device)
-    parts = [cond.float().reshape(-1)] + ([added["text_embeds"].float().reshape(-1)] if added else [])
-    return torch.cat(parts)
+        return {name: out.float() for name, out in encoder_outputs(cond_of(prompts, device)).items()}
 
 
-def _compress(config: Any, params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any],
-              inputs: dict[str, Any]) -> dict[str, Any]:
-    """Each trained weight's delta in low-rank form (:class:`erasekit.compress.LowRank`), per ``config.rank``."""
-    from .compress import low_rank
-
-    return {m: low_rank(p.detach() - originals[(m, kind)].to(p.device), inputs[m], config.rank, config.rank_tol, config.max_rank)
-            for m, kind, p in params if kind == "weight"}
+def _compress(config: Any, deltas: dict[str, Any], inputs: dict[str, Any], tol: float) -> dict[str, LowRank]:
+    """Each trained weight's delta in low-rank form, per ``config.rank`` (``auto``: within ``tol`` on its inputs)."""
+    return {m: low_rank(d, inputs[m], config.rank, tol, config.max_rank) for m, d in deltas.items()}
 
 
 def _with_factors(params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any],

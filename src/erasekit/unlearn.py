@@ -62,7 +62,13 @@ class EraseReport:
     device: str
     top_layers: list[tuple[str, float]] = field(default_factory=list)  # (module, |delta W|), largest first
     rank_kept: float | None = None  # low-rank: the share of the weight deltas' squared norm the patch keeps
-    output_error: float = 0.0  # low-rank: how far the stored deltas move the encoders' outputs from the trained ones
+    output_error: float = 0.0  # low-rank: the largest of output_errors
+    # low-rank: per output the UNet reads ("hidden", SDXL's "pooled"), how far the stored deltas move it from
+    # where the trained ones put it, relative to how far those moved it
+    output_errors: dict[str, float] = field(default_factory=dict)
+    # per output, how far the patch moves the empty prompt's (|after - before| / |before|): classifier-free
+    # guidance's unconditional branch, in every image
+    empty_prompt_drift: dict[str, float] = field(default_factory=dict)
     patch: Any = None  # the Patch object (not serialised)
     ui: list[str] = field(default_factory=list)  # how to load the written patch in ComfyUI and A1111
     sources: dict[str, str] = field(default_factory=dict)  # setting -> "user", "model" or "native" (the rest are defaults)
@@ -208,20 +214,24 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                 with clock("compress"):  # what the encoders give the UNet before the erase, to measure the stored form on
                     compaction = (Compaction(config, concepts, captions, cond_of, device)
                                   if config.rank != "dense" else None)
+                empty = _EmptyPrompt(cond_of, device)
                 recipe = make_recipe(config, list(concepts), device)
                 recipe.prepare(lambda prompts: cond_of(prompts, device), draws.every_prompt())
                 with clock("loop"):
                     losses, conflicts = _loop(config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress)
                 forget_after = check.after() if check else None
                 trained.take_deltas()
-                output_error = 0.0
+                output_errors: dict[str, float] = {}
                 if compaction:
                     with clock("compress"):
-                        trained.factors, output_error = compaction.factors(trained.params, trained.originals)
+                        trained.factors, output_errors = compaction.factors(trained.params, trained.originals)
+                drift = empty.drift()  # with the deltas as stored (before their rounding to the patch dtype)
                 ran = {"steps_run": len(losses), "stopped_early": recipe.should_stop(losses),
                        "prediction_type": denoiser.prediction_type,
-                       "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32"}
-                ran |= {"output_error": round(output_error, 6)} if compaction else {}
+                       "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
+                       "empty_prompt_drift": _rounded(drift)}
+                if compaction:
+                    ran |= {"output_error": round(max(output_errors.values()), 6), "output_errors": _rounded(output_errors)}
                 earlier = applied_in_place(base_files) if base_files is not None else []
                 earlier += [{"patch_id": p.patch_id, "title": p.title} for p in after]
                 ran |= {"after": earlier} if earlier else {}
@@ -240,7 +250,8 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     return EraseReport(list(concepts), None, len(losses), _window_mean(losses, end=False), _window_mean(losses, end=True),
                        losses, check.before if check else None, forget_after, clock.seconds["loop"],
                        time.perf_counter() - t_start, 0, len(loaded), str(device),
-                       sorted(norms.items(), key=lambda x: -x[1])[:5], kept, output_error, patch, timings=clock.seconds)
+                       sorted(norms.items(), key=lambda x: -x[1])[:5], kept, max(output_errors.values(), default=0.0),
+                       output_errors, drift, patch, timings=clock.seconds)
 
 
 def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser, draws: Draws, cond_of: Conditioner,
@@ -265,12 +276,12 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
         t, noise, prompts = draws(idx, gen)
         cond, added = cond_of(prompts + recipe.step_prompts(gen), device)
         k = len(prompts)
-        prediction = denoiser.predict(idx, t, noise, (cond[:k], {n: v[:k] for n, v in added.items()} if added else None))
+        prediction = denoiser.predict(idx, t, noise, _rows(cond, added, slice(None, k)))
         loss = prediction.loss
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
                                  "lower the learning rate or the number of steps", option="lr")
-        state = Step(prediction, prompts, cond[k:])
+        state = Step(prediction, prompts, _rows(cond, added, slice(k, None)))
         per_step += _update(opt, params, recipe.objective(state), config.surgery)
         recipe.after_step(state)
         losses.append(loss.item())
@@ -279,6 +290,11 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
         if recipe.should_stop(losses):
             break
     return losses, sum(per_step) / max(1, len(per_step) * len(params))
+
+
+def _rows(cond: Any, added: dict[str, Any] | None, rows: slice) -> tuple[Any, dict[str, Any] | None]:
+    """Those rows of a conditioning (hidden states and SDXL's added conditioning)."""
+    return cond[rows], ({n: v[rows] for n, v in added.items()} if added else None)
 
 
 def _update(opt: Any, params: list[Any], objective: Objective, surgery: float | None) -> list[int]:
@@ -296,6 +312,31 @@ def _update(opt: Any, params: list[Any], objective: Objective, surgery: float | 
     opt.step()
     opt.zero_grad(set_to_none=True)  # frees the gradients now rather than at the next backward
     return [conflicts]
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 6) for k, v in values.items()}
+
+
+class _EmptyPrompt:
+    """The empty prompt's outputs before the erase, to tell how far the erase moved them."""
+
+    def __init__(self, cond_of: Conditioner, device: Any) -> None:
+        self.cond_of, self.device = cond_of, device
+        self.before = self._outputs()
+
+    def _outputs(self) -> dict[str, Any]:
+        import torch
+
+        from .conditioning import encoder_outputs
+
+        with torch.no_grad():
+            return {name: out.float().cpu() for name, out in encoder_outputs(self.cond_of([""], self.device)).items()}
+
+    def drift(self) -> dict[str, float]:
+        from .conditioning import output_drift
+
+        return output_drift(self.before, self._outputs())
 
 
 class _ForgetCheck:

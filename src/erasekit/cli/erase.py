@@ -168,8 +168,9 @@ def erase_cmd(
     if report.rank_kept is not None:
         ranks = [d.rank for d in report.patch.manifest.deltas.values() if d.rank]
         out.print(f"  stored low-rank (ranks {min(ranks)}-{max(ranks)}): the text encoders' outputs within "
-                  f"{100 * report.output_error:.1f}% of the trained change's, {100 * report.rank_kept:.1f}% of its "
+                  f"{_per_output(report.output_errors)} of the trained change's, {100 * report.rank_kept:.1f}% of its "
                   "squared norm kept")
+    out.print(f"  the empty prompt (guidance's unconditional branch) moved {_per_output(report.empty_prompt_drift)}")
     hp = report.patch.manifest.method.hyperparameters
     if hp.get("surgery"):
         out.print(f"  gradient surgery (lambda {hp['surgery']}): {100 * hp['surgery_conflicts']:.0f}% of the tensors' "
@@ -183,6 +184,12 @@ def erase_cmd(
                   + "; the rest: defaults (erasekit erase --help)")
     for line in report.ui:
         out.print(f"  {line}")
+
+
+def _per_output(values: dict[str, float]) -> str:
+    """``{"hidden": 0.012, "pooled": 0.3}`` -> "1.2% (hidden states), 30.0% (pooled embedding)"."""
+    names = {"hidden": "hidden states", "pooled": "pooled embedding"}
+    return ", ".join(f"{100 * v:.1f}% ({names.get(k, k)})" for k, v in values.items())
 
 
 def _erase_batch(manifest: Path, given: list[str], as_json: bool) -> None:

@@ -21,11 +21,12 @@ from ..erase_config import EraseConfig
 @dataclass
 class Step:
     """What one step computed: the UNet's prediction for the batch (with gradients into the text encoders), the
-    batch's prompts, and the conditioning of the recipe's own ``step_prompts``."""
+    batch's prompts, and the conditioning of the recipe's own ``step_prompts`` (hidden states, SDXL's added
+    conditioning or None)."""
 
     prediction: Any  # erasekit.denoising.Prediction
     prompts: list[str]
-    conditioning: Any
+    conditioning: tuple[Any, dict[str, Any] | None]
 
 
 @dataclass

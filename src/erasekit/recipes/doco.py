@@ -9,9 +9,10 @@ The reference tunes the UNet's cross-attention; here the UNet stays frozen and t
 * a small discriminator learns to tell those from the edited model's clean-latent predictions under the
   *target* prompt; the text encoders' FFN is trained so that the discriminator takes the target's predictions
   for the anchor's (the generator's loss, in place of the published recipe's plain ascent);
-* a preservation term holds the text encoders' output for the anchor and ``--keep`` prompts where the frozen
-  model had it (:mod:`.holding`); it is equivalent to holding the UNet's outputs for those prompts, at the cost
-  of text-encoder passes only;
+* a preservation term holds the text encoders' outputs for the anchor and ``--keep`` prompts where the frozen
+  model had them (:mod:`.holding`): every output the UNet reads (the hidden states; SDXL's pooled embedding too),
+  so the UNet's conditioning for those prompts, and with it the UNet's output, stays as it was; it stands in for
+  the reference's preservation loss on the UNet's output, at the cost of text-encoder passes only;
 * concept-preserving gradient surgery (:mod:`erasekit.surgery`, ``--surgery``, on by default here) removes from
   the adversarial gradient what conflicts with the preservation gradient, per tensor.
 

@@ -1,7 +1,13 @@
-"""Holding other prompts in place: the penalty on how far the text encoders' output for anchor prompts (everyday
-captions or the model's own list, ``--keep`` concepts, the concept's stand-ins) moves from where it was. The
-anchored and doco recipes add it to their objective; with ``--surgery``, every recipe projects its erasing
-gradient off the directions that would move these prompts."""
+"""Holding other prompts in place: the penalty on how far the text encoders' outputs for anchor prompts (the empty
+prompt, everyday captions or the model's own list, ``--keep`` concepts, the concept's stand-ins) move from where
+they were. The anchored and doco recipes add it to their objective; with ``--surgery``, every recipe projects its
+erasing gradient off the directions that would move these prompts.
+
+Every output the UNet reads is held (:func:`erasekit.conditioning.encoder_outputs`: the hidden states, and SDXL's
+pooled embedding), each in its own unit: its drift is divided by the *spread* of the held prompts in it (the mean
+squared distance of their original outputs from their mean), so that moving an output as far as two held prompts
+differ costs the same for every output and every architecture (SD1/SD2 hold hidden states after the final layer
+norm, SDXL before it, and the pooled embedding has a scale of its own)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ..conditioning import encoder_outputs
 from ..erase_config import GENERIC_ANCHORS, EraseConfig
 
 
@@ -27,7 +34,8 @@ def names(prompt: str, concept: str) -> bool:
 
 
 def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[str], list[list[str]], Any]:
-    """Prompts whose conditioning is held in place; for each, the prompts whose mean original conditioning it is
+    """Prompts whose conditioning is held in place (the empty prompt first unless the list has it elsewhere:
+    classifier-free guidance encodes it for every image); for each, the prompts whose mean original conditioning it is
     held at (the prompt itself, or for one naming an erased concept with stand-ins, that prompt with each stand-in
     in the concept's place; the concept in its first four templates is added so); and their weights (--keep counts
     more: the anchors naming a --keep concept, and the concept in its first four templates).
@@ -38,7 +46,8 @@ def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[s
     erased = [c.lower() for c in concepts]
     stand_ins = {k.lower(): v for k, v in config.stand_ins.items()}
     held: list[tuple[str, list[str], float]] = []
-    for p in (config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS):
+    listed = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
+    for p in [""] * ("" not in listed) + listed:  # the empty prompt always: guidance's unconditional branch reads it
         words = set(p.lower().replace(",", " ").split())
         named = [c for c in erased if set(c.split()) & words]
         if not named:  # an anchor naming a --keep concept counts as much as the concept's own template prompts
@@ -65,13 +74,17 @@ class Holding:
         self.chosen: list[int] = []
 
     def prepare(self, encode: Any) -> None:
-        """The conditioning each held prompt is held at: the mean over its reference prompts, original weights."""
+        """Per output, what each held prompt is held at (the mean over its reference prompts, original weights),
+        and the output's unit of drift: the spread of those targets around their mean."""
         import torch
 
         with torch.no_grad():
             flat = [r for refs in self.references for r in refs]
-            conds = encode(flat)[0].detach()
-            self.targets = torch.stack([c.mean(0) for c in conds.split([len(r) for r in self.references])])
+            outputs = encoder_outputs(encode(flat))
+            sizes = [len(r) for r in self.references]
+            self.targets = {name: torch.stack([o.detach().mean(0) for o in out.split(sizes)])
+                            for name, out in outputs.items()}
+            self.units = {name: _spread(t) for name, t in self.targets.items()}
 
     def step_prompts(self, gen: Any) -> list[str]:
         import torch
@@ -80,8 +93,24 @@ class Holding:
         self.chosen = torch.randperm(n, generator=gen)[:k].tolist() if k else list(range(n))
         return [self.held[j] for j in self.chosen]
 
-    def penalty(self, conditioning: Any) -> Any:
-        """``anchor_weight`` x the weighted mean squared drift of the step's held prompts."""
-        drift = ((conditioning - self.targets[self.chosen]) ** 2).mean(dim=(1, 2))
+    def penalty(self, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
+        """``anchor_weight`` x the weighted mean, over the step's held prompts, of their squared drift in each
+        output's unit, averaged over the outputs (``conditioning``: the step's own, as the conditioner gives it)."""
+        outputs = encoder_outputs(conditioning)
+        drift = sum(self.drift(name, out) for name, out in outputs.items()) / len(outputs)
         w = self.weights[self.chosen]
         return self.config.anchor_weight * (drift * w).sum() / w.sum()
+
+    def drift(self, name: str, output: Any) -> Any:
+        """Each of the step's held prompts' mean squared drift in output ``name``, in that output's unit."""
+        dims = tuple(range(1, output.dim()))
+        return ((output - self.targets[name][self.chosen]) ** 2).mean(dim=dims) / self.units[name]
+
+
+def _spread(targets: Any) -> Any:
+    """The mean squared distance of the rows of ``targets`` from their mean (per element); where they do not
+    differ (a single held prompt), their mean square; 1 if that is 0 too."""
+    spread = ((targets - targets.mean(0)) ** 2).mean()
+    if spread <= 0:
+        spread = (targets ** 2).mean()
+    return spread if spread > 0 else spread.new_tensor(1.0)
