@@ -2,11 +2,11 @@
 gradient of the erasing term points against the gradient of the term that holds other prompts in place (negative
 cosine), remove the conflicting component before the step.
 
-The reference subtracts ``lambda x cos x`` the unit holding gradient from the erasing gradient after clipping it to
-norm 1; here the erasing gradient is not clipped, so the same step is written as a projection,
-``g_erase -= lambda x (g_erase . g_hold) / |g_hold|^2 x g_hold``: with ``lambda = 1`` the erasing gradient keeps
-no component against the holding one, and the two agree when ``|g_erase| = 1``.
-"""
+The reference subtracts ``lambda x cos x`` the unit holding gradient from the erasing gradient after clipping the
+gradients of all its trained tensors to a total norm of at most 1; here nothing is clipped, so the step is written
+as a projection, ``g_erase -= lambda x (g_erase . g_hold) / |g_hold|^2 x g_hold``: with ``lambda = 1`` the erasing
+gradient keeps no component against the holding one. The two agree for a tensor whose clipped erasing gradient has
+norm 1; below that the reference removes more (docs/erase.md, "Where doco departs")."""
 
 from __future__ import annotations
 
