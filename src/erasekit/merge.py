@@ -4,8 +4,9 @@ The merged patch changes each FFN tensor by the sum of the inputs' deltas, each 
 gives what applying the inputs one after the other gives (up to the rounding of each step). Per module:
 
 - every input that changes it stores it low-rank: the factors are put side by side (``up = [s_A up_A, s_B up_B]``,
-  ``down = [down_A; down_B]``, rank ``r_A + r_B``, alpha = rank), whose product is the sum exactly; when that
-  would be larger than the dense delta, it is stored dense instead;
+  ``down = [down_A; down_B]``, rank ``r_A + r_B``, stored as every low-rank module is, by
+  :func:`~erasekit.patchfile.lowrank_tensors`), whose product is the sum up to float32 rounding of the scaled
+  ``up``; when that would be larger than the dense delta, it is stored dense instead;
 - otherwise: the dense float32 sum of the inputs' weight deltas (low-rank ones multiplied out by
   :meth:`Patch.weight_delta`, as apply does);
 - bias deltas are always summed in float32.
@@ -44,6 +45,7 @@ from .patchfile import (
     compare_fingerprint,
     delta_tensors,
     load_patch,
+    lowrank_tensors,
     new_manifest,
     save_patch,
     storage_dtypes,
@@ -186,7 +188,7 @@ def _dims(e: EncoderInfo) -> str:
 
 def _lowrank_parts(p: Patch, module: str, strength: float) -> tuple[np.ndarray, np.ndarray]:
     """``up`` with the module's scale (alpha / rank) and the strength folded in, and ``down``: float32, so that
-    ``up @ down`` is the delta apply adds at that strength (bit for bit at strength 1 and alpha = rank)."""
+    ``up @ down`` is the delta apply adds at that strength (up to float32 rounding of the scaled ``up``)."""
     info = p.manifest.deltas[module]
     up = p.tensors[f"{module}.lora_up.weight"]
     down = p.tensors[f"{module}.lora_down.weight"]
@@ -214,9 +216,7 @@ def _merge_module(module: str, parts: list[tuple[Patch, float]], rank: int | str
     total_rank = sum(i.rank or 0 for i in infos)
     if rank is None and all_lowrank and (len(parts) == 1 or total_rank * (o + n) < o * n):
         ups, downs = zip(*(_lowrank_parts(p, module, s) for p, s in parts))
-        tensors = {f"{module}.lora_up.weight": np.concatenate(ups, axis=1),
-                   f"{module}.lora_down.weight": np.concatenate(downs, axis=0),
-                   f"{module}.alpha": np.array(total_rank, dtype=np.float32)}
+        tensors = lowrank_tensors(module, np.concatenate(ups, axis=1), np.concatenate(downs, axis=0))
         keep = {"error": infos[0].error, "kept": infos[0].kept} if len(parts) == 1 else {}
         info = DeltaInfo(storage="lowrank", rank=total_rank, bias=bias, **keep)  # type: ignore[arg-type]
         how = ("copied" if parts[0][1] == 1 else "scaled") if len(parts) == 1 else "concatenated"

@@ -586,11 +586,10 @@ def metadata_for(patch: Patch) -> dict[str, str]:
     }
     ranks = {d.rank for d in m.deltas.values() if d.storage == "lowrank"}
     if len(ranks) == 1:
-        (rank,) = ranks
-        meta["ss_network_dim"] = str(rank)
-        alphas = {float(patch.tensors[f"{k}.alpha"]) for k, d in m.deltas.items() if d.storage == "lowrank"}
-        if len(alphas) == 1:
-            meta["ss_network_alpha"] = f"{alphas.pop():g}"
+        meta["ss_network_dim"] = str(ranks.pop())
+    alphas = {float(patch.tensors[f"{k}.alpha"]) for k, d in m.deltas.items() if d.storage == "lowrank"}
+    if len(alphas) == 1:
+        meta["ss_network_alpha"] = f"{alphas.pop():g}"
     return meta
 
 
@@ -628,17 +627,28 @@ def storage_dtypes(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, str]
     return {n: "F32" if n.endswith(".alpha") else dtype for n in tensors}
 
 
+# the alpha of every low-rank module erasekit writes: one value for all, so that diffusers and peft need no
+# per-module alpha pattern (which they drop when its names do not match); the scale alpha / rank is made up for in
+# lora_up, which holds rank / NETWORK_ALPHA times the delta's left factor
+NETWORK_ALPHA = 1.0
+
+
+def lowrank_tensors(module: str, up: np.ndarray, down: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``.lora_up``/``.lora_down``/``.alpha`` tensors of the weight delta ``up @ down`` (float32 factors)."""
+    rank = down.shape[0]
+    return {f"{module}.lora_up.weight": (np.asarray(up, dtype=np.float64) * (rank / NETWORK_ALPHA)).astype(np.float32),
+            f"{module}.lora_down.weight": np.asarray(down, dtype=np.float32),
+            f"{module}.alpha": np.array(NETWORK_ALPHA, dtype=np.float32)}
+
+
 def delta_tensors(module: str, dw: np.ndarray, db: np.ndarray, factors: Any = None) -> tuple[dict[str, np.ndarray], DeltaInfo]:
     """The patch tensors of one module's weight and bias deltas: dense (``.diff``), or, given ``factors`` (a
-    :class:`~erasekit.compress.LowRank`), the weight delta as ``.lora_up``/``.lora_down``/``.alpha`` (alpha = rank,
-    so the scale is 1)."""
+    :class:`~erasekit.compress.LowRank`), the weight delta as :func:`lowrank_tensors`."""
     out = {f"{module}.diff_b": np.asarray(db, dtype=np.float32)}
     if factors is None:
         out[f"{module}.diff"] = np.asarray(dw, dtype=np.float32)
         return out, DeltaInfo(storage="dense", bias=True)
-    out[f"{module}.lora_up.weight"] = np.asarray(factors.up, dtype=np.float32)
-    out[f"{module}.lora_down.weight"] = np.asarray(factors.down, dtype=np.float32)
-    out[f"{module}.alpha"] = np.array(factors.rank, dtype=np.float32)
+    out |= lowrank_tensors(module, factors.up, factors.down)
     return out, DeltaInfo(storage="lowrank", rank=factors.rank, bias=True, error=round(factors.error, 6),
                           kept=round(factors.kept, 6))
 
