@@ -185,3 +185,26 @@ def test_the_cli_shows_a_warning_given_twice_once(capsys: pytest.CaptureFixture[
         warnings.warn(ErasekitWarning("another"))
     assert capsys.readouterr().err.splitlines() == [
         "warning: the prediction type epsilon was guessed (--prediction-type)", "warning: another"]
+
+
+@pytest.mark.parametrize("layout", ["folder", "single file"])
+def test_an_erase_loads_the_vae_in_float32_beside_a_bf16_unet(tmp_path: Path, layout: str) -> None:
+    """The VAE's weights are not rounded to the UNet's compute dtype on load: the fp32 encode then sees the file's
+    own values (a bf16 VAE cast up would give bf16-rounded latents)."""
+    from erasekit.erase_job import load_for, prepare_erase
+    from erasekit.testing import save_single_file
+    from erasekit.unlearn import Clock
+
+    folder = make_tiny_pipeline(tmp_path / "tiny")
+    model = folder if layout == "folder" else save_single_file(folder, tmp_path / "tiny.safetensors")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(images / "0.png")
+    job = prepare_erase(model, ["circle"], [images], tmp_path / "p.erasepatch", {"dtype": "bf16"},
+                        config_dir=None if layout == "folder" else folder)
+    pipe, _ = load_for(job, Clock())
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.float32
+    assert pipe.vae.dtype == torch.float32
+    reference, _ = load_pipeline(folder)
+    for (name, got), want in zip(pipe.vae.state_dict().items(), reference.vae.state_dict().values()):
+        assert torch.equal(got, want), name

@@ -116,8 +116,9 @@ def _check_concept_templates(config: EraseConfig, concepts: Sequence[str]) -> No
 
 
 def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:
-    """The pipeline and checkpoint a job runs on: the frozen UNet and VAE in the dtype the loop computes in, the
-    text encoders in fp32."""
+    """The pipeline and checkpoint a job runs on: the frozen UNet in the dtype the loop computes in, the text
+    encoders in fp32 (they train) and the VAE in fp32 (it encodes the training images once: SDXL's overflows in
+    fp16, and bf16 weights would round the latents)."""
     import torch
 
     from ._torch import compute_dtype
@@ -126,7 +127,7 @@ def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:
     device = resolve_device(job.config.device)
     with clock("load"):
         return load_pipeline(job.model, device=device, torch_dtype=compute_dtype(job.config.dtype, device),
-                             text_encoder_dtype=torch.float32, config=job.config_dir,
+                             text_encoder_dtype=torch.float32, vae_dtype=torch.float32, config=job.config_dir,
                              prediction_type=job.prediction_type)
 
 

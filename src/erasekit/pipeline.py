@@ -86,14 +86,14 @@ def resolve_device(device: str) -> Any:
 
 
 def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype: Any = None,
-                  text_encoder_dtype: Any = None, config: str | os.PathLike | None = None,
+                  text_encoder_dtype: Any = None, vae_dtype: Any = None, config: str | os.PathLike | None = None,
                   prediction_type: str | None = None) -> tuple[Any, Checkpoint]:
     """A StableDiffusion(XL)Pipeline from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
     Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
     of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
     is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
-    ``text_encoder_dtype`` loads the text encoders in another dtype than the rest (erase: fp32 encoders to train,
-    a bf16 UNet to compute with)."""
+    ``text_encoder_dtype`` and ``vae_dtype`` load the text encoders and the VAE in another dtype than the rest
+    (erase: fp32 encoders to train and an fp32 VAE to encode its images with, a bf16 UNet to compute with)."""
     from .in_place import read_consistently, recover_interrupted
     from .hub import resolve_model
 
@@ -114,6 +114,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                                     "to erase from; erase with the base model)")
     dtype = torch_dtype or torch.float32
     te_dtype = text_encoder_dtype or dtype
+    vae_dtype = vae_dtype or dtype
     cls = StableDiffusionXLPipeline if ckpt.architecture == "sdxl" else StableDiffusionPipeline
     extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "feature_extractor": None,
                                                          "requires_safety_checker": False}
@@ -124,7 +125,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                 raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
                                   "use a complete diffusers pipeline folder")
         variant = weights_variant(path)
-        dtypes = {"default": dtype, "text_encoder": te_dtype, "text_encoder_2": te_dtype}
+        dtypes = {"default": dtype, "text_encoder": te_dtype, "text_encoder_2": te_dtype, "vae": vae_dtype}
         load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, variant=variant,  # noqa: E731
                                            **extra)
     else:
@@ -164,7 +165,7 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).to(te_dtype)
         pipe.unet.to(dtype)
-        pipe.vae.to(dtype)
+        pipe.vae.to(vae_dtype)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
