@@ -239,7 +239,7 @@ def test_export_refuses_bad_requests_and_writes_nothing(checkpoints: dict[str, t
     base, edited = checkpoints["sdxl-refiner"]
     patch_file = tmp_path / "r.erasepatch"
     diff_checkpoints(base, edited, output=patch_file)
-    cases = [(["--ui", "invokeai", "-o", str(tmp_path / "x.safetensors")], 1, "unknown UI 'invokeai'; choose comfyui or a1111"),
+    cases = [(["--ui", "invokeai", "-o", str(tmp_path / "x.safetensors")], 1, "unknown UI 'invokeai'; choose comfyui, a1111 or diffusers"),
              (["--ui", "comfyui", "-o", str(tmp_path / "x.erasepatch")], 7, "must end in .safetensors"),
              (["--ui", "comfyui", "-o", str(patch_file)], 7, "must end in .safetensors")]
     for args, code, message in cases:

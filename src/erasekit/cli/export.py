@@ -1,4 +1,4 @@
-"""``erasekit export PATCH --ui comfyui|a1111 -o NAME.safetensors``."""
+"""``erasekit export PATCH --ui comfyui|a1111|diffusers -o NAME.safetensors``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from ._common import JsonOpt, errors, human_bytes, out, print_json, warn
 
 def export_cmd(
     patch: Annotated[Path, typer.Argument(metavar="PATCH", help="An erasekit patch.", show_default=False)],
-    ui: Annotated[str, typer.Option("--ui", help="comfyui or a1111.", show_default=False)],
+    ui: Annotated[str, typer.Option("--ui", help="comfyui, a1111 or diffusers.", show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", metavar="NAME.safetensors", help="File to write; put it "
-                                         "in the UI's LoRA folder.", show_default=False)],
+                                         "in the UI's LoRA folder (diffusers: pipe.load_lora_weights(FILE)).",
+                                         show_default=False)],
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a patch as a file one UI loads with every tensor matched (SDXL refiner patches; low-rank patches for A1111)."""
+    """Write a patch as a file one UI loads with every tensor matched (SDXL refiner patches; low-rank patches for
+    A1111; every patch for diffusers, whose load_lora_weights reads no patch as it is)."""
     from ..ui_export import export_patch
 
     with errors():
@@ -28,3 +30,6 @@ def export_cmd(
     warn(report.notes)
     out.print(f"Exported {report.source} for {ui} -> {report.output} ({human_bytes(report.bytes)}, "
               f"{report.modules} modules)")
+    if report.ui == "diffusers":
+        out.print(f'  load it with pipe.load_lora_weights("{report.output}"); pipe.fuse_lora(lora_scale=S) or '
+                  "pipe.set_adapters(..., adapter_weights=S) sets the strength")
