@@ -11,6 +11,7 @@ their users, naming the export.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 pytest.importorskip("peft")
@@ -132,14 +135,13 @@ def test_diffusers_loads_the_export_with_erasekits_weights(arch: str, rank: str,
 def test_one_rank_per_encoder_where_the_patch_mixes_ranks(erased: dict[tuple[str, str], Path], tmp_path: Path) -> None:
     """Rank auto gives modules different ranks; the export pads them to one rank per encoder (zeros), so that no
     diffusers version needs a per-module rank or alpha (before 0.40 it scaled such modules by the wrong alpha)."""
-    from safetensors.numpy import load_file
-
     for arch in ("sd1", "sdxl"):
         patch_file = erased[arch, "auto"]
         assert len({d.rank for d in load_patch(patch_file).manifest.deltas.values()}) > 1
         tensors = load_file(export_patch(patch_file, "diffusers", tmp_path / f"{arch}.safetensors").output)
         for encoder in ENCODERS:
-            ranks = {v.shape[0] for k, v in tensors.items() if k.startswith(f"{encoder}.") and k.endswith(".down.weight")}
+            ranks = {v.shape[0] for k, v in tensors.items()
+                     if k.startswith(f"{encoder}.") and k.endswith(".down.weight")}
             assert len(ranks) == (1 if encoder == "text_encoder" or arch == "sdxl" else 0), (arch, encoder, ranks)
 
 
@@ -163,7 +165,12 @@ def test_a_default_erase_names_the_export_diffusers_needs(folders: dict[str, Pat
     assert r.exit_code == 0, r.output
     said = " ".join(r.stdout.split())
     assert f"Exported {patch_file} for diffusers -> {lora_file} (" in said
-    assert f'load it with pipe.load_lora_weights("{lora_file}")' in said
+    assert f'load it with pipe.load_lora_weights("{lora_file}"); strength S: pipe.fuse_lora(lora_scale=S)' in said
+    with safe_open(lora_file, "np") as f:
+        meta = f.metadata()
+    assert json.loads(meta["erasekit_export"])["ui"] == "diffusers"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert not [k for k in meta if k.startswith("ss_") or k == "lora_adapter_metadata"]  # no kohya dim/alpha to misread
     assert_same_weights(pipes["sd1"], patch_file, lora_file, 0.5, "fuse_lora")
 
 
@@ -176,7 +183,8 @@ def test_a_dense_patch_is_refused_as_it_is_and_loads_through_the_export(pipes: d
         copy.deepcopy(pipes["sdxl"]).load_lora_weights(str(as_is))
     report = export_patch(patch_file, "diffusers", tmp_path / "dense-diffusers.safetensors")
     # the factors' size: (out + in) x min(out, in) for out x in; the tiny encoders' FFNs are 2h x h, so 1.5x
-    assert any("6 dense modules are stored as exact factors" in note and "1.50x the size" in note for note in report.notes)
+    assert any("6 dense modules are stored as exact factors" in note and "1.50x the size" in note
+               for note in report.notes)
     assert report.bytes < 1.5 * patch_file.stat().st_size
     assert_same_weights(pipes["sdxl"], patch_file, Path(report.output), 1.0, "fuse_lora")
 
@@ -189,9 +197,9 @@ def refiner(root: Path, pipes: dict[str, Any]) -> tuple[Any, Path, Path]:
     edited = make_checkpoint(root / "refiner-edited", "diffusers-sdxl-refiner", edit_layers=[0, 1])
     sdxl = pipes["sdxl"]
     pipe = StableDiffusionXLImg2ImgPipeline(
-        vae=sdxl.vae, text_encoder=None, text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"),
-        tokenizer=None, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet, scheduler=sdxl.scheduler,
-        requires_aesthetics_score=True)
+        vae=sdxl.vae, text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"), tokenizer=None,
+        tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet, scheduler=sdxl.scheduler, requires_aesthetics_score=True)
     return pipe, base, edited
 
 
@@ -217,9 +225,9 @@ def test_a_bare_text_encoders_patch_goes_to_text_encoder(root: Path, pipes: dict
     patch_file = diff_checkpoints(base, edited, output=tmp_path / "clip.erasepatch", rank=2).output
     assert load_patch(patch_file).manifest.base.architecture == "clip-text"
     sd1 = pipes["sd1"]
-    pipe = StableDiffusionPipeline(vae=sd1.vae, text_encoder=CLIPTextModel.from_pretrained(base), tokenizer=sd1.tokenizer,
-                                   unet=sd1.unet, scheduler=sd1.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(vae=sd1.vae, text_encoder=CLIPTextModel.from_pretrained(base),
+                                   tokenizer=sd1.tokenizer, unet=sd1.unet, scheduler=sd1.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     report = export_patch(patch_file, "diffusers", tmp_path / "clip-diffusers.safetensors")
     assert "written for the pipeline's text_encoder" in " ".join(report.notes)
     assert_same_weights(pipe, Path(patch_file), Path(report.output), 1.0, "fuse_lora")

@@ -141,8 +141,9 @@ def diffusers_tensors(patch: Patch) -> dict[str, tuple[str, tuple[int, ...], byt
     has a bias delta, an ``up.bias`` for every module of each encoder (zeros where it has none)."""
     groups: dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]] = {}
     for module, slot, layer, proj in patch.modules():
-        key = f"{diffusers_component(patch, slot)}.text_model.encoder.layers.{layer}.mlp.{proj}.lora_linear_layer"
-        groups.setdefault(key.split(".", 1)[0], []).append((key, *lora_factors(patch, module), patch.bias_delta(module)))
+        component = diffusers_component(patch, slot)
+        key = f"{component}.text_model.encoder.layers.{layer}.mlp.{proj}.lora_linear_layer"
+        groups.setdefault(component, []).append((key, *lora_factors(patch, module), patch.bias_delta(module)))
     out: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
     for members in groups.values():
         rank = max(b.shape[1] for _, b, _, _ in members)

@@ -31,5 +31,4 @@ def export_cmd(
     out.print(f"Exported {report.source} for {ui} -> {report.output} ({human_bytes(report.bytes)}, "
               f"{report.modules} modules)")
     if report.ui == "diffusers":
-        out.print(f'  load it with pipe.load_lora_weights("{report.output}"); pipe.fuse_lora(lora_scale=S) or '
-                  "pipe.set_adapters(..., adapter_weights=S) sets the strength")
+        out.print(f'  load it with pipe.load_lora_weights("{report.output}"); strength S: pipe.fuse_lora(lora_scale=S)')
