@@ -16,7 +16,9 @@ Per-tensor errors add up through the layers, so the stored form is then judged e
 UNet reads (:func:`erasekit.conditioning.encoder_outputs`) separately: one that moved little must not hide
 behind one that moved a lot. Where an output is off by more than ``tol``, every tensor's ``tol`` is halved and
 the deltas compressed again (at most :data:`TIGHTENINGS` times). A layer that reaches the UNet only through the
-pooled embedding (SDXL's te2 last layer) is measured on the end-of-text rows that the embedding is read from.
+pooled embedding (SDXL's te2 last layer) is measured with the end-of-text rows that the embedding is read from
+among its rows. The end-to-end errors are judged on prompts the factors were not fitted on too (the rest of the
+erase's lists, :data:`HELD_OUT` of each group), so that they say how the patch does on prompts it did not see.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ INPUT_ROWS = 1024
 # prompts measured per group (the concept's, the others'): 8 x 77 tokens fill a group's half of INPUT_ROWS, and
 # each text-encoder pass over them costs (a CLIP-L pass over 58 prompts took 14 s on a 2-core CPU)
 GROUP_PROMPTS = 8
+# prompts per group the stored form is judged on but not fitted on (the rest of the group's list, spread)
+HELD_OUT = 4
 # weight of directions the measured inputs do not reach, relative to those they do
 RIDGE = 1e-3
 # times rank="auto" halves the per-tensor tolerance when an output is off by more than it end to end
@@ -145,42 +149,46 @@ class Compaction:
     def __init__(self, config: Any, concepts: Sequence[str], captions: list[str | None], cond_of: Any,
                  device: Any) -> None:
         self.config, self.cond_of, self.device = config, cond_of, device
-        self.groups = _measured_prompts(config, concepts, captions)
-        self.base = _conditioning(cond_of, sum(self.groups, []), device)
+        self.groups, self.held_out = _measured_prompts(config, concepts, captions)
+        self.judged = sum(self.groups, []) + self.held_out  # the prompts the end-to-end errors are measured on
+        self.base = _conditioning(cond_of, self.judged, device)
 
     def factors(self, params: list[tuple[str, str, Any]],
                 originals: dict[tuple[str, str], Any]) -> tuple[dict[str, LowRank], dict[str, float]]:
-        """Each trained weight's :class:`LowRank`, and the end-to-end error per output: how far the stored deltas
-        move it from where the trained ones put it (relative to how far those moved it). Leaves the trained
-        weights at original + stored delta; the caller restores them."""
+        """Each trained weight's :class:`LowRank`, and the end-to-end error per output on the judged prompts: how
+        far the stored deltas move it from where the trained ones put it (relative to how far those moved it).
+        Leaves the trained weights at original + stored delta; the caller restores them."""
         import torch
 
-        prompts = sum(self.groups, [])
         gen = torch.Generator().manual_seed(self.config.seed + 2)
-        inputs, trained = _ffn_inputs(self.cond_of, self.groups, params, self.device, gen, INPUT_ROWS)
-        deltas = {m: p.detach() - originals[(m, kind)].to(p.device) for m, kind, p in params if kind == "weight"}
-        tol = self.config.rank_tol
+        inputs, trained = _ffn_inputs(self.cond_of, self.groups, params, self.device, gen, INPUT_ROWS, self.held_out)
+        deltas = {m: p.detach().cpu() - originals[(m, kind)] for m, kind, p in params if kind == "weight"}  # on the CPU
+        tol, stored = self.config.rank_tol, {}
         for _ in range(TIGHTENINGS + 1):
+            ranks = {m: lr.rank for m, lr in stored.items()}
             stored = _compress(self.config, deltas, inputs, tol)
             _with_factors(params, originals, stored)
-            got = _conditioning(self.cond_of, prompts, self.device)
+            got = _conditioning(self.cond_of, self.judged, self.device)
             errors = {name: relative_error(got[name], trained[name], self.base[name]) for name in got}
-            if self.config.rank != "auto" or max(errors.values()) <= self.config.rank_tol or _at_cap(stored, self.config):
+            done = self.config.rank != "auto" or max(errors.values()) <= self.config.rank_tol
+            if done or ranks == {m: lr.rank for m, lr in stored.items()}:  # met, or tightening no longer helps
                 break
             tol /= 2
         return stored, errors
 
 
-def _measured_prompts(config: Any, concepts: Sequence[str], captions: list[str | None]) -> list[list[str]]:
-    """The prompts a low-rank patch is measured on, GROUP_PROMPTS of each group spread evenly over it: the erased
+def _measured_prompts(config: Any, concepts: Sequence[str], captions: list[str | None]) -> tuple[list[list[str]], list[str]]:
+    """The prompts a low-rank patch is fitted on, GROUP_PROMPTS of each group spread evenly over it: the erased
     concepts' (their templates, the images' captions) and those the erase should leave alone (the anchors and
-    --keep concepts)."""
+    --keep concepts); and HELD_OUT more of each group, where it has more, that it is judged on too."""
     erased = list(dict.fromkeys([t.format(c) for c in concepts for t in config.templates_for(c)]
                                 + [c for c in captions if c]))
     anchors = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
     anchors += [t.format(k) for k in config.keep for t in config.templates_for(k)[:4]]
     others = [a for a in dict.fromkeys(anchors) if a not in erased]
-    return [g for g in (_spread(erased, GROUP_PROMPTS), _spread(others, GROUP_PROMPTS)) if g]
+    fitted = [_spread(g, GROUP_PROMPTS) for g in (erased, others) if g]
+    rest = [[p for p in g if p not in f] for g, f in zip([g for g in (erased, others) if g], fitted)]
+    return fitted, [p for r in rest for p in _spread(r, HELD_OUT)]
 
 
 def _spread(items: list[str], n: int) -> list[str]:
@@ -190,16 +198,12 @@ def _spread(items: list[str], n: int) -> list[str]:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
 
 
-def _at_cap(stored: dict[str, LowRank], config: Any) -> bool:
-    """Whether every tensor is stored at the highest rank allowed: tightening cannot help."""
-    return all(lr.rank >= min(lr.up.shape[0], lr.down.shape[1], config.max_rank) for lr in stored.values())
-
-
 def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, str, Any]],
-                device: Any, gen: Any, rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                device: Any, gen: Any, rows: int, held_out: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per trained FFN layer, the inputs it sees on the prompts: ``rows`` token rows in all, split evenly between
     the groups, drawn with ``gen`` (for a layer read only through the pooled embedding, every prompt's end-of-text
-    row); and the outputs of all the prompts (one text-encoder pass for both)."""
+    row among them: sized on those alone it would fit a few rows and miss unseen prompts); and the outputs of all
+    the prompts and of ``held_out`` after them (one text-encoder pass)."""
     import torch
 
     from .layouts import parse_module_name
@@ -213,12 +217,12 @@ def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, s
     spread = torch.cat([a + torch.randperm(b - a, generator=gen)[:max(1, rows // len(groups))]
                         for a, b in zip(starts, starts[1:])])
     prompts = sum(groups, [])
-    picks = {}
+    picks = {m: spread for m in modules}
     for m in modules:
         slot, layer, _ = parse_module_name(m)  # type: ignore[misc]
-        picks[m] = spread
-        if cond_of.pooled_only(slot, layer):
-            picks[m] = torch.tensor([i * cond_of.tokens + pos for i, pos in enumerate(cond_of.pooled_positions(slot, prompts))])
+        if cond_of.pooled_only(slot, layer):  # every prompt's end-of-text row among them
+            ends = [i * cond_of.tokens + pos for i, pos in enumerate(cond_of.pooled_positions(slot, prompts))]
+            picks[m] = torch.tensor(sorted(set(spread.tolist()) | set(ends)))
 
     def hook(name: str) -> Any:
         def keep(_mod: Any, args: tuple[Any, ...]) -> None:
@@ -228,7 +232,7 @@ def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, s
 
     handles = [mod.register_forward_pre_hook(hook(m)) for m, mod in modules.items()]
     try:
-        conditioning = _conditioning(cond_of, sum(groups, []), device)
+        conditioning = _conditioning(cond_of, sum(groups, []) + list(held_out), device)
     finally:
         for h in handles:
             h.remove()
@@ -258,8 +262,9 @@ def _conditioning(cond_of: Any, prompts: list[str], device: Any) -> dict[str, An
 
 
 def _compress(config: Any, deltas: dict[str, Any], inputs: dict[str, Any], tol: float) -> dict[str, LowRank]:
-    """Each trained weight's delta in low-rank form, per ``config.rank`` (``auto``: within ``tol`` on its inputs)."""
-    return {m: low_rank(d, inputs[m], config.rank, tol, config.max_rank) for m, d in deltas.items()}
+    """Each trained weight's delta in low-rank form, per ``config.rank`` (``auto``: within ``tol`` on its inputs);
+    one delta at a time on the inputs' device."""
+    return {m: low_rank(d.to(inputs[m].device), inputs[m], config.rank, tol, config.max_rank) for m, d in deltas.items()}
 
 
 def _with_factors(params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any],

@@ -4,10 +4,10 @@ they were. The anchored and doco recipes add it to their objective; with ``--sur
 erasing gradient off the directions that would move these prompts.
 
 Every output the UNet reads is held (:func:`erasekit.conditioning.encoder_outputs`: the hidden states, and SDXL's
-pooled embedding), each in its own unit: its drift is divided by the *spread* of the held prompts in it (the mean
-squared distance of their original outputs from their mean), so that moving an output as far as two held prompts
-differ costs the same for every output and every architecture (SD1/SD2 hold hidden states after the final layer
-norm, SDXL before it, and the pooled embedding has a scale of its own)."""
+pooled embedding), each in its own unit: its drift is divided by the *spread* of ~30 everyday captions in it (the
+mean squared distance of their original outputs from their mean), so that moving an output as far as everyday
+prompts differ costs the same for every output, architecture and list of held prompts (SD1/SD2 hold hidden states
+after the final layer norm, SDXL before it, and the pooled embedding has a scale of its own)."""
 
 from __future__ import annotations
 
@@ -75,22 +75,26 @@ class Holding:
 
     def prepare(self, encode: Any) -> None:
         """Per output, what each held prompt is held at (the mean over its reference prompts, original weights),
-        and the output's unit of drift: the spread of those targets around their mean."""
+        and the output's unit of drift: the spread of everyday captions (:data:`GENERIC_ANCHORS`) in it, the same
+        for every erase of a model whatever prompts it holds."""
         import torch
 
         with torch.no_grad():
             flat = [r for refs in self.references for r in refs]
-            outputs = encoder_outputs(encode(flat))
+            outputs = encoder_outputs(encode(flat + list(GENERIC_ANCHORS)))
             sizes = [len(r) for r in self.references]
-            self.targets = {name: torch.stack([o.detach().mean(0) for o in out.split(sizes)])
+            self.targets = {name: torch.stack([o.detach().mean(0) for o in out[:len(flat)].split(sizes)])
                             for name, out in outputs.items()}
-            self.units = {name: _spread(t) for name, t in self.targets.items()}
+            self.units = {name: _spread(out[len(flat):].detach()) for name, out in outputs.items()}
 
     def step_prompts(self, gen: Any) -> list[str]:
         import torch
 
         n, k = len(self.held), self.config.anchor_batch
         self.chosen = torch.randperm(n, generator=gen)[:k].tolist() if k else list(range(n))
+        empty = self.held.index("")
+        if empty not in self.chosen:  # in every step: guidance reads it for every image
+            self.chosen.append(empty)
         return [self.held[j] for j in self.chosen]
 
     def penalty(self, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
@@ -107,10 +111,8 @@ class Holding:
         return ((output - self.targets[name][self.chosen]) ** 2).mean(dim=dims) / self.units[name]
 
 
-def _spread(targets: Any) -> Any:
-    """The mean squared distance of the rows of ``targets`` from their mean (per element); where they do not
-    differ (a single held prompt), their mean square; 1 if that is 0 too."""
-    spread = ((targets - targets.mean(0)) ** 2).mean()
-    if spread <= 0:
-        spread = (targets ** 2).mean()
+def _spread(outputs: Any) -> Any:
+    """The mean squared distance of the rows of ``outputs`` from their mean (per element); 1 where they do not
+    differ at all."""
+    spread = ((outputs - outputs.mean(0)) ** 2).mean()
     return spread if spread > 0 else spread.new_tensor(1.0)
