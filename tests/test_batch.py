@@ -149,6 +149,23 @@ def test_accelerate_splits_the_jobs_between_two_processes(killed_and_resumed: di
     assert snapshot(tmp_path / "out") == reference
 
 
+def test_a_patch_an_earlier_erase_algorithm_made_is_redone(tmp_path: Path) -> None:
+    """The same settings recorded by an erasekit that held and stored otherwise (no ``algorithm`` then) do not make
+    a patch current: a rerun redoes it, saying why."""
+    from erasekit.patchfile import save_patch
+
+    manifest = write(tmp_path, "steps = 2\n[[jobs]]\nconcept = 'circle'\noutput = 'out/c.erasepatch'\n")
+    assert runner.invoke(app, ["erase", "--manifest", str(manifest)]).exit_code == 0
+    patch = load_patch(tmp_path / "out" / "c.erasepatch")
+    assert patch.manifest.method.hyperparameters.pop("algorithm") == 2
+    save_patch(patch, tmp_path / "out" / "c.erasepatch")
+    r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["jobs"][0]["note"] == ("redone: an earlier version of erasekit made it (the same "
+                                                       "settings now erase otherwise)")
+    assert load_patch(tmp_path / "out" / "c.erasepatch").manifest.method.hyperparameters["algorithm"] == 2
+
+
 def test_accelerate_cpu_flag_says_it_started_one_process(tmp_path: Path) -> None:
     manifest = write(tmp_path, "steps = 2\n[[jobs]]\nconcept = 'circle'\noutput = 'out/c.erasepatch'\n")
     r = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "2",

@@ -172,6 +172,8 @@ def settings_differ(job: Any, patch: Any, checked: dict[Any, Any] | None = None)
     if m.method.seed != job.config.seed:
         return f"its seed was {m.method.seed}"
     wanted = json.loads(json.dumps(job.config.hyperparameters()))
+    if hp.get("algorithm") != wanted.pop("algorithm"):
+        return "an earlier version of erasekit made it (the same settings now erase otherwise)"
     changed = [k for k, v in wanted.items() if hp.get(k) != v]
     if changed:
         return f"its {', '.join(changed)} differed"

@@ -41,6 +41,12 @@ GENERIC_ANCHORS = (
 )
 
 
+# what the same settings compute, recorded with them: raised when an erase with unchanged settings computes
+# another patch, so that a batch rerun redoes patches made before. 2: every output the UNet reads held, in units of
+# everyday captions' spread, the empty prompt in every step; low-rank storage judged per output, on held-out prompts
+ALGORITHM = 2
+
+
 class EraseConfig(BaseModel):
     """Every setting of an erase run; the defaults reproduce the published recipe. Recorded in the patch."""
 
@@ -169,7 +175,7 @@ class EraseConfig(BaseModel):
                 hp.pop(k)
         elif self.anchor_prompts is None:
             hp["anchor_prompts"] = list(GENERIC_ANCHORS)
-        return hp
+        return hp | {"algorithm": ALGORITHM}
 
 
 def _checked_templates(templates: list[str]) -> list[str]:
