@@ -164,13 +164,13 @@ def test_a_clear_or_told_prediction_type_does_not_warn(tmp_path: Path, spread: f
         assert sd2_prediction(ckpt)[0] == expected
 
 
-def test_inspect_shows_the_guess_as_one_warning_line_naming_the_option(tmp_path: Path) -> None:
+def test_inspect_shows_the_guess_as_one_warning_line_naming_the_commands_that_take_the_option(tmp_path: Path) -> None:
     runner = CliRunner()
     near = runner.invoke(app, ["inspect", str(_sd2_file(tmp_path / "near.safetensors", 0.08))])
     assert near.exit_code == 0 and "sd2-512 (epsilon; UNet norm-bias spread 0.080 <= 0.09)" in near.stdout
     lines = near.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"warning: near.safetensors: the prediction type epsilon {GUESSED}")
-    assert lines[0].endswith("epsilon for a 512 one (--prediction-type)")
+    assert lines[0].endswith("epsilon for a 512 one (--prediction-type of erase, eval, generate)"), "inspect has none"
     far = runner.invoke(app, ["inspect", str(_sd2_file(tmp_path / "far.safetensors", 0.213))])
     assert far.exit_code == 0 and "sd2-768-v" in far.stdout and far.stderr == ""
 
@@ -184,7 +184,8 @@ def test_the_cli_shows_a_warning_given_twice_once(capsys: pytest.CaptureFixture[
             warnings.warn(ErasekitWarning("the prediction type epsilon was guessed", option="prediction_type"))
         warnings.warn(ErasekitWarning("another"))
     assert capsys.readouterr().err.splitlines() == [
-        "warning: the prediction type epsilon was guessed (--prediction-type)", "warning: another"]
+        "warning: the prediction type epsilon was guessed (--prediction-type of erase, eval, generate)",
+        "warning: another"]
 
 
 @pytest.mark.parametrize("layout", ["folder", "single file"])

@@ -56,6 +56,22 @@ def flag_of(option: str | None) -> str:
     return f" ({OPTION_FLAGS.get(option, '--' + option.replace('_', '-'))})" if option else ""
 
 
+def _flag_for_warning(option: str | None) -> str:
+    """`` (--flag of erase, eval, generate)``: the option a warning names, with the commands that take it (the
+    command that warns may not: ``inspect`` warns of a guessed prediction type that ``erase`` is told)."""
+    if not option:
+        return ""
+    import typer
+
+    from . import app
+
+    flag = flag_of(option)[2:-1]
+    group = typer.main.get_command(app)
+    takers = sorted(name for name, cmd in group.commands.items()  # type: ignore[attr-defined]
+                    if any(flag in param.opts for param in cmd.params))
+    return f" ({flag} of {', '.join(takers)})" if takers else ""
+
+
 @contextlib.contextmanager
 def errors() -> Iterator[None]:
     """Turn known errors into one line on stderr and an exit code; tracebacks only with ERASEKIT_DEBUG=1. The
@@ -67,7 +83,7 @@ def errors() -> Iterator[None]:
 
         def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
             if issubclass(category, ErasekitWarning):
-                line = str(message) + flag_of(getattr(message, "option", None))
+                line = str(message) + _flag_for_warning(getattr(message, "option", None))
                 if line not in lines:  # a check the command makes twice (a single file's configs) warns once
                     warn([line])
                     lines.add(line)
