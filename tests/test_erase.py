@@ -328,7 +328,8 @@ def test_a_rank_stores_the_change_projected_on_its_top_output_directions(tmp_pat
     x = np.random.default_rng(0).standard_normal((64, 100))
     for m, info in pl.manifest.deltas.items():
         assert (info.storage, info.rank) == ("lowrank", 2) and 0 < info.error < 1 and 0 < info.kept < 1
-        up, full = pl.tensors[f"{m}.lora_up.weight"].astype(np.float64), pd.weight_delta(m).astype(np.float64)
+        scale = float(pl.tensors[f"{m}.alpha"]) / info.rank  # lora_up holds the left factor over the scale
+        up, full = pl.tensors[f"{m}.lora_up.weight"].astype(np.float64) * scale, pd.weight_delta(m).astype(np.float64)
         assert up.shape[1] == 2 and f"{m}.diff" not in pl.tensors
         np.testing.assert_allclose(up.T @ up, np.eye(2), atol=1e-5)  # orthonormal output directions ...
         np.testing.assert_allclose(pl.weight_delta(m), up @ up.T @ full, atol=1e-6)  # ... the change projected on them
