@@ -186,9 +186,9 @@ def _measured_prompts(config: Any, concepts: Sequence[str], captions: list[str |
     anchors = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
     anchors += [t.format(k) for k in config.keep for t in config.templates_for(k)[:4]]
     others = [a for a in dict.fromkeys(anchors) if a not in erased]
-    fitted = [_spread(g, GROUP_PROMPTS) for g in (erased, others) if g]
-    rest = [[p for p in g if p not in f] for g, f in zip([g for g in (erased, others) if g], fitted)]
-    return fitted, [p for r in rest for p in _spread(r, HELD_OUT)]
+    groups = [g for g in (erased, others) if g]
+    fitted = [_spread(g, GROUP_PROMPTS) for g in groups]
+    return fitted, [p for g, f in zip(groups, fitted) for p in _spread([q for q in g if q not in f], HELD_OUT)]
 
 
 def _spread(items: list[str], n: int) -> list[str]:
