@@ -6,27 +6,49 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .erase_config import EraseConfig
-from .errors import ErasekitError, InputFileError
+from .errors import ErasekitError, ErasekitWarning, InputFileError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SKIPPED_NAMED = 3  # files a warning names before "and N more"
 
 
 def find_images(folder: str | os.PathLike) -> list[Path]:
+    """The images in ``folder`` by name (or ``folder`` itself, a file): every file of a format Pillow reads. Hidden
+    files and subfolders are passed over; other files are skipped with a warning naming them."""
     folder = Path(folder)
     if not folder.exists():
         raise InputFileError(f"image folder {folder} does not exist", "check the images path", option="images")
     if folder.is_file():
         return [folder]
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    readable = pillow_suffixes()
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    files = [p for p in entries if p.suffix.lower() in readable]
+    skipped = [p.name for p in entries if p.suffix.lower() not in readable]
+    not_images = f"{_named(skipped)} (not {'an image' if len(skipped) == 1 else 'images'} Pillow reads)"
     if not files:
-        raise InputFileError(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})",
-                             "put a few photos of the concept there, or let the model draw them (images 'auto')",
-                             option="images")
+        raise InputFileError(f"no images found in {folder}" + (f": only {not_images}" if skipped else ""),
+                             "put a few photos of the concept there (PNG, JPEG, WebP, TIFF or another format Pillow "
+                             "reads), or let the model draw them (images 'auto')", option="images")
+    if skipped:
+        warnings.warn(ErasekitWarning(f"{folder}: skipped {not_images}"), stacklevel=2)
     return files
+
+
+def pillow_suffixes() -> set[str]:
+    """The file extensions of the formats Pillow opens (lower case, with the dot)."""
+    from PIL import Image
+
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _named(names: list[str]) -> str:
+    """``a.txt, b.md, c.doc and 4 more``."""
+    more = len(names) - SKIPPED_NAMED
+    return ", ".join(names[:SKIPPED_NAMED]) + (f" and {more} more" if more > 0 else "")
 
 
 def training_image(img: Any, resolution: int) -> Any:
