@@ -104,7 +104,7 @@ def test_manifest_and_inspect_list_every_concept(tmp_path: Path, ab: tuple[Path,
     shown = runner.invoke(app, ["inspect", str(tmp_path / "m.erasepatch")])
     assert shown.exit_code == 0 and "concepts   circle (object), red (object)" in shown.stdout
     merged = ", ".join(f"{p.title} ({p.patch_id[:12]}) x1.0" for p in inputs)
-    assert f"patches=[{merged}]" in " ".join(shown.stdout.split()), "the inputs by title, short id and strength"
+    assert f"patches [{merged}]" in " ".join(shown.stdout.split()), "the inputs by title, short id and strength"
     js = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "m.erasepatch"), "--json"]).stdout)
     assert [c["name"] for c in js["concepts"]] == ["circle", "red"]
 

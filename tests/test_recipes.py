@@ -174,7 +174,7 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     assert b.manifest.base.tensors == c.manifest.base.tensors == a.manifest.base.tensors, "the base is the model's own"
     assert b.patch_id != c.patch_id, "it learned with the circle patch in place"
     shown = CliRunner().invoke(app, ["inspect", str(red)])
-    assert f"after=[{a.title} ({a.patch_id[:12]})]" in " ".join(shown.stdout.split())
+    assert f"after [{a.title} ({a.patch_id[:12]})]" in " ".join(shown.stdout.split())
 
     model = tmp_path / "model"
     shutil.copytree(builtin_model_path(), model)

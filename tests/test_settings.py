@@ -53,9 +53,10 @@ def test_the_run_records_and_says_where_settings_came_from(tmp_path: Path) -> No
     hp = load_patch(out).manifest.method.hyperparameters
     assert (hp["recipe"], hp["lr"], hp["epochs"], hp["steps"], hp["flip"], hp["steps_run"]) == \
         ("paper", 1e-5, 1, None, False, 2)
-    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("settings:"))
-    assert "recipe paper (user)" in line and "epochs 1 (user)" in line and "flip False (user)" in line
-    assert "resolution 32 (model)" in line and "lr" not in line.replace("flip", "")
+    yours = next(x for x in r.stdout.splitlines() if x.startswith("  settings you gave: "))
+    model = next(x for x in r.stdout.splitlines() if x.startswith("  settings the model recommends: "))
+    assert "recipe paper" in yours and "epochs 1" in yours and "flip False" in yours
+    assert "resolution 32" in model and "lr" not in (yours + model).replace("flip", "")
     report = json.loads(runner.invoke(app, ["erase", "--concept", "red", "--steps", "1", "-o", str(tmp_path / "r.erasepatch"),
                                             "--json"]).stdout)
     assert report["sources"]["steps"] == "user" and report["sources"]["lr"] == "model"

@@ -178,6 +178,17 @@ class EraseConfig(BaseModel):
         return hp | {"algorithm": ALGORITHM}
 
 
+def recorded_defaults(recipe: str) -> dict[str, Any]:
+    """Each setting as a patch records it when left at its default (as JSON; the anchors as the captions they stand
+    for) in an erase with ``recipe``, where a recipe's own default differs (doco's surgery): what ``inspect`` tells
+    the settings an erase changed from. ``recipe`` itself at the published recipe's."""
+    try:
+        config = EraseConfig(recipe=recipe)  # type: ignore[arg-type]
+    except ValueError:  # a recipe of a newer erasekit: the settings every recipe starts from
+        config = EraseConfig()
+    return config.model_dump(mode="json") | {"recipe": EraseConfig().recipe, "anchor_prompts": list(GENERIC_ANCHORS)}
+
+
 def _checked_templates(templates: list[str]) -> list[str]:
     if not templates:
         raise ValueError("give at least one template")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .in_place import applied_in_place, described_journal, read_consistently
+from .erase_config import recorded_defaults
 from .errors import ErasekitError
 from .journal import entry_summary
 from .hub import TEXT_ENCODERS, resolve_model
@@ -60,6 +61,17 @@ class EvaluationSummary:
 
 
 @dataclass
+class MethodSettings:
+    """A patch's method record grouped for reading, each group in the record's order: an erase's settings that
+    differ from :class:`~erasekit.erase_config.EraseConfig`'s defaults (``changed``), those at them (``default``),
+    and the rest of the record (``other``: what the run measured; a merge's or diff's inputs, which are all here)."""
+
+    changed: dict[str, Any] = field(default_factory=dict)
+    default: dict[str, Any] = field(default_factory=dict)
+    other: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PatchInspection:
     path: str
     size_bytes: int
@@ -79,6 +91,7 @@ class PatchInspection:
     compatibility: str | None = None  # "exact", "approx", "N of M tensors differ", or the refusal message
     warnings: list[str] = field(default_factory=list)
     evaluations: list[EvaluationSummary] = field(default_factory=list)  # oldest first
+    settings: MethodSettings = field(default_factory=MethodSettings)  # ``method`` grouped; ``method`` is the record
     kind: str = "patch"
 
 
@@ -140,6 +153,23 @@ def _evaluations(patch: Patch) -> list[EvaluationSummary]:
     return out
 
 
+def method_settings(method: dict[str, Any]) -> MethodSettings:
+    """``method`` (a manifest's, as JSON) grouped: an erase's settings (its seed among them) by whether they differ
+    from the defaults of its recipe; everything else, and every entry of a record without a recipe (merge, diff), in
+    ``other``. ``left_out`` (a line of its own) is left out."""
+    record = {k: v for k, v in method.get("hyperparameters", {}).items() if k != "left_out"}
+    if "recipe" not in record:
+        return MethodSettings(other=record)
+    record |= {"seed": method["seed"]} if method.get("seed") is not None else {}
+    defaults = recorded_defaults(str(record["recipe"]))
+    grouped = MethodSettings()
+    for name, value in record.items():
+        group = grouped.other if name not in defaults else \
+            grouped.default if value == defaults[name] else grouped.changed
+        group[name] = value
+    return grouped
+
+
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
     from .in_place import pristine_reader
     from .compat import base_statuses, crossing_note, slot_map
@@ -170,11 +200,12 @@ def inspect_patch(patch: Patch) -> PatchInspection:
     from the stored factors (memory bounded by the file, whatever its layers' sizes)."""
     m = patch.manifest
     path = Path(patch.path) if patch.path is not None else None
+    method = m.method.model_dump(mode="json")
     return PatchInspection(
         str(path or patch.title), path.stat().st_size if path is not None else 0, patch.patch_id, m.format_version,
-        m.erasekit_version, m.created_at, m.title, [c.model_dump() for c in m.concepts], m.method.model_dump(mode="json"),
+        m.erasekit_version, m.created_at, m.title, [c.model_dump() for c in m.concepts], method,
         m.base.architecture, {s: e.model_dump() for s, e in m.base.encoders.items()}, _rows(patch), m.base.config,
-        warnings=list(patch.warnings), evaluations=_evaluations(patch))
+        warnings=list(patch.warnings), evaluations=_evaluations(patch), settings=method_settings(method))
 
 
 def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = None) -> PatchInspection | CheckpointInspection:

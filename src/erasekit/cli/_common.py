@@ -183,6 +183,50 @@ def ranges(nums: list[int]) -> str:
     return ", ".join(parts) or "none"
 
 
+# what a list or dict setting holds, counted where it is too long to read at a glance: (one, several)
+COUNTED = {"anchor_prompts": ("prompt", "prompts"), "templates": ("template", "templates"),
+           "stand_ins": ("pair", "pairs"), "concept_templates": ("concept", "concepts"), "keep": ("concept", "concepts"),
+           "patches": ("patch", "patches"), "after": ("patch", "patches")}
+SHOWN_WHOLE = 30  # characters: the longest list or dict a summary shows as it is
+
+
+def brief(name: str, value: Any) -> str:
+    """A setting as a summary shows it, ``name value``: numbers to 3 significant digits, layers as ranges, a longer
+    list or dict as a count ("anchor_prompts 91 prompts", "stand_ins 13 pairs")."""
+    if name == "layers" and isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return f"layers {ranges(value).replace(', ', ',')}"
+    shown = _shown(value)
+    if isinstance(value, (list, dict)) and len(shown) > SHOWN_WHOLE:
+        one, several = COUNTED.get(name, ("entry", "entries") if isinstance(value, dict) else ("item", "items"))
+        return f"{name} {len(value)} {one if len(value) == 1 else several}"
+    return f"{name} {shown}"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
+
+
+def packed(label: str, items: list[str], indent: int | None = None, width: int = 108) -> list[str]:
+    """``label`` then ``items``, comma-separated, as lines of at most ``width`` characters (an item longer than that
+    alone on its line), the later lines indented by ``indent`` (default: under the first item)."""
+    margin = " " * (len(label) if indent is None else indent)
+    lines = [label]
+    for i, item in enumerate(items):
+        text = item + ("," if i < len(items) - 1 else "")
+        fresh = lines[-1] in (label, margin)
+        if not fresh and len(lines[-1]) + 1 + len(text) > width:
+            lines.append(margin)
+            fresh = True
+        lines[-1] += text if fresh else " " + text
+    return lines
+
+
 @contextlib.contextmanager
 def progress_bar(label: str, enabled: bool = True) -> Iterator[Any]:
     """A progress bar on stderr, shown from the first update on; yields ``update(done, total, text)``."""

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ._common import (OPTION_FLAGS, ConfigOpt, JsonOpt, ModelOpt, PredictionOpt, err, errors, human_bytes, out,
-                      print_json, progress_bar, warn)
+from ._common import (OPTION_FLAGS, ConfigOpt, JsonOpt, ModelOpt, PredictionOpt, brief, err, errors, human_bytes, out,
+                      packed, print_json, progress_bar, warn)
 
 # Options left unset take the model's recommended value (erasekit.json in the model folder), else the
 # published recipe's; so their defaults here are None.
@@ -32,8 +32,9 @@ def erase_cmd(
                                                      show_default=False)] = None,
     model: ModelOpt = None,
     images: Annotated[Optional[list[str]], typer.Option("--images", metavar="DIR|auto", help="Folder of images "
-                                                        "of the concept (one per --concept), or 'auto' to render "
-                                                        "them with the model first. The built-in model draws "
+                                                        "of the concept (one per --concept; any format Pillow "
+                                                        "reads, other files skipped with a warning), or 'auto' to "
+                                                        "render them with the model first. The built-in model draws "
                                                         "them itself when omitted.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", metavar="N", help="Images per concept with "
                                             "--images auto or the built-in model.")] = 4,
@@ -177,13 +178,28 @@ def erase_cmd(
                   "erasing gradients conflicted with holding the other prompts and were projected")
     out.print("  changed most: " + ", ".join(f"{m.removeprefix('lora_').replace('_text_model_encoder_', ' ')} ({n:.3g})"
                                            for m, n in report.top_layers))
-    if report.sources:
-        lists = ("anchor_prompts", "stand_ins", "templates", "concept_templates")  # too long for one line
-        out.print("  settings: " + ", ".join(f"{k} {hp.get(k, '')} ({src})" for k, src in sorted(report.sources.items())
-                                             if k in hp and k not in lists)
-                  + "; the rest: defaults (erasekit erase --help)")
+    for line in _settings_lines(report.sources, hp):
+        out.print(line)
     for line in report.ui:
         out.print(f"  {line}")
+
+
+SOURCE_LABELS = {"user": "you gave", "model": "the model recommends", "native": "for the model's native size"}
+
+
+def _settings_lines(sources: dict[str, str], hp: dict[str, Any]) -> list[str]:
+    """The recorded settings that did not come from the defaults, lists counted, a few short lines per source: what
+    the user gave, what the model recommends (its erasekit.json), the model's native size, any other source."""
+    if not sources:
+        return []
+    groups: dict[str, list[str]] = {source: [] for source in SOURCE_LABELS}
+    for name, source in sorted(sources.items()):
+        if name in hp:
+            source, _, note = source.partition("; ")  # "model; native 1024": the model's size, not the native one
+            groups.setdefault(source, []).append(brief(name, hp[name]) + (f" ({note})" if note else ""))
+    lines = [line for source, items in groups.items() if items
+             for line in packed(f"  settings {SOURCE_LABELS.get(source, f'from {source}')}: ", items, indent=4)]
+    return lines + ["  other settings: defaults (erasekit erase --help)"]
 
 
 def _per_output(values: dict[str, float]) -> str:

@@ -1,4 +1,4 @@
-"""``erasekit inspect FILE [--against CKPT] [--json]``."""
+"""``erasekit inspect FILE [--against CKPT] [--full] [--json]``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, bar, errors, human_bytes, out, print_json, ranges, warn
+from ._common import JsonOpt, bar, brief, errors, human_bytes, out, packed, print_json, ranges, warn
 
 
 def inspect_cmd(
@@ -16,6 +16,9 @@ def inspect_cmd(
                                          show_default=False)],
     against: Annotated[Optional[Path], typer.Option("--against", metavar="CKPT", help="Checkpoint to compare a patch with: "
                                                    "compatibility and relative change per layer.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="A patch's whole method record: every setting and list "
+                                       "(without it, lists are counted and the settings that differ from the "
+                                       "defaults come first).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a patch (manifest, per-layer deltas) or a checkpoint (layout, encoders, applied patches)."""
@@ -27,7 +30,7 @@ def inspect_cmd(
         print_json(result)
         return
     if isinstance(result, PatchInspection):
-        _render_patch(result)
+        _render_patch(result, full)
     else:
         _render_checkpoint(result)
 
@@ -41,16 +44,34 @@ def _setting(name: str, value: object) -> object:
                                + (f" x{p['strength']}" if "strength" in p else "") for p in value) + "]"
     return value
 
-def _render_patch(r) -> None:  # type: ignore[no-untyped-def]
+
+def _render_method(r, full: bool) -> None:  # type: ignore[no-untyped-def]
+    """The method: its whole record on one line (``--full``), else grouped, lists counted: the settings that differ
+    from the defaults, the names of those at them, the rest of the record."""
+    if full:
+        record = r.method.get("hyperparameters", {})
+        hp = " ".join(f"{k}={_setting(k, v)}" for k, v in record.items() if k != "left_out")
+        seed = f" seed={r.method['seed']}" if r.method.get("seed") is not None else ""
+        out.print(f"  method     {r.method['name']} {hp}{seed}".rstrip())
+        return
+    out.print(f"  method     {r.method['name']}")
+    erase = bool(r.settings.changed or r.settings.default)
+    groups = (("settings", [brief(k, v) for k, v in r.settings.changed.items()]),
+              ("defaults", list(r.settings.default)),  # by name: erasekit erase --help has their values
+              ("recorded" if erase else "settings", [brief(k, _setting(k, v)) for k, v in r.settings.other.items()]))
+    for label, items in groups:
+        for line in packed(f"  {label:<11}", items) if items else []:
+            out.print(line)
+
+
+def _render_patch(r, full: bool = False) -> None:  # type: ignore[no-untyped-def]
     warn(r.warnings)
     out.print(f"Patch {r.path}  ({human_bytes(r.size_bytes)}, format v{r.format_version}, "
               f"written by erasekit {r.erasekit_version}, {r.created_at})")
     out.print(f"  title      {r.title}")
     if r.concepts:
         out.print("  concepts   " + ", ".join(f"{c['name']} ({c['kind']})" for c in r.concepts))
-    hp = " ".join(f"{k}={_setting(k, v)}" for k, v in r.method.get("hyperparameters", {}).items() if k != "left_out")
-    seed = f" seed={r.method['seed']}" if r.method.get("seed") is not None else ""
-    out.print(f"  method     {r.method['name']} {hp}{seed}".rstrip())
+    _render_method(r, full)
     encs = ", ".join(f"{s} ({e['hidden']}x{e['intermediate']}, {e['layers']} layers)" for s, e in r.encoders.items())
     left = r.method.get("hyperparameters", {}).get("left_out")
     if isinstance(left, dict):
