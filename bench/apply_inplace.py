@@ -4,7 +4,7 @@
 1. Checkpoint: ``build_checkpoint`` from ``bench/real_size.py`` (SD1.x UNet, VAE and CLIP-L from erasekit's
    bundled configs, seeded random weights, one original-layout F16 .safetensors file of 2.13 GB).
    ``--quick``: a tiny one from ``erasekit.testing.make_tiny_pipeline`` (checks the script; figures mean nothing).
-2. Patch: ``erasekit.diff.diff_checkpoints`` of the checkpoint's text encoder against a copy whose FFN layers
+2. Patch: ``erasekit.checkpoints.diff.diff_checkpoints`` of the checkpoint's text encoder against a copy whose FFN layers
    (all 12, fc1/fc2 weight and bias) are perturbed. Dense unless ``--rank``.
 3. Hashes the checkpoint (which also puts it in the page cache), then each of ``--repeats`` rounds times copy +
    fsync (what a user would do otherwise), ``apply_to_checkpoint([patch], ckpt, in_place=True, strength=...)``
@@ -19,7 +19,7 @@
    the timed steps); exits 1 if a revert is not bit-exact.
 
 ``--convert``: instead, the milliseconds per 768x3072 F16 tensor (SD1.x's FFN weights) of numpy's float16 casts
-and of erasekit._f16's, which apply and revert use (same bits; checked), interleaved, medians of ``--repeats``.
+and of erasekit.format._f16's, which apply and revert use (same bits; checked), interleaved, medians of ``--repeats``.
 
     python bench/apply_inplace.py [--repeats 3] [--rank R] [--strength S] [--keep]   # about 1 min on 2 cores
     python bench/apply_inplace.py --quick                                            # seconds
@@ -59,7 +59,7 @@ def build_patch(ckpt: Path, out: Path, seed: int, rank: int | None, dtype: str) 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from erasekit.diff import diff_checkpoints
+    from erasekit.checkpoints.diff import diff_checkpoints
 
     with safe_open(ckpt, "pt") as f:  # only the text encoder: the same bytes as in the checkpoint
         te = {k: f.get_tensor(k) for k in f.keys() if k.startswith(TE)}
@@ -85,7 +85,7 @@ def copy_fsync(src: Path, dst: Path) -> None:
 
 def undo_stats(folder: Path) -> tuple[int, int, int, int]:
     """(tensors stored whole, tensors stored as residual records, exceptions, elements under residual records)."""
-    from erasekit import _st
+    from erasekit.format import _st
 
     whole = residual = exceptions = elements = 0
     for undo in folder.glob("*.undo"):
@@ -108,11 +108,11 @@ def _covered(entries: dict, name: str) -> int:
 
 
 PHASES = [  # (module, function, what it does): the steps of an apply and a revert, timed on their own
-    ("erasekit.apply", "as_patch", "load and check the patch"),
-    ("erasekit.apply", "_plan", "arithmetic, hashes, undo records (threads)"),
-    ("erasekit.journal", "Journal.write_undo", "write the undo record, fsync"),
-    ("erasekit.journal", "Journal.originals", "rebuild the originals from the undo record"),
-    ("erasekit.journal", "Journal.write_tensors", "write the tensors in place, fsync"),
+    ("erasekit.checkpoints.apply", "as_patch", "load and check the patch"),
+    ("erasekit.checkpoints.apply", "_plan", "arithmetic, hashes, undo records (threads)"),
+    ("erasekit.checkpoints.journal", "Journal.write_undo", "write the undo record, fsync"),
+    ("erasekit.checkpoints.journal", "Journal.originals", "rebuild the originals from the undo record"),
+    ("erasekit.checkpoints.journal", "Journal.write_tensors", "write the tensors in place, fsync"),
 ]
 
 
@@ -160,11 +160,11 @@ def timed(fn, *args, **kwargs):
 
 
 def convert_times(repeats: int, seed: int) -> int:
-    """Per-tensor ms of numpy's float16 casts vs erasekit._f16 (what an apply does per FFN weight: F16 -> F32, add
+    """Per-tensor ms of numpy's float16 casts vs erasekit.format._f16 (what an apply does per FFN weight: F16 -> F32, add
     the delta, F32 -> F16; its undo record does it once more, backwards)."""
     import numpy as np
 
-    from erasekit import _f16
+    from erasekit.format import _f16
 
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((3072, 768)) * 0.016).astype(np.float16)  # sigma of CLIP-L's FFN weights
@@ -186,10 +186,10 @@ def convert_times(repeats: int, seed: int) -> int:
                 got = fn()
                 times.setdefault((i, j), []).append(time.perf_counter() - t)
                 if not np.array_equal(raw(got), want[i]):
-                    print(f"{name}: erasekit._f16 differs from numpy")
+                    print(f"{name}: erasekit.format._f16 differs from numpy")
                     return 1
     load = os.getloadavg()[0]
-    print(f"\n| one 768x3072 F16 tensor, median of {repeats} | numpy | erasekit._f16 | ratio |")
+    print(f"\n| one 768x3072 F16 tensor, median of {repeats} | numpy | erasekit.format._f16 | ratio |")
     print("|---|---:|---:|---:|")
     for i, (name, *_) in enumerate(cases):
         a, b = (statistics.median(times[i, j]) * 1e3 for j in (0, 1))
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.convert:
         return convert_times(args.repeats, args.seed)
 
-    from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
-    from erasekit.journal import journal_dir
+    from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
+    from erasekit.checkpoints.journal import journal_dir
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt, patch, copy = (args.workdir / f"apply_inplace-{n}" for n in ("sd1.safetensors", "patch.erasepatch",

@@ -25,10 +25,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from erasekit.erase_config import OBJECT_TEMPLATES, EraseConfig
+from erasekit.format.erase_config import OBJECT_TEMPLATES, EraseConfig
 from erasekit._torch import compute_dtype
-from erasekit.unlearn import erase
-from erasekit.pipeline import load_pipeline, quiet_libraries
+from erasekit.erasing.unlearn import erase
+from erasekit.checkpoints.pipeline import load_pipeline, quiet_libraries
 
 
 def sd1_size_pipeline(resolution: int) -> SimpleNamespace:
@@ -130,7 +130,7 @@ def main() -> int:
         for name in ("unet", "vae"):  # the reference runs fp32 throughout
             getattr(pipe, name).to(torch.float32)
         # the baseline gets the same latents erasekit encoded (VAE outside both timers)
-        from erasekit.training_images import encode_images
+        from erasekit.erasing.training_images import encode_images
 
         with torch.no_grad():
             loaded = [(im, im.tobytes()) for im in imgs]

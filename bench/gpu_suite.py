@@ -7,7 +7,7 @@
 
 The paper's setting: 512 px images (64x64 latents), batch 2, 10 optimizer steps, 4 random training images,
 one concept. Models with seeded random weights, built on the device from erasekit's bundled configs
-(``src/erasekit/configs/sd1`` and ``sdxl``): SD1.x size is UNet + CLIP-L + VAE, SDXL size is UNet + CLIP-L +
+(``src/erasekit/checkpoints/configs/sd1`` and ``sdxl``): SD1.x size is UNet + CLIP-L + VAE, SDXL size is UNet + CLIP-L +
 OpenCLIP-bigG + VAE, with the real CLIP tokenizer erasekit ships.
 
 Each model runs in two stages, with the weights held as ``erasekit erase`` holds them:
@@ -18,7 +18,7 @@ Each model runs in two stages, with the weights held as ``erasekit erase`` holds
      size of its patch written by ``save_patch``;
   2. the same erase with ``rank dense``: the dense patch's size;
   3. the same erase with ``checkpointing=True``: peak memory and loop time;
-  4. one 512 px image (10 denoising steps, guidance 7.5, erasekit.sampling.render under autocast, as
+  4. one 512 px image (10 denoising steps, guidance 7.5, erasekit.judging.sampling.render under autocast, as
      ``erasekit erase --images auto`` renders), after a 1-step warm-up: peak memory and seconds.
 * ``fp32``: UNet and VAE cast to fp32.
   5. the published recipe's loop (bench/erase_speed.reference_loop; fp32, every text-encoder parameter in Adam,
@@ -61,8 +61,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import erase_speed  # noqa: E402  (bench/erase_speed.py: the reference loop, random images)
 
-from erasekit.erase_config import EraseConfig  # noqa: E402
-from erasekit.pipeline import quiet_libraries  # noqa: E402
+from erasekit.format.erase_config import EraseConfig  # noqa: E402
+from erasekit.checkpoints.pipeline import quiet_libraries  # noqa: E402
 
 CONCEPT = "snoopy"
 MODELS = ("sd1", "sdxl")
@@ -96,7 +96,7 @@ def full_size_pipeline(arch: str, device: torch.device) -> Any:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from erasekit.model_configs import CONFIGS_DIR, ConfigChoice
+    from erasekit.checkpoints.model_configs import CONFIGS_DIR, ConfigChoice
 
     folder = CONFIGS_DIR / arch
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def full_size_pipeline(arch: str, device: torch.device) -> Any:
 
 
 def tiny_pipeline(arch: str, device: torch.device, workdir: Path) -> Any:
-    from erasekit.pipeline import load_pipeline
+    from erasekit.checkpoints.pipeline import load_pipeline
     from erasekit.testing import make_tiny_pipeline
 
     return load_pipeline(make_tiny_pipeline(workdir / f"tiny-{arch}", arch=arch), device=device)[0]
@@ -168,7 +168,7 @@ class Meter:
 
 def reference_latents(pipe: Any, imgs: list[Any], s: Setting) -> torch.Tensor:
     """The latents erasekit's erase trains on (as bench/erase_speed.py gives the reference): VAE outside the timer."""
-    from erasekit.training_images import encode_images
+    from erasekit.erasing.training_images import encode_images
 
     cfg = EraseConfig(resolution=s.resolution, cache=False)
     loaded = [(im, im.tobytes()) for im in imgs]
@@ -221,8 +221,8 @@ class Suite:
         return EraseConfig(**(base | over))
 
     def erase(self, pipe: Any, imgs: list[Any], patch_file: bool = False, **over: Any) -> dict[str, Any]:
-        from erasekit.patchfile import save_patch
-        from erasekit.unlearn import erase
+        from erasekit.format.patchfile import save_patch
+        from erasekit.erasing.unlearn import erase
 
         cfg = self.config(**over)
         self.meter.start()
@@ -244,7 +244,7 @@ class Suite:
         return out
 
     def generate(self, pipe: Any) -> dict[str, Any]:
-        from erasekit.sampling import render
+        from erasekit.judging.sampling import render
 
         dtype = pipe.unet.dtype  # the encoders are fp32 and the UNet may not be: autocast bridges them (as erase_model)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -2,7 +2,7 @@
 """Real size: erasekit on a full-size SD1.x single file (random weights, F16, ~2 GB) with no ``--config``.
 
 1. Builds the SD1.x UNet, VAE and CLIP-L text encoder from erasekit's bundled reference configs
-   (``src/erasekit/configs/sd1/``), seeded random init on CPU, one component at a time, each cast to F16
+   (``src/erasekit/checkpoints/configs/sd1/``), seeded random init on CPU, one component at a time, each cast to F16
    and saved as a diffusers folder; ``erasekit.testing.save_single_file`` turns the folder into ONE
    original-layout (LDM) ``.safetensors`` (it copies values bit for bit, so the file stays F16), and the
    folder is deleted.
@@ -122,7 +122,7 @@ def cli(work: Path, name: str, *args: str) -> tuple[float, float, int, str]:
 
 def run_all(work: Path) -> tuple[list[Step], dict]:
     """The whole sequence in ``work``; returns the steps and facts (model size, hashes, config names)."""
-    from erasekit.patchfile import read_manifest
+    from erasekit.format.patchfile import read_manifest
 
     work.mkdir(parents=True, exist_ok=True)
     model, patch = work / "model.safetensors", work / "snoopy.erasepatch"

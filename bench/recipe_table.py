@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from erasekit.evaluate import EvalConfig, evaluate_model
+from erasekit.judging.evaluate import EvalConfig, evaluate_model
 from erasekit.toyworld import builtin_model_path
-from erasekit.erase_job import erase_model
+from erasekit.erasing.erase_job import erase_model
 
 # name -> settings laid over the model's erasekit.json (its own recipe's tuning, or its erase_recipes entry)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -197,7 +197,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     overrides = json.loads(args.set)
     if args.extra_anchors:
-        from erasekit.pipeline import model_settings
+        from erasekit.checkpoints.pipeline import model_settings
 
         anchors = model_settings(builtin_model_path()).get("erase", {}).get("anchor_prompts") or []
         overrides["anchor_prompts"] = list(anchors) + args.extra_anchors.split("|")

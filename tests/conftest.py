@@ -41,7 +41,7 @@ def sd1(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def sd1_patch(tmp_path: Path, sd1: tuple[Path, Path]) -> Path:
-    from erasekit.diff import diff_checkpoints
+    from erasekit.checkpoints.diff import diff_checkpoints
 
     out = tmp_path / "edit.erasepatch"
     diff_checkpoints(*sd1, output=out, title="layer-1 edit")

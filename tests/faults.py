@@ -4,7 +4,7 @@ command makes, then run it again with the k-th of them failing (an ``OSError``) 
 
 The calls are counted where they leave Python for the operating system: ``os.write``, ``os.pwrite``, ``os.fsync``,
 ``os.replace``, ``os.rename``, ``shutil.copyfile`` (``apply -o``'s copy), and ``write``/``flush`` of the file objects
-that ``open`` and ``os.fdopen`` give for writing (the journal's in-place writes, ``erasekit._st.atomic_write``). A
+that ``open`` and ``os.fdopen`` give for writing (the journal's in-place writes, ``erasekit.format._st.atomic_write``). A
 failing write or copy is torn first (part of it reaches the file), as one cut short by a crash is.
 """
 
@@ -225,18 +225,18 @@ class Stubs:
 def erase_without_training(patch: str) -> dict[str, Any]:
     """Stubs for ``erase``: no model is loaded and the training gives the patch at ``patch``; what runs is the rest
     of the command, writing the patch included."""
-    from erasekit.patchfile import load_patch
-    from erasekit.unlearn import EraseReport
+    from erasekit.format.patchfile import load_patch
+    from erasekit.erasing.unlearn import EraseReport
 
     def trained(*args: Any, **kwargs: Any) -> EraseReport:
         return EraseReport(concepts=["circle"], output=None, steps=1, loss_start=0.1, loss_end=0.2, losses=[0.1],
                            forget_loss_before=None, forget_loss_after=None, loop_seconds=0.0, total_seconds=0.0,
                            patch_bytes=0, num_images=1, device="cpu", patch=load_patch(patch))
 
-    return {"erasekit.erase_job.import_libraries": lambda: None,
-            "erasekit.erase_job.load_for": lambda job, clock: (None, None),
-            "erasekit.erase_job.erase": trained,
-            "erasekit.pipeline.model_threads": lambda model: contextlib.nullcontext()}
+    return {"erasekit.erasing.erase_job.import_libraries": lambda: None,
+            "erasekit.erasing.erase_job.load_for": lambda job, clock: (None, None),
+            "erasekit.erasing.erase_job.erase": trained,
+            "erasekit.checkpoints.pipeline.model_threads": lambda model: contextlib.nullcontext()}
 
 
 def count_calls(argv: list[str], root: Path, stubs: Stubs | None = None) -> tuple[Outcome, list[Call]]:
@@ -256,8 +256,8 @@ def fail_at(argv: list[str], root: Path, k: int, code: int, persistent: bool,
 # -- dying at a call: children forked from a server that imported erasekit once ----------------------------
 
 _server: subprocess.Popen[str] | None = None
-PRELOAD = ("erasekit.cli", "erasekit.apply", "erasekit.merge", "erasekit.ui_export", "erasekit.inspect",
-           "erasekit.erase_job", "erasekit.pipeline", "erasekit.unlearn")
+PRELOAD = ("erasekit.cli", "erasekit.checkpoints.apply", "erasekit.checkpoints.merge", "erasekit.format.ui_export", "erasekit.checkpoints.inspect",
+           "erasekit.erasing.erase_job", "erasekit.checkpoints.pipeline", "erasekit.erasing.unlearn")
 
 
 def die_at(argv: list[str], root: Path, k: int, stubs: Stubs | None = None, env: dict[str, str] | None = None) -> int:

@@ -11,23 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import snapshot
-from erasekit import _st
-from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
-from erasekit.diff import diff_checkpoints
-from erasekit.errors import (
-    ErasekitError,
-    FingerprintMismatchError,
-    IncompatiblePatchError,
-    NonFiniteError,
-    NotAppliedError,
-    RevertOrderError,
-    TargetLockedError,
-    TargetNotWritableError,
-    UndoRecordError,
-)
-from erasekit.inspect import inspect_path
-from erasekit.journal import journal_dir
-from erasekit.layouts import detect
+from erasekit.format import _st
+from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
+from erasekit.checkpoints.diff import diff_checkpoints
+from erasekit.errors import (ErasekitError, FingerprintMismatchError, IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError, TargetLockedError, TargetNotWritableError, UndoRecordError)
+from erasekit.checkpoints.inspect import inspect_path
+from erasekit.checkpoints.journal import journal_dir
+from erasekit.checkpoints.layouts import detect
 from erasekit.testing import make_checkpoint
 
 FC1_W1 = "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
@@ -200,7 +190,7 @@ def test_second_writer_is_locked_out(sd1: tuple[Path, Path], sd1_patch: Path) ->
     jdir.mkdir(parents=True)
     with FileLock(str(jdir / "lock")):
         # filelock is re-entrant within a process; another process is what a user would run
-        code = ("import sys; from erasekit.apply import apply_to_checkpoint; from erasekit.errors import TargetLockedError\n"
+        code = ("import sys; from erasekit.checkpoints.apply import apply_to_checkpoint; from erasekit.errors import TargetLockedError\n"
                 f"try: apply_to_checkpoint([{str(sd1_patch)!r}], {str(base)!r}, in_place=True)\n"
                 "except TargetLockedError as e: print(e); sys.exit(9)\n")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -212,8 +202,8 @@ def test_second_writer_is_locked_out(sd1: tuple[Path, Path], sd1_patch: Path) ->
 
 KILL_MID_WRITE = """
 import os, signal, sys
-from erasekit import journal
-from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+from erasekit.checkpoints import journal
+from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 
 real = journal.Journal.write_tensors
 def dying(self, updates, offsets):

@@ -56,7 +56,7 @@ def test_other_model_kinds_get_one_line_naming_what_they_look_like(kind: str, tm
 
 
 def test_a_patch_given_as_a_model_points_to_apply(tmp_path: Path, images: Path, sd1: tuple[Path, Path]) -> None:
-    from erasekit.diff import diff_checkpoints
+    from erasekit.checkpoints.diff import diff_checkpoints
 
     patch = tmp_path / "edit.safetensors"  # as written for a UI's LoRA folder
     diff_checkpoints(*sd1, output=patch)
@@ -91,7 +91,7 @@ def test_unknown_or_gated_repos_online_are_one_line(error: str, message: str, tm
     import huggingface_hub
     from huggingface_hub import constants, errors
 
-    from erasekit.hub import resolve_model
+    from erasekit.checkpoints.hub import resolve_model
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

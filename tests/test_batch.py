@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import snapshot
 from erasekit.cli import app
-from erasekit.patchfile import load_patch
+from erasekit.format.patchfile import load_patch
 
 # Six jobs on the built-in model: shapes, colours, a pattern, a two-concept patch, images the model draws itself,
 # a dense patch, two recipes.
@@ -152,7 +152,7 @@ def test_accelerate_splits_the_jobs_between_two_processes(killed_and_resumed: di
 def test_a_patch_an_earlier_erase_algorithm_made_is_redone(tmp_path: Path) -> None:
     """The same settings recorded by an erasekit that held and stored otherwise (no ``algorithm`` then) do not make
     a patch current: a rerun redoes it, saying why."""
-    from erasekit.patchfile import save_patch
+    from erasekit.format.patchfile import save_patch
 
     manifest = write(tmp_path, "steps = 2\n[[jobs]]\nconcept = 'circle'\noutput = 'out/c.erasepatch'\n")
     assert runner.invoke(app, ["erase", "--manifest", str(manifest)]).exit_code == 0
@@ -213,11 +213,11 @@ def test_jobs_share_one_pipeline_and_leave_it_exactly_as_it_was(tmp_path: Path, 
     pipeline's weights, dtypes and flags are bit for bit what they were."""
     import torch
 
-    import erasekit.pipeline as pipeline
-    from erasekit.batch_manifest import plan_batch
-    from erasekit.erase_job import load_for, run_erase
-    from erasekit.pipeline import model_threads
-    from erasekit.unlearn import Clock
+    import erasekit.checkpoints.pipeline as pipeline
+    from erasekit.erasing.batch_manifest import plan_batch
+    from erasekit.erasing.erase_job import load_for, run_erase
+    from erasekit.checkpoints.pipeline import model_threads
+    from erasekit.erasing.unlearn import Clock
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     loads = []
@@ -282,7 +282,7 @@ def test_jobs_share_one_pipeline_and_leave_it_exactly_as_it_was(tmp_path: Path, 
 ])
 def test_a_bad_manifest_is_refused_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          text: str, message: str) -> None:
-    import erasekit.pipeline as pipeline
+    import erasekit.checkpoints.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **kw: pytest.fail("a model was loaded"))
     manifest = write(tmp_path, text)
@@ -330,7 +330,7 @@ def test_erase_options_are_refused_next_to_a_manifest(tmp_path: Path) -> None:
 
 
 def test_paths_are_relative_to_the_manifest(tmp_path: Path) -> None:
-    from erasekit.batch_manifest import plan_batch
+    from erasekit.erasing.batch_manifest import plan_batch
     from erasekit.toyworld import builtin_model_path
 
     from erasekit.toyworld.concepts import render_concept
@@ -354,7 +354,7 @@ def test_paths_are_relative_to_the_manifest(tmp_path: Path) -> None:
 
 
 def test_the_example_manifest_is_valid() -> None:
-    from erasekit.batch_manifest import plan_batch
+    from erasekit.erasing.batch_manifest import plan_batch
 
     planned = plan_batch(Path(__file__).parent.parent / "examples" / "jobs.toml")
     assert [p.job.concepts for p in planned] == [["circle"], ["red"], ["striped", "triangle"]]
@@ -365,7 +365,7 @@ def test_the_example_manifest_is_valid() -> None:
 def test_a_patch_made_from_another_model_is_redone(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from erasekit.apply import apply_to_checkpoint
+    from erasekit.checkpoints.apply import apply_to_checkpoint
     from erasekit.toyworld import builtin_model_path
 
     shutil.copytree(builtin_model_path(), tmp_path / "model")

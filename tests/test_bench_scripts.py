@@ -1,5 +1,5 @@
 """Every script in bench/ starts: its imports of erasekit still resolve and it prints its help (two had gone stale
-when erase_model moved to erasekit.erase_job). Running them is for people: they print figures, not verdicts."""
+when erase_model moved to erasekit.erasing.erase_job). Running them is for people: they print figures, not verdicts."""
 
 from __future__ import annotations
 

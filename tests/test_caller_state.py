@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from erasekit.diff import diff_checkpoints
+from erasekit.checkpoints.diff import diff_checkpoints
 from erasekit.errors import ErasekitError, IncompatiblePatchError
-from erasekit.pipeline import load_pipeline
-from erasekit.sampling import GenerateConfig, generate
+from erasekit.checkpoints.pipeline import load_pipeline
+from erasekit.judging.sampling import GenerateConfig, generate
 from erasekit.testing import make_checkpoint, make_tiny_pipeline
-from erasekit.erase_config import EraseConfig
-from erasekit.erase_job import erase_model
-from erasekit.unlearn import erase
+from erasekit.format.erase_config import EraseConfig
+from erasekit.erasing.erase_job import erase_model
+from erasekit.erasing.unlearn import erase
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from conftest import snapshot
 from erasekit.cli import app
-from erasekit.fuzz import MEMORY_LIMIT, claimed_width
-from erasekit.patchfile import Patch, load_patch, save_patch, storage_dtypes
+from erasekit.testing.fuzz import MEMORY_LIMIT, claimed_width
+from erasekit.format.patchfile import Patch, load_patch, save_patch, storage_dtypes
 
 GOLDEN = Path(__file__).parent / "golden" / "v1.erasepatch"
 runner = CliRunner()

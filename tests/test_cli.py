@@ -38,7 +38,7 @@ def test_help_does_not_import_torch() -> None:
 
 def test_the_python_api_is_top_level_and_lazy() -> None:
     code = ("import sys, erasekit\n"
-            "from erasekit import erase_config, unlearn, sampling, evaluate\n"
+            "from erasekit.erasing import unlearn\nfrom erasekit.format import erase_config\nfrom erasekit.judging import sampling, evaluate\n"
             "assert erasekit.erase is unlearn.erase and erasekit.generate is sampling.generate\n"
             "assert erasekit.EraseConfig is erase_config.EraseConfig and erasekit.evaluate_model is evaluate.evaluate_model\n"
             "assert all(getattr(erasekit, n) is not None for n in erasekit.__all__)\n"
@@ -69,11 +69,11 @@ def test_apply_passes_options_to_the_library(monkeypatch: pytest.MonkeyPatch, tm
 
     def fake(patches, target, **kw):  # type: ignore[no-untyped-def]
         seen.update(patches=patches, target=target, **kw)
-        from erasekit.apply import ApplyReport
+        from erasekit.checkpoints.apply import ApplyReport
 
         return ApplyReport(str(target), "x", "sd1", str(kw["output"]), False, [], 0, 0.0)
 
-    monkeypatch.setattr("erasekit.apply.apply_to_checkpoint", fake)
+    monkeypatch.setattr("erasekit.checkpoints.apply.apply_to_checkpoint", fake)
     r = run("apply", "a.erasepatch", "b.erasepatch", "--to", "m.safetensors", "-o", "o.safetensors",
             "--strength", "0.5", "--strength", "0.25", "--force")
     assert r.exit_code == 0, r.output
@@ -86,11 +86,11 @@ def test_revert_passes_options(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def fake(patch, target, force):  # type: ignore[no-untyped-def]
         seen.update(patch=patch, target=target, force=force)
-        from erasekit.apply import RevertReport
+        from erasekit.checkpoints.apply import RevertReport
 
         return RevertReport(str(target), "x", "t", "id", 4, True, 0.0)
 
-    monkeypatch.setattr("erasekit.apply.revert_from_checkpoint", fake)
+    monkeypatch.setattr("erasekit.checkpoints.apply.revert_from_checkpoint", fake)
     assert run("apply", "--revert", "a.erasepatch", "--to", "m").exit_code == 0
     assert seen == {"patch": Path("a.erasepatch"), "target": Path("m"), "force": False}
 

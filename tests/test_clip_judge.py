@@ -16,8 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from erasekit.cli import app
-from erasekit.clip_judge import (judge_labels, label_named, label_prompts, load_clip_judge, read_label_prompts,
-                                 stand_in_words)
+from erasekit.judging.clip_judge import (judge_labels, label_named, label_prompts, load_clip_judge, read_label_prompts, stand_in_words)
 from erasekit.errors import ErasekitError, InputFileError
 from erasekit.toyworld import builtin_model_path
 from erasekit.toyworld.concepts import paraphrases_of, render_concept
@@ -78,7 +77,7 @@ def noise_patch(model: Path, out: Path) -> Path:
     """A patch of random FFN noise for ``model``'s text encoder (made with diff: no erase needed)."""
     from safetensors.torch import load_file, save_file
 
-    from erasekit.diff import diff_checkpoints
+    from erasekit.checkpoints.diff import diff_checkpoints
 
     edited = out.parent / f"{out.stem}-encoder"
     shutil.copytree(model / "text_encoder", edited)

@@ -12,9 +12,9 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from erasekit.cli import app
-from erasekit.diff import diff_checkpoints
+from erasekit.checkpoints.diff import diff_checkpoints
 from erasekit.errors import ErasekitError
-from erasekit.patchfile import load_patch
+from erasekit.format.patchfile import load_patch
 from erasekit.testing import make_checkpoint
 
 runner = CliRunner()

@@ -12,14 +12,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import snapshot
-from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
-from erasekit.memory import apply_patch
-from erasekit.erase_config import EraseConfig
-from erasekit.erase_job import erase_model
-from erasekit.unlearn import erase
+from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
+from erasekit.checkpoints.memory import apply_patch
+from erasekit.format.erase_config import EraseConfig
+from erasekit.erasing.erase_job import erase_model
+from erasekit.erasing.unlearn import erase
 from erasekit.errors import ErasekitError, InputFileError, LayoutError, NonFiniteError, TargetNotWritableError
-from erasekit.patchfile import load_patch
-from erasekit.pipeline import load_pipeline
+from erasekit.format.patchfile import load_patch
+from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.testing import make_checkpoint, make_tiny_pipeline
 
 FAST = dict(resolution=32, lr=1e-3)
@@ -241,7 +241,7 @@ def test_sdxl_erases_through_both_encoders(tmp_path: Path, circles: Path) -> Non
 
 def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path) -> None:
     """With the same lr and steps, anchoring moves the conditioning of unrelated and --keep prompts far less."""
-    from erasekit.conditioning import Conditioner
+    from erasekit.erasing.conditioning import Conditioner
 
     pipe, _ = load_pipeline(tiny)
     probe = ["a photo of a dog", "a square", ""]
@@ -254,7 +254,7 @@ def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path)
             ref = cond(probe, pipe.unet.device)[0]
             apply_patch(pipe, patch)
             new = cond(probe, pipe.unet.device)[0]
-        from erasekit.memory import revert_patch
+        from erasekit.checkpoints.memory import revert_patch
 
         revert_patch(pipe, patch)
         return float(((new - ref) ** 2).mean())
@@ -264,7 +264,7 @@ def test_anchored_recipe_holds_other_prompts_in_place(tiny: Path, circles: Path)
 
 
 def test_early_stop_rule() -> None:
-    from erasekit.recipes.anchored import tipped as _tipped
+    from erasekit.erasing.recipes.anchored import tipped as _tipped
 
     cfg = EraseConfig(recipe="anchored", stop_ratio=1.5, stop_window=3)
     assert not _tipped([1.0, 1.0, 1.0, 1.1, 1.2], cfg)  # too few steps to judge
@@ -280,7 +280,7 @@ def test_recipe_settings_are_recorded_only_when_used() -> None:
 
 
 def test_anchors_naming_the_erased_concept_are_dropped() -> None:
-    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
+    from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"],
                       templates=["a photo of a {}"])
@@ -293,7 +293,7 @@ def test_anchors_naming_the_erased_concept_are_dropped() -> None:
 def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
     """--keep X: the model's own prompts naming X count keep_weight, like X in the templates (on the built-in model
     the templates alone, "a photo of a purple", are not how its world is described)."""
-    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
+    from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a purple object", "a blue square", "a purpled square"],
                       keep=["purple"], templates=["a photo of a {}"])
@@ -303,7 +303,7 @@ def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
 
 
 def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
-    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
+    from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a red Circle", "a blue square", "circles"],
                       stand_ins={"circle": "square", "red": ["", "green"]}, stand_in_weight=0.5,
@@ -370,8 +370,8 @@ def test_each_concept_is_trained_and_held_in_its_own_templates() -> None:
     others in the erase's templates. Draws consume the generator the same way whichever list a concept has."""
     import torch
 
-    from erasekit.denoising import Draws
-    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
+    from erasekit.erasing.denoising import Draws
+    from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=[""], templates=["a photo of a {}"], keep=["hollow"],
                       concept_templates={"Striped": ["a {} pattern", "{} pattern"], "hollow": ["{} thing"]},
@@ -389,7 +389,7 @@ def test_each_concept_is_trained_and_held_in_its_own_templates() -> None:
 
 
 def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> None:
-    from erasekit.recipes.holding import anchor_prompts as _anchor_prompts
+    from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
     cfg = EraseConfig(recipe="anchored", anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
                       stand_ins={"Van Gogh": "Monet"}, templates=["{}"])

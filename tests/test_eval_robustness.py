@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from erasekit.cli import app
-from erasekit.erase_config import OBJECT_TEMPLATES, recommended_for
+from erasekit.format.erase_config import OBJECT_TEMPLATES, recommended_for
 from erasekit.errors import ErasekitError
-from erasekit.pipeline import model_settings
+from erasekit.checkpoints.pipeline import model_settings
 from erasekit.toyworld import builtin_model_path
 from erasekit.toyworld.captions import NOUNS_WITHOUT_SHAPE, PREFIXES
 from erasekit.toyworld.concepts import PARAPHRASES, paraphrases_of
@@ -94,7 +94,7 @@ def test_a_paraphrases_file_replaces_the_builtin_wordings(tmp_path: Path, patch:
 
 
 def test_the_builtin_model_reports_its_paraphrases_by_default(patch: Path) -> None:
-    from erasekit.evaluate import EvalConfig, evaluate_model
+    from erasekit.judging.evaluate import EvalConfig, evaluate_model
 
     rep = evaluate_model("striped", [patch], config=EvalConfig(n=1, steps=3))
     assert rep.robustness is not None and rep.robustness.source == "built-in"

@@ -10,7 +10,7 @@ import pytest
 
 from erasekit.errors import ErasekitError, LayoutError
 from erasekit.toyworld.concepts import attribute_of, eval_prompts, render_concept, truth_of
-from erasekit.pipeline import model_settings
+from erasekit.checkpoints.pipeline import model_settings
 
 
 def test_attribute_of_known_and_unknown() -> None:
@@ -56,8 +56,8 @@ def test_model_settings(tmp_path: Path) -> None:
 def test_erase_and_eval_end_to_end_on_the_builtin_model(tmp_path: Path) -> None:
     """The README's demo, small: erase a shape with the built-in model's defaults, then judge it against the
     bars (target gone; other shapes, colour and pattern as before, give or take one image)."""
-    from erasekit.erase_job import erase_model
-    from erasekit.evaluate import EvalConfig, evaluate_model
+    from erasekit.erasing.erase_job import erase_model
+    from erasekit.judging.evaluate import EvalConfig, evaluate_model
 
     patch = tmp_path / "circle.erasepatch"
     er = erase_model(None, ["circle"], None, patch, {})

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from conftest import snapshot
 from erasekit.cli import app
 from erasekit.errors import ErasekitError, PatchFormatError, TargetNotWritableError
-from erasekit.evidence import (evaluated_model, judge_info, record_evaluation, weights_sha256)
-from erasekit.inspect import inspect_path
-from erasekit.patchfile import Evaluation, load_patch, manifest_json
+from erasekit.judging.evidence import evaluated_model, judge_info, record_evaluation, weights_sha256
+from erasekit.checkpoints.inspect import inspect_path
+from erasekit.format.patchfile import Evaluation, load_patch, manifest_json
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN = GOLDEN_DIR / "v1.erasepatch"
@@ -163,7 +163,7 @@ def test_a_failed_record_leaves_the_file_byte_identical(golden_copy: Path, golde
     elif case == "invalid record":
         evaluation = _bad_rate(evaluation)
     elif case == "changed meanwhile":  # another program rewrites the patch while its data is being copied
-        import erasekit.evidence as evidence
+        import erasekit.judging.evidence as evidence
 
         calls = []
         real = evidence._identity
@@ -187,7 +187,7 @@ def test_a_failed_record_leaves_the_file_byte_identical(golden_copy: Path, golde
 
 def test_apply_and_revert_work_on_a_recorded_patch(tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path,
                                                   golden_evaluation: Evaluation) -> None:
-    from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+    from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 
     base, _ = sd1
     pristine = snapshot(base)
@@ -224,7 +224,7 @@ def test_judges_are_recorded_by_their_weights(tmp_path: Path) -> None:
 
 
 def test_several_patches_are_refused_before_anything_is_rendered(tmp_path: Path, sd1_patch: Path) -> None:
-    from erasekit.evidence import evaluate_and_record
+    from erasekit.judging.evidence import evaluate_and_record
 
     other = tmp_path / "other.erasepatch"
     other.write_bytes(GOLDEN.read_bytes())
@@ -260,7 +260,7 @@ def test_eval_record_through_the_cli_json_then_replace(tmp_path: Path, golden_co
         report.robustness = None  # what --json prints must be a dataclass, and the golden report's is a namespace
         return report
 
-    monkeypatch.setattr("erasekit.evaluate.evaluate_model", fake)
+    monkeypatch.setattr("erasekit.judging.evaluate.evaluate_model", fake)
     args = ["eval", "-p", str(golden_copy), "-c", "circle", "-m", str(base), "--prompts", str(prompts), "-n", "2",
             "--steps", "10", "--record"]
     r = runner.invoke(app, [*args, "--json"])
@@ -338,7 +338,7 @@ def test_erase_eval_record_inspect_on_the_builtin_model(tmp_path: Path) -> None:
     assert set(ev.others) == {"cross", "square", "star", "triangle"} and set(ev.attributes) == {"colour", "pattern"}
     from dataclasses import fields
 
-    from erasekit.evaluate import EvalReport
+    from erasekit.judging.evaluate import EvalReport
 
     if "robustness" in {f.name for f in fields(EvalReport)}:  # eval measures paraphrases on the built-in model
         assert ev.robustness is not None and ev.robustness.wordings.count >= 1

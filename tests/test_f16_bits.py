@@ -1,4 +1,4 @@
-"""erasekit._f16: the bit-level float16 <-> float32 conversions give numpy's bits, every one (NaN payloads too)."""
+"""erasekit.format._f16: the bit-level float16 <-> float32 conversions give numpy's bits, every one (NaN payloads too)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from erasekit import _st
-from erasekit import _f16
-from erasekit._f16 import f16_add, f16_add_inverted, f16_to_f32, f32_to_f16
+from erasekit.format import _st
+from erasekit.format import _f16
+from erasekit.format._f16 import f16_add, f16_add_inverted, f16_to_f32, f32_to_f16
 
 
 def numpy_f16(x: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import pytest
 import faults
 from conftest import snapshot
 from erasekit.errors import ErasekitError
-from erasekit.journal import SET_ASIDE, Journal, JournalFile, journal_dir
+from erasekit.checkpoints.journal import SET_ASIDE, Journal, JournalFile, journal_dir
 
 ENV = {"SOURCE_DATE_EPOCH": "1700000000"}  # merge and erase write the same bytes every run
 
@@ -103,8 +103,8 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The inputs every case starts from: a tiny SD1 file, two patches for it (p1: layer 1, p2: layer 0), the file
     with both applied in place (to revert p1), the file with p2 applied in place (``apply -o`` of p1 copies its
     journal), a diffusers folder with two weight variants and a patch for it, and the patch ``erase`` "trains"."""
-    from erasekit.apply import apply_to_checkpoint
-    from erasekit.diff import diff_checkpoints
+    from erasekit.checkpoints.apply import apply_to_checkpoint
+    from erasekit.checkpoints.diff import diff_checkpoints
     from erasekit.testing import make_checkpoint
 
     root = tmp_path_factory.mktemp("pristine")

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from erasekit.cli import app
-from erasekit.patchfile import load_patch
+from erasekit.format.patchfile import load_patch
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""Fuzzing the patch and checkpoint readers (erasekit.fuzz, with hypothesis): a few hundred cases here;
+"""Fuzzing the patch and checkpoint readers (erasekit.testing.fuzz, with hypothesis): a few hundred cases here;
 `python -m erasekit.testing fuzz --n 10000` runs a long campaign."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from erasekit.errors import PatchFormatError
-from erasekit.fuzz import Findings, campaign, check
+from erasekit.testing.fuzz import Findings, campaign, check
 
 
 def test_every_broken_file_is_refused_cleanly_unchanged_and_in_bounded_memory() -> None:

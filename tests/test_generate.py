@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erasekit.erase_config import EraseConfig
-from erasekit.erase_job import erase_model
+from erasekit.format.erase_config import EraseConfig
+from erasekit.erasing.erase_job import erase_model
 from erasekit.errors import ErasekitError, PatchFormatError
-from erasekit.sampling import GenerateConfig, generate_model
+from erasekit.judging.sampling import GenerateConfig, generate_model
 from erasekit.testing import make_tiny_pipeline
 
 

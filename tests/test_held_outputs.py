@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from erasekit.conditioning import Conditioner, encoder_outputs, output_drift
-from erasekit.erase_config import EraseConfig
-from erasekit.memory import patches_applied
-from erasekit.pipeline import load_pipeline
+from erasekit.erasing.conditioning import Conditioner, encoder_outputs, output_drift
+from erasekit.format.erase_config import EraseConfig
+from erasekit.checkpoints.memory import patches_applied
+from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.testing import make_tiny_pipeline
-from erasekit.unlearn import erase
+from erasekit.erasing.unlearn import erase
 
 HELD = ["", "a photo of a cat", "a mountain landscape", "a cup of coffee", "a book on a shelf", "a horse in a field"]
 ERASED = ["a photo of a circle", "a rendering of a circle"]
@@ -66,8 +66,8 @@ def test_each_output_is_held_in_its_own_unit() -> None:
     """The same relative drift costs the same whatever an output's scale (SDXL holds hidden states before the final
     layer norm, SD1/SD2 after it; the pooled embedding has its own), and whatever prompts are held: the unit is the
     spread of everyday captions in that output."""
-    from erasekit.erase_config import GENERIC_ANCHORS
-    from erasekit.recipes.holding import Holding
+    from erasekit.format.erase_config import GENERIC_ANCHORS
+    from erasekit.erasing.recipes.holding import Holding
 
     gen = torch.Generator().manual_seed(0)
     table = {p: (torch.randn(5, 4, generator=gen), torch.randn(6, generator=gen))
@@ -96,7 +96,7 @@ def test_each_output_is_held_in_its_own_unit() -> None:
 def test_the_empty_prompt_is_held_and_its_drift_reported(sd2: Any) -> None:
     """Guidance encodes "" for every image: it is held even when the anchor list leaves it out, and the manifest
     and report say how far the patch moved it (the same figure measured with the patch applied)."""
-    from erasekit.recipes.holding import anchor_prompts
+    from erasekit.erasing.recipes.holding import anchor_prompts
 
     config = dict(recipe="anchored", anchor_prompts=["a photo of a dog", "a mountain landscape"])
     assert anchor_prompts(EraseConfig(**config), ["circle"])[0] == ["", "a photo of a dog", "a mountain landscape"]
@@ -114,7 +114,7 @@ def test_low_rank_storage_is_judged_on_each_output(xl: Any) -> None:
     the stored patch against the dense one of the same erase, on the prompts it was fitted on and those held out;
     on prompts in none of the erase's lists it stays near (te2's last layer sized on the end-of-text rows alone
     was 20% off there on the pooled embedding)."""
-    from erasekit.compress import _measured_prompts
+    from erasekit.erasing.compress import _measured_prompts
 
     dense, low = _erase(xl), _erase(xl, rank="auto", rank_tol=0.05)
     recorded = low.patch.manifest.method.hyperparameters["output_errors"]
@@ -138,8 +138,8 @@ def test_a_layer_read_only_through_the_pooled_embedding_is_sized_with_the_end_of
     """SDXL's te2 last layer reaches the UNet only through the pooled embedding, read at each prompt's end-of-text
     token: every prompt's end-of-text row is among the rows its delta is sized on (a random draw of rows from
     tokens, most of whose outputs nothing reads, may miss them)."""
-    from erasekit.compress import _ffn_inputs
-    from erasekit.conditioning import trainable
+    from erasekit.erasing.compress import _ffn_inputs
+    from erasekit.erasing.conditioning import trainable
 
     cond_of = Conditioner(xl, 32, None)
     params = trainable("te2", xl.text_encoder_2, [0, 1])

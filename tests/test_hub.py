@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from erasekit.cli import app
 from erasekit.errors import ErasekitError, InputFileError
-from erasekit.hub import PIPELINE, TEXT_ENCODERS, allow_patterns, parse_model_id, resolve_model
-from erasekit.patchfile import load_patch
+from erasekit.checkpoints.hub import PIPELINE, TEXT_ENCODERS, allow_patterns, parse_model_id, resolve_model
+from erasekit.format.patchfile import load_patch
 from erasekit.testing import add_to_hub_cache, make_tiny_pipeline
 
 runner = CliRunner()
@@ -152,8 +152,8 @@ def test_a_model_id_reads_the_settings_of_its_snapshot(cache: Path, tmp_path: Pa
     """A model id's erasekit.json is its snapshot's, as its weights are: eval knows the built-in world's model
     under an id (its judge needs the file's "toyworld"), and the settings are the snapshot's, with or without a
     revision."""
-    from erasekit.diff import diff_checkpoints
-    from erasekit.pipeline import model_settings
+    from erasekit.checkpoints.diff import diff_checkpoints
+    from erasekit.checkpoints.pipeline import model_settings
     from erasekit.toyworld import builtin_model_path
 
     add_to_hub_cache(cache, "org/toy", builtin_model_path(), commit=COMMIT)
@@ -175,7 +175,7 @@ def test_an_fp16_only_snapshot_loads(tiny: dict[str, Path], tmp_path: Path) -> N
     """A download of the fp16 variant alone: diffusers must be told the variant."""
     import shutil
 
-    from erasekit.pipeline import load_pipeline
+    from erasekit.checkpoints.pipeline import load_pipeline
 
     folder = shutil.copytree(tiny["folder"], tmp_path / "fp16")
     for f in folder.rglob("*.safetensors"):

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from erasekit import _st
-from erasekit.apply import RevertReport, apply_to_checkpoint, revert_from_checkpoint
+from erasekit.format import _st
+from erasekit.checkpoints.apply import RevertReport, apply_to_checkpoint, revert_from_checkpoint
 from erasekit.cli import app
-from erasekit.diff import diff_checkpoints
+from erasekit.checkpoints.diff import diff_checkpoints
 from erasekit.errors import ErasekitWarning, TargetNotWritableError
-from erasekit.inspect import inspect_path
-from erasekit.journal import Journal, journal_dir
+from erasekit.checkpoints.inspect import inspect_path
+from erasekit.checkpoints.journal import Journal, journal_dir
 from erasekit.testing import make_checkpoint
 
 runner = CliRunner()
@@ -182,7 +182,7 @@ def test_a_file_held_by_another_program_is_named_in_one_line(sd1: tuple[Path, Pa
     """As Windows answers a write to a file a UI has open (a sharing violation is a PermissionError there)."""
     base, _ = sd1
     original = digest(base)
-    from erasekit import journal
+    from erasekit.checkpoints import journal
 
     def held(path: object, mode: str = "rb", buffering: int = -1):  # type: ignore[no-untyped-def]
         if "+" in mode:
@@ -250,7 +250,7 @@ def test_eval_records_no_rates_measured_on_other_patches_in_place(
 
 
 def load_title(path: Path) -> str:
-    from erasekit.patchfile import load_patch
+    from erasekit.format.patchfile import load_patch
 
     return load_patch(path).title
 
@@ -269,7 +269,7 @@ def test_diff_of_a_checkpoint_with_patches_in_place_gives_a_patch_that_applies_t
     save_file(sd, str(te))
     out = tmp_path / "d.erasepatch"
     assert run("diff", model, edited, "-o", out).exit_code == 0
-    from erasekit.patchfile import load_patch
+    from erasekit.format.patchfile import load_patch
 
     after = load_patch(out).manifest.method.hyperparameters["after"]
     assert [a["patch_id"] for a in after] == [load_patch(in_place).patch_id]
@@ -283,7 +283,7 @@ def test_apply_to_an_output_copies_one_state_of_a_checkpoint_being_written(
         tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An in-place apply to the source commits between the copy of its bytes and of its journal: the copy is made
     again, and the output's journal lists exactly the patches its bytes hold."""
-    from erasekit import apply as apply_module
+    from erasekit.checkpoints import apply as apply_module
 
     base, _ = sd1
     other = make_checkpoint(tmp_path / "e0.safetensors", "single-sd1", "F16", edit_layers=[0])
@@ -368,8 +368,8 @@ def test_a_revert_cut_short_under_an_undo_record_without_page_checksums_is_finis
     """Records written before page checksums: a revert writes the original bytes from the start of a tensor."""
     import numpy as np
 
-    from erasekit import undo_record
-    from erasekit.journal import _write_all
+    from erasekit.checkpoints import undo_record
+    from erasekit.checkpoints.journal import _write_all
 
     base, _ = sd1
     original = digest(base)
@@ -407,7 +407,7 @@ def test_a_reader_does_not_fail_while_another_holds_the_lock(tmp_path: Path, sd1
     del data["files"], data["generation"]
     path.write_text(json.dumps(data))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-                               "from erasekit.journal import Journal\n"
+                               "from erasekit.checkpoints.journal import Journal\n"
                                "with Journal(Path(sys.argv[1]), {}).locked():\n"
                                "    print('held', flush=True); time.sleep(30)\n", str(base)],
                               stdout=subprocess.PIPE, text=True)
@@ -458,8 +458,8 @@ def test_a_loaded_pipeline_does_not_change_when_its_file_is_written_later(tmp_pa
     process after the (checked) read does not reach a running generate or eval."""
     import torch
 
-    from erasekit.journal import _write_all
-    from erasekit.pipeline import load_pipeline
+    from erasekit.checkpoints.journal import _write_all
+    from erasekit.checkpoints.pipeline import load_pipeline
     from erasekit.toyworld import builtin_model_path
 
     model = shutil.copytree(builtin_model_path(), tmp_path / "model")
@@ -480,9 +480,9 @@ def test_patches_in_place_are_read_as_the_pipeline_was_loaded(
     loaded weights and the journal disagree, so generate/eval must not add patches on the journal's word (a revert
     of P then made P be applied a second time)."""
     from erasekit.errors import TargetLockedError
-    from erasekit.in_place import in_place_stack
-    from erasekit.patchfile import load_patch
-    from erasekit.pipeline import load_pipeline
+    from erasekit.checkpoints.in_place import in_place_stack
+    from erasekit.format.patchfile import load_patch
+    from erasekit.checkpoints.pipeline import load_pipeline
 
     model, in_place, other = toy_with_a_patch_in_place
     pipe, ckpt = load_pipeline(model)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from conftest import ckpt_path
 from erasekit.errors import InputFileError, LayoutError
-from erasekit.layouts import detect
+from erasekit.checkpoints.layouts import detect
 from erasekit.testing import make_checkpoint
 
 EXPECTED = {

@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 import erasekit
-from erasekit.diff import diff_checkpoints
+from erasekit.checkpoints.diff import diff_checkpoints
 from erasekit.errors import FingerprintMismatchError, IncompatiblePatchError, NotAppliedError
 from erasekit.testing import make_checkpoint
 

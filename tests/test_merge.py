@@ -12,12 +12,12 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from conftest import snapshot
-from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 from erasekit.cli import app
-from erasekit.diff import diff_checkpoints
+from erasekit.checkpoints.diff import diff_checkpoints
 from erasekit.errors import ErasekitError, IncompatiblePatchError, TargetNotWritableError
-from erasekit.merge import merge_patches
-from erasekit.patchfile import Concept, Patch, load_patch, save_patch
+from erasekit.checkpoints.merge import merge_patches
+from erasekit.format.patchfile import Concept, Patch, load_patch, save_patch
 from erasekit.testing import make_checkpoint
 
 runner = CliRunner()

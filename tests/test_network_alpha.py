@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erasekit import _st
-from erasekit.erase_config import EraseConfig
-from erasekit.merge import merge_patches
-from erasekit.patchfile import NETWORK_ALPHA, Patch, load_patch, metadata_for, save_patch
-from erasekit.pipeline import load_pipeline
+from erasekit.format import _st
+from erasekit.format.erase_config import EraseConfig
+from erasekit.checkpoints.merge import merge_patches
+from erasekit.format.patchfile import NETWORK_ALPHA, Patch, load_patch, metadata_for, save_patch
+from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.testing import make_tiny_pipeline
-from erasekit.unlearn import erase
+from erasekit.erasing.unlearn import erase
 
 pytest.importorskip("peft")
 

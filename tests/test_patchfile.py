@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit import _st
+from erasekit.format import _st
 from erasekit.errors import InputFileError, PatchFormatError, PatchVersionError
-from erasekit.patchfile import FORMAT_VERSION, UPGRADES, load_patch, parse_manifest, read_manifest, save_patch
+from erasekit.format.patchfile import FORMAT_VERSION, UPGRADES, load_patch, parse_manifest, read_manifest, save_patch
 
 GOLDEN = Path(__file__).parent / "golden" / "v1.erasepatch"
 
@@ -182,11 +182,11 @@ def test_older_version_goes_through_named_upgrade(monkeypatch: pytest.MonkeyPatc
     def upgrade_v1_to_v2(old: dict) -> dict:
         return dict(old, format_version=2, title=old["title"] + " (upgraded)")
 
-    monkeypatch.setattr("erasekit.patchfile.FORMAT_VERSION", 2)
+    monkeypatch.setattr("erasekit.format.patchfile.FORMAT_VERSION", 2)
     monkeypatch.setitem(UPGRADES, 1, upgrade_v1_to_v2)
     manifest, _ = parse_manifest(text)
     assert (manifest.format_version, manifest.title) == (2, "golden v1 (upgraded)")
-    monkeypatch.setattr("erasekit.patchfile.FORMAT_VERSION", 3)
+    monkeypatch.setattr("erasekit.format.patchfile.FORMAT_VERSION", 3)
     with pytest.raises(PatchFormatError, match="no upgrade from format version 2"):
         parse_manifest(text)
 
@@ -383,7 +383,7 @@ def test_an_evaluation_of_a_newer_version_is_kept_unread(tmp_path: Path) -> None
     again = save_patch(p, tmp_path / "again.erasepatch")
     stored = json.loads(split(again)[0]["__metadata__"]["erasekit"])["evaluations"][1]
     assert stored["fid"] == 12.5 and stored["target"]["ci"] == [0.0, 0.1] and stored["version"] == 2
-    from erasekit.inspect import inspect_path
+    from erasekit.checkpoints.inspect import inspect_path
 
     rows = inspect_path(again).evaluations  # type: ignore[union-attr]
     assert [(e.version, e.concept) for e in rows] == [(1, "circle"), (2, None)]

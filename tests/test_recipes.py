@@ -10,14 +10,14 @@ import torch
 from typer.testing import CliRunner
 
 from erasekit.cli import app
-from erasekit.erase_config import EraseConfig, effective_settings
-from erasekit.evaluate import EvalConfig, evaluate_model
-from erasekit.patchfile import load_patch
-from erasekit.pipeline import model_settings
-from erasekit.recipes.doco import DoCo, discriminator
-from erasekit.surgery import surgery_grads
+from erasekit.format.erase_config import EraseConfig, effective_settings
+from erasekit.judging.evaluate import EvalConfig, evaluate_model
+from erasekit.format.patchfile import load_patch
+from erasekit.checkpoints.pipeline import model_settings
+from erasekit.erasing.recipes.doco import DoCo, discriminator
+from erasekit.erasing.surgery import surgery_grads
 from erasekit.toyworld import builtin_model_path
-from erasekit.erase_job import erase_model
+from erasekit.erasing.erase_job import erase_model
 
 SETTINGS = model_settings(builtin_model_path())
 
@@ -49,7 +49,7 @@ def test_a_perfect_prediction_gives_back_the_clean_latents(prediction: str) -> N
     """What the discriminator sees: the clean latents a UNet output predicts, for both prediction types."""
     from diffusers import DDPMScheduler
 
-    from erasekit.denoising import Denoiser, Prediction
+    from erasekit.erasing.denoising import Denoiser, Prediction
 
     d = Denoiser.__new__(Denoiser)
     d.scheduler = DDPMScheduler(prediction_type=prediction)
@@ -159,10 +159,10 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     import shutil
 
     from conftest import snapshot
-    from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
-    from erasekit.pipeline import load_pipeline
+    from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
+    from erasekit.checkpoints.pipeline import load_pipeline
     from erasekit.toyworld.concepts import render_concept
-    from erasekit.unlearn import erase
+    from erasekit.erasing.unlearn import erase
 
     circle, red, alone = tmp_path / "circle.erasepatch", tmp_path / "red.erasepatch", tmp_path / "alone.erasepatch"
     erase_model(None, ["circle"], None, circle, {"steps": 4})
@@ -200,7 +200,7 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
         "the earlier patches are taken off again"
     assert not getattr(pipe, "_erasekit_applied", None)
 
-    from erasekit.memory import apply_patch, revert_patch
+    from erasekit.checkpoints.memory import apply_patch, revert_patch
     assert any("applied after" in w for w in apply_patch(pipe, b).warnings), "in memory too"
     revert_patch(pipe, b)
     assert not apply_patch(pipe, a).warnings
@@ -208,7 +208,7 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     revert_patch(pipe, c)
     assert not any("made without" in w for w in apply_patch(pipe, b).warnings), "made --after the circle patch"
 
-    from erasekit.merge import merge_patches
+    from erasekit.checkpoints.merge import merge_patches
     merged = merge_patches([circle, alone], tmp_path / "merged.erasepatch")
     assert any(f"patch '{c.title}' was made without '{a.title}'" in n for n in merged.notes), "a merge is a stack"
     assert not merge_patches([circle, red], tmp_path / "planned.erasepatch").notes
@@ -227,7 +227,7 @@ def test_an_erase_of_a_checkpoint_with_patches_applied_in_place_is_made_after_th
     import shutil
 
     from conftest import snapshot
-    from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
+    from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 
     model, circle, red = tmp_path / "model", tmp_path / "circle.erasepatch", tmp_path / "red.erasepatch"
     shutil.copytree(builtin_model_path(), model)

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from erasekit.cli import app
-from erasekit.patchfile import load_patch
-from erasekit.pipeline import model_settings
+from erasekit.format.patchfile import load_patch
+from erasekit.checkpoints.pipeline import model_settings
 from erasekit.toyworld import builtin_model_path
-from erasekit.erase_config import effective_settings
+from erasekit.format.erase_config import effective_settings
 from erasekit.errors import ErasekitError
 
 runner = CliRunner()
@@ -65,7 +65,7 @@ def test_the_run_records_and_says_where_settings_came_from(tmp_path: Path) -> No
 def test_library_errors_name_settings_and_the_cli_adds_its_flags(tmp_path: Path) -> None:
     """A library error names the setting at fault in words and as `option`; only the CLI names its own flag."""
     from erasekit.errors import ErasekitError
-    from erasekit.erase_job import erase_model
+    from erasekit.erasing.erase_job import erase_model
 
     with pytest.raises(ErasekitError) as e:
         erase_model(None, ["circle"], None, tmp_path / "x.erasepatch", {"batch_size": 0})
@@ -81,7 +81,7 @@ def test_library_errors_name_settings_and_the_cli_adds_its_flags(tmp_path: Path)
 def test_a_model_can_ask_for_its_torch_threads_for_the_length_of_a_call(tmp_path: Path) -> None:
     import torch
 
-    from erasekit.pipeline import model_threads
+    from erasekit.checkpoints.pipeline import model_threads
     from erasekit.toyworld import builtin_model_path
 
     before = torch.get_num_threads()
@@ -96,7 +96,7 @@ def test_a_models_per_concept_recommendations_give_each_concept_its_own_wordings
     """erasekit.json's erase_concepts: a concept's ``templates`` become its own (the erase's other concepts keep
     theirs), its extra anchors are added to every erase naming it, other settings hold where all concepts share
     them; a user's ``templates`` are every concept's."""
-    from erasekit.erase_config import OBJECT_TEMPLATES, recommended_for
+    from erasekit.format.erase_config import OBJECT_TEMPLATES, recommended_for
 
     settings = model_settings(builtin_model_path())
     pattern = ["a {} pattern", "{} pattern", "a photo of a {}", "a rendering of a {}"]
@@ -129,7 +129,7 @@ def test_a_models_per_concept_recommendations_give_each_concept_its_own_wordings
 # -- the size an erase trains at ---------------------------------------------------------------------------------------
 
 def test_the_native_sizes_of_the_bundled_configs() -> None:
-    from erasekit.model_configs import CONFIGS_DIR, native_resolution_of
+    from erasekit.checkpoints.model_configs import CONFIGS_DIR, native_resolution_of
 
     sizes = {name: native_resolution_of(CONFIGS_DIR / name)
              for name in ("sd1", "sd2-512", "sd2-768-v", "sdxl", "sdxl-refiner")}
@@ -141,7 +141,7 @@ def test_an_erase_trains_at_the_models_native_size_unless_told(tmp_path: Path) -
     size: the size now comes from the UNet and VAE configs (a tiny pipeline's: 8 latents x 4 = 32 px)."""
     from PIL import Image
 
-    from erasekit.erase_job import prepare_erase
+    from erasekit.erasing.erase_job import prepare_erase
     from erasekit.testing import make_tiny_pipeline
 
     xl = make_tiny_pipeline(tmp_path / "xl", arch="sdxl")
@@ -155,5 +155,5 @@ def test_an_erase_trains_at_the_models_native_size_unless_told(tmp_path: Path) -
     assert (job.config.resolution, job.sources["resolution"]) == (16, "user; native 32")
     r = runner.invoke(app, ["erase", "-m", str(xl), "-c", "circle", "--images", str(images), "--resolution", "16",
                             "--steps", "1", "-o", str(tmp_path / "c.erasepatch")])
-    assert r.exit_code == 0 and "resolution 16 (user; native 32)" in r.stdout, r.output
+    assert r.exit_code == 0 and "settings you gave: resolution 16 (native 32)" in r.stdout, r.output
     assert load_patch(tmp_path / "c.erasepatch").manifest.method.hyperparameters["resolution"] == 16

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from erasekit.cli import app
 from erasekit.errors import ErasekitError, InputFileError, LayoutError
-from erasekit.layouts import detect
-from erasekit.pipeline import load_pipeline
+from erasekit.checkpoints.layouts import detect
+from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.testing import make_tiny_pipeline, save_single_file
 
 runner = CliRunner()
@@ -167,8 +167,8 @@ def test_partial_loads_are_refused(tmp_path: Path, world: dict[str, Path], monke
 
 
 def test_erase_a_single_file_then_apply_and_revert_in_place(tmp_path: Path, world: dict[str, Path]) -> None:
-    from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
-    from erasekit.erase_job import erase_model
+    from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
+    from erasekit.erasing.erase_job import erase_model
 
     model = shutil.copy(world["file"], tmp_path / "model.safetensors")
     patch = tmp_path / "circle.erasepatch"

@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from erasekit import _st, _temps
-from erasekit.apply import apply_to_checkpoint
-from erasekit.journal import journal_dir
+from erasekit.format import _st
+from erasekit import _temps
+from erasekit.checkpoints.apply import apply_to_checkpoint
+from erasekit.checkpoints.journal import journal_dir
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="Windows keeps stale temporaries (see erasekit._temps)")
 
 
 def killed_mid_write(out: Path, data: bytes = b"half a patch") -> Path:
     """The temporary an erasekit process leaves when it dies inside an atomic write (no cleanup runs)."""
-    code = ("import os, sys; from pathlib import Path; from erasekit import _st\n"
+    code = ("import os, sys; from pathlib import Path; from erasekit.format import _st\n"
             "with _st.atomic_write(Path(sys.argv[1])) as f:\n"
             f"    f.write({data!r}); f.flush(); os._exit(9)\n")
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True)

@@ -150,7 +150,7 @@ def test_shipped_files_are_small_and_complete() -> None:
 
 @pytest.fixture(scope="module")
 def pipe():
-    from erasekit.pipeline import load_pipeline
+    from erasekit.checkpoints.pipeline import load_pipeline
     from erasekit.toyworld import builtin_model_path
 
     return load_pipeline(builtin_model_path())[0]  # local files only

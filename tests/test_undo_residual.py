@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 
 from conftest import snapshot
-from erasekit import _st
-from erasekit.apply import apply_to_checkpoint, revert_from_checkpoint
-from erasekit.in_place import recover_interrupted
-from erasekit.diff import diff_checkpoints
+from erasekit.format import _st
+from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
+from erasekit.checkpoints.in_place import recover_interrupted
+from erasekit.checkpoints.diff import diff_checkpoints
 from erasekit.errors import ErasekitWarning, FingerprintMismatchError, NonFiniteError, NotAppliedError, UndoRecordError
-from erasekit.journal import Entry, Journal, TensorRecord, journal_dir
-from erasekit.undo_record import PAGE, _pages, add_term, added, delta_of, residual_fits, scaled, sha256, undo_record
-from erasekit.layouts import detect
-from erasekit.patchfile import load_patch
+from erasekit.checkpoints.journal import Entry, Journal, journal_dir
+from erasekit.checkpoints.undo_record import TensorRecord
+from erasekit.checkpoints.undo_record import (PAGE, _pages, add_term, added, delta_of, residual_fits, scaled, sha256, undo_record)
+from erasekit.checkpoints.layouts import detect
+from erasekit.format.patchfile import load_patch
 from erasekit.testing import make_checkpoint
 
 FC1_W0 = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
@@ -170,8 +171,8 @@ def test_a_tensor_in_neither_state_is_refused_and_left_alone(tmp_path: Path) -> 
 
 KILL_INSIDE_A_TENSOR = """
 import os, signal
-from erasekit import journal
-from erasekit.apply import apply_to_checkpoint
+from erasekit.checkpoints import journal
+from erasekit.checkpoints.apply import apply_to_checkpoint
 
 real = journal._write_all
 calls = []
@@ -333,7 +334,7 @@ def test_a_non_finite_result_writes_nothing(tmp_path: Path, dtype: str) -> None:
 def test_writes_end_on_page_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors are written in pieces that end on multiples of WRITE_CHUNK (1 MiB; 4 KiB here) of the file, whatever
     their offset."""
-    from erasekit import journal
+    from erasekit.checkpoints import journal
 
     monkeypatch.setattr(journal, "WRITE_CHUNK", 4096)
     seen: list[tuple[int, int]] = []

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from erasekit.layouts import detect, module_name
-from erasekit.patchfile import Concept, DeltaInfo, EncoderInfo, Method, Patch, fingerprint, new_manifest, save_patch
+from erasekit.checkpoints.layouts import detect
+from erasekit.format.names import module_name
+from erasekit.format.patchfile import (Concept, DeltaInfo, EncoderInfo, Method, Patch, fingerprint, new_manifest, save_patch)
 from erasekit.testing import make_checkpoint
 
 HERE = Path(__file__).parent
@@ -51,7 +52,7 @@ def build() -> Patch:
                       images_sha256="0" * 64, num_images=4, duration_s=1.5),
         source="base.safetensors", created_at="2026-11-23T00:00:00Z")
     # round-trip through the stored dtypes so the in-memory values equal what the file holds
-    from erasekit import _st
+    from erasekit.format import _st
 
     tensors = {n: _st.to_numpy(_st.encode(a, dtypes[n]), dtypes[n], a.shape).astype(np.float32) for n, a in tensors.items()}
     return Patch(manifest, tensors, dtypes)

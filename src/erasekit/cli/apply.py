@@ -27,7 +27,7 @@ def apply_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply patches to a checkpoint, or revert one bit for bit."""
-    from ..apply import apply_to_checkpoint, revert_from_checkpoint
+    from ..checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
     from ..errors import ErasekitError
 
     with errors():

@@ -28,7 +28,7 @@ def diff_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Compare two checkpoints (per-layer FFN change) or two patches (cosine similarity, norm ratio)."""
-    from ..diff import diff_paths
+    from ..checkpoints.diff import diff_paths
 
     with errors():
         report = diff_paths(a, b, output=output, title=title, rank=rank, dtype=dtype.upper(), ffn_only=ffn_only)

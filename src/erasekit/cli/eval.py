@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out,
-                      print_json, progress_bar, warn)
+from ._common import (ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar, warn)
 
 
 
@@ -60,8 +59,8 @@ def eval_cmd(
 ) -> None:
     """Judge a patch before/after: target rate, every other concept, other attributes, paraphrases (built-in
     toy world, or any model with --judge CLIP_FOLDER)."""
-    from ..evaluate import EvalConfig, evaluate_model
-    from ..evidence import evaluate_and_record
+    from ..judging.evaluate import EvalConfig, evaluate_model
+    from ..judging.evidence import evaluate_and_record
 
     run = evaluate_and_record if record else evaluate_model  # --record: the same evaluation, then written into the patch
 

@@ -20,7 +20,7 @@ def export_cmd(
 ) -> None:
     """Write a patch as a file one UI loads with every tensor matched (SDXL refiner patches; low-rank patches for
     A1111; every patch for diffusers, whose load_lora_weights reads no patch as it is)."""
-    from ..ui_export import export_patch
+    from ..format.ui_export import export_patch
 
     with errors():
         report = export_patch(patch, ui.lower(), output)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar, warn
+from ._common import (ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar, warn)
 
 
 def generate_cmd(
@@ -33,7 +33,7 @@ def generate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Render prompts, optionally with patches applied (and without, with --compare)."""
-    from ..sampling import GenerateConfig, generate_model
+    from ..judging.sampling import GenerateConfig, generate_model
 
     with errors():
         config = make_config(GenerateConfig, "generate", n=n, seed=seed, steps=steps, guidance=guidance,

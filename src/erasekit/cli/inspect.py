@@ -22,7 +22,7 @@ def inspect_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a patch (manifest, per-layer deltas) or a checkpoint (layout, encoders, applied patches)."""
-    from ..inspect import PatchInspection, inspect_path
+    from ..checkpoints.inspect import PatchInspection, inspect_path
 
     with errors():
         result = inspect_path(path, against)

@@ -29,7 +29,7 @@ def merge_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Merge patches for the same base model into one: deltas summed, concepts and base fingerprints merged."""
-    from ..merge import merge_patches
+    from ..checkpoints.merge import merge_patches
 
     with errors():
         report = merge_patches(patches, output, strengths=strength, rank=rank.lower() if rank else None, title=title)

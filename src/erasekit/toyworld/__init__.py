@@ -8,7 +8,9 @@
 * ``concepts`` -- what ``erasekit eval`` asks about: ``attribute_of``, ``render_concept``, ``eval_prompts``
 * ``measure``  -- ``python -m erasekit.toyworld.measure``: a model's accuracy per prompt set (imports torch)
 
-Importing this package does not import torch.
+Importing this package does not import torch. The world (render, captions, concepts, judge, tokenizer) imports
+only the top-level helpers, so that judging can use it; ``train`` and ``measure`` build and measure the model
+with :mod:`erasekit.judging` and :mod:`erasekit.checkpoints`, above them.
 """
 
 from __future__ import annotations

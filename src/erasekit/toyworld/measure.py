@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sampling import render_batch
+from ..judging.sampling import render_batch
 from . import captions as cap
 from . import render as rd
 
@@ -54,7 +54,7 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: flo
 def evaluate(model: str | Path | None = None, judge_path: str | Path | None = None, n: int = 16, seed: int = 1000,
              prompt_set: str = "full", steps: int = 25, guidance: float = 7.5,
              log: Callable[[str], None] | None = None) -> dict:
-    from ..pipeline import load_pipeline
+    from ..checkpoints.pipeline import load_pipeline
     from . import builtin_model_path
     from .judge import HEADS, accuracy, judge, load_judge
 

@@ -1,0 +1,144 @@
+"""Does a patch fit a checkpoint? Slot mapping, the tensors it touches, and the fingerprint verdict.
+
+One rule for every command that judges fit (apply, inspect --against, diff of two patches): same architecture,
+or SDXL base/refiner with the slots they share, or a bare CLIP text encoder ("clip-text") meeting the one
+encoder of equal FFN shapes. Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import FingerprintMismatchError, IncompatiblePatchError
+from .layouts import EncoderSpec
+from ..format.names import parse_module_name
+from ..format.patchfile import Patch, compare_fingerprint, fingerprint
+
+FingerprintStatus = Literal["exact", "approx", "forced"]
+STATUS_RANK = {"exact": 0, "approx": 1, "differs": 2}  # across weight variants, the highest counts
+
+
+def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], where: str) -> dict[str, str]:
+    """Map the patch's encoder slots onto the target's, or raise :class:`IncompatiblePatchError`."""
+    m = patch.manifest
+    used = sorted({parse_module_name(name)[0] for name in m.deltas})  # type: ignore[index]
+    parch = m.base.architecture
+    if parch == architecture or {parch, architecture} <= {"sdxl", "sdxl-refiner"}:
+        mapping = {s: s for s in used}
+    elif architecture == "clip-text" and len(used) == 1:
+        mapping = {used[0]: "te"}
+    elif parch == "clip-text" and len(used) == 1:
+        pe = m.base.encoders[used[0]]
+        fits = [s for s, e in encoders.items() if (e.hidden, e.intermediate) == (pe.hidden, pe.intermediate)]
+        if len(fits) != 1:
+            raise IncompatiblePatchError(f"patch '{m.title}' (from a bare text encoder, width {pe.hidden}) fits "
+                                         f"{len(fits)} encoders of {where}", "apply it to a CLIP text encoder folder instead")
+        mapping = {used[0]: fits[0]}
+    else:
+        raise IncompatiblePatchError(f"patch '{m.title}' is for {parch}, but {where} is {architecture}",
+                                     f"apply it to a {parch} checkpoint")
+    for ps, cs in mapping.items():
+        if cs not in encoders:
+            raise IncompatiblePatchError(f"patch '{m.title}' changes text encoder {ps}, which {where} lacks",
+                                         "apply it to a checkpoint with that encoder")
+        pe, ce = m.base.encoders[ps], encoders[cs]
+        if (pe.hidden, pe.intermediate) != (ce.hidden, ce.intermediate):
+            raise IncompatiblePatchError(f"patch '{m.title}' encoder {ps} is {pe.hidden}x{pe.intermediate}, "
+                                         f"{where} has {ce.hidden}x{ce.intermediate}", "apply it to the model it was made for")
+        top = max(layer for name in m.deltas for s, layer, _ in [parse_module_name(name)] if s == ps)  # type: ignore[misc]
+        if top >= ce.layers:
+            raise IncompatiblePatchError(f"patch '{m.title}' changes layer {top} of {ps}, {where} has {ce.layers} layers",
+                                         "apply it to the model it was made for")
+    return mapping
+
+
+def crossing_note(patch: Patch, architecture: str, mapping: dict[str, str]) -> str | None:
+    """The line that says a patch crossed between a bare CLIP text encoder and a pipeline (the one rule, used by
+    apply, inspect --against and diff of two patches: same FFN shapes, one encoder)."""
+    parch = patch.manifest.base.architecture
+    if parch == architecture or "clip-text" not in (parch, architecture):
+        return None
+    pairs = ", ".join(f"{p} -> {c}" for p, c in sorted(mapping.items()))
+    return (f"patch '{patch.title}' was made for {parch} and goes to a {architecture} model by matching FFN shapes "
+            f"(encoder {pairs})")
+
+
+@dataclass(frozen=True)
+class Touch:
+    """One base tensor a patch changes: patch module and kind, and where it lives in the target."""
+
+    module: str
+    kind: str  # "weight" | "bias"
+    slot: str  # target slot
+    layer: int
+    proj: str
+
+
+def touches(patch: Patch, mapping: dict[str, str]) -> list[Touch]:
+    out = []
+    for module, slot, layer, proj in patch.modules():
+        kinds = ("weight", "bias") if patch.manifest.deltas[module].bias else ("weight",)
+        out += [Touch(module, k, mapping[slot], layer, proj) for k in kinds]
+    return out
+
+
+def base_statuses(patch: Patch, ckpt: Any, mapping: dict[str, str], read: Any = None) -> dict[str, str]:
+    """For each base tensor the patch changes (``"<module>.<kind>"``), how the checkpoint's tensor on disk (or as
+    ``read(weight_file, key)`` gives it) compares with the patch's fingerprint of it: "exact", "approx" or
+    "differs"."""
+    read = read or (lambda wf, key: wf.read_raw(key))
+    statuses = {}
+    for t in touches(patch, mapping):
+        wf = next(f for f in ckpt.files if t.slot in f.encoders)
+        key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
+        dtype, shape = wf.tensor_info()[key]
+        name = f"{t.module}.{t.kind}"
+        statuses[name] = compare_fingerprint(patch.manifest.base.tensors[name], fingerprint(read(wf, key), dtype, shape))
+    return statuses
+
+
+def judge_fingerprints(patch: Patch, actual: dict[str, Any], force: bool, where: str) -> tuple[FingerprintStatus, int]:
+    """Compare the base fingerprints in the patch with ``actual`` (fingerprint name -> TensorFingerprint)."""
+    statuses = [compare_fingerprint(patch.manifest.base.tensors[name], fp) for name, fp in actual.items()]
+    differing = statuses.count("differs")
+    if differing:
+        if not force:
+            raise FingerprintMismatchError(
+                f"{differing} of {len(statuses)} tensors of {where} differ from the base model patch "
+                f"'{patch.title}' was made for", "apply it to that model, or force it to apply anyway",
+                differing, len(statuses))
+        return "forced", differing
+    return ("approx" if "approx" in statuses else "exact"), 0
+
+
+TRAINED_METHODS = ("fuchi-takagi-2024", "wu-2024-doco")  # patches an erase trained (not diffs or merges)
+
+
+def order_notes(patches: Sequence[Patch], applied: Sequence[dict[str, Any]]) -> list[str]:
+    """Notes on a stack: ``patches`` applied in order on top of ``applied`` (``patch_id`` and ``title`` of each,
+    oldest first).
+    For an erase patch made ``--after`` others (its ``after`` setting), a note when one of those is neither already
+    applied nor earlier in ``patches``: it was trained with them in place and measured so. For an erase patch
+    stacked on patches it was not made after, a note that each was measured alone (on the built-in model such
+    stacks let concepts partly back; one patch for all, or ``--after``, is what stays erased together)."""
+    notes, present = [], [(a["patch_id"], a["title"]) for a in applied]
+    for p in patches:
+        after = p.manifest.method.hyperparameters.get("after")
+        wanted = {a.get("patch_id"): a.get("title") for a in after if isinstance(a, dict)} if isinstance(after, list) else {}
+        missing = [(i, t) for i, t in wanted.items() if i not in dict(present)]
+        if missing:
+            notes.append(f"patch '{p.title}' was made to be applied after {_named(missing)}, which is not applied "
+                         "before it: apply them first, in the order they were made")
+        unplanned = [(i, t) for i, t in present if i not in wanted and i != p.patch_id]
+        if unplanned and p.manifest.method.name in TRAINED_METHODS:
+            notes.append(f"patch '{p.title}' was made without {_named(unplanned)} applied: each erases its concept "
+                         "alone, stacked they may erase less; for concepts that must stay erased together, erase "
+                         "them in one patch (several --concept) or each --after the ones before it")
+        present.append((p.patch_id, p.title))
+    return notes
+
+
+def _named(patches: Sequence[tuple[str, str | None]]) -> str:
+    return ", ".join(f"'{t}' ({str(i)[:12]})" for i, t in patches)

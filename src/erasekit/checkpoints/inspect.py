@@ -1,0 +1,247 @@
+"""Describe a patch (manifest and per-layer deltas) or a checkpoint (layout, encoders, applied patches).
+
+Torch-free for patches and safetensors checkpoints, so ``erasekit inspect`` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .in_place import applied_in_place, described_journal, read_consistently
+from ..format.erase_config import recorded_defaults
+from ..errors import ErasekitError
+from .journal import entry_summary
+from .hub import TEXT_ENCODERS, resolve_model
+from .layouts import Checkpoint, detect
+from .model_configs import choose_config
+from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, load_patch
+
+
+@dataclass
+class DeltaRow:
+    module: str
+    encoder: str
+    layer: int
+    proj: str
+    shape: list[int]
+    storage: str  # "dense" or "rank 4"
+    dtype: str
+    delta_norm: float
+    bias_delta_norm: float
+    relative: float | None = None  # |delta| / |W_base| when inspected against a checkpoint
+    error: float | None = None  # low-rank: the stored factors' relative error against the change they stand for
+    kept: float | None = None  # low-rank: the share of that change's squared norm they keep
+
+
+@dataclass
+class EvaluationSummary:
+    """One recorded evaluation (``erasekit eval --record``) in brief, and the record as stored (``record``)."""
+
+    version: int  # evaluation format; records newer than this erasekit reads have only ``record``
+    record: dict[str, Any]
+    recorded_at: str | None = None
+    judge: str | None = None  # "toy world" or "CLIP <folder name>"
+    model: str | None = None  # "<name> (exact|approx|differs)"
+    concept: str | None = None
+    target_before: float | None = None
+    target_after: float | None = None
+    largest_drop: str | None = None  # the other concept whose rate fell most, if any fell
+    drop_before: float | None = None
+    drop_after: float | None = None
+    paraphrase_before: float | None = None
+    paraphrase_after: float | None = None
+    images_per_prompt: int | None = None
+    strength: float | None = None
+    current: bool = True  # measured on this patch's tensors (its patch id)
+
+
+@dataclass
+class MethodSettings:
+    """A patch's method record grouped for reading, each group in the record's order: an erase's settings that
+    differ from :class:`~erasekit.format.erase_config.EraseConfig`'s defaults (``changed``), those at them (``default``),
+    and the rest of the record (``other``: what the run measured; a merge's or diff's inputs, which are all here)."""
+
+    changed: dict[str, Any] = field(default_factory=dict)
+    default: dict[str, Any] = field(default_factory=dict)
+    other: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PatchInspection:
+    path: str
+    size_bytes: int
+    patch_id: str
+    format_version: int
+    erasekit_version: str
+    created_at: str
+    title: str
+    concepts: list[dict[str, str]]
+    method: dict[str, Any]
+    architecture: str
+    encoders: dict[str, dict[str, int]]
+    rows: list[DeltaRow]
+    base_config: str | None = None
+    against: str | None = None
+    against_layout: str | None = None
+    compatibility: str | None = None  # "exact", "approx", "N of M tensors differ", or the refusal message
+    warnings: list[str] = field(default_factory=list)
+    evaluations: list[EvaluationSummary] = field(default_factory=list)  # oldest first
+    settings: MethodSettings = field(default_factory=MethodSettings)  # ``method`` grouped; ``method`` is the record
+    kind: str = "patch"
+
+
+@dataclass
+class EncoderRow:
+    slot: str
+    file: str
+    style: str
+    prefix: str
+    hidden: int
+    intermediate: int
+    layers: int
+    dtype: str
+
+
+@dataclass
+class CheckpointInspection:
+    path: str
+    layout: str
+    architecture: str
+    encoders: list[EncoderRow]
+    applied: list[dict[str, Any]]
+    interrupted: list[dict[str, Any]]
+    config: str | None = None  # single files: the bundled configs erase/generate would load it with, and why
+    kind: str = "checkpoint"
+
+
+def _rows(patch: Patch) -> list[DeltaRow]:
+    rows = []
+    for m, slot, layer, proj in patch.modules():
+        info = patch.manifest.deltas[m]
+        b = patch.bias_delta(m)
+        main = f"{m}.diff" if info.storage == "dense" else f"{m}.lora_up.weight"
+        rows.append(DeltaRow(m, slot, layer, proj, list(patch.weight_shape(m)),
+                             "dense" if info.storage == "dense" else f"rank {info.rank}", patch.dtypes[main],
+                             delta_norm(patch.weight_factors(m)),  # from the factors: no product out x in
+                             float(np.linalg.norm(b)) if b is not None else 0.0, error=info.error, kept=info.kept))
+    return rows
+
+
+def _evaluations(patch: Patch) -> list[EvaluationSummary]:
+    out = []
+    for ev in patch.manifest.evaluations:
+        record = ev.model_dump(mode="json")
+        if not isinstance(ev, Evaluation):
+            out.append(EvaluationSummary(ev.version, record, recorded_at=record.get("recorded_at")))  # type: ignore[arg-type]
+            continue
+        drops = [(r.after - r.before, name, r) for name, r in ev.others.items()
+                 if r.before is not None and r.after is not None and r.after < r.before]
+        worst = min(drops, key=lambda d: (d[0], d[1]))[1:] if drops else None
+        rob = ev.robustness
+        out.append(EvaluationSummary(
+            ev.version, record, ev.recorded_at,
+            "toy world" if ev.judge.kind == "toyworld-cnn" else f"CLIP {ev.judge.name}",
+            f"{ev.model.name} ({ev.model.match})", ev.concept, ev.target.before, ev.target.after,
+            worst[0] if worst else None, worst[1].before if worst else None, worst[1].after if worst else None,
+            rob.before if rob else None, rob.after if rob else None, ev.images_per_prompt, ev.strength,
+            ev.patch_id == patch.patch_id))
+    return out
+
+
+def method_settings(method: dict[str, Any]) -> MethodSettings:
+    """``method`` (a manifest's, as JSON) grouped: an erase's settings (its seed among them) by whether they differ
+    from the defaults of its recipe; everything else, and every entry of a record without a recipe (merge, diff), in
+    ``other``. ``left_out`` (a line of its own) is left out."""
+    record = {k: v for k, v in method.get("hyperparameters", {}).items() if k != "left_out"}
+    if "recipe" not in record:
+        return MethodSettings(other=record)
+    record |= {"seed": method["seed"]} if method.get("seed") is not None else {}
+    defaults = recorded_defaults(str(record["recipe"]))
+    grouped = MethodSettings()
+    for name, value in record.items():
+        group = grouped.other if name not in defaults else \
+            grouped.default if value == defaults[name] else grouped.changed
+        group[name] = value
+    return grouped
+
+
+def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
+    from .in_place import pristine_reader
+    from .compat import base_statuses, crossing_note, slot_map
+
+    where = f"{ckpt.path} [{ckpt.describe()}]"
+    try:
+        mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, where)
+    except ErasekitError as e:
+        return str(e)
+    crossing = crossing_note(patch, ckpt.architecture, mapping)
+    for row in rows:
+        wf = next(f for f in ckpt.files if mapping[row.encoder] in f.encoders)
+        w = wf.read_numpy(wf.encoders[mapping[row.encoder]].key(row.layer, row.proj, "weight"))
+        n = float(np.linalg.norm(w.astype(np.float64)))
+        row.relative = row.delta_norm / n if n else None
+    statuses = list(base_statuses(patch, ckpt, mapping, pristine_reader(ckpt)).values())  # below applied patches
+    differing = statuses.count("differs")
+    if differing:
+        return f"{differing} of {len(statuses)} base tensors differ (apply needs force)"
+    applied = [a["title"] for a in applied_in_place(ckpt)]
+    note = f"; note: patches already applied to it: {', '.join(applied)}" if applied else ""
+    note += f"; {crossing}" if crossing else ""
+    return ("exact" if "approx" not in statuses else "approx (same model, other precision)") + note
+
+
+def inspect_patch(patch: Patch) -> PatchInspection:
+    """Describe a loaded patch (read from ``patch.path``): its manifest, and each module's delta norms, computed
+    from the stored factors (memory bounded by the file, whatever its layers' sizes)."""
+    m = patch.manifest
+    path = Path(patch.path) if patch.path is not None else None
+    method = m.method.model_dump(mode="json")
+    return PatchInspection(
+        str(path or patch.title), path.stat().st_size if path is not None else 0, patch.patch_id, m.format_version,
+        m.erasekit_version, m.created_at, m.title, [c.model_dump() for c in m.concepts], method,
+        m.base.architecture, {s: e.model_dump() for s, e in m.base.encoders.items()}, _rows(patch), m.base.config,
+        warnings=list(patch.warnings), evaluations=_evaluations(patch), settings=method_settings(method))
+
+
+def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = None) -> PatchInspection | CheckpointInspection:
+    """Inspect a patch (optionally against a checkpoint) or a checkpoint."""
+    path = Path(path)
+    if is_patch_file(path):
+        patch = load_patch(path)
+        result = inspect_patch(patch)
+        if against is not None:
+            ckpt = detect(resolve_model(against, TEXT_ENCODERS))
+            result.against, result.against_layout = str(ckpt.path), ckpt.describe()
+            # one state of it: fingerprints of a half-applied file, or of one an apply writes meanwhile, would mislead
+            result.compatibility = read_consistently(ckpt, lambda: _against(patch, result.rows, ckpt))
+        return result
+    if against is not None:
+        raise ErasekitError(f"'against' compares a patch with a checkpoint, and {path} is not a patch",
+                            "name a .erasepatch first", option="against")
+    ckpt = detect(resolve_model(path, TEXT_ENCODERS))
+    encoders = []
+    for wf in ckpt.files:
+        info = wf.tensor_info()
+        for slot, enc in sorted(wf.encoders.items()):
+            encoders.append(EncoderRow(slot, wf.display, "transformers" if enc.style == "hf" else "openclip",
+                                       enc.prefix, enc.hidden, enc.intermediate, enc.layers,
+                                       info[enc.key(0, "fc1", "weight")][0]))
+    journal = described_journal(ckpt)  # interrupted entries are shown; a journal of another file is set aside
+    return CheckpointInspection(str(ckpt.path), ckpt.layout, ckpt.architecture, encoders,
+                                [entry_summary(e) for e in journal.committed],
+                                [entry_summary(e) for e in journal.interrupted()], _config_of(ckpt))
+
+
+def _config_of(ckpt: Checkpoint) -> str | None:
+    """What a single file would be loaded with (folders carry their own configs)."""
+    if ckpt.path.is_dir() or ckpt.architecture == "clip-text":
+        return None
+    try:
+        return choose_config(ckpt).describe()
+    except ErasekitError as e:
+        return f"none ({e.problem})"

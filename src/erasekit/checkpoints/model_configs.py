@@ -1,0 +1,243 @@
+"""Which component configs describe a single-file checkpoint: erasekit's bundled reference configs, or ``--config``.
+
+A single ``.safetensors`` from a model site holds weights only. To build a pipeline from it, diffusers needs the
+configs of its UNet, VAE, scheduler, text encoders and tokenizers. erasekit ships them (``configs/<name>/``) for
+every architecture it detects, so nothing is downloaded:
+
+========== ======================================= ===========================
+name       reference pipeline                      told apart by
+========== ======================================= ===========================
+sd1        SD 1.x (CLIP ViT-L/14), epsilon, 512 px  text-encoder keys
+sd2-512    SD 2.x base, epsilon, 512 px            OpenCLIP ViT-H keys + weights
+sd2-768-v  SD 2.x, v-prediction, 768 px            OpenCLIP ViT-H keys + weights
+sdxl       SDXL base 1.0                           both encoders' keys
+sdxl-refiner SDXL refiner 1.0                      bigG alone + UNet label_emb
+========== ======================================= ===========================
+
+SD 2.x 512 (epsilon) and 768-v (v-prediction) have the same tensor shapes. erasekit decides, in this order:
+``prediction_type`` given by the user; the file's ModelSpec metadata (``modelspec.prediction_type`` or
+``modelspec.architecture``); else the spread of one UNet tensor (the bias of the first norm of the last output
+block's transformer): v-prediction training leaves it far wider (std above :data:`V_PREDICTION_SPREAD`) than
+epsilon training does. The choice and its reason are shown by ``erasekit inspect`` and recorded in patches; a
+spread within :data:`NEAR_THRESHOLD` of the threshold is a guess, and a warning says so.
+
+The CLIP BPE vocabulary ships once, with the built-in model; the tokenizers are built from it.
+Torch-free: only safetensors headers and one small tensor are read.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..toyworld import builtin_model_path
+from ..errors import ErasekitError, ErasekitWarning, InputFileError, LayoutError
+from .layouts import Checkpoint, read_json
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+TOKENIZER_DIR = builtin_model_path() / "tokenizer"  # the full CLIP BPE vocabulary, shipped once
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+V_PREDICTION_SPREAD = 0.09
+# a spread within this share of the threshold (0.0675-0.1125) is a guess: the threshold is one cut-off with no
+# measured margin, and the reference v-prediction value the docs show (0.213) is 2.4x it, far outside the band
+NEAR_THRESHOLD = 0.25
+_SPREAD_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+# OpenCLIP tokenizers (SD2.x, SDXL's second encoder) pad with "!" (id 0); OpenAI CLIP's with the end token
+_PAD = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
+_SD2_PAD = {"tokenizer": "!"}
+
+
+@dataclass(frozen=True)
+class ConfigChoice:
+    """The configs a single file is loaded with, and why."""
+
+    name: str  # "sd2-768-v", or "config DIR" for a user's folder
+    path: Path
+    prediction_type: str
+    reason: str
+    bundled: bool
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.prediction_type}; {self.reason})"
+
+    def tokenizers(self) -> dict[str, Any]:
+        """The tokenizer objects to pass to diffusers for a bundled config (a user's folder has its own)."""
+        if not self.bundled:
+            return {}
+        from transformers import CLIPTokenizer
+
+        index = read_json(self.path / "model_index.json")
+        pads = _SD2_PAD if self.name.startswith("sd2") else _PAD
+        return {name: CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad)
+                for name, pad in pads.items() if (index.get(name) or [None])[0] is not None}
+
+
+def _metadata_prediction(ckpt: Checkpoint) -> str | None:
+    wf = ckpt.files[0]
+    if wf.format != "safetensors":
+        return None
+    meta = wf.header.metadata
+    pred = meta.get("modelspec.prediction_type", "").strip().lower()
+    if pred in ("v", "v_prediction", "v-prediction"):
+        return "v_prediction"
+    if pred in ("epsilon", "eps"):
+        return "epsilon"
+    arch = meta.get("modelspec.architecture", "")
+    if arch.startswith("stable-diffusion-v2-768-v"):
+        return "v_prediction"
+    if arch.startswith("stable-diffusion-v2-512"):
+        return "epsilon"
+    return None
+
+
+def sd2_prediction(ckpt: Checkpoint) -> tuple[str, str]:
+    """(prediction type, reason) of an SD 2.x single file, from its metadata, else from its weights."""
+    found = _metadata_prediction(ckpt)
+    if found:
+        return found, "from the file's ModelSpec metadata"
+    wf = ckpt.files[0]
+    if _SPREAD_KEY not in wf.tensor_info():
+        return "epsilon", "no UNet tensor to judge by; epsilon assumed"
+    spread = float(wf.read_numpy(_SPREAD_KEY).std())
+    pred = "v_prediction" if spread > V_PREDICTION_SPREAD else "epsilon"
+    sign = ">" if pred == "v_prediction" else "<="
+    if abs(spread - V_PREDICTION_SPREAD) <= NEAR_THRESHOLD * V_PREDICTION_SPREAD:
+        warnings.warn(ErasekitWarning(
+            f"{ckpt.path.name}: the prediction type {pred} was guessed from a weight statistic close to its threshold "
+            f"(UNet norm-bias spread {spread:.3f}, threshold {V_PREDICTION_SPREAD}; the file has no ModelSpec "
+            f"metadata); if that is wrong, set the prediction type: v_prediction for a 768-v model, epsilon for a 512 one",
+            option="prediction_type"), stacklevel=2)
+    return pred, f"UNet norm-bias spread {spread:.3f} {sign} {V_PREDICTION_SPREAD}"
+
+
+def prediction_of(ckpt: Checkpoint) -> str | None:
+    """The prediction type of a checkpoint where it can be told without loading it: a folder's scheduler config,
+    an SD2.x single file's metadata or weights, the reference of other single files; None for text encoders."""
+    if ckpt.path.is_dir():
+        cfg = ckpt.path / "scheduler" / "scheduler_config.json"
+        return read_json(cfg).get("prediction_type", "epsilon") if cfg.is_file() else None
+    if ckpt.architecture == "sd2":
+        return sd2_prediction(ckpt)[0]
+    return None if ckpt.architecture == "clip-text" else "epsilon"
+
+
+def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> ConfigChoice:
+    """The bundled configs for a single file (see the module docstring), checked against its UNet."""
+    arch = ckpt.architecture
+    if arch == "clip-text":
+        raise LayoutError(f"{ckpt.path.name} holds only a CLIP text encoder, no UNet or VAE",
+                          "name a whole Stable Diffusion checkpoint (a text-encoder file can be patched, not run)")
+    if arch == "sd2":
+        pred, reason = (prediction_type, "as given") if prediction_type else sd2_prediction(ckpt)
+        name = "sd2-768-v" if pred == "v_prediction" else "sd2-512"
+    else:
+        name, reason = arch, "from its text-encoder keys"
+        pred = prediction_type or _scheduler_prediction(CONFIGS_DIR / name)
+    choice = ConfigChoice(name, CONFIGS_DIR / name, pred, reason, bundled=True)
+    _check_unet(ckpt, choice)
+    return choice
+
+
+def _scheduler_prediction(folder: Path) -> str:
+    path = folder / "scheduler" / "scheduler_config.json"
+    return read_json(path).get("prediction_type", "epsilon") if path.is_file() else "epsilon"
+
+
+def _check_unet(ckpt: Checkpoint, choice: ConfigChoice) -> None:
+    """Refuse, with a clear line, a file whose UNet is not the reference architecture's (inpainting, other widths)."""
+    info = ckpt.files[0].tensor_info()
+    if _UNET_IN not in info:
+        raise LayoutError(f"{ckpt.path.name} has {ckpt.architecture} text encoders but no UNet ({_UNET_IN})",
+                          "name a whole checkpoint (UNet, VAE and text encoders in one file)")
+    shape = info[_UNET_IN][1]
+    cfg = read_json(choice.path / "unet" / "config.json")
+    want = (cfg["block_out_channels"][0], cfg["in_channels"])
+    if tuple(shape[:2]) != want:
+        what = {9: "an inpainting model", 5: "a depth-conditioned model"}.get(shape[1], "a UNet of other sizes")
+        raise LayoutError(f"{ckpt.path.name} is {what} (UNet input {shape[1]} channels, width {shape[0]}); erasekit's "
+                          f"bundled {choice.name} config has {want[1]} channels, width {want[0]}",
+                          "give a config: a local diffusers folder of this model", option="config_dir")
+
+
+def user_choice(ckpt: Checkpoint, config: str | os.PathLike, prediction_type: str | None = None) -> ConfigChoice:
+    """A user's ``config`` folder, refused before anything is loaded when it is of another model than the file."""
+    folder = Path(config)
+    if not folder.is_dir():
+        raise InputFileError(f"config {folder} is not a folder", "name a local diffusers pipeline folder", option="config_dir")
+    arch, configs = config_architecture(folder)
+    if arch != ckpt.architecture:
+        raise LayoutError(f"config {folder} is a pipeline for {arch} but {ckpt.path.name} is {ckpt.architecture}",
+                          f"give as config a diffusers folder of the {ckpt.architecture} family", option="config_dir")
+    for slot, enc in ckpt.encoders.items():
+        cfg = configs[slot]
+        dims = (cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers"))
+        # diffusers' SD2.x text encoder stops one OpenCLIP block early (23 of 24 layers: the penultimate layer)
+        layers_fit = dims[2] == enc.layers or (enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers)
+        if dims[:2] != enc.dims[:2] or not layers_fit:
+            raise LayoutError(f"config {folder} describes a text encoder of {'x'.join(map(str, dims))} (hidden x FFN "
+                              f"x layers) but {ckpt.path.name} holds {'x'.join(map(str, enc.dims))}",
+                              "give as config the diffusers folder of the model this file was made from",
+                              option="config_dir")
+    pred = prediction_type or _scheduler_prediction(folder)
+    return ConfigChoice(f"config {folder}", folder, pred, "given", bundled=False)
+
+
+def choose_config(ckpt: Checkpoint, config: str | os.PathLike | None = None,
+                  prediction_type: str | None = None) -> ConfigChoice:
+    """The configs to load the single file ``ckpt`` with: the user's ``config`` folder, else the bundled ones."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ErasekitError(f"unknown prediction type {prediction_type!r}", "use epsilon or v_prediction")
+    if config is not None:
+        return user_choice(ckpt, config, prediction_type)
+    return bundled_choice(ckpt, prediction_type)
+
+
+def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(architecture, slot -> text encoder config) of a diffusers folder, from its JSON files only: a folder
+    of configs without weights is enough."""
+    if not (config / "model_index.json").is_file():
+        raise LayoutError(f"config {config} has no model_index.json",
+                          "name a local diffusers pipeline folder (its configs are enough, weights are not needed)")
+    index = read_json(config / "model_index.json")
+    names = [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and index[c][:1] != [None]]
+    slots = {("text_encoder",): ["te"], ("text_encoder", "text_encoder_2"): ["te1", "te2"],
+             ("text_encoder_2",): ["te2"]}.get(tuple(names))
+    if slots is None:
+        raise LayoutError(f"config {config} has no text encoder in its model_index.json",
+                          "name the diffusers pipeline folder of a Stable Diffusion model")
+    configs = {}
+    for slot, name in zip(slots, names):
+        if not (config / name / "config.json").is_file():
+            raise LayoutError(f"config {config} lacks {name}/config.json", "name a complete diffusers pipeline folder")
+        configs[slot] = read_json(config / name / "config.json")
+    if len(names) == 2:
+        return "sdxl", configs
+    if names == ["text_encoder_2"]:
+        return "sdxl-refiner", configs
+    return ("sd2" if configs["te"].get("hidden_act") == "gelu" else "sd1"), configs  # as layouts._detect_folder
+
+
+def native_resolution(ckpt: Checkpoint, config: str | os.PathLike | None = None,
+                      prediction_type: str | None = None) -> int | None:
+    """The image size the model renders at by default, from the model folder's configs or those a single file is
+    loaded with (:func:`native_resolution_of`). None when they do not tell."""
+    try:
+        return native_resolution_of(ckpt.path if ckpt.path.is_dir() else choose_config(ckpt, config, prediction_type).path)
+    except ErasekitError:
+        return None
+
+
+def native_resolution_of(folder: Path) -> int | None:
+    """The default image size of a diffusers pipeline folder, as its pipelines choose it: the UNet's ``sample_size``
+    times the VAE's scale factor, 2 ** (its blocks - 1) (SD1 512, SD2 768-v 768, SDXL 1024)."""
+    unet, vae = read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json")
+    size, blocks = unet.get("sample_size"), vae.get("block_out_channels")
+    if isinstance(size, list):  # [height, width]: a square model's
+        size = size[0] if len(set(size)) == 1 else None
+    if not isinstance(size, int) or not isinstance(blocks, list) or not blocks:
+        return None
+    return size * 2 ** (len(blocks) - 1)

@@ -1,0 +1,228 @@
+"""Load a local Stable Diffusion pipeline for erase and generate (never from a hub)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import warnings
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import ErasekitError, LayoutError
+from .layouts import Checkpoint, detect, read_json
+from .model_configs import choose_config
+
+SUPPORTED = ("sd1", "sd2", "sdxl")
+_COMPONENTS = {"sd1": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
+               "sd2": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
+               "sdxl": ("unet", "vae", "tokenizer", "tokenizer_2", "scheduler", "text_encoder", "text_encoder_2")}
+
+
+class UnsupportedModelError(LayoutError):
+    """The model is readable but erase/generate do not support its architecture yet."""
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers log loudly (progress bars, deprecations); erasekit reports for itself."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+
+
+def model_settings(model: str | os.PathLike) -> dict[str, Any]:
+    """A model folder's ``erasekit.json``: recommended settings per command (``{"erase": {...}}``) and
+    ``"toyworld": true`` for models of the built-in world. Empty for other models and for single files. The folder
+    is the one :func:`load_pipeline` loads ``model`` from (:func:`erasekit.checkpoints.hub.resolve_model`): a model id's
+    snapshot in the Hugging Face cache, a local path as it is."""
+    from .hub import resolve_model
+
+    path = resolve_model(model) / "erasekit.json"
+    if not path.is_file():
+        return {}
+    return read_json(path, "repair or delete it")
+
+
+@contextlib.contextmanager
+def model_threads(model: str | os.PathLike) -> Iterator[None]:
+    """The torch threads a model's ``erasekit.json`` asks for (``"threads": 1`` for the built-in model, whose
+    matrices are too small for a second thread to pay), for the length of a call; none asked: torch's own."""
+    n = model_settings(model).get("threads")
+    if not n:
+        yield
+        return
+    from .._torch import threads
+
+    with threads(int(n)):
+        yield
+
+
+def weights_variant(folder: Path) -> str | None:
+    """``"fp16"`` for a folder that holds only the fp16 weight variant (as a download of just that variant does)."""
+    unet = folder / "unet"
+    plain = any(unet.glob("diffusion_pytorch_model.safetensors")) or any(unet.glob("diffusion_pytorch_model.bin"))
+    return "fp16" if not plain and any(unet.glob("diffusion_pytorch_model.fp16.*")) else None
+
+
+def resolve_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ErasekitError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ErasekitError("device cuda was asked for but this torch has no CUDA device", "use the cpu", option="device")
+    return dev
+
+
+def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype: Any = None,
+                  text_encoder_dtype: Any = None, vae_dtype: Any = None, config: str | os.PathLike | None = None,
+                  prediction_type: str | None = None) -> tuple[Any, Checkpoint]:
+    """A StableDiffusion(XL)Pipeline from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
+    Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
+    of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
+    is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
+    ``text_encoder_dtype`` and ``vae_dtype`` load the text encoders and the VAE in another dtype than the rest
+    (erase: fp32 encoders to train and an fp32 VAE to encode its images with, a bf16 UNet to compute with)."""
+    from .in_place import read_consistently, recover_interrupted
+    from .hub import resolve_model
+
+    path = resolve_model(model)
+    quiet_libraries()  # before diffusers is imported: it imports transformers, which logs on import
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    ckpt = detect(path)
+    recover_interrupted(ckpt)  # never fingerprint or train on a half-applied file
+    if ckpt.architecture == "clip-text":
+        raise UnsupportedModelError(f"{path} is a CLIP text encoder on its own (no UNet or VAE), which erase, "
+                                    "generate and eval cannot run", "name the whole Stable Diffusion model it belongs "
+                                    "to (a text-encoder file still takes patches: erasekit apply)")
+    if ckpt.architecture not in SUPPORTED:
+        raise UnsupportedModelError(f"{path} is {ckpt.architecture}; erase and generate support SD1.x, SD2.x and "
+                                    "SDXL base", "use one of those (the SDXL refiner has no prompt encoder of its own "
+                                    "to erase from; erase with the base model)")
+    dtype = torch_dtype or torch.float32
+    te_dtype = text_encoder_dtype or dtype
+    vae_dtype = vae_dtype or dtype
+    cls = StableDiffusionXLPipeline if ckpt.architecture == "sdxl" else StableDiffusionPipeline
+    extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "feature_extractor": None,
+                                                         "requires_safety_checker": False}
+    if path.is_dir():
+        index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
+        for comp in _COMPONENTS[ckpt.architecture]:
+            if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
+                raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
+                                  "use a complete diffusers pipeline folder")
+        variant = weights_variant(path)
+        dtypes = {"default": dtype, "text_encoder": te_dtype, "text_encoder_2": te_dtype, "vae": vae_dtype}
+        load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, variant=variant,  # noqa: E731
+                                           **extra)
+    else:
+        choice = choose_config(ckpt, config, prediction_type)
+        ckpt.config = choice.describe()
+        extra |= choice.tokenizers()
+        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
+        load = lambda **kw: cls.from_single_file(str(path), config=str(choice.path), local_files_only=True,  # noqa: E731
+                                                 torch_dtype=load_dtype, **extra, **kw)
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    def read() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return _own_text_encoders(load())
+            except NotImplementedError as e:
+                if path.is_dir() or "meta tensor" not in str(e):
+                    raise
+                # with accelerate installed, diffusers leaves the tensors a file lacks on the meta device and fails
+                # on them; loaded without that (missing tensors random), the check below says what is missing
+                check_single_file_pipeline(load(low_cpu_mem_usage=False), ckpt, config)
+                raise
+
+    try:
+        pipe = read_consistently(ckpt, read)  # never one with tensors half-written by an apply under way
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as e:
+        fix = ("check that the folder is a complete local diffusers pipeline" if path.is_dir() else
+               f"check that {path} is a complete checkpoint" + (f" and {config} a pipeline of the same model"
+                                                                 if config else ""))
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:240]  # torch puts the why on line 2
+        raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {detail})",
+                          fix) from None
+    if not path.is_dir():
+        check_single_file_pipeline(pipe, ckpt, config)
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(te_dtype)
+        pipe.unet.to(dtype)
+        pipe.vae.to(vae_dtype)
+    if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), ckpt
+
+
+def _own_text_encoders(pipe: Any) -> Any:
+    """``pipe`` with its text encoders' tensors in memory of their own: loaded from safetensors in their stored
+    dtype they are views of the mapped file, which an in-place apply or revert by another process would change
+    under the running job (after the read was checked to be of one state)."""
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        for tensor in [*encoder.parameters(), *encoder.buffers()] if encoder is not None else []:
+            tensor.data = tensor.data.clone()
+    return pipe
+
+
+def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
+    """The one dtype diffusers loads a whole single file in, before each component is cast to its own: the
+    file's own text-encoder dtype where that loses nothing (an fp16 file for a bf16 UNet and fp32 encoders: no
+    fp32 copy of the UNet is ever made), else fp32."""
+    import torch
+
+    if dtype == te_dtype:
+        return dtype
+    wf = next(f for f in ckpt.files if f.encoders)
+    enc = next(iter(wf.encoders.values()))
+    stored = {"F16": torch.float16, "BF16": torch.bfloat16}.get(wf.tensor_info()[enc.key(0, "fc1", "weight")][0])
+    # widening the stored encoders afterwards is exact, and a UNet computed in half precision needs no more
+    return stored if stored is not None and dtype != torch.float32 else torch.float32
+
+
+def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
+    """diffusers loads single files with ``strict=False``: without accelerate, tensors that its key conversion
+    misses keep their random initial values, silently (with it, they stay on the meta device). Refuse such a pipeline: every UNet and VAE tensor must
+    have a source in the file, and the text-encoder FFN tensors erasekit trains must be the file's, bit for bit
+    (a patch's base fingerprints are taken from the file)."""
+    import torch
+
+    from .memory import memory_encoders
+
+    names = list(ckpt.files[0].tensor_info())
+    for comp, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model.")):
+        need, have = len(getattr(pipe, comp).state_dict()), sum(k.startswith(prefix) for k in names)
+        if have < need:
+            raise LayoutError(f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of its "
+                              f"config ({ckpt.config}) has {need}", "use a complete checkpoint, and a config of the "
+                              "same model", option="config_dir")
+    wf = ckpt.files[0]
+    _, encoders = memory_encoders(pipe)
+    for slot, enc in ckpt.encoders.items():
+        module, spec = encoders[slot]
+        state = module.state_dict()
+        for layer, proj, kind in itertools.product(range(spec.layers), ("fc1", "fc2"), ("weight", "bias")):
+            key = enc.key(layer, proj, kind)
+            got = state[spec.key(layer, proj, kind)]
+            want = torch.from_numpy(wf.read_numpy(key).copy()).to(got.dtype)
+            if got.is_meta or not torch.equal(got.cpu(), want):  # meta: never loaded (accelerate's empty weights)
+                raise LayoutError(f"diffusers did not load {ckpt.path.name}'s text encoder as it is stored ({key} "
+                                  "differs)", "report this with your diffusers and transformers versions")

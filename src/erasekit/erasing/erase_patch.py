@@ -1,0 +1,81 @@
+"""The patch an erase writes: its trained deltas (low-rank where compressed), the base tensors' fingerprints,
+and a manifest with every setting needed to make it again."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..format.erase_config import EraseConfig
+
+
+@dataclass
+class Trained:
+    """What the loop trained: (module, kind, parameter) triples, their original values (on the CPU: on a GPU the
+    memory is the optimizer's) and the encoders' dtypes before the erase; after it, the dense deltas (numpy) and,
+    when compressed, their low-rank factors."""
+
+    params: list[tuple[str, str, Any]]
+    originals: dict[tuple[str, str], Any]
+    te_dtypes: dict[str, Any]
+    dense: dict[tuple[str, str], Any] = field(default_factory=dict)
+    factors: dict[str, Any] = field(default_factory=dict)
+    base: dict[tuple[str, str], Any] | None = None  # the values the patch is for, where not the originals (--after)
+
+    def take_deltas(self) -> None:
+        self.dense = {(m, kind): (p.detach().cpu() - self.originals[(m, kind)]).numpy() for m, kind, p in self.params}
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for m, kind, p in self.params:
+                p.copy_(self.originals[(m, kind)])
+
+
+METHOD_NAMES = {"doco": "wu-2024-doco"}  # the other recipes are variants of Fuchi & Takagi's
+
+
+def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trained: Trained, base_files: Any,
+                ran: dict[str, Any], provenance: dict[str, Any]) -> Any:
+    """The patch: the trained deltas (low-rank where ``trained.factors`` has them) and the base tensors'
+    fingerprints (of the files on disk when ``base_files`` is given, so it applies "exact" to them). ``ran``:
+    what the run measured, recorded with the hyperparameters; ``provenance``: the manifest's ``Method`` fields
+    (images_sha256, num_images, duration_s)."""
+    from .._torch import dtype_code, tensor_bytes
+    from ..format.names import parse_module_name
+    from ..format.patchfile import (Concept, EncoderInfo, Method, Patch, delta_tensors, fingerprint, new_manifest, storage_dtypes)
+
+    tensors: dict[str, Any] = {}
+    deltas = {}
+    fps = {}
+    if base_files is not None:  # a checkpoint with patches applied in place: the base is the one below them
+        from ..checkpoints.in_place import pristine_reader
+
+        read = pristine_reader(base_files)
+    for m, kind, _ in trained.params:
+        slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
+        if kind == "weight":
+            stored, deltas[m] = delta_tensors(m, trained.dense[(m, "weight")], trained.dense[(m, "bias")],
+                                              trained.factors.get(m))
+            tensors.update(stored)
+        if base_files is not None:
+            wf = next(f for f in base_files.files if slot in f.encoders)
+            key = wf.encoders[slot].key(layer, proj, kind)
+            dtype, shape = wf.tensor_info()[key]
+            fps[f"{m}.{kind}"] = fingerprint(read(wf, key), dtype, shape)
+        else:  # of the weights as they were in memory
+            orig = (trained.base or trained.originals)[(m, kind)].to(trained.te_dtypes[slot])
+            fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
+    hp = config.hyperparameters() | ran
+    manifest = new_manifest(
+        title=" + ".join(concepts) + " erased", architecture=cond_of.arch,
+        encoders={slot: EncoderInfo(hidden=te.config.hidden_size, intermediate=te.config.intermediate_size,
+                                    layers=te.config.num_hidden_layers) for slot, te in cond_of.trained.items()},
+        fingerprints=fps, deltas=deltas,
+        concepts=[Concept(name=c, kind=config.kind) for c in concepts],
+        method=Method(name=METHOD_NAMES.get(config.recipe, "fuchi-takagi-2024"), hyperparameters=hp, seed=config.seed, **provenance),
+        source=str(base_files.path.name) if base_files is not None else None,
+        config=base_files.config if base_files is not None else None)
+    return Patch(manifest, tensors, storage_dtypes(tensors, config.patch_dtype))
