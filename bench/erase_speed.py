@@ -25,10 +25,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from erasekit.format.erase_config import OBJECT_TEMPLATES, EraseConfig
 from erasekit._torch import compute_dtype
-from erasekit.erasing.unlearn import erase
 from erasekit.checkpoints.pipeline import load_pipeline, quiet_libraries
+from erasekit.erasing.unlearn import erase
+from erasekit.format.erase_config import OBJECT_TEMPLATES, EraseConfig
 
 
 def sd1_size_pipeline(resolution: int) -> SimpleNamespace:

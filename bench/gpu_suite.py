@@ -61,8 +61,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import erase_speed  # noqa: E402  (bench/erase_speed.py: the reference loop, random images)
 
-from erasekit.format.erase_config import EraseConfig  # noqa: E402
 from erasekit.checkpoints.pipeline import quiet_libraries  # noqa: E402
+from erasekit.format.erase_config import EraseConfig  # noqa: E402
 
 CONCEPT = "snoopy"
 MODELS = ("sd1", "sdxl")
@@ -221,8 +221,8 @@ class Suite:
         return EraseConfig(**(base | over))
 
     def erase(self, pipe: Any, imgs: list[Any], patch_file: bool = False, **over: Any) -> dict[str, Any]:
-        from erasekit.format.patchfile import save_patch
         from erasekit.erasing.unlearn import erase
+        from erasekit.format.patchfile import save_patch
 
         cfg = self.config(**over)
         self.meter.start()

@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from erasekit.judging.evaluate import EvalConfig, evaluate_model
 from erasekit.erasing.erase_job import erase_model
+from erasekit.judging.evaluate import EvalConfig, evaluate_model
 
 
 def judged(concept: str, seed: int, rank: str, n: int, folder: Path) -> dict[str, float]:

@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from erasekit.erasing.erase_job import erase_model
 from erasekit.judging.evaluate import EvalConfig, evaluate_model
 from erasekit.toyworld import builtin_model_path
-from erasekit.erasing.erase_job import erase_model
 
 # name -> settings laid over the model's erasekit.json (its own recipe's tuning, or its erase_recipes entry)
 RECIPES: dict[str, dict[str, Any]] = {

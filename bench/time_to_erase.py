@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from erasekit.judging.evaluate import EvalConfig, evaluate_model
 from erasekit.checkpoints.pipeline import model_settings
-from erasekit.toyworld import builtin_model_path
 from erasekit.erasing.erase_job import erase_model
+from erasekit.judging.evaluate import EvalConfig, evaluate_model
+from erasekit.toyworld import builtin_model_path
 
 # name -> settings laid over the model's erasekit.json; the grid's `steps` is added to each (it replaces epochs)
 RECIPES: dict[str, dict[str, Any]] = {

@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from erasekit.checkpoints.pipeline import model_settings
 from erasekit.erasing.erase_job import erase_model
 from erasekit.judging.evaluate import EvalConfig, evaluate_model
-from erasekit.checkpoints.pipeline import model_settings
 from erasekit.toyworld import builtin_model_path
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -225,8 +225,8 @@ class Stubs:
 def erase_without_training(patch: str) -> dict[str, Any]:
     """Stubs for ``erase``: no model is loaded and the training gives the patch at ``patch``; what runs is the rest
     of the command, writing the patch included."""
-    from erasekit.format.patchfile import load_patch
     from erasekit.erasing.unlearn import EraseReport
+    from erasekit.format.patchfile import load_patch
 
     def trained(*args: Any, **kwargs: Any) -> EraseReport:
         return EraseReport(concepts=["circle"], output=None, steps=1, loss_start=0.1, loss_end=0.2, losses=[0.1],

@@ -9,15 +9,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import snapshot
-from erasekit.format import _st
+
 from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 from erasekit.checkpoints.diff import diff_checkpoints
-from erasekit.errors import (ErasekitError, FingerprintMismatchError, IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError, TargetLockedError, TargetNotWritableError, UndoRecordError)
 from erasekit.checkpoints.inspect import inspect_path
 from erasekit.checkpoints.journal import journal_dir
 from erasekit.checkpoints.layouts import detect
+from erasekit.errors import (
+    ErasekitError,
+    FingerprintMismatchError,
+    IncompatiblePatchError,
+    NonFiniteError,
+    NotAppliedError,
+    RevertOrderError,
+    TargetLockedError,
+    TargetNotWritableError,
+    UndoRecordError,
+)
+from erasekit.format import _st
 from erasekit.testing import make_checkpoint
 
 FC1_W1 = "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"

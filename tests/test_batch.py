@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import snapshot
 from typer.testing import CliRunner
 
-from conftest import snapshot
 from erasekit.cli import app
 from erasekit.format.patchfile import load_patch
 
@@ -214,9 +214,9 @@ def test_jobs_share_one_pipeline_and_leave_it_exactly_as_it_was(tmp_path: Path, 
     import torch
 
     import erasekit.checkpoints.pipeline as pipeline
+    from erasekit.checkpoints.pipeline import model_threads
     from erasekit.erasing.batch_manifest import plan_batch
     from erasekit.erasing.erase_job import load_for, run_erase
-    from erasekit.checkpoints.pipeline import model_threads
     from erasekit.erasing.unlearn import Clock
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
@@ -332,7 +332,6 @@ def test_erase_options_are_refused_next_to_a_manifest(tmp_path: Path) -> None:
 def test_paths_are_relative_to_the_manifest(tmp_path: Path) -> None:
     from erasekit.erasing.batch_manifest import plan_batch
     from erasekit.toyworld import builtin_model_path
-
     from erasekit.toyworld.concepts import render_concept
 
     (tmp_path / "imgs").mkdir()

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from erasekit.checkpoints.diff import diff_checkpoints
-from erasekit.errors import ErasekitError, IncompatiblePatchError
 from erasekit.checkpoints.pipeline import load_pipeline
-from erasekit.judging.sampling import GenerateConfig, generate
-from erasekit.testing import make_checkpoint, make_tiny_pipeline
-from erasekit.format.erase_config import EraseConfig
 from erasekit.erasing.erase_job import erase_model
 from erasekit.erasing.unlearn import erase
+from erasekit.errors import ErasekitError, IncompatiblePatchError
+from erasekit.format.erase_config import EraseConfig
+from erasekit.judging.sampling import GenerateConfig, generate
+from erasekit.testing import make_checkpoint, make_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

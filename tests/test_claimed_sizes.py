@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import snapshot
 from typer.testing import CliRunner
 
-from conftest import snapshot
 from erasekit.cli import app
-from erasekit.testing.fuzz import MEMORY_LIMIT, claimed_width
 from erasekit.format.patchfile import Patch, load_patch, save_patch, storage_dtypes
+from erasekit.testing.fuzz import MEMORY_LIMIT, claimed_width
 
 GOLDEN = Path(__file__).parent / "golden" / "v1.erasepatch"
 runner = CliRunner()

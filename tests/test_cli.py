@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import snapshot
 from typer.testing import CliRunner
 
-from conftest import snapshot
 from erasekit.cli import app
 from erasekit.testing import make_checkpoint
 

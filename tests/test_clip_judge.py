@@ -16,8 +16,15 @@ import torch
 from typer.testing import CliRunner
 
 from erasekit.cli import app
-from erasekit.judging.clip_judge import (judge_labels, label_named, label_prompts, load_clip_judge, read_label_prompts, stand_in_words)
 from erasekit.errors import ErasekitError, InputFileError
+from erasekit.judging.clip_judge import (
+    judge_labels,
+    label_named,
+    label_prompts,
+    load_clip_judge,
+    read_label_prompts,
+    stand_in_words,
+)
 from erasekit.toyworld import builtin_model_path
 from erasekit.toyworld.concepts import paraphrases_of, render_concept
 

@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from erasekit.cli import app
 from erasekit.checkpoints.diff import diff_checkpoints
+from erasekit.cli import app
 from erasekit.errors import ErasekitError
 from erasekit.format.patchfile import load_patch
 from erasekit.testing import make_checkpoint

@@ -28,14 +28,14 @@ pytest.importorskip("peft")
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from erasekit.cli import app  # noqa: E402
 from erasekit.checkpoints.diff import diff_checkpoints  # noqa: E402
-from erasekit.format.erase_config import EraseConfig  # noqa: E402
 from erasekit.checkpoints.memory import apply_patch  # noqa: E402
-from erasekit.format.patchfile import load_patch, save_patch  # noqa: E402
-from erasekit.testing import make_checkpoint, make_tiny_pipeline  # noqa: E402
-from erasekit.format.ui_export import export_patch  # noqa: E402
+from erasekit.cli import app  # noqa: E402
 from erasekit.erasing.unlearn import erase  # noqa: E402
+from erasekit.format.erase_config import EraseConfig  # noqa: E402
+from erasekit.format.patchfile import load_patch, save_patch  # noqa: E402
+from erasekit.format.ui_export import export_patch  # noqa: E402
+from erasekit.testing import make_checkpoint, make_tiny_pipeline  # noqa: E402
 
 runner = CliRunner()
 ENCODERS = ("text_encoder", "text_encoder_2")

@@ -15,15 +15,15 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from erasekit.format import _st
-from erasekit.cli import app
-from erasekit.format.erase_config import EraseConfig
-from erasekit.errors import ErasekitWarning
 from erasekit.checkpoints.layouts import detect
 from erasekit.checkpoints.model_configs import _SPREAD_KEY, V_PREDICTION_SPREAD, sd2_prediction
 from erasekit.checkpoints.pipeline import load_pipeline
-from erasekit.testing import make_checkpoint, make_tiny_pipeline
+from erasekit.cli import app
 from erasekit.erasing.training_images import cache_dir, encode_images, training_image, vae_id
+from erasekit.errors import ErasekitWarning
+from erasekit.format import _st
+from erasekit.format.erase_config import EraseConfig
+from erasekit.testing import make_checkpoint, make_tiny_pipeline
 
 # -- the VAE encodes in float32 -------------------------------------------------------------------
 
@@ -181,8 +181,8 @@ def test_the_cli_shows_a_warning_given_twice_once(capsys: pytest.CaptureFixture[
 
     with errors():
         for _ in range(2):
-            warnings.warn(ErasekitWarning("the prediction type epsilon was guessed", option="prediction_type"))
-        warnings.warn(ErasekitWarning("another"))
+            warnings.warn(ErasekitWarning("the prediction type epsilon was guessed", option="prediction_type"), stacklevel=1)
+        warnings.warn(ErasekitWarning("another"), stacklevel=1)
     assert capsys.readouterr().err.splitlines() == [
         "warning: the prediction type epsilon was guessed (--prediction-type of erase, eval, generate)",
         "warning: another"]
@@ -193,8 +193,8 @@ def test_an_erase_loads_the_vae_in_float32_beside_a_bf16_unet(tmp_path: Path, la
     """The VAE's weights are not rounded to the UNet's compute dtype on load: the fp32 encode then sees the file's
     own values (a bf16 VAE cast up would give bf16-rounded latents)."""
     from erasekit.erasing.erase_job import load_for, prepare_erase
-    from erasekit.testing import save_single_file
     from erasekit.erasing.unlearn import Clock
+    from erasekit.testing import save_single_file
 
     folder = make_tiny_pipeline(tmp_path / "tiny")
     model = folder if layout == "folder" else save_single_file(folder, tmp_path / "tiny.safetensors")

@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import snapshot
 from PIL import Image, ImageDraw
 
-from conftest import snapshot
 from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 from erasekit.checkpoints.memory import apply_patch
-from erasekit.format.erase_config import EraseConfig
+from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.erasing.erase_job import erase_model
 from erasekit.erasing.unlearn import erase
 from erasekit.errors import ErasekitError, InputFileError, LayoutError, NonFiniteError, TargetNotWritableError
+from erasekit.format.erase_config import EraseConfig
 from erasekit.format.patchfile import load_patch
-from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.testing import make_checkpoint, make_tiny_pipeline
 
 FAST = dict(resolution=32, lr=1e-3)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from erasekit.cli import app
-from erasekit.format.erase_config import OBJECT_TEMPLATES, recommended_for
-from erasekit.errors import ErasekitError
 from erasekit.checkpoints.pipeline import model_settings
+from erasekit.cli import app
+from erasekit.errors import ErasekitError
+from erasekit.format.erase_config import OBJECT_TEMPLATES, recommended_for
 from erasekit.toyworld import builtin_model_path
 from erasekit.toyworld.captions import NOUNS_WITHOUT_SHAPE, PREFIXES
 from erasekit.toyworld.concepts import PARAPHRASES, paraphrases_of

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from erasekit.checkpoints.pipeline import model_settings
 from erasekit.errors import ErasekitError, LayoutError
 from erasekit.toyworld.concepts import attribute_of, eval_prompts, render_concept, truth_of
-from erasekit.checkpoints.pipeline import model_settings
 
 
 def test_attribute_of_known_and_unknown() -> None:

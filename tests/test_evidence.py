@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import snapshot
 from typer.testing import CliRunner
 
-from conftest import snapshot
+from erasekit.checkpoints.inspect import inspect_path
 from erasekit.cli import app
 from erasekit.errors import ErasekitError, PatchFormatError, TargetNotWritableError
-from erasekit.judging.evidence import evaluated_model, judge_info, record_evaluation, weights_sha256
-from erasekit.checkpoints.inspect import inspect_path
 from erasekit.format.patchfile import Evaluation, load_patch, manifest_json
+from erasekit.judging.evidence import evaluated_model, judge_info, record_evaluation, weights_sha256
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN = GOLDEN_DIR / "v1.erasepatch"

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from erasekit.format import _st
-from erasekit.format import _f16
+from erasekit.format import _f16, _st
 from erasekit.format._f16 import f16_add, f16_add_inverted, f16_to_f32, f32_to_f16
 
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import faults
+import pytest
 from conftest import snapshot
-from erasekit.errors import ErasekitError
+
 from erasekit.checkpoints.journal import SET_ASIDE, Journal, JournalFile, journal_dir
+from erasekit.errors import ErasekitError
 
 ENV = {"SOURCE_DATE_EPOCH": "1700000000"}  # merge and erase write the same bytes every run
 

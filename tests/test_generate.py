@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erasekit.format.erase_config import EraseConfig
 from erasekit.erasing.erase_job import erase_model
 from erasekit.errors import ErasekitError, PatchFormatError
+from erasekit.format.erase_config import EraseConfig
 from erasekit.judging.sampling import GenerateConfig, generate_model
 from erasekit.testing import make_tiny_pipeline
 
@@ -82,7 +82,7 @@ def test_every_image_has_its_own_file(tmp_path: Path, setup: tuple[Path, Path]) 
     assert on_disk == sorted(["grid.png", *(Path(p).name for p in paths)])
     for image in r.images:  # no file was overwritten by another prompt's image
         assert Image.open(image.path).text["prompt"] == image.prompt
-    digest = hashlib.sha256("A photo of a CAT!".encode()).hexdigest()[:8]
+    digest = hashlib.sha256(b"A photo of a CAT!").hexdigest()[:8]
     assert Path(paths[1]).name == f"a-photo-of-a-cat_{digest}_0.png"
     assert Path(paths[-1]).name == "a-photo-of-a-dog_0.png", "an ordinary prompt keeps its readable name"
     assert {Path(p).name.rsplit("_", 2)[0] for p in paths[2:4]} == {"prompt"}

@@ -4,19 +4,18 @@ its drift reported, and low-rank storage judged on each output separately."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
-from erasekit.erasing.conditioning import Conditioner, encoder_outputs, output_drift
-from erasekit.format.erase_config import EraseConfig
 from erasekit.checkpoints.memory import patches_applied
 from erasekit.checkpoints.pipeline import load_pipeline
-from erasekit.testing import make_tiny_pipeline
+from erasekit.erasing.conditioning import Conditioner, encoder_outputs, output_drift
 from erasekit.erasing.unlearn import erase
+from erasekit.format.erase_config import EraseConfig
+from erasekit.testing import make_tiny_pipeline
 
 HELD = ["", "a photo of a cat", "a mountain landscape", "a cup of coffee", "a book on a shelf", "a horse in a field"]
 ERASED = ["a photo of a circle", "a rendering of a circle"]
@@ -66,8 +65,8 @@ def test_each_output_is_held_in_its_own_unit() -> None:
     """The same relative drift costs the same whatever an output's scale (SDXL holds hidden states before the final
     layer norm, SD1/SD2 after it; the pooled embedding has its own), and whatever prompts are held: the unit is the
     spread of everyday captions in that output."""
-    from erasekit.format.erase_config import GENERIC_ANCHORS
     from erasekit.erasing.recipes.holding import Holding
+    from erasekit.format.erase_config import GENERIC_ANCHORS
 
     gen = torch.Generator().manual_seed(0)
     table = {p: (torch.randn(5, 4, generator=gen), torch.randn(6, generator=gen))

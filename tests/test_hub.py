@@ -14,9 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from erasekit.checkpoints.hub import PIPELINE, TEXT_ENCODERS, allow_patterns, parse_model_id, resolve_model
 from erasekit.cli import app
 from erasekit.errors import ErasekitError, InputFileError
-from erasekit.checkpoints.hub import PIPELINE, TEXT_ENCODERS, allow_patterns, parse_model_id, resolve_model
 from erasekit.format.patchfile import load_patch
 from erasekit.testing import add_to_hub_cache, make_tiny_pipeline
 

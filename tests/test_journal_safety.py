@@ -13,13 +13,13 @@ import torch
 from typer.testing import CliRunner
 
 from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
-from erasekit.cli import app
 from erasekit.checkpoints.diff import diff_checkpoints
-from erasekit.errors import TargetLockedError, TargetNotWritableError
 from erasekit.checkpoints.inspect import inspect_path
 from erasekit.checkpoints.journal import Journal, journal_dir
 from erasekit.checkpoints.layouts import detect
 from erasekit.checkpoints.pipeline import load_pipeline
+from erasekit.cli import app
+from erasekit.errors import TargetLockedError, TargetNotWritableError
 from erasekit.testing import make_checkpoint, make_tiny_pipeline
 
 

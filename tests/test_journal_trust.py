@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from erasekit.format import _st
 from erasekit.checkpoints.apply import RevertReport, apply_to_checkpoint, revert_from_checkpoint
-from erasekit.cli import app
 from erasekit.checkpoints.diff import diff_checkpoints
-from erasekit.errors import ErasekitWarning, TargetNotWritableError
 from erasekit.checkpoints.inspect import inspect_path
 from erasekit.checkpoints.journal import Journal, journal_dir
+from erasekit.cli import app
+from erasekit.errors import ErasekitWarning, TargetNotWritableError
+from erasekit.format import _st
 from erasekit.testing import make_checkpoint
 
 runner = CliRunner()
@@ -479,10 +479,10 @@ def test_patches_in_place_are_read_as_the_pipeline_was_loaded(
     """A revert (or an apply) by another process between loading a model and reading which patches it holds: the
     loaded weights and the journal disagree, so generate/eval must not add patches on the journal's word (a revert
     of P then made P be applied a second time)."""
-    from erasekit.errors import TargetLockedError
     from erasekit.checkpoints.in_place import in_place_stack
-    from erasekit.format.patchfile import load_patch
     from erasekit.checkpoints.pipeline import load_pipeline
+    from erasekit.errors import TargetLockedError
+    from erasekit.format.patchfile import load_patch
 
     model, in_place, other = toy_with_a_patch_in_place
     pipe, ckpt = load_pipeline(model)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ckpt_path
 from safetensors.torch import save_file
 
-from conftest import ckpt_path
-from erasekit.errors import InputFileError, LayoutError
 from erasekit.checkpoints.layouts import detect
+from erasekit.errors import InputFileError, LayoutError
 from erasekit.testing import make_checkpoint
 
 EXPECTED = {

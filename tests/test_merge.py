@@ -8,15 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import snapshot
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from conftest import snapshot
 from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
-from erasekit.cli import app
 from erasekit.checkpoints.diff import diff_checkpoints
-from erasekit.errors import ErasekitError, IncompatiblePatchError, TargetNotWritableError
 from erasekit.checkpoints.merge import merge_patches
+from erasekit.cli import app
+from erasekit.errors import IncompatiblePatchError, TargetNotWritableError
 from erasekit.format.patchfile import Concept, Patch, load_patch, save_patch
 from erasekit.testing import make_checkpoint
 
@@ -73,7 +73,7 @@ def test_merged_patch_does_what_a_then_b_does(tmp_path: Path, base: Path, ab: tu
     apply_to_checkpoint([tmp_path / "m.erasepatch"], base, output=tmp_path / "merged.safetensors")
     apply_to_checkpoint(list(ab), base, output=tmp_path / "ab.safetensors")
     assert_same_weights(tmp_path / "merged.safetensors", tmp_path / "ab.safetensors")
-    assert not np.array_equal(ffn(tmp_path / "merged.safetensors")[f"cond_stage_model.transformer.text_model.encoder."
+    assert not np.array_equal(ffn(tmp_path / "merged.safetensors")["cond_stage_model.transformer.text_model.encoder."
                                                                     "layers.1.mlp.fc1.weight"], ffn(base)[
         "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"])
 

@@ -19,12 +19,12 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from erasekit.checkpoints import model_configs
-from erasekit.cli import app
-from erasekit.errors import LayoutError
 from erasekit.checkpoints.layouts import detect
 from erasekit.checkpoints.model_configs import CONFIGS_DIR, bundled_choice, choose_config
-from erasekit.format.patchfile import load_patch
 from erasekit.checkpoints.pipeline import load_pipeline
+from erasekit.cli import app
+from erasekit.errors import LayoutError
+from erasekit.format.patchfile import load_patch
 from erasekit.testing import make_checkpoint, make_tiny_pipeline, save_single_file
 
 runner = CliRunner()

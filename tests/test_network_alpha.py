@@ -5,17 +5,18 @@ alpha (the scale made up for in ``lora_up``) its kohya loader gives erasekit's w
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from erasekit.checkpoints.merge import merge_patches
+from erasekit.checkpoints.pipeline import load_pipeline
+from erasekit.erasing.unlearn import erase
 from erasekit.format import _st
 from erasekit.format.erase_config import EraseConfig
-from erasekit.checkpoints.merge import merge_patches
 from erasekit.format.patchfile import NETWORK_ALPHA, Patch, load_patch, metadata_for, save_patch
-from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.testing import make_tiny_pipeline
-from erasekit.erasing.unlearn import erase
 
 pytest.importorskip("peft")
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit.format import _st
 from erasekit.errors import InputFileError, PatchFormatError, PatchVersionError
+from erasekit.format import _st
 from erasekit.format.patchfile import FORMAT_VERSION, UPGRADES, load_patch, parse_manifest, read_manifest, save_patch
 
 GOLDEN = Path(__file__).parent / "golden" / "v1.erasepatch"

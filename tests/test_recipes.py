@@ -9,15 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from erasekit.cli import app
-from erasekit.format.erase_config import EraseConfig, effective_settings
-from erasekit.judging.evaluate import EvalConfig, evaluate_model
-from erasekit.format.patchfile import load_patch
 from erasekit.checkpoints.pipeline import model_settings
+from erasekit.cli import app
+from erasekit.erasing.erase_job import erase_model
 from erasekit.erasing.recipes.doco import DoCo, discriminator
 from erasekit.erasing.surgery import surgery_grads
+from erasekit.format.erase_config import EraseConfig, effective_settings
+from erasekit.format.patchfile import load_patch
+from erasekit.judging.evaluate import EvalConfig, evaluate_model
 from erasekit.toyworld import builtin_model_path
-from erasekit.erasing.erase_job import erase_model
 
 SETTINGS = model_settings(builtin_model_path())
 
@@ -159,10 +159,11 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     import shutil
 
     from conftest import snapshot
+
     from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
     from erasekit.checkpoints.pipeline import load_pipeline
-    from erasekit.toyworld.concepts import render_concept
     from erasekit.erasing.unlearn import erase
+    from erasekit.toyworld.concepts import render_concept
 
     circle, red, alone = tmp_path / "circle.erasepatch", tmp_path / "red.erasepatch", tmp_path / "alone.erasepatch"
     erase_model(None, ["circle"], None, circle, {"steps": 4})
@@ -227,6 +228,7 @@ def test_an_erase_of_a_checkpoint_with_patches_applied_in_place_is_made_after_th
     import shutil
 
     from conftest import snapshot
+
     from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 
     model, circle, red = tmp_path / "model", tmp_path / "circle.erasepatch", tmp_path / "red.erasepatch"

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ckpt_path, snapshot
+
 from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 from erasekit.checkpoints.diff import diff_checkpoints
-from erasekit.errors import TargetNotWritableError
 from erasekit.checkpoints.layouts import detect
+from erasekit.errors import TargetNotWritableError
 from erasekit.testing import LAYOUTS, make_checkpoint
 
 DTYPES = ("F32", "F16", "BF16")

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from erasekit.cli import app
-from erasekit.format.patchfile import load_patch
 from erasekit.checkpoints.pipeline import model_settings
-from erasekit.toyworld import builtin_model_path
-from erasekit.format.erase_config import effective_settings
+from erasekit.cli import app
 from erasekit.errors import ErasekitError
+from erasekit.format.erase_config import effective_settings
+from erasekit.format.patchfile import load_patch
+from erasekit.toyworld import builtin_model_path
 
 runner = CliRunner()
 BUILTIN = model_settings(builtin_model_path())["erase"]  # anchored, lr 3e-3, 40 epochs, no flip, 32 px, fp32
@@ -64,8 +64,8 @@ def test_the_run_records_and_says_where_settings_came_from(tmp_path: Path) -> No
 
 def test_library_errors_name_settings_and_the_cli_adds_its_flags(tmp_path: Path) -> None:
     """A library error names the setting at fault in words and as `option`; only the CLI names its own flag."""
-    from erasekit.errors import ErasekitError
     from erasekit.erasing.erase_job import erase_model
+    from erasekit.errors import ErasekitError
 
     with pytest.raises(ErasekitError) as e:
         erase_model(None, ["circle"], None, tmp_path / "x.erasepatch", {"batch_size": 0})

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from erasekit.cli import app
-from erasekit.errors import ErasekitError, InputFileError, LayoutError
 from erasekit.checkpoints.layouts import detect
 from erasekit.checkpoints.pipeline import load_pipeline
+from erasekit.cli import app
+from erasekit.errors import InputFileError, LayoutError
 from erasekit.testing import make_tiny_pipeline, save_single_file
 
 runner = CliRunner()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from erasekit.format import _st
 from erasekit import _temps
 from erasekit.checkpoints.apply import apply_to_checkpoint
 from erasekit.checkpoints.journal import journal_dir
+from erasekit.format import _st
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="Windows keeps stale temporaries (see erasekit._temps)")
 

@@ -172,8 +172,8 @@ def test_shipped_model_loads_offline_in_float32(pipe) -> None:
 
 
 def test_shipped_model_follows_prompts(pipe, judge_model) -> None:
-    from erasekit.toyworld.measure import generate
     from erasekit.toyworld.judge import judge
+    from erasekit.toyworld.measure import generate
 
     specs = [("circle", "red", "solid"), ("square", "blue", "striped"), ("star", "yellow", "hollow")]
     prompts = [cap.prompt_for(*s) for s in specs for _ in range(4)]

@@ -20,12 +20,12 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from erasekit.checkpoints.apply import apply_to_checkpoint
-from erasekit.cli import app
 from erasekit.checkpoints.diff import diff_checkpoints
 from erasekit.checkpoints.layouts import detect
+from erasekit.cli import app
 from erasekit.format.patchfile import load_patch
-from erasekit.testing import make_checkpoint
 from erasekit.format.ui_export import export_patch, loads_as_is
+from erasekit.testing import make_checkpoint
 
 runner = CliRunner()
 LAYOUT = {"sd1": "single-sd1", "sd2": "single-sd2", "sdxl": "single-sdxl", "sdxl-refiner": "single-sdxl-refiner"}

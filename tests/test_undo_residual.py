@@ -5,24 +5,33 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import snapshot
-from erasekit.format import _st
+
 from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
-from erasekit.checkpoints.in_place import recover_interrupted
 from erasekit.checkpoints.diff import diff_checkpoints
-from erasekit.errors import ErasekitWarning, FingerprintMismatchError, NonFiniteError, NotAppliedError, UndoRecordError
+from erasekit.checkpoints.in_place import recover_interrupted
 from erasekit.checkpoints.journal import Entry, Journal, journal_dir
-from erasekit.checkpoints.undo_record import TensorRecord
-from erasekit.checkpoints.undo_record import (PAGE, _pages, add_term, added, delta_of, residual_fits, scaled, sha256, undo_record)
 from erasekit.checkpoints.layouts import detect
+from erasekit.checkpoints.undo_record import (
+    PAGE,
+    TensorRecord,
+    _pages,
+    add_term,
+    added,
+    delta_of,
+    residual_fits,
+    scaled,
+    sha256,
+    undo_record,
+)
+from erasekit.errors import ErasekitWarning, FingerprintMismatchError, NonFiniteError, NotAppliedError, UndoRecordError
+from erasekit.format import _st
 from erasekit.format.patchfile import load_patch
 from erasekit.testing import make_checkpoint
 

@@ -34,19 +34,28 @@ _API = {
     "load_pipeline": "erasekit.checkpoints.pipeline",
 }
 
-if TYPE_CHECKING:
-    from .checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
-    from .checkpoints.memory import apply_patch, revert_patch
-    from .checkpoints.diff import diff_paths
-    from .judging.evaluate import EvalConfig, evaluate_model
-    from .checkpoints.pipeline import load_pipeline
-    from .judging.sampling import GenerateConfig, generate, generate_model
-    from .format.erase_config import EraseConfig
-    from .erasing.erase_job import erase_model
-    from .erasing.unlearn import EraseReport, erase
-    from .checkpoints.inspect import inspect_path
-    from .checkpoints.layouts import detect
-    from .format.patchfile import Manifest, Patch, load_patch, save_patch
+if TYPE_CHECKING:  # the names __getattr__ gives, for type checkers (X as X: re-exported)
+    from .checkpoints.apply import apply_to_checkpoint as apply_to_checkpoint
+    from .checkpoints.apply import revert_from_checkpoint as revert_from_checkpoint
+    from .checkpoints.diff import diff_paths as diff_paths
+    from .checkpoints.inspect import inspect_path as inspect_path
+    from .checkpoints.layouts import detect as detect
+    from .checkpoints.memory import apply_patch as apply_patch
+    from .checkpoints.memory import revert_patch as revert_patch
+    from .checkpoints.pipeline import load_pipeline as load_pipeline
+    from .erasing.erase_job import erase_model as erase_model
+    from .erasing.unlearn import EraseReport as EraseReport
+    from .erasing.unlearn import erase as erase
+    from .format.erase_config import EraseConfig as EraseConfig
+    from .format.patchfile import Manifest as Manifest
+    from .format.patchfile import Patch as Patch
+    from .format.patchfile import load_patch as load_patch
+    from .format.patchfile import save_patch as save_patch
+    from .judging.evaluate import EvalConfig as EvalConfig
+    from .judging.evaluate import evaluate_model as evaluate_model
+    from .judging.sampling import GenerateConfig as GenerateConfig
+    from .judging.sampling import generate as generate
+    from .judging.sampling import generate_model as generate_model
 
 __all__ = ["__version__", *_API]
 

@@ -15,7 +15,6 @@ and not a PID namespace can see each other's live writers as gone: give them dif
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import re

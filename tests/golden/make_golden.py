@@ -16,7 +16,16 @@ import numpy as np
 
 from erasekit.checkpoints.layouts import detect
 from erasekit.format.names import module_name
-from erasekit.format.patchfile import (Concept, DeltaInfo, EncoderInfo, Method, Patch, fingerprint, new_manifest, save_patch)
+from erasekit.format.patchfile import (
+    Concept,
+    DeltaInfo,
+    EncoderInfo,
+    Method,
+    Patch,
+    fingerprint,
+    new_manifest,
+    save_patch,
+)
 from erasekit.testing import make_checkpoint
 
 HERE = Path(__file__).parent

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+from erasekit.format.patchfile import Evaluation, JudgeInfo, load_patch
 from erasekit.judging.evaluate import ConceptScore, EvalConfig, EvalReport
 from erasekit.judging.evidence import evaluated_model, evaluation_from_report, record_evaluation
-from erasekit.format.patchfile import Evaluation, JudgeInfo, load_patch
 from erasekit.testing import make_checkpoint
 
 HERE = Path(__file__).parent

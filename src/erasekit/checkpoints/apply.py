@@ -22,19 +22,44 @@ from typing import Any
 
 import numpy as np
 
-from ..format import _st
 from .. import _temps
-from ..errors import (ErasekitError, IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError, TargetNotWritableError, UndoRecordError)
 from .._parallel import map_threads
-from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, copy_journal, journal_dir
-from .undo_record import TensorRecord
-from .undo_record import DeltaParts, UndoTensor, added, delta_of, residual_fits, scaled, sha256, undo_record
-from .hub import in_hub_cache, resolve_model
-from .compat import (STATUS_RANK, FingerprintStatus, Touch, crossing_note, judge_fingerprints, order_notes, slot_map, touches)
-from .in_place import applied_in_place, read_consistently, tensor_places
-from .layouts import Checkpoint, WeightFile, detect
+from ..errors import (
+    ErasekitError,
+    IncompatiblePatchError,
+    NonFiniteError,
+    NotAppliedError,
+    RevertOrderError,
+    TargetNotWritableError,
+    UndoRecordError,
+)
+from ..format import _st
 from ..format.patchfile import Patch, compare_fingerprint, fingerprint, load_patch, now_iso
-
+from .compat import (
+    STATUS_RANK,
+    FingerprintStatus,
+    Touch,
+    crossing_note,
+    judge_fingerprints,
+    order_notes,
+    slot_map,
+    touches,
+)
+from .hub import in_hub_cache, resolve_model
+from .in_place import applied_in_place, read_consistently, tensor_places
+from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, copy_journal, journal_dir
+from .layouts import Checkpoint, WeightFile, detect
+from .undo_record import (
+    DeltaParts,
+    TensorRecord,
+    UndoTensor,
+    added,
+    delta_of,
+    residual_fits,
+    scaled,
+    sha256,
+    undo_record,
+)
 
 
 @dataclass

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import FingerprintMismatchError, IncompatiblePatchError
-from .layouts import EncoderSpec
 from ..format.names import parse_module_name
 from ..format.patchfile import Patch, compare_fingerprint, fingerprint
+from .layouts import EncoderSpec
 
 FingerprintStatus = Literal["exact", "approx", "forced"]
 STATUS_RANK = {"exact": 0, "approx": 1, "differs": 2}  # across weight variants, the highest counts

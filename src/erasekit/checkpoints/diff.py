@@ -5,18 +5,33 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..format.lowrank import truncated_svd
 from ..errors import ErasekitError, IncompatiblePatchError
-from .hub import TEXT_ENCODERS, resolve_model
-from ..format.ui_export import ui_advice
-from .layouts import Checkpoint, WeightFile, detect
+from ..format.lowrank import truncated_svd
 from ..format.names import module_name
-from ..format.patchfile import (STORED_DTYPES, DeltaInfo, EncoderInfo, Method, Patch, delta_inner, delta_norm, delta_tensors, fingerprint, is_patch_file, load_patch, new_manifest, save_patch, storage_dtypes)
+from ..format.patchfile import (
+    STORED_DTYPES,
+    DeltaInfo,
+    EncoderInfo,
+    Method,
+    Patch,
+    delta_inner,
+    delta_norm,
+    delta_tensors,
+    fingerprint,
+    is_patch_file,
+    load_patch,
+    new_manifest,
+    save_patch,
+    storage_dtypes,
+)
+from ..format.ui_export import ui_advice
+from .hub import TEXT_ENCODERS, resolve_model
+from .layouts import Checkpoint, WeightFile, detect
 
 
 @dataclass

@@ -12,12 +12,12 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ..format import _st
-from .compat import base_statuses, slot_map
 from ..errors import ErasekitError, TargetLockedError, TargetNotWritableError, UndoRecordError
+from ..format import _st
+from ..format.patchfile import Patch
+from .compat import base_statuses, slot_map
 from .journal import Entry, Journal, TensorAt, generation
 from .layouts import Checkpoint, WeightFile
-from ..format.patchfile import Patch
 
 T = TypeVar("T")
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from .in_place import applied_in_place, described_journal, read_consistently
-from ..format.erase_config import recorded_defaults
 from ..errors import ErasekitError
-from .journal import entry_summary
+from ..format.erase_config import recorded_defaults
+from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, load_patch
 from .hub import TEXT_ENCODERS, resolve_model
+from .in_place import applied_in_place, described_journal, read_consistently
+from .journal import entry_summary
 from .layouts import Checkpoint, detect
 from .model_configs import choose_config
-from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, load_patch
 
 
 @dataclass
@@ -171,8 +171,8 @@ def method_settings(method: dict[str, Any]) -> MethodSettings:
 
 
 def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
-    from .in_place import pristine_reader
     from .compat import base_statuses, crossing_note, slot_map
+    from .in_place import pristine_reader
 
     where = f"{ckpt.path} [{ckpt.describe()}]"
     try:

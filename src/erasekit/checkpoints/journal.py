@@ -46,10 +46,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, StringConstraints, ValidationError
 
-from ..format import _st
 from .._parallel import map_threads
 from ..errors import ErasekitWarning, ForeignBytesError, TargetLockedError, TargetNotWritableError, UndoRecordError
-from .undo_record import (TensorRecord, UndoTensor, check_before_or_after, read_full, read_residual, rebuild, sha256, undo_name)
+from ..format import _st
+from .undo_record import (
+    TensorRecord,
+    UndoTensor,
+    check_before_or_after,
+    read_full,
+    read_residual,
+    rebuild,
+    sha256,
+    undo_name,
+)
 
 JOURNAL_VERSION = 2  # the newest this erasekit reads; a journal is saved as 1 while it holds no residual record
 DIRNAME = ".erasekit"

@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..format import _st
 from ..errors import InputFileError, LayoutError
-from ..format.names import ARCH_SLOTS, KOHYA_PREFIX, SLOTS
+from ..format import _st
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 

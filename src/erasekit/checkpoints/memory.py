@@ -13,11 +13,11 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
+from ..errors import IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError
+from ..format.patchfile import Patch, fingerprint
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
 from .compat import Touch, judge_fingerprints, order_notes, slot_map, touches
-from ..errors import IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError
 from .layouts import EncoderSpec
-from ..format.patchfile import Patch, fingerprint
 
 
 def add_delta(current: Any, delta: Any, strength: float, what: str) -> Any:

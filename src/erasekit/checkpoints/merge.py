@@ -28,14 +28,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ..format import _st
-from .apply import per_patch_strengths
-from ..format.lowrank import truncated_svd
-from .compat import order_notes
 from ..errors import ErasekitError, IncompatiblePatchError, NonFiniteError, TargetNotWritableError
+from ..format import _st
+from ..format.lowrank import truncated_svd
 from ..format.names import parse_module_name
-from ..format.patchfile import (PATCH_SUFFIX, Concept, DeltaInfo, EncoderInfo, Method, Patch, TensorFingerprint, compare_fingerprint, delta_tensors, load_patch, lowrank_tensors, new_manifest, save_patch, storage_dtypes)
+from ..format.patchfile import (
+    PATCH_SUFFIX,
+    Concept,
+    DeltaInfo,
+    EncoderInfo,
+    Method,
+    Patch,
+    TensorFingerprint,
+    compare_fingerprint,
+    delta_tensors,
+    load_patch,
+    lowrank_tensors,
+    new_manifest,
+    save_patch,
+    storage_dtypes,
+)
+from .apply import per_patch_strengths
+from .compat import order_notes
 from .undo_record import scaled
+
 
 @dataclass
 class MergedInput:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..toyworld import builtin_model_path
 from ..errors import ErasekitError, ErasekitWarning, InputFileError, LayoutError
+from ..toyworld import builtin_model_path
 from .layouts import Checkpoint, read_json
 
 CONFIGS_DIR = Path(__file__).parent / "configs"

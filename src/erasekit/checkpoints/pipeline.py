@@ -6,8 +6,8 @@ import contextlib
 import itertools
 import os
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError, LayoutError
@@ -94,8 +94,8 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
     ``text_encoder_dtype`` and ``vae_dtype`` load the text encoders and the VAE in another dtype than the rest
     (erase: fp32 encoders to train and an fp32 VAE to encode its images with, a bf16 UNet to compute with)."""
-    from .in_place import read_consistently, recover_interrupted
     from .hub import resolve_model
+    from .in_place import read_consistently, recover_interrupted
 
     path = resolve_model(model)
     quiet_libraries()  # before diffusers is imported: it imports transformers, which logs on import

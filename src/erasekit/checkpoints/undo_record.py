@@ -25,9 +25,9 @@ from typing import BinaryIO
 import numpy as np
 from pydantic import BaseModel
 
+from ..errors import ForeignBytesError, UndoRecordError
 from ..format import _st
 from ..format._f16 import f16_add, f16_add_inverted
-from ..errors import ForeignBytesError, UndoRecordError
 
 
 class TensorRecord(BaseModel):

@@ -8,7 +8,22 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ._common import (OPTION_FLAGS, ConfigOpt, JsonOpt, ModelOpt, PredictionOpt, brief, err, errors, human_bytes, out, packed, print_json, progress_bar, warn)
+from ._common import (
+    OPTION_FLAGS,
+    ConfigOpt,
+    JsonOpt,
+    ModelOpt,
+    PredictionOpt,
+    brief,
+    err,
+    errors,
+    human_bytes,
+    out,
+    packed,
+    print_json,
+    progress_bar,
+    warn,
+)
 
 # Options left unset take the model's recommended value (erasekit.json in the model folder), else the
 # published recipe's; so their defaults here are None.
@@ -123,8 +138,8 @@ def erase_cmd(
         given = [name for name in ctx.params if name not in ("manifest", "as_json")  # typer may bundle its own click
                  and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
         return _erase_batch(manifest, given, as_json)
-    from ..format.erase_config import parse_concept_templates, parse_layers, parse_stand_ins, read_templates_file
     from ..erasing.erase_job import erase_model
+    from ..format.erase_config import parse_concept_templates, parse_layers, parse_stand_ins, read_templates_file
 
     with errors():
         if not concept or output is None:

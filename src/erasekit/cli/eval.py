@@ -9,8 +9,19 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import (ConfigOpt, PredictionOpt, DeviceOpt, JsonOpt, ModelOpt, errors, make_config, out, print_json, progress_bar, warn)
-
+from ._common import (
+    ConfigOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    PredictionOpt,
+    errors,
+    make_config,
+    out,
+    print_json,
+    progress_bar,
+    warn,
+)
 
 
 def _pct(x: float) -> str:

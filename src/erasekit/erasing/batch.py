@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .batch_manifest import PlannedJob, plan_batch
 from ..errors import ErasekitError
+from .batch_manifest import PlannedJob, plan_batch
 
 Status = Literal["done", "skipped", "failed"]
 
@@ -204,8 +204,8 @@ def _in_place(job: Any, checked: dict[Any, Any]) -> list[dict[str, str]]:
 def _base_differs(job: Any, patch: Any, checked: dict[Any, Any]) -> str | None:
     """Whether ``patch`` fits the job's model (exactly or at another precision). ``checked`` remembers the answer
     per model and base: the patches of a batch share their base, and reading it is most of a resume check."""
-    from ..checkpoints.in_place import pristine_reader
     from ..checkpoints.compat import base_statuses, slot_map
+    from ..checkpoints.in_place import pristine_reader
     from ..checkpoints.layouts import detect
 
     key = (str(job.model), tuple(sorted((name, fp.sha256) for name, fp in patch.manifest.base.tensors.items())))
@@ -223,8 +223,8 @@ def _run_jobs(todo: list[tuple[PlannedJob, str | None]], rank: int, device: Any,
               on_job: Callable[[JobResult], None] | None) -> list[JobResult]:
     """This process's jobs, in manifest order, one loaded pipeline reused while the model stays the same.
     ``device``: the process's own device under accelerate (for jobs that leave it to ``auto``)."""
-    from .erase_job import import_libraries, load_for, run_erase
     from ..checkpoints.pipeline import model_threads
+    from .erase_job import import_libraries, load_for, run_erase
     from .unlearn import Clock
 
     if todo:

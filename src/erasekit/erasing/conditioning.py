@@ -10,6 +10,7 @@ from typing import Any
 from ..errors import ErasekitError
 from ..format.names import module_name
 
+
 def check_concepts(tokenizer: Any, concepts: Sequence[str]) -> None:
     for c in concepts:
         ids = tokenizer(c, add_special_tokens=False).input_ids

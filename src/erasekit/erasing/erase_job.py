@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..format.erase_config import EraseConfig, effective_settings, recommended_for
-from ..format._st import check_new_output
 from ..errors import ErasekitError
+from ..format._st import check_new_output
+from ..format.erase_config import EraseConfig, effective_settings, recommended_for
 from .training_images import image_key, images_digest
 from .unlearn import Clock, EraseReport, StepInfo, erase
 
@@ -56,9 +56,9 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     folder may be missing (:func:`run_erase` makes it)."""
     from ..checkpoints.hub import resolve_model
     from ..checkpoints.layouts import detect
-    from ..format.patchfile import load_patch
     from ..checkpoints.model_configs import native_resolution
     from ..checkpoints.pipeline import model_settings
+    from ..format.patchfile import load_patch
     from ..toyworld import builtin_model_path
 
     if not concepts:

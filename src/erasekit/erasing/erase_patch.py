@@ -45,7 +45,16 @@ def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trai
     (images_sha256, num_images, duration_s)."""
     from .._torch import dtype_code, tensor_bytes
     from ..format.names import parse_module_name
-    from ..format.patchfile import (Concept, EncoderInfo, Method, Patch, delta_tensors, fingerprint, new_manifest, storage_dtypes)
+    from ..format.patchfile import (
+        Concept,
+        EncoderInfo,
+        Method,
+        Patch,
+        delta_tensors,
+        fingerprint,
+        new_manifest,
+        storage_dtypes,
+    )
 
     tensors: dict[str, Any] = {}
     deltas = {}

@@ -10,8 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..format.erase_config import EraseConfig
 from ..errors import ErasekitError, ErasekitWarning, InputFileError
+from ..format.erase_config import EraseConfig
 
 SKIPPED_NAMED = 3  # files a warning names before "and N more"
 

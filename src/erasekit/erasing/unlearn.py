@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ErasekitError, NonFiniteError
+from ..format.erase_config import EraseConfig
 from .compress import Compaction
 from .conditioning import Conditioner, check_concepts, trainable
 from .denoising import Denoiser, Draws
-from ..format.erase_config import EraseConfig
 from .erase_patch import Trained, build_patch
-from ..errors import ErasekitError, NonFiniteError
 from .recipes import Objective, Step, make_recipe
 from .surgery import surgery_grads
 from .training_images import encode_images, images_digest, training_item

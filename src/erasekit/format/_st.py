@@ -23,8 +23,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .. import _temps
-from ._f16 import f16_to_f32, f32_to_f16
 from ..errors import ErasekitError, InputFileError
+from ._f16 import f16_to_f32, f32_to_f16
 
 MAX_HEADER_BYTES = 100_000_000
 

@@ -15,15 +15,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from . import _st
 from .._version import __version__
 from ..errors import InputFileError, PatchFormatError, PatchVersionError
+from . import _st
 from .names import ARCH_SLOTS, MODELSPEC_ARCH, SLOTS, SS_BASE_MODEL_VERSION, module_name, parse_module_name
 
 FORMAT_VERSION = 1
@@ -232,7 +242,7 @@ def _evaluation_kind(value: Any) -> str:
 
 
 _EVALUATION_TAGS = ("known", "future")
-AnyEvaluation = Annotated[Union[Annotated[Evaluation, Tag("known")], Annotated[FutureEvaluation, Tag("future")]],
+AnyEvaluation = Annotated[Annotated[Evaluation, Tag("known")] | Annotated[FutureEvaluation, Tag("future")],
                           Discriminator(_evaluation_kind)]
 PROMPTS_LISTED = 64
 
@@ -257,7 +267,7 @@ class Manifest(_Model):
     evaluations: list[AnyEvaluation] = []
 
 
-Factors = tuple[np.ndarray, Union[np.ndarray, None]]  # (up, down) of a low-rank delta, or (dense delta, None)
+Factors = tuple[np.ndarray, np.ndarray | None]  # (up, down) of a low-rank delta, or (dense delta, None)
 
 
 @dataclass

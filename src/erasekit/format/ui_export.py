@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _st
 from ..errors import ErasekitError, IncompatiblePatchError, TargetNotWritableError
+from . import _st
 from .patchfile import MAX_ENCODER, Patch, load_patch, manifest_json, metadata_for
 
 UIS = ("comfyui", "a1111", "diffusers")

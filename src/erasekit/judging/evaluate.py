@@ -95,10 +95,10 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     judged. ``keep``/``stand_ins``: the CLIP judge's other labels (default: those the patches record).
     ``paraphrases``: a file of wordings, one per line, ``{}`` where the concept goes (else a whole prompt), instead
     of the built-in ones. ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
-    from ..checkpoints.in_place import in_place_stack
     from ..checkpoints.compat import order_notes
-    from ..format.patchfile import load_patch
+    from ..checkpoints.in_place import in_place_stack
     from ..checkpoints.pipeline import load_pipeline, model_settings, model_threads, resolve_device
+    from ..format.patchfile import load_patch
     from ..toyworld import builtin_model_path
 
     t0 = time.perf_counter()
@@ -180,7 +180,15 @@ def _clip_setup(concept: str, patches: list[Any], folder: str | os.PathLike, kee
                 stand_ins: Sequence[str], toy: bool, lines: list[str] | None, source: str, n: int,
                 device: Any) -> tuple[Any, str, list[str], list[Spec]]:
     """The CLIP judge with its labels (the concept, those to keep, the stand-ins), and the prompts to render."""
-    from .clip_judge import (KEY, judge_labels, label_prompts, load_clip_judge, read_label_prompts, recorded_neighbours, stand_in_words)
+    from .clip_judge import (
+        KEY,
+        judge_labels,
+        label_prompts,
+        load_clip_judge,
+        read_label_prompts,
+        recorded_neighbours,
+        stand_in_words,
+    )
 
     recorded_keep, recorded_stand = recorded_neighbours(patches, concept)
     keep = list(keep) or recorded_keep

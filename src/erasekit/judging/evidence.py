@@ -20,11 +20,27 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
-from ..format import _st
 from .._version import __version__
 from ..errors import ErasekitError, InputFileError, PatchFormatError, TargetNotWritableError
+from ..format import _st
+from ..format.patchfile import (
+    PROMPTS_LISTED,
+    EvaluatedModel,
+    Evaluation,
+    JudgeInfo,
+    Patch,
+    PromptSet,
+    Rates,
+    Robustness,
+    compare_fingerprint,
+    fingerprint,
+    load_patch,
+    manifest_json,
+    now_iso,
+    parse_manifest,
+    prompts_sha256,
+)
 from .evaluate import ConceptScore, EvalConfig, EvalReport
-from ..format.patchfile import (PROMPTS_LISTED, EvaluatedModel, Evaluation, JudgeInfo, Patch, PromptSet, Rates, Robustness, compare_fingerprint, fingerprint, load_patch, manifest_json, now_iso, parse_manifest, prompts_sha256)
 
 BUILTIN_MODEL_NAME = "built-in toy world"
 _CHUNK = 1 << 20
@@ -183,8 +199,8 @@ def check_recordable(patches: Sequence[str | os.PathLike]) -> Path:
 def check_measured_on_its_base(patch: Patch, model: str | os.PathLike | None) -> None:
     """Refuse to record rates measured on a model with patches applied in place that ``patch`` was not made after
     (its ``after``, in order): they would be the rates of a stack, not of the patch on the model it is for."""
-    from ..checkpoints.in_place import applied_in_place, refuse_applied_twice
     from ..checkpoints.hub import resolve_model
+    from ..checkpoints.in_place import applied_in_place, refuse_applied_twice
     from ..checkpoints.layouts import detect
     from ..toyworld import builtin_model_path
 

@@ -204,8 +204,8 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
                    progress: Callable[[int, int], None] | None = None) -> GenerateReport:
     """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
     from ..checkpoints.in_place import in_place_stack
-    from ..format.patchfile import load_patch
     from ..checkpoints.pipeline import load_pipeline, model_threads, resolve_device
+    from ..format.patchfile import load_patch
     from ..toyworld import builtin_model_path
 
     config = config or GenerateConfig()

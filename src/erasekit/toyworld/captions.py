@@ -13,7 +13,7 @@ Pure Python (no torch, no numpy needed).
 from __future__ import annotations
 
 import random
-from typing import Mapping
+from collections.abc import Mapping
 
 from .render import COLOURS, PATTERNS, SHAPES
 

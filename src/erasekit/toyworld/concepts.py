@@ -11,7 +11,6 @@ from ..errors import ErasekitError
 from .captions import prompt_for
 from .render import ATTRIBUTES, render
 
-
 # Wordings of a concept that neither erase's templates (erase_config.OBJECT_TEMPLATES) nor the world's training
 # captions (captions.CAPTION_MIX, PREFIXES) use, and that the unpatched built-in model still draws as the concept
 # (before-rates measured in docs/toyworld.md, "Paraphrases"; every one was kept only at >= 70% for every value of

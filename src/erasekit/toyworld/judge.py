@@ -12,8 +12,8 @@ VAE reconstructions of renders).
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -15,8 +15,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..conditioning import encoder_outputs
 from ...format.erase_config import GENERIC_ANCHORS, EraseConfig
+from ..conditioning import encoder_outputs
 
 
 def _phrase(words: str) -> Any:
