@@ -134,7 +134,7 @@ def make_config(cls: Any, command: str, **values: Any) -> Any:
 
 def print_json(obj: Any) -> None:
     """``obj`` as strict JSON: NaN and infinities (a loss that never ran, a ratio over zero) become null."""
-    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
     sys.stdout.write(json.dumps(_finite(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 

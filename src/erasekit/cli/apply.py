@@ -35,7 +35,7 @@ def apply_cmd(
             if len(patches) != 1 or output is not None or strength:
                 raise ErasekitError("--revert takes exactly one patch and no -o or --strength",
                                     "run: erasekit apply --revert PATCH --to CKPT")
-            report = revert_from_checkpoint(patches[0], to, force=force)
+            reverted = revert_from_checkpoint(patches[0], to, force=force)
         else:
             if (output is None) == (not in_place):
                 raise ErasekitError("say where the result goes", "pass either -o OUT or --in-place")
@@ -43,12 +43,12 @@ def apply_cmd(
             report = apply_to_checkpoint(patches, to, output=output, in_place=in_place,
                                          strength=s[0] if len(s) == 1 else s, force=force)
     if as_json:
-        print_json(report)
+        print_json(reverted if revert else report)
         return
     if revert:
-        left = ", ".join(report.remaining) or "none"
-        out.print(f"Reverted '{report.title}' from {report.target} [{report.layout}]: {report.tensors} tensors "
-                  f"restored{', sha256 verified' if report.verified else ''}, in {report.seconds:.2f} s. "
+        left = ", ".join(reverted.remaining) or "none"
+        out.print(f"Reverted '{reverted.title}' from {reverted.target} [{reverted.layout}]: {reverted.tensors} tensors "
+                  f"restored{', sha256 verified' if reverted.verified else ''}, in {reverted.seconds:.2f} s. "
                   f"Still applied: {left}.")
         return
     warn(report.warnings)

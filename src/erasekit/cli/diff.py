@@ -40,9 +40,10 @@ def diff_cmd(
     if report.kind == "patches":
         for col in ("enc", "layer", "proj", "|A|", "|B|", "cosine", "|B|/|A|"):
             table.add_column(col, justify="left" if col in ("enc", "proj") else "right")
-        for c in report.comparisons:
-            table.add_row(c.encoder, str(c.layer), c.proj, f"{c.norm_a:.3g}", f"{c.norm_b:.3g}",
-                          "-" if c.cosine is None else f"{c.cosine:+.3f}", "-" if c.norm_ratio is None else f"{c.norm_ratio:.3g}")
+        for pair in report.comparisons:
+            table.add_row(pair.encoder, str(pair.layer), pair.proj, f"{pair.norm_a:.3g}", f"{pair.norm_b:.3g}",
+                          "-" if pair.cosine is None else f"{pair.cosine:+.3f}",
+                          "-" if pair.norm_ratio is None else f"{pair.norm_ratio:.3g}")
         out.print(f"Patches A={report.a}  B={report.b}  ({report.architecture})")
         out.print(table)
         return

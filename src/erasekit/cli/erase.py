@@ -135,9 +135,9 @@ def erase_cmd(
 ) -> None:
     """Erase concepts from a model's text encoder by few-shot unlearning; write the change as a patch."""
     if manifest is not None:
-        given = [name for name in ctx.params if name not in ("manifest", "as_json")  # typer may bundle its own click
-                 and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
-        return _erase_batch(manifest, given, as_json)
+        on_command_line = [name for name in ctx.params if name not in ("manifest", "as_json")  # typer may bundle its own click
+                           and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        return _erase_batch(manifest, on_command_line, as_json)
     from ..erasing.erase_job import erase_model
     from ..format.erase_config import parse_concept_templates, parse_layers, parse_stand_ins, read_templates_file
 

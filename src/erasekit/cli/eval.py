@@ -115,8 +115,8 @@ def eval_cmd(
     out.print(f"largest drop among other {r.attribute}s: {drop}")
     if r.grid:
         out.print(f"grid: {r.grid}")
-    if getattr(r, "recorded", None):
-        rec = r.recorded
+    rec = getattr(r, "recorded", None)  # evaluate_and_record's report (--record)
+    if rec:
         how = "replacing the earlier record of the same settings" if rec.replaced else "added"
         out.print(f"recorded in {rec.path} ({how}; {rec.evaluations} recorded; patch id {rec.patch_id[:16]} "
                   "unchanged)")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from ._common import JsonOpt, bar, brief, errors, human_bytes, out, packed, print_json, ranges, warn
+
+if TYPE_CHECKING:  # the CLI imports the library when a command runs
+    from ..checkpoints.inspect import CheckpointInspection, EvaluationSummary, PatchInspection
 
 
 def inspect_cmd(
@@ -45,7 +48,7 @@ def _setting(name: str, value: object) -> object:
     return value
 
 
-def _render_method(r, full: bool) -> None:  # type: ignore[no-untyped-def]
+def _render_method(r: PatchInspection, full: bool) -> None:
     """The method: its whole record on one line (``--full``), else grouped, lists counted: the settings that differ
     from the defaults, the names of those at them, the rest of the record."""
     if full:
@@ -64,7 +67,7 @@ def _render_method(r, full: bool) -> None:  # type: ignore[no-untyped-def]
             out.print(line)
 
 
-def _render_patch(r, full: bool = False) -> None:  # type: ignore[no-untyped-def]
+def _render_patch(r: PatchInspection, full: bool = False) -> None:
     warn(r.warnings)
     out.print(f"Patch {r.path}  ({human_bytes(r.size_bytes)}, format v{r.format_version}, "
               f"written by erasekit {r.erasekit_version}, {r.created_at})")
@@ -115,7 +118,7 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}".rstrip("0").rstrip(".") + "%"
 
 
-def _render_evaluations(evals) -> None:  # type: ignore[no-untyped-def]
+def _render_evaluations(evals: list[EvaluationSummary]) -> None:
     """The recorded evaluations (erasekit eval --record), one line each."""
     out.print(f"  evaluations recorded ({len(evals)}, oldest first)")
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -131,7 +134,7 @@ def _render_evaluations(evals) -> None:  # type: ignore[no-untyped-def]
         drop = f"{e.largest_drop} {_pct(e.drop_before)} -> {_pct(e.drop_after)}" if e.largest_drop else "none"
         para = "-" if e.paraphrase_before is None and e.paraphrase_after is None else \
             f"{_pct(e.paraphrase_before)} -> {_pct(e.paraphrase_after)}"
-        table.add_row(when, e.judge, e.model + ("" if e.current else " *"), str(e.images_per_prompt), f"{e.strength:g}",
+        table.add_row(when, e.judge, f"{e.model}{'' if e.current else ' *'}", str(e.images_per_prompt), f"{e.strength:g}",
                       f"{e.concept} {_pct(e.target_before)} -> {_pct(e.target_after)}", drop, para)
     out.print(table)
     if stale:
@@ -139,7 +142,7 @@ def _render_evaluations(evals) -> None:  # type: ignore[no-untyped-def]
                   "patch", style="bold yellow")
 
 
-def _render_checkpoint(r) -> None:  # type: ignore[no-untyped-def]
+def _render_checkpoint(r: CheckpointInspection) -> None:
     out.print(f"Checkpoint {r.path}")
     out.print(f"  layout        {r.layout}")
     out.print(f"  architecture  {r.architecture}")
@@ -161,7 +164,7 @@ def _render_checkpoint(r) -> None:  # type: ignore[no-untyped-def]
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("#", "title", "strength", "fingerprint", "tensors", "applied at", "patch id"):
         t.add_column(col)
-    for e in r.applied:
-        t.add_row(e["id"], e["title"], f"{e['strength']:g}", e["fingerprint"], str(e["tensors"]), e["applied_at"],
-                  e["patch_id"][:16])
+    for a in r.applied:
+        t.add_row(a["id"], a["title"], f"{a['strength']:g}", a["fingerprint"], str(a["tensors"]), a["applied_at"],
+                  a["patch_id"][:16])
     out.print(t)
