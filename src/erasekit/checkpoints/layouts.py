@@ -13,6 +13,7 @@ pickle is opened (and then only with ``weights_only=True``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -361,7 +362,7 @@ def _detect_folder(path: Path) -> Checkpoint:
                       "name a diffusers pipeline folder, a CLIPTextModel folder, or a single checkpoint file")
 
 
-def detect(path: str | Path) -> Checkpoint:
+def detect(path: str | os.PathLike) -> Checkpoint:
     """Detect a checkpoint's layout. Raises :class:`InputFileError` or :class:`LayoutError`."""
     path = Path(path)
     if not path.exists():

@@ -108,11 +108,11 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
         raise InputFileError(f"{path} is not readable", "check its permissions") from None
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except DuplicateKeyError as e:
-        raise err(f"{what} {path} has a safetensors header that names {e.key!r} twice (a header that says two things "
+    except DuplicateKeyError as dup:
+        raise err(f"{what} {path} has a safetensors header that names {dup.key!r} twice (a header that says two things "
                   "is refused)", "re-download or re-create the file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise err(f"{what} {path} has a corrupt safetensors header ({e.__class__.__name__})",
+    except (UnicodeDecodeError, json.JSONDecodeError) as bad:
+        raise err(f"{what} {path} has a corrupt safetensors header ({bad.__class__.__name__})",
                   "re-download or re-create the file") from None
     except RecursionError:  # a safetensors header is two levels deep; thousands of levels is a hostile file
         raise err(f"{what} {path} has a safetensors header nested too deeply to read", "re-create the file") from None

@@ -183,7 +183,7 @@ def recorded_defaults(recipe: str) -> dict[str, Any]:
     for) in an erase with ``recipe``, where a recipe's own default differs (doco's surgery): what ``inspect`` tells
     the settings an erase changed from. ``recipe`` itself at the published recipe's."""
     try:
-        config = EraseConfig(recipe=recipe)  # type: ignore[arg-type]
+        config = EraseConfig(recipe=recipe)
     except ValueError:  # a recipe of a newer erasekit: the settings every recipe starts from
         config = EraseConfig()
     return config.model_dump(mode="json") | {"recipe": EraseConfig().recipe, "anchor_prompts": list(GENERIC_ANCHORS)}

@@ -309,7 +309,7 @@ class Patch:
     def weight_shape(self, module: str) -> tuple[int, int]:
         """(out, in) of ``module``'s weight delta, without multiplying factors out."""
         if self.manifest.deltas[module].storage == "dense":
-            return self.tensors[f"{module}.diff"].shape  # type: ignore[return-value]
+            return self.tensors[f"{module}.diff"].shape
         return self.tensors[f"{module}.lora_up.weight"].shape[0], self.tensors[f"{module}.lora_down.weight"].shape[1]
 
     def weight_factors(self, module: str) -> Factors:
@@ -321,7 +321,7 @@ class Patch:
             return self.tensors[f"{module}.diff"].astype(np.float64), None
         up = self.tensors[f"{module}.lora_up.weight"]
         down = self.tensors[f"{module}.lora_down.weight"]
-        if info.rank > min(up.shape[0], down.shape[1]):  # type: ignore[operator]
+        if info.rank > min(up.shape[0], down.shape[1]):
             return self.weight_delta(module).astype(np.float64), None
         scale = float(self.tensors[f"{module}.alpha"]) / info.rank  # type: ignore[operator]
         return up.astype(np.float64) * scale, down.astype(np.float64)
@@ -507,7 +507,7 @@ def read_manifest(path: str | Path) -> tuple[Manifest, _st.Header, list[str]]:
     return manifest, header, notes
 
 
-def is_patch_file(path: str | Path) -> bool:
+def is_patch_file(path: str | os.PathLike) -> bool:
     """True for ``*.erasepatch`` and for safetensors files whose metadata holds an erasekit manifest."""
     path = Path(path)
     if path.suffix == PATCH_SUFFIX:
@@ -520,7 +520,7 @@ def is_patch_file(path: str | Path) -> bool:
         return False
 
 
-def load_patch(path: str | Path) -> Patch:
+def load_patch(path: str | os.PathLike) -> Patch:
     """Read a ``.erasepatch`` and validate everything: header, manifest, tensor set, shapes, dtypes,
     finite values and the recorded data hash. Raises :class:`PatchFormatError` (or a subclass)."""
     path = Path(path)
@@ -706,8 +706,9 @@ def new_manifest(*, title: str, architecture: str, encoders: dict[str, EncoderIn
         format_version=FORMAT_VERSION, erasekit_version=__version__, created_at=created_at or source_date() or now_iso(),
         title=title,
         concepts=concepts or [], method=method,
-        base=BaseModelInfo(architecture=architecture, encoders=encoders, tensors=fingerprints, source=source,
-                            **({"config": config} if config else {})),  # type: ignore[arg-type]
+        base=BaseModelInfo(architecture=architecture,  # type: ignore[arg-type]  # a str; pydantic checks the name
+                           encoders=encoders, tensors=fingerprints, source=source,
+                           **({"config": config} if config else {})),
         deltas=deltas,
     )
 
