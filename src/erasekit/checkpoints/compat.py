@@ -89,7 +89,7 @@ def base_statuses(patch: Patch, ckpt: Any, mapping: dict[str, str], read: Any = 
     ``read(weight_file, key)`` gives it) compares with the patch's fingerprint of it: "exact", "approx" or
     "differs"."""
     read = read or (lambda wf, key: wf.read_raw(key))
-    statuses = {}
+    statuses: dict[str, str] = {}
     for t in touches(patch, mapping):
         wf = next(f for f in ckpt.files if t.slot in f.encoders)
         key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
@@ -140,5 +140,5 @@ def order_notes(patches: Sequence[Patch], applied: Sequence[dict[str, Any]]) -> 
     return notes
 
 
-def _named(patches: Sequence[tuple[str, str | None]]) -> str:
+def _named(patches: Sequence[tuple[object, object]]) -> str:  # ids and titles as read from JSON
     return ", ".join(f"'{t}' ({str(i)[:12]})" for i, t in patches)

@@ -137,7 +137,7 @@ def _evaluations(patch: Patch) -> list[EvaluationSummary]:
     for ev in patch.manifest.evaluations:
         record = ev.model_dump(mode="json")
         if not isinstance(ev, Evaluation):
-            out.append(EvaluationSummary(ev.version, record, recorded_at=record.get("recorded_at")))  # type: ignore[arg-type]
+            out.append(EvaluationSummary(ev.version, record, recorded_at=record.get("recorded_at")))
             continue
         drops = [(r.after - r.before, name, r) for name, r in ev.others.items()
                  if r.before is not None and r.after is not None and r.after < r.before]

@@ -299,7 +299,8 @@ class Journal:
 
     def _interrupted_with_older(self) -> list[tuple[Entry, set[tuple[str, str]]]]:
         """Each interrupted entry, oldest first, with the tensors that older interrupted entries changed."""
-        out, seen = [], set()
+        out: list[tuple[Entry, set[tuple[str, str]]]] = []
+        seen: set[tuple[str, str]] = set()
         for entry in self.interrupted():
             out.append((entry, set(seen)))
             seen |= {(r.file, r.key) for r in entry.tensors}
@@ -433,7 +434,7 @@ class Journal:
         if reason is not None:
             self.set_aside(reason)
             return []
-        done = []
+        done: list[Entry] = []
         for entry, older in reversed(self._interrupted_with_older()):
             undo_path = self.dir / entry.undo_file
             self.check_undo_file(entry)

@@ -34,7 +34,9 @@ def add_delta(current: Any, delta: Any, strength: float, what: str) -> Any:
 def _delta_tensor(patch: Patch, t: Touch) -> Any:
     from .._torch import from_numpy32
 
-    return from_numpy32(patch.weight_delta(t.module) if t.kind == "weight" else patch.bias_delta(t.module))
+    delta = patch.weight_delta(t.module) if t.kind == "weight" else patch.bias_delta(t.module)
+    assert delta is not None, "a bias is touched only where the manifest records one, and load_patch checks it is there"
+    return from_numpy32(delta)
 
 
 _MEMORY_ATTR = "_erasekit_applied"

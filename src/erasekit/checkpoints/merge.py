@@ -131,7 +131,7 @@ def _prediction(p: Patch) -> str | None:
     """The prediction type of the base the patch was made for, where its manifest tells it."""
     hp = p.manifest.method.hyperparameters.get("prediction_type")
     if hp in ("epsilon", "v_prediction"):
-        return hp  # type: ignore[return-value]
+        return hp
     return "v_prediction" if "v_prediction" in (p.manifest.base.config or "") else None
 
 
@@ -219,7 +219,7 @@ def _merge_module(module: str, parts: list[tuple[Patch, float]], rank: int | str
         ups, downs = zip(*(_lowrank_parts(p, module, s) for p, s in parts))
         tensors = lowrank_tensors(module, np.concatenate(ups, axis=1), np.concatenate(downs, axis=0))
         keep = {"error": infos[0].error, "kept": infos[0].kept} if len(parts) == 1 else {}
-        info = DeltaInfo(storage="lowrank", rank=total_rank, bias=bias, **keep)  # type: ignore[arg-type]
+        info = DeltaInfo(storage="lowrank", rank=total_rank, bias=bias, **keep)
         how = ("copied" if parts[0][1] == 1 else "scaled") if len(parts) == 1 else "concatenated"
     else:
         dw: np.ndarray | None = None

@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,8 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
                                   "use a complete diffusers pipeline folder")
         variant = weights_variant(path)
         dtypes = {"default": dtype, "text_encoder": te_dtype, "text_encoder_2": te_dtype, "vae": vae_dtype}
-        load = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, variant=variant,  # noqa: E731
-                                           **extra)
+        load: Callable[..., Any] = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, variant=variant,  # noqa: E731
+                                                               **extra)
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
