@@ -74,7 +74,8 @@ def run_batch(manifest: str | os.PathLike, *, on_plan: Callable[[list[PlannedJob
 def _decide(planned: list[PlannedJob]) -> tuple[list[JobResult], list[tuple[PlannedJob, str | None]]]:
     """The results of the jobs that need not run, and the jobs to run (each with why, when its output exists). Every
     process decides the same, before any of them writes."""
-    settled, todo, checked = [], [], {}
+    settled, todo = [], []
+    checked: dict[Any, Any] = {}  # what _resume_status has read of each model, for the jobs after
     for p in planned:
         result, note = _resume_status(p, checked)
         if result is None:

@@ -140,7 +140,8 @@ def plan_batch(path: str | os.PathLike) -> list[PlannedJob]:
     manifest = read_manifest(path)
     folder = path.parent
     defaults = manifest.model_dump(exclude_unset=True, exclude={"jobs"})
-    planned, seen, home = [], {}, Path(os.path.realpath(folder))
+    planned, home = [], Path(os.path.realpath(folder))
+    seen: dict[str, int] = {}  # each output (as _check_unique compares them) -> the first job writing it
     for i, entry in enumerate(manifest.jobs):
         where = f"{path}: jobs[{i}] ({entry.output})"
         _check_suffix(entry.output, where)

@@ -60,7 +60,8 @@ class Compaction:
         gen = torch.Generator().manual_seed(self.config.seed + 2)
         inputs, trained = _ffn_inputs(self.cond_of, self.groups, params, self.device, gen, INPUT_ROWS, self.held_out)
         deltas = {m: p.detach().cpu() - originals[(m, kind)] for m, kind, p in params if kind == "weight"}  # on the CPU
-        tol, stored = self.config.rank_tol, {}
+        tol = self.config.rank_tol
+        stored: dict[str, LowRank] = {}
         for _ in range(TIGHTENINGS + 1):
             ranks = {m: lr.rank for m, lr in stored.items()}
             stored = _compress(self.config, deltas, inputs, tol)

@@ -106,7 +106,8 @@ class Draws:
 
         templates = self.templates[self.owner[i]]  # the image's concept's
         template = templates[int(torch.randint(len(templates), (), generator=gen))]
-        return self.captions[i] if self.captions[i] is not None else template.format(self.concepts[self.owner[i]])
+        caption = self.captions[i]
+        return caption if caption is not None else template.format(self.concepts[self.owner[i]])
 
     def __call__(self, idx: list[int], gen: Any) -> tuple[Any, Any, list[str]]:
         import torch

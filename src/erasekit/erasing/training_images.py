@@ -55,7 +55,7 @@ def training_image(img: Any, resolution: int) -> Any:
     """RGB, resized bicubic to resolution x resolution without cropping, as the reference does."""
     from PIL import Image
 
-    return img.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+    return img.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
 
 
 def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:

@@ -212,9 +212,12 @@ def _score(concept: str, key: str, specs: list[Spec], lb: list[dict[str, str]], 
     def score(name: str, attr: str, select: Callable[[dict[str, str]], bool]) -> ConceptScore:
         return ConceptScore(name, accuracy(lb, truths, attr, select), accuracy(la, truths, attr, select))
 
-    target = score(concept, key, lambda t: t.get(key) == concept)
+    def naming(value: str) -> Callable[[dict[str, str]], bool]:
+        return lambda t: t.get(key) == value
+
+    target = score(concept, key, naming(concept))
     named = {t[key] for t in truths if key in t}
-    others = [score(v, key, lambda t, v=v: t.get(key) == v) for v in labels if v != concept and v in named]
+    others = [score(v, key, naming(v)) for v in labels if v != concept and v in named]
     attributes = {a: score(a, a, lambda t: True) for a in ("shape", "colour", "pattern")
                   if a != key and any(a in t for t in truths)}
     elsewhere = {a: score(a, a, lambda t: t.get(key) != concept) for a in attributes}

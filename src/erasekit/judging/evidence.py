@@ -18,7 +18,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from .._version import __version__
 from ..errors import ErasekitError, InputFileError, PatchFormatError, TargetNotWritableError
@@ -126,7 +126,7 @@ def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedM
         fp = fingerprint(wf.read_raw(key), dtype, shape, sketch=dtype != expected.dtype)
         statuses.append(compare_fingerprint(expected, fp))
         lines.append(f"{t.module}.{t.kind} {fp.sha256}\n")
-    match = "differs" if "differs" in statuses else "approx" if "approx" in statuses else "exact"
+    match: Literal["exact", "approx", "differs"] = "differs" if "differs" in statuses else "approx" if "approx" in statuses else "exact"
     return EvaluatedModel(name=name, match=match, sha256=hashlib.sha256("".join(sorted(lines)).encode()).hexdigest())
 
 

@@ -114,7 +114,7 @@ def make_grid(rows: list[tuple[str, list[Any]]], columns: list[str]) -> Any:
 
     scale = -(-128 // rows[0][1][0].size[0])  # small images are enlarged (nearest) so they can be seen
     if scale > 1:
-        rows = [(label, [im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST) for im in imgs])
+        rows = [(label, [im.resize((im.size[0] * scale, im.size[1] * scale), Image.Resampling.NEAREST) for im in imgs])
                 for label, imgs in rows]
     w, h = rows[0][1][0].size
     cell = w + 4
