@@ -12,8 +12,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is made
+    from transformers import CLIPTokenizer
 
 LAYOUTS = (
     "diffusers-sd1", "diffusers-sd1-prefixed", "diffusers-sd1-fp16-variant", "diffusers-sd2", "diffusers-sdxl",
@@ -229,7 +233,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def byte_level_tokenizer(folder: Path) -> object:
+def byte_level_tokenizer(folder: Path) -> CLIPTokenizer:
     """A CLIPTokenizer with only the 512 byte tokens and no merges: every word becomes byte pieces.
 
     Tiny and offline; real CLIP vocabularies only change how words are split.
@@ -317,7 +321,7 @@ def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, predi
                                   prediction_type=prediction_type)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.save_pretrained(path)
+        pipe.save_pretrained(path)  # type: ignore[attr-defined]  # a DiffusionPipeline method diffusers' types hide
     return path
 
 
@@ -353,7 +357,7 @@ def _make_tiny_sdxl(path: Path, seed: int) -> Path:
                                        steps_offset=1, timestep_spacing="leading")
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
                                          unet=unet, scheduler=sched)
-        pipe.save_pretrained(path)
+        pipe.save_pretrained(path)  # type: ignore[attr-defined]  # a DiffusionPipeline method diffusers' types hide
     return path
 
 

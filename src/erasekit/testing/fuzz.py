@@ -285,10 +285,11 @@ def _tiny_files() -> tuple[bytes, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = make_checkpoint(root / "m.safetensors", "single-sd1")
-        dense = load_patch(diff_checkpoints(base, make_checkpoint(root / "a.safetensors", "single-sd1", edit_layers=[0]),
-                                            output=root / "a.erasepatch").output)
-        low = load_patch(diff_checkpoints(base, make_checkpoint(root / "b.safetensors", "single-sd1", edit_layers=[1]),
-                                          output=root / "b.erasepatch", rank=2).output)
+        diff_checkpoints(base, make_checkpoint(root / "a.safetensors", "single-sd1", edit_layers=[0]),
+                         output=root / "a.erasepatch")
+        diff_checkpoints(base, make_checkpoint(root / "b.safetensors", "single-sd1", edit_layers=[1]),
+                         output=root / "b.erasepatch", rank=2)
+        dense, low = load_patch(root / "a.erasepatch"), load_patch(root / "b.erasepatch")
         manifest = dense.manifest.model_copy(update={
             "deltas": dense.manifest.deltas | low.manifest.deltas,
             "base": dense.manifest.base.model_copy(update={"tensors": dense.manifest.base.tensors | low.manifest.base.tensors})})

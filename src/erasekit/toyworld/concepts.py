@@ -59,5 +59,5 @@ def eval_prompts(attribute: str, n: int) -> list[tuple[str, dict[str, str]]]:
             a0 = ATTRIBUTES[others[0]][i % len(ATTRIBUTES[others[0]])]
             a1 = ATTRIBUTES[others[1]][(i // len(ATTRIBUTES[others[0]])) % len(ATTRIBUTES[others[1]])]
             truth = {attribute: value, others[0]: a0, others[1]: a1}
-            out.append((prompt_for(**truth), truth))  # type: ignore[arg-type]
+            out.append((prompt_for(**truth), truth))
     return out

@@ -69,7 +69,7 @@ def evaluate(model: str | Path | None = None, judge_path: str | Path | None = No
     truths = [t for _, t in specs for _ in range(n)]
     per_prompt = [{"prompt": p, **{k: round(accuracy(labels[j * n:(j + 1) * n], [truth] * n, k), 3) for k in truth}}
                   for j, (p, truth) in enumerate(specs)]
-    summary = {k: round(accuracy(labels, truths, k), 4) for k in HEADS if any(k in t for t in truths)}
+    summary: dict[str, float | int | str] = {k: round(accuracy(labels, truths, k), 4) for k in HEADS if any(k in t for t in truths)}
     summary.update({"prompts": len(specs), "n_per_prompt": n, "images": len(prompts), "seconds": round(secs, 1),
                     "steps": steps, "guidance": guidance, "seed": seed, "set": prompt_set})
     if log:

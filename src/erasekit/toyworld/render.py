@@ -153,4 +153,4 @@ def grid(images: list[Image.Image], cols: int = 8, scale: int = 2) -> Image.Imag
     out = Image.new("RGB", (cols * SIZE, rows * SIZE), (255, 255, 255))
     for i, im in enumerate(images):
         out.paste(im, ((i % cols) * SIZE, (i // cols) * SIZE))
-    return out.resize((out.width * scale, out.height * scale), Image.NEAREST)
+    return out.resize((out.width * scale, out.height * scale), Image.Resampling.NEAREST)

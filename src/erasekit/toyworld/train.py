@@ -42,6 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -241,7 +242,7 @@ def train_judge(s: Settings, x: torch.Tensor, y: dict[str, torch.Tensor], device
             idx = perm[b * s.judge_batch : (b + 1) * s.judge_batch]
             xb = augment(x[idx], gen).to(device)
             out = model(xb)
-            loss = sum(F.cross_entropy(out[k], y[k][idx].to(device)) for k in HEADS)
+            loss = cast(torch.Tensor, sum(F.cross_entropy(out[k], y[k][idx].to(device)) for k in HEADS))  # HEADS: not empty
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -278,7 +279,7 @@ def save_pipeline(vae, text_encoder, unet, tokenizer_dir: Path, out: Path) -> No
     )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp))
+    pipe.save_pretrained(str(tmp))  # type: ignore[attr-defined]  # a DiffusionPipeline method diffusers' types hide
     # the text encoder is computed in float32: only its stored weights are float16
     cfg_path = tmp / "text_encoder" / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -306,7 +307,7 @@ def train_diffusion(s: Settings, lat_mean: torch.Tensor, lat_std: torch.Tensor, 
     te = make_text_encoder(s).to(device).train()
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    alphas = noise_sched.alphas_cumprod.to(device)
+    alphas = noise_sched.alphas_cumprod.to(device)  # type: ignore[attr-defined]  # set in __init__, hidden from mypy
     snr_all = alphas / (1 - alphas)
     params = list(unet.parameters()) + list(te.parameters())
     log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.2f}M params")
@@ -345,7 +346,7 @@ def train_diffusion(s: Settings, lat_mean: torch.Tensor, lat_std: torch.Tensor, 
         noise = torch.randn(z0.shape, generator=gen)
         ts = torch.randint(0, 1000, (s.batch,), generator=gen)
         z0, noise, ts = z0.to(device), noise.to(device), ts.to(device)
-        zt = noise_sched.add_noise(z0, noise, ts)
+        zt = noise_sched.add_noise(z0, noise, ts)  # type: ignore[attr-defined]  # a method diffusers' types hide
         cond = te(ids_for(texts)).last_hidden_state
         pred = unet(zt, ts, encoder_hidden_states=cond).sample
         snr = snr_all[ts]
