@@ -170,10 +170,16 @@ def convert_times(repeats: int, seed: int) -> int:
     w = (rng.standard_normal((3072, 768)) * 0.016).astype(np.float16)  # sigma of CLIP-L's FFN weights
     term = (rng.standard_normal(w.shape) * 0.002).astype(np.float32)
     x, bits = w.astype(np.float32) + term, w.view(np.uint16)
-    cases = [("F16 -> F32", lambda: w.astype(np.float32), lambda: _f16.f16_to_f32(bits)),
-             ("F32 -> F16", lambda: x.astype(np.float16), lambda: _f16.f32_to_f16(x)),
-             ("F16 + delta -> F16 (apply's arithmetic)", lambda: (w.astype(np.float32) + term).astype(np.float16),
-              lambda: _f16.f16_add(bits, term))]
+    cases = [
+        ("F16 -> F32", lambda: w.astype(np.float32), lambda: _f16.f16_to_f32(bits)),
+        ("F32 -> F16", lambda: x.astype(np.float16), lambda: _f16.f32_to_f16(x)),
+        (
+            "F16 + delta -> F16 (apply's arithmetic)",
+            lambda: (w.astype(np.float32) + term).astype(np.float16),
+            lambda: _f16.f16_add(bits, term),
+        ),
+    ]
+
     def raw(a: np.ndarray) -> np.ndarray:
         return a.reshape(-1).view(np.uint32 if a.dtype.itemsize == 4 else np.uint16)
 
@@ -194,16 +200,22 @@ def convert_times(repeats: int, seed: int) -> int:
     for i, (name, *_) in enumerate(cases):
         a, b = (statistics.median(times[i, j]) * 1e3 for j in (0, 1))
         print(f"| {name} | {a:.2f} ms | {b:.2f} ms | {b / a:.2f} |")
-    print(f"\nnumpy {np.__version__}, {os.cpu_count()} CPUs, load average {load:.2f} at start, "
-          f"{os.getloadavg()[0]:.2f} at end; every result equal to numpy's, bit for bit.")
+    print(
+        f"\nnumpy {np.__version__}, {os.cpu_count()} CPUs, load average {load:.2f} at start, "
+        f"{os.getloadavg()[0]:.2f} at end; every result equal to numpy's, bit for bit."
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", "--repeat", type=int, default=3, help="rounds; the table shows medians (default 3)")
-    ap.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out",
-                    help="where the files go (default bench/out/, git-ignored)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(__file__).resolve().parent / "out",
+        help="where the files go (default bench/out/, git-ignored)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the patch")
     ap.add_argument("--quick", action="store_true", help="a tiny checkpoint: checks that the script runs")
     ap.add_argument("--rank", type=int, default=None, help="a low-rank patch of this rank (default: dense)")
@@ -221,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     from erasekit.checkpoints.journal import journal_dir
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    ckpt, patch, copy = (args.workdir / f"apply_inplace-{n}" for n in ("sd1.safetensors", "patch.erasepatch",
-                                                                        "copy.safetensors"))
+    ckpt, patch, copy = (
+        args.workdir / f"apply_inplace-{n}" for n in ("sd1.safetensors", "patch.erasepatch", "copy.safetensors")
+    )
     load = os.getloadavg()[0]
 
     def clean(*paths: Path) -> None:
@@ -254,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
             with phase_clock(phases[1]):
                 revert_s, _ = timed(revert_from_checkpoint, patch, ckpt)
             exact = sha256(ckpt) == before
-            rounds.append((copy_s, apply_s, revert_s, report.bytes_written, undo, exact, stats, phases, apply_cpu,
-                           CPU[-1]))
-            print(f"round {r + 1}: copy {copy_s:.2f} s, apply {apply_s:.2f} s ({apply_cpu:.2f} s CPU), revert "
-                  f"{revert_s:.2f} s ({CPU[-1]:.2f} s CPU), bit-exact {exact}", flush=True)
+            rounds.append(
+                (copy_s, apply_s, revert_s, report.bytes_written, undo, exact, stats, phases, apply_cpu, CPU[-1])
+            )
+            print(
+                f"round {r + 1}: copy {copy_s:.2f} s, apply {apply_s:.2f} s ({apply_cpu:.2f} s CPU), revert "
+                f"{revert_s:.2f} s ({CPU[-1]:.2f} s CPU), bit-exact {exact}",
+                flush=True,
+            )
     finally:
         if args.keep:
             clean(copy)
@@ -270,24 +287,30 @@ def main(argv: list[str] | None = None) -> int:
     kind = f"low-rank r={args.rank}" if args.rank else "dense"
     print(f"\n| {'tiny (--quick)' if args.quick else 'SD1.x F16'} single file, median of {len(rounds)} rounds | |")
     print("|---|---:|")
-    for name, value in [("checkpoint", f"{size / 1e9:.3f} GB"),
-                        ("patch (all FFN layers)", f"{patch_size / 1e6:.1f} MB, {kind} {args.patch_dtype}, "
-                                                   f"strength {args.strength:g}"),
-                        ("copy + fsync", f"{copy_s:.2f} s"), ("apply in place", f"{apply_s:.2f} s"),
-                        ("revert", f"{revert_s:.2f} s"),
-                        ("CPU time of apply, of revert (user + system, all threads)",
-                         f"{statistics.median(x[8] for x in rounds):.2f} s, "
-                         f"{statistics.median(x[9] for x in rounds):.2f} s"),
-                        ("apply / copy", f"{apply_s / copy_s:.2f}"),
-                        ("revert / copy", f"{revert_s / copy_s:.2f}"),
-                        ("tensors rewritten by apply", f"{written / 1e6:.1f} MB"),
-                        ("undo record (journal folder)", f"{undo / 1e6:.1f} MB: {whole} tensors whole, "
-                                                         f"{residual} as residual records"),
-                        ("written by apply (tensors + journal)", f"{(written + undo) / 1e6:.1f} MB, "
-                                                                 f"{100 * (written + undo) / size:.1f}% of the file"),
-                        ("exceptions in residual records", f"{100 * exceptions / elements:.2f}% of {elements:,} "
-                                                           "elements" if elements else "none (no residual record)"),
-                        ("bit-exact revert (sha256)", "yes" if exact else "NO")]:
+    for name, value in [
+        ("checkpoint", f"{size / 1e9:.3f} GB"),
+        ("patch (all FFN layers)", f"{patch_size / 1e6:.1f} MB, {kind} {args.patch_dtype}, strength {args.strength:g}"),
+        ("copy + fsync", f"{copy_s:.2f} s"),
+        ("apply in place", f"{apply_s:.2f} s"),
+        ("revert", f"{revert_s:.2f} s"),
+        (
+            "CPU time of apply, of revert (user + system, all threads)",
+            f"{statistics.median(x[8] for x in rounds):.2f} s, {statistics.median(x[9] for x in rounds):.2f} s",
+        ),
+        ("apply / copy", f"{apply_s / copy_s:.2f}"),
+        ("revert / copy", f"{revert_s / copy_s:.2f}"),
+        ("tensors rewritten by apply", f"{written / 1e6:.1f} MB"),
+        ("undo record (journal folder)", f"{undo / 1e6:.1f} MB: {whole} tensors whole, {residual} as residual records"),
+        (
+            "written by apply (tensors + journal)",
+            f"{(written + undo) / 1e6:.1f} MB, {100 * (written + undo) / size:.1f}% of the file",
+        ),
+        (
+            "exceptions in residual records",
+            f"{100 * exceptions / elements:.2f}% of {elements:,} elements" if elements else "none (no residual record)",
+        ),
+        ("bit-exact revert (sha256)", "yes" if exact else "NO"),
+    ]:
         print(f"| {name} | {value} |")
     print(f"\n| where the time goes (median of {len(rounds)} rounds) | apply | revert |")
     print("|---|---:|---:|")
@@ -295,10 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         cells = [statistics.median(x[7][i].get(label, 0.0) for x in rounds) for i in (0, 1)]
         print(f"| {label} | " + " | ".join(f"{c:.2f} s" if c else "-" for c in cells) + " |")
     rest = [statistics.median(x[1 + i] - sum(x[7][i].values()) for x in rounds) for i in (0, 1)]
-    print(f"| everything else (detect the checkpoint, read and hash the tensors for revert, journal) | "
-          f"{rest[0]:.2f} s | {rest[1]:.2f} s |")
-    print(f"\npage cache: warm (the checkpoint was just written and hashed). {os.cpu_count()} CPUs, "
-          f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end.")
+    print(
+        f"| everything else (detect the checkpoint, read and hash the tensors for revert, journal) | "
+        f"{rest[0]:.2f} s | {rest[1]:.2f} s |"
+    )
+    print(
+        f"\npage cache: warm (the checkpoint was just written and hashed). {os.cpu_count()} CPUs, "
+        f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end."
+    )
     return 0 if exact else 1
 
 

@@ -63,8 +63,12 @@ def one_round(n: int, steps: int | None, processes: int, work: Path) -> dict[str
     erasekit = [sys.executable, "-m", "erasekit"]
     row: dict[str, float] = {}
     folder = Path(tempfile.mkdtemp(dir=work))
-    row["separate"] = sum(timed([*erasekit, "erase", "-c", c, "-o", f"{c}.erasepatch",
-                                 *(["--steps", str(steps)] if steps else [])], folder)[0] for c in concepts)
+    row["separate"] = sum(
+        timed(
+            [*erasekit, "erase", "-c", c, "-o", f"{c}.erasepatch", *(["--steps", str(steps)] if steps else [])], folder
+        )[0]
+        for c in concepts
+    )
     shutil.rmtree(folder)
     for variant, together in (("batch", False), ("one patch", True)):
         folder = Path(tempfile.mkdtemp(dir=work))
@@ -78,9 +82,27 @@ def one_round(n: int, steps: int | None, processes: int, work: Path) -> dict[str
     if processes > 1:
         folder = Path(tempfile.mkdtemp(dir=work))
         manifest(folder, concepts, steps, together=False)
-        launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
-                  str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", str(free_port()), "-m", "erasekit", "erase", "--manifest", "jobs.toml", "--json"]
+        launch = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "erasekit",
+            "erase",
+            "--manifest",
+            "jobs.toml",
+            "--json",
+        ]
         row[f"batch x{processes}"] = timed(launch, folder)[0]
         shutil.rmtree(folder)
     return row
@@ -99,15 +121,22 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     variants = ["separate", "batch", *([f"batch x{args.processes}"] if args.processes > 1 else []), "one patch"]
-    print(f"built-in model, {os.cpu_count()} CPUs, steps: {args.steps or 'the model default'}, medians of "
-          f"{args.repeats} round(s); wall seconds of the whole command(s)\n")
-    print("| N | " + " | ".join(variants) + " | separate / batch | batch s per concept | batch: load (once) | "
-          "batch: loops (sum) |")
+    print(
+        f"built-in model, {os.cpu_count()} CPUs, steps: {args.steps or 'the model default'}, medians of "
+        f"{args.repeats} round(s); wall seconds of the whole command(s)\n"
+    )
+    print(
+        "| N | " + " | ".join(variants) + " | separate / batch | batch s per concept | batch: load (once) | "
+        "batch: loops (sum) |"
+    )
     print("|---" * (len(variants) + 5) + "|")
     for n, runs in rows.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"| {n} | " + " | ".join(f"{med[v]:.1f}" for v in variants)
-              + f" | {med['separate'] / med['batch']:.2f} | {med['batch'] / n:.1f} | {med['load']:.1f} | {med['loops']:.1f} |")
+        print(
+            f"| {n} | "
+            + " | ".join(f"{med[v]:.1f}" for v in variants)
+            + f" | {med['separate'] / med['batch']:.2f} | {med['batch'] / n:.1f} | {med['load']:.1f} | {med['loops']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,20 @@ def sd1_size_pipeline(resolution: int) -> SimpleNamespace:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.x's UNet
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                                      bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
+    )
     tok = byte_level_tokenizer(Path(tempfile.mkdtemp()))
     vae = AutoencoderKL(latent_channels=4)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -55,11 +66,14 @@ def images(n: int, resolution: int) -> list:
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
-    return [Image.fromarray((torch.rand(resolution, resolution, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+    return [
+        Image.fromarray((torch.rand(resolution, resolution, 3, generator=g) * 255).byte().numpy()) for _ in range(n)
+    ]
 
 
-def reference_loop(pipe: SimpleNamespace, latents: torch.Tensor, concept: str, steps: int, batch: int, seed: int,
-                   save_dir: Path) -> float:
+def reference_loop(
+    pipe: SimpleNamespace, latents: torch.Tensor, concept: str, steps: int, batch: int, seed: int, save_dir: Path
+) -> float:
     """The published recipe's loop (see module docstring). Returns seconds over the optimizer steps."""
     te, unet = pipe.text_encoder, pipe.unet
     unet.requires_grad_(False)
@@ -80,9 +94,12 @@ def reference_loop(pipe: SimpleNamespace, latents: torch.Tensor, concept: str, s
         idx = torch.randperm(n, generator=g)[:batch]
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(device)
         noise = torch.randn((len(idx), *latents.shape[1:]), generator=g).to(device)
-        prompts = [OBJECT_TEMPLATES[int(torch.randint(len(OBJECT_TEMPLATES), (), generator=g))].format(concept)
-                   for _ in idx]
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        prompts = [
+            OBJECT_TEMPLATES[int(torch.randint(len(OBJECT_TEMPLATES), (), generator=g))].format(concept) for _ in idx
+        ]
+        ids = pipe.tokenizer(
+            prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         cond = te(ids.to(device))[0]
         pred = unet(sched.add_noise(latents[idx], noise, t), t, cond).sample
         loss = -F.mse_loss(pred, noise)
@@ -135,8 +152,10 @@ def main() -> int:
         with torch.no_grad():
             loaded = [(im, im.tobytes()) for im in imgs]
             mean, std = encode_images(pipe, loaded, cfg.model_copy(update={"cache": False}), [False] * len(imgs))
-            latents = ((mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
-                       * pipe.vae.config.scaling_factor).to(device)
+            latents = (
+                (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
+                * pipe.vae.config.scaling_factor
+            ).to(device)
         save_dir = Path(tempfile.mkdtemp())
         try:
             base.append(reference_loop(pipe, latents, "snoopy", args.steps, cfg.batch_size, 0, save_dir))
@@ -145,8 +164,10 @@ def main() -> int:
             pipe.text_encoder.load_state_dict(originals)
             pipe.text_encoder.requires_grad_(False)
     b = min(base)
-    print(f"model            {args.size} ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f}M UNet, "
-          f"{sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.1f}M text encoder)")
+    print(
+        f"model            {args.size} ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f}M UNet, "
+        f"{sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.1f}M text encoder)"
+    )
     print(f"device           {device}, torch threads {torch.get_num_threads()}")
     print(f"setting          {args.steps} optimizer steps, batch 2, {res}px images, best of {args.repeats}")
     print(f"reference loop   {b:8.2f} s  ({b / args.steps:.3f} s/step)")

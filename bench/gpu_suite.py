@@ -89,6 +89,7 @@ class Skipped(Exception):
 
 # -- models ---------------------------------------------------------------------------------------
 
+
 def full_size_pipeline(arch: str, device: torch.device) -> Any:
     """An SD1.x- or SDXL-size diffusers pipeline with seeded random weights, built directly on ``device`` (fp32)."""
     quiet_libraries()
@@ -104,8 +105,11 @@ def full_size_pipeline(arch: str, device: torch.device) -> Any:
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
         te = CLIPTextModel(CLIPTextConfig.from_json_file(str(folder / "text_encoder" / "config.json")))
-        te2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(
-            str(folder / "text_encoder_2" / "config.json"))) if arch == "sdxl" else None)
+        te2 = (
+            CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(str(folder / "text_encoder_2" / "config.json")))
+            if arch == "sdxl"
+            else None
+        )
     for module in (unet, vae, te, te2):  # in case a constructor put a tensor elsewhere
         if module is not None:
             module.to(device).eval()
@@ -113,12 +117,26 @@ def full_size_pipeline(arch: str, device: torch.device) -> Any:
     sched = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     toks = ConfigChoice(arch, folder, "epsilon", "bundled", bundled=True).tokenizers()
     if arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=toks["tokenizer"],
-                                         tokenizer_2=toks["tokenizer_2"], unet=unet, scheduler=sched)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=te,
+            text_encoder_2=te2,
+            tokenizer=toks["tokenizer"],
+            tokenizer_2=toks["tokenizer_2"],
+            unet=unet,
+            scheduler=sched,
+        )
     else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=toks["tokenizer"], unet=unet,
-                                       scheduler=sched, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=toks["tokenizer"],
+            unet=unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -140,6 +158,7 @@ def millions(module: Any) -> str:
 
 
 # -- measuring ------------------------------------------------------------------------------------
+
 
 class Meter:
     """Synchronizes the device and reads its peak memory (None on the CPU)."""
@@ -174,11 +193,14 @@ def reference_latents(pipe: Any, imgs: list[Any], s: Setting) -> torch.Tensor:
     loaded = [(im, im.tobytes()) for im in imgs]
     with torch.no_grad():
         mean, std = encode_images(pipe, loaded, cfg, [False] * len(imgs))
-    return ((mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
-            * pipe.vae.config.scaling_factor).to(pipe.unet.device)
+    return (
+        (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
+        * pipe.vae.config.scaling_factor
+    ).to(pipe.unet.device)
 
 
 # -- the cells ------------------------------------------------------------------------------------
+
 
 class Suite:
     def __init__(self, device: torch.device, s: Setting, budget: float, quick: bool) -> None:
@@ -216,8 +238,14 @@ class Suite:
         self.log(f"{model} {name}: {shown}")
 
     def config(self, **over: Any) -> EraseConfig:
-        base = dict(resolution=self.s.resolution, steps=self.s.steps, batch_size=self.s.batch, seed=0,
-                    device=str(self.device), cache=False)
+        base = dict(
+            resolution=self.s.resolution,
+            steps=self.s.steps,
+            batch_size=self.s.batch,
+            seed=0,
+            device=str(self.device),
+            cache=False,
+        )
         return EraseConfig(**(base | over))
 
     def erase(self, pipe: Any, imgs: list[Any], patch_file: bool = False, **over: Any) -> dict[str, Any]:
@@ -229,9 +257,15 @@ class Suite:
         t = time.perf_counter()
         rep = erase(pipe, [CONCEPT], [imgs], cfg, progress=self.meter.sync)
         self.meter.sync()
-        out = {"loop_s": rep.loop_seconds, "wall_s": time.perf_counter() - t, "peak": self.meter.peak(),
-               "resident": self.meter.resident, "timings": dict(rep.timings), "total_s": rep.total_seconds,
-               "steps": rep.steps}
+        out = {
+            "loop_s": rep.loop_seconds,
+            "wall_s": time.perf_counter() - t,
+            "peak": self.meter.peak(),
+            "resident": self.meter.resident,
+            "timings": dict(rep.timings),
+            "total_s": rep.total_seconds,
+            "steps": rep.steps,
+        }
         if patch_file:
             with tempfile.TemporaryDirectory(prefix="gpu_suite-") as tmp:
                 t = time.perf_counter()
@@ -296,8 +330,12 @@ class Suite:
             t = time.perf_counter()
             pipe = tiny_pipeline(arch, self.device, workdir) if self.quick else full_size_pipeline(arch, self.device)
             box["pipe"] = pipe
-            return {"seconds": time.perf_counter() - t, "unet": millions(pipe.unet),
-                    "encoders": " + ".join(millions(te) for te in encoders(pipe)), "vae": millions(pipe.vae)}
+            return {
+                "seconds": time.perf_counter() - t,
+                "unet": millions(pipe.unet),
+                "encoders": " + ".join(millions(te) for te in encoders(pipe)),
+                "vae": millions(pipe.vae),
+            }
 
         self.cell(arch, "build", build)
         if "pipe" in box:
@@ -332,6 +370,7 @@ class Suite:
 
 # -- the table ------------------------------------------------------------------------------------
 
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
@@ -362,8 +401,9 @@ def table(results: dict[str, dict[str, Any]], s: Setting) -> str:
         return "n/a" if all(isinstance(v, (int, float)) or v is None for v in (x, y)) else "n/a (a cell has no figure)"
 
     def secs(m: str, cell: str, key: str = "loop_s") -> str:
-        return fmt(get(m, cell, key), lambda v: f"{v:.2f} s ({v / s.steps:.3f} s/step)" if key == "loop_s"
-                   else f"{v:.2f} s")
+        return fmt(
+            get(m, cell, key), lambda v: f"{v:.2f} s ({v / s.steps:.3f} s/step)" if key == "loop_s" else f"{v:.2f} s"
+        )
 
     def size(m: str, cell: str) -> str:
         n = get(m, cell, "patch_bytes")
@@ -378,26 +418,47 @@ def table(results: dict[str, dict[str, Any]], s: Setting) -> str:
         return peak if isinstance(peak, str) else f"{fmt(peak, gb)} ({get(m, cell, 'seconds'):.2f} s)"
 
     def dtype(m: str) -> str:
-        return next((c["dtype"] for name, c in results[m].items()
-                     if name.startswith("to ") and isinstance(c, dict) and c["dtype"] != "float32"), "float32")
+        return next(
+            (
+                c["dtype"]
+                for name, c in results[m].items()
+                if name.startswith("to ") and isinstance(c, dict) and c["dtype"] != "float32"
+            ),
+            "float32",
+        )
 
     rows: list[tuple[str, Callable[[str], str]]] = [
-        ("parameters: UNet / text encoders / VAE",
-         lambda m: fmt(get(m, "build", "unet"), lambda _: f"{get(m, 'build', 'unet')} / {get(m, 'build', 'encoders')}"
-                       f" / {get(m, 'build', 'vae')}")),
-        (f"**1. loop time, {s.steps} optimizer steps"
-         f"{f' after {s.warmup} warm-up steps' if s.warmup else ', no warm-up'}**", lambda m: ""),
+        (
+            "parameters: UNet / text encoders / VAE",
+            lambda m: fmt(
+                get(m, "build", "unet"),
+                lambda _: f"{get(m, 'build', 'unet')} / {get(m, 'build', 'encoders')} / {get(m, 'build', 'vae')}",
+            ),
+        ),
+        (
+            f"**1. loop time, {s.steps} optimizer steps"
+            f"{f' after {s.warmup} warm-up steps' if s.warmup else ', no warm-up'}**",
+            lambda m: "",
+        ),
         ("reference loop (published recipe, fp32)", lambda m: secs(m, "reference")),
-        ("erasekit, dtype auto", lambda m: secs(m, "erase auto")
-         + (f" [{dtype(m)}]" if isinstance(get(m, "erase auto", "loop_s"), float) else "")),
-        ("speed-up auto vs reference (target >= 3x)",
-         lambda m: ratio(m, ("reference", "loop_s"), ("erase auto", "loop_s"))),
+        (
+            "erasekit, dtype auto",
+            lambda m: (
+                secs(m, "erase auto") + (f" [{dtype(m)}]" if isinstance(get(m, "erase auto", "loop_s"), float) else "")
+            ),
+        ),
+        (
+            "speed-up auto vs reference (target >= 3x)",
+            lambda m: ratio(m, ("reference", "loop_s"), ("erase auto", "loop_s")),
+        ),
         ("erasekit, dtype fp32", lambda m: secs(m, "erase fp32")),
         ("speed-up fp32 vs reference", lambda m: ratio(m, ("reference", "loop_s"), ("erase fp32", "loop_s"))),
         ("bf16 gain (fp32 / auto)", lambda m: ratio(m, ("erase fp32", "loop_s"), ("erase auto", "loop_s"))),
         ("erasekit auto + checkpointing", lambda m: secs(m, "erase checkpointing")),
-        ("checkpointing cost (its time / auto)",
-         lambda m: ratio(m, ("erase checkpointing", "loop_s"), ("erase auto", "loop_s"))),
+        (
+            "checkpointing cost (its time / auto)",
+            lambda m: ratio(m, ("erase checkpointing", "loop_s"), ("erase auto", "loop_s")),
+        ),
         ("**2. a whole erase (auto, rank auto): EraseReport.timings**", lambda m: ""),
     ]
     phases: list[str] = []
@@ -406,20 +467,25 @@ def table(results: dict[str, dict[str, Any]], s: Setting) -> str:
         if isinstance(t, dict):
             phases += [p for p in t if p not in phases]
     for p in phases:
-        rows.append((f"{p}", lambda m, p=p: fmt(get(m, "erase auto", "timings"),
-                                                 lambda t: f"{t[p]:.2f} s" if p in t else "-")))
+        rows.append(
+            (f"{p}", lambda m, p=p: fmt(get(m, "erase auto", "timings"), lambda t: f"{t[p]:.2f} s" if p in t else "-"))
+        )
     rows += [
         ("total (EraseReport.total_seconds)", lambda m: secs(m, "erase auto", "total_s")),
         ("save_patch (not in the timings)", lambda m: secs(m, "erase auto", "save_s")),
         (f"**3. peak device memory ({s.resolution} px, batch {s.batch})**", lambda m: ""),
-        ("resident before the runs (UNet+VAE in compute dtype, encoders fp32)",
-         lambda m: fmt(get(m, "erase auto", "resident"), gb)),
+        (
+            "resident before the runs (UNet+VAE in compute dtype, encoders fp32)",
+            lambda m: fmt(get(m, "erase auto", "resident"), gb),
+        ),
         ("erase, auto", lambda m: fmt(get(m, "erase auto", "peak"), gb)),
         (f"generate 1 image, {s.gen_steps} steps, same weights", lambda m: generated(m, "generate auto")),
         ("erase / generate (target <= 1.3x)", lambda m: ratio(m, ("erase auto", "peak"), ("generate auto", "peak"))),
         ("erase, auto + checkpointing (target SDXL < 12 GB)", lambda m: fmt(get(m, "erase checkpointing", "peak"), gb)),
-        ("erase + checkpointing / generate",
-         lambda m: ratio(m, ("erase checkpointing", "peak"), ("generate auto", "peak"))),
+        (
+            "erase + checkpointing / generate",
+            lambda m: ratio(m, ("erase checkpointing", "peak"), ("generate auto", "peak")),
+        ),
         ("resident, all fp32", lambda m: fmt(get(m, "erase fp32", "resident"), gb)),
         ("erase, fp32", lambda m: fmt(get(m, "erase fp32", "peak"), gb)),
         ("generate, fp32", lambda m: generated(m, "generate fp32")),
@@ -430,8 +496,7 @@ def table(results: dict[str, dict[str, Any]], s: Setting) -> str:
         ("rank dense", lambda m: size(m, "erase dense")),
         ("auto / dense", lambda m: ratio(m, ("erase auto", "patch_bytes"), ("erase dense", "patch_bytes"), "")),
     ]
-    lines = ["| figure | " + " | ".join(NAMES[m] for m in models) + " |",
-             "|---|" + "---:|" * len(models)]
+    lines = ["| figure | " + " | ".join(NAMES[m] for m in models) + " |", "|---|" + "---:|" * len(models)]
     for label, f in rows:
         lines.append(f"| {label} | " + " | ".join(f(m) for m in models) + " |")
     return "\n".join(lines)
@@ -443,9 +508,11 @@ def environment(device: torch.device) -> list[str]:
 
     lines = [f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"]
     if device.type == "cuda":
-        lines.append(f"device {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
-                     f"bf16 {torch.cuda.is_bf16_supported()}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
-                     f"TF32 cuDNN {torch.backends.cudnn.allow_tf32}")
+        lines.append(
+            f"device {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+            f"bf16 {torch.cuda.is_bf16_supported()}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
+            f"TF32 cuDNN {torch.backends.cudnn.allow_tf32}"
+        )
     else:
         lines.append(f"device cpu, torch threads {torch.get_num_threads()}")
     return lines
@@ -456,8 +523,12 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="cuda (default), cuda:N or cpu; --quick defaults to cpu")
     ap.add_argument("--quick", action="store_true", help="the tiny test pipelines, small images, few steps")
     ap.add_argument("--only", choices=MODELS, default=None, help="one model instead of both")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds after which cells are no longer started (default 270; --quick: none)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds after which cells are no longer started (default 270; --quick: none)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device or ("cpu" if args.quick else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -469,12 +540,14 @@ def main() -> int:
     suite = Suite(device, s, budget, args.quick)
     suite.log(f"device {device}, setting {s}")
     with tempfile.TemporaryDirectory(prefix="gpu_suite-") as tmp:
-        for arch in ([args.only] if args.only else MODELS):
+        for arch in [args.only] if args.only else MODELS:
             suite.run_model(arch, Path(tmp))
     what = "tiny test pipelines (smoke test: figures meaningless)" if args.quick else "random weights"
     latents = "" if args.quick else f" ({s.resolution // 8}x{s.resolution // 8} latents)"
-    print(f"\n{s.resolution} px images{latents}, batch {s.batch}, {s.steps} optimizer steps, {s.images} training "
-          f"images, one concept; {what}\n")
+    print(
+        f"\n{s.resolution} px images{latents}, batch {s.batch}, {s.steps} optimizer steps, {s.images} training "
+        f"images, one concept; {what}\n"
+    )
     print(table(suite.results, s))
     print()
     for line in environment(device):

@@ -28,10 +28,14 @@ def judged(concept: str, seed: int, rank: str, n: int, folder: Path) -> dict[str
     er = erase_model(None, [concept], None, out, {"seed": seed, "rank": rank})
     ev = evaluate_model(concept, [out], config=EvalConfig(n=n))
     ranks = [d.rank for d in er.patch.manifest.deltas.values() if d.rank]
-    return {"bytes": er.patch_bytes, "target": 100 * ev.target.after,
-            "neighbour": min([o.change_pp for o in ev.others], default=0.0),
-            "attribute": min([a.change_pp for a in ev.attributes.values()], default=0.0),
-            "output_error": 100 * er.output_error, "ranks": f"{min(ranks)}-{max(ranks)}" if ranks else "dense"}
+    return {
+        "bytes": er.patch_bytes,
+        "target": 100 * ev.target.after,
+        "neighbour": min([o.change_pp for o in ev.others], default=0.0),
+        "attribute": min([a.change_pp for a in ev.attributes.values()], default=0.0),
+        "output_error": 100 * er.output_error,
+        "ranks": f"{min(ranks)}-{max(ranks)}" if ranks else "dense",
+    }
 
 
 def main() -> int:
@@ -54,17 +58,24 @@ def main() -> int:
                     ref = ref or r
                     r |= {f"d_{k}": r[k] - ref[k] for k in ("target", "neighbour", "attribute")}
                     rows[rank].append(r)
-                    print(f"| {concept} | {seed} | {rank} | {r['bytes']:,} | {r['ranks']} | {r['output_error']:.1f}% | "
-                          f"{r['target']:.1f}% ({r['d_target']:+.1f}) | {r['neighbour']:+.1f} pp ({r['d_neighbour']:+.1f}) | "
-                          f"{r['attribute']:+.1f} pp ({r['d_attribute']:+.1f}) |", flush=True)
+                    print(
+                        f"| {concept} | {seed} | {rank} | {r['bytes']:,} | {r['ranks']} | {r['output_error']:.1f}% | "
+                        f"{r['target']:.1f}% ({r['d_target']:+.1f}) | {r['neighbour']:+.1f} pp ({r['d_neighbour']:+.1f}) | "
+                        f"{r['attribute']:+.1f} pp ({r['d_attribute']:+.1f}) |",
+                        flush=True,
+                    )
     print(f"\nSummary against {ranks[0]} (differences in pp, worst over {len(rows[ranks[0]])} erases):\n")
-    print("| rank | median patch bytes | worst target diff | worst neighbour diff | worst attribute diff | within 2 pp |")
+    print(
+        "| rank | median patch bytes | worst target diff | worst neighbour diff | worst attribute diff | within 2 pp |"
+    )
     print("|---|---:|---:|---:|---:|---|")
     for rank, rs in rows.items():
         worst = {k: max((r[f"d_{k}"] for r in rs), key=abs) for k in ("target", "neighbour", "attribute")}
         ok = worst["target"] <= 2 and worst["neighbour"] >= -2 and worst["attribute"] >= -2
-        print(f"| {rank} | {statistics.median(r['bytes'] for r in rs):,.0f} | {worst['target']:+.1f} | "
-              f"{worst['neighbour']:+.1f} | {worst['attribute']:+.1f} | {'yes' if ok else 'no'} |")
+        print(
+            f"| {rank} | {statistics.median(r['bytes'] for r in rs):,.0f} | {worst['target']:+.1f} | "
+            f"{worst['neighbour']:+.1f} | {worst['attribute']:+.1f} | {'yes' if ok else 'no'} |"
+        )
     print(f"\nreproduce: python {' '.join(sys.argv)}")
     return 0
 

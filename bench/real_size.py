@@ -65,9 +65,11 @@ def build_checkpoint(path: Path, seed: int = 0) -> None:
     def cfg(name: str) -> dict:
         return json.loads((SD1 / name / "config.json").read_text())
 
-    makers = {"unet": lambda: UNet2DConditionModel.from_config(cfg("unet")),
-              "vae": lambda: AutoencoderKL.from_config(cfg("vae")),
-              "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))}
+    makers = {
+        "unet": lambda: UNet2DConditionModel.from_config(cfg("unet")),
+        "vae": lambda: AutoencoderKL.from_config(cfg("vae")),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**cfg("text_encoder"))),
+    }
     folder = path.with_name(path.stem + "-diffusers")
     for i, (name, make) in enumerate(makers.items()):  # one at a time: the F32 UNet alone is 3.4 GB
         torch.manual_seed(seed + i)
@@ -100,8 +102,10 @@ def sha256(path: Path) -> str:
 # Each step runs under this small wrapper, which reports its child's peak RSS (getrusage(RUSAGE_CHILDREN) of a
 # process with one child). Measuring the child straight from this process would not do: at exec, Linux carries
 # the parent's own peak RSS (several GB here after the build) over into the child's ru_maxrss.
-_WRAP = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); open(sys.argv[1], 'w')"
-         ".write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+_WRAP = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); open(sys.argv[1], 'w')"
+    ".write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)"
+)
 
 
 def cli(work: Path, name: str, *args: str) -> tuple[float, float, int, str]:
@@ -112,8 +116,13 @@ def cli(work: Path, name: str, *args: str) -> tuple[float, float, int, str]:
     out, err, rss = logs / f"{name}.out", logs / f"{name}.err", logs / f"{name}.maxrss"
     with open(out, "w") as o, open(err, "w") as e:
         t = time.perf_counter()
-        code = subprocess.call([sys.executable, "-c", _WRAP, str(rss), sys.executable, "-m", "erasekit", *args],
-                               cwd=work, env=env, stdout=o, stderr=e)
+        code = subprocess.call(
+            [sys.executable, "-c", _WRAP, str(rss), sys.executable, "-m", "erasekit", *args],
+            cwd=work,
+            env=env,
+            stdout=o,
+            stderr=e,
+        )
         seconds = time.perf_counter() - t
     if code != 0:
         sys.stderr.write(f"--- {name} exited {code}; stderr tail:\n{err.read_text()[-3000:]}\n")
@@ -140,14 +149,21 @@ def run_all(work: Path) -> tuple[list[Step], dict]:
     t = time.perf_counter()
     build_checkpoint(model)
     facts["model_bytes"] = model.stat().st_size
-    steps.append(Step("build (this process)", time.perf_counter() - t,
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, True,
-                      f"{facts['model_bytes'] / 1e9:.2f} GB F16 single file"))
+    steps.append(
+        Step(
+            "build (this process)",
+            time.perf_counter() - t,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            True,
+            f"{facts['model_bytes'] / 1e9:.2f} GB F16 single file",
+        )
+    )
     write_images(work / "images")
 
     def inspect_check(d: dict) -> tuple[bool, str]:
         facts["config"] = d.get("config")
         return (d.get("config") or "").split(" ")[0] == "sd1", f"{d.get('layout')}; config {d.get('config')}"
+
     step("inspect", ["inspect", str(model), "--json"], inspect_check)
 
     def erase_check(d: dict) -> tuple[bool, str]:
@@ -155,42 +171,94 @@ def run_all(work: Path) -> tuple[list[Step], dict]:
         facts["timings"], facts["steps"] = d.get("timings", {}), d.get("steps", 0)
         ranks = [m.rank for m in read_manifest(patch)[0].deltas.values() if m.rank] if patch.is_file() else []
         facts["patch_mb"], facts["ranks"] = d.get("patch_bytes", 0) / 1e6, ranks
-        stored = f"ranks {min(ranks)}-{max(ranks)}, outputs {100 * d.get('output_error', 0):.1f}% off" if ranks else "dense"
-        return ((cfg or "").split(" ")[0] == "sd1" and facts["patch_mb"] <= 8,
-                f"{d.get('steps')} steps, {facts['patch_mb']:.1f} MB patch ({stored}); base.config {cfg}")
-    step("erase", ["erase", "--model", str(model), "--concept", "Snoopy", "--images", "images", "--steps", "2",
-                   "--resolution", "64", "--device", "cpu", "-o", patch.name, "--json"], erase_check)
+        stored = (
+            f"ranks {min(ranks)}-{max(ranks)}, outputs {100 * d.get('output_error', 0):.1f}% off" if ranks else "dense"
+        )
+        return (
+            (cfg or "").split(" ")[0] == "sd1" and facts["patch_mb"] <= 8,
+            f"{d.get('steps')} steps, {facts['patch_mb']:.1f} MB patch ({stored}); base.config {cfg}",
+        )
+
+    step(
+        "erase",
+        [
+            "erase",
+            "--model",
+            str(model),
+            "--concept",
+            "Snoopy",
+            "--images",
+            "images",
+            "--steps",
+            "2",
+            "--resolution",
+            "64",
+            "--device",
+            "cpu",
+            "-o",
+            patch.name,
+            "--json",
+        ],
+        erase_check,
+    )
 
     def generate_check(d: dict) -> tuple[bool, str]:
         pngs = [p for p in (work / "gen").glob("*.png") if p.name != "grid.png"]
         return len(pngs) == 1, f"{len(pngs)} PNG ({', '.join(p.name for p in pngs)}) + grid.png"
-    step("generate", ["generate", "--model", str(model), "--patch", patch.name, "-n", "1", "--steps", "2",
-                      "--resolution", "64", "--device", "cpu", "-o", "gen", "--json", "a photo of Snoopy"],
-         generate_check)
+
+    step(
+        "generate",
+        [
+            "generate",
+            "--model",
+            str(model),
+            "--patch",
+            patch.name,
+            "-n",
+            "1",
+            "--steps",
+            "2",
+            "--resolution",
+            "64",
+            "--device",
+            "cpu",
+            "-o",
+            "gen",
+            "--json",
+            "a photo of Snoopy",
+        ],
+        generate_check,
+    )
 
     facts["sha_before"] = sha256(model)
-    step("apply --in-place", ["apply", patch.name, "--to", str(model), "--in-place", "--json"],
-         lambda d: (d.get("in_place") is True, f"{d.get('bytes_written', 0) / 1e6:.0f} MB rewritten in place"))
+    step(
+        "apply --in-place",
+        ["apply", patch.name, "--to", str(model), "--in-place", "--json"],
+        lambda d: (d.get("in_place") is True, f"{d.get('bytes_written', 0) / 1e6:.0f} MB rewritten in place"),
+    )
     facts["sha_applied"] = sha256(model)
 
     def applied_check(d: dict) -> tuple[bool, str]:
         titles = [a.get("title") for a in d.get("applied", [])]
         ok = len(titles) == 1 and facts["sha_applied"] != facts["sha_before"]
         return ok, f"applied: {titles}; sha256 changed: {facts['sha_applied'] != facts['sha_before']}"
+
     step("inspect (applied)", ["inspect", str(model), "--json"], applied_check)
 
     def revert_check(d: dict) -> tuple[bool, str]:
         facts["sha_reverted"] = sha256(model)
         same = facts["sha_reverted"] == facts["sha_before"]
         return same, f"sha256 {'equals' if same else 'DIFFERS from'} the original (verified: {d.get('verified')})"
+
     step("apply --revert", ["apply", "--revert", patch.name, "--to", str(model), "--json"], revert_check)
     return steps, facts
 
 
 def table(steps: list[Step]) -> str:
     rows = ["| step | wall s | peak RSS GB | result |", "|---|---:|---:|---|"]
-    rows += [f"| {s.name} | {s.seconds:.1f} | {s.peak_gb:.2f} | {'ok' if s.ok else 'FAIL'}: {s.result} |"
-             for s in steps]
+    rows += [
+        f"| {s.name} | {s.seconds:.1f} | {s.peak_gb:.2f} | {'ok' if s.ok else 'FAIL'}: {s.result} |" for s in steps
+    ]
     return "\n".join(rows)
 
 
@@ -202,8 +270,10 @@ def breakdown(timings: dict, steps: int) -> str:
     per_step = timings.get("loop", 0.0) / steps
     fixed = sum(v for k, v in timings.items() if k not in ("load", "loop"))
     rows = ["| erase phase | s |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in timings.items()]
-    return "\n".join(rows + [f"| fixed cost (all but load and loop) | {fixed:.2f} = {fixed / per_step:.2f} steps "
-                             f"of {per_step:.2f} s |"])
+    return "\n".join(
+        rows
+        + [f"| fixed cost (all but load and loop) | {fixed:.2f} = {fixed / per_step:.2f} steps of {per_step:.2f} s |"]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(table(steps))
     print("\n" + breakdown(facts.get("timings", {}), facts.get("steps", 0)))
-    print(f"\nmodel file: {facts['model_bytes']:,} bytes; build {steps[0].seconds:.0f} s; "
-          f"sha256 {facts['sha_before'][:16]}... (after apply {facts.get('sha_applied', '?')[:16]}...)")
-    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {facts['load_before']:.2f} before the build; "
-          f"work dir {work}{' (kept)' if args.keep else ' (deleted)'}")
+    print(
+        f"\nmodel file: {facts['model_bytes']:,} bytes; build {steps[0].seconds:.0f} s; "
+        f"sha256 {facts['sha_before'][:16]}... (after apply {facts.get('sha_applied', '?')[:16]}...)"
+    )
+    print(
+        f"machine: {os.cpu_count()} CPUs, 1-min load average {facts['load_before']:.2f} before the build; "
+        f"work dir {work}{' (kept)' if args.keep else ' (deleted)'}"
+    )
     failed = [s.name for s in steps if not s.ok]
     print("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
     return 1 if failed else 0

@@ -62,10 +62,16 @@ def bars(ev: Any, erased: set[str], keep: str | None) -> dict[str, Any]:
         fails.append(f"paraphrases {100 * para:.0f}%")
     if keep is not None and others.get(keep, 0.0) < -1:
         fails.append(f"kept {keep} {others[keep]:+.1f}")
-    return {"target_before": ev.target.before, "target_after": ev.target.after, "others": others,
-            "attributes": attrs, "paraphrases_before": ev.robustness.before if ev.robustness else None,
-            "paraphrases_after": para, "fails": fails,
-            "paraphrase_wordings": {w.concept: w.after for w in ev.robustness.wordings} if ev.robustness else {}}
+    return {
+        "target_before": ev.target.before,
+        "target_after": ev.target.after,
+        "others": others,
+        "attributes": attrs,
+        "paraphrases_before": ev.robustness.before if ev.robustness else None,
+        "paraphrases_after": para,
+        "fails": fails,
+        "paraphrase_wordings": {w.concept: w.after for w in ev.robustness.wordings} if ev.robustness else {},
+    }
 
 
 def _values(attribute: str) -> set[str]:
@@ -82,11 +88,14 @@ class Runner:
         self.patches: dict[str, Path] = {}  # the single-concept patches (no --keep), for the stacked section
         self.erased = 0
 
-    def erase(self, name: str, concepts: list[str], seed: int, extra: dict[str, Any],
-              after: list[Path] | None = None) -> tuple[Path, float]:
+    def erase(
+        self, name: str, concepts: list[str], seed: int, extra: dict[str, Any], after: list[Path] | None = None
+    ) -> tuple[Path, float]:
         self.erased += 1
         out = self.tmp / f"{self.erased}-{name}-{'+'.join(concepts)}-{seed}.erasepatch"
-        report = erase_model(self.model, concepts, None, out, RECIPES[name] | self.overrides | extra | {"seed": seed}, after=after or ())
+        report = erase_model(
+            self.model, concepts, None, out, RECIPES[name] | self.overrides | extra | {"seed": seed}, after=after or ()
+        )
         return out, report.loop_seconds
 
     def cell(self, key: str, make: Any) -> dict[str, Any]:
@@ -96,8 +105,10 @@ class Runner:
             with self.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             self.done[key] = row
-            print(f"  {key}: " + (", ".join(row["fails"]) if row.get("fails") else "PASS")
-                  + f"  ({row['seconds']} s)", flush=True)
+            print(
+                f"  {key}: " + (", ".join(row["fails"]) if row.get("fails") else "PASS") + f"  ({row['seconds']} s)",
+                flush=True,
+            )
         return self.done[key]
 
     def judge(self, concept: str, patches: list[Path], erased: set[str], keep: str | None = None) -> dict[str, Any]:
@@ -118,8 +129,10 @@ class Runner:
         if all(k in self.done for k in keys):
             return [self.done[k] for k in keys]
         out, loop = self.erase(name, concepts, seed, {})
-        return [self.cell(k, lambda c=c: self.judge(c, [out], set(concepts)) | {"loop_s": round(loop, 2)})
-                for k, c in zip(keys, concepts)]
+        return [
+            self.cell(k, lambda c=c: self.judge(c, [out], set(concepts)) | {"loop_s": round(loop, 2)})
+            for k, c in zip(keys, concepts)
+        ]
 
     def stacked(self, name: str, concepts: list[str], seed: int) -> list[dict[str, Any]]:
         keys = [f"stacked/{name}/{c}/{seed}" for c in concepts]
@@ -130,7 +143,6 @@ class Runner:
                 self.patches[f"{name}/{c}/{seed}"] = self.erase(name, [c], seed, {})[0]
         patches = [self.patches[f"{name}/{c}/{seed}"] for c in concepts]
         return [self.cell(k, lambda c=c: self.judge(c, patches, set(concepts))) for k, c in zip(keys, concepts)]
-
 
     def sequential(self, name: str, concepts: list[str], seed: int) -> list[dict[str, Any]]:
         keys = [f"sequential/{name}/{c}/{seed}" for c in concepts]
@@ -143,10 +155,13 @@ class Runner:
 
 
 def summary(rows: list[dict[str, Any]], section: str, names: list[str], concepts: list[str]) -> list[str]:
-    lines = [f"### {section}", "",
-             "| recipe | concept | passed | target after (max) | worst neighbour pp | worst attribute pp "
-             "| paraphrases after (max) | median loop s | failures |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"### {section}",
+        "",
+        "| recipe | concept | passed | target after (max) | worst neighbour pp | worst attribute pp "
+        "| paraphrases after (max) | median loop s | failures |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for name in names:
         for c in concepts:
             got = [r for r in rows if r["key"].startswith(f"{section}/{name}/{c}/")]
@@ -158,28 +173,41 @@ def summary(rows: list[dict[str, Any]], section: str, names: list[str], concepts
             loops = [r["loop_s"] for r in got if "loop_s" in r]
             fails = "; ".join(f"s{r['key'].rsplit('/', 1)[1]}: {', '.join(r['fails'])}" for r in got if r["fails"])
             loop = f"{statistics.median(loops):.2f}" if loops else "-"
-            lines.append(f"| {name} | {c} | {sum(not r['fails'] for r in got)}/{len(got)} "
-                         f"| {100 * max(r['target_after'] for r in got):.0f}% "
-                         f"| {min(neighbours, default=0):+.1f} | {min(attrs, default=0):+.1f} "
-                         f"| {f'{100 * max(para):.0f}%' if para else '-'} | {loop} | {fails} |")
+            lines.append(
+                f"| {name} | {c} | {sum(not r['fails'] for r in got)}/{len(got)} "
+                f"| {100 * max(r['target_after'] for r in got):.0f}% "
+                f"| {min(neighbours, default=0):+.1f} | {min(attrs, default=0):+.1f} "
+                f"| {f'{100 * max(para):.0f}%' if para else '-'} | {loop} | {fails} |"
+            )
     return lines + [""]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--bar-recipes", default="anchored,doco",
-                    help="the recipes keep, multi and stacked run for (the candidates for the model's default)")
+    ap.add_argument(
+        "--bar-recipes",
+        default="anchored,doco",
+        help="the recipes keep, multi and stacked run for (the candidates for the model's default)",
+    )
     ap.add_argument("--concepts", default="circle,red,striped")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--n", type=int, default=16, help="eval images per prompt")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--out", default="bench/out/recipe_table.jsonl", help="results, one JSON line per cell")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--set", default="{}", metavar="JSON",
-                    help='settings laid over every erase, e.g. \'{"keep_weight": 10}\' (use another --out)')
-    ap.add_argument("--extra-anchors", default="", metavar="A|B|...",
-                    help="prompts added to the model's anchor_prompts, separated by | (use another --out)")
+    ap.add_argument(
+        "--set",
+        default="{}",
+        metavar="JSON",
+        help="settings laid over every erase, e.g. '{\"keep_weight\": 10}' (use another --out)",
+    )
+    ap.add_argument(
+        "--extra-anchors",
+        default="",
+        metavar="A|B|...",
+        help="prompts added to the model's anchor_prompts, separated by | (use another --out)",
+    )
     ap.add_argument("--quick", action="store_true", help="doco, circle, seed 0, n=2, single only, a temporary --out")
     args = ap.parse_args()
     if args.quick:
@@ -187,7 +215,11 @@ def main() -> int:
         args.concepts, args.seeds, args.n, args.sections = "circle", "0", 2, "single"
         args.out = str(Path(tempfile.mkdtemp()) / "quick.jsonl")
     names, bar_names = args.recipes.split(","), args.bar_recipes.split(",")
-    concepts, seeds, sections = args.concepts.split(","), [int(s) for s in args.seeds.split(",")], args.sections.split(",")
+    concepts, seeds, sections = (
+        args.concepts.split(","),
+        [int(s) for s in args.seeds.split(",")],
+        args.sections.split(","),
+    )
     unknown = [r for r in names + bar_names if r not in RECIPES] + [s for s in sections if s not in SECTIONS]
     if unknown:
         ap.error(f"unknown recipe or section {unknown[0]!r}")
@@ -203,8 +235,10 @@ def main() -> int:
         overrides["anchor_prompts"] = list(anchors) + args.extra_anchors.split("|")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"eval n={args.n}; results in {out}; load average at start: {open('/proc/loadavg').read().split()[0]}",
-          flush=True)
+    print(
+        f"eval n={args.n}; results in {out}; load average at start: {open('/proc/loadavg').read().split()[0]}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = Runner(builtin_model_path(), args.n, out, Path(tmp), overrides)
@@ -223,7 +257,9 @@ def main() -> int:
                 if "sequential" in sections and len(concepts) > 1:
                     run.sequential(name, concepts, s)
         rows = [r for r in run.done.values() if int(r["key"].rsplit("/", 1)[1]) in seeds]
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s; load average at end: {open('/proc/loadavg').read().strip()}\n")
+    print(
+        f"\nwall time {time.perf_counter() - t0:.0f} s; load average at end: {open('/proc/loadavg').read().strip()}\n"
+    )
     for section in sections:
         print("\n".join(summary(rows, section, names if section == "single" else bar_names, concepts)))
     print(f"reproduce: python {' '.join(sys.argv)}")

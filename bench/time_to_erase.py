@@ -105,14 +105,26 @@ def trial(model: Path, settings: dict[str, Any], concept: str, seed: int, k: int
     return Trial(k, er.loop_seconds, er.total_seconds, list(er.losses), ev.target.after, ok, why, ev.seconds)
 
 
-def search(model: Path, settings: dict[str, Any], concept: str, seed: int, grid: list[int], refine: int, n: int,
-           repeats: int, tmp: Path, log: Any) -> Outcome:
+def search(
+    model: Path,
+    settings: dict[str, Any],
+    concept: str,
+    seed: int,
+    grid: list[int],
+    refine: int,
+    n: int,
+    repeats: int,
+    tmp: Path,
+    log: Any,
+) -> Outcome:
     o = Outcome()
 
     def run(k: int) -> Trial:
         t = o.trials[k] = trial(model, settings, concept, seed, k, n, tmp)
-        log(f"    steps {k:4d}  loop {t.loop_s:6.2f} s  total {t.total_s:6.2f} s  eval {t.eval_s:5.1f} s  "
-            f"target {100 * t.target:5.1f}%  {t.why}")
+        log(
+            f"    steps {k:4d}  loop {t.loop_s:6.2f} s  total {t.total_s:6.2f} s  eval {t.eval_s:5.1f} s  "
+            f"target {100 * t.target:5.1f}%  {t.why}"
+        )
         return t
 
     lo = 0
@@ -140,8 +152,10 @@ def search(model: Path, settings: dict[str, Any], concept: str, seed: int, grid:
         loops.append(er.loop_seconds)
         totals.append(er.total_seconds)
     o.loop_s, o.total_s = min(loops), min(totals)
-    log(f"    -> {hi} steps; best of {repeats}: loop {o.loop_s:.2f} s, total {o.total_s:.2f} s"
-        + ("" if o.reproduced else "; REPEATS DID NOT REPRODUCE THE LOSSES"))
+    log(
+        f"    -> {hi} steps; best of {repeats}: loop {o.loop_s:.2f} s, total {o.total_s:.2f} s"
+        + ("" if o.reproduced else "; REPEATS DID NOT REPRODUCE THE LOSSES")
+    )
     return o
 
 
@@ -160,37 +174,64 @@ def median(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f}" if xs else "-"
 
 
-def ratio(results: dict[tuple[str, str, int], Outcome], recipe: str, reference: str, concepts: list[str],
-          seeds: list[int], attr: str) -> str:
-    rs = [getattr(results[recipe, c, s], attr) / getattr(results[reference, c, s], attr)
-          for c in concepts for s in seeds if results[recipe, c, s].passed and results[reference, c, s].passed]
+def ratio(
+    results: dict[tuple[str, str, int], Outcome],
+    recipe: str,
+    reference: str,
+    concepts: list[str],
+    seeds: list[int],
+    attr: str,
+) -> str:
+    rs = [
+        getattr(results[recipe, c, s], attr) / getattr(results[reference, c, s], attr)
+        for c in concepts
+        for s in seeds
+        if results[recipe, c, s].passed and results[reference, c, s].passed
+    ]
     return f"{statistics.median(rs):.2f}x ({len(rs)})" if rs else "-"
 
 
-def table(results: dict[tuple[str, str, int], Outcome], recipes: list[str], concepts: list[str], seeds: list[int],
-          reference: str, max_k: int) -> list[str]:
-    lines = [f"| recipe | concept | reached (seeds) | median steps | median loop s | median erase_model s "
-             f"| loop / {reference} | erase_model / {reference} "
-             f"| not reached within {max_k} steps: lowest target rate (at steps) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+def table(
+    results: dict[tuple[str, str, int], Outcome],
+    recipes: list[str],
+    concepts: list[str],
+    seeds: list[int],
+    reference: str,
+    max_k: int,
+) -> list[str]:
+    lines = [
+        f"| recipe | concept | reached (seeds) | median steps | median loop s | median erase_model s "
+        f"| loop / {reference} | erase_model / {reference} "
+        f"| not reached within {max_k} steps: lowest target rate (at steps) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in recipes:
         for cs in [[c] for c in concepts] + ([concepts] if len(concepts) > 1 else []):
             outs = [results[r, c, s] for c in cs for s in seeds]
             won = [o for o in outs if o.passed]
             lost = [o.best_target() for o in outs if not o.passed]
             if len(cs) == 1:  # per seed; a target rate within the bar means the neighbours failed it
-                cell = ", ".join(f"{100 * t.target:.0f}% ({t.steps}{', neighbours' if t.target <= 0.05 else ''})"
-                                 for t in lost)
+                cell = ", ".join(
+                    f"{100 * t.target:.0f}% ({t.steps}{', neighbours' if t.target <= 0.05 else ''})" for t in lost
+                )
             else:
                 hit = sum(t.target <= 0.05 for t in lost)
-                cell = (f"{len(lost)} seeds; lowest {100 * min(t.target for t in lost):.0f}%; {hit} of them erased the "
-                        f"target only with neighbour damage" if lost else "")
+                cell = (
+                    f"{len(lost)} seeds; lowest {100 * min(t.target for t in lost):.0f}%; {hit} of them erased the "
+                    f"target only with neighbour damage"
+                    if lost
+                    else ""
+                )
             steps = f"{statistics.median([o.passed.steps for o in won]):g}" if won else "-"
-            ratios = [ratio(results, r, reference, cs, seeds, a) if r != reference else "1" if won else "-"
-                      for a in ("loop_s", "total_s")]
-            lines.append(f"| {r} | {cs[0] if len(cs) == 1 else 'all'} | {len(won)}/{len(outs)} | {steps} "
-                         f"| {median([o.loop_s for o in won])} | {median([o.total_s for o in won])} "
-                         f"| {ratios[0]} | {ratios[1]} | {cell} |")
+            ratios = [
+                ratio(results, r, reference, cs, seeds, a) if r != reference else "1" if won else "-"
+                for a in ("loop_s", "total_s")
+            ]
+            lines.append(
+                f"| {r} | {cs[0] if len(cs) == 1 else 'all'} | {len(won)}/{len(outs)} | {steps} "
+                f"| {median([o.loop_s for o in won])} | {median([o.total_s for o in won])} "
+                f"| {ratios[0]} | {ratios[1]} | {cell} |"
+            )
     return lines
 
 
@@ -204,8 +245,12 @@ def main() -> int:
     ap.add_argument("--grid", default="10,20,40,80", help="step counts scanned in order until one passes")
     ap.add_argument("--refine", type=int, default=1, help="bisection steps below the first passing grid count")
     ap.add_argument("--repeats", type=int, default=3, help="runs of the passing erase; its time is the best")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (0: torch's default); 1 keeps the times steady on a shared machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (0: torch's default); 1 keeps the times steady on a shared machine",
+    )
     ap.add_argument("--model", default=None, help="a toy-world model folder (default: the built-in one)")
     ap.add_argument("--quick", action="store_true", help="circle, seed 0, n=2, grid 10,40, no refine, 1 repeat")
     args = ap.parse_args()
@@ -224,13 +269,18 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     model = Path(args.model) if args.model else builtin_model_path()
     defaults = model_settings(model).get("erase", {})
-    print(f"model {model}; its erase defaults: " + ", ".join(f"{k}={v}" for k, v in defaults.items()
-                                                              if k not in ("anchor_prompts", "stand_ins")))
+    print(
+        f"model {model}; its erase defaults: "
+        + ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in ("anchor_prompts", "stand_ins"))
+    )
     for r in recipes:
         print(f"recipe {r}: " + (", ".join(f"{k}={v}" for k, v in RECIPES[r].items()) or "the model's defaults"))
-    print(f"grid {grid}, refine {args.refine}, eval n={args.n}, repeats {args.repeats}, "
-          f"threads {args.threads or 'default'}; "
-          f"load average at start: {open('/proc/loadavg').read().split()[0]}", flush=True)
+    print(
+        f"grid {grid}, refine {args.refine}, eval n={args.n}, repeats {args.repeats}, "
+        f"threads {args.threads or 'default'}; "
+        f"load average at start: {open('/proc/loadavg').read().split()[0]}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     results: dict[tuple[str, str, int], Outcome] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,8 +289,18 @@ def main() -> int:
             for c in concepts:
                 for s in seeds:
                     print(f"  {r} {c} seed {s}", flush=True)
-                    results[r, c, s] = search(model, RECIPES[r], c, s, grid, args.refine, args.n, args.repeats,
-                                              Path(tmp), lambda line: print(line, flush=True))
+                    results[r, c, s] = search(
+                        model,
+                        RECIPES[r],
+                        c,
+                        s,
+                        grid,
+                        args.refine,
+                        args.n,
+                        args.repeats,
+                        Path(tmp),
+                        lambda line: print(line, flush=True),
+                    )
     same, total = prefix_pairs(list(results.values()))
     print(f"\nsteps=k losses equal to the first k of the next longer run on the grid: {same} of {total} pairs")
     if not all(o.reproduced for o in results.values()):

@@ -46,10 +46,14 @@ def main() -> int:
     args = ap.parse_args()
     model = Path(args.model) if args.model else builtin_model_path()
     defaults = model_settings(model).get("erase", {})
-    print(f"model {model}; its erase defaults: " + ", ".join(f"{k}={v}" for k, v in defaults.items()
-                                                              if k != "anchor_prompts"))
-    header = (f"{'variant':<17} {'concept':<8} {'seed':>4} {'steps':>5} {'loop s':>6}  {'target':>13}  "
-              f"{'largest drop':>20}  {'attribute A':>20}  {'attribute B':>20}  bars")
+    print(
+        f"model {model}; its erase defaults: "
+        + ", ".join(f"{k}={v}" for k, v in defaults.items() if k != "anchor_prompts")
+    )
+    header = (
+        f"{'variant':<17} {'concept':<8} {'seed':>4} {'steps':>5} {'loop s':>6}  {'target':>13}  "
+        f"{'largest drop':>20}  {'attribute A':>20}  {'attribute B':>20}  bars"
+    )
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,14 +66,29 @@ def main() -> int:
                     ev = evaluate_model(concept, [out], model=model, config=EvalConfig(n=args.n))
                     drop = ev.largest_drop
                     attrs = list(ev.attributes.values())
-                    ok = (ev.target.after <= 0.05 and (drop is None or drop.change_pp >= -2)
-                          and all(a.change_pp >= -2 for a in attrs) and er.loop_seconds < 5)
-                    cells = [f"{variant:<17}", f"{concept:<8}", f"{seed:>4}", f"{er.steps:>5}", f"{er.loop_seconds:>6.2f}",
-                             f"{100 * ev.target.before:5.1f}->{100 * ev.target.after:5.1f}%",
-                             f"{(drop.concept + ' ' + format(drop.change_pp, '+.1f') + ' pp') if drop else 'none':>20}"]
+                    ok = (
+                        ev.target.after <= 0.05
+                        and (drop is None or drop.change_pp >= -2)
+                        and all(a.change_pp >= -2 for a in attrs)
+                        and er.loop_seconds < 5
+                    )
+                    cells = [
+                        f"{variant:<17}",
+                        f"{concept:<8}",
+                        f"{seed:>4}",
+                        f"{er.steps:>5}",
+                        f"{er.loop_seconds:>6.2f}",
+                        f"{100 * ev.target.before:5.1f}->{100 * ev.target.after:5.1f}%",
+                        f"{(drop.concept + ' ' + format(drop.change_pp, '+.1f') + ' pp') if drop else 'none':>20}",
+                    ]
                     cells += [f"{a.concept} {100 * a.before:5.1f}->{100 * a.after:5.1f}%".rjust(20) for a in attrs]
-                    cells += [f"(elsewhere {100 * e.after - 100 * e.before:+.1f} pp)" for e in ev.attributes_elsewhere.values()]
-                    print(" ".join(cells[:5]) + "  " + "  ".join(cells[5:]) + ("  PASS" if ok else "  fail"), flush=True)
+                    cells += [
+                        f"(elsewhere {100 * e.after - 100 * e.before:+.1f} pp)"
+                        for e in ev.attributes_elsewhere.values()
+                    ]
+                    print(
+                        " ".join(cells[:5]) + "  " + "  ".join(cells[5:]) + ("  PASS" if ok else "  fail"), flush=True
+                    )
     print(f"reproduce: python {' '.join(sys.argv)}")
     return 0
 

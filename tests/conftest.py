@@ -27,8 +27,12 @@ def ckpt_path(root: Path, layout: str, name: str = "base") -> Path:
 def snapshot(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (or of the file), ignoring erasekit's undo journal."""
     path = Path(path)
-    files = [path] if path.is_file() else [p for p in sorted(path.rglob("*")) if p.is_file() and ".erasekit" not in p.parts]
-    return {str(p.relative_to(path) if path.is_dir() else p.name): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    files = (
+        [path] if path.is_file() else [p for p in sorted(path.rglob("*")) if p.is_file() and ".erasekit" not in p.parts]
+    )
+    return {
+        str(p.relative_to(path) if path.is_dir() else p.name): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+    }
 
 
 @pytest.fixture

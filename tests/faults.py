@@ -100,6 +100,7 @@ class _CountedFile:
             if cut < len(data):
                 self._f.write(memoryview(data)[:cut])
                 self._f.flush()
+
         self._faults.hit("write", self._path, torn)
         return self._f.write(data)
 
@@ -131,6 +132,7 @@ def injected(faults: Faults) -> Iterator[Faults]:
         def call(fd: int, *args: Any) -> Any:
             faults.hit(name, _fd_path(fd))
             return real[name](fd, *args)
+
         return call
 
     def pwrite(fd: int, data: Any, offset: int) -> int:
@@ -138,6 +140,7 @@ def injected(faults: Faults) -> Iterator[Faults]:
             cut = PAGE - offset % PAGE
             if cut < len(data):
                 real["pwrite"](fd, memoryview(data)[:cut], offset)
+
         faults.hit("pwrite", _fd_path(fd), torn)
         return real["pwrite"](fd, data, offset)
 
@@ -145,6 +148,7 @@ def injected(faults: Faults) -> Iterator[Faults]:
         def call(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
             faults.hit(name, f"{os.path.basename(src)} -> {os.fspath(dst)}")
             return real[name](src, dst, *args, **kwargs)
+
         return call
 
     def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:  # os.fdopen calls it too
@@ -155,11 +159,17 @@ def injected(faults: Faults) -> Iterator[Faults]:
         def torn() -> None:  # the first half copied
             with real_open(src, "rb") as f, real_open(dst, "wb") as g:
                 g.write(f.read(os.path.getsize(src) // 2))
+
         faults.hit("copyfile", f"{os.path.basename(src)} -> {os.fspath(dst)}", torn)
         return real_copyfile(src, dst, *args, **kwargs)
 
-    patched = {"write": counted_fd("write"), "pwrite": pwrite, "fsync": counted_fd("fsync"),
-               "replace": counted_move("replace"), "rename": counted_move("rename")}
+    patched = {
+        "write": counted_fd("write"),
+        "pwrite": pwrite,
+        "fsync": counted_fd("fsync"),
+        "replace": counted_move("replace"),
+        "rename": counted_move("rename"),
+    }
     try:
         for name, fn in patched.items():
             setattr(os, name, fn)
@@ -174,6 +184,7 @@ def injected(faults: Faults) -> Iterator[Faults]:
 
 
 # -- running commands ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Outcome:
@@ -229,14 +240,29 @@ def erase_without_training(patch: str) -> dict[str, Any]:
     from erasekit.format.patchfile import load_patch
 
     def trained(*args: Any, **kwargs: Any) -> EraseReport:
-        return EraseReport(concepts=["circle"], output=None, steps=1, loss_start=0.1, loss_end=0.2, losses=[0.1],
-                           forget_loss_before=None, forget_loss_after=None, loop_seconds=0.0, total_seconds=0.0,
-                           patch_bytes=0, num_images=1, device="cpu", patch=load_patch(patch))
+        return EraseReport(
+            concepts=["circle"],
+            output=None,
+            steps=1,
+            loss_start=0.1,
+            loss_end=0.2,
+            losses=[0.1],
+            forget_loss_before=None,
+            forget_loss_after=None,
+            loop_seconds=0.0,
+            total_seconds=0.0,
+            patch_bytes=0,
+            num_images=1,
+            device="cpu",
+            patch=load_patch(patch),
+        )
 
-    return {"erasekit.erasing.erase_job.import_libraries": lambda: None,
-            "erasekit.erasing.erase_job.load_for": lambda job, clock: (None, None),
-            "erasekit.erasing.erase_job.erase": trained,
-            "erasekit.checkpoints.pipeline.model_threads": lambda model: contextlib.nullcontext()}
+    return {
+        "erasekit.erasing.erase_job.import_libraries": lambda: None,
+        "erasekit.erasing.erase_job.load_for": lambda job, clock: (None, None),
+        "erasekit.erasing.erase_job.erase": trained,
+        "erasekit.checkpoints.pipeline.model_threads": lambda model: contextlib.nullcontext(),
+    }
 
 
 def count_calls(argv: list[str], root: Path, stubs: Stubs | None = None) -> tuple[Outcome, list[Call]]:
@@ -245,8 +271,9 @@ def count_calls(argv: list[str], root: Path, stubs: Stubs | None = None) -> tupl
     return outcome, faults.calls
 
 
-def fail_at(argv: list[str], root: Path, k: int, code: int, persistent: bool,
-            stubs: Stubs | None = None) -> tuple[Outcome, list[Call]]:
+def fail_at(
+    argv: list[str], root: Path, k: int, code: int, persistent: bool, stubs: Stubs | None = None
+) -> tuple[Outcome, list[Call]]:
     """Run with the k-th call failing with ``OSError(code)`` (and every later one too if ``persistent``: a disk
     that stays full)."""
     faults = Faults(root, k, oserror(code), persistent)
@@ -256,8 +283,16 @@ def fail_at(argv: list[str], root: Path, k: int, code: int, persistent: bool,
 # -- dying at a call: children forked from a server that imported erasekit once ----------------------------
 
 _server: subprocess.Popen[str] | None = None
-PRELOAD = ("erasekit.cli", "erasekit.checkpoints.apply", "erasekit.checkpoints.merge", "erasekit.format.ui_export", "erasekit.checkpoints.inspect",
-           "erasekit.erasing.erase_job", "erasekit.checkpoints.pipeline", "erasekit.erasing.unlearn")
+PRELOAD = (
+    "erasekit.cli",
+    "erasekit.checkpoints.apply",
+    "erasekit.checkpoints.merge",
+    "erasekit.format.ui_export",
+    "erasekit.checkpoints.inspect",
+    "erasekit.erasing.erase_job",
+    "erasekit.checkpoints.pipeline",
+    "erasekit.erasing.unlearn",
+)
 
 
 def die_at(argv: list[str], root: Path, k: int, stubs: Stubs | None = None, env: dict[str, str] | None = None) -> int:
@@ -266,11 +301,18 @@ def die_at(argv: list[str], root: Path, k: int, stubs: Stubs | None = None, env:
     global _server
     if _server is None or _server.poll() is not None:
         code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import faults; faults.serve()"
-        _server = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   text=True)
+        _server = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         atexit.register(_stop, _server)
-    request = {"argv": argv, "root": str(root), "k": k, "log": str(root / f"died-at-{k}.log"),
-               "env": {**os.environ, **(env or {})}, "stubs": [stubs.factory, list(stubs.args)] if stubs else None}
+    request = {
+        "argv": argv,
+        "root": str(root),
+        "k": k,
+        "log": str(root / f"died-at-{k}.log"),
+        "env": {**os.environ, **(env or {})},
+        "stubs": [stubs.factory, list(stubs.args)] if stubs else None,
+    }
     _server.stdin.write(json.dumps(request) + "\n")  # type: ignore[union-attr]
     _server.stdin.flush()  # type: ignore[union-attr]
     return int(_server.stdout.readline())  # type: ignore[union-attr]
@@ -322,6 +364,7 @@ def _child(request: dict[str, Any]) -> None:
 
 
 # -- what a run left ---------------------------------------------------------------------------------------
+
 
 def temporaries(root: Path) -> list[str]:
     """erasekit's temporaries (``.NAME.*.incomplete``, :mod:`erasekit._temps`) anywhere below ``root``."""

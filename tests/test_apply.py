@@ -35,8 +35,9 @@ FC1_W1 = "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weigh
 
 def patch_for(tmp_path: Path, base: Path, layers: list[int], name: str, edit_seed: int = 0) -> Path:
     dtype = detect(base).files[0].tensor_info()[FC1_W1][0]
-    edited = make_checkpoint(tmp_path / f"{name}-edited.safetensors", "single-sd1", dtype, edit_layers=layers,
-                             edit_seed=edit_seed)
+    edited = make_checkpoint(
+        tmp_path / f"{name}-edited.safetensors", "single-sd1", dtype, edit_layers=layers, edit_seed=edit_seed
+    )
     out = tmp_path / f"{name}.erasepatch"
     diff_checkpoints(base, edited, output=out, title=name)
     return out
@@ -107,7 +108,9 @@ def test_wrong_architecture_changes_nothing(tmp_path: Path, sd1_patch: Path) -> 
     assert not any(p.name.endswith(".incomplete") for p in tmp_path.iterdir())
 
 
-def test_read_only_target(tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_only_target(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, _ = sd1
     before = snapshot(base)
     os.chmod(base, 0o444)
@@ -173,8 +176,9 @@ def test_corrupt_undo_record_is_refused(tmp_path: Path, sd1: tuple[Path, Path], 
     apply_to_checkpoint([sd1_patch], base, in_place=True)
     undo = journal_dir(base) / "0001.undo"
     raw = bytearray(undo.read_bytes())
-    first = min((e for n, e in _st.read_header(undo).entries.items() if not n.endswith("::page_crc32")),
-                key=lambda e: e.begin)
+    first = min(
+        (e for n, e in _st.read_header(undo).entries.items() if not n.endswith("::page_crc32")), key=lambda e: e.begin
+    )
     raw[first.begin] ^= 0xFF  # a byte of an original tensor
     undo.write_bytes(bytes(raw))
     state = snapshot(base)
@@ -200,9 +204,11 @@ def test_second_writer_is_locked_out(sd1: tuple[Path, Path], sd1_patch: Path) ->
     jdir.mkdir(parents=True)
     with FileLock(str(jdir / "lock")):
         # filelock is re-entrant within a process; another process is what a user would run
-        code = ("import sys; from erasekit.checkpoints.apply import apply_to_checkpoint; from erasekit.errors import TargetLockedError\n"
-                f"try: apply_to_checkpoint([{str(sd1_patch)!r}], {str(base)!r}, in_place=True)\n"
-                "except TargetLockedError as e: print(e); sys.exit(9)\n")
+        code = (
+            "import sys; from erasekit.checkpoints.apply import apply_to_checkpoint; from erasekit.errors import TargetLockedError\n"
+            f"try: apply_to_checkpoint([{str(sd1_patch)!r}], {str(base)!r}, in_place=True)\n"
+            "except TargetLockedError as e: print(e); sys.exit(9)\n"
+        )
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
     assert "another erasekit process is writing" in r.stdout
@@ -227,8 +233,9 @@ journal.Journal.write_tensors = dying
 
 
 @pytest.mark.parametrize("op", ["apply", "revert"])
-def test_kill_9_mid_write_is_rolled_back_or_finished(tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path,
-                                                      op: str) -> None:
+def test_kill_9_mid_write_is_rolled_back_or_finished(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, op: str
+) -> None:
     base, edited = sd1
     original = snapshot(base)
     if op == "apply":

@@ -14,13 +14,16 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
 def test_a_bench_script_starts(script: str) -> None:
-    r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120,
-                       cwd=BENCH.parent)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120, cwd=BENCH.parent
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage: "), r.stdout[:200]
 
 
-def test_the_recipe_tables_stacks_are_of_the_plain_single_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_recipe_tables_stacks_are_of_the_plain_single_patches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Its stacked section stacks the single-concept patches, not the --keep ones the same run made under the
     same recipe, concept and seed; no two erases share a file."""
     import importlib.util
@@ -39,8 +42,14 @@ def test_the_recipe_tables_stacks_are_of_the_plain_single_patches(tmp_path: Path
 
     judged: list[list[Path]] = []
     monkeypatch.setattr(table, "erase_model", fake_erase)
-    monkeypatch.setattr(table.Runner, "judge", lambda self, c, patches, erased, keep=None: judged.append(patches) or
-                        {"fails": [], "others": {}, "attributes": {}, "paraphrases_after": None, "target_after": 0.0})
+    monkeypatch.setattr(
+        table.Runner,
+        "judge",
+        lambda self, c, patches, erased, keep=None: (
+            judged.append(patches)
+            or {"fails": [], "others": {}, "attributes": {}, "paraphrases_after": None, "target_after": 0.0}
+        ),
+    )
     run = table.Runner(tmp_path, 1, tmp_path / "out.jsonl", tmp_path)
     for c in ("circle", "red"):
         run.single("anchored", c, 0)

@@ -35,8 +35,10 @@ def snapshot(pipe: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("unet", "vae", "text_encoder"):
         module = getattr(pipe, name)
-        out[name] = ({k: (v.detach().clone(), v.dtype, v.requires_grad) for k, v in module.named_parameters()},
-                     [m.training for m in module.modules()])
+        out[name] = (
+            {k: (v.detach().clone(), v.dtype, v.requires_grad) for k, v in module.named_parameters()},
+            [m.training for m in module.modules()],
+        )
     return out
 
 
@@ -76,8 +78,9 @@ def test_a_refused_layer_list_leaves_the_pipeline_as_found(pipe: Any, world: dic
     assert_same(before, pipe)
 
 
-def test_an_error_inside_the_loop_leaves_the_pipeline_as_found(pipe: Any, world: dict[str, Any],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_error_inside_the_loop_leaves_the_pipeline_as_found(
+    pipe: Any, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = snapshot(pipe)
     calls = {"n": 0}
     forward = type(pipe.unet).forward
@@ -102,13 +105,16 @@ def test_fp16_autocast_is_refused_for_training_before_anything_loads(world: dict
     assert list(tmp_path.iterdir()) == []
 
 
-def test_generate_reverts_the_patches_it_applied_when_a_later_one_is_refused(pipe: Any, world: dict[str, Any],
-                                                                            tmp_path: Path) -> None:
+def test_generate_reverts_the_patches_it_applied_when_a_later_one_is_refused(
+    pipe: Any, world: dict[str, Any], tmp_path: Path
+) -> None:
     fits = erase(pipe, ["circle"], [world["images"]], EraseConfig(**FAST)).patch
     root = world["root"]
-    other = diff_checkpoints(make_checkpoint(root / "b.safetensors", "single-sd2"),
-                             make_checkpoint(root / "e.safetensors", "single-sd2", edit_layers=[0]),
-                             output=tmp_path / "sd2.erasepatch")
+    other = diff_checkpoints(
+        make_checkpoint(root / "b.safetensors", "single-sd2"),
+        make_checkpoint(root / "e.safetensors", "single-sd2", edit_layers=[0]),
+        output=tmp_path / "sd2.erasepatch",
+    )
     before = snapshot(pipe)
     with pytest.raises(IncompatiblePatchError):
         generate(pipe, ["a circle"], tmp_path / "out", GenerateConfig(n=1, steps=1), patches=[fits, other.output])

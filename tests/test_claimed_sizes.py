@@ -39,10 +39,19 @@ def claiming(path: Path, architecture: str, slot: str, hidden: int, intermediate
     return path
 
 
-@pytest.mark.parametrize("command", [["inspect", "{p}"], ["diff", "{p}", "{p}"], ["merge", "{p}", "{p}", "-o", "{out}"],
-                                     ["export", "{p}", "--ui", "a1111", "-o", "{out}"]], ids=lambda c: c[0])
-def test_a_half_megabyte_patch_claiming_65536_wide_layers_is_refused_in_one_line(tmp_path: Path,
-                                                                                command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "{p}"],
+        ["diff", "{p}", "{p}"],
+        ["merge", "{p}", "{p}", "-o", "{out}"],
+        ["export", "{p}", "--ui", "a1111", "-o", "{out}"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_a_half_megabyte_patch_claiming_65536_wide_layers_is_refused_in_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
     patch = claiming(tmp_path / "wide.erasepatch", "sd1", "te", 65536, 65536)
     assert patch.stat().st_size < 700_000  # its product would be 65536 x 65536: 32 GiB in float64
     before = snapshot(tmp_path)
@@ -50,9 +59,12 @@ def test_a_half_megabyte_patch_claiming_65536_wide_layers_is_refused_in_one_line
     r, peak = run_measured(*[a.format(p=patch, out=out) for a in command])
     assert r.exit_code == 3, r.output  # as any other malformed patch
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.search(r"^error: .*wide\.erasepatch: encoder te claims hidden 65536, intermediate "
-                                         r"65536, 2 layers, larger than any sd1 text encoder \(hidden 768, "
-                                         r"intermediate 3072, 12 layers at most\); .*re-create it$", lines[0]), r.stderr
+    assert len(lines) == 1 and re.search(
+        r"^error: .*wide\.erasepatch: encoder te claims hidden 65536, intermediate "
+        r"65536, 2 layers, larger than any sd1 text encoder \(hidden 768, "
+        r"intermediate 3072, 12 layers at most\); .*re-create it$",
+        lines[0],
+    ), r.stderr
     assert peak < MEMORY_LIMIT, f"{peak / 2**20:.0f} MiB"
     assert snapshot(tmp_path) == before and not out.exists()
 
@@ -80,14 +92,20 @@ def test_norms_and_cosines_from_factors_agree_with_the_multiplied_out_deltas(tmp
     """Low-rank against its dense twin, and factors of a rank above a side (multiplied out, being no larger)."""
     golden = load_patch(GOLDEN)
     dense = {m: golden.weight_delta(m) for m in golden.manifest.deltas}
-    tensors = {n: a for n, a in golden.tensors.items() if n.endswith(".diff_b")} | {f"{m}.diff": d for m, d in dense.items()}
+    tensors = {n: a for n, a in golden.tensors.items() if n.endswith(".diff_b")} | {
+        f"{m}.diff": d for m, d in dense.items()
+    }
     deltas = {m: d.model_copy(update={"storage": "dense", "rank": None}) for m, d in golden.manifest.deltas.items()}
     twin = tmp_path / "twin.erasepatch"
-    save_patch(Patch(golden.manifest.model_copy(update={"deltas": deltas}), tensors, storage_dtypes(tensors, "F32")), twin)
+    save_patch(
+        Patch(golden.manifest.model_copy(update={"deltas": deltas}), tensors, storage_dtypes(tensors, "F32")), twin
+    )
     r = runner.invoke(app, ["diff", str(GOLDEN), str(twin), "--json"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)["comparisons"]
-    assert [row["norm_a"] for row in rows] == pytest.approx([np.linalg.norm(dense[row["module"]]) for row in rows], rel=1e-6)
+    assert [row["norm_a"] for row in rows] == pytest.approx(
+        [np.linalg.norm(dense[row["module"]]) for row in rows], rel=1e-6
+    )
     assert [row["cosine"] for row in rows] == pytest.approx([1.0, 1.0], abs=1e-6)
     narrow = claiming(tmp_path / "narrow.erasepatch", "sd1", "te", 1, 64)  # fc2 out 1, rank 2
     r = runner.invoke(app, ["inspect", str(narrow), "--json"])

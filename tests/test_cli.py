@@ -24,9 +24,11 @@ def run(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyp
 
 
 def no_torch(*argv: str) -> subprocess.CompletedProcess[str]:
-    code = ("import sys\nsys.argv = ['erasekit', *sys.argv[1:]]\nfrom erasekit.cli import main\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    code = (
+        "import sys\nsys.argv = ['erasekit', *sys.argv[1:]]\nfrom erasekit.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
 
 
@@ -37,12 +39,14 @@ def test_help_does_not_import_torch() -> None:
 
 
 def test_the_python_api_is_top_level_and_lazy() -> None:
-    code = ("import sys, erasekit\n"
-            "from erasekit.erasing import unlearn\nfrom erasekit.format import erase_config\nfrom erasekit.judging import sampling, evaluate\n"
-            "assert erasekit.erase is unlearn.erase and erasekit.generate is sampling.generate\n"
-            "assert erasekit.EraseConfig is erase_config.EraseConfig and erasekit.evaluate_model is evaluate.evaluate_model\n"
-            "assert all(getattr(erasekit, n) is not None for n in erasekit.__all__)\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    code = (
+        "import sys, erasekit\n"
+        "from erasekit.erasing import unlearn\nfrom erasekit.format import erase_config\nfrom erasekit.judging import sampling, evaluate\n"
+        "assert erasekit.erase is unlearn.erase and erasekit.generate is sampling.generate\n"
+        "assert erasekit.EraseConfig is erase_config.EraseConfig and erasekit.evaluate_model is evaluate.evaluate_model\n"
+        "assert all(getattr(erasekit, n) is not None for n in erasekit.__all__)\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "NO-TORCH", r.stderr
 
@@ -74,11 +78,29 @@ def test_apply_passes_options_to_the_library(monkeypatch: pytest.MonkeyPatch, tm
         return ApplyReport(str(target), "x", "sd1", str(kw["output"]), False, [], 0, 0.0)
 
     monkeypatch.setattr("erasekit.checkpoints.apply.apply_to_checkpoint", fake)
-    r = run("apply", "a.erasepatch", "b.erasepatch", "--to", "m.safetensors", "-o", "o.safetensors",
-            "--strength", "0.5", "--strength", "0.25", "--force")
+    r = run(
+        "apply",
+        "a.erasepatch",
+        "b.erasepatch",
+        "--to",
+        "m.safetensors",
+        "-o",
+        "o.safetensors",
+        "--strength",
+        "0.5",
+        "--strength",
+        "0.25",
+        "--force",
+    )
     assert r.exit_code == 0, r.output
-    assert seen == {"patches": [Path("a.erasepatch"), Path("b.erasepatch")], "target": Path("m.safetensors"),
-                    "output": Path("o.safetensors"), "in_place": False, "strength": [0.5, 0.25], "force": True}
+    assert seen == {
+        "patches": [Path("a.erasepatch"), Path("b.erasepatch")],
+        "target": Path("m.safetensors"),
+        "output": Path("o.safetensors"),
+        "in_place": False,
+        "strength": [0.5, 0.25],
+        "force": True,
+    }
 
 
 def test_revert_passes_options(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,8 +166,16 @@ def world(tmp_path: Path) -> dict[str, Path]:
     ckpt = make_checkpoint(tmp_path / "old.ckpt", "ckpt-sd1", "F16")
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
-    return {"base": base, "patch": patch, "corrupt": corrupt, "xl": xl, "other": other, "ckpt": ckpt,
-            "notes": notes, "dir": tmp_path}
+    return {
+        "base": base,
+        "patch": patch,
+        "corrupt": corrupt,
+        "xl": xl,
+        "other": other,
+        "ckpt": ckpt,
+        "notes": notes,
+        "dir": tmp_path,
+    }
 
 
 BAD = [
@@ -155,7 +185,11 @@ BAD = [
     (["apply", "{corrupt}", "--to", "{base}", "--in-place"], 3, "truncated"),
     (["apply", "{patch}", "--to", "{dir}/missing.safetensors", "--in-place"], 2, "does not exist"),
     (["apply", "{patch}", "--to", "{xl}", "--in-place"], 5, "is for sd1, but .* is sdxl"),
-    (["apply", "{patch}", "--to", "{other}", "--in-place"], 5, r"4 of 4 tensors .* differ .*force it to apply anyway \(--force\)$"),
+    (
+        ["apply", "{patch}", "--to", "{other}", "--in-place"],
+        5,
+        r"4 of 4 tensors .* differ .*force it to apply anyway \(--force\)$",
+    ),
     (["apply", "{patch}", "--to", "{ckpt}", "--in-place"], 7, r"cannot be patched in place.*OUT.safetensors \(-o\)$"),
     (["apply", "{patch}", "--to", "{base}"], 1, "pass either -o OUT or --in-place"),
     (["apply", "{patch}", "--to", "{base}", "-o", "{other}"], 7, "already exists"),
@@ -170,7 +204,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("args", "code", "message"), BAD, ids=[" ".join(a[:2]) + f"-{c}" for a, c, _ in BAD])
-def test_bad_input_one_line_error_nothing_changed(world: dict[str, Path], args: list[str], code: int, message: str) -> None:
+def test_bad_input_one_line_error_nothing_changed(
+    world: dict[str, Path], args: list[str], code: int, message: str
+) -> None:
     before = snapshot(world["dir"])
     r = run(*[a.format(**world) for a in args])
     assert r.exit_code == code, r.output
@@ -201,52 +237,133 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
     model = tiny_model
     patch = tmp_path / "c.erasepatch"
-    r = run("erase", "--model", model, "--concept", "circle", "--images", "auto", "--num-images", "2",
-            "--resolution", "32", "--steps", "2", "--layers", "1", "-o", patch, "--json")
+    r = run(
+        "erase",
+        "--model",
+        model,
+        "--concept",
+        "circle",
+        "--images",
+        "auto",
+        "--num-images",
+        "2",
+        "--resolution",
+        "32",
+        "--steps",
+        "2",
+        "--layers",
+        "1",
+        "-o",
+        patch,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["steps"] == 2 and summary["output"] == str(patch)
-    assert {m for m, _ in summary["top_layers"]} == {"lora_te_text_model_encoder_layers_1_mlp_fc1",
-                                                     "lora_te_text_model_encoder_layers_1_mlp_fc2"}
+    assert {m for m, _ in summary["top_layers"]} == {
+        "lora_te_text_model_encoder_layers_1_mlp_fc1",
+        "lora_te_text_model_encoder_layers_1_mlp_fc2",
+    }
     assert set(json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]["layers"]) == {1}
-    r = run("generate", "-m", model, "a circle", "-n", "1", "--steps", "2", "--patch", patch, "--compare",
-            "-o", tmp_path / "out")
+    r = run(
+        "generate",
+        "-m",
+        model,
+        "a circle",
+        "-n",
+        "1",
+        "--steps",
+        "2",
+        "--patch",
+        patch,
+        "--compare",
+        "-o",
+        tmp_path / "out",
+    )
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-circle_0_after.png", "a-circle_0_before.png", "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a-circle_0_after.png",
+        "a-circle_0_before.png",
+        "grid.png",
+    ]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--layers", "x-y"], "layers 'x-y' is not a list of layers; write it like 0-11 or 3,5,8-11 (--layers)"),
-    (["--layers", "7"], "layer 7 is outside the text encoder's layers 0-1; use layers 0-1 (--layers)"),
-    (["--kind", "song"], "invalid kind: Input should be 'object' or 'style' (--kind)"),
-    (["--template", "no slot"], "invalid templates: "),
-    (["--recipe", "magic"], "invalid recipe: Input should be 'paper', 'anchored' or 'doco' (--recipe)"),
-    (["--stand-in", "circle"], "stand-in 'circle' is not CONCEPT=WORD; write it as circle=square (--stand-in)"),
-    (["--concept-template", "a {} pattern"], "concept template 'a {} pattern' is not CONCEPT=TEMPLATE; write it as "
-                                               "'Van Gogh=a painting in the style of {}' (--concept-template)"),
-    (["--concept-template", "circle=a circle"], "invalid concept_templates: "),
-    (["--concept-template", "cirle=a {} shape"], "templates are given for 'cirle', which this erase neither erases "
-                                                 "nor keeps; name it as a --concept or --keep, or check its spelling "
-                                                 "(--concept-template)"),
-    (["--rank", "0"], "invalid rank: Value error, rank must be at least 1, auto or dense, got 0 (--rank)"),
-    (["--rank", "low"], "invalid rank: "),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layers", "x-y"], "layers 'x-y' is not a list of layers; write it like 0-11 or 3,5,8-11 (--layers)"),
+        (["--layers", "7"], "layer 7 is outside the text encoder's layers 0-1; use layers 0-1 (--layers)"),
+        (["--kind", "song"], "invalid kind: Input should be 'object' or 'style' (--kind)"),
+        (["--template", "no slot"], "invalid templates: "),
+        (["--recipe", "magic"], "invalid recipe: Input should be 'paper', 'anchored' or 'doco' (--recipe)"),
+        (["--stand-in", "circle"], "stand-in 'circle' is not CONCEPT=WORD; write it as circle=square (--stand-in)"),
+        (
+            ["--concept-template", "a {} pattern"],
+            "concept template 'a {} pattern' is not CONCEPT=TEMPLATE; write it as "
+            "'Van Gogh=a painting in the style of {}' (--concept-template)",
+        ),
+        (["--concept-template", "circle=a circle"], "invalid concept_templates: "),
+        (
+            ["--concept-template", "cirle=a {} shape"],
+            "templates are given for 'cirle', which this erase neither erases "
+            "nor keeps; name it as a --concept or --keep, or check its spelling "
+            "(--concept-template)",
+        ),
+        (["--rank", "0"], "invalid rank: Value error, rank must be at least 1, auto or dense, got 0 (--rank)"),
+        (["--rank", "low"], "invalid rank: "),
+    ],
+)
 def test_erase_option_errors(tmp_path: Path, tiny_model: Path, args: list[str], message: str) -> None:
     model = tiny_model
-    r = run("erase", "--model", model, "--concept", "circle", "--images", "auto", "--resolution", "32",
-            "-o", tmp_path / "x.erasepatch", *args)
+    r = run(
+        "erase",
+        "--model",
+        model,
+        "--concept",
+        "circle",
+        "--images",
+        "auto",
+        "--resolution",
+        "32",
+        "-o",
+        tmp_path / "x.erasepatch",
+        *args,
+    )
     assert r.exit_code != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert not (tmp_path / "x.erasepatch").exists()
 
 
 def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
     patch = tmp_path / "c.erasepatch"
-    r = run("erase", "--model", tiny_model, "--concept", "circle", "--images", "auto", "--num-images", "2",
-            "--resolution", "32", "--steps", "2", "--recipe", "anchored", "--stand-in", "circle=square, star",
-            "--rank", "2", "-o", patch)
+    r = run(
+        "erase",
+        "--model",
+        tiny_model,
+        "--concept",
+        "circle",
+        "--images",
+        "auto",
+        "--num-images",
+        "2",
+        "--resolution",
+        "32",
+        "--steps",
+        "2",
+        "--recipe",
+        "anchored",
+        "--stand-in",
+        "circle=square, star",
+        "--rank",
+        "2",
+        "-o",
+        patch,
+    )
     assert r.exit_code == 0, r.output
-    assert re.search(r"stored low-rank \(ranks 2-2\): the text encoders' outputs within \d+\.\d% \(hidden states\) of the trained "
-                     r"change's, \d+\.\d% of its squared norm kept", r.stdout), r.stdout
+    assert re.search(
+        r"stored low-rank \(ranks 2-2\): the text encoders' outputs within \d+\.\d% \(hidden states\) of the trained "
+        r"change's, \d+\.\d% of its squared norm kept",
+        r.stdout,
+    ), r.stdout
     hp = json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]
     assert hp["stand_ins"] == {"circle": ["square", "star"]} and hp["rank"] == 2
     assert "concept_templates" not in hp  # none given, none recorded
@@ -258,9 +375,31 @@ def test_erase_with_stand_in_and_rank(tmp_path: Path, tiny_model: Path) -> None:
 def test_erase_with_templates_for_one_concept(tmp_path: Path, tiny_model: Path) -> None:
     """--concept-template: that concept's own list (several, in order), recorded; the other concept keeps --template."""
     patch = tmp_path / "cs.erasepatch"
-    r = run("erase", "--model", tiny_model, "--concept", "circle", "--concept", "striped", "--images", "auto",
-            "--num-images", "1", "--resolution", "32", "--steps", "1", "--template", "a photo of a {}",
-            "--concept-template", "striped=a {} pattern", "--concept-template", "Striped={} pattern", "-o", patch)
+    r = run(
+        "erase",
+        "--model",
+        tiny_model,
+        "--concept",
+        "circle",
+        "--concept",
+        "striped",
+        "--images",
+        "auto",
+        "--num-images",
+        "1",
+        "--resolution",
+        "32",
+        "--steps",
+        "1",
+        "--template",
+        "a photo of a {}",
+        "--concept-template",
+        "striped=a {} pattern",
+        "--concept-template",
+        "Striped={} pattern",
+        "-o",
+        patch,
+    )
     assert r.exit_code == 0, r.output
     hp = json.loads(run("inspect", patch, "--json").stdout)["method"]["hyperparameters"]
     assert hp["templates"] == ["a photo of a {}"]
@@ -269,13 +408,19 @@ def test_erase_with_templates_for_one_concept(tmp_path: Path, tiny_model: Path) 
 
 def test_erase_with_a_missing_model_says_so(tmp_path: Path) -> None:
     r = run("erase", "--model", tmp_path / "nope", "--concept", "circle", "-o", tmp_path / "x.erasepatch")
-    assert r.exit_code == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist; check the path (or name a model id: ORG/NAME[@REVISION])"
+    assert (
+        r.exit_code == 2
+        and r.stderr.strip()
+        == f"error: {tmp_path / 'nope'} does not exist; check the path (or name a model id: ORG/NAME[@REVISION])"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_erase_needs_images_for_other_models(tmp_path: Path, tiny_model: Path) -> None:
     r = run("erase", "--model", tiny_model, "--concept", "circle", "-o", tmp_path / "x.erasepatch")
-    assert r.exit_code == 1 and "needs images of the concept; give a folder of images per concept, or 'auto'" in r.stderr
+    assert (
+        r.exit_code == 1 and "needs images of the concept; give a folder of images per concept, or 'auto'" in r.stderr
+    )
     assert r.stderr.strip().endswith("(--images)")
 
 
@@ -293,4 +438,7 @@ def test_json_output_is_strict_json_with_null_for_nan(capsys: pytest.CaptureFixt
     print_json(Report(float("nan"), [1.0, float("inf")], {"ratio": float("-inf"), "ok": 0.5}))
     text = capsys.readouterr().out
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
-        "loss": None, "losses": [1.0, None], "nested": {"ratio": None, "ok": 0.5}}
+        "loss": None,
+        "losses": [1.0, None],
+        "nested": {"ratio": None, "ok": 0.5},
+    }

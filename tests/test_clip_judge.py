@@ -40,16 +40,30 @@ def make_colour_clip(folder: Path, labels: list[str] = COLOURS, drawn: list[str]
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(image_size=32, patch_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                           num_attention_heads=1),
-        projection_dim=8)
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=32,
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+        ),
+        projection_dim=8,
+    )
     model = CLIPModel(config).eval()
     tokenizer = CLIPTokenizer.from_pretrained(builtin_model_path() / "tokenizer")
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
     vision = model.vision_model
     with torch.no_grad():
         # one patch = the whole image; the class token sees it through uniform attention and an identity value path
@@ -66,12 +80,17 @@ def make_colour_clip(folder: Path, labels: list[str] = COLOURS, drawn: list[str]
         for lin in (layer.self_attn.v_proj, layer.self_attn.out_proj):
             lin.weight.copy_(torch.eye(16))
             lin.bias.zero_()
-        text = model.get_text_features(**tokenizer([f"a photo of a {x}" for x in labels], padding=True,
-                                                   return_tensors="pt")).pooler_output
+        text = model.get_text_features(
+            **tokenizer([f"a photo of a {x}" for x in labels], padding=True, return_tensors="pt")
+        ).pooler_output
         text = text / text.norm(dim=-1, keepdim=True)
         shots = [[render_concept(c, s)[0] for s in range(10)] for c in drawn or labels]
-        pooled = [vision(pixel_values=processor.image_processor(imgs, return_tensors="pt")["pixel_values"])
-                  .pooler_output.mean(0) for imgs in shots]
+        pooled = [
+            vision(
+                pixel_values=processor.image_processor(imgs, return_tensors="pt")["pixel_values"]
+            ).pooler_output.mean(0)
+            for imgs in shots
+        ]
         centroids = torch.stack(pooled)
         # text @ W = centroids - their mean: an image's similarity to each label is its dot with that centroid
         model.visual_projection.weight.copy_(torch.linalg.pinv(text) @ (centroids - centroids.mean(0)))
@@ -100,8 +119,10 @@ def noise_patch(model: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("clip")
-    return {"clip": make_colour_clip(root / "clip"),
-            "patch": noise_patch(builtin_model_path(), root / "noise.erasepatch")}
+    return {
+        "clip": make_colour_clip(root / "clip"),
+        "patch": noise_patch(builtin_model_path(), root / "noise.erasepatch"),
+    }
 
 
 def test_labels_stand_ins_and_prompts() -> None:
@@ -123,7 +144,9 @@ def test_labels_stand_ins_and_prompts() -> None:
     specs = label_prompts(["dog", "cat"], 2)
     assert specs[:2] == [("a photo of a dog", {"concept": "dog"})] * 2 and len(specs) == 2 * 2 * 2
     assert read_label_prompts(["a dog", "two cats and a cat"], ["dog", "cat"], 1, "f") == [
-        ("a dog", {"concept": "dog"}), ("two cats and a cat", {"concept": "cat"})]
+        ("a dog", {"concept": "dog"}),
+        ("two cats and a cat", {"concept": "cat"}),
+    ]
     with pytest.raises(ErasekitError, match="'a horse' in f names none"):
         read_label_prompts(["a dog", "a horse"], ["dog", "cat"], 1, "f")
     with pytest.raises(ErasekitError, match="no prompt in f names dog"):
@@ -139,8 +162,9 @@ def test_the_judge_classifies_as_clip_does(world: dict[str, Path]) -> None:
     assert judge.classify(images) == labels and judge(images) == [{"concept": x} for x in labels]
     assert sum(x == t for x, t in zip(labels, truth)) >= 0.8 * len(truth), labels
     # the reference: transformers' own forward pass of the whole model
-    inputs = judge.processor(text=[f"a photo of a {c}" for c in COLOURS], images=images, return_tensors="pt",
-                             padding=True)
+    inputs = judge.processor(
+        text=[f"a photo of a {c}" for c in COLOURS], images=images, return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         reference = judge.model(**inputs).logits_per_image.argmax(-1).tolist()
     assert labels == [COLOURS[i] for i in reference]
@@ -151,8 +175,27 @@ def test_the_judge_classifies_as_clip_does(world: dict[str, Path]) -> None:
 def test_eval_with_the_clip_judge(tmp_path: Path, world: dict[str, Path]) -> None:
     """The built-in model as the generator, CLIP as the judge: labels from --keep and --stand-in, the toy world's
     paraphrases, strict JSON; with strength 0 the patched images are the unpatched ones."""
-    r = runner.invoke(app, ["eval", "--patch", str(world["patch"]), "--concept", "red", "--judge", str(world["clip"]),
-                            "--keep", "green", "--stand-in", "red=blue", "-n", "2", "--strength", "0", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--patch",
+            str(world["patch"]),
+            "--concept",
+            "red",
+            "--judge",
+            str(world["clip"]),
+            "--keep",
+            "green",
+            "--stand-in",
+            "red=blue",
+            "-n",
+            "2",
+            "--strength",
+            "0",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert (rep["judge"], rep["labels"], rep["attribute"]) == (str(world["clip"]), COLOURS, "concept")
@@ -176,8 +219,25 @@ def test_a_judge_blind_to_the_target_is_noted(tmp_path: Path, world: dict[str, P
     target leaves no note."""
     blind = make_colour_clip(tmp_path / "blind", COLOURS, drawn=["blue", "green", "red"])
     prompts = write_lines(tmp_path / "prompts.txt", [f"a photo of a {c}" for c in COLOURS])
-    args = ["eval", "--patch", str(world["patch"]), "--concept", "red", "--keep", "green", "--stand-in", "blue",
-            "-n", "2", "--steps", "8", "--prompts", str(prompts), "--paraphrases", str(write_lines(tmp_path / "p.txt", ["one {}"]))]
+    args = [
+        "eval",
+        "--patch",
+        str(world["patch"]),
+        "--concept",
+        "red",
+        "--keep",
+        "green",
+        "--stand-in",
+        "blue",
+        "-n",
+        "2",
+        "--steps",
+        "8",
+        "--prompts",
+        str(prompts),
+        "--paraphrases",
+        str(write_lines(tmp_path / "p.txt", ["one {}"])),
+    ]
     r = runner.invoke(app, [*args, "--judge", str(blind), "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -187,7 +247,8 @@ def test_a_judge_blind_to_the_target_is_noted(tmp_path: Path, world: dict[str, P
         f"better than chance among 3 labels (33.3%); under half the other labels' "
         f"{50 * (rep['others'][0]['before'] + rep['others'][1]['before']):.1f}%), so its after-rate says nothing "
         "about the erase; check that the model draws red and that the judge knows it (its label's wording, another "
-        "judge)"]
+        "judge)"
+    ]
     text = runner.invoke(app, [*args, "--judge", str(blind)])
     assert text.exit_code == 0, text.output
     assert "target: red rate (see the note)" in text.stdout
@@ -214,8 +275,9 @@ def test_eval_with_the_clip_judge_on_another_model(tmp_path: Path, world: dict[s
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["labels"] == ["Snoopy", "dog"] and rep["robustness"] is None  # no paraphrases for other models
-    assert rep["prompts"] == 4 and all(0 <= s["before"] <= 1 and 0 <= s["after"] <= 1
-                                       for s in (rep["target"], *rep["others"]))
+    assert rep["prompts"] == 4 and all(
+        0 <= s["before"] <= 1 and 0 <= s["after"] <= 1 for s in (rep["target"], *rep["others"])
+    )
 
 
 def test_bad_judges_are_one_line_and_write_nothing(tmp_path: Path, world: dict[str, Path]) -> None:
@@ -226,17 +288,24 @@ def test_bad_judges_are_one_line_and_write_nothing(tmp_path: Path, world: dict[s
     shutil.copy(world["clip"] / "config.json", no_weights / "config.json")
     grid = tmp_path / "out" / "grid.png"
     grid.parent.mkdir()
-    cases = [(tmp_path / "missing", 2, "does not exist"), (not_clip, 2, "holds a 'clip_text_model' model"),
-             (no_weights, 2, "cannot load the CLIP model"), (tmp_path / "out", 2, "has no readable config.json")]
+    cases = [
+        (tmp_path / "missing", 2, "does not exist"),
+        (not_clip, 2, "holds a 'clip_text_model' model"),
+        (no_weights, 2, "cannot load the CLIP model"),
+        (tmp_path / "out", 2, "has no readable config.json"),
+    ]
     for folder, code, message in cases:
-        r = runner.invoke(app, ["eval", "--patch", str(world["patch"]), "--concept", "red", "--judge", str(folder),
-                                "--grid", str(grid)])
+        r = runner.invoke(
+            app,
+            ["eval", "--patch", str(world["patch"]), "--concept", "red", "--judge", str(folder), "--grid", str(grid)],
+        )
         assert r.exit_code == code, (folder, r.output)
         assert r.stderr.count("\n") == 1 and message in r.stderr and r.stderr.strip().endswith("(--judge)"), r.stderr
         assert list(grid.parent.iterdir()) == [], "nothing is written"
     with pytest.raises(InputFileError, match="not a folder"):
         load_clip_judge(world["patch"], COLOURS)
     # a concept with nothing to tell it from (the patch records no neighbours, the toy world has no 'Snoopy')
-    r = runner.invoke(app, ["eval", "--patch", str(world["patch"]), "--concept", "Snoopy", "--judge",
-                            str(world["clip"])])
+    r = runner.invoke(
+        app, ["eval", "--patch", str(world["patch"]), "--concept", "Snoopy", "--judge", str(world["clip"])]
+    )
     assert r.exit_code == 1 and r.stderr.strip().endswith("(--keep)"), r.output

@@ -35,10 +35,12 @@ def test_an_edit_beyond_the_ffn_is_refused_by_default(pair: tuple[Path, Path], t
     out = tmp_path / "p.erasepatch"
     with pytest.raises(ErasekitError) as e:
         diff_checkpoints(*pair, output=out)
-    assert str(e.value) == (f"edited.safetensors also differs from base.safetensors outside the FFN layers, in 1 "
-                            f"text-encoder tensors (largest: te:{ATTN}, relative change 1.00e-02); a patch of the FFN "
-                            "part would not reproduce the edit; ask for the FFN part only to write it anyway (the patch "
-                            "records what it leaves out, and inspect shows it)")
+    assert str(e.value) == (
+        f"edited.safetensors also differs from base.safetensors outside the FFN layers, in 1 "
+        f"text-encoder tensors (largest: te:{ATTN}, relative change 1.00e-02); a patch of the FFN "
+        "part would not reproduce the edit; ask for the FFN part only to write it anyway (the patch "
+        "records what it leaves out, and inspect shows it)"
+    )
     assert e.value.option == "ffn_only"
     assert not out.exists()
     r = runner.invoke(app, ["diff", str(pair[0]), str(pair[1]), "-o", str(out)])
@@ -54,7 +56,9 @@ def test_ffn_only_writes_the_ffn_part_and_inspect_shows_the_loss(pair: tuple[Pat
     assert left["largest_relative"] == pytest.approx(0.01, rel=1e-3)
     r = runner.invoke(app, ["inspect", str(out)])
     assert f"left out   1 non-FFN tensors of the edit (largest: te:{ATTN}, relative change 1.00e-02)" in r.stdout
-    assert json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)["method"]["hyperparameters"]["left_out"]
+    assert json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)["method"]["hyperparameters"][
+        "left_out"
+    ]
 
 
 def test_an_ffn_only_edit_needs_no_flag(tmp_path: Path) -> None:
@@ -81,7 +85,9 @@ def test_clip_text_and_pipeline_patches_meet_by_one_rule_everywhere(tmp_path: Pa
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert any(note in n for n in report["notes"])
-    assert {c["layer"] for c in report["comparisons"]} == {1} and all(c["cosine"] is not None for c in report["comparisons"])
+    assert {c["layer"] for c in report["comparisons"]} == {1} and all(
+        c["cosine"] is not None for c in report["comparisons"]
+    )
 
     r = runner.invoke(app, ["inspect", str(clip_patch), "--against", str(sd_base), "--json"])
     assert note in json.loads(r.stdout)["compatibility"]

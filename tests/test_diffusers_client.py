@@ -102,8 +102,12 @@ def applied_by_erasekit(pipe: Any, patch_file: Path, strength: float) -> Any:
 
 
 def encoder_tensors(pipe: Any) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name in ENCODERS if getattr(pipe, name, None) is not None
-            for k, v in getattr(pipe, name).state_dict().items()}
+    return {
+        f"{name}.{k}": v
+        for name in ENCODERS
+        if getattr(pipe, name, None) is not None
+        for k, v in getattr(pipe, name).state_dict().items()
+    }
 
 
 def assert_same_weights(pipe: Any, patch_file: Path, lora_file: Path, strength: float, how: str) -> None:
@@ -124,9 +128,15 @@ def assert_same_weights(pipe: Any, patch_file: Path, lora_file: Path, strength: 
 @pytest.mark.parametrize(("strength", "how"), STRENGTHS)
 @pytest.mark.parametrize("rank", ["dense", "2", "auto"])
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_diffusers_loads_the_export_with_erasekits_weights(arch: str, rank: str, strength: float, how: str,
-                                                           pipes: dict[str, Any], erased: dict[tuple[str, str], Path],
-                                                           tmp_path: Path) -> None:
+def test_diffusers_loads_the_export_with_erasekits_weights(
+    arch: str,
+    rank: str,
+    strength: float,
+    how: str,
+    pipes: dict[str, Any],
+    erased: dict[tuple[str, str], Path],
+    tmp_path: Path,
+) -> None:
     patch_file = erased[arch, rank]
     lora_file = Path(export_patch(patch_file, "diffusers", tmp_path / "erased.safetensors").output)
     assert_same_weights(pipes[arch], patch_file, lora_file, strength, how)
@@ -140,18 +150,38 @@ def test_one_rank_per_encoder_where_the_patch_mixes_ranks(erased: dict[tuple[str
         assert len({d.rank for d in load_patch(patch_file).manifest.deltas.values()}) > 1
         tensors = load_file(export_patch(patch_file, "diffusers", tmp_path / f"{arch}.safetensors").output)
         for encoder in ENCODERS:
-            ranks = {v.shape[0] for k, v in tensors.items()
-                     if k.startswith(f"{encoder}.") and k.endswith(".down.weight")}
+            ranks = {
+                v.shape[0] for k, v in tensors.items() if k.startswith(f"{encoder}.") and k.endswith(".down.weight")
+            }
             assert len(ranks) == (1 if encoder == "text_encoder" or arch == "sdxl" else 0), (arch, encoder, ranks)
 
 
-def test_a_default_erase_names_the_export_diffusers_needs(folders: dict[str, Path], pipes: dict[str, Any],
-                                                          images: Path, tmp_path: Path) -> None:
+def test_a_default_erase_names_the_export_diffusers_needs(
+    folders: dict[str, Path], pipes: dict[str, Any], images: Path, tmp_path: Path
+) -> None:
     """The patch ``erase`` writes by default (low-rank, BF16, bias deltas beside the factors) is refused by
     load_lora_weights; the export command erase prints makes a file diffusers loads with erasekit's weights."""
     patch_file = tmp_path / "circle.erasepatch"
-    r = runner.invoke(app, ["erase", "--model", str(folders["sd1"]), "--concept", "circle", "--images", str(images),
-                            "--resolution", "32", "--steps", "1", "--lr", "1e-2", "-o", str(patch_file)])
+    r = runner.invoke(
+        app,
+        [
+            "erase",
+            "--model",
+            str(folders["sd1"]),
+            "--concept",
+            "circle",
+            "--images",
+            str(images),
+            "--resolution",
+            "32",
+            "--steps",
+            "1",
+            "--lr",
+            "1e-2",
+            "-o",
+            str(patch_file),
+        ],
+    )
     assert r.exit_code == 0, r.output
     lora_file = tmp_path / "circle-diffusers.safetensors"
     command = f"erasekit export {patch_file} --ui diffusers -o {lora_file}"
@@ -174,17 +204,18 @@ def test_a_default_erase_names_the_export_diffusers_needs(folders: dict[str, Pat
     assert_same_weights(pipes["sd1"], patch_file, lora_file, 0.5, "fuse_lora")
 
 
-def test_a_dense_patch_is_refused_as_it_is_and_loads_through_the_export(pipes: dict[str, Any],
-                                                                        erased: dict[tuple[str, str], Path],
-                                                                        tmp_path: Path) -> None:
+def test_a_dense_patch_is_refused_as_it_is_and_loads_through_the_export(
+    pipes: dict[str, Any], erased: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
     patch_file = erased["sdxl", "dense"]
     as_is = Path(shutil.copy(patch_file, tmp_path / "dense.safetensors"))
     with pytest.raises(ValueError, match=r"lora_te1_text_model_encoder_layers_0_mlp_fc1\.diff\b"):
         copy.deepcopy(pipes["sdxl"]).load_lora_weights(str(as_is))
     report = export_patch(patch_file, "diffusers", tmp_path / "dense-diffusers.safetensors")
     # the factors' size: (out + in) x min(out, in) for out x in; the tiny encoders' FFNs are 2h x h, so 1.5x
-    assert any("6 dense modules are stored as exact factors" in note and "1.50x the size" in note
-               for note in report.notes)
+    assert any(
+        "6 dense modules are stored as exact factors" in note and "1.50x the size" in note for note in report.notes
+    )
     assert report.bytes < 1.5 * patch_file.stat().st_size
     assert_same_weights(pipes["sdxl"], patch_file, Path(report.output), 1.0, "fuse_lora")
 
@@ -197,15 +228,22 @@ def refiner(root: Path, pipes: dict[str, Any]) -> tuple[Any, Path, Path]:
     edited = make_checkpoint(root / "refiner-edited", "diffusers-sdxl-refiner", edit_layers=[0, 1])
     sdxl = pipes["sdxl"]
     pipe = StableDiffusionXLImg2ImgPipeline(
-        vae=sdxl.vae, text_encoder=None,
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"), tokenizer=None,
-        tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet, scheduler=sdxl.scheduler, requires_aesthetics_score=True)
+        vae=sdxl.vae,
+        text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"),
+        tokenizer=None,
+        tokenizer_2=sdxl.tokenizer_2,
+        unet=sdxl.unet,
+        scheduler=sdxl.scheduler,
+        requires_aesthetics_score=True,
+    )
     return pipe, base, edited
 
 
 @pytest.mark.parametrize("rank", [None, "2"])
-def test_the_refiner_loads_through_text_encoder_2(refiner: tuple[Any, Path, Path], rank: str | None,
-                                                  tmp_path: Path) -> None:
+def test_the_refiner_loads_through_text_encoder_2(
+    refiner: tuple[Any, Path, Path], rank: str | None, tmp_path: Path
+) -> None:
     """diff -o names the export; diffusers' refiner keeps its only encoder as text_encoder_2, under that prefix."""
     pipe, base, edited = refiner
     patch_file = tmp_path / "refiner.erasepatch"
@@ -225,19 +263,29 @@ def test_a_bare_text_encoders_patch_goes_to_text_encoder(root: Path, pipes: dict
     patch_file = diff_checkpoints(base, edited, output=tmp_path / "clip.erasepatch", rank=2).output
     assert load_patch(patch_file).manifest.base.architecture == "clip-text"
     sd1 = pipes["sd1"]
-    pipe = StableDiffusionPipeline(vae=sd1.vae, text_encoder=CLIPTextModel.from_pretrained(base),
-                                   tokenizer=sd1.tokenizer, unet=sd1.unet, scheduler=sd1.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=sd1.vae,
+        text_encoder=CLIPTextModel.from_pretrained(base),
+        tokenizer=sd1.tokenizer,
+        unet=sd1.unet,
+        scheduler=sd1.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     report = export_patch(patch_file, "diffusers", tmp_path / "clip-diffusers.safetensors")
     assert "written for the pipeline's text_encoder" in " ".join(report.notes)
     assert_same_weights(pipe, Path(patch_file), Path(report.output), 1.0, "fuse_lora")
 
 
-def test_export_for_diffusers_refuses_other_names_and_writes_nothing(erased: dict[tuple[str, str], Path],
-                                                                     tmp_path: Path) -> None:
+def test_export_for_diffusers_refuses_other_names_and_writes_nothing(
+    erased: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
     patch_file = Path(shutil.copy(erased["sd1", "2"], tmp_path / "p.erasepatch"))
     r = runner.invoke(app, ["export", str(patch_file), "--ui", "diffusers", "-o", str(tmp_path / "x.bin")])
     assert r.exit_code == 7, r.output
-    assert r.stderr == (f"error: output {tmp_path / 'x.bin'} must end in .safetensors; name it NAME.safetensors: "
-                        "diffusers' load_lora_weights reads other names as torch pickles\n")
+    assert r.stderr == (
+        f"error: output {tmp_path / 'x.bin'} must end in .safetensors; name it NAME.safetensors: "
+        "diffusers' load_lora_weights reads other names as torch pickles\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.erasepatch"]

@@ -32,7 +32,12 @@ def test_changelog_mentions_current_version_section() -> None:
 
 def test_quickstart_example_runs(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable}
-    r = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), str(tmp_path)], capture_output=True, env=env,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        ["bash", str(ROOT / "examples" / "quickstart.sh"), str(tmp_path)],
+        capture_output=True,
+        env=env,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "bit-exact revert: yes" in r.stdout

@@ -53,8 +53,11 @@ def _encoded_directly(vae: torch.nn.Module, images: list[tuple[Image.Image, byte
     return _latent_dist(vae, images).mean.float()
 
 
-def test_a_half_precision_vae_encodes_in_float32_and_is_given_back_as_found(bf16_pipe, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_half_precision_vae_encodes_in_float32_and_is_given_back_as_found(
+    bf16_pipe,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("ERASEKIT_CACHE_DIR", str(tmp_path / "cache"))
     vae = bf16_pipe.vae
     vae.train()  # a mode and flags it must be given back in
@@ -94,8 +97,11 @@ def _old_key(data: bytes, resolution: int, flip: bool, vid: str) -> str:
     return hashlib.sha256(data + f"|{resolution}|{int(flip)}|{vid}".encode()).hexdigest()
 
 
-def test_latents_cached_by_a_half_precision_encode_are_not_reused(bf16_pipe, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_latents_cached_by_a_half_precision_encode_are_not_reused(
+    bf16_pipe,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A float32 VAE whose weights are bfloat16 values has the same vae_id as the bfloat16 one: an entry an
     earlier erasekit wrote from the bfloat16 encode must not stand in for the float32 encode."""
     monkeypatch.setenv("ERASEKIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -109,15 +115,20 @@ def test_latents_cached_by_a_half_precision_encode_are_not_reused(bf16_pipe, tmp
     cache.mkdir(parents=True)
     config = EraseConfig(cache=True, resolution=32)
     old = cache / f"{_old_key(images[0][1], config.resolution, False, vid)}.safetensors"
-    _st.write_safetensors(old, {name: ("F32", tuple(t.shape[1:]), t[0].float().numpy().tobytes())
-                                for name, t in (("mean", dist.mean), ("std", dist.std))}, {"vae": vid})
+    _st.write_safetensors(
+        old,
+        {
+            name: ("F32", tuple(t.shape[1:]), t[0].float().numpy().tobytes())
+            for name, t in (("mean", dist.mean), ("std", dist.std))
+        },
+        {"vae": vid},
+    )
 
     mean, _ = encode_images(fp32_pipe, images, config, [False])
     torch.testing.assert_close(mean, _encoded_directly(fp32_pipe.vae, images), rtol=1e-5, atol=1e-6)
     assert len(list(cache.glob("*.safetensors"))) == 2  # the float32 encode was cached beside the old entry
     again, _ = encode_images(fp32_pipe, images, config, [False])
     assert torch.equal(again, mean)
-
 
 
 # -- an SD2.x prediction type guessed close to the threshold --------------------------------------
@@ -145,19 +156,27 @@ def test_a_guess_close_to_the_threshold_warns_once_and_stands(tmp_path: Path, sp
     assert (pred, reason.split()[-2:]) == (expected, [">" if expected == "v_prediction" else "<=", "0.09"])
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert message.startswith(f"near.safetensors: the prediction type {expected} {GUESSED} (UNet norm-bias spread "
-                              f"{spread:.3f}, threshold {V_PREDICTION_SPREAD}")
+    assert message.startswith(
+        f"near.safetensors: the prediction type {expected} {GUESSED} (UNet norm-bias spread "
+        f"{spread:.3f}, threshold {V_PREDICTION_SPREAD}"
+    )
     assert "v_prediction for a 768-v model, epsilon for a 512 one" in message
     assert caught[0].message.option == "prediction_type"
 
 
-@pytest.mark.parametrize(("spread", "metadata", "expected"), [
-    (0.01, None, "epsilon"), (0.213, None, "v_prediction"),
-    (0.0666, None, "epsilon"), (0.1134, None, "v_prediction"),  # just outside the band (0.0675-0.1125)
-    (0.09, {"modelspec.prediction_type": "v"}, "v_prediction"),  # the metadata says: nothing is guessed
-])
-def test_a_clear_or_told_prediction_type_does_not_warn(tmp_path: Path, spread: float,
-                                                       metadata: dict[str, str] | None, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("spread", "metadata", "expected"),
+    [
+        (0.01, None, "epsilon"),
+        (0.213, None, "v_prediction"),
+        (0.0666, None, "epsilon"),
+        (0.1134, None, "v_prediction"),  # just outside the band (0.0675-0.1125)
+        (0.09, {"modelspec.prediction_type": "v"}, "v_prediction"),  # the metadata says: nothing is guessed
+    ],
+)
+def test_a_clear_or_told_prediction_type_does_not_warn(
+    tmp_path: Path, spread: float, metadata: dict[str, str] | None, expected: str
+) -> None:
     ckpt = detect(_sd2_file(tmp_path / "far.safetensors", spread, metadata))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -181,11 +200,14 @@ def test_the_cli_shows_a_warning_given_twice_once(capsys: pytest.CaptureFixture[
 
     with errors():
         for _ in range(2):
-            warnings.warn(ErasekitWarning("the prediction type epsilon was guessed", option="prediction_type"), stacklevel=1)
+            warnings.warn(
+                ErasekitWarning("the prediction type epsilon was guessed", option="prediction_type"), stacklevel=1
+            )
         warnings.warn(ErasekitWarning("another"), stacklevel=1)
     assert capsys.readouterr().err.splitlines() == [
         "warning: the prediction type epsilon was guessed (--prediction-type of erase, eval, generate)",
-        "warning: another"]
+        "warning: another",
+    ]
 
 
 @pytest.mark.parametrize("layout", ["folder", "single file"])
@@ -201,8 +223,14 @@ def test_an_erase_loads_the_vae_in_float32_beside_a_bf16_unet(tmp_path: Path, la
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(images / "0.png")
-    job = prepare_erase(model, ["circle"], [images], tmp_path / "p.erasepatch", {"dtype": "bf16"},
-                        config_dir=None if layout == "folder" else folder)
+    job = prepare_erase(
+        model,
+        ["circle"],
+        [images],
+        tmp_path / "p.erasepatch",
+        {"dtype": "bf16"},
+        config_dir=None if layout == "folder" else folder,
+    )
     pipe, _ = load_for(job, Clock())
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.float32
     assert pipe.vae.dtype == torch.float32

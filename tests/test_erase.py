@@ -50,8 +50,9 @@ def test_only_ffn_changes_and_forget_loss_rises(tiny: Path, circles: Path) -> No
     pipe, ckpt = load_pipeline(tiny)
     before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
     unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    report = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**FAST, forget_check=True),
-                   base_files=ckpt)
+    report = erase(
+        pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**FAST, forget_check=True), base_files=ckpt
+    )
     # the pipeline is left as it was
     assert all(torch.equal(before[k], v) for k, v in pipe.text_encoder.state_dict().items())
     assert all(torch.equal(unet_before[k], v) for k, v in pipe.unet.state_dict().items())
@@ -60,9 +61,11 @@ def test_only_ffn_changes_and_forget_loss_rises(tiny: Path, circles: Path) -> No
     # applying the patch changes exactly the FFN tensors of the text encoder
     apply_patch(pipe, report.patch)
     changed = {k for k, v in pipe.text_encoder.state_dict().items() if not torch.equal(before[k], v)}
-    assert changed == {f"text_model.encoder.layers.{i}.mlp.{p}.{k}" for i in (0, 1) for p in ("fc1", "fc2")
-                       for k in ("weight", "bias")} or changed == {f"encoder.layers.{i}.mlp.{p}.{k}" for i in (0, 1)
-                                                                  for p in ("fc1", "fc2") for k in ("weight", "bias")}
+    assert changed == {
+        f"text_model.encoder.layers.{i}.mlp.{p}.{k}" for i in (0, 1) for p in ("fc1", "fc2") for k in ("weight", "bias")
+    } or changed == {
+        f"encoder.layers.{i}.mlp.{p}.{k}" for i in (0, 1) for p in ("fc1", "fc2") for k in ("weight", "bias")
+    }
     m = report.patch.manifest
     assert m.method.name == "fuchi-takagi-2024" and m.method.num_images == 4 and m.method.seed == 0
     assert m.method.hyperparameters["lr"] == 1e-3 and m.method.hyperparameters["betas"] == [0.9, 0.98]
@@ -86,7 +89,14 @@ def test_the_erase_runs_the_unet_once_per_step_and_reports_where_its_time_went(t
 def test_defaults_are_the_published_recipe() -> None:
     c = EraseConfig()
     assert (c.lr, c.betas, c.eps, c.weight_decay, c.batch_size, c.epochs, c.resolution) == (
-        1e-5, (0.9, 0.98), 1e-6, 1e-8, 2, 5, 512)
+        1e-5,
+        (0.9, 0.98),
+        1e-6,
+        1e-8,
+        2,
+        5,
+        512,
+    )
     assert len(c.template_list()) == 27 and len(EraseConfig(kind="style").template_list()) == 19
 
 
@@ -119,13 +129,17 @@ def test_layers_and_v_prediction(tmp_path: Path, circles: Path) -> None:
     r = erase_model(model, ["circle"], [circles], tmp_path / "p.erasepatch", EraseConfig(**FAST, layers=[1], steps=3))
     m = load_patch(r.output).manifest
     assert m.base.architecture == "sd2" and m.method.hyperparameters["prediction_type"] == "v_prediction"
-    assert list(m.deltas) == ["lora_te_text_model_encoder_layers_1_mlp_fc1", "lora_te_text_model_encoder_layers_1_mlp_fc2"]
+    assert list(m.deltas) == [
+        "lora_te_text_model_encoder_layers_1_mlp_fc1",
+        "lora_te_text_model_encoder_layers_1_mlp_fc2",
+    ]
     assert r.steps == 3
 
 
 def test_auto_images_and_several_concepts(tmp_path: Path, tiny: Path) -> None:
-    r = erase_model(tiny, ["circle", "square"], "auto", tmp_path / "p.erasepatch", EraseConfig(**FAST, steps=2),
-                    num_images=2)
+    r = erase_model(
+        tiny, ["circle", "square"], "auto", tmp_path / "p.erasepatch", EraseConfig(**FAST, steps=2), num_images=2
+    )
     m = load_patch(r.output).manifest
     assert [c.name for c in m.concepts] == ["circle", "square"] and m.method.num_images == 4
     assert m.title == "circle + square erased"
@@ -149,6 +163,7 @@ def test_latents_are_cached(tmp_path: Path, tiny: Path, circles: Path, monkeypat
 
 # -- bad input: one clear error, no output file -----------------------------------------------------
 
+
 def _expect(tmp_path: Path, exc: type[Exception], match: str, *args, **kw) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out.erasepatch"
     with pytest.raises(exc, match=match):
@@ -165,13 +180,27 @@ def test_no_images(tmp_path: Path, tiny: Path) -> None:
 def test_unreadable_image_is_named(tmp_path: Path, tiny: Path, circles: Path) -> None:
     bad = Path(shutil.copytree(circles, tmp_path / "imgs"))
     (bad / "broken.png").write_text("not a png")
-    _expect(tmp_path, InputFileError, "broken.png is not a readable image", tiny, ["circle"], [bad],
-            config=EraseConfig(**FAST))
+    _expect(
+        tmp_path,
+        InputFileError,
+        "broken.png is not a readable image",
+        tiny,
+        ["circle"],
+        [bad],
+        config=EraseConfig(**FAST),
+    )
 
 
 def test_fewer_images_than_batch(tmp_path: Path, tiny: Path, circles: Path) -> None:
-    _expect(tmp_path, ErasekitError, "4 training images but a batch size of 8", tiny, ["circle"], [circles],
-            config=EraseConfig(**FAST, batch_size=8))
+    _expect(
+        tmp_path,
+        ErasekitError,
+        "4 training images but a batch size of 8",
+        tiny,
+        ["circle"],
+        [circles],
+        config=EraseConfig(**FAST, batch_size=8),
+    )
 
 
 def test_concept_without_tokens(tmp_path: Path, tiny: Path, circles: Path) -> None:
@@ -189,15 +218,28 @@ def test_model_missing_a_component(tmp_path: Path, work: Path, circles: Path) ->
 
 def test_unsupported_architecture(tmp_path: Path, circles: Path) -> None:
     refiner = make_checkpoint(tmp_path / "refiner", "diffusers-sdxl-refiner", "F16")
-    _expect(tmp_path, LayoutError, "is sdxl-refiner; erase and generate support SD1.x, SD2.x and SDXL base",
-            refiner, ["circle"], [circles])
+    _expect(
+        tmp_path,
+        LayoutError,
+        "is sdxl-refiner; erase and generate support SD1.x, SD2.x and SDXL base",
+        refiner,
+        ["circle"],
+        [circles],
+    )
     lone = make_checkpoint(tmp_path / "te", "transformers-clip", "F16")
     _expect(tmp_path, LayoutError, "is a CLIP text encoder on its own", lone, ["circle"], [circles])
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path: Path, tiny: Path, circles: Path) -> None:
-    _expect(tmp_path, NonFiniteError, r"non-finite at step \d+; no patch", tiny, ["circle"], [circles],
-            config=EraseConfig(resolution=32, lr=1e9, steps=5))
+    _expect(
+        tmp_path,
+        NonFiniteError,
+        r"non-finite at step \d+; no patch",
+        tiny,
+        ["circle"],
+        [circles],
+        config=EraseConfig(resolution=32, lr=1e9, steps=5),
+    )
 
 
 def test_existing_output_is_kept(tmp_path: Path, tiny: Path, circles: Path) -> None:
@@ -214,8 +256,17 @@ def test_bad_template() -> None:
     assert np.isclose(EraseConfig(templates=["a {} photo"]).lr, 1e-5)
     hp = EraseConfig().hyperparameters()
     assert json.loads(json.dumps(hp)) == hp, "the recorded settings survive the manifest's JSON"
-    published = {"lr": 1e-5, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 1e-8, "batch_size": 2, "epochs": 5,
-                 "resolution": 512, "flip": True, "recipe": "paper"}
+    published = {
+        "lr": 1e-5,
+        "betas": [0.9, 0.98],
+        "eps": 1e-6,
+        "weight_decay": 1e-8,
+        "batch_size": 2,
+        "epochs": 5,
+        "resolution": 512,
+        "flip": True,
+        "recipe": "paper",
+    }
     assert {k: hp[k] for k in published} == published
 
 
@@ -225,15 +276,21 @@ def test_sdxl_erases_through_both_encoders(tmp_path: Path, circles: Path) -> Non
     m = load_patch(r.output).manifest
     assert m.base.architecture == "sdxl" and set(m.base.encoders) == {"te1", "te2"}
     # SDXL reads te1's penultimate hidden state: te1's last layer is left alone, te2's is trained (pooled output)
-    assert sorted(m.deltas) == ["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te1_text_model_encoder_layers_0_mlp_fc2",
-                                "lora_te2_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_0_mlp_fc2",
-                                "lora_te2_text_model_encoder_layers_1_mlp_fc1", "lora_te2_text_model_encoder_layers_1_mlp_fc2"]
+    assert sorted(m.deltas) == [
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+        "lora_te1_text_model_encoder_layers_0_mlp_fc2",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc2",
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1",
+        "lora_te2_text_model_encoder_layers_1_mlp_fc2",
+    ]
     original = snapshot(xl)
     assert apply_to_checkpoint([r.output], xl, in_place=True).applied[0].fingerprint == "exact"
     revert_from_checkpoint(r.output, xl)
     assert snapshot(xl) == original
-    only2 = erase_model(xl, ["circle"], [circles], tmp_path / "q.erasepatch",
-                        EraseConfig(**FAST, steps=2, encoders=["te2"]))
+    only2 = erase_model(
+        xl, ["circle"], [circles], tmp_path / "q.erasepatch", EraseConfig(**FAST, steps=2, encoders=["te2"])
+    )
     assert set(load_patch(only2.output).manifest.base.encoders) == {"te2"}
     with pytest.raises(ErasekitError, match="te is not an encoder of this sdxl model"):
         erase_model(xl, ["circle"], [circles], tmp_path / "r.erasepatch", EraseConfig(**FAST, encoders=["te"]))
@@ -282,8 +339,12 @@ def test_recipe_settings_are_recorded_only_when_used() -> None:
 def test_anchors_naming_the_erased_concept_are_dropped() -> None:
     from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
-    cfg = EraseConfig(recipe="anchored", anchor_prompts=["", "a red circle", "a blue square", "a circle"], keep=["cross"],
-                      templates=["a photo of a {}"])
+    cfg = EraseConfig(
+        recipe="anchored",
+        anchor_prompts=["", "a red circle", "a blue square", "a circle"],
+        keep=["cross"],
+        templates=["a photo of a {}"],
+    )
     prompts, refs, weights = _anchor_prompts(cfg, ["circle"])
     assert prompts == ["", "a blue square", "a photo of a cross"]
     assert refs == [[p] for p in prompts]
@@ -295,8 +356,12 @@ def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
     the templates alone, "a photo of a purple", are not how its world is described)."""
     from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
-    cfg = EraseConfig(recipe="anchored", anchor_prompts=["a purple object", "a blue square", "a purpled square"],
-                      keep=["purple"], templates=["a photo of a {}"])
+    cfg = EraseConfig(
+        recipe="anchored",
+        anchor_prompts=["a purple object", "a blue square", "a purpled square"],
+        keep=["purple"],
+        templates=["a photo of a {}"],
+    )
     prompts, _, weights = _anchor_prompts(cfg, ["red"])
     assert prompts == ["", "a purple object", "a blue square", "a purpled square", "a photo of a purple"]
     assert weights.tolist() == [1.0, 5.0, 1.0, 1.0, 5.0]
@@ -305,24 +370,48 @@ def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
 def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
     from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
-    cfg = EraseConfig(recipe="anchored", anchor_prompts=["a red Circle", "a blue square", "circles"],
-                      stand_ins={"circle": "square", "red": ["", "green"]}, stand_in_weight=0.5,
-                      templates=["a photo of a {}", "a {}"])
+    cfg = EraseConfig(
+        recipe="anchored",
+        anchor_prompts=["a red Circle", "a blue square", "circles"],
+        stand_ins={"circle": "square", "red": ["", "green"]},
+        stand_in_weight=0.5,
+        templates=["a photo of a {}", "a {}"],
+    )
     prompts, refs, weights = _anchor_prompts(cfg, ["circle", "red"])
     # whole words only ("circles" is not "circle"); both erased words replaced; "" drops a word; templates added
-    assert prompts == ["", "a red Circle", "a blue square", "circles", "a photo of a circle", "a circle",
-                       "a photo of a red", "a red"]
-    assert refs == [[""], ["a square", "a green square"], ["a blue square"], ["circles"], ["a photo of a square"],
-                    ["a square"], ["a photo of a", "a photo of a green"], ["a", "a green"]]
+    assert prompts == [
+        "",
+        "a red Circle",
+        "a blue square",
+        "circles",
+        "a photo of a circle",
+        "a circle",
+        "a photo of a red",
+        "a red",
+    ]
+    assert refs == [
+        [""],
+        ["a square", "a green square"],
+        ["a blue square"],
+        ["circles"],
+        ["a photo of a square"],
+        ["a square"],
+        ["a photo of a", "a photo of a green"],
+        ["a", "a green"],
+    ]
     assert weights.tolist() == [1.0, 0.5, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
     assert EraseConfig(stand_ins={"red": "blue"}).stand_ins == {"red": ["blue"]}
 
 
-def test_a_rank_stores_the_change_projected_on_its_top_output_directions(tmp_path: Path, tiny: Path,
-                                                                        circles: Path) -> None:
-    dense = erase_model(tiny, ["circle"], [circles], tmp_path / "dense.erasepatch",
-                        EraseConfig(**FAST, patch_dtype="F32", rank="dense"))
-    low = erase_model(tiny, ["circle"], [circles], tmp_path / "r2.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank=2))
+def test_a_rank_stores_the_change_projected_on_its_top_output_directions(
+    tmp_path: Path, tiny: Path, circles: Path
+) -> None:
+    dense = erase_model(
+        tiny, ["circle"], [circles], tmp_path / "dense.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank="dense")
+    )
+    low = erase_model(
+        tiny, ["circle"], [circles], tmp_path / "r2.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank=2)
+    )
     pd, pl = load_patch(dense.output), load_patch(low.output)
     assert low.patch_bytes < dense.patch_bytes and 0 < low.rank_kept < 1 and dense.rank_kept is None
     x = np.random.default_rng(0).standard_normal((64, 100))
@@ -334,28 +423,46 @@ def test_a_rank_stores_the_change_projected_on_its_top_output_directions(tmp_pat
         np.testing.assert_allclose(up.T @ up, np.eye(2), atol=1e-5)  # orthonormal output directions ...
         np.testing.assert_allclose(pl.weight_delta(m), up @ up.T @ full, atol=1e-6)  # ... the change projected on them
         assert info.kept == pytest.approx(np.linalg.norm(up.T @ full) ** 2 / np.linalg.norm(full) ** 2, rel=1e-4)
-        xs = x[:full.shape[1]]  # a projection never moves an input further than the whole change does
+        xs = x[: full.shape[1]]  # a projection never moves an input further than the whole change does
         assert (np.linalg.norm(pl.weight_delta(m) @ xs, axis=0) <= np.linalg.norm(full @ xs, axis=0) + 1e-9).all()
         np.testing.assert_array_equal(pl.tensors[f"{m}.diff_b"], pd.tensors[f"{m}.diff_b"])  # biases stay exact
     assert pl.manifest.method.hyperparameters["rank"] == 2 and 0 < low.output_error < 1
     assert pl.manifest.method.hyperparameters["output_error"] == pytest.approx(low.output_error, abs=1e-6)
-    full = erase_model(tiny, ["circle"], [circles], tmp_path / "r9.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank=999))
-    assert full.rank_kept == pytest.approx(1.0) and full.output_error < 1e-4  # a rank above the matrix's keeps everything
+    full = erase_model(
+        tiny, ["circle"], [circles], tmp_path / "r9.erasepatch", EraseConfig(**FAST, patch_dtype="F32", rank=999)
+    )
+    assert (
+        full.rank_kept == pytest.approx(1.0) and full.output_error < 1e-4
+    )  # a rank above the matrix's keeps everything
     for m in pd.manifest.deltas:
         np.testing.assert_allclose(load_patch(full.output).weight_delta(m), pd.weight_delta(m), atol=1e-6)
 
 
-def test_auto_rank_takes_per_tensor_the_smallest_rank_within_the_tolerance(tmp_path: Path, tiny: Path,
-                                                                           circles: Path) -> None:
-    loose = erase_model(tiny, ["circle"], [circles], tmp_path / "loose.erasepatch",
-                        EraseConfig(**FAST, rank="auto", rank_tol=0.3, max_rank=16))
-    tight = erase_model(tiny, ["circle"], [circles], tmp_path / "tight.erasepatch",
-                        EraseConfig(**FAST, rank="auto", rank_tol=0.01, max_rank=16))
+def test_auto_rank_takes_per_tensor_the_smallest_rank_within_the_tolerance(
+    tmp_path: Path, tiny: Path, circles: Path
+) -> None:
+    loose = erase_model(
+        tiny,
+        ["circle"],
+        [circles],
+        tmp_path / "loose.erasepatch",
+        EraseConfig(**FAST, rank="auto", rank_tol=0.3, max_rank=16),
+    )
+    tight = erase_model(
+        tiny,
+        ["circle"],
+        [circles],
+        tmp_path / "tight.erasepatch",
+        EraseConfig(**FAST, rank="auto", rank_tol=0.01, max_rank=16),
+    )
     for report, tol in ((loose, 0.3), (tight, 0.01)):
         deltas = load_patch(report.output).manifest.deltas
         assert all(d.storage == "lowrank" and 1 <= d.rank <= 16 for d in deltas.values())
         assert all(d.error <= tol + 1e-6 for d in deltas.values() if d.rank < 16)  # within tol unless capped
-    ranks = {m: (loose.patch.manifest.deltas[m].rank, tight.patch.manifest.deltas[m].rank) for m in loose.patch.manifest.deltas}
+    ranks = {
+        m: (loose.patch.manifest.deltas[m].rank, tight.patch.manifest.deltas[m].rank)
+        for m in loose.patch.manifest.deltas
+    }
     assert all(a <= b for a, b in ranks.values()) and any(a < b for a, b in ranks.values())
     assert loose.patch_bytes < tight.patch_bytes and loose.output_error > tight.output_error
     hp = loose.patch.manifest.method.hyperparameters
@@ -373,15 +480,21 @@ def test_each_concept_is_trained_and_held_in_its_own_templates() -> None:
     from erasekit.erasing.denoising import Draws
     from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
-    cfg = EraseConfig(recipe="anchored", anchor_prompts=[""], templates=["a photo of a {}"], keep=["hollow"],
-                      concept_templates={"Striped": ["a {} pattern", "{} pattern"], "hollow": ["{} thing"]},
-                      stand_ins={"striped": "solid", "red": "blue"})
+    cfg = EraseConfig(
+        recipe="anchored",
+        anchor_prompts=[""],
+        templates=["a photo of a {}"],
+        keep=["hollow"],
+        concept_templates={"Striped": ["a {} pattern", "{} pattern"], "hollow": ["{} thing"]},
+        stand_ins={"striped": "solid", "red": "blue"},
+    )
     prompts, refs, weights = _anchor_prompts(cfg, ["red", "striped"])
     assert prompts == ["", "a photo of a red", "a striped pattern", "striped pattern", "hollow thing"]
     assert refs[1:4] == [["a photo of a blue"], ["a solid pattern"], ["solid pattern"]]
     assert weights.tolist() == pytest.approx([1.0, 0.3, 0.3, 0.3, 5.0])
-    draws = Draws([cfg.templates_for(c) for c in ("red", "striped")], ["red", "striped"], [0, 1, 1], [None] * 3, 1000,
-                  (4, 4, 4))
+    draws = Draws(
+        [cfg.templates_for(c) for c in ("red", "striped")], ["red", "striped"], [0, 1, 1], [None] * 3, 1000, (4, 4, 4)
+    )
     assert draws.every_prompt() == ["a photo of a red", "a striped pattern", "striped pattern"]
     gen = torch.Generator().manual_seed(0)
     seen = {p for _ in range(20) for p in draws([0, 1, 2], gen)[2]}
@@ -391,15 +504,20 @@ def test_each_concept_is_trained_and_held_in_its_own_templates() -> None:
 def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> None:
     from erasekit.erasing.recipes.holding import anchor_prompts as _anchor_prompts
 
-    cfg = EraseConfig(recipe="anchored", anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
-                      stand_ins={"Van Gogh": "Monet"}, templates=["{}"])
+    cfg = EraseConfig(
+        recipe="anchored",
+        anchor_prompts=["a painting by Gogh", "a Van Gogh painting", "a tree"],
+        stand_ins={"Van Gogh": "Monet"},
+        templates=["{}"],
+    )
     prompts, refs, _ = _anchor_prompts(cfg, ["Van Gogh"])
     assert prompts == ["", "a Van Gogh painting", "a tree", "Van Gogh"]
     assert refs == [[""], ["a Monet painting"], ["a tree"], ["Monet"]]
 
 
-def test_gradient_checkpointing_changes_memory_not_the_result(tiny: Path, circles: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gradient_checkpointing_changes_memory_not_the_result(
+    tiny: Path, circles: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch.utils.checkpoint
 
     pipe, _ = load_pipeline(tiny)
@@ -407,13 +525,17 @@ def test_gradient_checkpointing_changes_memory_not_the_result(tiny: Path, circle
     plain = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**cfg))
     recomputed = []
     checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k)
+    )
     checkpointed = erase(pipe, ["circle"], [sorted(circles.iterdir())], EraseConfig(**cfg, checkpointing=True))
     assert recomputed  # the UNet's blocks ran through torch's checkpointing
     assert not pipe.unet.is_gradient_checkpointing  # the UNet's own setting is given back
     assert plain.losses == pytest.approx(checkpointed.losses, rel=1e-5)
     for m in plain.patch.manifest.deltas:
-        np.testing.assert_allclose(checkpointed.patch.weight_delta(m), plain.patch.weight_delta(m), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            checkpointed.patch.weight_delta(m), plain.patch.weight_delta(m), rtol=1e-4, atol=1e-7
+        )
     assert "checkpointing" not in checkpointed.patch.manifest.method.hyperparameters  # how it ran, not what it computed
 
 

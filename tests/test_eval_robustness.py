@@ -28,7 +28,7 @@ def training_captions() -> set[str]:
         for p in (None, *PATTERNS):
             for s in (None, *SHAPES):
                 words = [w for w in (c, p) if w]
-                for noun in ([s] if s else NOUNS_WITHOUT_SHAPE):
+                for noun in [s] if s else NOUNS_WITHOUT_SHAPE:
                     if not words and not s:
                         continue
                     text = " ".join(words + [noun])
@@ -109,10 +109,25 @@ def test_bad_paraphrases_files_are_one_line_and_write_nothing(tmp_path: Path, pa
     binary.write_bytes(b"\xff\xfe\x00bad")
     out = tmp_path / "out"
     out.mkdir()
-    for path, code, message in [(tmp_path / "missing.txt", 2, "cannot read the wordings file"), (empty, 1, "is empty"),
-                                (binary, 2, "not UTF-8")]:
-        r = runner.invoke(app, ["eval", "--patch", str(patch), "--concept", "circle", "--paraphrases", str(path),
-                                "--grid", str(out / "grid.png")])
+    for path, code, message in [
+        (tmp_path / "missing.txt", 2, "cannot read the wordings file"),
+        (empty, 1, "is empty"),
+        (binary, 2, "not UTF-8"),
+    ]:
+        r = runner.invoke(
+            app,
+            [
+                "eval",
+                "--patch",
+                str(patch),
+                "--concept",
+                "circle",
+                "--paraphrases",
+                str(path),
+                "--grid",
+                str(out / "grid.png"),
+            ],
+        )
         assert r.exit_code == code, r.output
         assert r.stderr.count("\n") == 1 and message in r.stderr and r.stderr.strip().endswith("(--paraphrases)")
         assert list(out.iterdir()) == []

@@ -35,7 +35,7 @@ _spec.loader.exec_module(maker)  # type: ignore[union-attr]
 def split(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -55,6 +55,7 @@ def golden_evaluation() -> Evaluation:
 
 
 # -- the golden file --------------------------------------------------------------------------------------------------
+
 
 def test_golden_evaluated_is_rebuilt_byte_for_byte(tmp_path: Path) -> None:
     """Same patch, same report, same injected time and version -> the golden file, byte for byte."""
@@ -79,15 +80,22 @@ def test_golden_evaluated_loads_forever() -> None:
     (ev,) = p.manifest.evaluations
     assert isinstance(ev, Evaluation)
     assert (ev.version, ev.recorded_at, ev.erasekit_version, ev.concept, ev.attribute) == (
-        1, "2026-11-24T12:00:00Z", "0.1.0.dev0", "circle", "shape")
+        1,
+        "2026-11-24T12:00:00Z",
+        "0.1.0.dev0",
+        "circle",
+        "shape",
+    )
     assert (ev.judge.kind, ev.model.name, ev.model.match) == ("toyworld-cnn", "base.safetensors", "exact")
     assert (ev.strength, ev.seeds, ev.images_per_prompt, ev.steps, ev.guidance) == (1.0, [1000, 1001], 2, 10, 7.5)
     assert ev.prompts.count == 4 and ev.prompts.texts == maker.PROMPTS
     assert (ev.target.before, ev.target.after, ev.others["square"].after) == (1.0, 0.0, 0.75)
     assert ev.attributes_elsewhere["pattern"].after is None, "a NaN rate (no image had that truth) is null"
     assert ev.robustness is not None and (ev.robustness.after, ev.robustness.wordings.count) == (0.25, 2)
-    assert p.manifest.model_dump(mode="json")["evaluations"][0] == json.loads(
-        split(EVALUATED)[0]["__metadata__"]["erasekit"])["evaluations"][0]
+    assert (
+        p.manifest.model_dump(mode="json")["evaluations"][0]
+        == json.loads(split(EVALUATED)[0]["__metadata__"]["erasekit"])["evaluations"][0]
+    )
 
 
 def test_a_manifest_without_evaluations_has_no_evaluations_key() -> None:
@@ -96,6 +104,7 @@ def test_a_manifest_without_evaluations_has_no_evaluations_key() -> None:
 
 
 # -- recording --------------------------------------------------------------------------------------------------------
+
 
 def test_record_keeps_the_patch_id_and_the_data(golden_copy: Path, golden_evaluation: Evaluation) -> None:
     before = load_patch(golden_copy)
@@ -121,8 +130,9 @@ def test_the_same_measurement_replaces_another_is_appended(golden_copy: Path, go
     assert (rec.evaluations, rec.replaced) == (2, False)
     assert load_patch(golden_copy).manifest.evaluations == [later, half], "oldest first"
     rec = record_evaluation(golden_copy, later.model_copy(update={"recorded_at": "2026-12-02T00:00:00Z"}))
-    assert rec.replaced and [e.strength for e in load_patch(golden_copy).manifest.evaluations] == [0.5, 1.0], \
+    assert rec.replaced and [e.strength for e in load_patch(golden_copy).manifest.evaluations] == [0.5, 1.0], (
         "a replaced record moves to the end: newest last"
+    )
 
 
 def test_record_through_a_link_rewrites_the_file_it_names(golden_copy: Path, golden_evaluation: Evaluation) -> None:
@@ -140,17 +150,25 @@ def _bad_rate(e: Evaluation) -> Evaluation:  # bypasses validation, as a caller'
     return Evaluation.model_construct(**dict(e, target=e.target.model_construct(before=1.5, after=0.0)))
 
 
-@pytest.mark.parametrize(("case", "error", "message"), [
-    ("other patch", ErasekitError, "measured on patch 0000000000000000"),
-    ("read-only", TargetNotWritableError, "is read-only"),
-    ("corrupt", PatchFormatError, "does not match its recorded hash"),
-    ("invalid record", PatchFormatError, "invalid manifest field evaluations.0.target.before"),
-    ("changed meanwhile", ErasekitError, "changed while the evaluation was being recorded"),
-    ("disk full", TargetNotWritableError, "No space left on device"),
-])
-def test_a_failed_record_leaves_the_file_byte_identical(golden_copy: Path, golden_evaluation: Evaluation,
-                                                        monkeypatch: pytest.MonkeyPatch, case: str, error: type,
-                                                        message: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "error", "message"),
+    [
+        ("other patch", ErasekitError, "measured on patch 0000000000000000"),
+        ("read-only", TargetNotWritableError, "is read-only"),
+        ("corrupt", PatchFormatError, "does not match its recorded hash"),
+        ("invalid record", PatchFormatError, "invalid manifest field evaluations.0.target.before"),
+        ("changed meanwhile", ErasekitError, "changed while the evaluation was being recorded"),
+        ("disk full", TargetNotWritableError, "No space left on device"),
+    ],
+)
+def test_a_failed_record_leaves_the_file_byte_identical(
+    golden_copy: Path,
+    golden_evaluation: Evaluation,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    error: type,
+    message: str,
+) -> None:
     evaluation = golden_evaluation
     if case == "other patch":
         evaluation = _other_patch(evaluation)
@@ -175,6 +193,7 @@ def test_a_failed_record_leaves_the_file_byte_identical(golden_copy: Path, golde
 
         monkeypatch.setattr(evidence, "_identity", identity)
     elif case == "disk full":
+
         def fsync(fd: int) -> None:
             raise OSError(28, "No space left on device")
 
@@ -185,8 +204,9 @@ def test_a_failed_record_leaves_the_file_byte_identical(golden_copy: Path, golde
     assert golden_copy.read_bytes() == original and leftovers(golden_copy.parent) == []
 
 
-def test_apply_and_revert_work_on_a_recorded_patch(tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path,
-                                                  golden_evaluation: Evaluation) -> None:
+def test_apply_and_revert_work_on_a_recorded_patch(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, golden_evaluation: Evaluation
+) -> None:
     from erasekit.checkpoints.apply import apply_to_checkpoint, revert_from_checkpoint
 
     base, _ = sd1
@@ -205,6 +225,7 @@ def test_apply_and_revert_work_on_a_recorded_patch(tmp_path: Path, sd1: tuple[Pa
 
 # -- what is recorded -------------------------------------------------------------------------------------------------
 
+
 def test_judges_are_recorded_by_their_weights(tmp_path: Path) -> None:
     from erasekit.toyworld import builtin_judge_path
 
@@ -219,8 +240,11 @@ def test_judges_are_recorded_by_their_weights(tmp_path: Path) -> None:
     h = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
     expected = h(f"model.safetensors {h(b'weights')}\nsub/extra.safetensors {h(b'more')}\n".encode())
     info = judge_info(clip)
-    assert (info.kind, info.name, info.sha256) == ("clip", "clip-vit-base", expected) == (
-        "clip", "clip-vit-base", weights_sha256(clip))
+    assert (
+        (info.kind, info.name, info.sha256)
+        == ("clip", "clip-vit-base", expected)
+        == ("clip", "clip-vit-base", weights_sha256(clip))
+    )
 
 
 def test_several_patches_are_refused_before_anything_is_rendered(tmp_path: Path, sd1_patch: Path) -> None:
@@ -244,8 +268,9 @@ def test_a_read_only_patch_is_refused_before_anything_is_rendered(golden_copy: P
     assert golden_copy.read_bytes() == GOLDEN.read_bytes()
 
 
-def test_eval_record_through_the_cli_json_then_replace(tmp_path: Path, golden_copy: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_record_through_the_cli_json_then_replace(
+    tmp_path: Path, golden_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CLI's --record path without rendering: the evaluation is the golden file's fixed report."""
     from erasekit.testing import make_checkpoint
 
@@ -261,8 +286,22 @@ def test_eval_record_through_the_cli_json_then_replace(tmp_path: Path, golden_co
         return report
 
     monkeypatch.setattr("erasekit.judging.evaluate.evaluate_model", fake)
-    args = ["eval", "-p", str(golden_copy), "-c", "circle", "-m", str(base), "--prompts", str(prompts), "-n", "2",
-            "--steps", "10", "--record"]
+    args = [
+        "eval",
+        "-p",
+        str(golden_copy),
+        "-c",
+        "circle",
+        "-m",
+        str(base),
+        "--prompts",
+        str(prompts),
+        "-n",
+        "2",
+        "--steps",
+        "10",
+        "--record",
+    ]
     r = runner.invoke(app, [*args, "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -272,8 +311,10 @@ def test_eval_record_through_the_cli_json_then_replace(tmp_path: Path, golden_co
     assert seen["patches"] == [golden_copy] and seen["model"] == str(base) and seen["config"].steps == 10
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert (f"recorded in {golden_copy} (replacing the earlier record of the same settings; 1 recorded; patch id "
-            f"{patch_id[:16]} unchanged)") in r.stdout
+    assert (
+        f"recorded in {golden_copy} (replacing the earlier record of the same settings; 1 recorded; patch id "
+        f"{patch_id[:16]} unchanged)"
+    ) in r.stdout
     (ev,) = load_patch(golden_copy).manifest.evaluations
     assert isinstance(ev, Evaluation) and ev.prompts.texts == maker.PROMPTS and ev.steps == 10
     assert (ev.model.name, ev.model.match) == ("base.safetensors", "exact") and ev.judge == judge_info(None)
@@ -282,13 +323,33 @@ def test_eval_record_through_the_cli_json_then_replace(tmp_path: Path, golden_co
 
 # -- inspect ----------------------------------------------------------------------------------------------------------
 
+
 def test_inspect_shows_recorded_evaluations() -> None:
     r = runner.invoke(app, ["inspect", str(EVALUATED)])
     assert r.exit_code == 0, r.output
     assert "evaluations recorded (1, oldest first)" in r.stdout
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("2026-11-24 12:00"))
-    assert line.split() == ["2026-11-24", "12:00", "toy", "world", "base.safetensors", "(exact)", "2", "1", "circle",
-                            "100%", "->", "0%", "square", "100%", "->", "75%", "100%", "->", "25%"]
+    assert line.split() == [
+        "2026-11-24",
+        "12:00",
+        "toy",
+        "world",
+        "base.safetensors",
+        "(exact)",
+        "2",
+        "1",
+        "circle",
+        "100%",
+        "->",
+        "0%",
+        "square",
+        "100%",
+        "->",
+        "75%",
+        "100%",
+        "->",
+        "25%",
+    ]
     info = json.loads(runner.invoke(app, ["inspect", str(EVALUATED), "--json"]).stdout)
     (ev,) = info["evaluations"]
     assert (ev["largest_drop"], ev["drop_after"], ev["paraphrase_after"], ev["current"]) == ("square", 0.75, 0.25, True)
@@ -310,14 +371,17 @@ def test_inspect_marks_a_record_of_other_tensors(tmp_path: Path, sd1_patch: Path
 
 
 def test_inspect_of_a_recorded_patch_does_not_import_torch() -> None:
-    code = ("import sys\nsys.argv = ['erasekit', 'inspect', sys.argv[1]]\nfrom erasekit.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    code = (
+        "import sys\nsys.argv = ['erasekit', 'inspect', sys.argv[1]]\nfrom erasekit.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(EVALUATED)], capture_output=True, text=True, timeout=120)
     assert "evaluations recorded" in r.stdout and r.stdout.strip().endswith("NO-TORCH"), r.stderr
 
 
 # -- end to end on the built-in model ----------------------------------------------------------------------------------
+
 
 def test_erase_eval_record_inspect_on_the_builtin_model(tmp_path: Path) -> None:
     patch = tmp_path / "circle.erasepatch"

@@ -41,11 +41,50 @@ def test_f32_to_f16_every_rounding_case() -> None:
             same_f16((top | np.uint32(low | sign)).view(np.float32))
 
 
-EDGES = [0.0, -0.0, 1.0, -1.0, 65504.0, -65504.0, 65519.99, 65520.0, -65520.0, 65535.99, 65536.0, 1e30, -1e30,
-         3.4028235e38, np.inf, -np.inf, 2.0**-14, -(2.0**-14), 2.0**-14 * (1 - 2.0**-24), 2.0**-14 - 2.0**-25,
-         2.0**-14 - 2.0**-26, 2.0**-24, 2.0**-25, -(2.0**-25), 2.0**-25 * (1 + 2.0**-23), 2.0**-26, 3 * 2.0**-25,
-         5 * 2.0**-25, 1e-45, -1e-45, 1.1754942e-38, 1.17549435e-38, 1 + 2.0**-11, 1 + 3 * 2.0**-11,
-         1 + 2.0**-11 + 2.0**-23, 2048 + 1, 2048 + 3, 4096 + 2, 4096 + 6, 0.1, -0.1, 1 / 3]
+EDGES = [
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    65504.0,
+    -65504.0,
+    65519.99,
+    65520.0,
+    -65520.0,
+    65535.99,
+    65536.0,
+    1e30,
+    -1e30,
+    3.4028235e38,
+    np.inf,
+    -np.inf,
+    2.0**-14,
+    -(2.0**-14),
+    2.0**-14 * (1 - 2.0**-24),
+    2.0**-14 - 2.0**-25,
+    2.0**-14 - 2.0**-26,
+    2.0**-24,
+    2.0**-25,
+    -(2.0**-25),
+    2.0**-25 * (1 + 2.0**-23),
+    2.0**-26,
+    3 * 2.0**-25,
+    5 * 2.0**-25,
+    1e-45,
+    -1e-45,
+    1.1754942e-38,
+    1.17549435e-38,
+    1 + 2.0**-11,
+    1 + 3 * 2.0**-11,
+    1 + 2.0**-11 + 2.0**-23,
+    2048 + 1,
+    2048 + 3,
+    4096 + 2,
+    4096 + 6,
+    0.1,
+    -0.1,
+    1 / 3,
+]
 NANS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FA00000, 0x7F802000, 0xFFFFE000]
 
 
@@ -72,7 +111,7 @@ def test_f32_to_f16_drawn_bit_patterns(bits: list[int]) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(-2.0**-13, 2.0**-13, width=32), min_size=1, max_size=64))
+@given(st.lists(st.floats(-(2.0**-13), 2.0**-13, width=32), min_size=1, max_size=64))
 def test_f32_to_f16_drawn_near_the_subnormals(values: list[float]) -> None:
     same_f16(np.array(values, dtype=np.float32))
 
@@ -84,8 +123,9 @@ def test_weights_plus_a_delta_as_apply_makes_them() -> None:
     assert np.array_equal(f16_to_f32(w.view(np.uint16)), w.astype(np.float32))
     same_f16(w.astype(np.float32) + term)
     assert np.array_equal(f16_add(w.view(np.uint16), term), numpy_f16(w.astype(np.float32) + term).reshape(-1))
-    assert np.array_equal(f16_add(w.view(np.uint16), term, subtract=True),
-                          numpy_f16(w.astype(np.float32) - term).reshape(-1))
+    assert np.array_equal(
+        f16_add(w.view(np.uint16), term, subtract=True), numpy_f16(w.astype(np.float32) - term).reshape(-1)
+    )
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0), (5,), (4, 6), (2, 3, 4)])

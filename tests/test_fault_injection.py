@@ -32,9 +32,11 @@ def journal_state(ckpt: Path) -> dict[str, Any]:
     except ErasekitError as e:
         return {"unreadable": str(e)}
     folder = journal_dir(ckpt)
-    return {"committed": [e.patch_title for e in journal.committed],
-            "interrupted": [f"{e.patch_title} ({e.state})" for e in journal.interrupted()],
-            "records missing": [e.undo_file for e in journal.entries if not (folder / e.undo_file).is_file()]}
+    return {
+        "committed": [e.patch_title for e in journal.committed],
+        "interrupted": [f"{e.patch_title} ({e.state})" for e in journal.interrupted()],
+        "records missing": [e.undo_file for e in journal.entries if not (folder / e.undo_file).is_file()],
+    }
 
 
 def unnamed_records(root: Path) -> list[str]:
@@ -65,34 +67,73 @@ def in_place_state(ckpt: str) -> Callable[[Path], dict[str, Any]]:
 
 def output_state(out: str, source: str = "base.safetensors") -> Callable[[Path], dict[str, Any]]:
     def state(root: Path) -> dict[str, Any]:
-        found = {"output": snapshot(root / out) if (root / out).exists() else None, "source": snapshot(root / source),
-                 "source journal": journal_state(root / source)}
+        found = {
+            "output": snapshot(root / out) if (root / out).exists() else None,
+            "source": snapshot(root / source),
+            "source journal": journal_state(root / source),
+        }
         if journal_dir(root / out).exists():  # an undo journal of the output, whether or not the output is there
             found["output journal"] = journal_state(root / out)
         return found
+
     return state
 
 
 CASES = [
-    Case("apply", lambda r: ["apply", f"{r}/p1.erasepatch", "--to", f"{r}/base.safetensors", "--in-place"],
-         in_place_state("base.safetensors"), in_place=True),
-    Case("apply-two", lambda r: ["apply", f"{r}/p1.erasepatch", f"{r}/p2.erasepatch", "--to", f"{r}/base.safetensors",
-                                 "--in-place"], in_place_state("base.safetensors"), in_place=True),
-    Case("apply-folder", lambda r: ["apply", f"{r}/pf.erasepatch", "--to", f"{r}/folder", "--in-place"],
-         in_place_state("folder"), in_place=True),
-    Case("revert", lambda r: ["apply", "--revert", f"{r}/p1.erasepatch", "--to", f"{r}/applied.safetensors"],
-         in_place_state("applied.safetensors"), in_place=True),
-    Case("apply-o", lambda r: ["apply", f"{r}/p1.erasepatch", "--to", f"{r}/below.safetensors", "-o",
-                               f"{r}/out.safetensors"], output_state("out.safetensors", "below.safetensors"),
-         in_place=False),
-    Case("apply-o-folder", lambda r: ["apply", f"{r}/pf.erasepatch", "--to", f"{r}/folder", "-o", f"{r}/out"],
-         output_state("out", "folder"), in_place=False),
-    Case("merge", lambda r: ["merge", f"{r}/p1.erasepatch", f"{r}/p2.erasepatch", "-o", f"{r}/merged.erasepatch"],
-         output_state("merged.erasepatch"), in_place=False),
-    Case("export", lambda r: ["export", f"{r}/p1.erasepatch", "--ui", "comfyui", "-o", f"{r}/exported.safetensors"],
-         output_state("exported.safetensors"), in_place=False),
-    Case("erase", lambda r: ["erase", "--concept", "circle", "--num-images", "1", "-o", f"{r}/erased.erasepatch"],
-         output_state("erased.erasepatch"), in_place=False),
+    Case(
+        "apply",
+        lambda r: ["apply", f"{r}/p1.erasepatch", "--to", f"{r}/base.safetensors", "--in-place"],
+        in_place_state("base.safetensors"),
+        in_place=True,
+    ),
+    Case(
+        "apply-two",
+        lambda r: ["apply", f"{r}/p1.erasepatch", f"{r}/p2.erasepatch", "--to", f"{r}/base.safetensors", "--in-place"],
+        in_place_state("base.safetensors"),
+        in_place=True,
+    ),
+    Case(
+        "apply-folder",
+        lambda r: ["apply", f"{r}/pf.erasepatch", "--to", f"{r}/folder", "--in-place"],
+        in_place_state("folder"),
+        in_place=True,
+    ),
+    Case(
+        "revert",
+        lambda r: ["apply", "--revert", f"{r}/p1.erasepatch", "--to", f"{r}/applied.safetensors"],
+        in_place_state("applied.safetensors"),
+        in_place=True,
+    ),
+    Case(
+        "apply-o",
+        lambda r: ["apply", f"{r}/p1.erasepatch", "--to", f"{r}/below.safetensors", "-o", f"{r}/out.safetensors"],
+        output_state("out.safetensors", "below.safetensors"),
+        in_place=False,
+    ),
+    Case(
+        "apply-o-folder",
+        lambda r: ["apply", f"{r}/pf.erasepatch", "--to", f"{r}/folder", "-o", f"{r}/out"],
+        output_state("out", "folder"),
+        in_place=False,
+    ),
+    Case(
+        "merge",
+        lambda r: ["merge", f"{r}/p1.erasepatch", f"{r}/p2.erasepatch", "-o", f"{r}/merged.erasepatch"],
+        output_state("merged.erasepatch"),
+        in_place=False,
+    ),
+    Case(
+        "export",
+        lambda r: ["export", f"{r}/p1.erasepatch", "--ui", "comfyui", "-o", f"{r}/exported.safetensors"],
+        output_state("exported.safetensors"),
+        in_place=False,
+    ),
+    Case(
+        "erase",
+        lambda r: ["erase", "--concept", "circle", "--num-images", "1", "-o", f"{r}/erased.erasepatch"],
+        output_state("erased.erasepatch"),
+        in_place=False,
+    ),
 ]
 MODES = {"enospc": (faults.ENOSPC, True), "eio": (faults.EIO, False), "killed": (None, False)}
 CALLS_PER_RUN = 8  # the default run tries one call in 8 (at least 4 per command) and the last rename
@@ -130,17 +171,23 @@ def fresh(pristine: Path, work: Path) -> Path:
 
 
 def stubs_for(case: Case, root: Path) -> faults.Stubs | None:
-    return faults.Stubs("faults.erase_without_training", (str(root / "trained.erasepatch"),)) if case.name == "erase" else None
+    return (
+        faults.Stubs("faults.erase_without_training", (str(root / "trained.erasepatch"),))
+        if case.name == "erase"
+        else None
+    )
 
 
 def changes(found: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> str:
     """Each part of a state: as before, as after, or what it is instead."""
+
     def part(key: str) -> str:
         if found.get(key) == before.get(key) == after.get(key):
             return ""
         if found.get(key) in (before.get(key), after.get(key)):
             return f"{key} as {'before' if found.get(key) == before.get(key) else 'after'}"
         return f"{key}: {found.get(key)!r}"
+
     return "; ".join(filter(None, map(part, sorted(set(found) | set(before) | set(after)))))
 
 
@@ -156,8 +203,9 @@ class Violations(list):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_a_fault_at_any_call_leaves_the_files_before_or_after(case: Case, pristine: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fault_at_any_call_leaves_the_files_before_or_after(
+    case: Case, pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     before_root = fresh(pristine, tmp_path / "before")
@@ -176,8 +224,9 @@ def test_a_fault_at_any_call_leaves_the_files_before_or_after(case: Case, pristi
     assert not found, f"{len(found)} violations:\n" + "\n".join(found)
 
 
-def _run_with_fault(case: Case, mode: str, k: int, calls: list[faults.Call], root: Path, after: dict[str, Any],
-                    found: Violations) -> faults.Call | None:
+def _run_with_fault(
+    case: Case, mode: str, k: int, calls: list[faults.Call], root: Path, after: dict[str, Any], found: Violations
+) -> faults.Call | None:
     """The command with call k failing (or dying there); the call (None if the run went otherwise than counted)."""
     argv, stubs = case.argv(root), stubs_for(case, root)
     code, persistent = MODES[mode]
@@ -200,8 +249,16 @@ def _run_with_fault(case: Case, mode: str, k: int, calls: list[faults.Call], roo
     return seen[k - 1]
 
 
-def _check_next(case: Case, mode: str, k: int, call: faults.Call, root: Path, before: dict[str, Any],
-                after: dict[str, Any], found: Violations) -> None:
+def _check_next(
+    case: Case,
+    mode: str,
+    k: int,
+    call: faults.Call,
+    root: Path,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    found: Violations,
+) -> None:
     """The next commands: for an in-place target, ``inspect PATCH --against CKPT`` (which rolls an interrupted entry
     back first); then the same command again, which completes it (or is refused: it is done) and removes what a
     killed run left (temporaries, undo records no entry names). The invariants after each."""

@@ -46,10 +46,11 @@ def _lines_from(text: str, first: str) -> list[str]:
 def test_inspect_summarises_the_method_without_torch(erased: tuple[Path, str]) -> None:
     patch, _ = erased
     hp = load_patch(patch).manifest.method.hyperparameters
-    code = ("import sys\nsys.argv = ['erasekit', *sys.argv[1:]]\nfrom erasekit.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
-    r = subprocess.run([sys.executable, "-c", code, "inspect", str(patch)], capture_output=True, text=True,
-                       timeout=120)
+    code = (
+        "import sys\nsys.argv = ['erasekit', *sys.argv[1:]]\nfrom erasekit.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, "inspect", str(patch)], capture_output=True, text=True, timeout=120)
     text = r.stdout.removesuffix("NO-TORCH\n")
     assert r.stdout.endswith("NO-TORCH\n"), r.stdout[-200:] + r.stderr
     shown = len(text.replace(str(patch), ""))  # whatever the temporary folder's name
@@ -82,7 +83,7 @@ def test_erase_groups_its_settings_in_short_lines(erased: tuple[Path, str]) -> N
     hp = load_patch(erased[0]).manifest.method.hyperparameters
     start = next(i for i, line in enumerate(stdout.splitlines()) if line.strip().startswith("settings"))
     block = stdout.splitlines()[start:]
-    block = block[:next(i for i, line in enumerate(block) if line.strip().startswith("other settings")) + 1]
+    block = block[: next(i for i, line in enumerate(block) if line.strip().startswith("other settings")) + 1]
     assert all(len(line) < 110 for line in block), block
     assert block[0] == "  settings you gave: steps 2", "what the user set comes first"
     assert block[1].startswith("  settings the model recommends: ")
@@ -100,8 +101,21 @@ def test_image_folder_uses_what_pillow_reads_and_names_what_it_skipped(tmp_path:
     render_concept("circle", seed=3)[0].save(folder / "c3.tif")
     (folder / "notes.txt").write_text("where these came from\n")
     (folder / "._c0.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # hidden: passed over, not decoded
-    r = runner.invoke(app, ["erase", "-c", "circle", "--images", str(folder), "--steps", "1", "--no-cache",
-                            "-o", str(tmp_path / "c.erasepatch")])
+    r = runner.invoke(
+        app,
+        [
+            "erase",
+            "-c",
+            "circle",
+            "--images",
+            str(folder),
+            "--steps",
+            "1",
+            "--no-cache",
+            "-o",
+            str(tmp_path / "c.erasepatch"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert " on 4 images" in r.stdout, "the three PNGs and the TIFF"
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]

@@ -42,7 +42,9 @@ def test_writes_images_with_metadata_and_grid(tmp_path: Path, setup: tuple[Path,
 
 def test_compare_uses_the_same_seeds(tmp_path: Path, setup: tuple[Path, Path]) -> None:
     model, patch = setup
-    r = generate_model(model, ["a circle"], tmp_path / "cmp", GenerateConfig(n=1, steps=3, compare=True), patches=[patch])
+    r = generate_model(
+        model, ["a circle"], tmp_path / "cmp", GenerateConfig(n=1, steps=3, compare=True), patches=[patch]
+    )
     before = np.asarray(Image.open(tmp_path / "cmp" / "a-circle_0_before.png"))
     after = np.asarray(Image.open(tmp_path / "cmp" / "a-circle_0_after.png"))
     plain = generate_model(model, ["a circle"], tmp_path / "plain", GenerateConfig(n=1, steps=3))
@@ -56,8 +58,9 @@ def test_a_batch_of_seeds_gives_the_images_of_one_seed_at_a_time(tmp_path: Path,
     of batch 1 (up to a last-bit difference of the batched arithmetic: at most 2 levels of 255)."""
     model, patch = setup
     one = generate_model(model, ["a circle"], tmp_path / "one", GenerateConfig(n=3, steps=3), patches=[patch])
-    three = generate_model(model, ["a circle"], tmp_path / "three", GenerateConfig(n=3, steps=3, batch_size=3),
-                           patches=[patch])
+    three = generate_model(
+        model, ["a circle"], tmp_path / "three", GenerateConfig(n=3, steps=3, batch_size=3), patches=[patch]
+    )
     assert [Path(i.path).name for i in three.images] == [Path(i.path).name for i in one.images]
     for a, b in zip(one.images, three.images):
         x, y = (np.asarray(Image.open(i.path)).astype(int) for i in (a, b))

@@ -28,8 +28,9 @@ def xl(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return load_pipeline(make_tiny_pipeline(tmp_path_factory.mktemp("sd2") / "model", arch="sd2",
-                                            prediction_type="v_prediction"))[0]
+    return load_pipeline(
+        make_tiny_pipeline(tmp_path_factory.mktemp("sd2") / "model", arch="sd2", prediction_type="v_prediction")
+    )[0]
 
 
 def _images() -> list[Image.Image]:
@@ -43,8 +44,19 @@ def _outputs(pipe: Any, prompts: list[str], patches: list[Any] = ()) -> dict[str
 
 
 def _erase(pipe: Any, **settings: Any) -> Any:
-    config = dict(resolution=32, lr=2e-3, steps=30, rank="dense", patch_dtype="F32", stand_ins={"circle": "dog"},
-                  stop_ratio=None, seed=0) | settings
+    config = (
+        dict(
+            resolution=32,
+            lr=2e-3,
+            steps=30,
+            rank="dense",
+            patch_dtype="F32",
+            stand_ins={"circle": "dog"},
+            stop_ratio=None,
+            seed=0,
+        )
+        | settings
+    )
     return erase(pipe, ["circle"], [_images()], EraseConfig(**config))
 
 
@@ -69,8 +81,9 @@ def test_each_output_is_held_in_its_own_unit() -> None:
     from erasekit.format.erase_config import GENERIC_ANCHORS
 
     gen = torch.Generator().manual_seed(0)
-    table = {p: (torch.randn(5, 4, generator=gen), torch.randn(6, generator=gen))
-             for p in ["a", "b", "c", *GENERIC_ANCHORS]}
+    table = {
+        p: (torch.randn(5, 4, generator=gen), torch.randn(6, generator=gen)) for p in ["a", "b", "c", *GENERIC_ANCHORS]
+    }
 
     def penalty(hidden_scale: float, pooled_scale: float, held: list[str]) -> float:
         def encode(prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -82,9 +95,13 @@ def test_each_output_is_held_in_its_own_unit() -> None:
         holding.chosen = list(range(len(holding.held)))
         cond, added = encode(holding.held)
         noise = torch.Generator().manual_seed(1)
-        moved = (cond + hidden_scale * 0.1 * torch.randn(cond.shape, generator=noise),
-                 {"text_embeds": added["text_embeds"] + pooled_scale * 0.2 * torch.randn(added["text_embeds"].shape,
-                                                                                         generator=noise)})
+        moved = (
+            cond + hidden_scale * 0.1 * torch.randn(cond.shape, generator=noise),
+            {
+                "text_embeds": added["text_embeds"]
+                + pooled_scale * 0.2 * torch.randn(added["text_embeds"].shape, generator=noise)
+            },
+        )
         return float(holding.penalty(moved))
 
     assert penalty(30.0, 0.01, ["a", "b"]) == pytest.approx(penalty(1.0, 1.0, ["a", "b"]), rel=1e-5)
@@ -123,13 +140,26 @@ def test_low_rank_storage_is_judged_on_each_output(xl: Any) -> None:
     assert held_out and not set(held_out) & set(sum(fitted, []))
 
     def errors(prompts: list[str]) -> dict[str, float]:
-        base, trained, stored = (_outputs(xl, prompts), _outputs(xl, prompts, [dense.patch]),
-                                 _outputs(xl, prompts, [low.patch]))
+        base, trained, stored = (
+            _outputs(xl, prompts),
+            _outputs(xl, prompts, [dense.patch]),
+            _outputs(xl, prompts, [low.patch]),
+        )
         return {k: float((stored[k] - trained[k]).norm() / (trained[k] - base[k]).norm()) for k in base}
 
     assert errors(sum(fitted, []) + held_out) == pytest.approx(recorded, rel=0.05, abs=1e-3)
-    unseen = errors(["a circle drawn in chalk on a blackboard", "two circles overlapping", "a wooden table",
-                     "an astronaut riding a horse", "circle", "a dog", "a painting of the sea", "a blue square"])
+    unseen = errors(
+        [
+            "a circle drawn in chalk on a blackboard",
+            "two circles overlapping",
+            "a wooden table",
+            "an astronaut riding a horse",
+            "circle",
+            "a dog",
+            "a painting of the sea",
+            "a blue square",
+        ]
+    )
     assert max(unseen.values()) < 0.1, unseen
 
 

@@ -51,12 +51,18 @@ def cache(tmp_path: Path, tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def test_model_ids_are_told_from_paths() -> None:
-    assert parse_model_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == ("stable-diffusion-v1-5/stable-diffusion-v1-5", None)
+    assert parse_model_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        None,
+    )
     assert parse_model_id("org/name@fp16") == ("org/name", "fp16")
     assert parse_model_id("org/name@" + COMMIT) == ("org/name", COMMIT)
     for path in ("out/snoopy.erasepatch", "models/v1-5.safetensors", "/abs/org/name", "./org/name", "name", "a/b/c"):
@@ -78,13 +84,17 @@ def test_an_id_resolves_to_its_cached_snapshot_offline(cache: Path) -> None:
 def test_a_missing_or_partial_id_offline_names_the_download_command(cache: Path) -> None:
     with pytest.raises(ErasekitError) as e:
         resolve_model("org/missing@v2")
-    assert str(e.value) == ("org/missing@v2 is neither a local path nor in the Hugging Face cache, and downloads are off "
-                            "(HF_HUB_OFFLINE); download it once online: hf download org/missing --revision v2 "
-                            '--include "model_index.json" --include "erasekit.json" --include "scheduler/*" '
-                            '--include "tokenizer/*" '
-                            '--include "tokenizer_2/*" --include "unet/*" --include "vae/*" --include "text_encoder/*" '
-                            '--include "text_encoder_2/*"')
-    with pytest.raises(ErasekitError, match=r"org/half lacks unet, vae, scheduler, tokenizer in the Hugging Face cache"):
+    assert str(e.value) == (
+        "org/missing@v2 is neither a local path nor in the Hugging Face cache, and downloads are off "
+        "(HF_HUB_OFFLINE); download it once online: hf download org/missing --revision v2 "
+        '--include "model_index.json" --include "erasekit.json" --include "scheduler/*" '
+        '--include "tokenizer/*" '
+        '--include "tokenizer_2/*" --include "unet/*" --include "vae/*" --include "text_encoder/*" '
+        '--include "text_encoder_2/*"'
+    )
+    with pytest.raises(
+        ErasekitError, match=r"org/half lacks unet, vae, scheduler, tokenizer in the Hugging Face cache"
+    ):
         resolve_model("org/half")
     with pytest.raises(InputFileError, match=r"does not exist; check the path \(or name a model id"):
         resolve_model("/no/such/model.safetensors")
@@ -92,12 +102,45 @@ def test_a_missing_or_partial_id_offline_names_the_download_command(cache: Path)
 
 def test_erase_generate_inspect_and_diff_take_a_model_id(cache: Path, tiny: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "circle.erasepatch"
-    r = runner.invoke(app, ["erase", "--model", "org/tiny", "--concept", "circle", "--images", str(tiny["images"]),
-                            "--steps", "1", "--resolution", "32", "--device", "cpu", "-o", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "erase",
+            "--model",
+            "org/tiny",
+            "--concept",
+            "circle",
+            "--images",
+            str(tiny["images"]),
+            "--steps",
+            "1",
+            "--resolution",
+            "32",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert load_patch(out).manifest.base.architecture == "sd1"
-    r = runner.invoke(app, ["generate", "--model", "org/tiny", "--patch", str(out), "-n", "1", "--steps", "1",
-                            "-o", str(tmp_path / "gen"), "a circle"])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            "org/tiny",
+            "--patch",
+            str(out),
+            "-n",
+            "1",
+            "--steps",
+            "1",
+            "-o",
+            str(tmp_path / "gen"),
+            "a circle",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["inspect", "org/half", "--json"])
     assert r.exit_code == 0, r.output
@@ -108,17 +151,36 @@ def test_erase_generate_inspect_and_diff_take_a_model_id(cache: Path, tiny: dict
     assert r.exit_code == 0, r.output
 
 
-def test_apply_in_place_to_the_cache_is_refused_and_a_copy_works(cache: Path, tiny: dict[str, Path],
-                                                                   tmp_path: Path) -> None:
+def test_apply_in_place_to_the_cache_is_refused_and_a_copy_works(
+    cache: Path, tiny: dict[str, Path], tmp_path: Path
+) -> None:
     patch = tmp_path / "p.erasepatch"
-    r = runner.invoke(app, ["erase", "--model", "org/tiny", "--concept", "circle", "--images", str(tiny["images"]),
-                            "--steps", "1", "--resolution", "32", "-o", str(patch)])
+    r = runner.invoke(
+        app,
+        [
+            "erase",
+            "--model",
+            "org/tiny",
+            "--concept",
+            "circle",
+            "--images",
+            str(tiny["images"]),
+            "--steps",
+            "1",
+            "--resolution",
+            "32",
+            "-o",
+            str(patch),
+        ],
+    )
     assert r.exit_code == 0, r.output
     before = tree_digest(cache)
     r = runner.invoke(app, ["apply", str(patch), "--to", "org/tiny", "--in-place"])
     assert r.exit_code == 7, r.output
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
-    assert "shared file of the Hugging Face cache" in r.stderr and r.stderr.strip().endswith("write a patched copy to an output instead of in place (-o)")
+    assert "shared file of the Hugging Face cache" in r.stderr and r.stderr.strip().endswith(
+        "write a patched copy to an output instead of in place (-o)"
+    )
     assert tree_digest(cache) == before, "no blob changed"
     copy = tmp_path / "patched"
     r = runner.invoke(app, ["apply", str(patch), "--to", "org/tiny", "-o", str(copy)])
@@ -128,27 +190,60 @@ def test_apply_in_place_to_the_cache_is_refused_and_a_copy_works(cache: Path, ti
 
 
 def test_downloads_fetch_only_what_erasekit_needs() -> None:
-    listing = ["model_index.json", "erasekit.json", "v1-5-pruned.safetensors", "scheduler/scheduler_config.json",
-               "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
-               "tokenizer/vocab.json", "tokenizer/merges.txt",
-               "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-               "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin",
-               "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
-               "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors",
-               "text_encoder/pytorch_model.bin"]
+    listing = [
+        "model_index.json",
+        "erasekit.json",
+        "v1-5-pruned.safetensors",
+        "scheduler/scheduler_config.json",
+        "safety_checker/model.safetensors",
+        "feature_extractor/preprocessor_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.bin",
+        "text_encoder/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder/pytorch_model.bin",
+    ]
     assert allow_patterns(listing, PIPELINE) == [
-        "erasekit.json", "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-        "text_encoder/model.fp16.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json", "unet/config.json",
-        "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+        "erasekit.json",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
     assert allow_patterns(listing, TEXT_ENCODERS) == [
-        "erasekit.json", "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-        "text_encoder/model.fp16.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json"]
+        "erasekit.json",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+    ]
     assert allow_patterns(["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin"], ("unet",)) == [
-        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin"]
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.bin",
+    ]
 
 
-def test_a_model_id_reads_the_settings_of_its_snapshot(cache: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_id_reads_the_settings_of_its_snapshot(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A model id's erasekit.json is its snapshot's, as its weights are: eval knows the built-in world's model
     under an id (its judge needs the file's "toyworld"), and the settings are the snapshot's, with or without a
     revision."""
@@ -165,8 +260,23 @@ def test_a_model_id_reads_the_settings_of_its_snapshot(cache: Path, tmp_path: Pa
     key = next(k for k in weights if k.endswith("layers.1.mlp.fc2.weight"))
     save_file({**weights, key: weights[key] + 0.01}, edited / "model.safetensors", metadata={"format": "pt"})
     patch = diff_checkpoints(builtin_model_path() / "text_encoder", edited, output=tmp_path / "p.erasepatch").output
-    r = runner.invoke(app, ["eval", "--model", "org/toy", "--patch", str(patch), "--concept", "circle", "-n", "1",
-                            "--steps", "1", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            "org/toy",
+            "--patch",
+            str(patch),
+            "--concept",
+            "circle",
+            "-n",
+            "1",
+            "--steps",
+            "1",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["judge"] == "toyworld"
 

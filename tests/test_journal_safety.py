@@ -40,8 +40,11 @@ def test_a_pipeline_component_is_not_given_a_journal_of_its_own(tmp_path: Path) 
     base, patch = pipeline_and_patch(tmp_path)
     weights = base / "text_encoder" / "model.safetensors"
     before = digest(weights)
-    with pytest.raises(TargetNotWritableError, match=r"is the text_encoder of the diffusers pipeline .*apply to \(or "
-                                                     r"revert from\) .* instead"):
+    with pytest.raises(
+        TargetNotWritableError,
+        match=r"is the text_encoder of the diffusers pipeline .*apply to \(or "
+        r"revert from\) .* instead",
+    ):
         apply_to_checkpoint([patch], base / "text_encoder", in_place=True)
     assert digest(weights) == before and not (base / "text_encoder" / ".erasekit").exists()
     apply_to_checkpoint([patch], base, in_place=True)  # the pipeline itself: one journal
@@ -53,8 +56,9 @@ def test_a_pipeline_component_is_not_given_a_journal_of_its_own(tmp_path: Path) 
 
 def test_a_weight_file_inside_a_model_folder_gets_no_journal_of_its_own(tmp_path: Path) -> None:
     folder, patch = pipeline_and_patch(tmp_path)
-    r = CliRunner().invoke(app, ["apply", str(patch), "--to", str(folder / "text_encoder" / "model.safetensors"),
-                                 "--in-place"])
+    r = CliRunner().invoke(
+        app, ["apply", str(patch), "--to", str(folder / "text_encoder" / "model.safetensors"), "--in-place"]
+    )
     assert r.exit_code == 7 and f"is a weight file of the model folder {folder.resolve()}" in r.stderr
     assert not list(folder.rglob(".erasekit"))
 
@@ -164,4 +168,7 @@ def test_an_approximate_variant_makes_the_apply_approx(tmp_path: Path) -> None:
     plain = make_checkpoint(tmp_path / "q", "diffusers-sd1", "F32")
     edited_plain = make_checkpoint(tmp_path / "f", "diffusers-sd1", "F32", edit_layers=[1])
     diff_checkpoints(plain, edited_plain, output=tmp_path / "y.erasepatch")
-    assert apply_to_checkpoint([tmp_path / "y.erasepatch"], plain, output=tmp_path / "out2").applied[0].fingerprint == "exact"
+    assert (
+        apply_to_checkpoint([tmp_path / "y.erasepatch"], plain, output=tmp_path / "out2").applied[0].fingerprint
+        == "exact"
+    )

@@ -55,7 +55,8 @@ def another_model(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("command", ["inspect", "inspect --against", "diff", "apply"])
 def test_a_pending_journal_never_writes_into_the_file_that_replaced_its_own(
-        tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
     base, edited = sd1
     with monkeypatch.context() as m:
         die_after_writing(m)
@@ -66,8 +67,12 @@ def test_a_pending_journal_never_writes_into_the_file_that_replaced_its_own(
     assert _st.read_header(other).header_len == _st.read_header(base).header_len
     shutil.copyfile(other, base)  # the user puts another model of the same layout under the same name
     replaced = digest(base)
-    args = {"inspect": ["inspect", base], "inspect --against": ["inspect", other_patch, "--against", base],
-            "diff": ["diff", base, edited], "apply": ["apply", other_patch, "--to", base, "--in-place"]}[command]
+    args = {
+        "inspect": ["inspect", base],
+        "inspect --against": ["inspect", other_patch, "--against", base],
+        "diff": ["diff", base, edited],
+        "apply": ["apply", other_patch, "--to", base, "--in-place"],
+    }[command]
     r = run(*args)
     assert r.exit_code == 0, r.output
     warned = [line for line in r.stderr.splitlines() if line.startswith("warning:") and "undo journal" in line]
@@ -79,11 +84,14 @@ def test_a_pending_journal_never_writes_into_the_file_that_replaced_its_own(
     assert str(aside) in warned[0]
     if command == "inspect --against":
         assert "exact" in r.stdout  # the new file's own patch fits it
-    assert [a["title"] for a in inspect_path(base).applied] == (["other-edited minus other"] if command == "apply" else [])
+    assert [a["title"] for a in inspect_path(base).applied] == (
+        ["other-edited minus other"] if command == "apply" else []
+    )
 
 
-def test_committed_patches_of_a_replaced_file_are_not_listed(tmp_path: Path, sd1: tuple[Path, Path],
-                                                             sd1_patch: Path) -> None:
+def test_committed_patches_of_a_replaced_file_are_not_listed(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path
+) -> None:
     base, _ = sd1
     apply_to_checkpoint([sd1_patch], base, in_place=True)
     other, other_patch = another_model(tmp_path, "other")
@@ -94,8 +102,9 @@ def test_committed_patches_of_a_replaced_file_are_not_listed(tmp_path: Path, sd1
     assert digest(base) != digest(other)
 
 
-def test_a_file_copied_back_with_its_journal_still_reverts(tmp_path: Path, sd1: tuple[Path, Path],
-                                                           sd1_patch: Path) -> None:
+def test_a_file_copied_back_with_its_journal_still_reverts(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path
+) -> None:
     """A copy (new inode and time) is not a replacement: its tensors are as the journal says, so it is stamped anew."""
     base, _ = sd1
     original = digest(base)
@@ -106,9 +115,9 @@ def test_a_file_copied_back_with_its_journal_still_reverts(tmp_path: Path, sd1: 
     assert digest(base) == original
 
 
-def test_a_second_patch_that_cannot_be_written_takes_the_first_back(tmp_path: Path, sd1: tuple[Path, Path],
-                                                                   sd1_patch: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_patch_that_cannot_be_written_takes_the_first_back(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, _ = sd1
     other = make_checkpoint(tmp_path / "e0.safetensors", "single-sd1", "F16", edit_layers=[0])
     second = tmp_path / "second.erasepatch"
@@ -125,14 +134,17 @@ def test_a_second_patch_that_cannot_be_written_takes_the_first_back(tmp_path: Pa
     monkeypatch.setattr(Journal, "write_tensors", disk_full_on_the_second)
     r = run("apply", sd1_patch, second, "--to", base, "--in-place")
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "No space left on device" in r.stderr
-    assert len(calls) == 4 and digest(base) == original  # two writes, then both entries rolled back  # the first patch's tensors written back
+    assert (
+        len(calls) == 4 and digest(base) == original
+    )  # two writes, then both entries rolled back  # the first patch's tensors written back
     assert json.loads((journal_dir(base) / "journal.json").read_text())["entries"] == []
     assert not list(journal_dir(base).glob("*.undo"))
 
 
 @pytest.mark.parametrize("entry_id", ["../../../evil", "0001/../../x", "1e3"])
-def test_a_journal_entry_id_is_never_a_path(tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path,
-                                            entry_id: str) -> None:
+def test_a_journal_entry_id_is_never_a_path(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, entry_id: str
+) -> None:
     base, _ = sd1
     apply_to_checkpoint([sd1_patch], base, in_place=True)
     path = journal_dir(base) / "journal.json"
@@ -147,8 +159,9 @@ def test_a_journal_entry_id_is_never_a_path(tmp_path: Path, sd1: tuple[Path, Pat
     assert r.stderr.count("\n") == 1 and digest(base) == state and outside.exists()
 
 
-def test_revert_reports_the_hash_check_it_made(sd1: tuple[Path, Path], sd1_patch: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_revert_reports_the_hash_check_it_made(
+    sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, _ = sd1
     apply_to_checkpoint([sd1_patch], base, in_place=True)
     real = Journal.revert
@@ -164,8 +177,9 @@ def test_a_refused_apply_leaves_no_journal_folder(tmp_path: Path, sd1: tuple[Pat
     assert r.exit_code != 0 and not (tmp_path / ".erasekit").exists()
 
 
-def test_the_write_path_needs_no_posix_only_calls(sd1: tuple[Path, Path], sd1_patch: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_write_path_needs_no_posix_only_calls(
+    sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Windows has no os.pwrite/os.pread: apply, recovery and revert run without them."""
     base, _ = sd1
     original = digest(base)
@@ -177,8 +191,9 @@ def test_the_write_path_needs_no_posix_only_calls(sd1: tuple[Path, Path], sd1_pa
     assert digest(base) == original
 
 
-def test_a_file_held_by_another_program_is_named_in_one_line(sd1: tuple[Path, Path], sd1_patch: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_held_by_another_program_is_named_in_one_line(
+    sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As Windows answers a write to a file a UI has open (a sharing violation is a PermissionError there)."""
     base, _ = sd1
     original = digest(base)
@@ -186,8 +201,9 @@ def test_a_file_held_by_another_program_is_named_in_one_line(sd1: tuple[Path, Pa
 
     def held(path: object, mode: str = "rb", buffering: int = -1):  # type: ignore[no-untyped-def]
         if "+" in mode:
-            raise PermissionError(13, "The process cannot access the file because it is being used by another process",
-                                  str(path))
+            raise PermissionError(
+                13, "The process cannot access the file because it is being used by another process", str(path)
+            )
         return open(path, mode, buffering)  # type: ignore[call-overload]
 
     monkeypatch.setattr(journal, "open", held, raising=False)
@@ -200,6 +216,7 @@ def test_a_file_held_by_another_program_is_named_in_one_line(sd1: tuple[Path, Pa
 
 
 # -- readers of a checkpoint with patches applied in place ------------------------------------------------------
+
 
 @pytest.fixture
 def toy_with_a_patch_in_place(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -225,12 +242,27 @@ def toy_with_a_patch_in_place(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 @pytest.mark.parametrize("command", ["generate", "generate --compare", "eval", "eval --record"])
 def test_a_patch_applied_in_place_is_never_applied_again_in_memory(
-        tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path], command: str) -> None:
+    tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path], command: str
+) -> None:
     model, in_place, _ = toy_with_a_patch_in_place
     before = digest(in_place)
-    args = {"generate": ["generate", "a red circle", "-m", model, "-p", in_place, "-o", tmp_path / "out", "-n", "1",
-                         "--steps", "2"],
-            "eval": ["eval", "-c", "circle", "-m", model, "-p", in_place, "-n", "1", "--steps", "2"]}[command.split()[0]]
+    args = {
+        "generate": [
+            "generate",
+            "a red circle",
+            "-m",
+            model,
+            "-p",
+            in_place,
+            "-o",
+            tmp_path / "out",
+            "-n",
+            "1",
+            "--steps",
+            "2",
+        ],
+        "eval": ["eval", "-c", "circle", "-m", model, "-p", in_place, "-n", "1", "--steps", "2"],
+    }[command.split()[0]]
     r = run(*args, *command.split()[1:])
     assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
     assert f"patch '{load_title(in_place)}' is already applied to {model} in place" in r.stderr
@@ -239,13 +271,16 @@ def test_a_patch_applied_in_place_is_never_applied_again_in_memory(
 
 
 def test_eval_records_no_rates_measured_on_other_patches_in_place(
-        toy_with_a_patch_in_place: tuple[Path, Path, Path]) -> None:
+    toy_with_a_patch_in_place: tuple[Path, Path, Path],
+) -> None:
     model, in_place, other = toy_with_a_patch_in_place
     before = digest(other)
     r = run("eval", "-c", "circle", "-m", model, "-p", other, "-n", "1", "--steps", "2", "--record")
     assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
-    assert f"has patches applied in place ('{load_title(in_place)}') that '{load_title(other)}' was not made after" \
+    assert (
+        f"has patches applied in place ('{load_title(in_place)}') that '{load_title(other)}' was not made after"
         in r.stderr
+    )
     assert digest(other) == before
 
 
@@ -256,7 +291,8 @@ def load_title(path: Path) -> str:
 
 
 def test_diff_of_a_checkpoint_with_patches_in_place_gives_a_patch_that_applies_there(
-        tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path]) -> None:
+    tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path]
+) -> None:
     """One rule for diff, erase, apply and inspect --against: base fingerprints of the tensors below the journal."""
     from safetensors.numpy import load_file, save_file
 
@@ -280,7 +316,8 @@ def test_diff_of_a_checkpoint_with_patches_in_place_gives_a_patch_that_applies_t
 
 
 def test_apply_to_an_output_copies_one_state_of_a_checkpoint_being_written(
-        tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An in-place apply to the source commits between the copy of its bytes and of its journal: the copy is made
     again, and the output's journal lists exactly the patches its bytes hold."""
     from erasekit.checkpoints import apply as apply_module
@@ -308,11 +345,13 @@ def test_apply_to_an_output_copies_one_state_of_a_checkpoint_being_written(
 
 # -- found by review: patches of one apply on the same tensors, old records, readers side by side ------------------
 
+
 def two_patches_of_one_layer(tmp_path: Path, base: Path) -> list[Path]:
     out = []
     for name, seed in (("a", 0), ("b", 1)):
-        edited = make_checkpoint(tmp_path / f"{name}-ed.safetensors", "single-sd1", "F16", edit_layers=[1],
-                                 edit_seed=seed)
+        edited = make_checkpoint(
+            tmp_path / f"{name}-ed.safetensors", "single-sd1", "F16", edit_layers=[1], edit_seed=seed
+        )
         out.append(tmp_path / f"{name}.erasepatch")
         diff_checkpoints(base, edited, output=out[-1], title=name, rank=2 if name == "b" else None)
     return out
@@ -320,7 +359,8 @@ def two_patches_of_one_layer(tmp_path: Path, base: Path) -> list[Path]:
 
 @pytest.mark.parametrize("written", [0, 0.5, 1])
 def test_patches_of_one_apply_on_the_same_tensors_roll_back_when_it_dies(
-        tmp_path: Path, sd1: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, written: float) -> None:
+    tmp_path: Path, sd1: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, written: float
+) -> None:
     """The second patch's 'before' is the first's 'after': a tensor still holding the original bytes (or a mix) is
     left for the first patch's entry to restore, not taken for another file."""
     base, _ = sd1
@@ -330,7 +370,7 @@ def test_patches_of_one_apply_on_the_same_tensors_roll_back_when_it_dies(
 
     def die_in_the_first(self: Journal, updates: dict, offsets: dict) -> None:
         items = sorted(updates.items(), key=lambda kv: offsets[kv[0]])
-        real(self, dict(items[:int(len(items) * written)]), offsets)
+        real(self, dict(items[: int(len(items) * written)]), offsets)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
@@ -345,7 +385,8 @@ def test_patches_of_one_apply_on_the_same_tensors_roll_back_when_it_dies(
 
 
 def test_an_error_in_the_first_of_two_patches_on_the_same_tensors_is_rolled_back(
-        tmp_path: Path, sd1: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, sd1: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, _ = sd1
     patches = two_patches_of_one_layer(tmp_path, base)
     original, real, calls = digest(base), Journal.write_tensors, []
@@ -364,7 +405,8 @@ def test_an_error_in_the_first_of_two_patches_on_the_same_tensors_is_rolled_back
 
 
 def test_a_revert_cut_short_under_an_undo_record_without_page_checksums_is_finished(
-        tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Records written before page checksums: a revert writes the original bytes from the start of a tensor."""
     import numpy as np
 
@@ -380,7 +422,7 @@ def test_a_revert_cut_short_under_an_undo_record_without_page_checksums_is_finis
     def cut(self: Journal, updates: dict, offsets: dict) -> None:
         key, data = max(updates.items(), key=lambda kv: len(kv[1]))
         with open(self.files[key[0]], "r+b", buffering=0) as f:
-            _write_all(f, data[:(offsets[key] // 4096 + 1) * 4096 - offsets[key]], offsets[key])  # to a page end
+            _write_all(f, data[: (offsets[key] // 4096 + 1) * 4096 - offsets[key]], offsets[key])  # to a page end
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
@@ -393,8 +435,9 @@ def test_a_revert_cut_short_under_an_undo_record_without_page_checksums_is_finis
     assert digest(base) == original and not Journal(base, {}).entries
 
 
-def test_a_reader_does_not_fail_while_another_holds_the_lock(tmp_path: Path, sd1: tuple[Path, Path],
-                                                            sd1_patch: Path) -> None:
+def test_a_reader_does_not_fail_while_another_holds_the_lock(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path
+) -> None:
     """A journal of an older erasekit (no stamps) is stamped by the first reader that can; the others read it as it
     is (two processes of a batch loading one model)."""
     import subprocess
@@ -406,11 +449,19 @@ def test_a_reader_does_not_fail_while_another_holds_the_lock(tmp_path: Path, sd1
     data = json.loads(path.read_text())
     del data["files"], data["generation"]
     path.write_text(json.dumps(data))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-                               "from erasekit.checkpoints.journal import Journal\n"
-                               "with Journal(Path(sys.argv[1]), {}).locked():\n"
-                               "    print('held', flush=True); time.sleep(30)\n", str(base)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path\n"
+            "from erasekit.checkpoints.journal import Journal\n"
+            "with Journal(Path(sys.argv[1]), {}).locked():\n"
+            "    print('held', flush=True); time.sleep(30)\n",
+            str(base),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         assert [a["title"] for a in inspect_path(base).applied] == ["layer-1 edit"]
@@ -432,8 +483,9 @@ def test_a_journal_naming_a_weight_file_that_is_gone_is_set_aside(tmp_path: Path
         assert inspect_path(folder).applied == []
 
 
-def test_a_refused_apply_to_an_output_leaves_no_journal_folder_there(tmp_path: Path, sd1: tuple[Path, Path],
-                                                                   sd1_patch: Path) -> None:
+def test_a_refused_apply_to_an_output_leaves_no_journal_folder_there(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path
+) -> None:
     base, _ = sd1
     apply_to_checkpoint([sd1_patch], base, in_place=True)
     (tmp_path / "out").mkdir()
@@ -442,7 +494,8 @@ def test_a_refused_apply_to_an_output_leaves_no_journal_folder_there(tmp_path: P
 
 
 def test_an_interrupted_apply_whose_undo_record_was_deleted_says_so(
-        tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, _ = sd1
     with monkeypatch.context() as m:
         die_after_writing(m)
@@ -475,7 +528,8 @@ def test_a_loaded_pipeline_does_not_change_when_its_file_is_written_later(tmp_pa
 
 @pytest.mark.parametrize("between", ["revert", "apply"])
 def test_patches_in_place_are_read_as_the_pipeline_was_loaded(
-        tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path], between: str) -> None:
+    tmp_path: Path, toy_with_a_patch_in_place: tuple[Path, Path, Path], between: str
+) -> None:
     """A revert (or an apply) by another process between loading a model and reading which patches it holds: the
     loaded weights and the journal disagree, so generate/eval must not add patches on the journal's word (a revert
     of P then made P be applied a second time)."""
@@ -493,5 +547,9 @@ def test_patches_in_place_are_read_as_the_pipeline_was_loaded(
     with pytest.raises(TargetLockedError, match="in place while it was loaded"):
         in_place_stack([load_patch(in_place)], ckpt)
     if between == "revert":  # loaded again, the patch is added once
-        assert run("generate", "a red circle", "-m", model, "-p", in_place, "-o", tmp_path / "o", "-n", "1",
-                   "--steps", "1").exit_code == 0
+        assert (
+            run(
+                "generate", "a red circle", "-m", model, "-p", in_place, "-o", tmp_path / "o", "-n", "1", "--steps", "1"
+            ).exit_code
+            == 0
+        )

@@ -80,7 +80,7 @@ def test_no_import_circles() -> None:
         seen[node] = 1
         for dep in sorted(graph[node]):
             if seen.get(dep) == 1:
-                circles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+                circles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
             elif dep not in seen:
                 visit(dep, stack + [dep])
         seen[node] = 2

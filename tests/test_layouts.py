@@ -26,7 +26,12 @@ EXPECTED = {
     "single-sd1-old": ("single-file-sd1-old", "sd1", {"te": (32, 64, 2)}, "cond_stage_model.transformer."),
     "single-sd2": ("single-file-sd2", "sd2", {"te": (48, 96, 3)}, "cond_stage_model.model."),
     "single-sdxl": ("single-file-sdxl", "sdxl", {"te1": (32, 64, 2), "te2": (40, 80, 2)}, None),
-    "single-sdxl-refiner": ("single-file-sdxl-refiner", "sdxl-refiner", {"te2": (40, 80, 2)}, "conditioner.embedders.0.model."),
+    "single-sdxl-refiner": (
+        "single-file-sdxl-refiner",
+        "sdxl-refiner",
+        {"te2": (40, 80, 2)},
+        "conditioner.embedders.0.model.",
+    ),
     "ckpt-sd1": ("single-file-sd1 (pickle)", "sd1", {"te": (32, 64, 2)}, "cond_stage_model.transformer.text_model."),
 }
 
@@ -137,6 +142,7 @@ def test_truncated_checkpoint(tmp_path: Path) -> None:
 
 def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
     """A .ckpt that would run code on load is rejected by weights_only=True, not executed."""
+
     class Evil:
         def __reduce__(self):  # type: ignore[no-untyped-def]
             return (print, ("pwned",))

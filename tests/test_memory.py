@@ -38,7 +38,9 @@ def test_apply_then_revert_is_bit_exact(tmp_path: Path, layout: str, dtype: torc
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"encoder.layers.0.mlp.{p}.{k}" for p in ("fc1", "fc2") for k in ("weight", "bias")}
     for k in changed:
-        torch.testing.assert_close(after[k].float(), want.state_dict()[k].float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-2)
+        torch.testing.assert_close(
+            after[k].float(), want.state_dict()[k].float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-2
+        )
 
     erasekit.revert_patch(model, patch)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -51,8 +53,10 @@ def test_pipeline_like_object_sdxl(tmp_path: Path) -> None:
     edited = make_checkpoint(tmp_path / "b", "diffusers-sdxl", "F32", edit_layers=[1])
     patch = tmp_path / "p.erasepatch"
     diff_checkpoints(base, edited, output=patch)
-    pipe = SimpleNamespace(text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder"),
-                           text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"))
+    pipe = SimpleNamespace(
+        text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2"),
+    )
     before = (params(pipe.text_encoder), params(pipe.text_encoder_2))
     report = erasekit.apply_patch(pipe, patch, strength=0.25)
     assert report.architecture == "sdxl" and report.applied[0].tensors == 8

@@ -26,10 +26,20 @@ M = "lora_te_text_model_encoder_layers_"
 SHARED, ONLY_A = f"{M}1_mlp_fc1", f"{M}0_mlp_fc2"  # layer 1 is in both patches, layer 0 in A only
 
 
-def make_patch(tmp_path: Path, base: Path, name: str, layers: list[int], edit_seed: int, concepts: list[str],
-               rank: int | None = None, dtype: str = "F32", seed: int = 0) -> Path:
-    edited = make_checkpoint(tmp_path / f"{name}-edited.safetensors", "single-sd1", dtype, seed, edit_layers=layers,
-                             edit_seed=edit_seed)
+def make_patch(
+    tmp_path: Path,
+    base: Path,
+    name: str,
+    layers: list[int],
+    edit_seed: int,
+    concepts: list[str],
+    rank: int | None = None,
+    dtype: str = "F32",
+    seed: int = 0,
+) -> Path:
+    edited = make_checkpoint(
+        tmp_path / f"{name}-edited.safetensors", "single-sd1", dtype, seed, edit_layers=layers, edit_seed=edit_seed
+    )
     out = tmp_path / f"{name}.erasepatch"
     diff_checkpoints(base, edited, output=tmp_path / "tmp.erasepatch", title=name, rank=rank, dtype=dtype)
     p = load_patch(tmp_path / "tmp.erasepatch")
@@ -46,8 +56,10 @@ def base(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def ab(tmp_path: Path, base: Path) -> tuple[Path, Path]:
-    return (make_patch(tmp_path, base, "circle", [0, 1], 1, ["circle"]),
-            make_patch(tmp_path, base, "red", [1], 2, ["red", "circle"]))
+    return (
+        make_patch(tmp_path, base, "circle", [0, 1], 1, ["circle"]),
+        make_patch(tmp_path, base, "red", [1], 2, ["red", "circle"]),
+    )
 
 
 def ffn(path: Path) -> dict[str, np.ndarray]:
@@ -58,8 +70,9 @@ def assert_same_weights(x: Path, y: Path) -> None:
     a, b = ffn(x), ffn(y)
     assert a.keys() == b.keys()
     for k in a:  # (W + dA) + dB against W + (dA + dB): float32 rounding of each sum only
-        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=4 * np.finfo(np.float32).eps * float(np.abs(a[k]).max()),
-                                   err_msg=k)
+        np.testing.assert_allclose(
+            a[k], b[k], rtol=0, atol=4 * np.finfo(np.float32).eps * float(np.abs(a[k]).max()), err_msg=k
+        )
 
 
 def test_merged_patch_does_what_a_then_b_does(tmp_path: Path, base: Path, ab: tuple[Path, Path]) -> None:
@@ -73,9 +86,10 @@ def test_merged_patch_does_what_a_then_b_does(tmp_path: Path, base: Path, ab: tu
     apply_to_checkpoint([tmp_path / "m.erasepatch"], base, output=tmp_path / "merged.safetensors")
     apply_to_checkpoint(list(ab), base, output=tmp_path / "ab.safetensors")
     assert_same_weights(tmp_path / "merged.safetensors", tmp_path / "ab.safetensors")
-    assert not np.array_equal(ffn(tmp_path / "merged.safetensors")["cond_stage_model.transformer.text_model.encoder."
-                                                                    "layers.1.mlp.fc1.weight"], ffn(base)[
-        "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"])
+    assert not np.array_equal(
+        ffn(tmp_path / "merged.safetensors")["cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"],
+        ffn(base)["cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"],
+    )
 
 
 def test_revert_of_the_merged_patch_is_bit_exact(tmp_path: Path, base: Path, ab: tuple[Path, Path]) -> None:
@@ -97,8 +111,9 @@ def test_manifest_and_inspect_list_every_concept(tmp_path: Path, ab: tuple[Path,
     assert [(c.name, c.kind) for c in m.concepts] == [("circle", "object"), ("red", "object")]  # in order, once each
     assert m.title == "circle + red"
     assert m.method.name == "merge"
-    assert m.method.hyperparameters["patches"] == [{"patch_id": p.patch_id, "title": p.title, "strength": 1.0}
-                                                   for p in inputs]
+    assert m.method.hyperparameters["patches"] == [
+        {"patch_id": p.patch_id, "title": p.title, "strength": 1.0} for p in inputs
+    ]
     assert m.base.tensors == inputs[0].manifest.base.tensors | inputs[1].manifest.base.tensors
     assert set(m.deltas) == set(inputs[0].manifest.deltas)
     shown = runner.invoke(app, ["inspect", str(tmp_path / "m.erasepatch")])
@@ -116,9 +131,11 @@ def test_different_bases_are_refused_and_nothing_is_written(tmp_path: Path, ab: 
     out = tmp_path / "m.erasepatch"
     with pytest.raises(IncompatiblePatchError) as e:
         merge_patches([ab[0], stranger], out)
-    assert str(e.value) == (f"circle.erasepatch and stranger.erasepatch were made from different base models (base "
-                            f"tensor {M}1_mlp_fc1.bias differs); merge only patches made from the same base model "
-                            "(`erasekit inspect PATCH` shows each one's base)")
+    assert str(e.value) == (
+        f"circle.erasepatch and stranger.erasepatch were made from different base models (base "
+        f"tensor {M}1_mlp_fc1.bias differs); merge only patches made from the same base model "
+        "(`erasekit inspect PATCH` shows each one's base)"
+    )
     r = runner.invoke(app, ["merge", str(ab[0]), str(ab[1]), str(stranger), "-o", str(out)])
     assert r.exit_code == 5 and len(r.stderr.strip().splitlines()) == 1
     assert "circle.erasepatch and stranger.erasepatch were made from different base models" in r.stderr
@@ -129,10 +146,13 @@ def test_other_architecture_is_refused(tmp_path: Path, ab: tuple[Path, Path]) ->
     te = make_checkpoint(tmp_path / "te", "transformers-clip")
     te_edit = make_checkpoint(tmp_path / "te-edit", "transformers-clip", edit_layers=[1])
     diff_checkpoints(te, te_edit, output=tmp_path / "clip.erasepatch")
-    r = runner.invoke(app, ["merge", str(ab[0]), str(tmp_path / "clip.erasepatch"), "-o", str(tmp_path / "m.erasepatch")])
+    r = runner.invoke(
+        app, ["merge", str(ab[0]), str(tmp_path / "clip.erasepatch"), "-o", str(tmp_path / "m.erasepatch")]
+    )
     assert r.exit_code == 5 and r.stderr.strip() == (
         "error: circle.erasepatch is for sd1 but clip.erasepatch is for clip-text; merge only patches made from the "
-        "same base model (`erasekit inspect PATCH` shows each one's base)")
+        "same base model (`erasekit inspect PATCH` shows each one's base)"
+    )
     assert not (tmp_path / "m.erasepatch").exists()
 
 
@@ -196,18 +216,23 @@ def test_low_rank_inputs_are_concatenated_exactly(tmp_path: Path, base: Path) ->
 
 
 def test_strengths_scale_each_patch(tmp_path: Path, base: Path, ab: tuple[Path, Path]) -> None:
-    r = runner.invoke(app, ["merge", str(ab[0]), str(ab[1]), "-o", str(tmp_path / "m.erasepatch"),
-                            "--strength", "0.5", "--strength", "2"])
+    r = runner.invoke(
+        app,
+        ["merge", str(ab[0]), str(ab[1]), "-o", str(tmp_path / "m.erasepatch"), "--strength", "0.5", "--strength", "2"],
+    )
     assert r.exit_code == 0, r.output
     m, a, b = load_patch(tmp_path / "m.erasepatch"), load_patch(ab[0]), load_patch(ab[1])
-    assert np.array_equal(m.weight_delta(SHARED),
-                          np.float32(0.5) * a.weight_delta(SHARED) + np.float32(2) * b.weight_delta(SHARED))
+    assert np.array_equal(
+        m.weight_delta(SHARED), np.float32(0.5) * a.weight_delta(SHARED) + np.float32(2) * b.weight_delta(SHARED)
+    )
     assert [p["strength"] for p in m.manifest.method.hyperparameters["patches"]] == [0.5, 2.0]
     apply_to_checkpoint([tmp_path / "m.erasepatch"], base, output=tmp_path / "merged.safetensors")
     apply_to_checkpoint(list(ab), base, output=tmp_path / "ab.safetensors", strength=[0.5, 2])
     assert_same_weights(tmp_path / "merged.safetensors", tmp_path / "ab.safetensors")
-    for bad, message in ((["--strength", "1", "--strength", "1", "--strength", "1"], "3 strengths for 2 patches"),
-                         (["--strength", "0"], "strength 0 cannot be merged")):
+    for bad, message in (
+        (["--strength", "1", "--strength", "1", "--strength", "1"], "3 strengths for 2 patches"),
+        (["--strength", "0"], "strength 0 cannot be merged"),
+    ):
         r = runner.invoke(app, ["merge", str(ab[0]), str(ab[1]), "-o", str(tmp_path / "x.erasepatch"), *bad])
         assert r.exit_code == 1 and message in r.stderr and "(--strength)" in r.stderr
     assert not (tmp_path / "x.erasepatch").exists()

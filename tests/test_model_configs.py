@@ -92,8 +92,11 @@ def test_sd2_768_v_and_512_are_told_apart(tmp_path: Path) -> None:
     assert (eps.name, eps.prediction_type) == ("sd2-512", "epsilon")
     assert (v.name, v.prediction_type) == ("sd2-768-v", "v_prediction")
     assert "UNet norm-bias spread" in v.describe() and "> 0.09" in v.describe()
-    tagged = detect(_sd2_file(tmp_path / "c.safetensors", spread=0.3,
-                              metadata={"modelspec.architecture": "stable-diffusion-v2-512"}))
+    tagged = detect(
+        _sd2_file(
+            tmp_path / "c.safetensors", spread=0.3, metadata={"modelspec.architecture": "stable-diffusion-v2-512"}
+        )
+    )
     assert bundled_choice(tagged).name == "sd2-512"  # metadata wins over the weights
     assert "ModelSpec metadata" in bundled_choice(tagged).reason
     forced = choose_config(tagged, prediction_type="v_prediction")
@@ -107,7 +110,9 @@ def test_files_the_bundled_configs_do_not_describe_are_refused_clearly(tmp_path:
     sd = load_file(str(path))
     sd["model.diffusion_model.input_blocks.0.0.weight"] = np.zeros((320, 9, 3, 3), np.float32)
     save_file(sd, str(path))
-    with pytest.raises(LayoutError, match=r"is an inpainting model \(UNet input 9 channels.*give a config: a local diffusers folder"):
+    with pytest.raises(
+        LayoutError, match=r"is an inpainting model \(UNet input 9 channels.*give a config: a local diffusers folder"
+    ):
         bundled_choice(detect(path))
     te_only = make_checkpoint(tmp_path / "te.safetensors", "single-sd1")
     sd = {k: v for k, v in load_file(str(te_only)).items() if k.startswith("cond_stage_model.")}
@@ -128,8 +133,13 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"c{i}.png")
-    return {"folder": folder, "configs": configs, "images": images, "root": root,
-            "file": save_single_file(folder, root / "model.safetensors")}
+    return {
+        "folder": folder,
+        "configs": configs,
+        "images": images,
+        "root": root,
+        "file": save_single_file(folder, root / "model.safetensors"),
+    }
 
 
 @pytest.fixture()
@@ -153,12 +163,45 @@ def test_a_single_file_loads_with_no_config(tiny_bundled: dict[str, Path]) -> No
 def test_erase_generate_and_inspect_a_single_file_with_nothing_beside_it(tiny_bundled: dict[str, Path]) -> None:
     root, file = tiny_bundled["root"], tiny_bundled["file"]
     out = root / "circle.erasepatch"
-    r = runner.invoke(app, ["erase", "--model", str(file), "--concept", "circle", "--images", str(tiny_bundled["images"]),
-                            "--steps", "2", "--resolution", "32", "--device", "cpu", "-o", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "erase",
+            "--model",
+            str(file),
+            "--concept",
+            "circle",
+            "--images",
+            str(tiny_bundled["images"]),
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert load_patch(out).manifest.base.config == "sd1 (epsilon; from its text-encoder keys)"
-    r = runner.invoke(app, ["generate", "--model", str(file), "--patch", str(out), "--steps", "2", "-n", "1",
-                            "-o", str(root / "gen"), "a circle"])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(file),
+            "--patch",
+            str(out),
+            "--steps",
+            "2",
+            "-n",
+            "1",
+            "-o",
+            str(root / "gen"),
+            "a circle",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (root / "gen" / "grid.png").is_file()
     r = runner.invoke(app, ["inspect", str(file), "--json"])
@@ -185,8 +228,9 @@ def tiny_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("arch, name", [("sd2", "sd2-512"), ("sdxl", "sdxl")])
-def test_sd2_and_sdxl_single_files_load_with_no_config(arch: str, name: str, tiny_families: dict[str, Path],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sd2_and_sdxl_single_files_load_with_no_config(
+    arch: str, name: str, tiny_families: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(model_configs, "CONFIGS_DIR", tiny_families["configs"])
     reference, _ = load_pipeline(tiny_families[arch])
     pipe, ckpt = load_pipeline(tiny_families[f"{arch}-file"])
@@ -198,8 +242,9 @@ def test_sd2_and_sdxl_single_files_load_with_no_config(arch: str, name: str, tin
     assert pipe.tokenizer.pad_token == ("!" if arch == "sd2" else "<|endoftext|>")
 
 
-def test_a_v_prediction_sd2_file_loads_as_768_v(tiny_families: dict[str, Path], tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_v_prediction_sd2_file_loads_as_768_v(
+    tiny_families: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(model_configs, "CONFIGS_DIR", tiny_families["configs"])
     tagged = tmp_path / "v.safetensors"
     sd = load_file(str(tiny_families["sd2-file"]))

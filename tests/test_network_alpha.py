@@ -33,15 +33,24 @@ def patches(model: Path) -> list[Patch]:
     out = []
     for seed in (0, 1):
         images = [Image.new("RGB", (32, 32), (200, 30 + 40 * i, 30 * seed)) for i in range(4)]
-        out.append(erase(pipe, ["circle"], [images], EraseConfig(resolution=32, lr=1e-2, steps=4, rank="auto",
-                                                                 patch_dtype="F32", seed=seed)).patch)
+        out.append(
+            erase(
+                pipe,
+                ["circle"],
+                [images],
+                EraseConfig(resolution=32, lr=1e-2, steps=4, rank="auto", patch_dtype="F32", seed=seed),
+            ).patch
+        )
     return out
 
 
 def _without_bias_deltas(patch: Patch, path: Path) -> Path:
     """The patch's file less its ``.diff_b`` tensors, which diffusers' kohya converter does not know."""
-    tensors = {k: ("F32", v.shape, np.ascontiguousarray(v, dtype=np.float32).tobytes())
-               for k, v in patch.tensors.items() if not k.endswith(".diff_b")}
+    tensors = {
+        k: ("F32", v.shape, np.ascontiguousarray(v, dtype=np.float32).tobytes())
+        for k, v in patch.tensors.items()
+        if not k.endswith(".diff_b")
+    }
     _st.write_safetensors(path, tensors, {"format": "pt"})
     return path
 
@@ -68,14 +77,16 @@ def _check_one_alpha(patch: Patch) -> None:
     assert metadata_for(patch)["ss_network_alpha"] == f"{NETWORK_ALPHA:g}"
 
 
-def test_modules_of_different_ranks_load_in_diffusers_with_erasekit_weights(model: Path, patches: list[Patch],
-                                                                           tmp_path: Path) -> None:
+def test_modules_of_different_ranks_load_in_diffusers_with_erasekit_weights(
+    model: Path, patches: list[Patch], tmp_path: Path
+) -> None:
     patch = patches[0]
     ranks = {d.rank for d in patch.manifest.deltas.values()}
     assert len(ranks) > 1, "the check needs modules of different ranks"
     _check_one_alpha(patch)
-    for module, (got, want) in _fused_deltas(model, _without_bias_deltas(patch, tmp_path / "p.safetensors"),
-                                             patch).items():
+    for module, (got, want) in _fused_deltas(
+        model, _without_bias_deltas(patch, tmp_path / "p.safetensors"), patch
+    ).items():
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), module
 
 

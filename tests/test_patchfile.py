@@ -21,7 +21,7 @@ GOLDEN = Path(__file__).parent / "golden" / "v1.erasepatch"
 def split(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def join(path: Path, header: dict, data: bytes) -> Path:
@@ -45,7 +45,9 @@ def test_golden_v1_loads_forever() -> None:
     assert [c.name for c in m.concepts] == ["circle"]
     assert m.method.hyperparameters == {"lr": 1e-5, "steps": 10}
     assert {k: v.storage for k, v in m.deltas.items()} == {
-        "lora_te_text_model_encoder_layers_0_mlp_fc1": "dense", "lora_te_text_model_encoder_layers_1_mlp_fc2": "lowrank"}
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": "dense",
+        "lora_te_text_model_encoder_layers_1_mlp_fc2": "lowrank",
+    }
     assert p.dtypes["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"] == "F16"
     assert p.patch_id == "f7fcb74db952b418" + p.patch_id[16:]
     dense = p.weight_delta("lora_te_text_model_encoder_layers_1_mlp_fc2")
@@ -75,7 +77,11 @@ def test_metadata_has_manifest_modelspec_and_kohya_keys(tmp_path: Path) -> None:
     import hashlib
 
     assert meta["modelspec.hash_sha256"] == "0x" + hashlib.sha256(data).hexdigest()
-    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_network_module"]) == ("sd_v1", "False", "lycoris.kohya")
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_network_module"]) == (
+        "sd_v1",
+        "False",
+        "lycoris.kohya",
+    )
     # Nothing but network tensors: ComfyUI warns on unknown keys.
     allowed = (".diff", ".diff_b", ".lora_up.weight", ".lora_down.weight", ".alpha")
     assert all(k.startswith("lora_te_") and k.endswith(allowed) for k in header if k != "__metadata__")
@@ -89,7 +95,9 @@ def test_same_inputs_same_bytes(tmp_path: Path) -> None:
 
 
 def test_bf16_encoder_matches_torch() -> None:
-    x = torch.cat([torch.randn(1000) * 3, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.00390625, 1.01171875])])
+    x = torch.cat(
+        [torch.randn(1000) * 3, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.00390625, 1.01171875])]
+    )
     ours = _st.float32_to_bf16_bytes(x.numpy())
     assert ours == x.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
     back = _st.to_numpy(ours, "BF16", (x.numel(),))
@@ -97,6 +105,7 @@ def test_bf16_encoder_matches_torch() -> None:
 
 
 # -- rejected inputs: each a PatchFormatError with a message naming the problem --------------------
+
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputFileError, match="does not exist"):
@@ -130,12 +139,12 @@ def test_a_header_that_names_a_key_twice_is_refused(tmp_path: Path) -> None:
     """JSON readers disagree on which duplicate wins; a header that says two things is hostile."""
     raw = GOLDEN.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = raw[8:8 + n].decode().rstrip()
+    header = raw[8 : 8 + n].decode().rstrip()
     name = next(k for k in json.loads(header) if k != "__metadata__")
     entry = json.dumps(json.loads(header)[name])
     doubled = header[:-1] + f',"{name}":{entry}' + "}"  # the same tensor again, last in the object
     bad = tmp_path / "d.erasepatch"
-    bad.write_bytes(struct.pack("<Q", len(doubled)) + doubled.encode() + raw[8 + n:])
+    bad.write_bytes(struct.pack("<Q", len(doubled)) + doubled.encode() + raw[8 + n :])
     with pytest.raises(PatchFormatError, match=f"names '{name}' twice"):
         load_patch(bad)
     m = json.loads(json.loads(header)["__metadata__"]["erasekit"])
@@ -214,13 +223,27 @@ def test_manifest_not_json(tmp_path: Path) -> None:
 NESTED = "[" * 200_000 + "]" * 200_000  # JSON nested 200,000 deep: too deep for any JSON reader's recursion
 
 
-@pytest.mark.parametrize(("where", "name", "code", "message"), [
-    ("header", "deep.erasepatch", 3, r"^error: patch .* has a safetensors header nested too deeply to read; re-create"),
-    ("header", "deep.safetensors", 4, r"^error: checkpoint .* has a safetensors header nested too deeply to read"),
-    ("manifest", "deep.erasepatch", 3, r"^error: .*: the erasekit manifest is nested too deeply to read; re-create"),
-])
-def test_json_nested_200000_deep_is_a_format_error(tmp_path: Path, where: str, name: str, code: int,
-                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    ("where", "name", "code", "message"),
+    [
+        (
+            "header",
+            "deep.erasepatch",
+            3,
+            r"^error: patch .* has a safetensors header nested too deeply to read; re-create",
+        ),
+        ("header", "deep.safetensors", 4, r"^error: checkpoint .* has a safetensors header nested too deeply to read"),
+        (
+            "manifest",
+            "deep.erasepatch",
+            3,
+            r"^error: .*: the erasekit manifest is nested too deeply to read; re-create",
+        ),
+    ],
+)
+def test_json_nested_200000_deep_is_a_format_error(
+    tmp_path: Path, where: str, name: str, code: int, message: str
+) -> None:
     """Not an internal error (exit 70, RecursionError): the exit code and one line of any other malformed file."""
     from typer.testing import CliRunner
 
@@ -243,8 +266,11 @@ def test_json_nested_200000_deep_is_a_format_error(tmp_path: Path, where: str, n
 
 
 def test_an_invalid_field_nested_hundreds_deep_is_named_in_a_short_line(tmp_path: Path) -> None:
-    p = edit_manifest(GOLDEN, tmp_path / "d.erasepatch",
-                      lambda m: m["method"]["hyperparameters"].update(x=json.loads("[" * 300 + "]" * 300)))
+    p = edit_manifest(
+        GOLDEN,
+        tmp_path / "d.erasepatch",
+        lambda m: m["method"]["hyperparameters"].update(x=json.loads("[" * 300 + "]" * 300)),
+    )
     with pytest.raises(PatchFormatError, match=r"invalid manifest field method\.hyperparameters\.x\.") as e:
         load_patch(p)
     assert len(str(e.value)) < 300
@@ -263,8 +289,11 @@ def test_tensor_missing_from_file(tmp_path: Path) -> None:
 
 def test_extra_tensor_in_file(tmp_path: Path) -> None:
     header, data = split(GOLDEN)
-    header["lora_te_text_model_encoder_layers_0_mlp_fc1.extra"] = {"dtype": "F32", "shape": [1],
-                                                                     "data_offsets": [len(data), len(data) + 4]}
+    header["lora_te_text_model_encoder_layers_0_mlp_fc1.extra"] = {
+        "dtype": "F32",
+        "shape": [1],
+        "data_offsets": [len(data), len(data) + 4],
+    }
     with pytest.raises(PatchFormatError, match="does not list"):
         read_manifest(join(tmp_path / "et.erasepatch", header, data + b"\0\0\0\0"))
 
@@ -285,7 +314,9 @@ def test_wrong_dtype(tmp_path: Path) -> None:
 
 def test_module_outside_encoder(tmp_path: Path) -> None:
     def move(m: dict) -> None:
-        m["deltas"]["lora_te_text_model_encoder_layers_7_mlp_fc1"] = m["deltas"].pop("lora_te_text_model_encoder_layers_0_mlp_fc1")
+        m["deltas"]["lora_te_text_model_encoder_layers_7_mlp_fc1"] = m["deltas"].pop(
+            "lora_te_text_model_encoder_layers_0_mlp_fc1"
+        )
 
     with pytest.raises(PatchFormatError, match="outside the base model"):
         load_patch(edit_manifest(GOLDEN, tmp_path / "mo.erasepatch", move))
@@ -296,23 +327,32 @@ def test_non_finite_values(tmp_path: Path) -> None:
     header, data = split(GOLDEN)
     ent = header["lora_te_text_model_encoder_layers_0_mlp_fc1.diff_b"]  # F32
     b = ent["data_offsets"][0]
-    data = data[:b] + np.float32("nan").tobytes() + data[b + 4:]
+    data = data[:b] + np.float32("nan").tobytes() + data[b + 4 :]
     del header["__metadata__"]["modelspec.hash_sha256"]
     with pytest.raises(PatchFormatError, match="NaN or infinite"):
         load_patch(join(tmp_path / "nan.erasepatch", header, data))
     assert p.manifest.title == "golden v1"
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda m: m["deltas"]["lora_te_text_model_encoder_layers_1_mlp_fc2"].pop("rank"), "rank is required"),
-    (lambda m: m["deltas"]["lora_te_text_model_encoder_layers_0_mlp_fc1"].update(rank=4), "not allowed for dense"),
-    (lambda m: m["base"]["encoders"].update(te1=m["base"]["encoders"]["te"]), "allowed are"),
-    (lambda m: m["deltas"].update(lora_te_text_model_encoder_layers_01_mlp_fc1=m["deltas"].pop(
-        "lora_te_text_model_encoder_layers_0_mlp_fc1")), "not a text-encoder FFN module name"),
-    (lambda m: m["base"]["encoders"]["te"].update(layers="2"), "invalid manifest field base.encoders.te.layers"),
-    (lambda m: m.update(deltas={}), "invalid manifest field deltas"),
-    (lambda m: m.update(title=""), "invalid manifest field title"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["deltas"]["lora_te_text_model_encoder_layers_1_mlp_fc2"].pop("rank"), "rank is required"),
+        (lambda m: m["deltas"]["lora_te_text_model_encoder_layers_0_mlp_fc1"].update(rank=4), "not allowed for dense"),
+        (lambda m: m["base"]["encoders"].update(te1=m["base"]["encoders"]["te"]), "allowed are"),
+        (
+            lambda m: m["deltas"].update(
+                lora_te_text_model_encoder_layers_01_mlp_fc1=m["deltas"].pop(
+                    "lora_te_text_model_encoder_layers_0_mlp_fc1"
+                )
+            ),
+            "not a text-encoder FFN module name",
+        ),
+        (lambda m: m["base"]["encoders"]["te"].update(layers="2"), "invalid manifest field base.encoders.te.layers"),
+        (lambda m: m.update(deltas={}), "invalid manifest field deltas"),
+        (lambda m: m.update(title=""), "invalid manifest field title"),
+    ],
+)
 def test_manifest_consistency_rules(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PatchFormatError, match=message):
         load_patch(edit_manifest(GOLDEN, tmp_path / "r.erasepatch", edit))
@@ -322,7 +362,9 @@ def test_f16_overflow_is_refused_before_writing(tmp_path: Path) -> None:
     from erasekit.errors import NonFiniteError
 
     p = load_patch(GOLDEN)
-    p.tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"] = p.tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"] * 1e9
+    p.tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"] = (
+        p.tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.diff"] * 1e9
+    )
     with pytest.raises(NonFiniteError, match="stored as F16"):
         save_patch(p, tmp_path / "big.erasepatch")
     assert not (tmp_path / "big.erasepatch").exists()
@@ -337,43 +379,84 @@ def _ev(edit):  # type: ignore[no-untyped-def]
     return lambda m: edit(m["evaluations"][0])
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (_ev(lambda e: e["target"].update(after=1.5)), "evaluations.0.target.after: Input should be less than or equal to 1"),
-    (_ev(lambda e: e["others"]["square"].update(before=-0.1)), "evaluations.0.others.square.before: Input should be greater"),
-    (_ev(lambda e: e["target"].update(after=float("nan"))), "evaluations.0.target.after: Input should be a finite number"),
-    (_ev(lambda e: e.update(guidance=float("inf"))), "evaluations.0.guidance: Input should be a finite number"),
-    (_ev(lambda e: e.update(strength="1")), "evaluations.0.strength: Input should be a valid number"),
-    (_ev(lambda e: e.update(surprise=1)), "evaluations.0.surprise: Extra inputs are not permitted"),
-    (_ev(lambda e: e["judge"].update(weights="x")), "evaluations.0.judge.weights: Extra inputs are not permitted"),
-    (_ev(lambda e: e.pop("target")), "evaluations.0.target: Field required"),
-    (_ev(lambda e: e.pop("version")), "evaluations.0.version: Field required"),
-    (_ev(lambda e: e.update(version=0)), "evaluations.0.version: Input should be greater than or equal to 1"),
-    (_ev(lambda e: e.update(version=True)), "evaluations.0.version: Input should be a valid integer"),
-    (_ev(lambda e: e.update(version=2.0)), "evaluations.0.version: Input should be a valid integer"),
-    (_ev(lambda e: e.update(recorded_at="yesterday")), "evaluations.0.recorded_at: String should match pattern"),
-    (_ev(lambda e: e.update(patch_id="F7")), "evaluations.0.patch_id: String should match pattern"),
-    (_ev(lambda e: e["judge"].update(kind="human")), "evaluations.0.judge.kind: Input should be 'toyworld-cnn' or 'clip'"),
-    (_ev(lambda e: e["model"].update(match="close")), "evaluations.0.model.match: Input should be 'exact', 'approx'"),
-    (_ev(lambda e: e.update(seeds=[])), "evaluations.0.seeds: List should have at least 1 item"),
-    (_ev(lambda e: e.update(images_per_prompt=0)), "evaluations.0.images_per_prompt: Input should be greater than or equal to 1"),
-    (_ev(lambda e: e["prompts"]["texts"].pop()), "evaluations.0.prompts: Value error, texts has 3 prompts, count says 4"),
-    (_ev(lambda e: e["prompts"]["texts"].reverse()), "evaluations.0.prompts: Value error, sha256 is not the hash of texts"),
-    (_ev(lambda e: e["robustness"].update(after=2)), "evaluations.0.robustness.after: Input should be less than or equal to 1"),
-    (lambda m: m.update(evaluations={"0": {}}), "evaluations: Input should be a valid list"),
-    (lambda m: m["evaluations"].append(3), "evaluations.1: Input should be a valid dictionary"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _ev(lambda e: e["target"].update(after=1.5)),
+            "evaluations.0.target.after: Input should be less than or equal to 1",
+        ),
+        (
+            _ev(lambda e: e["others"]["square"].update(before=-0.1)),
+            "evaluations.0.others.square.before: Input should be greater",
+        ),
+        (
+            _ev(lambda e: e["target"].update(after=float("nan"))),
+            "evaluations.0.target.after: Input should be a finite number",
+        ),
+        (_ev(lambda e: e.update(guidance=float("inf"))), "evaluations.0.guidance: Input should be a finite number"),
+        (_ev(lambda e: e.update(strength="1")), "evaluations.0.strength: Input should be a valid number"),
+        (_ev(lambda e: e.update(surprise=1)), "evaluations.0.surprise: Extra inputs are not permitted"),
+        (_ev(lambda e: e["judge"].update(weights="x")), "evaluations.0.judge.weights: Extra inputs are not permitted"),
+        (_ev(lambda e: e.pop("target")), "evaluations.0.target: Field required"),
+        (_ev(lambda e: e.pop("version")), "evaluations.0.version: Field required"),
+        (_ev(lambda e: e.update(version=0)), "evaluations.0.version: Input should be greater than or equal to 1"),
+        (_ev(lambda e: e.update(version=True)), "evaluations.0.version: Input should be a valid integer"),
+        (_ev(lambda e: e.update(version=2.0)), "evaluations.0.version: Input should be a valid integer"),
+        (_ev(lambda e: e.update(recorded_at="yesterday")), "evaluations.0.recorded_at: String should match pattern"),
+        (_ev(lambda e: e.update(patch_id="F7")), "evaluations.0.patch_id: String should match pattern"),
+        (
+            _ev(lambda e: e["judge"].update(kind="human")),
+            "evaluations.0.judge.kind: Input should be 'toyworld-cnn' or 'clip'",
+        ),
+        (
+            _ev(lambda e: e["model"].update(match="close")),
+            "evaluations.0.model.match: Input should be 'exact', 'approx'",
+        ),
+        (_ev(lambda e: e.update(seeds=[])), "evaluations.0.seeds: List should have at least 1 item"),
+        (
+            _ev(lambda e: e.update(images_per_prompt=0)),
+            "evaluations.0.images_per_prompt: Input should be greater than or equal to 1",
+        ),
+        (
+            _ev(lambda e: e["prompts"]["texts"].pop()),
+            "evaluations.0.prompts: Value error, texts has 3 prompts, count says 4",
+        ),
+        (
+            _ev(lambda e: e["prompts"]["texts"].reverse()),
+            "evaluations.0.prompts: Value error, sha256 is not the hash of texts",
+        ),
+        (
+            _ev(lambda e: e["robustness"].update(after=2)),
+            "evaluations.0.robustness.after: Input should be less than or equal to 1",
+        ),
+        (lambda m: m.update(evaluations={"0": {}}), "evaluations: Input should be a valid list"),
+        (lambda m: m["evaluations"].append(3), "evaluations.1: Input should be a valid dictionary"),
+    ],
+)
 def test_a_malformed_evaluation_is_refused(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PatchFormatError, match=f"invalid manifest field {message}".replace("(", r"\(")) as e:
         load_patch(edit_manifest(EVALUATED, tmp_path / "e.erasepatch", edit))
-    assert e.value.fix == "a recorded evaluation was edited or damaged; re-create the patch and record its evaluation again"
+    assert (
+        e.value.fix
+        == "a recorded evaluation was edited or damaged; re-create the patch and record its evaluation again"
+    )
 
 
 def test_an_evaluation_of_a_newer_version_is_kept_unread(tmp_path: Path) -> None:
     """A v2 record (new keys, say) does not stop the patch loading: it is kept whole, written back as it came, and
     named in one warning; the v1 records beside it are read as usual."""
+
     def add_v2(m: dict) -> None:
-        m["evaluations"].append(dict(m["evaluations"][0], version=2, recorded_at="2027-01-01T00:00:00Z",
-                                     fid=12.5, target={"before": 1.0, "after": 0.0, "ci": [0.0, 0.1]}))
+        m["evaluations"].append(
+            dict(
+                m["evaluations"][0],
+                version=2,
+                recorded_at="2027-01-01T00:00:00Z",
+                fid=12.5,
+                target={"before": 1.0, "after": 0.0, "ci": [0.0, 0.1]},
+            )
+        )
 
     p = load_patch(edit_manifest(EVALUATED, tmp_path / "v2.erasepatch", add_v2))
     known, future = p.manifest.evaluations

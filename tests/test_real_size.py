@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.environ.get("ERASEKIT_REAL_SIZE") != "1",
-                                reason="builds a full-size SD1.x checkpoint and erases at real size (minutes, "
-                                       "~8 GB RAM, 2 GB disk); set ERASEKIT_REAL_SIZE=1")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("ERASEKIT_REAL_SIZE") != "1",
+    reason="builds a full-size SD1.x checkpoint and erases at real size (minutes, "
+    "~8 GB RAM, 2 GB disk); set ERASEKIT_REAL_SIZE=1",
+)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "real_size.py"
 
@@ -36,8 +38,15 @@ def test_full_size_sd1_single_file_without_config(tmp_path: Path) -> None:
         steps, facts = bench.run_all(work)
         print("\n" + bench.table(steps))
         by_name = {s.name: s for s in steps}
-        assert [s.name for s in steps] == ["build (this process)", "inspect", "erase", "generate", "apply --in-place",
-                                           "inspect (applied)", "apply --revert"]
+        assert [s.name for s in steps] == [
+            "build (this process)",
+            "inspect",
+            "erase",
+            "generate",
+            "apply --in-place",
+            "inspect (applied)",
+            "apply --revert",
+        ]
         assert all(s.code == 0 for s in steps), [(s.name, s.code) for s in steps]
         assert 1.9e9 < facts["model_bytes"] < 2.3e9  # F16: ~1.07 B params at 2 bytes each
         assert facts["config"].startswith("sd1 ("), facts["config"]  # picked the bundled config from the keys

@@ -92,8 +92,9 @@ def test_a_models_recommendations_for_another_recipe() -> None:
 def test_doco_anchors_replace_the_concept_by_its_stand_ins() -> None:
     config = EraseConfig(recipe="doco", stand_ins={"circle": ["square", "star"]})
     recipe = DoCo(config, ["circle", "red"], "cpu")
-    assert recipe.anchors("a red striped circle") == ["a striped square", "a striped star"], \
+    assert recipe.anchors("a red striped circle") == ["a striped square", "a striped star"], (
         "each erased concept takes its stand-ins; one without (red) is dropped"
+    )
     assert recipe.anchors("a blue square") == ["a blue square"]
 
 
@@ -130,8 +131,9 @@ def test_surgery_on_the_anchored_recipe_changes_the_patch_and_is_recorded(tmp_pa
 
 @pytest.mark.parametrize("value", ["1.5", "-1"])
 def test_surgery_outside_0_1_is_refused(tmp_path: Path, value: str) -> None:
-    r = CliRunner().invoke(app, ["erase", "-c", "circle", "--recipe", "doco", "--surgery", value,
-                                 "-o", str(tmp_path / "x.erasepatch")])
+    r = CliRunner().invoke(
+        app, ["erase", "-c", "circle", "--recipe", "doco", "--surgery", value, "-o", str(tmp_path / "x.erasepatch")]
+    )
     assert r.exit_code != 0 and "surgery" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not list(tmp_path.iterdir())
 
@@ -148,8 +150,9 @@ def test_doco_on_real_architectures_with_user_images(tmp_path: Path, arch: str, 
     images.mkdir()
     for i in range(2):
         Image.new("RGB", (32, 32), (200, 30 + 40 * i, 30)).save(images / f"{i}.png")
-    config = EraseConfig(recipe="doco", resolution=32, lr=1e-3, steps=3, disc_warmup=1, stand_ins={"circle": "dog"},
-                         keep=["cat"])
+    config = EraseConfig(
+        recipe="doco", resolution=32, lr=1e-3, steps=3, disc_warmup=1, stand_ins={"circle": "dog"}, keep=["cat"]
+    )
     report = erase_model(model, ["circle"], [images], tmp_path / "p.erasepatch", config)
     assert report.steps == 3 and all(map(torch.isfinite, torch.tensor(report.losses)))
     assert load_patch(report.output).manifest.method.name == "wu-2024-doco"
@@ -186,7 +189,8 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     assert [w for w in independent.warnings if "was made without" in w] == [
         f"patch '{c.title}' was made without '{a.title}' ({a.patch_id[:12]}) applied: each erases its concept alone, "
         "stacked they may erase less; for concepts that must stay erased together, erase them in one patch (several "
-        "--concept) or each --after the ones before it"], "stacking independently made erase patches says what the built-in model measured"
+        "--concept) or each --after the ones before it"
+    ], "stacking independently made erase patches says what the built-in model measured"
     report = apply_to_checkpoint([circle, red], model, in_place=True)
     assert [p.fingerprint for p in report.applied] == ["exact", "exact"] and not report.warnings
     revert_from_checkpoint(red, model)
@@ -195,13 +199,14 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
 
     pipe, _ = load_pipeline(builtin_model_path())
     weights = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
-    erase(pipe, ["red"], [[render_concept("red", i) for i in range(2)]], EraseConfig(resolution=32, steps=1),
-          after=[a])
-    assert all(torch.equal(weights[k], v) for k, v in pipe.text_encoder.state_dict().items()), \
+    erase(pipe, ["red"], [[render_concept("red", i) for i in range(2)]], EraseConfig(resolution=32, steps=1), after=[a])
+    assert all(torch.equal(weights[k], v) for k, v in pipe.text_encoder.state_dict().items()), (
         "the earlier patches are taken off again"
+    )
     assert not getattr(pipe, "_erasekit_applied", None)
 
     from erasekit.checkpoints.memory import apply_patch, revert_patch
+
     assert any("applied after" in w for w in apply_patch(pipe, b).warnings), "in memory too"
     revert_patch(pipe, b)
     assert not apply_patch(pipe, a).warnings
@@ -210,13 +215,16 @@ def test_an_erase_after_other_patches_learns_on_top_of_them_and_stacks_on_the_sa
     assert not any("made without" in w for w in apply_patch(pipe, b).warnings), "made --after the circle patch"
 
     from erasekit.checkpoints.merge import merge_patches
+
     merged = merge_patches([circle, alone], tmp_path / "merged.erasepatch")
     assert any(f"patch '{c.title}' was made without '{a.title}'" in n for n in merged.notes), "a merge is a stack"
     assert not merge_patches([circle, red], tmp_path / "planned.erasepatch").notes
 
     stacked = ["--patch", str(circle), "--patch", str(alone)]
-    for cmd in (["eval", "--concept", "circle", "-n", "1", "--steps", "2", *stacked],
-                ["generate", "a circle", "-n", "1", "--steps", "2", "-o", str(tmp_path / "images"), *stacked]):
+    for cmd in (
+        ["eval", "--concept", "circle", "-n", "1", "--steps", "2", *stacked],
+        ["generate", "a circle", "-n", "1", "--steps", "2", "-o", str(tmp_path / "images"), *stacked],
+    ):
         r = CliRunner().invoke(app, cmd)
         assert r.exit_code == 0, r.output
         assert f"warning: patch '{c.title}' was made without '{a.title}'" in r.stderr, (cmd[0], r.stderr)
@@ -240,8 +248,10 @@ def test_an_erase_of_a_checkpoint_with_patches_applied_in_place_is_made_after_th
     a, b = load_patch(circle), load_patch(red)
     assert b.manifest.method.hyperparameters["after"] == [{"patch_id": a.patch_id, "title": a.title}]
     assert b.manifest.base.tensors == a.manifest.base.tensors, "the base is the checkpoint below the patches"
-    for cmd in (["eval", "--concept", "red", "-n", "1", "--steps", "2"],
-                ["generate", "a red circle", "-n", "1", "--steps", "2", "-o", str(tmp_path / "images")]):
+    for cmd in (
+        ["eval", "--concept", "red", "-n", "1", "--steps", "2"],
+        ["generate", "a red circle", "-n", "1", "--steps", "2", "-o", str(tmp_path / "images")],
+    ):
         r = CliRunner().invoke(app, [*cmd, "-m", str(model), "--patch", str(red)])
         assert r.exit_code == 0 and "warning" not in r.stderr, (cmd[0], r.output, "circle is in place below it")
     shown = " ".join(CliRunner().invoke(app, ["inspect", str(red), "--against", str(model)]).stdout.split())
@@ -256,6 +266,18 @@ def test_an_erase_of_a_checkpoint_with_patches_applied_in_place_is_made_after_th
 
 
 def test_a_missing_after_patch_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
-    r = CliRunner().invoke(app, ["erase", "-c", "red", "--steps", "1", "--after", str(tmp_path / "missing.erasepatch"),
-                                 "-o", str(tmp_path / "red.erasepatch")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "erase",
+            "-c",
+            "red",
+            "--steps",
+            "1",
+            "--after",
+            str(tmp_path / "missing.erasepatch"),
+            "-o",
+            str(tmp_path / "red.erasepatch"),
+        ],
+    )
     assert r.exit_code != 0 and "missing.erasepatch" in r.output and not (tmp_path / "red.erasepatch").exists()

@@ -19,8 +19,11 @@ DTYPES = ("F32", "F16", "BF16")
 
 def ffn_arrays(path: Path) -> dict[tuple[str, str], tuple[str, np.ndarray]]:
     ckpt = detect(path)
-    return {(wf.label, key): (wf.tensor_info()[key][0], wf.read_numpy(key))
-            for wf in ckpt.files for _, key, *_ in wf.ffn_keys()}
+    return {
+        (wf.label, key): (wf.tensor_info()[key][0], wf.read_numpy(key))
+        for wf in ckpt.files
+        for _, key, *_ in wf.ffn_keys()
+    }
 
 
 def assert_ffn_matches(result: Path, edited: Path, dtype: str) -> None:

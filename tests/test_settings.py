@@ -22,8 +22,14 @@ BUILTIN = model_settings(builtin_model_path())["erase"]  # anchored, lr 3e-3, 40
 
 def test_recipe_paper_on_a_model_tuned_for_anchored_is_the_published_recipe() -> None:
     config, sources = effective_settings(BUILTIN, {"recipe": "paper"})
-    assert (config.recipe, config.lr, config.steps, config.epochs, config.batch_size, config.flip) == \
-        ("paper", 1e-5, None, 5, 2, True)
+    assert (config.recipe, config.lr, config.steps, config.epochs, config.batch_size, config.flip) == (
+        "paper",
+        1e-5,
+        None,
+        5,
+        2,
+        True,
+    )
     assert (config.resolution, config.dtype) == (32, "fp32"), "what the model is still holds"
     assert sources["recipe"] == "user" and sources["lr"] == "default" and sources["resolution"] == "model"
 
@@ -47,18 +53,42 @@ def test_help_names_the_models_recommendation() -> None:
 
 def test_the_run_records_and_says_where_settings_came_from(tmp_path: Path) -> None:
     out = tmp_path / "c.erasepatch"
-    r = runner.invoke(app, ["erase", "--concept", "circle", "--recipe", "paper", "--epochs", "1", "--num-images", "4",
-                            "--no-flip", "-o", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "erase",
+            "--concept",
+            "circle",
+            "--recipe",
+            "paper",
+            "--epochs",
+            "1",
+            "--num-images",
+            "4",
+            "--no-flip",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     hp = load_patch(out).manifest.method.hyperparameters
-    assert (hp["recipe"], hp["lr"], hp["epochs"], hp["steps"], hp["flip"], hp["steps_run"]) == \
-        ("paper", 1e-5, 1, None, False, 2)
+    assert (hp["recipe"], hp["lr"], hp["epochs"], hp["steps"], hp["flip"], hp["steps_run"]) == (
+        "paper",
+        1e-5,
+        1,
+        None,
+        False,
+        2,
+    )
     yours = next(x for x in r.stdout.splitlines() if x.startswith("  settings you gave: "))
     model = next(x for x in r.stdout.splitlines() if x.startswith("  settings the model recommends: "))
     assert "recipe paper" in yours and "epochs 1" in yours and "flip False" in yours
     assert "resolution 32" in model and "lr" not in (yours + model).replace("flip", "")
-    report = json.loads(runner.invoke(app, ["erase", "--concept", "red", "--steps", "1", "-o", str(tmp_path / "r.erasepatch"),
-                                            "--json"]).stdout)
+    report = json.loads(
+        runner.invoke(
+            app, ["erase", "--concept", "red", "--steps", "1", "-o", str(tmp_path / "r.erasepatch"), "--json"]
+        ).stdout
+    )
     assert report["sources"]["steps"] == "user" and report["sources"]["lr"] == "model"
 
 
@@ -73,8 +103,9 @@ def test_library_errors_name_settings_and_the_cli_adds_its_flags(tmp_path: Path)
     assert str(e.value).startswith("invalid batch_size: ")
     r = runner.invoke(app, ["erase", "--concept", "circle", "--batch-size", "0", "-o", str(tmp_path / "x.erasepatch")])
     assert r.exit_code == 1 and r.stderr.strip().endswith("(--batch-size)"), r.stderr
-    r = runner.invoke(app, ["erase", "--concept", "circle", "--images", "auto", "--layers", "9",
-                            "-o", str(tmp_path / "x.erasepatch")])
+    r = runner.invoke(
+        app, ["erase", "--concept", "circle", "--images", "auto", "--layers", "9", "-o", str(tmp_path / "x.erasepatch")]
+    )
     assert r.stderr.strip() == "error: layer 9 is outside the text encoder's layers 0-1; use layers 0-1 (--layers)"
 
 
@@ -128,11 +159,14 @@ def test_a_models_per_concept_recommendations_give_each_concept_its_own_wordings
 
 # -- the size an erase trains at ---------------------------------------------------------------------------------------
 
+
 def test_the_native_sizes_of_the_bundled_configs() -> None:
     from erasekit.checkpoints.model_configs import CONFIGS_DIR, native_resolution_of
 
-    sizes = {name: native_resolution_of(CONFIGS_DIR / name)
-             for name in ("sd1", "sd2-512", "sd2-768-v", "sdxl", "sdxl-refiner")}
+    sizes = {
+        name: native_resolution_of(CONFIGS_DIR / name)
+        for name in ("sd1", "sd2-512", "sd2-768-v", "sdxl", "sdxl-refiner")
+    }
     assert sizes == {"sd1": 512, "sd2-512": 512, "sd2-768-v": 768, "sdxl": 1024, "sdxl-refiner": 1024}
 
 
@@ -153,7 +187,23 @@ def test_an_erase_trains_at_the_models_native_size_unless_told(tmp_path: Path) -
     assert (job.config.resolution, job.sources["resolution"]) == (32, "native")
     job = prepare_erase(xl, ["circle"], [images], tmp_path / "b.erasepatch", {"resolution": 16})
     assert (job.config.resolution, job.sources["resolution"]) == (16, "user; native 32")
-    r = runner.invoke(app, ["erase", "-m", str(xl), "-c", "circle", "--images", str(images), "--resolution", "16",
-                            "--steps", "1", "-o", str(tmp_path / "c.erasepatch")])
+    r = runner.invoke(
+        app,
+        [
+            "erase",
+            "-m",
+            str(xl),
+            "-c",
+            "circle",
+            "--images",
+            str(images),
+            "--resolution",
+            "16",
+            "--steps",
+            "1",
+            "-o",
+            str(tmp_path / "c.erasepatch"),
+        ],
+    )
     assert r.exit_code == 0 and "settings you gave: resolution 16 (native 32)" in r.stdout, r.output
     assert load_patch(tmp_path / "c.erasepatch").manifest.method.hyperparameters["resolution"] == 16

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.skipif(os.name == "nt", reason="Windows keeps stale tem
 
 def killed_mid_write(out: Path, data: bytes = b"half a patch") -> Path:
     """The temporary an erasekit process leaves when it dies inside an atomic write (no cleanup runs)."""
-    code = ("import os, sys; from pathlib import Path; from erasekit.format import _st\n"
-            "with _st.atomic_write(Path(sys.argv[1])) as f:\n"
-            f"    f.write({data!r}); f.flush(); os._exit(9)\n")
+    code = (
+        "import os, sys; from pathlib import Path; from erasekit.format import _st\n"
+        "with _st.atomic_write(Path(sys.argv[1])) as f:\n"
+        f"    f.write({data!r}); f.flush(); os._exit(9)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True)
     assert r.returncode == 9, r.stderr
     (left,) = out.parent.glob(f".{out.name}.*.incomplete")
@@ -36,11 +38,13 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path: Path) -> Non
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         host = _temps._host()
-        kept = [tmp_path / f".p.erasepatch.{host}_{live.pid}.x1.incomplete",  # a writer still at work
-                tmp_path / f".p.erasepatch.elsewhere_{os.getpid() + 1}.x2.incomplete",  # another machine's
-                # another output's (p.erasepatch.old), left by the same dead writer: its name matches p's pattern
-                tmp_path / f".p.erasepatch.old.{left.name.split('.')[3]}.x3.incomplete",
-                tmp_path / ".p.erasepatch.notes.incomplete"]  # not named by erasekit
+        kept = [
+            tmp_path / f".p.erasepatch.{host}_{live.pid}.x1.incomplete",  # a writer still at work
+            tmp_path / f".p.erasepatch.elsewhere_{os.getpid() + 1}.x2.incomplete",  # another machine's
+            # another output's (p.erasepatch.old), left by the same dead writer: its name matches p's pattern
+            tmp_path / f".p.erasepatch.old.{left.name.split('.')[3]}.x3.incomplete",
+            tmp_path / ".p.erasepatch.notes.incomplete",
+        ]  # not named by erasekit
         for k in kept:
             k.write_bytes(b"keep")
         with _st.atomic_write(out) as f:
@@ -53,8 +57,9 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path: Path) -> Non
         live.wait()
 
 
-def test_apply_to_an_output_removes_a_killed_copy_and_its_journal(tmp_path: Path, sd1: tuple[Path, Path],
-                                                                  sd1_patch: Path) -> None:
+def test_apply_to_an_output_removes_a_killed_copy_and_its_journal(
+    tmp_path: Path, sd1: tuple[Path, Path], sd1_patch: Path
+) -> None:
     """``apply -o`` stages a copy of the checkpoint (gigabytes, for real models) and its journal; a run killed while
     copying leaves both, and the next apply to the same output removes them."""
     out = tmp_path / "patched.safetensors"

@@ -25,6 +25,7 @@ HELDOUT_SEED = 987_654  # not a seed the training script renders from
 
 # ---------------------------------------------------------------------------------- renderer
 
+
 def test_render_is_deterministic() -> None:
     a = rd.render("star", "purple", "striped", np.random.default_rng(5))
     b = rd.render("star", "purple", "striped", np.random.default_rng(5))
@@ -71,6 +72,7 @@ def test_render_rejects_unknown_attributes() -> None:
 
 # ---------------------------------------------------------------------------------- captions
 
+
 def test_prompt_for() -> None:
     assert cap.prompt_for("circle", "red", "striped") == "a red striped circle"
     assert cap.prompt_for(shape="circle") == "a circle"
@@ -88,18 +90,38 @@ def test_caption_mix() -> None:
     assert 0.40 < caps.count("a red striped circle") / len(caps) < 0.55
     assert {"a circle", "a red object", "a striped shape", "a red circle"} <= set(caps)
     for c in caps:
-        assert all(w in {"a", "an", "of", "photo", "picture", "drawing", "image", "rendering", "object", "shape",
-                         "red", "striped", "circle"} for w in c.split())
+        assert all(
+            w
+            in {
+                "a",
+                "an",
+                "of",
+                "photo",
+                "picture",
+                "drawing",
+                "image",
+                "rendering",
+                "object",
+                "shape",
+                "red",
+                "striped",
+                "circle",
+            }
+            for w in c.split()
+        )
 
 
 def test_importing_the_package_does_not_import_torch() -> None:
-    code = ("import sys, erasekit.toyworld, erasekit.toyworld.render, erasekit.toyworld.captions; "
-            "erasekit.toyworld.builtin_model_path(); assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, erasekit.toyworld, erasekit.toyworld.render, erasekit.toyworld.captions; "
+        "erasekit.toyworld.builtin_model_path(); assert 'torch' not in sys.modules, 'torch imported'"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
 
 # --------------------------------------------------------------------------------- tokenizer
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -108,13 +130,16 @@ def tokenizer():
     return CLIPTokenizer.from_pretrained(str(builtin_model_path() / "tokenizer"), local_files_only=True)
 
 
-@pytest.mark.parametrize(("text", "ids"), [
-    ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407]),
-    ("hello world", [49406, 3306, 1002, 49407]),
-    ("a red striped circle", [49406, 320, 736, 22192, 7117, 49407]),
-    ("a blue hollow square", [49406, 320, 1746, 16691, 3999, 49407]),
-    ("", [49406, 49407]),
-])
+@pytest.mark.parametrize(
+    ("text", "ids"),
+    [
+        ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407]),
+        ("hello world", [49406, 3306, 1002, 49407]),
+        ("a red striped circle", [49406, 320, 736, 22192, 7117, 49407]),
+        ("a blue hollow square", [49406, 320, 1746, 16691, 3999, 49407]),
+        ("", [49406, 49407]),
+    ],
+)
 def test_tokenizer_ids_are_clip_ids(tokenizer, text: str, ids: list[int]) -> None:
     assert tokenizer(text)["input_ids"] == ids
 
@@ -132,6 +157,7 @@ def test_tokenizer_is_the_full_clip_vocabulary(tokenizer) -> None:
 
 
 # ------------------------------------------------------------------------ shipped artefacts
+
 
 def test_shipped_files_are_small_and_complete() -> None:
     root = builtin_model_path()
@@ -222,7 +248,11 @@ def test_judge_api_accepts_pil_and_returns_probabilities(judge_model) -> None:
 
 # ------------------------------------------------------------------------------- retraining
 
-@pytest.mark.skipif(not os.environ.get("ERASEKIT_SLOW_TESTS"), reason="retrains every stage at toy settings (minutes); set ERASEKIT_SLOW_TESTS=1")
+
+@pytest.mark.skipif(
+    not os.environ.get("ERASEKIT_SLOW_TESTS"),
+    reason="retrains every stage at toy settings (minutes); set ERASEKIT_SLOW_TESTS=1",
+)
 def test_training_smoke_run(tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 

@@ -31,27 +31,38 @@ runner = CliRunner()
 LAYOUT = {"sd1": "single-sd1", "sd2": "single-sd2", "sdxl": "single-sdxl", "sdxl-refiner": "single-sdxl-refiner"}
 OPENCLIP = {"fc1": "c_fc", "fc2": "c_proj"}
 # Which encoder each UI sees in each architecture, by erasekit's slot.
-COMFY_ENCODER = {("sd1", "te"): "clip_l", ("sd2", "te"): "clip_h", ("sdxl", "te1"): "clip_l",
-                 ("sdxl", "te2"): "clip_g", ("sdxl-refiner", "te2"): "clip_g"}
+COMFY_ENCODER = {
+    ("sd1", "te"): "clip_l",
+    ("sd2", "te"): "clip_h",
+    ("sdxl", "te1"): "clip_l",
+    ("sdxl", "te2"): "clip_g",
+    ("sdxl-refiner", "te2"): "clip_g",
+}
 
 
 def a1111_layer_name(arch: str, slot: str, layer: int, proj: str) -> str:
     """A1111 names each text-encoder Linear by its module path with dots as underscores; SDXL-family models prefix
     the conditioner's embedder index (the refiner's bigG is embedder 0)."""
-    return {("sd1", "te"): f"transformer_text_model_encoder_layers_{layer}_mlp_{proj}",
-            ("sd2", "te"): f"model_transformer_resblocks_{layer}_mlp_{OPENCLIP[proj]}",
-            ("sdxl", "te1"): f"0_transformer_text_model_encoder_layers_{layer}_mlp_{proj}",
-            ("sdxl", "te2"): f"1_model_transformer_resblocks_{layer}_mlp_{OPENCLIP[proj]}",
-            ("sdxl-refiner", "te2"): f"0_model_transformer_resblocks_{layer}_mlp_{OPENCLIP[proj]}"}[(arch, slot)]
+    return {
+        ("sd1", "te"): f"transformer_text_model_encoder_layers_{layer}_mlp_{proj}",
+        ("sd2", "te"): f"model_transformer_resblocks_{layer}_mlp_{OPENCLIP[proj]}",
+        ("sdxl", "te1"): f"0_transformer_text_model_encoder_layers_{layer}_mlp_{proj}",
+        ("sdxl", "te2"): f"1_model_transformer_resblocks_{layer}_mlp_{OPENCLIP[proj]}",
+        ("sdxl-refiner", "te2"): f"0_model_transformer_resblocks_{layer}_mlp_{OPENCLIP[proj]}",
+    }[(arch, slot)]
 
 
 def model_ffn(path: Path) -> dict[tuple[str, int, str, str], np.ndarray]:
     """(slot, layer, proj, kind) -> float32 tensor of a checkpoint."""
     ckpt = detect(path)
     wf = ckpt.files[0]
-    return {(slot, i, proj, kind): wf.read_numpy(enc.key(i, proj, kind)).copy()
-            for slot, enc in ckpt.encoders.items() for i in range(enc.layers)
-            for proj in ("fc1", "fc2") for kind in ("weight", "bias")}
+    return {
+        (slot, i, proj, kind): wf.read_numpy(enc.key(i, proj, kind)).copy()
+        for slot, enc in ckpt.encoders.items()
+        for i in range(enc.layers)
+        for proj in ("fc1", "fc2")
+        for kind in ("weight", "bias")
+    }
 
 
 def read_network(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -90,7 +101,7 @@ def comfyui_load(path: Path, arch: str, model: dict, strength: float) -> tuple[d
     out = {k: v.copy() for k, v in model.items()}
     used: set[str] = set()
     for name, (slot, i, proj) in names.items():
-        group = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        group = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         if not group:
             continue
         if "lora_up.weight" in group:
@@ -173,16 +184,21 @@ FAMILY = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl-refiner": "SDXL"}
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("ui")
-    return {arch: (make_checkpoint(root / f"{arch}-base.safetensors", layout),
-                   make_checkpoint(root / f"{arch}-edit.safetensors", layout, edit_layers=[0, 1]))
-            for arch, layout in LAYOUT.items()}
+    return {
+        arch: (
+            make_checkpoint(root / f"{arch}-base.safetensors", layout),
+            make_checkpoint(root / f"{arch}-edit.safetensors", layout, edit_layers=[0, 1]),
+        )
+        for arch, layout in LAYOUT.items()
+    }
 
 
 @pytest.mark.parametrize("ui", sorted(LOADERS))
 @pytest.mark.parametrize("storage", ["dense", "lowrank"])
 @pytest.mark.parametrize("arch", sorted(LAYOUT))
-def test_every_patch_loads_in_each_ui_as_erasekit_applies_it(arch: str, storage: str, ui: str, tmp_path: Path,
-                                                              checkpoints: dict[str, tuple[Path, Path]]) -> None:
+def test_every_patch_loads_in_each_ui_as_erasekit_applies_it(
+    arch: str, storage: str, ui: str, tmp_path: Path, checkpoints: dict[str, tuple[Path, Path]]
+) -> None:
     base, edited = checkpoints[arch]
     patch_file = tmp_path / "erased.safetensors"
     diff_checkpoints(base, edited, output=patch_file, rank=2 if storage == "lowrank" else None)
@@ -216,42 +232,60 @@ def test_which_files_need_an_export(checkpoints: dict[str, tuple[Path, Path]], t
             assert loads_as_is(patch, "a1111") == (arch != "sdxl-refiner" and rank is None)
 
 
-def test_the_a1111_export_of_a_low_rank_patch_keeps_its_bias_deltas(checkpoints: dict[str, tuple[Path, Path]],
-                                                                     tmp_path: Path) -> None:
+def test_the_a1111_export_of_a_low_rank_patch_keeps_its_bias_deltas(
+    checkpoints: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
     base, edited = checkpoints["sd1"]
     patch_file = tmp_path / "low.safetensors"
     diff_checkpoints(base, edited, output=patch_file, rank=2)
     # loading the low-rank file itself in A1111 silently drops every bias delta: the reason for the export
     _, dropped = a1111_load(patch_file, "sd1", model_ffn(base), 1.0)
     assert dropped and all(k.endswith(".diff_b") for k in dropped)
-    r = runner.invoke(app, ["export", str(patch_file), "--ui", "a1111", "-o", str(tmp_path / "low-a1111.safetensors"),
-                            "--json"])
+    r = runner.invoke(
+        app, ["export", str(patch_file), "--ui", "a1111", "-o", str(tmp_path / "low-a1111.safetensors"), "--json"]
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["dense_for_bias"] == report["modules"] > 0
     tensors, meta = read_network(tmp_path / "low-a1111.safetensors")
-    assert meta["ss_network_module"] == "lycoris.kohya" and meta["modelspec.architecture"] == "stable-diffusion-v1/lycoris"
+    assert (
+        meta["ss_network_module"] == "lycoris.kohya" and meta["modelspec.architecture"] == "stable-diffusion-v1/lycoris"
+    )
     assert json.loads(meta["erasekit_export"])["ui"] == "a1111"
     assert all(k.endswith((".diff", ".diff_b")) for k in tensors)
 
 
-def test_export_refuses_bad_requests_and_writes_nothing(checkpoints: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+def test_export_refuses_bad_requests_and_writes_nothing(
+    checkpoints: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
     base, edited = checkpoints["sdxl-refiner"]
     patch_file = tmp_path / "r.erasepatch"
     diff_checkpoints(base, edited, output=patch_file)
-    cases = [(["--ui", "invokeai", "-o", str(tmp_path / "x.safetensors")], 1, "unknown UI 'invokeai'; choose comfyui, a1111 or diffusers"),
-             (["--ui", "comfyui", "-o", str(tmp_path / "x.erasepatch")], 7, "must end in .safetensors"),
-             (["--ui", "comfyui", "-o", str(patch_file)], 7, "must end in .safetensors")]
+    cases = [
+        (
+            ["--ui", "invokeai", "-o", str(tmp_path / "x.safetensors")],
+            1,
+            "unknown UI 'invokeai'; choose comfyui, a1111 or diffusers",
+        ),
+        (["--ui", "comfyui", "-o", str(tmp_path / "x.erasepatch")], 7, "must end in .safetensors"),
+        (["--ui", "comfyui", "-o", str(patch_file)], 7, "must end in .safetensors"),
+    ]
     for args, code, message in cases:
         r = runner.invoke(app, ["export", str(patch_file), *args])
         assert r.exit_code == code and message in r.stderr, (args, r.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.erasepatch"]
 
 
-def test_modelspec_names_the_base_and_the_adapter_kind(checkpoints: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
-    want = {("sd1", None): "stable-diffusion-v1/lycoris", ("sd1", 2): "stable-diffusion-v1/lora",
-            ("sd2", None): "stable-diffusion-v2-512/lycoris", ("sdxl", 2): "stable-diffusion-xl-v1-base/lora",
-            ("sdxl-refiner", None): "stable-diffusion-xl-v1-refiner/lycoris"}
+def test_modelspec_names_the_base_and_the_adapter_kind(
+    checkpoints: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    want = {
+        ("sd1", None): "stable-diffusion-v1/lycoris",
+        ("sd1", 2): "stable-diffusion-v1/lora",
+        ("sd2", None): "stable-diffusion-v2-512/lycoris",
+        ("sdxl", 2): "stable-diffusion-xl-v1-base/lora",
+        ("sdxl-refiner", None): "stable-diffusion-xl-v1-refiner/lycoris",
+    }
     for (arch, rank), spec in want.items():
         p = tmp_path / f"{arch}-{rank}.safetensors"
         diff_checkpoints(*checkpoints[arch], output=p, rank=rank)

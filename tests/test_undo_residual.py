@@ -38,14 +38,16 @@ from erasekit.testing import make_checkpoint
 FC1_W0 = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
 
 
-def lowrank(tmp_path: Path, dtype: str, name: str = "lr", edit_seed: int = 0,
-            patch_dtype: str = "F32") -> tuple[Path, Path]:
+def lowrank(
+    tmp_path: Path, dtype: str, name: str = "lr", edit_seed: int = 0, patch_dtype: str = "F32"
+) -> tuple[Path, Path]:
     """A tiny single-file SD1 checkpoint and a rank-2 patch of an edit of its FFN layers 0 and 1."""
     base = tmp_path / f"base-{dtype}.safetensors"
     if not base.exists():
         make_checkpoint(base, "single-sd1", dtype)
-    edited = make_checkpoint(tmp_path / f"{name}-edited.safetensors", "single-sd1", dtype, edit_layers=[0, 1],
-                             edit_seed=edit_seed)
+    edited = make_checkpoint(
+        tmp_path / f"{name}-edited.safetensors", "single-sd1", dtype, edit_layers=[0, 1], edit_seed=edit_seed
+    )
     patch = tmp_path / f"{name}.erasepatch"
     diff_checkpoints(base, edited, output=patch, title=name, rank=2, dtype=patch_dtype)
     return base, patch
@@ -82,13 +84,16 @@ def test_the_inverse_uses_the_delta_the_patch_applies(tmp_path: Path) -> None:
     _, patch_path = lowrank(tmp_path, "F16", patch_dtype="BF16")
     patch = load_patch(patch_path)
     for module, info in patch.manifest.deltas.items():
-        parts = {p: (patch.dtypes[f"{module}.{n}"], patch.tensors[f"{module}.{n}"])
-                 for p, n in (("lora_up", "lora_up.weight"), ("lora_down", "lora_down.weight"), ("alpha", "alpha"))}
+        parts = {
+            p: (patch.dtypes[f"{module}.{n}"], patch.tensors[f"{module}.{n}"])
+            for p, n in (("lora_up", "lora_up.weight"), ("lora_down", "lora_down.weight"), ("alpha", "alpha"))
+        }
         assert info.storage == "lowrank"
         assert delta_of(parts).tobytes() == patch.weight_delta(module).tobytes()
 
 
 # -- a tensor half rewritten when the process died -------------------------------------------------------
+
 
 def one_tensor_file(tmp_path: Path, dtype: str, strength: float) -> dict:
     """A file whose tensor ``w`` (48 KB at F16, starting inside a page) has a pending residual apply recorded."""
@@ -98,10 +103,12 @@ def one_tensor_file(tmp_path: Path, dtype: str, strength: float) -> dict:
     _st.write_safetensors(path, {"a": ("F32", (3,), bytes(12)), "w": (dtype, w.shape, _st.encode(w, dtype))}, {})
     ent = _st.read_header(path).entries["w"]
     assert ent.begin % PAGE  # not page-aligned
-    parts = {"lora_up": ("F32", (rng.standard_normal((96, 4)) * 0.01).astype(np.float32)),
-             "lora_down": ("F32", (rng.standard_normal((4, 256)) * 0.01).astype(np.float32)),
-             "alpha": ("F32", np.array(4, np.float32))}
-    before = path.read_bytes()[ent.begin:ent.end]
+    parts = {
+        "lora_up": ("F32", (rng.standard_normal((96, 4)) * 0.01).astype(np.float32)),
+        "lora_down": ("F32", (rng.standard_normal((4, 256)) * 0.01).astype(np.float32)),
+        "alpha": ("F32", np.array(4, np.float32)),
+    }
+    before = path.read_bytes()[ent.begin : ent.end]
     term = scaled(delta_of(parts), strength)
     assert residual_fits(ent, parts)
     after, misses = added(before, ent, term, inverted=True)
@@ -109,9 +116,17 @@ def one_tensor_file(tmp_path: Path, dtype: str, strength: float) -> dict:
     record = undo_record(before, after, ent, parts, misses)
     assert not record.full and 0 < record.exc_index.size < ent.numel
     journal = Journal(path, {"": path})
-    entry = Entry(id="0001", state="pending", patch_id="0" * 64, patch_title="t", strength=strength,
-                  fingerprint="exact", applied_at="2026-01-01T00:00:00Z", undo="residual",
-                  tensors=[TensorRecord(file="", key="w", before_sha256=sha256(before), after_sha256=sha256(after))])
+    entry = Entry(
+        id="0001",
+        state="pending",
+        patch_id="0" * 64,
+        patch_title="t",
+        strength=strength,
+        fingerprint="exact",
+        applied_at="2026-01-01T00:00:00Z",
+        undo="residual",
+        tensors=[TensorRecord(file="", key="w", before_sha256=sha256(before), after_sha256=sha256(after))],
+    )
     with journal.locked():
         journal.write_undo(entry.id, {("", "w"): record})
         journal.entries.append(entry)
@@ -139,7 +154,7 @@ def test_a_torn_apply_is_rolled_back_page_by_page(tmp_path: Path, dtype: str, pa
     cut = len(t["after"]) if pages == "all" else bounds[pages - 1][1] if pages else 0
     overwrite(t["path"], t["ent"].begin, t["after"][:cut])  # the first pages rewritten, then kill -9
     assert len(recover(t["path"])) == 1
-    assert t["path"].read_bytes()[t["ent"].begin:t["ent"].end] == t["before"]
+    assert t["path"].read_bytes()[t["ent"].begin : t["ent"].end] == t["before"]
     assert not Journal(t["path"], {}).entries and not list(journal_dir(t["path"]).glob("*.undo"))
 
 
@@ -158,7 +173,7 @@ def test_a_page_cut_inside_is_undone_too(tmp_path: Path, direction: str) -> None
         entries["entries"][0]["state"] = "reverting"
         (journal_dir(t["path"]) / "journal.json").write_text(json.dumps(entries))
     recover(t["path"])
-    assert t["path"].read_bytes()[ent.begin:ent.end] == before
+    assert t["path"].read_bytes()[ent.begin : ent.end] == before
 
 
 def test_a_tensor_in_neither_state_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -167,11 +182,14 @@ def test_a_tensor_in_neither_state_is_refused_and_left_alone(tmp_path: Path) -> 
     mangled = bytearray(t["after"])
     for page in (2, 7):  # two pages that are neither before nor after: no crash does that
         a = _pages(ent.begin, ent.nbytes)[page][0]
-        mangled[a:a + 2] = b"\x00\x3c"
+        mangled[a : a + 2] = b"\x00\x3c"
     overwrite(t["path"], ent.begin, bytes(mangled))
     state = t["path"].read_bytes()
-    with pytest.warns(ErasekitWarning, match=r"does not describe the file there \(w is neither as patched nor as "
-                                             r"before.*\): it was set aside in .*set-aside-.* nothing was written"):
+    with pytest.warns(
+        ErasekitWarning,
+        match=r"does not describe the file there \(w is neither as patched nor as "
+        r"before.*\): it was set aside in .*set-aside-.* nothing was written",
+    ):
         assert recover(t["path"]) == []
     assert t["path"].read_bytes() == state and not Journal(t["path"], {}).entries
     [aside] = journal_dir(t["path"]).glob("set-aside-*")
@@ -211,6 +229,7 @@ def test_kill_9_inside_a_tensor_is_rolled_back(tmp_path: Path) -> None:
 
 # -- damage, foreign edits, stacks, old journals -----------------------------------------------------------
 
+
 def test_a_damaged_residual_record_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     base, patch = lowrank(tmp_path, "F16")
     apply_to_checkpoint([patch], base, in_place=True)
@@ -224,7 +243,7 @@ def test_a_damaged_residual_record_is_refused_and_changes_nothing(tmp_path: Path
         revert_from_checkpoint(patch, base)
     assert snapshot(base) == state and [e.state for e in Journal(base, {}).entries] == ["committed"]
     ent = _st.read_header(undo).entries[f"::{FC1_W0}::exc_index"]
-    raw[ent.begin:ent.begin + 4] = (10**6).to_bytes(4, "little")  # an index past the tensor's end
+    raw[ent.begin : ent.begin + 4] = (10**6).to_bytes(4, "little")  # an index past the tensor's end
     undo.write_bytes(bytes(raw))
     with pytest.raises(UndoRecordError, match="corrupt .*do not fit the tensor"):
         revert_from_checkpoint(patch, base)
@@ -307,11 +326,14 @@ def test_a_folder_and_its_output_copy_revert_from_residual_records(tmp_path: Pat
     apply_to_checkpoint([patch], base, in_place=True, strength=0.5)
     names = undo_names(base)
     assert {n.split("::")[0] for n in names if n.endswith("::exc_index")} == {
-        "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"}
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+    }
     other, twin = tmp_path / "xl1.erasepatch", make_checkpoint(tmp_path / "p1", "diffusers-sdxl", "F16")
     assert snapshot(twin) == original  # the same base, unpatched
-    diff_checkpoints(twin, make_checkpoint(tmp_path / "e1", "diffusers-sdxl", "F16", edit_layers=[1]), output=other,
-                     rank=2)
+    diff_checkpoints(
+        twin, make_checkpoint(tmp_path / "e1", "diffusers-sdxl", "F16", edit_layers=[1]), output=other, rank=2
+    )
     out = tmp_path / "out"
     apply_to_checkpoint([other], base, output=out)  # the output inherits the journal, then gets its own entry
     assert [e.undo for e in Journal(out, {}).entries] == ["residual", "residual"]
@@ -354,9 +376,13 @@ def test_writes_end_on_page_boundaries(tmp_path: Path, monkeypatch: pytest.Monke
             return super().write(data)
 
     t = one_tensor_file(tmp_path, "F16", 1.0)
-    monkeypatch.setattr(journal, "open", lambda path, mode="rb", buffering=-1: Recording(path, "r+" if "+" in mode else
-                                                                                   "r"), raising=False)
+    monkeypatch.setattr(
+        journal,
+        "open",
+        lambda path, mode="rb", buffering=-1: Recording(path, "r+" if "+" in mode else "r"),
+        raising=False,
+    )
     t["journal"].write_tensors({("", "w"): t["after"]}, {("", "w"): t["ent"].begin})
-    assert t["path"].read_bytes()[t["ent"].begin:t["ent"].end] == t["after"]
+    assert t["path"].read_bytes()[t["ent"].begin : t["ent"].end] == t["after"]
     assert seen[0][0] == t["ent"].begin and all((o + n) % 4096 == 0 for o, n in seen[:-1])
     assert sum(n for _, n in seen) == len(t["after"])

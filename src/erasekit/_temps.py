@@ -38,7 +38,7 @@ def remove_stale(output: Path) -> list[Path]:
     start = f".{output.name}."
     removed = []
     for path in output.parent.glob(glob.escape(start) + "*" + SUFFIX):
-        writer = path.name[len(start):-len(SUFFIX)].rpartition(".")[0]  # "<host>_<pid>"
+        writer = path.name[len(start) : -len(SUFFIX)].rpartition(".")[0]  # "<host>_<pid>"
         host, _, pid = writer.rpartition("_")
         if host != _host() or not pid.isdigit() or not _mine(path) or _alive(int(pid)):
             continue

@@ -112,7 +112,6 @@ def invalid_setting(error: Exception, fix: str = "") -> ErasekitError:
     return ErasekitError(f"invalid {name}: {first['msg']}", fix, option=name if first["loc"] else None)
 
 
-
 class ErasekitWarning(UserWarning):
     """Something the user should know that did not stop the command (a journal set aside); the CLI prints each as
     one ``warning:`` line on stderr. ``option``: the setting that would settle it, as in :class:`ErasekitError`."""

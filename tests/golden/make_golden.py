@@ -54,16 +54,29 @@ def build() -> Patch:
     }
     dtypes = {n: "F32" for n in tensors} | {f"{m0}.diff": "F16", f"{m1}.lora_up.weight": "BF16"}
     manifest = new_manifest(
-        title="golden v1", architecture="sd1", encoders={"te": EncoderInfo(hidden=32, intermediate=64, layers=2)},
-        fingerprints=fps, deltas={m0: DeltaInfo(storage="dense", bias=True), m1: DeltaInfo(storage="lowrank", rank=2, bias=True)},
+        title="golden v1",
+        architecture="sd1",
+        encoders={"te": EncoderInfo(hidden=32, intermediate=64, layers=2)},
+        fingerprints=fps,
+        deltas={m0: DeltaInfo(storage="dense", bias=True), m1: DeltaInfo(storage="lowrank", rank=2, bias=True)},
         concepts=[Concept(name="circle", kind="object")],
-        method=Method(name="fuchi-takagi-2024", hyperparameters={"lr": 1e-5, "steps": 10}, seed=0,
-                      images_sha256="0" * 64, num_images=4, duration_s=1.5),
-        source="base.safetensors", created_at="2026-11-23T00:00:00Z")
+        method=Method(
+            name="fuchi-takagi-2024",
+            hyperparameters={"lr": 1e-5, "steps": 10},
+            seed=0,
+            images_sha256="0" * 64,
+            num_images=4,
+            duration_s=1.5,
+        ),
+        source="base.safetensors",
+        created_at="2026-11-23T00:00:00Z",
+    )
     # round-trip through the stored dtypes so the in-memory values equal what the file holds
     from erasekit.format import _st
 
-    tensors = {n: _st.to_numpy(_st.encode(a, dtypes[n]), dtypes[n], a.shape).astype(np.float32) for n, a in tensors.items()}
+    tensors = {
+        n: _st.to_numpy(_st.encode(a, dtypes[n]), dtypes[n], a.shape).astype(np.float32) for n, a in tensors.items()
+    }
     return Patch(manifest, tensors, dtypes)
 
 

@@ -31,16 +31,27 @@ PROMPTS = ["a red solid circle", "a green hollow circle", "a red solid square", 
 def report() -> EvalReport:
     """An evaluation of erasing "circle" among two shapes, 2 images per prompt, with paraphrases."""
     r = EvalReport(
-        concept="circle", attribute="shape", target=ConceptScore("circle", 1.0, 0.0),
+        concept="circle",
+        attribute="shape",
+        target=ConceptScore("circle", 1.0, 0.0),
         others=[ConceptScore("square", 1.0, 0.75)],
         attributes={"colour": ConceptScore("colour", 0.875, 0.875), "pattern": ConceptScore("pattern", 0.75, 0.5)},
-        attributes_elsewhere={"colour": ConceptScore("colour", 1.0, 1.0),
-                              "pattern": ConceptScore("pattern", 0.75, float("nan"))},
-        largest_drop=ConceptScore("square", 1.0, 0.75), images_per_prompt=2, seeds=[1000, 1001], prompts=4,
-        seconds=3.5, patches=["golden v1"], prompt_texts=list(PROMPTS))
+        attributes_elsewhere={
+            "colour": ConceptScore("colour", 1.0, 1.0),
+            "pattern": ConceptScore("pattern", 0.75, float("nan")),
+        },
+        largest_drop=ConceptScore("square", 1.0, 0.75),
+        images_per_prompt=2,
+        seeds=[1000, 1001],
+        prompts=4,
+        seconds=3.5,
+        patches=["golden v1"],
+        prompt_texts=list(PROMPTS),
+    )
     # set as an attribute: erasekit versions whose EvalReport has no such field still build the same record
-    r.robustness = SimpleNamespace(before=1.0, after=0.25, wordings=[ConceptScore("a round shape", 1.0, 0.5),
-                                                                     ConceptScore("a ring", 1.0, 0.0)])
+    r.robustness = SimpleNamespace(
+        before=1.0, after=0.25, wordings=[ConceptScore("a round shape", 1.0, 0.5), ConceptScore("a ring", 1.0, 0.0)]
+    )
     r.labels = ["circle", "square"]
     return r
 
@@ -49,9 +60,16 @@ def evaluation(patch_id: str) -> Evaluation:
     with tempfile.TemporaryDirectory() as tmp:
         base = make_checkpoint(Path(tmp) / "base.safetensors", "single-sd1", "F32", seed=0)
         model = evaluated_model(load_patch(HERE / "v1.erasepatch"), base)
-    return evaluation_from_report(report(), patch_id=patch_id, config=EvalConfig(n=2, steps=10, guidance=7.5),
-                                  model=model, judge=JUDGE, prompts=PROMPTS, recorded_at=RECORDED_AT,
-                                  erasekit_version=VERSION)
+    return evaluation_from_report(
+        report(),
+        patch_id=patch_id,
+        config=EvalConfig(n=2, steps=10, guidance=7.5),
+        model=model,
+        judge=JUDGE,
+        prompts=PROMPTS,
+        recorded_at=RECORDED_AT,
+        erasekit_version=VERSION,
+    )
 
 
 def build(out: Path) -> Path:

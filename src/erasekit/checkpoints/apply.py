@@ -107,22 +107,29 @@ def per_patch_strengths(n: int, strength: float | Sequence[float]) -> list[float
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise ErasekitError(f"{len(values)} strengths for {n} patches", "give one strength per patch, or one for all",
-                            option="strength")
+        raise ErasekitError(
+            f"{len(values)} strengths for {n} patches", "give one strength per patch, or one for all", option="strength"
+        )
     return values
 
 
 # -- files ------------------------------------------------------------------------------------------
 
+
 def _check_float(dtype: str, what: str) -> None:
     if dtype not in (*_st.FLOAT_DTYPES, "F64"):
-        raise IncompatiblePatchError(f"tensor {what} is stored as {dtype}", "erasekit patches floating-point weights only")
+        raise IncompatiblePatchError(
+            f"tensor {what} is stored as {dtype}", "erasekit patches floating-point weights only"
+        )
 
 
 def _check_finite(raw: bytes, dtype: str, strength: float, what: str) -> None:
     if not _finite(raw, dtype):
-        raise NonFiniteError(f"applying at strength {strength} makes {what} non-finite; nothing was written",
-                             "use a smaller strength", option="strength")
+        raise NonFiniteError(
+            f"applying at strength {strength} makes {what} non-finite; nothing was written",
+            "use a smaller strength",
+            option="strength",
+        )
 
 
 def _finite(raw: bytes, dtype: str) -> bool:
@@ -140,8 +147,11 @@ def _delta_parts(patch: Patch, module: str, kind: str) -> DeltaParts:
     elif patch.manifest.deltas[module].storage == "dense":
         names = {"diff": f"{module}.diff"}
     else:
-        names = {"lora_up": f"{module}.lora_up.weight", "lora_down": f"{module}.lora_down.weight",
-                 "alpha": f"{module}.alpha"}
+        names = {
+            "lora_up": f"{module}.lora_up.weight",
+            "lora_down": f"{module}.lora_down.weight",
+            "alpha": f"{module}.alpha",
+        }
     return {part: (patch.dtypes[n], patch.tensors[n]) for part, n in names.items()}
 
 
@@ -185,17 +195,33 @@ class _Plan:
         return {(r.wf.label, r.key): r.after for r in self.rewrites}
 
 
-def _plan(ckpt: Checkpoint, journal: Journal, patch: Patch, strength: float, force: bool, where: str,
-          state: dict[tuple[str, str], bytes], pristines: dict[tuple[str, str], bytes], tensor_at: TensorAt) -> _Plan:
+def _plan(
+    ckpt: Checkpoint,
+    journal: Journal,
+    patch: Patch,
+    strength: float,
+    force: bool,
+    where: str,
+    state: dict[tuple[str, str], bytes],
+    pristines: dict[tuple[str, str], bytes],
+    tensor_at: TensorAt,
+) -> _Plan:
     """Everything an apply will write, computed before anything is written. ``state``: the bytes after the earlier
     patches of this command; ``pristines``: each tensor as it was before any erasekit patch, filled in here."""
     twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
     if twice and not force:
-        raise ErasekitError(f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
-                            "revert it first, or force it to apply it once more", option="force")
+        raise ErasekitError(
+            f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
+            "revert it first, or force it to apply it once more",
+            option="force",
+        )
     tlist = touches(patch, slot_map(patch, ckpt.architecture, ckpt.encoders, where))
-    jobs = [_Rewrite(wf, wf.encoders[t.slot].key(t.layer, t.proj, t.kind), t)
-            for wf in ckpt.files for t in tlist if t.slot in wf.encoders]
+    jobs = [
+        _Rewrite(wf, wf.encoders[t.slot].key(t.layer, t.proj, t.kind), t)
+        for wf in ckpt.files
+        for t in tlist
+        if t.slot in wf.encoders
+    ]
     jobs = map_threads(lambda j: _rewrite(j, patch, strength, state), jobs)
     fps: dict[str, Any] = {}
     for job in jobs:
@@ -204,18 +230,23 @@ def _plan(ckpt: Checkpoint, journal: Journal, patch: Patch, strength: float, for
         if k not in pristines:
             pristines[k] = journal.pristine(*k, job.before, tensor_at) or job.before
         base, known = patch.manifest.base.tensors[name], job.before_sha if pristines[k] is job.before else None
-        fp = fingerprint(pristines[k], ent.dtype, ent.shape, sha256=known,
-                         sketch=ent.dtype != base.dtype)  # same dtype: the hash alone decides
+        fp = fingerprint(
+            pristines[k], ent.dtype, ent.shape, sha256=known, sketch=ent.dtype != base.dtype
+        )  # same dtype: the hash alone decides
         # across variant files the least favourable status counts: an fp16 variant that matches only
         # approximately makes the whole apply "approx", one that differs makes it "differs"
-        if name not in fps or STATUS_RANK[compare_fingerprint(base, fp)] > STATUS_RANK[compare_fingerprint(base, fps[name])]:
+        if (
+            name not in fps
+            or STATUS_RANK[compare_fingerprint(base, fp)] > STATUS_RANK[compare_fingerprint(base, fps[name])]
+        ):
             fps[name] = fp
     status, differing = judge_fingerprints(patch, fps, force, where)
     return _Plan(patch, strength, status, differing, jobs)
 
 
-def _apply_in_place(ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool,
-                    where: str) -> tuple[list[AppliedPatch], int]:
+def _apply_in_place(
+    ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool, where: str
+) -> tuple[list[AppliedPatch], int]:
     journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
     tensor_at = tensor_places(ckpt)
     with journal.locked():
@@ -227,19 +258,31 @@ def _apply_in_place(ckpt: Checkpoint, patches: list[Patch], strengths: list[floa
             plans.append(_plan(ckpt, journal, patch, strength, force, where, state, pristines, tensor_at))
             state.update(plans[-1].updates)
         first = int(journal.next_id())
-        journal.commit([(_entry(f"{first + i:04d}", plan), _records(plan), plan.updates)
-                        for i, plan in enumerate(plans)], tensor_at)
-    results = [AppliedPatch(p.patch.title, p.patch.patch_id, p.strength, len(p.rewrites), p.status, p.differing)
-               for p in plans]
+        journal.commit(
+            [(_entry(f"{first + i:04d}", plan), _records(plan), plan.updates) for i, plan in enumerate(plans)],
+            tensor_at,
+        )
+    results = [
+        AppliedPatch(p.patch.title, p.patch.patch_id, p.strength, len(p.rewrites), p.status, p.differing) for p in plans
+    ]
     return results, sum(len(r.after) for p in plans for r in p.rewrites)
 
 
 def _entry(entry_id: str, plan: _Plan) -> Entry:
-    return Entry(id=entry_id, state="pending", patch_id=plan.patch.patch_id, patch_title=plan.patch.title,
-                 patch_path=str(plan.patch.path) if plan.patch.path else None, strength=plan.strength,
-                 fingerprint=plan.status, applied_at=now_iso(),
-                 tensors=[TensorRecord(file=r.wf.label, key=r.key, before_sha256=r.before_sha,
-                                       after_sha256=r.after_sha) for r in plan.rewrites])
+    return Entry(
+        id=entry_id,
+        state="pending",
+        patch_id=plan.patch.patch_id,
+        patch_title=plan.patch.title,
+        patch_path=str(plan.patch.path) if plan.patch.path else None,
+        strength=plan.strength,
+        fingerprint=plan.status,
+        applied_at=now_iso(),
+        tensors=[
+            TensorRecord(file=r.wf.label, key=r.key, before_sha256=r.before_sha, after_sha256=r.after_sha)
+            for r in plan.rewrites
+        ],
+    )
 
 
 def _records(plan: _Plan) -> dict[tuple[str, str], UndoTensor]:
@@ -276,23 +319,34 @@ def _pipeline_of(folder: Path) -> Path | None:
 def _check_writable(ckpt: Checkpoint) -> None:
     owner = _owning_folder(ckpt)
     if owner is not None:  # one journal per weight file: the folder's
-        what = (f"the {ckpt.path.resolve().name} of the diffusers pipeline" if ckpt.path.is_dir()
-                else "a weight file of the model folder")
-        raise TargetNotWritableError(f"{ckpt.path} is {what} {owner}, whose undo journal covers its weight files",
-                                     f"apply to (or revert from) {owner} instead, or write a copy to an output",
-                                     option="output")
+        what = (
+            f"the {ckpt.path.resolve().name} of the diffusers pipeline"
+            if ckpt.path.is_dir()
+            else "a weight file of the model folder"
+        )
+        raise TargetNotWritableError(
+            f"{ckpt.path} is {what} {owner}, whose undo journal covers its weight files",
+            f"apply to (or revert from) {owner} instead, or write a copy to an output",
+            option="output",
+        )
     for wf in ckpt.files:
         if wf.format == "pickle":
-            raise TargetNotWritableError(f"{wf.path} is a pickle and cannot be patched in place",
-                                         "write a converted copy to an output OUT.safetensors", option="output")
+            raise TargetNotWritableError(
+                f"{wf.path} is a pickle and cannot be patched in place",
+                "write a converted copy to an output OUT.safetensors",
+                option="output",
+            )
         if in_hub_cache(wf.path):
-            raise TargetNotWritableError(f"{wf.path} is a shared file of the Hugging Face cache (a link to a "
-                                         "content-addressed blob that other snapshots share)",
-                                         "write a patched copy to an output instead of in place",
-                                         option="output")
+            raise TargetNotWritableError(
+                f"{wf.path} is a shared file of the Hugging Face cache (a link to a "
+                "content-addressed blob that other snapshots share)",
+                "write a patched copy to an output instead of in place",
+                option="output",
+            )
         if not os.access(wf.path, os.W_OK):
-            raise TargetNotWritableError(f"{wf.path} is read-only", "make it writable, or write a copy to an output",
-                                         option="output")
+            raise TargetNotWritableError(
+                f"{wf.path} is read-only", "make it writable, or write a copy to an output", option="output"
+            )
 
 
 def _pickle_to_safetensors(src: Path, dst: Path) -> None:
@@ -300,8 +354,9 @@ def _pickle_to_safetensors(src: Path, dst: Path) -> None:
     from .layouts import load_pickle_state_dict
 
     sd = load_pickle_state_dict(src)
-    _st.write_safetensors(dst, {k: (dtype_code(v.dtype), tuple(v.shape), tensor_bytes(v)) for k, v in sd.items()},
-                          {"format": "pt"})
+    _st.write_safetensors(
+        dst, {k: (dtype_code(v.dtype), tuple(v.shape), tensor_bytes(v)) for k, v in sd.items()}, {"format": "pt"}
+    )
 
 
 def _stage_copy(ckpt: Checkpoint, out: Path) -> Path:
@@ -311,6 +366,7 @@ def _stage_copy(ckpt: Checkpoint, out: Path) -> Path:
     makes it copy again (:func:`read_consistently`)."""
     for stale in _temps.remove_stale(out):
         shutil.rmtree(journal_dir(stale), ignore_errors=True)
+
     def copy() -> Path:
         tmp = out.parent / f"{_temps.prefix(out)}{secrets.token_hex(4)}{_temps.SUFFIX}"
         try:
@@ -318,8 +374,11 @@ def _stage_copy(ckpt: Checkpoint, out: Path) -> Path:
         except BaseException as e:
             _remove_staged(tmp)
             if isinstance(e, PermissionError):
-                raise TargetNotWritableError(f"cannot copy {ckpt.path} to {out.parent} ({e.strerror}: {e.filename})",
-                                             "check the permissions of both", option="output") from None
+                raise TargetNotWritableError(
+                    f"cannot copy {ckpt.path} to {out.parent} ({e.strerror}: {e.filename})",
+                    "check the permissions of both",
+                    option="output",
+                ) from None
             raise
         return tmp
 
@@ -332,8 +391,12 @@ def _copy(ckpt: Checkpoint, tmp: Path) -> None:
         for wf in ckpt.files:
             if wf.format == "pickle":
                 staged = tmp / wf.label
-                _pickle_to_safetensors(staged, staged.with_name(staged.name.replace("pytorch_model", "model")
-                                                                .removesuffix(".bin") + ".safetensors"))
+                _pickle_to_safetensors(
+                    staged,
+                    staged.with_name(
+                        staged.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
+                    ),
+                )
                 staged.unlink()
     elif ckpt.files[0].format == "pickle":
         _pickle_to_safetensors(ckpt.path, tmp)
@@ -381,9 +444,15 @@ def _restaged(ckpt: Checkpoint, tmp: Path) -> Checkpoint:
     return Checkpoint(tmp, ckpt.layout, ckpt.architecture, [wf])
 
 
-def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: str | os.PathLike, *,
-                        output: str | os.PathLike | None = None, in_place: bool = False,
-                        strength: float | Sequence[float] = 1.0, force: bool = False) -> ApplyReport:
+def apply_to_checkpoint(
+    patches: Sequence[Patch | str | os.PathLike],
+    target: str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = None,
+    in_place: bool = False,
+    strength: float | Sequence[float] = 1.0,
+    force: bool = False,
+) -> ApplyReport:
     """Apply ``patches`` (in order) to the checkpoint at ``target``.
 
     Either ``in_place`` (only the touched tensors' bytes are rewritten, under a write-ahead undo
@@ -400,8 +469,11 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
     ckpt = detect(resolve_model(target))
     where = f"{ckpt.path} [{ckpt.describe()}]"
     warnings = [w for p in loaded for w in p.warnings]
-    warnings += [n for p in loaded
-                 if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))]
+    warnings += [
+        n
+        for p in loaded
+        if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))
+    ]
     warnings += order_notes(loaded, applied_in_place(ckpt))
     if in_place:
         _check_writable(ckpt)
@@ -411,8 +483,9 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
         out = Path(output)  # type: ignore[arg-type]
         _st.check_new_output(out)
         if not ckpt.path.is_dir() and out.suffix.lower() != ".safetensors":
-            raise TargetNotWritableError(f"output {out} must end in .safetensors",
-                                         "erasekit writes single-file checkpoints as safetensors")
+            raise TargetNotWritableError(
+                f"output {out} must end in .safetensors", "erasekit writes single-file checkpoints as safetensors"
+            )
         for p in loaded:  # refuse early, before copying gigabytes
             slot_map(p, ckpt.architecture, ckpt.encoders, where)
         tmp = _stage_copy(ckpt, out)
@@ -423,12 +496,22 @@ def apply_to_checkpoint(patches: Sequence[Patch | str | os.PathLike], target: st
         except BaseException:
             _remove_staged(tmp)
             raise
-    return ApplyReport(str(ckpt.path), ckpt.layout, ckpt.architecture, str(out), in_place, applied, written,
-                       time.perf_counter() - t0, warnings)
+    return ApplyReport(
+        str(ckpt.path),
+        ckpt.layout,
+        ckpt.architecture,
+        str(out),
+        in_place,
+        applied,
+        written,
+        time.perf_counter() - t0,
+        warnings,
+    )
 
 
-def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.PathLike, *,
-                           force: bool = False) -> RevertReport:
+def revert_from_checkpoint(
+    patch: Patch | str | os.PathLike, target: str | os.PathLike, *, force: bool = False
+) -> RevertReport:
     """Restore the exact bytes the checkpoint had before ``patch`` was applied (sha256-verified)."""
     t0 = time.perf_counter()
     patch = as_patch(patch)
@@ -445,24 +528,43 @@ def revert_from_checkpoint(patch: Patch | str | os.PathLike, target: str | os.Pa
         matches = [e for e in journal.committed if e.patch_id == patch.patch_id]
         if not matches:
             applied = ", ".join(f"'{e.patch_title}'" for e in journal.committed) or "none"
-            raise NotAppliedError(f"patch '{patch.title}' is not applied to {where} (applied: {applied})",
-                                  f"`erasekit inspect {ckpt.path}` lists what is applied")
+            raise NotAppliedError(
+                f"patch '{patch.title}' is not applied to {where} (applied: {applied})",
+                f"`erasekit inspect {ckpt.path}` lists what is applied",
+            )
         entry = matches[-1]
         mine = {(r.file, r.key) for r in entry.tensors}
-        later = [e for e in journal.committed[journal.committed.index(entry) + 1:]
-                 if mine & {(r.file, r.key) for r in e.tensors}]
+        later = [
+            e
+            for e in journal.committed[journal.committed.index(entry) + 1 :]
+            if mine & {(r.file, r.key) for r in e.tensors}
+        ]
         if later:
-            raise RevertOrderError(f"'{patch.title}' was followed by {', '.join(repr(e.patch_title) for e in later)}, "
-                                   "which change the same tensors", "revert those first (newest first)")
+            raise RevertOrderError(
+                f"'{patch.title}' was followed by {', '.join(repr(e.patch_title) for e in later)}, "
+                "which change the same tensors",
+                "revert those first (newest first)",
+            )
         raw = [by_label[r.file].read_raw(r.key) for r in entry.tensors]
         current = {(r.file, r.key): (b, h) for r, b, h in zip(entry.tensors, raw, map_threads(sha256, raw))}
         changed = sum(current[(r.file, r.key)][1] != r.after_sha256 for r in entry.tensors)
         if changed and not force:
-            raise UndoRecordError(f"{changed} tensors of {where} changed after '{patch.title}' was applied "
-                                  "(by another program?)", "force it to restore the original bytes anyway",
-                                  option="force")
-        verified = journal.revert(entry, tensor_at,
-                                  lambda r: sha256(by_label[r.file].read_raw(r.key)) == r.before_sha256, where, current)
+            raise UndoRecordError(
+                f"{changed} tensors of {where} changed after '{patch.title}' was applied (by another program?)",
+                "force it to restore the original bytes anyway",
+                option="force",
+            )
+        verified = journal.revert(
+            entry, tensor_at, lambda r: sha256(by_label[r.file].read_raw(r.key)) == r.before_sha256, where, current
+        )
         remaining = [e.patch_title for e in journal.committed]
-    return RevertReport(str(ckpt.path), ckpt.layout, entry.patch_title, entry.patch_id, len(entry.tensors), verified,
-                        time.perf_counter() - t0, remaining)
+    return RevertReport(
+        str(ckpt.path),
+        ckpt.layout,
+        entry.patch_title,
+        entry.patch_id,
+        len(entry.tensors),
+        verified,
+        time.perf_counter() - t0,
+        remaining,
+    )

@@ -33,24 +33,34 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
         pe = m.base.encoders[used[0]]
         fits = [s for s, e in encoders.items() if (e.hidden, e.intermediate) == (pe.hidden, pe.intermediate)]
         if len(fits) != 1:
-            raise IncompatiblePatchError(f"patch '{m.title}' (from a bare text encoder, width {pe.hidden}) fits "
-                                         f"{len(fits)} encoders of {where}", "apply it to a CLIP text encoder folder instead")
+            raise IncompatiblePatchError(
+                f"patch '{m.title}' (from a bare text encoder, width {pe.hidden}) fits {len(fits)} encoders of {where}",
+                "apply it to a CLIP text encoder folder instead",
+            )
         mapping = {used[0]: fits[0]}
     else:
-        raise IncompatiblePatchError(f"patch '{m.title}' is for {parch}, but {where} is {architecture}",
-                                     f"apply it to a {parch} checkpoint")
+        raise IncompatiblePatchError(
+            f"patch '{m.title}' is for {parch}, but {where} is {architecture}", f"apply it to a {parch} checkpoint"
+        )
     for ps, cs in mapping.items():
         if cs not in encoders:
-            raise IncompatiblePatchError(f"patch '{m.title}' changes text encoder {ps}, which {where} lacks",
-                                         "apply it to a checkpoint with that encoder")
+            raise IncompatiblePatchError(
+                f"patch '{m.title}' changes text encoder {ps}, which {where} lacks",
+                "apply it to a checkpoint with that encoder",
+            )
         pe, ce = m.base.encoders[ps], encoders[cs]
         if (pe.hidden, pe.intermediate) != (ce.hidden, ce.intermediate):
-            raise IncompatiblePatchError(f"patch '{m.title}' encoder {ps} is {pe.hidden}x{pe.intermediate}, "
-                                         f"{where} has {ce.hidden}x{ce.intermediate}", "apply it to the model it was made for")
+            raise IncompatiblePatchError(
+                f"patch '{m.title}' encoder {ps} is {pe.hidden}x{pe.intermediate}, "
+                f"{where} has {ce.hidden}x{ce.intermediate}",
+                "apply it to the model it was made for",
+            )
         top = max(layer for name in m.deltas for s, layer, _ in [parse_module_name(name)] if s == ps)  # type: ignore[misc]
         if top >= ce.layers:
-            raise IncompatiblePatchError(f"patch '{m.title}' changes layer {top} of {ps}, {where} has {ce.layers} layers",
-                                         "apply it to the model it was made for")
+            raise IncompatiblePatchError(
+                f"patch '{m.title}' changes layer {top} of {ps}, {where} has {ce.layers} layers",
+                "apply it to the model it was made for",
+            )
     return mapping
 
 
@@ -61,8 +71,10 @@ def crossing_note(patch: Patch, architecture: str, mapping: dict[str, str]) -> s
     if parch == architecture or "clip-text" not in (parch, architecture):
         return None
     pairs = ", ".join(f"{p} -> {c}" for p, c in sorted(mapping.items()))
-    return (f"patch '{patch.title}' was made for {parch} and goes to a {architecture} model by matching FFN shapes "
-            f"(encoder {pairs})")
+    return (
+        f"patch '{patch.title}' was made for {parch} and goes to a {architecture} model by matching FFN shapes "
+        f"(encoder {pairs})"
+    )
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,9 @@ def base_statuses(patch: Patch, ckpt: Any, mapping: dict[str, str], read: Any = 
         key = wf.encoders[t.slot].key(t.layer, t.proj, t.kind)
         dtype, shape = wf.tensor_info()[key]
         name = f"{t.module}.{t.kind}"
-        statuses[name] = compare_fingerprint(patch.manifest.base.tensors[name], fingerprint(read(wf, key), dtype, shape))
+        statuses[name] = compare_fingerprint(
+            patch.manifest.base.tensors[name], fingerprint(read(wf, key), dtype, shape)
+        )
     return statuses
 
 
@@ -107,8 +121,11 @@ def judge_fingerprints(patch: Patch, actual: dict[str, Any], force: bool, where:
         if not force:
             raise FingerprintMismatchError(
                 f"{differing} of {len(statuses)} tensors of {where} differ from the base model patch "
-                f"'{patch.title}' was made for", "apply it to that model, or force it to apply anyway",
-                differing, len(statuses))
+                f"'{patch.title}' was made for",
+                "apply it to that model, or force it to apply anyway",
+                differing,
+                len(statuses),
+            )
         return "forced", differing
     return ("approx" if "approx" in statuses else "exact"), 0
 
@@ -126,16 +143,22 @@ def order_notes(patches: Sequence[Patch], applied: Sequence[dict[str, Any]]) -> 
     notes, present = [], [(a["patch_id"], a["title"]) for a in applied]
     for p in patches:
         after = p.manifest.method.hyperparameters.get("after")
-        wanted = {a.get("patch_id"): a.get("title") for a in after if isinstance(a, dict)} if isinstance(after, list) else {}
+        wanted = (
+            {a.get("patch_id"): a.get("title") for a in after if isinstance(a, dict)} if isinstance(after, list) else {}
+        )
         missing = [(i, t) for i, t in wanted.items() if i not in dict(present)]
         if missing:
-            notes.append(f"patch '{p.title}' was made to be applied after {_named(missing)}, which is not applied "
-                         "before it: apply them first, in the order they were made")
+            notes.append(
+                f"patch '{p.title}' was made to be applied after {_named(missing)}, which is not applied "
+                "before it: apply them first, in the order they were made"
+            )
         unplanned = [(i, t) for i, t in present if i not in wanted and i != p.patch_id]
         if unplanned and p.manifest.method.name in TRAINED_METHODS:
-            notes.append(f"patch '{p.title}' was made without {_named(unplanned)} applied: each erases its concept "
-                         "alone, stacked they may erase less; for concepts that must stay erased together, erase "
-                         "them in one patch (several --concept) or each --after the ones before it")
+            notes.append(
+                f"patch '{p.title}' was made without {_named(unplanned)} applied: each erases its concept "
+                "alone, stacked they may erase less; for concepts that must stay erased together, erase "
+                "them in one patch (several --concept) or each --after the ones before it"
+            )
         present.append((p.patch_id, p.title))
     return notes
 

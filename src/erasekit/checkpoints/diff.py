@@ -95,7 +95,7 @@ def _other_changes(fa: WeightFile, fb: WeightFile, slot: str) -> list[tuple[str,
     for key in sorted(info_a):
         if not key.startswith(ea.prefix) or key in ffn:
             continue
-        other = eb.prefix + key[len(ea.prefix):]
+        other = eb.prefix + key[len(ea.prefix) :]
         if other not in info_b:
             continue
         if info_a[key] == info_b[other] and fa.read_raw(key) == fb.read_raw(other):
@@ -109,9 +109,16 @@ def _other_changes(fa: WeightFile, fb: WeightFile, slot: str) -> list[tuple[str,
     return changed
 
 
-def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.PathLike | None = None,
-                     title: str | None = None, rank: int | None = None, dtype: str = "F32",
-                     ffn_only: bool = False) -> DiffReport:
+def diff_checkpoints(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = None,
+    title: str | None = None,
+    rank: int | None = None,
+    dtype: str = "F32",
+    ffn_only: bool = False,
+) -> DiffReport:
     """Per-layer FFN change from A to B; with ``output``, the change as a patch that turns A into B. A patch
     carries FFN changes only: when B also differs elsewhere in the text encoder, writing one is refused unless
     ``ffn_only`` (the patch then records what it leaves out)."""
@@ -119,45 +126,65 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, output: str 
     if dtype not in STORED_DTYPES:
         raise ErasekitError(f"unknown patch dtype {dtype}", "use F32, F16 or BF16")
     if rank is not None and rank < 1:
-        raise ErasekitError(f"rank must be at least 1, got {rank}", "use 1 or more, or no rank for dense deltas",
-                            option="rank")
+        raise ErasekitError(
+            f"rank must be at least 1, got {rank}", "use 1 or more, or no rank for dense deltas", option="rank"
+        )
     from .in_place import read_consistently
 
     ca, cb = detect(resolve_model(a, TEXT_ENCODERS)), detect(resolve_model(b, TEXT_ENCODERS))
     if ca.architecture != cb.architecture:
-        raise IncompatiblePatchError(f"{ca.path} is {ca.architecture} but {cb.path} is {cb.architecture}",
-                                     "diff two checkpoints of the same architecture")
+        raise IncompatiblePatchError(
+            f"{ca.path} is {ca.architecture} but {cb.path} is {cb.architecture}",
+            "diff two checkpoints of the same architecture",
+        )
     # one state of each (never a half-applied file), measured again if an in-place write lands meanwhile
     m = read_consistently(ca, lambda: read_consistently(cb, lambda: _measure(ca, cb, rank)))
     report, tensors, deltas, fps = m.report, m.tensors, m.deltas, m.fingerprints
     if report.other_changed:
-        report.notes.append(f"{len(report.other_changed)} text-encoder tensors outside the FFN layers differ (e.g. "
-                            f"{report.other_changed[0]}); a patch carries only FFN changes")
+        report.notes.append(
+            f"{len(report.other_changed)} text-encoder tensors outside the FFN layers differ (e.g. "
+            f"{report.other_changed[0]}); a patch carries only FFN changes"
+        )
     if output is not None:
         if not deltas:
             raise ErasekitError(f"{ca.path} and {cb.path} have identical FFN weights", "there is nothing to extract")
         if report.other_changed and not ffn_only:
             left = _left_out(report)["left_out"]
-            raise ErasekitError(f"{cb.path.name} also differs from {ca.path.name} outside the FFN layers, in "
-                                f"{left['tensors']} text-encoder tensors (largest: {left['largest']}, "
-                                f"relative change {left['largest_relative']:.2e}); a patch of the FFN part would not "
-                                "reproduce the edit", "ask for the FFN part only to write it anyway (the patch records "
-                                "what it leaves out, and inspect shows it)", option="ffn_only")
+            raise ErasekitError(
+                f"{cb.path.name} also differs from {ca.path.name} outside the FFN layers, in "
+                f"{left['tensors']} text-encoder tensors (largest: {left['largest']}, "
+                f"relative change {left['largest_relative']:.2e}); a patch of the FFN part would not "
+                "reproduce the edit",
+                "ask for the FFN part only to write it anyway (the patch records "
+                "what it leaves out, and inspect shows it)",
+                option="ffn_only",
+            )
         out = Path(output)
         if out.exists():
             from ..errors import TargetNotWritableError
 
             raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first")
         used = {s for s in ca.encoders if any(m.startswith(f"lora_{s}_") for m in deltas)}
-        encoders = {s: EncoderInfo(hidden=e.hidden, intermediate=e.intermediate, layers=e.layers)
-                    for s, e in ca.encoders.items() if s in used}
+        encoders = {
+            s: EncoderInfo(hidden=e.hidden, intermediate=e.intermediate, layers=e.layers)
+            for s, e in ca.encoders.items()
+            if s in used
+        }
         manifest = new_manifest(
-            title=title or f"{cb.path.stem} minus {ca.path.stem}", architecture=ca.architecture, encoders=encoders,
-            fingerprints=fps, deltas=deltas,
-            method=Method(name="diff", hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank,
-                                                        "dtype": dtype} | _prediction(ca) | _left_out(report)
-                          | ({"after": m.after} if m.after else {})),
-            source=ca.path.name)
+            title=title or f"{cb.path.stem} minus {ca.path.stem}",
+            architecture=ca.architecture,
+            encoders=encoders,
+            fingerprints=fps,
+            deltas=deltas,
+            method=Method(
+                name="diff",
+                hyperparameters={"a": ca.path.name, "b": cb.path.name, "rank": rank, "dtype": dtype}
+                | _prediction(ca)
+                | _left_out(report)
+                | ({"after": m.after} if m.after else {}),
+            ),
+            source=ca.path.name,
+        )
         patch = Patch(manifest, tensors, storage_dtypes(tensors, dtype))
         save_patch(patch, out)
         report.output, report.output_bytes = str(out), out.stat().st_size
@@ -192,8 +219,10 @@ def _measure(ca: Checkpoint, cb: Checkpoint, rank: int | None) -> _Measured:
     for slot, (fa, fb) in _first_files(ca, cb).items():
         ea, eb = fa.encoders[slot], fb.encoders[slot]
         if ea.dims != eb.dims:
-            raise IncompatiblePatchError(f"text encoder {slot} is {ea.dims} in {ca.path} but {eb.dims} in {cb.path}",
-                                         "diff two checkpoints of the same model family")
+            raise IncompatiblePatchError(
+                f"text encoder {slot} is {ea.dims} in {ca.path} but {eb.dims} in {cb.path}",
+                "diff two checkpoints of the same model family",
+            )
         for key, rel in _other_changes(fa, fb, slot):
             report.other_changed.append(f"{slot}:{key}")
             report.other_relative.append(rel)
@@ -204,8 +233,11 @@ def _measure(ca: Checkpoint, cb: Checkpoint, rank: int | None) -> _Measured:
                 dw = wb.astype(np.float64) - wa.astype(np.float64)
                 db = bb.astype(np.float64) - ba.astype(np.float64)
                 dn, an = float(np.linalg.norm(dw)), float(np.linalg.norm(wa))
-                report.changes.append(LayerChange(slot, layer, proj, list(wa.shape), dn, an, dn / an if an else 0.0,
-                                                  float(np.linalg.norm(db))))
+                report.changes.append(
+                    LayerChange(
+                        slot, layer, proj, list(wa.shape), dn, an, dn / an if an else 0.0, float(np.linalg.norm(db))
+                    )
+                )
                 if not dw.any() and not db.any():
                     continue
                 m = module_name(slot, layer, proj)
@@ -224,8 +256,13 @@ def _left_out(report: DiffReport) -> dict[str, Any]:
     if not report.other_changed:
         return {}
     top = max(range(len(report.other_changed)), key=lambda i: report.other_relative[i])
-    return {"left_out": {"tensors": len(report.other_changed), "largest": report.other_changed[top],
-                         "largest_relative": report.other_relative[top]}}
+    return {
+        "left_out": {
+            "tensors": len(report.other_changed),
+            "largest": report.other_changed[top],
+            "largest_relative": report.other_relative[top],
+        }
+    }
 
 
 def _prediction(ckpt: Checkpoint) -> dict[str, str]:
@@ -241,8 +278,12 @@ def compare_patches(a: Patch, b: Patch) -> DiffReport:
     from .compat import crossing_note, slot_map
 
     # B's encoders onto A's by the rule apply uses (a clip-text patch meets a pipeline's encoder of equal shapes)
-    mapping = slot_map(b, a.manifest.base.architecture, a.manifest.base.encoders,  # type: ignore[arg-type]
-                       f"patch '{a.title}' ({a.manifest.base.architecture})")
+    mapping = slot_map(
+        b,
+        a.manifest.base.architecture,
+        a.manifest.base.encoders,  # type: ignore[arg-type]
+        f"patch '{a.title}' ({a.manifest.base.architecture})",
+    )
     report = DiffReport("patches", str(a.path or a.title), str(b.path or b.title), a.manifest.base.architecture)
     note = crossing_note(b, a.manifest.base.architecture, mapping)
     report.notes += [note] if note else []
@@ -260,22 +301,34 @@ def compare_patches(a: Patch, b: Patch) -> DiffReport:
     return report
 
 
-def diff_paths(a: str | os.PathLike, b: str | os.PathLike, *, output: str | os.PathLike | None = None,
-               title: str | None = None, rank: int | None = None, dtype: str = "F32",
-               ffn_only: bool = False) -> DiffReport:
+def diff_paths(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = None,
+    title: str | None = None,
+    rank: int | None = None,
+    dtype: str = "F32",
+    ffn_only: bool = False,
+) -> DiffReport:
     """Two patches -> :func:`compare_patches`; two checkpoints -> :func:`diff_checkpoints`."""
     pa, pb = is_patch_file(a), is_patch_file(b)
     if pa and pb:
         if output is not None:
-            raise ErasekitError("an output patch is extracted from two checkpoints, not from two patches",
-                                "do not ask for an output", option="output")
+            raise ErasekitError(
+                "an output patch is extracted from two checkpoints, not from two patches",
+                "do not ask for an output",
+                option="output",
+            )
         t0 = time.perf_counter()
         report = compare_patches(load_patch(a), load_patch(b))
         report.seconds = time.perf_counter() - t0
         return report
     if pa or pb:
-        raise ErasekitError(f"cannot diff a patch with a checkpoint ({a if pa else b} is a patch)",
-                            "diff two patches, or two checkpoints; inspecting a patch against a checkpoint compares the two")
+        raise ErasekitError(
+            f"cannot diff a patch with a checkpoint ({a if pa else b} is a patch)",
+            "diff two patches, or two checkpoints; inspecting a patch against a checkpoint compares the two",
+        )
     return diff_checkpoints(a, b, output=output, title=title, rank=rank, dtype=dtype, ffn_only=ffn_only)
 
 

@@ -54,7 +54,9 @@ def in_hub_cache(path: Path) -> bool:
         target = Path(path).resolve()
     except OSError:
         return False
-    return target.parent.name == "blobs" and target.parent.parent.name.startswith(("models--", "datasets--", "spaces--"))
+    return target.parent.name == "blobs" and target.parent.parent.name.startswith(
+        ("models--", "datasets--", "spaces--")
+    )
 
 
 def snapshot(repo: str, revision: str | None, components: tuple[str, ...] = PIPELINE) -> Path:
@@ -74,8 +76,10 @@ def snapshot(repo: str, revision: str | None, components: tuple[str, ...] = PIPE
     name = repo + (f"@{revision}" if revision else "")
     if is_offline_mode():
         what = f"lacks {', '.join(_missing(folder, components))}" if folder else "is neither a local path nor"
-        raise ErasekitError(f"{name} {what} in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE)",
-                            f"download it once online: {download_command(repo, revision, components)}")
+        raise ErasekitError(
+            f"{name} {what} in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE)",
+            f"download it once online: {download_command(repo, revision, components)}",
+        )
     return _download(repo, revision, components)
 
 
@@ -90,8 +94,11 @@ def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
     except (OSError, ValueError, RecursionError):
         return ["model_index.json"]
     listed = [c for c in components if isinstance(index.get(c), list) and index[c][:1] != [None]]
-    listed += [c for c in ("scheduler", "tokenizer", "tokenizer_2") if components == PIPELINE
-               and isinstance(index.get(c), list) and index[c][:1] != [None]]
+    listed += [
+        c
+        for c in ("scheduler", "tokenizer", "tokenizer_2")
+        if components == PIPELINE and isinstance(index.get(c), list) and index[c][:1] != [None]
+    ]
     return [c for c in listed if not (folder / c).is_dir() or not any((folder / c).iterdir())]
 
 
@@ -107,15 +114,21 @@ def allow_patterns(files: list[str], components: tuple[str, ...]) -> list[str]:
     """The files of a repo listing that erasekit downloads: configs, tokenizers and the model's ``erasekit.json``
     (its recommended settings), and for each component its fp16 weights if the repo has them, else its plain ones
     (safetensors before pickles)."""
-    wanted = [f for f in files if f in ("model_index.json", "erasekit.json")
-              or f.split("/")[0] in ("scheduler", "tokenizer", "tokenizer_2")]
+    wanted = [
+        f
+        for f in files
+        if f in ("model_index.json", "erasekit.json") or f.split("/")[0] in ("scheduler", "tokenizer", "tokenizer_2")
+    ]
     for comp in components:
         inside = [f for f in files if f.startswith(comp + "/") and f.count("/") == 1]
         wanted += [f for f in inside if f.endswith(".json")]
         weights = [f for f in inside if f.endswith((".safetensors", ".bin"))]
-        for pick in (lambda f: ".fp16." in f and f.endswith(".safetensors"),
-                     lambda f: f.count(".") == 1 and f.endswith(".safetensors"),
-                     lambda f: ".fp16." in f, lambda f: f.count(".") == 1):
+        for pick in (
+            lambda f: ".fp16." in f and f.endswith(".safetensors"),
+            lambda f: f.count(".") == 1 and f.endswith(".safetensors"),
+            lambda f: ".fp16." in f,
+            lambda f: f.count(".") == 1,
+        ):
             chosen = [f for f in weights if pick(f)]
             if chosen:
                 wanted += chosen
@@ -133,22 +146,33 @@ def _download(repo: str, revision: str | None, components: tuple[str, ...]) -> P
     try:
         files = HfApi().list_repo_files(repo, revision=revision)
         if "model_index.json" not in files:
-            raise ErasekitError(f"model {name} is not a diffusers pipeline (no model_index.json in the repo)",
-                                "download its single .safetensors file and name that path as the model", option="model")
+            raise ErasekitError(
+                f"model {name} is not a diffusers pipeline (no model_index.json in the repo)",
+                "download its single .safetensors file and name that path as the model",
+                option="model",
+            )
         return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns(files, components)))
     except GatedRepoError:
-        raise ErasekitError(f"model {name} is gated: its licence must be accepted on its Hub page first",
-                            "accept it there, then log in with `hf auth login` (or set HF_TOKEN)") from None
+        raise ErasekitError(
+            f"model {name} is gated: its licence must be accepted on its Hub page first",
+            "accept it there, then log in with `hf auth login` (or set HF_TOKEN)",
+        ) from None
     except RepositoryNotFoundError:
-        raise ErasekitError(f"{name} is neither a local path nor a model on the Hugging Face Hub (or it is private)",
-                            "check the id; for a private repo log in with `hf auth login`") from None
+        raise ErasekitError(
+            f"{name} is neither a local path nor a model on the Hugging Face Hub (or it is private)",
+            "check the id; for a private repo log in with `hf auth login`",
+        ) from None
     except RevisionNotFoundError:
         raise ErasekitError(f"model {repo} has no revision {revision!r}", "check the branch, tag or commit") from None
     except (HfHubHTTPError, OSError) as e:
-        raise ErasekitError(f"cannot download {name} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})",
-                            "check the connection, or set HF_HUB_OFFLINE=1 to use the cache only") from None
+        raise ErasekitError(
+            f"cannot download {name} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})",
+            "check the connection, or set HF_HUB_OFFLINE=1 to use the cache only",
+        ) from None
     except Exception as e:  # httpx transport errors and the like: the network, not erasekit
         if type(e).__module__.split(".")[0] in ("httpx", "httpcore", "httpx2", "httpcore2", "requests", "urllib3"):
-            raise ErasekitError(f"cannot reach the Hugging Face Hub to download {name} ({type(e).__name__})",
-                                "check the connection, or set HF_HUB_OFFLINE=1 to use the cache only") from None
+            raise ErasekitError(
+                f"cannot reach the Hugging Face Hub to download {name} ({type(e).__name__})",
+                "check the connection, or set HF_HUB_OFFLINE=1 to use the cache only",
+            ) from None
         raise

@@ -28,10 +28,11 @@ def tensor_places(ckpt: Checkpoint) -> TensorAt:
     def at(label: str, key: str) -> _st.TensorEntry:
         wf = by_label.get(label)
         if wf is None or key not in wf.header.entries:
-            raise UndoRecordError(f"the undo journal of {ckpt.path} names the tensor {key} of "
-                                  f"{label or ckpt.path.name}, which the checkpoint lacks",
-                                  "restore the checkpoint from a backup, or delete its .erasekit folder to forget the "
-                                  "applied patches")
+            raise UndoRecordError(
+                f"the undo journal of {ckpt.path} names the tensor {key} of "
+                f"{label or ckpt.path.name}, which the checkpoint lacks",
+                "restore the checkpoint from a backup, or delete its .erasekit folder to forget the applied patches",
+            )
         return wf.header.entries[key]
 
     return at
@@ -58,8 +59,11 @@ def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
                 journal.reconcile(places)  # stamps, best effort
             return []
         if not os.access(journal.dir, os.W_OK):
-            raise UndoRecordError(f"the undo journal {journal.dir} does not describe {ckpt.path} ({reason}), and it "
-                                  "cannot be set aside (read-only)", "move the journal folder away, or restore the file")
+            raise UndoRecordError(
+                f"the undo journal {journal.dir} does not describe {ckpt.path} ({reason}), and it "
+                "cannot be set aside (read-only)",
+                "move the journal folder away, or restore the file",
+            )
     with journal.locked(wait=READER_WAIT):
         return journal.reconcile(places)
 
@@ -81,8 +85,11 @@ def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable
             ckpt.read_at = seen or NO_JOURNAL
             return result
         discard(result)
-    raise TargetLockedError(f"{ckpt.path} kept changing while it was read (another erasekit process is applying or "
-                            "reverting patches there)", "wait for it to finish, then retry")
+    raise TargetLockedError(
+        f"{ckpt.path} kept changing while it was read (another erasekit process is applying or "
+        "reverting patches there)",
+        "wait for it to finish, then retry",
+    )
 
 
 def checked_journal(ckpt: Checkpoint) -> Journal:
@@ -136,9 +143,12 @@ def in_place_stack(patches: Sequence[Patch], ckpt: Checkpoint) -> tuple[list[dic
     if applied:
         refuse_applied_twice(patches, applied, ckpt)
         read = pristine_reader(ckpt)
-        fits = [p for p in patches
-                if "differs" not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders,
-                                                                    str(ckpt.path)), read).values()]
+        fits = [
+            p
+            for p in patches
+            if "differs"
+            not in base_statuses(p, ckpt, slot_map(p, ckpt.architecture, ckpt.encoders, str(ckpt.path)), read).values()
+        ]
         stack = (applied, [p.patch_id for p in fits])
     _still_as_loaded(ckpt)
     return stack
@@ -146,8 +156,10 @@ def in_place_stack(patches: Sequence[Patch], ckpt: Checkpoint) -> tuple[list[dic
 
 def _still_as_loaded(ckpt: Checkpoint) -> None:
     if ckpt.read_at is not None and (generation(ckpt.path) or NO_JOURNAL) != ckpt.read_at:
-        raise TargetLockedError(f"patches were applied to or reverted from {ckpt.path} in place while it was loaded",
-                                "retry, once the other erasekit process is done")
+        raise TargetLockedError(
+            f"patches were applied to or reverted from {ckpt.path} in place while it was loaded",
+            "retry, once the other erasekit process is done",
+        )
 
 
 def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, str]], ckpt: Checkpoint) -> None:
@@ -155,7 +167,10 @@ def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, s
     there = {a["patch_id"] for a in applied}
     for p in patches:
         if p.patch_id in there:
-            raise ErasekitError(f"patch '{p.title}' is already applied to {ckpt.path} in place, so the model as loaded "
-                                "holds it: adding it again would apply it twice, and 'before' would hold it too",
-                                f"leave it out to use the model as it is, or revert it first (erasekit apply --revert "
-                                f"{p.path or 'PATCH'} --to {ckpt.path}) to compare without and with it", option="patches")
+            raise ErasekitError(
+                f"patch '{p.title}' is already applied to {ckpt.path} in place, so the model as loaded "
+                "holds it: adding it again would apply it twice, and 'before' would hold it too",
+                f"leave it out to use the model as it is, or revert it first (erasekit apply --revert "
+                f"{p.path or 'PATCH'} --to {ckpt.path}) to compare without and with it",
+                option="patches",
+            )

@@ -125,10 +125,21 @@ def _rows(patch: Patch) -> list[DeltaRow]:
         info = patch.manifest.deltas[m]
         b = patch.bias_delta(m)
         main = f"{m}.diff" if info.storage == "dense" else f"{m}.lora_up.weight"
-        rows.append(DeltaRow(m, slot, layer, proj, list(patch.weight_shape(m)),
-                             "dense" if info.storage == "dense" else f"rank {info.rank}", patch.dtypes[main],
-                             delta_norm(patch.weight_factors(m)),  # from the factors: no product out x in
-                             float(np.linalg.norm(b)) if b is not None else 0.0, error=info.error, kept=info.kept))
+        rows.append(
+            DeltaRow(
+                m,
+                slot,
+                layer,
+                proj,
+                list(patch.weight_shape(m)),
+                "dense" if info.storage == "dense" else f"rank {info.rank}",
+                patch.dtypes[main],
+                delta_norm(patch.weight_factors(m)),  # from the factors: no product out x in
+                float(np.linalg.norm(b)) if b is not None else 0.0,
+                error=info.error,
+                kept=info.kept,
+            )
+        )
     return rows
 
 
@@ -139,17 +150,33 @@ def _evaluations(patch: Patch) -> list[EvaluationSummary]:
         if not isinstance(ev, Evaluation):
             out.append(EvaluationSummary(ev.version, record, recorded_at=record.get("recorded_at")))
             continue
-        drops = [(r.after - r.before, name, r) for name, r in ev.others.items()
-                 if r.before is not None and r.after is not None and r.after < r.before]
+        drops = [
+            (r.after - r.before, name, r)
+            for name, r in ev.others.items()
+            if r.before is not None and r.after is not None and r.after < r.before
+        ]
         worst = min(drops, key=lambda d: (d[0], d[1]))[1:] if drops else None
         rob = ev.robustness
-        out.append(EvaluationSummary(
-            ev.version, record, ev.recorded_at,
-            "toy world" if ev.judge.kind == "toyworld-cnn" else f"CLIP {ev.judge.name}",
-            f"{ev.model.name} ({ev.model.match})", ev.concept, ev.target.before, ev.target.after,
-            worst[0] if worst else None, worst[1].before if worst else None, worst[1].after if worst else None,
-            rob.before if rob else None, rob.after if rob else None, ev.images_per_prompt, ev.strength,
-            ev.patch_id == patch.patch_id))
+        out.append(
+            EvaluationSummary(
+                ev.version,
+                record,
+                ev.recorded_at,
+                "toy world" if ev.judge.kind == "toyworld-cnn" else f"CLIP {ev.judge.name}",
+                f"{ev.model.name} ({ev.model.match})",
+                ev.concept,
+                ev.target.before,
+                ev.target.after,
+                worst[0] if worst else None,
+                worst[1].before if worst else None,
+                worst[1].after if worst else None,
+                rob.before if rob else None,
+                rob.after if rob else None,
+                ev.images_per_prompt,
+                ev.strength,
+                ev.patch_id == patch.patch_id,
+            )
+        )
     return out
 
 
@@ -164,8 +191,9 @@ def method_settings(method: dict[str, Any]) -> MethodSettings:
     defaults = recorded_defaults(str(record["recipe"]))
     grouped = MethodSettings()
     for name, value in record.items():
-        group = grouped.other if name not in defaults else \
-            grouped.default if value == defaults[name] else grouped.changed
+        group = (
+            grouped.other if name not in defaults else grouped.default if value == defaults[name] else grouped.changed
+        )
         group[name] = value
     return grouped
 
@@ -202,13 +230,28 @@ def inspect_patch(patch: Patch) -> PatchInspection:
     path = Path(patch.path) if patch.path is not None else None
     method = m.method.model_dump(mode="json")
     return PatchInspection(
-        str(path or patch.title), path.stat().st_size if path is not None else 0, patch.patch_id, m.format_version,
-        m.erasekit_version, m.created_at, m.title, [c.model_dump() for c in m.concepts], method,
-        m.base.architecture, {s: e.model_dump() for s, e in m.base.encoders.items()}, _rows(patch), m.base.config,
-        warnings=list(patch.warnings), evaluations=_evaluations(patch), settings=method_settings(method))
+        str(path or patch.title),
+        path.stat().st_size if path is not None else 0,
+        patch.patch_id,
+        m.format_version,
+        m.erasekit_version,
+        m.created_at,
+        m.title,
+        [c.model_dump() for c in m.concepts],
+        method,
+        m.base.architecture,
+        {s: e.model_dump() for s, e in m.base.encoders.items()},
+        _rows(patch),
+        m.base.config,
+        warnings=list(patch.warnings),
+        evaluations=_evaluations(patch),
+        settings=method_settings(method),
+    )
 
 
-def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = None) -> PatchInspection | CheckpointInspection:
+def inspect_path(
+    path: str | os.PathLike, against: str | os.PathLike | None = None
+) -> PatchInspection | CheckpointInspection:
     """Inspect a patch (optionally against a checkpoint) or a checkpoint."""
     path = Path(path)
     if is_patch_file(path):
@@ -221,20 +264,38 @@ def inspect_path(path: str | os.PathLike, against: str | os.PathLike | None = No
             result.compatibility = read_consistently(ckpt, lambda: _against(patch, result.rows, ckpt))
         return result
     if against is not None:
-        raise ErasekitError(f"'against' compares a patch with a checkpoint, and {path} is not a patch",
-                            "name a .erasepatch first", option="against")
+        raise ErasekitError(
+            f"'against' compares a patch with a checkpoint, and {path} is not a patch",
+            "name a .erasepatch first",
+            option="against",
+        )
     ckpt = detect(resolve_model(path, TEXT_ENCODERS))
     encoders = []
     for wf in ckpt.files:
         info = wf.tensor_info()
         for slot, enc in sorted(wf.encoders.items()):
-            encoders.append(EncoderRow(slot, wf.display, "transformers" if enc.style == "hf" else "openclip",
-                                       enc.prefix, enc.hidden, enc.intermediate, enc.layers,
-                                       info[enc.key(0, "fc1", "weight")][0]))
+            encoders.append(
+                EncoderRow(
+                    slot,
+                    wf.display,
+                    "transformers" if enc.style == "hf" else "openclip",
+                    enc.prefix,
+                    enc.hidden,
+                    enc.intermediate,
+                    enc.layers,
+                    info[enc.key(0, "fc1", "weight")][0],
+                )
+            )
     journal = described_journal(ckpt)  # interrupted entries are shown; a journal of another file is set aside
-    return CheckpointInspection(str(ckpt.path), ckpt.layout, ckpt.architecture, encoders,
-                                [entry_summary(e) for e in journal.committed],
-                                [entry_summary(e) for e in journal.interrupted()], _config_of(ckpt))
+    return CheckpointInspection(
+        str(ckpt.path),
+        ckpt.layout,
+        ckpt.architecture,
+        encoders,
+        [entry_summary(e) for e in journal.committed],
+        [entry_summary(e) for e in journal.interrupted()],
+        _config_of(ckpt),
+    )
 
 
 def _config_of(ckpt: Checkpoint) -> str | None:

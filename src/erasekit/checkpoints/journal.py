@@ -145,9 +145,11 @@ def _write_all(f: Any, data: bytes, offset: int) -> None:
 
 
 def _held_elsewhere(path: Path, e: OSError) -> TargetNotWritableError:
-    return TargetNotWritableError(f"cannot write {path} ({e.strerror}): it is read-only, or another program holds it "
-                                  "open (on Windows, a UI with the model loaded)",
-                                  "close the model in that program (or make the file writable), then retry")
+    return TargetNotWritableError(
+        f"cannot write {path} ({e.strerror}): it is read-only, or another program holds it "
+        "open (on Windows, a UI with the model loaded)",
+        "close the model in that program (or make the file writable), then retry",
+    )
 
 
 class Journal:
@@ -168,11 +170,14 @@ class Journal:
         try:
             data = JournalFile.model_validate_json(path.read_bytes())
         except (OSError, ValidationError) as e:
-            raise UndoRecordError(f"undo journal {path} is unreadable or corrupt ({type(e).__name__})",
-                                  "restore it from a backup, or delete the folder to forget the applied patches") from None
+            raise UndoRecordError(
+                f"undo journal {path} is unreadable or corrupt ({type(e).__name__})",
+                "restore it from a backup, or delete the folder to forget the applied patches",
+            ) from None
         if data.erasekit_journal > JOURNAL_VERSION:
-            raise UndoRecordError(f"undo journal {path} was written by a newer erasekit",
-                                  "upgrade erasekit (pip install -U erasekit)")
+            raise UndoRecordError(
+                f"undo journal {path} was written by a newer erasekit", "upgrade erasekit (pip install -U erasekit)"
+            )
         return data
 
     @property
@@ -216,10 +221,15 @@ class Journal:
         with open(self.files[label], "rb") as f:
             return _st.read_raw(f, ent)
 
-    def originals(self, entry: Entry, tensor_at: TensorAt,
-                  current: dict[tuple[str, str], tuple[bytes, str]] | None = None,
-                  prove: bool = False, skip: set[tuple[str, str]] | frozenset = frozenset(),
-                  older: set[tuple[str, str]] | frozenset = frozenset()) -> dict[tuple[str, str], bytes]:
+    def originals(
+        self,
+        entry: Entry,
+        tensor_at: TensorAt,
+        current: dict[tuple[str, str], tuple[bytes, str]] | None = None,
+        prove: bool = False,
+        skip: set[tuple[str, str]] | frozenset = frozenset(),
+        older: set[tuple[str, str]] | frozenset = frozenset(),
+    ) -> dict[tuple[str, str], bytes]:
         """Every tensor's bytes from before ``entry``, rebuilt from the tensors now (``current``: their bytes and
         sha256, else read) and verified against their recorded hashes. ``prove``: first check that the bytes now
         are, page by page, those before or after the entry, also where a full record would not need them
@@ -254,12 +264,18 @@ class Journal:
         touching = [e for e in self.committed if any(r.file == label and r.key == key for r in e.tensors)]
         if not touching:
             return None
-        records = [(e, self.read_undo(e, tensor_at)[(label, key)],
-                    next(r for r in e.tensors if r.file == label and r.key == key)) for e in touching]
+        records = [
+            (
+                e,
+                self.read_undo(e, tensor_at)[(label, key)],
+                next(r for r in e.tensors if r.file == label and r.key == key),
+            )
+            for e in touching
+        ]
         lowest_full = next((i for i, (_, u, _) in enumerate(records) if u.full), None)
         if lowest_full is None and sha256(current) != records[-1][2].after_sha256:
             return None
-        chain = records if lowest_full is None else records[:lowest_full + 1]
+        chain = records if lowest_full is None else records[: lowest_full + 1]
         data, ent = current, tensor_at(label, key)
         for e, undo, tr in reversed(chain):
             data = rebuild(undo, data, ent, e.strength, tr, self.dir / e.undo_file)
@@ -308,9 +324,11 @@ class Journal:
 
     def check_undo_file(self, entry: Entry) -> None:
         if not (self.dir / entry.undo_file).exists():  # written before the entry: only a deletion explains this
-            raise UndoRecordError(f"an interrupted {'revert' if entry.state == 'reverting' else 'apply'} in "
-                                  f"{self.dir} lost its undo record {entry.undo_file}",
-                                  "restore the checkpoint from a backup")
+            raise UndoRecordError(
+                f"an interrupted {'revert' if entry.state == 'reverting' else 'apply'} in "
+                f"{self.dir} lost its undo record {entry.undo_file}",
+                "restore the checkpoint from a backup",
+            )
 
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -324,15 +342,18 @@ class Journal:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except PermissionError:
-            raise TargetNotWritableError(f"cannot create the undo journal folder {self.dir} (permission denied)",
-                                         "make the checkpoint's folder writable, or write a copy to an output elsewhere",
-                                         option="output") from None
+            raise TargetNotWritableError(
+                f"cannot create the undo journal folder {self.dir} (permission denied)",
+                "make the checkpoint's folder writable, or write a copy to an output elsewhere",
+                option="output",
+            ) from None
         lock = FileLock(str(self.dir / "lock"), timeout=wait)
         try:
             lock.acquire()
         except Timeout:
-            raise TargetLockedError(f"another erasekit process is writing {self.checkpoint}",
-                                    "wait for it to finish, then retry") from None
+            raise TargetLockedError(
+                f"another erasekit process is writing {self.checkpoint}", "wait for it to finish, then retry"
+            ) from None
         try:
             self.data = self._load()
             self._undo.clear()
@@ -352,7 +373,9 @@ class Journal:
     def save(self) -> None:
         self._undo.clear()  # ids are reused after a revert: cached records may be stale
         self.data.erasekit_journal = 2 if any(e.undo == "residual" for e in self.entries) else 1
-        self.data.generation = max(self.data.generation + 1, time.time_ns())  # a new journal does not repeat an old one's
+        self.data.generation = max(
+            self.data.generation + 1, time.time_ns()
+        )  # a new journal does not repeat an old one's
         self.data.files = self._stamps_now()
         with _st.atomic_write(self.dir / "journal.json") as f:
             f.write(self.data.model_dump_json(indent=1).encode())
@@ -382,8 +405,11 @@ class Journal:
                     _write_all(f, data, off)
                 os.fsync(f.fileno())
 
-    def commit(self, batch: list[tuple[Entry, dict[tuple[str, str], UndoTensor], dict[tuple[str, str], bytes]]],
-               tensor_at: TensorAt) -> None:
+    def commit(
+        self,
+        batch: list[tuple[Entry, dict[tuple[str, str], UndoTensor], dict[tuple[str, str], bytes]]],
+        tensor_at: TensorAt,
+    ) -> None:
         """Apply the patches of one command, all or none, write-ahead: every undo record (fsynced), every entry as
         "pending", each patch's tensor bytes in order (fsynced), then every entry as "committed". A crash anywhere
         in between is rolled back by the next :meth:`reconcile`; an error here (a full disk, an I/O error) is
@@ -406,8 +432,14 @@ class Journal:
                 self.reconcile(tensor_at)
             raise
 
-    def revert(self, entry: Entry, tensor_at: TensorAt, restored: Any, where: str,
-               current: dict[tuple[str, str], tuple[bytes, str]] | None = None) -> bool:
+    def revert(
+        self,
+        entry: Entry,
+        tensor_at: TensorAt,
+        restored: Any,
+        where: str,
+        current: dict[tuple[str, str], tuple[bytes, str]] | None = None,
+    ) -> bool:
         """Revert, write-ahead: the original bytes rebuilt and verified, the entry as "reverting", the bytes written
         (fsynced), each checked with ``restored(record)``, then the entry and its undo record dropped. A crash is
         finished by :meth:`reconcile`. Returns whether every restored tensor matched its recorded hash (else
@@ -418,8 +450,10 @@ class Journal:
         self.write_tensors(originals, {k: tensor_at(*k).begin for k in originals})
         verified = all(map_threads(restored, entry.tensors))
         if not verified:
-            raise UndoRecordError(f"restored tensors of {where} do not match their recorded hashes",
-                                  "the disk may be failing; restore from a backup")
+            raise UndoRecordError(
+                f"restored tensors of {where} do not match their recorded hashes",
+                "the disk may be failing; restore from a backup",
+            )
         self.entries.remove(entry)
         self.save()
         (self.dir / entry.undo_file).unlink(missing_ok=True)
@@ -473,10 +507,13 @@ class Journal:
                 os.replace(p, folder / p.name)
         _st.fsync_dir(self.dir)
         self.data, self._undo = JournalFile(), {}
-        warnings.warn(ErasekitWarning(
-            f"the undo journal of {self.checkpoint} does not describe the file there ({reason}): it was set aside in "
-            f"{folder} and nothing was written to the file; if the file was replaced on purpose, delete that folder"),
-            stacklevel=2)
+        warnings.warn(
+            ErasekitWarning(
+                f"the undo journal of {self.checkpoint} does not describe the file there ({reason}): it was set aside in "
+                f"{folder} and nothing was written to the file; if the file was replaced on purpose, delete that folder"
+            ),
+            stacklevel=2,
+        )
         return folder
 
 
@@ -491,6 +528,13 @@ def copy_journal(src_checkpoint: Path, dst_dir: Path) -> None:
 
 
 def entry_summary(entry: Entry) -> dict[str, Any]:
-    return {"id": entry.id, "state": entry.state, "title": entry.patch_title, "patch_id": entry.patch_id,
-            "strength": entry.strength, "fingerprint": entry.fingerprint, "applied_at": entry.applied_at,
-            "tensors": len(entry.tensors)}
+    return {
+        "id": entry.id,
+        "state": entry.state,
+        "title": entry.patch_title,
+        "patch_id": entry.patch_id,
+        "strength": entry.strength,
+        "fingerprint": entry.fingerprint,
+        "applied_at": entry.applied_at,
+        "tensors": len(entry.tensors),
+    }

@@ -168,9 +168,11 @@ def load_pickle_state_dict(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise InputFileError(f"{path} does not exist", "check the path") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, zipfile errors...
-        raise LayoutError(f"cannot read {path} as a weights-only torch pickle ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160] if str(e) else ''})",
-                          "convert it to .safetensors with a trusted tool, or re-download it") from None
+        raise LayoutError(
+            f"cannot read {path} as a weights-only torch pickle ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else ''})",
+            "convert it to .safetensors with a trusted tool, or re-download it",
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -178,8 +180,9 @@ def load_pickle_state_dict(path: Path) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]],
-                  only: Any = None) -> dict[tuple[str, str], EncoderSpec | None]:
+def find_encoders(
+    info: dict[str, tuple[str, tuple[int, ...]]], only: Any = None
+) -> dict[tuple[str, str], EncoderSpec | None]:
     """Group FFN keys by (style, prefix) and validate each group (of ``only`` those (style, prefix) pairs, when
     given: another model's encoders, e.g. SD3's, are not judged); slot is filled in by the caller."""
     groups: dict[tuple[str, str], dict[tuple[int, str, str], tuple[int, ...]]] = defaultdict(dict)
@@ -209,11 +212,15 @@ def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]],
                     key = spec.key(i, proj, kind)
                     got = tensors.get((i, proj, kind))
                     if got is None:
-                        raise LayoutError(f"text encoder at {prefix or '(no prefix)'} lacks tensor {key}",
-                                          "the file is incomplete or damaged; re-download it")
+                        raise LayoutError(
+                            f"text encoder at {prefix or '(no prefix)'} lacks tensor {key}",
+                            "the file is incomplete or damaged; re-download it",
+                        )
                     if tuple(got) != spec.shape(proj, kind):
-                        raise LayoutError(f"tensor {key} has shape {list(got)}, expected {list(spec.shape(proj, kind))}",
-                                          "the file is damaged or not a CLIP text encoder")
+                        raise LayoutError(
+                            f"tensor {key} has shape {list(got)}, expected {list(spec.shape(proj, kind))}",
+                            "the file is damaged or not a CLIP text encoder",
+                        )
         found[(style, prefix)] = spec
     return found
 
@@ -222,17 +229,36 @@ def find_encoders(info: dict[str, tuple[str, tuple[int, ...]]],
 _LOOKS_LIKE = (
     ("an erasekit patch (apply it to a checkpoint: erasekit apply PATCH --to MODEL)", lambda k, m: "erasekit" in m),
     ("an erasekit export for a UI (inspect or apply the patch it was made from)", lambda k, m: "erasekit_export" in m),
-    ("a LoRA/LyCORIS network, not a whole model",
-     lambda k, m: any(x.startswith(("lora_", "lycoris_")) or ".lora_up." in x or ".lora_A." in x or ".hada_w1" in x
-                      for x in k)),
+    (
+        "a LoRA/LyCORIS network, not a whole model",
+        lambda k, m: any(
+            x.startswith(("lora_", "lycoris_")) or ".lora_up." in x or ".lora_A." in x or ".hada_w1" in x for x in k
+        ),
+    ),
     ("an SD3 model (MMDiT)", lambda k, m: any(".joint_blocks." in x or x.startswith("joint_blocks.") for x in k)),
     ("a FLUX model", lambda k, m: any("double_blocks." in x for x in k) and any("single_blocks." in x for x in k)),
-    ("a textual-inversion embedding", lambda k, m: any(x in ("emb_params", "clip_l", "clip_g") for x in k)
-     or any(x.startswith("string_to_param") for x in k)),
-    ("a UNet on its own", lambda k, m: any(x.startswith(("model.diffusion_model.input_blocks.", "input_blocks."))
-                                           or x.startswith("time_embedding.") for x in k)),
-    ("a VAE on its own", lambda k, m: any(x.startswith(("first_stage_model.", "encoder.conv_in.", "decoder.conv_out.",
-                                                         "encoder.down.", "decoder.up.")) for x in k)),
+    (
+        "a textual-inversion embedding",
+        lambda k, m: (
+            any(x in ("emb_params", "clip_l", "clip_g") for x in k) or any(x.startswith("string_to_param") for x in k)
+        ),
+    ),
+    (
+        "a UNet on its own",
+        lambda k, m: any(
+            x.startswith(("model.diffusion_model.input_blocks.", "input_blocks.")) or x.startswith("time_embedding.")
+            for x in k
+        ),
+    ),
+    (
+        "a VAE on its own",
+        lambda k, m: any(
+            x.startswith(
+                ("first_stage_model.", "encoder.conv_in.", "decoder.conv_out.", "encoder.down.", "decoder.up.")
+            )
+            for x in k
+        ),
+    ),
 )
 
 
@@ -258,11 +284,14 @@ def _detect_single_file(path: Path) -> Checkpoint:
             wf.encoders[slot] = with_slot(spec, slot)
     if not wf.encoders:
         looks = looks_like(info, wf.header.metadata if wf.format == "safetensors" else {})
-        raise LayoutError(f"{path.name} looks like {looks}, which erasekit does not erase or patch" if looks else
-                          f"{path} has no text encoder FFN tensors erasekit knows "
-                          f"({len(info)} tensors; neither SD1.x, SD2.x, SDXL nor a CLIP text encoder)",
-                          "erasekit supports SD1.x, SD2.x and SDXL checkpoints: one .safetensors/.ckpt file, a "
-                          "diffusers folder or a model id")
+        raise LayoutError(
+            f"{path.name} looks like {looks}, which erasekit does not erase or patch"
+            if looks
+            else f"{path} has no text encoder FFN tensors erasekit knows "
+            f"({len(info)} tensors; neither SD1.x, SD2.x, SDXL nor a CLIP text encoder)",
+            "erasekit supports SD1.x, SD2.x and SDXL checkpoints: one .safetensors/.ckpt file, a "
+            "diffusers folder or a model id",
+        )
     if layouts == {"single-file-embedder0"}:
         refiner = any(k.startswith("model.diffusion_model.label_emb.") for k in info)
         layout, arch = ("single-file-sdxl-refiner", "sdxl-refiner") if refiner else ("single-file-sd2-embedder", "sd2")
@@ -272,20 +301,28 @@ def _detect_single_file(path: Path) -> Checkpoint:
         layout, arch = "single-file-sdxl", "sdxl"
     elif len(layouts) == 1 and len(wf.encoders) == 1:
         layout = layouts.pop()
-        arch = {"single-file-sd1": "sd1", "single-file-sd1-old": "sd1", "single-file-sd2": "sd2",
-                "text-encoder-file": "clip-text"}.get(layout, "")
+        arch = {
+            "single-file-sd1": "sd1",
+            "single-file-sd1-old": "sd1",
+            "single-file-sd2": "sd2",
+            "text-encoder-file": "clip-text",
+        }.get(layout, "")
         if not arch:
             raise LayoutError(f"{path} holds only half of an SDXL text-encoder pair", "name a complete checkpoint")
     else:
-        raise LayoutError(f"{path} mixes text-encoder layouts ({', '.join(sorted(layouts))})",
-                          "name one checkpoint; merged or partial files are not supported")
+        raise LayoutError(
+            f"{path} mixes text-encoder layouts ({', '.join(sorted(layouts))})",
+            "name one checkpoint; merged or partial files are not supported",
+        )
     return Checkpoint(path, layout, arch, [wf])
 
 
 def _weight_files(folder: Path) -> list[Path]:
     if (folder / "model.safetensors.index.json").exists() or (folder / "pytorch_model.bin.index.json").exists():
-        raise LayoutError(f"{folder} holds a sharded text encoder, which erasekit does not support yet",
-                          "merge the shards into one model.safetensors (save_pretrained with a larger max_shard_size)")
+        raise LayoutError(
+            f"{folder} holds a sharded text encoder, which erasekit does not support yet",
+            "merge the shards into one model.safetensors (save_pretrained with a larger max_shard_size)",
+        )
     # The plain file first: it is the full-precision copy that diffs and fingerprints read.
     plain = lambda p: (p.name not in ("model.safetensors", "pytorch_model.bin"), p.name)  # noqa: E731
     files = sorted(folder.glob("model*.safetensors"), key=plain)
@@ -307,16 +344,23 @@ def _encoder_folder_files(root: Path, sub: str, slot: str) -> list[WeightFile]:
     folder = root / sub if sub else root
     paths = _weight_files(folder)
     if not paths:
-        raise LayoutError(f"{folder} has no model.safetensors or pytorch_model.bin",
-                          "the folder is incomplete; re-download the text encoder weights")
+        raise LayoutError(
+            f"{folder} has no model.safetensors or pytorch_model.bin",
+            "the folder is incomplete; re-download the text encoder weights",
+        )
     out = []
     for p in paths:
         wf = WeightFile(p, str(p.relative_to(root)))
-        found = [s for (style, prefix), s in find_encoders(wf.tensor_info()).items()
-                 if s is not None and style == "hf" and prefix in ("", "text_model.")]
+        found = [
+            s
+            for (style, prefix), s in find_encoders(wf.tensor_info()).items()
+            if s is not None and style == "hf" and prefix in ("", "text_model.")
+        ]
         if len(found) != 1:
-            raise LayoutError(f"{p} does not look like a CLIP text encoder (no encoder.layers.N.mlp.fc1.weight)",
-                              "re-download the text encoder weights")
+            raise LayoutError(
+                f"{p} does not look like a CLIP text encoder (no encoder.layers.N.mlp.fc1.weight)",
+                "re-download the text encoder weights",
+            )
         wf.encoders[slot] = with_slot(found[0], slot)
         out.append(wf)
     return out
@@ -334,32 +378,45 @@ def _detect_folder(path: Path) -> Checkpoint:
         files: list[WeightFile] = []
         if te and te2:
             arch = "sdxl"
-            files = _encoder_folder_files(path, "text_encoder", "te1") + _encoder_folder_files(path, "text_encoder_2", "te2")
+            files = _encoder_folder_files(path, "text_encoder", "te1") + _encoder_folder_files(
+                path, "text_encoder_2", "te2"
+            )
         elif te2:
             arch = "sdxl-refiner"
             files = _encoder_folder_files(path, "text_encoder_2", "te2")
         elif te:
-            cfg = read_json(path / "text_encoder" / "config.json") if (path / "text_encoder" / "config.json").exists() else {}
+            cfg = (
+                read_json(path / "text_encoder" / "config.json")
+                if (path / "text_encoder" / "config.json").exists()
+                else {}
+            )
             # OpenAI CLIP-L (SD1.x) uses quick_gelu; OpenCLIP ViT-H (SD2.x) uses gelu.
             arch = "sd2" if cfg.get("hidden_act") == "gelu" else "sd1"
             files = _encoder_folder_files(path, "text_encoder", "te")
         else:
-            raise LayoutError(f"diffusers folder {path} has no text_encoder component",
-                              "erasekit edits the text encoder; name a pipeline that has one")
+            raise LayoutError(
+                f"diffusers folder {path} has no text_encoder component",
+                "erasekit edits the text encoder; name a pipeline that has one",
+            )
         dims = {(slot, enc.dims) for f in files for slot, enc in f.encoders.items()}
         if len(dims) != len({slot for slot, _ in dims}):
-            raise LayoutError(f"the weight variants in {path} disagree on text encoder sizes",
-                              "remove the stray variant file")
+            raise LayoutError(
+                f"the weight variants in {path} disagree on text encoder sizes", "remove the stray variant file"
+            )
         return Checkpoint(path, "diffusers", arch, files)
     if (path / "config.json").exists():
         cfg = read_json(path / "config.json")
         archs = cfg.get("architectures") or []
         if any(a in ("CLIPTextModel", "CLIPTextModelWithProjection") for a in archs):
             return Checkpoint(path, "transformers-clip", "clip-text", _encoder_folder_files(path, "", "te"))
-        raise LayoutError(f"{path}/config.json describes {archs or 'an unknown model'}, not a CLIP text encoder",
-                          "name a diffusers pipeline folder or a CLIPTextModel folder")
-    raise LayoutError(f"{path} is a folder without model_index.json or config.json",
-                      "name a diffusers pipeline folder, a CLIPTextModel folder, or a single checkpoint file")
+        raise LayoutError(
+            f"{path}/config.json describes {archs or 'an unknown model'}, not a CLIP text encoder",
+            "name a diffusers pipeline folder or a CLIPTextModel folder",
+        )
+    raise LayoutError(
+        f"{path} is a folder without model_index.json or config.json",
+        "name a diffusers pipeline folder, a CLIPTextModel folder, or a single checkpoint file",
+    )
 
 
 def detect(path: str | os.PathLike) -> Checkpoint:
@@ -371,8 +428,10 @@ def detect(path: str | os.PathLike) -> Checkpoint:
         return _detect_folder(path)
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", *PICKLE_SUFFIXES):
-        raise LayoutError(f"{path} is not a .safetensors or .ckpt file",
-                          "name a checkpoint (.safetensors, .ckpt) or a diffusers folder")
+        raise LayoutError(
+            f"{path} is not a .safetensors or .ckpt file",
+            "name a checkpoint (.safetensors, .ckpt) or a diffusers folder",
+        )
     ckpt = _detect_single_file(path)
     if suffix in PICKLE_SUFFIXES:
         ckpt.layout += " (pickle)"

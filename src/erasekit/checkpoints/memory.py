@@ -26,8 +26,11 @@ def add_delta(current: Any, delta: Any, strength: float, what: str) -> Any:
 
     new = (current.float() + strength * delta.to(current.device, torch.float32)).to(current.dtype)
     if not torch.isfinite(new).all():
-        raise NonFiniteError(f"applying at strength {strength} makes {what} non-finite; nothing was written",
-                             "use a smaller strength", option="strength")
+        raise NonFiniteError(
+            f"applying at strength {strength} makes {what} non-finite; nothing was written",
+            "use a smaller strength",
+            option="strength",
+        )
     return new
 
 
@@ -50,16 +53,24 @@ def memory_encoders(model: Any) -> tuple[str, dict[str, tuple[Any, EncoderSpec]]
         from .._torch import dtype_code
 
         info = {k: (dtype_code(v.dtype), tuple(v.shape)) for k, v in module.state_dict().items()}
-        found = [s for (style, prefix), s in find_encoders(info).items() if s and style == "hf" and prefix in ("", "text_model.")]
+        found = [
+            s
+            for (style, prefix), s in find_encoders(info).items()
+            if s and style == "hf" and prefix in ("", "text_model.")
+        ]
         if len(found) != 1:
-            raise IncompatiblePatchError(f"{type(module).__name__} is not a CLIP text encoder", "pass a pipeline or CLIPTextModel")
+            raise IncompatiblePatchError(
+                f"{type(module).__name__} is not a CLIP text encoder", "pass a pipeline or CLIPTextModel"
+            )
         return with_slot(found[0], slot)
 
     te, te2 = getattr(model, "text_encoder", None), getattr(model, "text_encoder_2", None)
     if te is None and te2 is None:
         if not hasattr(model, "state_dict"):
-            raise IncompatiblePatchError(f"{type(model).__name__} has no text encoder",
-                                         "pass a diffusers pipeline or a transformers CLIPTextModel")
+            raise IncompatiblePatchError(
+                f"{type(model).__name__} has no text encoder",
+                "pass a diffusers pipeline or a transformers CLIPTextModel",
+            )
         return "clip-text", {"te": (model, spec_of(model, "te"))}
     if te is not None and te2 is not None:
         return "sdxl", {"te1": (te, spec_of(te, "te1")), "te2": (te2, spec_of(te2, "te2"))}
@@ -69,7 +80,9 @@ def memory_encoders(model: Any) -> tuple[str, dict[str, tuple[Any, EncoderSpec]]
     return arch, {"te": (te, spec_of(te, "te"))}
 
 
-def apply_patch(model: Any, patch: Patch | str | os.PathLike, strength: float = 1.0, force: bool = False) -> ApplyReport:
+def apply_patch(
+    model: Any, patch: Patch | str | os.PathLike, strength: float = 1.0, force: bool = False
+) -> ApplyReport:
     """Apply a patch to an in-memory diffusers pipeline or CLIPTextModel (weights changed in place).
 
     The original values are kept on the model so that :func:`revert_patch` restores them exactly.
@@ -94,7 +107,9 @@ def apply_patch(model: Any, patch: Patch | str | os.PathLike, strength: float = 
         fps[f"{t.module}.{t.kind}"] = fingerprint(tensor_bytes(pristine), dtype_code(p.dtype), tuple(p.shape))
     status, differing = judge_fingerprints(patch, fps, force, where)
     with torch.no_grad():
-        news = {t: add_delta(p.data, _delta_tensor(patch, t), strength, f"{t.module}.{t.kind}") for t, p in params.items()}
+        news = {
+            t: add_delta(p.data, _delta_tensor(patch, t), strength, f"{t.module}.{t.kind}") for t, p in params.items()
+        }
         originals = {}
         for t, p in params.items():
             originals[(t.slot, encoders[t.slot][1].key(t.layer, t.proj, t.kind))] = p.data.clone()
@@ -106,9 +121,17 @@ def apply_patch(model: Any, patch: Patch | str | os.PathLike, strength: float = 
     notes = order_notes([patch], stack)
     stack.append({"patch_id": patch.patch_id, "title": patch.title, "strength": strength, "originals": originals})
     written = sum(t.numel() * t.element_size() for t in news.values())
-    return ApplyReport(where, "in-memory", arch, where, True,
-                       [AppliedPatch(patch.title, patch.patch_id, strength, len(news), status, differing)], written,
-                       time.perf_counter() - t0, list(patch.warnings) + notes)
+    return ApplyReport(
+        where,
+        "in-memory",
+        arch,
+        where,
+        True,
+        [AppliedPatch(patch.title, patch.patch_id, strength, len(news), status, differing)],
+        written,
+        time.perf_counter() - t0,
+        list(patch.warnings) + notes,
+    )
 
 
 def _memory_pristine(model: Any, slot: str, key: str, current: Any) -> Any:
@@ -129,24 +152,39 @@ def revert_patch(model: Any, patch: Patch | str | os.PathLike) -> RevertReport:
     stack = getattr(model, _MEMORY_ATTR, None) or []
     idx = [i for i, rec in enumerate(stack) if rec["patch_id"] == patch.patch_id]
     if not idx:
-        raise NotAppliedError(f"patch '{patch.title}' is not applied to {where}", "apply it first, or revert another patch")
+        raise NotAppliedError(
+            f"patch '{patch.title}' is not applied to {where}", "apply it first, or revert another patch"
+        )
     rec = stack[idx[-1]]
-    later = [r["title"] for r in stack[idx[-1] + 1:] if set(r["originals"]) & set(rec["originals"])]
+    later = [r["title"] for r in stack[idx[-1] + 1 :] if set(r["originals"]) & set(rec["originals"])]
     if later:
-        raise RevertOrderError(f"'{patch.title}' was followed by {', '.join(map(repr, later))}, which change the same "
-                               "tensors", "revert those first (newest first)")
+        raise RevertOrderError(
+            f"'{patch.title}' was followed by {', '.join(map(repr, later))}, which change the same tensors",
+            "revert those first (newest first)",
+        )
     with torch.no_grad():
         for (slot, key), orig in rec["originals"].items():
             encoders[slot][0].get_parameter(key).data.copy_(orig)
-    verified = all(torch.equal(encoders[slot][0].get_parameter(key), orig) for (slot, key), orig in rec["originals"].items())
+    verified = all(
+        torch.equal(encoders[slot][0].get_parameter(key), orig) for (slot, key), orig in rec["originals"].items()
+    )
     del stack[idx[-1]]
-    return RevertReport(where, "in-memory", patch.title, patch.patch_id, len(rec["originals"]), verified,
-                        time.perf_counter() - t0, [r["title"] for r in stack])
+    return RevertReport(
+        where,
+        "in-memory",
+        patch.title,
+        patch.patch_id,
+        len(rec["originals"]),
+        verified,
+        time.perf_counter() - t0,
+        [r["title"] for r in stack],
+    )
 
 
 @contextlib.contextmanager
-def patches_applied(model: Any, patches: Sequence[Patch], strength: float = 1.0,
-                    checked: Collection[str] = ()) -> Iterator[None]:
+def patches_applied(
+    model: Any, patches: Sequence[Patch], strength: float = 1.0, checked: Collection[str] = ()
+) -> Iterator[None]:
     """Apply ``patches`` in order to an in-memory model for the ``with`` block, then revert them newest first.
     If one is refused, those already applied are reverted before the error propagates: the caller's model is
     left as it was found either way. ``checked``: ids of patches whose base was checked against the model's files

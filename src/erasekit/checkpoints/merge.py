@@ -97,9 +97,11 @@ def _strengths(n: int, strengths: float | Sequence[float] | None) -> list[float]
     values = per_patch_strengths(n, 1.0 if strengths is None else strengths)
     for s in values:
         if not math.isfinite(s) or s == 0:
-            raise ErasekitError(f"strength {s:g} cannot be merged",
-                                "give a finite, non-zero strength (leave a patch out rather than at strength 0)",
-                                option="strength")
+            raise ErasekitError(
+                f"strength {s:g} cannot be merged",
+                "give a finite, non-zero strength (leave a patch out rather than at strength 0)",
+                option="strength",
+            )
     return values
 
 
@@ -108,8 +110,9 @@ def _check_rank(rank: int | str | None) -> int | str | None:
         return rank
     if isinstance(rank, str):
         if not rank.isdigit():
-            raise ErasekitError(f"rank must be a number or dense, got {rank!r}",
-                                "give a rank such as 16, or dense", option="rank")
+            raise ErasekitError(
+                f"rank must be a number or dense, got {rank!r}", "give a rank such as 16, or dense", option="rank"
+            )
         rank = int(rank)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ErasekitError(f"rank must be at least 1, got {rank}", "use 1 or more, or dense", option="rank")
@@ -119,8 +122,10 @@ def _check_rank(rank: int | str | None) -> int | str | None:
 def _check_output(out: Path) -> None:
     _st.check_new_output(out)
     if out.suffix not in (PATCH_SUFFIX, ".safetensors"):
-        raise TargetNotWritableError(f"output {out} must end in {PATCH_SUFFIX} or .safetensors",
-                                     "name it NAME.erasepatch, or NAME.safetensors for a file ComfyUI and A1111 list")
+        raise TargetNotWritableError(
+            f"output {out} must end in {PATCH_SUFFIX} or .safetensors",
+            "name it NAME.erasepatch, or NAME.safetensors for a file ComfyUI and A1111 list",
+        )
 
 
 def _name(p: Patch) -> str:
@@ -148,20 +153,24 @@ def _check_same_base(patches: list[Patch]) -> tuple[dict[str, EncoderInfo], dict
     for p in patches:
         base = p.manifest.base
         if base.architecture != first.manifest.base.architecture:
-            raise IncompatiblePatchError(f"{_name(first)} is for {first.manifest.base.architecture} but {_name(p)} is "
-                                         f"for {base.architecture}", _SAME_BASE)
+            raise IncompatiblePatchError(
+                f"{_name(first)} is for {first.manifest.base.architecture} but {_name(p)} is for {base.architecture}",
+                _SAME_BASE,
+            )
         for slot, enc in base.encoders.items():
             if slot in encoders and encoders[slot][0] != enc:
                 other = encoders[slot]
                 raise IncompatiblePatchError(
                     f"text encoder {slot} is {_dims(other[0])} in {_name(other[1])} but {_dims(enc)} in {_name(p)}",
-                    _SAME_BASE)
+                    _SAME_BASE,
+                )
             encoders.setdefault(slot, (enc, p))
         mine = _prediction(p)
         if mine is not None:
             if pred is not None and pred[0] != mine:
-                raise IncompatiblePatchError(f"{_name(pred[1])} was made for a {pred[0]} model but {_name(p)} for a "
-                                             f"{mine} one", _SAME_BASE)
+                raise IncompatiblePatchError(
+                    f"{_name(pred[1])} was made for a {pred[0]} model but {_name(p)} for a {mine} one", _SAME_BASE
+                )
             pred = pred or (mine, p)
         for key, fp in sorted(base.tensors.items()):
             if key not in fps:
@@ -170,16 +179,25 @@ def _check_same_base(patches: list[Patch]) -> tuple[dict[str, EncoderInfo], dict
             ref, owner = fps[key]
             match = compare_fingerprint(ref, fp)
             if match == "differs":
-                raise IncompatiblePatchError(f"{_name(owner)} and {_name(p)} were made from different base models "
-                                             f"(base tensor {key} differs)", _SAME_BASE)
+                raise IncompatiblePatchError(
+                    f"{_name(owner)} and {_name(p)} were made from different base models (base tensor {key} differs)",
+                    _SAME_BASE,
+                )
             if match == "approx":
-                notes.append(f"{_name(owner)} and {_name(p)} were made from the same base at different precisions "
-                             f"({ref.dtype}, {fp.dtype}); the merged patch keeps {_name(owner)}'s fingerprints")
+                notes.append(
+                    f"{_name(owner)} and {_name(p)} were made from the same base at different precisions "
+                    f"({ref.dtype}, {fp.dtype}); the merged patch keeps {_name(owner)}'s fingerprints"
+                )
     for i, p in enumerate(patches[1:], 1):
         a = patches[i - 1]
-        if not set(a.manifest.base.tensors) & set(p.manifest.base.tensors) and a.manifest.base.source != p.manifest.base.source:
-            notes.append(f"{_name(a)} (from {a.manifest.base.source}) and {_name(p)} (from {p.manifest.base.source}) "
-                         "change no tensor in common, so their bases cannot be compared; make sure they are the same")
+        if (
+            not set(a.manifest.base.tensors) & set(p.manifest.base.tensors)
+            and a.manifest.base.source != p.manifest.base.source
+        ):
+            notes.append(
+                f"{_name(a)} (from {a.manifest.base.source}) and {_name(p)} (from {p.manifest.base.source}) "
+                "change no tensor in common, so their bases cannot be compared; make sure they are the same"
+            )
     return {s: e for s, (e, _) in encoders.items()}, {k: f for k, (f, _) in fps.items()}, notes
 
 
@@ -199,8 +217,9 @@ def _lowrank_parts(p: Patch, module: str, strength: float) -> tuple[np.ndarray, 
     return up, down
 
 
-def _merge_module(module: str, parts: list[tuple[Patch, float]], rank: int | str | None
-                  ) -> tuple[dict[str, np.ndarray], DeltaInfo, str]:
+def _merge_module(
+    module: str, parts: list[tuple[Patch, float]], rank: int | str | None
+) -> tuple[dict[str, np.ndarray], DeltaInfo, str]:
     """The merged tensors of one module, its DeltaInfo and how they were made."""
     slot, _, proj = parse_module_name(module)  # type: ignore[misc]
     enc = parts[0][0].manifest.base.encoders[slot]
@@ -230,8 +249,15 @@ def _merge_module(module: str, parts: list[tuple[Patch, float]], rank: int | str
         zero = np.zeros(o, dtype=np.float32)
         factors = truncated_svd(dw, rank) if isinstance(rank, int) else None
         tensors, info = delta_tensors(module, dw, db if db is not None else zero, factors)
-        how = ("projected" if factors is not None else "summed" if len(parts) > 1
-               else "copied" if parts[0][1] == 1 else "scaled")
+        how = (
+            "projected"
+            if factors is not None
+            else "summed"
+            if len(parts) > 1
+            else "copied"
+            if parts[0][1] == 1
+            else "scaled"
+        )
     if bias:
         tensors[f"{module}.diff_b"] = db  # type: ignore[assignment]
     else:
@@ -239,14 +265,22 @@ def _merge_module(module: str, parts: list[tuple[Patch, float]], rank: int | str
         info = info.model_copy(update={"bias": False})
     for name, arr in tensors.items():
         if not np.isfinite(arr).all():
-            raise NonFiniteError(f"the merged delta {name} holds NaN or infinite values; nothing was written",
-                                 "use smaller strengths", option="strength")
+            raise NonFiniteError(
+                f"the merged delta {name} holds NaN or infinite values; nothing was written",
+                "use smaller strengths",
+                option="strength",
+            )
     return tensors, info, how
 
 
-def merge_patches(paths: Sequence[str | os.PathLike | Patch], output: str | os.PathLike, *,
-                  strengths: float | Sequence[float] | None = None, rank: int | str | None = None,
-                  title: str | None = None) -> MergeReport:
+def merge_patches(
+    paths: Sequence[str | os.PathLike | Patch],
+    output: str | os.PathLike,
+    *,
+    strengths: float | Sequence[float] | None = None,
+    rank: int | str | None = None,
+    title: str | None = None,
+) -> MergeReport:
     """Merge ``paths`` (two or more patches for the same base) into one patch at ``output``, written atomically.
 
     ``strengths``: one per patch, or one for all (default 1). ``rank``: None (low-rank modules concatenated where
@@ -255,8 +289,10 @@ def merge_patches(paths: Sequence[str | os.PathLike | Patch], output: str | os.P
     is refused; the inputs are only read."""
     t0 = time.perf_counter()
     if len(paths) < 2:
-        raise ErasekitError(f"merging needs at least two patches, got {len(paths)}",
-                            "name two or more .erasepatch files (a single patch is already what merging it gives)")
+        raise ErasekitError(
+            f"merging needs at least two patches, got {len(paths)}",
+            "name two or more .erasepatch files (a single patch is already what merging it gives)",
+        )
     rank = _check_rank(rank)
     weights = _strengths(len(paths), strengths)
     out = Path(output)
@@ -271,16 +307,17 @@ def merge_patches(paths: Sequence[str | os.PathLike | Patch], output: str | os.P
         seen.setdefault(p.patch_id, p)
     evaluated = sum(len(p.manifest.evaluations) for p in patches)
     if evaluated:
-        notes.append(f"{evaluated} recorded evaluation(s) of the inputs are not carried over (they measured the "
-                     "inputs, not the merge); `erasekit eval --record` measures the merged patch")
+        notes.append(
+            f"{evaluated} recorded evaluation(s) of the inputs are not carried over (they measured the "
+            "inputs, not the merge); `erasekit eval --record` measures the merged patch"
+        )
 
     concepts: list[Concept] = []
     for p in patches:
         for c in p.manifest.concepts:
             if all(c.name != k.name for k in concepts):
                 concepts.append(Concept(name=c.name, kind=c.kind))
-    modules = sorted({m for p in patches for m in p.manifest.deltas},
-                     key=lambda m: parse_module_name(m))  # type: ignore[arg-type,return-value]
+    modules = sorted({m for p in patches for m in p.manifest.deltas}, key=lambda m: parse_module_name(m))  # type: ignore[arg-type,return-value]
     tensors: dict[str, np.ndarray] = {}
     deltas: dict[str, DeltaInfo] = {}
     rows: list[MergedModule] = []
@@ -290,31 +327,71 @@ def merge_patches(paths: Sequence[str | os.PathLike | Patch], output: str | os.P
         tensors.update(stored)
         slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
         info = deltas[m]
-        rows.append(MergedModule(m, slot, layer, proj, len(parts), "dense" if info.storage == "dense" else
-                                 f"rank {info.rank}", how, info.error if how == "projected" else None))
+        rows.append(
+            MergedModule(
+                m,
+                slot,
+                layer,
+                proj,
+                len(parts),
+                "dense" if info.storage == "dense" else f"rank {info.rank}",
+                how,
+                info.error if how == "projected" else None,
+            )
+        )
 
     dtype = _storage_dtype(patches)
     used = {s for s in encoders if any(m.startswith(f"lora_{s}_") for m in deltas)}
     keys = {f"{m}.{kind}" for m, d in deltas.items() for kind in (("weight", "bias") if d.bias else ("weight",))}
     first = patches[0].manifest
     prediction = next((pt for p in patches if (pt := _prediction(p)) is not None), None)
-    method = Method(name="merge", hyperparameters={
-        "patches": [{"patch_id": p.patch_id, "title": p.title, "strength": s} for p, s in zip(patches, weights)],
-        "rank": rank, **({"prediction_type": prediction} if prediction else {})})
+    method = Method(
+        name="merge",
+        hyperparameters={
+            "patches": [{"patch_id": p.patch_id, "title": p.title, "strength": s} for p, s in zip(patches, weights)],
+            "rank": rank,
+            **({"prediction_type": prediction} if prediction else {}),
+        },
+    )
     manifest = new_manifest(
-        title=title or " + ".join(dict.fromkeys(p.title for p in patches)), architecture=first.base.architecture,
-        encoders={s: e for s, e in encoders.items() if s in used}, fingerprints={k: fps[k] for k in sorted(keys)},
-        deltas=deltas, method=method, concepts=concepts, source=first.base.source,
-        config=next((p.manifest.base.config for p in patches if p.manifest.base.config), None))
+        title=title or " + ".join(dict.fromkeys(p.title for p in patches)),
+        architecture=first.base.architecture,
+        encoders={s: e for s, e in encoders.items() if s in used},
+        fingerprints={k: fps[k] for k in sorted(keys)},
+        deltas=deltas,
+        method=method,
+        concepts=concepts,
+        source=first.base.source,
+        config=next((p.manifest.base.config for p in patches if p.manifest.base.config), None),
+    )
     patch = Patch(manifest, tensors, storage_dtypes(tensors, dtype))
     save_patch(patch, out)
     from ..format.ui_export import ui_advice
 
     return MergeReport(
-        str(out), out.stat().st_size, patch.patch_id, manifest.title, first.base.architecture,
-        [MergedInput(str(p.path) if p.path is not None else p.title, p.title, p.patch_id, s,
-                     [c.name for c in p.manifest.concepts]) for p, s in zip(patches, weights)],
-        [c.name for c in concepts], rows, dtype, rank, time.perf_counter() - t0, notes, ui_advice(patch, out))
+        str(out),
+        out.stat().st_size,
+        patch.patch_id,
+        manifest.title,
+        first.base.architecture,
+        [
+            MergedInput(
+                str(p.path) if p.path is not None else p.title,
+                p.title,
+                p.patch_id,
+                s,
+                [c.name for c in p.manifest.concepts],
+            )
+            for p, s in zip(patches, weights)
+        ],
+        [c.name for c in concepts],
+        rows,
+        dtype,
+        rank,
+        time.perf_counter() - t0,
+        notes,
+        ui_advice(patch, out),
+    )
 
 
 def _storage_dtype(patches: list[Patch]) -> str:

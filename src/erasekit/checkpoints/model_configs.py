@@ -72,8 +72,11 @@ class ConfigChoice:
 
         index = read_json(self.path / "model_index.json")
         pads = _SD2_PAD if self.name.startswith("sd2") else _PAD
-        return {name: CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad)
-                for name, pad in pads.items() if (index.get(name) or [None])[0] is not None}
+        return {
+            name: CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad)
+            for name, pad in pads.items()
+            if (index.get(name) or [None])[0] is not None
+        }
 
 
 def _metadata_prediction(ckpt: Checkpoint) -> str | None:
@@ -106,11 +109,15 @@ def sd2_prediction(ckpt: Checkpoint) -> tuple[str, str]:
     pred = "v_prediction" if spread > V_PREDICTION_SPREAD else "epsilon"
     sign = ">" if pred == "v_prediction" else "<="
     if abs(spread - V_PREDICTION_SPREAD) <= NEAR_THRESHOLD * V_PREDICTION_SPREAD:
-        warnings.warn(ErasekitWarning(
-            f"{ckpt.path.name}: the prediction type {pred} was guessed from a weight statistic close to its threshold "
-            f"(UNet norm-bias spread {spread:.3f}, threshold {V_PREDICTION_SPREAD}; the file has no ModelSpec "
-            f"metadata); if that is wrong, set the prediction type: v_prediction for a 768-v model, epsilon for a 512 one",
-            option="prediction_type"), stacklevel=2)
+        warnings.warn(
+            ErasekitWarning(
+                f"{ckpt.path.name}: the prediction type {pred} was guessed from a weight statistic close to its threshold "
+                f"(UNet norm-bias spread {spread:.3f}, threshold {V_PREDICTION_SPREAD}; the file has no ModelSpec "
+                f"metadata); if that is wrong, set the prediction type: v_prediction for a 768-v model, epsilon for a 512 one",
+                option="prediction_type",
+            ),
+            stacklevel=2,
+        )
     return pred, f"UNet norm-bias spread {spread:.3f} {sign} {V_PREDICTION_SPREAD}"
 
 
@@ -129,8 +136,10 @@ def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> Conf
     """The bundled configs for a single file (see the module docstring), checked against its UNet."""
     arch = ckpt.architecture
     if arch == "clip-text":
-        raise LayoutError(f"{ckpt.path.name} holds only a CLIP text encoder, no UNet or VAE",
-                          "name a whole Stable Diffusion checkpoint (a text-encoder file can be patched, not run)")
+        raise LayoutError(
+            f"{ckpt.path.name} holds only a CLIP text encoder, no UNet or VAE",
+            "name a whole Stable Diffusion checkpoint (a text-encoder file can be patched, not run)",
+        )
     if arch == "sd2":
         pred, reason = (prediction_type, "as given") if prediction_type else sd2_prediction(ckpt)
         name = "sd2-768-v" if pred == "v_prediction" else "sd2-512"
@@ -151,43 +160,58 @@ def _check_unet(ckpt: Checkpoint, choice: ConfigChoice) -> None:
     """Refuse, with a clear line, a file whose UNet is not the reference architecture's (inpainting, other widths)."""
     info = ckpt.files[0].tensor_info()
     if _UNET_IN not in info:
-        raise LayoutError(f"{ckpt.path.name} has {ckpt.architecture} text encoders but no UNet ({_UNET_IN})",
-                          "name a whole checkpoint (UNet, VAE and text encoders in one file)")
+        raise LayoutError(
+            f"{ckpt.path.name} has {ckpt.architecture} text encoders but no UNet ({_UNET_IN})",
+            "name a whole checkpoint (UNet, VAE and text encoders in one file)",
+        )
     shape = info[_UNET_IN][1]
     cfg = read_json(choice.path / "unet" / "config.json")
     want = (cfg["block_out_channels"][0], cfg["in_channels"])
     if tuple(shape[:2]) != want:
         what = {9: "an inpainting model", 5: "a depth-conditioned model"}.get(shape[1], "a UNet of other sizes")
-        raise LayoutError(f"{ckpt.path.name} is {what} (UNet input {shape[1]} channels, width {shape[0]}); erasekit's "
-                          f"bundled {choice.name} config has {want[1]} channels, width {want[0]}",
-                          "give a config: a local diffusers folder of this model", option="config_dir")
+        raise LayoutError(
+            f"{ckpt.path.name} is {what} (UNet input {shape[1]} channels, width {shape[0]}); erasekit's "
+            f"bundled {choice.name} config has {want[1]} channels, width {want[0]}",
+            "give a config: a local diffusers folder of this model",
+            option="config_dir",
+        )
 
 
 def user_choice(ckpt: Checkpoint, config: str | os.PathLike, prediction_type: str | None = None) -> ConfigChoice:
     """A user's ``config`` folder, refused before anything is loaded when it is of another model than the file."""
     folder = Path(config)
     if not folder.is_dir():
-        raise InputFileError(f"config {folder} is not a folder", "name a local diffusers pipeline folder", option="config_dir")
+        raise InputFileError(
+            f"config {folder} is not a folder", "name a local diffusers pipeline folder", option="config_dir"
+        )
     arch, configs = config_architecture(folder)
     if arch != ckpt.architecture:
-        raise LayoutError(f"config {folder} is a pipeline for {arch} but {ckpt.path.name} is {ckpt.architecture}",
-                          f"give as config a diffusers folder of the {ckpt.architecture} family", option="config_dir")
+        raise LayoutError(
+            f"config {folder} is a pipeline for {arch} but {ckpt.path.name} is {ckpt.architecture}",
+            f"give as config a diffusers folder of the {ckpt.architecture} family",
+            option="config_dir",
+        )
     for slot, enc in ckpt.encoders.items():
         cfg = configs[slot]
         dims = (cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers"))
         # diffusers' SD2.x text encoder stops one OpenCLIP block early (23 of 24 layers: the penultimate layer)
-        layers_fit = dims[2] == enc.layers or (enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers)
+        layers_fit = dims[2] == enc.layers or (
+            enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers
+        )
         if dims[:2] != enc.dims[:2] or not layers_fit:
-            raise LayoutError(f"config {folder} describes a text encoder of {'x'.join(map(str, dims))} (hidden x FFN "
-                              f"x layers) but {ckpt.path.name} holds {'x'.join(map(str, enc.dims))}",
-                              "give as config the diffusers folder of the model this file was made from",
-                              option="config_dir")
+            raise LayoutError(
+                f"config {folder} describes a text encoder of {'x'.join(map(str, dims))} (hidden x FFN "
+                f"x layers) but {ckpt.path.name} holds {'x'.join(map(str, enc.dims))}",
+                "give as config the diffusers folder of the model this file was made from",
+                option="config_dir",
+            )
     pred = prediction_type or _scheduler_prediction(folder)
     return ConfigChoice(f"config {folder}", folder, pred, "given", bundled=False)
 
 
-def choose_config(ckpt: Checkpoint, config: str | os.PathLike | None = None,
-                  prediction_type: str | None = None) -> ConfigChoice:
+def choose_config(
+    ckpt: Checkpoint, config: str | os.PathLike | None = None, prediction_type: str | None = None
+) -> ConfigChoice:
     """The configs to load the single file ``ckpt`` with: the user's ``config`` folder, else the bundled ones."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ErasekitError(f"unknown prediction type {prediction_type!r}", "use epsilon or v_prediction")
@@ -200,15 +224,22 @@ def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     """(architecture, slot -> text encoder config) of a diffusers folder, from its JSON files only: a folder
     of configs without weights is enough."""
     if not (config / "model_index.json").is_file():
-        raise LayoutError(f"config {config} has no model_index.json",
-                          "name a local diffusers pipeline folder (its configs are enough, weights are not needed)")
+        raise LayoutError(
+            f"config {config} has no model_index.json",
+            "name a local diffusers pipeline folder (its configs are enough, weights are not needed)",
+        )
     index = read_json(config / "model_index.json")
     names = [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and index[c][:1] != [None]]
-    slots = {("text_encoder",): ["te"], ("text_encoder", "text_encoder_2"): ["te1", "te2"],
-             ("text_encoder_2",): ["te2"]}.get(tuple(names))
+    slots = {
+        ("text_encoder",): ["te"],
+        ("text_encoder", "text_encoder_2"): ["te1", "te2"],
+        ("text_encoder_2",): ["te2"],
+    }.get(tuple(names))
     if slots is None:
-        raise LayoutError(f"config {config} has no text encoder in its model_index.json",
-                          "name the diffusers pipeline folder of a Stable Diffusion model")
+        raise LayoutError(
+            f"config {config} has no text encoder in its model_index.json",
+            "name the diffusers pipeline folder of a Stable Diffusion model",
+        )
     configs = {}
     for slot, name in zip(slots, names):
         if not (config / name / "config.json").is_file():
@@ -221,12 +252,15 @@ def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     return ("sd2" if configs["te"].get("hidden_act") == "gelu" else "sd1"), configs  # as layouts._detect_folder
 
 
-def native_resolution(ckpt: Checkpoint, config: str | os.PathLike | None = None,
-                      prediction_type: str | None = None) -> int | None:
+def native_resolution(
+    ckpt: Checkpoint, config: str | os.PathLike | None = None, prediction_type: str | None = None
+) -> int | None:
     """The image size the model renders at by default, from the model folder's configs or those a single file is
     loaded with (:func:`native_resolution_of`). None when they do not tell."""
     try:
-        return native_resolution_of(ckpt.path if ckpt.path.is_dir() else choose_config(ckpt, config, prediction_type).path)
+        return native_resolution_of(
+            ckpt.path if ckpt.path.is_dir() else choose_config(ckpt, config, prediction_type).path
+        )
     except ErasekitError:
         return None
 

@@ -15,9 +15,11 @@ from .layouts import Checkpoint, detect, read_json
 from .model_configs import choose_config
 
 SUPPORTED = ("sd1", "sd2", "sdxl")
-_COMPONENTS = {"sd1": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
-               "sd2": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
-               "sdxl": ("unet", "vae", "tokenizer", "tokenizer_2", "scheduler", "text_encoder", "text_encoder_2")}
+_COMPONENTS = {
+    "sd1": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
+    "sd2": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
+    "sdxl": ("unet", "vae", "tokenizer", "tokenizer_2", "scheduler", "text_encoder", "text_encoder_2"),
+}
 
 
 class UnsupportedModelError(LayoutError):
@@ -81,13 +83,22 @@ def resolve_device(device: str) -> Any:
     except RuntimeError:
         raise ErasekitError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ErasekitError("device cuda was asked for but this torch has no CUDA device", "use the cpu", option="device")
+        raise ErasekitError(
+            "device cuda was asked for but this torch has no CUDA device", "use the cpu", option="device"
+        )
     return dev
 
 
-def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype: Any = None,
-                  text_encoder_dtype: Any = None, vae_dtype: Any = None, config: str | os.PathLike | None = None,
-                  prediction_type: str | None = None) -> tuple[Any, Checkpoint]:
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    device: Any = "cpu",
+    torch_dtype: Any = None,
+    text_encoder_dtype: Any = None,
+    vae_dtype: Any = None,
+    config: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+) -> tuple[Any, Checkpoint]:
     """A StableDiffusion(XL)Pipeline from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
     Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
     of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
@@ -105,36 +116,56 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     ckpt = detect(path)
     recover_interrupted(ckpt)  # never fingerprint or train on a half-applied file
     if ckpt.architecture == "clip-text":
-        raise UnsupportedModelError(f"{path} is a CLIP text encoder on its own (no UNet or VAE), which erase, "
-                                    "generate and eval cannot run", "name the whole Stable Diffusion model it belongs "
-                                    "to (a text-encoder file still takes patches: erasekit apply)")
+        raise UnsupportedModelError(
+            f"{path} is a CLIP text encoder on its own (no UNet or VAE), which erase, generate and eval cannot run",
+            "name the whole Stable Diffusion model it belongs "
+            "to (a text-encoder file still takes patches: erasekit apply)",
+        )
     if ckpt.architecture not in SUPPORTED:
-        raise UnsupportedModelError(f"{path} is {ckpt.architecture}; erase and generate support SD1.x, SD2.x and "
-                                    "SDXL base", "use one of those (the SDXL refiner has no prompt encoder of its own "
-                                    "to erase from; erase with the base model)")
+        raise UnsupportedModelError(
+            f"{path} is {ckpt.architecture}; erase and generate support SD1.x, SD2.x and SDXL base",
+            "use one of those (the SDXL refiner has no prompt encoder of its own "
+            "to erase from; erase with the base model)",
+        )
     dtype = torch_dtype or torch.float32
     te_dtype = text_encoder_dtype or dtype
     vae_dtype = vae_dtype or dtype
     cls = StableDiffusionXLPipeline if ckpt.architecture == "sdxl" else StableDiffusionPipeline
-    extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "feature_extractor": None,
-                                                         "requires_safety_checker": False}
+    extra = (
+        {}
+        if cls is StableDiffusionXLPipeline
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
     if path.is_dir():
         index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
         for comp in _COMPONENTS[ckpt.architecture]:
             if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
-                raise LayoutError(f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
-                                  "use a complete diffusers pipeline folder")
+                raise LayoutError(
+                    f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
+                    "use a complete diffusers pipeline folder",
+                )
         variant = weights_variant(path)
         dtypes = {"default": dtype, "text_encoder": te_dtype, "text_encoder_2": te_dtype, "vae": vae_dtype}
-        load: Callable[..., Any] = lambda: cls.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, variant=variant,  # noqa: E731
-                                                               **extra)
+        load: Callable[..., Any] = lambda: cls.from_pretrained(  # noqa: E731
+            path,
+            local_files_only=True,
+            torch_dtype=dtypes,
+            variant=variant,
+            **extra,
+        )
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
         extra |= choice.tokenizers()
         load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
-        load = lambda **kw: cls.from_single_file(str(path), config=str(choice.path), local_files_only=True,  # noqa: E731
-                                                 torch_dtype=load_dtype, **extra, **kw)
+        load = lambda **kw: cls.from_single_file(  # noqa: E731
+            str(path),
+            config=str(choice.path),
+            local_files_only=True,
+            torch_dtype=load_dtype,
+            **extra,
+            **kw,
+        )
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     def read() -> Any:
@@ -153,12 +184,14 @@ def load_pipeline(model: str | os.PathLike, *, device: Any = "cpu", torch_dtype:
     try:
         pipe = read_consistently(ckpt, read)  # never one with tensors half-written by an apply under way
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as e:
-        fix = ("check that the folder is a complete local diffusers pipeline" if path.is_dir() else
-               f"check that {path} is a complete checkpoint" + (f" and {config} a pipeline of the same model"
-                                                                 if config else ""))
+        fix = (
+            "check that the folder is a complete local diffusers pipeline"
+            if path.is_dir()
+            else f"check that {path} is a complete checkpoint"
+            + (f" and {config} a pipeline of the same model" if config else "")
+        )
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:240]  # torch puts the why on line 2
-        raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {detail})",
-                          fix) from None
+        raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {detail})", fix) from None
     if not path.is_dir():
         check_single_file_pipeline(pipe, ckpt, config)
         for name in ("text_encoder", "text_encoder_2"):
@@ -211,9 +244,12 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
     for comp, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model.")):
         need, have = len(getattr(pipe, comp).state_dict()), sum(k.startswith(prefix) for k in names)
         if have < need:
-            raise LayoutError(f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of its "
-                              f"config ({ckpt.config}) has {need}", "use a complete checkpoint, and a config of the "
-                              "same model", option="config_dir")
+            raise LayoutError(
+                f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of its "
+                f"config ({ckpt.config}) has {need}",
+                "use a complete checkpoint, and a config of the same model",
+                option="config_dir",
+            )
     wf = ckpt.files[0]
     _, encoders = memory_encoders(pipe)
     for slot, enc in ckpt.encoders.items():
@@ -224,5 +260,7 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
             got = state[spec.key(layer, proj, kind)]
             want = torch.from_numpy(wf.read_numpy(key).copy()).to(got.dtype)
             if got.is_meta or not torch.equal(got.cpu(), want):  # meta: never loaded (accelerate's empty weights)
-                raise LayoutError(f"diffusers did not load {ckpt.path.name}'s text encoder as it is stored ({key} "
-                                  "differs)", "report this with your diffusers and transformers versions")
+                raise LayoutError(
+                    f"diffusers did not load {ckpt.path.name}'s text encoder as it is stored ({key} differs)",
+                    "report this with your diffusers and transformers versions",
+                )

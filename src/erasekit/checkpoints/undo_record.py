@@ -58,6 +58,7 @@ def undo_name(label: str, key: str) -> str:
 
 # -- the arithmetic apply and revert share ---------------------------------------------------------------
 
+
 def delta_of(parts: DeltaParts) -> np.ndarray:
     """The float32 delta ``parts`` stand for, computed as ``Patch.weight_delta`` computes it (float64 product of
     the low-rank factors, rounded once): apply and revert use this one function."""
@@ -114,6 +115,7 @@ def page_crcs(data: bytes, begin: int) -> np.ndarray:
 
 
 # -- undo records ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class UndoTensor:
@@ -182,8 +184,9 @@ def added(before: bytes, ent: _st.TensorEntry, term: np.ndarray, inverted: bool)
     return after, np.flatnonzero(back != np.frombuffer(before, _BITS[ent.dtype])).astype("<u4")
 
 
-def undo_record(before: bytes, after: bytes, ent: _st.TensorEntry, parts: DeltaParts | None,
-                misses: np.ndarray | None) -> UndoTensor:
+def undo_record(
+    before: bytes, after: bytes, ent: _st.TensorEntry, parts: DeltaParts | None, misses: np.ndarray | None
+) -> UndoTensor:
     """The smaller record of one tensor that apply turned from ``before`` into ``after``; ``misses``: the exceptions
     :func:`added` found (``None``: keep the bytes whole)."""
     crcs = page_crcs(after, ent.begin)
@@ -191,14 +194,17 @@ def undo_record(before: bytes, after: bytes, ent: _st.TensorEntry, parts: DeltaP
     if not parts or misses is None:
         return full
     orig = np.frombuffer(before, _BITS[ent.dtype])
-    res = UndoTensor(ent.dtype, ent.shape, parts=_exact_parts(parts), exc_index=misses, exc_value=orig[misses],
-                     page_crc=crcs)
+    res = UndoTensor(
+        ent.dtype, ent.shape, parts=_exact_parts(parts), exc_index=misses, exc_value=orig[misses], page_crc=crcs
+    )
     return res if res.nbytes < full.nbytes else full
 
 
 def _corrupt(path: Path, key: str, what: str) -> UndoRecordError:
-    return UndoRecordError(f"undo record {path} is corrupt ({key}: {what})",
-                           "it is damaged; revert is impossible: restore the checkpoint from a backup")
+    return UndoRecordError(
+        f"undo record {path} is corrupt ({key}: {what})",
+        "it is damaged; revert is impossible: restore the checkpoint from a backup",
+    )
 
 
 def read_full(header: _st.Header, f: BinaryIO, name: str, ent: _st.TensorEntry, path: Path, key: str) -> UndoTensor:
@@ -212,9 +218,8 @@ def read_full(header: _st.Header, f: BinaryIO, name: str, ent: _st.TensorEntry, 
     return rec
 
 
-def read_residual(header: _st.Header, f: BinaryIO, name: str, ent: _st.TensorEntry, path: Path,
-                   key: str) -> UndoTensor:
-    got = {n[len(name) + 2:]: e for n, e in header.entries.items() if n.startswith(name + "::")}
+def read_residual(header: _st.Header, f: BinaryIO, name: str, ent: _st.TensorEntry, path: Path, key: str) -> UndoTensor:
+    got = {n[len(name) + 2 :]: e for n, e in header.entries.items() if n.startswith(name + "::")}
     if not got:
         raise UndoRecordError(f"undo record {path} lacks {key}", "it is damaged; revert is impossible")
     deltas = set(got) - _RESIDUAL
@@ -225,9 +230,14 @@ def read_residual(header: _st.Header, f: BinaryIO, name: str, ent: _st.TensorEnt
         raise _corrupt(path, key, "a part has the wrong dtype")
     raw = {p: _st.read_raw(f, e) for p, e in got.items()}
     parts = {p: (got[p].dtype, _st.to_float32(raw[p], got[p].dtype, got[p].shape)) for p in deltas}
-    rec = UndoTensor(ent.dtype, ent.shape, parts=parts, exc_index=np.frombuffer(raw["exc_index"], "<u4"),
-                     exc_value=np.frombuffer(raw["exc_value"], _BITS[ent.dtype]),
-                     page_crc=np.frombuffer(raw["page_crc32"], "<u4"))
+    rec = UndoTensor(
+        ent.dtype,
+        ent.shape,
+        parts=parts,
+        exc_index=np.frombuffer(raw["exc_index"], "<u4"),
+        exc_value=np.frombuffer(raw["exc_value"], _BITS[ent.dtype]),
+        page_crc=np.frombuffer(raw["page_crc32"], "<u4"),
+    )
     if not _consistent(rec, ent):
         raise _corrupt(path, key, "its parts do not fit the tensor")
     return rec
@@ -239,14 +249,25 @@ def _consistent(rec: UndoTensor, ent: _st.TensorEntry) -> bool:
         fits = shapes["diff"] == ent.shape
     else:
         up, down = shapes["lora_up"], shapes["lora_down"]
-        fits = (len(up) == len(down) == 2 and (up[0], down[1]) == ent.shape and up[1] == down[0] > 0
-                and shapes["alpha"] == ())
+        fits = (
+            len(up) == len(down) == 2
+            and (up[0], down[1]) == ent.shape
+            and up[1] == down[0] > 0
+            and shapes["alpha"] == ()
+        )
     counts = rec.exc_index.size == rec.exc_value.size and len(rec.page_crc) == len(_pages(ent.begin, ent.nbytes))
     return fits and counts and (rec.exc_index.size == 0 or int(rec.exc_index.max()) < ent.numel)
 
 
-def rebuild(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, strength: float, tr: TensorRecord,
-            path: Path, cur_sha: str | None = None) -> bytes:
+def rebuild(
+    rec: UndoTensor,
+    cur: bytes,
+    ent: _st.TensorEntry,
+    strength: float,
+    tr: TensorRecord,
+    path: Path,
+    cur_sha: str | None = None,
+) -> bytes:
     """The tensor's bytes before the entry, from its bytes now (all, some or none of its pages rewritten; their
     sha256 if known), verified against ``before_sha256``."""
     if rec.original is not None:
@@ -259,15 +280,24 @@ def rebuild(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, strength: float, 
     if sha256(data) == tr.before_sha256:
         return data
     if cur_sha and cur_sha != tr.after_sha256:
-        raise ForeignBytesError(f"{tr.key} is neither as patched nor as before (changed by another program?), and undo "
-                              f"record {path} holds the change, not the original bytes",
-                              "restore the checkpoint from a backup")
-    raise UndoRecordError(f"undo record {path} is corrupt ({tr.key} does not match its hash)",
-                          "it is damaged; revert is impossible")
+        raise ForeignBytesError(
+            f"{tr.key} is neither as patched nor as before (changed by another program?), and undo "
+            f"record {path} holds the change, not the original bytes",
+            "restore the checkpoint from a backup",
+        )
+    raise UndoRecordError(
+        f"undo record {path} is corrupt ({tr.key} does not match its hash)", "it is damaged; revert is impossible"
+    )
 
 
-def check_before_or_after(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, tr: TensorRecord,
-                          cur_sha: str | None = None, reverting: bool = False) -> None:
+def check_before_or_after(
+    rec: UndoTensor,
+    cur: bytes,
+    ent: _st.TensorEntry,
+    tr: TensorRecord,
+    cur_sha: str | None = None,
+    reverting: bool = False,
+) -> None:
     """Raise :class:`ForeignBytesError` unless ``cur`` holds the tensor's bytes before or after the entry, page by
     page (one page may be cut inside by a write that stopped there: its before part must be the original's).
     A residual record is not checked here: its rebuild proves it (the result must hash to the bytes before).
@@ -277,15 +307,21 @@ def check_before_or_after(rec: UndoTensor, cur: bytes, ent: _st.TensorEntry, tr:
     pages, orig = _pages(ent.begin, len(cur)), rec.original
     same = [cur[a:b] == orig[a:b] for a, b in pages]
     if len(rec.page_crc) == len(pages):
-        odd = [(a, b) for (a, b), crc, s in zip(pages, rec.page_crc.tolist(), same) if not s and zlib.crc32(cur[a:b]) != crc]
+        odd = [
+            (a, b)
+            for (a, b), crc, s in zip(pages, rec.page_crc.tolist(), same)
+            if not s and zlib.crc32(cur[a:b]) != crc
+        ]
         proven = not odd or (len(odd) == 1 and _cut_before_part(cur, orig, *odd[0], _st.ITEMSIZE[ent.dtype]))
     elif reverting:  # a record from before page checksums: a write runs from the start, so a revert it cut holds
-        proven = same[0] and not any(same[same.index(False):])  # original pages first, the rest still as patched
+        proven = same[0] and not any(same[same.index(False) :])  # original pages first, the rest still as patched
     else:  # and an apply it cut holds after bytes first, original pages from one on
-        proven = any(same) and all(same[same.index(True):])
+        proven = any(same) and all(same[same.index(True) :])
     if not proven:
-        raise ForeignBytesError(f"{tr.key} holds neither its bytes from before the interrupted write nor those it "
-                                "wrote", "restore the file the journal describes")
+        raise ForeignBytesError(
+            f"{tr.key} holds neither its bytes from before the interrupted write nor those it wrote",
+            "restore the file the journal describes",
+        )
 
 
 def _cut_before_part(cur: bytes, orig: bytes, a: int, b: int, item: int) -> bool:

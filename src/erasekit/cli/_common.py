@@ -27,24 +27,53 @@ out = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() e
 err = Console(stderr=True, highlight=False, markup=False)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="A single .safetensors/.ckpt "
-                                                "file, a diffusers folder, or a model id ORG/NAME[@REVISION] (from "
-                                                "the Hugging Face cache, downloaded if missing): SD1.x, SD2.x, SDXL. "
-                                                "[default: the built-in toy-world model]")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="DIR", help="For a single-file MODEL: "
-                                                  "a local diffusers folder of the same model, instead of "
-                                                  "erasekit's bundled configs of its architecture.")]
-PredictionOpt = Annotated[Optional[str], typer.Option("--prediction-type", metavar="TYPE", help="epsilon or "
-                                                      "v_prediction, overriding the model's (SD2.x 512 vs 768-v "
-                                                      "single files are told apart from their weights).")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="MODEL",
+        help="A single .safetensors/.ckpt "
+        "file, a diffusers folder, or a model id ORG/NAME[@REVISION] (from "
+        "the Hugging Face cache, downloaded if missing): SD1.x, SD2.x, SDXL. "
+        "[default: the built-in toy-world model]",
+    ),
+]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        metavar="DIR",
+        help="For a single-file MODEL: "
+        "a local diffusers folder of the same model, instead of "
+        "erasekit's bundled configs of its architecture.",
+    ),
+]
+PredictionOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--prediction-type",
+        metavar="TYPE",
+        help="epsilon or "
+        "v_prediction, overriding the model's (SD2.x 512 vs 768-v "
+        "single files are told apart from their weights).",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
 
 INTERNAL_ERROR = 70
 # the library's name of a setting -> this command line's flag, where they differ (else --name-with-dashes)
-OPTION_FLAGS = {"concepts": "--concept", "patches": "--patch", "prompts_file": "--prompts", "output": "-o",
-                "in_place": "--in-place", "config_dir": "--config", "stand_ins": "--stand-in",
-                "concept_templates": "--concept-template"}
+OPTION_FLAGS = {
+    "concepts": "--concept",
+    "patches": "--patch",
+    "prompts_file": "--prompts",
+    "output": "-o",
+    "in_place": "--in-place",
+    "config_dir": "--config",
+    "stand_ins": "--stand-in",
+    "concept_templates": "--concept-template",
+}
 
 
 def debug() -> bool:
@@ -67,8 +96,11 @@ def _flag_for_warning(option: str | None) -> str:
 
     flag = flag_of(option)[2:-1]
     group = typer.main.get_command(app)
-    takers = sorted(name for name, cmd in group.commands.items()  # type: ignore[attr-defined]
-                    if any(flag in param.opts for param in cmd.params))
+    takers = sorted(
+        name
+        for name, cmd in group.commands.items()  # type: ignore[attr-defined]
+        if any(flag in param.opts for param in cmd.params)
+    )
     return f" ({flag} of {', '.join(takers)})" if takers else ""
 
 
@@ -107,8 +139,10 @@ def _errors_as_lines() -> Iterator[None]:
         print(f"error: {e}{flag_of(e.option)}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        print("error: interrupted; files are left as they were or will be rolled back by the next erasekit command",
-              file=sys.stderr)
+        print(
+            "error: interrupted; files are left as they were or will be rolled back by the next erasekit command",
+            file=sys.stderr,
+        )
         raise typer.Exit(130) from None
     except OSError as e:
         if debug():
@@ -119,8 +153,11 @@ def _errors_as_lines() -> Iterator[None]:
     except Exception as e:
         if debug():
             raise
-        print(f"error: internal error ({type(e).__name__}: {e}); rerun with ERASEKIT_DEBUG=1 for a traceback and "
-              "report it", file=sys.stderr)
+        print(
+            f"error: internal error ({type(e).__name__}: {e}); rerun with ERASEKIT_DEBUG=1 for a traceback and "
+            "report it",
+            file=sys.stderr,
+        )
         raise typer.Exit(INTERNAL_ERROR) from None
 
 
@@ -184,9 +221,15 @@ def ranges(nums: list[int]) -> str:
 
 
 # what a list or dict setting holds, counted where it is too long to read at a glance: (one, several)
-COUNTED = {"anchor_prompts": ("prompt", "prompts"), "templates": ("template", "templates"),
-           "stand_ins": ("pair", "pairs"), "concept_templates": ("concept", "concepts"), "keep": ("concept", "concepts"),
-           "patches": ("patch", "patches"), "after": ("patch", "patches")}
+COUNTED = {
+    "anchor_prompts": ("prompt", "prompts"),
+    "templates": ("template", "templates"),
+    "stand_ins": ("pair", "pairs"),
+    "concept_templates": ("concept", "concepts"),
+    "keep": ("concept", "concepts"),
+    "patches": ("patch", "patches"),
+    "after": ("patch", "patches"),
+}
 SHOWN_WHOLE = 30  # characters: the longest list or dict a summary shows as it is
 
 
@@ -235,8 +278,14 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Any]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), console=err)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+    )
     task = None
 
     def update(done: int, total: int, info: str) -> None:

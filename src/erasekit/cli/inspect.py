@@ -15,13 +15,27 @@ if TYPE_CHECKING:  # the CLI imports the library when a command runs
 
 
 def inspect_cmd(
-    path: Annotated[Path, typer.Argument(metavar="FILE", help="A .erasepatch, or a checkpoint (folder or file).",
-                                         show_default=False)],
-    against: Annotated[Optional[Path], typer.Option("--against", metavar="CKPT", help="Checkpoint to compare a patch with: "
-                                                   "compatibility and relative change per layer.")] = None,
-    full: Annotated[bool, typer.Option("--full", help="A patch's whole method record: every setting and list "
-                                       "(without it, lists are counted and the settings that differ from the "
-                                       "defaults come first).")] = False,
+    path: Annotated[
+        Path,
+        typer.Argument(metavar="FILE", help="A .erasepatch, or a checkpoint (folder or file).", show_default=False),
+    ],
+    against: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--against",
+            metavar="CKPT",
+            help="Checkpoint to compare a patch with: compatibility and relative change per layer.",
+        ),
+    ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="A patch's whole method record: every setting and list "
+            "(without it, lists are counted and the settings that differ from the "
+            "defaults come first).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a patch (manifest, per-layer deltas) or a checkpoint (layout, encoders, applied patches)."""
@@ -38,13 +52,18 @@ def inspect_cmd(
         _render_checkpoint(result)
 
 
-
 def _setting(name: str, value: object) -> object:
     """A manifest setting as the method line shows it: a merge's inputs, or the patches an erase was made after,
     by title and short id (and strength)."""
     if name in ("patches", "after") and isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        return "[" + ", ".join(f"{p.get('title')} ({str(p.get('patch_id'))[:12]})"
-                               + (f" x{p['strength']}" if "strength" in p else "") for p in value) + "]"
+        return (
+            "["
+            + ", ".join(
+                f"{p.get('title')} ({str(p.get('patch_id'))[:12]})" + (f" x{p['strength']}" if "strength" in p else "")
+                for p in value
+            )
+            + "]"
+        )
     return value
 
 
@@ -59,9 +78,11 @@ def _render_method(r: PatchInspection, full: bool) -> None:
         return
     out.print(f"  method     {r.method['name']}")
     erase = bool(r.settings.changed or r.settings.default)
-    groups = (("settings", [brief(k, v) for k, v in r.settings.changed.items()]),
-              ("defaults", list(r.settings.default)),  # by name: erasekit erase --help has their values
-              ("recorded" if erase else "settings", [brief(k, _setting(k, v)) for k, v in r.settings.other.items()]))
+    groups = (
+        ("settings", [brief(k, v) for k, v in r.settings.changed.items()]),
+        ("defaults", list(r.settings.default)),  # by name: erasekit erase --help has their values
+        ("recorded" if erase else "settings", [brief(k, _setting(k, v)) for k, v in r.settings.other.items()]),
+    )
     for label, items in groups:
         for line in packed(f"  {label:<11}", items) if items else []:
             out.print(line)
@@ -69,8 +90,10 @@ def _render_method(r: PatchInspection, full: bool) -> None:
 
 def _render_patch(r: PatchInspection, full: bool = False) -> None:
     warn(r.warnings)
-    out.print(f"Patch {r.path}  ({human_bytes(r.size_bytes)}, format v{r.format_version}, "
-              f"written by erasekit {r.erasekit_version}, {r.created_at})")
+    out.print(
+        f"Patch {r.path}  ({human_bytes(r.size_bytes)}, format v{r.format_version}, "
+        f"written by erasekit {r.erasekit_version}, {r.created_at})"
+    )
     out.print(f"  title      {r.title}")
     if r.concepts:
         out.print("  concepts   " + ", ".join(f"{c['name']} ({c['kind']})" for c in r.concepts))
@@ -78,8 +101,11 @@ def _render_patch(r: PatchInspection, full: bool = False) -> None:
     encs = ", ".join(f"{s} ({e['hidden']}x{e['intermediate']}, {e['layers']} layers)" for s, e in r.encoders.items())
     left = r.method.get("hyperparameters", {}).get("left_out")
     if isinstance(left, dict):
-        out.print(f"  left out   {left.get('tensors')} non-FFN tensors of the edit (largest: {left.get('largest')}, "
-                  f"relative change {left.get('largest_relative', 0):.2e})", style="bold yellow")
+        out.print(
+            f"  left out   {left.get('tensors')} non-FFN tensors of the edit (largest: {left.get('largest')}, "
+            f"relative change {left.get('largest_relative', 0):.2e})",
+            style="bold yellow",
+        )
     out.print(f"  base       {r.architecture}: {encs}")
     if r.base_config:
         out.print(f"  configs    {r.base_config}")
@@ -90,8 +116,16 @@ def _render_patch(r: PatchInspection, full: bool = False) -> None:
     if r.against:
         out.print(f"  against    {r.against} [{r.against_layout}]: {r.compatibility}")
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col, justify in (("enc", "left"), ("layer", "right"), ("proj", "left"), ("shape", "left"),
-                         ("storage", "left"), ("dtype", "left"), ("|ΔW|", "right"), ("|Δb|", "right")):
+    for col, justify in (
+        ("enc", "left"),
+        ("layer", "right"),
+        ("proj", "left"),
+        ("shape", "left"),
+        ("storage", "left"),
+        ("dtype", "left"),
+        ("|ΔW|", "right"),
+        ("|Δb|", "right"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     lossy = any(row.error is not None for row in r.rows)
     if lossy:  # what the low-rank factors lost: error against the trained change, share of its norm kept
@@ -102,8 +136,16 @@ def _render_patch(r: PatchInspection, full: bool = False) -> None:
     table.add_column("")
     top = max((row.delta_norm for row in r.rows), default=0.0)
     for row in r.rows:
-        cells = [row.encoder, str(row.layer), row.proj, "x".join(map(str, row.shape)), row.storage, row.dtype,
-                 f"{row.delta_norm:.3g}", f"{row.bias_delta_norm:.3g}"]
+        cells = [
+            row.encoder,
+            str(row.layer),
+            row.proj,
+            "x".join(map(str, row.shape)),
+            row.storage,
+            row.dtype,
+            f"{row.delta_norm:.3g}",
+            f"{row.bias_delta_norm:.3g}",
+        ]
         if lossy:
             cells += ["-", "-"] if row.error is None else [f"{100 * row.error:.1f}%", f"{100 * (row.kept or 0):.1f}%"]
         if r.against:
@@ -132,14 +174,27 @@ def _render_evaluations(evals: list[EvaluationSummary]) -> None:
             continue
         stale |= not e.current
         drop = f"{e.largest_drop} {_pct(e.drop_before)} -> {_pct(e.drop_after)}" if e.largest_drop else "none"
-        para = "-" if e.paraphrase_before is None and e.paraphrase_after is None else \
-            f"{_pct(e.paraphrase_before)} -> {_pct(e.paraphrase_after)}"
-        table.add_row(when, e.judge, f"{e.model}{'' if e.current else ' *'}", str(e.images_per_prompt), f"{e.strength:g}",
-                      f"{e.concept} {_pct(e.target_before)} -> {_pct(e.target_after)}", drop, para)
+        para = (
+            "-"
+            if e.paraphrase_before is None and e.paraphrase_after is None
+            else f"{_pct(e.paraphrase_before)} -> {_pct(e.paraphrase_after)}"
+        )
+        table.add_row(
+            when,
+            e.judge,
+            f"{e.model}{'' if e.current else ' *'}",
+            str(e.images_per_prompt),
+            f"{e.strength:g}",
+            f"{e.concept} {_pct(e.target_before)} -> {_pct(e.target_after)}",
+            drop,
+            para,
+        )
     out.print(table)
     if stale:
-        out.print("  * measured on other tensors than this patch's (another patch id): it does not describe this "
-                  "patch", style="bold yellow")
+        out.print(
+            "  * measured on other tensors than this patch's (another patch id): it does not describe this patch",
+            style="bold yellow",
+        )
 
 
 def _render_checkpoint(r: CheckpointInspection) -> None:
@@ -152,11 +207,16 @@ def _render_checkpoint(r: CheckpointInspection) -> None:
     for col in ("encoder", "file", "naming", "key prefix", "width", "ffn", "layers", "dtype"):
         table.add_column(col)
     for e in r.encoders:
-        table.add_row(e.slot, e.file, e.style, e.prefix or "(none)", str(e.hidden), str(e.intermediate), str(e.layers), e.dtype)
+        table.add_row(
+            e.slot, e.file, e.style, e.prefix or "(none)", str(e.hidden), str(e.intermediate), str(e.layers), e.dtype
+        )
     out.print(table)
     if r.interrupted:
-        out.print(f"  interrupted: {len(r.interrupted)} apply/revert did not finish; the next "
-                  "`erasekit apply` or `apply --revert` on this checkpoint rolls it back", style="bold yellow")
+        out.print(
+            f"  interrupted: {len(r.interrupted)} apply/revert did not finish; the next "
+            "`erasekit apply` or `apply --revert` on this checkpoint rolls it back",
+            style="bold yellow",
+        )
     if not r.applied:
         out.print("  erasekit patches applied: none")
         return
@@ -165,6 +225,13 @@ def _render_checkpoint(r: CheckpointInspection) -> None:
     for col in ("#", "title", "strength", "fingerprint", "tensors", "applied at", "patch id"):
         t.add_column(col)
     for a in r.applied:
-        t.add_row(a["id"], a["title"], f"{a['strength']:g}", a["fingerprint"], str(a["tensors"]), a["applied_at"],
-                  a["patch_id"][:16])
+        t.add_row(
+            a["id"],
+            a["title"],
+            f"{a['strength']:g}",
+            a["fingerprint"],
+            str(a["tensors"]),
+            a["applied_at"],
+            a["patch_id"][:16],
+        )
     out.print(t)

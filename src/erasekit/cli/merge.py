@@ -12,20 +12,50 @@ from ._common import JsonOpt, errors, human_bytes, out, print_json, warn
 
 
 def merge_cmd(
-    patches: Annotated[list[Path], typer.Argument(help="Two or more patches made for the same base model, in the "
-                                                  "order they would be applied.", metavar="PATCH", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT", help="The merged patch (new file): "
-                                         "NAME.erasepatch, or NAME.safetensors for a file ComfyUI and A1111 list.",
-                                         show_default=False)],
-    strength: Annotated[Optional[list[float]], typer.Option("--strength", metavar="S", help="Scale of each patch in "
-                                                            "the sum (once for all, or once per patch, in order).")] = None,
-    rank: Annotated[Optional[str], typer.Option("--rank", metavar="N|dense", help="How to store the summed deltas: "
-                                                "N (truncated SVD of each sum at rank N), dense (every module dense). "
-                                                "Default: modules every input stores low-rank get the factors side by "
-                                                "side (exact, rank = sum of ranks) while that is smaller than dense; "
-                                                "the others are dense float32 sums.")] = None,
-    title: Annotated[Optional[str], typer.Option("--title", metavar="TEXT", help="Title of the merged patch "
-                                                 "[default: the inputs' titles joined by ' + '].")] = None,
+    patches: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Two or more patches made for the same base model, in the order they would be applied.",
+            metavar="PATCH",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="OUT",
+            help="The merged patch (new file): NAME.erasepatch, or NAME.safetensors for a file ComfyUI and A1111 list.",
+            show_default=False,
+        ),
+    ],
+    strength: Annotated[
+        Optional[list[float]],
+        typer.Option(
+            "--strength",
+            metavar="S",
+            help="Scale of each patch in the sum (once for all, or once per patch, in order).",
+        ),
+    ] = None,
+    rank: Annotated[
+        Optional[str],
+        typer.Option(
+            "--rank",
+            metavar="N|dense",
+            help="How to store the summed deltas: "
+            "N (truncated SVD of each sum at rank N), dense (every module dense). "
+            "Default: modules every input stores low-rank get the factors side by "
+            "side (exact, rank = sum of ranks) while that is smaller than dense; "
+            "the others are dense float32 sums.",
+        ),
+    ] = None,
+    title: Annotated[
+        Optional[str],
+        typer.Option(
+            "--title", metavar="TEXT", help="Title of the merged patch [default: the inputs' titles joined by ' + ']."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Merge patches for the same base model into one: deltas summed, concepts and base fingerprints merged."""
@@ -49,7 +79,9 @@ def merge_cmd(
         table.add_row(m.encoder, str(m.layer), m.proj, str(m.sources), m.storage, m.how, *lost)
     out.print(table)
     concepts = ", ".join(report.concepts) or "none recorded"
-    out.print(f"Wrote {report.output} ({human_bytes(report.output_bytes)}, {report.dtype}, {len(report.modules)} "
-              f"modules, concepts: {concepts}) in {report.seconds:.2f} s")
+    out.print(
+        f"Wrote {report.output} ({human_bytes(report.output_bytes)}, {report.dtype}, {len(report.modules)} "
+        f"modules, concepts: {concepts}) in {report.seconds:.2f} s"
+    )
     for line in report.ui:
         out.print(f"  {line}")

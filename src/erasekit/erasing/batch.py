@@ -53,8 +53,12 @@ class BatchReport:
         self.counts = {s: sum(j.status == s for j in self.jobs) for s in ("done", "skipped", "failed")}
 
 
-def run_batch(manifest: str | os.PathLike, *, on_plan: Callable[[list[PlannedJob]], None] | None = None,
-              on_job: Callable[[JobResult], None] | None = None) -> BatchReport:
+def run_batch(
+    manifest: str | os.PathLike,
+    *,
+    on_plan: Callable[[list[PlannedJob]], None] | None = None,
+    on_job: Callable[[JobResult], None] | None = None,
+) -> BatchReport:
     """Run every job of ``manifest`` that has no up-to-date patch yet (see :mod:`erasekit.erasing.batch_manifest` for the
     file); ``on_plan`` hears of the checked jobs (each with the absolute path it writes) before any runs, ``on_job``
     of each job this process finishes. The manifest is checked whole before any model is loaded
@@ -85,8 +89,9 @@ def _decide(planned: list[PlannedJob]) -> tuple[list[JobResult], list[tuple[Plan
     return settled, todo
 
 
-def _run_shares(todo: list[tuple[PlannedJob, str | None]], state: Any,
-                on_job: Callable[[JobResult], None] | None) -> list[JobResult]:
+def _run_shares(
+    todo: list[tuple[PlannedJob, str | None]], state: Any, on_job: Callable[[JobResult], None] | None
+) -> list[JobResult]:
     """This process's share of ``todo`` run (all of it without accelerate), and every process's results."""
     if state is None:
         return _run_jobs(todo, 0, None, on_job)
@@ -124,11 +129,16 @@ def _processes() -> Iterator[Any]:
 
 def launch_notes() -> list[str]:
     """What to tell a user whose launcher asked for several processes but started one."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
-            and "WORLD_SIZE" not in os.environ:
-        return ["accelerate launch --cpu started one process (accelerate starts several CPU processes only through "
-                "mpirun): every job runs in this one; for several processes on one machine use accelerate launch "
-                "--multi_gpu --num_processes N (on a machine without GPUs they share the CPU) or torchrun"]
+    if (
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    ):
+        return [
+            "accelerate launch --cpu started one process (accelerate starts several CPU processes only through "
+            "mpirun): every job runs in this one; for several processes on one machine use accelerate launch "
+            "--multi_gpu --num_processes N (on a machine without GPUs they share the CPU) or torchrun"
+        ]
     return []
 
 
@@ -151,14 +161,27 @@ def _resume_status(p: PlannedJob, checked: dict[Any, Any]) -> tuple[JobResult | 
     try:
         patch = load_patch(job.output)
     except ErasekitError as e:
-        return JobResult(p.index, p.name, job.concepts, "failed", error=f"{p.name} exists and is not a patch "
-                         f"({e.problem}); delete it or choose another output", path=p.path), None
+        return JobResult(
+            p.index,
+            p.name,
+            job.concepts,
+            "failed",
+            error=f"{p.name} exists and is not a patch ({e.problem}); delete it or choose another output",
+            path=p.path,
+        ), None
     differs = settings_differ(job, patch, checked)
     if differs is not None:
         return None, f"redone: {differs}"
-    return JobResult(p.index, p.name, job.concepts, "skipped", loop_seconds=patch.manifest.method.duration_s,
-                     patch_bytes=job.output.stat().st_size,
-                     note=f"patch {patch.patch_id[:12]} holds these settings", path=p.path), None
+    return JobResult(
+        p.index,
+        p.name,
+        job.concepts,
+        "skipped",
+        loop_seconds=patch.manifest.method.duration_s,
+        patch_bytes=job.output.stat().st_size,
+        note=f"patch {patch.patch_id[:12]} holds these settings",
+        path=p.path,
+    ), None
 
 
 def settings_differ(job: Any, patch: Any, checked: dict[Any, Any] | None = None) -> str | None:
@@ -178,7 +201,11 @@ def settings_differ(job: Any, patch: Any, checked: dict[Any, Any] | None = None)
     changed = [k for k, v in wanted.items() if hp.get(k) != v]
     if changed:
         return f"its {', '.join(changed)} differed"
-    earlier = [a.get("patch_id") for a in hp.get("after", []) if isinstance(a, dict)] if isinstance(hp.get("after"), list) else []
+    earlier = (
+        [a.get("patch_id") for a in hp.get("after", []) if isinstance(a, dict)]
+        if isinstance(hp.get("after"), list)
+        else []
+    )
     if earlier != [a["patch_id"] for a in _in_place(job, checked)] + [p.patch_id for p in job.after]:
         return "it was made after other patches (--after, or applied to the model in place)"
     digest = job.images_digest()
@@ -220,8 +247,9 @@ def _base_differs(job: Any, patch: Any, checked: dict[Any, Any]) -> str | None:
     return None if checked[key] else "it was made for another model"
 
 
-def _run_jobs(todo: list[tuple[PlannedJob, str | None]], rank: int, device: Any,
-              on_job: Callable[[JobResult], None] | None) -> list[JobResult]:
+def _run_jobs(
+    todo: list[tuple[PlannedJob, str | None]], rank: int, device: Any, on_job: Callable[[JobResult], None] | None
+) -> list[JobResult]:
     """This process's jobs, in manifest order, one loaded pipeline reused while the model stays the same.
     ``device``: the process's own device under accelerate (for jobs that leave it to ``auto``)."""
     from ..checkpoints.pipeline import model_threads
@@ -243,7 +271,11 @@ def _run_jobs(todo: list[tuple[PlannedJob, str | None]], rank: int, device: Any,
                     loaded = None  # the last model goes before the next one loads
                     loaded = (job.load_key(), *load_for(job, clock))
                 report = run_erase(job, loaded[1], loaded[2], clock)
-            result.loop_seconds, result.loss_start, result.loss_end = report.loop_seconds, report.loss_start, report.loss_end
+            result.loop_seconds, result.loss_start, result.loss_end = (
+                report.loop_seconds,
+                report.loss_start,
+                report.loss_end,
+            )
             result.patch_bytes, result.load_seconds = report.patch_bytes, clock.seconds.get("load", 0.0)
         except ErasekitError as e:
             result.status, result.error = "failed", str(e)
@@ -254,4 +286,3 @@ def _run_jobs(todo: list[tuple[PlannedJob, str | None]], rank: int, device: Any,
         if on_job:
             on_job(result)
     return results
-

@@ -96,8 +96,9 @@ def read_manifest(path: str | os.PathLike) -> ManifestFile:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ManifestError(f"cannot read the manifest {path} ({e.strerror})", "check the path",
-                            option="manifest") from None
+        raise ManifestError(
+            f"cannot read the manifest {path} ({e.strerror})", "check the path", option="manifest"
+        ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path} is not valid TOML ({e})", "fix the file's syntax", option="manifest") from None
     try:
@@ -128,7 +129,11 @@ def _fix(error: Any) -> str:
     if error["type"] == "extra_forbidden":
         return "name erase's long options with underscores (steps, recipe, stand_in, ...); see erasekit erase --help"
     if error["type"] == "missing":
-        return "add [[jobs]] tables" if tuple(error["loc"]) == ("jobs",) else "every [[jobs]] table needs concept and output"
+        return (
+            "add [[jobs]] tables"
+            if tuple(error["loc"]) == ("jobs",)
+            else "every [[jobs]] table needs concept and output"
+        )
     return "fix the manifest"
 
 
@@ -151,11 +156,21 @@ def plan_batch(path: str | os.PathLike) -> list[PlannedJob]:
         try:
             settings, call = _erase_arguments(options, folder)
             concepts = [entry.concept] if isinstance(entry.concept, str) else list(entry.concept)
-            job = prepare_erase(call.pop("model"), concepts, call.pop("images"), output, settings, replace=True,
-                                make_folder=True, **call)
+            job = prepare_erase(
+                call.pop("model"),
+                concepts,
+                call.pop("images"),
+                output,
+                settings,
+                replace=True,
+                make_folder=True,
+                **call,
+            )
         except ErasekitError as e:
             field = f", field {_FIELDS.get(e.option, e.option)}" if e.option else ""
-            raise ManifestError(f"{where}{field}: {e.problem}", e.fix or "fix the manifest", option="manifest") from None
+            raise ManifestError(
+                f"{where}{field}: {e.problem}", e.fix or "fix the manifest", option="manifest"
+            ) from None
         written = _written_path(output)
         planned.append(PlannedJob(i, entry.output, job, str(written), not written.is_relative_to(home)))
     return planned
@@ -167,8 +182,11 @@ OUTPUT_SUFFIXES = (".erasepatch", ".safetensors")
 def _check_suffix(output: str, where: str) -> None:
     """A job writes a patch: an output named like any other file (a script, a config, a dotfile) is refused."""
     if not output.endswith(OUTPUT_SUFFIXES) or Path(output).name in OUTPUT_SUFFIXES:
-        raise ManifestError(f"{where}, field output: a patch file's name must end in .erasepatch or .safetensors",
-                            "name the output NAME.erasepatch (or NAME.safetensors)", option="manifest")
+        raise ManifestError(
+            f"{where}, field output: a patch file's name must end in .erasepatch or .safetensors",
+            "name the output NAME.erasepatch (or NAME.safetensors)",
+            option="manifest",
+        )
 
 
 def _written_path(output: Path) -> Path:
@@ -178,16 +196,24 @@ def _written_path(output: Path) -> Path:
 
 
 # the library's name of a setting -> the manifest's, where they differ
-_FIELDS = {"stand_ins": "stand_in", "config_dir": "config", "concepts": "concept", "stop_ratio": "no_early_stop",
-           "concept_templates": "concept_template"}
+_FIELDS = {
+    "stand_ins": "stand_in",
+    "config_dir": "config",
+    "concepts": "concept",
+    "stop_ratio": "no_early_stop",
+    "concept_templates": "concept_template",
+}
 
 
 def _check_unique(output: Path, seen: dict[str, int], where: str, index: int) -> None:
     """Two jobs may not write one file; names that differ only in case are one file on macOS and Windows."""
     key = os.path.normcase(os.path.abspath(output)).casefold()
     if key in seen:
-        raise ManifestError(f"{where}, field output: jobs[{seen[key]}] writes the same file",
-                            "give every job its own output", option="manifest")
+        raise ManifestError(
+            f"{where}, field output: jobs[{seen[key]}] writes the same file",
+            "give every job its own output",
+            option="manifest",
+        )
     seen[key] = index
 
 
@@ -209,17 +235,41 @@ def _erase_arguments(options: dict[str, Any], folder: Path) -> tuple[dict[str, A
     listed = lambda v: [v] if isinstance(v, str) else v  # noqa: E731
     if "keep" in o:
         o["keep"] = listed(o["keep"])
-    settings: dict[str, Any] = {k: o.pop(k) for k in ("kind", "recipe", "surgery", "keep", "anchor_weight", "lr",
-                                                      "epochs", "steps", "batch_size", "flip", "draws", "resolution",
-                                                      "seed", "device", "dtype", "rank", "rank_tol", "max_rank",
-                                                      "forget_check", "checkpointing") if k in o}
+    settings: dict[str, Any] = {
+        k: o.pop(k)
+        for k in (
+            "kind",
+            "recipe",
+            "surgery",
+            "keep",
+            "anchor_weight",
+            "lr",
+            "epochs",
+            "steps",
+            "batch_size",
+            "flip",
+            "draws",
+            "resolution",
+            "seed",
+            "device",
+            "dtype",
+            "rank",
+            "rank_tol",
+            "max_rank",
+            "forget_check",
+            "checkpointing",
+        )
+        if k in o
+    }
     templates = list(o.pop("templates", None) or [])
     if "templates_file" in o:
         templates += read_templates_file(here(o.pop("templates_file")))
     if templates:
         settings["templates"] = templates
-    for key, name, parse in (("concept_template", "concept_templates", parse_concept_templates),
-                             ("stand_in", "stand_ins", parse_stand_ins)):
+    for key, name, parse in (
+        ("concept_template", "concept_templates", parse_concept_templates),
+        ("stand_in", "stand_ins", parse_stand_ins),
+    ):
         if key in o:
             settings[name] = _per_concept(o.pop(key), parse)
     if "layers" in o:
@@ -240,9 +290,13 @@ def _erase_arguments(options: dict[str, Any], folder: Path) -> tuple[dict[str, A
     model = o.pop("model", None)
     if model is not None and here(model).exists():
         model = here(model)
-    call = {"model": model, "images": images, "after": [here(p) for p in listed(o.pop("after", []))],
-            "config_dir": here(o.pop("config")) if "config" in o else None,
-            "prediction_type": o.pop("prediction_type", None)}
+    call = {
+        "model": model,
+        "images": images,
+        "after": [here(p) for p in listed(o.pop("after", []))],
+        "config_dir": here(o.pop("config")) if "config" in o else None,
+        "prediction_type": o.pop("prediction_type", None),
+    }
     if "num_images" in o:
         call["num_images"] = o.pop("num_images")
     assert not o, f"options not handled: {sorted(o)}"

@@ -43,15 +43,17 @@ class Compaction:
     """The erase's change, stored at low rank and measured on its prompts: create it before the loop (it encodes
     them with the original weights), call :meth:`factors` after it."""
 
-    def __init__(self, config: Any, concepts: Sequence[str], captions: list[str | None], cond_of: Any,
-                 device: Any) -> None:
+    def __init__(
+        self, config: Any, concepts: Sequence[str], captions: list[str | None], cond_of: Any, device: Any
+    ) -> None:
         self.config, self.cond_of, self.device = config, cond_of, device
         self.groups, self.held_out = _measured_prompts(config, concepts, captions)
         self.judged = sum(self.groups, []) + self.held_out  # the prompts the end-to-end errors are measured on
         self.base = _conditioning(cond_of, self.judged, device)
 
-    def factors(self, params: list[tuple[str, str, Any]],
-                originals: dict[tuple[str, str], Any]) -> tuple[dict[str, LowRank], dict[str, float]]:
+    def factors(
+        self, params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any]
+    ) -> tuple[dict[str, LowRank], dict[str, float]]:
         """Each trained weight's :class:`LowRank`, and the end-to-end error per output on the judged prompts: how
         far the stored deltas move it from where the trained ones put it (relative to how far those moved it).
         Leaves the trained weights at original + stored delta; the caller restores them."""
@@ -75,12 +77,15 @@ class Compaction:
         return stored, errors
 
 
-def _measured_prompts(config: Any, concepts: Sequence[str], captions: list[str | None]) -> tuple[list[list[str]], list[str]]:
+def _measured_prompts(
+    config: Any, concepts: Sequence[str], captions: list[str | None]
+) -> tuple[list[list[str]], list[str]]:
     """The prompts a low-rank patch is fitted on, GROUP_PROMPTS of each group spread evenly over it: the erased
     concepts' (their templates, the images' captions) and those the erase should leave alone (the anchors and
     --keep concepts); and HELD_OUT more of each group, where it has more, that it is judged on too."""
-    erased = list(dict.fromkeys([t.format(c) for c in concepts for t in config.templates_for(c)]
-                                + [c for c in captions if c]))
+    erased = list(
+        dict.fromkeys([t.format(c) for c in concepts for t in config.templates_for(c)] + [c for c in captions if c])
+    )
     anchors = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
     anchors += [t.format(k) for k in config.keep for t in config.templates_for(k)[:4]]
     others = [a for a in dict.fromkeys(anchors) if a not in erased]
@@ -96,8 +101,15 @@ def _spread(items: list[str], n: int) -> list[str]:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
 
 
-def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, str, Any]],
-                device: Any, gen: Any, rows: int, held_out: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+def _ffn_inputs(
+    cond_of: Any,
+    groups: list[list[str]],
+    params: list[tuple[str, str, Any]],
+    device: Any,
+    gen: Any,
+    rows: int,
+    held_out: Sequence[str] = (),
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per trained FFN layer, the inputs it sees on the prompts: ``rows`` token rows in all, split evenly between
     the groups, drawn with ``gen`` (for a layer read only through the pooled embedding, every prompt's end-of-text
     row among them: sized on those alone it would fit a few rows and miss unseen prompts); and the outputs of all
@@ -112,8 +124,9 @@ def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, s
     starts = [0]
     for g in groups:
         starts.append(starts[-1] + len(g) * cond_of.tokens)
-    spread = torch.cat([a + torch.randperm(b - a, generator=gen)[:max(1, rows // len(groups))]
-                        for a, b in zip(starts, starts[1:])])
+    spread = torch.cat(
+        [a + torch.randperm(b - a, generator=gen)[: max(1, rows // len(groups))] for a, b in zip(starts, starts[1:])]
+    )
     prompts = sum(groups, [])
     picks = {m: spread for m in modules}
     for m in modules:
@@ -126,6 +139,7 @@ def _ffn_inputs(cond_of: Any, groups: list[list[str]], params: list[tuple[str, s
         def keep(_mod: Any, args: tuple[Any, ...]) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
             taken[name] = x[picks[name].to(x.device)].detach().float()
+
         return keep
 
     handles = [mod.register_forward_pre_hook(hook(m)) for m, mod in modules.items()]
@@ -162,11 +176,14 @@ def _conditioning(cond_of: Any, prompts: list[str], device: Any) -> dict[str, An
 def _compress(config: Any, deltas: dict[str, Any], inputs: dict[str, Any], tol: float) -> dict[str, LowRank]:
     """Each trained weight's delta in low-rank form, per ``config.rank`` (``auto``: within ``tol`` on its inputs);
     one delta at a time on the inputs' device."""
-    return {m: low_rank(d.to(inputs[m].device), inputs[m], config.rank, tol, config.max_rank) for m, d in deltas.items()}
+    return {
+        m: low_rank(d.to(inputs[m].device), inputs[m], config.rank, tol, config.max_rank) for m, d in deltas.items()
+    }
 
 
-def _with_factors(params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any],
-                  factors: dict[str, Any]) -> None:
+def _with_factors(
+    params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any], factors: dict[str, Any]
+) -> None:
     """Set each trained weight to its original plus the stored low-rank delta (biases keep their trained values)."""
     import torch
 

@@ -24,8 +24,9 @@ def trainable(slot: str, text_encoder: Any, layers: list[int] | None) -> list[tu
     chosen = list(range(n)) if layers is None else layers
     bad = [i for i in chosen if not 0 <= i < n]
     if bad:
-        raise ErasekitError(f"layer {bad[0]} is outside the text encoder's layers 0-{n - 1}", f"use layers 0-{n - 1}",
-                            option="layers")
+        raise ErasekitError(
+            f"layer {bad[0]} is outside the text encoder's layers 0-{n - 1}", f"use layers 0-{n - 1}", option="layers"
+        )
     out = []
     for i in sorted(set(chosen)):
         mlp = text_encoder.get_submodule(_layers_path(text_encoder) + f".{i}.mlp")
@@ -51,8 +52,11 @@ class Conditioner:
         chosen = list(encoders) if encoders else list(available)
         unknown = [e for e in chosen if e not in available]
         if unknown:
-            raise ErasekitError(f"{unknown[0]} is not an encoder of this {self.arch} model",
-                                f"choose from {', '.join(available)}", option="encoders")
+            raise ErasekitError(
+                f"{unknown[0]} is not an encoder of this {self.arch} model",
+                f"choose from {', '.join(available)}",
+                option="encoders",
+            )
         self.trained = {s: available[s][0] for s in chosen}
         self.resolution = resolution
         self.tokens = min(tok.model_max_length for _, tok in available.values())  # tokens per prompt (77)
@@ -82,8 +86,9 @@ class Conditioner:
 
         new = [p for p in dict.fromkeys(prompts) if (id(tok), p) not in self._ids]
         if new:
-            rows = tok(new, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids
+            rows = tok(
+                new, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             self._ids.update({(id(tok), p): row for p, row in zip(new, rows)})
         return torch.stack([self._ids[(id(tok), p)] for p in prompts]).to(device)
 
@@ -111,8 +116,10 @@ def encoder_outputs(conditioning: tuple[Any, dict[str, Any] | None]) -> dict[str
 
 def output_drift(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     """How far each output moved: ``|after - before| / |before|`` (Frobenius, over every prompt and token)."""
-    return {name: float((after[name].double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
-            for name, b in before.items()}
+    return {
+        name: float((after[name].double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+        for name, b in before.items()
+    }
 
 
 def _layers_path(text_encoder: Any) -> str:

@@ -21,14 +21,17 @@ class Denoiser:
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ErasekitError(f"the model predicts {self.prediction_type!r}",
-                                "erase supports epsilon and v_prediction models")
+            raise ErasekitError(
+                f"the model predicts {self.prediction_type!r}", "erase supports epsilon and v_prediction models"
+            )
         self.timesteps = self.scheduler.config.num_train_timesteps
 
     def loss(self, idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
         return self.predict(idx, t, noise, conditioning).loss
 
-    def predict(self, idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Prediction:
+    def predict(
+        self, idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]
+    ) -> Prediction:
         """The UNet's prediction for rows ``idx`` of the latents noised with ``noise`` at timesteps ``t``."""
         device = self.unet.device
         x0 = self.latents[idx]
@@ -89,8 +92,15 @@ class Draws:
     """Each step's random choices for a batch of image indices: timesteps, noise, and a prompt per image (its own
     caption, or a template with its concept's name)."""
 
-    def __init__(self, templates: list[list[str]], concepts: Sequence[str], owner: list[int], captions: list[str | None],
-                 timesteps: int, latent_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        templates: list[list[str]],
+        concepts: Sequence[str],
+        owner: list[int],
+        captions: list[str | None],
+        timesteps: int,
+        latent_shape: tuple[int, ...],
+    ) -> None:
         self.templates, self.concepts, self.owner, self.captions = templates, concepts, owner, captions
         self.timesteps, self.latent_shape = timesteps, latent_shape
 
@@ -98,8 +108,9 @@ class Draws:
         """Every prompt a draw can give, in a fixed order."""
         named = {self.concepts[o] for o, c in zip(self.owner, self.captions) if c is None}
         own = [c for c in self.captions if c is not None]
-        return list(dict.fromkeys(own + [t.format(c) for c, ts in zip(self.concepts, self.templates) if c in named
-                                         for t in ts]))
+        return list(
+            dict.fromkeys(own + [t.format(c) for c, ts in zip(self.concepts, self.templates) if c in named for t in ts])
+        )
 
     def prompt(self, i: int, gen: Any) -> str:
         import torch

@@ -42,15 +42,29 @@ class EraseJob:
         """The sha256 the patch records for its training images, where it is known before the model is loaded."""
         if self.groups is None:
             return None
-        return images_digest([image_key(item[0] if isinstance(item, tuple) else item, self.config.resolution)
-                              for group in self.groups for item in group])
+        return images_digest(
+            [
+                image_key(item[0] if isinstance(item, tuple) else item, self.config.resolution)
+                for group in self.groups
+                for item in group
+            ]
+        )
 
 
-def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
-                  images: Sequence[str | os.PathLike] | str | None, output: str | os.PathLike,
-                  config: EraseConfig | dict[str, Any] | None = None, *, num_images: int = 4,
-                  config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
-                  after: Sequence[str | os.PathLike] = (), replace: bool = False, make_folder: bool = False) -> EraseJob:
+def prepare_erase(
+    model: str | os.PathLike | None,
+    concepts: Sequence[str],
+    images: Sequence[str | os.PathLike] | str | None,
+    output: str | os.PathLike,
+    config: EraseConfig | dict[str, Any] | None = None,
+    *,
+    num_images: int = 4,
+    config_dir: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+    after: Sequence[str | os.PathLike] = (),
+    replace: bool = False,
+    make_folder: bool = False,
+) -> EraseJob:
     """Check an erase without loading the model (see :func:`erase_model` for the arguments). ``replace``: an
     existing ``output`` is allowed (a batch that redoes a job replaces its patch); ``make_folder``: the output's
     folder may be missing (:func:`run_erase` makes it)."""
@@ -68,8 +82,9 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     settings = model_settings(model)
     sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):
-        config, sources = effective_settings(recommended_for(settings, list(concepts)), config or {},
-                                             settings.get("erase_recipes"))
+        config, sources = effective_settings(
+            recommended_for(settings, list(concepts)), config or {}, settings.get("erase_recipes")
+        )
         sources = {k: v for k, v in sources.items() if v != "default"}
         config, sources = _at_native_size(config, sources, native_resolution(ckpt, config_dir, prediction_type))
     _check_concept_templates(config, concepts)
@@ -77,8 +92,11 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     check_new_output(out, replace, make_folder)
     groups: list[list[Any]] | None = None
     if images is None and not settings.get("toyworld"):
-        raise ErasekitError(f"{model} needs images of the concept", "give a folder of images per concept, or 'auto' "
-                            "to let the model draw them", option="images")
+        raise ErasekitError(
+            f"{model} needs images of the concept",
+            "give a folder of images per concept, or 'auto' to let the model draw them",
+            option="images",
+        )
     if images is None:  # the built-in world draws the concept itself
         from ..toyworld.concepts import render_concept
 
@@ -86,17 +104,32 @@ def prepare_erase(model: str | os.PathLike | None, concepts: Sequence[str],
     elif images != "auto":
         dirs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
         if len(dirs) != len(concepts):
-            raise ErasekitError(f"{len(concepts)} concepts but {len(dirs)} image folders",
-                                "give one image folder per concept, in the same order, or 'auto'", option="images")
+            raise ErasekitError(
+                f"{len(concepts)} concepts but {len(dirs)} image folders",
+                "give one image folder per concept, in the same order, or 'auto'",
+                option="images",
+            )
         from .training_images import find_images
 
         groups = [list(find_images(d)) for d in dirs]
     earlier = [load_patch(p) for p in after]
-    return EraseJob(model, list(concepts), groups, config, out, num_images,
-                    Path(config_dir) if config_dir is not None else None, prediction_type, earlier, sources)
+    return EraseJob(
+        model,
+        list(concepts),
+        groups,
+        config,
+        out,
+        num_images,
+        Path(config_dir) if config_dir is not None else None,
+        prediction_type,
+        earlier,
+        sources,
+    )
 
 
-def _at_native_size(config: EraseConfig, sources: dict[str, str], native: int | None) -> tuple[EraseConfig, dict[str, str]]:
+def _at_native_size(
+    config: EraseConfig, sources: dict[str, str], native: int | None
+) -> tuple[EraseConfig, dict[str, str]]:
     """Train at the size the model renders at (SDXL 1024, SD2 768-v 768), as generate, eval and the UIs do, unless
     the user or the model's erasekit.json chose one; a size chosen otherwise says what the native one is."""
     if native is None or config.resolution == native:
@@ -111,8 +144,11 @@ def _check_concept_templates(config: EraseConfig, concepts: Sequence[str]) -> No
     named = {c.lower() for c in [*concepts, *config.keep]}
     stray = [c for c in config.concept_templates if c.lower() not in named]
     if stray:
-        raise ErasekitError(f"templates are given for {stray[0]!r}, which this erase neither erases nor keeps",
-                            "name it as a --concept or --keep, or check its spelling", option="concept_templates")
+        raise ErasekitError(
+            f"templates are given for {stray[0]!r}, which this erase neither erases nor keeps",
+            "name it as a --concept or --keep, or check its spelling",
+            option="concept_templates",
+        )
 
 
 def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:
@@ -126,13 +162,20 @@ def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:
 
     device = resolve_device(job.config.device)
     with clock("load"):
-        return load_pipeline(job.model, device=device, torch_dtype=compute_dtype(job.config.dtype, device),
-                             text_encoder_dtype=torch.float32, vae_dtype=torch.float32, config=job.config_dir,
-                             prediction_type=job.prediction_type)
+        return load_pipeline(
+            job.model,
+            device=device,
+            torch_dtype=compute_dtype(job.config.dtype, device),
+            text_encoder_dtype=torch.float32,
+            vae_dtype=torch.float32,
+            config=job.config_dir,
+            prediction_type=job.prediction_type,
+        )
 
 
-def run_erase(job: EraseJob, pipe: Any, ckpt: Any, clock: Clock,
-              progress: Callable[[StepInfo], None] | None = None) -> EraseReport:
+def run_erase(
+    job: EraseJob, pipe: Any, ckpt: Any, clock: Clock, progress: Callable[[StepInfo], None] | None = None
+) -> EraseReport:
     """Erase on a pipeline :func:`load_for` loaded (drawing the images first where the job asks the model to),
     and write the patch atomically. The pipeline is given back as it was."""
     from ..format.patchfile import save_patch
@@ -161,16 +204,28 @@ def _draw_images(job: EraseJob, pipe: Any, clock: Clock) -> list[list[Any]]:
 
     dtype = pipe.unet.dtype  # the encoders are fp32 and the UNet may not be: autocast bridges them
     with clock("render"), torch.autocast(pipe.unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return [[render(pipe, concept_prompt(c, job.config.kind), seed=job.config.seed + i, resolution=None)
-                 for i in range(job.num_images)] for c in job.concepts]
+        return [
+            [
+                render(pipe, concept_prompt(c, job.config.kind), seed=job.config.seed + i, resolution=None)
+                for i in range(job.num_images)
+            ]
+            for c in job.concepts
+        ]
 
 
-def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
-                images: Sequence[str | os.PathLike] | str | None, output: str | os.PathLike,
-                config: EraseConfig | dict[str, Any] | None = None, *, num_images: int = 4,
-                config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
-                after: Sequence[str | os.PathLike] = (),
-                progress: Callable[[StepInfo], None] | None = None) -> EraseReport:
+def erase_model(
+    model: str | os.PathLike | None,
+    concepts: Sequence[str],
+    images: Sequence[str | os.PathLike] | str | None,
+    output: str | os.PathLike,
+    config: EraseConfig | dict[str, Any] | None = None,
+    *,
+    num_images: int = 4,
+    config_dir: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+    after: Sequence[str | os.PathLike] = (),
+    progress: Callable[[StepInfo], None] | None = None,
+) -> EraseReport:
     """The ``erasekit erase`` job: load the model (default: the built-in one), gather the images, erase, and
     write the patch atomically to ``output``. ``after``: patch files the new patch will be stacked on (see
     :func:`~erasekit.erasing.unlearn.erase`).
@@ -186,8 +241,17 @@ def erase_model(model: str | os.PathLike | None, concepts: Sequence[str],
     clock = Clock()
     with clock("import"):  # torch and diffusers here, so that their cost shows as "import", not as "load"
         import_libraries()
-    job = prepare_erase(model, concepts, images, output, config, num_images=num_images, config_dir=config_dir,
-                        prediction_type=prediction_type, after=after)
+    job = prepare_erase(
+        model,
+        concepts,
+        images,
+        output,
+        config,
+        num_images=num_images,
+        config_dir=config_dir,
+        prediction_type=prediction_type,
+        after=after,
+    )
     with model_threads(job.model):
         pipe, ckpt = load_for(job, clock)
         report = run_erase(job, pipe, ckpt, clock, progress)
@@ -204,4 +268,3 @@ def import_libraries() -> None:
     quiet_libraries()
     for library in ("torch", "diffusers"):
         importlib.import_module(library)
-

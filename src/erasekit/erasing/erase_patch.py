@@ -37,8 +37,15 @@ class Trained:
 METHOD_NAMES = {"doco": "wu-2024-doco"}  # the other recipes are variants of Fuchi & Takagi's
 
 
-def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trained: Trained, base_files: Any,
-                ran: dict[str, Any], provenance: dict[str, Any]) -> Any:
+def build_patch(
+    config: EraseConfig,
+    concepts: Sequence[str],
+    cond_of: Any,
+    trained: Trained,
+    base_files: Any,
+    ran: dict[str, Any],
+    provenance: dict[str, Any],
+) -> Any:
     """The patch: the trained deltas (low-rank where ``trained.factors`` has them) and the base tensors'
     fingerprints (of the files on disk when ``base_files`` is given, so it applies "exact" to them). ``ran``:
     what the run measured, recorded with the hyperparameters; ``provenance``: the manifest's ``Method`` fields
@@ -66,8 +73,9 @@ def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trai
     for m, kind, _ in trained.params:
         slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
         if kind == "weight":
-            stored, deltas[m] = delta_tensors(m, trained.dense[(m, "weight")], trained.dense[(m, "bias")],
-                                              trained.factors.get(m))
+            stored, deltas[m] = delta_tensors(
+                m, trained.dense[(m, "weight")], trained.dense[(m, "bias")], trained.factors.get(m)
+            )
             tensors.update(stored)
         if base_files is not None:
             wf = next(f for f in base_files.files if slot in f.encoders)
@@ -79,12 +87,26 @@ def build_patch(config: EraseConfig, concepts: Sequence[str], cond_of: Any, trai
             fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
     hp = config.hyperparameters() | ran
     manifest = new_manifest(
-        title=" + ".join(concepts) + " erased", architecture=cond_of.arch,
-        encoders={slot: EncoderInfo(hidden=te.config.hidden_size, intermediate=te.config.intermediate_size,
-                                    layers=te.config.num_hidden_layers) for slot, te in cond_of.trained.items()},
-        fingerprints=fps, deltas=deltas,
+        title=" + ".join(concepts) + " erased",
+        architecture=cond_of.arch,
+        encoders={
+            slot: EncoderInfo(
+                hidden=te.config.hidden_size,
+                intermediate=te.config.intermediate_size,
+                layers=te.config.num_hidden_layers,
+            )
+            for slot, te in cond_of.trained.items()
+        },
+        fingerprints=fps,
+        deltas=deltas,
         concepts=[Concept(name=c, kind=config.kind) for c in concepts],
-        method=Method(name=METHOD_NAMES.get(config.recipe, "fuchi-takagi-2024"), hyperparameters=hp, seed=config.seed, **provenance),
+        method=Method(
+            name=METHOD_NAMES.get(config.recipe, "fuchi-takagi-2024"),
+            hyperparameters=hp,
+            seed=config.seed,
+            **provenance,
+        ),
         source=str(base_files.path.name) if base_files is not None else None,
-        config=base_files.config if base_files is not None else None)
+        config=base_files.config if base_files is not None else None,
+    )
     return Patch(manifest, tensors, storage_dtypes(tensors, config.patch_dtype))

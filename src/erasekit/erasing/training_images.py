@@ -30,9 +30,12 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     skipped = [p.name for p in entries if p.suffix.lower() not in readable]
     not_images = f"{_named(skipped)} (not {'an image' if len(skipped) == 1 else 'images'} Pillow reads)"
     if not files:
-        raise InputFileError(f"no images found in {folder}" + (f": only {not_images}" if skipped else ""),
-                             "put a few photos of the concept there (PNG, JPEG, WebP, TIFF or another format Pillow "
-                             "reads), or let the model draw them (images 'auto')", option="images")
+        raise InputFileError(
+            f"no images found in {folder}" + (f": only {not_images}" if skipped else ""),
+            "put a few photos of the concept there (PNG, JPEG, WebP, TIFF or another format Pillow "
+            "reads), or let the model draw them (images 'auto')",
+            option="images",
+        )
     if skipped:
         warnings.warn(ErasekitWarning(f"{folder}: skipped {not_images}"), stacklevel=2)
     return files
@@ -67,7 +70,9 @@ def load_image(path: Path, resolution: int) -> tuple[Any, bytes]:
         img = Image.open(io.BytesIO(data))
         img.load()
     except (OSError, UnidentifiedImageError) as e:
-        raise InputFileError(f"{path} is not a readable image ({type(e).__name__})", "remove it or replace it") from None
+        raise InputFileError(
+            f"{path} is not a readable image ({type(e).__name__})", "remove it or replace it"
+        ) from None
     return training_image(img, resolution), data
 
 
@@ -94,6 +99,7 @@ def images_digest(data: list[bytes]) -> str:
 
 
 # -- latents cache --------------------------------------------------------------------------------
+
 
 def cache_dir() -> Path:
     import platformdirs
@@ -173,15 +179,23 @@ def _encode_all(vae: Any, vid: str, images: list[tuple[Any, bytes]], config: Era
                 path.unlink(missing_ok=True)  # a damaged entry is recomputed
         from PIL import Image
 
-        arr = np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img, dtype=np.float32) / 127.5 - 1.0
+        arr = (
+            np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img, dtype=np.float32) / 127.5 - 1.0
+        )
         x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(vae.device, torch.float32)
         with torch.no_grad():
             dist = vae.encode(x).latent_dist
         mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()
         if config.cache:
             folder.mkdir(parents=True, exist_ok=True)
-            _st.write_safetensors(path, {"mean": ("F32", tuple(mean.shape), mean.numpy().tobytes()),
-                                         "std": ("F32", tuple(std.shape), std.numpy().tobytes())}, {"vae": vid})
+            _st.write_safetensors(
+                path,
+                {
+                    "mean": ("F32", tuple(mean.shape), mean.numpy().tobytes()),
+                    "std": ("F32", tuple(std.shape), std.numpy().tobytes()),
+                },
+                {"vae": vid},
+            )
             _prune(folder, CACHE_LIMIT_BYTES)
         means.append(mean)
         stds.append(std)

@@ -71,7 +71,9 @@ class EraseReport:
     empty_prompt_drift: dict[str, float] = field(default_factory=dict)
     patch: Any = None  # the Patch object (not serialised)
     ui: list[str] = field(default_factory=list)  # how to load the written patch in ComfyUI and A1111
-    sources: dict[str, str] = field(default_factory=dict)  # setting -> "user", "model" or "native" (the rest are defaults)
+    sources: dict[str, str] = field(
+        default_factory=dict
+    )  # setting -> "user", "model" or "native" (the rest are defaults)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds: where the erase's time went
 
 
@@ -107,10 +109,12 @@ def _batches(n_images: int, config: EraseConfig, gen: Any) -> Iterator[list[int]
             if done == total:
                 return
             done += 1
-            yield perm[i:i + config.batch_size]
+            yield perm[i : i + config.batch_size]
 
 
-def _gather_images(images: Sequence[Sequence[Any]], resolution: int) -> tuple[list[tuple[Any, bytes]], list[int], list[str | None]]:
+def _gather_images(
+    images: Sequence[Sequence[Any]], resolution: int
+) -> tuple[list[tuple[Any, bytes]], list[int], list[str | None]]:
     """(training image, bytes) of every image, the concept each belongs to, and its own caption if it has one."""
     loaded, owner, captions = [], [], []
     for ci, group in enumerate(images):
@@ -147,9 +151,16 @@ def _gradient_checkpointing(unet: Any, on: bool) -> Iterator[None]:
             unet.disable_gradient_checkpointing()
 
 
-def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], config: EraseConfig, *,
-          progress: Callable[[StepInfo], None] | None = None, base_files: Any = None,
-          after: Sequence[Any] = ()) -> EraseReport:
+def erase(
+    pipe: Any,
+    concepts: Sequence[str],
+    images: Sequence[Sequence[Any]],
+    config: EraseConfig,
+    *,
+    progress: Callable[[StepInfo], None] | None = None,
+    base_files: Any = None,
+    after: Sequence[Any] = (),
+) -> EraseReport:
     """Erase ``concepts`` from ``pipe`` (a loaded SD1.x, SD2.x or SDXL pipeline) using ``images[i]`` for concept i.
 
     ``images`` holds PIL images or paths, or ``(image, caption)`` pairs whose caption is used instead of the
@@ -173,8 +184,9 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     if not concepts:
         raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     if len(images) != len(concepts):
-        raise ErasekitError(f"{len(concepts)} concepts but {len(images)} image sets", "give one image set per concept",
-                            option="images")
+        raise ErasekitError(
+            f"{len(concepts)} concepts but {len(images)} image sets", "give one image set per concept", option="images"
+        )
     unet, device = pipe.unet, pipe.unet.device
     cond_of = Conditioner(pipe, config.resolution, config.encoders)
     for _, tok in cond_of.all.values():
@@ -182,8 +194,11 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
     with clock("images"):
         loaded, owner, captions = _gather_images(images, config.resolution)
     if len(loaded) < config.batch_size:
-        raise ErasekitError(f"{len(loaded)} training images but a batch size of {config.batch_size}",
-                            "add images or lower the batch size", option="batch_size")
+        raise ErasekitError(
+            f"{len(loaded)} training images but a batch size of {config.batch_size}",
+            "add images or lower the batch size",
+            option="batch_size",
+        )
     images_sha = images_digest([d for _, d in loaded])
 
     gen = torch.Generator().manual_seed(config.seed)  # every random choice of the run, in a fixed order
@@ -192,10 +207,17 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
         mean, std = encode_images(pipe, loaded, config, flips)
     latents = (mean + std * torch.randn(mean.shape, generator=gen)) * pipe.vae.config.scaling_factor  # sampled once
     amp_dtype = {"bf16": torch.bfloat16}.get(
-        config.dtype, torch.bfloat16 if (config.dtype == "auto" and native_bf16(device)) else None)
+        config.dtype, torch.bfloat16 if (config.dtype == "auto" and native_bf16(device)) else None
+    )
     denoiser = Denoiser(unet, pipe.scheduler.config, latents.to(device), amp_dtype)
-    draws = Draws([config.templates_for(c) for c in concepts], concepts, owner, captions, denoiser.timesteps,
-                  tuple(latents.shape[1:]))
+    draws = Draws(
+        [config.templates_for(c) for c in concepts],
+        concepts,
+        owner,
+        captions,
+        denoiser.timesteps,
+        tuple(latents.shape[1:]),
+    )
     encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
     te_dtypes = {slot: te.dtype for slot, te in encoders.items()}  # the fingerprints of in-memory weights use these
     with kept_as_found((unet, pipe.vae, *encoders.values())), _gradient_checkpointing(unet, config.checkpointing):
@@ -203,22 +225,38 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
             module.requires_grad_(False)
         for te in encoders.values():
             te.to(torch.float32)
-        trained = Trained([p for slot, te in cond_of.trained.items() for p in trainable(
-            slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot))], {}, te_dtypes)
+        trained = Trained(
+            [
+                p
+                for slot, te in cond_of.trained.items()
+                for p in trainable(
+                    slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot)
+                )
+            ],
+            {},
+            te_dtypes,
+        )
         if after:  # the patch is for the weights before the earlier patches: a stack is judged against those
-            trained.base = {(m, k): p.detach().to('cpu', copy=True) for m, k, p in trained.params}
+            trained.base = {(m, k): p.detach().to("cpu", copy=True) for m, k, p in trained.params}
         with patches_applied(pipe, after):  # an erase after other patches learns on top of them
-            trained.originals = {(m, k): p.detach().to('cpu', copy=True) for m, k, p in trained.params}
+            trained.originals = {(m, k): p.detach().to("cpu", copy=True) for m, k, p in trained.params}
             try:
-                check = _ForgetCheck(config, denoiser, draws, cond_of, len(loaded), clock) if config.forget_check else None
-                with clock("compress"):  # what the encoders give the UNet before the erase, to measure the stored form on
-                    compaction = (Compaction(config, concepts, captions, cond_of, device)
-                                  if config.rank != "dense" else None)
+                check = (
+                    _ForgetCheck(config, denoiser, draws, cond_of, len(loaded), clock) if config.forget_check else None
+                )
+                with clock(
+                    "compress"
+                ):  # what the encoders give the UNet before the erase, to measure the stored form on
+                    compaction = (
+                        Compaction(config, concepts, captions, cond_of, device) if config.rank != "dense" else None
+                    )
                 empty = _EmptyPrompt(cond_of, device)
                 recipe = make_recipe(config, list(concepts), device)
                 recipe.prepare(lambda prompts: cond_of(prompts, device), draws.every_prompt())
                 with clock("loop"):
-                    losses, conflicts = _loop(config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress)
+                    losses, conflicts = _loop(
+                        config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress
+                    )
                 forget_after = check.after() if check else None
                 trained.take_deltas()
                 output_errors: dict[str, float] = {}
@@ -226,36 +264,81 @@ def erase(pipe: Any, concepts: Sequence[str], images: Sequence[Sequence[Any]], c
                     with clock("compress"):
                         trained.factors, output_errors = compaction.factors(trained.params, trained.originals)
                 drift = empty.drift()  # with the deltas as stored (before their rounding to the patch dtype)
-                ran = {"steps_run": len(losses), "stopped_early": recipe.should_stop(losses),
-                       "prediction_type": denoiser.prediction_type,
-                       "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
-                       "empty_prompt_drift": _rounded(drift)}
+                ran = {
+                    "steps_run": len(losses),
+                    "stopped_early": recipe.should_stop(losses),
+                    "prediction_type": denoiser.prediction_type,
+                    "autocast": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
+                    "empty_prompt_drift": _rounded(drift),
+                }
                 if compaction:
-                    ran |= {"output_error": round(max(output_errors.values()), 6), "output_errors": _rounded(output_errors)}
+                    ran |= {
+                        "output_error": round(max(output_errors.values()), 6),
+                        "output_errors": _rounded(output_errors),
+                    }
                 earlier = applied_in_place(base_files) if base_files is not None else []
                 earlier += [{"patch_id": p.patch_id, "title": p.title} for p in after]
                 ran |= {"after": earlier} if earlier else {}
                 if config.surgery:  # the share of (step, tensor) gradients that conflicted and were projected
                     ran["surgery_conflicts"] = round(conflicts, 4)
                 with clock("patch"):
-                    patch = build_patch(config, concepts, cond_of, trained, base_files, ran,
-                                        {"images_sha256": images_sha, "num_images": len(loaded),
-                                         "duration_s": None if source_date() else round(clock.seconds["loop"], 3)})
+                    patch = build_patch(
+                        config,
+                        concepts,
+                        cond_of,
+                        trained,
+                        base_files,
+                        ran,
+                        {
+                            "images_sha256": images_sha,
+                            "num_images": len(loaded),
+                            "duration_s": None if source_date() else round(clock.seconds["loop"], 3),
+                        },
+                    )
             finally:  # the trained values back; kept_as_found gives back dtypes, flags and modes
                 trained.restore()
 
     norms = {m: float(np.linalg.norm(trained.dense[(m, "weight")])) for m in patch.manifest.deltas}
-    kept = (sum(trained.factors[m].kept * n ** 2 for m, n in norms.items()) / (sum(n ** 2 for n in norms.values()) or 1.0)
-            if trained.factors else None)
-    return EraseReport(list(concepts), None, len(losses), _window_mean(losses, end=False), _window_mean(losses, end=True),
-                       losses, check.before if check else None, forget_after, clock.seconds["loop"],
-                       time.perf_counter() - t_start, 0, len(loaded), str(device),
-                       sorted(norms.items(), key=lambda x: -x[1])[:5], kept, max(output_errors.values(), default=0.0),
-                       output_errors, drift, patch, timings=clock.seconds)
+    kept = (
+        sum(trained.factors[m].kept * n**2 for m, n in norms.items()) / (sum(n**2 for n in norms.values()) or 1.0)
+        if trained.factors
+        else None
+    )
+    return EraseReport(
+        list(concepts),
+        None,
+        len(losses),
+        _window_mean(losses, end=False),
+        _window_mean(losses, end=True),
+        losses,
+        check.before if check else None,
+        forget_after,
+        clock.seconds["loop"],
+        time.perf_counter() - t_start,
+        0,
+        len(loaded),
+        str(device),
+        sorted(norms.items(), key=lambda x: -x[1])[:5],
+        kept,
+        max(output_errors.values(), default=0.0),
+        output_errors,
+        drift,
+        patch,
+        timings=clock.seconds,
+    )
 
 
-def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser, draws: Draws, cond_of: Conditioner,
-          gen: Any, n_images: int, progress: Callable[[StepInfo], None] | None) -> tuple[list[float], float]:
+def _loop(
+    config: EraseConfig,
+    trained: Trained,
+    recipe: Any,
+    denoiser: Denoiser,
+    draws: Draws,
+    cond_of: Conditioner,
+    gen: Any,
+    n_images: int,
+    progress: Callable[[StepInfo], None] | None,
+) -> tuple[list[float], float]:
     """The optimizer steps: each draws a batch, encodes its prompts and the recipe's in one text-encoder pass,
     runs the UNet, and minimises the recipe's objective with Adam, until the schedule ends or the recipe stops.
     The losses, and the share of (step, tensor) gradients in which surgery removed a conflict."""
@@ -264,8 +347,14 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
     params = [p for _, _, p in trained.params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
-                           fused=True if params[0].device.type == "cuda" else None)  # CUDA: one kernel, no copies
+    opt = torch.optim.Adam(
+        params,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        fused=True if params[0].device.type == "cuda" else None,
+    )  # CUDA: one kernel, no copies
     device = denoiser.unet.device
     total = _total_steps(n_images, config)
     losses: list[float] = []
@@ -279,8 +368,11 @@ def _loop(config: EraseConfig, trained: Trained, recipe: Any, denoiser: Denoiser
         prediction = denoiser.predict(idx, t, noise, _rows(cond, added, slice(None, k)))
         loss = prediction.loss
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss became non-finite at step {step + 1}; no patch was written",
-                                 "lower the learning rate or the number of steps", option="lr")
+            raise NonFiniteError(
+                f"the loss became non-finite at step {step + 1}; no patch was written",
+                "lower the learning rate or the number of steps",
+                option="lr",
+            )
         state = Step(prediction, prompts, _rows(cond, added, slice(k, None)))
         per_step += _update(opt, params, recipe.objective(state), config.surgery)
         recipe.after_step(state)
@@ -342,8 +434,9 @@ class _EmptyPrompt:
 class _ForgetCheck:
     """``--forget-check``: the denoising loss on a fixed set of draws (4 per image), before and after the loop."""
 
-    def __init__(self, config: EraseConfig, denoiser: Denoiser, draws: Draws, cond_of: Conditioner, n_images: int,
-                 clock: Clock) -> None:
+    def __init__(
+        self, config: EraseConfig, denoiser: Denoiser, draws: Draws, cond_of: Conditioner, n_images: int, clock: Clock
+    ) -> None:
         import torch
 
         gen = torch.Generator().manual_seed(config.seed + 1)
@@ -357,9 +450,11 @@ class _ForgetCheck:
 
         device = self.denoiser.unet.device
         with self.clock("forget_check"), torch.no_grad():
-            return float(np.mean([self.denoiser.loss(self.every, t, n, self.cond_of(p, device)).item()
-                                  for t, n, p in self.fixed]))
+            return float(
+                np.mean(
+                    [self.denoiser.loss(self.every, t, n, self.cond_of(p, device)).item() for t, n, p in self.fixed]
+                )
+            )
 
     def after(self) -> float:
         return self._measure()
-

@@ -79,8 +79,8 @@ def f16_add_inverted(bits: np.ndarray, term: np.ndarray) -> tuple[np.ndarray, np
             _round_into(w, c, s, floor, after[i:j])
             _widen_into(after[i:j], w.view(_I32))
             w -= t[i:j]
-            _round_into(w, c, s, floor, back[:j - i])
-            missed = np.flatnonzero(back[:j - i] != h[i:j])
+            _round_into(w, c, s, floor, back[: j - i])
+            missed = np.flatnonzero(back[: j - i] != h[i:j])
             if missed.size:
                 misses.append((missed + i).astype(_U32))
     return after, np.concatenate(misses) if misses else np.zeros(0, _U32)

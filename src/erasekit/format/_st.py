@@ -29,12 +29,38 @@ from ._f16 import f16_to_f32, f32_to_f16
 MAX_HEADER_BYTES = 100_000_000
 
 ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")  # what patches store; checkpoints may also hold F64
-_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
-          "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+_NUMPY = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+}
 
 
 @dataclass(frozen=True)
@@ -93,12 +119,16 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
-                raise err(f"{what} {path} is truncated ({size} bytes, no safetensors header)",
-                          "re-download or re-create the file")
+                raise err(
+                    f"{what} {path} is truncated ({size} bytes, no safetensors header)",
+                    "re-download or re-create the file",
+                )
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or n > size - 8:
-                raise err(f"{what} {path} is corrupt or truncated (header claims {n} bytes, file has {size})",
-                          "re-download or re-create the file")
+                raise err(
+                    f"{what} {path} is corrupt or truncated (header claims {n} bytes, file has {size})",
+                    "re-download or re-create the file",
+                )
             raw = f.read(n)
     except FileNotFoundError:
         raise InputFileError(f"{path} does not exist", "check the path") from None
@@ -109,11 +139,16 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except DuplicateKeyError as dup:
-        raise err(f"{what} {path} has a safetensors header that names {dup.key!r} twice (a header that says two things "
-                  "is refused)", "re-download or re-create the file") from None
+        raise err(
+            f"{what} {path} has a safetensors header that names {dup.key!r} twice (a header that says two things "
+            "is refused)",
+            "re-download or re-create the file",
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as bad:
-        raise err(f"{what} {path} has a corrupt safetensors header ({bad.__class__.__name__})",
-                  "re-download or re-create the file") from None
+        raise err(
+            f"{what} {path} has a corrupt safetensors header ({bad.__class__.__name__})",
+            "re-download or re-create the file",
+        ) from None
     except RecursionError:  # a safetensors header is two levels deep; thousands of levels is a hostile file
         raise err(f"{what} {path} has a safetensors header nested too deeply to read", "re-create the file") from None
     if not isinstance(obj, dict):
@@ -126,26 +161,36 @@ def read_header(path: str | os.PathLike, err: type[ErasekitError] = InputFileErr
     for name, info in obj.items():
         try:
             dtype, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (dtype in ITEMSIZE and isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)
-                  and type(b) is int and type(e) is int and 0 <= b <= e)
+            ok = (
+                dtype in ITEMSIZE
+                and isinstance(shape, list)
+                and all(type(s) is int and s >= 0 for s in shape)
+                and type(b) is int
+                and type(e) is int
+                and 0 <= b <= e
+            )
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
             raise err(f"{what} {path}: malformed header entry for tensor {name!r}", "re-create the file")
         if (e - b) != math.prod(shape) * ITEMSIZE[dtype]:
-            raise err(f"{what} {path}: tensor {name!r} has {e - b} bytes for shape {shape} {dtype}",
-                      "re-create the file")
+            raise err(
+                f"{what} {path}: tensor {name!r} has {e - b} bytes for shape {shape} {dtype}", "re-create the file"
+            )
         entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + b, data_start + e)
     # The byte buffer must be indexed entirely, without holes or overlaps.
     pos = data_start
     for ent in sorted(entries.values(), key=lambda x: (x.begin, x.end)):
         if ent.begin != pos:
-            raise err(f"{what} {path}: tensor data overlaps or leaves a hole at tensor {ent.name!r}",
-                      "re-create the file")
+            raise err(
+                f"{what} {path}: tensor data overlaps or leaves a hole at tensor {ent.name!r}", "re-create the file"
+            )
         pos = ent.end
     if pos != size:
-        raise err(f"{what} {path} is truncated or has trailing bytes (data ends at {pos}, file has {size})",
-                  "re-download or re-create the file")
+        raise err(
+            f"{what} {path} is truncated or has trailing bytes (data ends at {pos}, file has {size})",
+            "re-download or re-create the file",
+        )
     return Header(path, n, entries, meta, size)
 
 
@@ -153,8 +198,10 @@ def read_raw(f: BinaryIO, entry: TensorEntry) -> bytes:
     f.seek(entry.begin)
     data = f.read(entry.nbytes)
     if len(data) != entry.nbytes:
-        raise InputFileError(f"{getattr(f, 'name', 'file')} changed while reading tensor {entry.name!r}",
-                             "retry when no other program writes it")
+        raise InputFileError(
+            f"{getattr(f, 'name', 'file')} changed while reading tensor {entry.name!r}",
+            "retry when no other program writes it",
+        )
     return data
 
 
@@ -216,8 +263,9 @@ def build_header(tensors: Mapping[str, tuple[str, tuple[int, ...], bytes]], meta
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[str, tuple[int, ...], bytes]],
-                      metadata: Mapping[str, str]) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, tuple[str, tuple[int, ...], bytes]], metadata: Mapping[str, str]
+) -> None:
     """Write deterministically (sorted names, sorted metadata) and atomically."""
     with atomic_write(path) as f:
         f.write(build_header(tensors, metadata))
@@ -270,9 +318,10 @@ def replace(tmp: str | Path, path: Path) -> None:
     except PermissionError as e:
         from ..errors import TargetNotWritableError
 
-        raise TargetNotWritableError(f"cannot replace {path} ({e.strerror}): another program holds it open, or it or "
-                                     "its folder is read-only", "close it in that program (or make it writable), "
-                                     "then retry") from None
+        raise TargetNotWritableError(
+            f"cannot replace {path} ({e.strerror}): another program holds it open, or it or its folder is read-only",
+            "close it in that program (or make it writable), then retry",
+        ) from None
 
 
 def check_new_output(out: Path, replace: bool = False, make_folder: bool = False) -> None:
@@ -282,18 +331,22 @@ def check_new_output(out: Path, replace: bool = False, make_folder: bool = False
     from ..errors import TargetNotWritableError
 
     if (out.exists() or out.is_symlink()) and not replace:
-        raise TargetNotWritableError(f"{out} already exists", "choose a new output name, or delete it first",
-                                     option="output")
+        raise TargetNotWritableError(
+            f"{out} already exists", "choose a new output name, or delete it first", option="output"
+        )
     folder = out.parent
     while make_folder and not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise TargetNotWritableError(f"folder {folder} does not exist" if not folder.exists() else
-                                     f"{folder} is not a folder", "create it first or choose another output",
-                                     option="output")
+        raise TargetNotWritableError(
+            f"folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder",
+            "create it first or choose another output",
+            option="output",
+        )
     if not os.access(folder, os.W_OK):
-        raise TargetNotWritableError(f"cannot write in {folder} (permission denied)", "choose a writable location",
-                                     option="output")
+        raise TargetNotWritableError(
+            f"cannot write in {folder} (permission denied)", "choose a writable location", option="output"
+        )
 
 
 @contextlib.contextmanager
@@ -313,8 +366,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
     except PermissionError:
         from ..errors import TargetNotWritableError
 
-        raise TargetNotWritableError(f"cannot write in {parent} (permission denied)",
-                                     "choose a writable output location") from None
+        raise TargetNotWritableError(
+            f"cannot write in {parent} (permission denied)", "choose a writable output location"
+        ) from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f  # type: ignore[misc]

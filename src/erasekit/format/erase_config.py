@@ -12,32 +12,88 @@ from ..errors import ErasekitError, InputFileError, invalid_setting
 
 # Textual inversion's template lists, as the reference recipe uses them.
 OBJECT_TEMPLATES = (
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
-    "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}",
-    "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
-    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}", "a rendition of the {}",
-    "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}",
-    "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
-    "a photo of a cool {}", "a photo of a small {}",
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
 )
 STYLE_TEMPLATES = (
-    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
-    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
-    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
-    "a close-up painting in the style of {}", "a bright painting in the style of {}",
-    "a cropped painting in the style of {}", "a good painting in the style of {}",
-    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
-    "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
 )
 # Everyday captions whose conditioning the "anchored" recipe holds in place while the concept is erased.
 GENERIC_ANCHORS = (
-    "", "a photo of a dog", "a photo of a cat", "a person walking in a park", "a city street at night",
-    "a bowl of fruit on a table", "a mountain landscape", "a portrait of a woman", "a portrait of a man",
-    "a red car parked outside", "a house with a garden", "a painting of flowers", "a cup of coffee",
-    "a beach at sunset", "a bird on a branch", "a plate of food", "a child playing with a ball",
-    "an old building", "a forest in autumn", "a boat on a lake", "a computer on a desk", "a green field",
-    "a blue sky with clouds", "a book on a shelf", "a horse in a field", "a snowy road", "a kitchen interior",
-    "a drawing of a tree", "a bicycle leaning on a wall", "a glass of water", "a cartoon character",
+    "",
+    "a photo of a dog",
+    "a photo of a cat",
+    "a person walking in a park",
+    "a city street at night",
+    "a bowl of fruit on a table",
+    "a mountain landscape",
+    "a portrait of a woman",
+    "a portrait of a man",
+    "a red car parked outside",
+    "a house with a garden",
+    "a painting of flowers",
+    "a cup of coffee",
+    "a beach at sunset",
+    "a bird on a branch",
+    "a plate of food",
+    "a child playing with a ball",
+    "an old building",
+    "a forest in autumn",
+    "a boat on a lake",
+    "a computer on a desk",
+    "a green field",
+    "a blue sky with clouds",
+    "a book on a shelf",
+    "a horse in a field",
+    "a snowy road",
+    "a kitchen interior",
+    "a drawing of a tree",
+    "a bicycle leaning on a wall",
+    "a glass of water",
+    "a cartoon character",
 )
 
 
@@ -135,8 +191,10 @@ class EraseConfig(BaseModel):
     @classmethod
     def _no_fp16_training(cls, v: str) -> str:
         if v == "fp16":  # fp16's range: small gradients through the UNet flush to zero without loss scaling
-            raise ValueError("fp16 autocast is not used for training (its gradients into the text encoder underflow "
-                             "without loss scaling); use bf16, auto or fp32")
+            raise ValueError(
+                "fp16 autocast is not used for training (its gradients into the text encoder underflow "
+                "without loss scaling); use bf16, auto or fp32"
+            )
         return v
 
     @field_validator("templates")
@@ -170,8 +228,17 @@ class EraseConfig(BaseModel):
         if not self.concept_templates:
             hp.pop("concept_templates")
         if self.recipe == "paper" and self.surgery is None:
-            for k in ("keep", "anchor_weight", "keep_weight", "anchor_prompts", "stop_ratio", "stop_window",
-                      "anchor_batch", "stand_ins", "stand_in_weight"):
+            for k in (
+                "keep",
+                "anchor_weight",
+                "keep_weight",
+                "anchor_prompts",
+                "stop_ratio",
+                "stop_window",
+                "anchor_batch",
+                "stand_ins",
+                "stand_in_weight",
+            ):
                 hp.pop(k)
         elif self.anchor_prompts is None:
             hp["anchor_prompts"] = list(GENERIC_ANCHORS)
@@ -222,8 +289,9 @@ def recommended_for(model_settings: dict[str, Any], concepts: list[str]) -> dict
     return rec
 
 
-def effective_settings(recommended: dict[str, Any], given: dict[str, Any],
-                       per_recipe: dict[str, dict[str, Any]] | None = None) -> tuple[EraseConfig, dict[str, str]]:
+def effective_settings(
+    recommended: dict[str, Any], given: dict[str, Any], per_recipe: dict[str, dict[str, Any]] | None = None
+) -> tuple[EraseConfig, dict[str, str]]:
     """The settings an erase runs with, and where each came from ("user", "model" or "default"):
     what the user gave always wins; a model's recommendations (``recommended``, for its own recipe) hold for
     another recipe only where ``per_recipe`` (erasekit.json's ``erase_recipes``) has an entry for it, which is laid
@@ -245,12 +313,14 @@ def effective_settings(recommended: dict[str, Any], given: dict[str, Any],
         config = EraseConfig(**(rec | given))
     except ValueError as e:
         raise invalid_setting(e) from None
-    sources = {name: "user" if name in given else "model" if name in rec else "default"
-               for name in EraseConfig.model_fields}
+    sources = {
+        name: "user" if name in given else "model" if name in rec else "default" for name in EraseConfig.model_fields
+    }
     return config, sources
 
 
 # -- settings as people write them (erase's options, a batch manifest) ---------------------------------------------
+
 
 def parse_layers(spec: str) -> list[int]:
     """'0-11' / '3,5,7-9' -> a list of layer indices."""
@@ -260,23 +330,27 @@ def parse_layers(spec: str) -> list[int]:
             lo, _, hi = part.strip().partition("-")
             layers += list(range(int(lo), int(hi or lo) + 1))
     except ValueError:
-        raise ErasekitError(f"layers {spec!r} is not a list of layers", "write it like 0-11 or 3,5,8-11",
-                            option="layers") from None
+        raise ErasekitError(
+            f"layers {spec!r} is not a list of layers", "write it like 0-11 or 3,5,8-11", option="layers"
+        ) from None
     return layers
 
 
 def parse_stand_ins(items: list[str]) -> dict[str, list[str]]:
     """['circle=square', 'red=blue,green'] -> {'circle': ['square'], 'red': ['blue', 'green']}."""
-    return {concept: [w.strip() for w in words.split(",")]
-            for concept, words in _assignments(items, "stand_ins", "stand-in", "WORD", "circle=square")}
+    return {
+        concept: [w.strip() for w in words.split(",")]
+        for concept, words in _assignments(items, "stand_ins", "stand-in", "WORD", "circle=square")
+    }
 
 
 def parse_concept_templates(items: list[str]) -> dict[str, list[str]]:
     """['Van Gogh=a painting in the style of {}', 'van gogh={} style'] -> {'Van Gogh': [both templates]} (a concept's
     spellings in any case are one concept, named as first written)."""
     out: dict[str, list[str]] = {}
-    for concept, template in _assignments(items, "concept_templates", "concept template", "TEMPLATE",
-                                          "'Van Gogh=a painting in the style of {}'"):
+    for concept, template in _assignments(
+        items, "concept_templates", "concept template", "TEMPLATE", "'Van Gogh=a painting in the style of {}'"
+    ):
         key = next((k for k in out if k.lower() == concept.lower()), concept)
         out.setdefault(key, []).append(template.strip())
     return out
@@ -288,8 +362,9 @@ def _assignments(items: list[str], option: str, what: str, placeholder: str, exa
     for item in items:
         concept, eq, value = item.partition("=")
         if not eq or not concept.strip():
-            raise ErasekitError(f"{what} {item!r} is not CONCEPT={placeholder}", f"write it as {example}",
-                                option=option)
+            raise ErasekitError(
+                f"{what} {item!r} is not CONCEPT={placeholder}", f"write it as {example}", option=option
+            )
         pairs.append((concept.strip(), value))
     return pairs
 
@@ -299,5 +374,6 @@ def read_templates_file(path: str | Path) -> list[str]:
     try:
         return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     except OSError as e:
-        raise InputFileError(f"cannot read the templates file {path} ({e.strerror})", "check the path",
-                             option="templates_file") from None
+        raise InputFileError(
+            f"cannot read the templates file {path} ({e.strerror})", "check the path", option="templates_file"
+        ) from None

@@ -72,7 +72,7 @@ def truncated_svd(delta: np.ndarray, rank: int) -> LowRank:
     the Frobenius one (the error on inputs spread evenly over every direction)."""
     u, sv, vh = np.linalg.svd(np.asarray(delta, dtype=np.float64), full_matrices=False)
     r = min(rank, sv.size)
-    total = float((sv ** 2).sum())
+    total = float((sv**2).sum())
     kept = float((sv[:r] ** 2).sum()) / total if total else 1.0
     return LowRank((u[:, :r] * sv[:r]).astype(np.float32), vh[:r].astype(np.float32), max(0.0, 1.0 - kept) ** 0.5, kept)
 

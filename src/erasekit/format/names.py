@@ -9,10 +9,20 @@ import re
 ARCH_SLOTS = {"sd1": {"te"}, "sd2": {"te"}, "sdxl": {"te1", "te2"}, "sdxl-refiner": {"te2"}, "clip-text": {"te"}}
 SLOTS = ("te", "te1", "te2")
 KOHYA_PREFIX = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
-SS_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0",
-                         "sdxl-refiner": "sdxl_refiner_v1-0", "clip-text": "unknown"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base",
-                  "sdxl-refiner": "stable-diffusion-xl-v1-refiner", "clip-text": "clip-text-encoder"}
+SS_BASE_MODEL_VERSION = {
+    "sd1": "sd_v1",
+    "sd2": "sd_v2",
+    "sdxl": "sdxl_base_v1-0",
+    "sdxl-refiner": "sdxl_refiner_v1-0",
+    "clip-text": "unknown",
+}
+MODELSPEC_ARCH = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2",
+    "sdxl": "stable-diffusion-xl-v1-base",
+    "sdxl-refiner": "stable-diffusion-xl-v1-refiner",
+    "clip-text": "clip-text-encoder",
+}
 _MODULE_RE = re.compile(r"^lora_(te|te1|te2)_text_model_encoder_layers_(0|[1-9]\d*)_mlp_(fc1|fc2)$")
 
 

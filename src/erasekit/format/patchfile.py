@@ -77,9 +77,14 @@ class EncoderInfo(_Model):
 # encoder may be any of them. A manifest claiming more is refused before a tensor is read: these sizes are what
 # bounds the memory of the commands that multiply low-rank factors out (merge, export).
 _CLIP_L, _OPENCLIP_H, _OPENCLIP_BIGG = (768, 3072, 12), (1024, 4096, 24), (1280, 5120, 32)
-MAX_ENCODER = {("sd1", "te"): _CLIP_L, ("sd2", "te"): _OPENCLIP_H, ("sdxl", "te1"): _CLIP_L,
-               ("sdxl", "te2"): _OPENCLIP_BIGG, ("sdxl-refiner", "te2"): _OPENCLIP_BIGG,
-               ("clip-text", "te"): _OPENCLIP_BIGG}
+MAX_ENCODER = {
+    ("sd1", "te"): _CLIP_L,
+    ("sd2", "te"): _OPENCLIP_H,
+    ("sdxl", "te1"): _CLIP_L,
+    ("sdxl", "te2"): _OPENCLIP_BIGG,
+    ("sdxl-refiner", "te2"): _OPENCLIP_BIGG,
+    ("clip-text", "te"): _OPENCLIP_BIGG,
+}
 
 
 class TensorFingerprint(_Model):
@@ -222,10 +227,21 @@ class Evaluation(_Closed):
     def settings_key(self) -> tuple[Any, ...]:
         """What makes two records the same measurement (``record_evaluation`` keeps the newer): everything but the
         time, the erasekit version, the model's name and the results."""
-        return (self.patch_id, self.concept, self.attribute, tuple(self.labels), self.judge.kind, self.judge.sha256,
-                self.model.sha256,
-                self.strength, self.prompts.sha256, tuple(self.seeds), self.images_per_prompt, self.steps,
-                self.guidance)
+        return (
+            self.patch_id,
+            self.concept,
+            self.attribute,
+            tuple(self.labels),
+            self.judge.kind,
+            self.judge.sha256,
+            self.model.sha256,
+            self.strength,
+            self.prompts.sha256,
+            tuple(self.seeds),
+            self.images_per_prompt,
+            self.steps,
+            self.guidance,
+        )
 
 
 class FutureEvaluation(BaseModel):
@@ -242,8 +258,9 @@ def _evaluation_kind(value: Any) -> str:
 
 
 _EVALUATION_TAGS = ("known", "future")
-AnyEvaluation = Annotated[Annotated[Evaluation, Tag("known")] | Annotated[FutureEvaluation, Tag("future")],
-                          Discriminator(_evaluation_kind)]
+AnyEvaluation = Annotated[
+    Annotated[Evaluation, Tag("known")] | Annotated[FutureEvaluation, Tag("future")], Discriminator(_evaluation_kind)
+]
 PROMPTS_LISTED = 64
 
 
@@ -386,26 +403,35 @@ def _check_manifest(manifest: Manifest, where: str) -> None:
     for m in manifest.deltas:
         parsed = parse_module_name(m)
         if parsed is None:
-            raise PatchFormatError(f"{where}: {m!r} is not a text-encoder FFN module name",
-                                   "the file was not written by erasekit; re-create it")
+            raise PatchFormatError(
+                f"{where}: {m!r} is not a text-encoder FFN module name",
+                "the file was not written by erasekit; re-create it",
+            )
         slot, layer, _ = parsed
         enc = manifest.base.encoders.get(slot)
         if enc is None or layer >= enc.layers:
-            raise PatchFormatError(f"{where}: module {m} is outside the base model's encoders {sorted(manifest.base.encoders)}",
-                                   "re-create the patch")
+            raise PatchFormatError(
+                f"{where}: module {m} is outside the base model's encoders {sorted(manifest.base.encoders)}",
+                "re-create the patch",
+            )
         for kind in ("weight", "bias") if manifest.deltas[m].bias else ("weight",):
             if f"{m}.{kind}" not in manifest.base.tensors:
                 raise PatchFormatError(f"{where}: no base fingerprint for {m}.{kind}", "re-create the patch")
     allowed = ARCH_SLOTS[manifest.base.architecture]
     if not set(manifest.base.encoders) <= allowed:
-        raise PatchFormatError(f"{where}: a {manifest.base.architecture} patch has encoder slots "
-                               f"{sorted(manifest.base.encoders)}, allowed are {sorted(allowed)}", "re-create the patch")
+        raise PatchFormatError(
+            f"{where}: a {manifest.base.architecture} patch has encoder slots "
+            f"{sorted(manifest.base.encoders)}, allowed are {sorted(allowed)}",
+            "re-create the patch",
+        )
     for slot, enc in manifest.base.encoders.items():
         claimed, largest = (enc.hidden, enc.intermediate, enc.layers), MAX_ENCODER[manifest.base.architecture, slot]
         if any(c > m for c, m in zip(claimed, largest)):
-            raise PatchFormatError(f"{where}: encoder {slot} claims {_dims(claimed)}, larger than any "
-                                   f"{manifest.base.architecture} text encoder ({_dims(largest)} at most)",
-                                   "the file is damaged or was not written by erasekit; re-create it")
+            raise PatchFormatError(
+                f"{where}: encoder {slot} claims {_dims(claimed)}, larger than any "
+                f"{manifest.base.architecture} text encoder ({_dims(largest)} at most)",
+                "the file is damaged or was not written by erasekit; re-create it",
+            )
 
 
 def _dims(dims: tuple[int, int, int]) -> str:
@@ -417,8 +443,10 @@ def _upgrade(obj: dict[str, Any], where: str) -> dict[str, Any]:
     if type(version) is not int or version < 1:
         raise PatchFormatError(f"{where}: manifest has no valid format_version", "re-create the patch")
     if version > FORMAT_VERSION:
-        raise PatchVersionError(f"{where} uses format version {version}; this erasekit {__version__} reads up to "
-                                f"{FORMAT_VERSION}", "upgrade erasekit (pip install -U erasekit)")
+        raise PatchVersionError(
+            f"{where} uses format version {version}; this erasekit {__version__} reads up to {FORMAT_VERSION}",
+            "upgrade erasekit (pip install -U erasekit)",
+        )
     while version < FORMAT_VERSION:
         if version not in UPGRADES:
             raise PatchFormatError(f"{where}: no upgrade from format version {version}", "re-create the patch")
@@ -434,9 +462,13 @@ def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]
     except _st.DuplicateKeyError as e:
         raise PatchFormatError(f"{where}: the erasekit manifest names {e.key!r} twice", "re-create the patch") from None
     except json.JSONDecodeError as e:
-        raise PatchFormatError(f"{where}: the erasekit manifest is not valid JSON ({e.msg})", "re-create the patch") from None
+        raise PatchFormatError(
+            f"{where}: the erasekit manifest is not valid JSON ({e.msg})", "re-create the patch"
+        ) from None
     except RecursionError:
-        raise PatchFormatError(f"{where}: the erasekit manifest is nested too deeply to read", "re-create the patch") from None
+        raise PatchFormatError(
+            f"{where}: the erasekit manifest is nested too deeply to read", "re-create the patch"
+        ) from None
     if not isinstance(obj, dict):
         raise PatchFormatError(f"{where}: the erasekit manifest is not a JSON object", "re-create the patch")
     obj = _upgrade(obj, where)
@@ -449,15 +481,18 @@ def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]
             del parts[2]  # the union's tag, not a field
         loc = ".".join(str(x) for x in parts)
         loc = loc if len(loc) <= 120 else loc[:100] + "..."  # a value nested hundreds deep names a long path
-        fix = ("a recorded evaluation was edited or damaged; re-create the patch and record its evaluation again"
-               if parts[:1] == ["evaluations"] else "re-create the patch")
+        fix = (
+            "a recorded evaluation was edited or damaged; re-create the patch and record its evaluation again"
+            if parts[:1] == ["evaluations"]
+            else "re-create the patch"
+        )
         raise PatchFormatError(f"{where}: invalid manifest field {loc or '(root)'}: {err['msg']}", fix) from None
     found: list[str] = []
 
     def collect(model: BaseModel, prefix: str) -> None:
         if isinstance(model, FutureEvaluation):
             return  # kept whole, reported below
-        for k in (model.model_extra or {}):
+        for k in model.model_extra or {}:
             found.append(prefix + k)
         for name in type(model).model_fields:
             val = getattr(model, name)
@@ -467,14 +502,22 @@ def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]
                     collect(v, f"{prefix}{name}.")
 
     collect(manifest, "")
-    notes = [f"{where}: ignoring manifest fields this erasekit does not know: {', '.join(sorted(set(found)))} "
-             f"(written by erasekit {manifest.erasekit_version})"] if found else []
+    notes = (
+        [
+            f"{where}: ignoring manifest fields this erasekit does not know: {', '.join(sorted(set(found)))} "
+            f"(written by erasekit {manifest.erasekit_version})"
+        ]
+        if found
+        else []
+    )
     future = [i for i, ev in enumerate(manifest.evaluations) if isinstance(ev, FutureEvaluation)]
     if future:
         versions = sorted({manifest.evaluations[i].version for i in future})
-        notes.append(f"{where}: {len(future)} recorded evaluation(s) use evaluation format "
-                     f"{', '.join(f'v{v}' for v in versions)}; this erasekit {__version__} reads v{EVALUATION_VERSION}, "
-                     "keeps them unread and does not show them (upgrade erasekit to see them)")
+        notes.append(
+            f"{where}: {len(future)} recorded evaluation(s) use evaluation format "
+            f"{', '.join(f'v{v}' for v in versions)}; this erasekit {__version__} reads v{EVALUATION_VERSION}, "
+            "keeps them unread and does not show them (upgrade erasekit to see them)"
+        )
     _check_manifest(manifest, where)
     return manifest, notes
 
@@ -485,25 +528,34 @@ def read_manifest(path: str | Path) -> tuple[Manifest, _st.Header, list[str]]:
     header = _st.read_header(path, err=PatchFormatError, what="patch")
     text = header.metadata.get("erasekit")
     if text is None:
-        hint = ("it looks like a LoRA/LyCORIS network; `erasekit diff` makes patches from two checkpoints"
-                if any(k.startswith("lora_") for k in header.entries) else "name a file written by erasekit")
+        hint = (
+            "it looks like a LoRA/LyCORIS network; `erasekit diff` makes patches from two checkpoints"
+            if any(k.startswith("lora_") for k in header.entries)
+            else "name a file written by erasekit"
+        )
         raise PatchFormatError(f"{path} is not an erasekit patch (no 'erasekit' manifest in its metadata)", hint)
     manifest, notes = parse_manifest(text, str(path))
     expected = expected_tensors(manifest)
     missing = sorted(set(expected) - set(header.entries))
     extra = sorted(set(header.entries) - set(expected))
     if missing or extra:
-        what = (f"lacks {len(missing)} tensors the manifest lists (e.g. {missing[0]})" if missing
-                else f"has {len(extra)} tensors the manifest does not list (e.g. {extra[0]})")
+        what = (
+            f"lacks {len(missing)} tensors the manifest lists (e.g. {missing[0]})"
+            if missing
+            else f"has {len(extra)} tensors the manifest does not list (e.g. {extra[0]})"
+        )
         raise PatchFormatError(f"{path} {what}", "the file is damaged or was edited; re-create it")
     for name, shape in expected.items():
         ent = header.entries[name]
         if ent.dtype not in STORED_DTYPES:
-            raise PatchFormatError(f"{path}: tensor {name} is {ent.dtype}; patches store F32, F16 or BF16",
-                                   "re-create the patch")
+            raise PatchFormatError(
+                f"{path}: tensor {name} is {ent.dtype}; patches store F32, F16 or BF16", "re-create the patch"
+            )
         if ent.shape != shape:
-            raise PatchFormatError(f"{path}: tensor {name} has shape {list(ent.shape)}, the manifest implies "
-                                   f"{list(shape)}", "the file is damaged; re-create it")  # type: ignore[arg-type]
+            raise PatchFormatError(
+                f"{path}: tensor {name} has shape {list(ent.shape)}, the manifest implies {list(shape)}",  # type: ignore[arg-type]
+                "the file is damaged; re-create it",
+            )
     return manifest, header, notes
 
 
@@ -536,15 +588,18 @@ def load_patch(path: str | os.PathLike) -> Patch:
                 digest.update(raw)
                 arr = _st.to_numpy(raw, ent.dtype, ent.shape).astype(np.float32)
                 if not np.isfinite(arr).all():
-                    raise PatchFormatError(f"{path}: tensor {name} holds NaN or infinite values",
-                                           "re-create the patch (the run that made it diverged)")
+                    raise PatchFormatError(
+                        f"{path}: tensor {name} holds NaN or infinite values",
+                        "re-create the patch (the run that made it diverged)",
+                    )
                 tensors[name], dtypes[name] = arr, ent.dtype
     except OSError as e:
         raise InputFileError(f"cannot read {path} ({e.strerror})", "check the file and its permissions") from None
     recorded = header.metadata.get("modelspec.hash_sha256")
     if recorded is not None and recorded != "0x" + digest.hexdigest():
-        raise PatchFormatError(f"{path}: tensor data does not match its recorded hash (corrupt file)",
-                               "re-download or re-create the patch")
+        raise PatchFormatError(
+            f"{path}: tensor data does not match its recorded hash (corrupt file)", "re-download or re-create the patch"
+        )
     patch = Patch(manifest, tensors, dtypes, path, notes)
     if list(header.entries) and sorted(header.entries) == sorted(header.entries, key=lambda n: header.entries[n].begin):
         patch.__dict__["patch_id"] = digest.hexdigest()  # data in name order: the file's hash is the id
@@ -590,8 +645,9 @@ def metadata_for(patch: Patch) -> dict[str, str]:
         "ss_base_model_version": SS_BASE_MODEL_VERSION[arch],
         "ss_v2": str(arch == "sd2"),
         # kohya's own module for plain LoRA files; LyCORIS for anything holding full (.diff) deltas
-        "ss_network_module": ("networks.lora" if all(d.storage == "lowrank" for d in m.deltas.values())
-                              else "lycoris.kohya"),
+        "ss_network_module": (
+            "networks.lora" if all(d.storage == "lowrank" for d in m.deltas.values()) else "lycoris.kohya"
+        ),
         "ss_output_name": m.title,
     }
     ranks = {d.rank for d in m.deltas.values() if d.storage == "lowrank"}
@@ -611,8 +667,10 @@ def save_patch(patch: Patch, path: str | Path) -> Path:
         if not np.isfinite(_st.to_numpy(raw, dtype, shape)).all():
             from ..errors import NonFiniteError
 
-            raise NonFiniteError(f"tensor {name} holds NaN or infinite values when stored as {dtype}; no patch written",
-                                 "lower the learning rate or the number of steps, or store F32")
+            raise NonFiniteError(
+                f"tensor {name} holds NaN or infinite values when stored as {dtype}; no patch written",
+                "lower the learning rate or the number of steps, or store F32",
+            )
     _st.write_safetensors(path, encoded, metadata_for(patch))
     patch.path = path
     return path
@@ -646,12 +704,16 @@ NETWORK_ALPHA = 1.0
 def lowrank_tensors(module: str, up: np.ndarray, down: np.ndarray) -> dict[str, np.ndarray]:
     """The ``.lora_up``/``.lora_down``/``.alpha`` tensors of the weight delta ``up @ down`` (float32 factors)."""
     rank = down.shape[0]
-    return {f"{module}.lora_up.weight": (np.asarray(up, dtype=np.float64) * (rank / NETWORK_ALPHA)).astype(np.float32),
-            f"{module}.lora_down.weight": np.asarray(down, dtype=np.float32),
-            f"{module}.alpha": np.array(NETWORK_ALPHA, dtype=np.float32)}
+    return {
+        f"{module}.lora_up.weight": (np.asarray(up, dtype=np.float64) * (rank / NETWORK_ALPHA)).astype(np.float32),
+        f"{module}.lora_down.weight": np.asarray(down, dtype=np.float32),
+        f"{module}.alpha": np.array(NETWORK_ALPHA, dtype=np.float32),
+    }
 
 
-def delta_tensors(module: str, dw: np.ndarray, db: np.ndarray, factors: Any = None) -> tuple[dict[str, np.ndarray], DeltaInfo]:
+def delta_tensors(
+    module: str, dw: np.ndarray, db: np.ndarray, factors: Any = None
+) -> tuple[dict[str, np.ndarray], DeltaInfo]:
     """The patch tensors of one module's weight and bias deltas: dense (``.diff``), or, given ``factors`` (a
     :class:`~erasekit.format.lowrank.LowRank`), the weight delta as :func:`lowrank_tensors`."""
     out = {f"{module}.diff_b": np.asarray(db, dtype=np.float32)}
@@ -659,12 +721,14 @@ def delta_tensors(module: str, dw: np.ndarray, db: np.ndarray, factors: Any = No
         out[f"{module}.diff"] = np.asarray(dw, dtype=np.float32)
         return out, DeltaInfo(storage="dense", bias=True)
     out |= lowrank_tensors(module, factors.up, factors.down)
-    return out, DeltaInfo(storage="lowrank", rank=factors.rank, bias=True, error=round(factors.error, 6),
-                          kept=round(factors.kept, 6))
+    return out, DeltaInfo(
+        storage="lowrank", rank=factors.rank, bias=True, error=round(factors.error, 6), kept=round(factors.kept, 6)
+    )
 
 
-def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | None = None,
-                sketch: bool = True) -> TensorFingerprint:
+def fingerprint(
+    raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | None = None, sketch: bool = True
+) -> TensorFingerprint:
     """Exact hash plus a precision-independent sketch (mean, rms and 8 evenly spaced values).
 
     ``sha256``: the hash of ``raw`` when the caller already has it. ``sketch=False`` leaves the sketch empty, for a
@@ -677,15 +741,21 @@ def fingerprint(raw: bytes, dtype: str, shape: tuple[int, ...], sha256: str | No
     n = arr.size
     s1 = s2 = 0.0
     for i in range(0, n, 1 << 20):  # float64 sums, one chunk at a time: no full float64 copy
-        chunk = arr[i:i + (1 << 20)].astype(np.float64)
+        chunk = arr[i : i + (1 << 20)].astype(np.float64)
         s1 += float(chunk.sum())
         s2 += float((chunk * chunk).sum())  # numpy's pairwise sum: the same bits whatever BLAS's thread count
     idx = np.linspace(0, n - 1, num=min(8, n)).astype(np.int64) if n else np.array([], np.int64)
-    return TensorFingerprint(dtype=dtype, shape=list(shape), sha256=digest,
-                             sketch=[s1 / n if n else 0.0, math.sqrt(s2 / n) if n else 0.0] + [float(arr[i]) for i in idx])
+    return TensorFingerprint(
+        dtype=dtype,
+        shape=list(shape),
+        sha256=digest,
+        sketch=[s1 / n if n else 0.0, math.sqrt(s2 / n) if n else 0.0] + [float(arr[i]) for i in idx],
+    )
 
 
-def compare_fingerprint(expected: TensorFingerprint, actual: TensorFingerprint) -> Literal["exact", "approx", "differs"]:
+def compare_fingerprint(
+    expected: TensorFingerprint, actual: TensorFingerprint
+) -> Literal["exact", "approx", "differs"]:
     """``exact``: same bytes. ``approx``: same values at another precision (e.g. fp32 base, fp16 target)."""
     if expected.shape != actual.shape:
         return "differs"
@@ -698,22 +768,61 @@ def compare_fingerprint(expected: TensorFingerprint, actual: TensorFingerprint) 
     return "approx" if np.all(np.abs(a - b) <= 1e-2 * np.abs(a) + 1e-3 * rms) else "differs"
 
 
-def new_manifest(*, title: str, architecture: str, encoders: dict[str, EncoderInfo],
-                 fingerprints: dict[str, TensorFingerprint], deltas: dict[str, DeltaInfo], method: Method,
-                 concepts: list[Concept] | None = None, source: str | None = None, config: str | None = None,
-                 created_at: str | None = None) -> Manifest:
+def new_manifest(
+    *,
+    title: str,
+    architecture: str,
+    encoders: dict[str, EncoderInfo],
+    fingerprints: dict[str, TensorFingerprint],
+    deltas: dict[str, DeltaInfo],
+    method: Method,
+    concepts: list[Concept] | None = None,
+    source: str | None = None,
+    config: str | None = None,
+    created_at: str | None = None,
+) -> Manifest:
     return Manifest(
-        format_version=FORMAT_VERSION, erasekit_version=__version__, created_at=created_at or source_date() or now_iso(),
+        format_version=FORMAT_VERSION,
+        erasekit_version=__version__,
+        created_at=created_at or source_date() or now_iso(),
         title=title,
-        concepts=concepts or [], method=method,
-        base=BaseModelInfo(architecture=architecture,  # type: ignore[arg-type]  # a str; pydantic checks the name
-                           encoders=encoders, tensors=fingerprints, source=source,
-                           **({"config": config} if config else {})),
+        concepts=concepts or [],
+        method=method,
+        base=BaseModelInfo(
+            architecture=architecture,  # type: ignore[arg-type]  # a str; pydantic checks the name
+            encoders=encoders,
+            tensors=fingerprints,
+            source=source,
+            **({"config": config} if config else {}),
+        ),
         deltas=deltas,
     )
 
 
-__all__ = ["EVALUATION_VERSION", "FORMAT_VERSION", "PATCH_SUFFIX", "Concept", "DeltaInfo", "EncoderInfo",
-           "EvaluatedModel", "Evaluation", "FutureEvaluation", "JudgeInfo", "Manifest", "Method", "Patch", "PromptSet",
-           "Rates", "Robustness", "TensorFingerprint", "compare_fingerprint", "fingerprint", "load_patch", "module_name", "new_manifest",
-           "parse_manifest", "read_manifest", "save_patch"]
+__all__ = [
+    "EVALUATION_VERSION",
+    "FORMAT_VERSION",
+    "PATCH_SUFFIX",
+    "Concept",
+    "DeltaInfo",
+    "EncoderInfo",
+    "EvaluatedModel",
+    "Evaluation",
+    "FutureEvaluation",
+    "JudgeInfo",
+    "Manifest",
+    "Method",
+    "Patch",
+    "PromptSet",
+    "Rates",
+    "Robustness",
+    "TensorFingerprint",
+    "compare_fingerprint",
+    "fingerprint",
+    "load_patch",
+    "module_name",
+    "new_manifest",
+    "parse_manifest",
+    "read_manifest",
+    "save_patch",
+]

@@ -45,8 +45,13 @@ _OPENCLIP = {"fc1": "c_fc", "fc2": "c_proj"}
 # The diffusers pipeline component (and LoRA key prefix) of each architecture's encoder slot. A bare CLIP text
 # encoder ("clip-text") goes to text_encoder, or text_encoder_2 when it is as wide as OpenCLIP bigG, which diffusers
 # has only as SDXL's second encoder.
-DIFFUSERS_COMPONENT = {("sd1", "te"): "text_encoder", ("sd2", "te"): "text_encoder", ("sdxl", "te1"): "text_encoder",
-                       ("sdxl", "te2"): "text_encoder_2", ("sdxl-refiner", "te2"): "text_encoder_2"}
+DIFFUSERS_COMPONENT = {
+    ("sd1", "te"): "text_encoder",
+    ("sd2", "te"): "text_encoder",
+    ("sdxl", "te1"): "text_encoder",
+    ("sdxl", "te2"): "text_encoder_2",
+    ("sdxl-refiner", "te2"): "text_encoder_2",
+}
 _BIGG_WIDTH = MAX_ENCODER["sdxl", "te2"][0]
 
 
@@ -104,10 +109,16 @@ def export_tensors(patch: Patch, ui: str) -> tuple[dict[str, tuple[str, tuple[in
     for module, slot, layer, proj in patch.modules():
         name = network_name(arch, slot, layer, proj, ui) or module
         if module in dense_for_bias:
-            parts = {".diff": (patch.weight_delta(module), "F32"), ".diff_b": (patch.tensors[f"{module}.diff_b"], "F32")}
+            parts = {
+                ".diff": (patch.weight_delta(module), "F32"),
+                ".diff_b": (patch.tensors[f"{module}.diff_b"], "F32"),
+            }
         else:
-            parts = {t[len(module):]: (patch.tensors[t], patch.dtypes[t]) for t in patch.tensors
-                     if t.startswith(module + ".")}
+            parts = {
+                t[len(module) :]: (patch.tensors[t], patch.dtypes[t])
+                for t in patch.tensors
+                if t.startswith(module + ".")
+            }
         for suffix, (arr, dtype) in parts.items():
             arr = np.asarray(arr, dtype=np.float32)
             out[name + suffix] = (dtype, tuple(arr.shape), _st.encode(arr, dtype))
@@ -121,8 +132,10 @@ def diffusers_component(patch: Patch, slot: str) -> str:
     if arch == "clip-text":
         return "text_encoder_2" if patch.manifest.base.encoders[slot].hidden == _BIGG_WIDTH else "text_encoder"
     if (arch, slot) not in DIFFUSERS_COMPONENT:
-        raise IncompatiblePatchError(f"diffusers' load_lora_weights loads no LoRA into the {arch} text encoder "
-                                     f"{slot}", "apply the patch in memory instead: erasekit.apply_patch(pipe, patch)")
+        raise IncompatiblePatchError(
+            f"diffusers' load_lora_weights loads no LoRA into the {arch} text encoder {slot}",
+            "apply the patch in memory instead: erasekit.apply_patch(pipe, patch)",
+        )
     return DIFFUSERS_COMPONENT[arch, slot]
 
 
@@ -149,8 +162,10 @@ def diffusers_tensors(patch: Patch) -> dict[str, tuple[str, tuple[int, ...], byt
         rank = max(b.shape[1] for _, b, _, _ in members)
         with_bias = any(bias is not None for *_, bias in members)
         for key, b, a, bias in members:
-            parts = {"up.weight": np.pad(b, ((0, 0), (0, rank - b.shape[1]))),
-                     "down.weight": np.pad(a, ((0, rank - a.shape[0]), (0, 0)))}
+            parts = {
+                "up.weight": np.pad(b, ((0, 0), (0, rank - b.shape[1]))),
+                "down.weight": np.pad(a, ((0, rank - a.shape[0]), (0, 0))),
+            }
             if with_bias:
                 parts["up.bias"] = np.zeros(b.shape[0]) if bias is None else bias
             for suffix, arr in parts.items():
@@ -163,11 +178,13 @@ def _check_output(out: Path, ui: str) -> None:
     if out.suffix == ".safetensors":
         return
     if ui == "diffusers":
-        raise TargetNotWritableError(f"output {out} must end in .safetensors",
-                                     "name it NAME.safetensors: diffusers' load_lora_weights reads other names as "
-                                     "torch pickles")
-    raise TargetNotWritableError(f"output {out} must end in .safetensors",
-                                 "ComfyUI and A1111 list only .safetensors files in their LoRA folders")
+        raise TargetNotWritableError(
+            f"output {out} must end in .safetensors",
+            "name it NAME.safetensors: diffusers' load_lora_weights reads other names as torch pickles",
+        )
+    raise TargetNotWritableError(
+        f"output {out} must end in .safetensors", "ComfyUI and A1111 list only .safetensors files in their LoRA folders"
+    )
 
 
 def export_patch(source: str | os.PathLike, ui: str, output: str | os.PathLike) -> ExportReport:
@@ -188,13 +205,18 @@ def export_patch(source: str | os.PathLike, ui: str, output: str | os.PathLike) 
         meta.pop("ss_network_dim", None)
         meta.pop("ss_network_alpha", None)
         meta["modelspec.architecture"] = meta["modelspec.architecture"].rsplit("/", 1)[0] + "/lycoris"
-    meta[EXPORT_KEY] = json.dumps({"ui": ui, "patch_id": patch.patch_id, "manifest": json.loads(manifest_json(patch.manifest))},
-                                  sort_keys=True, separators=(",", ":"))
+    meta[EXPORT_KEY] = json.dumps(
+        {"ui": ui, "patch_id": patch.patch_id, "manifest": json.loads(manifest_json(patch.manifest))},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     _st.write_safetensors(out, tensors, meta)
     notes = []
     if dense:
-        notes.append(f"A1111 ignores a bias delta beside a low-rank weight delta, so {dense} low-rank modules are "
-                     "stored dense (F32) in this file")
+        notes.append(
+            f"A1111 ignores a bias delta beside a low-rank weight delta, so {dense} low-rank modules are "
+            "stored dense (F32) in this file"
+        )
     if network_name(patch.manifest.base.architecture, "te2", 0, "fc1", ui):
         notes.append(f"SDXL refiner: modules named as {UI_NAMES[ui]} names the refiner's encoder")
     return ExportReport(str(source), str(out), ui, len(patch.manifest.deltas), dense, out.stat().st_size, notes)
@@ -205,12 +227,15 @@ def _export_diffusers(patch: Patch, source: str | os.PathLike, out: Path) -> Exp
     meta = {k: v for k, v in metadata_for(patch).items() if k != "erasekit" and not k.startswith("ss_")}
     meta["modelspec.hash_sha256"] = "0x" + _data_sha256(tensors)
     meta["modelspec.architecture"] = meta["modelspec.architecture"].rsplit("/", 1)[0] + "/lora"
-    meta[EXPORT_KEY] = json.dumps({"ui": "diffusers", "patch_id": patch.patch_id,
-                                   "manifest": json.loads(manifest_json(patch.manifest))},
-                                  sort_keys=True, separators=(",", ":"))
+    meta[EXPORT_KEY] = json.dumps(
+        {"ui": "diffusers", "patch_id": patch.patch_id, "manifest": json.loads(manifest_json(patch.manifest))},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     _st.write_safetensors(out, tensors, meta)
-    return ExportReport(str(source), str(out), "diffusers", len(patch.manifest.deltas), 0, out.stat().st_size,
-                        _diffusers_notes(patch))
+    return ExportReport(
+        str(source), str(out), "diffusers", len(patch.manifest.deltas), 0, out.stat().st_size, _diffusers_notes(patch)
+    )
 
 
 def _diffusers_notes(patch: Patch) -> list[str]:
@@ -218,8 +243,10 @@ def _diffusers_notes(patch: Patch) -> list[str]:
     shapes = [patch.weight_shape(m) for m, d in patch.manifest.deltas.items() if d.storage == "dense"]
     if shapes:
         factors = sum((o + i) * min(o, i) for o, i in shapes) / sum(o * i for o, i in shapes)
-        notes.append(f"{len(shapes)} dense modules are stored as exact factors (an identity on the smaller side, "
-                     f"F32): {factors:.2f}x the size of their deltas (1.25x for real CLIP encoders)")
+        notes.append(
+            f"{len(shapes)} dense modules are stored as exact factors (an identity on the smaller side, "
+            f"F32): {factors:.2f}x the size of their deltas (1.25x for real CLIP encoders)"
+        )
     if patch.manifest.base.architecture == "clip-text":
         (slot,) = {s for _, s, _, _ in patch.modules()}
         notes.append(f"a bare text encoder's patch: written for the pipeline's {diffusers_component(patch, slot)}")

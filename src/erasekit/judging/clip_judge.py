@@ -50,14 +50,16 @@ class ClipJudge:
         device = next(self.model.parameters()).device
         with torch.no_grad():
             if self._text is None:
-                tokens = self.processor.tokenizer([LABEL_TEXT.format(x) for x in self.labels], padding=True,
-                                                  return_tensors="pt").to(device)
+                tokens = self.processor.tokenizer(
+                    [LABEL_TEXT.format(x) for x in self.labels], padding=True, return_tensors="pt"
+                ).to(device)
                 self._text = self._features(self.model.get_text_features(**tokens))
             out: list[str] = []
             for i in range(0, len(images), self.batch_size):
-                pixels = self.processor.image_processor(list(images[i:i + self.batch_size]), return_tensors="pt")
-                feats = self._features(self.model.get_image_features(
-                    pixel_values=pixels["pixel_values"].to(device, self.model.dtype)))
+                pixels = self.processor.image_processor(list(images[i : i + self.batch_size]), return_tensors="pt")
+                feats = self._features(
+                    self.model.get_image_features(pixel_values=pixels["pixel_values"].to(device, self.model.dtype))
+                )
                 out += [self.labels[int(k)] for k in (feats @ self._text.T).argmax(-1)]
         return out
 
@@ -69,19 +71,29 @@ def load_clip_judge(folder: str | os.PathLike, labels: Sequence[str], device: An
     """The CLIP model and processor of a local transformers folder (nothing is downloaded)."""
     path = Path(folder)
     if not path.exists():
-        raise InputFileError(f"the CLIP folder {path} does not exist", "give a local folder of a transformers "
-                             "CLIPModel with its processor (saved with save_pretrained)", option="judge")
+        raise InputFileError(
+            f"the CLIP folder {path} does not exist",
+            "give a local folder of a transformers CLIPModel with its processor (saved with save_pretrained)",
+            option="judge",
+        )
     try:
         config = json.loads((path / "config.json").read_text()) if path.is_dir() else None
     except (OSError, ValueError, RecursionError):
         config = None
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind != "clip":
-        what = "is not a folder" if not path.is_dir() else (
-            "has no readable config.json" if kind is None else f"holds a {kind!r} model")
-        raise InputFileError(f"{path} {what}, not a transformers CLIPModel", "give a folder saved with "
-                             "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained (such as a download of "
-                             "openai/clip-vit-base-patch32)", option="judge")
+        what = (
+            "is not a folder"
+            if not path.is_dir()
+            else ("has no readable config.json" if kind is None else f"holds a {kind!r} model")
+        )
+        raise InputFileError(
+            f"{path} {what}, not a transformers CLIPModel",
+            "give a folder saved with "
+            "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained (such as a download of "
+            "openai/clip-vit-base-patch32)",
+            option="judge",
+        )
     from ..checkpoints.pipeline import quiet_libraries
 
     quiet_libraries()
@@ -96,10 +108,12 @@ def load_clip_judge(folder: str | os.PathLike, labels: Sequence[str], device: An
             processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputFileError(f"cannot load the CLIP model and processor in {path} ({first})",
-                             "the folder needs the model's config and weights, its tokenizer and its image processor's "
-                             "settings (CLIPModel and CLIPProcessor save_pretrained)",
-                             option="judge") from None
+        raise InputFileError(
+            f"cannot load the CLIP model and processor in {path} ({first})",
+            "the folder needs the model's config and weights, its tokenizer and its image processor's "
+            "settings (CLIPModel and CLIPProcessor save_pretrained)",
+            option="judge",
+        ) from None
     return ClipJudge(path, model.to(device).eval(), processor, list(labels))
 
 
@@ -112,9 +126,11 @@ def judge_labels(concept: str, keep: Sequence[str], stand_ins: Sequence[str]) ->
         if label and label.lower() not in {x.lower() for x in labels}:
             labels.append(label)
     if len(labels) < 2:
-        raise ErasekitError(f"the CLIP judge has only {concept!r} to choose from, so every image would show it",
-                            "name the concepts the erase should keep or its stand-ins (the patch records none)",
-                            option="keep")
+        raise ErasekitError(
+            f"the CLIP judge has only {concept!r} to choose from, so every image would show it",
+            "name the concepts the erase should keep or its stand-ins (the patch records none)",
+            option="keep",
+        )
     return labels
 
 
@@ -124,8 +140,11 @@ def stand_in_words(items: Sequence[str], concept: str) -> list[str]:
     for item in items:
         named, sep, rest = item.partition("=")
         if sep and named.strip().lower() != concept.lower():
-            raise ErasekitError(f"stand-in {item!r} is for {named.strip()!r}, and eval judges {concept!r}",
-                                f"give the stand-ins of {concept} (WORD or {concept}=WORD)", option="stand_ins")
+            raise ErasekitError(
+                f"stand-in {item!r} is for {named.strip()!r}, and eval judges {concept!r}",
+                f"give the stand-ins of {concept} (WORD or {concept}=WORD)",
+                option="stand_ins",
+            )
         words += [w.strip() for w in (rest if sep else item).split(",") if w.strip()]
     return words
 
@@ -160,8 +179,12 @@ def label_named(prompt: str, labels: Sequence[str]) -> str | None:
         spans += [(m.start(), m.end(), label) for m in re.finditer(rf"(?<!\w){words}(?!\w)", prompt, re.IGNORECASE)]
     found = {lab for s, e, lab in spans if not any(s2 <= s and e <= e2 and (s2, e2) != (s, e) for s2, e2, _ in spans)}
     if len(found) > 1:
-        raise ErasekitError(f"the prompt {prompt!r} names {' and '.join(sorted(found))}, so its images have no one "
-                            "truth for the CLIP judge", "name one label per prompt", option="prompts_file")
+        raise ErasekitError(
+            f"the prompt {prompt!r} names {' and '.join(sorted(found))}, so its images have no one "
+            "truth for the CLIP judge",
+            "name one label per prompt",
+            option="prompts_file",
+        )
     return found.pop() if found else None
 
 
@@ -171,11 +194,14 @@ def read_label_prompts(lines: Sequence[str], labels: Sequence[str], n: int, sour
     for line in lines:
         label = label_named(line, labels)
         if label is None:
-            raise ErasekitError(f"the prompt {line!r} in {source} names none of the CLIP judge's labels "
-                                f"({', '.join(labels)})", "name one label in every prompt, or add the label as a "
-                                "concept to keep", option="prompts_file")
+            raise ErasekitError(
+                f"the prompt {line!r} in {source} names none of the CLIP judge's labels ({', '.join(labels)})",
+                "name one label in every prompt, or add the label as a concept to keep",
+                option="prompts_file",
+            )
         specs += [(line, {KEY: label})] * n
     if not any(t[KEY] == labels[0] for _, t in specs):
-        raise ErasekitError(f"no prompt in {source} names {labels[0]}", f"add prompts that name {labels[0]}",
-                            option="prompts_file")
+        raise ErasekitError(
+            f"no prompt in {source} names {labels[0]}", f"add prompts that name {labels[0]}", option="prompts_file"
+        )
     return specs

@@ -78,17 +78,28 @@ class EvalReport:
     judge: str = "toyworld"  # or the CLIP model's folder
     labels: list[str] = field(default_factory=list)  # what the judge chooses among for the attribute
     prompt_texts: list[str] = field(default_factory=list)  # the table's distinct prompts, in order (``prompts`` many)
-    notes: list[str] = field(default_factory=list)  # on the stack of patches (see erasekit.checkpoints.compat.order_notes)
+    notes: list[str] = field(
+        default_factory=list
+    )  # on the stack of patches (see erasekit.checkpoints.compat.order_notes)
     judge_notes: list[str] = field(default_factory=list)  # why the target's after-rate says nothing (see judge_notes)
 
 
-def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model: str | os.PathLike | None = None,
-                   config: EvalConfig | None = None, prompts_file: str | os.PathLike | None = None,
-                   paraphrases: str | os.PathLike | None = None, judge: str | os.PathLike | None = None,
-                   keep: Sequence[str] = (), stand_ins: Sequence[str] = (),
-                   grid: str | os.PathLike | None = None, config_dir: str | os.PathLike | None = None,
-                   prediction_type: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> EvalReport:
+def evaluate_model(
+    concept: str,
+    patches: Sequence[str | os.PathLike],
+    *,
+    model: str | os.PathLike | None = None,
+    config: EvalConfig | None = None,
+    prompts_file: str | os.PathLike | None = None,
+    paraphrases: str | os.PathLike | None = None,
+    judge: str | os.PathLike | None = None,
+    keep: Sequence[str] = (),
+    stand_ins: Sequence[str] = (),
+    grid: str | os.PathLike | None = None,
+    config_dir: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
     """Render with and without ``patches`` on the same seeds and judge both (see the module docstring).
 
     ``judge``: a local transformers CLIPModel folder; without it only models of the built-in toy world can be
@@ -105,20 +116,27 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
     config = config or EvalConfig()
     loaded = [load_patch(p) for p in patches]
     if not loaded:
-        raise ErasekitError("eval compares a model with and without patches, and no patch was given",
-                            "give a patch file", option="patches")
+        raise ErasekitError(
+            "eval compares a model with and without patches, and no patch was given",
+            "give a patch file",
+            option="patches",
+        )
     model = model or builtin_model_path()
     toy = bool(model_settings(model).get("toyworld"))
     prompt_lines = _read_lines(prompts_file, "prompts_file", "prompts") if prompts_file is not None else None
     wordings = _read_lines(paraphrases, "paraphrases", "wordings") if paraphrases is not None else None
     device = resolve_device(config.device)
     if judge is not None:
-        judge_fn, key, labels, specs = _clip_setup(concept, loaded, judge, keep, stand_ins, toy, prompt_lines,
-                                                   str(prompts_file), config.n, device)
+        judge_fn, key, labels, specs = _clip_setup(
+            concept, loaded, judge, keep, stand_ins, toy, prompt_lines, str(prompts_file), config.n, device
+        )
         judge_name = str(judge)
     elif not toy:
-        raise ErasekitError(f"{model} is not a model of the built-in toy world, the only one eval's own judge knows",
-                            "give a local transformers CLIP model folder to judge its images with", option="judge")
+        raise ErasekitError(
+            f"{model} is not a model of the built-in toy world, the only one eval's own judge knows",
+            "give a local transformers CLIP model folder to judge its images with",
+            option="judge",
+        )
     else:
         judge_fn, key, labels, specs = _toy_setup(concept, prompt_lines, str(prompts_file), config.n)
         judge_name = "toyworld"
@@ -136,11 +154,27 @@ def evaluate_model(concept: str, patches: Sequence[str | os.PathLike], *, model:
         in_place, checked = in_place_stack(loaded, ckpt)
         before, after = _render_both(pipe, loaded, prompts, seeds, config, progress, checked)
     lb, la = judge_fn(before), judge_fn(after)
-    report = _score(concept, key, specs, lb[:len(specs)], la[:len(specs)], labels, config.n, seeds,
-                    [p.title for p in loaded], judge_name)
+    report = _score(
+        concept,
+        key,
+        specs,
+        lb[: len(specs)],
+        la[: len(specs)],
+        labels,
+        config.n,
+        seeds,
+        [p.title for p in loaded],
+        judge_name,
+    )
     if para:
-        report.robustness = _robustness(concept, key, para, lb[len(specs):], la[len(specs):],
-                                        "built-in" if paraphrases is None else str(paraphrases))
+        report.robustness = _robustness(
+            concept,
+            key,
+            para,
+            lb[len(specs) :],
+            la[len(specs) :],
+            "built-in" if paraphrases is None else str(paraphrases),
+        )
     if grid is not None:
         report.grid = str(_write_grid(Path(grid), key, everything, before, after, len(specs), min(config.n, 8)))
     report.notes = order_notes(loaded, in_place)
@@ -153,8 +187,9 @@ def _read_lines(path: str | os.PathLike, option: str, what: str) -> list[str]:
         lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-        raise InputFileError(f"cannot read the {what} file {path} ({reason})", "check the path",
-                             option=option) from None
+        raise InputFileError(
+            f"cannot read the {what} file {path} ({reason})", "check the path", option=option
+        ) from None
     if not lines:
         raise ErasekitError(f"the {what} file {path} is empty", f"write one of the {what} per line", option=option)
     return lines
@@ -171,14 +206,26 @@ def _toy_setup(concept: str, lines: list[str] | None, source: str, n: int) -> tu
         return judge, attribute, list(ATTRIBUTES[attribute]), eval_prompts(attribute, n)
     specs = [(p, truth_of(p)) for p in lines for _ in range(n)]
     if not any(attribute in t for _, t in specs):
-        raise ErasekitError(f"no prompt in {source} names a {attribute}", f"add prompts that name {concept} "
-                            f"or another {attribute}", option="prompts_file")
+        raise ErasekitError(
+            f"no prompt in {source} names a {attribute}",
+            f"add prompts that name {concept} or another {attribute}",
+            option="prompts_file",
+        )
     return judge, attribute, list(ATTRIBUTES[attribute]), specs
 
 
-def _clip_setup(concept: str, patches: list[Any], folder: str | os.PathLike, keep: Sequence[str],
-                stand_ins: Sequence[str], toy: bool, lines: list[str] | None, source: str, n: int,
-                device: Any) -> tuple[Any, str, list[str], list[Spec]]:
+def _clip_setup(
+    concept: str,
+    patches: list[Any],
+    folder: str | os.PathLike,
+    keep: Sequence[str],
+    stand_ins: Sequence[str],
+    toy: bool,
+    lines: list[str] | None,
+    source: str,
+    n: int,
+    device: Any,
+) -> tuple[Any, str, list[str], list[Spec]]:
     """The CLIP judge with its labels (the concept, those to keep, the stand-ins), and the prompts to render."""
     from .clip_judge import (
         KEY,
@@ -202,8 +249,18 @@ def _clip_setup(concept: str, patches: list[Any], folder: str | os.PathLike, kee
     return clip, KEY, labels, specs
 
 
-def _score(concept: str, key: str, specs: list[Spec], lb: list[dict[str, str]], la: list[dict[str, str]],
-           labels: list[str], n: int, seeds: list[int], patches: list[str], judge: str) -> EvalReport:
+def _score(
+    concept: str,
+    key: str,
+    specs: list[Spec],
+    lb: list[dict[str, str]],
+    la: list[dict[str, str]],
+    labels: list[str],
+    n: int,
+    seeds: list[int],
+    patches: list[str],
+    judge: str,
+) -> EvalReport:
     from ..toyworld.judge import accuracy
 
     truths = [t for _, t in specs]
@@ -218,14 +275,31 @@ def _score(concept: str, key: str, specs: list[Spec], lb: list[dict[str, str]], 
     target = score(concept, key, naming(concept))
     named = {t[key] for t in truths if key in t}
     others = [score(v, key, naming(v)) for v in labels if v != concept and v in named]
-    attributes = {a: score(a, a, lambda t: True) for a in ("shape", "colour", "pattern")
-                  if a != key and any(a in t for t in truths)}
+    attributes = {
+        a: score(a, a, lambda t: True)
+        for a in ("shape", "colour", "pattern")
+        if a != key and any(a in t for t in truths)
+    }
     elsewhere = {a: score(a, a, lambda t: t.get(key) != concept) for a in attributes}
     drops = [o for o in others if o.change_pp < 0]
-    return EvalReport(concept, key, target, others, attributes, elsewhere,
-                      min(drops, key=lambda o: o.change_pp) if drops else None, n, sorted(set(seeds)),
-                      len(texts), 0.0, patches=patches, judge=judge, labels=labels, prompt_texts=texts,
-                      judge_notes=judge_notes(target, others, len(labels)))
+    return EvalReport(
+        concept,
+        key,
+        target,
+        others,
+        attributes,
+        elsewhere,
+        min(drops, key=lambda o: o.change_pp) if drops else None,
+        n,
+        sorted(set(seeds)),
+        len(texts),
+        0.0,
+        patches=patches,
+        judge=judge,
+        labels=labels,
+        prompt_texts=texts,
+        judge_notes=judge_notes(target, others, len(labels)),
+    )
 
 
 def judge_notes(target: ConceptScore, others: list[ConceptScore], choices: int) -> list[str]:
@@ -242,13 +316,16 @@ def judge_notes(target: ConceptScore, others: list[ConceptScore], choices: int) 
         reasons.append(f"under half the other labels' {100 * sum(seen) / len(seen):.1f}%")
     if not reasons:
         return []
-    return [f"the judge finds {target.concept} in {100 * before:.1f}% of the unpatched model's images of it "
-            f"({'; '.join(reasons)}), so its after-rate says nothing about the erase; check that the model draws "
-            f"{target.concept} and that the judge knows it (its label's wording, another judge)"]
+    return [
+        f"the judge finds {target.concept} in {100 * before:.1f}% of the unpatched model's images of it "
+        f"({'; '.join(reasons)}), so its after-rate says nothing about the erase; check that the model draws "
+        f"{target.concept} and that the judge knows it (its label's wording, another judge)"
+    ]
 
 
-def _robustness(concept: str, key: str, para: list[Spec], lb: list[dict[str, str]], la: list[dict[str, str]],
-                source: str) -> Robustness:
+def _robustness(
+    concept: str, key: str, para: list[Spec], lb: list[dict[str, str]], la: list[dict[str, str]], source: str
+) -> Robustness:
     from ..toyworld.judge import accuracy
 
     truths = [t for _, t in para]
@@ -258,12 +335,20 @@ def _robustness(concept: str, key: str, para: list[Spec], lb: list[dict[str, str
         pick = [i for i, (p, _) in enumerate(para) if prompt is None or p == prompt]
         return accuracy([labels[i] for i in pick], [truths[i] for i in pick], key)
 
-    return Robustness(concept, rate(lb, None), rate(la, None),
-                      [ConceptScore(w, rate(lb, w), rate(la, w)) for w in wordings], source)
+    return Robustness(
+        concept, rate(lb, None), rate(la, None), [ConceptScore(w, rate(lb, w), rate(la, w)) for w in wordings], source
+    )
 
 
-def _render_both(pipe: Any, patches: list[Any], prompts: list[str], seeds: list[int], config: EvalConfig,
-                 progress: Callable[[int, int], None] | None, checked: list[str]) -> tuple[list[Any], list[Any]]:
+def _render_both(
+    pipe: Any,
+    patches: list[Any],
+    prompts: list[str],
+    seeds: list[int],
+    config: EvalConfig,
+    progress: Callable[[int, int], None] | None,
+    checked: list[str],
+) -> tuple[list[Any], list[Any]]:
     """The images of ``prompts`` on ``seeds`` without the patches, then with them (``checked``: see
     :func:`erasekit.checkpoints.memory.patches_applied`)."""
     from ..checkpoints.memory import patches_applied
@@ -278,16 +363,24 @@ def _render_both(pipe: Any, patches: list[Any], prompts: list[str], seeds: list[
             progress(done, total)
 
     def render() -> list[Any]:
-        return render_batch(pipe, prompts, seeds, steps=config.steps, guidance=config.guidance,
-                            batch_size=config.batch_size, progress=tick)
+        return render_batch(
+            pipe,
+            prompts,
+            seeds,
+            steps=config.steps,
+            guidance=config.guidance,
+            batch_size=config.batch_size,
+            progress=tick,
+        )
 
     before = render()
     with patches_applied(pipe, patches, config.strength, checked):
         return before, render()
 
 
-def _write_grid(path: Path, key: str, specs: list[Spec], before: list[Any], after: list[Any], main: int,
-                k: int) -> Path:
+def _write_grid(
+    path: Path, key: str, specs: list[Spec], before: list[Any], after: list[Any], main: int, k: int
+) -> Path:
     """A 'before' and an 'after' row of the first ``k`` seeds per concept judged (the first ``main`` specs), then
     per paraphrase (the rest)."""
     from ..format._st import atomic_write

@@ -65,6 +65,7 @@ class RecordedEvalReport(EvalReport):
 
 # -- what was measured --------------------------------------------------------------------------------------------
 
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -97,8 +98,9 @@ def judge_info(judge: str | os.PathLike | None) -> JudgeInfo:
         path = Path(judge)
         return JudgeInfo(kind="clip", name=path.resolve().name or str(path), sha256=weights_sha256(path))
     except OSError as e:
-        raise InputFileError(f"cannot read the judge's weights ({e.strerror}: {e.filename})",
-                             "check the judge's folder", option="judge") from None
+        raise InputFileError(
+            f"cannot read the judge's weights ({e.strerror}: {e.filename})", "check the judge's folder", option="judge"
+        ) from None
 
 
 def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedModel:
@@ -126,14 +128,17 @@ def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedM
         fp = fingerprint(wf.read_raw(key), dtype, shape, sketch=dtype != expected.dtype)
         statuses.append(compare_fingerprint(expected, fp))
         lines.append(f"{t.module}.{t.kind} {fp.sha256}\n")
-    match: Literal["exact", "approx", "differs"] = "differs" if "differs" in statuses else "approx" if "approx" in statuses else "exact"
+    match: Literal["exact", "approx", "differs"] = (
+        "differs" if "differs" in statuses else "approx" if "approx" in statuses else "exact"
+    )
     return EvaluatedModel(name=name, match=match, sha256=hashlib.sha256("".join(sorted(lines)).encode()).hexdigest())
 
 
 def prompt_set(texts: Sequence[str]) -> PromptSet:
     texts = list(texts)
-    return PromptSet(count=len(texts), sha256=prompts_sha256(texts),
-                     texts=texts if len(texts) <= PROMPTS_LISTED else None)
+    return PromptSet(
+        count=len(texts), sha256=prompts_sha256(texts), texts=texts if len(texts) <= PROMPTS_LISTED else None
+    )
 
 
 def _rate(x: float | None) -> float | None:
@@ -144,9 +149,17 @@ def _rates(s: ConceptScore) -> Rates:
     return Rates(before=_rate(s.before), after=_rate(s.after))
 
 
-def evaluation_from_report(report: EvalReport, *, patch_id: str, config: EvalConfig, model: EvaluatedModel,
-                           judge: JudgeInfo, prompts: Sequence[str], recorded_at: str | None = None,
-                           erasekit_version: str | None = None) -> Evaluation:
+def evaluation_from_report(
+    report: EvalReport,
+    *,
+    patch_id: str,
+    config: EvalConfig,
+    model: EvaluatedModel,
+    judge: JudgeInfo,
+    prompts: Sequence[str],
+    recorded_at: str | None = None,
+    erasekit_version: str | None = None,
+) -> Evaluation:
     """The record of ``report``, an evaluation of the patch ``patch_id`` alone. ``config``: the settings it ran
     with; ``prompts``: the distinct prompts of its table (``report.prompt_texts``). NaN rates (no image had
     that truth) become null."""
@@ -162,22 +175,37 @@ def evaluation_from_report(report: EvalReport, *, patch_id: str, config: EvalCon
         labels = list(ATTRIBUTES.get(report.attribute, []))
     try:
         return Evaluation(
-            version=1, recorded_at=recorded_at or now_iso(), erasekit_version=erasekit_version or __version__,
-            patch_id=patch_id, concept=report.concept, attribute=report.attribute, labels=labels, judge=judge,
-            model=model, strength=float(config.strength), prompts=prompt_set(prompts), seeds=list(report.seeds),
-            images_per_prompt=report.images_per_prompt, steps=config.steps, guidance=float(config.guidance),
-            target=_rates(report.target), others={o.concept: _rates(o) for o in report.others},
+            version=1,
+            recorded_at=recorded_at or now_iso(),
+            erasekit_version=erasekit_version or __version__,
+            patch_id=patch_id,
+            concept=report.concept,
+            attribute=report.attribute,
+            labels=labels,
+            judge=judge,
+            model=model,
+            strength=float(config.strength),
+            prompts=prompt_set(prompts),
+            seeds=list(report.seeds),
+            images_per_prompt=report.images_per_prompt,
+            steps=config.steps,
+            guidance=float(config.guidance),
+            target=_rates(report.target),
+            others={o.concept: _rates(o) for o in report.others},
             attributes={k: _rates(v) for k, v in report.attributes.items()},
             attributes_elsewhere={k: _rates(v) for k, v in report.attributes_elsewhere.items()},
-            robustness=robustness)
+            robustness=robustness,
+        )
     except ValueError as e:  # pydantic's ValidationError: a setting the record cannot hold (an infinite strength)
         first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
         where = ".".join(str(x) for x in first["loc"]) or "evaluation"
-        raise ErasekitError(f"the evaluation cannot be recorded: {where}: {first['msg']}",
-                            "evaluate with finite settings") from None
+        raise ErasekitError(
+            f"the evaluation cannot be recorded: {where}: {first['msg']}", "evaluate with finite settings"
+        ) from None
 
 
 # -- writing it into the patch ------------------------------------------------------------------------------------
+
 
 def _identity(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
@@ -187,8 +215,12 @@ def _identity(path: Path) -> tuple[int, int, int]:
 def check_recordable(patches: Sequence[str | os.PathLike]) -> Path:
     """The one patch an evaluation can be recorded into, checked before anything is rendered."""
     if len(patches) != 1:
-        raise ErasekitError(f"an evaluation of {len(patches)} patches applied together cannot be recorded: its rates "
-                            "belong to none of them alone", "evaluate each patch alone to record it", option="record")
+        raise ErasekitError(
+            f"an evaluation of {len(patches)} patches applied together cannot be recorded: its rates "
+            "belong to none of them alone",
+            "evaluate each patch alone to record it",
+            option="record",
+        )
     path = Path(patches[0])
     real = Path(os.path.realpath(path))
     load_patch(real)  # a patch that does not load is reported now, not after the rendering
@@ -210,20 +242,26 @@ def check_measured_on_its_base(patch: Patch, model: str | os.PathLike | None) ->
     after = patch.manifest.method.hyperparameters.get("after")
     made_after = [a.get("patch_id") for a in after if isinstance(a, dict)] if isinstance(after, list) else []
     if in_place and [a["patch_id"] for a in in_place] != made_after:
-        raise ErasekitError(f"{ckpt.path} has patches applied in place ({', '.join(repr(a['title']) for a in in_place)}) "
-                            f"that '{patch.title}' was not made after, so its rates would be those of a stack",
-                            "record it on the model without them (a copy, or revert them first), or evaluate without "
-                            "recording", option="record")
+        raise ErasekitError(
+            f"{ckpt.path} has patches applied in place ({', '.join(repr(a['title']) for a in in_place)}) "
+            f"that '{patch.title}' was not made after, so its rates would be those of a stack",
+            "record it on the model without them (a copy, or revert them first), or evaluate without recording",
+            option="record",
+        )
 
 
 def _check_writable(path: Path, real: Path) -> None:
     mode = os.stat(real).st_mode
     if not os.access(real, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-        raise TargetNotWritableError(f"{path} is read-only, so the evaluation cannot be recorded in it",
-                                     "make it writable (chmod u+w), or evaluate without recording")
+        raise TargetNotWritableError(
+            f"{path} is read-only, so the evaluation cannot be recorded in it",
+            "make it writable (chmod u+w), or evaluate without recording",
+        )
     if not os.access(real.parent, os.W_OK | os.X_OK):
-        raise TargetNotWritableError(f"cannot write in {real.parent} (permission denied), where {path} is rewritten",
-                                     "make the folder writable, or evaluate without recording")
+        raise TargetNotWritableError(
+            f"cannot write in {real.parent} (permission denied), where {path} is rewritten",
+            "make the folder writable, or evaluate without recording",
+        )
 
 
 class _Sized:
@@ -245,8 +283,11 @@ def record_evaluation(patch_path: str | os.PathLike, evaluation: Evaluation) -> 
     seen = _identity(real) if real.is_file() else None
     patch = load_patch(real)
     if evaluation.patch_id != patch.patch_id:
-        raise ErasekitError(f"the evaluation was measured on patch {evaluation.patch_id[:16]}, and {path} is patch "
-                            f"{patch.patch_id[:16]}", "record it in the patch that was evaluated")
+        raise ErasekitError(
+            f"the evaluation was measured on patch {evaluation.patch_id[:16]}, and {path} is patch "
+            f"{patch.patch_id[:16]}",
+            "record it in the patch that was evaluated",
+        )
     _check_writable(path, real)
     old = list(patch.manifest.evaluations)
     kept = [ev for ev in old if not (isinstance(ev, Evaluation) and ev.settings_key() == evaluation.settings_key())]
@@ -258,8 +299,13 @@ def record_evaluation(patch_path: str | os.PathLike, evaluation: Evaluation) -> 
     if "modelspec.hash_sha256" in meta:  # the data is written in name order, whose hash is the patch id
         meta["modelspec.hash_sha256"] = "0x" + patch.patch_id
     names = sorted(header.entries)
-    head = _st.build_header({n: (header.entries[n].dtype, header.entries[n].shape,
-                                 cast(bytes, _Sized(header.entries[n].nbytes))) for n in names}, meta)
+    head = _st.build_header(
+        {
+            n: (header.entries[n].dtype, header.entries[n].shape, cast(bytes, _Sized(header.entries[n].nbytes)))
+            for n in names
+        },
+        meta,
+    )
     try:
         with _st.atomic_write(real) as out, open(real, "rb") as src:
             out.write(head)
@@ -276,17 +322,27 @@ def record_evaluation(patch_path: str | os.PathLike, evaluation: Evaluation) -> 
                     out.write(chunk)
                     left -= len(chunk)
             if digest.hexdigest() != patch.patch_id or _identity(real) != seen:
-                raise ErasekitError(f"{path} changed while the evaluation was being recorded; it was left as it is now",
-                                    "run eval --record again")
+                raise ErasekitError(
+                    f"{path} changed while the evaluation was being recorded; it was left as it is now",
+                    "run eval --record again",
+                )
     except OSError as e:
-        raise TargetNotWritableError(f"cannot rewrite {path} ({e.strerror}); it was left as it was",
-                                     "check free disk space and permissions") from None
+        raise TargetNotWritableError(
+            f"cannot rewrite {path} ({e.strerror}); it was left as it was", "check free disk space and permissions"
+        ) from None
     return Recording(str(path), patch.patch_id, len(kept) + 1, replaced=len(kept) < len(old))
 
 
-def evaluate_and_record(concept: str, patches: Sequence[str | os.PathLike], *, model: str | os.PathLike | None = None,
-                        config: EvalConfig | None = None, prompts_file: str | os.PathLike | None = None,
-                        recorded_at: str | None = None, **kwargs: Any) -> RecordedEvalReport:
+def evaluate_and_record(
+    concept: str,
+    patches: Sequence[str | os.PathLike],
+    *,
+    model: str | os.PathLike | None = None,
+    config: EvalConfig | None = None,
+    prompts_file: str | os.PathLike | None = None,
+    recorded_at: str | None = None,
+    **kwargs: Any,
+) -> RecordedEvalReport:
     """:func:`~erasekit.judging.evaluate.evaluate_model` (same arguments) of one patch, then :func:`record_evaluation` of
     its result into that patch. The patch is checked (it loads, it is writable) before anything is rendered."""
     from .evaluate import evaluate_model
@@ -297,12 +353,26 @@ def evaluate_and_record(concept: str, patches: Sequence[str | os.PathLike], *, m
     report = evaluate_model(concept, [path], model=model, config=config, prompts_file=prompts_file, **kwargs)
     patch = load_patch(path)
     evaluation = evaluation_from_report(
-        report, patch_id=patch.patch_id, config=config, model=evaluated_model(patch, model),
-        judge=judge_info(report.judge), prompts=report.prompt_texts,
-        recorded_at=recorded_at)
+        report,
+        patch_id=patch.patch_id,
+        config=config,
+        model=evaluated_model(patch, model),
+        judge=judge_info(report.judge),
+        prompts=report.prompt_texts,
+        recorded_at=recorded_at,
+    )
     recording = record_evaluation(path, evaluation)
     return RecordedEvalReport(**{f.name: getattr(report, f.name) for f in fields(report)}, recorded=recording)
 
 
-__all__ = ["Recording", "RecordedEvalReport", "check_recordable", "evaluate_and_record", "evaluated_model",
-           "evaluation_from_report", "judge_info", "record_evaluation", "weights_sha256"]
+__all__ = [
+    "Recording",
+    "RecordedEvalReport",
+    "check_recordable",
+    "evaluate_and_record",
+    "evaluated_model",
+    "evaluation_from_report",
+    "judge_info",
+    "record_evaluation",
+    "weights_sha256",
+]

@@ -46,7 +46,9 @@ class GenerateReport:
     grid: str
     images: list[GeneratedImage] = field(default_factory=list)
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)  # on the stack of patches (see erasekit.checkpoints.compat.order_notes)
+    notes: list[str] = field(
+        default_factory=list
+    )  # on the stack of patches (see erasekit.checkpoints.compat.order_notes)
 
 
 def concept_prompt(concept: str, kind: str = "object") -> str:
@@ -59,9 +61,17 @@ def render(pipe: Any, prompt: str, *, seed: int, resolution: int | None, steps: 
     return render_batch(pipe, [prompt], [seed], resolution=resolution, steps=steps, guidance=guidance)[0]
 
 
-def render_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, resolution: int | None = None,
-                 steps: int = 25, guidance: float = 7.5, batch_size: int = 64,
-                 progress: Callable[[int], None] | None = None) -> list[Any]:
+def render_batch(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    resolution: int | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[Any]:
     """Images for (prompt, seed) pairs, ``batch_size`` per pipeline call. Each image has its own CPU generator, so
     its initial noise does not depend on the batch (the arithmetic of a batch may round differently in the last
     bits)."""
@@ -70,9 +80,15 @@ def render_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, res
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     images: list[Any] = []
     for i in range(0, len(prompts), batch_size):
-        p, s = list(prompts[i:i + batch_size]), seeds[i:i + batch_size]
-        images += pipe(p, generator=[torch.Generator().manual_seed(x) for x in s], num_inference_steps=steps,
-                       guidance_scale=guidance, height=size, width=size).images
+        p, s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
+        images += pipe(
+            p,
+            generator=[torch.Generator().manual_seed(x) for x in s],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+        ).images
         if progress:
             progress(len(p))
     return images
@@ -89,8 +105,9 @@ def image_stems(prompts: Sequence[str]) -> dict[str, str]:
     image has its own file; a repeated prompt is refused (its images would be the same)."""
     repeated = next((p for p, k in Counter(prompts).items() if k > 1), None)
     if repeated is not None:
-        raise ErasekitError(f"the prompt {repeated!r} is given twice", "give each prompt once (-n sets the images "
-                            "per prompt)")
+        raise ErasekitError(
+            f"the prompt {repeated!r} is given twice", "give each prompt once (-n sets the images per prompt)"
+        )
     slugs = {p: _slug(p) for p in prompts}
     sharing = Counter(slugs.values())
     return {p: s if sharing[s] == 1 else f"{s}_{hashlib.sha256(p.encode()).hexdigest()[:8]}" for p, s in slugs.items()}
@@ -114,8 +131,10 @@ def make_grid(rows: list[tuple[str, list[Any]]], columns: list[str]) -> Any:
 
     scale = -(-128 // rows[0][1][0].size[0])  # small images are enlarged (nearest) so they can be seen
     if scale > 1:
-        rows = [(label, [im.resize((im.size[0] * scale, im.size[1] * scale), Image.Resampling.NEAREST) for im in imgs])
-                for label, imgs in rows]
+        rows = [
+            (label, [im.resize((im.size[0] * scale, im.size[1] * scale), Image.Resampling.NEAREST) for im in imgs])
+            for label, imgs in rows
+        ]
     w, h = rows[0][1][0].size
     cell = w + 4
     font = ImageFont.load_default()
@@ -132,9 +151,18 @@ def make_grid(rows: list[tuple[str, list[Any]]], columns: list[str]) -> Any:
     return grid
 
 
-def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, config: GenerateConfig | None = None, *,
-             patches: Sequence[Any] = (), model_name: str = "", progress: Callable[[int, int], None] | None = None,
-             in_place: Sequence[dict[str, Any]] = (), checked: Sequence[str] = ()) -> GenerateReport:
+def generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike,
+    config: GenerateConfig | None = None,
+    *,
+    patches: Sequence[Any] = (),
+    model_name: str = "",
+    progress: Callable[[int, int], None] | None = None,
+    in_place: Sequence[dict[str, Any]] = (),
+    checked: Sequence[str] = (),
+) -> GenerateReport:
     """Render ``config.n`` seeds per prompt with ``patches`` applied (and without, if ``config.compare``).
 
     Writes ``<prompt>_<seed>[_before|_after].png`` (``<prompt>``: see :func:`image_stems`) and ``grid.png`` into
@@ -166,19 +194,38 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
         with patches_applied(pipe, loaded if patched else [], config.strength, checked):
             for prompt in prompts:
                 imgs = []
-                rendered = render_batch(pipe, [prompt] * len(seeds), seeds, resolution=config.resolution,
-                                        steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
+                rendered = render_batch(
+                    pipe,
+                    [prompt] * len(seeds),
+                    seeds,
+                    resolution=config.resolution,
+                    steps=config.steps,
+                    guidance=config.guidance,
+                    batch_size=config.batch_size,
+                )
                 for seed, img in zip(seeds, rendered):
                     suffix = ("_after" if patched else "_before") if config.compare else ""
                     path = out / f"{stems[prompt]}_{seed}{suffix}.png"
                     w, h = img.size
-                    _save_png(img, path, {
-                        "prompt": prompt, "seed": str(seed),
-                        "parameters": f"{prompt}\nSteps: {config.steps}, Sampler: {type(pipe.scheduler).__name__}, "
-                                      f"CFG scale: {config.guidance}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
-                        "erasekit": json.dumps({"patches": patch_meta if patched else [], "strength": config.strength,
-                                                "steps": config.steps, "guidance": config.guidance, "model": model_name}),
-                    })
+                    _save_png(
+                        img,
+                        path,
+                        {
+                            "prompt": prompt,
+                            "seed": str(seed),
+                            "parameters": f"{prompt}\nSteps: {config.steps}, Sampler: {type(pipe.scheduler).__name__}, "
+                            f"CFG scale: {config.guidance}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
+                            "erasekit": json.dumps(
+                                {
+                                    "patches": patch_meta if patched else [],
+                                    "strength": config.strength,
+                                    "steps": config.steps,
+                                    "guidance": config.guidance,
+                                    "model": model_name,
+                                }
+                            ),
+                        },
+                    )
                     report.images.append(GeneratedImage(str(path), prompt, seed, patched))
                     imgs.append(img)
                     done += 1
@@ -198,10 +245,17 @@ def generate(pipe: Any, prompts: Sequence[str], out_dir: str | os.PathLike, conf
     return report
 
 
-def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_dir: str | os.PathLike,
-                   config: GenerateConfig | None = None, *, patches: Sequence[str | os.PathLike] = (),
-                   config_dir: str | os.PathLike | None = None, prediction_type: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> GenerateReport:
+def generate_model(
+    model: str | os.PathLike | None,
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike,
+    config: GenerateConfig | None = None,
+    *,
+    patches: Sequence[str | os.PathLike] = (),
+    config_dir: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> GenerateReport:
     """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
     from ..checkpoints.in_place import in_place_stack
     from ..checkpoints.pipeline import load_pipeline, model_threads, resolve_device
@@ -212,8 +266,18 @@ def generate_model(model: str | os.PathLike | None, prompts: Sequence[str], out_
     loaded = [load_patch(p) for p in patches]  # a bad patch fails before the model loads
     model = model if model is not None else builtin_model_path()
     with model_threads(model):
-        pipe, ckpt = load_pipeline(model, device=resolve_device(config.device), config=config_dir,
-                                   prediction_type=prediction_type)
+        pipe, ckpt = load_pipeline(
+            model, device=resolve_device(config.device), config=config_dir, prediction_type=prediction_type
+        )
         in_place, checked = in_place_stack(loaded, ckpt)
-        return generate(pipe, prompts, out_dir, config, patches=loaded, model_name=ckpt.path.name, progress=progress,
-                        in_place=in_place, checked=checked)
+        return generate(
+            pipe,
+            prompts,
+            out_dir,
+            config,
+            patches=loaded,
+            model_name=ckpt.path.name,
+            progress=progress,
+            in_place=in_place,
+            checked=checked,
+        )

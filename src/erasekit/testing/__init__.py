@@ -20,9 +20,19 @@ if TYPE_CHECKING:  # transformers is imported where a tokenizer is made
     from transformers import CLIPTokenizer
 
 LAYOUTS = (
-    "diffusers-sd1", "diffusers-sd1-prefixed", "diffusers-sd1-fp16-variant", "diffusers-sd2", "diffusers-sdxl",
-    "diffusers-sdxl-refiner", "transformers-clip", "single-sd1", "single-sd1-old", "single-sd2", "single-sdxl",
-    "single-sdxl-refiner", "ckpt-sd1",
+    "diffusers-sd1",
+    "diffusers-sd1-prefixed",
+    "diffusers-sd1-fp16-variant",
+    "diffusers-sd2",
+    "diffusers-sdxl",
+    "diffusers-sdxl-refiner",
+    "transformers-clip",
+    "single-sd1",
+    "single-sd1-old",
+    "single-sd2",
+    "single-sdxl",
+    "single-sdxl-refiner",
+    "ckpt-sd1",
 )
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -43,8 +53,12 @@ def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:
 def hf_text_encoder(dims: tuple[int, int, int], g: torch.Generator, vocab: int = 64) -> dict[str, torch.Tensor]:
     """A transformers CLIPTextModel state dict (no ``text_model.`` prefix), random values."""
     h, inter, n = dims
-    sd = {"embeddings.token_embedding.weight": _rand(g, vocab, h), "embeddings.position_embedding.weight": _rand(g, 77, h),
-          "final_layer_norm.weight": torch.ones(h), "final_layer_norm.bias": torch.zeros(h)}
+    sd = {
+        "embeddings.token_embedding.weight": _rand(g, vocab, h),
+        "embeddings.position_embedding.weight": _rand(g, 77, h),
+        "final_layer_norm.weight": torch.ones(h),
+        "final_layer_norm.bias": torch.zeros(h),
+    }
     for i in range(n):
         p = f"encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -60,8 +74,13 @@ def hf_text_encoder(dims: tuple[int, int, int], g: torch.Generator, vocab: int =
 def openclip_text_encoder(dims: tuple[int, int, int], g: torch.Generator, vocab: int = 64) -> dict[str, torch.Tensor]:
     """An OpenCLIP text tower state dict (``transformer.resblocks.{i}``), random values."""
     h, inter, n = dims
-    sd = {"token_embedding.weight": _rand(g, vocab, h), "positional_embedding": _rand(g, 77, h),
-          "ln_final.weight": torch.ones(h), "ln_final.bias": torch.zeros(h), "text_projection": _rand(g, h, h)}
+    sd = {
+        "token_embedding.weight": _rand(g, vocab, h),
+        "positional_embedding": _rand(g, 77, h),
+        "ln_final.weight": torch.ones(h),
+        "ln_final.bias": torch.zeros(h),
+        "text_projection": _rand(g, h, h),
+    }
     for i in range(n):
         p = f"transformer.resblocks.{i}."
         sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = _rand(g, 3 * h, h), _rand(g, 3 * h)
@@ -78,10 +97,12 @@ def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 
 
 def _unet_vae(g: torch.Generator, sdxl: bool = False) -> dict[str, torch.Tensor]:
-    sd = {"model.diffusion_model.input_blocks.0.0.weight": _rand(g, 8, 4, 3, 3),
-          "model.diffusion_model.input_blocks.0.0.bias": _rand(g, 8),
-          "first_stage_model.encoder.conv_in.weight": _rand(g, 8, 3, 3, 3),
-          "first_stage_model.decoder.conv_out.weight": _rand(g, 3, 8, 3, 3)}
+    sd = {
+        "model.diffusion_model.input_blocks.0.0.weight": _rand(g, 8, 4, 3, 3),
+        "model.diffusion_model.input_blocks.0.0.bias": _rand(g, 8),
+        "first_stage_model.encoder.conv_in.weight": _rand(g, 8, 3, 3, 3),
+        "first_stage_model.decoder.conv_out.weight": _rand(g, 3, 8, 3, 3),
+    }
     if sdxl:
         sd["model.diffusion_model.label_emb.0.0.weight"] = _rand(g, 8, 16)
     return sd
@@ -89,10 +110,22 @@ def _unet_vae(g: torch.Generator, sdxl: bool = False) -> dict[str, torch.Tensor]
 
 def _clip_config(dims: tuple[int, int, int], hidden_act: str = "quick_gelu") -> dict[str, object]:
     h, inter, n = dims
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": h,
-            "intermediate_size": inter, "num_hidden_layers": n, "num_attention_heads": 4, "vocab_size": 64,
-            "max_position_embeddings": 77, "hidden_act": hidden_act, "projection_dim": h,
-            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float32"}
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_hidden_layers": n,
+        "num_attention_heads": 4,
+        "vocab_size": 64,
+        "max_position_embeddings": 77,
+        "hidden_act": hidden_act,
+        "projection_dim": h,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "torch_dtype": "float32",
+    }
 
 
 def _save(sd: dict[str, torch.Tensor], path: Path, dtype: str) -> None:
@@ -101,8 +134,9 @@ def _save(sd: dict[str, torch.Tensor], path: Path, dtype: str) -> None:
     save_file({k: v.to(_DTYPES[dtype]).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
 
 
-def _encoder_folder(folder: Path, sd: dict[str, torch.Tensor], config: dict[str, object], dtype: str,
-                    name: str = "model.safetensors") -> None:
+def _encoder_folder(
+    folder: Path, sd: dict[str, torch.Tensor], config: dict[str, object], dtype: str, name: str = "model.safetensors"
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     _save(sd, folder / name, dtype)
@@ -116,8 +150,14 @@ def _edit(sd: dict[str, torch.Tensor], layers: list[int], seed: int) -> None:
             sd[k] = sd[k] + _rand(g, *sd[k].shape) * 0.5
 
 
-def make_checkpoint(path: str | Path, layout: str, dtype: str = "F32", seed: int = 0,
-                    edit_layers: list[int] | None = None, edit_seed: int = 0) -> Path:
+def make_checkpoint(
+    path: str | Path,
+    layout: str,
+    dtype: str = "F32",
+    seed: int = 0,
+    edit_layers: list[int] | None = None,
+    edit_seed: int = 0,
+) -> Path:
     """Write a tiny checkpoint of ``layout`` (see :data:`LAYOUTS`) at ``path`` and return the path.
 
     ``edit_layers`` perturbs those FFN layers (same seed otherwise), giving an "edited" model to diff;
@@ -129,16 +169,19 @@ def make_checkpoint(path: str | Path, layout: str, dtype: str = "F32", seed: int
     g = _gen(seed)
 
     def enc(kind: str) -> dict[str, torch.Tensor]:
-        sd = hf_text_encoder(CLIP_L, g) if kind == "L" else openclip_text_encoder(
-            OPENCLIP_H if kind == "H" else BIGG, g)
+        sd = (
+            hf_text_encoder(CLIP_L, g) if kind == "L" else openclip_text_encoder(OPENCLIP_H if kind == "H" else BIGG, g)
+        )
         if edit_layers:
             _edit(sd, edit_layers, seed + 7919 * edit_seed)
         return sd
 
     if layout.startswith("diffusers"):
         path.mkdir(parents=True, exist_ok=True)
-        comps: dict[str, list[str | None]] = {"unet": ["diffusers", "UNet2DConditionModel"],
-                                              "vae": ["diffusers", "AutoencoderKL"]}
+        comps: dict[str, list[str | None]] = {
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
         cls = "StableDiffusionPipeline"
         if layout in ("diffusers-sd1", "diffusers-sd1-prefixed", "diffusers-sd1-fp16-variant"):
             sd = enc("L")
@@ -149,7 +192,9 @@ def make_checkpoint(path: str | Path, layout: str, dtype: str = "F32", seed: int
                 _save(sd, path / "text_encoder" / "model.fp16.safetensors", "F16")
             comps["text_encoder"] = ["transformers", "CLIPTextModel"]
         elif layout == "diffusers-sd2":
-            _encoder_folder(path / "text_encoder", _hf_from(enc("H"), OPENCLIP_H), _clip_config(OPENCLIP_H, "gelu"), dtype)
+            _encoder_folder(
+                path / "text_encoder", _hf_from(enc("H"), OPENCLIP_H), _clip_config(OPENCLIP_H, "gelu"), dtype
+            )
             comps["text_encoder"] = ["transformers", "CLIPTextModel"]
         else:
             cls = "StableDiffusionXLPipeline" if layout == "diffusers-sdxl" else "StableDiffusionXLImg2ImgPipeline"
@@ -161,7 +206,9 @@ def make_checkpoint(path: str | Path, layout: str, dtype: str = "F32", seed: int
             cfg = _clip_config(BIGG, "gelu") | {"architectures": ["CLIPTextModelWithProjection"]}
             _encoder_folder(path / "text_encoder_2", _hf_from(enc("G"), BIGG), cfg, dtype)
             comps["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-        (path / "model_index.json").write_text(json.dumps({"_class_name": cls, "_diffusers_version": "0.42.1", **comps}, indent=1))
+        (path / "model_index.json").write_text(
+            json.dumps({"_class_name": cls, "_diffusers_version": "0.42.1", **comps}, indent=1)
+        )
         return path
     if layout == "transformers-clip":
         _encoder_folder(path, enc("L"), _clip_config(CLIP_L), dtype)
@@ -174,8 +221,11 @@ def make_checkpoint(path: str | Path, layout: str, dtype: str = "F32", seed: int
     elif layout == "single-sd2":
         sd = _prefixed(enc("H"), "cond_stage_model.model.") | _unet_vae(g)
     elif layout == "single-sdxl":
-        sd = (_prefixed(enc("L"), "conditioner.embedders.0.transformer.text_model.")
-              | _prefixed(enc("G"), "conditioner.embedders.1.model.") | _unet_vae(g, sdxl=True))
+        sd = (
+            _prefixed(enc("L"), "conditioner.embedders.0.transformer.text_model.")
+            | _prefixed(enc("G"), "conditioner.embedders.1.model.")
+            | _unet_vae(g, sdxl=True)
+        )
     else:  # single-sdxl-refiner
         sd = _prefixed(enc("G"), "conditioner.embedders.0.model.") | _unet_vae(g, sdxl=True)
     if layout == "ckpt-sd1":
@@ -221,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- tiny runnable pipelines (for erase/generate tests) --------------------------------------------
 
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable-character map."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -248,8 +299,14 @@ def byte_level_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def add_to_hub_cache(cache_dir: str | Path, repo_id: str, folder: str | Path, commit: str = "a" * 40,
-                     ref: str | None = "main", only: tuple[str, ...] | None = None) -> Path:
+def add_to_hub_cache(
+    cache_dir: str | Path,
+    repo_id: str,
+    folder: str | Path,
+    commit: str = "a" * 40,
+    ref: str | None = "main",
+    only: tuple[str, ...] | None = None,
+) -> Path:
     """Lay ``folder`` into a Hugging Face cache as huggingface_hub lays out a download: each file a
     content-addressed blob under ``models--ORG--NAME/blobs/``, ``snapshots/<commit>/<path>`` a relative symlink
     to it, and ``refs/<ref>`` holding the commit. ``only``: the top-level entries to copy (a partial download).
@@ -275,8 +332,9 @@ def add_to_hub_cache(cache_dir: str | Path, repo_id: str, folder: str | Path, co
     return snap
 
 
-def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon",
-                       clip_vocab: bool = False) -> Path:
+def make_tiny_pipeline(
+    path: str | Path, arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon", clip_vocab: bool = False
+) -> Path:
     """Write a tiny runnable diffusers pipeline folder (random weights, 32x32 images, 8x8 latents).
 
     ``arch``: "sd1" (CLIP-style quick_gelu encoder), "sd2" (gelu encoder, like SD2.x) or "sdxl" (two encoders,
@@ -301,26 +359,68 @@ def make_tiny_pipeline(path: str | Path, arch: str = "sd1", seed: int = 0, predi
 
             from ..checkpoints.model_configs import TOKENIZER_DIR
 
-            tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!" if arch == "sd2" else "<|endoftext|>")
+            tokenizer = CLIPTokenizer.from_pretrained(
+                TOKENIZER_DIR, pad_token="!" if arch == "sd2" else "<|endoftext|>"
+            )
         else:
             tokenizer = byte_level_tokenizer(Path(tmp))
-        te = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, hidden_act="quick_gelu" if arch == "sd1" else "gelu", projection_dim=32,
-            bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1))
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu" if arch == "sd1" else "gelu",
+                projection_dim=32,
+                bos_token_id=len(tokenizer) - 2,
+                eos_token_id=len(tokenizer) - 1,
+                pad_token_id=len(tokenizer) - 1,
+            )
+        )
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16)
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=16,
+        )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            norm_num_groups=16, sample_size=32)
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                  prediction_type=prediction_type)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            norm_num_groups=16,
+            sample_size=32,
+        )
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type=prediction_type,
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.save_pretrained(path)  # type: ignore[attr-defined]  # a DiffusionPipeline method diffusers' types hide
     return path
 
@@ -337,26 +437,60 @@ def _make_tiny_sdxl(path: Path, seed: int) -> Path:
         n = len(tok)
 
         def cfg(act: str, width: int) -> CLIPTextConfig:
-            return CLIPTextConfig(vocab_size=n, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=32,
-                                  bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
+            return CLIPTextConfig(
+                vocab_size=n,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                hidden_act=act,
+                projection_dim=32,
+                bos_token_id=n - 2,
+                eos_token_id=n - 1,
+                pad_token_id=n - 1,
+            )
 
         # two widths, as in SDXL (768 and 1280): diffusers tells the encoders of a single file apart by width
         te1, te2 = CLIPTextModel(cfg("quick_gelu", 32)), CLIPTextModelWithProjection(cfg("gelu", 40))
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
-            cross_attention_dim=32 + 40, norm_num_groups=16)
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1),
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            cross_attention_dim=32 + 40,
+            norm_num_groups=16,
+        )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            norm_num_groups=16, sample_size=32)
-        sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
-                                         unet=unet, scheduler=sched)
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            norm_num_groups=16,
+            sample_size=32,
+        )
+        sched = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched
+        )
         pipe.save_pretrained(path)  # type: ignore[attr-defined]  # a DiffusionPipeline method diffusers' types hide
     return path
 
@@ -366,8 +500,14 @@ def _make_tiny_sdxl(path: Path, seed: int) -> Path:
 # convert_diffusers_to_original_stable_diffusion.py, but built from the folder's configs (any number of
 # levels and layers per block) and strict: a tensor no rule maps is an error, never copied under its own name.
 
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _SAME: dict[str, str] = {}  # leaf names kept as they are (transformer blocks, samplers, top-level convs)
@@ -376,22 +516,35 @@ _SAME: dict[str, str] = {}  # leaf names kept as they are (transformer blocks, s
 def _unet_rules(cfg: dict[str, object], keys: list[str]) -> list[tuple[str, str, dict[str, str]]]:
     """(diffusers prefix, LDM prefix, leaf renames) for a UNet2DConditionModel of SD1.x/SD2.x shape."""
     per = int(cfg["layers_per_block"]) + 1  # type: ignore[call-overload]  # LDM blocks per level: resnets + a sampler slot
-    rules = [("time_embedding.linear_1.", "time_embed.0.", _SAME), ("time_embedding.linear_2.", "time_embed.2.", _SAME),
-             ("conv_in.", "input_blocks.0.0.", _SAME), ("conv_norm_out.", "out.0.", _SAME), ("conv_out.", "out.2.", _SAME),
-             ("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET), ("mid_block.attentions.0.", "middle_block.1.", _SAME),
-             ("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET)]
+    rules = [
+        ("time_embedding.linear_1.", "time_embed.0.", _SAME),
+        ("time_embedding.linear_2.", "time_embed.2.", _SAME),
+        ("conv_in.", "input_blocks.0.0.", _SAME),
+        ("conv_norm_out.", "out.0.", _SAME),
+        ("conv_out.", "out.2.", _SAME),
+        ("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET),
+        ("mid_block.attentions.0.", "middle_block.1.", _SAME),
+        ("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET),
+    ]
     for i in range(len(cfg["block_out_channels"])):  # type: ignore[arg-type]
         for j in range(per - 1):
-            rules += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{per * i + j + 1}.0.", _UNET_RESNET),
-                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{per * i + j + 1}.1.", _SAME)]
+            rules += [
+                (f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{per * i + j + 1}.0.", _UNET_RESNET),
+                (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{per * i + j + 1}.1.", _SAME),
+            ]
         rules.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{per * (i + 1)}.0.op.", _SAME))
         for j in range(per):
-            rules += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{per * i + j}.0.", _UNET_RESNET),
-                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{per * i + j}.1.", _SAME)]
+            rules += [
+                (f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{per * i + j}.0.", _UNET_RESNET),
+                (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{per * i + j}.1.", _SAME),
+            ]
         slot = 2 if any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys) else 1  # after the attention, if any
         rules.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{per * i + per - 1}.{slot}.", _SAME))
     if cfg.get("addition_embed_type") == "text_time":  # SDXL's size/pooled-text conditioning
-        rules += [("add_embedding.linear_1.", "label_emb.0.0.", _SAME), ("add_embedding.linear_2.", "label_emb.0.2.", _SAME)]
+        rules += [
+            ("add_embedding.linear_1.", "label_emb.0.0.", _SAME),
+            ("add_embedding.linear_2.", "label_emb.0.2.", _SAME),
+        ]
     return rules
 
 
@@ -399,33 +552,51 @@ def _vae_rules(cfg: dict[str, object]) -> list[tuple[str, str, dict[str, str]]]:
     """(diffusers prefix, LDM prefix, leaf renames) for an AutoencoderKL; LDM numbers decoder levels bottom-up."""
     n = len(cfg["block_out_channels"])  # type: ignore[arg-type]
     per = int(cfg["layers_per_block"])  # type: ignore[call-overload]
-    rules = [(f"{p}", f"{p}", _SAME) for p in ("quant_conv.", "post_quant_conv.", "encoder.conv_in.", "encoder.conv_out.",
-                                              "decoder.conv_in.", "decoder.conv_out.")]
+    rules = [
+        (f"{p}", f"{p}", _SAME)
+        for p in (
+            "quant_conv.",
+            "post_quant_conv.",
+            "encoder.conv_in.",
+            "encoder.conv_out.",
+            "decoder.conv_in.",
+            "decoder.conv_out.",
+        )
+    ]
     for part in ("encoder", "decoder"):
-        rules += [(f"{part}.conv_norm_out.", f"{part}.norm_out.", _SAME),
-                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", _VAE_ATTN)]
+        rules += [
+            (f"{part}.conv_norm_out.", f"{part}.norm_out.", _SAME),
+            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", _VAE_ATTN),
+        ]
         rules += [(f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}.", _VAE_RESNET) for j in range(2)]
     for i in range(n):
-        rules += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", _VAE_RESNET) for j in range(per)]
-        rules += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", _VAE_RESNET)
-                  for j in range(per + 1)]
-        rules += [(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", _SAME),
-                  (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.", _SAME)]
+        rules += [
+            (f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", _VAE_RESNET) for j in range(per)
+        ]
+        rules += [
+            (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", _VAE_RESNET)
+            for j in range(per + 1)
+        ]
+        rules += [
+            (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", _SAME),
+            (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.", _SAME),
+        ]
     return rules
 
 
-def _to_ldm(sd: dict[str, torch.Tensor], rules: list[tuple[str, str, dict[str, str]]], prefix: str,
-            what: str) -> dict[str, torch.Tensor]:
+def _to_ldm(
+    sd: dict[str, torch.Tensor], rules: list[tuple[str, str, dict[str, str]]], prefix: str, what: str
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         match = [(src, dst, leaves) for src, dst, leaves in rules if key.startswith(src)]
         if len(match) != 1:
             raise ValueError(f"{what} tensor {key!r} matches {len(match)} conversion rules, expected 1")
         src, dst, leaves = match[0]
-        rest = key[len(src):]
+        rest = key[len(src) :]
         for old, new in leaves.items():
             if rest.startswith(old + "."):
-                rest = new + rest[len(old):]
+                rest = new + rest[len(old) :]
                 if leaves is _VAE_ATTN and value.ndim == 2:
                     value = value.reshape(*value.shape, 1, 1)  # LDM's VAE attention projections are 1x1 convs
                 break
@@ -440,14 +611,22 @@ def _to_openclip(te: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     """A transformers CLIP text encoder under OpenCLIP's names (SD2.x, SDXL's second encoder): q/k/v fused into
     ``in_proj``, ``c_fc``/``c_proj``, ``ln_1``/``ln_2``, ``text_projection`` transposed."""
     te = {k.removeprefix("text_model."): v for k, v in te.items() if not k.endswith("position_ids")}
-    out = {prefix + "token_embedding.weight": te.pop("embeddings.token_embedding.weight"),
-           prefix + "positional_embedding": te.pop("embeddings.position_embedding.weight"),
-           prefix + "ln_final.weight": te.pop("final_layer_norm.weight"), prefix + "ln_final.bias": te.pop("final_layer_norm.bias")}
+    out = {
+        prefix + "token_embedding.weight": te.pop("embeddings.token_embedding.weight"),
+        prefix + "positional_embedding": te.pop("embeddings.position_embedding.weight"),
+        prefix + "ln_final.weight": te.pop("final_layer_norm.weight"),
+        prefix + "ln_final.bias": te.pop("final_layer_norm.bias"),
+    }
     if "text_projection.weight" in te:
         out[prefix + "text_projection"] = te.pop("text_projection.weight").T.contiguous()
     layers = 1 + max(int(k.split(".")[2]) for k in te if k.startswith("encoder.layers."))
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
-             "mlp.fc2": "mlp.c_proj"}
+    names = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "self_attn.out_proj": "attn.out_proj",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
     for i in range(layers):
         src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
@@ -484,12 +663,15 @@ def save_single_file(pipeline_dir: str | Path, out_path: str | Path, fmt: str = 
     te, te_cfg = part("text_encoder", "model.safetensors")
     if (src / "text_encoder_2").is_dir():  # SDXL base
         te2, _ = part("text_encoder_2", "model.safetensors")
-        encoders = ({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
-                     for k, v in te.items()} | _to_openclip(te2, "conditioner.embedders.1.model."))
+        encoders = {
+            "conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v for k, v in te.items()
+        } | _to_openclip(te2, "conditioner.embedders.1.model.")
     elif te_cfg.get("hidden_act") == "gelu":  # SD2.x: OpenCLIP ViT-H
         encoders = _to_openclip(te, "cond_stage_model.model.")
     else:
-        encoders = {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in te.items()}
+        encoders = {
+            "cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in te.items()
+        }
     unet_ldm = _to_ldm(unet, _unet_rules(unet_cfg, list(unet)), "model.diffusion_model.", "UNet")
     vae_ldm = _to_ldm(vae, _vae_rules(vae_cfg), "first_stage_model.", "VAE")
     sd = unet_ldm | vae_ldm | encoders

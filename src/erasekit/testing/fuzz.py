@@ -41,7 +41,7 @@ class Findings:
 
 def split(raw: bytes) -> tuple[dict[str, Any], bytes]:
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def join(header: Any, data: bytes, text: str | bytes | None = None) -> bytes:
@@ -79,17 +79,27 @@ def check(raw: bytes, read: Callable[[Path], Any], findings: Findings, label: st
 
 # -- strategies ---------------------------------------------------------------------------------------
 
+
 def strategies() -> dict[str, Any]:
     """Hypothesis strategies, each turning a valid file's bytes into a broken one."""
     from hypothesis import strategies as st
 
-    big = st.one_of(st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([0, -1, 2**63, 2**64 - 1, 10**30]))
-    junk = st.one_of(st.none(), st.booleans(), big, st.floats(allow_nan=True), st.text(max_size=40),
-                     st.lists(st.integers(-3, 3), max_size=4), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
+    big = st.one_of(
+        st.integers(min_value=-(2**70), max_value=2**70), st.sampled_from([0, -1, 2**63, 2**64 - 1, 10**30])
+    )
+    junk = st.one_of(
+        st.none(),
+        st.booleans(),
+        big,
+        st.floats(allow_nan=True),
+        st.text(max_size=40),
+        st.lists(st.integers(-3, 3), max_size=4),
+        st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    )
 
     @st.composite
     def truncated(draw: Any, raw: bytes) -> bytes:
-        return raw[:draw(st.integers(0, len(raw) - 1))]
+        return raw[: draw(st.integers(0, len(raw) - 1))]
 
     @st.composite
     def header_length(draw: Any, raw: bytes) -> bytes:
@@ -101,8 +111,14 @@ def strategies() -> dict[str, Any]:
         names = [k for k in header if k != "__metadata__"]
         name = draw(st.sampled_from(names))
         key = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
-        value = draw(st.one_of(junk, st.sampled_from(["F64", "I8", "BOOL", "F8_E4M3", "bf16"]),
-                               st.lists(big, min_size=0, max_size=3), st.tuples(big, big).map(list)))
+        value = draw(
+            st.one_of(
+                junk,
+                st.sampled_from(["F64", "I8", "BOOL", "F8_E4M3", "bf16"]),
+                st.lists(big, min_size=0, max_size=3),
+                st.tuples(big, big).map(list),
+            )
+        )
         header[name][key] = value
         return join(header, data)
 
@@ -121,7 +137,7 @@ def strategies() -> dict[str, Any]:
         header, data = split(raw)
         meta = header.setdefault("__metadata__", {})
         key = draw(st.sampled_from(sorted(meta) + ["erasekit", "modelspec.hash_sha256", "x"]))
-        meta[key] = draw(st.one_of(junk, st.text(max_size=200), st.just("{}"), st.just("[]"), st.just("{\"a\":")))
+        meta[key] = draw(st.one_of(junk, st.text(max_size=200), st.just("{}"), st.just("[]"), st.just('{"a":')))
         return join(header, data)
 
     @st.composite
@@ -148,16 +164,24 @@ def strategies() -> dict[str, Any]:
         header, data = split(raw)
         header["__metadata__"].pop("modelspec.hash_sha256", None)  # else the hash check refuses first
         at = draw(st.integers(0, max(0, len(data) - 4)))
-        bits = draw(st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x7c\x00\x7c", b"\xff\xff\xff\xff"]))
-        return join(header, data[:at] + bits + data[at + 4:])
+        bits = draw(
+            st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x7c\x00\x7c", b"\xff\xff\xff\xff"])
+        )
+        return join(header, data[:at] + bits + data[at + 4 :])
 
     @st.composite
     def names(draw: Any, raw: bytes) -> bytes:  # renamed, duplicated or foreign tensor names
         header, data = split(raw)
         tensors = [k for k in header if k != "__metadata__"]
         old = draw(st.sampled_from(tensors))
-        new = draw(st.one_of(st.text(max_size=60), st.sampled_from(
-            ["lora_te_text_model_encoder_layers_99_mlp_fc1.diff", "lora_unet_down.lora_up.weight", tensors[0]])))
+        new = draw(
+            st.one_of(
+                st.text(max_size=60),
+                st.sampled_from(
+                    ["lora_te_text_model_encoder_layers_99_mlp_fc1.diff", "lora_unet_down.lora_up.weight", tensors[0]]
+                ),
+            )
+        )
         if new == old:
             text = json.dumps(header)
             dup = json.dumps({old: header[old]})[1:-1]
@@ -168,24 +192,48 @@ def strategies() -> dict[str, Any]:
     @st.composite
     def raw_header(draw: Any, raw: bytes) -> bytes:  # non-UTF-8, non-JSON, or other JSON
         (n,) = struct.unpack("<Q", raw[:8])
-        body = draw(st.one_of(st.binary(min_size=1, max_size=64), st.sampled_from([b"[]", b"null", b"1", b"\xff\xfe{}"]),
-                              st.text(max_size=30).map(lambda t: t.encode())))
-        return join(None, raw[8 + n:], body)
+        body = draw(
+            st.one_of(
+                st.binary(min_size=1, max_size=64),
+                st.sampled_from([b"[]", b"null", b"1", b"\xff\xfe{}"]),
+                st.text(max_size=30).map(lambda t: t.encode()),
+            )
+        )
+        return join(None, raw[8 + n :], body)
 
     @st.composite
     def claims(draw: Any, raw: bytes) -> bytes:  # wide layers claimed, and factors of that width in a small file
-        named = st.sampled_from([("sd1", "te", 768, 3072, 12), ("sdxl", "te2", 1280, 5120, 32),
-                                 ("sdxl-refiner", "te2", 1280, 5120, 32), ("sd1", "te", 65536, 65536, 2),
-                                 ("clip-text", "te", 1281, 5120, 32), ("sd2", "te", 1024, 4096, 2**31)])
-        drawn = st.tuples(st.sampled_from([("sd1", "te"), ("sd2", "te"), ("sdxl", "te1"), ("sdxl", "te2"),
-                                           ("clip-text", "te")]),
-                          st.integers(1, 70_000), st.integers(1, 70_000), st.integers(2, 40)).map(lambda t: (*t[0], *t[1:]))
+        named = st.sampled_from(
+            [
+                ("sd1", "te", 768, 3072, 12),
+                ("sdxl", "te2", 1280, 5120, 32),
+                ("sdxl-refiner", "te2", 1280, 5120, 32),
+                ("sd1", "te", 65536, 65536, 2),
+                ("clip-text", "te", 1281, 5120, 32),
+                ("sd2", "te", 1024, 4096, 2**31),
+            ]
+        )
+        drawn = st.tuples(
+            st.sampled_from([("sd1", "te"), ("sd2", "te"), ("sdxl", "te1"), ("sdxl", "te2"), ("clip-text", "te")]),
+            st.integers(1, 70_000),
+            st.integers(1, 70_000),
+            st.integers(2, 40),
+        ).map(lambda t: (*t[0], *t[1:]))
         arch, slot, hidden, intermediate, layers = draw(st.one_of(named, drawn))
         return claimed_width(raw, arch, slot, hidden, intermediate, layers)
 
-    return {"truncated": truncated, "header_length": header_length, "entry_field": entry_field, "offsets": offsets,
-            "metadata": metadata, "manifest": manifest, "values": values, "names": names, "raw_header": raw_header,
-            "claims": claims}
+    return {
+        "truncated": truncated,
+        "header_length": header_length,
+        "entry_field": entry_field,
+        "offsets": offsets,
+        "metadata": metadata,
+        "manifest": manifest,
+        "values": values,
+        "names": names,
+        "raw_header": raw_header,
+        "claims": claims,
+    }
 
 
 def claimed_width(raw: bytes, architecture: str, slot: str, hidden: int, intermediate: int, layers: int) -> bytes:
@@ -202,9 +250,11 @@ def claimed_width(raw: bytes, architecture: str, slot: str, hidden: int, interme
     _, layer, proj = parse_module_name(old)  # type: ignore[misc]
     new, rank = module_name(slot, layer, proj), m["deltas"][old]["rank"]
     out, into = (intermediate, hidden) if proj == "fc1" else (hidden, intermediate)
-    m["base"] |= {"architecture": architecture, "encoders": {slot: {"hidden": hidden, "intermediate": intermediate,
-                                                                   "layers": layers}},
-                  "tensors": {new + k[len(old):]: v for k, v in m["base"]["tensors"].items() if k.startswith(old + ".")}}
+    m["base"] |= {
+        "architecture": architecture,
+        "encoders": {slot: {"hidden": hidden, "intermediate": intermediate, "layers": layers}},
+        "tensors": {new + k[len(old) :]: v for k, v in m["base"]["tensors"].items() if k.startswith(old + ".")},
+    }
     m["deltas"] = {new: m["deltas"][old]}
     meta["erasekit"] = json.dumps(m)
     shapes = {".lora_up.weight": (out, rank), ".lora_down.weight": (rank, into), ".diff_b": (out,)}
@@ -231,6 +281,7 @@ def _walk(obj: Any, path: tuple) -> Any:
 
 
 # -- campaigns ----------------------------------------------------------------------------------------
+
 
 def read_patch(path: Path) -> Any:
     """Load the patch, then compute what ``erasekit inspect`` shows of it and ``erasekit diff`` of it with itself."""
@@ -264,7 +315,8 @@ def campaign(n: int, findings: Findings | None = None, seed: int | None = None) 
                 continue  # checkpoints have no manifest; their values are not read by the header reader
 
             run = settings(max_examples=per, deadline=None, database=None, suppress_health_check=list(HealthCheck))(
-                given(strat(raw))(_checker(read, findings, f"{target}/{name}")))
+                given(strat(raw))(_checker(read, findings, f"{target}/{name}"))
+            )
             (hseed(seed)(run) if seed is not None else run)()
     return findings
 
@@ -285,14 +337,24 @@ def _tiny_files() -> tuple[bytes, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = make_checkpoint(root / "m.safetensors", "single-sd1")
-        diff_checkpoints(base, make_checkpoint(root / "a.safetensors", "single-sd1", edit_layers=[0]),
-                         output=root / "a.erasepatch")
-        diff_checkpoints(base, make_checkpoint(root / "b.safetensors", "single-sd1", edit_layers=[1]),
-                         output=root / "b.erasepatch", rank=2)
+        diff_checkpoints(
+            base, make_checkpoint(root / "a.safetensors", "single-sd1", edit_layers=[0]), output=root / "a.erasepatch"
+        )
+        diff_checkpoints(
+            base,
+            make_checkpoint(root / "b.safetensors", "single-sd1", edit_layers=[1]),
+            output=root / "b.erasepatch",
+            rank=2,
+        )
         dense, low = load_patch(root / "a.erasepatch"), load_patch(root / "b.erasepatch")
-        manifest = dense.manifest.model_copy(update={
-            "deltas": dense.manifest.deltas | low.manifest.deltas,
-            "base": dense.manifest.base.model_copy(update={"tensors": dense.manifest.base.tensors | low.manifest.base.tensors})})
+        manifest = dense.manifest.model_copy(
+            update={
+                "deltas": dense.manifest.deltas | low.manifest.deltas,
+                "base": dense.manifest.base.model_copy(
+                    update={"tensors": dense.manifest.base.tensors | low.manifest.base.tensors}
+                ),
+            }
+        )
         tensors = dense.tensors | low.tensors
         save_patch(Patch(manifest, tensors, storage_dtypes(tensors, "BF16")), root / "both.erasepatch")
         return (root / "both.erasepatch").read_bytes(), base.read_bytes()

@@ -38,7 +38,9 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def prompt_for(shape: str | None = None, colour: str | None = None, pattern: str | None = None, prefix: str | None = None) -> str:
+def prompt_for(
+    shape: str | None = None, colour: str | None = None, pattern: str | None = None, prefix: str | None = None
+) -> str:
     """The canonical prompt naming the given attributes: ``prompt_for("circle", "red", "striped")``
     is ``"a red striped circle"``; ``prompt_for(colour="red")`` is ``"a red object"``; with no
     attribute at all it is the empty prompt ``""``."""
@@ -77,7 +79,7 @@ def caption(attrs: Mapping[str, str], rng: random.Random) -> str:
 def full_prompts(pattern: str | None = None) -> list[tuple[str, dict[str, str]]]:
     """Every (shape, colour) full prompt, at one pattern (or at every pattern when None)."""
     out = []
-    for pat in (PATTERNS if pattern is None else (pattern,)):
+    for pat in PATTERNS if pattern is None else (pattern,):
         for s in SHAPES:
             for c in COLOURS:
                 out.append((prompt_for(s, c, pat), {"shape": s, "colour": c, "pattern": pat}))

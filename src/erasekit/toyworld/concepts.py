@@ -27,8 +27,10 @@ def attribute_of(concept: str) -> str:
         if concept in values:
             return attr
     known = "; ".join(f"{a}s: {', '.join(v)}" for a, v in ATTRIBUTES.items())
-    raise ErasekitError(f"the built-in toy world has no concept {concept!r}",
-                        f"name one it draws and its judge knows ({known}), or give images and a model for others")
+    raise ErasekitError(
+        f"the built-in toy world has no concept {concept!r}",
+        f"name one it draws and its judge knows ({known}), or give images and a model for others",
+    )
 
 
 def render_concept(concept: str, seed: int) -> tuple[Any, str]:

@@ -37,10 +37,15 @@ class Judge(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            *_conv(3, w), nn.MaxPool2d(2),
-            *_conv(w, 2 * w), *_conv(2 * w, 2 * w), nn.MaxPool2d(2),
-            *_conv(2 * w, 4 * w), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *_conv(3, w),
+            nn.MaxPool2d(2),
+            *_conv(w, 2 * w),
+            *_conv(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *_conv(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.heads = nn.ModuleDict({k: nn.Linear(4 * w, len(v)) for k, v in ATTRIBUTES.items()})
 
@@ -99,10 +104,13 @@ def judge(images: Any, model: Judge | None = None, return_probs: bool = False, b
     return (labels, p) if return_probs else labels
 
 
-def accuracy(labels: Sequence[dict[str, str]], truths: Sequence[dict[str, str]], attr: str,
-             select: Callable[[dict[str, str]], bool] = lambda t: True) -> float:
+def accuracy(
+    labels: Sequence[dict[str, str]],
+    truths: Sequence[dict[str, str]],
+    attr: str,
+    select: Callable[[dict[str, str]], bool] = lambda t: True,
+) -> float:
     """The share of images whose judged ``attr`` is the true one, over the images whose truth names ``attr`` and
     passes ``select``; NaN if there are none. The one scoring rule of ``erasekit eval`` and of measuring a model."""
     hits = [lab[attr] == t[attr] for lab, t in zip(labels, truths) if attr in t and select(t)]
     return sum(hits) / len(hits) if hits else float("nan")
-

@@ -38,22 +38,34 @@ def prompt_set(name: str) -> list[PromptSpec]:
                 out.append((cap.prompt_for(s, c, p), {"shape": s, "colour": c, "pattern": p}))
         return out
     if name == "partial":
-        return ([(cap.prompt_for(shape=s), {"shape": s}) for s in rd.SHAPES]
-                + [(cap.prompt_for(colour=c), {"colour": c}) for c in rd.COLOURS]
-                + [(cap.prompt_for(pattern=p), {"pattern": p}) for p in rd.PATTERNS])
+        return (
+            [(cap.prompt_for(shape=s), {"shape": s}) for s in rd.SHAPES]
+            + [(cap.prompt_for(colour=c), {"colour": c}) for c in rd.COLOURS]
+            + [(cap.prompt_for(pattern=p), {"pattern": p}) for p in rd.PATTERNS]
+        )
     raise ValueError(f"unknown prompt set {name!r}")
 
 
-def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 7.5, batch: int = 200) -> np.ndarray:
+def generate(
+    pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 7.5, batch: int = 200
+) -> np.ndarray:
     """uint8 images [len(prompts), 32, 32, 3]; image i is drawn from ``torch.Generator().manual_seed(seed + i)``."""
-    images = render_batch(pipe, prompts, [seed + i for i in range(len(prompts))], steps=steps, guidance=guidance,
-                          batch_size=batch)
+    images = render_batch(
+        pipe, prompts, [seed + i for i in range(len(prompts))], steps=steps, guidance=guidance, batch_size=batch
+    )
     return np.stack([np.asarray(im) for im in images])
 
 
-def evaluate(model: str | Path | None = None, judge_path: str | Path | None = None, n: int = 16, seed: int = 1000,
-             prompt_set: str = "full", steps: int = 25, guidance: float = 7.5,
-             log: Callable[[str], None] | None = None) -> dict:
+def evaluate(
+    model: str | Path | None = None,
+    judge_path: str | Path | None = None,
+    n: int = 16,
+    seed: int = 1000,
+    prompt_set: str = "full",
+    steps: int = 25,
+    guidance: float = 7.5,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     from ..checkpoints.pipeline import load_pipeline
     from . import builtin_model_path
     from .judge import HEADS, accuracy, judge, load_judge
@@ -67,11 +79,25 @@ def evaluate(model: str | Path | None = None, judge_path: str | Path | None = No
     secs = time.time() - t
     labels = judge(images, model=jm)
     truths = [t for _, t in specs for _ in range(n)]
-    per_prompt = [{"prompt": p, **{k: round(accuracy(labels[j * n:(j + 1) * n], [truth] * n, k), 3) for k in truth}}
-                  for j, (p, truth) in enumerate(specs)]
-    summary: dict[str, float | int | str] = {k: round(accuracy(labels, truths, k), 4) for k in HEADS if any(k in t for t in truths)}
-    summary.update({"prompts": len(specs), "n_per_prompt": n, "images": len(prompts), "seconds": round(secs, 1),
-                    "steps": steps, "guidance": guidance, "seed": seed, "set": prompt_set})
+    per_prompt = [
+        {"prompt": p, **{k: round(accuracy(labels[j * n : (j + 1) * n], [truth] * n, k), 3) for k in truth}}
+        for j, (p, truth) in enumerate(specs)
+    ]
+    summary: dict[str, float | int | str] = {
+        k: round(accuracy(labels, truths, k), 4) for k in HEADS if any(k in t for t in truths)
+    }
+    summary.update(
+        {
+            "prompts": len(specs),
+            "n_per_prompt": n,
+            "images": len(prompts),
+            "seconds": round(secs, 1),
+            "steps": steps,
+            "guidance": guidance,
+            "seed": seed,
+            "set": prompt_set,
+        }
+    )
     if log:
         log(f"generation ({prompt_set}, n={n}): {summary}")
     return {"summary": summary, "per_prompt": per_prompt, "images": images}

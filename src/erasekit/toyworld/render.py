@@ -47,11 +47,23 @@ _DIAG = np.add.outer(np.arange(SIZE * SCALE), np.arange(SIZE * SCALE)).astype(np
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
     if shape == "square":
         k, rr = 4, r * 0.92
-        return [(cx + rr * math.cos(rot + math.pi / 4 + i * math.pi / 2), cy + rr * math.sin(rot + math.pi / 4 + i * math.pi / 2)) for i in range(k)]
+        return [
+            (
+                cx + rr * math.cos(rot + math.pi / 4 + i * math.pi / 2),
+                cy + rr * math.sin(rot + math.pi / 4 + i * math.pi / 2),
+            )
+            for i in range(k)
+        ]
     if shape == "triangle":
         # centroid-centred equilateral triangle, pointing up, slightly enlarged so its area is comparable
         rr = r * 1.05
-        return [(cx + rr * math.cos(rot - math.pi / 2 + i * 2 * math.pi / 3), cy + rr * math.sin(rot - math.pi / 2 + i * 2 * math.pi / 3)) for i in range(3)]
+        return [
+            (
+                cx + rr * math.cos(rot - math.pi / 2 + i * 2 * math.pi / 3),
+                cy + rr * math.sin(rot - math.pi / 2 + i * 2 * math.pi / 3),
+            )
+            for i in range(3)
+        ]
     if shape == "star":
         pts = []
         for i in range(10):
@@ -61,7 +73,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
         return pts
     if shape == "cross":
         w = r * 0.38  # half arm width
-        base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        base = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         c, s = math.cos(rot), math.sin(rot)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in base]
     raise ValueError(f"unknown shape {shape!r}")
@@ -85,7 +110,9 @@ def _mask(shape: str, cx: float, cy: float, r: float, rot: float, size: int) -> 
     return m
 
 
-def render(shape: str, colour: str, pattern: str = "solid", rng: np.random.Generator | int | None = None) -> Image.Image:
+def render(
+    shape: str, colour: str, pattern: str = "solid", rng: np.random.Generator | int | None = None
+) -> Image.Image:
     """Draw one 32x32 RGB image of ``shape`` in ``colour`` with fill ``pattern``.
 
     Size, position, colour jitter and background come from ``rng`` (a numpy Generator or an int seed).

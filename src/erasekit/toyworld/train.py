@@ -95,14 +95,20 @@ class Settings:
 
 # ----------------------------------------------------------------------------------------- models
 
+
 def make_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
-        norm_num_groups=16, sample_size=rd.SIZE,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=rd.SIZE,
     )
 
 
@@ -110,11 +116,16 @@ def make_unet(s: Settings):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=rd.SIZE // 4, in_channels=4, out_channels=4,
+        sample_size=rd.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=s.hidden,
-        attention_head_dim=4, norm_num_groups=16,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=s.hidden,
+        attention_head_dim=4,
+        norm_num_groups=16,
     )
 
 
@@ -122,9 +133,17 @@ def make_text_encoder(s: Settings):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=s.hidden, intermediate_size=s.te_inter, num_hidden_layers=s.te_layers,
-        num_attention_heads=s.te_heads, max_position_embeddings=77, hidden_act="quick_gelu",
-        projection_dim=s.hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408,
+        hidden_size=s.hidden,
+        intermediate_size=s.te_inter,
+        num_hidden_layers=s.te_layers,
+        num_attention_heads=s.te_heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=s.hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
     return CLIPTextModel(cfg)
 
@@ -133,12 +152,19 @@ def make_scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
     )
 
 
 # ------------------------------------------------------------------------------------------ data
+
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
     """uint8 [n,32,32,3] -> float [n,3,32,32] in [0,1]."""
@@ -178,6 +204,7 @@ def cosine_lr(step: int, total: int, lr: float, lr_min: float, warmup: int = 0) 
 
 # ------------------------------------------------------------------------------------------- VAE
 
+
 def train_vae(s: Settings, x01: torch.Tensor, device: str):
     torch.manual_seed(s.seed + 1)
     vae = make_vae().to(device).train()
@@ -204,12 +231,15 @@ def train_vae(s: Settings, x01: torch.Tensor, device: str):
 
 # ----------------------------------------------------------------------------------------- judge
 
+
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Blur (random sigma per batch quarter), brightness/contrast jitter, gaussian noise."""
     n = len(x)
     out = x.clone()
     q = n // 4
-    for j, sigma in enumerate((0.0, float(torch.rand(1, generator=gen)) * 0.9 + 0.3, float(torch.rand(1, generator=gen)) * 0.6 + 0.2, 0.0)):
+    for j, sigma in enumerate(
+        (0.0, float(torch.rand(1, generator=gen)) * 0.9 + 0.3, float(torch.rand(1, generator=gen)) * 0.6 + 0.2, 0.0)
+    ):
         if sigma <= 0:
             continue
         r = torch.arange(-2, 3, dtype=torch.float32)
@@ -242,7 +272,9 @@ def train_judge(s: Settings, x: torch.Tensor, y: dict[str, torch.Tensor], device
             idx = perm[b * s.judge_batch : (b + 1) * s.judge_batch]
             xb = augment(x[idx], gen).to(device)
             out = model(xb)
-            loss = cast(torch.Tensor, sum(F.cross_entropy(out[k], y[k][idx].to(device)) for k in HEADS))  # HEADS: not empty
+            loss = cast(
+                torch.Tensor, sum(F.cross_entropy(out[k], y[k][idx].to(device)) for k in HEADS)
+            )  # HEADS: not empty
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -264,6 +296,7 @@ def judge_accuracy(model: Judge, x: torch.Tensor, y: dict[str, torch.Tensor], de
 
 # ------------------------------------------------------------------------------ diffusion model
 
+
 def save_pipeline(vae, text_encoder, unet, tokenizer_dir: Path, out: Path) -> None:
     """Write a diffusers StableDiffusionPipeline folder; text encoder weights in float16."""
     import copy
@@ -274,8 +307,14 @@ def save_pipeline(vae, text_encoder, unet, tokenizer_dir: Path, out: Path) -> No
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     te16 = copy.deepcopy(text_encoder).to(torch.float16)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=te16, tokenizer=tok, unet=unet, scheduler=make_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=te16,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -297,8 +336,17 @@ def save_pipeline(vae, text_encoder, unet, tokenizer_dir: Path, out: Path) -> No
     tmp.rename(out)
 
 
-def train_diffusion(s: Settings, lat_mean: torch.Tensor, lat_std: torch.Tensor, labels: dict[str, np.ndarray],
-                    scaling: float, tokenizer_dir: Path, vae, model_dir: Path, device: str):
+def train_diffusion(
+    s: Settings,
+    lat_mean: torch.Tensor,
+    lat_std: torch.Tensor,
+    labels: dict[str, np.ndarray],
+    scaling: float,
+    tokenizer_dir: Path,
+    vae,
+    model_dir: Path,
+    device: str,
+):
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
@@ -306,11 +354,15 @@ def train_diffusion(s: Settings, lat_mean: torch.Tensor, lat_std: torch.Tensor, 
     unet = make_unet(s).to(device).train()
     te = make_text_encoder(s).to(device).train()
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     alphas = noise_sched.alphas_cumprod.to(device)  # type: ignore[attr-defined]  # set in __init__, hidden from mypy
     snr_all = alphas / (1 - alphas)
     params = list(unet.parameters()) + list(te.parameters())
-    log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.2f}M params")
+    log(
+        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.2f}M params"
+    )
     opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     ema = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(s.seed + 6)
@@ -363,13 +415,16 @@ def train_diffusion(s: Settings, lat_mean: torch.Tensor, lat_std: torch.Tensor, 
         if step % 100 == 0 or step == s.steps - 1:
             el = time.time() - t
             eta = el / (step + 1) * (s.steps - step - 1)
-            log(f"diffusion step {step}/{s.steps} loss {np.mean(running[-100:]):.4f} lr {lr:.2e} ({el:.0f}s, eta {eta:.0f}s)")
+            log(
+                f"diffusion step {step}/{s.steps} loss {np.mean(running[-100:]):.4f} lr {lr:.2e} ({el:.0f}s, eta {eta:.0f}s)"
+            )
         if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < s.steps:
             save_ema(f"step {step + 1}")
     save_ema("final")
 
 
 # ---------------------------------------------------------------------------------------- main
+
 
 def default_tokenizer_dir() -> Path:
     from . import builtin_model_path
@@ -379,12 +434,23 @@ def default_tokenizer_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m erasekit.toyworld.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="output folder (gets model/, judge.safetensors, train_report.json)")
+    ap.add_argument(
+        "--out", required=True, type=Path, help="output folder (gets model/, judge.safetensors, train_report.json)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine one thread is faster and steadier)")
-    ap.add_argument("--bpe-vocab", type=Path, default=None,
-                    help="CLIP's bpe_simple_vocab_16e6.txt.gz to build the tokenizer from (default: copy the shipped tokenizer)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine one thread is faster and steadier)",
+    )
+    ap.add_argument(
+        "--bpe-vocab",
+        type=Path,
+        default=None,
+        help="CLIP's bpe_simple_vocab_16e6.txt.gz to build the tokenizer from (default: copy the shipped tokenizer)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny settings, to check that every stage runs (minutes)")
     ap.add_argument("--steps", type=int, default=None, help="diffusion training steps (default 2200)")
     ap.add_argument("--vae-steps", type=int, default=None)
@@ -394,8 +460,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     s = Settings(seed=args.seed)
     if args.smoke:
-        s = Settings(seed=args.seed, pool=3000, heldout=300, vae_steps=40, judge_renders=2000, judge_recons=500,
-                     judge_epochs=1, steps=40, save_every=20, eval_n=1)
+        s = Settings(
+            seed=args.seed,
+            pool=3000,
+            heldout=300,
+            vae_steps=40,
+            judge_renders=2000,
+            judge_recons=500,
+            judge_epochs=1,
+            steps=40,
+            save_every=20,
+            eval_n=1,
+        )
     if args.steps is not None:
         s.steps = args.steps
     if args.vae_steps is not None:
@@ -405,8 +481,12 @@ def main(argv: list[str] | None = None) -> dict:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
-    report: dict = {"settings": asdict(s), "command": " ".join(["python -m erasekit.toyworld.train", *(argv if argv is not None else sys.argv[1:])]),
-                    "torch": torch.__version__, "times_s": {}}
+    report: dict = {
+        "settings": asdict(s),
+        "command": " ".join(["python -m erasekit.toyworld.train", *(argv if argv is not None else sys.argv[1:])]),
+        "torch": torch.__version__,
+        "times_s": {},
+    }
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -471,11 +551,16 @@ def main(argv: list[str] | None = None) -> dict:
         jmodel = train_judge(s, xs, ys, device).cpu()
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in jmodel.state_dict().items()}, str(out / "judge.safetensors"),
-                  metadata={"format": "pt", "erasekit.toyworld": "judge", "seed": str(s.seed)})
+        save_file(
+            {k: v.contiguous() for k, v in jmodel.state_dict().items()},
+            str(out / "judge.safetensors"),
+            metadata={"format": "pt", "erasekit.toyworld": "judge", "seed": str(s.seed)},
+        )
     hy = {k: torch.from_numpy(held_y[k]) for k in HEADS}
-    report["judge"] = {"heldout_renders": judge_accuracy(jmodel, h01, hy, "cpu"),
-                       "heldout_vae_reconstructions": judge_accuracy(jmodel, held_rec, hy, "cpu")}
+    report["judge"] = {
+        "heldout_renders": judge_accuracy(jmodel, h01, hy, "cpu"),
+        "heldout_vae_reconstructions": judge_accuracy(jmodel, held_rec, hy, "cpu"),
+    }
     report["times_s"]["judge"] = round(time.time() - t, 1)
     log(f"judge done: {report['judge']}")
 
@@ -492,8 +577,9 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.time()
     from .measure import evaluate
 
-    report["generation"] = evaluate(model_dir, judge_path=out / "judge.safetensors", n=s.eval_n, seed=10_000 + s.seed,
-                                    prompt_set="quick", log=log)["summary"]
+    report["generation"] = evaluate(
+        model_dir, judge_path=out / "judge.safetensors", n=s.eval_n, seed=10_000 + s.seed, prompt_set="quick", log=log
+    )["summary"]
     report["times_s"]["eval"] = round(time.time() - t, 1)
     report["times_s"]["total"] = round(time.time() - T0, 1)
     shutil.rmtree(tokenizer_dir, ignore_errors=True)

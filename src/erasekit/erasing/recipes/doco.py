@@ -49,7 +49,9 @@ class DoCo:
         self.stand_ins = {k.lower(): v for k, v in config.stand_ins.items()}
         self.steps = 0
         self.disc: Any = None
-        self.pair: tuple[Any, Any] | None = None  # (anchor's, target's) clean latents of the step, for the discriminator
+        self.pair: tuple[Any, Any] | None = (
+            None  # (anchor's, target's) clean latents of the step, for the discriminator
+        )
 
     def anchors(self, prompt: str) -> list[str]:
         """``prompt`` with each erased concept it names replaced by each of its stand-ins ("" where it has none)."""
@@ -107,8 +109,9 @@ class DoCo:
         real, fake = self.pair  # type: ignore[misc]
         self.disc_opt.zero_grad(set_to_none=True)  # also drops what the generator's loss left in it
         lr, lf = self.disc(real), self.disc(fake)
-        loss = (F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr))
-                + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)))
+        loss = F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr)) + F.binary_cross_entropy_with_logits(
+            lf, torch.zeros_like(lf)
+        )
         loss.backward()
         self.disc_opt.step()
         self.pair = None

@@ -58,9 +58,16 @@ def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[s
                 alts = [replace_words(a, c, s) for a in alts for s in stand_ins[c]]
             held.append((p, alts, config.stand_in_weight))
     seen = {h[0] for h in held}  # the concept in its own templates, held at its stand-ins in the same templates
-    held += [(t.format(c), [replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]], config.stand_in_weight)
-             for c in concepts if c.lower() in stand_ins for t in config.templates_for(c)[:4] if t.format(c) not in seen]
-    held += [(p, [p], config.keep_weight) for k in config.keep for p in (t.format(k) for t in config.templates_for(k)[:4])]
+    held += [
+        (t.format(c), [replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]], config.stand_in_weight)
+        for c in concepts
+        if c.lower() in stand_ins
+        for t in config.templates_for(c)[:4]
+        if t.format(c) not in seen
+    ]
+    held += [
+        (p, [p], config.keep_weight) for k in config.keep for p in (t.format(k) for t in config.templates_for(k)[:4])
+    ]
     return [h[0] for h in held], [h[1] for h in held], torch.tensor([h[2] for h in held])
 
 
@@ -83,9 +90,11 @@ class Holding:
             flat = [r for refs in self.references for r in refs]
             outputs = encoder_outputs(encode(flat + list(GENERIC_ANCHORS)))
             sizes = [len(r) for r in self.references]
-            self.targets = {name: torch.stack([o.detach().mean(0) for o in out[:len(flat)].split(sizes)])
-                            for name, out in outputs.items()}
-            self.units = {name: _spread(out[len(flat):].detach()) for name, out in outputs.items()}
+            self.targets = {
+                name: torch.stack([o.detach().mean(0) for o in out[: len(flat)].split(sizes)])
+                for name, out in outputs.items()
+            }
+            self.units = {name: _spread(out[len(flat) :].detach()) for name, out in outputs.items()}
 
     def step_prompts(self, gen: Any) -> list[str]:
         import torch
