@@ -411,7 +411,8 @@ def test_erase_with_a_missing_model_says_so(tmp_path: Path) -> None:
     assert (
         r.exit_code == 2
         and r.stderr.strip()
-        == f"error: {tmp_path / 'nope'} does not exist; check the path (or name a model id: ORG/NAME[@REVISION])"
+        == f"error: {tmp_path / 'nope'} does not exist; check the path "
+        "(or name a model id: ORG/NAME[@REVISION], or a built-in model: toy-sd, toy-sdxl)"
     )
     assert list(tmp_path.iterdir()) == []
 

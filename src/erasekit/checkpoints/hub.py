@@ -37,14 +37,22 @@ def parse_model_id(text: str) -> tuple[str, str | None] | None:
 
 
 def resolve_model(model: str | os.PathLike, components: tuple[str, ...] = PIPELINE) -> Path:
-    """A local path as it is; a model id as the folder of its snapshot in the cache (downloaded if needed).
-    A path that exists always wins over an id of the same spelling."""
+    """A local path as it is; a built-in model's name (``toy-sd``, ``toy-sdxl``) as its folder; a model id as the
+    folder of its snapshot in the cache (downloaded if needed). A path that exists always wins over a name or an id
+    of the same spelling."""
+    from ..toyworld import BUILTIN_MODELS, builtin_model_path
+
     path = Path(model)
     if path.exists():
         return path
+    if str(model) in BUILTIN_MODELS:
+        return builtin_model_path(str(model))
     parsed = parse_model_id(str(model))
     if parsed is None:
-        raise InputFileError(f"{model} does not exist", "check the path (or name a model id: ORG/NAME[@REVISION])")
+        raise InputFileError(
+            f"{model} does not exist",
+            f"check the path (or name a model id: ORG/NAME[@REVISION], or a built-in model: {', '.join(BUILTIN_MODELS)})",
+        )
     return snapshot(*parsed, components=components)
 
 

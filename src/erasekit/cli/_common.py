@@ -35,8 +35,9 @@ ModelOpt = Annotated[
         metavar="MODEL",
         help="A single .safetensors/.ckpt "
         "file, a diffusers folder, or a model id ORG/NAME[@REVISION] (from "
-        "the Hugging Face cache, downloaded if missing): SD1.x, SD2.x, SDXL. "
-        "[default: the built-in toy-world model]",
+        "the Hugging Face cache, downloaded if missing): SD1.x, SD2.x, SDXL; "
+        "or a built-in toy-world model: toy-sd, toy-sdxl. "
+        "[default: toy-sd]",
     ),
 ]
 ConfigOpt = Annotated[

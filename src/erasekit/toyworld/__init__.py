@@ -4,9 +4,12 @@
 * ``render``   -- the world: ``render(shape, colour, pattern, rng)``, ``sample(rng)``, ``SHAPES``, ``COLOURS``, ``PATTERNS``
 * ``captions`` -- training captions and ``prompt_for(shape=None, colour=None, pattern=None)``
 * ``judge``    -- ``load_judge()``, ``judge(images)`` (imports torch)
-* ``train``    -- ``python -m erasekit.toyworld.train --out DIR --seed 0`` (imports torch)
+* ``train``    -- ``python -m erasekit.toyworld.train --out DIR --seed 0 [--family sd|sdxl]`` (imports torch)
 * ``concepts`` -- what ``erasekit eval`` asks about: ``attribute_of``, ``render_concept``, ``eval_prompts``
 * ``measure``  -- ``python -m erasekit.toyworld.measure``: a model's accuracy per prompt set (imports torch)
+
+Two models of the world are built in, named for ``--model``: ``toy-sd`` (the default, a StableDiffusionPipeline,
+folder ``model/``) and ``toy-sdxl`` (a StableDiffusionXLPipeline with two text encoders, folder ``model-sdxl/``).
 
 Importing this package does not import torch. The world (render, captions, concepts, judge, tokenizer) imports
 only the top-level helpers, so that judging can use it; ``train`` and ``measure`` build and measure the model
@@ -17,17 +20,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputFileError
+
 _HERE = Path(__file__).resolve().parent
 
+# the built-in models by the name --model takes -> their folder next to this file
+BUILTIN_MODELS = {"toy-sd": "model", "toy-sdxl": "model-sdxl"}
+DEFAULT_MODEL = "toy-sd"
 
-def builtin_model_path() -> Path:
-    """The folder of the shipped diffusers pipeline (load with ``StableDiffusionPipeline.from_pretrained(path)``)."""
-    return _HERE / "model"
+
+def builtin_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """The folder of a shipped diffusers pipeline: ``toy-sd`` (load with ``StableDiffusionPipeline.from_pretrained``)
+    or ``toy-sdxl`` (``StableDiffusionXLPipeline.from_pretrained``)."""
+    if name not in BUILTIN_MODELS:
+        raise InputFileError(f"{name!r} is not a built-in model", f"name one of {', '.join(BUILTIN_MODELS)}")
+    return _HERE / BUILTIN_MODELS[name]
 
 
 def builtin_judge_path() -> Path:
-    """The shipped judge weights (safetensors)."""
+    """The shipped judge weights (safetensors); the judge of both built-in models (they draw the same world)."""
     return _HERE / "judge.safetensors"
 
 
-__all__ = ["builtin_model_path", "builtin_judge_path"]
+__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "builtin_model_path", "builtin_judge_path"]
