@@ -40,9 +40,10 @@ from ..format.patchfile import (
     parse_manifest,
     prompts_sha256,
 )
+from ..toyworld import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_path
 from .evaluate import ConceptScore, EvalConfig, EvalReport
 
-BUILTIN_MODEL_NAME = "built-in toy world"
+BUILTIN_MODEL_NAME = "built-in toy world"  # toy-sd's, the default model's; toy-sdxl is "built-in toy world (toy-sdxl)"
 _CHUNK = 1 << 20
 
 
@@ -103,6 +104,15 @@ def judge_info(judge: str | os.PathLike | None) -> JudgeInfo:
         ) from None
 
 
+def evaluated_model_name(model: str | os.PathLike | None) -> str:
+    """How a record names the model: a built-in model's name (none: the default one) as :data:`BUILTIN_MODEL_NAME`,
+    with the name in brackets but for the default; a path's last part; a model id as given."""
+    if model is None or (str(model) in BUILTIN_MODELS and not Path(model).exists()):
+        builtin = DEFAULT_MODEL if model is None else str(model)
+        return BUILTIN_MODEL_NAME if builtin == DEFAULT_MODEL else f"{BUILTIN_MODEL_NAME} ({builtin})"
+    return Path(model).resolve().name if Path(model).exists() else str(model)
+
+
 def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedModel:
     """The model as recorded: its name (as ``base.source`` names one; a model id as given), whether the tensors the
     patch changes are those of the base it was made for, and the sha256 of their fingerprints."""
@@ -110,13 +120,8 @@ def evaluated_model(patch: Patch, model: str | os.PathLike | None) -> EvaluatedM
     from ..checkpoints.hub import TEXT_ENCODERS, resolve_model
     from ..checkpoints.layouts import detect
 
-    if model is None:
-        from ..toyworld import builtin_model_path
-
-        path, name = builtin_model_path(), BUILTIN_MODEL_NAME
-    else:
-        path = resolve_model(model, TEXT_ENCODERS)
-        name = Path(model).resolve().name if Path(model).exists() else str(model)
+    path = builtin_model_path() if model is None else resolve_model(model, TEXT_ENCODERS)
+    name = evaluated_model_name(model)
     ckpt = detect(path)
     mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, f"{ckpt.path} [{ckpt.describe()}]")
     lines, statuses = [], []
@@ -234,7 +239,6 @@ def check_measured_on_its_base(patch: Patch, model: str | os.PathLike | None) ->
     from ..checkpoints.hub import resolve_model
     from ..checkpoints.in_place import applied_in_place, refuse_applied_twice
     from ..checkpoints.layouts import detect
-    from ..toyworld import builtin_model_path
 
     ckpt = detect(resolve_model(model if model is not None else builtin_model_path()))
     in_place = applied_in_place(ckpt)
