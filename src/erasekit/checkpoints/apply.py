@@ -444,6 +444,19 @@ def _restaged(ckpt: Checkpoint, tmp: Path) -> Checkpoint:
     return Checkpoint(tmp, ckpt.layout, ckpt.architecture, [wf])
 
 
+def _refuse_builtin(ckpt: Checkpoint) -> None:
+    """A built-in model is the installed package's own files, the model of every command without one."""
+    from ..toyworld import BUILTIN_MODELS, builtin_model_path
+
+    names = [n for n in BUILTIN_MODELS if builtin_model_path(n).resolve() == ckpt.path.resolve()]
+    if names:
+        raise TargetNotWritableError(
+            f"{names[0]} is a built-in model, erasekit's own files",
+            "write a patched copy to an output instead of in place",
+            option="output",
+        )
+
+
 def apply_to_checkpoint(
     patches: Sequence[Patch | str | os.PathLike],
     target: str | os.PathLike,
@@ -476,6 +489,7 @@ def apply_to_checkpoint(
     ]
     warnings += order_notes(loaded, applied_in_place(ckpt))
     if in_place:
+        _refuse_builtin(ckpt)
         _check_writable(ckpt)
         applied, written = _apply_in_place(ckpt, loaded, strengths, force, where)
         out = ckpt.path
