@@ -1,6 +1,6 @@
 """Train erasekit's built-in toy text-to-image model and its judge from a seed, on CPU.
 
-    python -m erasekit.toyworld.train --out DIR --seed 0 [--device cpu]
+    python -m erasekit.toyworld.train --out DIR --seed 0 [--device cpu] [--family sd|sdxl]
 
 Stages (each component is saved as soon as it is done, so a crash does not lose earlier work):
 
@@ -26,6 +26,13 @@ choice comes from generators seeded from ``--seed``; on another machine, torch v
 count the floating-point results differ slightly, so a retrained model matches the shipped one in
 quality, not byte for byte.
 
+``--family sdxl`` trains the SDXL-family toy model of the same world instead (``train_sdxl.py``: a second text
+encoder of another width, its pooled embedding and the size ids into the UNet's time embedding; saved as a
+``StableDiffusionXLPipeline`` folder ``DIR/model``). It reuses the shipped SD toy model's VAE (copied byte for byte,
+``scaling_factor`` kept) and the shipped judge, so stages 2 and 3 are skipped (about 15 minutes saved);
+``--train-vae`` and ``--train-judge`` run them as for the SD family. The shipped ``model-sdxl`` was made with
+``--family sdxl --seed 0`` and the default settings (see its model card).
+
 Order note: the judge is trained right after the VAE (it needs only the VAE) and before the
 diffusion model; the stages use independent seeds, so changing the judge does not change the
 diffusion model.
@@ -48,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import builtin_judge_path
 from . import captions as cap
 from . import render as rd
 from .judge import HEADS, Judge
@@ -112,10 +120,8 @@ def make_vae():
     )
 
 
-def make_unet(s: Settings):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
+def unet_kwargs(s: Settings) -> dict:
+    return dict(
         sample_size=rd.SIZE // 4,
         in_channels=4,
         out_channels=4,
@@ -127,6 +133,12 @@ def make_unet(s: Settings):
         attention_head_dim=4,
         norm_num_groups=16,
     )
+
+
+def make_unet(s: Settings):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_kwargs(s))
 
 
 def make_text_encoder(s: Settings):
@@ -336,6 +348,57 @@ def save_pipeline(vae, text_encoder, unet, tokenizer_dir: Path, out: Path) -> No
     tmp.rename(out)
 
 
+class TokenIds:
+    """Prompts -> padded token ids [n, 77] on ``device``, each prompt tokenized once."""
+
+    def __init__(self, tokenizer_dir: Path, device: str) -> None:
+        from transformers import CLIPTokenizer
+
+        self.tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self.device = device
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        for tx in texts:
+            if tx not in self.cache:
+                self.cache[tx] = self.tok(tx, padding="max_length", max_length=77, truncation=True)["input_ids"]
+        return torch.tensor([self.cache[tx] for tx in texts], device=self.device)
+
+
+class SDToy:
+    """The SD family's trained parts: the UNet and one text encoder, whose last hidden state it cross-attends to."""
+
+    def __init__(self, s: Settings, tokenizer_dir: Path, device: str) -> None:
+        self.unet = make_unet(s).to(device).train()
+        self.te = make_text_encoder(s).to(device).train()
+        self.token_ids = TokenIds(tokenizer_dir, device)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.unet.parameters()) + list(self.te.parameters())
+
+    def describe(self) -> str:
+        return (
+            f"unet {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f}M params, "
+            f"text encoder {sum(p.numel() for p in self.te.parameters()) / 1e6:.2f}M params"
+        )
+
+    def condition(self, texts: list[str]) -> tuple[torch.Tensor, None]:
+        return self.te(self.token_ids(texts)).last_hidden_state, None
+
+    def save(self, vae, tokenizer_dir: Path, scheduler, out: Path, vae_dir: Path | None = None) -> None:
+        save_pipeline(vae, self.te, self.unet, tokenizer_dir, out)
+
+
+def make_toy(family: str, s: Settings, tokenizer_dir: Path, device: str):
+    """The family's trained parts, initialised from torch's global generator (seeded by the caller)."""
+    if family == "sd":
+        return SDToy(s, tokenizer_dir, device)
+    from .train_sdxl import SDXLSettings, SDXLToy
+
+    te1 = make_text_encoder(s)
+    return SDXLToy(unet_kwargs(s), te1, TokenIds(tokenizer_dir, device), SDXLSettings(), s.seed + 9, device)
+
+
 def train_diffusion(
     s: Settings,
     lat_mean: torch.Tensor,
@@ -346,41 +409,34 @@ def train_diffusion(
     vae,
     model_dir: Path,
     device: str,
+    family: str = "sd",
+    vae_dir: Path | None = None,
 ):
+    """Train the UNet and the text encoder(s) of ``family`` (``sd`` or ``sdxl``) and save the EMA weights as a
+    pipeline in ``model_dir``; ``vae_dir``: a VAE folder the sdxl family copies in as it is."""
     from diffusers import DDPMScheduler
-    from transformers import CLIPTokenizer
 
     torch.manual_seed(s.seed + 5)
-    unet = make_unet(s).to(device).train()
-    te = make_text_encoder(s).to(device).train()
-    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    toy = make_toy(family, s, tokenizer_dir, device)
+    unet = toy.unet
     noise_sched = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     alphas = noise_sched.alphas_cumprod.to(device)  # type: ignore[attr-defined]  # set in __init__, hidden from mypy
     snr_all = alphas / (1 - alphas)
-    params = list(unet.parameters()) + list(te.parameters())
-    log(
-        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.2f}M params"
-    )
+    params = toy.parameters()
+    log(toy.describe())
     opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     ema = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(s.seed + 6)
     rng = random.Random(s.seed + 7)
-    token_cache: dict[str, list[int]] = {}
-
-    def ids_for(texts: list[str]) -> torch.Tensor:
-        for tx in texts:
-            if tx not in token_cache:
-                token_cache[tx] = tok(tx, padding="max_length", max_length=77, truncation=True)["input_ids"]
-        return torch.tensor([token_cache[tx] for tx in texts], device=device)
 
     def save_ema(tag: str) -> None:
         live = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
-        save_pipeline(vae, te, unet, tokenizer_dir, model_dir)
+        toy.save(vae, tokenizer_dir, make_scheduler(), model_dir, vae_dir)
         with torch.no_grad():
             for p, v in zip(params, live):
                 p.copy_(v)
@@ -399,8 +455,8 @@ def train_diffusion(
         ts = torch.randint(0, 1000, (s.batch,), generator=gen)
         z0, noise, ts = z0.to(device), noise.to(device), ts.to(device)
         zt = noise_sched.add_noise(z0, noise, ts)  # type: ignore[attr-defined]  # a method diffusers' types hide
-        cond = te(ids_for(texts)).last_hidden_state
-        pred = unet(zt, ts, encoder_hidden_states=cond).sample
+        cond, added = toy.condition(texts)
+        pred = unet(zt, ts, encoder_hidden_states=cond, added_cond_kwargs=added).sample
         snr = snr_all[ts]
         w = torch.clamp(snr, max=s.snr_gamma) / snr
         loss = (F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
@@ -432,6 +488,21 @@ def default_tokenizer_dir() -> Path:
     return builtin_model_path() / "tokenizer"
 
 
+def shipped_vae_dir() -> Path:
+    """The shipped SD toy model's VAE, which the sdxl family reuses (same world, same latents)."""
+    from . import builtin_model_path
+
+    return builtin_model_path("toy-sd") / "vae"
+
+
+def shipped_settings(family: str) -> Path:
+    """The erasekit.json a newly trained model starts from: the shipped model's of its family, where there is one."""
+    from . import builtin_model_path
+
+    own = builtin_model_path("toy-sdxl" if family == "sdxl" else "toy-sd") / "erasekit.json"
+    return own if own.is_file() else builtin_model_path("toy-sd") / "erasekit.json"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m erasekit.toyworld.train", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -456,6 +527,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--skip-vae", action="store_true", help="reuse DIR/model/vae")
     ap.add_argument("--skip-judge", action="store_true", help="reuse DIR/judge.safetensors")
+    ap.add_argument(
+        "--family",
+        choices=("sd", "sdxl"),
+        default="sd",
+        help="sd: a StableDiffusionPipeline (the shipped toy-sd); sdxl: a StableDiffusionXLPipeline (toy-sdxl)",
+    )
+    ap.add_argument("--train-vae", action="store_true", help="sdxl: train a VAE instead of reusing the shipped one")
+    ap.add_argument("--train-judge", action="store_true", help="sdxl: train a judge instead of reusing the shipped one")
     args = ap.parse_args(argv)
 
     s = Settings(seed=args.seed)
@@ -487,6 +566,10 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "times_s": {},
     }
+    if args.family == "sdxl":
+        from .train_sdxl import SDXLSettings
+
+        report.update(family="sdxl", sdxl=asdict(SDXLSettings()))
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -514,20 +597,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. VAE
     t = time.time()
-    if args.skip_vae:
+    vae_dir = shipped_vae_dir() if args.family == "sdxl" and not args.train_vae else None
+    if vae_dir is not None:  # the shipped VAE, scaling_factor and all
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(model_dir / "vae")).eval()
+        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+        gen = torch.Generator().manual_seed(s.seed + 8)
+        lat_mean, lat_std = encode(vae, x01)
+        scaling = vae.config.scaling_factor
     else:
-        vae = train_vae(s, x01, device).cpu()
-    gen = torch.Generator().manual_seed(s.seed + 8)
-    lat_mean, lat_std = encode(vae, x01)
-    sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
-    scaling = float(1.0 / sample.std())
-    vae.register_to_config(scaling_factor=round(scaling, 5))
-    scaling = vae.config.scaling_factor
-    (model_dir / "vae").mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(str(model_dir / "vae"))
+        if args.skip_vae:
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(str(model_dir / "vae")).eval()
+        else:
+            vae = train_vae(s, x01, device).cpu()
+        gen = torch.Generator().manual_seed(s.seed + 8)
+        lat_mean, lat_std = encode(vae, x01)
+        sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
+        scaling = float(1.0 / sample.std())
+        vae.register_to_config(scaling_factor=round(scaling, 5))
+        scaling = vae.config.scaling_factor
+        (model_dir / "vae").mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(str(model_dir / "vae"))
     held_rec = reconstruct(vae, h01, gen)
     rec_mse = float(F.mse_loss(held_rec, h01))
     report["vae"] = {"scaling_factor": scaling, "heldout_recon_mse_01": round(rec_mse, 5)}
@@ -536,10 +628,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. judge
     t = time.time()
-    if args.skip_judge:
+    shipped_judge = args.family == "sdxl" and not args.train_judge
+    judge_path = builtin_judge_path() if shipped_judge else out / "judge.safetensors"
+    if args.skip_judge or shipped_judge:
         from .judge import load_judge
 
-        jmodel = load_judge(out / "judge.safetensors")
+        jmodel = load_judge(judge_path)
     else:
         jx, jy = rd.dataset(s.judge_renders, seed=s.seed * 1000 + 13)
         jx01 = to_unit(jx)
@@ -566,10 +660,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. UNet + text encoder
     t = time.time()
-    train_diffusion(s, lat_mean, lat_std, pool_y, scaling, tokenizer_dir, vae, model_dir, device)
+    train_diffusion(s, lat_mean, lat_std, pool_y, scaling, tokenizer_dir, vae, model_dir, device, args.family, vae_dir)
     report["times_s"]["diffusion"] = round(time.time() - t, 1)
     # erasekit's recommended erase settings and the "toyworld" flag: start from the shipped model's
-    shipped = default_tokenizer_dir().parent / "erasekit.json"
+    shipped = shipped_settings(args.family)
     if not (model_dir / "erasekit.json").exists() and shipped.is_file():
         shutil.copy2(shipped, model_dir / "erasekit.json")
 
@@ -578,7 +672,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .measure import evaluate
 
     report["generation"] = evaluate(
-        model_dir, judge_path=out / "judge.safetensors", n=s.eval_n, seed=10_000 + s.seed, prompt_set="quick", log=log
+        model_dir, judge_path=judge_path, n=s.eval_n, seed=10_000 + s.seed, prompt_set="quick", log=log
     )["summary"]
     report["times_s"]["eval"] = round(time.time() - t, 1)
     report["times_s"]["total"] = round(time.time() - T0, 1)
