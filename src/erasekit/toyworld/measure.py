@@ -1,12 +1,18 @@
 """Measure a toy-world model: generate images for prompts and let the judge say what they show.
 
-    python -m erasekit.toyworld.measure [--model DIR] [--judge FILE] [--n 16] [--seed 1000] [--set full]
+    python -m erasekit.toyworld.measure [--model DIR|toy-sd|toy-sdxl] [--judge FILE] [--n 16] [--seed 1000] [--set full]
+        [--ablate pooled|tokens]
 
 Prompt sets: ``full`` (every shape x colour x pattern, 75 prompts; shape, colour and pattern are all
 scored), ``quick`` (15 full prompts that cover every shape, colour and pattern), ``partial``
 (single-attribute prompts such as "a circle", "a red object", "a striped object"; only the named
 attribute is scored). Sampling: DDIM, 25 steps, guidance 7.5, 32x32, one seeded generator per image
 (image ``i`` uses seed ``seed + i``), so results do not depend on the batch size.
+
+``--ablate`` (SDXL-family models) measures what one of the two paths by which a prompt reaches the UNet carries
+alone: ``pooled`` replaces every prompt's pooled embedding (te2's, added to the time embedding) by the empty
+prompt's and keeps its token states; ``tokens`` replaces its token states (what the UNet cross-attends to) and
+keeps its pooled embedding. The unconditional branch is the empty prompt's, as without ablation.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ErasekitError
 from ..judging.sampling import render_batch
 from . import captions as cap
 from . import render as rd
 
 PromptSpec = tuple[str, dict[str, str]]
+ABLATIONS = ("pooled", "tokens")
 
 
 def prompt_set(name: str) -> list[PromptSpec]:
@@ -47,12 +55,63 @@ def prompt_set(name: str) -> list[PromptSpec]:
 
 
 def generate(
-    pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 7.5, batch: int = 200
+    pipe,
+    prompts: list[str],
+    seed: int,
+    steps: int = 25,
+    guidance: float = 7.5,
+    batch: int = 200,
+    ablate: str | None = None,
 ) -> np.ndarray:
-    """uint8 images [len(prompts), 32, 32, 3]; image i is drawn from ``torch.Generator().manual_seed(seed + i)``."""
+    """uint8 images [len(prompts), 32, 32, 3]; image i is drawn from ``torch.Generator().manual_seed(seed + i)``.
+    ``ablate``: ``pooled`` or ``tokens`` (see the module docstring)."""
+    if ablate is not None:
+        return _generate_ablated(pipe, prompts, seed, steps, guidance, batch, ablate)
     images = render_batch(
         pipe, prompts, [seed + i for i in range(len(prompts))], steps=steps, guidance=guidance, batch_size=batch
     )
+    return np.stack([np.asarray(im) for im in images])
+
+
+def ablated_embeddings(pipe, prompts: list[str], ablate: str) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline's conditioning of ``prompts`` with one path made the empty prompt's (``pooled``: the pooled
+    embedding; ``tokens``: the token states), and the empty prompt's for the unconditional branch, as the keyword
+    arguments of the pipeline's call."""
+    if ablate not in ABLATIONS:
+        raise ErasekitError(f"unknown ablation {ablate!r}", f"choose {' or '.join(ABLATIONS)}")
+    if getattr(pipe, "text_encoder_2", None) is None:
+        raise ErasekitError(
+            f"ablating the {ablate} path needs an SDXL-family model (token states and a pooled embedding)",
+            "measure an SDXL pipeline, e.g. --model toy-sdxl, or leave out --ablate",
+        )
+    with torch.no_grad():
+        tokens, _, pooled, _ = pipe.encode_prompt([*prompts, ""], device=pipe.device, do_classifier_free_guidance=False)
+    n = len(prompts)
+    empty_tokens, empty_pooled = tokens[-1:].repeat(n, 1, 1), pooled[-1:].repeat(n, 1)
+    tokens, pooled = tokens[:-1], pooled[:-1]
+    return {
+        "prompt_embeds": empty_tokens if ablate == "tokens" else tokens,
+        "pooled_prompt_embeds": empty_pooled if ablate == "pooled" else pooled,
+        "negative_prompt_embeds": empty_tokens,
+        "negative_pooled_prompt_embeds": empty_pooled,
+    }
+
+
+def _generate_ablated(
+    pipe, prompts: list[str], seed: int, steps: int, guidance: float, batch: int, ablate: str
+) -> np.ndarray:
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        images += pipe(
+            **ablated_embeddings(pipe, chunk, ablate),
+            generator=[torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+        ).images
     return np.stack([np.asarray(im) for im in images])
 
 
@@ -65,6 +124,7 @@ def evaluate(
     steps: int = 25,
     guidance: float = 7.5,
     log: Callable[[str], None] | None = None,
+    ablate: str | None = None,
 ) -> dict:
     from ..checkpoints.pipeline import load_pipeline
     from . import builtin_model_path
@@ -75,7 +135,7 @@ def evaluate(
     jm = load_judge(judge_path)
     prompts = [p for p, _ in specs for _ in range(n)]
     t = time.time()
-    images = generate(pipe, prompts, seed, steps, guidance)
+    images = generate(pipe, prompts, seed, steps, guidance, ablate=ablate)
     secs = time.time() - t
     labels = judge(images, model=jm)
     truths = [t for _, t in specs for _ in range(n)]
@@ -96,6 +156,7 @@ def evaluate(
             "guidance": guidance,
             "seed": seed,
             "set": prompt_set,
+            **({"ablate": ablate} if ablate else {}),
         }
     )
     if log:
@@ -105,7 +166,9 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m erasekit.toyworld.measure", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the shipped model)")
+    ap.add_argument(
+        "--model", type=Path, default=None, help="pipeline folder, or toy-sd / toy-sdxl (default: the shipped toy-sd)"
+    )
     ap.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
     ap.add_argument("--n", type=int, default=16, help="images per prompt")
     ap.add_argument("--seed", type=int, default=1000)
@@ -115,9 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", type=Path, default=None, help="save a PNG grid of the images")
     ap.add_argument("--json", type=Path, default=None, help="write the summary and per-prompt table as JSON")
+    ap.add_argument(
+        "--ablate", choices=ABLATIONS, default=None, help="SDXL: the path made the empty prompt's (module docstring)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = evaluate(args.model, args.judge, args.n, args.seed, args.set, args.steps, args.guidance)
+    try:
+        res = evaluate(
+            args.model, args.judge, args.n, args.seed, args.set, args.steps, args.guidance, ablate=args.ablate
+        )
+    except ErasekitError as e:
+        raise SystemExit(f"error: {e}") from None
     for row in res["per_prompt"]:
         print(json.dumps(row))
     print(json.dumps(res["summary"]))
