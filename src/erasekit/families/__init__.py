@@ -16,6 +16,7 @@ from .encoders import KIND_OF_PROJECTION
 # in the order messages and manifests list them
 FAMILIES: dict[str, Family] = {f.FAMILY.name: f.FAMILY for f in (sd1, sd2, sdxl, sdxl_refiner, clip_text)}
 PIPELINES = [f for f in FAMILIES.values() if not f.bare]
+BARE = [f for f in FAMILIES.values() if f.bare]  # text encoders on their own
 # the pipeline components of text encoders and their tokenizers, in the order families list them
 ENCODER_COMPONENTS = tuple(dict.fromkeys(s.component for f in PIPELINES for s in f.slots))
 TOKENIZER_COMPONENTS = tuple(dict.fromkeys(s.tokenizer for f in PIPELINES for s in f.slots))
@@ -28,12 +29,18 @@ def family(name: str) -> Family:
 
 def by_components(components: Collection[str], setting: Callable[[str, str], Any]) -> Family | None:
     """The pipeline family whose text encoders are exactly ``components`` (in a model folder, a config folder or a
-    loaded pipeline), told apart by ``setting(component, key)``, a value of that encoder's config; None if none."""
+    loaded pipeline), told apart where several are by ``setting(component, key)``, a value of that encoder's config;
+    None if none."""
     same = [f for f in PIPELINES if set(f.components) == set(components)]
     for f in sorted(same, key=lambda f: f.told_apart is None):
-        if f.told_apart is None or setting(f.components[0], f.told_apart[0]) == f.told_apart[1]:
+        if f.told_apart is None or setting(*f.told_apart[:2]) == f.told_apart[2]:
             return f
     return None
+
+
+def bare_by_class(names: Collection[str]) -> Family | None:
+    """The family of a text encoder on its own whose transformers class is among ``names``."""
+    return next((f for f in BARE if set(names) & set(f.slots[0].encoder.kind.transformers_classes)), None)
 
 
 def by_bundled_config(name: str) -> Family:

@@ -29,7 +29,7 @@ class Naming:
         default_factory=dict
     )  # erasekit's projection name -> this naming's, where they differ
 
-    def path(self, layer: int, proj: str) -> str:
+    def path(self, layer: int | str, proj: str) -> str:
         """``encoder.layers.3.mlp.fc1``: the module of ``proj`` in ``layer``, below the file's prefix."""
         return self.ffn.format(layer=layer, proj=self.renamed.get(proj, proj))
 
@@ -169,8 +169,9 @@ class Family:
     modelspec_variants: dict[str, str] = field(default_factory=dict)  # prediction type -> suffix of the id
     bare: bool = False  # a text encoder on its own: no pipeline, patched by matching FFN shapes, never run
     folder_layout: str = "diffusers"  # the layout name of its model folders
-    told_apart: tuple[str, str] | None = None  # (key, value) of its first encoder's config, where families of the
-    # same components differ only there (SD2.x's OpenCLIP "hidden_act": "gelu"); the family without one is the rest
+    # (component, key, value) of an encoder's config that tells it from families of the same components (SD2.x's
+    # OpenCLIP text_encoder has "hidden_act": "gelu"); of those, the one without is the rest
+    told_apart: tuple[str, str, str] | None = None
     kin: tuple[str, ...] = ()  # families whose patches fit this one slot for slot (the SDXL refiner and base)
     pipeline: str | None = None  # the diffusers pipeline class erase and generate load it with; None: they cannot
     why_not_run: str = ""  # where they cannot: why, and what to run instead
