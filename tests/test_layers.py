@@ -11,7 +11,18 @@ import erasekit
 
 SRC = Path(erasekit.__file__).parent
 # a part may import the parts before it in this list, never one after it
-LAYERS = ["helpers", "families", "format", "toyworld", "checkpoints", "judging", "toymodel", "erasing", "testing", "cli"]
+LAYERS = [
+    "helpers",
+    "families",
+    "format",
+    "toyworld",
+    "checkpoints",
+    "judging",
+    "toymodel",
+    "erasing",
+    "testing",
+    "cli",
+]
 HELPERS = {"errors", "_torch", "_temps", "_parallel", "_version"}
 TOYMODEL = {"erasekit.toyworld.train", "erasekit.toyworld.measure"}  # train and measure the toy world's model
 

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from ..errors import IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError
-from ..families import BARE, ENCODER_COMPONENTS, bare_by_class, by_components
+from ..families import BARE, ENCODER_COMPONENTS, bare_by_class, of_pipeline
 from ..families.base import Slot
 from ..format.patchfile import Patch, fingerprint
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
@@ -49,8 +49,7 @@ _MEMORY_ATTR = "_erasekit_applied"
 
 def memory_encoders(model: Any) -> tuple[str, dict[str, tuple[Any, EncoderSpec]]]:
     """(architecture, slot -> (torch module, spec)) of a diffusers pipeline or a transformers text encoder."""
-    present = [c for c in ENCODER_COMPONENTS if getattr(model, c, None) is not None]
-    if not present:
+    if not any(getattr(model, c, None) is not None for c in ENCODER_COMPONENTS):
         if not hasattr(model, "state_dict"):
             raise IncompatiblePatchError(
                 f"{type(model).__name__} has no text encoder",
@@ -58,12 +57,10 @@ def memory_encoders(model: Any) -> tuple[str, dict[str, tuple[Any, EncoderSpec]]
             )
         bare = bare_by_class([type(model).__name__]) or BARE[0]
         return bare.name, {s.name: (model, _spec_of(model, s)) for s in bare.slots}
-    family = by_components(
-        present, lambda component, key: getattr(getattr(getattr(model, component), "config", None), key, None)
-    )
+    family = of_pipeline(model)
     if family is None:
         raise IncompatiblePatchError(
-            f"{type(model).__name__} has text encoders {', '.join(present)}, of no family erasekit knows",
+            f"the text encoders of {type(model).__name__} are of no family erasekit knows",
             "pass a Stable Diffusion pipeline",
         )
     return family.name, {

@@ -38,6 +38,12 @@ def by_components(components: Collection[str], setting: Callable[[str, str], Any
     return None
 
 
+def of_pipeline(pipe: Any) -> Family | None:
+    """The family of a loaded diffusers pipeline, from the text-encoder components it has (and their configs)."""
+    present = [c for c in ENCODER_COMPONENTS if getattr(pipe, c, None) is not None]
+    return by_components(present, lambda c, key: getattr(getattr(getattr(pipe, c), "config", None), key, None))
+
+
 def bare_by_class(names: Collection[str]) -> Family | None:
     """The family of a text encoder on its own whose transformers class is among ``names``."""
     return next((f for f in BARE if set(names) & set(f.slots[0].encoder.kind.transformers_classes)), None)

@@ -138,6 +138,12 @@ class Conditioning:
     pooled_from: str | None = None  # the slot whose pooled (projected) embedding it also reads
     size_ids: bool = False  # SDXL's size conditioning (original size, crop, target size), from no encoder
 
+    @property
+    def slots_read(self) -> tuple[str, ...]:
+        """Every slot it reads from, those of the hidden states first."""
+        pooled = (self.pooled_from,) if self.pooled_from else ()
+        return tuple(dict.fromkeys((*self.hidden_from, *pooled)))
+
     def layers_read(self, slot: str, layers: int) -> list[int]:
         """The layers of ``slot`` (of ``layers``) whose change reaches the denoiser: the pooled embedding is read
         after the last layer, penultimate hidden states before it."""

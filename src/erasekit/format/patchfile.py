@@ -780,7 +780,7 @@ def new_manifest(
         concepts=concepts or [],
         method=method,
         base=BaseModelInfo(
-            architecture=architecture,  # type: ignore[arg-type]  # a str; pydantic checks the name
+            architecture=architecture,  # pydantic checks the name
             encoders=encoders,
             tensors=fingerprints,
             source=source,
