@@ -1,5 +1,5 @@
-"""The package's parts import one way (docs/architecture.md): top-level helpers, then the patch format, the toy
-world, checkpoints, judging, the toy world's model building (it draws and judges images), erasing, test support,
+"""The package's parts import one way (docs/architecture.md): top-level helpers, then the architecture families,
+the patch format, the toy world, checkpoints, judging, the toy world's model building (it draws and judges images), erasing, test support,
 the CLI; and no module imports itself in a circle, also through imports made inside functions."""
 
 from __future__ import annotations
@@ -11,7 +11,18 @@ import erasekit
 
 SRC = Path(erasekit.__file__).parent
 # a part may import the parts before it in this list, never one after it
-LAYERS = ["helpers", "format", "toyworld", "checkpoints", "judging", "toymodel", "erasing", "testing", "cli"]
+LAYERS = [
+    "helpers",
+    "families",
+    "format",
+    "toyworld",
+    "checkpoints",
+    "judging",
+    "toymodel",
+    "erasing",
+    "testing",
+    "cli",
+]
 HELPERS = {"errors", "_torch", "_temps", "_parallel", "_version"}
 TOYMODEL = {"erasekit.toyworld.train", "erasekit.toyworld.measure"}  # train and measure the toy world's model
 

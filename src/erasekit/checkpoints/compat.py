@@ -1,8 +1,8 @@
 """Does a patch fit a checkpoint? Slot mapping, the tensors it touches, and the fingerprint verdict.
 
 One rule for every command that judges fit (apply, inspect --against, diff of two patches): same architecture,
-or SDXL base/refiner with the slots they share, or a bare CLIP text encoder ("clip-text") meeting the one
-encoder of equal FFN shapes. Torch-free.
+or kin families with the slots they share (SDXL base/refiner: ``Family.kin``), or a bare text encoder ("clip-text":
+``Family.bare``) meeting the one encoder of equal FFN shapes. Torch-free.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import FingerprintMismatchError, IncompatiblePatchError
+from ..families import family, same_slots
 from ..format.names import parse_module_name
 from ..format.patchfile import Patch, compare_fingerprint, fingerprint
 from .layouts import EncoderSpec
@@ -25,17 +26,17 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
     m = patch.manifest
     used = sorted({parse_module_name(name)[0] for name in m.deltas})  # type: ignore[index]
     parch = m.base.architecture
-    if parch == architecture or {parch, architecture} <= {"sdxl", "sdxl-refiner"}:
+    if same_slots(parch, architecture):
         mapping = {s: s for s in used}
-    elif architecture == "clip-text" and len(used) == 1:
-        mapping = {used[0]: "te"}
-    elif parch == "clip-text" and len(used) == 1:
+    elif family(architecture).bare and len(used) == 1:
+        mapping = {used[0]: family(architecture).slots[0].name}
+    elif family(parch).bare and len(used) == 1:
         pe = m.base.encoders[used[0]]
         fits = [s for s, e in encoders.items() if (e.hidden, e.intermediate) == (pe.hidden, pe.intermediate)]
         if len(fits) != 1:
             raise IncompatiblePatchError(
                 f"patch '{m.title}' (from a bare text encoder, width {pe.hidden}) fits {len(fits)} encoders of {where}",
-                "apply it to a CLIP text encoder folder instead",
+                f"apply it to a {family(parch).title} folder instead",
             )
         mapping = {used[0]: fits[0]}
     else:
@@ -68,7 +69,7 @@ def crossing_note(patch: Patch, architecture: str, mapping: dict[str, str]) -> s
     """The line that says a patch crossed between a bare CLIP text encoder and a pipeline (the one rule, used by
     apply, inspect --against and diff of two patches: same FFN shapes, one encoder)."""
     parch = patch.manifest.base.architecture
-    if parch == architecture or "clip-text" not in (parch, architecture):
+    if parch == architecture or not (family(parch).bare or family(architecture).bare):
         return None
     pairs = ", ".join(f"{p} -> {c}" for p, c in sorted(mapping.items()))
     return (

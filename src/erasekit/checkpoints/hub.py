@@ -19,13 +19,15 @@ import re
 from pathlib import Path
 
 from ..errors import ErasekitError, InputFileError
+from ..families import ENCODER_COMPONENTS, PIPELINES, TOKENIZER_COMPONENTS
 
 _ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 _FILE_SUFFIXES = (".safetensors", ".erasepatch", ".ckpt", ".pt", ".pth", ".bin", ".json")
 # what each command needs from a pipeline repo: text encoders only (inspect, diff), or all it runs on
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-PIPELINE = ("unet", "vae", *TEXT_ENCODERS)
-_ALWAYS = ("model_index.json", "erasekit.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*")
+TEXT_ENCODERS = ENCODER_COMPONENTS
+PIPELINE = (*dict.fromkeys(c for f in PIPELINES for c, _ in f.parts), *TEXT_ENCODERS)
+_SMALL = ("scheduler", *TOKENIZER_COMPONENTS)  # components of configs and vocabularies, always fetched whole
+_ALWAYS = ("model_index.json", "erasekit.json", *(f"{c}/*" for c in _SMALL))
 
 
 def parse_model_id(text: str) -> tuple[str, str | None] | None:
@@ -103,9 +105,7 @@ def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
         return ["model_index.json"]
     listed = [c for c in components if isinstance(index.get(c), list) and index[c][:1] != [None]]
     listed += [
-        c
-        for c in ("scheduler", "tokenizer", "tokenizer_2")
-        if components == PIPELINE and isinstance(index.get(c), list) and index[c][:1] != [None]
+        c for c in _SMALL if components == PIPELINE and isinstance(index.get(c), list) and index[c][:1] != [None]
     ]
     return [c for c in listed if not (folder / c).is_dir() or not any((folder / c).iterdir())]
 
@@ -122,11 +122,7 @@ def allow_patterns(files: list[str], components: tuple[str, ...]) -> list[str]:
     """The files of a repo listing that erasekit downloads: configs, tokenizers and the model's ``erasekit.json``
     (its recommended settings), and for each component its fp16 weights if the repo has them, else its plain ones
     (safetensors before pickles)."""
-    wanted = [
-        f
-        for f in files
-        if f in ("model_index.json", "erasekit.json") or f.split("/")[0] in ("scheduler", "tokenizer", "tokenizer_2")
-    ]
+    wanted = [f for f in files if f in ("model_index.json", "erasekit.json") or f.split("/")[0] in _SMALL]
     for comp in components:
         inside = [f for f in files if f.startswith(comp + "/") and f.count("/") == 1]
         wanted += [f for f in inside if f.endswith(".json")]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ErasekitError
+from ..families import family
 from ..format.erase_config import recorded_defaults
 from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, load_patch
 from .hub import TEXT_ENCODERS, resolve_model
@@ -278,12 +279,12 @@ def inspect_path(
                 EncoderRow(
                     slot,
                     wf.display,
-                    "transformers" if enc.style == "hf" else "openclip",
+                    enc.naming.title,
                     enc.prefix,
                     enc.hidden,
                     enc.intermediate,
                     enc.layers,
-                    info[enc.key(0, "fc1", "weight")][0],
+                    info[enc.key(0, enc.projections[0], "weight")][0],
                 )
             )
     journal = described_journal(ckpt)  # interrupted entries are shown; a journal of another file is set aside
@@ -300,7 +301,7 @@ def inspect_path(
 
 def _config_of(ckpt: Checkpoint) -> str | None:
     """What a single file would be loaded with (folders carry their own configs)."""
-    if ckpt.path.is_dir() or ckpt.architecture == "clip-text":
+    if ckpt.path.is_dir() or family(ckpt.architecture).bare:
         return None
     try:
         return choose_config(ckpt).describe()

@@ -1,10 +1,12 @@
 """Find the text encoders' FFN tensors in every local checkpoint layout people keep.
 
 A checkpoint is one or more weight files (:class:`WeightFile`); each holds one or more
-text encoders (:class:`EncoderSpec`) whose FFN tensors are found by key *suffix*
-(``encoder.layers.{i}.mlp.fc1.weight`` or OpenCLIP's ``transformer.resblocks.{i}.mlp.c_fc.weight``),
-so files with or without the ``text_model.`` prefix read alike. Detection is structural
-(key prefixes, configs), never by tensor size, so tiny test models are detected like real ones.
+text encoders (:class:`EncoderSpec`) whose FFN tensors are found by key *suffix*, in every naming of every encoder
+kind (:mod:`erasekit.families.encoders`: ``encoder.layers.{i}.mlp.fc1.weight`` or OpenCLIP's
+``transformer.resblocks.{i}.mlp.c_fc.weight``), so files with or without the ``text_model.`` prefix read alike.
+Which family a checkpoint is comes from the families' data (:mod:`erasekit.families`): the key prefixes of their
+single files, the components of their folders. Detection is structural (key prefixes, configs), never by tensor
+size, so tiny test models are detected like real ones.
 
 Only the safetensors header is read here; no torch import unless a ``.ckpt``/``.bin``
 pickle is opened (and then only with ``weights_only=True``).
@@ -12,10 +14,11 @@ pickle is opened (and then only with ``weights_only=True``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,25 +26,25 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputFileError, LayoutError
+from ..families import (
+    BARE,
+    ENCODER_COMPONENTS,
+    FAMILIES,
+    bare_by_class,
+    by_components,
+    lines,
+    listing,
+    single_file_encoders,
+)
+from ..families.base import EncoderKind, Family, Naming, SingleFile, Slot
+from ..families.encoders import ENCODER_KINDS, KIND_OF_NAMING, NAMINGS
 from ..format import _st
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-_HF_RE = re.compile(r"^(.*?)encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$")
-_OC_RE = re.compile(r"^(.*?)transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)\.(weight|bias)$")
-_OC_PROJ = {"fc1": "c_fc", "fc2": "c_proj"}
-
-# single-file prefixes (up to the FFN suffix) -> (layout name, slot)
-_SINGLE_FILE = {
-    ("hf", "cond_stage_model.transformer.text_model."): ("single-file-sd1", "te"),
-    ("hf", "cond_stage_model.transformer."): ("single-file-sd1-old", "te"),
-    ("oc", "cond_stage_model.model."): ("single-file-sd2", "te"),
-    ("hf", "conditioner.embedders.0.transformer.text_model."): ("single-file-sdxl", "te1"),
-    ("oc", "conditioner.embedders.1.model."): ("single-file-sdxl", "te2"),
-    ("oc", "conditioner.embedders.0.model."): ("single-file-embedder0", "te2"),
-    ("hf", "text_model."): ("text-encoder-file", "te"),
-    ("hf", ""): ("text-encoder-file", "te"),
-}
+# every naming of every encoder kind, with the pattern of its FFN keys
+_KEY_PATTERNS = [(n, n.key_pattern(k.projections, k.tensor_kinds)) for k in ENCODER_KINDS.values() for n in k.namings]
+_SINGLE_FILE_ENCODERS = single_file_encoders()  # (naming, key prefix) of every family's single files
 
 
 @dataclass(frozen=True)
@@ -49,21 +52,34 @@ class EncoderSpec:
     """One text encoder inside one weight file."""
 
     slot: str
-    style: str  # "hf" (transformers CLIPTextModel) or "oc" (OpenCLIP resblocks)
+    style: str  # the naming of its keys: "hf" (transformers CLIPTextModel) or "oc" (OpenCLIP resblocks)
     prefix: str
     hidden: int
     intermediate: int
     layers: int
 
+    @property
+    def naming(self) -> Naming:
+        return NAMINGS[self.style]
+
+    @property
+    def encoder_kind(self) -> EncoderKind:
+        return KIND_OF_NAMING[self.style]
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return self.encoder_kind.projections
+
     def key(self, layer: int, proj: str, kind: str) -> str:
         """Checkpoint key of ``proj`` (fc1/fc2) ``kind`` (weight/bias) in ``layer``."""
-        if self.style == "hf":
-            return f"{self.prefix}encoder.layers.{layer}.mlp.{proj}.{kind}"
-        return f"{self.prefix}transformer.resblocks.{layer}.mlp.{_OC_PROJ[proj]}.{kind}"
+        return self.naming.key(self.prefix, layer, proj, kind)
 
     def shape(self, proj: str, kind: str) -> tuple[int, ...]:
-        out, inp = (self.intermediate, self.hidden) if proj == "fc1" else (self.hidden, self.intermediate)
-        return (out, inp) if kind == "weight" else (out,)
+        return self.encoder_kind.shape(proj, kind, self.hidden, self.intermediate)
+
+    def tensors(self) -> Iterator[tuple[int, str, str]]:
+        """(layer, proj, kind) of every FFN tensor, in a stable order."""
+        return itertools.product(range(self.layers), self.projections, self.encoder_kind.tensor_kinds)
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -125,13 +141,11 @@ class WeightFile:
 
     def ffn_keys(self) -> list[tuple[str, str, int, str, str]]:
         """(slot, key, layer, proj, kind) for every FFN tensor, in a stable order."""
-        out = []
-        for slot, enc in sorted(self.encoders.items()):
-            for i in range(enc.layers):
-                for proj in ("fc1", "fc2"):
-                    for kind in ("weight", "bias"):
-                        out.append((slot, enc.key(i, proj, kind), i, proj, kind))
-        return out
+        return [
+            (slot, enc.key(i, proj, kind), i, proj, kind)
+            for slot, enc in sorted(self.encoders.items())
+            for i, proj, kind in enc.tensors()
+        ]
 
 
 @dataclass
@@ -187,42 +201,52 @@ def find_encoders(
     given: another model's encoders, e.g. SD3's, are not judged); slot is filled in by the caller."""
     groups: dict[tuple[str, str], dict[tuple[int, str, str], tuple[int, ...]]] = defaultdict(dict)
     for key, (_dtype, shape) in info.items():
-        m = _HF_RE.match(key)
-        style = "hf"
-        if not m:
-            m = _OC_RE.match(key)
-            style = "oc"
-        if not m:
-            continue
-        proj = {"c_fc": "fc1", "c_proj": "fc2"}.get(m.group(3), m.group(3))
-        groups[(style, m.group(1))][(int(m.group(2)), proj, m.group(4))] = shape
+        for naming, pattern in _KEY_PATTERNS:
+            if m := pattern.match(key):
+                groups[(naming.name, m["prefix"])][(int(m["layer"]), naming.projection(m["proj"]), m["kind"])] = shape
+                break
     found: dict[tuple[str, str], EncoderSpec | None] = {}
     for (style, prefix), tensors in groups.items():
         if only is not None and (style, prefix) not in only:
             continue
-        n = max(i for i, _, _ in tensors) + 1
-        w1 = tensors.get((0, "fc1", "weight"))
-        if w1 is None or len(w1) != 2:
-            found[(style, prefix)] = None
-            continue
-        spec = EncoderSpec("?", style, prefix, hidden=w1[1], intermediate=w1[0], layers=n)
-        for i in range(n):
-            for proj in ("fc1", "fc2"):
-                for kind in ("weight", "bias"):
-                    key = spec.key(i, proj, kind)
-                    got = tensors.get((i, proj, kind))
-                    if got is None:
-                        raise LayoutError(
-                            f"text encoder at {prefix or '(no prefix)'} lacks tensor {key}",
-                            "the file is incomplete or damaged; re-download it",
-                        )
-                    if tuple(got) != spec.shape(proj, kind):
-                        raise LayoutError(
-                            f"tensor {key} has shape {list(got)}, expected {list(spec.shape(proj, kind))}",
-                            "the file is damaged or not a CLIP text encoder",
-                        )
-        found[(style, prefix)] = spec
+        found[(style, prefix)] = _encoder_of(style, prefix, tensors)
     return found
+
+
+def _encoder_of(style: str, prefix: str, tensors: dict[tuple[int, str, str], tuple[int, ...]]) -> EncoderSpec | None:
+    """The encoder whose FFN tensors (layer, proj, kind) -> shape are ``tensors``: sizes from layer 0's first
+    projection, every tensor of every layer present in its shape; None where that first weight is not a matrix."""
+    kind = KIND_OF_NAMING[style]
+    first = tensors.get((0, kind.projections[0], "weight"))
+    if first is None or len(first) != 2:
+        return None
+    intermediate, hidden = first if kind.projections[0] in kind.widening else first[::-1]
+    spec = EncoderSpec("?", style, prefix, hidden, intermediate, layers=max(i for i, _, _ in tensors) + 1)
+    for layer, proj, tensor_kind in spec.tensors():
+        key, got = spec.key(layer, proj, tensor_kind), tensors.get((layer, proj, tensor_kind))
+        if got is None:
+            raise LayoutError(
+                f"text encoder at {prefix or '(no prefix)'} lacks tensor {key}",
+                "the file is incomplete or damaged; re-download it",
+            )
+        if tuple(got) != spec.shape(proj, tensor_kind):
+            raise LayoutError(
+                f"tensor {key} has shape {list(got)}, expected {list(spec.shape(proj, tensor_kind))}",
+                f"the file is damaged or not a {kind.title} text encoder",
+            )
+    return spec
+
+
+def transformers_encoder(info: dict[str, tuple[str, tuple[int, ...]]], slot: Slot) -> EncoderSpec | None:
+    """The one text encoder in a transformers model's tensors (name -> (dtype, shape)) of the kind ``slot`` holds,
+    as that slot; None unless there is exactly one."""
+    kind = slot.encoder.kind
+    found = [
+        spec
+        for (style, prefix), spec in find_encoders(info).items()
+        if spec is not None and style == kind.namings[0].name and prefix in kind.folder_prefixes
+    ]
+    return with_slot(found[0], slot.name) if len(found) == 1 else None
 
 
 # What a file without Stable Diffusion text encoders holds, judged by its key names (first match wins).
@@ -275,46 +299,40 @@ def with_slot(spec: EncoderSpec, slot: str) -> EncoderSpec:
 def _detect_single_file(path: Path) -> Checkpoint:
     wf = WeightFile(path, "")  # label "": the checkpoint file itself, whatever it is renamed to
     info = wf.tensor_info()
-    found = {k: v for k, v in find_encoders(info, only=_SINGLE_FILE).items() if v is not None}
-    layouts = set()
-    for key, spec in found.items():
-        if key in _SINGLE_FILE:
-            layout, slot = _SINGLE_FILE[key]
-            layouts.add(layout)
-            wf.encoders[slot] = with_slot(spec, slot)
-    if not wf.encoders:
+    found = {k: v for k, v in find_encoders(info, only=_SINGLE_FILE_ENCODERS).items() if v is not None}
+    if not found:
         looks = looks_like(info, wf.header.metadata if wf.format == "safetensors" else {})
         raise LayoutError(
             f"{path.name} looks like {looks}, which erasekit does not erase or patch"
             if looks
             else f"{path} has no text encoder FFN tensors erasekit knows "
-            f"({len(info)} tensors; neither SD1.x, SD2.x, SDXL nor a CLIP text encoder)",
-            "erasekit supports SD1.x, SD2.x and SDXL checkpoints: one .safetensors/.ckpt file, a "
+            f"({len(info)} tensors; neither {listing([*lines(), *(f'a {f.title}' for f in BARE)], 'nor')})",
+            f"erasekit supports {listing(lines())} checkpoints: one .safetensors/.ckpt file, a "
             "diffusers folder or a model id",
         )
-    if layouts == {"single-file-embedder0"}:
-        refiner = any(k.startswith("model.diffusion_model.label_emb.") for k in info)
-        layout, arch = ("single-file-sdxl-refiner", "sdxl-refiner") if refiner else ("single-file-sd2-embedder", "sd2")
-        if arch == "sd2":
-            wf.encoders = {"te": with_slot(wf.encoders["te2"], "te")}
-    elif layouts == {"single-file-sdxl"} and set(wf.encoders) == {"te1", "te2"}:
-        layout, arch = "single-file-sdxl", "sdxl"
-    elif len(layouts) == 1 and len(wf.encoders) == 1:
-        layout = layouts.pop()
-        arch = {
-            "single-file-sd1": "sd1",
-            "single-file-sd1-old": "sd1",
-            "single-file-sd2": "sd2",
-            "text-encoder-file": "clip-text",
-        }.get(layout, "")
-        if not arch:
-            raise LayoutError(f"{path} holds only half of an SDXL text-encoder pair", "name a complete checkpoint")
-    else:
-        raise LayoutError(
-            f"{path} mixes text-encoder layouts ({', '.join(sorted(layouts))})",
-            "name one checkpoint; merged or partial files are not supported",
-        )
-    return Checkpoint(path, layout, arch, [wf])
+    family, layout = _single_file_layout(path, set(found), info)
+    wf.encoders = {slot: with_slot(found[where], slot) for slot, where in layout.encoders.items()}
+    return Checkpoint(path, layout.layout, family.name, [wf])
+
+
+def _single_file_layout(path: Path, found: set[tuple[str, str]], info: Any) -> tuple[Family, SingleFile]:
+    """The family and single-file layout that holds exactly the encoders ``found`` ((naming, prefix) pairs) in a
+    file of the tensors ``info``: a layout with a marker key only where the file holds one."""
+    layouts = [(f, sf) for f in FAMILIES.values() for sf in f.single_files]
+    for f, sf in sorted(layouts, key=lambda pair: not pair[1].marker):
+        if set(sf.encoders.values()) == found and (not sf.marker or any(k.startswith(sf.marker) for k in info)):
+            return f, sf
+    for f, sf in layouts:
+        if found < set(sf.encoders.values()):
+            raise LayoutError(
+                f"{path} holds only {len(found)} of the {len(sf.encoders)} text encoders of {f.title}",
+                "name a complete checkpoint",
+            )
+    names = {"/".join(sorted({sf.layout for _, sf in layouts if where in sf.encoders.values()})) for where in found}
+    raise LayoutError(
+        f"{path} mixes text-encoder layouts ({', '.join(sorted(names))})",
+        "name one checkpoint; merged or partial files are not supported",
+    )
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -340,7 +358,7 @@ def read_json(path: Path, fix: str = "repair or re-download the file") -> dict[s
     return obj
 
 
-def _encoder_folder_files(root: Path, sub: str, slot: str) -> list[WeightFile]:
+def _encoder_folder_files(root: Path, sub: str, slot: Slot) -> list[WeightFile]:
     folder = root / sub if sub else root
     paths = _weight_files(folder)
     if not paths:
@@ -351,72 +369,73 @@ def _encoder_folder_files(root: Path, sub: str, slot: str) -> list[WeightFile]:
     out = []
     for p in paths:
         wf = WeightFile(p, str(p.relative_to(root)))
-        found = [
-            s
-            for (style, prefix), s in find_encoders(wf.tensor_info()).items()
-            if s is not None and style == "hf" and prefix in ("", "text_model.")
-        ]
-        if len(found) != 1:
+        spec = transformers_encoder(wf.tensor_info(), slot)
+        if spec is None:
+            kind = slot.encoder.kind
             raise LayoutError(
-                f"{p} does not look like a CLIP text encoder (no encoder.layers.N.mlp.fc1.weight)",
+                f"{p} does not look like a {kind.title} text encoder "
+                f"(no {kind.namings[0].path('N', kind.projections[0])}.weight)",
                 "re-download the text encoder weights",
             )
-        wf.encoders[slot] = with_slot(found[0], slot)
+        wf.encoders[slot.name] = spec
         out.append(wf)
     return out
 
 
 def _detect_folder(path: Path) -> Checkpoint:
     if (path / "model_index.json").exists():
-        index = read_json(path / "model_index.json")
-
-        def has(component: str) -> bool:
-            v = index.get(component)
-            return isinstance(v, list) and len(v) == 2 and v[0] is not None and (path / component).is_dir()
-
-        te, te2 = has("text_encoder"), has("text_encoder_2")
-        files: list[WeightFile] = []
-        if te and te2:
-            arch = "sdxl"
-            files = _encoder_folder_files(path, "text_encoder", "te1") + _encoder_folder_files(
-                path, "text_encoder_2", "te2"
-            )
-        elif te2:
-            arch = "sdxl-refiner"
-            files = _encoder_folder_files(path, "text_encoder_2", "te2")
-        elif te:
-            cfg = (
-                read_json(path / "text_encoder" / "config.json")
-                if (path / "text_encoder" / "config.json").exists()
-                else {}
-            )
-            # OpenAI CLIP-L (SD1.x) uses quick_gelu; OpenCLIP ViT-H (SD2.x) uses gelu.
-            arch = "sd2" if cfg.get("hidden_act") == "gelu" else "sd1"
-            files = _encoder_folder_files(path, "text_encoder", "te")
-        else:
-            raise LayoutError(
-                f"diffusers folder {path} has no text_encoder component",
-                "erasekit edits the text encoder; name a pipeline that has one",
-            )
-        dims = {(slot, enc.dims) for f in files for slot, enc in f.encoders.items()}
-        if len(dims) != len({slot for slot, _ in dims}):
-            raise LayoutError(
-                f"the weight variants in {path} disagree on text encoder sizes", "remove the stray variant file"
-            )
-        return Checkpoint(path, "diffusers", arch, files)
+        return _detect_pipeline_folder(path)
     if (path / "config.json").exists():
         cfg = read_json(path / "config.json")
         archs = cfg.get("architectures") or []
-        if any(a in ("CLIPTextModel", "CLIPTextModelWithProjection") for a in archs):
-            return Checkpoint(path, "transformers-clip", "clip-text", _encoder_folder_files(path, "", "te"))
+        bare = bare_by_class(archs)
+        if bare is not None:
+            return Checkpoint(path, bare.folder_layout, bare.name, _encoder_folder_files(path, "", bare.slots[0]))
+        classes = [f.slots[0].encoder.kind.transformers_classes[0] for f in BARE]
         raise LayoutError(
-            f"{path}/config.json describes {archs or 'an unknown model'}, not a CLIP text encoder",
-            "name a diffusers pipeline folder or a CLIPTextModel folder",
+            f"{path}/config.json describes {archs or 'an unknown model'}, not a "
+            f"{listing([f.title for f in BARE], 'or')}",
+            f"name a diffusers pipeline folder or a {listing(classes, 'or')} folder",
         )
     raise LayoutError(
         f"{path} is a folder without model_index.json or config.json",
         "name a diffusers pipeline folder, a CLIPTextModel folder, or a single checkpoint file",
     )
+
+
+def _detect_pipeline_folder(path: Path) -> Checkpoint:
+    """A diffusers folder: its family from the text-encoder components its ``model_index.json`` names and it has
+    (and, where families share those, a setting of the first encoder's config)."""
+    index = read_json(path / "model_index.json")
+
+    def has(component: str) -> bool:
+        v = index.get(component)
+        return isinstance(v, list) and len(v) == 2 and v[0] is not None and (path / component).is_dir()
+
+    present = [c for c in ENCODER_COMPONENTS if has(c)]
+    family = by_components(present, lambda component, key: _config_json(path / component).get(key))
+    if family is None:
+        raise LayoutError(
+            f"diffusers folder {path} has "
+            + (
+                f"text encoders {', '.join(present)} of no family erasekit knows"
+                if present
+                else "no text_encoder component"
+            ),
+            "erasekit edits the text encoder; name a pipeline that has one",
+        )
+    files = [wf for slot in family.slots for wf in _encoder_folder_files(path, slot.component, slot)]
+    dims = {(slot, enc.dims) for f in files for slot, enc in f.encoders.items()}
+    if len(dims) != len({slot for slot, _ in dims}):
+        raise LayoutError(
+            f"the weight variants in {path} disagree on text encoder sizes", "remove the stray variant file"
+        )
+    return Checkpoint(path, family.folder_layout, family.name, files)
+
+
+def _config_json(folder: Path) -> dict[str, Any]:
+    """A component's config.json, or nothing where it has none."""
+    return read_json(folder / "config.json") if (folder / "config.json").exists() else {}
 
 
 def detect(path: str | os.PathLike) -> Checkpoint:

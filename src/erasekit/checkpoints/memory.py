@@ -14,10 +14,12 @@ from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from ..errors import IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError
+from ..families import BARE, ENCODER_COMPONENTS, bare_by_class, of_pipeline
+from ..families.base import Slot
 from ..format.patchfile import Patch, fingerprint
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
 from .compat import Touch, judge_fingerprints, order_notes, slot_map, touches
-from .layouts import EncoderSpec
+from .layouts import EncoderSpec, transformers_encoder
 
 
 def add_delta(current: Any, delta: Any, strength: float, what: str) -> Any:
@@ -47,37 +49,39 @@ _MEMORY_ATTR = "_erasekit_applied"
 
 def memory_encoders(model: Any) -> tuple[str, dict[str, tuple[Any, EncoderSpec]]]:
     """(architecture, slot -> (torch module, spec)) of a diffusers pipeline or a transformers text encoder."""
-    from .layouts import find_encoders, with_slot
-
-    def spec_of(module: Any, slot: str) -> EncoderSpec:
-        from .._torch import dtype_code
-
-        info = {k: (dtype_code(v.dtype), tuple(v.shape)) for k, v in module.state_dict().items()}
-        found = [
-            s
-            for (style, prefix), s in find_encoders(info).items()
-            if s and style == "hf" and prefix in ("", "text_model.")
-        ]
-        if len(found) != 1:
-            raise IncompatiblePatchError(
-                f"{type(module).__name__} is not a CLIP text encoder", "pass a pipeline or CLIPTextModel"
-            )
-        return with_slot(found[0], slot)
-
-    te, te2 = getattr(model, "text_encoder", None), getattr(model, "text_encoder_2", None)
-    if te is None and te2 is None:
+    if not any(getattr(model, c, None) is not None for c in ENCODER_COMPONENTS):
         if not hasattr(model, "state_dict"):
             raise IncompatiblePatchError(
                 f"{type(model).__name__} has no text encoder",
                 "pass a diffusers pipeline or a transformers CLIPTextModel",
             )
-        return "clip-text", {"te": (model, spec_of(model, "te"))}
-    if te is not None and te2 is not None:
-        return "sdxl", {"te1": (te, spec_of(te, "te1")), "te2": (te2, spec_of(te2, "te2"))}
-    if te2 is not None:
-        return "sdxl-refiner", {"te2": (te2, spec_of(te2, "te2"))}
-    arch = "sd2" if getattr(getattr(te, "config", None), "hidden_act", "") == "gelu" else "sd1"
-    return arch, {"te": (te, spec_of(te, "te"))}
+        bare = bare_by_class([type(model).__name__]) or BARE[0]
+        return bare.name, {s.name: (model, _spec_of(model, s)) for s in bare.slots}
+    family = of_pipeline(model)
+    if family is None:
+        raise IncompatiblePatchError(
+            f"the text encoders of {type(model).__name__} are of no family erasekit knows",
+            "pass a Stable Diffusion pipeline",
+        )
+    return family.name, {
+        s.name: (getattr(model, s.component), _spec_of(getattr(model, s.component), s)) for s in family.slots
+    }
+
+
+def _spec_of(module: Any, slot: Slot) -> EncoderSpec:
+    """The spec of a transformers text encoder in memory, as ``slot`` holds it."""
+    from .._torch import dtype_code
+
+    spec = transformers_encoder(
+        {k: (dtype_code(v.dtype), tuple(v.shape)) for k, v in module.state_dict().items()}, slot
+    )
+    if spec is None:
+        kind = slot.encoder.kind
+        raise IncompatiblePatchError(
+            f"{type(module).__name__} is not a {kind.title} text encoder",
+            f"pass a pipeline or {kind.transformers_classes[0]}",
+        )
+    return spec
 
 
 def apply_patch(

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ErasekitError, IncompatiblePatchError, NonFiniteError, TargetNotWritableError
+from ..families import weight_shape
 from ..format import _st
 from ..format.lowrank import truncated_svd
 from ..format.names import parse_module_name
@@ -223,7 +224,7 @@ def _merge_module(
     """The merged tensors of one module, its DeltaInfo and how they were made."""
     slot, _, proj = parse_module_name(module)  # type: ignore[misc]
     enc = parts[0][0].manifest.base.encoders[slot]
-    o, n = (enc.intermediate, enc.hidden) if proj == "fc1" else (enc.hidden, enc.intermediate)
+    o, n = weight_shape(proj, enc.hidden, enc.intermediate)
     infos = [p.manifest.deltas[module] for p, _ in parts]
     bias = any(i.bias for i in infos)
     db: np.ndarray | None = None

@@ -2,7 +2,7 @@
 
 A single ``.safetensors`` from a model site holds weights only. To build a pipeline from it, diffusers needs the
 configs of its UNet, VAE, scheduler, text encoders and tokenizers. erasekit ships them (``configs/<name>/``) for
-every architecture it detects, so nothing is downloaded:
+every architecture it detects (each family's ``bundled``, :mod:`erasekit.families`), so nothing is downloaded:
 
 ========== ======================================= ===========================
 name       reference pipeline                      told apart by
@@ -14,7 +14,8 @@ sdxl       SDXL base 1.0                           both encoders' keys
 sdxl-refiner SDXL refiner 1.0                      bigG alone + UNet label_emb
 ========== ======================================= ===========================
 
-SD 2.x 512 (epsilon) and 768-v (v-prediction) have the same tensor shapes. erasekit decides, in this order:
+SD 2.x 512 (epsilon) and 768-v (v-prediction) have the same tensor shapes (a family with one bundled config per
+prediction type, told apart by their schedulers' ``prediction_type``). erasekit decides, in this order:
 ``prediction_type`` given by the user; the file's ModelSpec metadata (``modelspec.prediction_type`` or
 ``modelspec.architecture``); else the spread of one UNet tensor (the bias of the first norm of the last output
 block's transformer): v-prediction training leaves it far wider (std above :data:`V_PREDICTION_SPREAD`) than
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError, ErasekitWarning, InputFileError, LayoutError
+from ..families import ENCODER_COMPONENTS, by_bundled_config, by_components, family
 from ..toyworld import builtin_model_path
 from .layouts import Checkpoint, read_json
 
@@ -46,9 +48,6 @@ V_PREDICTION_SPREAD = 0.09
 NEAR_THRESHOLD = 0.25
 _SPREAD_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
-# OpenCLIP tokenizers (SD2.x, SDXL's second encoder) pad with "!" (id 0); OpenAI CLIP's with the end token
-_PAD = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
-_SD2_PAD = {"tokenizer": "!"}
 
 
 @dataclass(frozen=True)
@@ -71,11 +70,10 @@ class ConfigChoice:
         from transformers import CLIPTokenizer
 
         index = read_json(self.path / "model_index.json")
-        pads = _SD2_PAD if self.name.startswith("sd2") else _PAD
         return {
-            name: CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad)
-            for name, pad in pads.items()
-            if (index.get(name) or [None])[0] is not None
+            slot.tokenizer: CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=slot.encoder.pad_token)
+            for slot in by_bundled_config(self.name).slots
+            if (index.get(slot.tokenizer) or [None])[0] is not None
         }
 
 
@@ -89,16 +87,13 @@ def _metadata_prediction(ckpt: Checkpoint) -> str | None:
         return "v_prediction"
     if pred in ("epsilon", "eps"):
         return "epsilon"
-    arch = meta.get("modelspec.architecture", "")
-    if arch.startswith("stable-diffusion-v2-768-v"):
-        return "v_prediction"
-    if arch.startswith("stable-diffusion-v2-512"):
-        return "epsilon"
-    return None
+    spec, fam = meta.get("modelspec.architecture", ""), family(ckpt.architecture)
+    return next((p for p in fam.modelspec_variants if spec.startswith(fam.modelspec_id(p))), None)
 
 
 def sd2_prediction(ckpt: Checkpoint) -> tuple[str, str]:
-    """(prediction type, reason) of an SD 2.x single file, from its metadata, else from its weights."""
+    """(prediction type, reason) of an SD 2.x single file (of a family with a bundled config per prediction type),
+    from its metadata, else from its weights."""
     found = _metadata_prediction(ckpt)
     if found:
         return found, "from the file's ModelSpec metadata"
@@ -127,24 +122,24 @@ def prediction_of(ckpt: Checkpoint) -> str | None:
     if ckpt.path.is_dir():
         cfg = ckpt.path / "scheduler" / "scheduler_config.json"
         return read_json(cfg).get("prediction_type", "epsilon") if cfg.is_file() else None
-    if ckpt.architecture == "sd2":
+    if len(family(ckpt.architecture).bundled) > 1:
         return sd2_prediction(ckpt)[0]
-    return None if ckpt.architecture == "clip-text" else "epsilon"
+    return None if family(ckpt.architecture).bare else "epsilon"
 
 
 def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> ConfigChoice:
     """The bundled configs for a single file (see the module docstring), checked against its UNet."""
-    arch = ckpt.architecture
-    if arch == "clip-text":
+    fam = family(ckpt.architecture)
+    if fam.bare:
         raise LayoutError(
-            f"{ckpt.path.name} holds only a CLIP text encoder, no UNet or VAE",
+            f"{ckpt.path.name} holds only a {fam.title}, no UNet or VAE",
             "name a whole Stable Diffusion checkpoint (a text-encoder file can be patched, not run)",
         )
-    if arch == "sd2":
+    if len(fam.bundled) > 1:
         pred, reason = (prediction_type, "as given") if prediction_type else sd2_prediction(ckpt)
-        name = "sd2-768-v" if pred == "v_prediction" else "sd2-512"
+        name = next((n for n in fam.bundled if _scheduler_prediction(CONFIGS_DIR / n) == pred), fam.bundled[0])
     else:
-        name, reason = arch, "from its text-encoder keys"
+        name, reason = fam.bundled[0], "from its text-encoder keys"
         pred = prediction_type or _scheduler_prediction(CONFIGS_DIR / name)
     choice = ConfigChoice(name, CONFIGS_DIR / name, pred, reason, bundled=True)
     _check_unet(ckpt, choice)
@@ -229,27 +224,24 @@ def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
             "name a local diffusers pipeline folder (its configs are enough, weights are not needed)",
         )
     index = read_json(config / "model_index.json")
-    names = [c for c in ("text_encoder", "text_encoder_2") if isinstance(index.get(c), list) and index[c][:1] != [None]]
-    slots = {
-        ("text_encoder",): ["te"],
-        ("text_encoder", "text_encoder_2"): ["te1", "te2"],
-        ("text_encoder_2",): ["te2"],
-    }.get(tuple(names))
-    if slots is None:
+    names = [c for c in ENCODER_COMPONENTS if isinstance(index.get(c), list) and index[c][:1] != [None]]
+    if not names:
         raise LayoutError(
             f"config {config} has no text encoder in its model_index.json",
             "name the diffusers pipeline folder of a Stable Diffusion model",
         )
     configs = {}
-    for slot, name in zip(slots, names):
+    for name in names:
         if not (config / name / "config.json").is_file():
             raise LayoutError(f"config {config} lacks {name}/config.json", "name a complete diffusers pipeline folder")
-        configs[slot] = read_json(config / name / "config.json")
-    if len(names) == 2:
-        return "sdxl", configs
-    if names == ["text_encoder_2"]:
-        return "sdxl-refiner", configs
-    return ("sd2" if configs["te"].get("hidden_act") == "gelu" else "sd1"), configs  # as layouts._detect_folder
+        configs[name] = read_json(config / name / "config.json")
+    fam = by_components(names, lambda component, key: configs[component].get(key))  # as layouts._detect_folder
+    if fam is None:
+        raise LayoutError(
+            f"config {config} has text encoders {', '.join(names)}, of no family erasekit knows",
+            "name the diffusers pipeline folder of a Stable Diffusion model",
+        )
+    return fam.name, {slot.name: configs[slot.component] for slot in fam.slots}
 
 
 def native_resolution(

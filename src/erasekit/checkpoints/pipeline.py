@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -11,15 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError, LayoutError
+from ..families import ENCODER_COMPONENTS, FAMILIES, family, listing
+from ..families.base import Family
 from .layouts import Checkpoint, detect, read_json
 from .model_configs import choose_config
-
-SUPPORTED = ("sd1", "sd2", "sdxl")
-_COMPONENTS = {
-    "sd1": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
-    "sd2": ("unet", "vae", "tokenizer", "scheduler", "text_encoder"),
-    "sdxl": ("unet", "vae", "tokenizer", "tokenizer_2", "scheduler", "text_encoder", "text_encoder_2"),
-}
 
 
 class UnsupportedModelError(LayoutError):
@@ -99,7 +93,7 @@ def load_pipeline(
     config: str | os.PathLike | None = None,
     prediction_type: str | None = None,
 ) -> tuple[Any, Checkpoint]:
-    """A StableDiffusion(XL)Pipeline from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
+    """A pipeline of its family's class (StableDiffusion(XL)Pipeline) from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
     Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
     of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
     is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
@@ -110,42 +104,31 @@ def load_pipeline(
 
     path = resolve_model(model)
     quiet_libraries()  # before diffusers is imported: it imports transformers, which logs on import
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     ckpt = detect(path)
     recover_interrupted(ckpt)  # never fingerprint or train on a half-applied file
-    if ckpt.architecture == "clip-text":
-        raise UnsupportedModelError(
-            f"{path} is a CLIP text encoder on its own (no UNet or VAE), which erase, generate and eval cannot run",
-            "name the whole Stable Diffusion model it belongs "
-            "to (a text-encoder file still takes patches: erasekit apply)",
-        )
-    if ckpt.architecture not in SUPPORTED:
-        raise UnsupportedModelError(
-            f"{path} is {ckpt.architecture}; erase and generate support SD1.x, SD2.x and SDXL base",
-            "use one of those (the SDXL refiner has no prompt encoder of its own "
-            "to erase from; erase with the base model)",
-        )
+    fam = runnable_family(ckpt)
     dtype = torch_dtype or torch.float32
     te_dtype = text_encoder_dtype or dtype
     vae_dtype = vae_dtype or dtype
-    cls = StableDiffusionXLPipeline if ckpt.architecture == "sdxl" else StableDiffusionPipeline
+    cls = getattr(diffusers, fam.pipeline or "")
     extra = (
-        {}
-        if cls is StableDiffusionXLPipeline
-        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        if fam.safety_checker
+        else {}
     )
     if path.is_dir():
         index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
-        for comp in _COMPONENTS[ckpt.architecture]:
+        for comp in fam.pipeline_components:
             if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
                 raise LayoutError(
                     f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
                     "use a complete diffusers pipeline folder",
                 )
         variant = weights_variant(path)
-        dtypes = {"default": dtype, "text_encoder": te_dtype, "text_encoder_2": te_dtype, "vae": vae_dtype}
+        dtypes = {"default": dtype, "vae": vae_dtype} | dict.fromkeys(fam.components, te_dtype)
         load: Callable[..., Any] = lambda: cls.from_pretrained(  # noqa: E731
             path,
             local_files_only=True,
@@ -194,9 +177,8 @@ def load_pipeline(
         raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {detail})", fix) from None
     if not path.is_dir():
         check_single_file_pipeline(pipe, ckpt, config)
-        for name in ("text_encoder", "text_encoder_2"):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).to(te_dtype)
+        for name in fam.components:
+            getattr(pipe, name).to(te_dtype)
         pipe.unet.to(dtype)
         pipe.vae.to(vae_dtype)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
@@ -205,11 +187,30 @@ def load_pipeline(
     return pipe.to(device), ckpt
 
 
+def runnable_family(ckpt: Checkpoint) -> Family:
+    """The family of ``ckpt``, which erase, generate and eval can run; :class:`UnsupportedModelError` where they
+    cannot."""
+    fam = family(ckpt.architecture)
+    if fam.bare:
+        raise UnsupportedModelError(
+            f"{ckpt.path} is a {fam.title} on its own (no UNet or VAE), which erase, generate and eval cannot run",
+            "name the whole Stable Diffusion model it belongs "
+            "to (a text-encoder file still takes patches: erasekit apply)",
+        )
+    if fam.pipeline is None:
+        titles = [f.title for f in FAMILIES.values() if f.pipeline]
+        raise UnsupportedModelError(
+            f"{ckpt.path} is {fam.name}; erase and generate support {listing(titles)}",
+            f"use one of those ({fam.why_not_run})",
+        )
+    return fam
+
+
 def _own_text_encoders(pipe: Any) -> Any:
     """``pipe`` with its text encoders' tensors in memory of their own: loaded from safetensors in their stored
     dtype they are views of the mapped file, which an in-place apply or revert by another process would change
     under the running job (after the read was checked to be of one state)."""
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ENCODER_COMPONENTS:
         encoder = getattr(pipe, name, None)
         for tensor in [*encoder.parameters(), *encoder.buffers()] if encoder is not None else []:
             tensor.data = tensor.data.clone()
@@ -226,7 +227,8 @@ def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
         return dtype
     wf = next(f for f in ckpt.files if f.encoders)
     enc = next(iter(wf.encoders.values()))
-    stored = {"F16": torch.float16, "BF16": torch.bfloat16}.get(wf.tensor_info()[enc.key(0, "fc1", "weight")][0])
+    first = enc.key(0, enc.projections[0], "weight")
+    stored = {"F16": torch.float16, "BF16": torch.bfloat16}.get(wf.tensor_info()[first][0])
     # widening the stored encoders afterwards is exact, and a UNet computed in half precision needs no more
     return stored if stored is not None and dtype != torch.float32 else torch.float32
 
@@ -241,7 +243,7 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
     from .memory import memory_encoders
 
     names = list(ckpt.files[0].tensor_info())
-    for comp, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model.")):
+    for comp, prefix in family(ckpt.architecture).parts:
         need, have = len(getattr(pipe, comp).state_dict()), sum(k.startswith(prefix) for k in names)
         if have < need:
             raise LayoutError(
@@ -255,7 +257,7 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
     for slot, enc in ckpt.encoders.items():
         module, spec = encoders[slot]
         state = module.state_dict()
-        for layer, proj, kind in itertools.product(range(spec.layers), ("fc1", "fc2"), ("weight", "bias")):
+        for layer, proj, kind in spec.tensors():
             key = enc.key(layer, proj, kind)
             got = state[spec.key(layer, proj, kind)]
             want = torch.from_numpy(wf.read_numpy(key).copy()).to(got.dtype)

@@ -1,6 +1,7 @@
 """What the erase trains and what it conditions on: the text encoders' FFN tensors, prompts -> the UNet's
-conditioning for SD1.x/SD2.x and SDXL, and the outputs of the text encoders that conditioning carries (what an
-erase must hold, measure and store faithfully: every one the denoiser reads)."""
+conditioning (as the model's family says it reads its encoders: :class:`erasekit.families.base.Conditioning`), and
+the outputs of the text encoders that conditioning carries (what an erase must hold, measure and store faithfully:
+every one the denoiser reads)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ErasekitError
+from ..families import of_pipeline
+from ..families.base import EncoderKind
+from ..families.encoders import ENCODER_KINDS
 from ..format.names import module_name
 
 
@@ -27,27 +31,29 @@ def trainable(slot: str, text_encoder: Any, layers: list[int] | None) -> list[tu
         raise ErasekitError(
             f"layer {bad[0]} is outside the text encoder's layers 0-{n - 1}", f"use layers 0-{n - 1}", option="layers"
         )
+    kind, root = _ffn_naming(text_encoder)
     out = []
     for i in sorted(set(chosen)):
-        mlp = text_encoder.get_submodule(_layers_path(text_encoder) + f".{i}.mlp")
-        for proj in ("fc1", "fc2"):
-            lin = getattr(mlp, proj)
-            out += [(module_name(slot, i, proj), "weight", lin.weight), (module_name(slot, i, proj), "bias", lin.bias)]
+        for proj in kind.projections:
+            lin = text_encoder.get_submodule(root + kind.namings[0].path(i, proj))
+            out += [(module_name(slot, i, proj), t, getattr(lin, t)) for t in kind.tensor_kinds]
     return out
 
 
 class Conditioner:
-    """Prompts -> the UNet's conditioning, for SD1.x/SD2.x (one encoder, last hidden state) and SDXL (both
-    encoders' penultimate hidden states concatenated, plus te2's pooled embedding and the size ids)."""
+    """Prompts -> the UNet's conditioning, as the pipeline's family reads its encoders: SD1.x/SD2.x one encoder's
+    last hidden state; SDXL both encoders' penultimate hidden states concatenated, plus te2's pooled embedding and
+    the size ids."""
 
     def __init__(self, pipe: Any, resolution: int, encoders: Sequence[str] | None) -> None:
-        te2 = getattr(pipe, "text_encoder_2", None)
-        if te2 is None:
-            self.arch = "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
-            available = {"te": (pipe.text_encoder, pipe.tokenizer)}
-        else:
-            self.arch = "sdxl"
-            available = {"te1": (pipe.text_encoder, pipe.tokenizer), "te2": (te2, pipe.tokenizer_2)}
+        family = of_pipeline(pipe)
+        if family is None or family.conditioning is None:
+            raise ErasekitError(
+                f"erase cannot run this {type(pipe).__name__}",
+                "load the model with erasekit.checkpoints.pipeline.load_pipeline",
+            )
+        self.arch, self.reads = family.name, family.conditioning
+        available = {s.name: (getattr(pipe, s.component), getattr(pipe, s.tokenizer)) for s in family.slots}
         self.all = available
         chosen = list(encoders) if encoders else list(available)
         unknown = [e for e in chosen if e not in available]
@@ -65,7 +71,7 @@ class Conditioner:
     def pooled_only(self, slot: str, layer: int) -> bool:
         """Whether the layer reaches the UNet only through the encoder's pooled embedding (SDXL's te2 last layer:
         the UNet reads te2's penultimate hidden states, and the pooled embedding from its last layer)."""
-        return self.arch == "sdxl" and slot == "te2" and layer == self.all[slot][0].config.num_hidden_layers - 1
+        return self.reads.pooled_only(slot, layer, self.all[slot][0].config.num_hidden_layers)
 
     def pooled_positions(self, slot: str, prompts: list[str]) -> list[int]:
         """For each prompt, the token position the encoder's pooled embedding is read from (the end of text), as
@@ -78,8 +84,7 @@ class Conditioner:
     def useful_layers(self, slot: str) -> list[int]:
         """Layers whose change reaches the UNet: SDXL reads te1's penultimate hidden state, so te1's last
         layer cannot matter (te2's last layer still feeds its pooled embedding)."""
-        n = self.all[slot][0].config.num_hidden_layers
-        return list(range(n - 1)) if (self.arch == "sdxl" and slot == "te1") else list(range(n))
+        return self.reads.layers_read(slot, self.all[slot][0].config.num_hidden_layers)
 
     def _token_ids(self, tok: Any, prompts: list[str], device: Any) -> Any:
         import torch
@@ -95,15 +100,22 @@ class Conditioner:
     def __call__(self, prompts: list[str], device: Any) -> tuple[Any, dict[str, Any] | None]:
         import torch
 
-        if self.arch != "sdxl":
-            te, tok = self.all["te"]
-            return te(self._token_ids(tok, prompts, device))[0], None
-        (te1, tok1), (te2, tok2) = self.all["te1"], self.all["te2"]
-        h1 = te1(self._token_ids(tok1, prompts, device), output_hidden_states=True).hidden_states[-2]
-        out2 = te2(self._token_ids(tok2, prompts, device), output_hidden_states=True)
-        r = self.resolution
-        time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=h1.dtype, device=device).repeat(len(prompts), 1)
-        return torch.cat([h1, out2.hidden_states[-2]], dim=-1), {"text_embeds": out2.text_embeds, "time_ids": time_ids}
+        reads = self.reads
+        penultimate = reads.hidden_layer == "penultimate"
+        outs = {}
+        for slot in reads.slots_read:
+            te, tok = self.all[slot]
+            outs[slot] = te(self._token_ids(tok, prompts, device), output_hidden_states=penultimate)
+        hidden = [outs[s].hidden_states[-2] if penultimate else outs[s][0] for s in reads.hidden_from]
+        cond = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]
+        if reads.pooled_from is None:
+            return cond, None
+        added = {"text_embeds": outs[reads.pooled_from].text_embeds}
+        if reads.size_ids:
+            r = self.resolution
+            size = torch.tensor([[r, r, 0, 0, r, r]], dtype=hidden[0].dtype, device=device)
+            added["time_ids"] = size.repeat(len(prompts), 1)
+        return cond, added
 
 
 def encoder_outputs(conditioning: tuple[Any, dict[str, Any] | None]) -> dict[str, Any]:
@@ -122,6 +134,12 @@ def output_drift(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
     }
 
 
-def _layers_path(text_encoder: Any) -> str:
+def _ffn_naming(text_encoder: Any) -> tuple[EncoderKind, str]:
+    """The kind of a transformers text encoder and the path above its layers (``text_model.`` in a CLIPTextModel,
+    none in a bare encoder stack), found by where its first FFN projection is."""
     names = dict(text_encoder.named_modules())
-    return "text_model.encoder.layers" if "text_model.encoder.layers" in names else "encoder.layers"
+    for kind in ENCODER_KINDS.values():
+        for root in kind.folder_prefixes:
+            if root + kind.namings[0].path(0, kind.projections[0]) in names:
+                return kind, root
+    raise ErasekitError(f"{type(text_encoder).__name__} has no FFN erasekit knows", "pass a CLIP text encoder")

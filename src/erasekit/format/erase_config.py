@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import ErasekitError, InputFileError, invalid_setting
+from .names import SlotName
 
 # Textual inversion's template lists, as the reference recipe uses them.
 OBJECT_TEMPLATES = (
@@ -123,7 +124,7 @@ class EraseConfig(BaseModel):
     steps: int | None = Field(None, ge=1)  # overrides epochs
     resolution: int = Field(512, ge=8)
     layers: list[int] | None = None  # text-encoder layers to train; None = all
-    encoders: list[Literal["te", "te1", "te2"]] | None = None  # SDXL: which encoders to train; None = all
+    encoders: list[SlotName] | None = None  # SDXL: which encoders to train; None = all
     seed: int = 0
     device: str = "auto"
     # autocast dtype of the frozen UNet; auto: bf16 where the device computes it natively, else fp32

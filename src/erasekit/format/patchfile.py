@@ -33,8 +33,9 @@ from pydantic import (
 
 from .._version import __version__
 from ..errors import InputFileError, PatchFormatError, PatchVersionError
+from ..families import FAMILIES, family, weight_shape
 from . import _st
-from .names import ARCH_SLOTS, MODELSPEC_ARCH, SLOTS, SS_BASE_MODEL_VERSION, module_name, parse_module_name
+from .names import ARCH_SLOTS, SLOTS, Architecture, module_name, parse_module_name
 
 FORMAT_VERSION = 1
 EVALUATION_VERSION = 1  # the version of the records in ``Manifest.evaluations`` this erasekit writes and reads
@@ -72,19 +73,12 @@ class EncoderInfo(_Model):
     layers: int = Field(gt=0)
 
 
-# The largest text encoder (hidden, intermediate, layers) of each architecture's encoder slot: CLIP ViT-L (SD1, SDXL's
-# first), OpenCLIP ViT-H (SD2; 24 blocks in single files) and OpenCLIP ViT-bigG (SDXL's second); a bare CLIP text
-# encoder may be any of them. A manifest claiming more is refused before a tensor is read: these sizes are what
-# bounds the memory of the commands that multiply low-rank factors out (merge, export).
-_CLIP_L, _OPENCLIP_H, _OPENCLIP_BIGG = (768, 3072, 12), (1024, 4096, 24), (1280, 5120, 32)
-MAX_ENCODER = {
-    ("sd1", "te"): _CLIP_L,
-    ("sd2", "te"): _OPENCLIP_H,
-    ("sdxl", "te1"): _CLIP_L,
-    ("sdxl", "te2"): _OPENCLIP_BIGG,
-    ("sdxl-refiner", "te2"): _OPENCLIP_BIGG,
-    ("clip-text", "te"): _OPENCLIP_BIGG,
-}
+# The largest text encoder (hidden, intermediate, layers) of each architecture's encoder slot (its family's
+# ``Encoder.largest``): CLIP ViT-L (SD1, SDXL's first), OpenCLIP ViT-H (SD2; 24 blocks in single files) and OpenCLIP
+# ViT-bigG (SDXL's second); a bare CLIP text encoder may be any of them. A manifest claiming more is refused before a
+# tensor is read: these sizes are what bounds the memory of the commands that multiply low-rank factors out (merge,
+# export).
+MAX_ENCODER = {(f.name, s.name): s.encoder.largest for f in FAMILIES.values() for s in f.slots}
 
 
 class TensorFingerprint(_Model):
@@ -98,7 +92,7 @@ class TensorFingerprint(_Model):
 
 
 class BaseModelInfo(_Model):
-    architecture: Literal["sd1", "sd2", "sdxl", "sdxl-refiner", "clip-text"]
+    architecture: Architecture
     encoders: dict[str, EncoderInfo]
     tensors: dict[str, TensorFingerprint]  # "<module>.weight" / "<module>.bias"
     source: str | None = None
@@ -387,7 +381,7 @@ def expected_tensors(manifest: Manifest) -> dict[str, tuple[int, ...] | None]:
     for m, info in manifest.deltas.items():
         slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
         enc = manifest.base.encoders[slot]
-        o, i = (enc.intermediate, enc.hidden) if proj == "fc1" else (enc.hidden, enc.intermediate)
+        o, i = weight_shape(proj, enc.hidden, enc.intermediate)
         if info.storage == "dense":
             out[f"{m}.diff"] = (o, i)
         else:
@@ -620,11 +614,8 @@ def manifest_json(m: Manifest) -> str:
 def modelspec_architecture(m: Manifest) -> str:
     """ModelSpec 1.0.1 id of the patch: the base model's (SD2.x split by prediction type) plus ``/lora`` for kohya
     low-rank files or ``/lycoris`` for files holding full (``.diff``) deltas."""
-    arch = m.base.architecture
-    spec = MODELSPEC_ARCH[arch]
-    if arch == "sd2":
-        v = m.method.hyperparameters.get("prediction_type") == "v_prediction" or "v_prediction" in (m.base.config or "")
-        spec += "-768-v" if v else "-512"
+    v = m.method.hyperparameters.get("prediction_type") == "v_prediction" or "v_prediction" in (m.base.config or "")
+    spec = family(m.base.architecture).modelspec_id("v_prediction" if v else "epsilon")
     kind = "lora" if all(d.storage == "lowrank" for d in m.deltas.values()) else "lycoris"
     return f"{spec}/{kind}"
 
@@ -632,7 +623,7 @@ def modelspec_architecture(m: Manifest) -> str:
 def metadata_for(patch: Patch) -> dict[str, str]:
     """The safetensors ``__metadata__`` of a patch: manifest, ModelSpec and kohya keys."""
     m = patch.manifest
-    arch = m.base.architecture
+    base = family(m.base.architecture)
     meta = {
         "format": "pt",
         "erasekit": manifest_json(m),
@@ -642,8 +633,8 @@ def metadata_for(patch: Patch) -> dict[str, str]:
         "modelspec.title": m.title,
         "modelspec.date": m.created_at,
         "modelspec.hash_sha256": "0x" + patch.patch_id,
-        "ss_base_model_version": SS_BASE_MODEL_VERSION[arch],
-        "ss_v2": str(arch == "sd2"),
+        "ss_base_model_version": base.ss_base_model_version,
+        "ss_v2": str(base.ss_v2),
         # kohya's own module for plain LoRA files; LyCORIS for anything holding full (.diff) deltas
         "ss_network_module": (
             "networks.lora" if all(d.storage == "lowrank" for d in m.deltas.values()) else "lycoris.kohya"
@@ -789,7 +780,7 @@ def new_manifest(
         concepts=concepts or [],
         method=method,
         base=BaseModelInfo(
-            architecture=architecture,  # type: ignore[arg-type]  # a str; pydantic checks the name
+            architecture=architecture,  # pydantic checks the name
             encoders=encoders,
             tensors=fingerprints,
             source=source,

@@ -5,7 +5,7 @@ made for one UI (``erasekit export PATCH --ui comfyui|a1111``):
 
 - the SDXL refiner: its only encoder is OpenCLIP bigG. ComfyUI maps ``lora_te_...`` (not ``lora_te2_...``) to it
   when no CLIP-L is present; A1111 knows it only by its own layer name ``0_model_transformer_resblocks_{i}_mlp_c_fc``
-  (``c_proj`` for fc2). No name serves both.
+  (``c_proj`` for fc2). No name serves both. (A family's ``ui_modules``, :mod:`erasekit.families`.)
 - low-rank deltas in A1111: its LoRA module type never reads ``.diff_b``, so a bias delta beside
   ``.lora_up/.lora_down`` would be dropped silently. The A1111 export stores such modules as LyCORIS "full"
   modules (``.diff`` = the multiplied-out weight delta, F32, and ``.diff_b``), which A1111 applies exactly; the
@@ -35,24 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ErasekitError, IncompatiblePatchError, TargetNotWritableError
+from ..families import PIPELINES, family
+from ..families.encoders import NAMINGS
 from . import _st
-from .patchfile import MAX_ENCODER, Patch, load_patch, manifest_json, metadata_for
+from .patchfile import Patch, load_patch, manifest_json, metadata_for
 
 UIS = ("comfyui", "a1111", "diffusers")
 UI_NAMES = {"comfyui": "ComfyUI", "a1111": "AUTOMATIC1111", "diffusers": "diffusers"}
 EXPORT_KEY = "erasekit_export"  # metadata key of an export: {"ui", "patch_id", "manifest"}
-_OPENCLIP = {"fc1": "c_fc", "fc2": "c_proj"}
-# The diffusers pipeline component (and LoRA key prefix) of each architecture's encoder slot. A bare CLIP text
-# encoder ("clip-text") goes to text_encoder, or text_encoder_2 when it is as wide as OpenCLIP bigG, which diffusers
-# has only as SDXL's second encoder.
-DIFFUSERS_COMPONENT = {
-    ("sd1", "te"): "text_encoder",
-    ("sd2", "te"): "text_encoder",
-    ("sdxl", "te1"): "text_encoder",
-    ("sdxl", "te2"): "text_encoder_2",
-    ("sdxl-refiner", "te2"): "text_encoder_2",
-}
-_BIGG_WIDTH = MAX_ENCODER["sdxl", "te2"][0]
 
 
 @dataclass
@@ -68,11 +58,11 @@ class ExportReport:
 
 def network_name(architecture: str, slot: str, layer: int, proj: str, ui: str) -> str | None:
     """The network module name ``ui`` maps to this FFN projection; None where the patch's own name serves."""
-    if architecture != "sdxl-refiner":
+    own = family(architecture).ui_modules.get(ui)
+    if own is None:
         return None
-    if ui == "comfyui":
-        return f"lora_te_text_model_encoder_layers_{layer}_mlp_{proj}"
-    return f"0_model_transformer_resblocks_{layer}_mlp_{_OPENCLIP[proj]}"
+    prefix, naming = own
+    return prefix + NAMINGS[naming].module(layer, proj)
 
 
 def _bias_beside_lowrank(patch: Patch) -> list[str]:
@@ -82,7 +72,7 @@ def _bias_beside_lowrank(patch: Patch) -> list[str]:
 def loads_as_is(patch: Patch, ui: str) -> bool:
     """Whether ``ui`` applies every tensor of the patch file as erasekit does, with the file just renamed
     to ``.safetensors``."""
-    if ui == "diffusers" or patch.manifest.base.architecture == "sdxl-refiner":
+    if ui == "diffusers" or family(patch.manifest.base.architecture).ui_modules:
         return False
     return ui == "comfyui" or not _bias_beside_lowrank(patch)
 
@@ -126,17 +116,24 @@ def export_tensors(patch: Patch, ui: str) -> tuple[dict[str, tuple[str, tuple[in
 
 
 def diffusers_component(patch: Patch, slot: str) -> str:
-    """The diffusers pipeline component that holds ``slot``'s encoder; :class:`IncompatiblePatchError` where
-    diffusers loads no LoRA into it."""
+    """The diffusers pipeline component (and LoRA key prefix) that holds ``slot``'s encoder;
+    :class:`IncompatiblePatchError` where diffusers loads no LoRA into it. A bare text encoder goes to the component
+    of the pipelines' encoders of its width (text_encoder_2 for OpenCLIP bigG, which diffusers has only as SDXL's
+    second encoder), else to the first."""
     arch = patch.manifest.base.architecture
-    if arch == "clip-text":
-        return "text_encoder_2" if patch.manifest.base.encoders[slot].hidden == _BIGG_WIDTH else "text_encoder"
-    if (arch, slot) not in DIFFUSERS_COMPONENT:
+    held = family(arch).slot(slot)
+    if family(arch).bare:
+        width = patch.manifest.base.encoders[slot].hidden
+        widths = {
+            s.encoder.largest[0]: s.component for f in PIPELINES for s in f.slots if s.encoder.kind is held.encoder.kind
+        }
+        return widths.get(width, held.component)
+    if not held.encoder.kind.diffusers_lora:
         raise IncompatiblePatchError(
             f"diffusers' load_lora_weights loads no LoRA into the {arch} text encoder {slot}",
             "apply the patch in memory instead: erasekit.apply_patch(pipe, patch)",
         )
-    return DIFFUSERS_COMPONENT[arch, slot]
+    return held.component
 
 
 def lora_factors(patch: Patch, module: str) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +152,8 @@ def diffusers_tensors(patch: Patch) -> dict[str, tuple[str, tuple[int, ...], byt
     groups: dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]] = {}
     for module, slot, layer, proj in patch.modules():
         component = diffusers_component(patch, slot)
-        key = f"{component}.text_model.encoder.layers.{layer}.mlp.{proj}.lora_linear_layer"
+        naming = family(patch.manifest.base.architecture).slot(slot).encoder.kind.namings[0]
+        key = f"{component}.{naming.root}{naming.path(layer, proj)}.lora_linear_layer"
         groups.setdefault(component, []).append((key, *lora_factors(patch, module), patch.bias_delta(module)))
     out: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
     for members in groups.values():
@@ -217,8 +215,9 @@ def export_patch(source: str | os.PathLike, ui: str, output: str | os.PathLike) 
             f"A1111 ignores a bias delta beside a low-rank weight delta, so {dense} low-rank modules are "
             "stored dense (F32) in this file"
         )
-    if network_name(patch.manifest.base.architecture, "te2", 0, "fc1", ui):
-        notes.append(f"SDXL refiner: modules named as {UI_NAMES[ui]} names the refiner's encoder")
+    base = family(patch.manifest.base.architecture)
+    if ui in base.ui_modules:
+        notes.append(f"{base.title}: modules named as {UI_NAMES[ui]} names its encoder")
     return ExportReport(str(source), str(out), ui, len(patch.manifest.deltas), dense, out.stat().st_size, notes)
 
 
@@ -247,7 +246,7 @@ def _diffusers_notes(patch: Patch) -> list[str]:
             f"{len(shapes)} dense modules are stored as exact factors (an identity on the smaller side, "
             f"F32): {factors:.2f}x the size of their deltas (1.25x for real CLIP encoders)"
         )
-    if patch.manifest.base.architecture == "clip-text":
+    if family(patch.manifest.base.architecture).bare:
         (slot,) = {s for _, s, _, _ in patch.modules()}
         notes.append(f"a bare text encoder's patch: written for the pipeline's {diffusers_component(patch, slot)}")
     return notes

@@ -1,0 +1,80 @@
+"""Architectures as data: one module per family (:mod:`.sd1`, :mod:`.sd2`, :mod:`.sdxl`, :mod:`.sdxl_refiner`,
+:mod:`.clip_text`) and one per text-encoder kind (:mod:`.encoders.clip`), read by everything that names, finds,
+loads, conditions on or exports a model's text encoders. Adding a family is one new module, listed in
+:data:`FAMILIES` (docs/architecture.md says what it holds). Torch-free, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from . import clip_text, sd1, sd2, sdxl, sdxl_refiner
+from .base import Family
+from .encoders import KIND_OF_PROJECTION
+
+# in the order messages and manifests list them
+FAMILIES: dict[str, Family] = {f.FAMILY.name: f.FAMILY for f in (sd1, sd2, sdxl, sdxl_refiner, clip_text)}
+PIPELINES = [f for f in FAMILIES.values() if not f.bare]
+BARE = [f for f in FAMILIES.values() if f.bare]  # text encoders on their own
+# the pipeline components of text encoders and their tokenizers, in the order families list them
+ENCODER_COMPONENTS = tuple(dict.fromkeys(s.component for f in PIPELINES for s in f.slots))
+TOKENIZER_COMPONENTS = tuple(dict.fromkeys(s.tokenizer for f in PIPELINES for s in f.slots))
+
+
+def family(name: str) -> Family:
+    """The family a patch or checkpoint names (its ``architecture``)."""
+    return FAMILIES[name]
+
+
+def by_components(components: Collection[str], setting: Callable[[str, str], Any]) -> Family | None:
+    """The pipeline family whose text encoders are exactly ``components`` (in a model folder, a config folder or a
+    loaded pipeline), told apart where several are by ``setting(component, key)``, a value of that encoder's config;
+    None if none."""
+    same = [f for f in PIPELINES if set(f.components) == set(components)]
+    for f in sorted(same, key=lambda f: f.told_apart is None):
+        if f.told_apart is None or setting(*f.told_apart[:2]) == f.told_apart[2]:
+            return f
+    return None
+
+
+def of_pipeline(pipe: Any) -> Family | None:
+    """The family of a loaded diffusers pipeline, from the text-encoder components it has (and their configs)."""
+    present = [c for c in ENCODER_COMPONENTS if getattr(pipe, c, None) is not None]
+    return by_components(present, lambda c, key: getattr(getattr(getattr(pipe, c), "config", None), key, None))
+
+
+def bare_by_class(names: Collection[str]) -> Family | None:
+    """The family of a text encoder on its own whose transformers class is among ``names``."""
+    return next((f for f in BARE if set(names) & set(f.slots[0].encoder.kind.transformers_classes)), None)
+
+
+def by_bundled_config(name: str) -> Family:
+    """The family of one of erasekit's bundled configs."""
+    return next(f for f in FAMILIES.values() if name in f.bundled)
+
+
+def single_file_encoders() -> set[tuple[str, str]]:
+    """Every (naming, key prefix) at which a family's single files hold a text encoder."""
+    return {where for f in FAMILIES.values() for sf in f.single_files for where in sf.encoders.values()}
+
+
+def same_slots(a: str, b: str) -> bool:
+    """Whether patches of family ``a`` fit family ``b`` slot for slot."""
+    return a == b or b in family(a).kin or a in family(b).kin
+
+
+def weight_shape(proj: str, hidden: int, intermediate: int) -> tuple[int, int]:
+    """(out, in) of a projection's weight in an encoder of these widths."""
+    out, inp = KIND_OF_PROJECTION[proj].shape(proj, "weight", hidden, intermediate)
+    return out, inp
+
+
+def listing(words: Sequence[str], last: str = "and") -> str:
+    """``"SD1.x, SD2.x and SDXL"``."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
+
+
+def lines() -> list[str]:
+    """The model lines erasekit supports (SD1.x, SD2.x, SDXL), as messages list them."""
+    return list(dict.fromkeys(f.line for f in FAMILIES.values() if f.line))

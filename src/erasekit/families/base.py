@@ -1,0 +1,207 @@
+"""The shapes of the data that says what an architecture family and a text-encoder kind are.
+
+An :class:`EncoderKind` (CLIP; T5 next) says what one layer's FFN holds and how files spell its keys; an
+:class:`Encoder` is one trained model of a kind (CLIP ViT-L, OpenCLIP ViT-bigG); a :class:`Family` (SD1.x, SDXL
+base, a CLIP text encoder alone) says which encoders sit in which slots, where its files and pipelines keep them,
+how it is recognised, and what its denoiser reads. Plain frozen data and string formatting: no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+Dims = tuple[int, int, int]  # hidden width, FFN width, layers
+# what a single checkpoint file of the latent-diffusion layout holds besides its text encoders: component -> key prefix
+LDM_PARTS = (("unet", "model.diffusion_model."), ("vae", "first_stage_model."))
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How one convention spells an encoder kind's FFN tensors: the key after a file's own prefix."""
+
+    name: str  # "hf", "oc": what a detected encoder records as its style; unique over every kind
+    title: str  # "transformers", "openclip": as inspect shows it
+    ffn: str  # "encoder.layers.{layer}.mlp.{proj}": one projection's module, below the file's prefix
+    root: str = ""  # the module path above ``ffn`` in a whole model so named ("text_model." in a CLIPTextModel)
+    renamed: dict[str, str] = field(
+        default_factory=dict
+    )  # erasekit's projection name -> this naming's, where they differ
+
+    def path(self, layer: int | str, proj: str) -> str:
+        """``encoder.layers.3.mlp.fc1``: the module of ``proj`` in ``layer``, below the file's prefix."""
+        return self.ffn.format(layer=layer, proj=self.renamed.get(proj, proj))
+
+    def key(self, prefix: str, layer: int, proj: str, kind: str) -> str:
+        """The key of ``proj``'s ``kind`` (weight/bias) in ``layer`` of the encoder at ``prefix``."""
+        return f"{prefix}{self.path(layer, proj)}.{kind}"
+
+    def module(self, layer: int, proj: str) -> str:
+        """The whole model's module path with dots as underscores (``text_model_encoder_layers_3_mlp_fc1``), as
+        kohya and the UIs spell a network's module."""
+        return (self.root + self.path(layer, proj)).replace(".", "_")
+
+    def projection(self, spelled: str) -> str:
+        """erasekit's name of a projection as this naming spells it (``c_fc`` -> ``fc1``)."""
+        return next((p for p, s in self.renamed.items() if s == spelled), spelled)
+
+    def key_pattern(self, projections: tuple[str, ...], kinds: tuple[str, ...]) -> re.Pattern[str]:
+        """Matches every FFN key in this naming, with groups ``prefix``, ``layer``, ``proj`` (as spelled here), ``kind``."""
+        names = [self.renamed.get(p, p) for p in projections]
+        body = _fill(re.escape(self.ffn), r"\d+", names)
+        return re.compile(rf"^(?P<prefix>.*?){body}\.(?P<kind>{'|'.join(kinds)})$")
+
+
+@dataclass(frozen=True)
+class EncoderKind:
+    """A kind of text encoder: what one layer's FFN holds, and how files, modules and networks name it."""
+
+    name: str  # "clip"
+    title: str  # "CLIP": "not a CLIP text encoder"
+    projections: tuple[str, ...]  # erasekit's names of one layer's FFN projections, in order; unique over every kind
+    widening: tuple[str, ...]  # those from the hidden width to the FFN width (weight [FFN, hidden]); the rest go back
+    biases: bool  # whether each projection has a bias
+    namings: tuple[Naming, ...]  # how files spell its FFN keys; the first is transformers', which model folders use
+    transformers_classes: tuple[str, ...]  # ``architectures`` in the config.json of a model folder of one encoder
+    diffusers_lora: bool  # whether diffusers' load_lora_weights loads a LoRA into it
+
+    @property
+    def tensor_kinds(self) -> tuple[str, ...]:
+        return ("weight", "bias") if self.biases else ("weight",)
+
+    @property
+    def folder_prefixes(self) -> tuple[str, ...]:
+        """Key prefixes of a transformers model's weights: its root, or none (older saves)."""
+        return tuple(dict.fromkeys(("", self.namings[0].root)))
+
+    def shape(self, proj: str, kind: str, hidden: int, intermediate: int) -> tuple[int, ...]:
+        out, inp = (intermediate, hidden) if proj in self.widening else (hidden, intermediate)
+        return (out, inp) if kind == "weight" else (out,)
+
+    def module(self, layer: int, proj: str) -> str:
+        """The network module name of ``proj`` in ``layer``, without its slot's prefix."""
+        return self.namings[0].module(layer, proj)
+
+    def module_pattern(self, slots: tuple[str, ...]) -> re.Pattern[str]:
+        """Matches the network module names of this kind's FFN projections in ``slots``: groups ``slot``,
+        ``layer`` (no leading zeros), ``proj``."""
+        template = (self.namings[0].root + self.namings[0].ffn).replace(".", "_")
+        body = _fill(re.escape(template), r"0|[1-9]\d*", list(self.projections))
+        return re.compile(rf"^lora_(?P<slot>{'|'.join(slots)})_{body}$")
+
+
+def _fill(escaped: str, layer: str, projections: list[str]) -> str:
+    """An escaped ``{layer}``/``{proj}`` template with both replaced by named groups."""
+    alternatives = "|".join(re.escape(p) for p in projections)
+    return escaped.replace(r"\{layer\}", f"(?P<layer>{layer})").replace(r"\{proj\}", f"(?P<proj>{alternatives})")
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """One trained text encoder of a kind, as a slot holds it."""
+
+    title: str  # "OpenCLIP ViT-bigG/14"
+    kind: EncoderKind
+    largest: Dims  # the largest such encoder: a patch's manifest claiming more is refused before a tensor is read
+    pad_token: str | None = None  # what its tokenizer pads a prompt with
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One text encoder of a family: its slot name, what it holds, and where a diffusers pipeline keeps it."""
+
+    name: str  # "te1": kohya's name, and the start of a patch's module names (``lora_te1_...``)
+    encoder: Encoder
+    component: str = "text_encoder"  # the pipeline's component (folder and attribute) that holds it
+    tokenizer: str = "tokenizer"  # the component of its tokenizer
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """One way a single checkpoint file holds a family's text encoders."""
+
+    layout: str  # "single-file-sdxl", as inspect shows it and patches record it
+    encoders: dict[str, tuple[str, str]]  # slot -> (naming, key prefix up to the naming's FFN path)
+    # a key prefix the file must also hold, where two families keep the same encoders alike (the SDXL refiner's
+    # UNet ``label_emb``, which SD2.x lacks); a layout with a marker is tried before one without
+    marker: str = ""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the denoiser reads from the text encoders."""
+
+    hidden_from: tuple[str, ...]  # slots whose hidden states it cross-attends to, joined along the features
+    # "last": the encoder's output (after its final layer norm); "penultimate": the hidden states before the last layer
+    hidden_layer: Literal["last", "penultimate"] = "last"
+    pooled_from: str | None = None  # the slot whose pooled (projected) embedding it also reads
+    size_ids: bool = False  # SDXL's size conditioning (original size, crop, target size), from no encoder
+
+    @property
+    def slots_read(self) -> tuple[str, ...]:
+        """Every slot it reads from, those of the hidden states first."""
+        pooled = (self.pooled_from,) if self.pooled_from else ()
+        return tuple(dict.fromkeys((*self.hidden_from, *pooled)))
+
+    def layers_read(self, slot: str, layers: int) -> list[int]:
+        """The layers of ``slot`` (of ``layers``) whose change reaches the denoiser: the pooled embedding is read
+        after the last layer, penultimate hidden states before it."""
+        return list(range(layers if slot == self.pooled_from else self._hidden_layers(slot, layers)))
+
+    def pooled_only(self, slot: str, layer: int, layers: int) -> bool:
+        """Whether ``layer`` reaches the denoiser only through ``slot``'s pooled embedding."""
+        return slot == self.pooled_from and layer >= self._hidden_layers(slot, layers)
+
+    def _hidden_layers(self, slot: str, layers: int) -> int:
+        """How many of ``slot``'s layers the hidden states the denoiser reads have passed through."""
+        if slot not in self.hidden_from:
+            return 0
+        return layers - 1 if self.hidden_layer == "penultimate" else layers
+
+
+@dataclass(frozen=True)
+class Family:
+    """An architecture family: what a patch records as its base's ``architecture``, and everything that name means."""
+
+    name: str  # "sdxl"
+    title: str  # "SDXL base": as messages name it
+    line: str | None  # "SDXL": the model line, as messages list what erasekit supports; None for an encoder alone
+    slots: tuple[Slot, ...]  # its text encoders, in the order of their components
+    single_files: tuple[SingleFile, ...]  # how single checkpoint files hold its encoders
+    modelspec: str  # ModelSpec architecture id of its patches, before "/lora" or "/lycoris"
+    ss_base_model_version: str  # kohya's metadata value
+    ss_v2: bool = False  # kohya's ``ss_v2``: an SD 2.x base
+    modelspec_variants: dict[str, str] = field(default_factory=dict)  # prediction type -> suffix of the id
+    bare: bool = False  # a text encoder on its own: no pipeline, patched by matching FFN shapes, never run
+    folder_layout: str = "diffusers"  # the layout name of its model folders
+    # (component, key, value) of an encoder's config that tells it from families of the same components (SD2.x's
+    # OpenCLIP text_encoder has "hidden_act": "gelu"); of those, the one without is the rest
+    told_apart: tuple[str, str, str] | None = None
+    kin: tuple[str, ...] = ()  # families whose patches fit this one slot for slot (the SDXL refiner and base)
+    pipeline: str | None = None  # the diffusers pipeline class erase and generate load it with; None: they cannot
+    why_not_run: str = ""  # where they cannot: why, and what to run instead
+    safety_checker: bool = False  # whether that pipeline has a safety checker (loaded without one)
+    parts: tuple[tuple[str, str], ...] = LDM_PARTS  # what its single files hold besides the encoders
+    bundled: tuple[
+        str, ...
+    ] = ()  # erasekit's bundled configs (checkpoints/configs/NAME); several: one per prediction type
+    conditioning: Conditioning | None = None  # what its denoiser reads; None where erasekit does not run it
+    # UI -> (module prefix, naming) where a UI knows the family's encoder by a name of its own (the SDXL refiner)
+    ui_modules: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def slot(self, name: str) -> Slot:
+        return next(s for s in self.slots if s.name == name)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The pipeline components of its text encoders."""
+        return tuple(s.component for s in self.slots)
+
+    @property
+    def pipeline_components(self) -> tuple[str, ...]:
+        """Every component a model folder must have for erasekit to run it."""
+        return (*(c for c, _ in self.parts), *(s.tokenizer for s in self.slots), "scheduler", *self.components)
+
+    def modelspec_id(self, prediction_type: str | None) -> str:
+        return self.modelspec + self.modelspec_variants.get(prediction_type or "epsilon", "")

@@ -1,0 +1,44 @@
+"""The families' data hangs together (docs/architecture.md, "Architectures as data"): what one family module or
+encoder-kind module declares names only slots, namings, components and configs that exist, so that a new family is
+one new file and a mistake in it fails here rather than in a user's detect or export."""
+
+from __future__ import annotations
+
+from erasekit.checkpoints.model_configs import CONFIGS_DIR
+from erasekit.families import FAMILIES
+from erasekit.families.encoders import ENCODER_KINDS, NAMINGS
+from erasekit.format.names import module_name, parse_module_name
+
+
+def test_names_are_unique_over_every_encoder_kind() -> None:
+    projections = [p for k in ENCODER_KINDS.values() for p in k.projections]
+    namings = [n.name for k in ENCODER_KINDS.values() for n in k.namings]
+    assert len(projections) == len(set(projections)) and len(namings) == len(set(namings))
+    for kind in ENCODER_KINDS.values():
+        assert kind.widening and set(kind.widening) < set(kind.projections), kind.name
+
+
+def test_every_family_names_what_exists() -> None:
+    for f in FAMILIES.values():
+        slots = [s.name for s in f.slots]
+        assert len(slots) == len(set(slots)), f.name
+        for sf in f.single_files:
+            assert set(sf.encoders) == set(slots), (f.name, sf.layout)
+            assert all(naming in NAMINGS for naming, _ in sf.encoders.values()), (f.name, sf.layout)
+        for ui, (_, naming) in f.ui_modules.items():
+            assert naming in NAMINGS, (f.name, ui)
+        assert all(k in FAMILIES for k in f.kin), f.name
+        assert all((CONFIGS_DIR / name / "model_index.json").is_file() for name in f.bundled), f.name
+        if f.told_apart:
+            assert f.told_apart[0] in f.components, f.name
+        if f.pipeline:
+            assert f.conditioning and set(f.conditioning.slots_read) <= set(slots), f.name
+            assert not f.bare and f.bundled, f.name
+
+
+def test_module_names_of_every_slot_read_back() -> None:
+    for f in FAMILIES.values():
+        for s in f.slots:
+            for proj in s.encoder.kind.projections:
+                assert parse_module_name(module_name(s.name, 11, proj)) == (s.name, 11, proj)
+    assert parse_module_name("lora_te1_text_model_encoder_layers_03_mlp_fc1") is None  # no leading zeros
