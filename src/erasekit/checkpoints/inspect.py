@@ -33,7 +33,7 @@ class DeltaRow:
     storage: str  # "dense" or "rank 4"
     dtype: str
     delta_norm: float
-    bias_delta_norm: float
+    bias_delta_norm: float | None  # None: no bias delta (the projection has no bias, as T5's)
     relative: float | None = None  # |delta| / |W_base| when inspected against a checkpoint
     error: float | None = None  # low-rank: the stored factors' relative error against the change they stand for
     kept: float | None = None  # low-rank: the share of that change's squared norm they keep
@@ -136,7 +136,7 @@ def _rows(patch: Patch) -> list[DeltaRow]:
                 "dense" if info.storage == "dense" else f"rank {info.rank}",
                 patch.dtypes[main],
                 delta_norm(patch.weight_factors(m)),  # from the factors: no product out x in
-                float(np.linalg.norm(b)) if b is not None else 0.0,
+                float(np.linalg.norm(b)) if b is not None else None,
                 error=info.error,
                 kept=info.kept,
             )
@@ -284,7 +284,7 @@ def inspect_path(
                     enc.hidden,
                     enc.intermediate,
                     enc.layers,
-                    info[enc.key(0, enc.projections[0], "weight")][0],
+                    "/".join(dict.fromkeys(info[enc.key(0, p, "weight")][0] for p in enc.projections)),  # T5: F16/F32
                 )
             )
     journal = described_journal(ckpt)  # interrupted entries are shown; a journal of another file is set aside
