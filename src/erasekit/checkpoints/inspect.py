@@ -19,7 +19,7 @@ from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, loa
 from .hub import TEXT_ENCODERS, resolve_model
 from .in_place import applied_in_place, described_journal, read_consistently
 from .journal import entry_summary
-from .layouts import Checkpoint, detect
+from .layouts import Checkpoint, check_ffn_dtypes, detect
 from .model_configs import choose_config
 
 
@@ -260,6 +260,7 @@ def inspect_path(
         result = inspect_patch(patch)
         if against is not None:
             ckpt = detect(resolve_model(against, TEXT_ENCODERS))
+            check_ffn_dtypes(ckpt)
             result.against, result.against_layout = str(ckpt.path), ckpt.describe()
             # one state of it: fingerprints of a half-applied file, or of one an apply writes meanwhile, would mislead
             result.compatibility = read_consistently(ckpt, lambda: _against(patch, result.rows, ckpt))
