@@ -19,7 +19,7 @@ def _isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 
 
 def ckpt_path(root: Path, layout: str, name: str = "base") -> Path:
-    if layout.startswith("diffusers") or layout == "transformers-clip":
+    if layout.startswith(("diffusers", "transformers")):
         return root / name
     return root / f"{name}.ckpt" if layout.startswith("ckpt") else root / f"{name}.safetensors"
 

@@ -22,6 +22,8 @@ EXPECTED = {
     "diffusers-sdxl": ("diffusers", "sdxl", {"te1": (32, 64, 2), "te2": (40, 80, 2)}, ""),
     "diffusers-sdxl-refiner": ("diffusers", "sdxl-refiner", {"te2": (40, 80, 2)}, ""),
     "transformers-clip": ("transformers-clip", "clip-text", {"te": (32, 64, 2)}, ""),
+    "transformers-t5": ("transformers-t5", "t5-text", {"te3": (32, 64, 2)}, ""),
+    "t5-file": ("t5-encoder-file", "t5-text", {"te3": (32, 64, 2)}, ""),
     "single-sd1": ("single-file-sd1", "sd1", {"te": (32, 64, 2)}, "cond_stage_model.transformer.text_model."),
     "single-sd1-old": ("single-file-sd1-old", "sd1", {"te": (32, 64, 2)}, "cond_stage_model.transformer."),
     "single-sd2": ("single-file-sd2", "sd2", {"te": (48, 96, 3)}, "cond_stage_model.model."),
@@ -154,6 +156,8 @@ def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
 
 
 def test_config_of_other_model(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["T5EncoderModel"]}))
-    with pytest.raises(LayoutError, match="not a CLIP text encoder"):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(
+        LayoutError, match="not a CLIP text encoder or T5 text encoder; .*CLIPTextModel or T5EncoderModel"
+    ):
         detect(tmp_path)

@@ -26,7 +26,6 @@ from .. import _temps
 from .._parallel import map_threads
 from ..errors import (
     ErasekitError,
-    IncompatiblePatchError,
     NonFiniteError,
     NotAppliedError,
     RevertOrderError,
@@ -48,7 +47,7 @@ from .compat import (
 from .hub import in_hub_cache, resolve_model
 from .in_place import applied_in_place, read_consistently, tensor_places
 from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, copy_journal, journal_dir
-from .layouts import Checkpoint, WeightFile, detect
+from .layouts import Checkpoint, WeightFile, check_ffn_dtypes, check_patchable, detect
 from .undo_record import (
     DeltaParts,
     TensorRecord,
@@ -116,13 +115,6 @@ def per_patch_strengths(n: int, strength: float | Sequence[float]) -> list[float
 # -- files ------------------------------------------------------------------------------------------
 
 
-def _check_float(dtype: str, what: str) -> None:
-    if dtype not in (*_st.FLOAT_DTYPES, "F64"):
-        raise IncompatiblePatchError(
-            f"tensor {what} is stored as {dtype}", "erasekit patches floating-point weights only"
-        )
-
-
 def _check_finite(raw: bytes, dtype: str, strength: float, what: str) -> None:
     if not _finite(raw, dtype):
         raise NonFiniteError(
@@ -173,7 +165,7 @@ def _rewrite(job: _Rewrite, patch: Patch, strength: float, state: dict[tuple[str
     k, ent = (job.wf.label, job.key), job.wf.header.entries[job.key]
     job.before = state[k] if k in state else job.wf.read_raw(job.key)
     parts = _delta_parts(patch, job.touch.module, job.touch.kind)
-    _check_float(ent.dtype, job.key)
+    check_patchable(ent.dtype, f"{job.wf.display}: tensor {job.key}")
     term = scaled(delta_of(parts), strength)
     job.after, misses = added(job.before, ent, term, inverted=residual_fits(ent, parts))
     _check_finite(job.after, ent.dtype, strength, job.key)
@@ -488,6 +480,7 @@ def apply_to_checkpoint(
         if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))
     ]
     warnings += order_notes(loaded, applied_in_place(ckpt))
+    check_ffn_dtypes(ckpt)  # before a copy is made
     if in_place:
         _refuse_builtin(ckpt)
         _check_writable(ckpt)

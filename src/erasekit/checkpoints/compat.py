@@ -1,8 +1,9 @@
 """Does a patch fit a checkpoint? Slot mapping, the tensors it touches, and the fingerprint verdict.
 
 One rule for every command that judges fit (apply, inspect --against, diff of two patches): same architecture,
-or kin families with the slots they share (SDXL base/refiner: ``Family.kin``), or a bare text encoder ("clip-text":
-``Family.bare``) meeting the one encoder of equal FFN shapes. Torch-free.
+or kin families with the slots they share (SDXL base/refiner: ``Family.kin``), or a bare text encoder ("clip-text",
+"t5-text": ``Family.bare``) meeting the one encoder of its kind and equal FFN shapes; never a patch of one encoder
+kind (CLIP, T5) on an encoder of another. Torch-free.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Literal
 
 from ..errors import FingerprintMismatchError, IncompatiblePatchError
 from ..families import family, same_slots
+from ..families.base import EncoderKind
 from ..format.names import parse_module_name
 from ..format.patchfile import Patch, compare_fingerprint, fingerprint
 from .layouts import EncoderSpec
@@ -31,8 +33,11 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
     elif family(architecture).bare and len(used) == 1:
         mapping = {used[0]: family(architecture).slots[0].name}
     elif family(parch).bare and len(used) == 1:
-        pe = m.base.encoders[used[0]]
-        fits = [s for s, e in encoders.items() if (e.hidden, e.intermediate) == (pe.hidden, pe.intermediate)]
+        pe, kind = m.base.encoders[used[0]], _kind(parch, used[0])
+        of_kind = [s for s in encoders if _kind(architecture, s) is kind]
+        if not of_kind:
+            raise _no_encoder_of(patch, kind, where)
+        fits = [s for s in of_kind if (encoders[s].hidden, encoders[s].intermediate) == (pe.hidden, pe.intermediate)]
         if len(fits) != 1:
             raise IncompatiblePatchError(
                 f"patch '{m.title}' (from a bare text encoder, width {pe.hidden}) fits {len(fits)} encoders of {where}",
@@ -49,6 +54,8 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
                 f"patch '{m.title}' changes text encoder {ps}, which {where} lacks",
                 "apply it to a checkpoint with that encoder",
             )
+        if _kind(parch, ps) is not _kind(architecture, cs):  # a bare encoder of another kind
+            raise _no_encoder_of(patch, _kind(parch, ps), where)
         pe, ce = m.base.encoders[ps], encoders[cs]
         if (pe.hidden, pe.intermediate) != (ce.hidden, ce.intermediate):
             raise IncompatiblePatchError(
@@ -65,9 +72,21 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
     return mapping
 
 
+def _kind(architecture: str, slot: str) -> EncoderKind:
+    """The kind of text encoder (CLIP, T5) that ``slot`` of ``architecture`` holds."""
+    return family(architecture).slot(slot).encoder.kind
+
+
+def _no_encoder_of(patch: Patch, kind: EncoderKind, where: str) -> IncompatiblePatchError:
+    return IncompatiblePatchError(
+        f"patch '{patch.title}' changes a {kind.title} text encoder, and {where} has none",
+        f"apply it to a model with a {kind.title} text encoder",
+    )
+
+
 def crossing_note(patch: Patch, architecture: str, mapping: dict[str, str]) -> str | None:
-    """The line that says a patch crossed between a bare CLIP text encoder and a pipeline (the one rule, used by
-    apply, inspect --against and diff of two patches: same FFN shapes, one encoder)."""
+    """The line that says a patch crossed between a bare text encoder and a pipeline (the one rule, used by
+    apply, inspect --against and diff of two patches: same kind and FFN shapes, one encoder)."""
     parch = patch.manifest.base.architecture
     if parch == architecture or not (family(parch).bare or family(architecture).bare):
         return None

@@ -31,7 +31,7 @@ from ..format.patchfile import (
 )
 from ..format.ui_export import ui_advice
 from .hub import TEXT_ENCODERS, resolve_model
-from .layouts import Checkpoint, WeightFile, detect
+from .layouts import Checkpoint, WeightFile, check_ffn_dtypes, detect
 
 
 @dataclass
@@ -43,7 +43,7 @@ class LayerChange:
     delta_norm: float
     base_norm: float
     relative: float
-    bias_delta_norm: float
+    bias_delta_norm: float | None  # None: the projection has no bias (T5)
     stored_error: float | None = None  # with -o and a rank: relative (Frobenius) error of the stored factors
 
 
@@ -132,6 +132,8 @@ def diff_checkpoints(
     from .in_place import read_consistently
 
     ca, cb = detect(resolve_model(a, TEXT_ENCODERS)), detect(resolve_model(b, TEXT_ENCODERS))
+    check_ffn_dtypes(ca)
+    check_ffn_dtypes(cb)
     if ca.architecture != cb.architecture:
         raise IncompatiblePatchError(
             f"{ca.path} is {ca.architecture} but {cb.path} is {cb.architecture}",
@@ -227,28 +229,31 @@ def _measure(ca: Checkpoint, cb: Checkpoint, rank: int | None) -> _Measured:
             report.other_changed.append(f"{slot}:{key}")
             report.other_relative.append(rel)
         for layer in range(ea.layers):
-            for proj in ("fc1", "fc2"):
-                wa, wb = fa.read_numpy(ea.key(layer, proj, "weight")), fb.read_numpy(eb.key(layer, proj, "weight"))
-                ba, bb = fa.read_numpy(ea.key(layer, proj, "bias")), fb.read_numpy(eb.key(layer, proj, "bias"))
-                dw = wb.astype(np.float64) - wa.astype(np.float64)
-                db = bb.astype(np.float64) - ba.astype(np.float64)
+            for proj in ea.projections:
+                wa, dw = _change(fa, fb, ea.key(layer, proj, "weight"), eb.key(layer, proj, "weight"))
+                db = _change(fa, fb, ea.key(layer, proj, "bias"), eb.key(layer, proj, "bias"))[1] if ea.biased else None
                 dn, an = float(np.linalg.norm(dw)), float(np.linalg.norm(wa))
+                bn = float(np.linalg.norm(db)) if db is not None else None
                 report.changes.append(
-                    LayerChange(
-                        slot, layer, proj, list(wa.shape), dn, an, dn / an if an else 0.0, float(np.linalg.norm(db))
-                    )
+                    LayerChange(slot, layer, proj, list(wa.shape), dn, an, dn / an if an else 0.0, bn)
                 )
-                if not dw.any() and not db.any():
+                if not dw.any() and not bn:
                     continue
                 m = module_name(slot, layer, proj)
                 stored, deltas[m] = delta_tensors(m, dw, db, truncated_svd(dw, rank) if rank else None)
                 report.changes[-1].stored_error = deltas[m].error
                 tensors.update(stored)
-                for kind in ("weight", "bias"):
+                for kind in ea.encoder_kind.tensor_kinds:
                     key = ea.key(layer, proj, kind)
                     ent_dtype, ent_shape = fa.tensor_info()[key]
                     fps[f"{m}.{kind}"] = fingerprint(below_a(fa, key), ent_dtype, ent_shape)
     return _Measured(report, tensors, deltas, fps, after)
+
+
+def _change(fa: WeightFile, fb: WeightFile, key_a: str, key_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """A's tensor (float32) and B's minus A's (float64)."""
+    a = fa.read_numpy(key_a)
+    return a, fb.read_numpy(key_b).astype(np.float64) - a.astype(np.float64)
 
 
 def _left_out(report: DiffReport) -> dict[str, Any]:

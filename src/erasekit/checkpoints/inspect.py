@@ -19,7 +19,7 @@ from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, loa
 from .hub import TEXT_ENCODERS, resolve_model
 from .in_place import applied_in_place, described_journal, read_consistently
 from .journal import entry_summary
-from .layouts import Checkpoint, detect
+from .layouts import Checkpoint, check_ffn_dtypes, detect
 from .model_configs import choose_config
 
 
@@ -33,7 +33,7 @@ class DeltaRow:
     storage: str  # "dense" or "rank 4"
     dtype: str
     delta_norm: float
-    bias_delta_norm: float
+    bias_delta_norm: float | None  # None: no bias delta (the projection has no bias, as T5's)
     relative: float | None = None  # |delta| / |W_base| when inspected against a checkpoint
     error: float | None = None  # low-rank: the stored factors' relative error against the change they stand for
     kept: float | None = None  # low-rank: the share of that change's squared norm they keep
@@ -136,7 +136,7 @@ def _rows(patch: Patch) -> list[DeltaRow]:
                 "dense" if info.storage == "dense" else f"rank {info.rank}",
                 patch.dtypes[main],
                 delta_norm(patch.weight_factors(m)),  # from the factors: no product out x in
-                float(np.linalg.norm(b)) if b is not None else 0.0,
+                float(np.linalg.norm(b)) if b is not None else None,
                 error=info.error,
                 kept=info.kept,
             )
@@ -260,6 +260,7 @@ def inspect_path(
         result = inspect_patch(patch)
         if against is not None:
             ckpt = detect(resolve_model(against, TEXT_ENCODERS))
+            check_ffn_dtypes(ckpt)
             result.against, result.against_layout = str(ckpt.path), ckpt.describe()
             # one state of it: fingerprints of a half-applied file, or of one an apply writes meanwhile, would mislead
             result.compatibility = read_consistently(ckpt, lambda: _against(patch, result.rows, ckpt))
@@ -284,7 +285,7 @@ def inspect_path(
                     enc.hidden,
                     enc.intermediate,
                     enc.layers,
-                    info[enc.key(0, enc.projections[0], "weight")][0],
+                    "/".join(dict.fromkeys(info[enc.key(0, p, "weight")][0] for p in enc.projections)),  # T5: F16/F32
                 )
             )
     journal = described_journal(ckpt)  # interrupted entries are shown; a journal of another file is set aside

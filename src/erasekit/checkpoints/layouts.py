@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputFileError, LayoutError
+from ..errors import IncompatiblePatchError, InputFileError, LayoutError
 from ..families import (
     BARE,
     ENCODER_COMPONENTS,
@@ -70,8 +70,13 @@ class EncoderSpec:
     def projections(self) -> tuple[str, ...]:
         return self.encoder_kind.projections
 
+    @property
+    def biased(self) -> bool:
+        """Whether its FFN projections have biases (CLIP's do, T5's do not)."""
+        return self.encoder_kind.biases
+
     def key(self, layer: int, proj: str, kind: str) -> str:
-        """Checkpoint key of ``proj`` (fc1/fc2) ``kind`` (weight/bias) in ``layer``."""
+        """Checkpoint key of ``proj`` (fc1/fc2, wi_0/wi_1/wo) ``kind`` (weight/bias) in ``layer``."""
         return self.naming.key(self.prefix, layer, proj, kind)
 
     def shape(self, proj: str, kind: str) -> tuple[int, ...]:
@@ -146,6 +151,30 @@ class WeightFile:
             for slot, enc in sorted(self.encoders.items())
             for i, proj, kind in enc.tensors()
         ]
+
+
+EIGHT_BIT_FLOATS = ("F8_E4M3", "F8_E5M2")
+
+
+def check_patchable(dtype: str, what: str) -> None:
+    """Refuse a tensor a patch cannot be added to exactly: 8-bit floats (``t5xxl_fp8_e4m3fn.safetensors``, whose
+    3 mantissa bits round a patch's change away or to a whole step) and whatever is not a float."""
+    if dtype in EIGHT_BIT_FLOATS:
+        raise IncompatiblePatchError(
+            f"{what} is stored as {dtype} (8-bit float), too coarse to add a patch's change to exactly",
+            "patch an fp16 or bf16 copy of the model instead (e.g. t5xxl_fp16.safetensors)",
+        )
+    if dtype not in (*_st.FLOAT_DTYPES, "F64"):
+        raise IncompatiblePatchError(f"{what} is stored as {dtype}", "erasekit patches floating-point weights only")
+
+
+def check_ffn_dtypes(ckpt: Checkpoint) -> None:
+    """:func:`check_patchable` on every FFN tensor of ``ckpt``, from the headers alone (before anything is copied
+    or read)."""
+    for wf in ckpt.files:
+        info = wf.tensor_info()
+        for _, key, *_ in wf.ffn_keys():
+            check_patchable(info[key][0], f"{wf.display}: tensor {key}")
 
 
 @dataclass
@@ -385,21 +414,21 @@ def _encoder_folder_files(root: Path, sub: str, slot: Slot) -> list[WeightFile]:
 def _detect_folder(path: Path) -> Checkpoint:
     if (path / "model_index.json").exists():
         return _detect_pipeline_folder(path)
+    classes = listing([f.slots[0].encoder.kind.transformers_classes[0] for f in BARE], "or")
     if (path / "config.json").exists():
         cfg = read_json(path / "config.json")
         archs = cfg.get("architectures") or []
         bare = bare_by_class(archs)
         if bare is not None:
             return Checkpoint(path, bare.folder_layout, bare.name, _encoder_folder_files(path, "", bare.slots[0]))
-        classes = [f.slots[0].encoder.kind.transformers_classes[0] for f in BARE]
         raise LayoutError(
             f"{path}/config.json describes {archs or 'an unknown model'}, not a "
             f"{listing([f.title for f in BARE], 'or')}",
-            f"name a diffusers pipeline folder or a {listing(classes, 'or')} folder",
+            f"name a diffusers pipeline folder or a {classes} folder",
         )
     raise LayoutError(
         f"{path} is a folder without model_index.json or config.json",
-        "name a diffusers pipeline folder, a CLIPTextModel folder, or a single checkpoint file",
+        f"name a diffusers pipeline folder, a {classes} folder, or a single checkpoint file",
     )
 
 

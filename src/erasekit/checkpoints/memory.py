@@ -19,7 +19,7 @@ from ..families.base import Slot
 from ..format.patchfile import Patch, fingerprint
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
 from .compat import Touch, judge_fingerprints, order_notes, slot_map, touches
-from .layouts import EncoderSpec, transformers_encoder
+from .layouts import EncoderSpec, check_patchable, transformers_encoder
 
 
 def add_delta(current: Any, delta: Any, strength: float, what: str) -> Any:
@@ -106,6 +106,7 @@ def apply_patch(
     for t in tlist:
         module, spec = encoders[t.slot]
         p = module.get_parameter(spec.key(t.layer, t.proj, t.kind))
+        check_patchable(dtype_code(p.dtype), f"{where}: tensor {spec.key(t.layer, t.proj, t.kind)}")
         params[t] = p
         pristine = _memory_pristine(model, t.slot, spec.key(t.layer, t.proj, t.kind), p)
         fps[f"{t.module}.{t.kind}"] = fingerprint(tensor_bytes(pristine), dtype_code(p.dtype), tuple(p.shape))

@@ -9,7 +9,7 @@ gives what applying the inputs one after the other gives (up to the rounding of 
   ``up``; when that would be larger than the dense delta, it is stored dense instead;
 - otherwise: the dense float32 sum of the inputs' weight deltas (low-rank ones multiplied out by
   :meth:`Patch.weight_delta`, as apply does);
-- bias deltas are always summed in float32.
+- bias deltas are always summed in float32 (a projection without a bias, as T5's, has none).
 
 ``rank`` overrides that: ``"dense"`` stores every module dense, ``N`` the truncated SVD of the float32 sum at rank
 ``N`` (as ``erasekit diff --rank`` does). Patches for different bases (architecture, encoder shapes, or a base
@@ -226,8 +226,7 @@ def _merge_module(
     enc = parts[0][0].manifest.base.encoders[slot]
     o, n = weight_shape(proj, enc.hidden, enc.intermediate)
     infos = [p.manifest.deltas[module] for p, _ in parts]
-    bias = any(i.bias for i in infos)
-    db: np.ndarray | None = None
+    db: np.ndarray | None = None  # None where no input has a bias delta (a projection without a bias, as T5's)
     for p, s in parts:
         b = p.bias_delta(module)
         if b is not None:
@@ -238,8 +237,9 @@ def _merge_module(
     if rank is None and all_lowrank and (len(parts) == 1 or total_rank * (o + n) < o * n):
         ups, downs = zip(*(_lowrank_parts(p, module, s) for p, s in parts))
         tensors = lowrank_tensors(module, np.concatenate(ups, axis=1), np.concatenate(downs, axis=0))
+        tensors |= {f"{module}.diff_b": db} if db is not None else {}
         keep = {"error": infos[0].error, "kept": infos[0].kept} if len(parts) == 1 else {}
-        info = DeltaInfo(storage="lowrank", rank=total_rank, bias=bias, **keep)
+        info = DeltaInfo(storage="lowrank", rank=total_rank, bias=db is not None, **keep)
         how = ("copied" if parts[0][1] == 1 else "scaled") if len(parts) == 1 else "concatenated"
     else:
         dw: np.ndarray | None = None
@@ -247,9 +247,8 @@ def _merge_module(
             term = scaled(p.weight_delta(module), s)
             dw = term.copy() if dw is None else dw + term  # float32, in the patches' order
         assert dw is not None
-        zero = np.zeros(o, dtype=np.float32)
         factors = truncated_svd(dw, rank) if isinstance(rank, int) else None
-        tensors, info = delta_tensors(module, dw, db if db is not None else zero, factors)
+        tensors, info = delta_tensors(module, dw, db, factors)
         how = (
             "projected"
             if factors is not None
@@ -259,11 +258,6 @@ def _merge_module(
             if parts[0][1] == 1
             else "scaled"
         )
-    if bias:
-        tensors[f"{module}.diff_b"] = db  # type: ignore[assignment]
-    else:
-        tensors.pop(f"{module}.diff_b", None)
-        info = info.model_copy(update={"bias": False})
     for name, arr in tensors.items():
         if not np.isfinite(arr).all():
             raise NonFiniteError(

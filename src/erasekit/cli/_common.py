@@ -199,6 +199,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def norm_or_dash(value: float | None) -> str:
+    """A norm as tables show it; "-" where there is none (a bias delta of a projection without a bias)."""
+    return "-" if value is None else f"{value:.3g}"
+
+
 def bar(value: float, top: float, width: int = 16) -> str:
     """A horizontal bar for tables: which layers changed is obvious at a glance."""
     if top <= 0 or value <= 0:

@@ -20,7 +20,8 @@ def apply_cmd(
         typer.Option(
             "--to",
             metavar="CKPT",
-            help="The checkpoint: diffusers folder, CLIPTextModel folder, .safetensors or .ckpt file.",
+            help="The checkpoint: diffusers folder, CLIPTextModel or T5EncoderModel folder, .safetensors or .ckpt "
+            "file.",
             show_default=False,
         ),
     ],

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, bar, errors, human_bytes, out, print_json, warn
+from ._common import JsonOpt, bar, errors, human_bytes, norm_or_dash, out, print_json, warn
 
 
 def diff_cmd(
@@ -93,7 +93,7 @@ def diff_cmd(
             "x".join(map(str, c.shape)),
             f"{c.delta_norm:.3g}",
             f"{c.relative:.2e}",
-            f"{c.bias_delta_norm:.3g}",
+            norm_or_dash(c.bias_delta_norm),
             *lost,
             bar(c.delta_norm, top),
         )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, bar, brief, errors, human_bytes, out, packed, print_json, ranges, warn
+from ._common import JsonOpt, bar, brief, errors, human_bytes, norm_or_dash, out, packed, print_json, ranges, warn
 
 if TYPE_CHECKING:  # the CLI imports the library when a command runs
     from ..checkpoints.inspect import CheckpointInspection, EvaluationSummary, PatchInspection
@@ -144,7 +144,7 @@ def _render_patch(r: PatchInspection, full: bool = False) -> None:
             row.storage,
             row.dtype,
             f"{row.delta_norm:.3g}",
-            f"{row.bias_delta_norm:.3g}",
+            norm_or_dash(row.bias_delta_norm),
         ]
         if lossy:
             cells += ["-", "-"] if row.error is None else [f"{100 * row.error:.1f}%", f"{100 * (row.kept or 0):.1f}%"]

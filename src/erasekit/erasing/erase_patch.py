@@ -73,8 +73,8 @@ def build_patch(
     for m, kind, _ in trained.params:
         slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
         if kind == "weight":
-            stored, deltas[m] = delta_tensors(
-                m, trained.dense[(m, "weight")], trained.dense[(m, "bias")], trained.factors.get(m)
+            stored, deltas[m] = delta_tensors(  # no bias delta where the projection has no bias (T5)
+                m, trained.dense[(m, "weight")], trained.dense.get((m, "bias")), trained.factors.get(m)
             )
             tensors.update(stored)
         if base_files is not None:

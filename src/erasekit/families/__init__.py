@@ -1,7 +1,7 @@
 """Architectures as data: one module per family (:mod:`.sd1`, :mod:`.sd2`, :mod:`.sdxl`, :mod:`.sdxl_refiner`,
-:mod:`.clip_text`) and one per text-encoder kind (:mod:`.encoders.clip`), read by everything that names, finds,
-loads, conditions on or exports a model's text encoders. Adding a family is one new module, listed in
-:data:`FAMILIES` (docs/architecture.md says what it holds). Torch-free, no I/O.
+:mod:`.clip_text`, :mod:`.t5_text`) and one per text-encoder kind (:mod:`.encoders.clip`, :mod:`.encoders.t5`),
+read by everything that names, finds, loads, conditions on or exports a model's text encoders. Adding a family is
+one new module, listed in :data:`FAMILIES` (docs/architecture.md says what it holds). Torch-free, no I/O.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from . import clip_text, sd1, sd2, sdxl, sdxl_refiner
+from . import clip_text, sd1, sd2, sdxl, sdxl_refiner, t5_text
 from .base import Family
 from .encoders import KIND_OF_PROJECTION
 
 # in the order messages and manifests list them
-FAMILIES: dict[str, Family] = {f.FAMILY.name: f.FAMILY for f in (sd1, sd2, sdxl, sdxl_refiner, clip_text)}
+FAMILIES: dict[str, Family] = {f.FAMILY.name: f.FAMILY for f in (sd1, sd2, sdxl, sdxl_refiner, clip_text, t5_text)}
 PIPELINES = [f for f in FAMILIES.values() if not f.bare]
 BARE = [f for f in FAMILIES.values() if f.bare]  # text encoders on their own
 # the pipeline components of text encoders and their tokenizers, in the order families list them

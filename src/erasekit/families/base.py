@@ -64,7 +64,7 @@ class EncoderKind:
     biases: bool  # whether each projection has a bias
     namings: tuple[Naming, ...]  # how files spell its FFN keys; the first is transformers', which model folders use
     transformers_classes: tuple[str, ...]  # ``architectures`` in the config.json of a model folder of one encoder
-    diffusers_lora: bool  # whether diffusers' load_lora_weights loads a LoRA into it
+    uis: tuple[str, ...]  # what loads a network into it: "comfyui", "a1111", "diffusers" (load_lora_weights)
 
     @property
     def tensor_kinds(self) -> tuple[str, ...]:

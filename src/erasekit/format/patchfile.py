@@ -34,6 +34,7 @@ from pydantic import (
 from .._version import __version__
 from ..errors import InputFileError, PatchFormatError, PatchVersionError
 from ..families import FAMILIES, family, weight_shape
+from ..families.encoders import KIND_OF_PROJECTION
 from . import _st
 from .names import ARCH_SLOTS, SLOTS, Architecture, module_name, parse_module_name
 
@@ -408,6 +409,12 @@ def _check_manifest(manifest: Manifest, where: str) -> None:
                 f"{where}: module {m} is outside the base model's encoders {sorted(manifest.base.encoders)}",
                 "re-create the patch",
             )
+        if manifest.deltas[m].bias and not KIND_OF_PROJECTION[parsed[2]].biases:
+            raise PatchFormatError(
+                f"{where}: module {m} records a bias delta, but {KIND_OF_PROJECTION[parsed[2]].title} projections "
+                "have no bias",
+                "the file was not written by erasekit; re-create it",
+            )
         for kind in ("weight", "bias") if manifest.deltas[m].bias else ("weight",):
             if f"{m}.{kind}" not in manifest.base.tensors:
                 raise PatchFormatError(f"{where}: no base fingerprint for {m}.{kind}", "re-create the patch")
@@ -703,17 +710,19 @@ def lowrank_tensors(module: str, up: np.ndarray, down: np.ndarray) -> dict[str, 
 
 
 def delta_tensors(
-    module: str, dw: np.ndarray, db: np.ndarray, factors: Any = None
+    module: str, dw: np.ndarray, db: np.ndarray | None, factors: Any = None
 ) -> tuple[dict[str, np.ndarray], DeltaInfo]:
     """The patch tensors of one module's weight and bias deltas: dense (``.diff``), or, given ``factors`` (a
-    :class:`~erasekit.format.lowrank.LowRank`), the weight delta as :func:`lowrank_tensors`."""
-    out = {f"{module}.diff_b": np.asarray(db, dtype=np.float32)}
+    :class:`~erasekit.format.lowrank.LowRank`), the weight delta as :func:`lowrank_tensors`; the bias delta as
+    ``.diff_b``, none where ``db`` is None (a projection without a bias, as T5's)."""
+    bias = db is not None
+    out = {f"{module}.diff_b": np.asarray(db, dtype=np.float32)} if bias else {}
     if factors is None:
         out[f"{module}.diff"] = np.asarray(dw, dtype=np.float32)
-        return out, DeltaInfo(storage="dense", bias=True)
+        return out, DeltaInfo(storage="dense", bias=bias)
     out |= lowrank_tensors(module, factors.up, factors.down)
     return out, DeltaInfo(
-        storage="lowrank", rank=factors.rank, bias=True, error=round(factors.error, 6), kept=round(factors.kept, 6)
+        storage="lowrank", rank=factors.rank, bias=bias, error=round(factors.error, 6), kept=round(factors.kept, 6)
     )
 
 

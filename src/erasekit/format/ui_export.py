@@ -22,7 +22,10 @@ delta, which turns on peft's ``lora_bias`` and is scaled like the weight). Not p
 a text encoder's format from its keys and knows peft keys there only on the attention projections. A dense delta
 becomes exact factors, an identity on its smaller side. The file has no alphas, so diffusers sets alpha = rank
 (scale 1); every module of one encoder is written at one rank (zero-padded to the largest), so that no version from
-0.35 on needs a per-module pattern (before 0.40, mixed ranks without alphas got wrong scales). Torch-free.
+0.35 on needs a per-module pattern (before 0.40, mixed ranks without alphas got wrong scales).
+
+T5 (a ``t5-text`` patch): ComfyUI loads its ``lora_te3_`` modules as they are; A1111 runs no T5 and diffusers loads
+no LoRA into one (an encoder kind's ``uis``), so neither gets a file: the export is refused. Torch-free.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ErasekitError, IncompatiblePatchError, TargetNotWritableError
-from ..families import PIPELINES, family
+from ..families import PIPELINES, family, listing
+from ..families.base import EncoderKind
 from ..families.encoders import NAMINGS
 from . import _st
 from .patchfile import Patch, load_patch, manifest_json, metadata_for
@@ -69,21 +73,41 @@ def _bias_beside_lowrank(patch: Patch) -> list[str]:
     return [m for m, d in patch.manifest.deltas.items() if d.storage == "lowrank" and d.bias]
 
 
+def unreached(patch: Patch, ui: str) -> EncoderKind | None:
+    """The kind of a text encoder the patch changes that ``ui`` loads no network into (A1111 and diffusers: T5);
+    None where it reaches them all."""
+    arch = family(patch.manifest.base.architecture)
+    return next((k for k in (arch.slot(s).encoder.kind for s in patch.manifest.base.encoders) if ui not in k.uis), None)
+
+
+def _check_reached(patch: Patch, ui: str) -> None:
+    kind = unreached(patch, ui)
+    if kind is not None:
+        others = [UI_NAMES[u] for u in kind.uis]
+        raise IncompatiblePatchError(
+            f"{UI_NAMES[ui]} loads no network into a {kind.title} text encoder",
+            f"load the patch in {listing(others, 'or')}, or apply it to the encoder itself (erasekit apply)",
+        )
+
+
 def loads_as_is(patch: Patch, ui: str) -> bool:
     """Whether ``ui`` applies every tensor of the patch file as erasekit does, with the file just renamed
     to ``.safetensors``."""
-    if ui == "diffusers" or family(patch.manifest.base.architecture).ui_modules:
+    if ui == "diffusers" or family(patch.manifest.base.architecture).ui_modules or unreached(patch, ui):
         return False
     return ui == "comfyui" or not _bias_beside_lowrank(patch)
 
 
 def ui_advice(patch: Patch, path: str | os.PathLike) -> list[str]:
-    """One line per UI: where to put the file, or the export command that makes one."""
+    """One line per UI: where to put the file, the export command that makes one, or that it loads none."""
     path = Path(path)
     name = path.with_suffix(".safetensors").name
     lines = []
     for ui in UIS:
-        if loads_as_is(patch, ui):
+        kind = unreached(patch, ui)
+        if kind is not None:
+            how = f"loads no network into a {kind.title} text encoder"
+        elif loads_as_is(patch, ui):
             how = f"use {path.name} as it is" if path.suffix == ".safetensors" else f"copy it as {name}"
         else:
             how = f"erasekit export {path} --ui {ui} -o {path.with_name(f'{path.stem}-{ui}.safetensors')}"
@@ -122,17 +146,17 @@ def diffusers_component(patch: Patch, slot: str) -> str:
     second encoder), else to the first."""
     arch = patch.manifest.base.architecture
     held = family(arch).slot(slot)
+    if "diffusers" not in held.encoder.kind.uis:
+        raise IncompatiblePatchError(
+            f"diffusers' load_lora_weights loads no LoRA into the {arch} text encoder {slot}",
+            "apply the patch in memory instead: erasekit.apply_patch(pipe, patch)",
+        )
     if family(arch).bare:
         width = patch.manifest.base.encoders[slot].hidden
         widths = {
             s.encoder.largest[0]: s.component for f in PIPELINES for s in f.slots if s.encoder.kind is held.encoder.kind
         }
         return widths.get(width, held.component)
-    if not held.encoder.kind.diffusers_lora:
-        raise IncompatiblePatchError(
-            f"diffusers' load_lora_weights loads no LoRA into the {arch} text encoder {slot}",
-            "apply the patch in memory instead: erasekit.apply_patch(pipe, patch)",
-        )
     return held.component
 
 
@@ -193,6 +217,7 @@ def export_patch(source: str | os.PathLike, ui: str, output: str | os.PathLike) 
     _check_output(out, ui)
     _st.check_new_output(out)
     patch = load_patch(source)
+    _check_reached(patch, ui)
     if ui == "diffusers":
         return _export_diffusers(patch, source, out)
     tensors, dense = export_tensors(patch, ui)

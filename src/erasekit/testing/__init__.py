@@ -27,6 +27,8 @@ LAYOUTS = (
     "diffusers-sdxl",
     "diffusers-sdxl-refiner",
     "transformers-clip",
+    "transformers-t5",
+    "t5-file",
     "single-sd1",
     "single-sd1-old",
     "single-sd2",
@@ -40,6 +42,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CLIP_L = (32, 64, 2)
 OPENCLIP_H = (48, 96, 3)
 BIGG = (40, 80, 2)
+T5 = (32, 64, 2)  # CLIP-L's toy sizes: a T5 patch and a CLIP file meet by kind, not by shape
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -92,6 +95,45 @@ def openclip_text_encoder(dims: tuple[int, int, int], g: torch.Generator, vocab:
     return sd
 
 
+def t5_text_encoder(dims: tuple[int, int, int], g: torch.Generator, vocab: int = 64) -> dict[str, torch.Tensor]:
+    """A transformers T5EncoderModel (T5 v1.1, gated GELU) state dict as its files store it, random values: no
+    biases anywhere, relative attention buckets in block 0 only, ``shared`` the token embedding."""
+    h, inter, n = dims
+    heads = 2
+    sd = {"shared.weight": _rand(g, vocab, h), "encoder.final_layer_norm.weight": torch.ones(h)}
+    for i in range(n):
+        p = f"encoder.block.{i}."
+        for proj in ("q", "k", "v", "o"):
+            sd[p + f"layer.0.SelfAttention.{proj}.weight"] = _rand(g, h, h)
+        if i == 0:
+            sd[p + "layer.0.SelfAttention.relative_attention_bias.weight"] = _rand(g, 32, heads)
+        sd[p + "layer.0.layer_norm.weight"], sd[p + "layer.1.layer_norm.weight"] = torch.ones(h), torch.ones(h)
+        for proj in ("wi_0", "wi_1"):
+            sd[p + f"layer.1.DenseReluDense.{proj}.weight"] = _rand(g, inter, h)
+        sd[p + "layer.1.DenseReluDense.wo.weight"] = _rand(g, h, inter)
+    return sd
+
+
+def _t5_config(dims: tuple[int, int, int]) -> dict[str, object]:
+    h, inter, n = dims
+    return {
+        "architectures": ["T5EncoderModel"],
+        "model_type": "t5",
+        "d_model": h,
+        "d_ff": inter,
+        "d_kv": h // 2,
+        "num_heads": 2,
+        "num_layers": n,
+        "vocab_size": 64,
+        "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": False,
+        "relative_attention_num_buckets": 32,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "torch_dtype": "float32",
+    }
+
+
 def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in sd.items()}
 
@@ -129,9 +171,13 @@ def _clip_config(dims: tuple[int, int, int], hidden_act: str = "quick_gelu") -> 
 
 
 def _save(sd: dict[str, torch.Tensor], path: Path, dtype: str) -> None:
+    """Every tensor in ``dtype``, except T5's ``wo``, kept float32 as transformers keeps it (fp16 overflows there)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.to(_DTYPES[dtype]).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+    def stored(key: str) -> torch.dtype:
+        return torch.float32 if key.endswith(".DenseReluDense.wo.weight") else _DTYPES[dtype]
+
+    save_file({k: v.to(stored(k)).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
 
 
 def _encoder_folder(
@@ -146,7 +192,10 @@ def _edit(sd: dict[str, torch.Tensor], layers: list[int], seed: int) -> None:
     """Perturb the FFN weights of ``layers`` in place, as an erasing tool would."""
     g = _gen(seed + 1000)
     for k in sorted(sd):
-        if any(f"layers.{i}.mlp." in k or f"resblocks.{i}.mlp." in k for i in layers):
+        if any(
+            f"layers.{i}.mlp." in k or f"resblocks.{i}.mlp." in k or f"block.{i}.layer.1.DenseReluDense." in k
+            for i in layers
+        ):
             sd[k] = sd[k] + _rand(g, *sd[k].shape) * 0.5
 
 
@@ -169,9 +218,12 @@ def make_checkpoint(
     g = _gen(seed)
 
     def enc(kind: str) -> dict[str, torch.Tensor]:
-        sd = (
-            hf_text_encoder(CLIP_L, g) if kind == "L" else openclip_text_encoder(OPENCLIP_H if kind == "H" else BIGG, g)
-        )
+        if kind == "T5":
+            sd = t5_text_encoder(T5, g)
+        elif kind == "L":
+            sd = hf_text_encoder(CLIP_L, g)
+        else:
+            sd = openclip_text_encoder(OPENCLIP_H if kind == "H" else BIGG, g)
         if edit_layers:
             _edit(sd, edit_layers, seed + 7919 * edit_seed)
         return sd
@@ -213,11 +265,16 @@ def make_checkpoint(
     if layout == "transformers-clip":
         _encoder_folder(path, enc("L"), _clip_config(CLIP_L), dtype)
         return path
+    if layout == "transformers-t5":
+        _encoder_folder(path, enc("T5"), _t5_config(T5), dtype)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout in ("single-sd1", "ckpt-sd1"):
         sd = _prefixed(enc("L"), "cond_stage_model.transformer.text_model.") | _unet_vae(g)
     elif layout == "single-sd1-old":
         sd = _prefixed(enc("L"), "cond_stage_model.transformer.") | _unet_vae(g)
+    elif layout == "t5-file":  # t5xxl_fp16.safetensors, as ComfyUI users keep it
+        sd = enc("T5")
     elif layout == "single-sd2":
         sd = _prefixed(enc("H"), "cond_stage_model.model.") | _unet_vae(g)
     elif layout == "single-sdxl":

@@ -23,7 +23,7 @@ CLIP = EncoderKind(
     biases=True,
     namings=(TRANSFORMERS, OPENCLIP),
     transformers_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
-    diffusers_lora=True,
+    uis=("comfyui", "a1111", "diffusers"),
 )
 
 # OpenAI's tokenizer pads with its end token; OpenCLIP's with "!" (id 0)

@@ -1,0 +1,29 @@
+"""T5 v1.1 encoders (FLUX.1's and SD3.x's T5-XXL), as transformers (``T5EncoderModel``) names them, which is also
+how the standalone files ComfyUI users keep (``t5xxl_fp16.safetensors``) name their keys.
+
+Each block's FFN is gated GELU: ``wi_0`` and ``wi_1`` (hidden -> FFN width) and ``wo`` (back), none with a bias.
+transformers keeps ``wo`` in float32 when it loads the rest at half precision (``_keep_in_fp32_modules``), as fp16
+overflows there; a patch is added to each tensor in its own dtype, so a file's float32 ``wo`` stays float32.
+A network module is the transformers path with dots as underscores:
+``encoder_block_{i}_layer_1_DenseReluDense_wi_0``, as ComfyUI and kohya spell it. diffusers loads no LoRA into T5
+(its kohya converter drops T5 keys), and A1111 runs no T5 text encoder.
+"""
+
+from __future__ import annotations
+
+from ..base import Encoder, EncoderKind, Naming
+
+TRANSFORMERS = Naming("t5", "transformers", "encoder.block.{layer}.layer.1.DenseReluDense.{proj}")
+
+T5 = EncoderKind(
+    name="t5",
+    title="T5",
+    projections=("wi_0", "wi_1", "wo"),
+    widening=("wi_0", "wi_1"),
+    biases=False,
+    namings=(TRANSFORMERS,),
+    transformers_classes=("T5EncoderModel",),
+    uis=("comfyui",),
+)
+
+T5_XXL = Encoder("T5 v1.1 XXL", T5, (4096, 10240, 24), pad_token="<pad>")
