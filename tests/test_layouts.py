@@ -161,3 +161,24 @@ def test_config_of_other_model(tmp_path: Path) -> None:
         LayoutError, match="not a CLIP text encoder or T5 text encoder; .*CLIPTextModel or T5EncoderModel"
     ):
         detect(tmp_path)
+
+
+def _with_index(folder: Path, **entries: object) -> None:
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | entries))
+
+
+def test_pipelines_of_families_not_patched_yet_are_refused(tmp_path: Path) -> None:
+    """A FLUX folder has SDXL's component names (its text_encoder_2 is a T5), an SD3 folder SDXL's plus
+    text_encoder_3: neither may be read as an SDXL pipeline, where `apply --force` would patch their CLIPs."""
+    flux = make_checkpoint(tmp_path / "flux", "diffusers-sdxl", "F16")
+    _with_index(flux, _class_name="FluxPipeline")
+    sd3 = make_checkpoint(tmp_path / "sd3", "diffusers-sdxl", "F16")
+    make_checkpoint(sd3 / "text_encoder_3", "transformers-t5", "F16")
+    _with_index(sd3, text_encoder_3=["transformers", "T5EncoderModel"])
+    for folder, what in ((flux, "a FLUX.1 pipeline (FluxPipeline)"), (sd3, "text encoders erasekit does not know")):
+        with pytest.raises(LayoutError) as e:
+            detect(folder)
+        assert what in str(e.value) and "does not patch yet" in str(e.value)
+    _with_index(sd3, text_encoder_3=[None, None])  # a component the index leaves out is no encoder
+    assert detect(sd3).architecture == "sdxl"

@@ -34,6 +34,7 @@ from ..families import (
     by_components,
     lines,
     listing,
+    not_yet,
     single_file_encoders,
 )
 from ..families.base import EncoderKind, Family, Naming, SingleFile, Slot
@@ -442,6 +443,7 @@ def _detect_pipeline_folder(path: Path) -> Checkpoint:
         return isinstance(v, list) and len(v) == 2 and v[0] is not None and (path / component).is_dir()
 
     present = [c for c in ENCODER_COMPONENTS if has(c)]
+    _refuse_unknown_pipeline(path, str(index.get("_class_name", "")), [c for c in index if has(c)], present)
     family = by_components(present, lambda component, key: _config_json(path / component).get(key))
     if family is None:
         raise LayoutError(
@@ -460,6 +462,24 @@ def _detect_pipeline_folder(path: Path) -> Checkpoint:
             f"the weight variants in {path} disagree on text encoder sizes", "remove the stray variant file"
         )
     return Checkpoint(path, family.folder_layout, family.name, files)
+
+
+def _refuse_unknown_pipeline(path: Path, class_name: str, components: list[str], known: list[str]) -> None:
+    """Refuse a pipeline of a family erasekit does not patch yet, named by its class (FLUX's text encoders have
+    SDXL's component names) or holding a text encoder component no family has (SD3's ``text_encoder_3``)."""
+    line = not_yet(class_name)
+    unknown = [c for c in components if c.startswith("text_encoder") and c not in known]
+    if line is None and not unknown:
+        return
+    what = (
+        f"a {line} pipeline ({class_name})"
+        if line
+        else f"a pipeline with text encoders erasekit does not know ({', '.join(unknown)})"
+    )
+    raise LayoutError(
+        f"diffusers folder {path} is {what}, which erasekit does not patch yet",
+        f"erasekit supports {listing(lines())} pipelines; for a T5 text encoder on its own, name its file or folder",
+    )
 
 
 def _config_json(folder: Path) -> dict[str, Any]:

@@ -22,6 +22,26 @@ ENCODER_COMPONENTS = tuple(dict.fromkeys(s.component for f in PIPELINES for s in
 TOKENIZER_COMPONENTS = tuple(dict.fromkeys(s.tokenizer for f in PIPELINES for s in f.slots))
 
 
+# diffusers pipeline classes (by their name's start) of families erasekit does not patch yet; their text encoders
+# share component names with the families above (FLUX's text_encoder_2 is a T5, SD3 adds text_encoder_3)
+NOT_YET: dict[str, str] = {
+    "Flux": "FLUX.1",
+    "StableDiffusion3": "SD3.x",
+    "QwenImage": "Qwen-Image",
+    "HiDream": "HiDream",
+    "Lumina": "Lumina",
+    "PixArt": "PixArt",
+    "Sana": "Sana",
+    "Chroma": "Chroma",
+    "AuraFlow": "AuraFlow",
+}
+
+
+def not_yet(pipeline_class: str) -> str | None:
+    """The model line of a diffusers pipeline class erasekit does not patch yet (``"FLUX.1"``); None otherwise."""
+    return next((title for start, title in NOT_YET.items() if pipeline_class.startswith(start)), None)
+
+
 def family(name: str) -> Family:
     """The family a patch or checkpoint names (its ``architecture``)."""
     return FAMILIES[name]
