@@ -225,3 +225,25 @@ def test_a_t5_patch_applies_to_a_t5_encoder_model_in_memory_and_reverts_exactly(
     assert wo.dtype == torch.float32 and not torch.equal(wo, before[KEY.format("wo")])
     erasekit.revert_patch(model, patch)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_clip_patch_that_leaves_the_biases_shows_zero_not_none(tmp_path: Path) -> None:
+    """None in `inspect --json` means the projection has no bias (T5); a CLIP patch stored without bias deltas
+    leaves its biases as they are: 0.0, as before T5 came."""
+    base = make_checkpoint(tmp_path / "sd1.safetensors", "single-sd1", "F16")
+    edited = make_checkpoint(tmp_path / "ed" / "sd1.safetensors", "single-sd1", "F16", edit_layers=[1])
+    patch = load_patch(diff((base, edited), tmp_path / "p.erasepatch"))
+    patch.manifest = patch.manifest.model_copy(
+        update={
+            "deltas": {m: d.model_copy(update={"bias": False}) for m, d in patch.manifest.deltas.items()},
+            "base": patch.manifest.base.model_copy(
+                update={"tensors": {k: v for k, v in patch.manifest.base.tensors.items() if not k.endswith(".bias")}}
+            ),
+        }
+    )
+    for key in [k for k in patch.tensors if k.endswith(".diff_b")]:
+        del patch.tensors[key], patch.dtypes[key]
+    patch.__dict__.pop("patch_id", None)
+    save_patch(patch, tmp_path / "nobias.erasepatch")
+    shown = json.loads(run("inspect", tmp_path / "nobias.erasepatch", "--json").stdout)
+    assert shown["rows"] and {row["bias_delta_norm"] for row in shown["rows"]} == {0.0}

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import ErasekitError
 from ..families import family
+from ..families.encoders import KIND_OF_PROJECTION
 from ..format.erase_config import recorded_defaults
 from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, load_patch
 from .hub import TEXT_ENCODERS, resolve_model
@@ -33,10 +34,17 @@ class DeltaRow:
     storage: str  # "dense" or "rank 4"
     dtype: str
     delta_norm: float
-    bias_delta_norm: float | None  # None: no bias delta (the projection has no bias, as T5's)
+    bias_delta_norm: float | None  # None: the projection has no bias (T5's); 0.0: a patch that leaves it
     relative: float | None = None  # |delta| / |W_base| when inspected against a checkpoint
     error: float | None = None  # low-rank: the stored factors' relative error against the change they stand for
     kept: float | None = None  # low-rank: the share of that change's squared norm they keep
+
+
+def _bias_norm(delta: Any, proj: str) -> float | None:
+    """The norm of a bias delta; 0 where a patch leaves a bias alone, None where the projection has none."""
+    if delta is not None:
+        return float(np.linalg.norm(delta))
+    return 0.0 if KIND_OF_PROJECTION[proj].biases else None
 
 
 @dataclass
@@ -136,7 +144,7 @@ def _rows(patch: Patch) -> list[DeltaRow]:
                 "dense" if info.storage == "dense" else f"rank {info.rank}",
                 patch.dtypes[main],
                 delta_norm(patch.weight_factors(m)),  # from the factors: no product out x in
-                float(np.linalg.norm(b)) if b is not None else None,
+                _bias_norm(b, proj),
                 error=info.error,
                 kept=info.kept,
             )
