@@ -38,7 +38,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SD1 = Path(__file__).resolve().parents[1] / "src" / "erasekit" / "configs" / "sd1"
+from erasekit.checkpoints.model_configs import CONFIGS_DIR
+
+SD1 = CONFIGS_DIR / "sd1"
 
 
 @dataclass
