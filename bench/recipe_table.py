@@ -3,6 +3,7 @@
     python bench/recipe_table.py                       # everything below, n=16 (about 40 min on 2 busy cores)
     python bench/recipe_table.py --sections single     # one section; --recipes, --concepts, --seeds, --n narrow it
     python bench/recipe_table.py --quick               # doco, circle, seed 0, n=2: checks the script runs
+    python bench/recipe_table.py --model toy-sdxl      # the same table on another built-in model
 
 Sections, each erase judged with `evaluate_model` (the toy world's judge, `EvalConfig(n)`, seeds 1000 on, which
 the model never trained on; the paraphrase rate is its robustness section):
@@ -19,6 +20,11 @@ most 2 pp below the unpatched model's (for multi and stacked, attributes holding
 exempt: erasing "red" must lower colour accuracy); paraphrase rate <= 10%; with --keep X, X at most 1 pp below.
 Every result is appended to `--out` (JSON lines) as it comes, and a rerun with the same file skips what it holds,
 so an interrupted run resumes. The markdown tables at the end are built from that file.
+
+Each erase also records how far its patch moves what the UNet reads (relative L2, per output: "hidden" states and,
+on SDXL-family models, te2's "pooled" embedding): for the empty prompt (classifier-free guidance's unconditional
+branch, the erase's own report) and, in the single and keep sections, for the 75 full prompts of the world that do
+not name the concept ("held drift").
 """
 
 from __future__ import annotations
@@ -32,9 +38,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from erasekit.checkpoints.memory import patches_applied
+from erasekit.checkpoints.pipeline import load_pipeline
+from erasekit.erasing.conditioning import Conditioner, encoder_outputs, output_drift
 from erasekit.erasing.erase_job import erase_model
+from erasekit.format.patchfile import load_patch
 from erasekit.judging.evaluate import EvalConfig, evaluate_model
-from erasekit.toyworld import builtin_model_path
+from erasekit.toyworld import BUILTIN_MODELS, builtin_model_path
+from erasekit.toyworld.captions import full_prompts
 
 # name -> settings laid over the model's erasekit.json (its own recipe's tuning, or its erase_recipes entry)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -87,16 +100,31 @@ class Runner:
         self.done = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())} if out.exists() else {}
         self.patches: dict[str, Path] = {}  # the single-concept patches (no --keep), for the stacked section
         self.erased = 0
+        self.pipe: Any = None  # the model, loaded once to measure held drift
 
     def erase(
         self, name: str, concepts: list[str], seed: int, extra: dict[str, Any], after: list[Path] | None = None
-    ) -> tuple[Path, float]:
+    ) -> tuple[Path, Any]:
         self.erased += 1
         out = self.tmp / f"{self.erased}-{name}-{'+'.join(concepts)}-{seed}.erasepatch"
         report = erase_model(
             self.model, concepts, None, out, RECIPES[name] | self.overrides | extra | {"seed": seed}, after=after or ()
         )
-        return out, report.loop_seconds
+        return out, report
+
+    def held_drift(self, concept: str, patch: Path) -> dict[str, float]:
+        """Per output the UNet reads, how far ``patch`` moves the world's full prompts that do not name
+        ``concept``."""
+        if self.pipe is None:
+            self.pipe = load_pipeline(self.model)[0]
+        prompts = [p for p, labels in full_prompts() if concept not in labels.values()]
+        cond_of = Conditioner(self.pipe, 32, None)
+
+        def outputs(patches: list[Any]) -> dict[str, Any]:
+            with patches_applied(self.pipe, patches), torch.no_grad():
+                return {k: v.float().clone() for k, v in encoder_outputs(cond_of(prompts, "cpu")).items()}
+
+        return {k: round(v, 4) for k, v in output_drift(outputs([]), outputs([load_patch(patch)])).items()}
 
     def cell(self, key: str, make: Any) -> dict[str, Any]:
         if key not in self.done:
@@ -117,10 +145,14 @@ class Runner:
 
     def single(self, name: str, concept: str, seed: int, keep: str | None = None) -> dict[str, Any]:
         def make() -> dict[str, Any]:
-            out, loop = self.erase(name, [concept], seed, {"keep": [keep]} if keep else {})
+            out, report = self.erase(name, [concept], seed, {"keep": [keep]} if keep else {})
             if not keep:
                 self.patches[f"{name}/{concept}/{seed}"] = out
-            return self.judge(concept, [out], {concept}, keep) | {"loop_s": round(loop, 2)}
+            return (
+                self.judge(concept, [out], {concept}, keep)
+                | _drift(report)
+                | {"held_drift": self.held_drift(concept, out)}
+            )
 
         return self.cell(f"{'keep' if keep else 'single'}/{name}/{concept}/{seed}", make)
 
@@ -128,9 +160,9 @@ class Runner:
         keys = [f"multi/{name}/{c}/{seed}" for c in concepts]
         if all(k in self.done for k in keys):
             return [self.done[k] for k in keys]
-        out, loop = self.erase(name, concepts, seed, {})
+        out, report = self.erase(name, concepts, seed, {})
         return [
-            self.cell(k, lambda c=c: self.judge(c, [out], set(concepts)) | {"loop_s": round(loop, 2)})
+            self.cell(k, lambda c=c: self.judge(c, [out], set(concepts)) | _drift(report))
             for k, c in zip(keys, concepts)
         ]
 
@@ -154,13 +186,26 @@ class Runner:
         return [self.cell(k, lambda c=c: self.judge(c, patches, set(concepts))) for k, c in zip(keys, concepts)]
 
 
+def _drift(report: Any) -> dict[str, Any]:
+    return {"loop_s": round(report.loop_seconds, 2), "empty_prompt_drift": report.empty_prompt_drift}
+
+
+def _worst(rows: list[dict[str, Any]], field: str) -> str:
+    """The largest drift of each output over ``rows``, e.g. "hidden 0.012, pooled 0.031"."""
+    worst: dict[str, float] = {}
+    for r in rows:
+        for k, v in (r.get(field) or {}).items():
+            worst[k] = max(worst.get(k, 0.0), v)
+    return ", ".join(f"{k} {v:.3f}" for k, v in worst.items()) or "-"
+
+
 def summary(rows: list[dict[str, Any]], section: str, names: list[str], concepts: list[str]) -> list[str]:
     lines = [
         f"### {section}",
         "",
         "| recipe | concept | passed | target after (max) | worst neighbour pp | worst attribute pp "
-        "| paraphrases after (max) | median loop s | failures |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| paraphrases after (max) | median loop s | empty-prompt drift (max) | held drift (max) | failures |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for name in names:
         for c in concepts:
@@ -177,13 +222,15 @@ def summary(rows: list[dict[str, Any]], section: str, names: list[str], concepts
                 f"| {name} | {c} | {sum(not r['fails'] for r in got)}/{len(got)} "
                 f"| {100 * max(r['target_after'] for r in got):.0f}% "
                 f"| {min(neighbours, default=0):+.1f} | {min(attrs, default=0):+.1f} "
-                f"| {f'{100 * max(para):.0f}%' if para else '-'} | {loop} | {fails} |"
+                f"| {f'{100 * max(para):.0f}%' if para else '-'} | {loop} "
+                f"| {_worst(got, 'empty_prompt_drift')} | {_worst(got, 'held_drift')} | {fails} |"
             )
     return lines + [""]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy-sd", choices=sorted(BUILTIN_MODELS), help="the built-in model to erase")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument(
         "--bar-recipes",
@@ -224,14 +271,12 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown recipe or section {unknown[0]!r}")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     overrides = json.loads(args.set)
     if args.extra_anchors:
         from erasekit.checkpoints.pipeline import model_settings
 
-        anchors = model_settings(builtin_model_path()).get("erase", {}).get("anchor_prompts") or []
+        anchors = model_settings(builtin_model_path(args.model)).get("erase", {}).get("anchor_prompts") or []
         overrides["anchor_prompts"] = list(anchors) + args.extra_anchors.split("|")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +286,7 @@ def main() -> int:
     )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        run = Runner(builtin_model_path(), args.n, out, Path(tmp), overrides)
+        run = Runner(builtin_model_path(args.model), args.n, out, Path(tmp), overrides)
         for s in seeds:
             if "single" in sections:
                 for name in names:

@@ -277,8 +277,12 @@ def test_training_smoke_run(tmp_path: Path) -> None:
 
     from erasekit.toyworld.train import main
 
-    report = main(["--out", str(tmp_path), "--seed", "1", "--smoke", "--family", "sdxl"])
+    report = main(
+        ["--out", str(tmp_path), "--seed", "1", "--smoke", "--family", "sdxl", "--p-tokens-empty", "0.2"]
+        + ["--p-pooled-empty", "0"]
+    )
     assert report["family"] == "sdxl" and report["vae"]["scaling_factor"] == 0.53021
+    assert (report["sdxl"]["p_tokens_empty"], report["sdxl"]["p_pooled_empty"]) == (0.2, 0.0)
     assert not (tmp_path / "judge.safetensors").exists()  # the shipped judge and VAE are reused
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True)
     assert pipe.config.force_zeros_for_empty_prompt is False

@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -389,14 +389,15 @@ class SDToy:
         save_pipeline(vae, self.te, self.unet, tokenizer_dir, out)
 
 
-def make_toy(family: str, s: Settings, tokenizer_dir: Path, device: str):
-    """The family's trained parts, initialised from torch's global generator (seeded by the caller)."""
+def make_toy(family: str, s: Settings, tokenizer_dir: Path, device: str, sdxl: Any = None):
+    """The family's trained parts, initialised from torch's global generator (seeded by the caller); ``sdxl``: the
+    sdxl family's ``SDXLSettings``."""
     if family == "sd":
         return SDToy(s, tokenizer_dir, device)
-    from .train_sdxl import SDXLSettings, SDXLToy
+    from .train_sdxl import SDXLToy
 
     te1 = make_text_encoder(s)
-    return SDXLToy(unet_kwargs(s), te1, TokenIds(tokenizer_dir, device), SDXLSettings(), s.seed + 9, device)
+    return SDXLToy(unet_kwargs(s), te1, TokenIds(tokenizer_dir, device), sdxl, s.seed + 9, device)
 
 
 def train_diffusion(
@@ -411,13 +412,14 @@ def train_diffusion(
     device: str,
     family: str = "sd",
     vae_dir: Path | None = None,
+    sdxl: Any = None,
 ):
-    """Train the UNet and the text encoder(s) of ``family`` (``sd`` or ``sdxl``) and save the EMA weights as a
-    pipeline in ``model_dir``; ``vae_dir``: a VAE folder the sdxl family copies in as it is."""
+    """Train the UNet and the text encoder(s) of ``family`` (``sd`` or ``sdxl``, with its ``SDXLSettings``) and save
+    the EMA weights as a pipeline in ``model_dir``; ``vae_dir``: a VAE folder the sdxl family copies in as it is."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(s.seed + 5)
-    toy = make_toy(family, s, tokenizer_dir, device)
+    toy = make_toy(family, s, tokenizer_dir, device, sdxl)
     unet = toy.unet
     noise_sched = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
@@ -535,6 +537,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--train-vae", action="store_true", help="sdxl: train a VAE instead of reusing the shipped one")
     ap.add_argument("--train-judge", action="store_true", help="sdxl: train a judge instead of reusing the shipped one")
+    ap.add_argument(
+        "--p-tokens-empty", type=float, default=None, help="sdxl: share of rows conditioned on the pooled path alone"
+    )
+    ap.add_argument(
+        "--p-pooled-empty", type=float, default=None, help="sdxl: share of rows conditioned on the token states alone"
+    )
     args = ap.parse_args(argv)
 
     s = Settings(seed=args.seed)
@@ -566,10 +574,16 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "times_s": {},
     }
+    sdxl = None
     if args.family == "sdxl":
         from .train_sdxl import SDXLSettings
 
-        report.update(family="sdxl", sdxl=asdict(SDXLSettings()))
+        sdxl = SDXLSettings()
+        if args.p_tokens_empty is not None:
+            sdxl.p_tokens_empty = args.p_tokens_empty
+        if args.p_pooled_empty is not None:
+            sdxl.p_pooled_empty = args.p_pooled_empty
+        report.update(family="sdxl", sdxl=asdict(sdxl))
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -660,7 +674,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. UNet + text encoder
     t = time.time()
-    train_diffusion(s, lat_mean, lat_std, pool_y, scaling, tokenizer_dir, vae, model_dir, device, args.family, vae_dir)
+    train_diffusion(
+        s, lat_mean, lat_std, pool_y, scaling, tokenizer_dir, vae, model_dir, device, args.family, vae_dir, sdxl
+    )
     report["times_s"]["diffusion"] = round(time.time() - t, 1)
     # erasekit's recommended erase settings and the "toyworld" flag: start from the shipped model's
     shipped = shipped_settings(args.family)
