@@ -38,10 +38,11 @@ def test_the_recipe_tables_stacks_are_of_the_plain_single_patches(
         assert not Path(out).exists(), f"{out} written twice"
         Path(out).write_text("patch")
         made[Path(out)] = settings
-        return SimpleNamespace(loop_seconds=1.0)
+        return SimpleNamespace(loop_seconds=1.0, empty_prompt_drift={"hidden": 0.01})
 
     judged: list[list[Path]] = []
     monkeypatch.setattr(table, "erase_model", fake_erase)
+    monkeypatch.setattr(table.Runner, "held_drift", lambda self, concept, patch: {"hidden": 0.02})
     monkeypatch.setattr(
         table.Runner,
         "judge",
@@ -59,3 +60,19 @@ def test_the_recipe_tables_stacks_are_of_the_plain_single_patches(
     stacked = judged[4]
     assert [made[p].get("keep") for p in stacked] == [None, None] and stacked == [judged[0][0], judged[2][0]]
     assert len(made) == 6, "four singles and two sequential erases, each its own file"
+    assert run.done["single/anchored/circle/0"]["held_drift"] == {"hidden": 0.02}
+    assert run.done["keep/anchored/red/0"]["empty_prompt_drift"] == {"hidden": 0.01}
+
+
+def test_the_t5_real_size_bench_runs_at_tiny_size(tmp_path: Path) -> None:
+    """Its tiny run builds a T5 file, patches it in place and reverts it bit for bit (exit 0 only then)."""
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "t5_real_size.py"), "--quick", "--repeats", "1", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCH.parent,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| bit-exact revert (sha256) | yes |" in r.stdout and "| T5-XXL |" in r.stdout
+    assert not list(tmp_path.iterdir()), "the tiny file, its patch and its journal are removed"
