@@ -17,15 +17,7 @@ from erasekit.testing import make_checkpoint
 
 runner = CliRunner()
 Z = np.zeros((2, 2), np.float32)
-KINDS = {
-    "sd3": (
-        {
-            "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": Z,
-            "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight": Z,
-        },
-        "an SD3 model (MMDiT)",
-    ),
-    "flux": ({"double_blocks.0.img_attn.qkv.weight": Z, "single_blocks.0.linear1.weight": Z}, "a FLUX model"),
+KINDS = {  # FLUX.1 and SD3.x transformers without their encoders: tests/test_flux_sd3.py
     "lora": (
         {
             "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": Z,
@@ -75,8 +67,8 @@ def test_other_model_kinds_get_one_line_naming_what_they_look_like(kind: str, tm
         assert len(lines) == 1 and lines[0] == (
             f"error: {model.name} looks like {looks}"
             + (", not a whole model" if kind == "lora" else "")
-            + ", which erasekit does not erase or patch; erasekit supports SD1.x, SD2.x and SDXL checkpoints: one "
-            ".safetensors/.ckpt file, a diffusers folder or a model id"
+            + ", which erasekit does not erase or patch; erasekit supports SD1.x, SD2.x, SDXL, FLUX.1 and SD3.x "
+            "checkpoints: one .safetensors/.ckpt file, a diffusers folder or a model id"
         ), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [model.name] and model.read_bytes() == before
 

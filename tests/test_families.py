@@ -22,8 +22,9 @@ def test_every_family_names_what_exists() -> None:
     for f in FAMILIES.values():
         slots = [s.name for s in f.slots]
         assert len(slots) == len(set(slots)), f.name
+        required = {s.name for s in f.slots if not s.optional}
         for sf in f.single_files:
-            assert set(sf.encoders) == set(slots), (f.name, sf.layout)
+            assert required <= set(sf.encoders) <= set(slots), (f.name, sf.layout)
             assert all(naming in NAMINGS for naming, _ in sf.encoders.values()), (f.name, sf.layout)
         for ui, (_, naming) in f.ui_modules.items():
             assert naming in NAMINGS, (f.name, ui)
@@ -31,9 +32,12 @@ def test_every_family_names_what_exists() -> None:
         assert all((CONFIGS_DIR / name / "model_index.json").is_file() for name in f.bundled), f.name
         if f.told_apart:
             assert f.told_apart[0] in f.components, f.name
+        if f.conditioning:
+            assert set(f.conditioning.slots_read) <= set(slots), f.name
         if f.pipeline:
-            assert f.conditioning and set(f.conditioning.slots_read) <= set(slots), f.name
-            assert not f.bare and f.bundled, f.name
+            assert f.conditioning and not f.bare and f.bundled, f.name
+        assert set(f.uis) <= {"comfyui", "a1111", "diffusers"}, f.name
+        assert all(s.encoder.file for s in f.slots) if f.denoiser_alone else True, f.name  # named when refused
 
 
 def test_module_names_of_every_slot_read_back() -> None:

@@ -88,9 +88,9 @@ def test_a_missing_or_partial_id_offline_names_the_download_command(cache: Path)
         "org/missing@v2 is neither a local path nor in the Hugging Face cache, and downloads are off "
         "(HF_HUB_OFFLINE); download it once online: hf download org/missing --revision v2 "
         '--include "model_index.json" --include "erasekit.json" --include "scheduler/*" '
-        '--include "tokenizer/*" '
-        '--include "tokenizer_2/*" --include "unet/*" --include "vae/*" --include "text_encoder/*" '
-        '--include "text_encoder_2/*"'
+        '--include "tokenizer/*" --include "tokenizer_2/*" --include "tokenizer_3/*" --include "unet/*" '
+        '--include "vae/*" --include "transformer/*" --include "text_encoder/*" --include "text_encoder_2/*" '
+        '--include "text_encoder_3/*"'
     )
     with pytest.raises(
         ErasekitError, match=r"org/half lacks unet, vae, scheduler, tokenizer in the Hugging Face cache"

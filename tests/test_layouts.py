@@ -35,6 +35,14 @@ EXPECTED = {
         "conditioner.embedders.0.model.",
     ),
     "ckpt-sd1": ("single-file-sd1 (pickle)", "sd1", {"te": (32, 64, 2)}, "cond_stage_model.transformer.text_model."),
+    "diffusers-flux": ("diffusers", "flux", {"te1": (32, 64, 2), "te3": (32, 64, 2)}, ""),
+    "diffusers-sd3": ("diffusers", "sd3", {"te1": (32, 64, 2), "te2": (40, 80, 2), "te3": (32, 64, 2)}, ""),
+    "diffusers-sd3-no-t5": ("diffusers", "sd3", {"te1": (32, 64, 2), "te2": (40, 80, 2)}, ""),
+    "single-flux": ("single-file-flux", "flux", {"te1": (32, 64, 2), "te3": (32, 64, 2)}, None),
+    "single-sd3": ("single-file-sd3", "sd3", {"te1": (32, 64, 2), "te2": (40, 80, 2), "te3": (32, 64, 2)}, None),
+    "single-sd3-no-t5": ("single-file-sd3", "sd3", {"te1": (32, 64, 2), "te2": (40, 80, 2)}, None),
+    "clip-l-file": ("text-encoder-file", "clip-text", {"te": (32, 64, 2)}, "text_model."),
+    "clip-g-file": ("text-encoder-file", "clip-text", {"te": (40, 80, 2)}, "text_model."),
 }
 
 
@@ -46,7 +54,9 @@ def test_detects_every_layout(tmp_path: Path, layout: str) -> None:
     assert {s: e.dims for s, e in ckpt.encoders.items()} == dims
     if prefix is not None:
         assert all(e.prefix == prefix for e in ckpt.encoders.values())
-    assert len(ckpt.files) == (2 if layout in ("diffusers-sd1-fp16-variant", "diffusers-sdxl") else 1)
+    two = ("diffusers-sd1-fp16-variant", "diffusers-sdxl", "diffusers-flux", "diffusers-sd3-no-t5")
+    files = dict.fromkeys(two, 2) | {"diffusers-sd3": 3}  # one per encoder and weight variant
+    assert len(ckpt.files) == files.get(layout, 1)
 
 
 def test_variant_files_plain_first(tmp_path: Path) -> None:
@@ -168,17 +178,23 @@ def _with_index(folder: Path, **entries: object) -> None:
     (folder / "model_index.json").write_text(json.dumps(index | entries))
 
 
-def test_pipelines_of_families_not_patched_yet_are_refused(tmp_path: Path) -> None:
-    """A FLUX folder has SDXL's component names (its text_encoder_2 is a T5), an SD3 folder SDXL's plus
-    text_encoder_3: neither may be read as an SDXL pipeline, where `apply --force` would patch their CLIPs."""
+def test_flux_and_sd3_folders_are_never_read_as_sdxl(tmp_path: Path) -> None:
+    """A FLUX.1 folder has SDXL's component names (its text_encoder_2 is a T5), an SD3.x folder SDXL's plus
+    text_encoder_3, or SDXL's alone without its T5: none may be read as an SDXL pipeline, where `apply --force` would
+    patch their CLIPs. The pipeline class names the family where the components do not; pipelines of families not
+    patched yet are refused by their class."""
     flux = make_checkpoint(tmp_path / "flux", "diffusers-sdxl", "F16")
     _with_index(flux, _class_name="FluxPipeline")
+    with pytest.raises(LayoutError, match="text_encoder_2/model.safetensors does not look like a T5 text encoder"):
+        detect(flux)
     sd3 = make_checkpoint(tmp_path / "sd3", "diffusers-sdxl", "F16")
     make_checkpoint(sd3 / "text_encoder_3", "transformers-t5", "F16")
     _with_index(sd3, text_encoder_3=["transformers", "T5EncoderModel"])
-    for folder, what in ((flux, "a FLUX.1 pipeline (FluxPipeline)"), (sd3, "text encoders erasekit does not know")):
-        with pytest.raises(LayoutError) as e:
-            detect(folder)
-        assert what in str(e.value) and "does not patch yet" in str(e.value)
+    assert (detect(sd3).architecture, sorted(detect(sd3).encoders)) == ("sd3", ["te1", "te2", "te3"])
     _with_index(sd3, text_encoder_3=[None, None])  # a component the index leaves out is no encoder
     assert detect(sd3).architecture == "sdxl"
+    _with_index(sd3, _class_name="StableDiffusion3Pipeline")  # SD3.x without its T5
+    assert (detect(sd3).architecture, sorted(detect(sd3).encoders)) == ("sd3", ["te1", "te2"])
+    _with_index(flux, _class_name="Flux2Pipeline")
+    with pytest.raises(LayoutError, match=r"is a FLUX.2 pipeline \(Flux2Pipeline\), which erasekit does not patch yet"):
+        detect(flux)

@@ -1,9 +1,11 @@
 """Does a patch fit a checkpoint? Slot mapping, the tensors it touches, and the fingerprint verdict.
 
 One rule for every command that judges fit (apply, inspect --against, diff of two patches): same architecture,
-or kin families with the slots they share (SDXL base/refiner: ``Family.kin``), or a bare text encoder ("clip-text",
-"t5-text": ``Family.bare``) meeting the one encoder of its kind and equal FFN shapes; never a patch of one encoder
-kind (CLIP, T5) on an encoder of another. Torch-free.
+or kin families with the slots they share (SDXL base/refiner, FLUX.1/SD3.x: ``Family.kin``), or a bare text encoder
+("clip-text", "t5-text": ``Family.bare``) meeting the one encoder of its kind and equal FFN shapes; never a patch of
+one encoder kind (CLIP, T5) on an encoder of another. A patch of several encoders meets a bare one with the part of
+the one encoder that fits it (a FLUX.1 patch's T5 part on ``t5xxl_fp16.safetensors``); the rest is left for the
+other encoders' files, and :func:`crossing_note` says so. Torch-free.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import FingerprintMismatchError, IncompatiblePatchError
-from ..families import family, same_slots
+from ..families import family, listing, same_slots
 from ..families.base import EncoderKind
 from ..format.names import parse_module_name
 from ..format.patchfile import Patch, compare_fingerprint, fingerprint
@@ -24,14 +26,17 @@ STATUS_RANK = {"exact": 0, "approx": 1, "differs": 2}  # across weight variants,
 
 
 def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], where: str) -> dict[str, str]:
-    """Map the patch's encoder slots onto the target's, or raise :class:`IncompatiblePatchError`."""
+    """Map the patch's encoder slots onto the target's, or raise :class:`IncompatiblePatchError`. On a bare text
+    encoder, a patch of several encoders maps only the one that fits it (:func:`left_slots` are the rest)."""
     m = patch.manifest
-    used = sorted({parse_module_name(name)[0] for name in m.deltas})  # type: ignore[index]
+    used = _used(patch)
     parch = m.base.architecture
     if same_slots(parch, architecture):
         mapping = {s: s for s in used}
     elif family(architecture).bare and len(used) == 1:
         mapping = {used[0]: family(architecture).slots[0].name}
+    elif family(architecture).bare:
+        mapping = _part_for(patch, architecture, encoders, where)
     elif family(parch).bare and len(used) == 1:
         pe, kind = m.base.encoders[used[0]], _kind(parch, used[0])
         of_kind = [s for s in encoders if _kind(architecture, s) is kind]
@@ -72,6 +77,42 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
     return mapping
 
 
+def _used(patch: Patch) -> list[str]:
+    """The encoder slots a patch changes."""
+    return sorted({parse_module_name(name)[0] for name in patch.manifest.deltas})  # type: ignore[index]
+
+
+def _part_for(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], where: str) -> dict[str, str]:
+    """The one part of a patch of several encoders that fits the bare text encoder ``architecture`` (its kind and
+    FFN shapes), mapped onto it."""
+    m, target = patch.manifest, family(architecture).slots[0].name
+    ce = encoders.get(target)
+    fits = [
+        s
+        for s in _used(patch)
+        if _kind(m.base.architecture, s) is _kind(architecture, target)
+        and ce is not None
+        and (m.base.encoders[s].hidden, m.base.encoders[s].intermediate) == (ce.hidden, ce.intermediate)
+    ]
+    if len(fits) != 1:
+        titles = [_encoder_title(m.base.architecture, s) for s in _used(patch)]
+        raise IncompatiblePatchError(
+            f"patch '{m.title}' changes the {listing(titles)} of a {m.base.architecture} model, and "
+            f"{len(fits) or 'none'} of them fit{'s' if len(fits) == 1 else ''} {where}",
+            f"apply it to a {m.base.architecture} checkpoint, or to the file of one of those encoders",
+        )
+    return {fits[0]: target}
+
+
+def left_slots(patch: Patch, mapping: dict[str, str]) -> list[str]:
+    """The encoder slots of the patch that ``mapping`` leaves (a bare text encoder takes one part of it)."""
+    return [s for s in _used(patch) if s not in mapping]
+
+
+def _encoder_title(architecture: str, slot: str) -> str:
+    return f"{slot} ({family(architecture).slot(slot).encoder.title})"
+
+
 def _kind(architecture: str, slot: str) -> EncoderKind:
     """The kind of text encoder (CLIP, T5) that ``slot`` of ``architecture`` holds."""
     return family(architecture).slot(slot).encoder.kind
@@ -85,16 +126,29 @@ def _no_encoder_of(patch: Patch, kind: EncoderKind, where: str) -> IncompatibleP
 
 
 def crossing_note(patch: Patch, architecture: str, mapping: dict[str, str]) -> str | None:
-    """The line that says a patch crossed between a bare text encoder and a pipeline (the one rule, used by
-    apply, inspect --against and diff of two patches: same kind and FFN shapes, one encoder)."""
+    """The line that says a patch crossed families (the one rule, used by apply, inspect --against and diff of two
+    patches): between a bare text encoder and a pipeline (same kind and FFN shapes, one encoder), or between kin
+    families (slot for slot), and which of its parts it leaves for other files; None where it did neither."""
     parch = patch.manifest.base.architecture
-    if parch == architecture or not (family(parch).bare or family(architecture).bare):
+    if parch == architecture:
         return None
     pairs = ", ".join(f"{p} -> {c}" for p, c in sorted(mapping.items()))
-    return (
-        f"patch '{patch.title}' was made for {parch} and goes to a {architecture} model by matching FFN shapes "
-        f"(encoder {pairs})"
+    how = (
+        f"by matching FFN shapes (encoder {pairs})"
+        if family(parch).bare or family(architecture).bare
+        else f"slot for slot ({', '.join(sorted(mapping))}); its base fingerprints tell whether the encoders are "
+        "the same"
     )
+    note = f"patch '{patch.title}' was made for {parch} and goes to a {architecture} model {how}"
+    left = left_slots(patch, mapping)
+    if left:
+        files = listing([family(parch).slot(s).encoder.file or f"the {s} encoder's file" for s in left])
+        note += (
+            f"; its {listing([_encoder_title(parch, s) for s in left])} part"
+            f"{'s are' if len(left) > 1 else ' is'} left for {files}: apply the patch to "
+            f"{'those' if len(left) > 1 else 'that'} too"
+        )
+    return note
 
 
 @dataclass(frozen=True)
@@ -109,8 +163,11 @@ class Touch:
 
 
 def touches(patch: Patch, mapping: dict[str, str]) -> list[Touch]:
+    """The base tensors of the target the patch changes: those of the slots ``mapping`` maps."""
     out = []
     for module, slot, layer, proj in patch.modules():
+        if slot not in mapping:
+            continue
         kinds = ("weight", "bias") if patch.manifest.deltas[module].bias else ("weight",)
         out += [Touch(module, k, mapping[slot], layer, proj) for k in kinds]
     return out

@@ -292,9 +292,10 @@ def compare_patches(a: Patch, b: Patch) -> DiffReport:
     report = DiffReport("patches", str(a.path or a.title), str(b.path or b.title), a.manifest.base.architecture)
     note = crossing_note(b, a.manifest.base.architecture, mapping)
     report.notes += [note] if note else []
-    b_as_a = {module_name(mapping[s], layer, p): m for m, s, layer, p in b.modules()}
+    b_mapped = [(m, s, layer, p) for m, s, layer, p in b.modules() if s in mapping]  # A bare: one part of B
+    b_as_a = {module_name(mapping[s], layer, p): m for m, s, layer, p in b_mapped}
     mods = {m: (s, layer, p) for m, s, layer, p in a.modules()}
-    mods |= {module_name(mapping[s], layer, p): (mapping[s], layer, p) for _, s, layer, p in b.modules()}
+    mods |= {module_name(mapping[s], layer, p): (mapping[s], layer, p) for _, s, layer, p in b_mapped}
     for m in sorted(mods, key=lambda x: (mods[x][0], mods[x][1], mods[x][2])):
         s, layer, p = mods[m]
         da = a.weight_factors(m) if m in a.manifest.deltas else None  # factors, never multiplied out

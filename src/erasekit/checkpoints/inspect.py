@@ -217,7 +217,7 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
     except ErasekitError as e:
         return str(e)
     crossing = crossing_note(patch, ckpt.architecture, mapping)
-    for row in rows:
+    for row in (row for row in rows if row.encoder in mapping):  # a bare encoder takes one part of the patch
         wf = next(f for f in ckpt.files if mapping[row.encoder] in f.encoders)
         w = wf.read_numpy(wf.encoders[mapping[row.encoder]].key(row.layer, row.proj, "weight"))
         n = float(np.linalg.norm(w.astype(np.float64)))
@@ -309,8 +309,9 @@ def inspect_path(
 
 
 def _config_of(ckpt: Checkpoint) -> str | None:
-    """What a single file would be loaded with (folders carry their own configs)."""
-    if ckpt.path.is_dir() or family(ckpt.architecture).bare:
+    """What a single file would be loaded with (folders carry their own configs; none where erasekit does not run
+    the family)."""
+    if ckpt.path.is_dir() or not family(ckpt.architecture).bundled:
         return None
     try:
         return choose_config(ckpt).describe()

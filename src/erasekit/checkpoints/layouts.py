@@ -289,8 +289,6 @@ _LOOKS_LIKE = (
             x.startswith(("lora_", "lycoris_")) or ".lora_up." in x or ".lora_A." in x or ".hada_w1" in x for x in k
         ),
     ),
-    ("an SD3 model (MMDiT)", lambda k, m: any(".joint_blocks." in x or x.startswith("joint_blocks.") for x in k)),
-    ("a FLUX model", lambda k, m: any("double_blocks." in x for x in k) and any("single_blocks." in x for x in k)),
     (
         "a textual-inversion embedding",
         lambda k, m: (
@@ -322,6 +320,34 @@ def looks_like(names: Any, metadata: dict[str, str]) -> str | None:
     return next((what for what, test in _LOOKS_LIKE if test(names, metadata)), None)
 
 
+def _denoiser_alone(names: list[str]) -> Family | None:
+    """The family whose denoiser alone a file of tensors ``names`` holds (``Family.denoiser_alone``: FLUX.1's
+    ``double_blocks.`` and ``single_blocks.``, at the start of a key or after a prefix); None if none."""
+    has = lambda part: any(x.startswith(part) or f".{part}" in x for x in names)  # noqa: E731
+    return next((f for f in FAMILIES.values() if f.denoiser_alone and all(map(has, f.denoiser_alone))), None)
+
+
+def _no_encoders_in(path: Path, wf: WeightFile, info: dict[str, Any]) -> LayoutError:
+    """The error for a single file without text encoders erasekit knows: for a denoiser alone, the encoder files to
+    patch instead; else what the file looks like, or what erasekit reads."""
+    fam = _denoiser_alone(list(info))
+    if fam is not None:
+        files = [s.encoder.file for s in fam.slots]
+        return LayoutError(
+            f"{path.name} holds a {fam.title} {fam.parts[0][0]} but no text encoders",
+            f"patch the text-encoder files it is used with instead ({listing(files)}), or a model folder",
+        )
+    looks = looks_like(info, wf.header.metadata if wf.format == "safetensors" else {})
+    return LayoutError(
+        f"{path.name} looks like {looks}, which erasekit does not erase or patch"
+        if looks
+        else f"{path} has no text encoder FFN tensors erasekit knows "
+        f"({len(info)} tensors; neither {listing([*lines(), *(f'a {f.title}' for f in BARE)], 'nor')})",
+        f"erasekit supports {listing(lines())} checkpoints: one .safetensors/.ckpt file, a "
+        "diffusers folder or a model id",
+    )
+
+
 def with_slot(spec: EncoderSpec, slot: str) -> EncoderSpec:
     return EncoderSpec(slot, spec.style, spec.prefix, spec.hidden, spec.intermediate, spec.layers)
 
@@ -331,15 +357,7 @@ def _detect_single_file(path: Path) -> Checkpoint:
     info = wf.tensor_info()
     found = {k: v for k, v in find_encoders(info, only=_SINGLE_FILE_ENCODERS).items() if v is not None}
     if not found:
-        looks = looks_like(info, wf.header.metadata if wf.format == "safetensors" else {})
-        raise LayoutError(
-            f"{path.name} looks like {looks}, which erasekit does not erase or patch"
-            if looks
-            else f"{path} has no text encoder FFN tensors erasekit knows "
-            f"({len(info)} tensors; neither {listing([*lines(), *(f'a {f.title}' for f in BARE)], 'nor')})",
-            f"erasekit supports {listing(lines())} checkpoints: one .safetensors/.ckpt file, a "
-            "diffusers folder or a model id",
-        )
+        raise _no_encoders_in(path, wf, info)
     family, layout = _single_file_layout(path, set(found), info)
     wf.encoders = {slot: with_slot(found[where], slot) for slot, where in layout.encoders.items()}
     return Checkpoint(path, layout.layout, family.name, [wf])
@@ -443,8 +461,9 @@ def _detect_pipeline_folder(path: Path) -> Checkpoint:
         return isinstance(v, list) and len(v) == 2 and v[0] is not None and (path / component).is_dir()
 
     present = [c for c in ENCODER_COMPONENTS if has(c)]
-    _refuse_unknown_pipeline(path, str(index.get("_class_name", "")), [c for c in index if has(c)], present)
-    family = by_components(present, lambda component, key: _config_json(path / component).get(key))
+    class_name = str(index.get("_class_name", ""))
+    _refuse_unknown_pipeline(path, class_name, [c for c in index if has(c)], present)
+    family = by_components(present, lambda component, key: _config_json(path / component).get(key), class_name)
     if family is None:
         raise LayoutError(
             f"diffusers folder {path} has "
@@ -455,7 +474,12 @@ def _detect_pipeline_folder(path: Path) -> Checkpoint:
             ),
             "erasekit edits the text encoder; name a pipeline that has one",
         )
-    files = [wf for slot in family.slots for wf in _encoder_folder_files(path, slot.component, slot)]
+    files = [
+        wf
+        for slot in family.slots
+        if slot.component in present
+        for wf in _encoder_folder_files(path, slot.component, slot)
+    ]
     dims = {(slot, enc.dims) for f in files for slot, enc in f.encoders.items()}
     if len(dims) != len({slot for slot, _ in dims}):
         raise LayoutError(
@@ -465,8 +489,8 @@ def _detect_pipeline_folder(path: Path) -> Checkpoint:
 
 
 def _refuse_unknown_pipeline(path: Path, class_name: str, components: list[str], known: list[str]) -> None:
-    """Refuse a pipeline of a family erasekit does not patch yet, named by its class (FLUX's text encoders have
-    SDXL's component names) or holding a text encoder component no family has (SD3's ``text_encoder_3``)."""
+    """Refuse a pipeline of a family erasekit does not patch yet, named by its class (FLUX.2's text encoder has
+    SD1.x's component name) or holding a text encoder component no family has."""
     line = not_yet(class_name)
     unknown = [c for c in components if c.startswith("text_encoder") and c not in known]
     if line is None and not unknown:

@@ -1,4 +1,5 @@
-"""Apply patches to in-memory models (a diffusers pipeline or a CLIPTextModel) and revert them exactly.
+"""Apply patches to in-memory models (a diffusers pipeline, a CLIPTextModel or a T5EncoderModel) and revert them
+exactly.
 
 The original values of every touched tensor are kept on the model (``_erasekit_applied``), so a revert restores
 them rather than subtracting. :func:`patches_applied` applies a list for a ``with`` block and always gives the
@@ -18,7 +19,7 @@ from ..families import BARE, ENCODER_COMPONENTS, bare_by_class, of_pipeline
 from ..families.base import Slot
 from ..format.patchfile import Patch, fingerprint
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
-from .compat import Touch, judge_fingerprints, order_notes, slot_map, touches
+from .compat import Touch, crossing_note, judge_fingerprints, order_notes, slot_map, touches
 from .layouts import EncoderSpec, check_patchable, transformers_encoder
 
 
@@ -64,7 +65,9 @@ def memory_encoders(model: Any) -> tuple[str, dict[str, tuple[Any, EncoderSpec]]
             "pass a Stable Diffusion pipeline",
         )
     return family.name, {
-        s.name: (getattr(model, s.component), _spec_of(getattr(model, s.component), s)) for s in family.slots
+        s.name: (getattr(model, s.component), _spec_of(getattr(model, s.component), s))
+        for s in family.slots
+        if getattr(model, s.component, None) is not None  # SD3.x without its T5
     }
 
 
@@ -124,6 +127,7 @@ def apply_patch(
         stack = []
         object.__setattr__(model, _MEMORY_ATTR, stack)
     notes = order_notes([patch], stack)
+    crossing = crossing_note(patch, arch, mapping)
     stack.append({"patch_id": patch.patch_id, "title": patch.title, "strength": strength, "originals": originals})
     written = sum(t.numel() * t.element_size() for t in news.values())
     return ApplyReport(
@@ -135,7 +139,7 @@ def apply_patch(
         [AppliedPatch(patch.title, patch.patch_id, strength, len(news), status, differing)],
         written,
         time.perf_counter() - t0,
-        list(patch.warnings) + notes,
+        list(patch.warnings) + ([crossing] if crossing else []) + notes,
     )
 
 

@@ -118,7 +118,10 @@ def sd2_prediction(ckpt: Checkpoint) -> tuple[str, str]:
 
 def prediction_of(ckpt: Checkpoint) -> str | None:
     """The prediction type of a checkpoint where it can be told without loading it: a folder's scheduler config,
-    an SD2.x single file's metadata or weights, the reference of other single files; None for text encoders."""
+    an SD2.x single file's metadata or weights, the reference of other single files; None for text encoders and
+    flow-matching models (FLUX.1, SD3.x), which predict neither noise nor v."""
+    if family(ckpt.architecture).flow_matching:
+        return None
     if ckpt.path.is_dir():
         cfg = ckpt.path / "scheduler" / "scheduler_config.json"
         return read_json(cfg).get("prediction_type", "epsilon") if cfg.is_file() else None
@@ -134,6 +137,10 @@ def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> Conf
         raise LayoutError(
             f"{ckpt.path.name} holds only a {fam.title}, no UNet or VAE",
             "name a whole Stable Diffusion checkpoint (a text-encoder file can be patched, not run)",
+        )
+    if not fam.bundled:
+        raise LayoutError(
+            f"erasekit has no configs to load a {fam.title} single file with", f"{fam.why_not_run or 'patch it only'}"
         )
     if len(fam.bundled) > 1:
         pred, reason = (prediction_type, "as given") if prediction_type else sd2_prediction(ckpt)
@@ -235,13 +242,15 @@ def config_architecture(config: Path) -> tuple[str, dict[str, dict[str, Any]]]:
         if not (config / name / "config.json").is_file():
             raise LayoutError(f"config {config} lacks {name}/config.json", "name a complete diffusers pipeline folder")
         configs[name] = read_json(config / name / "config.json")
-    fam = by_components(names, lambda component, key: configs[component].get(key))  # as layouts._detect_folder
+    fam = by_components(  # as layouts._detect_folder
+        names, lambda component, key: configs[component].get(key), str(index.get("_class_name", ""))
+    )
     if fam is None:
         raise LayoutError(
             f"config {config} has text encoders {', '.join(names)}, of no family erasekit knows",
             "name the diffusers pipeline folder of a Stable Diffusion model",
         )
-    return fam.name, {slot.name: configs[slot.component] for slot in fam.slots}
+    return fam.name, {slot.name: configs[slot.component] for slot in fam.slots if slot.component in configs}
 
 
 def native_resolution(

@@ -47,6 +47,10 @@ class Conditioner:
 
     def __init__(self, pipe: Any, resolution: int, encoders: Sequence[str] | None) -> None:
         family = of_pipeline(pipe)
+        if family is not None and family.pipeline is None:  # FLUX.1, SD3.x: their conditioning is data, not run yet
+            raise ErasekitError(
+                f"erase cannot run a {family.title} pipeline ({type(pipe).__name__})", family.why_not_run
+            )
         if family is None or family.conditioning is None:
             raise ErasekitError(
                 f"erase cannot run this {type(pipe).__name__}",
@@ -108,9 +112,10 @@ class Conditioner:
             outs[slot] = te(self._token_ids(tok, prompts, device), output_hidden_states=penultimate)
         hidden = [outs[s].hidden_states[-2] if penultimate else outs[s][0] for s in reads.hidden_from]
         cond = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]
-        if reads.pooled_from is None:
+        if not reads.pooled_from:
             return cond, None
-        added = {"text_embeds": outs[reads.pooled_from].text_embeds}
+        pooled = [outs[s].text_embeds if reads.pooled_projected else outs[s].pooler_output for s in reads.pooled_from]
+        added = {"text_embeds": torch.cat(pooled, dim=-1) if len(pooled) > 1 else pooled[0]}
         if reads.size_ids:
             r = self.resolution
             size = torch.tensor([[r, r, 0, 0, r, r]], dtype=hidden[0].dtype, device=device)

@@ -71,7 +71,7 @@ def prepare_erase(
     from ..checkpoints.hub import resolve_model
     from ..checkpoints.layouts import detect
     from ..checkpoints.model_configs import native_resolution
-    from ..checkpoints.pipeline import model_settings
+    from ..checkpoints.pipeline import model_settings, runnable_family
     from ..format.patchfile import load_patch
     from ..toyworld import builtin_model_path
 
@@ -79,6 +79,7 @@ def prepare_erase(
         raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     model = resolve_model(model) if model is not None else builtin_model_path()
     ckpt = detect(model)  # its files' headers: a truncated or foreign file is refused before anything runs
+    runnable_family(ckpt)  # FLUX.1, SD3.x, a text encoder alone: refused before its configs are read
     settings = model_settings(model)
     sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):

@@ -1,5 +1,5 @@
 """Architectures as data: one module per family (:mod:`.sd1`, :mod:`.sd2`, :mod:`.sdxl`, :mod:`.sdxl_refiner`,
-:mod:`.clip_text`, :mod:`.t5_text`) and one per text-encoder kind (:mod:`.encoders.clip`, :mod:`.encoders.t5`),
+:mod:`.flux`, :mod:`.sd3`, :mod:`.clip_text`, :mod:`.t5_text`) and one per text-encoder kind (:mod:`.encoders.clip`, :mod:`.encoders.t5`),
 read by everything that names, finds, loads, conditions on or exports a model's text encoders. Adding a family is
 one new module, listed in :data:`FAMILIES` (docs/architecture.md says what it holds). Torch-free, no I/O.
 """
@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from . import clip_text, sd1, sd2, sdxl, sdxl_refiner, t5_text
+from . import clip_text, flux, sd1, sd2, sd3, sdxl, sdxl_refiner, t5_text
 from .base import Family
 from .encoders import KIND_OF_PROJECTION
 
 # in the order messages and manifests list them
-FAMILIES: dict[str, Family] = {f.FAMILY.name: f.FAMILY for f in (sd1, sd2, sdxl, sdxl_refiner, clip_text, t5_text)}
+FAMILIES: dict[str, Family] = {
+    f.FAMILY.name: f.FAMILY for f in (sd1, sd2, sdxl, sdxl_refiner, flux, sd3, clip_text, t5_text)
+}
 PIPELINES = [f for f in FAMILIES.values() if not f.bare]
 BARE = [f for f in FAMILIES.values() if f.bare]  # text encoders on their own
 # the pipeline components of text encoders and their tokenizers, in the order families list them
@@ -23,10 +25,9 @@ TOKENIZER_COMPONENTS = tuple(dict.fromkeys(s.tokenizer for f in PIPELINES for s 
 
 
 # diffusers pipeline classes (by their name's start) of families erasekit does not patch yet; their text encoders
-# share component names with the families above (FLUX's text_encoder_2 is a T5, SD3 adds text_encoder_3)
+# may share component names with the families above (FLUX.2's text_encoder is no CLIP)
 NOT_YET: dict[str, str] = {
-    "Flux": "FLUX.1",
-    "StableDiffusion3": "SD3.x",
+    "Flux2": "FLUX.2",
     "QwenImage": "Qwen-Image",
     "HiDream": "HiDream",
     "Lumina": "Lumina",
@@ -47,21 +48,36 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def by_components(components: Collection[str], setting: Callable[[str, str], Any]) -> Family | None:
-    """The pipeline family whose text encoders are exactly ``components`` (in a model folder, a config folder or a
-    loaded pipeline), told apart where several are by ``setting(component, key)``, a value of that encoder's config;
-    None if none."""
-    same = [f for f in PIPELINES if set(f.components) == set(components)]
-    for f in sorted(same, key=lambda f: f.told_apart is None):
+def by_components(
+    components: Collection[str], setting: Callable[[str, str], Any], class_name: str = ""
+) -> Family | None:
+    """The pipeline family whose text encoders are ``components`` (in a model folder, a config folder or a loaded
+    pipeline): the one its diffusers ``class_name`` names (``Family.diffusers_classes``: SD3.x without T5 has SDXL's
+    components), else the one of those components, told apart where several are by ``setting(component, key)``, a
+    value of that encoder's config, and else a family not known by its class names; None if none."""
+    named = [f for f in PIPELINES if _named_by(f, class_name)]
+    if named:
+        return next((f for f in named if f.has_encoders(components)), None)
+    same = [f for f in PIPELINES if f.has_encoders(components)]
+    for f in sorted(same, key=lambda f: (f.told_apart is None, bool(f.diffusers_classes))):
         if f.told_apart is None or setting(*f.told_apart[:2]) == f.told_apart[2]:
             return f
     return None
 
 
+def _named_by(f: Family, class_name: str) -> bool:
+    """Whether a diffusers pipeline class (``FluxImg2ImgPipeline``) is one of ``f``'s (never one of a family not
+    patched yet: ``Flux2Pipeline``)."""
+    return bool(f.diffusers_classes) and class_name.startswith(f.diffusers_classes) and not_yet(class_name) is None
+
+
 def of_pipeline(pipe: Any) -> Family | None:
-    """The family of a loaded diffusers pipeline, from the text-encoder components it has (and their configs)."""
+    """The family of a loaded diffusers pipeline, from its class and the text-encoder components it has (and their
+    configs)."""
     present = [c for c in ENCODER_COMPONENTS if getattr(pipe, c, None) is not None]
-    return by_components(present, lambda c, key: getattr(getattr(getattr(pipe, c), "config", None), key, None))
+    return by_components(
+        present, lambda c, key: getattr(getattr(getattr(pipe, c), "config", None), key, None), type(pipe).__name__
+    )
 
 
 def bare_by_class(names: Collection[str]) -> Family | None:
@@ -96,5 +112,5 @@ def listing(words: Sequence[str], last: str = "and") -> str:
 
 
 def lines() -> list[str]:
-    """The model lines erasekit supports (SD1.x, SD2.x, SDXL), as messages list them."""
+    """The model lines erasekit supports (SD1.x, SD2.x, SDXL, FLUX.1, SD3.x), as messages list them."""
     return list(dict.fromkeys(f.line for f in FAMILIES.values() if f.line))

@@ -1,6 +1,6 @@
 """The shapes of the data that says what an architecture family and a text-encoder kind are.
 
-An :class:`EncoderKind` (CLIP; T5 next) says what one layer's FFN holds and how files spell its keys; an
+An :class:`EncoderKind` (CLIP, T5) says what one layer's FFN holds and how files spell its keys; an
 :class:`Encoder` is one trained model of a kind (CLIP ViT-L, OpenCLIP ViT-bigG); a :class:`Family` (SD1.x, SDXL
 base, a CLIP text encoder alone) says which encoders sit in which slots, where its files and pipelines keep them,
 how it is recognised, and what its denoiser reads. Plain frozen data and string formatting: no torch, no I/O.
@@ -9,6 +9,7 @@ how it is recognised, and what its denoiser reads. Plain frozen data and string 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -105,6 +106,7 @@ class Encoder:
     kind: EncoderKind
     largest: Dims  # the largest such encoder: a patch's manifest claiming more is refused before a tensor is read
     pad_token: str | None = None  # what its tokenizer pads a prompt with
+    file: str = ""  # the file UI users keep it in on its own (ComfyUI's models/text_encoders/clip_l.safetensors)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Slot:
     encoder: Encoder
     component: str = "text_encoder"  # the pipeline's component (folder and attribute) that holds it
     tokenizer: str = "tokenizer"  # the component of its tokenizer
+    optional: bool = False  # a pipeline or single file of the family may be without it (SD3.x's T5)
 
 
 @dataclass(frozen=True)
@@ -130,31 +133,40 @@ class SingleFile:
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What the denoiser reads from the text encoders."""
+    """What the denoiser reads from the text encoders: token states (a sequence it attends to) and pooled
+    embeddings (one vector per prompt)."""
 
-    hidden_from: tuple[str, ...]  # slots whose hidden states it cross-attends to, joined along the features
+    hidden_from: tuple[str, ...]  # slots whose hidden states it reads as tokens, joined along the features
     # "last": the encoder's output (after its final layer norm); "penultimate": the hidden states before the last layer
     hidden_layer: Literal["last", "penultimate"] = "last"
-    pooled_from: str | None = None  # the slot whose pooled (projected) embedding it also reads
+    # slots whose last hidden states follow those tokens along the sequence (SD3.x's T5 after its two CLIPs'), the
+    # joined CLIP features zero-padded to their width first
+    sequence_from: tuple[str, ...] = ()
+    pooled_from: tuple[str, ...] = ()  # slots whose pooled embeddings it also reads, joined along the features
+    # whether a pooled embedding is taken after the encoder's text projection (``text_embeds``: SDXL, SD3.x) or
+    # before it (``pooler_output``, the final-layer-normed end-of-text state: FLUX.1's CLIP-L)
+    pooled_projected: bool = True
     size_ids: bool = False  # SDXL's size conditioning (original size, crop, target size), from no encoder
 
     @property
     def slots_read(self) -> tuple[str, ...]:
-        """Every slot it reads from, those of the hidden states first."""
-        pooled = (self.pooled_from,) if self.pooled_from else ()
-        return tuple(dict.fromkeys((*self.hidden_from, *pooled)))
+        """Every slot it reads from, those of the tokens first."""
+        return tuple(dict.fromkeys((*self.hidden_from, *self.sequence_from, *self.pooled_from)))
 
     def layers_read(self, slot: str, layers: int) -> list[int]:
-        """The layers of ``slot`` (of ``layers``) whose change reaches the denoiser: the pooled embedding is read
+        """The layers of ``slot`` (of ``layers``) whose change reaches the denoiser: a pooled embedding is read
         after the last layer, penultimate hidden states before it."""
-        return list(range(layers if slot == self.pooled_from else self._hidden_layers(slot, layers)))
+        return list(range(layers if slot in self.pooled_from else self._hidden_layers(slot, layers)))
 
     def pooled_only(self, slot: str, layer: int, layers: int) -> bool:
-        """Whether ``layer`` reaches the denoiser only through ``slot``'s pooled embedding."""
-        return slot == self.pooled_from and layer >= self._hidden_layers(slot, layers)
+        """Whether ``layer`` reaches the denoiser only through ``slot``'s pooled embedding (every layer of FLUX.1's
+        CLIP-L, whose tokens it does not read)."""
+        return slot in self.pooled_from and layer >= self._hidden_layers(slot, layers)
 
     def _hidden_layers(self, slot: str, layers: int) -> int:
-        """How many of ``slot``'s layers the hidden states the denoiser reads have passed through."""
+        """How many of ``slot``'s layers the token states the denoiser reads have passed through."""
+        if slot in self.sequence_from:
+            return layers
         if slot not in self.hidden_from:
             return 0
         return layers - 1 if self.hidden_layer == "penultimate" else layers
@@ -180,15 +192,23 @@ class Family:
     told_apart: tuple[str, str, str] | None = None
     kin: tuple[str, ...] = ()  # families whose patches fit this one slot for slot (the SDXL refiner and base)
     pipeline: str | None = None  # the diffusers pipeline class erase and generate load it with; None: they cannot
+    # the starts of the class names of its diffusers pipelines, where its encoders' components and configs alone do
+    # not tell it (an SD3.x folder without its T5 has SDXL's); a folder or pipeline of such a class is this family
+    diffusers_classes: tuple[str, ...] = ()
     why_not_run: str = ""  # where they cannot: why, and what to run instead
     safety_checker: bool = False  # whether that pipeline has a safety checker (loaded without one)
     parts: tuple[tuple[str, str], ...] = LDM_PARTS  # what its single files hold besides the encoders
+    # what a file of its denoiser alone holds (every one of these key parts; BFL's flux1-dev.safetensors): such a
+    # file is refused with the encoder files to patch instead
+    denoiser_alone: tuple[str, ...] = ()
+    flow_matching: bool = False  # its denoiser is trained by flow matching: no epsilon or v prediction type
     bundled: tuple[
         str, ...
     ] = ()  # erasekit's bundled configs (checkpoints/configs/NAME); several: one per prediction type
     conditioning: Conditioning | None = None  # what its denoiser reads; None where erasekit does not run it
     # UI -> (module prefix, naming) where a UI knows the family's encoder by a name of its own (the SDXL refiner)
     ui_modules: dict[str, tuple[str, str]] = field(default_factory=dict)
+    uis: tuple[str, ...] = ("comfyui", "a1111", "diffusers")  # what erasekit exports its patches for
 
     def slot(self, name: str) -> Slot:
         return next(s for s in self.slots if s.name == name)
@@ -197,6 +217,11 @@ class Family:
     def components(self) -> tuple[str, ...]:
         """The pipeline components of its text encoders."""
         return tuple(s.component for s in self.slots)
+
+    def has_encoders(self, components: Collection[str]) -> bool:
+        """Whether ``components`` are the text encoders of a pipeline of this family: every one it must have, and
+        none it has not."""
+        return {s.component for s in self.slots if not s.optional} <= set(components) <= set(self.components)
 
     @property
     def pipeline_components(self) -> tuple[str, ...]:

@@ -27,5 +27,7 @@ FAMILY = Family(
     ss_base_model_version="sdxl_base_v1-0",
     pipeline="StableDiffusionXLPipeline",
     bundled=("sdxl",),
-    conditioning=Conditioning(hidden_from=("te1", "te2"), hidden_layer="penultimate", pooled_from="te2", size_ids=True),
+    conditioning=Conditioning(
+        hidden_from=("te1", "te2"), hidden_layer="penultimate", pooled_from=("te2",), size_ids=True
+    ),
 )

@@ -25,7 +25,9 @@ becomes exact factors, an identity on its smaller side. The file has no alphas, 
 0.35 on needs a per-module pattern (before 0.40, mixed ranks without alphas got wrong scales).
 
 T5 (a ``t5-text`` patch): ComfyUI loads its ``lora_te3_`` modules as they are; A1111 runs no T5 and diffusers loads
-no LoRA into one (an encoder kind's ``uis``), so neither gets a file: the export is refused. Torch-free.
+no LoRA into one (an encoder kind's ``uis``), so neither gets a file: the export is refused. FLUX.1 and SD3.x patches
+(``lora_te1_`` CLIP-L, ``lora_te2_`` CLIP-G, ``lora_te3_`` T5) load in ComfyUI as they are; erasekit exports them for
+no other UI yet (a family's ``uis``). Torch-free.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ def unreached(patch: Patch, ui: str) -> EncoderKind | None:
 
 
 def _check_reached(patch: Patch, ui: str) -> None:
+    base = family(patch.manifest.base.architecture)
+    if ui not in base.uis:
+        raise IncompatiblePatchError(
+            f"erasekit has no {UI_NAMES[ui]} export for {base.title} patches yet",
+            f"load the patch in {listing([UI_NAMES[u] for u in base.uis], 'or')} as it is, or apply it to the "
+            "model's files (erasekit apply)",
+        )
     kind = unreached(patch, ui)
     if kind is not None:
         others = [UI_NAMES[u] for u in kind.uis]
@@ -93,7 +102,8 @@ def _check_reached(patch: Patch, ui: str) -> None:
 def loads_as_is(patch: Patch, ui: str) -> bool:
     """Whether ``ui`` applies every tensor of the patch file as erasekit does, with the file just renamed
     to ``.safetensors``."""
-    if ui == "diffusers" or family(patch.manifest.base.architecture).ui_modules or unreached(patch, ui):
+    base = family(patch.manifest.base.architecture)
+    if ui == "diffusers" or base.ui_modules or ui not in base.uis or unreached(patch, ui):
         return False
     return ui == "comfyui" or not _bias_beside_lowrank(patch)
 
@@ -103,9 +113,12 @@ def ui_advice(patch: Patch, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     name = path.with_suffix(".safetensors").name
     lines = []
+    base = family(patch.manifest.base.architecture)
     for ui in UIS:
         kind = unreached(patch, ui)
-        if kind is not None:
+        if ui not in base.uis:
+            how = f"no export for {base.title} patches yet"
+        elif kind is not None:
             how = f"loads no network into a {kind.title} text encoder"
         elif loads_as_is(patch, ui):
             how = f"use {path.name} as it is" if path.suffix == ".safetensors" else f"copy it as {name}"

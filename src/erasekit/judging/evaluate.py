@@ -107,8 +107,10 @@ def evaluate_model(
     ``paraphrases``: a file of wordings, one per line, ``{}`` where the concept goes (else a whole prompt), instead
     of the built-in ones. ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
     from ..checkpoints.compat import order_notes
+    from ..checkpoints.hub import resolve_model
     from ..checkpoints.in_place import in_place_stack
-    from ..checkpoints.pipeline import load_pipeline, model_settings, model_threads, resolve_device
+    from ..checkpoints.layouts import detect
+    from ..checkpoints.pipeline import load_pipeline, model_settings, model_threads, resolve_device, runnable_family
     from ..format.patchfile import load_patch
     from ..toyworld import builtin_model_path
 
@@ -122,6 +124,7 @@ def evaluate_model(
             option="patches",
         )
     model = model or builtin_model_path()
+    runnable_family(detect(resolve_model(model)))  # FLUX.1, SD3.x, a text encoder alone: before a judge is asked for
     toy = bool(model_settings(model).get("toyworld"))
     prompt_lines = _read_lines(prompts_file, "prompts_file", "prompts") if prompts_file is not None else None
     wordings = _read_lines(paraphrases, "paraphrases", "wordings") if paraphrases is not None else None

@@ -8,9 +8,11 @@ whose text encoder has the real key names and tensor roles of its layout, at toy
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,20 @@ import torch
 if TYPE_CHECKING:  # transformers is imported where a tokenizer is made
     from transformers import CLIPTokenizer
 
+# FLUX.1 and SD3.x as their users keep them, and the encoder files beside them (ComfyUI's clip_l.safetensors,
+# clip_g.safetensors; t5xxl_fp16.safetensors is "t5-file"); each encoder holds the tensors its own file does
+FLUX_SD3_LAYOUTS = (
+    "diffusers-flux",
+    "diffusers-sd3",
+    "diffusers-sd3-no-t5",
+    "single-flux",
+    "single-sd3",
+    "single-sd3-no-t5",
+    "clip-l-file",
+    "clip-g-file",
+    "flux-transformer",  # Black Forest Labs' flux1-dev.safetensors: the transformer alone
+    "sd3-transformer",  # an SD3.x file without its text encoders
+)
 LAYOUTS = (
     "diffusers-sd1",
     "diffusers-sd1-prefixed",
@@ -35,6 +51,7 @@ LAYOUTS = (
     "single-sdxl",
     "single-sdxl-refiner",
     "ckpt-sd1",
+    *FLUX_SD3_LAYOUTS,
 )
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -215,6 +232,8 @@ def make_checkpoint(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     path = Path(path)
+    if layout in FLUX_SD3_LAYOUTS:
+        return _make_flux_sd3(path, layout, dtype, lambda kind: _encoder_alone(kind, seed, edit_layers, edit_seed))
     g = _gen(seed)
 
     def enc(kind: str) -> dict[str, torch.Tensor]:
@@ -289,6 +308,93 @@ def make_checkpoint(
         torch.save({"state_dict": {k: v.to(_DTYPES[dtype]) for k, v in sd.items()}, "global_step": 1}, path)
     else:
         _save(sd, path, dtype)
+    return path
+
+
+def _encoder_alone(kind: str, seed: int, edit_layers: list[int] | None, edit_seed: int) -> dict[str, torch.Tensor]:
+    """One encoder ("L", "G" in transformers naming, "T5") drawn from ``seed`` alone: the same tensors in a pipeline
+    as in the encoder's own file ("transformers-clip", "t5-file", "clip-l-file", "clip-g-file"), so that a patch of
+    the one fits the other exactly."""
+    g = _gen(seed)
+    if kind == "T5":
+        sd = t5_text_encoder(T5, g)
+    elif kind == "L":
+        sd = hf_text_encoder(CLIP_L, g)
+    else:
+        sd = openclip_text_encoder(BIGG, g)
+    if edit_layers:
+        _edit(sd, edit_layers, seed + 7919 * edit_seed)
+    return _hf_from(sd, BIGG) if kind == "G" else sd
+
+
+# placeholders for what erasekit's file operations never read (the transformer, the VAE): a few tensors named as
+# the real ones are, enough for a folder to be complete and a single file to be told from others by its keys
+_FLUX_TRANSFORMER = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight")
+_SD3_TRANSFORMER = ("joint_blocks.0.x_block.attn.qkv.weight", "x_embedder.proj.weight")
+_VAE = ("encoder.conv_in.weight", "decoder.conv_out.weight")
+
+
+def _placeholders(names: tuple[str, ...], prefix: str = "") -> dict[str, torch.Tensor]:
+    g = _gen(99)
+    return {prefix + n: _rand(g, 8, 4) for n in names}
+
+
+def _make_flux_sd3(path: Path, layout: str, dtype: str, enc: Callable[[str], dict[str, torch.Tensor]]) -> Path:
+    """A FLUX.1 or SD3.x checkpoint of ``layout`` (see :data:`FLUX_SD3_LAYOUTS`), or an encoder file beside one."""
+    flux = "flux" in layout
+    kinds = ("L", "T5") if flux else ("L", "G") if layout.endswith("no-t5") else ("L", "G", "T5")
+    transformer = _FLUX_TRANSFORMER if flux else _SD3_TRANSFORMER
+    if layout.startswith("diffusers"):
+        return _flux_sd3_folder(path, flux, kinds, dtype, enc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if layout in ("clip-l-file", "clip-g-file"):  # ComfyUI's models/text_encoders/clip_l.safetensors
+        sd = _prefixed(enc("L" if layout == "clip-l-file" else "G"), "text_model.")
+    elif layout.endswith("-transformer"):
+        sd = _placeholders(transformer, "" if flux else "model.diffusion_model.")
+    else:  # ComfyUI's all-in-one checkpoints (SD3.5's, and ComfyUI's saves of FLUX.1)
+        prefixes = {
+            "L": "text_encoders.clip_l.transformer.",
+            "G": "text_encoders.clip_g.transformer.",
+            "T5": "text_encoders.t5xxl.transformer.",
+        }
+        sd = {k: v for kind in kinds for k, v in _prefixed(_with_root(enc(kind), kind), prefixes[kind]).items()}
+        sd |= _placeholders(transformer, "model.diffusion_model.") | _placeholders(_VAE, "first_stage_model.")
+    _save(sd, path, dtype)
+    return path
+
+
+def _with_root(sd: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """A CLIP encoder's tensors below ``text_model.``, as a whole CLIPTextModel names them (T5's have no root)."""
+    return sd if kind == "T5" else _prefixed(sd, "text_model.")
+
+
+def _flux_sd3_folder(
+    path: Path, flux: bool, kinds: tuple[str, ...], dtype: str, enc: Callable[[str], dict[str, torch.Tensor]]
+) -> Path:
+    components = ("text_encoder", "text_encoder_2") if flux else ("text_encoder", "text_encoder_2", "text_encoder_3")
+    index: dict[str, object] = {
+        "_class_name": "FluxPipeline" if flux else "StableDiffusion3Pipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "FluxTransformer2DModel" if flux else "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    for component, kind in itertools.zip_longest(components, kinds):
+        if kind is None:  # SD3.x without its T5
+            index[component] = [None, None]
+            continue
+        if kind == "T5":
+            config = _t5_config(T5)
+        else:
+            config = _clip_config(CLIP_L if kind == "L" else BIGG, "quick_gelu" if kind == "L" else "gelu")
+            if not flux or kind == "G":
+                config["architectures"] = ["CLIPTextModelWithProjection"]
+        _encoder_folder(path / component, enc(kind), config, dtype)
+        index[component] = ["transformers", str(config["architectures"][0])]  # type: ignore[index]
+    for part, names in (("transformer", _FLUX_TRANSFORMER if flux else _SD3_TRANSFORMER), ("vae", _VAE)):
+        (path / part).mkdir(parents=True, exist_ok=True)
+        (path / part / "config.json").write_text(json.dumps({"_class_name": index[part][1]}))  # type: ignore[index]
+        _save(_placeholders(names), path / part / "diffusion_pytorch_model.safetensors", dtype)
+    (path / "model_index.json").write_text(json.dumps(index, indent=1))
     return path
 
 

@@ -1,5 +1,6 @@
-"""CLIP text encoders: OpenAI CLIP ViT-L/14 (SD1.x, SDXL's first), OpenCLIP ViT-H/14 (SD2.x) and ViT-bigG/14 (SDXL's
-second), as transformers (``CLIPTextModel``) and OpenCLIP (``resblocks``, in single files) name them.
+"""CLIP text encoders: OpenAI CLIP ViT-L/14 (SD1.x, SDXL's first, FLUX.1's and SD3.x's), OpenCLIP ViT-H/14 (SD2.x)
+and ViT-bigG/14 (SDXL's second, SD3.x's CLIP-G), as transformers (``CLIPTextModel``) and OpenCLIP (``resblocks``, in
+single files) name them.
 
 Each layer's FFN is ``fc1`` (hidden -> FFN width) and ``fc2`` (back), both with a bias; OpenCLIP calls them ``c_fc``
 and ``c_proj``. A network module is the transformers path with dots as underscores:
@@ -27,7 +28,7 @@ CLIP = EncoderKind(
 )
 
 # OpenAI's tokenizer pads with its end token; OpenCLIP's with "!" (id 0)
-CLIP_L = Encoder("CLIP ViT-L/14", CLIP, (768, 3072, 12), pad_token="<|endoftext|>")
+CLIP_L = Encoder("CLIP ViT-L/14", CLIP, (768, 3072, 12), pad_token="<|endoftext|>", file="clip_l.safetensors")
 OPENCLIP_H = Encoder("OpenCLIP ViT-H/14", CLIP, (1024, 4096, 24), pad_token="!")  # 24 blocks in single files
-OPENCLIP_BIGG = Encoder("OpenCLIP ViT-bigG/14", CLIP, (1280, 5120, 32), pad_token="!")
+OPENCLIP_BIGG = Encoder("OpenCLIP ViT-bigG/14", CLIP, (1280, 5120, 32), pad_token="!", file="clip_g.safetensors")
 ANY_CLIP = Encoder("a CLIP text encoder", CLIP, OPENCLIP_BIGG.largest)  # any of them: the largest bounds it

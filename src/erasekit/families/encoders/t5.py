@@ -26,4 +26,4 @@ T5 = EncoderKind(
     uis=("comfyui",),
 )
 
-T5_XXL = Encoder("T5 v1.1 XXL", T5, (4096, 10240, 24), pad_token="<pad>")
+T5_XXL = Encoder("T5 v1.1 XXL", T5, (4096, 10240, 24), pad_token="<pad>", file="t5xxl_fp16.safetensors")

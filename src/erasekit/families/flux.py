@@ -1,0 +1,45 @@
+"""FLUX.1 (dev, schnell and their fine-tunes): CLIP ViT-L/14 (te1) and T5 v1.1 XXL (te3, the pipeline's
+``text_encoder_2``). The transformer reads T5's last hidden state as its tokens and only CLIP-L's pooled output (before
+any projection), so every CLIP-L layer reaches it through that one vector. The T5 slot is ``te3`` as ComfyUI and
+kohya name it beside CLIP-L, so a FLUX.1 patch's T5 part is named as a standalone T5's and as SD3.x's
+(``lora_te3_encoder_block_{i}_...``); SD3.x patches of te1 and te3 fit it slot for slot, the fingerprints decide.
+
+Its files: diffusers folders; ComfyUI's all-in-one checkpoints (encoders under ``text_encoders.``); Black Forest Labs'
+own ``flux1-dev.safetensors`` holds the transformer alone (refused, naming the encoder files to patch). erase and
+generate do not run it yet (a flow-matching transformer); every file operation does."""
+
+from __future__ import annotations
+
+from .base import Conditioning, Family, SingleFile, Slot
+from .encoders.clip import CLIP_L
+from .encoders.t5 import T5_XXL
+
+FAMILY = Family(
+    name="flux",
+    title="FLUX.1",
+    line="FLUX.1",
+    slots=(
+        Slot("te1", CLIP_L, "text_encoder", "tokenizer"),
+        Slot("te3", T5_XXL, "text_encoder_2", "tokenizer_2"),
+    ),
+    single_files=(
+        SingleFile(
+            "single-file-flux",
+            {
+                "te1": ("hf", "text_encoders.clip_l.transformer.text_model."),
+                "te3": ("t5", "text_encoders.t5xxl.transformer."),
+            },
+        ),
+    ),
+    modelspec="flux-1",
+    ss_base_model_version="flux1",
+    told_apart=("text_encoder_2", "model_type", "t5"),
+    diffusers_classes=("Flux",),
+    kin=("sd3",),
+    why_not_run="erasing and generating with FLUX.1 is not supported yet; apply, diff, merge and export work on it",
+    parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
+    denoiser_alone=("double_blocks.", "single_blocks."),
+    flow_matching=True,
+    conditioning=Conditioning(hidden_from=("te3",), pooled_from=("te1",), pooled_projected=False),
+    uis=("comfyui",),
+)

@@ -1,0 +1,47 @@
+"""SD3.x (SD3 medium, SD3.5 medium and large): CLIP ViT-L/14 (te1), OpenCLIP ViT-bigG/14 (te2, in transformers
+naming) and T5 v1.1 XXL (te3), which a pipeline and a single file may be without. The transformer reads te1's and te2's
+penultimate hidden states joined along the features, zero-padded to T5's width and followed along the sequence by
+T5's last hidden state (zeros without T5), and te1's and te2's projected pooled embeddings joined.
+
+Its files: diffusers folders (``text_encoder_3`` may be absent); SD3.5 all-in-one single files (encoders under
+``text_encoders.clip_l.``, ``text_encoders.clip_g.``, ``text_encoders.t5xxl.``, with or without T5); a file of the
+transformer alone is refused, naming the encoder files to patch. erase and generate do not run it yet (a
+flow-matching transformer); every file operation does."""
+
+from __future__ import annotations
+
+from .base import Conditioning, Family, SingleFile, Slot
+from .encoders.clip import CLIP_L, OPENCLIP_BIGG
+from .encoders.t5 import T5_XXL
+
+CLIP_L_KEYS = ("hf", "text_encoders.clip_l.transformer.text_model.")
+CLIP_G_KEYS = ("hf", "text_encoders.clip_g.transformer.text_model.")
+
+FAMILY = Family(
+    name="sd3",
+    title="SD3.x",
+    line="SD3.x",
+    slots=(
+        Slot("te1", CLIP_L, "text_encoder", "tokenizer"),
+        Slot("te2", OPENCLIP_BIGG, "text_encoder_2", "tokenizer_2"),
+        Slot("te3", T5_XXL, "text_encoder_3", "tokenizer_3", optional=True),
+    ),
+    single_files=(
+        SingleFile(
+            "single-file-sd3",
+            {"te1": CLIP_L_KEYS, "te2": CLIP_G_KEYS, "te3": ("t5", "text_encoders.t5xxl.transformer.")},
+        ),
+        SingleFile("single-file-sd3", {"te1": CLIP_L_KEYS, "te2": CLIP_G_KEYS}),  # SD3 medium's "incl_clips"
+    ),
+    modelspec="stable-diffusion-3",
+    ss_base_model_version="sd3",
+    diffusers_classes=("StableDiffusion3",),
+    why_not_run="erasing and generating with SD3.x is not supported yet; apply, diff, merge and export work on it",
+    parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
+    denoiser_alone=("joint_blocks.",),
+    flow_matching=True,
+    conditioning=Conditioning(
+        hidden_from=("te1", "te2"), hidden_layer="penultimate", sequence_from=("te3",), pooled_from=("te1", "te2")
+    ),
+    uis=("comfyui",),
+)
