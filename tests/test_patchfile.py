@@ -184,6 +184,31 @@ def test_newer_format_version_says_upgrade(tmp_path: Path) -> None:
         load_patch(bad)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [("architecture", "qwen-image", "architecture 'qwen-image'"), ("encoders", {"te4": None}, "encoder slot 'te4'")],
+)
+def test_a_model_a_newer_erasekit_knows_says_upgrade(tmp_path: Path, field: str, value: object, named: str) -> None:
+    """A family added by a later erasekit, at the same format version: upgrade, not "invalid manifest"; the same
+    field from this version or an older one is a damaged patch."""
+
+    def edit(writer: str):  # noqa: ANN202
+        def change(m: dict) -> None:
+            m["base"][field] = value if field == "architecture" else m["base"][field] | {"te4": m["base"][field]["te"]}
+            m["erasekit_version"] = writer
+
+        return change
+
+    newer = edit_manifest(GOLDEN, tmp_path / "newer.erasepatch", edit("99.0"))
+    with pytest.raises(PatchVersionError, match=f"is for {named}, which this erasekit .* does not know") as e:
+        load_patch(newer)
+    assert e.value.fix == "upgrade erasekit (pip install -U erasekit)"
+    older = edit_manifest(GOLDEN, tmp_path / "older.erasepatch", edit("0.0.1"))
+    with pytest.raises(PatchFormatError, match="invalid manifest field base") as e2:
+        load_patch(older)
+    assert not isinstance(e2.value, PatchVersionError)
+
+
 def test_older_version_goes_through_named_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend the current format is v2: a v1 file then loads through UPGRADES[1]."""
     text = split(GOLDEN)[0]["__metadata__"]["erasekit"]

@@ -456,6 +456,33 @@ def _upgrade(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return obj
 
 
+def _check_known_models(obj: dict[str, Any], where: str) -> None:
+    """A newer erasekit may write a patch for an architecture or an encoder slot this one does not know (a family
+    added since, at the same format version): say to upgrade, rather than that the patch is invalid."""
+    base = obj.get("base")
+    if not isinstance(base, dict):
+        return
+    arch, encoders = base.get("architecture"), base.get("encoders")
+    unknown = [f"architecture {arch!r}"] if isinstance(arch, str) and arch not in ARCH_SLOTS else []
+    unknown += [f"encoder slot {s!r}" for s in (encoders if isinstance(encoders, dict) else {}) if s not in SLOTS]
+    writer = obj.get("erasekit_version")
+    if unknown and isinstance(writer, str) and _is_newer(writer, __version__):
+        raise PatchVersionError(
+            f"{where} is for {unknown[0]}, which this erasekit {__version__} does not know (written by erasekit "
+            f"{writer})",
+            "upgrade erasekit (pip install -U erasekit)",
+        )
+
+
+def _is_newer(version: str, than: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) > Version(than)
+    except InvalidVersion:
+        return False
+
+
 def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]]:
     """Parse, upgrade and validate a manifest JSON string. Returns it and any warnings."""
     try:
@@ -473,6 +500,7 @@ def parse_manifest(text: str, where: str = "patch") -> tuple[Manifest, list[str]
     if not isinstance(obj, dict):
         raise PatchFormatError(f"{where}: the erasekit manifest is not a JSON object", "re-create the patch")
     obj = _upgrade(obj, where)
+    _check_known_models(obj, where)
     try:
         manifest = Manifest.model_validate(obj)
     except ValidationError as e:
