@@ -161,6 +161,13 @@ class _Rewrite:
     record: UndoTensor | None = None
 
 
+def _rewrite_job(wf: WeightFile, touch: Touch) -> _Rewrite:
+    """The rewrite of the tensor ``touch`` changes in ``wf``, in the file on disk that holds it (a shard of a
+    sharded file)."""
+    key = wf.encoders[touch.slot].key(touch.layer, touch.proj, touch.kind)
+    return _Rewrite(wf.part(key), key, touch)
+
+
 def _rewrite(job: _Rewrite, patch: Patch, strength: float, state: dict[tuple[str, str], bytes]) -> _Rewrite:
     k, ent = (job.wf.label, job.key), job.wf.header.entries[job.key]
     job.before = state[k] if k in state else job.wf.read_raw(job.key)
@@ -208,12 +215,7 @@ def _plan(
             option="force",
         )
     tlist = touches(patch, slot_map(patch, ckpt.architecture, ckpt.encoders, where))
-    jobs = [
-        _Rewrite(wf, wf.encoders[t.slot].key(t.layer, t.proj, t.kind), t)
-        for wf in ckpt.files
-        for t in tlist
-        if t.slot in wf.encoders
-    ]
+    jobs = [_rewrite_job(wf, t) for wf in ckpt.files for t in tlist if t.slot in wf.encoders]
     jobs = map_threads(lambda j: _rewrite(j, patch, strength, state), jobs)
     fps: dict[str, Any] = {}
     for job in jobs:
@@ -239,7 +241,7 @@ def _plan(
 def _apply_in_place(
     ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool, where: str
 ) -> tuple[list[AppliedPatch], int]:
-    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    journal = Journal(ckpt.path, ckpt.journal_files)
     tensor_at = tensor_places(ckpt)
     with journal.locked():
         journal.reconcile(tensor_at)
@@ -295,7 +297,7 @@ def _owning_folder(ckpt: Checkpoint) -> Path | None:
         owner = detect(folder)
     except ErasekitError:
         return None
-    if not any(wf.path.resolve() == path for wf in owner.files):
+    if not any(wf.path.resolve() == path for wf in owner.disk_files):
         return None
     return _pipeline_of(folder) or folder
 
@@ -321,7 +323,7 @@ def _check_writable(ckpt: Checkpoint) -> None:
             f"apply to (or revert from) {owner} instead, or write a copy to an output",
             option="output",
         )
-    for wf in ckpt.files:
+    for wf in ckpt.disk_files:
         if wf.format == "pickle":
             raise TargetNotWritableError(
                 f"{wf.path} is a pickle and cannot be patched in place",
@@ -525,11 +527,11 @@ def revert_from_checkpoint(
     ckpt = detect(target)
     where = f"{ckpt.path} [{ckpt.describe()}]"
     _check_writable(ckpt)
-    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    journal = Journal(ckpt.path, ckpt.journal_files)
     if not journal.entries:
         raise NotAppliedError(f"no erasekit patch is applied to {where}", "nothing to revert")
     tensor_at = tensor_places(ckpt)
-    by_label = {f.label: f for f in ckpt.files}
+    by_label = {f.label: f for f in ckpt.disk_files}
     with journal.locked():
         journal.reconcile(tensor_at)
         matches = [e for e in journal.committed if e.patch_id == patch.patch_id]

@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 
 def tensor_places(ckpt: Checkpoint) -> TensorAt:
-    by_label = {f.label: f for f in ckpt.files}
+    by_label = {f.label: f for f in ckpt.disk_files}
 
     def at(label: str, key: str) -> _st.TensorEntry:
         wf = by_label.get(label)
@@ -48,7 +48,7 @@ def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
     (:meth:`Journal.reconcile`). Only then does it take the writers' lock (waiting up to :data:`READER_WAIT` for a
     writer at work); a journal that describes files written since (copied, or stamped by an older erasekit) is
     stamped anew where the lock is free, and read as it is where not (another reader, a read-only folder)."""
-    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    journal = Journal(ckpt.path, ckpt.journal_files)
     if not journal.needs_reconcile():
         return []
     places = tensor_places(ckpt)
@@ -95,13 +95,13 @@ def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable
 def checked_journal(ckpt: Checkpoint) -> Journal:
     """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`)."""
     recover_interrupted(ckpt)
-    return Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    return Journal(ckpt.path, ckpt.journal_files)
 
 
 def described_journal(ckpt: Checkpoint) -> Journal:
     """``ckpt``'s journal as it is, interrupted entries included, once it is known to describe the files there
     (:meth:`Journal.foreign`; else it is set aside). Writes nothing to the weight files: for listing it."""
-    journal = Journal(ckpt.path, {f.label: f.path for f in ckpt.files})
+    journal = Journal(ckpt.path, ckpt.journal_files)
     if journal.entries and journal.foreign(tensor_places(ckpt)) is not None:
         with journal.locked():
             if (reason := journal.foreign(tensor_places(ckpt))) is not None:
@@ -124,7 +124,7 @@ def pristine_reader(ckpt: Checkpoint) -> Callable[[WeightFile, str], bytes]:
 
     def read(wf: WeightFile, key: str) -> bytes:
         current = wf.read_raw(key)
-        return journal.pristine(wf.label, key, current, tensor_at) or current
+        return journal.pristine(wf.part(key).label, key, current, tensor_at) or current
 
     return read
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,15 @@ class WeightFile:
     def display(self) -> str:
         return self.label or self.path.name
 
+    @property
+    def parts(self) -> list[WeightFile]:
+        """The files on disk it is stored in: itself (a sharded file: its shards)."""
+        return [self]
+
+    def part(self, key: str) -> WeightFile:
+        """The file on disk that holds tensor ``key``: the one an in-place write rewrites, and the undo journal names."""
+        return self
+
     def ffn_keys(self) -> list[tuple[str, str, int, str, str]]:
         """(slot, key, layer, proj, kind) for every FFN tensor, in a stable order."""
         return [
@@ -152,6 +162,43 @@ class WeightFile:
             for slot, enc in sorted(self.encoders.items())
             for i, proj, kind in enc.tensors()
         ]
+
+
+class ShardedFile(WeightFile):
+    """A weights file saved in shards (``model-00001-of-00002.safetensors``, ``model-00002-of-00002.safetensors``) and
+    the index that maps each tensor to its shard (``model.safetensors.index.json``), read as one file: ``path`` and
+    ``label`` are the index's. Each tensor is read from, written to and journaled in the shard that holds it
+    (:meth:`part`)."""
+
+    def __init__(self, index: Path, label: str, shards: list[WeightFile], holder: dict[str, WeightFile]) -> None:
+        super().__init__(index, label)
+        self.format = "safetensors"
+        self.shards = shards
+        self._holder = holder  # tensor name -> the shard that holds it, as the index's weight_map says
+
+    @property
+    def header(self) -> _st.Header:
+        raise TypeError(f"{self.display} has one header per shard; read part(key).header")
+
+    @property
+    def parts(self) -> list[WeightFile]:
+        return list(self.shards)
+
+    def part(self, key: str) -> WeightFile:
+        return self._holder[key]
+
+    def tensor_info(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {n: info for shard in self.shards for n, info in shard.tensor_info().items()}
+
+    def read_numpy(self, key: str) -> np.ndarray:
+        return self.part(key).read_numpy(key)
+
+    def read_raw(self, key: str) -> bytes:
+        return self.part(key).read_raw(key)
+
+    @property
+    def display(self) -> str:
+        return f"{self.label} ({len(self.shards)} shards)"
 
 
 EIGHT_BIT_FLOATS = ("F8_E4M3", "F8_E5M2")
@@ -175,7 +222,7 @@ def check_ffn_dtypes(ckpt: Checkpoint) -> None:
     for wf in ckpt.files:
         info = wf.tensor_info()
         for _, key, *_ in wf.ffn_keys():
-            check_patchable(info[key][0], f"{wf.display}: tensor {key}")
+            check_patchable(info[key][0], f"{wf.part(key).display}: tensor {key}")
 
 
 @dataclass
@@ -199,6 +246,16 @@ class Checkpoint:
             for slot, enc in f.encoders.items():
                 out.setdefault(slot, enc)
         return out
+
+    @property
+    def disk_files(self) -> list[WeightFile]:
+        """Its files on disk, each shard of a sharded file apart: what in-place writes and the undo journal name."""
+        return [part for f in self.files for part in f.parts]
+
+    @property
+    def journal_files(self) -> dict[str, Path]:
+        """label -> path of every file on disk, as the undo journal takes them."""
+        return {f.label: f.path for f in self.disk_files}
 
     def describe(self) -> str:
         return f"{self.layout} ({self.architecture})"
@@ -383,16 +440,95 @@ def _single_file_layout(path: Path, found: set[tuple[str, str]], info: Any) -> t
     )
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    if (folder / "model.safetensors.index.json").exists() or (folder / "pytorch_model.bin.index.json").exists():
+# a shard of a file transformers saved in shards: model-00001-of-00002.safetensors, model.fp16-00001-of-00002.safetensors
+_SHARD = re.compile(r"(?P<stem>(?:pytorch_)?model(?:\.[^-/\\]+)?)-\d{5}-of-\d{5}\.(?:safetensors|bin)")
+_SHARDS_FIX = "re-download the shards with the index file"
+
+
+def _index_name(stem: str) -> str:
+    """The index transformers writes beside the shards of ``stem``: ``model.safetensors.index.json``, or for the
+    variant ``model.fp16``, ``model.safetensors.index.fp16.json``."""
+    variant = stem.partition(".")[2]
+    return f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json"
+
+
+def _plain_first(wf: WeightFile) -> tuple[bool, str]:
+    """The plain file first: it is the full-precision copy that diffs and fingerprints read."""
+    plain = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return (wf.path.name not in plain, wf.path.name)
+
+
+def _weight_files(folder: Path, root: Path) -> list[WeightFile]:
+    """The weight files of a transformers model folder: every ``model*.safetensors`` (the shards an index names as
+    one :class:`ShardedFile`), else every ``pytorch_model*.bin``; labels are relative to ``root``."""
+    sharded = [_sharded_file(index, root) for index in sorted(folder.glob("model.safetensors.index*.json"))]
+    named = {shard.path.name for f in sharded for shard in f.shards}
+    _refuse_loose_shards(folder, named)
+    files: list[WeightFile] = [
+        WeightFile(p, str(p.relative_to(root)))
+        for p in folder.glob("model*.safetensors")
+        if p.name not in named and not _SHARD.fullmatch(p.name)
+    ]
+    if files or sharded:
+        return sorted([*files, *sharded], key=_plain_first)
+    _refuse_pickle_shards(folder)
+    return sorted(
+        (WeightFile(p, str(p.relative_to(root))) for p in folder.glob("pytorch_model*.bin")), key=_plain_first
+    )
+
+
+def _sharded_file(index: Path, root: Path) -> ShardedFile:
+    """The shards ``index`` names, read as one file, once the index and the shards agree: every shard it names is
+    there, holds the tensors it puts there and no others."""
+    weight_map = read_json(index, _SHARDS_FIX).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+        raise LayoutError(f"{index} has no weight_map of tensor names to shard files", _SHARDS_FIX)
+    shards: dict[str, WeightFile] = {}
+    for name in sorted(set(weight_map.values())):
+        if not name.endswith(".safetensors") or "/" in name or "\\" in name:
+            raise LayoutError(
+                f"{index} names {name!r} as a shard, which is not a .safetensors file beside it", _SHARDS_FIX
+            )
+        if not (index.parent / name).is_file():
+            raise LayoutError(f"{index} names the shard {name}, which is missing", _SHARDS_FIX)
+        shards[name] = WeightFile(index.parent / name, str((index.parent / name).relative_to(root)))
+    for key, name in weight_map.items():
+        if key not in shards[name].header.entries:
+            raise LayoutError(f"{index} puts tensor {key} in {name}, which lacks it", _SHARDS_FIX)
+    for name, shard in shards.items():
+        stray = next((k for k in shard.header.entries if weight_map.get(k) != name), None)
+        if stray is not None:
+            raise LayoutError(f"{shard.path} holds tensor {stray}, which {index.name} does not put there", _SHARDS_FIX)
+    holder = {key: shards[name] for key, name in weight_map.items()}
+    return ShardedFile(index, str(index.relative_to(root)), list(shards.values()), holder)
+
+
+def _refuse_loose_shards(folder: Path, named: set[str]) -> None:
+    """Refuse shards (``model-00001-of-00002.safetensors``) that no index names: without it, which tensor is where
+    is unknown, and transformers would not load them either."""
+    loose = sorted(
+        p.name for p in folder.glob("model*.safetensors") if _SHARD.fullmatch(p.name) and p.name not in named
+    )
+    if not loose:
+        return
+    index = _index_name(_SHARD.fullmatch(loose[0])["stem"])  # type: ignore[index]
+    if (folder / index).exists():
         raise LayoutError(
-            f"{folder} holds a sharded text encoder, which erasekit does not support yet",
-            "merge the shards into one model.safetensors (save_pretrained with a larger max_shard_size)",
+            f"{folder / index} does not name {listing(loose)}, which lie beside it",
+            "remove the stray shards, or re-download the index file with its shards",
         )
-    # The plain file first: it is the full-precision copy that diffs and fingerprints read.
-    plain = lambda p: (p.name not in ("model.safetensors", "pytorch_model.bin"), p.name)  # noqa: E731
-    files = sorted(folder.glob("model*.safetensors"), key=plain)
-    return files or sorted(folder.glob("pytorch_model*.bin"), key=plain)
+    raise LayoutError(f"{folder} has {listing(loose)} but no {index}", "re-download the index file with the shards")
+
+
+def _refuse_pickle_shards(folder: Path) -> None:
+    shards = sorted(p.name for p in folder.glob("pytorch_model*.bin") if _SHARD.fullmatch(p.name))
+    if shards or (folder / "pytorch_model.bin.index.json").exists():
+        raise LayoutError(
+            f"{folder} holds a text encoder in pickle shards "
+            f"({listing(shards) if shards else 'pytorch_model.bin.index.json'}), which erasekit does not read",
+            "download its safetensors shards and model.safetensors.index.json instead, or save it with "
+            "save_pretrained(safe_serialization=True)",
+        )
 
 
 def read_json(path: Path, fix: str = "repair or re-download the file") -> dict[str, Any]:
@@ -408,26 +544,24 @@ def read_json(path: Path, fix: str = "repair or re-download the file") -> dict[s
 
 def _encoder_folder_files(root: Path, sub: str, slot: Slot) -> list[WeightFile]:
     folder = root / sub if sub else root
-    paths = _weight_files(folder)
-    if not paths:
+    files = _weight_files(folder, root)
+    if not files:
         raise LayoutError(
             f"{folder} has no model.safetensors or pytorch_model.bin",
             "the folder is incomplete; re-download the text encoder weights",
         )
-    out = []
-    for p in paths:
-        wf = WeightFile(p, str(p.relative_to(root)))
+    for wf in files:
         spec = transformers_encoder(wf.tensor_info(), slot)
         if spec is None:
             kind = slot.encoder.kind
+            what = f"the shards of {wf.path} do" if isinstance(wf, ShardedFile) else f"{wf.path} does"
             raise LayoutError(
-                f"{p} does not look like a {kind.title} text encoder "
+                f"{what} not look like a {kind.title} text encoder "
                 f"(no {kind.namings[0].path('N', kind.projections[0])}.weight)",
                 "re-download the text encoder weights",
             )
         wf.encoders[slot.name] = spec
-        out.append(wf)
-    return out
+    return files
 
 
 def _detect_folder(path: Path) -> Checkpoint:
@@ -523,6 +657,11 @@ def detect(path: str | os.PathLike) -> Checkpoint:
         raise LayoutError(
             f"{path} is not a .safetensors or .ckpt file",
             "name a checkpoint (.safetensors, .ckpt) or a diffusers folder",
+        )
+    if _SHARD.fullmatch(path.name):
+        raise LayoutError(
+            f"{path} is one shard of a model saved in shards",
+            f"name the folder that holds all its shards and their index ({path.parent})",
         )
     ckpt = _detect_single_file(path)
     if suffix in PICKLE_SUFFIXES:

@@ -1,0 +1,236 @@
+"""Text encoders saved in shards (``model-00001-of-00002.safetensors``, ``model-00002-of-00002.safetensors`` and the
+``model.safetensors.index.json`` that maps each tensor to its shard), as the hub ships T5-XXL in every FLUX.1 and
+SD3.x folder and as ``save_pretrained`` writes any encoder over its ``max_shard_size``: inspect, diff, apply in place
+and revert (each tensor rewritten in its own shard, one journal), apply to a copy, what transformers loads, and the
+one-line refusals of shards and an index that disagree.
+
+The models are tiny (:func:`erasekit.testing.make_checkpoint`), re-saved in two shards as transformers writes them:
+the tensors in turn to each shard, so the FFN tensors of one layer fall in both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import snapshot
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from erasekit.cli import app
+from erasekit.testing import make_checkpoint
+
+runner = CliRunner()
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+INDEX = "model.safetensors.index.json"
+# layout -> the encoder folder that is sharded (relative to the model), the architecture, the encoder slot there
+CASES = {
+    "diffusers-flux": ("text_encoder_2", "flux", "te3"),
+    "transformers-clip": ("", "clip-text", "te"),
+    "transformers-t5": ("", "t5-text", "te3"),
+}
+
+
+def run(*args: object):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def shard(folder: Path) -> None:
+    """Re-save ``folder/model.safetensors`` as two shards and their index, as transformers writes them."""
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {name: SHARDS[i % 2] for i, name in enumerate(names)}
+    for part in SHARDS:
+        save_file({n: tensors[n] for n in names if weight_map[n] == part}, str(folder / part), {"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def models(root: Path, layout: str) -> tuple[Path, Path, Path]:
+    """The model of ``layout`` as it is (plain), a copy with its encoder sharded, and an edited plain copy."""
+    plain = make_checkpoint(root / "plain", layout, "F16")
+    sharded = make_checkpoint(root / "sharded", layout, "F16")
+    shard(sharded / CASES[layout][0])
+    edited = make_checkpoint(root / "edited", layout, "F16", edit_layers=[1])
+    return plain, sharded, edited
+
+
+def patch_of(root: Path, plain: Path, edited: Path) -> Path:
+    out = root / "p.erasepatch"
+    r = run("diff", plain, edited, "-o", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize("layout", list(CASES))
+def test_inspect_and_diff_read_a_sharded_encoder_as_the_one_file_it_was(tmp_path: Path, layout: str) -> None:
+    sub, arch, slot = CASES[layout]
+    plain, sharded, _ = models(tmp_path, layout)
+    got = [json.loads(run("inspect", m, "--json").stdout) for m in (plain, sharded)]
+    assert got[1]["architecture"] == arch
+    assert [e["slot"] for e in got[1]["encoders"]] == [e["slot"] for e in got[0]["encoders"]]
+    rows = {e["slot"]: e for e in got[1]["encoders"]}
+    assert rows[slot]["file"] == f"{sub}/{INDEX} (2 shards)".lstrip("/")
+    assert [{k: v for k, v in e.items() if k != "file"} for e in got[1]["encoders"]] == [
+        {k: v for k, v in e.items() if k != "file"} for e in got[0]["encoders"]
+    ]
+    r = run("diff", plain, sharded, "--json")
+    assert r.exit_code == 0, r.output
+    changes = json.loads(r.stdout)["changes"]
+    assert changes and all(c["relative"] == 0 for c in changes)
+
+
+@pytest.mark.parametrize("layout", list(CASES))
+def test_apply_in_place_rewrites_both_shards_and_revert_restores_every_byte(tmp_path: Path, layout: str) -> None:
+    sub, _, _ = CASES[layout]
+    plain, sharded, edited = models(tmp_path, layout)
+    patch = patch_of(tmp_path, plain, edited)
+    before = snapshot(sharded)
+    r = run("apply", patch, "--to", sharded, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    changed = {name for name, digest in snapshot(sharded).items() if before[name] != digest}
+    folder = f"{sub}/" if sub else ""
+    assert {f"{folder}{s}" for s in SHARDS} <= changed and f"{folder}{INDEX}" not in changed
+    journal = json.loads((sharded / ".erasekit" / "journal.json").read_text())
+    assert {f"{folder}{s}" for s in SHARDS} <= set(journal["files"])
+    assert {t["file"] for t in journal["entries"][0]["tensors"]} >= {f"{folder}{s}" for s in SHARDS}
+    r = run("diff", edited, sharded, "--json")
+    assert r.exit_code == 0 and max(c["relative"] for c in json.loads(r.stdout)["changes"]) < 1e-3, r.output
+    r = run("inspect", sharded, "--json")
+    assert [a["title"] for a in json.loads(r.stdout)["applied"]] == ["edited minus plain"]
+    r = run("apply", "--revert", patch, "--to", sharded)
+    assert r.exit_code == 0 and "sha256 verified" in r.stdout, r.output
+    assert snapshot(sharded) == before
+
+
+@pytest.mark.parametrize("layout", ["diffusers-flux", "transformers-t5"])
+def test_apply_to_a_copy_writes_the_same_shards_with_the_patched_tensors(tmp_path: Path, layout: str) -> None:
+    sub, _, _ = CASES[layout]
+    plain, sharded, edited = models(tmp_path, layout)
+    patch = patch_of(tmp_path, plain, edited)
+    before = snapshot(sharded)
+    r = run("apply", patch, "--to", sharded, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    r = run("apply", patch, "--to", plain, "-o", tmp_path / "out-plain")
+    assert r.exit_code == 0, r.output
+    assert snapshot(sharded) == before
+    out, want = tmp_path / "out" / sub, load_file(str(tmp_path / "out-plain" / sub / "model.safetensors"))
+    assert sorted(p.name for p in out.glob("model*")) == sorted([*SHARDS, INDEX])
+    assert (out / INDEX).read_bytes() == (sharded / sub / INDEX).read_bytes()
+    got = {k: v for s in SHARDS for k, v in load_file(str(out / s)).items()}
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    r = run("inspect", tmp_path / "out", "--json")
+    assert [a["title"] for a in json.loads(r.stdout)["applied"]] == ["edited minus plain"]
+
+
+def test_transformers_loads_the_patched_shards_as_the_patched_file(tmp_path: Path) -> None:
+    import torch
+    from transformers import T5EncoderModel
+
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    assert run("apply", patch, "--to", sharded, "--in-place").exit_code == 0
+    assert run("apply", patch, "--to", plain, "--in-place").exit_code == 0
+    got, want = (T5EncoderModel.from_pretrained(str(m)).state_dict() for m in (sharded, plain))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_shards_saved_by_transformers_apply_and_revert(tmp_path: Path) -> None:
+    """What ``save_pretrained(max_shard_size=...)`` writes, not only this file's imitation of it."""
+    from transformers import T5EncoderModel
+
+    plain, _, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    saved = tmp_path / "saved"
+    T5EncoderModel.from_pretrained(str(plain)).to(dtype=__import__("torch").float16).save_pretrained(
+        str(saved), max_shard_size="20KB"
+    )
+    assert len(list(saved.glob("model-*-of-*.safetensors"))) >= 2 and (saved / INDEX).exists()
+    before = snapshot(saved)
+    r = run("apply", patch, "--to", saved, "--in-place", "--force")
+    assert r.exit_code == 0, r.output
+    assert snapshot(saved) != before
+    r = run("apply", "--revert", patch, "--to", saved)
+    assert r.exit_code == 0 and "sha256 verified" in r.stdout, r.output
+    assert snapshot(saved) == before
+
+
+def _lose_index(folder: Path) -> None:
+    (folder / INDEX).unlink()
+
+
+def _lose_shard(folder: Path) -> None:
+    (folder / SHARDS[1]).unlink()
+
+
+def _misplace_a_tensor(folder: Path) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    key = next(k for k, v in sorted(index["weight_map"].items()) if v == SHARDS[0])
+    index["weight_map"][key] = SHARDS[1]
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+def _forget_a_tensor(folder: Path) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    del index["weight_map"][sorted(index["weight_map"])[0]]
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            _lose_index,
+            "{d} has {s0} and {s1} but no {i}; re-download the index file with the shards",
+        ),
+        (_lose_shard, "{d}/{i} names the shard {s1}, which is missing; re-download the shards with the index file"),
+        (
+            _misplace_a_tensor,
+            "{d}/{i} puts tensor {k} in {s1}, which lacks it; re-download the shards with the index file",
+        ),
+        (
+            _forget_a_tensor,
+            "{d}/{s0} holds tensor {k}, which {i} does not put there; re-download the shards with the index file",
+        ),
+    ],
+)
+def test_shards_and_an_index_that_disagree_are_refused_in_one_line(tmp_path: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    plain, sharded, edited = models(tmp_path, "diffusers-flux")
+    patch = patch_of(tmp_path, plain, edited)
+    folder = sharded / "text_encoder_2"
+    first = sorted(json.loads((folder / INDEX).read_text())["weight_map"])[0]
+    damage(folder)
+    before = snapshot(sharded)
+    want = message.format(d=folder, i=INDEX, s0=SHARDS[0], s1=SHARDS[1], k=first)
+    for args in (("inspect", sharded), ("apply", patch, "--to", sharded, "--in-place")):
+        r = run(*args)
+        assert r.exit_code == 4 and r.stderr == f"error: {want}\n", r.output
+    r = run("apply", patch, "--to", sharded, "-o", tmp_path / "out")
+    assert r.exit_code == 4 and r.stderr == f"error: {want}\n", r.output
+    assert snapshot(sharded) == before and not (sharded / ".erasekit").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_named_alone_and_pickle_shards_are_refused_in_one_line(tmp_path: Path) -> None:
+    _, sharded, _ = models(tmp_path, "transformers-t5")
+    r = run("inspect", sharded / SHARDS[1])
+    assert r.exit_code == 4 and r.stderr == (
+        f"error: {sharded / SHARDS[1]} is one shard of a model saved in shards; name the folder that holds all "
+        f"its shards and their index ({sharded})\n"
+    )
+    pickled = make_checkpoint(tmp_path / "pickled", "transformers-t5", "F16")
+    (pickled / "model.safetensors").unlink()
+    for name in (
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json",
+    ):
+        (pickled / name).write_bytes(b"")
+    r = run("inspect", pickled)
+    assert r.exit_code == 4 and r.stderr == (
+        f"error: {pickled} holds a text encoder in pickle shards (pytorch_model-00001-of-00002.bin and "
+        "pytorch_model-00002-of-00002.bin), which erasekit does not read; download its safetensors shards and "
+        "model.safetensors.index.json instead, or save it with save_pretrained(safe_serialization=True)\n"
+    )
