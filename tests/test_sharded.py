@@ -10,16 +10,19 @@ the tensors in turn to each shard, so the FFN tensors of one layer fall in both.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_fault_injection as fi
 from conftest import snapshot
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
+from erasekit.checkpoints.hub import TEXT_ENCODERS, allow_patterns
 from erasekit.cli import app
-from erasekit.testing import make_checkpoint
+from erasekit.testing import add_to_hub_cache, make_checkpoint
 
 runner = CliRunner()
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -234,3 +237,90 @@ def test_a_shard_named_alone_and_pickle_shards_are_refused_in_one_line(tmp_path:
         "pytorch_model-00002-of-00002.bin), which erasekit does not read; download its safetensors shards and "
         "model.safetensors.index.json instead, or save it with save_pretrained(safe_serialization=True)\n"
     )
+
+
+@pytest.fixture(scope="module")
+def sharded_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FLUX.1 folder whose T5 is sharded, the patch p (layer 1), and the folder with p2 (layer 0) and p applied
+    in place (to revert p, as tests/test_fault_injection.py does)."""
+    from erasekit.checkpoints.apply import apply_to_checkpoint
+    from erasekit.checkpoints.diff import diff_checkpoints
+
+    root, made = tmp_path_factory.mktemp("sharded"), tmp_path_factory.mktemp("made")
+    plain, sharded, edited = models(made, "diffusers-flux")
+    patch = patch_of(root, plain, edited)
+    other = make_checkpoint(made / "other", "diffusers-flux", "F16", edit_layers=[0], edit_seed=1)
+    diff_checkpoints(plain, other, output=root / "p2.erasepatch", title="p2")
+    shutil.copytree(sharded, root / "folder")
+    shutil.copytree(sharded, root / "applied")
+    apply_to_checkpoint([root / "p2.erasepatch", patch], root / "applied", in_place=True)
+    return root
+
+
+FAULT_CASES = [
+    fi.Case(
+        "apply-sharded",
+        lambda r: ["apply", f"{r}/p.erasepatch", "--to", f"{r}/folder", "--in-place"],
+        fi.in_place_state("folder"),
+        in_place=True,
+    ),
+    fi.Case(
+        "revert-sharded",
+        lambda r: ["apply", "--revert", f"{r}/p.erasepatch", "--to", f"{r}/applied"],
+        fi.in_place_state("applied"),
+        in_place=True,
+    ),
+    fi.Case(
+        "apply-o-sharded",
+        lambda r: ["apply", f"{r}/p.erasepatch", "--to", f"{r}/folder", "-o", f"{r}/out"],
+        fi.output_state("out", "folder"),
+        in_place=False,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", FAULT_CASES, ids=[c.name for c in FAULT_CASES])
+def test_a_fault_at_any_call_leaves_the_shards_before_or_after(
+    case: fi.Case, sharded_inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/test_fault_injection.py's check, on a folder whose T5 is sharded: every write, fsync, rename and copy
+    failing or the process dying there leaves every shard, the index and the journal as before or as after once
+    the next command ran (``ERASEKIT_FAULTS=all``: every call)."""
+    fi.test_a_fault_at_any_call_leaves_the_files_before_or_after(case, sharded_inputs, tmp_path, monkeypatch)
+
+
+def test_a_model_id_downloads_the_shards_of_one_variant_with_their_index(tmp_path: Path) -> None:
+    """SD3's text_encoder_3 as the hub has it: fp16 shards (``model.fp16-00001-of-00002.safetensors``) and their
+    index ``model.safetensors.index.fp16.json``, maybe beside full-precision ones."""
+    enc = "text_encoder_3/"
+    plain = [f"{enc}{s}" for s in (*SHARDS, INDEX)]
+    fp16 = [f"{enc}model.fp16-0000{i}-of-00002.safetensors" for i in (1, 2)] + [
+        f"{enc}model.safetensors.index.fp16.json"
+    ]
+    common = ["model_index.json", f"{enc}config.json"]
+    assert allow_patterns([*common, *plain, *fp16], TEXT_ENCODERS) == sorted([*common, *fp16])
+    assert allow_patterns([*common, *plain], TEXT_ENCODERS) == sorted([*common, *plain])
+
+
+def test_a_model_id_in_the_cache_with_a_sharded_t5_is_read_and_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    plain, sharded, edited = models(tmp_path, "diffusers-flux")
+    patch = patch_of(tmp_path, plain, edited)
+    hub = tmp_path / "hub"
+    add_to_hub_cache(hub, "org/flux", sharded, commit="3" * 40)
+    for name, value in (("HF_HUB_CACHE", str(hub)), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setenv(name, str(value) if name == "HF_HUB_CACHE" else "1")
+        monkeypatch.setattr(constants, name, value)
+    r = run("diff", "org/flux", plain, "--json")
+    assert r.exit_code == 0 and all(c["relative"] == 0 for c in json.loads(r.stdout)["changes"]), r.output
+    cached = snapshot(hub)
+    r = run("apply", patch, "--to", "org/flux", "--in-place")
+    assert r.exit_code == 7 and "shared file of the Hugging Face cache" in r.stderr, r.output
+    r = run("apply", patch, "--to", "org/flux", "-o", tmp_path / "copy")
+    assert r.exit_code == 0, r.output
+    assert snapshot(hub) == cached and sorted(
+        p.name for p in (tmp_path / "copy" / "text_encoder_2").glob("model*")
+    ) == sorted([*SHARDS, INDEX])

@@ -118,22 +118,34 @@ def download_command(repo: str, revision: str | None, components: tuple[str, ...
     return f"hf download {repo}{rev} {include}"
 
 
+_SHARD = re.compile(r"-\d{5}-of-\d{5}(?=\.(?:safetensors|bin)$)")  # model.fp16-00001-of-00002.safetensors
+_INDEX = re.compile(r"(?P<name>.+)\.(?P<ext>safetensors|bin)\.index(?:\.(?P<variant>[^./]+))?\.json")
+
+
+def _as_one_file(name: str) -> str:
+    """The one file that a shard or the index of shards stands in for: ``model.fp16.safetensors`` for
+    ``model.fp16-00001-of-00002.safetensors`` and for ``model.safetensors.index.fp16.json``."""
+    if m := _INDEX.fullmatch(name):
+        return f"{m['name']}.{m['variant']}.{m['ext']}" if m["variant"] else f"{m['name']}.{m['ext']}"
+    return _SHARD.sub("", name)
+
+
 def allow_patterns(files: list[str], components: tuple[str, ...]) -> list[str]:
     """The files of a repo listing that erasekit downloads: configs, tokenizers and the model's ``erasekit.json``
     (its recommended settings), and for each component its fp16 weights if the repo has them, else its plain ones
-    (safetensors before pickles)."""
+    (safetensors before pickles); weights saved in shards come with their index, and only with it."""
     wanted = [f for f in files if f in ("model_index.json", "erasekit.json") or f.split("/")[0] in _SMALL]
     for comp in components:
         inside = [f for f in files if f.startswith(comp + "/") and f.count("/") == 1]
-        wanted += [f for f in inside if f.endswith(".json")]
-        weights = [f for f in inside if f.endswith((".safetensors", ".bin"))]
+        wanted += [f for f in inside if f.endswith(".json") and not _INDEX.fullmatch(f)]
+        weights = [f for f in inside if f.endswith((".safetensors", ".bin")) or _INDEX.fullmatch(f)]
         for pick in (
             lambda f: ".fp16." in f and f.endswith(".safetensors"),
             lambda f: f.count(".") == 1 and f.endswith(".safetensors"),
             lambda f: ".fp16." in f,
             lambda f: f.count(".") == 1,
         ):
-            chosen = [f for f in weights if pick(f)]
+            chosen = [f for f in weights if pick(_as_one_file(f))]
             if chosen:
                 wanted += chosen
                 break
