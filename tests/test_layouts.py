@@ -131,11 +131,16 @@ def test_text_encoder_without_weights(tmp_path: Path) -> None:
         detect(p)
 
 
-def test_sharded_text_encoder(tmp_path: Path) -> None:
+def test_an_index_of_shards_without_a_weight_map_is_refused(tmp_path: Path) -> None:
+    """Sharded encoders are read (tests/test_sharded.py); an index that maps no tensor to a shard is refused."""
     p = make_checkpoint(tmp_path / "p", "diffusers-sd1", "F16")
-    (p / "text_encoder" / "model.safetensors.index.json").write_text("{}")
-    with pytest.raises(LayoutError, match="sharded"):
+    index = p / "text_encoder" / "model.safetensors.index.json"
+    index.write_text("{}")
+    with pytest.raises(LayoutError) as e:
         detect(p)
+    assert str(e.value) == (
+        f"{index} has no weight_map of tensor names to shard files; re-download the shards with the index file"
+    )
 
 
 def test_corrupt_model_index(tmp_path: Path) -> None:
