@@ -103,6 +103,8 @@ def test_apply_in_place_rewrites_both_shards_and_revert_restores_every_byte(tmp_
     assert r.exit_code == 0 and max(c["relative"] for c in json.loads(r.stdout)["changes"]) < 1e-3, r.output
     r = run("inspect", sharded, "--json")
     assert [a["title"] for a in json.loads(r.stdout)["applied"]] == ["edited minus plain"]
+    r = run("inspect", patch, "--against", sharded)  # the fingerprints of the bytes below the patch, from the journal
+    assert r.exit_code == 0 and "exact; note: patches already applied to it: edited minus plain" in r.stdout, r.output
     r = run("apply", "--revert", patch, "--to", sharded)
     assert r.exit_code == 0 and "sha256 verified" in r.stdout, r.output
     assert snapshot(sharded) == before
