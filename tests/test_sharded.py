@@ -39,16 +39,21 @@ def run(*args: object):  # type: ignore[no-untyped-def]
     return runner.invoke(app, [str(a) for a in args])
 
 
-def shard(folder: Path) -> None:
-    """Re-save ``folder/model.safetensors`` as two shards and their index, as transformers writes them."""
-    tensors = load_file(str(folder / "model.safetensors"))
-    (folder / "model.safetensors").unlink()
+def shard(folder: Path, variant: str = "") -> None:
+    """Re-save ``folder/model.safetensors`` (``model.VARIANT.safetensors``) as two shards and their index, as
+    transformers writes them."""
+    stem = f"model.{variant}" if variant else "model"
+    shards = [name.replace("model", stem) for name in SHARDS]
+    tensors = load_file(str(folder / f"{stem}.safetensors"))
+    (folder / f"{stem}.safetensors").unlink()
     names = sorted(tensors)
-    weight_map = {name: SHARDS[i % 2] for i, name in enumerate(names)}
-    for part in SHARDS:
+    weight_map = {name: shards[i % 2] for i, name in enumerate(names)}
+    for part in shards:
         save_file({n: tensors[n] for n in names if weight_map[n] == part}, str(folder / part), {"format": "pt"})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / INDEX.replace("index", f"index.{variant}" if variant else "index")).write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def models(root: Path, layout: str) -> tuple[Path, Path, Path]:
@@ -128,6 +133,34 @@ def test_apply_to_a_copy_writes_the_same_shards_with_the_patched_tensors(tmp_pat
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
     r = run("inspect", tmp_path / "out", "--json")
     assert [a["title"] for a in json.loads(r.stdout)["applied"]] == ["edited minus plain"]
+
+
+def test_both_sharded_variants_of_an_sd3_t5_are_patched_and_reverted(tmp_path: Path) -> None:
+    """SD3's text_encoder_3 in full precision and as the fp16 variant, each in shards with its own index
+    (``model.safetensors.index.fp16.json``): both are patched, as one-file variants are, and both revert."""
+    plain = make_checkpoint(tmp_path / "plain", "diffusers-sd3", "F32")
+    edited = make_checkpoint(tmp_path / "edited", "diffusers-sd3", "F32", edit_layers=[1])
+    patch = patch_of(tmp_path, plain, edited)
+    target, half = (make_checkpoint(tmp_path / n, "diffusers-sd3", d) for n, d in (("target", "F32"), ("half", "F16")))
+    t5 = target / "text_encoder_3"
+    shutil.copyfile(half / "text_encoder_3" / "model.safetensors", t5 / "model.fp16.safetensors")
+    shard(t5)
+    shard(t5, "fp16")
+    r = run("inspect", target, "--json")
+    assert [e["file"] for e in json.loads(r.stdout)["encoders"] if e["slot"] == "te3"] == [
+        f"text_encoder_3/{INDEX} (2 shards)",
+        "text_encoder_3/model.safetensors.index.fp16.json (2 shards)",
+    ]
+    before = snapshot(target)
+    r = run("apply", patch, "--to", target, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint approx" in r.stdout, r.output  # the fp16 copy matches roughly
+    changed = {name for name, digest in snapshot(target).items() if before[name] != digest}
+    assert {n for n in changed if n.startswith("text_encoder_3/")} == {
+        f"text_encoder_3/{s.replace('model', m)}" for s in SHARDS for m in ("model", "model.fp16")
+    }
+    r = run("apply", "--revert", patch, "--to", target)
+    assert r.exit_code == 0 and "sha256 verified" in r.stdout, r.output
+    assert snapshot(target) == before
 
 
 def test_transformers_loads_the_patched_shards_as_the_patched_file(tmp_path: Path) -> None:
