@@ -216,9 +216,29 @@ def _forget_a_tensor(folder: Path) -> None:
     (folder / INDEX).write_text(json.dumps(index))
 
 
+def _add_a_stray_shard(folder: Path) -> None:
+    shutil.copyfile(folder / SHARDS[1], folder / "model-00003-of-00003.safetensors")
+
+
+def _point_outside(folder: Path) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    index["weight_map"] = {k: f"../{v}" for k, v in index["weight_map"].items()}
+    (folder / INDEX).write_text(json.dumps(index))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
+        (
+            _add_a_stray_shard,
+            "{d}/{i} does not name model-00003-of-00003.safetensors, which lies beside it; remove the stray shards, "
+            "or re-download the index file with its shards",
+        ),
+        (
+            _point_outside,
+            "{d}/{i} names '../{s0}' as a shard, which is not a .safetensors file beside it; re-download the shards "
+            "with the index file",
+        ),
         (
             _lose_index,
             "{d} has {s0} and {s1} but no {i}; re-download the index file with the shards",

@@ -514,7 +514,7 @@ def _refuse_loose_shards(folder: Path, named: set[str]) -> None:
     index = _index_name(_SHARD.fullmatch(loose[0])["stem"])  # type: ignore[index]
     if (folder / index).exists():
         raise LayoutError(
-            f"{folder / index} does not name {listing(loose)}, which lie beside it",
+            f"{folder / index} does not name {listing(loose)}, which {'lies' if len(loose) == 1 else 'lie'} beside it",
             "remove the stray shards, or re-download the index file with its shards",
         )
     raise LayoutError(f"{folder} has {listing(loose)} but no {index}", "re-download the index file with the shards")
