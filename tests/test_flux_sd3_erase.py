@@ -43,3 +43,70 @@ def test_a_tiny_pipeline_runs_offline(tiny: dict[str, Path], arch: str) -> None:
     ).images[0]
     assert image.size == (32, 32)
     assert np.asarray(image).std() > 0
+
+
+def run(*args: object):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def edited_patch(root: Path, folder: Path, components: tuple[str, ...]) -> Path:
+    """The patch (``erasekit diff``) to a copy of ``folder`` whose encoders in ``components`` have every FFN tensor
+    moved."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    edited = root / f"{folder.name}-edited"
+    shutil.copytree(folder, edited)
+    g = torch.Generator().manual_seed(1)
+    for component in components:
+        path = edited / component / "model.safetensors"
+        sd = load_file(path)
+        for key in sorted(k for k in sd if ".mlp." in k or ".DenseReluDense." in k):
+            sd[key] = sd[key] + torch.randn(sd[key].shape, generator=g) * 0.05
+        save_file(sd, path, metadata={"format": "pt"})
+    out = root / f"{folder.name}.erasepatch"
+    assert run("diff", folder, edited, "-o", out).exit_code == 0
+    return out
+
+
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path)).astype(int)
+
+
+@pytest.mark.parametrize(
+    ("arch", "edited"),
+    [("flux", ("text_encoder_2",)), ("sd3", ("text_encoder", "text_encoder_2", "text_encoder_3"))],
+)
+def test_generate_compares_a_patch_in_memory(
+    tmp_path: Path, tiny: dict[str, Path], arch: str, edited: tuple[str, ...]
+) -> None:
+    """FLUX.1's patch moves its T5 alone (``text_encoder_2``): the picture changes all the same."""
+    patch = edited_patch(tmp_path, tiny[arch], edited)
+    out = tmp_path / "out"
+    r = run("generate", "--model", tiny[arch], "-p", patch, "--compare", "a cat", "-n", "1", "--steps", "2", "-o", out)
+    assert r.exit_code == 0, r.output
+    before, after = pixels(out / "a-cat_0_before.png"), pixels(out / "a-cat_0_after.png")
+    assert before.shape == (32, 32, 3), "the model's own size: the VAE's sample_size (FLUX), SD3's transformer's"
+    assert np.abs(before - after).max() > 0
+
+
+def test_an_sd3_folder_without_its_t5_generates(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "no-t5"
+    shutil.copytree(tiny["sd3"], folder, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps(index | {"text_encoder_3": [None, None], "tokenizer_3": [None, None]})
+    )
+    r = run("generate", "--model", folder, "a cat", "-n", "1", "--steps", "2", "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert pixels(tmp_path / "out" / "a-cat_0.png").shape == (32, 32, 3)
