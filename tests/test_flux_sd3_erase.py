@@ -110,3 +110,38 @@ def test_an_sd3_folder_without_its_t5_generates(tmp_path: Path, tiny: dict[str, 
     r = run("generate", "--model", folder, "a cat", "-n", "1", "--steps", "2", "-o", tmp_path / "out")
     assert r.exit_code == 0, r.output
     assert pixels(tmp_path / "out" / "a-cat_0.png").shape == (32, 32, 3)
+
+
+def loaded(folder: Path, **kw: object):  # type: ignore[no-untyped-def]
+    from erasekit.checkpoints.pipeline import load_pipeline
+
+    return load_pipeline(folder, **kw)[0]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3", "sd3-no-t5"])
+def test_erasekit_conditions_as_the_pipelines_do(tmp_path: Path, tiny: dict[str, Path], arch: str) -> None:
+    """What the erase feeds the transformer is what the pipeline's own ``encode_prompt`` gives it: FLUX.1's T5 tokens
+    (512 of them) and CLIP-L's pooled output; SD3.x's joined CLIP tokens padded to T5's width and followed by T5's
+    256 (as many zero rows without T5), and both CLIPs' projected pooled embeddings."""
+    from erasekit.erasing.conditioning import Conditioner, encoder_outputs
+
+    pipe = loaded(tiny[arch.removesuffix("-no-t5")])
+    if arch == "sd3-no-t5":
+        pipe.text_encoder_3 = pipe.tokenizer_3 = None
+    prompts = ["a photo of a cat", "a red striped circle", ""]
+    with torch.no_grad():
+        conditioning = Conditioner(pipe, 32, None)(prompts, "cpu")
+        if arch == "flux":
+            tokens, pooled, _ = pipe.encode_prompt(prompts, None, device="cpu")
+        else:
+            tokens, _, pooled, _ = pipe.encode_prompt(
+                prompts, None, None, device="cpu", do_classifier_free_guidance=False
+            )
+    outputs = encoder_outputs(conditioning)
+    want = {
+        "flux": ((3, 512, 80), (3, 32)),
+        "sd3": ((3, 77 + 256, 80), (3, 64)),
+        "sd3-no-t5": ((3, 77 + 256, 80), (3, 64)),
+    }
+    assert (outputs["hidden"].shape, outputs["pooled"].shape) == want[arch]
+    assert torch.equal(outputs["hidden"], tokens) and torch.equal(outputs["pooled"], pooled)
