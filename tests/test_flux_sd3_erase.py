@@ -145,3 +145,49 @@ def test_erasekit_conditions_as_the_pipelines_do(tmp_path: Path, tiny: dict[str,
     }
     assert (outputs["hidden"].shape, outputs["pooled"].shape) == want[arch]
     assert torch.equal(outputs["hidden"], tokens) and torch.equal(outputs["pooled"], pooled)
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_the_denoiser_trains_the_rectified_flow(tiny: dict[str, Path], arch: str) -> None:
+    """noisy = (1 - sigma) x0 + sigma noise, target noise - x0, sigma from the scheduler's training table (SD3's
+    shift 3; FLUX-dev's dynamic shift is not applied in training), x0 = noisy - sigma * velocity; the transformer
+    gets SD3's timestep in 0-1000, FLUX's over 1000 with 2x2-packed latents, their ids and a guidance of 3.5."""
+    from erasekit.erasing.conditioning import Conditioner
+    from erasekit.erasing.denoising import Prediction, make_denoiser
+
+    pipe = loaded(tiny[arch])
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    denoiser = make_denoiser(pipe, x0, None)
+    t = torch.tensor([0, 700])
+    seen: dict[str, object] = {}
+    pipe.transformer.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        prediction = denoiser.predict([0, 1], t, noise, Conditioner(pipe, 32, None)(["a cat", "a dog"], "cpu"))
+    s = 1 - t.double() / 1000  # the unshifted table: 1 at index 0, 0.3 at index 700
+    sigma = (3 * s / (1 + 2 * s) if arch == "sd3" else s).float().view(-1, 1, 1, 1)
+    assert torch.allclose(prediction.noisy, (1 - sigma) * x0 + sigma * noise, atol=1e-6)
+    assert torch.equal(prediction.target, noise - x0) and prediction.out.shape == x0.shape
+    perfect = Prediction(denoiser, prediction.noisy, t, prediction.target, prediction.target)
+    assert torch.allclose(perfect.clean(), x0, atol=1e-5)
+    timestep = seen["timestep"]
+    assert isinstance(timestep, torch.Tensor)
+    if arch == "sd3":
+        assert torch.allclose(timestep, sigma.flatten() * 1000) and seen["hidden_states"].shape == (2, 4, 8, 8)  # type: ignore[union-attr]
+    else:
+        assert torch.allclose(timestep, sigma.flatten()) and seen["hidden_states"].shape == (2, 16, 16)  # type: ignore[union-attr]
+        assert seen["img_ids"].shape == (16, 3) and seen["txt_ids"].shape == (512, 3)  # type: ignore[union-attr]
+        assert seen["guidance"].tolist() == [3.5, 3.5]  # type: ignore[union-attr]
+
+
+def test_flux_schnell_has_no_guidance_to_feed(tmp_path: Path) -> None:
+    from erasekit.erasing.denoising import make_denoiser
+
+    pipe = loaded(make_tiny_pipeline(tmp_path / "schnell", "flux-schnell"))
+    seen: dict[str, object] = {}
+    pipe.transformer.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    denoiser = make_denoiser(pipe, torch.zeros(1, 4, 8, 8), None)
+    cond = (torch.zeros(1, 7, 80), {"text_embeds": torch.zeros(1, 32)})
+    with torch.no_grad():
+        denoiser.run(torch.zeros(1, 4, 8, 8), torch.tensor([5]), cond)
+    assert "guidance" in seen and seen["guidance"] is None and seen["txt_ids"].shape == (7, 3)  # type: ignore[union-attr]
