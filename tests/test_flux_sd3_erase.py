@@ -191,3 +191,78 @@ def test_flux_schnell_has_no_guidance_to_feed(tmp_path: Path) -> None:
     with torch.no_grad():
         denoiser.run(torch.zeros(1, 4, 8, 8), torch.tensor([5]), cond)
     assert "guidance" in seen and seen["guidance"] is None and seen["txt_ids"].shape == (7, 3)  # type: ignore[union-attr]
+
+
+def training_images(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"cat{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def erased(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> dict[str, Path]:
+    """A 2-step erase of "cat" from each tiny model, through the CLI."""
+    root = tmp_path_factory.mktemp("erased")
+    images = training_images(root / "cats")
+    patches = {}
+    for arch, folder in tiny.items():
+        patches[arch] = out = root / f"{arch}.erasepatch"
+        r = run("erase", "--model", folder, "--concept", "cat", "--images", images, "--steps", "2", "-o", out)
+        assert r.exit_code == 0, r.output
+    return patches
+
+
+@pytest.mark.parametrize(("arch", "slots"), [("flux", ["te1", "te3"]), ("sd3", ["te1", "te2", "te3"])])
+def test_erase_patches_every_encoder_the_transformer_reads_and_applies_in_place(
+    tmp_path: Path, tiny: dict[str, Path], erased: dict[str, Path], arch: str, slots: list[str]
+) -> None:
+    """Low-rank (``--rank auto``, the default) on T5's tensors as on CLIP's; in place and back, bit for bit."""
+    import shutil
+
+    from conftest import snapshot
+
+    from erasekit.format.patchfile import load_patch
+
+    patch = load_patch(erased[arch])
+    assert (patch.manifest.base.architecture, sorted(patch.manifest.base.encoders)) == (arch, slots)
+    assert sorted({m.split("_")[1] for m in patch.manifest.deltas}) == slots
+    assert patch.manifest.method.hyperparameters["prediction_type"] == "flow_matching"
+    t5 = [m for m in patch.manifest.deltas if m.startswith("lora_te3_")]
+    assert len(t5) == 6 and all(f"{m}.lora_down.weight" in patch.tensors for m in t5)
+    target = shutil.copytree(tiny[arch], tmp_path / arch)
+    before = snapshot(target)
+    r = run("apply", erased[arch], "--to", target, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout and snapshot(target) != before, r.output
+    r = run("apply", "--revert", erased[arch], "--to", target)
+    assert r.exit_code == 0 and snapshot(target) == before, r.output
+
+
+def test_erase_trains_t5_alone_when_asked(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    from erasekit.format.patchfile import load_patch
+
+    out = tmp_path / "t5.erasepatch"
+    images = training_images(tmp_path / "cats")
+    args = ("erase", "--model", tiny["flux"], "--concept", "cat", "--images", images, "--steps", "2", "-o", out)
+    r = run(*args, "--encoders", "te3", "--rank", "dense")
+    assert r.exit_code == 0, r.output
+    assert {m.split("_")[1] for m in load_patch(out).manifest.deltas} == {"te3"}
+
+
+def test_eval_judges_a_flux_erase_with_a_clip_judge(
+    tmp_path: Path, tiny: dict[str, Path], erased: dict[str, Path]
+) -> None:
+    import json
+
+    from test_clip_judge import make_colour_clip
+
+    judge = make_colour_clip(tmp_path / "clip")
+    args = ("eval", "--model", tiny["flux"], "-p", erased["flux"], "--concept", "red", "--judge", judge)
+    r = run(*args, "--keep", "green", "-n", "1", "--steps", "2", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["labels"] == ["red", "green"] and report["images_per_prompt"] == 1
+    assert 0 <= report["target"]["after"] <= 1
