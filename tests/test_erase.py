@@ -221,7 +221,7 @@ def test_unsupported_architecture(tmp_path: Path, circles: Path) -> None:
     _expect(
         tmp_path,
         LayoutError,
-        "is sdxl-refiner; erase and generate support SD1.x, SD2.x and SDXL base",
+        "is sdxl-refiner; erase and generate support SD1.x, SD2.x, SDXL base, FLUX.1 and SD3.x",
         refiner,
         ["circle"],
         [circles],

@@ -1,7 +1,8 @@
 """FLUX.1 and SD3.x as families, for every file operation (inspect, diff, apply and revert, merge, export): their
 diffusers folders (SD3.x with and without its T5), their all-in-one single files, a model id's cache, the encoder files
 ComfyUI users keep beside them (a patch of several encoders applies its one fitting part there), and the files and
-commands that are refused in one line (a transformer alone; erase, generate and eval).
+commands that are refused in one line (a transformer alone; erase, generate and eval of a single file without a
+config folder; tests/test_flux_sd3_erase.py runs them on tiny real pipelines).
 
 The folders are tiny and random (:func:`erasekit.testing.make_checkpoint`): real key names and configs for the text
 encoders, placeholder tensors for the transformer and the VAE, which no file operation reads."""
@@ -324,8 +325,10 @@ def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("layout", ["diffusers-flux", "single-sd3"])
-def test_erase_generate_and_eval_say_in_one_line_that_they_do_not_run_it_yet(tmp_path: Path, layout: str) -> None:
+@pytest.mark.parametrize("layout", ["single-flux", "single-sd3"])
+def test_erase_generate_and_eval_of_a_single_file_without_configs_ask_for_them_in_one_line(
+    tmp_path: Path, layout: str
+) -> None:
     path = model(tmp_path, layout)
     patch = patch_of(tmp_path, layout)
     images = tmp_path / "images"
@@ -338,8 +341,10 @@ def test_erase_generate_and_eval_say_in_one_line_that_they_do_not_run_it_yet(tmp
         ("eval", "--model", path, "--patch", patch, "--concept", "cat"),
     ):
         r = run(*args)
-        assert r.exit_code == 4 and r.stderr.count("\n") == 1, (args, r.output)
-        assert f"(erasing and generating with {title} is not supported yet; apply, diff, merge and export" in r.stderr
+        assert r.exit_code == 4 and r.stderr == (
+            f"error: erasekit has no configs to load a {title} single file with; give --config DIR, a local "
+            "diffusers folder of the same model (its configs are enough)\n"
+        ), (args, r.output)
     assert snapshot(tmp_path) == before
 
 

@@ -267,9 +267,13 @@ def native_resolution(
 
 
 def native_resolution_of(folder: Path) -> int | None:
-    """The default image size of a diffusers pipeline folder, as its pipelines choose it: the UNet's ``sample_size``
-    times the VAE's scale factor, 2 ** (its blocks - 1) (SD1 512, SD2 768-v 768, SDXL 1024)."""
-    unet, vae = read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json")
+    """The default image size of a diffusers pipeline folder, as its pipelines choose it: the UNet's (SD3.x: the
+    transformer's) ``sample_size`` times the VAE's scale factor, 2 ** (its blocks - 1) (SD1 512, SD2 768-v 768, SDXL
+    and SD3.x 1024); for a transformer without one (FLUX.1's), the VAE's own ``sample_size`` (1024)."""
+    denoiser = "unet" if (folder / "unet").is_dir() else "transformer"
+    unet, vae = read_json(folder / denoiser / "config.json"), read_json(folder / "vae" / "config.json")
+    if denoiser == "transformer" and "sample_size" not in unet:
+        return vae.get("sample_size") if isinstance(vae.get("sample_size"), int) else None
     size, blocks = unet.get("sample_size"), vae.get("block_out_channels")
     if isinstance(size, list):  # [height, width]: a square model's
         size = size[0] if len(set(size)) == 1 else None

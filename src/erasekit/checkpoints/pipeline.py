@@ -60,9 +60,10 @@ def model_threads(model: str | os.PathLike) -> Iterator[None]:
         yield
 
 
-def weights_variant(folder: Path) -> str | None:
-    """``"fp16"`` for a folder that holds only the fp16 weight variant (as a download of just that variant does)."""
-    unet = folder / "unet"
+def weights_variant(folder: Path, denoiser: str = "unet") -> str | None:
+    """``"fp16"`` for a folder that holds only the fp16 weight variant (as a download of just that variant does), as
+    its ``denoiser`` component (``unet``, ``transformer``) tells."""
+    unet = folder / denoiser
     plain = any(unet.glob("diffusion_pytorch_model.safetensors")) or any(unet.glob("diffusion_pytorch_model.bin"))
     return "fp16" if not plain and any(unet.glob("diffusion_pytorch_model.fp16.*")) else None
 
@@ -109,7 +110,7 @@ def load_pipeline(
 
     ckpt = detect(path)
     recover_interrupted(ckpt)  # never fingerprint or train on a half-applied file
-    fam = runnable_family(ckpt)
+    fam = runnable_family(ckpt, config)
     dtype = torch_dtype or torch.float32
     te_dtype = text_encoder_dtype or dtype
     vae_dtype = vae_dtype or dtype
@@ -122,12 +123,15 @@ def load_pipeline(
     if path.is_dir():
         index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
         for comp in fam.pipeline_components:
+            if comp in _absent_optional(fam, index):
+                continue
             if not (isinstance(index.get(comp), list) and index[comp][0] and (path / comp).is_dir()):
                 raise LayoutError(
                     f"model folder {path} lacks its {comp} ({comp}/ folder or model_index.json entry)",
                     "use a complete diffusers pipeline folder",
                 )
-        variant = weights_variant(path)
+        variant = weights_variant(path, fam.parts[0][0])
+        extra |= dict.fromkeys(_absent_optional(fam, index))  # diffusers wants them passed as None
         dtypes = {"default": dtype, "vae": vae_dtype} | dict.fromkeys(fam.components, te_dtype)
         load: Callable[..., Any] = lambda: cls.from_pretrained(  # noqa: E731
             path,
@@ -179,7 +183,7 @@ def load_pipeline(
         check_single_file_pipeline(pipe, ckpt, config)
         for name in fam.components:
             getattr(pipe, name).to(te_dtype)
-        pipe.unet.to(dtype)
+        denoiser_of(pipe).to(dtype)
         pipe.vae.to(vae_dtype)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
@@ -187,10 +191,30 @@ def load_pipeline(
     return pipe.to(device), ckpt
 
 
-def runnable_family(ckpt: Checkpoint) -> Family:
+def denoiser_of(pipe: Any) -> Any:
+    """A loaded pipeline's denoiser: its UNet (SD1.x, SD2.x, SDXL) or its transformer (FLUX.1, SD3.x)."""
+    transformer = getattr(pipe, "transformer", None)
+    return transformer if transformer is not None else pipe.unet
+
+
+def _absent_optional(fam: Family, index: dict[str, Any]) -> set[str]:
+    """The components (encoder and tokenizer) of ``fam``'s optional slots that a folder's model_index.json leaves
+    out (SD3.x without its T5: ``"text_encoder_3": [null, null]``)."""
+    return {
+        c
+        for s in fam.slots
+        if s.optional and not (isinstance(index.get(s.component), list) and index[s.component][0])
+        for c in (s.component, s.tokenizer)
+    }
+
+
+def runnable_family(ckpt: Checkpoint, config: str | os.PathLike | None = None) -> Family:
     """The family of ``ckpt``, which erase, generate and eval can run; :class:`UnsupportedModelError` where they
-    cannot."""
+    cannot, and a :class:`LayoutError` for a single file that erasekit has no configs for and no ``config`` folder
+    is given (FLUX.1, SD3.x): before a judge is asked for or an image read."""
     fam = family(ckpt.architecture)
+    if not fam.bare and fam.pipeline and not fam.bundled and config is None and not ckpt.path.is_dir():
+        raise LayoutError(f"erasekit has no configs to load a {fam.title} single file with", fam.why_not_run)
     if fam.bare:
         raise UnsupportedModelError(
             f"{ckpt.path} is a {fam.title} on its own (no UNet or VAE), which erase, generate and eval cannot run",

@@ -121,19 +121,27 @@ def _ffn_inputs(
     layers = {m: p for m, kind, p in params if kind == "weight"}
     modules = _linear_modules(cond_of, layers)
     taken: dict[str, Any] = {}
-    starts = [0]
-    for g in groups:
-        starts.append(starts[-1] + len(g) * cond_of.tokens)
-    spread = torch.cat(
-        [a + torch.randperm(b - a, generator=gen)[: max(1, rows // len(groups))] for a, b in zip(starts, starts[1:])]
-    )
+    # the rows drawn for each length of the encoders' prompts (77 for CLIP, 512 or 256 for T5), in their order
+    spreads: dict[int, Any] = {}
+    for tokens in dict.fromkeys(cond_of.lengths.values()):
+        starts = [0]
+        for g in groups:
+            starts.append(starts[-1] + len(g) * tokens)
+        spreads[tokens] = torch.cat(
+            [
+                a + torch.randperm(b - a, generator=gen)[: max(1, rows // len(groups))]
+                for a, b in zip(starts, starts[1:])
+            ]
+        )
     prompts = sum(groups, [])
-    picks = {m: spread for m in modules}
+    picks = {}
     for m in modules:
         slot, layer, _ = parse_module_name(m)  # type: ignore[misc]
+        tokens = cond_of.lengths[slot]
+        picks[m] = spreads[tokens]
         if cond_of.pooled_only(slot, layer):  # every prompt's end-of-text row among them
-            ends = [i * cond_of.tokens + pos for i, pos in enumerate(cond_of.pooled_positions(slot, prompts))]
-            picks[m] = torch.tensor(sorted(set(spread.tolist()) | set(ends)))
+            ends = [i * tokens + pos for i, pos in enumerate(cond_of.pooled_positions(slot, prompts))]
+            picks[m] = torch.tensor(sorted(set(spreads[tokens].tolist()) | set(ends)))
 
     def hook(name: str) -> Any:
         def keep(_mod: Any, args: tuple[Any, ...]) -> None:

@@ -41,13 +41,15 @@ def trainable(slot: str, text_encoder: Any, layers: list[int] | None) -> list[tu
 
 
 class Conditioner:
-    """Prompts -> the UNet's conditioning, as the pipeline's family reads its encoders: SD1.x/SD2.x one encoder's
-    last hidden state; SDXL both encoders' penultimate hidden states concatenated, plus te2's pooled embedding and
-    the size ids."""
+    """Prompts -> the denoiser's conditioning, as the pipeline's family reads its encoders: SD1.x/SD2.x one
+    encoder's last hidden state; SDXL both encoders' penultimate hidden states concatenated, plus te2's pooled
+    embedding and the size ids; FLUX.1 T5's last hidden state and CLIP-L's pooled output; SD3.x its CLIPs'
+    penultimate hidden states joined and padded to T5's width, then T5's, and both CLIPs' projected pooled
+    embeddings. Each encoder's prompts are padded as the pipeline pads them (:attr:`lengths`)."""
 
     def __init__(self, pipe: Any, resolution: int, encoders: Sequence[str] | None) -> None:
         family = of_pipeline(pipe)
-        if family is not None and family.pipeline is None:  # FLUX.1, SD3.x: their conditioning is data, not run yet
+        if family is not None and family.pipeline is None:  # the SDXL refiner
             raise ErasekitError(
                 f"erase cannot run a {family.title} pipeline ({type(pipe).__name__})", family.why_not_run
             )
@@ -57,7 +59,11 @@ class Conditioner:
                 "load the model with erasekit.checkpoints.pipeline.load_pipeline",
             )
         self.arch, self.reads = family.name, family.conditioning
-        available = {s.name: (getattr(pipe, s.component), getattr(pipe, s.tokenizer)) for s in family.slots}
+        available = {
+            s.name: (getattr(pipe, s.component), getattr(pipe, s.tokenizer))
+            for s in family.slots
+            if getattr(pipe, s.component, None) is not None  # SD3.x without its T5
+        }
         self.all = available
         chosen = list(encoders) if encoders else list(available)
         unknown = [e for e in chosen if e not in available]
@@ -69,8 +75,19 @@ class Conditioner:
             )
         self.trained = {s: available[s][0] for s in chosen}
         self.resolution = resolution
-        self.tokens = min(tok.model_max_length for _, tok in available.values())  # tokens per prompt (77)
-        self._ids: dict[tuple[int, str], Any] = {}  # (tokenizer, prompt) -> token ids: the loop repeats prompts
+        # slot -> tokens per prompt: its tokenizer's (CLIP's 77); for a T5 the pipeline's (FLUX.1 512, SD3.x 256)
+        sequence = _max_sequence_length(pipe)
+        self.lengths = {
+            s: sequence if family.slot(s).encoder.kind.name == "t5" and sequence else int(tok.model_max_length)
+            for s, (_, tok) in available.items()
+        }
+        # the token states in a missing encoder's place: zeros, as many as it would give (SD3.x without T5)
+        self.missing = {
+            s: (sequence or min(self.lengths.values()), _denoiser(pipe).config.joint_attention_dim)
+            for s in self.reads.sequence_from
+            if s not in available
+        }
+        self._ids: dict[tuple[int, int, str], Any] = {}  # (tokenizer, length, prompt) -> ids: the loop repeats them
 
     def pooled_only(self, slot: str, layer: int) -> bool:
         """Whether the layer reaches the UNet only through the encoder's pooled embedding (SDXL's te2 last layer:
@@ -80,8 +97,8 @@ class Conditioner:
     def pooled_positions(self, slot: str, prompts: list[str]) -> list[int]:
         """For each prompt, the token position the encoder's pooled embedding is read from (the end of text), as
         transformers' CLIP text model finds it."""
-        te, tok = self.all[slot]
-        ids = self._token_ids(tok, prompts, "cpu")
+        te, _ = self.all[slot]
+        ids = self._token_ids(slot, prompts, "cpu")
         eos = te.config.eos_token_id
         return (ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)).tolist()
 
@@ -90,28 +107,33 @@ class Conditioner:
         layer cannot matter (te2's last layer still feeds its pooled embedding)."""
         return self.reads.layers_read(slot, self.all[slot][0].config.num_hidden_layers)
 
-    def _token_ids(self, tok: Any, prompts: list[str], device: Any) -> Any:
+    def _token_ids(self, slot: str, prompts: list[str], device: Any) -> Any:
+        """Each prompt's token ids for ``slot``'s encoder, padded to its length (:attr:`lengths`)."""
         import torch
 
-        new = [p for p in dict.fromkeys(prompts) if (id(tok), p) not in self._ids]
+        tok, length = self.all[slot][1], self.lengths[slot]
+        new = [p for p in dict.fromkeys(prompts) if (id(tok), length, p) not in self._ids]
         if new:
-            rows = tok(
-                new, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            self._ids.update({(id(tok), p): row for p, row in zip(new, rows)})
-        return torch.stack([self._ids[(id(tok), p)] for p in prompts]).to(device)
+            rows = tok(new, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+            self._ids.update({(id(tok), length, p): row for p, row in zip(new, rows)})
+        return torch.stack([self._ids[(id(tok), length, p)] for p in prompts]).to(device)
 
     def __call__(self, prompts: list[str], device: Any) -> tuple[Any, dict[str, Any] | None]:
+        """(the token states the denoiser attends to, its added conditioning: ``text_embeds``, the pooled
+        embeddings, and SDXL's ``time_ids``; None where it reads neither)."""
         import torch
 
         reads = self.reads
         penultimate = reads.hidden_layer == "penultimate"
         outs = {}
         for slot in reads.slots_read:
-            te, tok = self.all[slot]
-            outs[slot] = te(self._token_ids(tok, prompts, device), output_hidden_states=penultimate)
+            if slot in self.all:
+                te = self.all[slot][0]
+                outs[slot] = te(self._token_ids(slot, prompts, device), output_hidden_states=penultimate)
         hidden = [outs[s].hidden_states[-2] if penultimate else outs[s][0] for s in reads.hidden_from]
         cond = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]
+        if reads.sequence_from:
+            cond = self._followed(cond, [self._sequence(outs, s, len(prompts), device) for s in reads.sequence_from])
         if not reads.pooled_from:
             return cond, None
         pooled = [outs[s].text_embeds if reads.pooled_projected else outs[s].pooler_output for s in reads.pooled_from]
@@ -121,6 +143,40 @@ class Conditioner:
             size = torch.tensor([[r, r, 0, 0, r, r]], dtype=hidden[0].dtype, device=device)
             added["time_ids"] = size.repeat(len(prompts), 1)
         return cond, added
+
+    def _sequence(self, outs: dict[str, Any], slot: str, rows: int, device: Any) -> Any:
+        """The last hidden states of ``slot``, which follow the others' tokens (zeros for a missing encoder)."""
+        import torch
+
+        if slot in outs:
+            return outs[slot][0]
+        tokens, width = self.missing[slot]
+        return torch.zeros(rows, tokens, width, device=device)
+
+    @staticmethod
+    def _followed(cond: Any, sequence: list[Any]) -> Any:
+        """``cond`` zero-padded along the features to the width of ``sequence``'s states, then followed by them
+        along the tokens (SD3.x: its CLIPs' joined states, then T5's)."""
+        import torch
+        import torch.nn.functional as F
+
+        width = sequence[0].shape[-1]
+        return torch.cat([F.pad(cond, (0, width - cond.shape[-1])), *(s.to(cond.dtype) for s in sequence)], dim=-2)
+
+
+def _denoiser(pipe: Any) -> Any:
+    from ..checkpoints.pipeline import denoiser_of
+
+    return denoiser_of(pipe)
+
+
+def _max_sequence_length(pipe: Any) -> int | None:
+    """How many tokens the pipeline pads a T5's prompts to: its ``max_sequence_length`` default (FLUX.1 512, SD3.x
+    256); None for a pipeline without one."""
+    import inspect
+
+    call = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    return int(call.default) if call is not None else None
 
 
 def encoder_outputs(conditioning: tuple[Any, dict[str, Any] | None]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The denoising loss the erase loop differentiates: the frozen UNet's prediction for noised training latents
-under a conditioning, against its target (the noise, or the velocity for v-prediction models), and the random
-draws (timesteps, noise, prompts) each step takes, all from one seeded generator."""
+"""The denoising loss the erase loop differentiates: the frozen denoiser's prediction for noised training latents
+under a conditioning, against its target (the noise, or the velocity for v-prediction models; for the
+flow-matching transformers of FLUX.1 and SD3.x, the velocity from the image to the noise: :class:`FlowMatching`), and
+the random draws (timesteps, noise, prompts) each step takes, all from one seeded generator."""
 
 from __future__ import annotations
 
@@ -9,6 +10,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ErasekitError
+
+
+def make_denoiser(pipe: Any, latents: Any, amp_dtype: Any) -> Denoiser:
+    """The denoiser of a loaded pipeline, with the objective its family trains with: :class:`FlowMatching` for a
+    flow-matching family (``Family.flow_matching``: FLUX.1, SD3.x), else :class:`Denoiser`."""
+    from ..checkpoints.pipeline import denoiser_of
+    from ..families import of_pipeline
+
+    family = of_pipeline(pipe)
+    cls = FlowMatching if family is not None and family.flow_matching else Denoiser
+    return cls(denoiser_of(pipe), pipe.scheduler.config, latents, amp_dtype)
+
+
+def normalised_latents(pipe: Any, sample: Any) -> Any:
+    """VAE latents as the denoiser reads them: times the VAE's ``scaling_factor``, after subtracting its
+    ``shift_factor`` where a flow-matching family's VAE has one (FLUX.1 0.1159, SD3.x 0.0609)."""
+    from ..families import of_pipeline
+
+    family, config = of_pipeline(pipe), pipe.vae.config
+    shift = getattr(config, "shift_factor", None) if family is not None and family.flow_matching else None
+    return (sample - shift if shift else sample) * config.scaling_factor
 
 
 class Denoiser:
@@ -57,6 +79,84 @@ class Denoiser:
         if self.prediction_type == "epsilon":
             return (noisy - (1 - a).sqrt() * out) / a.sqrt()
         return a.sqrt() * noisy - (1 - a).sqrt() * out
+
+
+class FlowMatching(Denoiser):
+    """The rectified-flow objective FLUX.1 and SD3.x are trained with, as diffusers' train_dreambooth_flux.py and
+    train_dreambooth_sd3.py compute it: ``noisy = (1 - sigma) * x0 + sigma * noise``, target ``noise - x0``. A step's
+    ``t`` is an index into the scheduler's 1000 training timesteps, drawn uniformly (their weighting "none"); the
+    table carries the scheduler's static shift (SD3.x's 3.0), not FLUX.1-dev's resolution-dependent one, as in those
+    scripts. SD3.x's transformer takes that timestep (0-1000); FLUX.1's takes it over 1000, its latents packed 2x2
+    into tokens with their position ids, and, where it has a guidance embedding (dev, not schnell), the fixed
+    guidance :data:`GUIDANCE`."""
+
+    GUIDANCE = 3.5  # FLUX.1-dev's recommended guidance, which the dreambooth script trains with
+
+    def __init__(self, transformer: Any, scheduler_config: Any, latents: Any, amp_dtype: Any) -> None:
+        import inspect
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.unet, self.latents, self.amp_dtype = transformer, latents, amp_dtype
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)  # its training table
+        self.prediction_type = "flow_matching"
+        self.timesteps = self.scheduler.config.num_train_timesteps
+        self.packed = "img_ids" in inspect.signature(transformer.forward).parameters  # FLUX.1's
+
+    def _sigmas(self, t: Any) -> Any:
+        return self.scheduler.sigmas.to(t.device)[t].float().view(-1, 1, 1, 1)
+
+    def predict(
+        self, idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]
+    ) -> Prediction:
+        device = self.unet.device
+        x0 = self.latents[idx]
+        noise, t = noise.to(device), t.to(device)
+        sigma = self._sigmas(t)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        return Prediction(self, noisy, t, noise - x0, self.run(noisy, t, conditioning))
+
+    def run(self, noisy: Any, t: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
+        """The frozen transformer's velocity (float32, in the latents' shape) for ``noisy`` at ``t``."""
+        import torch
+
+        transformer = self.unet
+        cond, added = conditioning
+        assert added is not None, "FLUX.1 and SD3.x read a pooled embedding"
+        dtype = transformer.dtype
+        inputs = {
+            "encoder_hidden_states": cond.to(dtype),
+            "pooled_projections": added["text_embeds"].to(dtype),
+            "return_dict": False,
+        }
+        timestep = self.scheduler.timesteps.to(t.device)[t]
+        with torch.autocast(transformer.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if not self.packed:
+                return transformer(hidden_states=noisy.to(dtype), timestep=timestep, **inputs)[0].float()
+            return self._run_packed(noisy, timestep / 1000, cond.shape[1], inputs)
+
+    def _run_packed(self, noisy: Any, timestep: Any, text_tokens: int, inputs: dict[str, Any]) -> Any:
+        """FLUX.1: the latents as 2x2 patches, a token each, with their position ids (and zeros for the text's)."""
+        import torch
+        from diffusers import FluxPipeline
+
+        transformer, (b, c, h, w) = self.unet, noisy.shape
+        dtype, device = transformer.dtype, noisy.device
+        packed = FluxPipeline._pack_latents(noisy.to(dtype), b, c, h, w)
+        guidance = torch.full((b,), self.GUIDANCE, device=device) if transformer.config.guidance_embeds else None
+        out = transformer(
+            hidden_states=packed,
+            timestep=timestep,
+            guidance=guidance,
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
+            txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+            **inputs,
+        )[0]
+        return FluxPipeline._unpack_latents(out, h, w, 1).float()  # a scale factor of 1: h, w are the latents'
+
+    def clean(self, noisy: Any, t: Any, out: Any) -> Any:
+        """The clean latents a velocity ``out`` predicts: ``noisy - sigma * out``."""
+        return noisy - self._sigmas(t) * out
 
 
 @dataclass

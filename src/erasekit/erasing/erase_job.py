@@ -79,7 +79,7 @@ def prepare_erase(
         raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     model = resolve_model(model) if model is not None else builtin_model_path()
     ckpt = detect(model)  # its files' headers: a truncated or foreign file is refused before anything runs
-    runnable_family(ckpt)  # FLUX.1, SD3.x, a text encoder alone: refused before its configs are read
+    runnable_family(ckpt, config_dir)  # a text encoder alone, a FLUX.1 file without configs: before anything is read
     settings = model_settings(model)
     sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):
@@ -201,10 +201,12 @@ def _draw_images(job: EraseJob, pipe: Any, clock: Clock) -> list[list[Any]]:
     """``images auto``: ``num_images`` per concept, drawn by the unpatched model."""
     import torch
 
+    from ..checkpoints.pipeline import denoiser_of
     from ..judging.sampling import concept_prompt, render
 
-    dtype = pipe.unet.dtype  # the encoders are fp32 and the UNet may not be: autocast bridges them
-    with clock("render"), torch.autocast(pipe.unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    denoiser = denoiser_of(pipe)
+    dtype = denoiser.dtype  # the encoders are fp32 and the denoiser may not be: autocast bridges them
+    with clock("render"), torch.autocast(denoiser.device.type, dtype=dtype, enabled=dtype != torch.float32):
         return [
             [
                 render(pipe, concept_prompt(c, job.config.kind), seed=job.config.seed + i, resolution=None)

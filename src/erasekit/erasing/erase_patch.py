@@ -92,7 +92,7 @@ def build_patch(
         encoders={
             slot: EncoderInfo(
                 hidden=te.config.hidden_size,
-                intermediate=te.config.intermediate_size,
+                intermediate=getattr(te.config, "intermediate_size", None) or te.config.d_ff,  # T5's is d_ff
                 layers=te.config.num_hidden_layers,
             )
             for slot, te in cond_of.trained.items()

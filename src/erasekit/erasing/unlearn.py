@@ -30,7 +30,7 @@ from ..errors import ErasekitError, NonFiniteError
 from ..format.erase_config import EraseConfig
 from .compress import Compaction
 from .conditioning import Conditioner, check_concepts, trainable
-from .denoising import Denoiser, Draws
+from .denoising import Denoiser, Draws, make_denoiser, normalised_latents
 from .erase_patch import Trained, build_patch
 from .recipes import Objective, Step, make_recipe
 from .surgery import surgery_grads
@@ -177,6 +177,7 @@ def erase(
     from .._torch import kept_as_found, native_bf16
     from ..checkpoints.in_place import applied_in_place
     from ..checkpoints.memory import patches_applied
+    from ..checkpoints.pipeline import denoiser_of
     from ..format.patchfile import source_date
 
     t_start = time.perf_counter()
@@ -187,7 +188,8 @@ def erase(
         raise ErasekitError(
             f"{len(concepts)} concepts but {len(images)} image sets", "give one image set per concept", option="images"
         )
-    unet, device = pipe.unet, pipe.unet.device
+    unet = denoiser_of(pipe)  # the UNet, or FLUX.1's and SD3.x's transformer
+    device = unet.device
     cond_of = Conditioner(pipe, config.resolution, config.encoders)
     for _, tok in cond_of.all.values():
         check_concepts(tok, concepts)
@@ -205,11 +207,11 @@ def erase(
     flips = [bool(torch.rand((), generator=gen) < 0.5) if config.flip else False for _ in loaded]
     with clock("encode"):
         mean, std = encode_images(pipe, loaded, config, flips)
-    latents = (mean + std * torch.randn(mean.shape, generator=gen)) * pipe.vae.config.scaling_factor  # sampled once
+    latents = normalised_latents(pipe, mean + std * torch.randn(mean.shape, generator=gen))  # sampled once
     amp_dtype = {"bf16": torch.bfloat16}.get(
         config.dtype, torch.bfloat16 if (config.dtype == "auto" and native_bf16(device)) else None
     )
-    denoiser = Denoiser(unet, pipe.scheduler.config, latents.to(device), amp_dtype)
+    denoiser = make_denoiser(pipe, latents.to(device), amp_dtype)
     draws = Draws(
         [config.templates_for(c) for c in concepts],
         concepts,

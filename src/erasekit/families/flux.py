@@ -5,8 +5,9 @@ kohya name it beside CLIP-L, so a FLUX.1 patch's T5 part is named as a standalon
 (``lora_te3_encoder_block_{i}_...``); SD3.x patches of te1 and te3 fit it slot for slot, the fingerprints decide.
 
 Its files: diffusers folders; ComfyUI's all-in-one checkpoints (encoders under ``text_encoders.``); Black Forest Labs'
-own ``flux1-dev.safetensors`` holds the transformer alone (refused, naming the encoder files to patch). erase and
-generate do not run it yet (a flow-matching transformer); every file operation does."""
+own ``flux1-dev.safetensors`` holds the transformer alone (refused, naming the encoder files to patch). erase, generate
+and eval run its diffusers folders (a flow-matching transformer: docs/erase.md), and its single files with a config
+folder of the same model."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ FAMILY = Family(
     told_apart=("text_encoder_2", "model_type", "t5"),
     diffusers_classes=("Flux",),
     kin=("sd3",),
-    why_not_run="erasing and generating with FLUX.1 is not supported yet; apply, diff, merge and export work on it",
+    pipeline="FluxPipeline",
+    # a single file: erasekit bundles no configs of its transformer and VAE
+    why_not_run="give --config DIR, a local diffusers folder of the same model (its configs are enough)",
     parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
     denoiser_alone=("double_blocks.", "single_blocks."),
     flow_matching=True,

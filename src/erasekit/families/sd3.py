@@ -5,8 +5,8 @@ T5's last hidden state (zeros without T5), and te1's and te2's projected pooled 
 
 Its files: diffusers folders (``text_encoder_3`` may be absent); SD3.5 all-in-one single files (encoders under
 ``text_encoders.clip_l.``, ``text_encoders.clip_g.``, ``text_encoders.t5xxl.``, with or without T5); a file of the
-transformer alone is refused, naming the encoder files to patch. erase and generate do not run it yet (a
-flow-matching transformer); every file operation does."""
+transformer alone is refused, naming the encoder files to patch. erase, generate and eval run its diffusers folders
+(a flow-matching transformer: docs/erase.md), and its single files with a config folder of the same model."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ FAMILY = Family(
     modelspec="stable-diffusion-3",
     ss_base_model_version="sd3",
     diffusers_classes=("StableDiffusion3",),
-    why_not_run="erasing and generating with SD3.x is not supported yet; apply, diff, merge and export work on it",
+    pipeline="StableDiffusion3Pipeline",
+    # a single file: erasekit bundles no configs of its transformer and VAE
+    why_not_run="give --config DIR, a local diffusers folder of the same model (its configs are enough)",
     parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
     denoiser_alone=("joint_blocks.",),
     flow_matching=True,

@@ -124,7 +124,7 @@ def evaluate_model(
             option="patches",
         )
     model = model or builtin_model_path()
-    runnable_family(detect(resolve_model(model)))  # FLUX.1, SD3.x, a text encoder alone: before a judge is asked for
+    runnable_family(detect(resolve_model(model)), config_dir)  # before a judge is asked for
     toy = bool(model_settings(model).get("toyworld"))
     prompt_lines = _read_lines(prompts_file, "prompts_file", "prompts") if prompts_file is not None else None
     wordings = _read_lines(paraphrases, "paraphrases", "wordings") if paraphrases is not None else None

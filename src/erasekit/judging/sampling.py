@@ -61,6 +61,16 @@ def render(pipe: Any, prompt: str, *, seed: int, resolution: int | None, steps: 
     return render_batch(pipe, [prompt], [seed], resolution=resolution, steps=steps, guidance=guidance)[0]
 
 
+def native_size(pipe: Any) -> int:
+    """The image size a loaded pipeline renders at by default: its denoiser's ``sample_size`` times the VAE's scale
+    factor (SD1 512, SDXL 1024, SD3.x 1024), or, for a denoiser without one (FLUX.1's transformer), the VAE's own
+    ``sample_size`` (FLUX.1 1024)."""
+    from ..checkpoints.pipeline import denoiser_of
+
+    size = getattr(denoiser_of(pipe).config, "sample_size", None)
+    return int(size * pipe.vae_scale_factor) if size else int(pipe.vae.config.sample_size)
+
+
 def render_batch(
     pipe: Any,
     prompts: Sequence[str],
@@ -77,7 +87,7 @@ def render_batch(
     bits)."""
     import torch
 
-    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = resolution or native_size(pipe)
     images: list[Any] = []
     for i in range(0, len(prompts), batch_size):
         p, s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]

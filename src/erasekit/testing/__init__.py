@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -500,8 +500,10 @@ def make_tiny_pipeline(
 ) -> Path:
     """Write a tiny runnable diffusers pipeline folder (random weights, 32x32 images, 8x8 latents).
 
-    ``arch``: "sd1" (CLIP-style quick_gelu encoder), "sd2" (gelu encoder, like SD2.x) or "sdxl" (two encoders,
-    the second with a projection, and a UNet with SDXL's text-time conditioning).
+    ``arch``: "sd1" (CLIP-style quick_gelu encoder), "sd2" (gelu encoder, like SD2.x), "sdxl" (two encoders,
+    the second with a projection, and a UNet with SDXL's text-time conditioning), "flux" (FLUX.1-dev: CLIP-L and
+    T5, a transformer with a guidance embedding), "flux-schnell" (without one) or "sd3" (two CLIPs and T5): see
+    :func:`_make_tiny_flow` for the last three.
     ``clip_vocab``: use the real 49408-token CLIP tokenizer that erasekit ships (sd1/sd2), as the bundled
     single-file configs do, instead of a 514-token byte-level one.
     """
@@ -510,8 +512,10 @@ def make_tiny_pipeline(
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if arch not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"unknown arch {arch!r}; choose sd1, sd2 or sdxl")
+    if arch not in ("sd1", "sd2", "sdxl", *FLOW_ARCHS):
+        raise ValueError(f"unknown arch {arch!r}; choose sd1, sd2, sdxl, {', '.join(FLOW_ARCHS)}")
+    if arch in FLOW_ARCHS:
+        return _make_tiny_flow(Path(path), arch, seed)
     if arch == "sdxl":
         return _make_tiny_sdxl(Path(path), seed)
     path = Path(path)
@@ -655,6 +659,157 @@ def _make_tiny_sdxl(path: Path, seed: int) -> Path:
             vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched
         )
         pipe.save_pretrained(path)  # type: ignore[attr-defined]  # a DiffusionPipeline method diffusers' types hide
+    return path
+
+
+FLOW_ARCHS = ("flux", "flux-schnell", "sd3")  # the flow-matching families' tiny pipelines
+TINY_T5 = (80, 96, 2)  # wider than both tiny CLIPs together, as SD3.x's T5 is (SD3 pads the CLIPs' 72 to 80)
+
+
+def _tiny_clip(width: int, act: str, with_projection: bool) -> Any:
+    """A CLIP text encoder of ``width`` for the toy world's tokenizer (its 49408 tokens)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def _tiny_t5(vocab_size: int) -> Any:
+    """A T5 v1.1 encoder (gated GELU, no biases) of :data:`TINY_T5` sizes."""
+    from transformers import T5Config, T5EncoderModel
+
+    width, ffn, layers = TINY_T5
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=width,
+        d_ff=ffn,
+        d_kv=16,
+        num_heads=2,
+        num_layers=layers,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+def _tiny_flow_vae(latent_channels: int, shift: float, scale: float) -> Any:
+    """An AutoencoderKL that takes 32x32 images to 8x8 latents, with a FLUX/SD3 VAE's shift and scaling factors
+    (the values of the real ones' configs) and without their quant convs."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=16,
+        sample_size=32,
+        shift_factor=shift,
+        scaling_factor=scale,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _make_tiny_flow(path: Path, arch: str, seed: int) -> Path:
+    """A tiny FLUX.1 ("flux": dev, with a guidance embedding; "flux-schnell": without) or SD3.x ("sd3") pipeline
+    folder, as diffusers' own tests build them: a one-block transformer, a VAE with 4 latent channels (FLUX packs
+    them 2x2 into 16), ``FlowMatchEulerDiscreteScheduler`` (FLUX-dev's resolution-dependent shift; SD3's shift 3),
+    CLIP encoders with the toy world's CLIP tokenizer and a T5 with the counted T5 tokenizer
+    (:mod:`erasekit.toyworld.t5_tokenizer`). 32x32 images, 8x8 latents."""
+    import shutil
+    import tempfile
+
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTokenizer
+
+    from ..toyworld import builtin_model_path
+    from ..toyworld.t5_tokenizer import t5_tokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_dir = Path(tmp) / "clip"
+        shutil.copytree(builtin_model_path() / "tokenizer", clip_dir)
+        clip_tok = CLIPTokenizer.from_pretrained(clip_dir)
+    t5_tok = t5_tokenizer()
+    t5 = _tiny_t5(len(t5_tok))
+    pipe: Any
+    if arch.startswith("flux"):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TINY_T5[0],
+            pooled_projection_dim=32,
+            axes_dims_rope=(4, 4, 8),
+            guidance_embeds=arch == "flux",
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0 if arch == "flux" else 1.0, use_dynamic_shifting=arch == "flux"
+        )
+        pipe = FluxPipeline(
+            scheduler=scheduler,
+            vae=_tiny_flow_vae(4, 0.1159, 0.3611),
+            text_encoder=_tiny_clip(32, "quick_gelu", with_projection=False),
+            tokenizer=clip_tok,
+            text_encoder_2=t5,
+            tokenizer_2=t5_tok,
+            transformer=transformer,
+        )
+    else:
+        sd3 = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=TINY_T5[0],
+            pooled_projection_dim=64,
+            out_channels=4,
+            pos_embed_max_size=16,
+        )
+        pipe = StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_tiny_flow_vae(4, 0.0609, 1.5305),
+            text_encoder=_tiny_clip(32, "quick_gelu", with_projection=True),
+            tokenizer=clip_tok,
+            text_encoder_2=_tiny_clip(40, "gelu", with_projection=True),
+            tokenizer_2=clip_tok,
+            text_encoder_3=t5,
+            tokenizer_3=t5_tok,
+            transformer=sd3,
+        )
+    pipe.save_pretrained(path)
     return path
 
 
