@@ -35,7 +35,8 @@ ModelOpt = Annotated[
         metavar="MODEL",
         help="A single .safetensors/.ckpt "
         "file, a diffusers folder, or a model id ORG/NAME[@REVISION] (from "
-        "the Hugging Face cache, downloaded if missing): SD1.x, SD2.x, SDXL; "
+        "the Hugging Face cache, downloaded if missing): SD1.x, SD2.x, SDXL, "
+        "FLUX.1, SD3.x; "
         "or a built-in toy-world model: toy-sd, toy-sdxl. "
         "[default: toy-sd]",
     ),

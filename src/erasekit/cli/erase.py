@@ -199,8 +199,8 @@ def erase_cmd(
             "--resolution",
             help="Training image size in pixels. "
             "[default: the model's erasekit.json, else its native size "
-            "(UNet sample size x VAE scale: SD1 512, SD2 768-v 768, SDXL "
-            "1024)]",
+            "(denoiser sample size x VAE scale: SD1 512, SD2 768-v 768, SDXL "
+            "1024, FLUX.1 and SD3.x 1024)]",
         ),
     ] = None,
     layers: Annotated[
@@ -208,7 +208,12 @@ def erase_cmd(
     ] = None,
     encoders: Annotated[
         Optional[str],
-        typer.Option("--encoders", metavar="te1,te2", help="SDXL: which text encoders to change (default: both)."),
+        typer.Option(
+            "--encoders",
+            metavar="te1,te2,te3",
+            help="Which text encoders to change (default: every one the denoiser reads): SDXL te1, te2; "
+            "FLUX.1 te1 (CLIP-L), te3 (T5); SD3.x te1, te2, te3.",
+        ),
     ] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of every random choice. [default: 0]")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N. [default: auto]")] = None,
