@@ -37,9 +37,12 @@ from ..format.patchfile import Patch, compare_fingerprint, fingerprint, load_pat
 from .compat import (
     STATUS_RANK,
     FingerprintStatus,
+    Stacked,
     Touch,
+    applied_twice,
     crossing_note,
     judge_fingerprints,
+    merged_parts,
     order_notes,
     slot_map,
     touches,
@@ -204,16 +207,12 @@ def _plan(
     state: dict[tuple[str, str], bytes],
     pristines: dict[tuple[str, str], bytes],
     tensor_at: TensorAt,
+    earlier: Sequence[Patch] = (),
 ) -> _Plan:
     """Everything an apply will write, computed before anything is written. ``state``: the bytes after the earlier
-    patches of this command; ``pristines``: each tensor as it was before any erasekit patch, filled in here."""
-    twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
-    if twice and not force:
-        raise ErasekitError(
-            f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
-            "revert it first, or force it to apply it once more",
-            option="force",
-        )
+    patches of this command (``earlier``); ``pristines``: each tensor as it was before any erasekit patch, filled
+    in here."""
+    _refuse_twice(journal, patch, earlier, force, where)
     tlist = touches(patch, slot_map(patch, ckpt.architecture, ckpt.encoders, where))
     jobs = [_rewrite_job(wf, t) for wf in ckpt.files for t in tlist if t.slot in wf.encoders]
     jobs = map_threads(lambda j: _rewrite(j, patch, strength, state), jobs)
@@ -238,6 +237,22 @@ def _plan(
     return _Plan(patch, strength, status, differing, jobs)
 
 
+def _refuse_twice(journal: Journal, patch: Patch, earlier: Sequence[Patch], force: bool, where: str) -> None:
+    """Refuse (unless forced) a patch already applied, or that would apply one twice: a merged patch that contains
+    one applied (in the journal, or earlier in this command), or one contained in a merged patch applied."""
+    twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
+    if twice and not force:
+        raise ErasekitError(
+            f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
+            "revert it first, or force it to apply it once more",
+            option="force",
+        )
+    stack = [Stacked(e.patch_id, e.patch_title, e.parts) for e in journal.committed] + [Stacked.of(p) for p in earlier]
+    clash = applied_twice(Stacked.of(patch), stack, where)
+    if clash and not force:
+        raise ErasekitError(*clash, option="force")
+
+
 def _apply_in_place(
     ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool, where: str
 ) -> tuple[list[AppliedPatch], int]:
@@ -249,7 +264,9 @@ def _apply_in_place(
         pristines: dict[tuple[str, str], bytes] = {}
         plans: list[_Plan] = []
         for patch, strength in zip(patches, strengths):
-            plans.append(_plan(ckpt, journal, patch, strength, force, where, state, pristines, tensor_at))
+            plans.append(
+                _plan(ckpt, journal, patch, strength, force, where, state, pristines, tensor_at, patches[: len(plans)])
+            )
             state.update(plans[-1].updates)
         first = int(journal.next_id())
         journal.commit(
@@ -272,6 +289,7 @@ def _entry(entry_id: str, plan: _Plan) -> Entry:
         strength=plan.strength,
         fingerprint=plan.status,
         applied_at=now_iso(),
+        parts=merged_parts(plan.patch),
         tensors=[
             TensorRecord(file=r.wf.label, key=r.key, before_sha256=r.before_sha, after_sha256=r.after_sha)
             for r in plan.rewrites

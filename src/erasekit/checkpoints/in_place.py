@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from ..errors import ErasekitError, TargetLockedError, TargetNotWritableError, UndoRecordError
 from ..format import _st
 from ..format.patchfile import Patch
-from .compat import base_statuses, slot_map
+from .compat import Stacked, applied_twice, base_statuses, slot_map
 from .journal import Entry, Journal, TensorAt, generation
 from .layouts import Checkpoint, WeightFile
 
@@ -163,9 +163,15 @@ def _still_as_loaded(ckpt: Checkpoint) -> None:
 
 
 def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, str]], ckpt: Checkpoint) -> None:
-    """Refuse to add in memory a patch that is among those ``applied`` to ``ckpt`` in place."""
+    """Refuse to add in memory a patch that is among those ``applied`` to ``ckpt`` in place, or would apply one of
+    them twice (a merged patch that contains one, or one a merged patch applied contains)."""
     there = {a["patch_id"] for a in applied}
+    parts = {e.patch_id: e.parts for e in Journal(ckpt.path, ckpt.journal_files).committed}
+    stack = [Stacked(a["patch_id"], a["title"], parts.get(a["patch_id"], {})) for a in applied]
     for p in patches:
+        clash = applied_twice(Stacked.of(p), stack, f"{ckpt.path} in place")
+        if clash:
+            raise ErasekitError(*clash, option="patches")
         if p.patch_id in there:
             raise ErasekitError(
                 f"patch '{p.title}' is already applied to {ckpt.path} in place, so the model as loaded "

@@ -79,6 +79,7 @@ class Entry(BaseModel):
     applied_at: str
     tensors: list[TensorRecord]
     undo: Literal["full", "residual"] = "full"  # "residual": NNNN.undo may hold residual records (journal version 2)
+    parts: dict[str, str] = {}  # a merged patch: the patches it was made of (patch_id -> title), nested ones too
 
     @property
     def undo_file(self) -> str:
