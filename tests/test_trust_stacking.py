@@ -121,3 +121,19 @@ def test_in_memory_a_merged_patch_never_applies_an_applied_patch_twice(stack: di
     with pytest.raises(ErasekitError, match="contains '.*', which is already applied to the in-memory CLIPTextModel"):
         erasekit.apply_patch(model, erasekit.load_patch(tmp_path / "clipM.erasepatch"))
     assert all(torch.equal(v, held[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("inside", ["S3/text_encoder/out", "S3/out", "S3/text_encoder/../out", "link/out"])
+def test_an_output_inside_the_source_folder_is_refused_before_copying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inside: str
+) -> None:
+    base = make_checkpoint(tmp_path / "S3", "diffusers-sd1", "F16")
+    edited = make_checkpoint(tmp_path / "edited", "diffusers-sd1", "F16", edit_layers=[1])
+    diff_checkpoints(base, edited, output=tmp_path / "A.erasepatch")
+    (tmp_path / "link").symlink_to(base / "text_encoder")
+    monkeypatch.chdir(tmp_path)
+    before = every_file(tmp_path)
+    result = run("apply", "A.erasepatch", "--to", "S3", "-o", inside)
+    assert result.exit_code == 7
+    assert one_line(result) == f"error: output {inside} is inside the checkpoint S3; choose an output outside it (-o)"
+    assert every_file(tmp_path) == before

@@ -456,6 +456,16 @@ def _restaged(ckpt: Checkpoint, tmp: Path) -> Checkpoint:
     return Checkpoint(tmp, ckpt.layout, ckpt.architecture, [wf])
 
 
+def _check_outside(ckpt: Checkpoint, out: Path) -> None:
+    """Refuse an output inside the checkpoint folder it is a copy of (symlinks and ``..`` resolved): the copy would
+    copy itself, level after level, until the disk is full or the name too long."""
+    source, target = ckpt.path.resolve(), out.resolve()
+    if ckpt.path.is_dir() and (target == source or source in target.parents):
+        raise TargetNotWritableError(
+            f"output {out} is inside the checkpoint {ckpt.path}", "choose an output outside it", option="output"
+        )
+
+
 def _refuse_builtin(ckpt: Checkpoint) -> None:
     """A built-in model is the installed package's own files, the model of every command without one."""
     from ..toyworld import BUILTIN_MODELS, builtin_model_path
@@ -508,6 +518,7 @@ def apply_to_checkpoint(
         out = ckpt.path
     else:
         out = Path(output)  # type: ignore[arg-type]
+        _check_outside(ckpt, out)
         _st.check_new_output(out)
         if not ckpt.path.is_dir() and out.suffix.lower() != ".safetensors":
             raise TargetNotWritableError(
