@@ -19,6 +19,7 @@ from erasekit.checkpoints.layouts import detect
 from erasekit.checkpoints.merge import merge_patches
 from erasekit.cli import app
 from erasekit.errors import ErasekitError
+from erasekit.format import _st
 from erasekit.testing import make_checkpoint
 
 runner = CliRunner()
@@ -137,3 +138,35 @@ def test_an_output_inside_the_source_folder_is_refused_before_copying(
     assert result.exit_code == 7
     assert one_line(result) == f"error: output {inside} is inside the checkpoint S3; choose an output outside it (-o)"
     assert every_file(tmp_path) == before
+
+
+def change_behind_erasekits_back(t: Path, key: str, tmp_path: Path) -> None:
+    """Put another model's bytes of the tensor ``key`` into ``t`` (same size and header: only the bytes differ)."""
+    other = make_checkpoint(tmp_path / "other.safetensors", "single-sd1", "F16", seed=1)
+    ent = _st.read_header(t).entries[key]
+    data = other.read_bytes()[ent.begin : ent.end]
+    with open(t, "r+b") as f:
+        f.seek(ent.begin)
+        f.write(data)
+
+
+def fc1_of_layer_1(t: Path) -> str:
+    return next(k for k in _st.read_header(t).entries if "layers.1.mlp.fc1.weight" in k)
+
+
+def test_a_stacked_apply_checks_the_bytes_there_not_the_undo_record(stack: dict[str, Path], tmp_path: Path) -> None:
+    t = stack["t"]
+    assert run("apply", stack["A"], "--to", t, "--in-place").exit_code == 0
+    change_behind_erasekits_back(t, fc1_of_layer_1(t), tmp_path)
+    before = every_file(t.parent)
+    result = run("apply", stack["C"], "--to", t, "--in-place")
+    assert result.exit_code == 6
+    assert one_line(result) == (
+        f"error: 1 tensors of {t} [single-file-sd1 (sd1)] changed since 'A-title' was applied "
+        f"({fc1_of_layer_1(t)}); nothing was written; revert 'A-title' forcing it (it restores the bytes from "
+        "before it), or restore the file"
+    )
+    now = every_file(t.parent)
+    assert {k: v for k, v in now.items() if not k.endswith("journal.json")} == {
+        k: v for k, v in before.items() if not k.endswith("journal.json")
+    }

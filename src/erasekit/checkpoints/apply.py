@@ -216,6 +216,7 @@ def _plan(
     tlist = touches(patch, slot_map(patch, ckpt.architecture, ckpt.encoders, where))
     jobs = [_rewrite_job(wf, t) for wf in ckpt.files for t in tlist if t.slot in wf.encoders]
     jobs = map_threads(lambda j: _rewrite(j, patch, strength, state), jobs)
+    _check_as_left(journal, [j for j in jobs if (j.wf.label, j.key) not in state], where)
     fps: dict[str, Any] = {}
     for job in jobs:
         k, ent, name = (job.wf.label, job.key), job.wf.header.entries[job.key], f"{job.touch.module}.{job.touch.kind}"
@@ -251,6 +252,24 @@ def _refuse_twice(journal: Journal, patch: Patch, earlier: Sequence[Patch], forc
     clash = applied_twice(Stacked.of(patch), stack, where)
     if clash and not force:
         raise ErasekitError(*clash, option="force")
+
+
+def _check_as_left(journal: Journal, jobs: list[_Rewrite], where: str) -> None:
+    """Refuse to stack a patch on tensors that another program changed since the patch applied before it last
+    changed them: their bytes from before any patch, rebuilt from the undo records, would not be what the file
+    holds, and reverting that patch would fail. Only the tensors the new patch touches are checked (their hashes
+    are at hand)."""
+    last = journal.last_changes()
+    changed = [(j.key, last[k][0]) for j in jobs if (k := (j.wf.label, j.key)) in last and j.before_sha != last[k][1]]
+    if changed:
+        entry = changed[0][1]
+        keys = list(dict.fromkeys(key for key, e in changed if e is entry))
+        shown = ", ".join(keys[:2]) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+        raise UndoRecordError(
+            f"{len(keys)} tensors of {where} changed since '{entry.patch_title}' was applied ({shown}); nothing "
+            "was written",
+            f"revert '{entry.patch_title}' forcing it (it restores the bytes from before it), or restore the file",
+        )
 
 
 def _apply_in_place(

@@ -258,6 +258,10 @@ class Journal:
         found = zip(((r.file, r.key) for r in wanted), map_threads(one, wanted))
         return {k: data for k, data in found if data is not None}
 
+    def last_changes(self) -> dict[tuple[str, str], tuple[Entry, str]]:
+        """Each tensor a committed entry changed: the newest such entry, and the sha256 it left the tensor with."""
+        return {(r.file, r.key): (e, r.after_sha256) for e in self.committed for r in e.tensors}
+
     def pristine(self, label: str, key: str, current: bytes, tensor_at: TensorAt) -> bytes | None:
         """The tensor as it was before any committed entry changed it, rebuilt from its bytes now down the stack of
         undo records (down to the lowest full record, which needs no bytes now). None when no entry changed it, or
@@ -301,7 +305,7 @@ class Journal:
         if now == self.data.files:
             return None
         busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
-        last = {(r.file, r.key): (e, r.after_sha256) for e in self.committed for r in e.tensors}
+        last = self.last_changes()
         for entry in self.committed:
             mine = [(k, after) for k, (e, after) in last.items() if e is entry and k not in busy]
             if mine and not any(sha256(self._read(k[0], tensor_at(*k))) == after for k, after in mine):
