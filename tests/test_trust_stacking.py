@@ -166,7 +166,21 @@ def test_a_stacked_apply_checks_the_bytes_there_not_the_undo_record(stack: dict[
         f"({fc1_of_layer_1(t)}); nothing was written; revert 'A-title' forcing it (it restores the bytes from "
         "before it), or restore the file"
     )
-    now = every_file(t.parent)
-    assert {k: v for k, v in now.items() if not k.endswith("journal.json")} == {
-        k: v for k, v in before.items() if not k.endswith("journal.json")
-    }
+    assert every_file(t.parent) == before
+
+
+@pytest.mark.parametrize("command", ["revert", "apply C", "apply C -o"])
+def test_a_refused_command_leaves_the_journal_as_it_was(stack: dict[str, Path], tmp_path: Path, command: str) -> None:
+    t = stack["t"]
+    assert run("apply", stack["A"], "--to", t, "--in-place").exit_code == 0
+    change_behind_erasekits_back(t, fc1_of_layer_1(t), tmp_path)
+    before = every_file(t.parent)
+    args = {
+        "revert": ["apply", "--revert", stack["A"], "--to", t],
+        "apply C": ["apply", stack["C"], "--to", t, "--in-place"],
+        "apply C -o": ["apply", stack["C"], "--to", t, "-o", tmp_path / "out.safetensors"],
+    }[command]
+    result = run(*args)
+    assert result.exit_code == 6
+    assert "1 tensors of " in one_line(result)
+    assert every_file(t.parent) == before

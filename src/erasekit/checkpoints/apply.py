@@ -278,7 +278,7 @@ def _apply_in_place(
     journal = Journal(ckpt.path, ckpt.journal_files)
     tensor_at = tensor_places(ckpt)
     with journal.locked():
-        journal.reconcile(tensor_at)
+        journal.reconcile(tensor_at, stamp=False)  # a refusal below leaves journal.json as it is
         state: dict[tuple[str, str], bytes] = {}  # bytes after the earlier patches of this call
         pristines: dict[tuple[str, str], bytes] = {}
         plans: list[_Plan] = []
@@ -413,7 +413,7 @@ def _stage_copy(ckpt: Checkpoint, out: Path) -> Path:
             raise
         return tmp
 
-    return read_consistently(ckpt, copy, discard=_remove_staged)
+    return read_consistently(ckpt, copy, discard=_remove_staged, stamp=False)
 
 
 def _copy(ckpt: Checkpoint, tmp: Path) -> None:
@@ -528,7 +528,7 @@ def apply_to_checkpoint(
         for p in loaded
         if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))
     ]
-    warnings += order_notes(loaded, applied_in_place(ckpt))
+    warnings += order_notes(loaded, applied_in_place(ckpt, stamp=False))
     check_ffn_dtypes(ckpt)  # before a copy is made
     if in_place:
         _refuse_builtin(ckpt)
@@ -581,7 +581,7 @@ def revert_from_checkpoint(
     tensor_at = tensor_places(ckpt)
     by_label = {f.label: f for f in ckpt.disk_files}
     with journal.locked():
-        journal.reconcile(tensor_at)
+        journal.reconcile(tensor_at, stamp=False)  # a refusal below leaves journal.json as it is
         matches = [e for e in journal.committed if e.patch_id == patch.patch_id]
         if not matches:
             applied = ", ".join(f"'{e.patch_title}'" for e in journal.committed) or "none"

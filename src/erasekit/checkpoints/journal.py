@@ -464,11 +464,12 @@ class Journal:
         (self.dir / entry.undo_file).unlink(missing_ok=True)
         return verified
 
-    def reconcile(self, tensor_at: TensorAt) -> list[Entry]:
+    def reconcile(self, tensor_at: TensorAt, stamp: bool = True) -> list[Entry]:
         """Under the lock: make the journal describe the weight files or set it aside. Interrupted entries are
         finished or rolled back, newest first, each only after its tensors are proven to hold its before or after
-        bytes; stamps of files written since are renewed once their tensors are checked. Returns the entries
-        rolled back or finished."""
+        bytes; stamps of files written since are renewed once their tensors are checked, where ``stamp`` (a writer,
+        which may yet refuse, passes False: its own save stamps them, and a refusal leaves journal.json as it
+        was). Returns the entries rolled back or finished."""
         reason = self.foreign(tensor_at) if self.entries else None
         if reason is not None:
             self.set_aside(reason)
@@ -488,7 +489,7 @@ class Journal:
             with contextlib.suppress(FileNotFoundError):
                 undo_path.unlink()
             done.append(entry)
-        if self.entries and self._stamps_now() != self.data.files:
+        if stamp and self.entries and self._stamps_now() != self.data.files:
             self.save()  # the files hold what the journal says: stamp them as they are
         # Undo files no entry refers to (a crash between writing one and the journal) are garbage.
         live = {e.undo_file for e in self.entries}
