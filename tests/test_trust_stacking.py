@@ -75,10 +75,10 @@ def test_a_merged_patch_never_applies_an_applied_patch_twice(stack: dict[str, Pa
     line = one_line(result)
     if first == "A":
         assert line.startswith(f"error: 'A-title + B-title' contains 'A-title', which is already applied to {t}")
-        assert line.endswith("revert it first, or merge without it (--force)")
+        assert line.endswith("revert it first, merge without it, or force it to apply it twice (--force)")
     else:
         assert line.startswith(f"error: 'A-title' is already applied to {t}")
-        assert "as part of 'A-title + B-title'; revert 'A-title + B-title' first" in line
+        assert "as part of 'A-title + B-title'; revert 'A-title + B-title' first, leave 'A-title' out" in line
     assert every_file(t.parent) == before
     out = t.parent.parent / "out.safetensors"  # a copy inherits the journal, and the refusal
     assert run("apply", stack[then], "--to", t, "-o", out).exit_code == 1
@@ -90,7 +90,10 @@ def test_several_patches_of_one_command_that_hold_one_patch_twice_are_refused(st
     before = every_file(t.parent)
     result = run("apply", stack["A"], stack["M"], "--to", t, "--in-place")
     assert result.exit_code == 1
-    assert "'A-title + B-title' contains 'A-title', which is already applied to" in one_line(result)
+    assert one_line(result).startswith(
+        f"error: 'A-title + B-title' contains 'A-title', which is applied to {t} [single-file-sd1 (sd1)] by this "
+        "command; apply only one of them, or force it to apply it twice (--force)"
+    )
     assert every_file(t.parent) == before
 
 

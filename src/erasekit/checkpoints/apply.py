@@ -248,8 +248,11 @@ def _refuse_twice(journal: Journal, patch: Patch, earlier: Sequence[Patch], forc
             "revert it first, or force it to apply it once more",
             option="force",
         )
-    stack = [Stacked(e.patch_id, e.patch_title, e.parts) for e in journal.committed] + [Stacked.of(p) for p in earlier]
-    clash = applied_twice(Stacked.of(patch), stack, where)
+    applied = [Stacked(e.patch_id, e.patch_title, e.parts) for e in journal.committed]
+    clash = applied_twice(Stacked.of(patch), applied, f"already applied to {where}", forcible=True)
+    inner = applied_twice(Stacked.of(patch), [Stacked.of(p) for p in earlier], f"applied to {where} by this command")
+    if clash is None and inner is not None:
+        clash = (inner[0], "apply only one of them, or force it to apply it twice")
     if clash and not force:
         raise ErasekitError(*clash, option="force")
 

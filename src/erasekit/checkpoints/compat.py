@@ -277,9 +277,13 @@ class Stacked:
         return {self.patch_id: self.title, **self.parts}
 
 
-def applied_twice(new: Stacked, applied: Sequence[Stacked], where: str) -> tuple[str, str] | None:
-    """(problem, fix) when adding ``new`` on top of ``applied`` would apply some patch twice, through a merged patch
-    that contains it or one it contains; None when it would not. The same patch twice is the caller's to word."""
+def applied_twice(
+    new: Stacked, applied: Sequence[Stacked], where: str, forcible: bool = False
+) -> tuple[str, str] | None:
+    """(problem, fix) when adding ``new`` on top of ``applied`` (which are ``where``: "already applied to X") would
+    apply some patch twice, through a merged patch that contains it or one it contains; None when it would not. The
+    same patch twice is the caller's to word. ``forcible``: the fix names forcing it too."""
+    force = ", or force it to apply it twice" if forcible else ""
     for old in applied:
         common = [(i, t) for i, t in new.ids().items() if i in old.ids() and old.patch_id != new.patch_id]
         if not common:
@@ -287,16 +291,16 @@ def applied_twice(new: Stacked, applied: Sequence[Stacked], where: str) -> tuple
         pid, title = common[0]
         if pid == old.patch_id:
             return (
-                f"'{new.title}' contains '{old.title}', which is already applied to {where}",
-                "revert it first, or merge without it",
+                f"'{new.title}' contains '{old.title}', which is {where}",
+                f"revert it first, merge without it{force}",
             )
         if pid == new.patch_id:
             return (
-                f"'{new.title}' is already applied to {where}, as part of '{old.title}'",
-                f"revert '{old.title}' first, or leave '{new.title}' out",
+                f"'{new.title}' is {where}, as part of '{old.title}'",
+                f"revert '{old.title}' first, leave '{new.title}' out{force}",
             )
         return (
-            f"'{new.title}' and '{old.title}', already applied to {where}, both contain '{title}'",
-            f"revert '{old.title}' first, or merge without '{title}'",
+            f"'{new.title}' and '{old.title}', {where}, both contain '{title}'",
+            f"revert '{old.title}' first, merge without '{title}'{force}",
         )
     return None

@@ -175,7 +175,7 @@ def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, s
     parts = {e.patch_id: e.parts for e in Journal(ckpt.path, ckpt.journal_files).committed}
     stack = [Stacked(a["patch_id"], a["title"], parts.get(a["patch_id"], {})) for a in applied]
     for p in patches:
-        clash = applied_twice(Stacked.of(p), stack, f"{ckpt.path} in place")
+        clash = applied_twice(Stacked.of(p), stack, f"already applied to {ckpt.path} in place")
         if clash:
             raise ErasekitError(*clash, option="patches")
         if p.patch_id in there:

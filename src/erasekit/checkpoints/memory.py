@@ -166,7 +166,7 @@ def _refuse_twice(model: Any, patch: Patch, where: str) -> None:
     """Refuse a patch that would apply one already applied to ``model`` twice: a merged patch that contains one, or
     one that a merged patch applied contains (whatever ``force`` says: its base may well match)."""
     stack = [Stacked(r["patch_id"], r["title"], r.get("parts", {})) for r in getattr(model, _MEMORY_ATTR, None) or []]
-    clash = applied_twice(Stacked.of(patch), stack, where)
+    clash = applied_twice(Stacked.of(patch), stack, f"already applied to {where}")
     if clash:
         raise ErasekitError(*clash, option="patches")
 
