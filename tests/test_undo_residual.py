@@ -30,7 +30,7 @@ from erasekit.checkpoints.undo_record import (
     sha256,
     undo_record,
 )
-from erasekit.errors import ErasekitWarning, FingerprintMismatchError, NonFiniteError, NotAppliedError, UndoRecordError
+from erasekit.errors import ErasekitWarning, NonFiniteError, NotAppliedError, UndoRecordError
 from erasekit.format import _st
 from erasekit.format.patchfile import load_patch
 from erasekit.testing import make_checkpoint
@@ -280,14 +280,16 @@ def test_stacked_residual_patches_fingerprint_and_revert(tmp_path: Path) -> None
     assert snapshot(base) == original
 
 
-def test_a_foreign_edit_under_a_residual_record_shows_in_the_fingerprint(tmp_path: Path) -> None:
+def test_a_foreign_edit_under_a_residual_record_refuses_a_stacked_apply(tmp_path: Path) -> None:
+    """As under a full record (tests/test_trust_stacking.py), forced or not: the patch below could not be reverted."""
     base, first = lowrank(tmp_path, "F16", "first")
     _, second = lowrank(tmp_path, "F16", "second", edit_seed=1)
     apply_to_checkpoint([first], base, in_place=True)
     overwrite(base, detect(base).files[0].header.entries[FC1_W0].begin, b"\x00\x3c")
     state = snapshot(base)
-    with pytest.raises(FingerprintMismatchError, match="1 of 8 tensors"):
-        apply_to_checkpoint([second], base, in_place=True)
+    for force in (False, True):
+        with pytest.raises(UndoRecordError, match=f"^1 tensors of .* changed since 'first' was applied \\({FC1_W0}\\)"):
+            apply_to_checkpoint([second], base, in_place=True, force=force)
     assert snapshot(base) == state
 
 

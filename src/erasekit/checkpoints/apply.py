@@ -37,9 +37,12 @@ from ..format.patchfile import Patch, compare_fingerprint, fingerprint, load_pat
 from .compat import (
     STATUS_RANK,
     FingerprintStatus,
+    Stacked,
     Touch,
+    applied_twice,
     crossing_note,
     judge_fingerprints,
+    merged_parts,
     order_notes,
     slot_map,
     touches,
@@ -204,19 +207,16 @@ def _plan(
     state: dict[tuple[str, str], bytes],
     pristines: dict[tuple[str, str], bytes],
     tensor_at: TensorAt,
+    earlier: Sequence[Patch] = (),
 ) -> _Plan:
     """Everything an apply will write, computed before anything is written. ``state``: the bytes after the earlier
-    patches of this command; ``pristines``: each tensor as it was before any erasekit patch, filled in here."""
-    twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
-    if twice and not force:
-        raise ErasekitError(
-            f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
-            "revert it first, or force it to apply it once more",
-            option="force",
-        )
+    patches of this command (``earlier``); ``pristines``: each tensor as it was before any erasekit patch, filled
+    in here."""
+    _refuse_twice(journal, patch, earlier, force, where)
     tlist = touches(patch, slot_map(patch, ckpt.architecture, ckpt.encoders, where))
     jobs = [_rewrite_job(wf, t) for wf in ckpt.files for t in tlist if t.slot in wf.encoders]
     jobs = map_threads(lambda j: _rewrite(j, patch, strength, state), jobs)
+    _check_as_left(journal, [j for j in jobs if (j.wf.label, j.key) not in state], where)
     fps: dict[str, Any] = {}
     for job in jobs:
         k, ent, name = (job.wf.label, job.key), job.wf.header.entries[job.key], f"{job.touch.module}.{job.touch.kind}"
@@ -238,18 +238,57 @@ def _plan(
     return _Plan(patch, strength, status, differing, jobs)
 
 
+def _refuse_twice(journal: Journal, patch: Patch, earlier: Sequence[Patch], force: bool, where: str) -> None:
+    """Refuse (unless forced) a patch already applied, or that would apply one twice: a merged patch that contains
+    one applied (in the journal, or earlier in this command), or one contained in a merged patch applied."""
+    twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
+    if twice and not force:
+        raise ErasekitError(
+            f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
+            "revert it first, or force it to apply it once more",
+            option="force",
+        )
+    applied = [Stacked(e.patch_id, e.patch_title, e.parts) for e in journal.committed]
+    clash = applied_twice(Stacked.of(patch), applied, f"already applied to {where}", forcible=True)
+    inner = applied_twice(Stacked.of(patch), [Stacked.of(p) for p in earlier], f"applied to {where} by this command")
+    if clash is None and inner is not None:
+        clash = (inner[0], "apply only one of them, or force it to apply it twice")
+    if clash and not force:
+        raise ErasekitError(*clash, option="force")
+
+
+def _check_as_left(journal: Journal, jobs: list[_Rewrite], where: str) -> None:
+    """Refuse to stack a patch on tensors that another program changed since the patch applied before it last
+    changed them: their bytes from before any patch, rebuilt from the undo records, would not be what the file
+    holds, and reverting that patch would fail. Only the tensors the new patch touches are checked (their hashes
+    are at hand)."""
+    last = journal.last_changes()
+    changed = [(j.key, last[k][0]) for j in jobs if (k := (j.wf.label, j.key)) in last and j.before_sha != last[k][1]]
+    if changed:
+        entry = changed[0][1]
+        keys = list(dict.fromkeys(key for key, e in changed if e is entry))
+        shown = ", ".join(keys[:2]) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+        raise UndoRecordError(
+            f"{len(keys)} tensors of {where} changed since '{entry.patch_title}' was applied ({shown}); nothing "
+            "was written",
+            f"revert '{entry.patch_title}' forcing it (it restores the bytes from before it), or restore the file",
+        )
+
+
 def _apply_in_place(
     ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool, where: str
 ) -> tuple[list[AppliedPatch], int]:
     journal = Journal(ckpt.path, ckpt.journal_files)
     tensor_at = tensor_places(ckpt)
     with journal.locked():
-        journal.reconcile(tensor_at)
+        journal.reconcile(tensor_at, stamp=False)  # a refusal below leaves journal.json as it is
         state: dict[tuple[str, str], bytes] = {}  # bytes after the earlier patches of this call
         pristines: dict[tuple[str, str], bytes] = {}
         plans: list[_Plan] = []
         for patch, strength in zip(patches, strengths):
-            plans.append(_plan(ckpt, journal, patch, strength, force, where, state, pristines, tensor_at))
+            plans.append(
+                _plan(ckpt, journal, patch, strength, force, where, state, pristines, tensor_at, patches[: len(plans)])
+            )
             state.update(plans[-1].updates)
         first = int(journal.next_id())
         journal.commit(
@@ -272,6 +311,7 @@ def _entry(entry_id: str, plan: _Plan) -> Entry:
         strength=plan.strength,
         fingerprint=plan.status,
         applied_at=now_iso(),
+        parts=merged_parts(plan.patch),
         tensors=[
             TensorRecord(file=r.wf.label, key=r.key, before_sha256=r.before_sha, after_sha256=r.after_sha)
             for r in plan.rewrites
@@ -376,7 +416,7 @@ def _stage_copy(ckpt: Checkpoint, out: Path) -> Path:
             raise
         return tmp
 
-    return read_consistently(ckpt, copy, discard=_remove_staged)
+    return read_consistently(ckpt, copy, discard=_remove_staged, stamp=False)
 
 
 def _copy(ckpt: Checkpoint, tmp: Path) -> None:
@@ -438,6 +478,16 @@ def _restaged(ckpt: Checkpoint, tmp: Path) -> Checkpoint:
     return Checkpoint(tmp, ckpt.layout, ckpt.architecture, [wf])
 
 
+def _check_outside(ckpt: Checkpoint, out: Path) -> None:
+    """Refuse an output inside the checkpoint folder it is a copy of (symlinks and ``..`` resolved): the copy would
+    copy itself, level after level, until the disk is full or the name too long."""
+    source, target = ckpt.path.resolve(), out.resolve()
+    if ckpt.path.is_dir() and (target == source or source in target.parents):
+        raise TargetNotWritableError(
+            f"output {out} is inside the checkpoint {ckpt.path}", "choose an output outside it", option="output"
+        )
+
+
 def _refuse_builtin(ckpt: Checkpoint) -> None:
     """A built-in model is the installed package's own files, the model of every command without one."""
     from ..toyworld import BUILTIN_MODELS, builtin_model_path
@@ -481,7 +531,7 @@ def apply_to_checkpoint(
         for p in loaded
         if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))
     ]
-    warnings += order_notes(loaded, applied_in_place(ckpt))
+    warnings += order_notes(loaded, applied_in_place(ckpt, stamp=False))
     check_ffn_dtypes(ckpt)  # before a copy is made
     if in_place:
         _refuse_builtin(ckpt)
@@ -490,6 +540,7 @@ def apply_to_checkpoint(
         out = ckpt.path
     else:
         out = Path(output)  # type: ignore[arg-type]
+        _check_outside(ckpt, out)
         _st.check_new_output(out)
         if not ckpt.path.is_dir() and out.suffix.lower() != ".safetensors":
             raise TargetNotWritableError(
@@ -533,7 +584,7 @@ def revert_from_checkpoint(
     tensor_at = tensor_places(ckpt)
     by_label = {f.label: f for f in ckpt.disk_files}
     with journal.locked():
-        journal.reconcile(tensor_at)
+        journal.reconcile(tensor_at, stamp=False)  # a refusal below leaves journal.json as it is
         matches = [e for e in journal.committed if e.patch_id == patch.patch_id]
         if not matches:
             applied = ", ".join(f"'{e.patch_title}'" for e in journal.committed) or "none"

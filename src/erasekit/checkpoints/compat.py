@@ -242,3 +242,65 @@ def order_notes(patches: Sequence[Patch], applied: Sequence[dict[str, Any]]) -> 
 
 def _named(patches: Sequence[tuple[object, object]]) -> str:  # ids and titles as read from JSON
     return ", ".join(f"'{t}' ({str(i)[:12]})" for i, t in patches)
+
+
+def merged_parts(patch: Patch) -> dict[str, str]:
+    """The patches a merged ``patch`` was made of, the parts of merged parts included (patch_id -> title); ``{}``
+    for a patch that is no merge. A merge records its parts in ``method.hyperparameters.patches``."""
+    if patch.manifest.method.name != "merge":
+        return {}
+    return _parts(patch.manifest.method.hyperparameters.get("patches"))
+
+
+def _parts(listed: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in listed if isinstance(listed, list) else []:
+        if isinstance(part, dict) and isinstance(part.get("patch_id"), str):
+            out[part["patch_id"]] = str(part.get("title", part["patch_id"]))
+            out.update(_parts(part.get("patches")))
+    return out
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A patch in a stack (applied, or to be): its id, title and, for a merge, the patches it was made of."""
+
+    patch_id: str
+    title: str
+    parts: dict[str, str]
+
+    @classmethod
+    def of(cls, patch: Patch) -> Stacked:
+        return cls(patch.patch_id, patch.title, merged_parts(patch))
+
+    def ids(self) -> dict[str, str]:
+        return {self.patch_id: self.title, **self.parts}
+
+
+def applied_twice(
+    new: Stacked, applied: Sequence[Stacked], where: str, forcible: bool = False
+) -> tuple[str, str] | None:
+    """(problem, fix) when adding ``new`` on top of ``applied`` (which are ``where``: "already applied to X") would
+    apply some patch twice, through a merged patch that contains it or one it contains; None when it would not. The
+    same patch twice is the caller's to word. ``forcible``: the fix names forcing it too."""
+    force = ", or force it to apply it twice" if forcible else ""
+    for old in applied:
+        common = [(i, t) for i, t in new.ids().items() if i in old.ids() and old.patch_id != new.patch_id]
+        if not common:
+            continue
+        pid, title = common[0]
+        if pid == old.patch_id:
+            return (
+                f"'{new.title}' contains '{old.title}', which is {where}",
+                f"revert it first, merge without it{force}",
+            )
+        if pid == new.patch_id:
+            return (
+                f"'{new.title}' is {where}, as part of '{old.title}'",
+                f"revert '{old.title}' first, leave '{new.title}' out{force}",
+            )
+        return (
+            f"'{new.title}' and '{old.title}', {where}, both contain '{title}'",
+            f"revert '{old.title}' first, merge without '{title}'{force}",
+        )
+    return None

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from ..errors import ErasekitError, TargetLockedError, TargetNotWritableError, UndoRecordError
 from ..format import _st
 from ..format.patchfile import Patch
-from .compat import base_statuses, slot_map
+from .compat import Stacked, applied_twice, base_statuses, slot_map
 from .journal import Entry, Journal, TensorAt, generation
 from .layouts import Checkpoint, WeightFile
 
@@ -42,12 +42,13 @@ NO_JOURNAL = (0, False)  # Checkpoint.read_at of one read while it had no journa
 READER_WAIT = 60.0  # seconds a reader waits for a writer of the same checkpoint (an apply, a revert) to finish
 
 
-def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
+def recover_interrupted(ckpt: Checkpoint, stamp: bool = True) -> list[Entry]:
     """Before reading ``ckpt``'s tensors: roll back (or finish) an apply/revert that a crash interrupted, so no
     reader sees a half-written checkpoint, and set aside a journal that does not describe the files there
     (:meth:`Journal.reconcile`). Only then does it take the writers' lock (waiting up to :data:`READER_WAIT` for a
     writer at work); a journal that describes files written since (copied, or stamped by an older erasekit) is
-    stamped anew where the lock is free, and read as it is where not (another reader, a read-only folder)."""
+    stamped anew where the lock is free, and read as it is where not (another reader, a read-only folder), or where
+    not ``stamp`` (a command that may yet be refused: it changes no file then, and stamps them when it writes)."""
     journal = Journal(ckpt.path, ckpt.journal_files)
     if not journal.needs_reconcile():
         return []
@@ -55,8 +56,9 @@ def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
     if not journal.interrupted():
         reason = journal.foreign(places)
         if reason is None:
-            with contextlib.suppress(TargetLockedError, TargetNotWritableError), journal.locked():
-                journal.reconcile(places)  # stamps, best effort
+            if stamp:
+                with contextlib.suppress(TargetLockedError, TargetNotWritableError), journal.locked():
+                    journal.reconcile(places)  # stamps, best effort
             return []
         if not os.access(journal.dir, os.W_OK):
             raise UndoRecordError(
@@ -68,12 +70,15 @@ def recover_interrupted(ckpt: Checkpoint) -> list[Entry]:
         return journal.reconcile(places)
 
 
-def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable[[T], Any] = lambda _: None) -> T:
+def read_consistently(
+    ckpt: Checkpoint, read: Callable[[], T], discard: Callable[[T], Any] = lambda _: None, stamp: bool = True
+) -> T:
     """``read()`` of ``ckpt``'s files as one state of them, without a lock: interrupted writes are finished first,
     and a read during which an in-place apply or revert saved the journal (its generation changed) is discarded
-    and done again, up to three times; so is one that failed meanwhile (an undo record a revert removed)."""
+    and done again, up to three times; so is one that failed meanwhile (an undo record a revert removed).
+    ``stamp``: as :func:`recover_interrupted`'s."""
     for _ in range(3):
-        recover_interrupted(ckpt)
+        recover_interrupted(ckpt, stamp)
         seen = generation(ckpt.path)
         try:
             result = read()
@@ -92,9 +97,9 @@ def read_consistently(ckpt: Checkpoint, read: Callable[[], T], discard: Callable
     )
 
 
-def checked_journal(ckpt: Checkpoint) -> Journal:
-    """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`)."""
-    recover_interrupted(ckpt)
+def checked_journal(ckpt: Checkpoint, stamp: bool = True) -> Journal:
+    """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`, ``stamp`` as there)."""
+    recover_interrupted(ckpt, stamp)
     return Journal(ckpt.path, ckpt.journal_files)
 
 
@@ -109,9 +114,10 @@ def described_journal(ckpt: Checkpoint) -> Journal:
     return journal
 
 
-def applied_in_place(ckpt: Checkpoint) -> list[dict[str, str]]:
-    """The patches applied in place to ``ckpt``, oldest first, as an erase's ``after`` records them."""
-    return [{"patch_id": e.patch_id, "title": e.patch_title} for e in checked_journal(ckpt).committed]
+def applied_in_place(ckpt: Checkpoint, stamp: bool = True) -> list[dict[str, str]]:
+    """The patches applied in place to ``ckpt``, oldest first, as an erase's ``after`` records them (``stamp``:
+    as :func:`recover_interrupted`'s)."""
+    return [{"patch_id": e.patch_id, "title": e.patch_title} for e in checked_journal(ckpt, stamp).committed]
 
 
 def pristine_reader(ckpt: Checkpoint) -> Callable[[WeightFile, str], bytes]:
@@ -163,9 +169,15 @@ def _still_as_loaded(ckpt: Checkpoint) -> None:
 
 
 def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, str]], ckpt: Checkpoint) -> None:
-    """Refuse to add in memory a patch that is among those ``applied`` to ``ckpt`` in place."""
+    """Refuse to add in memory a patch that is among those ``applied`` to ``ckpt`` in place, or would apply one of
+    them twice (a merged patch that contains one, or one a merged patch applied contains)."""
     there = {a["patch_id"] for a in applied}
+    parts = {e.patch_id: e.parts for e in Journal(ckpt.path, ckpt.journal_files).committed}
+    stack = [Stacked(a["patch_id"], a["title"], parts.get(a["patch_id"], {})) for a in applied]
     for p in patches:
+        clash = applied_twice(Stacked.of(p), stack, f"already applied to {ckpt.path} in place")
+        if clash:
+            raise ErasekitError(*clash, option="patches")
         if p.patch_id in there:
             raise ErasekitError(
                 f"patch '{p.title}' is already applied to {ckpt.path} in place, so the model as loaded "

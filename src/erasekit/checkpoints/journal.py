@@ -79,6 +79,7 @@ class Entry(BaseModel):
     applied_at: str
     tensors: list[TensorRecord]
     undo: Literal["full", "residual"] = "full"  # "residual": NNNN.undo may hold residual records (journal version 2)
+    parts: dict[str, str] = {}  # a merged patch: the patches it was made of (patch_id -> title), nested ones too
 
     @property
     def undo_file(self) -> str:
@@ -257,6 +258,10 @@ class Journal:
         found = zip(((r.file, r.key) for r in wanted), map_threads(one, wanted))
         return {k: data for k, data in found if data is not None}
 
+    def last_changes(self) -> dict[tuple[str, str], tuple[Entry, str]]:
+        """Each tensor a committed entry changed: the newest such entry, and the sha256 it left the tensor with."""
+        return {(r.file, r.key): (e, r.after_sha256) for e in self.committed for r in e.tensors}
+
     def pristine(self, label: str, key: str, current: bytes, tensor_at: TensorAt) -> bytes | None:
         """The tensor as it was before any committed entry changed it, rebuilt from its bytes now down the stack of
         undo records (down to the lowest full record, which needs no bytes now). None when no entry changed it, or
@@ -300,7 +305,7 @@ class Journal:
         if now == self.data.files:
             return None
         busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
-        last = {(r.file, r.key): (e, r.after_sha256) for e in self.committed for r in e.tensors}
+        last = self.last_changes()
         for entry in self.committed:
             mine = [(k, after) for k, (e, after) in last.items() if e is entry and k not in busy]
             if mine and not any(sha256(self._read(k[0], tensor_at(*k))) == after for k, after in mine):
@@ -459,11 +464,12 @@ class Journal:
         (self.dir / entry.undo_file).unlink(missing_ok=True)
         return verified
 
-    def reconcile(self, tensor_at: TensorAt) -> list[Entry]:
+    def reconcile(self, tensor_at: TensorAt, stamp: bool = True) -> list[Entry]:
         """Under the lock: make the journal describe the weight files or set it aside. Interrupted entries are
         finished or rolled back, newest first, each only after its tensors are proven to hold its before or after
-        bytes; stamps of files written since are renewed once their tensors are checked. Returns the entries
-        rolled back or finished."""
+        bytes; stamps of files written since are renewed once their tensors are checked, where ``stamp`` (a writer,
+        which may yet refuse, passes False: its own save stamps them, and a refusal leaves journal.json as it
+        was). Returns the entries rolled back or finished."""
         reason = self.foreign(tensor_at) if self.entries else None
         if reason is not None:
             self.set_aside(reason)
@@ -483,7 +489,7 @@ class Journal:
             with contextlib.suppress(FileNotFoundError):
                 undo_path.unlink()
             done.append(entry)
-        if self.entries and self._stamps_now() != self.data.files:
+        if stamp and self.entries and self._stamps_now() != self.data.files:
             self.save()  # the files hold what the journal says: stamp them as they are
         # Undo files no entry refers to (a crash between writing one and the journal) are garbage.
         live = {e.undo_file for e in self.entries}

@@ -14,12 +14,22 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
-from ..errors import IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError
+from ..errors import ErasekitError, IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError
 from ..families import BARE, ENCODER_COMPONENTS, bare_by_class, of_pipeline
 from ..families.base import Slot
 from ..format.patchfile import Patch, fingerprint
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
-from .compat import Touch, crossing_note, judge_fingerprints, order_notes, slot_map, touches
+from .compat import (
+    Stacked,
+    Touch,
+    applied_twice,
+    crossing_note,
+    judge_fingerprints,
+    merged_parts,
+    order_notes,
+    slot_map,
+    touches,
+)
 from .layouts import EncoderSpec, check_patchable, transformers_encoder
 
 
@@ -102,6 +112,7 @@ def apply_patch(
     patch = as_patch(patch)
     arch, encoders = memory_encoders(model)
     where = f"the in-memory {type(model).__name__} ({arch})"
+    _refuse_twice(model, patch, where)
     mapping = slot_map(patch, arch, {s: spec for s, (_, spec) in encoders.items()}, where)
     tlist = touches(patch, mapping)
     params: dict[Touch, Any] = {}
@@ -128,7 +139,15 @@ def apply_patch(
         object.__setattr__(model, _MEMORY_ATTR, stack)
     notes = order_notes([patch], stack)
     crossing = crossing_note(patch, arch, mapping)
-    stack.append({"patch_id": patch.patch_id, "title": patch.title, "strength": strength, "originals": originals})
+    stack.append(
+        {
+            "patch_id": patch.patch_id,
+            "title": patch.title,
+            "strength": strength,
+            "parts": merged_parts(patch),
+            "originals": originals,
+        }
+    )
     written = sum(t.numel() * t.element_size() for t in news.values())
     return ApplyReport(
         where,
@@ -141,6 +160,15 @@ def apply_patch(
         time.perf_counter() - t0,
         list(patch.warnings) + ([crossing] if crossing else []) + notes,
     )
+
+
+def _refuse_twice(model: Any, patch: Patch, where: str) -> None:
+    """Refuse a patch that would apply one already applied to ``model`` twice: a merged patch that contains one, or
+    one that a merged patch applied contains (whatever ``force`` says: its base may well match)."""
+    stack = [Stacked(r["patch_id"], r["title"], r.get("parts", {})) for r in getattr(model, _MEMORY_ATTR, None) or []]
+    clash = applied_twice(Stacked.of(patch), stack, f"already applied to {where}")
+    if clash:
+        raise ErasekitError(*clash, option="patches")
 
 
 def _memory_pristine(model: Any, slot: str, key: str, current: Any) -> Any:

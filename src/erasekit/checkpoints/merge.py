@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import JsonValue
 
 from ..errors import ErasekitError, IncompatiblePatchError, NonFiniteError, TargetNotWritableError
 from ..families import weight_shape
@@ -343,7 +344,7 @@ def merge_patches(
     method = Method(
         name="merge",
         hyperparameters={
-            "patches": [{"patch_id": p.patch_id, "title": p.title, "strength": s} for p, s in zip(patches, weights)],
+            "patches": [_part(p, s) for p, s in zip(patches, weights)],
             "rank": rank,
             **({"prediction_type": prediction} if prediction else {}),
         },
@@ -387,6 +388,13 @@ def merge_patches(
         notes,
         ui_advice(patch, out),
     )
+
+
+def _part(p: Patch, strength: float) -> dict[str, JsonValue]:
+    """How a merge records one of its parts; a merged part keeps its own parts, so that a merge of merges names
+    every patch it holds (an apply refuses one that would apply a patch twice: :func:`.compat.applied_twice`)."""
+    nested = p.manifest.method.hyperparameters.get("patches") if p.manifest.method.name == "merge" else None
+    return {"patch_id": p.patch_id, "title": p.title, "strength": strength, **({"patches": nested} if nested else {})}
 
 
 def _storage_dtype(patches: list[Patch]) -> str:

@@ -1,0 +1,189 @@
+"""Trust in a stack of patches applied in place: no patch is applied twice through a merged patch, an output is
+never written inside its own source, a stacked apply checks the bytes there, and a refused command changes no
+file (not even the journal)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import erasekit
+from erasekit.checkpoints.diff import diff_checkpoints
+from erasekit.checkpoints.in_place import in_place_stack
+from erasekit.checkpoints.layouts import detect
+from erasekit.checkpoints.merge import merge_patches
+from erasekit.cli import app
+from erasekit.errors import ErasekitError
+from erasekit.format import _st
+from erasekit.testing import make_checkpoint
+
+runner = CliRunner()
+
+
+def run(*args: object):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def every_file(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, the undo journal included."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_line(result) -> str:  # type: ignore[no-untyped-def]
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> dict[str, Path]:
+    """A tiny SD1.x file ``base`` (with a copy to patch, ``t``) and patches made from it: A (layer 1), B (layer 0),
+    C (layer 1, another edit), M = merge(A, B)."""
+    base = make_checkpoint(tmp_path / "base.safetensors", "single-sd1", "F16")
+    out = {"base": base}
+    for name, layers, seed in (("A", [1], 0), ("B", [0], 0), ("C", [1], 1)):
+        edited = make_checkpoint(
+            tmp_path / f"ed{name}.safetensors", "single-sd1", "F16", edit_layers=layers, edit_seed=seed
+        )
+        out[name] = tmp_path / f"{name}.erasepatch"
+        diff_checkpoints(base, edited, output=out[name], title=f"{name}-title")
+    merge_patches([out["A"], out["B"]], tmp_path / "M.erasepatch")
+    out["M"] = tmp_path / "M.erasepatch"
+    work = tmp_path / "work"
+    work.mkdir()
+    out["t"] = work / "t.safetensors"
+    out["t"].write_bytes(base.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("first,then", [("A", "M"), ("M", "A")])
+def test_a_merged_patch_never_applies_an_applied_patch_twice(stack: dict[str, Path], first: str, then: str) -> None:
+    t = stack["t"]
+    assert run("apply", stack[first], "--to", t, "--in-place").exit_code == 0
+    before = every_file(t.parent)
+    result = run("apply", stack[then], "--to", t, "--in-place")
+    assert result.exit_code == 1
+    line = one_line(result)
+    if first == "A":
+        assert line.startswith(f"error: 'A-title + B-title' contains 'A-title', which is already applied to {t}")
+        assert line.endswith("revert it first, merge without it, or force it to apply it twice (--force)")
+    else:
+        assert line.startswith(f"error: 'A-title' is already applied to {t}")
+        assert "as part of 'A-title + B-title'; revert 'A-title + B-title' first, leave 'A-title' out" in line
+    assert every_file(t.parent) == before
+    out = t.parent.parent / "out.safetensors"  # a copy inherits the journal, and the refusal
+    assert run("apply", stack[then], "--to", t, "-o", out).exit_code == 1
+    assert not out.exists() and every_file(t.parent) == before
+
+
+def test_several_patches_of_one_command_that_hold_one_patch_twice_are_refused(stack: dict[str, Path]) -> None:
+    t = stack["t"]
+    before = every_file(t.parent)
+    result = run("apply", stack["A"], stack["M"], "--to", t, "--in-place")
+    assert result.exit_code == 1
+    assert one_line(result).startswith(
+        f"error: 'A-title + B-title' contains 'A-title', which is applied to {t} [single-file-sd1 (sd1)] by this "
+        "command; apply only one of them, or force it to apply it twice (--force)"
+    )
+    assert every_file(t.parent) == before
+
+
+def test_a_merge_of_merges_names_every_patch_it_holds(stack: dict[str, Path], tmp_path: Path) -> None:
+    t = stack["t"]
+    merge_patches([stack["M"], stack["C"]], tmp_path / "MC.erasepatch", title="MC")
+    assert run("apply", stack["A"], "--to", t, "--in-place").exit_code == 0
+    before = every_file(t.parent)
+    result = run("apply", tmp_path / "MC.erasepatch", "--to", t, "--in-place")
+    assert result.exit_code == 1
+    assert "'MC' contains 'A-title', which is already applied to" in one_line(result)
+    assert every_file(t.parent) == before
+
+
+def test_in_memory_a_merged_patch_never_applies_an_applied_patch_twice(stack: dict[str, Path], tmp_path: Path) -> None:
+    t = stack["t"]
+    assert run("apply", stack["A"], "--to", t, "--in-place").exit_code == 0
+    with pytest.raises(ErasekitError, match="'A-title \\+ B-title' contains 'A-title', which is already applied"):
+        in_place_stack([erasekit.load_patch(stack["M"])], detect(t))
+
+    base = make_checkpoint(tmp_path / "clip", "transformers-clip", "F32")
+    edits = [make_checkpoint(tmp_path / f"clip{i}", "transformers-clip", "F32", edit_layers=[i]) for i in (0, 1)]
+    for i, edited in enumerate(edits):
+        diff_checkpoints(base, edited, output=tmp_path / f"clip{i}.erasepatch")
+    merge_patches([tmp_path / "clip0.erasepatch", tmp_path / "clip1.erasepatch"], tmp_path / "clipM.erasepatch")
+    model = transformers.CLIPTextModel.from_pretrained(base)
+    erasekit.apply_patch(model, erasekit.load_patch(tmp_path / "clip0.erasepatch"))
+    held = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ErasekitError, match="contains '.*', which is already applied to the in-memory CLIPTextModel"):
+        erasekit.apply_patch(model, erasekit.load_patch(tmp_path / "clipM.erasepatch"))
+    assert all(torch.equal(v, held[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("inside", ["S3/text_encoder/out", "S3/out", "S3/text_encoder/../out", "link/out"])
+def test_an_output_inside_the_source_folder_is_refused_before_copying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inside: str
+) -> None:
+    base = make_checkpoint(tmp_path / "S3", "diffusers-sd1", "F16")
+    edited = make_checkpoint(tmp_path / "edited", "diffusers-sd1", "F16", edit_layers=[1])
+    diff_checkpoints(base, edited, output=tmp_path / "A.erasepatch")
+    (tmp_path / "link").symlink_to(base / "text_encoder")
+    monkeypatch.chdir(tmp_path)
+    before = every_file(tmp_path)
+    result = run("apply", "A.erasepatch", "--to", "S3", "-o", inside)
+    assert result.exit_code == 7
+    assert one_line(result) == f"error: output {inside} is inside the checkpoint S3; choose an output outside it (-o)"
+    assert every_file(tmp_path) == before
+
+
+def change_behind_erasekits_back(t: Path, key: str, tmp_path: Path) -> None:
+    """Put another model's bytes of the tensor ``key`` into ``t`` (same size and header: only the bytes differ)."""
+    other = make_checkpoint(tmp_path / "other.safetensors", "single-sd1", "F16", seed=1)
+    ent = _st.read_header(t).entries[key]
+    data = other.read_bytes()[ent.begin : ent.end]
+    with open(t, "r+b") as f:
+        f.seek(ent.begin)
+        f.write(data)
+
+
+def fc1_of_layer_1(t: Path) -> str:
+    return next(k for k in _st.read_header(t).entries if "layers.1.mlp.fc1.weight" in k)
+
+
+def test_a_stacked_apply_checks_the_bytes_there_not_the_undo_record(stack: dict[str, Path], tmp_path: Path) -> None:
+    t = stack["t"]
+    assert run("apply", stack["A"], "--to", t, "--in-place").exit_code == 0
+    change_behind_erasekits_back(t, fc1_of_layer_1(t), tmp_path)
+    before = every_file(t.parent)
+    result = run("apply", stack["C"], "--to", t, "--in-place")
+    assert result.exit_code == 6
+    assert one_line(result) == (
+        f"error: 1 tensors of {t} [single-file-sd1 (sd1)] changed since 'A-title' was applied "
+        f"({fc1_of_layer_1(t)}); nothing was written; revert 'A-title' forcing it (it restores the bytes from "
+        "before it), or restore the file"
+    )
+    assert every_file(t.parent) == before
+
+
+@pytest.mark.parametrize("command", ["revert", "apply C", "apply C -o"])
+def test_a_refused_command_leaves_the_journal_as_it_was(stack: dict[str, Path], tmp_path: Path, command: str) -> None:
+    t = stack["t"]
+    assert run("apply", stack["A"], "--to", t, "--in-place").exit_code == 0
+    change_behind_erasekits_back(t, fc1_of_layer_1(t), tmp_path)
+    before = every_file(t.parent)
+    args = {
+        "revert": ["apply", "--revert", stack["A"], "--to", t],
+        "apply C": ["apply", stack["C"], "--to", t, "--in-place"],
+        "apply C -o": ["apply", stack["C"], "--to", t, "-o", tmp_path / "out.safetensors"],
+    }[command]
+    result = run(*args)
+    assert result.exit_code == 6
+    assert "1 tensors of " in one_line(result)
+    assert every_file(t.parent) == before
