@@ -97,6 +97,32 @@ def test_several_patches_of_one_command_that_hold_one_patch_twice_are_refused(st
     assert every_file(t.parent) == before
 
 
+def test_the_same_patch_given_twice_is_refused_in_a_file_and_in_memory(stack: dict[str, Path], tmp_path: Path) -> None:
+    """``apply A A`` used to apply A twice (exit 0); in memory, applying A on top of A did too."""
+    t = stack["t"]
+    before = every_file(t.parent)
+    result = run("apply", stack["A"], stack["A"], "--to", t, "--in-place")
+    assert result.exit_code == 1
+    assert one_line(result) == (
+        f"error: patch 'A-title' is given twice to apply to {t} [single-file-sd1 (sd1)]; give it once (its strength "
+        "sets how much it changes), or force it to apply it twice (--force)"
+    )
+    assert every_file(t.parent) == before
+    base = make_checkpoint(tmp_path / "clip", "transformers-clip", "F32")
+    diff_checkpoints(
+        base,
+        make_checkpoint(tmp_path / "clip1", "transformers-clip", "F32", edit_layers=[1]),
+        output=tmp_path / "clip1.erasepatch",
+    )
+    model = transformers.CLIPTextModel.from_pretrained(base)
+    patch = erasekit.load_patch(tmp_path / "clip1.erasepatch")
+    erasekit.apply_patch(model, patch)
+    held = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ErasekitError, match=r"is already applied to the in-memory CLIPTextModel \(clip-text\); revert it first"):
+        erasekit.apply_patch(model, patch, force=True)
+    assert all(torch.equal(v, held[k]) for k, v in model.state_dict().items())
+
+
 def test_a_merge_of_merges_names_every_patch_it_holds(stack: dict[str, Path], tmp_path: Path) -> None:
     t = stack["t"]
     merge_patches([stack["M"], stack["C"]], tmp_path / "MC.erasepatch", title="MC")

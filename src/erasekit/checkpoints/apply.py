@@ -239,13 +239,20 @@ def _plan(
 
 
 def _refuse_twice(journal: Journal, patch: Patch, earlier: Sequence[Patch], force: bool, where: str) -> None:
-    """Refuse (unless forced) a patch already applied, or that would apply one twice: a merged patch that contains
-    one applied (in the journal, or earlier in this command), or one contained in a merged patch applied."""
+    """Refuse (unless forced) a patch already applied or given twice in this command, or that would apply one twice:
+    a merged patch that contains one applied (in the journal, or earlier in this command), or one contained in a
+    merged patch applied."""
     twice = [e.id for e in journal.committed if e.patch_id == patch.patch_id]
     if twice and not force:
         raise ErasekitError(
             f"patch '{patch.title}' is already applied to {where} (journal entry {twice[0]})",
             "revert it first, or force it to apply it once more",
+            option="force",
+        )
+    if any(p.patch_id == patch.patch_id for p in earlier) and not force:
+        raise ErasekitError(
+            f"patch '{patch.title}' is given twice to apply to {where}",
+            "give it once (its strength sets how much it changes), or force it to apply it twice",
             option="force",
         )
     applied = [Stacked(e.patch_id, e.patch_title, e.parts) for e in journal.committed]

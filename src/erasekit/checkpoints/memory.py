@@ -163,9 +163,15 @@ def apply_patch(
 
 
 def _refuse_twice(model: Any, patch: Patch, where: str) -> None:
-    """Refuse a patch that would apply one already applied to ``model`` twice: a merged patch that contains one, or
-    one that a merged patch applied contains (whatever ``force`` says: its base may well match)."""
+    """Refuse a patch that would apply one already applied to ``model`` twice: the same patch, a merged patch that
+    contains one, or one that a merged patch applied contains (whatever ``force`` says: its base may well match)."""
     stack = [Stacked(r["patch_id"], r["title"], r.get("parts", {})) for r in getattr(model, _MEMORY_ATTR, None) or []]
+    if any(s.patch_id == patch.patch_id for s in stack):
+        raise ErasekitError(
+            f"patch '{patch.title}' is already applied to {where}",
+            "revert it first, or apply it once at the strength you want",
+            option="patches",
+        )
     clash = applied_twice(Stacked.of(patch), stack, f"already applied to {where}")
     if clash:
         raise ErasekitError(*clash, option="patches")
