@@ -8,9 +8,11 @@ to both encoders' penultimate hidden states concatenated (no final layer norm) a
 embedding and the six size ids (original 32x32, crop 0,0, target 32x32) to its time embedding
 (``addition_embed_type="text_time"``): exactly what diffusers' ``StableDiffusionXLPipeline.encode_prompt`` builds.
 
-So that both paths carry the concepts, each training row has, at random, only its token states replaced by those
-of the empty prompt (the pooled embedding kept), or only its pooled embedding replaced (the token states kept);
-the captions themselves are empty 10% of the time (``captions.py``), both paths then the empty prompt's. The
+So that both paths carry the concepts, 30% of the training rows have their token states replaced by those of the
+empty prompt (the pooled embedding kept): the pooled embedding learns to draw the prompt on its own. No row has
+only its pooled embedding replaced (``p_pooled_empty`` 0): a model trained to draw from the token states alone
+too ignored the pooled embedding whenever the tokens were there (taking it away cost nothing), unlike SDXL. The
+captions themselves are empty 10% of the time (``captions.py``), both paths then the empty prompt's. The
 pipeline is saved with ``force_zeros_for_empty_prompt=False``: the unconditional branch of classifier-free
 guidance encodes "" (as diffusers, ComfyUI and A1111 then all do), as the model was trained.
 
@@ -43,8 +45,8 @@ class SDXLSettings:
     te2_inter: int = 320
     projection_dim: int = 64  # te2's pooled embedding
     time_embed_dim: int = 8  # per size id (addition_time_embed_dim)
-    p_tokens_empty: float = 0.15  # a row conditioned on its pooled embedding alone
-    p_pooled_empty: float = 0.15  # a row conditioned on its token states alone
+    p_tokens_empty: float = 0.3  # a row conditioned on its pooled embedding alone
+    p_pooled_empty: float = 0.0  # a row conditioned on its token states alone
 
 
 def make_text_encoder_2(x: SDXLSettings) -> Any:
