@@ -118,7 +118,9 @@ def test_the_same_patch_given_twice_is_refused_in_a_file_and_in_memory(stack: di
     patch = erasekit.load_patch(tmp_path / "clip1.erasepatch")
     erasekit.apply_patch(model, patch)
     held = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ErasekitError, match=r"is already applied to the in-memory CLIPTextModel \(clip-text\); revert it first"):
+    with pytest.raises(
+        ErasekitError, match=r"is already applied to the in-memory CLIPTextModel \(clip-text\); revert it first"
+    ):
         erasekit.apply_patch(model, patch, force=True)
     assert all(torch.equal(v, held[k]) for k, v in model.state_dict().items())
 

@@ -53,6 +53,8 @@ LAYOUTS = (
     "ckpt-sd1",
     *FLUX_SD3_LAYOUTS,
 )
+# layouts that hold no text encoder: every command refuses them, naming the encoder files to patch instead
+NO_ENCODER_LAYOUTS = ("flux-transformer", "sd3-transformer")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 # toy sizes: (hidden, intermediate, layers) per encoder role
