@@ -58,9 +58,13 @@ class Denoiser:
         device = self.unet.device
         x0 = self.latents[idx]
         noise, t = noise.to(device), t.to(device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        noisy, target = self.noised(x0, noise, t)
         return Prediction(self, noisy, t, target, self.run(noisy, t, conditioning))
+
+    def noised(self, x0: Any, noise: Any, t: Any) -> tuple[Any, Any]:
+        """The latents ``x0`` noised with ``noise`` at ``t``, and the training target there."""
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        return noisy, noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
 
     def run(self, noisy: Any, t: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
         """The frozen UNet's output (float32) for ``noisy`` latents at ``t`` under ``conditioning``."""
@@ -106,15 +110,9 @@ class FlowMatching(Denoiser):
     def _sigmas(self, t: Any) -> Any:
         return self.scheduler.sigmas.to(t.device)[t].float().view(-1, 1, 1, 1)
 
-    def predict(
-        self, idx: list[int], t: Any, noise: Any, conditioning: tuple[Any, dict[str, Any] | None]
-    ) -> Prediction:
-        device = self.unet.device
-        x0 = self.latents[idx]
-        noise, t = noise.to(device), t.to(device)
+    def noised(self, x0: Any, noise: Any, t: Any) -> tuple[Any, Any]:
         sigma = self._sigmas(t)
-        noisy = (1 - sigma) * x0 + sigma * noise
-        return Prediction(self, noisy, t, noise - x0, self.run(noisy, t, conditioning))
+        return (1 - sigma) * x0 + sigma * noise, noise - x0
 
     def run(self, noisy: Any, t: Any, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
         """The frozen transformer's velocity (float32, in the latents' shape) for ``noisy`` at ``t``."""
