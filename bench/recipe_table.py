@@ -101,6 +101,7 @@ class Runner:
         self.patches: dict[str, Path] = {}  # the single-concept patches (no --keep), for the stacked section
         self.erased = 0
         self.pipe: Any = None  # the model, loaded once to measure held drift
+        self.held_before: dict[str, Any] = {}  # concept -> its held prompts' outputs without a patch
 
     def erase(
         self, name: str, concepts: list[str], seed: int, extra: dict[str, Any], after: list[Path] | None = None
@@ -124,7 +125,10 @@ class Runner:
             with patches_applied(self.pipe, patches), torch.no_grad():
                 return {k: v.float().clone() for k, v in encoder_outputs(cond_of(prompts, "cpu")).items()}
 
-        return {k: round(v, 4) for k, v in output_drift(outputs([]), outputs([load_patch(patch)])).items()}
+        if concept not in self.held_before:  # the unpatched outputs, once per concept
+            self.held_before[concept] = outputs([])
+        after = outputs([load_patch(patch)])
+        return {k: round(v, 4) for k, v in output_drift(self.held_before[concept], after).items()}
 
     def cell(self, key: str, make: Any) -> dict[str, Any]:
         if key not in self.done:
