@@ -36,8 +36,11 @@ from typer.testing import CliRunner
 from erasekit.checkpoints.apply import apply_to_checkpoint
 from erasekit.checkpoints.diff import diff_checkpoints
 from erasekit.cli import app
+from erasekit.families import family
+from erasekit.families.base import Slot
+from erasekit.format.names import module_name
 from erasekit.format.patchfile import load_patch
-from erasekit.format.ui_export import loads_as_is, ui_advice
+from erasekit.format.ui_export import export_patch, loads_as_is, ui_advice
 from erasekit.testing import make_checkpoint
 
 runner = CliRunner()
@@ -184,9 +187,12 @@ def test_every_flux_and_sd3_patch_loads_in_comfyui_as_erasekit_applies_it(
     assert loads_as_is(patch, "comfyui")  # the patch file itself, nothing exported
     source: Path | dict[str, Path] = models[target] if files == "all-in-one" else encoder_files(target, tmp_path)
     base = comfyui_text_encoders(source)
+    exported = Path(export_patch(patch_file, "comfyui", tmp_path / "erased-comfyui.safetensors").output)
     for strength in (1.0, 0.5):
         got, unused = comfyui_load(patch_file, base, strength)
         assert unused == [], f"ComfyUI would not load: {unused[:4]}"
+        again, unused = comfyui_load(exported, base, strength)  # `export --ui comfyui` writes the same network
+        assert unused == [] and all(np.array_equal(again[k], v) for k, v in got.items())
         want = erasekit_applied(patch_file, source, strength, tmp_path / f"applied-{strength}")
         assert sorted(want) == sorted(got)
         worst = max(float(np.abs(got[k] - want[k]).max()) for k in want)
@@ -195,24 +201,34 @@ def test_every_flux_and_sd3_patch_loads_in_comfyui_as_erasekit_applies_it(
         assert changed == {ENCODER_OF_SLOT[s] for s in slots}, "the patch reaches each encoder it changes"
 
 
-def test_comfyui_names_t5_by_the_clip_encoders_beside_it() -> None:
-    """T5 answers lora_te3_ beside SD3.x's two CLIPs and beside FLUX.1's CLIP-L (where lora_te2_ is also its), so
-    the one name erasekit gives it serves both families; CLIP-G answers lora_te2_ only beside a CLIP-L."""
-    t5 = "encoder_block_0_layer_1_DenseReluDense_wi_0"
-    fc1 = "text_model_encoder_layers_0_mlp_fc1"
-    keys = {
-        "clip_l": "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
-        "clip_g": "clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
-        "t5xxl": "t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
-    }
-    want = {
-        ("clip_l", "t5xxl"): {f"lora_te_{fc1}", f"lora_te1_{fc1}", f"lora_te2_{t5}", f"lora_te3_{t5}"},
-        ("clip_l", "clip_g", "t5xxl"): {f"lora_te_{fc1}", f"lora_te1_{fc1}", f"lora_te2_{fc1}", f"lora_te3_{t5}"},
-        ("clip_l", "clip_g"): {f"lora_te_{fc1}", f"lora_te1_{fc1}", f"lora_te2_{fc1}"},
-    }
-    for loaded, names in want.items():
-        state = {keys[name]: np.zeros(1, np.float32) for name in loaded}
-        assert set(comfyui_network_names(state)) == names, loaded
+def comfyui_key(slot: Slot, layer: int, proj: str) -> str:
+    """The tensor of ComfyUI's text-encoder object that ``slot``'s ``proj`` weight in ``layer`` is."""
+    encoder = ENCODER_OF_SLOT[slot.name]
+    if encoder == "t5xxl":
+        return f"t5xxl.transformer.encoder.block.{layer}.layer.1.DenseReluDense.{proj}.weight"
+    return f"{encoder}.transformer.text_model.encoder.layers.{layer}.mlp.{proj}.weight"
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_erasekit_names_every_projection_as_comfyui_names_its_encoder(arch: str) -> None:
+    """At the real encoders' sizes (CLIP-L 12 layers, CLIP-G 32, T5-XXL 24 blocks), with and without SD3.x's T5:
+    every module name erasekit writes is the one ComfyUI maps to that slot's tensor. T5 answers lora_te3_ beside
+    SD3.x's two CLIPs and beside FLUX.1's CLIP-L, where lora_te2_ is T5's too: erasekit's one name serves both."""
+    slots = family(arch).slots
+    for loaded in (slots, [s for s in slots if not s.optional]):
+        every = [
+            (s, layer, proj)
+            for s in loaded
+            for layer in range(s.encoder.largest[2])
+            for proj in s.encoder.kind.projections
+        ]
+        names = comfyui_network_names({comfyui_key(*p): np.zeros(1, np.float32) for p in every})
+        for slot, layer, proj in every:
+            assert names.get(module_name(slot.name, layer, proj)) == comfyui_key(slot, layer, proj), (arch, slot.name)
+        t5_prefixes = {n.split("_encoder_block_")[0] for n in names if "_encoder_block_" in n}
+        assert t5_prefixes == (
+            {"lora_te2", "lora_te3"} if arch == "flux" else {"lora_te3"} if len(loaded) == 3 else set()
+        )
 
 
 @pytest.mark.parametrize("case", ["flux-te1-te3", "sd3-te1-te2-te3"])
