@@ -28,6 +28,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,7 +105,7 @@ def ablated_embeddings(pipe, prompts: list[str], ablate: str) -> dict[str, torch
         raise ErasekitError(f"unknown ablation {ablate!r}", f"choose {' or '.join(ABLATIONS)}")
     if getattr(pipe, "text_encoder_2", None) is None:
         raise ErasekitError(
-            f"ablating the {ablate} path needs an SDXL- or FLUX.1-family model (token states and a pooled embedding)",
+            f"ablating the {ablate} path needs an SDXL-family or FLUX.1-family model (token states and a pooled embedding)",
             "measure an SDXL or FLUX.1 pipeline, e.g. --model toy-sdxl, or leave out --ablate",
         )
     with torch.no_grad():
@@ -136,6 +137,7 @@ def _generate_direct(
     images = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
+        text: dict[str, Any]
         if ablate:
             text = ablated_embeddings(pipe, chunk, ablate)
         else:  # FLUX.1: the unconditional branch (of real guidance) is the empty prompt's

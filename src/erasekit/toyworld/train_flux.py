@@ -74,7 +74,6 @@ def make_t5(x: FluxSettings, vocab_size: int) -> Any:
         dropout_rate=0.0,
         is_encoder_decoder=False,
         use_cache=False,
-        tie_word_embeddings=False,
         pad_token_id=0,
         eos_token_id=1,
     )
