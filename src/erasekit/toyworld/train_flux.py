@@ -20,7 +20,8 @@ trained on the 10% empty captions (``captions.py``).
 So that both paths carry the concepts, as for the SDXL family (``train_sdxl.py``), 30% of the rows have their T5
 tokens replaced by the empty prompt's, the pooled vector kept.
 
-Needs only the toy world and the libraries (``train.py``, above it, drives the training loop).
+Its loss is erasekit's own ``FlowMatching`` objective, so that training and erasing share one definition; ``train.py``,
+above it, drives the training loop.
 """
 
 from __future__ import annotations
