@@ -171,7 +171,7 @@ def test_ablation_replaces_one_path_by_the_empty_prompts(pipe) -> None:
         assert torch.equal(kw["negative_pooled_prompt_embeds"], pooled[1:])
     from erasekit.checkpoints.pipeline import load_pipeline
 
-    with pytest.raises(ErasekitError, match="needs an SDXL-family model"):
+    with pytest.raises(ErasekitError, match="needs an SDXL-family or FLUX.1-family model"):
         ablated_embeddings(load_pipeline("toy-sd")[0], ["a red circle"], "pooled")
 
 

@@ -4,7 +4,7 @@
 * ``render``   -- the world: ``render(shape, colour, pattern, rng)``, ``sample(rng)``, ``SHAPES``, ``COLOURS``, ``PATTERNS``
 * ``captions`` -- training captions and ``prompt_for(shape=None, colour=None, pattern=None)``
 * ``judge``    -- ``load_judge()``, ``judge(images)`` (imports torch)
-* ``train``    -- ``python -m erasekit.toyworld.train --out DIR --seed 0 [--family sd|sdxl]`` (imports torch)
+* ``train``    -- ``python -m erasekit.toyworld.train --out DIR --seed 0 [--family sd|sdxl|flux]`` (imports torch)
 * ``concepts`` -- what ``erasekit eval`` asks about: ``attribute_of``, ``render_concept``, ``eval_prompts``
 * ``measure``  -- ``python -m erasekit.toyworld.measure``: a model's accuracy per prompt set (imports torch)
 

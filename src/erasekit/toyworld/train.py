@@ -1,6 +1,6 @@
 """Train erasekit's built-in toy text-to-image model and its judge from a seed, on CPU.
 
-    python -m erasekit.toyworld.train --out DIR --seed 0 [--device cpu] [--family sd|sdxl]
+    python -m erasekit.toyworld.train --out DIR --seed 0 [--device cpu] [--family sd|sdxl|flux]
 
 Stages (each component is saved as soon as it is done, so a crash does not lose earlier work):
 
@@ -32,6 +32,10 @@ encoder of another width, its pooled embedding and the size ids into the UNet's 
 ``scaling_factor`` kept) and the shipped judge, so stages 2 and 3 are skipped (about 15 minutes saved);
 ``--train-vae`` and ``--train-judge`` run them as for the SD family. The shipped ``model-sdxl`` was made with
 ``--family sdxl --seed 0`` and the default settings (see its model card).
+
+``--family flux`` trains the FLUX.1-family toy model (``train_flux.py``: CLIP's pooled output and a small T5's
+tokens into a ``FluxTransformer2DModel``, trained by flow matching; saved as a ``FluxPipeline`` folder ``DIR/model``),
+reusing the shipped VAE and judge as the sdxl family does. Not trained and not shipped yet (docs/toyworld-flux.md).
 
 Order note: the judge is trained right after the VAE (it needs only the VAE) and before the
 diffusion model; the stages use independent seeds, so changing the judge does not change the
@@ -389,15 +393,63 @@ class SDToy:
         save_pipeline(vae, self.te, self.unet, tokenizer_dir, out)
 
 
-def make_toy(family: str, s: Settings, tokenizer_dir: Path, device: str, sdxl: Any = None):
-    """The family's trained parts, initialised from torch's global generator (seeded by the caller); ``sdxl``: the
-    sdxl family's ``SDXLSettings``."""
+class T5Ids:
+    """Prompts -> T5 token ids [n, ``length``] on ``device`` (the counted T5 tokenizer, padded as FluxPipeline pads
+    them to its ``max_sequence_length``), each prompt tokenized once."""
+
+    def __init__(self, length: int, device: str) -> None:
+        from .t5_tokenizer import t5_tokenizer
+
+        self.tok, self.length, self.device = t5_tokenizer(), length, device
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        for tx in texts:
+            if tx not in self.cache:
+                self.cache[tx] = self.tok(tx, padding="max_length", max_length=self.length, truncation=True)[
+                    "input_ids"
+                ]
+        return torch.tensor([self.cache[tx] for tx in texts], device=self.device)
+
+
+def make_toy(family: str, s: Settings, tokenizer_dir: Path, device: str, family_settings: Any = None):
+    """The family's trained parts, initialised from torch's global generator (seeded by the caller);
+    ``family_settings``: the sdxl family's ``SDXLSettings``, the flux family's ``FluxSettings``."""
     if family == "sd":
         return SDToy(s, tokenizer_dir, device)
+    te1 = make_text_encoder(s)
+    if family == "flux":
+        from .train_flux import FluxToy
+
+        t5_ids = T5Ids(family_settings.max_sequence_length, device)
+        ids = TokenIds(tokenizer_dir, device)
+        return FluxToy(te1, ids, t5_ids, len(t5_ids.tok), family_settings, s.seed + 9, device)
     from .train_sdxl import SDXLToy
 
-    te1 = make_text_encoder(s)
-    return SDXLToy(unet_kwargs(s), te1, TokenIds(tokenizer_dir, device), sdxl, s.seed + 9, device)
+    return SDXLToy(unet_kwargs(s), te1, TokenIds(tokenizer_dir, device), family_settings, s.seed + 9, device)
+
+
+class EpsilonLoss:
+    """The sd and sdxl families' objective: DDPM noising (scaled_linear betas, 1000 steps) and the min-SNR-weighted
+    MSE of the UNet's noise prediction."""
+
+    def __init__(self, toy: Any, snr_gamma: float, device: str) -> None:
+        from diffusers import DDPMScheduler
+
+        self.toy, self.snr_gamma = toy, snr_gamma
+        self.noise_sched = DDPMScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        )
+        alphas = self.noise_sched.alphas_cumprod.to(device)  # type: ignore[attr-defined]  # set in __init__, hidden from mypy
+        self.snr_all = alphas / (1 - alphas)
+
+    def __call__(self, z0: torch.Tensor, noise: torch.Tensor, ts: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        zt = self.noise_sched.add_noise(z0, noise, ts)  # type: ignore[attr-defined]  # a method diffusers' types hide
+        cond, added = self.toy.condition(texts)
+        pred = self.toy.unet(zt, ts, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        snr = self.snr_all[ts]
+        w = torch.clamp(snr, max=self.snr_gamma) / snr
+        return (F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
 
 
 def train_diffusion(
@@ -412,20 +464,15 @@ def train_diffusion(
     device: str,
     family: str = "sd",
     vae_dir: Path | None = None,
-    sdxl: Any = None,
+    family_settings: Any = None,
 ):
-    """Train the UNet and the text encoder(s) of ``family`` (``sd`` or ``sdxl``, with its ``SDXLSettings``) and save
-    the EMA weights as a pipeline in ``model_dir``; ``vae_dir``: a VAE folder the sdxl family copies in as it is."""
-    from diffusers import DDPMScheduler
-
+    """Train the denoiser and the text encoder(s) of ``family`` (``sd``; ``sdxl`` or ``flux``, with its
+    ``family_settings``) and save the EMA weights as a pipeline in ``model_dir``; ``vae_dir``: a VAE folder the sdxl
+    and flux families copy in as it is. The flux family's objective is flow matching (``FluxToy.loss``), the others'
+    :class:`EpsilonLoss`; both draw the same random numbers a step."""
     torch.manual_seed(s.seed + 5)
-    toy = make_toy(family, s, tokenizer_dir, device, sdxl)
-    unet = toy.unet
-    noise_sched = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    )
-    alphas = noise_sched.alphas_cumprod.to(device)  # type: ignore[attr-defined]  # set in __init__, hidden from mypy
-    snr_all = alphas / (1 - alphas)
+    toy = make_toy(family, s, tokenizer_dir, device, family_settings)
+    objective = toy.loss if family == "flux" else EpsilonLoss(toy, s.snr_gamma, device)
     params = toy.parameters()
     log(toy.describe())
     opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
@@ -456,12 +503,7 @@ def train_diffusion(
         noise = torch.randn(z0.shape, generator=gen)
         ts = torch.randint(0, 1000, (s.batch,), generator=gen)
         z0, noise, ts = z0.to(device), noise.to(device), ts.to(device)
-        zt = noise_sched.add_noise(z0, noise, ts)  # type: ignore[attr-defined]  # a method diffusers' types hide
-        cond, added = toy.condition(texts)
-        pred = unet(zt, ts, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-        snr = snr_all[ts]
-        w = torch.clamp(snr, max=s.snr_gamma) / snr
-        loss = (F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        loss = objective(z0, noise, ts, texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -484,6 +526,26 @@ def train_diffusion(
 # ---------------------------------------------------------------------------------------- main
 
 
+def make_family_settings(family: str, p_tokens_empty: float | None, p_pooled_empty: float | None) -> Any:
+    """The sdxl family's ``SDXLSettings`` or the flux family's ``FluxSettings`` (None for sd), with the shares of
+    rows that lose one path where given."""
+    if family == "sd":
+        return None
+    if family == "flux":
+        from .train_flux import FluxSettings
+
+        x: Any = FluxSettings()
+    else:
+        from .train_sdxl import SDXLSettings
+
+        x = SDXLSettings()
+    if p_tokens_empty is not None:
+        x.p_tokens_empty = p_tokens_empty
+    if p_pooled_empty is not None:
+        x.p_pooled_empty = p_pooled_empty
+    return x
+
+
 def default_tokenizer_dir() -> Path:
     from . import builtin_model_path
 
@@ -498,10 +560,11 @@ def shipped_vae_dir() -> Path:
 
 
 def shipped_settings(family: str) -> Path:
-    """The erasekit.json a newly trained model starts from: the shipped model's of its family, where there is one."""
+    """The erasekit.json a newly trained model starts from: the shipped model's of its family, where there is one
+    (flux: toy-sdxl's for now, the other model with a pooled path)."""
     from . import builtin_model_path
 
-    own = builtin_model_path("toy-sdxl" if family == "sdxl" else "toy-sd") / "erasekit.json"
+    own = builtin_model_path("toy-sd" if family == "sd" else "toy-sdxl") / "erasekit.json"
     return own if own.is_file() else builtin_model_path("toy-sd") / "erasekit.json"
 
 
@@ -531,17 +594,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-judge", action="store_true", help="reuse DIR/judge.safetensors")
     ap.add_argument(
         "--family",
-        choices=("sd", "sdxl"),
+        choices=("sd", "sdxl", "flux"),
         default="sd",
-        help="sd: a StableDiffusionPipeline (the shipped toy-sd); sdxl: a StableDiffusionXLPipeline (toy-sdxl)",
-    )
-    ap.add_argument("--train-vae", action="store_true", help="sdxl: train a VAE instead of reusing the shipped one")
-    ap.add_argument("--train-judge", action="store_true", help="sdxl: train a judge instead of reusing the shipped one")
-    ap.add_argument(
-        "--p-tokens-empty", type=float, default=None, help="sdxl: share of rows conditioned on the pooled path alone"
+        help="sd: a StableDiffusionPipeline (the shipped toy-sd); sdxl: a StableDiffusionXLPipeline (toy-sdxl); "
+        "flux: a FluxPipeline (not shipped yet)",
     )
     ap.add_argument(
-        "--p-pooled-empty", type=float, default=None, help="sdxl: share of rows conditioned on the token states alone"
+        "--train-vae", action="store_true", help="sdxl, flux: train a VAE instead of reusing the shipped one"
+    )
+    ap.add_argument(
+        "--train-judge", action="store_true", help="sdxl, flux: train a judge instead of reusing the shipped one"
+    )
+    ap.add_argument(
+        "--p-tokens-empty",
+        type=float,
+        default=None,
+        help="sdxl, flux: share of rows conditioned on the pooled path alone",
+    )
+    ap.add_argument(
+        "--p-pooled-empty",
+        type=float,
+        default=None,
+        help="sdxl, flux: share of rows conditioned on the token states (flux: T5's) alone",
     )
     args = ap.parse_args(argv)
 
@@ -574,16 +648,9 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "times_s": {},
     }
-    sdxl = None
-    if args.family == "sdxl":
-        from .train_sdxl import SDXLSettings
-
-        sdxl = SDXLSettings()
-        if args.p_tokens_empty is not None:
-            sdxl.p_tokens_empty = args.p_tokens_empty
-        if args.p_pooled_empty is not None:
-            sdxl.p_pooled_empty = args.p_pooled_empty
-        report.update(family="sdxl", sdxl=asdict(sdxl))
+    family_settings = make_family_settings(args.family, args.p_tokens_empty, args.p_pooled_empty)
+    if family_settings is not None:
+        report.update({"family": args.family, args.family: asdict(family_settings)})
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -611,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. VAE
     t = time.time()
-    vae_dir = shipped_vae_dir() if args.family == "sdxl" and not args.train_vae else None
+    vae_dir = shipped_vae_dir() if args.family != "sd" and not args.train_vae else None
     if vae_dir is not None:  # the shipped VAE, scaling_factor and all
         from diffusers import AutoencoderKL
 
@@ -642,7 +709,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. judge
     t = time.time()
-    shipped_judge = args.family == "sdxl" and not args.train_judge
+    shipped_judge = args.family != "sd" and not args.train_judge
     judge_path = builtin_judge_path() if shipped_judge else out / "judge.safetensors"
     if args.skip_judge or shipped_judge:
         from .judge import load_judge
@@ -675,7 +742,18 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. UNet + text encoder
     t = time.time()
     train_diffusion(
-        s, lat_mean, lat_std, pool_y, scaling, tokenizer_dir, vae, model_dir, device, args.family, vae_dir, sdxl
+        s,
+        lat_mean,
+        lat_std,
+        pool_y,
+        scaling,
+        tokenizer_dir,
+        vae,
+        model_dir,
+        device,
+        args.family,
+        vae_dir,
+        family_settings,
     )
     report["times_s"]["diffusion"] = round(time.time() - t, 1)
     # erasekit's recommended erase settings and the "toyworld" flag: start from the shipped model's

@@ -125,16 +125,25 @@ class SDXLToy:
         """Rows ``[:-1]`` are the batch, the last row the empty prompt's. A row keeps both paths, or has its token
         states (probability ``p_tokens_empty``) or else its pooled embedding (``p_pooled_empty``) replaced by the
         empty prompt's, never both."""
-        draw = torch.rand(len(tokens) - 1, generator=self.paths_gen).to(tokens.device)
-        pooled_only = draw < self.x.p_tokens_empty
-        tokens_only = (draw >= self.x.p_tokens_empty) & (draw < self.x.p_tokens_empty + self.x.p_pooled_empty)
-        return (
-            torch.where(pooled_only[:, None, None], tokens[-1:], tokens[:-1]),
-            torch.where(tokens_only[:, None], pooled[-1:], pooled[:-1]),
-        )
+        return drop_paths(tokens, pooled, self.x.p_tokens_empty, self.x.p_pooled_empty, self.paths_gen)
 
     def save(self, vae: Any, tokenizer_dir: Path, scheduler: Any, out: Path, vae_dir: Path | None = None) -> None:
         save_pipeline_sdxl(vae, self.te1, self.te2, self.unet, tokenizer_dir, scheduler, out, vae_dir)
+
+
+def drop_paths(
+    tokens: torch.Tensor, pooled: torch.Tensor, p_tokens_empty: float, p_pooled_empty: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[:-1]`` of ``tokens`` and ``pooled`` are the batch, the last row the empty prompt's. A row keeps both
+    paths, or has its token states (probability ``p_tokens_empty``) or else its pooled embedding (``p_pooled_empty``)
+    replaced by the empty prompt's, never both; one uniform draw a row from ``gen``."""
+    draw = torch.rand(len(tokens) - 1, generator=gen).to(tokens.device)
+    pooled_only = draw < p_tokens_empty
+    tokens_only = (draw >= p_tokens_empty) & (draw < p_tokens_empty + p_pooled_empty)
+    return (
+        torch.where(pooled_only[:, None, None], tokens[-1:], tokens[:-1]),
+        torch.where(tokens_only[:, None], pooled[-1:], pooled[:-1]),
+    )
 
 
 def encode(te1: Any, te2: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +191,7 @@ def save_pipeline_sdxl(
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp))  # type: ignore[attr-defined]  # a DiffusionPipeline method diffusers' types hide
     for encoder in ("text_encoder", "text_encoder_2"):
-        _computes_in_float32(tmp / encoder / "config.json")
+        computes_in_float32(tmp / encoder / "config.json")
     for sub, source in (("tokenizer", tokenizer_dir), ("tokenizer_2", tokenizer_dir), ("vae", vae_dir)):
         if source is not None:  # the slow-tokenizer files (vocab.json, merges.txt, CLIP licence); the VAE as it was
             shutil.rmtree(tmp / sub)
@@ -194,7 +203,7 @@ def save_pipeline_sdxl(
     tmp.rename(out)
 
 
-def _computes_in_float32(config_path: Path) -> None:
+def computes_in_float32(config_path: Path) -> None:
     """Only an encoder's stored weights are float16: its config says float32, so ``from_pretrained`` computes in
     float32."""
     cfg = json.loads(config_path.read_text())
