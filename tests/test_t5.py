@@ -333,8 +333,12 @@ def test_a_umt5_in_a_pipeline_folder_or_a_folder_of_its_own_is_refused(tmp_path:
     patch = diff(t5, tmp_path / "t5.erasepatch")
     before = snapshot(tmp_path)
     umt5_is = OTHER_T5S["umt5_xxl_fp16.safetensors"][1]
-    for target, where in ((flux, flux / "text_encoder_2" / "model.safetensors"), (umt5, f"{umt5} (UMT5EncoderModel)")):
+    by_class = umt5_is.replace("relative attention bias in every block", "its config.json names UMT5EncoderModel")
+    for target, message in (
+        (flux, f"{flux / 'text_encoder_2' / 'model.safetensors'} is {umt5_is}"),
+        (umt5, f"{umt5} is {by_class}"),
+    ):
         for args in (("inspect", target), ("apply", patch, "--to", target, "--in-place")):
             r = run(*args)
-            assert r.exit_code == 4 and r.stderr == f"error: {where} is {umt5_is}; {SUPPORTED}\n", (args, r.output)
+            assert r.exit_code == 4 and r.stderr == f"error: {message}; {SUPPORTED}\n", (args, r.output)
     assert snapshot(tmp_path) == before and not list(tmp_path.rglob(".erasekit"))

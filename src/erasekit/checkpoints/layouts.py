@@ -398,9 +398,10 @@ def _supported() -> str:
     return f"erasekit patches {patched_encoders()}, those of {listing(lines())}"
 
 
-def unpatched_error(where: str, model: Unpatched) -> LayoutError:
+def unpatched_error(where: str, model: Unpatched, evidence: str = "") -> LayoutError:
     """The error for a text encoder erasekit recognises but does not patch (umT5, Qwen2.5-VL): what it is, how that
-    shows, and what erasekit patches; for a lookalike of a kind, the file of that kind the families use."""
+    shows (``evidence``, else the model's), and what erasekit patches; for a lookalike of a kind, the file of that
+    kind the families use."""
     kind = kind_of_lookalike(model)
     instead = ""
     if kind is not None:
@@ -410,7 +411,8 @@ def unpatched_error(where: str, model: Unpatched) -> LayoutError:
         owners = listing([f"{line}'s" for line in dict.fromkeys(line for line, _ in users)])
         instead = f"; {owners} {kind.title} is {listing(list(dict.fromkeys(file for _, file in users)), 'or')}"
     return LayoutError(
-        f"{where} is {model.what} ({model.evidence}), which erasekit does not patch{' yet' if model.yet else ''}",
+        f"{where} is {model.what} ({evidence or model.evidence}), which erasekit does not patch"
+        + (" yet" if model.yet else ""),
         _supported() + instead,
     )
 
@@ -636,9 +638,10 @@ def _detect_folder(path: Path) -> Checkpoint:
         bare = bare_by_class(archs)
         if bare is not None:
             return Checkpoint(path, bare.folder_layout, bare.name, _encoder_folder_files(path, "", bare.slots[0]))
-        model = unpatched_encoder({}, [str(a) for a in archs] if isinstance(archs, list) else [])
+        names = [str(a) for a in archs] if isinstance(archs, list) else []
+        model = unpatched_encoder({}, names)
         if model is not None:
-            raise unpatched_error(f"{path} ({', '.join(map(str, archs))})", model)
+            raise unpatched_error(str(path), model, f"its config.json names {', '.join(names)}")
         raise LayoutError(
             f"{path}/config.json describes {archs or 'an unknown model'}, not a "
             f"{listing([f.title for f in BARE], 'or')}",
