@@ -205,6 +205,59 @@ def test_an_sd3_patch_goes_to_clip_g_by_its_shapes_and_a_patch_fitting_no_part_i
     assert snapshot(sd2) == before and not (tmp_path / "none").exists()
 
 
+def _clip_1280_wide(path: Path) -> Path:
+    """A CLIP encoder file as wide as OpenCLIP ViT-bigG/14 (1280), one layer with a narrow FFN: what its width is
+    read from, and nothing more."""
+    from safetensors.numpy import save_file
+
+    layer = "text_model.encoder.layers.0.mlp."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{layer}fc1.weight": (8, 1280), f"{layer}fc1.bias": (8,), f"{layer}fc2.weight": (1280, 8)}
+    save_file({k: np.zeros(v, np.float16) for k, v in (tensors | {f"{layer}fc2.bias": (1280,)}).items()}, str(path))
+    return path
+
+
+def test_a_patch_fitting_no_encoder_file_names_both_widths_and_each_parts_file(tmp_path: Path) -> None:
+    """A FLUX.1 patch on clip_l.safetensors that holds a CLIP-G, on an SD2.x CLIP-H, on a T5 of another width: none of
+    its parts fits, and the line says the file's width (with the encoder of that width, where it is a real one), its
+    parts' widths, and which file each part goes to."""
+    from safetensors.numpy import save_file
+
+    patch = patch_of(tmp_path, "diffusers-flux")
+    sd2 = make_checkpoint(tmp_path / "sd2", "diffusers-sd2", "F16")
+    t5 = tmp_path / "t5_base.safetensors"
+    ffn = "encoder.block.{}.layer.1.DenseReluDense.{}.weight"
+    shapes = {"wi_0": (16, 8), "wi_1": (16, 8), "wo": (8, 16)}
+    save_file({ffn.format(i, p): np.zeros(s, np.float16) for i in range(2) for p, s in shapes.items()}, str(t5))
+    targets = {
+        make_checkpoint(
+            tmp_path / "clip_l.safetensors", "clip-g-file", "F16"
+        ): "its CLIP is 40 wide, the patch's te1 32 wide",
+        sd2 / "text_encoder": "its CLIP is 48 wide, the patch's te1 32 wide",
+        _clip_1280_wide(tmp_path / "big" / "clip_l.safetensors"): (
+            "its CLIP is 1280 wide (OpenCLIP ViT-bigG/14's width), the patch's te1 32 wide"
+        ),
+        t5: "its T5 is 8 wide, the patch's te3 32 wide",
+    }
+    before = snapshot(tmp_path)
+    for target, widths in targets.items():
+        for args in (
+            ("apply", patch, "--to", target, "--in-place"),
+            ("apply", patch, "--to", target, "-o", tmp_path / "o"),
+        ):
+            r = run(*args)
+            assert r.exit_code == 5 and r.stderr.count("\n") == 1, (args, r.output)
+            assert r.stderr.startswith(
+                "error: patch 'edited minus base' changes the te1 (CLIP ViT-L/14) and te3 (T5 v1.1 XXL) of a flux model, "
+                f"and none of them fit {target} "
+            ), r.stderr
+            assert r.stderr.endswith(
+                f"]: {widths}; apply it to a flux checkpoint, or each part to its own encoder's file: te1 to CLIP "
+                "ViT-L/14's (clip_l.safetensors), te3 to T5 v1.1 XXL's (t5xxl_fp16.safetensors)\n"
+            ), r.stderr
+    assert snapshot(tmp_path) == before and not (tmp_path / "o").exists()
+
+
 def test_an_sdxl_patch_on_a_clip_file_takes_the_same_road(tmp_path: Path) -> None:
     """The partial apply is the rule for every patch of several encoders on one encoder's file: SDXL's too."""
     base = make_checkpoint(tmp_path / "sdxl", "diffusers-sdxl", "F16")
