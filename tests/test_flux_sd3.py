@@ -378,6 +378,45 @@ def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
     assert snapshot(tmp_path) == before
 
 
+DIFFUSERS_TRANSFORMERS = {  # the keys of a diffusers transformer/diffusion_pytorch_model.safetensors -> what it is
+    "FLUX.1": (
+        "transformer_blocks.0.attn.to_q.weight",
+        "single_transformer_blocks.0.attn.to_q.weight",
+        "x_embedder.weight",
+    ),
+    "SD3.x": ("transformer_blocks.0.attn.to_q.weight", "context_embedder.weight", "pos_embed.proj.weight"),
+    "HunyuanVideo": (  # FLUX.1's blocks and more: a line not patched yet, never taken for FLUX.1
+        "transformer_blocks.0.attn.to_q.weight",
+        "single_transformer_blocks.0.attn.to_q.weight",
+        "x_embedder.proj.weight",
+        "context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("line", list(DIFFUSERS_TRANSFORMERS))
+def test_a_diffusers_transformer_file_is_refused_as_a_transformer_of_its_line(tmp_path: Path, line: str) -> None:
+    """Naming the transformer's own file in a diffusers folder gets the line a BFL transformer file gets."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: np.zeros((2, 2), np.float16) for k in DIFFUSERS_TRANSFORMERS[line]}, str(path))
+    r = run("inspect", path)
+    files = {"FLUX.1": "clip_l.safetensors and t5xxl_fp16.safetensors"}.get(
+        line, "clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors"
+    )
+    expected = (
+        "error: diffusion_pytorch_model.safetensors holds a HunyuanVideo transformer (a token refiner), which "
+        "erasekit does not patch yet: HunyuanVideo encodes prompts with LLaVA-Llama 3 8B and CLIP ViT-L/14; "
+        "erasekit patches CLIP and T5 v1.1 text encoders, those of SD1.x, SD2.x, SDXL, FLUX.1 and SD3.x, or such an "
+        "encoder's own file or folder\n"
+        if line == "HunyuanVideo"
+        else f"error: diffusion_pytorch_model.safetensors holds a {line} transformer but no text encoders; patch the "
+        f"text-encoder files it is used with instead ({files}), or a model folder\n"
+    )
+    assert r.exit_code == 4 and r.stderr == expected, r.output
+
+
 @pytest.mark.parametrize("layout", ["single-flux", "single-sd3"])
 def test_erase_generate_and_eval_of_a_single_file_without_configs_ask_for_them_in_one_line(
     tmp_path: Path, layout: str

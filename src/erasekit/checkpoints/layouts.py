@@ -386,7 +386,7 @@ def _denoiser_alone(names: list[str]) -> Family | None:
     """The family whose denoiser alone a file of tensors ``names`` holds (``Family.denoiser_alone``: FLUX.1's
     ``double_blocks.`` and ``single_blocks.``, at the start of a key or after a prefix); None if none."""
     has = lambda part: any(x.startswith(part) or f".{part}" in x for x in names)  # noqa: E731
-    return next((f for f in FAMILIES.values() if f.denoiser_alone and all(map(has, f.denoiser_alone))), None)
+    return next((f for f in FAMILIES.values() if any(all(map(has, parts)) for parts in f.denoiser_alone)), None)
 
 
 def _shapes(info: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:

@@ -243,9 +243,10 @@ class Family:
     why_not_run: str = ""  # where they cannot: why, and what to run instead
     safety_checker: bool = False  # whether that pipeline has a safety checker (loaded without one)
     parts: tuple[tuple[str, str], ...] = LDM_PARTS  # what its single files hold besides the encoders
-    # what a file of its denoiser alone holds (every one of these key parts; BFL's flux1-dev.safetensors): such a
-    # file is refused with the encoder files to patch instead
-    denoiser_alone: tuple[str, ...] = ()
+    # what a file of its denoiser alone holds, in each naming (every one of the key parts of one of them; BFL's
+    # flux1-dev.safetensors, diffusers' transformer/diffusion_pytorch_model.safetensors): such a file is refused with
+    # the encoder files to patch instead
+    denoiser_alone: tuple[tuple[str, ...], ...] = ()
     flow_matching: bool = False  # its denoiser is trained by flow matching: no epsilon or v prediction type
     bundled: tuple[
         str, ...

@@ -151,7 +151,12 @@ LINES = (
         "HunyuanVideo",
         "LLaVA-Llama 3 8B and CLIP ViT-L/14",
         ("HunyuanVideo",),
-        _denoiser("HunyuanVideo", "transformer", "a token refiner", r"txt_in\.individual_token_refiner\."),
+        _denoiser(
+            "HunyuanVideo",
+            "transformer",
+            "a token refiner",
+            r"(txt_in\.individual_token_refiner|context_embedder\.token_refiner)\.",
+        ),
     ),
     NotYet(
         "HunyuanDiT",
