@@ -348,3 +348,42 @@ def test_a_pipeline_folder_of_a_line_not_patched_yet_names_its_text_encoders(
     r = runner.invoke(app, ["inspect", str(folder / "text_encoder")])  # the text encoder's folder alone
     assert r.exit_code == 4 and r.stderr.startswith(f"error: {folder / 'text_encoder'} is "), r.output
     assert f"(its config.json names {text_encoder}), which erasekit does not patch" in r.stderr
+
+
+def test_a_model_id_of_a_line_not_patched_yet_is_refused_before_its_weights_are_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen-Image's text encoder alone is 16 GB: its model_index.json is all that is fetched (the Hub is simulated)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    index = tmp_path / "fetched" / "model_index.json"
+    fetched: list[object] = []
+
+    def list_files(self: object, repo_id: str, **kw: object) -> list[str]:
+        return ["model_index.json", "text_encoder/config.json", "text_encoder/model-00001-of-00004.safetensors"]
+
+    def download_one(repo_id: str, filename: str, **kw: object) -> str:
+        index.parent.mkdir(exist_ok=True)
+        index.write_text(json.dumps({"_class_name": "QwenImagePipeline", "text_encoder": ["transformers", "X"]}))
+        fetched.append(filename)
+        return str(index)
+
+    def download_all(repo_id: str, **kw: object) -> str:
+        if kw.get("local_files_only"):
+            raise LocalEntryNotFoundError("not in the cache")
+        fetched.append(kw.get("allow_patterns"))
+        raise OSError("the weights were asked for")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download_one)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download_all)
+    r = runner.invoke(app, ["inspect", "Qwen/Qwen-Image"])
+    assert r.exit_code == 4 and r.stderr == (
+        "error: model Qwen/Qwen-Image is a Qwen-Image pipeline (QwenImagePipeline), which erasekit does not patch "
+        f"yet: Qwen-Image encodes prompts with Qwen2.5-VL; {SUPPORTED}, or such an encoder's own file or folder\n"
+    ), r.output
+    assert fetched == ["model_index.json"]

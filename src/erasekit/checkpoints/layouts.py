@@ -429,7 +429,7 @@ def _refuse_lookalikes(where: str, info: dict[str, tuple[str, tuple[int, ...]]],
         raise unpatched_error(where, model)
 
 
-def _not_yet_error(where: str, line: NotYet, what: str) -> LayoutError:
+def not_yet_error(where: str, line: NotYet, what: str) -> LayoutError:
     """The error for a file or folder of a model line erasekit does not patch yet, naming its text encoders."""
     return LayoutError(
         f"{where} {what}, which erasekit does not patch yet: {line.line} encodes prompts with {line.encoders}",
@@ -443,7 +443,7 @@ def _no_encoders_in(path: Path, wf: WeightFile, info: dict[str, Any]) -> LayoutE
     what it is; else what the file looks like, or what erasekit reads."""
     line = unpatched_denoiser(_shapes(info))
     if line is not None and line.denoiser is not None:
-        return _not_yet_error(path.name, line, f"holds {line.denoiser.what} ({line.denoiser.evidence})")
+        return not_yet_error(path.name, line, f"holds {line.denoiser.what} ({line.denoiser.evidence})")
     fam = _denoiser_alone(list(info))
     if fam is not None:
         files = [s.encoder.file for s in fam.slots]
@@ -695,7 +695,7 @@ def _refuse_unknown_pipeline(path: Path, class_name: str, components: list[str],
     SD1.x's component name) or holding a text encoder component no family has."""
     line = not_yet(class_name)
     if line is not None:
-        raise _not_yet_error(f"diffusers folder {path}", line, f"is a {line.line} pipeline ({class_name})")
+        raise not_yet_error(f"diffusers folder {path}", line, f"is a {line.line} pipeline ({class_name})")
     unknown = [c for c in components if c.startswith("text_encoder") and c not in known]
     if unknown:
         raise LayoutError(
