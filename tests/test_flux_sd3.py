@@ -205,6 +205,59 @@ def test_an_sd3_patch_goes_to_clip_g_by_its_shapes_and_a_patch_fitting_no_part_i
     assert snapshot(sd2) == before and not (tmp_path / "none").exists()
 
 
+def _clip_1280_wide(path: Path) -> Path:
+    """A CLIP encoder file as wide as OpenCLIP ViT-bigG/14 (1280), one layer with a narrow FFN: what its width is
+    read from, and nothing more."""
+    from safetensors.numpy import save_file
+
+    layer = "text_model.encoder.layers.0.mlp."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{layer}fc1.weight": (8, 1280), f"{layer}fc1.bias": (8,), f"{layer}fc2.weight": (1280, 8)}
+    save_file({k: np.zeros(v, np.float16) for k, v in (tensors | {f"{layer}fc2.bias": (1280,)}).items()}, str(path))
+    return path
+
+
+def test_a_patch_fitting_no_encoder_file_names_both_widths_and_each_parts_file(tmp_path: Path) -> None:
+    """A FLUX.1 patch on clip_l.safetensors that holds a CLIP-G, on an SD2.x CLIP-H, on a T5 of another width: none of
+    its parts fits, and the line says the file's width (with the encoder of that width, where it is a real one), its
+    parts' widths, and which file each part goes to."""
+    from safetensors.numpy import save_file
+
+    patch = patch_of(tmp_path, "diffusers-flux")
+    sd2 = make_checkpoint(tmp_path / "sd2", "diffusers-sd2", "F16")
+    t5 = tmp_path / "t5_base.safetensors"
+    ffn = "encoder.block.{}.layer.1.DenseReluDense.{}.weight"
+    shapes = {"wi_0": (16, 8), "wi_1": (16, 8), "wo": (8, 16)}
+    save_file({ffn.format(i, p): np.zeros(s, np.float16) for i in range(2) for p, s in shapes.items()}, str(t5))
+    targets = {
+        make_checkpoint(
+            tmp_path / "clip_l.safetensors", "clip-g-file", "F16"
+        ): "its CLIP is 40 wide, the patch's te1 32 wide",
+        sd2 / "text_encoder": "its CLIP is 48 wide, the patch's te1 32 wide",
+        _clip_1280_wide(tmp_path / "big" / "clip_l.safetensors"): (
+            "its CLIP is 1280 wide (OpenCLIP ViT-bigG/14's width), the patch's te1 32 wide"
+        ),
+        t5: "its T5 is 8 wide, the patch's te3 32 wide",
+    }
+    before = snapshot(tmp_path)
+    for target, widths in targets.items():
+        for args in (
+            ("apply", patch, "--to", target, "--in-place"),
+            ("apply", patch, "--to", target, "-o", tmp_path / "o"),
+        ):
+            r = run(*args)
+            assert r.exit_code == 5 and r.stderr.count("\n") == 1, (args, r.output)
+            assert r.stderr.startswith(
+                "error: patch 'edited minus base' changes the te1 (CLIP ViT-L/14) and te3 (T5 v1.1 XXL) of a flux model, "
+                f"and none of them fit {target} "
+            ), r.stderr
+            assert r.stderr.endswith(
+                f"]: {widths}; apply it to a flux checkpoint, or each part to its own encoder's file: te1 to CLIP "
+                "ViT-L/14's (clip_l.safetensors), te3 to T5 v1.1 XXL's (t5xxl_fp16.safetensors)\n"
+            ), r.stderr
+    assert snapshot(tmp_path) == before and not (tmp_path / "o").exists()
+
+
 def test_an_sdxl_patch_on_a_clip_file_takes_the_same_road(tmp_path: Path) -> None:
     """The partial apply is the rule for every patch of several encoders on one encoder's file: SDXL's too."""
     base = make_checkpoint(tmp_path / "sdxl", "diffusers-sdxl", "F16")
@@ -323,6 +376,45 @@ def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
             f"files it is used with instead ({files}), or a model folder\n"
         ), (args, r.output)
     assert snapshot(tmp_path) == before
+
+
+DIFFUSERS_TRANSFORMERS = {  # the keys of a diffusers transformer/diffusion_pytorch_model.safetensors -> what it is
+    "FLUX.1": (
+        "transformer_blocks.0.attn.to_q.weight",
+        "single_transformer_blocks.0.attn.to_q.weight",
+        "x_embedder.weight",
+    ),
+    "SD3.x": ("transformer_blocks.0.attn.to_q.weight", "context_embedder.weight", "pos_embed.proj.weight"),
+    "HunyuanVideo": (  # FLUX.1's blocks and more: a line not patched yet, never taken for FLUX.1
+        "transformer_blocks.0.attn.to_q.weight",
+        "single_transformer_blocks.0.attn.to_q.weight",
+        "x_embedder.proj.weight",
+        "context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("line", list(DIFFUSERS_TRANSFORMERS))
+def test_a_diffusers_transformer_file_is_refused_as_a_transformer_of_its_line(tmp_path: Path, line: str) -> None:
+    """Naming the transformer's own file in a diffusers folder gets the line a BFL transformer file gets."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: np.zeros((2, 2), np.float16) for k in DIFFUSERS_TRANSFORMERS[line]}, str(path))
+    r = run("inspect", path)
+    files = {"FLUX.1": "clip_l.safetensors and t5xxl_fp16.safetensors"}.get(
+        line, "clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors"
+    )
+    expected = (
+        "error: diffusion_pytorch_model.safetensors holds a HunyuanVideo transformer (a token refiner), which "
+        "erasekit does not patch yet: HunyuanVideo encodes prompts with LLaVA-Llama 3 8B and CLIP ViT-L/14; "
+        "erasekit patches CLIP and T5 v1.1 text encoders, those of SD1.x, SD2.x, SDXL, FLUX.1 and SD3.x, or such an "
+        "encoder's own file or folder\n"
+        if line == "HunyuanVideo"
+        else f"error: diffusion_pytorch_model.safetensors holds a {line} transformer but no text encoders; patch the "
+        f"text-encoder files it is used with instead ({files}), or a model folder\n"
+    )
+    assert r.exit_code == 4 and r.stderr == expected, r.output
 
 
 @pytest.mark.parametrize("layout", ["single-flux", "single-sd3"])

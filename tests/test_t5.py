@@ -247,3 +247,98 @@ def test_a_clip_patch_that_leaves_the_biases_shows_zero_not_none(tmp_path: Path)
     save_patch(patch, tmp_path / "nobias.erasepatch")
     shown = json.loads(run("inspect", tmp_path / "nobias.erasepatch", "--json").stdout)
     assert shown["rows"] and {row["bias_delta_norm"] for row in shown["rows"]} == {0.0}
+
+
+def _other_t5(vocab: int = 64, gated: bool = True, bias_in_every_block: bool = False) -> dict[str, torch.Tensor]:
+    """A tiny T5 encoder's tensors (8 wide, FFN 16, 2 blocks), with what tells the T5s apart: the vocabulary of
+    ``shared`` (T5 v1.1's 32128, mT5's 250112, byT5's 384), a gated-GELU FFN (``wi_0``, ``wi_1``) or T5 v1.0's ReLU
+    one (``wi``), relative attention bias in block 0 only or, as umT5 has it, in every block."""
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float16)  # noqa: E731
+    sd = {"shared.weight": zeros(vocab, 8), "encoder.final_layer_norm.weight": zeros(8)}
+    for i in range(2):
+        block = f"encoder.block.{i}.layer."
+        sd |= {f"{block}0.SelfAttention.{p}.weight": zeros(8, 8) for p in "qkvo"}
+        if i == 0 or bias_in_every_block:
+            sd[f"{block}0.SelfAttention.relative_attention_bias.weight"] = zeros(32, 2)
+        sd |= {f"{block}1.DenseReluDense.{p}.weight": zeros(16, 8) for p in (("wi_0", "wi_1") if gated else ("wi",))}
+        sd[f"{block}1.DenseReluDense.wo.weight"] = zeros(8, 16)
+    return sd
+
+
+SUPPORTED = (
+    "erasekit patches CLIP and T5 v1.1 text encoders, those of SD1.x, SD2.x, SDXL, FLUX.1 and SD3.x; FLUX.1's and "
+    "SD3.x's T5 is t5xxl_fp16.safetensors"
+)
+OTHER_T5S = {  # file -> (how it is built, what erasekit says it is)
+    "umt5_xxl_fp16.safetensors": (
+        {"bias_in_every_block": True},
+        "a umT5 text encoder, as Wan uses (relative attention bias in every block), which erasekit does not patch",
+    ),
+    "t5_base.safetensors": (
+        {"gated": False},
+        "a T5 v1.0 text encoder, whose FFN is ReLU (DenseReluDense.wi, where T5 v1.1 has wi_0 and wi_1), which "
+        "erasekit does not patch",
+    ),
+    "mt5_xl.safetensors": (
+        {"vocab": 250112},
+        "a multilingual mT5 text encoder, as HunyuanDiT uses (a vocabulary of 250112 tokens), which erasekit does "
+        "not patch",
+    ),
+    "byt5_small.safetensors": (
+        {"vocab": 384},
+        "a byte-level byT5 text encoder (a vocabulary of 384 tokens), which erasekit does not patch",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_T5S))
+def test_a_t5_that_is_not_t5_v1_1_is_refused_in_one_line_by_every_command(
+    tmp_path: Path, t5: tuple[Path, Path], name: str
+) -> None:
+    """umT5, mT5 and byT5 name their keys as T5 v1.1 does (mT5 and umT5 XXL have its FFN shapes too), and T5 v1.0
+    its attention and ``wo``: each is told apart by its header and refused, never patched, diffed or read as
+    having no text encoder."""
+    from PIL import Image
+
+    kwargs, what = OTHER_T5S[name]
+    other = tmp_path / "other" / name
+    other.parent.mkdir()
+    save_file(_other_t5(**kwargs), str(other))  # type: ignore[arg-type]
+    patch = diff(t5, tmp_path / "t5.erasepatch")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    before = snapshot(tmp_path)
+    for args in (
+        ("inspect", other),
+        ("apply", patch, "--to", other, "--in-place"),
+        ("apply", patch, "--to", other, "-o", tmp_path / "copy.safetensors"),
+        ("inspect", patch, "--against", other),
+        ("diff", t5[0], other, "-o", tmp_path / "d.erasepatch"),
+        ("erase", "--model", other, "--concept", "x", "--images", tmp_path / "images", "-o", tmp_path / "e.erasepatch"),
+    ):
+        r = run(*args)
+        assert r.exit_code == 4 and r.stderr == f"error: {name} is {what}; {SUPPORTED}\n", (args, r.output)
+    assert snapshot(tmp_path) == before and not list(tmp_path.rglob(".erasekit"))
+
+
+def test_a_umt5_in_a_pipeline_folder_or_a_folder_of_its_own_is_refused(tmp_path: Path, t5: tuple[Path, Path]) -> None:
+    """A FLUX.1 folder whose text_encoder_2 holds a umT5 is refused at that file; a transformers folder of a umT5
+    by its config's class."""
+    flux = make_checkpoint(tmp_path / "flux", "diffusers-flux", "F16")
+    save_file(_other_t5(bias_in_every_block=True), str(flux / "text_encoder_2" / "model.safetensors"))
+    umt5 = tmp_path / "umt5"
+    umt5.mkdir()
+    (umt5 / "config.json").write_text(json.dumps({"architectures": ["UMT5EncoderModel"], "model_type": "umt5"}))
+    save_file(_other_t5(bias_in_every_block=True), str(umt5 / "model.safetensors"))
+    patch = diff(t5, tmp_path / "t5.erasepatch")
+    before = snapshot(tmp_path)
+    umt5_is = OTHER_T5S["umt5_xxl_fp16.safetensors"][1]
+    by_class = umt5_is.replace("relative attention bias in every block", "its config.json names UMT5EncoderModel")
+    for target, message in (
+        (flux, f"{flux / 'text_encoder_2' / 'model.safetensors'} is {umt5_is}"),
+        (umt5, f"{umt5} is {by_class}"),
+    ):
+        for args in (("inspect", target), ("apply", patch, "--to", target, "--in-place")):
+            r = run(*args)
+            assert r.exit_code == 4 and r.stderr == f"error: {message}; {SUPPORTED}\n", (args, r.output)
+    assert snapshot(tmp_path) == before and not list(tmp_path.rglob(".erasekit"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import FingerprintMismatchError, IncompatiblePatchError
-from ..families import family, listing, same_slots
+from ..families import family, known_encoders, listing, same_slots
 from ..families.base import EncoderKind
 from ..format.names import parse_module_name
 from ..format.patchfile import Patch, compare_fingerprint, fingerprint
@@ -95,13 +95,32 @@ def _part_for(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec],
         and (m.base.encoders[s].hidden, m.base.encoders[s].intermediate) == (ce.hidden, ce.intermediate)
     ]
     if len(fits) != 1:
-        titles = [_encoder_title(m.base.architecture, s) for s in _used(patch)]
+        parch = m.base.architecture
+        titles = [_encoder_title(parch, s) for s in _used(patch)]
+        widths = "" if ce is None else _widths(patch, _kind(architecture, target), ce.hidden)
+        owners = [f"{s} to {family(parch).slot(s).encoder.title}'s{_file(parch, s)}" for s in _used(patch)]
         raise IncompatiblePatchError(
-            f"patch '{m.title}' changes the {listing(titles)} of a {m.base.architecture} model, and "
-            f"{len(fits) or 'none'} of them fit{'s' if len(fits) == 1 else ''} {where}",
-            f"apply it to a {m.base.architecture} checkpoint, or to the file of one of those encoders",
+            f"patch '{m.title}' changes the {listing(titles)} of a {parch} model, and "
+            f"{len(fits) or 'none'} of them fit{'s' if len(fits) == 1 else ''} {where}{widths}",
+            f"apply it to a {parch} checkpoint, or each part to its own encoder's file: {', '.join(owners)}",
         )
     return {fits[0]: target}
+
+
+def _widths(patch: Patch, kind: EncoderKind, hidden: int) -> str:
+    """``": its CLIP is 1280 wide (OpenCLIP ViT-bigG/14's width), the patch's te1 768 wide"``: a bare encoder's
+    width beside those of the patch's parts of its kind."""
+    m = patch.manifest
+    parts = [f"{s} {m.base.encoders[s].hidden} wide" for s in _used(patch) if _kind(m.base.architecture, s) is kind]
+    known = [e.title for e in known_encoders() if e.kind is kind and e.largest[0] == hidden]
+    ours = f"its {kind.title} is {hidden} wide" + (f" ({listing(known, 'or')}'s width)" if known else "")
+    return f": {ours}, the patch's {listing(parts)}" if parts else f": {ours}, the patch changes no {kind.title}"
+
+
+def _file(architecture: str, slot: str) -> str:
+    """`` (clip_l.safetensors)``: the file UI users keep ``slot``'s encoder in, where it has one."""
+    file = family(architecture).slot(slot).encoder.file
+    return f" ({file})" if file else ""
 
 
 def left_slots(patch: Patch, mapping: dict[str, str]) -> list[str]:

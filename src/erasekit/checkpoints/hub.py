@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from ..errors import ErasekitError, InputFileError
-from ..families import ENCODER_COMPONENTS, PIPELINES, TOKENIZER_COMPONENTS
+from ..families import ENCODER_COMPONENTS, PIPELINES, TOKENIZER_COMPONENTS, not_yet
 
 _ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 _FILE_SUFFIXES = (".safetensors", ".erasepatch", ".ckpt", ".pt", ".pth", ".bin", ".json")
@@ -152,6 +152,20 @@ def allow_patterns(files: list[str], components: tuple[str, ...]) -> list[str]:
     return sorted(set(wanted))
 
 
+def _refuse_not_yet(repo: str, revision: str | None, name: str) -> None:
+    """Refuse a pipeline of a model line erasekit does not patch yet by its ``model_index.json`` alone, before its
+    weights are downloaded (Qwen-Image's text encoder alone is 16 GB)."""
+    from huggingface_hub import hf_hub_download
+
+    from .layouts import not_yet_error, read_json
+
+    index = read_json(Path(hf_hub_download(repo, "model_index.json", revision=revision)))
+    class_name = str(index.get("_class_name", ""))
+    line = not_yet(class_name)
+    if line is not None:
+        raise not_yet_error(f"model {name}", line, f"is a {line.line} pipeline ({class_name})")
+
+
 def _download(repo: str, revision: str | None, components: tuple[str, ...]) -> Path:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -167,6 +181,7 @@ def _download(repo: str, revision: str | None, components: tuple[str, ...]) -> P
                 "download its single .safetensors file and name that path as the model",
                 option="model",
             )
+        _refuse_not_yet(repo, revision, name)
         return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns(files, components)))
     except GatedRepoError:
         raise ErasekitError(

@@ -31,14 +31,19 @@ from ..families import (
     BARE,
     ENCODER_COMPONENTS,
     FAMILIES,
+    PIPELINES,
     bare_by_class,
     by_components,
+    kind_of_lookalike,
     lines,
     listing,
     not_yet,
+    patched_encoders,
     single_file_encoders,
+    unpatched_denoiser,
+    unpatched_encoder,
 )
-from ..families.base import EncoderKind, Family, Naming, SingleFile, Slot
+from ..families.base import EncoderKind, Family, Naming, NotYet, SingleFile, Slot, Unpatched
 from ..families.encoders import ENCODER_KINDS, KIND_OF_NAMING, NAMINGS
 from ..format import _st
 
@@ -381,12 +386,64 @@ def _denoiser_alone(names: list[str]) -> Family | None:
     """The family whose denoiser alone a file of tensors ``names`` holds (``Family.denoiser_alone``: FLUX.1's
     ``double_blocks.`` and ``single_blocks.``, at the start of a key or after a prefix); None if none."""
     has = lambda part: any(x.startswith(part) or f".{part}" in x for x in names)  # noqa: E731
-    return next((f for f in FAMILIES.values() if f.denoiser_alone and all(map(has, f.denoiser_alone))), None)
+    return next((f for f in FAMILIES.values() if any(all(map(has, parts)) for parts in f.denoiser_alone)), None)
+
+
+def _shapes(info: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    return {name: shape for name, (_dtype, shape) in info.items()}
+
+
+def _supported() -> str:
+    """What erasekit patches, as the fix of a refusal says it."""
+    return f"erasekit patches {patched_encoders()}, those of {listing(lines())}"
+
+
+def unpatched_error(where: str, model: Unpatched, evidence: str = "") -> LayoutError:
+    """The error for a text encoder erasekit recognises but does not patch (umT5, Qwen2.5-VL): what it is, how that
+    shows (``evidence``, else the model's), and what erasekit patches; for a lookalike of a kind, the file of that
+    kind the families use."""
+    kind = kind_of_lookalike(model)
+    instead = ""
+    if kind is not None:
+        users = [
+            (f.line, s.encoder.file) for f in PIPELINES for s in f.slots if s.encoder.kind is kind and s.encoder.file
+        ]
+        owners = listing([f"{line}'s" for line in dict.fromkeys(line for line, _ in users)])
+        instead = f"; {owners} {kind.title} is {listing(list(dict.fromkeys(file for _, file in users)), 'or')}"
+    return LayoutError(
+        f"{where} is {model.what} ({evidence or model.evidence}), which erasekit does not patch"
+        + (" yet" if model.yet else ""),
+        _supported() + instead,
+    )
+
+
+def _refuse_lookalikes(where: str, info: dict[str, tuple[str, tuple[int, ...]]], kinds: Any = None) -> None:
+    """Refuse a file of a text encoder erasekit does not patch: of the lookalikes of ``kinds`` (T5's: umT5, T5
+    v1.0), or of any it recognises where ``kinds`` is None."""
+    shapes = _shapes(info)
+    if kinds is None:
+        model = unpatched_encoder(shapes)
+    else:
+        model = next((u for k in kinds for u in k.lookalikes if u.matches(shapes)), None)
+    if model is not None:
+        raise unpatched_error(where, model)
+
+
+def not_yet_error(where: str, line: NotYet, what: str) -> LayoutError:
+    """The error for a file or folder of a model line erasekit does not patch yet, naming its text encoders."""
+    return LayoutError(
+        f"{where} {what}, which erasekit does not patch yet: {line.line} encodes prompts with {line.encoders}",
+        f"{_supported()}, or such an encoder's own file or folder",
+    )
 
 
 def _no_encoders_in(path: Path, wf: WeightFile, info: dict[str, Any]) -> LayoutError:
     """The error for a single file without text encoders erasekit knows: for a denoiser alone, the encoder files to
-    patch instead; else what the file looks like, or what erasekit reads."""
+    patch instead (or, for a line not patched yet, its text encoders); for a text encoder erasekit does not patch,
+    what it is; else what the file looks like, or what erasekit reads."""
+    line = unpatched_denoiser(_shapes(info))
+    if line is not None and line.denoiser is not None:
+        return not_yet_error(path.name, line, f"holds {line.denoiser.what} ({line.denoiser.evidence})")
     fam = _denoiser_alone(list(info))
     if fam is not None:
         files = [s.encoder.file for s in fam.slots]
@@ -394,6 +451,9 @@ def _no_encoders_in(path: Path, wf: WeightFile, info: dict[str, Any]) -> LayoutE
             f"{path.name} holds a {fam.title} {fam.parts[0][0]} but no text encoders",
             f"patch the text-encoder files it is used with instead ({listing(files)}), or a model folder",
         )
+    model = unpatched_encoder(_shapes(info))
+    if model is not None:
+        return unpatched_error(path.name, model)
     looks = looks_like(info, wf.header.metadata if wf.format == "safetensors" else {})
     return LayoutError(
         f"{path.name} looks like {looks}, which erasekit does not erase or patch"
@@ -415,6 +475,7 @@ def _detect_single_file(path: Path) -> Checkpoint:
     found = {k: v for k, v in find_encoders(info, only=_SINGLE_FILE_ENCODERS).items() if v is not None}
     if not found:
         raise _no_encoders_in(path, wf, info)
+    _refuse_lookalikes(path.name, info, [KIND_OF_NAMING[style] for style, _ in found])
     family, layout = _single_file_layout(path, set(found), info)
     wf.encoders = {slot: with_slot(found[where], slot) for slot, where in layout.encoders.items()}
     return Checkpoint(path, layout.layout, family.name, [wf])
@@ -551,7 +612,10 @@ def _encoder_folder_files(root: Path, sub: str, slot: Slot) -> list[WeightFile]:
             "the folder is incomplete; re-download the text encoder weights",
         )
     for wf in files:
-        spec = transformers_encoder(wf.tensor_info(), slot)
+        info = wf.tensor_info()
+        spec = transformers_encoder(info, slot)
+        what = f"the shards of {wf.path}" if isinstance(wf, ShardedFile) else str(wf.path)
+        _refuse_lookalikes(what, info, None if spec is None else [slot.encoder.kind])
         if spec is None:
             kind = slot.encoder.kind
             what = f"the shards of {wf.path} do" if isinstance(wf, ShardedFile) else f"{wf.path} does"
@@ -574,6 +638,10 @@ def _detect_folder(path: Path) -> Checkpoint:
         bare = bare_by_class(archs)
         if bare is not None:
             return Checkpoint(path, bare.folder_layout, bare.name, _encoder_folder_files(path, "", bare.slots[0]))
+        names = [str(a) for a in archs] if isinstance(archs, list) else []
+        model = unpatched_encoder({}, names)
+        if model is not None:
+            raise unpatched_error(str(path), model, f"its config.json names {', '.join(names)}")
         raise LayoutError(
             f"{path}/config.json describes {archs or 'an unknown model'}, not a "
             f"{listing([f.title for f in BARE], 'or')}",
@@ -623,21 +691,18 @@ def _detect_pipeline_folder(path: Path) -> Checkpoint:
 
 
 def _refuse_unknown_pipeline(path: Path, class_name: str, components: list[str], known: list[str]) -> None:
-    """Refuse a pipeline of a family erasekit does not patch yet, named by its class (FLUX.2's text encoder has
+    """Refuse a pipeline of a model line erasekit does not patch yet, named by its class (FLUX.2's text encoder has
     SD1.x's component name) or holding a text encoder component no family has."""
     line = not_yet(class_name)
+    if line is not None:
+        raise not_yet_error(f"diffusers folder {path}", line, f"is a {line.line} pipeline ({class_name})")
     unknown = [c for c in components if c.startswith("text_encoder") and c not in known]
-    if line is None and not unknown:
-        return
-    what = (
-        f"a {line} pipeline ({class_name})"
-        if line
-        else f"a pipeline with text encoders erasekit does not know ({', '.join(unknown)})"
-    )
-    raise LayoutError(
-        f"diffusers folder {path} is {what}, which erasekit does not patch yet",
-        f"erasekit supports {listing(lines())} pipelines; for a T5 text encoder on its own, name its file or folder",
-    )
+    if unknown:
+        raise LayoutError(
+            f"diffusers folder {path} is a pipeline with text encoders erasekit does not know ({', '.join(unknown)}), "
+            "which erasekit does not patch yet",
+            f"{_supported()}, or such an encoder's own file or folder",
+        )
 
 
 def _config_json(folder: Path) -> dict[str, Any]:

@@ -1,17 +1,18 @@
 """Architectures as data: one module per family (:mod:`.sd1`, :mod:`.sd2`, :mod:`.sdxl`, :mod:`.sdxl_refiner`,
 :mod:`.flux`, :mod:`.sd3`, :mod:`.clip_text`, :mod:`.t5_text`) and one per text-encoder kind (:mod:`.encoders.clip`, :mod:`.encoders.t5`),
 read by everything that names, finds, loads, conditions on or exports a model's text encoders. Adding a family is
-one new module, listed in :data:`FAMILIES` (docs/architecture.md says what it holds). Torch-free, no I/O.
+one new module, listed in :data:`FAMILIES` (docs/architecture.md says what it holds); the model lines not patched
+yet, and how their files are told, are :mod:`.unpatched`. Torch-free, no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-from . import clip_text, flux, sd1, sd2, sd3, sdxl, sdxl_refiner, t5_text
-from .base import Family
-from .encoders import KIND_OF_PROJECTION
+from . import clip_text, flux, sd1, sd2, sd3, sdxl, sdxl_refiner, t5_text, unpatched
+from .base import Encoder, EncoderKind, Family, NotYet, Unpatched
+from .encoders import ENCODER_KINDS, KIND_OF_PROJECTION
 
 # in the order messages and manifests list them
 FAMILIES: dict[str, Family] = {
@@ -24,23 +25,43 @@ ENCODER_COMPONENTS = tuple(dict.fromkeys(s.component for f in PIPELINES for s in
 TOKENIZER_COMPONENTS = tuple(dict.fromkeys(s.tokenizer for f in PIPELINES for s in f.slots))
 
 
-# diffusers pipeline classes (by their name's start) of families erasekit does not patch yet; their text encoders
+# diffusers pipeline classes (by their name's start) of model lines erasekit does not patch yet; their text encoders
 # may share component names with the families above (FLUX.2's text_encoder is no CLIP)
-NOT_YET: dict[str, str] = {
-    "Flux2": "FLUX.2",
-    "QwenImage": "Qwen-Image",
-    "HiDream": "HiDream",
-    "Lumina": "Lumina",
-    "PixArt": "PixArt",
-    "Sana": "Sana",
-    "Chroma": "Chroma",
-    "AuraFlow": "AuraFlow",
-}
+NOT_YET: dict[str, NotYet] = {start: line for line in unpatched.LINES for start in line.pipelines}
 
 
-def not_yet(pipeline_class: str) -> str | None:
-    """The model line of a diffusers pipeline class erasekit does not patch yet (``"FLUX.1"``); None otherwise."""
-    return next((title for start, title in NOT_YET.items() if pipeline_class.startswith(start)), None)
+def not_yet(pipeline_class: str) -> NotYet | None:
+    """The model line of a diffusers pipeline class erasekit does not patch yet (FLUX.2's); None otherwise."""
+    return next((line for start, line in NOT_YET.items() if pipeline_class.startswith(start)), None)
+
+
+def unpatched_encoder(shapes: Mapping[str, tuple[int, ...]], classes: Collection[str] = ()) -> Unpatched | None:
+    """The text encoder erasekit recognises but does not patch whose file holds the tensors ``shapes`` (name ->
+    shape), or whose config names ``classes``: a kind's lookalike (umT5 beside T5 v1.1), else the language model of a
+    line not patched yet (Qwen2.5-VL), in the order they are tried; None if none."""
+    known = [*(u for k in ENCODER_KINDS.values() for u in k.lookalikes), *unpatched.ENCODERS]
+    return next((u for u in known if u.matches(shapes) or u.named_by(classes)), None)
+
+
+def unpatched_denoiser(shapes: Mapping[str, tuple[int, ...]]) -> NotYet | None:
+    """The line not patched yet whose denoiser alone a file of the tensors ``shapes`` holds (tried before the
+    families' ``denoiser_alone``: a FLUX.2 transformer has FLUX.1's blocks); None if none."""
+    return next((line for line in unpatched.LINES if line.denoiser and line.denoiser.matches(shapes)), None)
+
+
+def kind_of_lookalike(model: Unpatched) -> EncoderKind | None:
+    """The encoder kind ``model`` is a lookalike of (T5 for umT5); None for the language models."""
+    return next((k for k in ENCODER_KINDS.values() if model in k.lookalikes), None)
+
+
+def known_encoders() -> list[Encoder]:
+    """The trained encoders the pipeline families hold (CLIP ViT-L/14, ..., T5 v1.1 XXL), each once."""
+    return list({s.encoder.title: s.encoder for f in PIPELINES for s in f.slots}.values())
+
+
+def patched_encoders() -> str:
+    """What erasekit patches, as messages say it: ``"CLIP and T5 v1.1 text encoders"``."""
+    return f"{listing([k.supported or k.title for k in ENCODER_KINDS.values()])} text encoders"
 
 
 def family(name: str) -> Family:

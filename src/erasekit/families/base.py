@@ -9,7 +9,7 @@ how it is recognised, and what its denoiser reads. Plain frozen data and string 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,6 +55,48 @@ class Naming:
 
 
 @dataclass(frozen=True)
+class Unpatched:
+    """A model erasekit does not patch, told from the header of a weights file (its tensors' names and shapes) or
+    the ``architectures`` of a transformers ``config.json``: a T5 that is not T5 v1.1 (umT5, T5 v1.0), the language
+    model a newer family uses as its text encoder (Qwen2.5-VL), the denoiser of such a family. Refused in one line
+    that says what it is (:attr:`what`) and how that shows (:attr:`evidence`), never read as something else."""
+
+    what: str  # "a umT5 text encoder (Wan's)": as messages name it
+    evidence: str  # "relative attention bias in every block": what in the file shows it
+    # patterns (searched in each tensor name, so any prefix) of which every one names some tensor of the file
+    keys: tuple[str, ...] = ()
+    # (pattern, dimension, size): some tensor whose name matches has that size there (``shared.weight``'s vocabulary)
+    sizes: tuple[tuple[str, int, int], ...] = ()
+    classes: tuple[str, ...] = ()  # starts of transformers class names (``architectures``) of its model folders
+    yet: bool = False  # part of a model line erasekit means to patch (its messages say "not yet")
+
+    def matches(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether the tensors named ``shapes`` (name -> shape) are this model's: every key pattern and size found."""
+        if not (self.keys or self.sizes):
+            return False
+        found = all(any(re.search(k, name) for name in shapes) for k in self.keys)
+        return found and all(
+            any(re.search(k, name) and len(s) > dim and s[dim] == size for name, s in shapes.items())
+            for k, dim, size in self.sizes
+        )
+
+    def named_by(self, classes: Collection[str]) -> bool:
+        """Whether a config's ``architectures`` name this model."""
+        return any(str(c).startswith(self.classes) for c in classes) if self.classes else False
+
+
+@dataclass(frozen=True)
+class NotYet:
+    """A model line erasekit does not patch yet (Qwen-Image, FLUX.2), as its diffusers folders, its text encoders'
+    files and a file of its denoiser alone are recognised and refused, naming its text encoders."""
+
+    line: str  # "Qwen-Image"
+    encoders: str  # "Qwen2.5-VL": its text encoders, as messages name them
+    pipelines: tuple[str, ...]  # the starts of its diffusers pipeline class names ("QwenImage")
+    denoiser: Unpatched | None = None  # how a file of its denoiser alone is told
+
+
+@dataclass(frozen=True)
 class EncoderKind:
     """A kind of text encoder: what one layer's FFN holds, and how files, modules and networks name it."""
 
@@ -66,6 +108,9 @@ class EncoderKind:
     namings: tuple[Naming, ...]  # how files spell its FFN keys; the first is transformers', which model folders use
     transformers_classes: tuple[str, ...]  # ``architectures`` in the config.json of a model folder of one encoder
     uis: tuple[str, ...]  # what loads a network into it: "comfyui", "a1111", "diffusers" (load_lora_weights)
+    supported: str = ""  # what of the kind erasekit patches, as messages name it ("T5 v1.1"); its title if empty
+    # encoders whose files hold keys of this kind's naming but which erasekit does not patch (umT5 beside T5 v1.1)
+    lookalikes: tuple[Unpatched, ...] = ()
 
     @property
     def tensor_kinds(self) -> tuple[str, ...]:
@@ -198,9 +243,10 @@ class Family:
     why_not_run: str = ""  # where they cannot: why, and what to run instead
     safety_checker: bool = False  # whether that pipeline has a safety checker (loaded without one)
     parts: tuple[tuple[str, str], ...] = LDM_PARTS  # what its single files hold besides the encoders
-    # what a file of its denoiser alone holds (every one of these key parts; BFL's flux1-dev.safetensors): such a
-    # file is refused with the encoder files to patch instead
-    denoiser_alone: tuple[str, ...] = ()
+    # what a file of its denoiser alone holds, in each naming (every one of the key parts of one of them; BFL's
+    # flux1-dev.safetensors, diffusers' transformer/diffusion_pytorch_model.safetensors): such a file is refused with
+    # the encoder files to patch instead
+    denoiser_alone: tuple[tuple[str, ...], ...] = ()
     flow_matching: bool = False  # its denoiser is trained by flow matching: no epsilon or v prediction type
     bundled: tuple[
         str, ...

@@ -41,7 +41,10 @@ FAMILY = Family(
     # a single file: erasekit bundles no configs of its transformer and VAE
     why_not_run="give --config DIR, a local diffusers folder of the same model (its configs are enough)",
     parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
-    denoiser_alone=("double_blocks.", "single_blocks."),
+    denoiser_alone=(
+        ("double_blocks.", "single_blocks."),
+        ("transformer_blocks.", "single_transformer_blocks.", "x_embedder."),  # diffusers' naming
+    ),
     flow_matching=True,
     conditioning=Conditioning(hidden_from=("te3",), pooled_from=("te1",), pooled_projected=False),
     uis=("comfyui",),

@@ -40,7 +40,7 @@ FAMILY = Family(
     # a single file: erasekit bundles no configs of its transformer and VAE
     why_not_run="give --config DIR, a local diffusers folder of the same model (its configs are enough)",
     parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
-    denoiser_alone=("joint_blocks.",),
+    denoiser_alone=(("joint_blocks.",), ("transformer_blocks.", "context_embedder.", "pos_embed.")),
     flow_matching=True,
     conditioning=Conditioning(
         hidden_from=("te1", "te2"), hidden_layer="penultimate", sequence_from=("te3",), pooled_from=("te1", "te2")

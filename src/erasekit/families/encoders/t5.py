@@ -7,13 +7,39 @@ overflows there; a patch is added to each tensor in its own dtype, so a file's f
 A network module is the transformers path with dots as underscores:
 ``encoder_block_{i}_layer_1_DenseReluDense_wi_0``, as ComfyUI and kohya spell it. diffusers loads no LoRA into T5
 (its kohya converter drops T5 keys), and A1111 runs no T5 text encoder.
+
+Other T5s name their keys alike and are refused, told apart by their headers (:data:`LOOKALIKES`): umT5 (Wan's), whose
+every block has its own relative attention bias; mT5 and byT5, by their vocabularies (250,112 and 384 tokens, where
+T5 v1.1 has 32,128); and the original T5 (v1.0), whose FFN is ReLU (``wi``, ``wo``), not gated GELU.
 """
 
 from __future__ import annotations
 
-from ..base import Encoder, EncoderKind, Naming
+from ..base import Encoder, EncoderKind, Naming, Unpatched
 
 TRANSFORMERS = Naming("t5", "transformers", "encoder.block.{layer}.layer.1.DenseReluDense.{proj}")
+_VOCABULARY = r"(^|\.)(shared|encoder\.embed_tokens)\.weight$"  # the token embedding: [vocabulary, width]
+
+LOOKALIKES = (
+    Unpatched(
+        "a umT5 text encoder, as Wan uses",
+        "relative attention bias in every block",
+        keys=(r"(^|\.)block\.[1-9]\d*\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$",),
+        classes=("UMT5",),
+    ),
+    Unpatched(
+        "a multilingual mT5 text encoder, as HunyuanDiT uses",
+        "a vocabulary of 250112 tokens",
+        sizes=((_VOCABULARY, 0, 250112),),
+        classes=("MT5",),
+    ),
+    Unpatched("a byte-level byT5 text encoder", "a vocabulary of 384 tokens", sizes=((_VOCABULARY, 0, 384),)),
+    Unpatched(
+        "a T5 v1.0 text encoder, whose FFN is ReLU",
+        "DenseReluDense.wi, where T5 v1.1 has wi_0 and wi_1",
+        keys=(r"(^|\.)DenseReluDense\.wi\.weight$",),
+    ),
+)
 
 T5 = EncoderKind(
     name="t5",
@@ -24,6 +50,8 @@ T5 = EncoderKind(
     namings=(TRANSFORMERS,),
     transformers_classes=("T5EncoderModel",),
     uis=("comfyui",),
+    supported="T5 v1.1",
+    lookalikes=LOOKALIKES,
 )
 
 T5_XXL = Encoder("T5 v1.1 XXL", T5, (4096, 10240, 24), pad_token="<pad>", file="t5xxl_fp16.safetensors")
