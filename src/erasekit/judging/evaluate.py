@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ErasekitError, InputFileError
+from ..families.base import Sampling
 
 Spec = tuple[str, dict[str, str]]  # a prompt and its truth (what the judge should find in its images)
 
@@ -357,7 +358,7 @@ def _render_both(
     prompts: list[str],
     seeds: list[int],
     config: EvalConfig,
-    sampling: Any,
+    sampling: Sampling,
     progress: Callable[[int, int], None] | None,
     checked: list[str],
 ) -> tuple[list[Any], list[Any]]:

@@ -50,8 +50,8 @@ class GenerateReport:
     notes: list[str] = field(
         default_factory=list
     )  # on the stack of patches (see erasekit.checkpoints.compat.order_notes), and a guidance nothing reads
-    steps: int = 0  # what it sampled with: the config's, else the model's defaults (see sampling_of)
-    guidance: float = 0.0
+    steps: int | None = None  # what it sampled with: the config's, else the model's defaults (see sampling_of)
+    guidance: float | None = None
     guidance_kind: str = "cfg"  # what read the guidance: "cfg", "distilled" (FLUX.1 dev) or "none" (FLUX.1 schnell)
     settings: str = ""  # "28 steps, distilled guidance 3.5 (FLUX.1 dev's default steps and guidance)"
 
