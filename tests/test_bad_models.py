@@ -375,8 +375,12 @@ def test_a_model_id_of_a_line_not_patched_yet_is_refused_before_its_weights_are_
     def download_all(repo_id: str, **kw: object) -> str:
         if kw.get("local_files_only"):
             raise LocalEntryNotFoundError("not in the cache")
-        fetched.append(kw.get("allow_patterns"))
-        raise OSError("the weights were asked for")
+        patterns = list(kw.get("allow_patterns") or ["*"])  # type: ignore[call-overload]
+        if any(not p.endswith(".json") for p in patterns):
+            fetched.append("weights")
+            raise OSError("the weights were asked for")
+        fetched.extend(patterns)
+        return download_one(repo_id, "model_index.json").removesuffix("/model_index.json")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_files)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download_one)
@@ -386,4 +390,4 @@ def test_a_model_id_of_a_line_not_patched_yet_is_refused_before_its_weights_are_
         "error: model Qwen/Qwen-Image is a Qwen-Image pipeline (QwenImagePipeline), which erasekit does not patch "
         f"yet: Qwen-Image encodes prompts with Qwen2.5-VL; {SUPPORTED}, or such an encoder's own file or folder\n"
     ), r.output
-    assert fetched == ["model_index.json"]
+    assert "weights" not in fetched and "model_index.json" in fetched, fetched

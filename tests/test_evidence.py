@@ -283,6 +283,7 @@ def test_eval_record_through_the_cli_json_then_replace(
         seen.update(concept=concept, patches=patches, **kw)
         report = maker.report()
         report.robustness = None  # what --json prints must be a dataclass, and the golden report's is a namespace
+        report.steps, report.guidance = kw["config"].steps, 7.5  # as evaluate_model resolves an SD model's default
         return report
 
     monkeypatch.setattr("erasekit.judging.evaluate.evaluate_model", fake)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from ..errors import ErasekitError, InputFileError
-from ..families import ENCODER_COMPONENTS, PIPELINES, TOKENIZER_COMPONENTS, not_yet
+from ..families import ENCODER_COMPONENTS, PIPELINES, TOKENIZER_COMPONENTS, by_components, lines, listing, not_yet
+from ..families.base import EncoderKind, Family
 
 _ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 _FILE_SUFFIXES = (".safetensors", ".erasepatch", ".ckpt", ".pt", ".pth", ".bin", ".json")
@@ -28,6 +30,7 @@ TEXT_ENCODERS = ENCODER_COMPONENTS
 PIPELINE = (*dict.fromkeys(c for f in PIPELINES for c, _ in f.parts), *TEXT_ENCODERS)
 _SMALL = ("scheduler", *TOKENIZER_COMPONENTS)  # components of configs and vocabularies, always fetched whole
 _ALWAYS = ("model_index.json", "erasekit.json", *(f"{c}/*" for c in _SMALL))
+_WEIGHTS = (".safetensors", ".bin")  # the files of a component that are its weights (whole, or shards)
 
 
 def parse_model_id(text: str) -> tuple[str, str | None] | None:
@@ -84,6 +87,8 @@ def snapshot(repo: str, revision: str | None, components: tuple[str, ...] = PIPE
     if folder is not None and not _missing(folder, components):
         return folder
     name = repo + (f"@{revision}" if revision else "")
+    if folder is not None and (folder / "model_index.json").is_file():
+        check_repo(name, folder, None, components)  # a pipeline erasekit cannot use: no download command to name
     if is_offline_mode():
         what = f"lacks {', '.join(_missing(folder, components))}" if folder else "is neither a local path nor"
         raise ErasekitError(
@@ -94,7 +99,8 @@ def snapshot(repo: str, revision: str | None, components: tuple[str, ...] = PIPE
 
 
 def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
-    """The parts of a pipeline snapshot that are not there (an index-listed component without weights)."""
+    """The parts of a pipeline snapshot that are not there: an index-listed component without weights (its configs
+    alone, as a download stopped before its weights leaves it), a scheduler or tokenizer without files."""
     if folder is None or not (folder / "model_index.json").is_file():
         return ["model_index.json"]
     import json
@@ -107,7 +113,11 @@ def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
     listed += [
         c for c in _SMALL if components == PIPELINE and isinstance(index.get(c), list) and index[c][:1] != [None]
     ]
-    return [c for c in listed if not (folder / c).is_dir() or not any((folder / c).iterdir())]
+    return [c for c in listed if not _has_files(folder / c, _WEIGHTS if c in components else ("",))]
+
+
+def _has_files(folder: Path, suffixes: tuple[str, ...]) -> bool:
+    return folder.is_dir() and any(f.name.endswith(suffixes) for f in folder.iterdir())
 
 
 def download_command(repo: str, revision: str | None, components: tuple[str, ...] = PIPELINE) -> str:
@@ -152,18 +162,90 @@ def allow_patterns(files: list[str], components: tuple[str, ...]) -> list[str]:
     return sorted(set(wanted))
 
 
-def _refuse_not_yet(repo: str, revision: str | None, name: str) -> None:
-    """Refuse a pipeline of a model line erasekit does not patch yet by its ``model_index.json`` alone, before its
-    weights are downloaded (Qwen-Image's text encoder alone is 16 GB)."""
-    from huggingface_hub import hf_hub_download
+def check_repo(name: str, folder: Path, files: list[str] | None, components: tuple[str, ...]) -> None:
+    """Refuse a pipeline repo erasekit cannot use, from what is small (its ``model_index.json``, its components'
+    configs in ``folder``, and ``files``, the repo's file list, where known) before any weights are downloaded: a
+    pipeline of a family erasekit does not patch yet (FLUX.2, Qwen-Image), one whose text encoders are of no
+    family it knows or not of the kind their slot holds, and one without the weights of a component that
+    ``components`` (what the command needs) asks for."""
+    import json
 
-    from .layouts import not_yet_error, read_json
-
-    index = read_json(Path(hf_hub_download(repo, "model_index.json", revision=revision)))
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # unreadable: detection says so, with the file's path
+    if not isinstance(index, dict):
+        return
     class_name = str(index.get("_class_name", ""))
     line = not_yet(class_name)
     if line is not None:
+        from .layouts import not_yet_error
+
         raise not_yet_error(f"model {name}", line, f"is a {line.line} pipeline ({class_name})")
+    fam = _family_of_repo(name, folder, index, class_name)
+    for slot in fam.slots:
+        _check_encoder_kind(name, folder, fam, slot.component, slot.encoder.kind)
+    listed = {c for c, v in index.items() if isinstance(v, list) and v[:1] != [None]}
+    needed = [c for c, _ in fam.parts] + [s.component for s in fam.slots if not s.optional or s.component in listed]
+    missing = [
+        c
+        for c in needed
+        if c in components and (c not in listed or (files is not None and not any(_is_weight_of(f, c) for f in files)))
+    ]
+    if missing:
+        raise ErasekitError(
+            f"model {name} is a {fam.title} pipeline without the weights of its {', '.join(missing)} (nothing "
+            "more was downloaded)",
+            "name a complete diffusers repo of it (every component in its model_index.json, each with weights), "
+            "or a local folder",
+            option="model",
+        )
+
+
+def _family_of_repo(name: str, folder: Path, index: dict[str, Any], class_name: str) -> Family:
+    """The family of a repo's pipeline: the one its class names (FLUX.1 by ``FluxPipeline``, even without its
+    encoders), else the one of the text encoders its ``model_index.json`` lists."""
+    named = next((f for f in PIPELINES if f.diffusers_classes and class_name.startswith(f.diffusers_classes)), None)
+    if named is not None:
+        return named
+    present = [c for c in ENCODER_COMPONENTS if isinstance(index.get(c), list) and index[c][:1] != [None]]
+    fam = by_components(present, lambda c, key: _config(folder, c).get(key), class_name)
+    if fam is None:
+        what = f"text encoders ({', '.join(present)}) of no family erasekit knows" if present else "no text encoder"
+        raise ErasekitError(
+            f"model {name} ({class_name or 'a diffusers pipeline'}) has {what} (its weights were not downloaded)",
+            f"erasekit edits the text encoders of {listing(lines(), 'and')} pipelines; name one of those",
+            option="model",
+        )
+    return fam
+
+
+def _check_encoder_kind(name: str, folder: Path, fam: Family, component: str, kind: EncoderKind) -> None:
+    """Refuse a text encoder whose config names a transformers class its slot does not hold (a Qwen or Gemma model
+    where a CLIP goes); a component without a config.json here is left to detection."""
+    archs = _config(folder, component).get("architectures")
+    if isinstance(archs, list) and archs and not set(archs) & set(kind.transformers_classes):
+        raise ErasekitError(
+            f"model {name}'s {component} is a {archs[0]}, not the {kind.title} text encoder of a "
+            f"{fam.title} pipeline (its weights were not downloaded)",
+            f"use a {listing(lines(), 'or')} pipeline",
+            option="model",
+        )
+
+
+def _config(folder: Path, component: str) -> dict[str, Any]:
+    """A component's config.json in ``folder`` (empty where it is not there or not a JSON object)."""
+    import json
+
+    try:
+        config = json.loads((folder / component / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _is_weight_of(file: str, component: str) -> bool:
+    return file.startswith(component + "/") and file.count("/") == 1 and file.endswith(_WEIGHTS)
 
 
 def _download(repo: str, revision: str | None, components: tuple[str, ...]) -> Path:
@@ -181,8 +263,10 @@ def _download(repo: str, revision: str | None, components: tuple[str, ...]) -> P
                 "download its single .safetensors file and name that path as the model",
                 option="model",
             )
-        _refuse_not_yet(repo, revision, name)
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns(files, components)))
+        wanted = allow_patterns(files, components)
+        small = [f for f in wanted if not f.endswith(_WEIGHTS)]  # configs, tokenizers, indexes of shards
+        check_repo(name, Path(snapshot_download(repo, revision=revision, allow_patterns=small)), files, components)
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=wanted))
     except GatedRepoError:
         raise ErasekitError(
             f"model {name} is gated: its licence must be accepted on its Hub page first",

@@ -64,6 +64,38 @@ PredictionOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
 
+
+def _sampling_defaults() -> str:
+    """``"25 steps, CFG scale 7.5 for SD1.x, SD2.x and SDXL; FLUX.1 schnell 4 steps, no guidance; ..."``: what
+    generate and eval sample each model with unless told (``Family.sampling``)."""
+    from ..families import PIPELINES, listing
+    from ..families.base import Sampling
+
+    runnable = [f for f in PIPELINES if f.pipeline]
+    own = [f.line or f.title for f in runnable if not f.sampling[-1].title]
+    named = [f"{s.title} {s.describe()}" for f in runnable for s in f.sampling if s.title]
+    return "; ".join([f"{Sampling().describe()} for {listing(own)}", *named])
+
+
+StepsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--steps",
+        help=f"Sampling steps. [default: the model's, with its guidance: {_sampling_defaults()}]",
+        show_default=False,
+    ),
+]
+GuidanceOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--guidance",
+        help="Guidance scale: classifier-free, or the guidance a guidance-distilled "
+        "model reads (FLUX.1 dev; FLUX.1 schnell reads none). [default: the "
+        "model's, see --steps]",
+        show_default=False,
+    ),
+]
+
 INTERNAL_ERROR = 70
 # the library's name of a setting -> this command line's flag, where they differ (else --name-with-dashes)
 OPTION_FLAGS = {

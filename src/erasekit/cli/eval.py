@@ -12,9 +12,11 @@ from rich.table import Table
 from ._common import (
     ConfigOpt,
     DeviceOpt,
+    GuidanceOpt,
     JsonOpt,
     ModelOpt,
     PredictionOpt,
+    StepsOpt,
     errors,
     make_config,
     out,
@@ -52,8 +54,8 @@ def eval_cmd(
     model: ModelOpt = None,
     n: Annotated[int, typer.Option("-n", help="Images per prompt (and per paraphrase).")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="First seed (held out from training).")] = 1000,
-    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
     strength: Annotated[float, typer.Option("--strength", help="Scale of the patches.")] = 1.0,
     prompts: Annotated[
         Optional[Path],
@@ -159,7 +161,7 @@ def eval_cmd(
     judged = "" if r.judge == "toyworld" else f", judged by CLIP ({r.judge}) among {', '.join(r.labels)}"
     out.print(
         f"Erasing '{r.concept}' ({r.attribute}) with {', '.join(r.patches)}{judged}: {r.images_per_prompt} "
-        f"images per prompt, seeds {r.seeds[0]}-{r.seeds[-1]}, {r.seconds:.0f} s"
+        f"images per prompt, seeds {r.seeds[0]}-{r.seeds[-1]}, {r.settings}, {r.seconds:.0f} s"
     )
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("", "before", "after", "change"):

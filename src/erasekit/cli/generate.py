@@ -10,9 +10,11 @@ import typer
 from ._common import (
     ConfigOpt,
     DeviceOpt,
+    GuidanceOpt,
     JsonOpt,
     ModelOpt,
     PredictionOpt,
+    StepsOpt,
     errors,
     make_config,
     out,
@@ -35,8 +37,8 @@ def generate_cmd(
     strength: Annotated[float, typer.Option("--strength", help="Scale of the patches.")] = 1.0,
     n: Annotated[int, typer.Option("-n", help="Images (seeds) per prompt.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="First seed; image i uses seed + i.")] = 0,
-    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
     resolution: Annotated[
         Optional[int], typer.Option("--resolution", help="Image size (default: the model's).")
     ] = None,
@@ -90,4 +92,4 @@ def generate_cmd(
         print_json(report)
         return
     warn(report.notes)
-    out.print(f"Wrote {len(report.images)} images and {report.grid} in {report.seconds:.1f} s")
+    out.print(f"Wrote {len(report.images)} images and {report.grid} in {report.seconds:.1f} s: {report.settings}")

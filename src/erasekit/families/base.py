@@ -9,9 +9,9 @@ how it is recognised, and what its denoiser reads. Plain frozen data and string 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Dims = tuple[int, int, int]  # hidden width, FFN width, layers
 # what a single checkpoint file of the latent-diffusion layout holds besides its text encoders: component -> key prefix
@@ -218,6 +218,33 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """What generate and eval sample a pipeline with when they are given no steps or guidance: its makers'
+    recommendation (erasekit's own 25 steps at CFG scale 7.5 for SD1.x, SD2.x and SDXL)."""
+
+    steps: int = 25
+    guidance: float = 7.5
+    # what reads the guidance: "cfg", classifier-free guidance (the denoiser runs with and without the prompt);
+    # "distilled", a guidance-distilled denoiser, as an input of its own (FLUX.1 dev's guidance embedding, one
+    # pass, what Forge calls "Distilled CFG Scale"); "none", nothing (FLUX.1 schnell has no guidance embedding)
+    guidance_kind: Literal["cfg", "distilled", "none"] = "cfg"
+    max_sequence_length: int | None = None  # T5 tokens a prompt is padded to, where not the pipeline's default
+    title: str = ""  # "FLUX.1 dev": whose recommendation it is, as messages name it; "" for erasekit's own
+    # (component, config key, value) that tells the pipelines these are for from the family's others (FLUX.1
+    # schnell: its transformer's "guidance_embeds" is false); None: the family's own
+    when: tuple[str, str, Any] | None = None
+
+    def describe(self) -> str:
+        """``"28 steps, distilled guidance 3.5"``: the settings as messages name them."""
+        guidance = {
+            "cfg": f"CFG scale {self.guidance:g}",
+            "distilled": f"distilled guidance {self.guidance:g}",
+            "none": "no guidance",
+        }[self.guidance_kind]
+        return f"{self.steps} steps, {guidance}"
+
+
+@dataclass(frozen=True)
 class Family:
     """An architecture family: what a patch records as its base's ``architecture``, and everything that name means."""
 
@@ -255,6 +282,9 @@ class Family:
     # UI -> (module prefix, naming) where a UI knows the family's encoder by a name of its own (the SDXL refiner)
     ui_modules: dict[str, tuple[str, str]] = field(default_factory=dict)
     uis: tuple[str, ...] = ("comfyui", "a1111", "diffusers")  # what erasekit exports its patches for
+    # generate's and eval's defaults: its variants' (each with its ``when``), in the order they are tried, then the
+    # family's own (the last, without one)
+    sampling: tuple[Sampling, ...] = (Sampling(),)
 
     def slot(self, name: str) -> Slot:
         return next(s for s in self.slots if s.name == name)
@@ -276,3 +306,8 @@ class Family:
 
     def modelspec_id(self, prediction_type: str | None) -> str:
         return self.modelspec + self.modelspec_variants.get(prediction_type or "epsilon", "")
+
+    def sampling_of(self, setting: Callable[[str, str], Any]) -> Sampling:
+        """The sampling defaults of a pipeline of this family whose components' configs ``setting(component, key)``
+        reads: those of the first variant it is, else the family's own."""
+        return next(s for s in self.sampling if s.when is None or setting(*s.when[:2]) == s.when[2])

@@ -11,7 +11,7 @@ folder of the same model."""
 
 from __future__ import annotations
 
-from .base import Conditioning, Family, SingleFile, Slot
+from .base import Conditioning, Family, Sampling, SingleFile, Slot
 from .encoders.clip import CLIP_L
 from .encoders.t5 import T5_XXL
 
@@ -48,4 +48,17 @@ FAMILY = Family(
     flow_matching=True,
     conditioning=Conditioning(hidden_from=("te3",), pooled_from=("te1",), pooled_projected=False),
     uis=("comfyui",),
+    # the diffusers FluxPipeline's defaults and its documentation's: schnell is timestep-distilled (4 steps, prompts
+    # of at most 256 T5 tokens) and reads no guidance; dev is guidance-distilled (3.5 into its guidance embedding)
+    sampling=(
+        Sampling(
+            4,
+            0.0,
+            "none",
+            max_sequence_length=256,
+            title="FLUX.1 schnell",
+            when=("transformer", "guidance_embeds", False),
+        ),
+        Sampling(28, 3.5, "distilled", title="FLUX.1 dev"),
+    ),
 )

@@ -10,7 +10,7 @@ transformer alone is refused, naming the encoder files to patch. erase, generate
 
 from __future__ import annotations
 
-from .base import Conditioning, Family, SingleFile, Slot
+from .base import Conditioning, Family, Sampling, SingleFile, Slot
 from .encoders.clip import CLIP_L, OPENCLIP_BIGG
 from .encoders.t5 import T5_XXL
 
@@ -46,4 +46,12 @@ FAMILY = Family(
         hidden_from=("te1", "te2"), hidden_layer="penultimate", sequence_from=("te3",), pooled_from=("te1", "te2")
     ),
     uis=("comfyui",),
+    # Stability AI's model cards: SD3.5 large (38 transformer blocks) 28 steps at CFG 3.5, SD3.5 medium (MMDiT-X:
+    # RMS-normed attention in 24 blocks) 40 at 4.5, SD3 medium 28 at 7.0 (diffusers' defaults). SD3.5 large turbo's
+    # configs are large's: its 4 steps without guidance are given as --steps 4 --guidance 0
+    sampling=(
+        Sampling(28, 3.5, title="SD3.5 large", when=("transformer", "num_layers", 38)),
+        Sampling(40, 4.5, title="SD3.5 medium", when=("transformer", "qk_norm", "rms_norm")),
+        Sampling(28, 7.0, title="SD3 medium"),
+    ),
 )

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ErasekitError, InputFileError
+from ..families.base import Sampling
 
 Spec = tuple[str, dict[str, str]]  # a prompt and its truth (what the judge should find in its images)
 
@@ -32,8 +33,8 @@ class EvalConfig(BaseModel):
 
     n: int = Field(16, ge=1)
     seed: int = 1000  # held out: the training data of the built-in model never used these seeds for sampling
-    steps: int = Field(25, ge=1)
-    guidance: float = 7.5
+    steps: int | None = Field(None, ge=1)  # None: the model's default (see erasekit.judging.sampling.sampling_of)
+    guidance: float | None = None  # None: the model's default
     strength: float = 1.0
     device: str = "auto"
     batch_size: int = Field(64, ge=1)
@@ -82,6 +83,10 @@ class EvalReport:
         default_factory=list
     )  # on the stack of patches (see erasekit.checkpoints.compat.order_notes)
     judge_notes: list[str] = field(default_factory=list)  # why the target's after-rate says nothing (see judge_notes)
+    steps: int | None = None  # what it sampled with: the config's, else the model's defaults (see sampling_of)
+    guidance: float | None = None
+    guidance_kind: str = "cfg"  # what read the guidance: "cfg", "distilled" (FLUX.1 dev) or "none" (FLUX.1 schnell)
+    settings: str = ""  # "28 steps, distilled guidance 3.5 (FLUX.1 dev's default steps and guidance)"
 
 
 def evaluate_model(
@@ -113,6 +118,7 @@ def evaluate_model(
     from ..checkpoints.pipeline import load_pipeline, model_settings, model_threads, resolve_device, runnable_family
     from ..format.patchfile import load_patch
     from ..toyworld import builtin_model_path
+    from .sampling import guidance_notes, sampling_of, settings_line
 
     t0 = time.perf_counter()
     config = config or EvalConfig()
@@ -155,7 +161,8 @@ def evaluate_model(
     with model_threads(model):
         pipe, ckpt = load_pipeline(model, device=device, config=config_dir, prediction_type=prediction_type)
         in_place, checked = in_place_stack(loaded, ckpt)
-        before, after = _render_both(pipe, loaded, prompts, seeds, config, progress, checked)
+        sampling = sampling_of(pipe, config.steps, config.guidance)
+        before, after = _render_both(pipe, loaded, prompts, seeds, config, sampling, progress, checked)
     lb, la = judge_fn(before), judge_fn(after)
     report = _score(
         concept,
@@ -180,7 +187,9 @@ def evaluate_model(
         )
     if grid is not None:
         report.grid = str(_write_grid(Path(grid), key, everything, before, after, len(specs), min(config.n, 8)))
-    report.notes = order_notes(loaded, in_place)
+    report.notes = [*order_notes(loaded, in_place), *guidance_notes(sampling, config.guidance)]
+    report.steps, report.guidance, report.guidance_kind = sampling.steps, sampling.guidance, sampling.guidance_kind
+    report.settings = settings_line(sampling, config.steps, config.guidance)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -349,11 +358,12 @@ def _render_both(
     prompts: list[str],
     seeds: list[int],
     config: EvalConfig,
+    sampling: Sampling,
     progress: Callable[[int, int], None] | None,
     checked: list[str],
 ) -> tuple[list[Any], list[Any]]:
-    """The images of ``prompts`` on ``seeds`` without the patches, then with them (``checked``: see
-    :func:`erasekit.checkpoints.memory.patches_applied`)."""
+    """The images of ``prompts`` on ``seeds`` without the patches, then with them, sampled with ``sampling``'s steps
+    and guidance (``checked``: see :func:`erasekit.checkpoints.memory.patches_applied`)."""
     from ..checkpoints.memory import patches_applied
     from .sampling import render_batch
 
@@ -370,8 +380,8 @@ def _render_both(
             pipe,
             prompts,
             seeds,
-            steps=config.steps,
-            guidance=config.guidance,
+            steps=sampling.steps,
+            guidance=sampling.guidance,
             batch_size=config.batch_size,
             progress=tick,
         )

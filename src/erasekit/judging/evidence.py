@@ -150,6 +150,13 @@ def _rate(x: float | None) -> float | None:
     return None if x is None or x != x else float(x)
 
 
+def _resolved(report: EvalReport, config: EvalConfig, setting: str) -> Any:
+    """The steps or guidance the evaluation sampled with: the report's (the model's defaults resolved), else the
+    config's (a report built by hand)."""
+    value = getattr(report, setting, None)
+    return value if value is not None else getattr(config, setting)
+
+
 def _rates(s: ConceptScore) -> Rates:
     return Rates(before=_rate(s.before), after=_rate(s.after))
 
@@ -166,8 +173,8 @@ def evaluation_from_report(
     erasekit_version: str | None = None,
 ) -> Evaluation:
     """The record of ``report``, an evaluation of the patch ``patch_id`` alone. ``config``: the settings it ran
-    with; ``prompts``: the distinct prompts of its table (``report.prompt_texts``). NaN rates (no image had
-    that truth) become null."""
+    with (its steps and guidance where the report has none); ``prompts``: the distinct prompts of its table
+    (``report.prompt_texts``). NaN rates (no image had that truth) become null."""
     robust = report.robustness
     robustness = None
     if robust is not None:
@@ -193,8 +200,8 @@ def evaluation_from_report(
             prompts=prompt_set(prompts),
             seeds=list(report.seeds),
             images_per_prompt=report.images_per_prompt,
-            steps=config.steps,
-            guidance=float(config.guidance),
+            steps=_resolved(report, config, "steps"),
+            guidance=float(_resolved(report, config, "guidance")),
             target=_rates(report.target),
             others={o.concept: _rates(o) for o in report.others},
             attributes={k: _rates(v) for k, v in report.attributes.items()},

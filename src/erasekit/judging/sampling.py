@@ -9,13 +9,14 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ErasekitError
+from ..families.base import Sampling
 
 
 class GenerateConfig(BaseModel):
@@ -23,8 +24,8 @@ class GenerateConfig(BaseModel):
 
     n: int = Field(4, ge=1)
     seed: int = 0
-    steps: int = Field(25, ge=1)
-    guidance: float = 7.5
+    steps: int | None = Field(None, ge=1)  # None: the model's default (see sampling_of)
+    guidance: float | None = None  # None: the model's default
     resolution: int | None = Field(None, ge=8)  # None: the model's native size
     strength: float = 1.0
     compare: bool = False
@@ -48,7 +49,11 @@ class GenerateReport:
     seconds: float = 0.0
     notes: list[str] = field(
         default_factory=list
-    )  # on the stack of patches (see erasekit.checkpoints.compat.order_notes)
+    )  # on the stack of patches (see erasekit.checkpoints.compat.order_notes), and a guidance nothing reads
+    steps: int | None = None  # what it sampled with: the config's, else the model's defaults (see sampling_of)
+    guidance: float | None = None
+    guidance_kind: str = "cfg"  # what read the guidance: "cfg", "distilled" (FLUX.1 dev) or "none" (FLUX.1 schnell)
+    settings: str = ""  # "28 steps, distilled guidance 3.5 (FLUX.1 dev's default steps and guidance)"
 
 
 def concept_prompt(concept: str, kind: str = "object") -> str:
@@ -56,9 +61,69 @@ def concept_prompt(concept: str, kind: str = "object") -> str:
     return f"a painting in the style of {concept}" if kind == "style" else f"a photo of a {concept}"
 
 
-def render(pipe: Any, prompt: str, *, seed: int, resolution: int | None, steps: int = 25, guidance: float = 7.5) -> Any:
-    """One image, seeded on the CPU so the same seed gives the same picture on any device."""
+def render(
+    pipe: Any,
+    prompt: str,
+    *,
+    seed: int,
+    resolution: int | None,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> Any:
+    """One image, seeded on the CPU so the same seed gives the same picture on any device (``steps``, ``guidance``:
+    see :func:`sampling_of`)."""
     return render_batch(pipe, [prompt], [seed], resolution=resolution, steps=steps, guidance=guidance)[0]
+
+
+def sampling_of(pipe: Any, steps: int | None = None, guidance: float | None = None) -> Sampling:
+    """What a loaded pipeline is sampled with: ``steps`` and ``guidance`` where given, else its family's defaults
+    for it (``Family.sampling``: SD1.x, SD2.x and SDXL 25 steps at CFG scale 7.5; FLUX.1 dev 28 at a distilled
+    guidance of 3.5, schnell 4 without guidance; SD3.x as its model card says). ``title`` is the family's variant
+    where one of its defaults is used, else empty."""
+    from ..families import of_pipeline
+
+    fam = of_pipeline(pipe)
+    defaults = fam.sampling_of(lambda c, key: _config_value(pipe, c, key)) if fam is not None else Sampling()
+    return replace(
+        defaults,
+        steps=defaults.steps if steps is None else steps,
+        guidance=defaults.guidance if guidance is None else float(guidance),
+        title=defaults.title if steps is None or guidance is None else "",
+    )
+
+
+def _config_value(pipe: Any, component: str, key: str) -> Any:
+    """A setting of a loaded pipeline component's config (None where it has no such component or setting)."""
+    return getattr(getattr(getattr(pipe, component, None), "config", None), key, None)
+
+
+def settings_line(sampling: Sampling, steps: int | None, guidance: float | None) -> str:
+    """``"28 steps, distilled guidance 3.5 (FLUX.1 dev's default steps and guidance)"``: the resolved settings of
+    :func:`sampling_of`, and which of them are a model's defaults (``steps``/``guidance``: as given, None)."""
+    defaulted = [what for what, given in (("steps", steps), ("guidance", guidance)) if given is None]
+    whose = f" ({sampling.title}'s default {' and '.join(defaulted)})" if sampling.title and defaulted else ""
+    return sampling.describe() + whose
+
+
+def guidance_notes(sampling: Sampling, guidance: float | None) -> list[str]:
+    """A note where a guidance was given that the model does not read (FLUX.1 schnell)."""
+    if sampling.guidance_kind != "none" or not guidance:
+        return []
+    return [
+        f"the guidance {guidance:g} has no effect: this model reads none (a FLUX.1 schnell transformer has no "
+        "guidance embedding)"
+    ]
+
+
+def a1111_guidance(sampling: Sampling) -> str:
+    """The guidance as A1111-style ``parameters`` say it: ``CFG scale: 7.5``; for a guidance-distilled model
+    ``CFG scale: 1, Distilled CFG Scale: 3.5`` as Forge writes FLUX.1 dev's (and reads back into its own field,
+    where a ``CFG scale: 3.5`` would turn on real CFG); a model that reads none, ``CFG scale: 1``."""
+    if sampling.guidance_kind == "cfg":
+        return f"CFG scale: {sampling.guidance}"
+    if sampling.guidance_kind == "distilled":
+        return f"CFG scale: 1, Distilled CFG Scale: {sampling.guidance}"
+    return "CFG scale: 1"
 
 
 def native_size(pipe: Any) -> int:
@@ -77,27 +142,30 @@ def render_batch(
     seeds: Sequence[int],
     *,
     resolution: int | None = None,
-    steps: int = 25,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> list[Any]:
     """Images for (prompt, seed) pairs, ``batch_size`` per pipeline call. Each image has its own CPU generator, so
     its initial noise does not depend on the batch (the arithmetic of a batch may round differently in the last
-    bits)."""
+    bits). ``steps``, ``guidance``: see :func:`sampling_of`."""
     import torch
 
     size = resolution or native_size(pipe)
+    sampling = sampling_of(pipe, steps, guidance)
+    extra = {"max_sequence_length": sampling.max_sequence_length} if sampling.max_sequence_length else {}
     images: list[Any] = []
     for i in range(0, len(prompts), batch_size):
         p, s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
         images += pipe(
             p,
             generator=[torch.Generator().manual_seed(x) for x in s],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
+            num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance,
             height=size,
             width=size,
+            **extra,
         ).images
         if progress:
             progress(len(p))
@@ -192,12 +260,21 @@ def generate(
         raise ErasekitError("compare needs at least one patch", "add a patch, or do not compare", option="compare")
     stems = image_stems(prompts)
     loaded = [p if not isinstance(p, (str, os.PathLike)) else load_patch(p) for p in patches]
+    sampling = sampling_of(pipe, config.steps, config.guidance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [config.seed + i for i in range(config.n)]
     passes = ([False, True] if config.compare else [True]) if loaded else [False]
     total, done = len(prompts) * len(seeds) * len(passes), 0
-    report = GenerateReport(str(out), str(out / "grid.png"), notes=order_notes(loaded, in_place))
+    report = GenerateReport(
+        str(out),
+        str(out / "grid.png"),
+        notes=[*order_notes(loaded, in_place), *guidance_notes(sampling, config.guidance)],
+        steps=sampling.steps,
+        guidance=sampling.guidance,
+        guidance_kind=sampling.guidance_kind,
+        settings=settings_line(sampling, config.steps, config.guidance),
+    )
     rows: list[tuple[str, list[Any]]] = []
     patch_meta = [{"title": p.title, "patch_id": p.patch_id} for p in loaded]
     for patched in passes:
@@ -209,8 +286,8 @@ def generate(
                     [prompt] * len(seeds),
                     seeds,
                     resolution=config.resolution,
-                    steps=config.steps,
-                    guidance=config.guidance,
+                    steps=sampling.steps,
+                    guidance=sampling.guidance,
                     batch_size=config.batch_size,
                 )
                 for seed, img in zip(seeds, rendered):
@@ -223,14 +300,15 @@ def generate(
                         {
                             "prompt": prompt,
                             "seed": str(seed),
-                            "parameters": f"{prompt}\nSteps: {config.steps}, Sampler: {type(pipe.scheduler).__name__}, "
-                            f"CFG scale: {config.guidance}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
+                            "parameters": f"{prompt}\nSteps: {sampling.steps}, Sampler: {type(pipe.scheduler).__name__}, "
+                            f"{a1111_guidance(sampling)}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
                             "erasekit": json.dumps(
                                 {
                                     "patches": patch_meta if patched else [],
                                     "strength": config.strength,
-                                    "steps": config.steps,
-                                    "guidance": config.guidance,
+                                    "steps": sampling.steps,
+                                    "guidance": sampling.guidance,
+                                    "guidance_kind": sampling.guidance_kind,
                                     "model": model_name,
                                 }
                             ),
