@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -189,3 +190,68 @@ def test_flux_dev_and_sd3_sample_28_steps_by_default(tmp_path: Path, tiny: dict[
     assert "Steps: 28, Sampler: FlowMatchEulerDiscreteScheduler, CFG scale: 1, Distilled CFG Scale: 3.5," in params
     _, params, meta = generated(tmp_path / "sd3", "--model", tiny["sd3"])
     assert "Steps: 28, Sampler: FlowMatchEulerDiscreteScheduler, CFG scale: 7.0," in params
+
+
+def test_an_erase_conditions_flux_prompts_at_the_length_they_are_sampled_at(pipes: dict[str, Any]) -> None:
+    """Schnell is sampled at 256 T5 tokens: an erase that conditioned at FluxPipeline's 512 would train on token
+    states the sampler never makes (FluxPipeline runs T5 without an attention mask, so padding changes them)."""
+    from erasekit.erasing.conditioning import Conditioner
+
+    shapes = {
+        arch: Conditioner(pipes[arch], 32, None)(["a cat"], "cpu")[0].shape[1] for arch in ("flux", "flux-schnell")
+    }
+    assert shapes == {"flux": 512, "flux-schnell": 256}
+
+
+def with_sample_entry(root: Path, folder: Path, entry: object) -> Path:
+    """A copy of ``folder`` whose erasekit.json recommends ``entry`` as its sampling."""
+    import shutil
+
+    copy = shutil.copytree(folder, root / f"{folder.name}-own")
+    (copy / "erasekit.json").write_text(json.dumps({"sample": entry}))
+    return copy
+
+
+def test_a_models_own_sample_entry_wins_and_cfg_is_real_on_a_flux_without_guidance_embedding(
+    tmp_path: Path, tiny: dict[str, Path]
+) -> None:
+    """The FLUX.1-family toy model has no guidance embedding but was trained for classifier-free guidance on 16 T5
+    tokens: its erasekit.json says so, and generate samples with FluxPipeline's true_cfg_scale against the empty
+    prompt, as a hand-written diffusers call would."""
+    from diffusers import FluxPipeline
+
+    entry = {"steps": 2, "guidance": 4.0, "guidance_kind": "cfg", "max_sequence_length": 16, "title": "toy-flux"}
+    folder = with_sample_entry(tmp_path, tiny["flux-schnell"], entry)
+    line, params, meta = generated(tmp_path / "out", "--model", folder, "--resolution", "32")
+    assert line.rstrip().endswith(": 2 steps, CFG scale 4 (toy-flux's default steps and guidance)")
+    assert "Steps: 2, Sampler: FlowMatchEulerDiscreteScheduler, CFG scale: 4.0, Seed: 0" in params
+    assert (meta["steps"], meta["guidance"], meta["guidance_kind"]) == (2, 4.0, "cfg")
+
+    pipe = FluxPipeline.from_pretrained(folder)
+    common = {"height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 16, "output_type": "np"}
+    by_hand = pipe(
+        "a cat", generator=torch.Generator().manual_seed(0), true_cfg_scale=4.0, negative_prompt="", **common
+    ).images[0]
+    unguided = pipe("a cat", generator=torch.Generator().manual_seed(0), **common).images[0]
+    got = np.asarray(Image.open(tmp_path / "out" / "a-cat_0.png"), dtype=np.float64) / 255
+    assert np.abs(got - by_hand).max() <= 1 / 255 + 1e-6
+    assert np.abs(got - unguided).max() > 4 / 255
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"steps": 2, "guidance": 4.0, "cfg": 2}, "cfg: Extra inputs are not permitted"),
+        ({"guidance": 4.0}, "steps: Field required"),
+        ({"steps": 2, "guidance": 4.0, "guidance_kind": "true"}, "guidance_kind: Input should be 'cfg'"),
+    ],
+)
+def test_a_bad_sample_entry_is_one_line_naming_the_file(
+    tmp_path: Path, tiny: dict[str, Path], entry: object, says: str
+) -> None:
+    folder = with_sample_entry(tmp_path, tiny["flux-schnell"], entry)
+    r = run("generate", "--model", folder, "a cat", "-n", "1", "-o", tmp_path / "out")
+    assert r.exit_code != 0 and not (tmp_path / "out").exists()
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith(f'error: {folder / "erasekit.json"}: its "sample" entry: '), line
+    assert says in line, line

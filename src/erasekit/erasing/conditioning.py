@@ -171,12 +171,17 @@ def _denoiser(pipe: Any) -> Any:
 
 
 def _max_sequence_length(pipe: Any) -> int | None:
-    """How many tokens the pipeline pads a T5's prompts to: its ``max_sequence_length`` default (FLUX.1 512, SD3.x
-    256); None for a pipeline without one."""
+    """How many tokens the pipeline pads a T5's prompts to when it is sampled (an erase conditions on what sampling
+    will): the model's sampling defaults' (FLUX.1 schnell 256, the FLUX.1-family toy model 16), else its
+    ``max_sequence_length`` default (FLUX.1 512, SD3.x 256); None for a pipeline without one."""
     import inspect
 
+    from ..judging.sampling import sampling_of
+
     call = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
-    return int(call.default) if call is not None else None
+    if call is None:
+        return None
+    return sampling_of(pipe).max_sequence_length or int(call.default)
 
 
 def encoder_outputs(conditioning: tuple[Any, dict[str, Any] | None]) -> dict[str, Any]:

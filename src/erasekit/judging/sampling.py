@@ -11,11 +11,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ErasekitError
+from ..errors import ErasekitError, InputFileError
 from ..families.base import Sampling
 
 
@@ -75,15 +75,53 @@ def render(
     return render_batch(pipe, [prompt], [seed], resolution=resolution, steps=steps, guidance=guidance)[0]
 
 
+class ModelSampling(BaseModel):
+    """A model's own sampling recommendation, the ``"sample"`` entry of its folder's ``erasekit.json``, which wins
+    over its family's: the built-in FLUX.1-family toy model has no guidance embedding (as schnell) but was trained
+    for classifier-free guidance on prompts of 16 T5 tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(ge=1)
+    guidance: float
+    guidance_kind: Literal["cfg", "distilled", "none"] = "cfg"
+    max_sequence_length: int | None = Field(None, ge=1)
+    title: str = "the model's erasekit.json"
+
+
+def model_sampling(pipe: Any) -> Sampling | None:
+    """The ``"sample"`` entry of the ``erasekit.json`` of the folder ``pipe`` was loaded from; None where it has
+    none."""
+    from ..checkpoints.layouts import read_json
+
+    folder = getattr(pipe, "name_or_path", None)
+    path = Path(folder) / "erasekit.json" if isinstance(folder, (str, os.PathLike)) and str(folder) else None
+    if path is None or not path.is_file():
+        return None
+    entry = read_json(path, "repair or delete it").get("sample")
+    if entry is None:
+        return None
+    try:
+        return Sampling(**ModelSampling.model_validate(entry).model_dump())
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputFileError(
+            f'{path}: its "sample" entry: {".".join(map(str, err["loc"])) or "the entry"}: {err["msg"]}',
+            f"give {', '.join(ModelSampling.model_fields)} (steps and guidance required), or remove the entry",
+        ) from None
+
+
 def sampling_of(pipe: Any, steps: int | None = None, guidance: float | None = None) -> Sampling:
-    """What a loaded pipeline is sampled with: ``steps`` and ``guidance`` where given, else its family's defaults
-    for it (``Family.sampling``: SD1.x, SD2.x and SDXL 25 steps at CFG scale 7.5; FLUX.1 dev 28 at a distilled
-    guidance of 3.5, schnell 4 without guidance; SD3.x as its model card says). ``title`` is the family's variant
-    where one of its defaults is used, else empty."""
+    """What a loaded pipeline is sampled with: ``steps`` and ``guidance`` where given, else the model's own
+    recommendation (:func:`model_sampling`), else its family's defaults for it (``Family.sampling``: SD1.x, SD2.x
+    and SDXL 25 steps at CFG scale 7.5; FLUX.1 dev 28 at a distilled guidance of 3.5, schnell 4 without guidance;
+    SD3.x as its model card says). ``title`` is whose defaults are used (the family's variant), else empty."""
     from ..families import of_pipeline
 
     fam = of_pipeline(pipe)
-    defaults = fam.sampling_of(lambda c, key: _config_value(pipe, c, key)) if fam is not None else Sampling()
+    defaults = model_sampling(pipe)
+    if defaults is None:
+        defaults = fam.sampling_of(lambda c, key: _config_value(pipe, c, key)) if fam is not None else Sampling()
     return replace(
         defaults,
         steps=defaults.steps if steps is None else steps,
@@ -155,9 +193,11 @@ def render_batch(
     size = resolution or native_size(pipe)
     sampling = sampling_of(pipe, steps, guidance)
     extra = {"max_sequence_length": sampling.max_sequence_length} if sampling.max_sequence_length else {}
+    true_cfg = _true_cfg(pipe, sampling)
     images: list[Any] = []
     for i in range(0, len(prompts), batch_size):
         p, s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
+        cfg = {"true_cfg_scale": sampling.guidance, "negative_prompt": [""] * len(p)} if true_cfg else {}
         images += pipe(
             p,
             generator=[torch.Generator().manual_seed(x) for x in s],
@@ -166,10 +206,24 @@ def render_batch(
             height=size,
             width=size,
             **extra,
+            **cfg,
         ).images
         if progress:
             progress(len(p))
     return images
+
+
+def _true_cfg(pipe: Any, sampling: Sampling) -> bool:
+    """Whether classifier-free guidance must be asked for as FluxPipeline's ``true_cfg_scale`` (with the empty
+    prompt as the negative): a FLUX.1 transformer without a guidance embedding sampled with CFG, where
+    ``guidance_scale`` alone would guide nothing."""
+    import inspect
+
+    return (
+        sampling.guidance_kind == "cfg"
+        and "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
+        and not _config_value(pipe, "transformer", "guidance_embeds")
+    )
 
 
 def _slug(text: str) -> str:
