@@ -98,7 +98,7 @@ def test_the_patch_moves_the_encoder_as_the_trained_factors_did(t5_erase: T5Eras
     recorded = patch.manifest.method.hyperparameters["empty_prompt_drift"]
     assert recorded["hidden"] > 1e-3, "the factors moved"
     pipe, _ = load_pipeline(flux)
-    assert drift_of(pipe, patch) == pytest.approx(recorded, rel=0.02)
+    assert drift_of(pipe, patch) == pytest.approx(recorded, rel=2e-3)
     assert recorded["pooled"] == 0.0, "CLIP-L was not trained"
 
 
@@ -134,7 +134,7 @@ def test_the_built_in_model_trains_factors_when_asked(tmp_path: Path) -> None:
     assert report.sources["train"] == "user" and report.rank_kept is None
     pipe, _ = load_pipeline(builtin_model_path())
     recorded = patch.manifest.method.hyperparameters["empty_prompt_drift"]
-    assert recorded["hidden"] > 0 and drift_of(pipe, patch) == pytest.approx(recorded, rel=0.02)
+    assert recorded["hidden"] > 0 and drift_of(pipe, patch) == pytest.approx(recorded, rel=5e-3)
 
 
 def test_a_clip_only_erase_trains_dense_and_records_no_training_setting(tmp_path: Path) -> None:

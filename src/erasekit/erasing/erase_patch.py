@@ -40,7 +40,9 @@ class Trained:
         self.originals = {(m, kind): p.detach().to("cpu", copy=True) for m, kind, p in self.written()}
 
     def take_deltas(self) -> None:
-        self.dense = {(m, kind): (p.detach().cpu() - self.originals[(m, kind)]).numpy() for m, kind, p in self.written()}
+        self.dense = {
+            (m, kind): (p.detach().cpu() - self.originals[(m, kind)]).numpy() for m, kind, p in self.written()
+        }
         if self.trained_factors is not None:
             self.factors = self.trained_factors.stored()
 
