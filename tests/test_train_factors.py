@@ -16,8 +16,9 @@ from conftest import snapshot
 
 from erasekit.checkpoints.memory import apply_patch
 from erasekit.checkpoints.pipeline import load_pipeline
+from erasekit.erasing.batch import settings_differ
 from erasekit.erasing.conditioning import Conditioner, encoder_outputs, output_drift
-from erasekit.erasing.erase_job import erase_model
+from erasekit.erasing.erase_job import erase_model, prepare_erase
 from erasekit.errors import ErasekitError
 from erasekit.format.erase_config import FACTOR_RANK, EraseConfig
 from erasekit.format.patchfile import Patch, load_patch
@@ -135,6 +136,11 @@ def test_the_built_in_model_trains_factors_when_asked(tmp_path: Path) -> None:
     pipe, _ = load_pipeline(builtin_model_path())
     recorded = patch.manifest.method.hyperparameters["empty_prompt_drift"]
     assert recorded["hidden"] > 0 and drift_of(pipe, patch) == pytest.approx(recorded, rel=5e-3)
+    # a batch redoes the patch for a dense erase of the same rank, and keeps it for the same settings
+    again = {"train": "factors", "steps": 4}
+    assert settings_differ(prepare_erase(None, ["circle"], None, tmp_path / "a.erasepatch", again), patch) is None
+    dense = prepare_erase(None, ["circle"], None, tmp_path / "b.erasepatch", {"rank": 16, "steps": 4})
+    assert settings_differ(dense, patch) == "its train differed"
 
 
 def test_a_clip_only_erase_trains_dense_and_records_no_training_setting(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ Method: Fuchi & Takagi, "Erasing Concepts from Text-to-Image Diffusion Models wi
 1. encode each training image once with the frozen VAE (cached on disk by image bytes);
 2. each step: a batch of latents, uniform timesteps, Gaussian noise, a prompt from the templates;
 3. loss = MSE(UNet(noisy, t, TE(prompt)), target) with target = noise (epsilon) or velocity (v-prediction);
-4. *ascend* that loss (minimise its negative) with Adam, updating only TE FFN fc1/fc2 weights and biases;
-5. the patch is the difference of those tensors before and after.
+4. *ascend* that loss (minimise its negative) with Adam, updating only TE FFN fc1/fc2 weights and biases (with
+   ``train: factors``, low-rank factors of each weight's change and the biases: :mod:`erasekit.erasing.factors`);
+5. the patch is the difference of those tensors before and after (or the trained factors).
 
 What makes it faster than the reference script at the same number of optimizer steps: only the FFN
 tensors require gradients (no weight gradients for the UNet, attention or embeddings, and no backward
@@ -176,6 +177,7 @@ def erase(
     of the files below them, and the patch records them as made ``after`` them (as with ``after``). ``after``: patches (:class:`~erasekit.format.patchfile.Patch`)
     the new one will be stacked on, applied in memory for the erase: it learns what is left to erase with them in
     place, and records them (``after`` in its settings). Its base is still the model without them.
+    ``config.train: auto`` is decided here as :meth:`~erasekit.format.erase_config.EraseConfig.for_kinds` decides it.
     """
     import torch
 
