@@ -12,8 +12,10 @@ Assumptions (each a flag or a constant here):
   The VAE encodes the few training images once, before the loop (erasekit caches their latents), and is then off
   the GPU.
 - A trained tensor: float32 weight, float32 gradient and Adam's two float32 moments, 16 bytes a parameter; with
-  8-bit Adam (bitsandbytes' blockwise states) 10 bytes. Low-rank training keeps the whole encoder frozen in bf16 and
-  trains factors ``up`` (out x r) and ``down`` (r x in) per FFN matrix at 16 bytes a parameter.
+  8-bit Adam (bitsandbytes' blockwise states) 10 bytes. Low-rank training (``train: factors``, erasekit's default
+  where a T5 trains) trains factors ``up`` (out x r) and ``down`` (r x in) per FFN matrix, and CLIP's FFN biases,
+  at 16 bytes a parameter, and keeps every encoder weight frozen: in bf16 (2 bytes a parameter), or in float32 as
+  ``erasekit erase`` holds the text encoders today (4 bytes; the "encoders fp32" rows).
 - Activations, with gradient checkpointing per block in the denoiser and in the trained encoders (their inputs
   stored in bf16, one block recomputed at a time, about 20 hidden-widths per token): the denoiser for one image
   (its latent tokens plus the text tokens), each encoder for ``--prompts`` prompts a step (the concept's and the
@@ -31,7 +33,7 @@ import sys
 from dataclasses import dataclass
 
 GB = 1e9
-BF16, TRAINED, TRAINED_8BIT = 2, 16, 10  # bytes a parameter (see the docstring)
+BF16, FP32, TRAINED, TRAINED_8BIT = 2, 4, 16, 10  # bytes a parameter (see the docstring)
 GPUS = (24, 48, 80)
 USABLE = 0.9
 
@@ -95,7 +97,8 @@ def lowrank_params(e: EncoderSize, rank: int) -> int:
 
 
 def encoder_bytes(e: EncoderSize, option: str, rank: int) -> float:
-    """The encoder's weights and training state under ``option``."""
+    """The encoder's weights and training state under ``option`` (low-rank: its frozen weights in bf16, or in
+    float32 where ``option`` says "encoders fp32")."""
     frozen_rest = (e.params - e.ffn_params) * BF16
     if option == "dense":
         return frozen_rest + e.ffn_params * TRAINED
@@ -104,7 +107,8 @@ def encoder_bytes(e: EncoderSize, option: str, rank: int) -> float:
     if option == "a third of the layers":
         share = e.ffn_params // 3
         return frozen_rest + share * TRAINED + (e.ffn_params - share) * BF16
-    return e.params * BF16 + lowrank_params(e, rank) * TRAINED  # low-rank
+    frozen = FP32 if "encoders fp32" in option else BF16
+    return e.params * frozen + (lowrank_params(e, rank) + e.ffn_bias) * TRAINED  # low-rank
 
 
 OPTIONS = (
@@ -114,6 +118,8 @@ OPTIONS = (
     ("low-rank", "bf16"),
     ("low-rank", "fp8"),
     ("low-rank", "offloaded"),
+    ("low-rank, encoders fp32", "bf16"),
+    ("low-rank, encoders fp32", "offloaded"),
 )
 
 

@@ -198,7 +198,8 @@ def settings_differ(job: Any, patch: Any, checked: dict[Any, Any] | None = None)
     wanted = json.loads(json.dumps(job.config.hyperparameters()))
     if hp.get("algorithm") != wanted.pop("algorithm"):
         return "an earlier version of erasekit made it (the same settings now erase otherwise)"
-    changed = [k for k, v in wanted.items() if hp.get(k) != v]
+    wanted.setdefault("train", "dense")  # recorded only where factors trained
+    changed = [k for k, v in wanted.items() if hp.get(k, "dense" if k == "train" else None) != v]
     if changed:
         return f"its {', '.join(changed)} differed"
     earlier = (

@@ -119,7 +119,7 @@ def _ffn_inputs(
     from ..format.names import parse_module_name
 
     layers = {m: p for m, kind, p in params if kind == "weight"}
-    modules = _linear_modules(cond_of, layers)
+    modules = linear_modules(cond_of, layers)
     taken: dict[str, Any] = {}
     # the rows drawn for each length of the encoders' prompts (77 for CLIP, 512 or 256 for T5), in their order
     spreads: dict[int, Any] = {}
@@ -159,7 +159,7 @@ def _ffn_inputs(
     return taken, conditioning
 
 
-def _linear_modules(cond_of: Any, layers: dict[str, Any]) -> dict[str, Any]:
+def linear_modules(cond_of: Any, layers: dict[str, Any]) -> dict[str, Any]:
     """The nn.Linear module that owns each trained weight."""
     by_param = {id(p): m for m, p in layers.items()}
     found = {}

@@ -88,6 +88,7 @@ def prepare_erase(
         )
         sources = {k: v for k, v in sources.items() if v != "default"}
         config, sources = _at_native_size(config, sources, native_resolution(ckpt, config_dir, prediction_type))
+    config, sources = _training_decided(config, sources, ckpt)
     _check_concept_templates(config, concepts)
     out = Path(output)
     check_new_output(out, replace, make_folder)
@@ -138,6 +139,16 @@ def _at_native_size(
     if "resolution" not in sources:
         return config.model_copy(update={"resolution": native}), sources | {"resolution": "native"}
     return config, sources | {"resolution": f"{sources['resolution']}; native {native}"}
+
+
+def _training_decided(config: EraseConfig, sources: dict[str, str], ckpt: Any) -> tuple[EraseConfig, dict[str, str]]:
+    """``train: auto`` decided by the encoders the erase will train (factors where one is a T5), before the model
+    loads, so that a batch compares what the patch will record; the settings so decided say so."""
+    kinds = [e.encoder_kind.name for s, e in ckpt.encoders.items() if config.encoders is None or s in config.encoders]
+    decided = config.for_kinds(kinds)
+    if decided.train != "factors" or config.train == "factors":
+        return decided, sources
+    return decided, sources | {k: "the T5 default" for k in ("train", "rank") if k not in sources}
 
 
 def _check_concept_templates(config: EraseConfig, concepts: Sequence[str]) -> None:

@@ -7,14 +7,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..format.erase_config import EraseConfig
 
 
 @dataclass
 class Trained:
-    """What the loop trained: (module, kind, parameter) triples, their original values (on the CPU: on a GPU the
-    memory is the optimizer's) and the encoders' dtypes before the erase; after it, the dense deltas (numpy) and,
-    when compressed, their low-rank factors."""
+    """What the loop trained: (module, kind, parameter) triples, the original values of those it writes (on the
+    CPU: on a GPU the memory is the optimizer's) and the encoders' dtypes before the erase; after it, the dense
+    deltas (numpy) of the tensors it wrote and, when stored low-rank, each weight's factors. With ``trained_factors``
+    (``train: factors``) the weights are never written: their factors train in their place (biases still do)."""
 
     params: list[tuple[str, str, Any]]
     originals: dict[tuple[str, str], Any]
@@ -22,15 +25,44 @@ class Trained:
     dense: dict[tuple[str, str], Any] = field(default_factory=dict)
     factors: dict[str, Any] = field(default_factory=dict)
     base: dict[tuple[str, str], Any] | None = None  # the values the patch is for, where not the originals (--after)
+    trained_factors: Any = None  # with train: factors, their erasing.factors.Factors
+
+    def written(self) -> list[tuple[str, str, Any]]:
+        """The triples whose parameters the loop writes: all of them, or with trained factors the biases alone."""
+        return [t for t in self.params if self.trained_factors is None or t[1] != "weight"]
+
+    def optimized(self) -> list[Any]:
+        """The tensors Adam trains: the written parameters, and the factors where they train."""
+        factors = self.trained_factors.tensors() if self.trained_factors is not None else []
+        return [p for _, _, p in self.written()] + factors
+
+    def keep_originals(self) -> None:
+        self.originals = {(m, kind): p.detach().to("cpu", copy=True) for m, kind, p in self.written()}
 
     def take_deltas(self) -> None:
-        self.dense = {(m, kind): (p.detach().cpu() - self.originals[(m, kind)]).numpy() for m, kind, p in self.params}
+        self.dense = {
+            (m, kind): (p.detach().cpu() - self.originals[(m, kind)]).numpy() for m, kind, p in self.written()
+        }
+        if self.trained_factors is not None:
+            self.factors = self.trained_factors.stored()
+
+    def weight_norms(self, modules: Any) -> dict[str, float]:
+        """``|delta W|`` (Frobenius) of each module's weight."""
+        if self.trained_factors is not None:
+            norms = self.trained_factors.norms()
+            return {m: norms[m] for m in modules}
+        return {m: float(np.linalg.norm(self.dense[(m, "weight")])) for m in modules}
+
+    def original(self, m: str, kind: str, p: Any) -> Any:
+        """The value the patch is for of parameter ``p``: as it was before the erase (and before --after's patches);
+        a weight whose factors trained is as it was."""
+        return (self.base or self.originals).get((m, kind), p.detach().cpu())
 
     def restore(self) -> None:
         import torch
 
         with torch.no_grad():
-            for m, kind, p in self.params:
+            for m, kind, p in self.written():
                 p.copy_(self.originals[(m, kind)])
 
 
@@ -70,11 +102,11 @@ def build_patch(
         from ..checkpoints.in_place import pristine_reader
 
         read = pristine_reader(base_files)
-    for m, kind, _ in trained.params:
+    for m, kind, p in trained.params:
         slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
         if kind == "weight":
             stored, deltas[m] = delta_tensors(  # no bias delta where the projection has no bias (T5)
-                m, trained.dense[(m, "weight")], trained.dense.get((m, "bias")), trained.factors.get(m)
+                m, trained.dense.get((m, "weight")), trained.dense.get((m, "bias")), trained.factors.get(m)
             )
             tensors.update(stored)
         if base_files is not None:
@@ -83,7 +115,7 @@ def build_patch(
             dtype, shape = wf.tensor_info()[key]
             fps[f"{m}.{kind}"] = fingerprint(read(wf, key), dtype, shape)
         else:  # of the weights as they were in memory
-            orig = (trained.base or trained.originals)[(m, kind)].to(trained.te_dtypes[slot])
+            orig = trained.original(m, kind, p).to(trained.te_dtypes[slot])
             fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
     hp = config.hyperparameters() | ran
     manifest = new_manifest(

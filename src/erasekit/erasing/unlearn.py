@@ -6,8 +6,9 @@ Method: Fuchi & Takagi, "Erasing Concepts from Text-to-Image Diffusion Models wi
 1. encode each training image once with the frozen VAE (cached on disk by image bytes);
 2. each step: a batch of latents, uniform timesteps, Gaussian noise, a prompt from the templates;
 3. loss = MSE(UNet(noisy, t, TE(prompt)), target) with target = noise (epsilon) or velocity (v-prediction);
-4. *ascend* that loss (minimise its negative) with Adam, updating only TE FFN fc1/fc2 weights and biases;
-5. the patch is the difference of those tensors before and after.
+4. *ascend* that loss (minimise its negative) with Adam, updating only TE FFN fc1/fc2 weights and biases (with
+   ``train: factors``, low-rank factors of each weight's change and the biases: :mod:`erasekit.erasing.factors`);
+5. the patch is the difference of those tensors before and after (or the trained factors).
 
 What makes it faster than the reference script at the same number of optimizer steps: only the FFN
 tensors require gradients (no weight gradients for the UNet, attention or embeddings, and no backward
@@ -28,10 +29,11 @@ import numpy as np
 
 from ..errors import ErasekitError, NonFiniteError
 from ..format.erase_config import EraseConfig
-from .compress import Compaction
+from .compress import Compaction, linear_modules
 from .conditioning import Conditioner, check_concepts, trainable
 from .denoising import Denoiser, Draws, make_denoiser, normalised_latents
 from .erase_patch import Trained, build_patch
+from .factors import Factors
 from .recipes import Objective, Step, make_recipe
 from .surgery import surgery_grads
 from .training_images import encode_images, images_digest, training_item
@@ -75,6 +77,10 @@ class EraseReport:
         default_factory=dict
     )  # setting -> "user", "model" or "native" (the rest are defaults)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds: where the erase's time went
+    # what Adam trained: its parameters (every FFN weight and bias, or with train: factors the factors and the
+    # biases) and the bytes of its state after the loop (two float32 moments a parameter, and a step count a tensor)
+    trained_parameters: int = 0
+    optimizer_bytes: int = 0
 
 
 class Clock:
@@ -171,6 +177,7 @@ def erase(
     of the files below them, and the patch records them as made ``after`` them (as with ``after``). ``after``: patches (:class:`~erasekit.format.patchfile.Patch`)
     the new one will be stacked on, applied in memory for the erase: it learns what is left to erase with them in
     place, and records them (``after`` in its settings). Its base is still the model without them.
+    ``config.train: auto`` is decided here as :meth:`~erasekit.format.erase_config.EraseConfig.for_kinds` decides it.
     """
     import torch
 
@@ -220,6 +227,7 @@ def erase(
         denoiser.timesteps,
         tuple(latents.shape[1:]),
     )
+    config = config.for_kinds(_kinds(cond_of))  # train: auto decided (factors where a T5 trains)
     encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
     te_dtypes = {slot: te.dtype for slot, te in encoders.items()}  # the fingerprints of in-memory weights use these
     with kept_as_found((unet, pipe.vae, *encoders.values())), _gradient_checkpointing(unet, config.checkpointing):
@@ -238,10 +246,17 @@ def erase(
             {},
             te_dtypes,
         )
+        if config.train == "factors":
+            trained.trained_factors = Factors(
+                linear_modules(cond_of, {m: p for m, kind, p in trained.params if kind == "weight"}),
+                int(config.rank),
+                config.seed + 3,  # + 1: the forget check's draws, + 2: compression's rows
+            )
         if after:  # the patch is for the weights before the earlier patches: a stack is judged against those
             trained.base = {(m, k): p.detach().to("cpu", copy=True) for m, k, p in trained.params}
-        with patches_applied(pipe, after):  # an erase after other patches learns on top of them
-            trained.originals = {(m, k): p.detach().to("cpu", copy=True) for m, k, p in trained.params}
+        # an erase after other patches learns on top of them; trained factors act through hooks while it runs
+        with patches_applied(pipe, after), _attached(trained.trained_factors):
+            trained.keep_originals()
             try:
                 check = (
                     _ForgetCheck(config, denoiser, draws, cond_of, len(loaded), clock) if config.forget_check else None
@@ -250,13 +265,15 @@ def erase(
                     "compress"
                 ):  # what the encoders give the UNet before the erase, to measure the stored form on
                     compaction = (
-                        Compaction(config, concepts, captions, cond_of, device) if config.rank != "dense" else None
+                        Compaction(config, concepts, captions, cond_of, device)
+                        if config.rank != "dense" and config.train == "dense"
+                        else None
                     )
                 empty = _EmptyPrompt(cond_of, device)
                 recipe = make_recipe(config, list(concepts), device)
                 recipe.prepare(lambda prompts: cond_of(prompts, device), draws.every_prompt())
                 with clock("loop"):
-                    losses, conflicts = _loop(
+                    losses, conflicts, adam = _loop(
                         config, trained, recipe, denoiser, draws, cond_of, gen, len(loaded), progress
                     )
                 forget_after = check.after() if check else None
@@ -300,10 +317,10 @@ def erase(
             finally:  # the trained values back; kept_as_found gives back dtypes, flags and modes
                 trained.restore()
 
-    norms = {m: float(np.linalg.norm(trained.dense[(m, "weight")])) for m in patch.manifest.deltas}
+    norms = trained.weight_norms(patch.manifest.deltas)
     kept = (
         sum(trained.factors[m].kept * n**2 for m, n in norms.items()) / (sum(n**2 for n in norms.values()) or 1.0)
-        if trained.factors
+        if compaction
         else None
     )
     return EraseReport(
@@ -327,6 +344,8 @@ def erase(
         drift,
         patch,
         timings=clock.seconds,
+        trained_parameters=adam[0],
+        optimizer_bytes=adam[1],
     )
 
 
@@ -340,13 +359,14 @@ def _loop(
     gen: Any,
     n_images: int,
     progress: Callable[[StepInfo], None] | None,
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, tuple[int, int]]:
     """The optimizer steps: each draws a batch, encodes its prompts and the recipe's in one text-encoder pass,
     runs the UNet, and minimises the recipe's objective with Adam, until the schedule ends or the recipe stops.
-    The losses, and the share of (step, tensor) gradients in which surgery removed a conflict."""
+    The losses, the share of (step, tensor) gradients in which surgery removed a conflict, and (the parameters
+    Adam trained, the bytes of its state)."""
     import torch
 
-    params = [p for _, _, p in trained.params]
+    params = trained.optimized()
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(
@@ -383,7 +403,31 @@ def _loop(
             progress(StepInfo(step + 1, total, losses[-1], time.perf_counter() - t0))
         if recipe.should_stop(losses):
             break
-    return losses, sum(per_step) / max(1, len(per_step) * len(params))
+    return losses, sum(per_step) / max(1, len(per_step) * len(params)), _adam_size(opt)
+
+
+def _adam_size(opt: Any) -> tuple[int, int]:
+    """The parameters ``opt`` trains and the bytes of the state it holds for them."""
+    held = [t for state in opt.state.values() for t in state.values() if hasattr(t, "element_size")]
+    trains = sum(p.numel() for group in opt.param_groups for p in group["params"])
+    return trains, sum(t.numel() * t.element_size() for t in held)
+
+
+def _kinds(cond_of: Conditioner) -> set[str]:
+    """The kinds of the encoders the erase trains ("clip", "t5")."""
+    from ..families import family
+
+    return {family(cond_of.arch).slot(s).encoder.kind.name for s in cond_of.trained}
+
+
+@contextmanager
+def _attached(factors: Factors | None) -> Iterator[None]:
+    """Within the block, the layers whose factors train compute with them (nothing without factors)."""
+    if factors is None:
+        yield
+        return
+    with factors.attached():
+        yield
 
 
 def _rows(cond: Any, added: dict[str, Any] | None, rows: slice) -> tuple[Any, dict[str, Any] | None]:

@@ -3,10 +3,11 @@ recommended settings hold when the user gives others."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import ErasekitError, InputFileError, invalid_setting
 from .names import SlotName
@@ -103,6 +104,11 @@ GENERIC_ANCHORS = (
 # everyday captions' spread, the empty prompt in every step; low-rank storage judged per output, on held-out prompts
 ALGORITHM = 2
 
+# the rank `train: factors` trains at unless `rank` says another: a default FLUX.1 patch stays under 64 MB at real
+# size (T5-XXL's 72 FFN matrices of 10240 x 4096 at rank 16 in BF16: 72 x 16 x (10240 + 4096) x 2 bytes = 33.0 MB,
+# CLIP-L's 24 matrices 2.9 MB, its biases 0.1 MB)
+FACTOR_RANK = 16
+
 
 class EraseConfig(BaseModel):
     """Every setting of an erase run; the defaults reproduce the published recipe. Recorded in the patch."""
@@ -137,6 +143,13 @@ class EraseConfig(BaseModel):
     rank: int | Literal["auto", "dense"] = "auto"
     rank_tol: float = Field(0.05, gt=0, lt=1)
     max_rank: int = Field(32, ge=1)
+    # how each FFN weight trains. "dense": the weight itself, its delta stored per `rank` after the loop;
+    # "factors": W computes as W + up @ down, LoRA-style, and Adam trains only the factors (and CLIP's biases) at
+    # rank `rank` (auto: FACTOR_RANK), stored as trained, with no compression after the loop (see
+    # erasekit.erasing.factors); "auto": factors where the erase trains a T5 (FLUX.1's and SD3.x's te3: training
+    # T5-XXL's FFN densely holds 3.0 B weights, their gradients and Adam's two moments, 48 GB in float32), else
+    # dense. for_kinds decides it before the erase runs.
+    train: Literal["auto", "dense", "factors"] = "auto"
     cache: bool = True
     forget_check: bool = False  # also measure the denoising loss on fixed draws before and after (8 UNet passes)
     checkpointing: bool = False  # gradient checkpointing of the frozen UNet: less memory, about 1.3x the time
@@ -177,6 +190,19 @@ class EraseConfig(BaseModel):
             self.surgery = 1.0  # part of the method
         return self
 
+    @model_validator(mode="after")
+    def _factor_rank(self) -> EraseConfig:
+        if self.train == "factors" and self.rank == "auto":
+            self.rank = FACTOR_RANK  # factors are trained at one rank: auto sizes only what a dense erase stores
+        return self
+
+    @field_validator("train")
+    @classmethod
+    def _factors_are_stored_as_trained(cls, v: str, info: ValidationInfo) -> str:
+        if v == "factors" and info.data.get("rank") == "dense":
+            raise ValueError("factors are stored as they are trained, never dense; give rank N or auto, or train dense")
+        return v
+
     @field_validator("rank", mode="before")
     @classmethod
     def _rank_spelling(cls, v: Any) -> Any:
@@ -208,6 +234,15 @@ class EraseConfig(BaseModel):
     def _one_slot_each(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
         return {concept: _checked_templates(t) for concept, t in v.items()}
 
+    def for_kinds(self, kinds: Iterable[str]) -> EraseConfig:
+        """These settings for an erase that trains encoders of ``kinds`` (``EncoderKind.name``: "clip", "t5"), with
+        ``train: auto`` decided: factors where a T5 trains (unless ``rank`` is dense), else dense. Settings already
+        decided come back as they are."""
+        if self.train != "auto":
+            return self
+        factors = "t5" in set(kinds) and self.rank != "dense"
+        return EraseConfig.model_validate(self.model_dump() | {"train": "factors" if factors else "dense"})
+
     def template_list(self) -> list[str]:
         return list(self.templates or (STYLE_TEMPLATES if self.kind == "style" else OBJECT_TEMPLATES))
 
@@ -222,6 +257,8 @@ class EraseConfig(BaseModel):
         if self.rank != "auto":
             hp.pop("rank_tol")
             hp.pop("max_rank")
+        if self.train != "factors":  # dense (or not yet decided): as every patch recorded it before factors
+            hp.pop("train")
         for k in ("disc_lr", "disc_warmup") if self.recipe != "doco" else ("stop_ratio", "stop_window"):
             hp.pop(k)
         if self.surgery is None:

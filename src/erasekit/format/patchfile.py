@@ -738,11 +738,11 @@ def lowrank_tensors(module: str, up: np.ndarray, down: np.ndarray) -> dict[str, 
 
 
 def delta_tensors(
-    module: str, dw: np.ndarray, db: np.ndarray | None, factors: Any = None
+    module: str, dw: np.ndarray | None, db: np.ndarray | None, factors: Any = None
 ) -> tuple[dict[str, np.ndarray], DeltaInfo]:
     """The patch tensors of one module's weight and bias deltas: dense (``.diff``), or, given ``factors`` (a
-    :class:`~erasekit.format.lowrank.LowRank`), the weight delta as :func:`lowrank_tensors`; the bias delta as
-    ``.diff_b``, none where ``db`` is None (a projection without a bias, as T5's)."""
+    :class:`~erasekit.format.lowrank.LowRank`), the weight delta as :func:`lowrank_tensors` (``dw`` unread, may be
+    None); the bias delta as ``.diff_b``, none where ``db`` is None (a projection without a bias, as T5's)."""
     bias = db is not None
     out = {f"{module}.diff_b": np.asarray(db, dtype=np.float32)} if bias else {}
     if factors is None:
