@@ -538,7 +538,7 @@ def apply_to_checkpoint(
         for p in loaded
         if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))
     ]
-    warnings += order_notes(loaded, applied_in_place(ckpt, stamp=False))
+    warnings += order_notes(loaded, applied_in_place(ckpt, stamp=False, warn=False))  # a refusal is one line
     check_ffn_dtypes(ckpt)  # before a copy is made
     if in_place:
         _refuse_builtin(ckpt)

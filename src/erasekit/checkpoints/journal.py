@@ -101,6 +101,9 @@ class JournalFile(BaseModel):
     erasekit_journal: int = 1
     generation: int = 0  # grows with every save (to the time in ns, at least: a journal made anew never repeats one)
     files: dict[str, FileStamp] = {}  # weight file label -> its stamp at the last save
+    # weight file label -> tensor key -> the id of the committed entry whose bytes it no longer holds (another
+    # program wrote it after that entry), as the last save found them
+    changed: dict[str, dict[str, str]] = {}
     entries: list[Entry] = []
 
 
@@ -162,6 +165,7 @@ class Journal:
         self.files = files  # label -> weight file path
         self.data = self._load()
         self._undo: dict[str, dict[tuple[str, str], UndoTensor]] = {}  # entry id -> its records, until a save
+        self._changed: dict[tuple[str, str], str] | None = None  # changed_since, once found
 
     # -- reading ---------------------------------------------------------------------------------
     def _load(self) -> JournalFile:
@@ -305,10 +309,10 @@ class Journal:
         if now == self.data.files:
             return None
         busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
-        last = self.last_changes()
+        last, changed = self.last_changes(), self.changed_since(tensor_at)
         for entry in self.committed:
-            mine = [(k, after) for k, (e, after) in last.items() if e is entry and k not in busy]
-            if mine and not any(sha256(self._read(k[0], tensor_at(*k))) == after for k, after in mine):
+            mine = [k for k, (e, _) in last.items() if e is entry and k not in busy]
+            if mine and all(k in changed for k in mine):
                 return f"no tensor that patch '{entry.patch_title}' changed is as it left it"
         proven: set[tuple[str, str]] = set()  # a tensor several interrupted entries changed: proven for one of them
         for entry, older in reversed(self._interrupted_with_older()):
@@ -317,6 +321,40 @@ class Journal:
             except ForeignBytesError as e:
                 return e.problem
         return None
+
+    def changed_since(self, tensor_at: TensorAt) -> dict[tuple[str, str], str]:
+        """Each tensor a committed entry was the last to change (and no interrupted entry touches) that no longer holds
+        the bytes it left, as another program's write leaves it, with that entry's id: in a weight file as the last
+        save stamped it, as that save found them (``changed`` in journal.json); in one written since, by its hash now.
+        Reads, never writes."""
+        if self._changed is None:
+            now = self._stamps_now()
+            written = {label for label in self.files if now[label] != self.data.files.get(label)}
+            busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
+            last = {k: v for k, v in self.last_changes().items() if k not in busy and k[0] in self.files}
+            hashed = [k for k in last if k[0] in written]
+            hashes = map_threads(lambda k: sha256(self._read(k[0], tensor_at(*k))), hashed)
+            found = {k for k, h in zip(hashed, hashes) if h != last[k][1]}
+            found |= {
+                k for k in last if k[0] not in written and self.data.changed.get(k[0], {}).get(k[1]) == last[k][0].id
+            }
+            self._changed = {k: last[k][0].id for k in sorted(found)}
+        return self._changed
+
+    def _still_changed(self) -> dict[str, dict[str, str]]:
+        """What ``changed`` in journal.json says after this command: the tensors found changed that are still last
+        changed by the same entry (a revert restores a tensor's bytes, and apply refuses to change such a tensor)."""
+        found = (
+            self._changed
+            if self._changed is not None
+            else {(label, key): eid for label, keys in self.data.changed.items() for key, eid in keys.items()}
+        )
+        last = self.last_changes()
+        out: dict[str, dict[str, str]] = {}
+        for (label, key), eid in found.items():
+            if (label, key) in last and last[(label, key)][0].id == eid:
+                out.setdefault(label, {})[key] = eid
+        return out
 
     def _interrupted_with_older(self) -> list[tuple[Entry, set[tuple[str, str]]]]:
         """Each interrupted entry, oldest first, with the tensors that older interrupted entries changed."""
@@ -362,6 +400,7 @@ class Journal:
         try:
             self.data = self._load()
             self._undo.clear()
+            self._changed = None
             yield self
         finally:
             unmake = made and not (self.dir / "journal.json").exists()
@@ -382,6 +421,8 @@ class Journal:
             self.data.generation + 1, time.time_ns()
         )  # a new journal does not repeat an old one's
         self.data.files = self._stamps_now()
+        self.data.changed = self._still_changed()
+        self._changed = {(label, key): eid for label, keys in self.data.changed.items() for key, eid in keys.items()}
         with _st.atomic_write(self.dir / "journal.json") as f:
             f.write(self.data.model_dump_json(indent=1).encode())
 
@@ -434,6 +475,7 @@ class Journal:
             with contextlib.suppress(Exception):
                 self.data = self._load()  # what reached the disk
                 self._undo.clear()
+                self._changed = None
                 self.reconcile(tensor_at)
             raise
 
@@ -512,7 +554,7 @@ class Journal:
             if p.exists():
                 os.replace(p, folder / p.name)
         _st.fsync_dir(self.dir)
-        self.data, self._undo = JournalFile(), {}
+        self.data, self._undo, self._changed = JournalFile(), {}, None
         warnings.warn(
             ErasekitWarning(
                 f"the undo journal of {self.checkpoint} does not describe the file there ({reason}): it was set aside in "
