@@ -180,6 +180,10 @@ def described_journal(ckpt: Checkpoint) -> Journal:
         with journal.locked():
             if (reason := journal.foreign(tensor_places(ckpt))) is not None:
                 journal.set_aside(reason)
+    if journal.strays():  # a revert killed before it deleted its undo record: removed where the lock is free
+        with contextlib.suppress(TargetLockedError, TargetNotWritableError), journal.locked():
+            for p in journal.strays():
+                p.unlink()
     warn_changed(ckpt, journal)
     return journal
 

@@ -200,8 +200,17 @@ class Journal:
         return {label: file_stamp(path) for label, path in self.files.items()}
 
     def needs_reconcile(self) -> bool:
-        """Whether the journal has entries and an interrupted one, or a weight file is not as it stamped it."""
-        return bool(self.entries) and (bool(self.interrupted()) or self._stamps_now() != self.data.files)
+        """Whether the journal has entries and an interrupted one, or a weight file is not as it stamped it; or it
+        has undo records no entry names (:meth:`strays`)."""
+        written = bool(self.entries) and (bool(self.interrupted()) or self._stamps_now() != self.data.files)
+        return written or bool(self.strays())
+
+    def strays(self) -> list[Path]:
+        """Undo records no entry names: what a writer killed between writing one and the journal (apply), or
+        between the journal and deleting one (revert, recovery), leaves. Every reader goes by the entries, so
+        they are ignored; the next command that takes the lock deletes them (:meth:`reconcile`)."""
+        live = {e.undo_file for e in self.entries}
+        return sorted(p for p in self.dir.glob("*.undo") if p.name not in live)
 
     def read_undo(self, entry: Entry, tensor_at: TensorAt) -> dict[tuple[str, str], UndoTensor]:
         """The record of every tensor the entry changed (structure checked; values are checked when rebuilt)."""
@@ -533,11 +542,8 @@ class Journal:
             done.append(entry)
         if stamp and self.entries and self._stamps_now() != self.data.files:
             self.save()  # the files hold what the journal says: stamp them as they are
-        # Undo files no entry refers to (a crash between writing one and the journal) are garbage.
-        live = {e.undo_file for e in self.entries}
-        for p in self.dir.glob("*.undo"):
-            if p.name not in live:
-                p.unlink()
+        for p in self.strays():  # garbage: see strays
+            p.unlink()
         return done
 
     def set_aside(self, reason: str) -> Path:
@@ -571,8 +577,16 @@ def copy_journal(src_checkpoint: Path, dst_dir: Path) -> None:
     if not (src / "journal.json").exists():
         return
     dst_dir.mkdir(parents=True, exist_ok=True)
-    for p in [src / "journal.json", *src.glob("*.undo")]:
+    for p in [src / "journal.json", *(src / name for name in named_undo_files(src))]:
         shutil.copy2(p, dst_dir / p.name)
+
+
+def named_undo_files(folder: Path) -> set[str]:
+    """The undo records the journal in ``folder`` names (a copy leaves out the others: :meth:`Journal.strays`)."""
+    try:
+        return {e.undo_file for e in JournalFile.model_validate_json((folder / "journal.json").read_bytes()).entries}
+    except (OSError, ValidationError):
+        return {p.name for p in folder.glob("*.undo")}  # an unreadable journal is copied as it is, for its reader
 
 
 def entry_summary(entry: Entry) -> dict[str, Any]:
