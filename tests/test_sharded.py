@@ -379,3 +379,60 @@ def test_a_model_id_in_the_cache_with_a_sharded_t5_is_read_and_copied(
     assert snapshot(hub) == cached and sorted(
         p.name for p in (tmp_path / "copy" / "text_encoder_2").glob("model*")
     ) == sorted([*SHARDS, INDEX])
+
+
+def every_file(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``, the undo journal included."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _swap(folder: Path, a: str, b: str) -> None:
+    (folder / a).rename(folder / "swapping")
+    (folder / b).rename(folder / a)
+    (folder / "swapping").rename(folder / b)
+
+
+def _swap_in_index(folder: Path) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    index["weight_map"] = {k: SHARDS[1 - SHARDS.index(v)] for k, v in index["weight_map"].items()}
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("index_too", [False, True], ids=["names", "names-and-index"])
+def test_shards_whose_names_were_swapped_are_refused_and_swapping_them_back_restores_the_journal(
+    tmp_path: Path, index_too: bool
+) -> None:
+    """Two shards of a checkpoint with a patch applied in place swap names (and their index with them, or not):
+    every command says so in one line and changes no byte (the journal is not set aside), and once their names are
+    swapped back the patch reverts bit for bit."""
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    pristine = snapshot(sharded)
+    assert run("apply", patch, "--to", sharded, "--in-place").exit_code == 0
+    _swap(sharded, *SHARDS)
+    if index_too:
+        _swap_in_index(sharded)
+    before = every_file(sharded)
+    want = (
+        f"error: {SHARDS[0]} of {sharded} is the file its undo journal knows as {SHARDS[1]} and the other way round: "
+        "their names were swapped since patches were applied in place; nothing was written; swap their names back "
+        "(and in the index file that names them) to revert or apply patches there\n"
+        if index_too
+        else f"error: {sharded}/{INDEX} puts the tensors that {SHARDS[1]} holds in {SHARDS[0]} and the other way "
+        "round: their names were swapped; swap the shards' names back\n"
+    )
+    for args in (
+        ("inspect", sharded),
+        ("inspect", patch, "--against", sharded),
+        ("apply", patch, "--to", sharded, "--in-place"),
+        ("apply", "--revert", patch, "--to", sharded),
+    ):
+        r = run(*args)
+        assert r.exit_code != 0 and r.stderr == want, r.output
+        assert every_file(sharded) == before
+    _swap(sharded, *SHARDS)
+    if index_too:
+        _swap_in_index(sharded)
+    r = run("apply", "--revert", patch, "--to", sharded)
+    assert r.exit_code == 0 and "sha256 verified" in r.stdout, r.output
+    assert snapshot(sharded) == {**pristine, INDEX: snapshot(sharded)[INDEX]}

@@ -312,6 +312,7 @@ class Journal:
         for entry in self.interrupted():
             self.check_undo_file(entry)
         now = self._stamps_now()
+        self._refuse_swapped(now)
         for label, stamp in self.data.files.items():
             if label in now and (now[label].size, now[label].header_sha256) != (stamp.size, stamp.header_sha256):
                 return f"{self.files[label].name} has another size or header than the file it describes"
@@ -330,6 +331,27 @@ class Journal:
             except ForeignBytesError as e:
                 return e.problem
         return None
+
+    def _refuse_swapped(self, now: dict[str, FileStamp]) -> None:
+        """Refuse weight files that hold each other's size and header, as the journal stamped them, since their
+        names were swapped (two shards renamed, their index with them): setting the journal aside would lose the
+        patches applied there, and swapping the names back makes it describe the files again."""
+        stamped = {(st.size, st.header_sha256): label for label, st in self.data.files.items()}
+        moved = {
+            label: stamped[(st.size, st.header_sha256)]
+            for label, st in now.items()
+            if label in self.data.files and stamped.get((st.size, st.header_sha256), label) != label
+        }
+        if not moved or set(moved.values()) != set(moved):  # not a renaming of the same files among themselves
+            return
+        name, was = next(iter(moved.items()))
+        others = f" ({len(moved) - 2} more files too)" if len(moved) > 2 else ""
+        raise UndoRecordError(
+            f"{self.files[name].name} of {self.checkpoint} is the file its undo journal knows as "
+            f"{self.files[was].name}{' and the other way round' if moved.get(was) == name else ''}{others}: their "
+            "names were swapped since patches were applied in place; nothing was written",
+            "swap their names back (and in the index file that names them) to revert or apply patches there",
+        )
 
     def changed_since(self, tensor_at: TensorAt) -> dict[tuple[str, str], str]:
         """Each tensor a committed entry was the last to change (and no interrupted entry touches) that no longer holds

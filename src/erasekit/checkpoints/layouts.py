@@ -492,6 +492,7 @@ def _sharded_file(index: Path, root: Path) -> ShardedFile:
         if not (index.parent / name).is_file():
             raise LayoutError(f"{index} names the shard {name}, which is missing", _SHARDS_FIX)
         shards[name] = WeightFile(index.parent / name, str((index.parent / name).relative_to(root)))
+    _refuse_swapped_shards(index, weight_map, shards)
     for key, name in weight_map.items():
         if key not in shards[name].header.entries:
             raise LayoutError(f"{index} puts tensor {key} in {name}, which lacks it", _SHARDS_FIX)
@@ -501,6 +502,23 @@ def _sharded_file(index: Path, root: Path) -> ShardedFile:
             raise LayoutError(f"{shard.path} holds tensor {stray}, which {index.name} does not put there", _SHARDS_FIX)
     holder = {key: shards[name] for key, name in weight_map.items()}
     return ShardedFile(index, str(index.relative_to(root)), list(shards.values()), holder)
+
+
+def _refuse_swapped_shards(index: Path, weight_map: dict[str, str], shards: dict[str, WeightFile]) -> None:
+    """Refuse shards that hold each other's tensors, as the index puts them: their names were swapped (renamed
+    after a download, or by hand), which a re-download would undo along with the patches applied in place."""
+    wanted = {name: {k for k, v in weight_map.items() if v == name} for name in shards}
+    holds = {frozenset(shard.header.entries): name for name, shard in shards.items()}
+    moved = {name: holds.get(frozenset(keys), name) for name, keys in wanted.items()}
+    swapped = {name: other for name, other in moved.items() if other != name}
+    if swapped and all(swapped.get(other) for other in swapped.values()):
+        name, other = next(iter(swapped.items()))
+        raise LayoutError(
+            f"{index} puts the tensors that {other} holds in {name}"
+            + (" and the other way round" if swapped.get(other) == name else "")
+            + ": their names were swapped",
+            "swap the shards' names back",
+        )
 
 
 def _refuse_loose_shards(folder: Path, named: set[str]) -> None:
