@@ -436,3 +436,37 @@ def test_shards_whose_names_were_swapped_are_refused_and_swapping_them_back_rest
     r = run("apply", "--revert", patch, "--to", sharded)
     assert r.exit_code == 0 and "sha256 verified" in r.stdout, r.output
     assert snapshot(sharded) == {**pristine, INDEX: snapshot(sharded)[INDEX]}
+
+
+def test_two_index_files_naming_the_same_shards_read_write_and_journal_them_once(tmp_path: Path) -> None:
+    """A copy of the index under a variant's name (both agree with the shards): the shards are one file, each
+    tensor is rewritten and journaled once, and revert restores every byte."""
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    shutil.copyfile(sharded / INDEX, sharded / "model.safetensors.index.fp16.json")
+    before = snapshot(sharded)
+    r = run("inspect", sharded, "--json")
+    assert r.exit_code == 0 and [e["file"] for e in json.loads(r.stdout)["encoders"]] == [f"{INDEX} (2 shards)"]
+    r = run("apply", patch, "--to", sharded, "--in-place")
+    assert r.exit_code == 0 and "3 tensors" in r.stdout, r.output
+    tensors = json.loads((sharded / ".erasekit" / "journal.json").read_text())["entries"][0]["tensors"]
+    assert len(tensors) == len({(t["file"], t["key"]) for t in tensors}) == 3
+    assert run("apply", "--revert", patch, "--to", sharded).exit_code == 0
+    assert snapshot(sharded) == before
+
+
+def test_two_index_files_that_share_some_shards_are_refused_in_one_line(tmp_path: Path) -> None:
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    third = "model-00003-of-00003.safetensors"
+    shutil.copyfile(sharded / SHARDS[1], sharded / third)
+    index = json.loads((sharded / INDEX).read_text())
+    index["weight_map"] = {k: third if v == SHARDS[1] else v for k, v in index["weight_map"].items()}
+    (sharded / "model.safetensors.index.fp16.json").write_text(json.dumps(index))
+    before = snapshot(sharded)
+    r = run("apply", patch, "--to", sharded, "--in-place")
+    assert r.exit_code == 4 and r.stderr == (
+        f"error: {sharded / INDEX} and model.safetensors.index.fp16.json both name the shard {SHARDS[0]}, but not the "
+        "same shards; remove the index file that is not the model's\n"
+    ), r.output
+    assert snapshot(sharded) == before and not (sharded / ".erasekit").exists()

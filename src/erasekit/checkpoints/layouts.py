@@ -461,7 +461,9 @@ def _plain_first(wf: WeightFile) -> tuple[bool, str]:
 def _weight_files(folder: Path, root: Path) -> list[WeightFile]:
     """The weight files of a transformers model folder: every ``model*.safetensors`` (the shards an index names as
     one :class:`ShardedFile`), else every ``pytorch_model*.bin``; labels are relative to ``root``."""
-    sharded = [_sharded_file(index, root) for index in sorted(folder.glob("model.safetensors.index*.json"))]
+    sharded = _one_per_shards(
+        [_sharded_file(index, root) for index in sorted(folder.glob("model.safetensors.index*.json"))]
+    )
     named = {shard.path.name for f in sharded for shard in f.shards}
     _refuse_loose_shards(folder, named)
     files: list[WeightFile] = [
@@ -475,6 +477,26 @@ def _weight_files(folder: Path, root: Path) -> list[WeightFile]:
     return sorted(
         (WeightFile(p, str(p.relative_to(root))) for p in folder.glob("pytorch_model*.bin")), key=_plain_first
     )
+
+
+def _one_per_shards(sharded: list[ShardedFile]) -> list[ShardedFile]:
+    """One file for index files that name the same shards (a copy of the index under a variant's name: each agrees
+    with the shards' headers, so they say the same), by the plain index's name where it is one of them: the shards
+    are read, written and journaled once. Index files that share some shards but not all are refused."""
+    kept: list[ShardedFile] = []
+    for f in sorted(sharded, key=_plain_first):
+        names = {shard.path.name for shard in f.shards}
+        for k in kept:
+            theirs = {shard.path.name for shard in k.shards}
+            if names & theirs and names != theirs:
+                raise LayoutError(
+                    f"{k.path} and {f.path.name} both name the shard {sorted(names & theirs)[0]}, but not the same "
+                    "shards",
+                    "remove the index file that is not the model's",
+                )
+        if not any(names == {shard.path.name for shard in k.shards} for k in kept):
+            kept.append(f)
+    return kept
 
 
 def _sharded_file(index: Path, root: Path) -> ShardedFile:
