@@ -470,3 +470,53 @@ def test_two_index_files_that_share_some_shards_are_refused_in_one_line(tmp_path
         "same shards; remove the index file that is not the model's\n"
     ), r.output
     assert snapshot(sharded) == before and not (sharded / ".erasekit").exists()
+
+
+def _sparse_t5_xxl_blocks(path: Path, blocks: int) -> None:
+    """A safetensors file of the FFN tensors of a T5 v1.1 XXL's first ``blocks`` blocks, as its first shard holds
+    them: the header as it would be, the data a hole (a sparse file: nothing but the header is read)."""
+    header, offset = {}, 0
+    for i in range(blocks):
+        for proj, shape in (("wi_0", [10240, 4096]), ("wi_1", [10240, 4096]), ("wo", [4096, 10240])):
+            size = 2 * shape[0] * shape[1]
+            header[f"encoder.block.{i}.layer.1.DenseReluDense.{proj}.weight"] = {
+                "dtype": "F16",
+                "shape": shape,
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+def test_a_first_shard_on_its_own_is_refused_not_read_as_an_encoder_of_fewer_layers(tmp_path: Path) -> None:
+    """The first shard renamed ``model.safetensors`` (the others and the index gone) holds the first layers only:
+    refused in one line (fewer layers than its config.json names), every file as it was; so is such a shard on its
+    own where no config says how many layers (a T5 v1.1 XXL's widths with fewer than its 24 blocks)."""
+    plain, _, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    folder = shutil.copytree(plain, tmp_path / "renamed")
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".block.1." not in k}, str(folder / "model.safetensors"))
+    before = snapshot(folder)
+    want = (
+        f"error: {folder}/model.safetensors holds 1 of the 2 layers its config.json names (no "
+        "encoder.block.1.layer.1.DenseReluDense.wi_0.weight): it is a part of a model saved in shards (a shard "
+        "renamed, or left without the others?); put all its shards back beside their index file "
+        "(model.safetensors.index.json), or download them again\n"
+    )
+    for args in (("inspect", folder), ("apply", patch, "--to", folder, "--in-place")):
+        r = run(*args)
+        assert r.exit_code == 4 and r.stderr == want, r.output
+    assert snapshot(folder) == before and not (folder / ".erasekit").exists()
+    alone = tmp_path / "t5xxl_fp16.safetensors"
+    _sparse_t5_xxl_blocks(alone, 1)
+    r = run("inspect", alone)
+    assert r.exit_code == 4 and r.stderr == (
+        f"error: {alone} holds 1 of the 24 layers a T5 v1.1 XXL has (no encoder.block.1.layer.1.DenseReluDense.wi_0."
+        "weight): it is a part of a model saved in shards (a shard renamed, or left without the others?); name the "
+        "whole encoder's file, or the folder that holds all its shards and their index\n"
+    ), r.output

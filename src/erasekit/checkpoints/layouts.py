@@ -40,6 +40,7 @@ from ..families import (
 )
 from ..families.base import EncoderKind, Family, Naming, SingleFile, Slot
 from ..families.encoders import ENCODER_KINDS, KIND_OF_NAMING, NAMINGS
+from ..families.encoders.t5 import T5_XXL
 from ..format import _st
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -691,7 +692,7 @@ def detect(path: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise InputFileError(f"{path} does not exist", "check the path")
     if path.is_dir():
-        return _detect_folder(path)
+        return _refuse_a_part(_detect_folder(path))
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise LayoutError(
@@ -703,7 +704,39 @@ def detect(path: str | os.PathLike) -> Checkpoint:
             f"{path} is one shard of a model saved in shards",
             f"name the folder that holds all its shards and their index ({path.parent})",
         )
-    ckpt = _detect_single_file(path)
+    ckpt = _refuse_a_part(_detect_single_file(path))
     if suffix in PICKLE_SUFFIXES:
         ckpt.layout += " (pickle)"
     return ckpt
+
+
+def _refuse_a_part(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt``, unless a weight file holds an encoder's first layers only, as a shard of a model saved in shards
+    does (``model-00001-of-00002.safetensors`` renamed ``model.safetensors``, or left without its index and the
+    other shards): it would read as an encoder of fewer layers. The rule is cheap: fewer layers than the
+    ``config.json`` beside it names (folders), or than a T5 v1.1 XXL of its widths has."""
+    for wf in ckpt.files:
+        for enc in wf.encoders.values():
+            expected, whose = _layers_expected(wf, enc, ckpt.path.is_dir())
+            if enc.layers < expected:
+                raise LayoutError(
+                    f"{wf.path} holds {enc.layers} of the {expected} layers {whose} (no "
+                    f"{enc.key(enc.layers, enc.projections[0], 'weight')}): it is a part of a model saved in shards "
+                    "(a shard renamed, or left without the others?)",
+                    "put all its shards back beside their index file (model.safetensors.index.json), or download "
+                    "them again"
+                    if ckpt.path.is_dir()
+                    else "name the whole encoder's file, or the folder that holds all its shards and their index",
+                )
+    return ckpt
+
+
+def _layers_expected(wf: WeightFile, enc: EncoderSpec, folder: bool) -> tuple[int, str]:
+    """How many layers ``enc`` should have, and who says so (0: unknown)."""
+    config = _config_json(wf.path.parent) if folder else {}
+    count = config.get("num_layers" if enc.encoder_kind is T5_XXL.kind else "num_hidden_layers")
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count, "its config.json names"
+    if enc.encoder_kind is T5_XXL.kind and (enc.hidden, enc.intermediate) == T5_XXL.largest[:2]:
+        return T5_XXL.largest[2], f"a {T5_XXL.title} has"
+    return 0, ""
