@@ -416,7 +416,7 @@ def test_shards_whose_names_were_swapped_are_refused_and_swapping_them_back_rest
     want = (
         f"error: {SHARDS[0]} of {sharded} is the file its undo journal knows as {SHARDS[1]} and the other way round: "
         "their names were swapped since patches were applied in place; nothing was written; swap their names back "
-        "(and in the index file that names them) to revert or apply patches there\n"
+        "(in the index file too, where one names them) to revert or apply patches there\n"
         if index_too
         else f"error: {sharded}/{INDEX} puts the tensors that {SHARDS[1]} holds in {SHARDS[0]} and the other way "
         "round: their names were swapped; swap the shards' names back\n"

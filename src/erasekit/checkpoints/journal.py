@@ -350,7 +350,7 @@ class Journal:
             f"{self.files[name].name} of {self.checkpoint} is the file its undo journal knows as "
             f"{self.files[was].name}{' and the other way round' if moved.get(was) == name else ''}{others}: their "
             "names were swapped since patches were applied in place; nothing was written",
-            "swap their names back (and in the index file that names them) to revert or apply patches there",
+            "swap their names back (in the index file too, where one names them) to revert or apply patches there",
         )
 
     def changed_since(self, tensor_at: TensorAt) -> dict[tuple[str, str], str]:
