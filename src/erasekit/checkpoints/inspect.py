@@ -19,7 +19,7 @@ from ..format.erase_config import recorded_defaults
 from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, load_patch
 from .hub import TEXT_ENCODERS, resolve_model
 from .in_place import changed_in_place, checked_journal, described_journal, read_consistently, tensor_places
-from .journal import entry_summary
+from .journal import Journal, entry_summary
 from .layouts import Checkpoint, check_ffn_dtypes, detect
 from .model_configs import choose_config
 
@@ -226,20 +226,20 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
     differing = statuses.count("differs")
     if differing:
         return f"{differing} of {len(statuses)} base tensors differ (apply needs force)"
-    refused = _changed_under(patch, mapping, ckpt)
+    journal = checked_journal(ckpt, warn=False)  # pristine_reader warned of patches no longer there whole
+    refused = _changed_under(patch, mapping, ckpt, journal)
     if refused:
         return refused
-    note = _applied_note(ckpt)
+    note = _applied_note(ckpt, journal)
     note += f"; {crossing}" if crossing else ""
     return ("exact" if "approx" not in statuses else "approx (same model, other precision)") + note
 
 
-def _changed_under(patch: Patch, mapping: dict[str, str], ckpt: Checkpoint) -> str | None:
+def _changed_under(patch: Patch, mapping: dict[str, str], ckpt: Checkpoint, journal: Journal) -> str | None:
     """Why apply would refuse ``patch``: tensors it changes that another program wrote since the patch applied in
     place before it last changed them (as :func:`erasekit.checkpoints.apply` refuses them); None if none."""
     from .compat import touches
 
-    journal = checked_journal(ckpt, warn=False)
     if any(e.patch_id == patch.patch_id for e in journal.committed):
         return None  # applied there itself: the note on the applied patches says what changed of it
     changed = journal.changed_since(tensor_places(ckpt))
@@ -262,9 +262,8 @@ def _changed_under(patch: Patch, mapping: dict[str, str], ckpt: Checkpoint) -> s
     )
 
 
-def _applied_note(ckpt: Checkpoint) -> str:
+def _applied_note(ckpt: Checkpoint, journal: Journal) -> str:
     """The patches applied in place to ``ckpt``, each with the count of its tensors another program changed since."""
-    journal = checked_journal(ckpt, warn=False)
     changed = changed_in_place(ckpt, journal)
     applied = [
         e.patch_title

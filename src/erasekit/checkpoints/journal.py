@@ -26,7 +26,13 @@ file's size and header are those it stamped, and every tensor an entry touched h
 before or after that entry. A journal that does not describe the file (the file was replaced) is set aside,
 kept in a folder named ``set-aside-<time>`` beside it, with a warning; nothing is written to the file.
 
-Readers take the lock only to recover or set aside (:mod:`erasekit.checkpoints.in_place`): ``generation`` grows with every
+Two files may hold each other's stamps (their names were swapped): every command refuses them, and the journal
+describes them again once their names are back. A tensor that a committed entry changed and another program wrote
+since is recorded in ``changed`` (:meth:`Journal.changed_since`), for readers to say that the file no longer holds
+that patch whole.
+
+Readers take the lock only to recover, set aside, stamp or delete undo records no entry names
+(:mod:`erasekit.checkpoints.in_place`): ``generation`` grows with every
 save, and a reader that sees the same generation (and no interrupted entry) before and after reading the tensors
 saw no write (:func:`generation`).
 """
