@@ -1,8 +1,8 @@
 """Every write, fsync, rename and copy of the commands that write (``apply`` in place, with one patch and two,
-``--revert``, ``apply -o``, ``merge``, ``export``, ``erase``'s patch) failing in turn (ENOSPC from there on: a full
-disk; EIO once) or the process dying there (``os._exit`` in a child): after the next command every file is as
-before the command or as after it, the undo journal says which, no temporary is left, and a failure was one line
-with a non-zero exit (harness: tests/faults.py).
+``--revert`` of one of two patches and of the only one, ``apply -o``, ``merge``, ``export``, ``erase``'s patch)
+failing in turn (ENOSPC from there on: a full disk; EIO once) or the process dying there (``os._exit`` in a child):
+after the next command every file is as before the command or as after it, the undo journal says which, no
+temporary is left, and a failure was one line with a non-zero exit (harness: tests/faults.py).
 
 A sample of k per case by default; ``ERASEKIT_FAULTS=all`` runs every k (minutes).
 """
@@ -102,6 +102,12 @@ CASES = [
         "revert",
         lambda r: ["apply", "--revert", f"{r}/p1.erasepatch", "--to", f"{r}/applied.safetensors"],
         in_place_state("applied.safetensors"),
+        in_place=True,
+    ),
+    Case(  # the journal left empty: nothing but the next reader deletes an undo record left behind
+        "revert-last",
+        lambda r: ["apply", "--revert", f"{r}/p2.erasepatch", "--to", f"{r}/below.safetensors"],
+        in_place_state("below.safetensors"),
         in_place=True,
     ),
     Case(
@@ -279,3 +285,27 @@ def _check_next(
         found.add(case.name, mode, k, call, "not as after once run again: " + changes(case.state(root), before, after))
     if left := faults.temporaries(root) + unnamed_records(root):
         found.add(case.name, mode, k, call, f"left after running it again: {left}")
+
+
+def test_a_revert_killed_after_its_journal_leaves_no_undo_record_that_a_reader_uses(
+    pristine: Path, tmp_path: Path
+) -> None:
+    """Revert saves the journal without its entry, then deletes the entry's undo record: killed in between (at the
+    fsync of the folder after the journal's rename), the record is left. No reader takes it for an entry's (a copy
+    leaves it out), and the next command that reads the checkpoint deletes it."""
+    argv = ["apply", "--revert", f"{tmp_path}/p2.erasepatch", "--to", f"{tmp_path}/below.safetensors"]
+    counted = tmp_path / "counted"
+    _, calls = faults.count_calls([a.replace(str(tmp_path), str(counted)) for a in argv], fresh(pristine, counted))
+    saved = max(k for k, c in enumerate(calls, 1) if c.kind == "replace" and c.target.endswith("journal.json"))
+    assert calls[saved].kind == "fsync" and saved + 1 == len(calls)  # the last call: the folder's fsync
+    root = fresh(pristine, tmp_path / "killed")
+    argv = [a.replace(str(tmp_path), str(root)) for a in argv]
+    assert faults.die_at(argv, root, saved + 1, env=ENV) == faults.DIED
+    assert unnamed_records(root) == [".erasekit/below.safetensors/0001.undo"]
+    copy = faults.run_cli(
+        ["apply", f"{root}/p1.erasepatch", "--to", f"{root}/below.safetensors", "-o", f"{root}/out.safetensors"]
+    )
+    assert copy.exit_code == 0, copy.stderr
+    assert unnamed_records(root) == [".erasekit/below.safetensors/0001.undo"]  # not copied to the output's journal
+    assert faults.run_cli(["inspect", f"{root}/below.safetensors"]).exit_code == 0
+    assert unnamed_records(root) == [] and journal_state(root / "below.safetensors")["committed"] == []

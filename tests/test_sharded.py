@@ -379,3 +379,144 @@ def test_a_model_id_in_the_cache_with_a_sharded_t5_is_read_and_copied(
     assert snapshot(hub) == cached and sorted(
         p.name for p in (tmp_path / "copy" / "text_encoder_2").glob("model*")
     ) == sorted([*SHARDS, INDEX])
+
+
+def every_file(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``, the undo journal included."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _swap(folder: Path, a: str, b: str) -> None:
+    (folder / a).rename(folder / "swapping")
+    (folder / b).rename(folder / a)
+    (folder / "swapping").rename(folder / b)
+
+
+def _swap_in_index(folder: Path) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    index["weight_map"] = {k: SHARDS[1 - SHARDS.index(v)] for k, v in index["weight_map"].items()}
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("index_too", [False, True], ids=["names", "names-and-index"])
+def test_shards_whose_names_were_swapped_are_refused_and_swapping_them_back_restores_the_journal(
+    tmp_path: Path, index_too: bool
+) -> None:
+    """Two shards of a checkpoint with a patch applied in place swap names (and their index with them, or not):
+    every command says so in one line and changes no byte (the journal is not set aside), and once their names are
+    swapped back the patch reverts bit for bit."""
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    pristine = snapshot(sharded)
+    assert run("apply", patch, "--to", sharded, "--in-place").exit_code == 0
+    _swap(sharded, *SHARDS)
+    if index_too:
+        _swap_in_index(sharded)
+    before = every_file(sharded)
+    want = (
+        f"error: {SHARDS[0]} of {sharded} is the file its undo journal knows as {SHARDS[1]} and the other way round: "
+        "their names were swapped since patches were applied in place; nothing was written; swap their names back "
+        "(in the index file too, where one names them) to revert or apply patches there\n"
+        if index_too
+        else f"error: {sharded}/{INDEX} puts the tensors that {SHARDS[1]} holds in {SHARDS[0]} and the other way "
+        "round: their names were swapped; swap the shards' names back\n"
+    )
+    for args in (
+        ("inspect", sharded),
+        ("inspect", patch, "--against", sharded),
+        ("apply", patch, "--to", sharded, "--in-place"),
+        ("apply", "--revert", patch, "--to", sharded),
+    ):
+        r = run(*args)
+        assert r.exit_code != 0 and r.stderr == want, r.output
+        assert every_file(sharded) == before
+    _swap(sharded, *SHARDS)
+    if index_too:
+        _swap_in_index(sharded)
+    r = run("apply", "--revert", patch, "--to", sharded)
+    assert r.exit_code == 0 and "sha256 verified" in r.stdout, r.output
+    assert snapshot(sharded) == {**pristine, INDEX: snapshot(sharded)[INDEX]}
+
+
+def test_two_index_files_naming_the_same_shards_read_write_and_journal_them_once(tmp_path: Path) -> None:
+    """A copy of the index under a variant's name (both agree with the shards): the shards are one file, each
+    tensor is rewritten and journaled once, and revert restores every byte."""
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    shutil.copyfile(sharded / INDEX, sharded / "model.safetensors.index.fp16.json")
+    before = snapshot(sharded)
+    r = run("inspect", sharded, "--json")
+    assert r.exit_code == 0 and [e["file"] for e in json.loads(r.stdout)["encoders"]] == [f"{INDEX} (2 shards)"]
+    r = run("apply", patch, "--to", sharded, "--in-place")
+    assert r.exit_code == 0 and "3 tensors" in r.stdout, r.output
+    tensors = json.loads((sharded / ".erasekit" / "journal.json").read_text())["entries"][0]["tensors"]
+    assert len(tensors) == len({(t["file"], t["key"]) for t in tensors}) == 3
+    assert run("apply", "--revert", patch, "--to", sharded).exit_code == 0
+    assert snapshot(sharded) == before
+
+
+def test_two_index_files_that_share_some_shards_are_refused_in_one_line(tmp_path: Path) -> None:
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    third = "model-00003-of-00003.safetensors"
+    shutil.copyfile(sharded / SHARDS[1], sharded / third)
+    index = json.loads((sharded / INDEX).read_text())
+    index["weight_map"] = {k: third if v == SHARDS[1] else v for k, v in index["weight_map"].items()}
+    (sharded / "model.safetensors.index.fp16.json").write_text(json.dumps(index))
+    before = snapshot(sharded)
+    r = run("apply", patch, "--to", sharded, "--in-place")
+    assert r.exit_code == 4 and r.stderr == (
+        f"error: {sharded / INDEX} and model.safetensors.index.fp16.json both name the shard {SHARDS[0]}, but not the "
+        "same shards; remove the index file that is not the model's\n"
+    ), r.output
+    assert snapshot(sharded) == before and not (sharded / ".erasekit").exists()
+
+
+def _sparse_t5_xxl_blocks(path: Path, blocks: int) -> None:
+    """A safetensors file of the FFN tensors of a T5 v1.1 XXL's first ``blocks`` blocks, as its first shard holds
+    them: the header as it would be, the data a hole (a sparse file: nothing but the header is read)."""
+    header, offset = {}, 0
+    for i in range(blocks):
+        for proj, shape in (("wi_0", [10240, 4096]), ("wi_1", [10240, 4096]), ("wo", [4096, 10240])):
+            size = 2 * shape[0] * shape[1]
+            header[f"encoder.block.{i}.layer.1.DenseReluDense.{proj}.weight"] = {
+                "dtype": "F16",
+                "shape": shape,
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+def test_a_first_shard_on_its_own_is_refused_not_read_as_an_encoder_of_fewer_layers(tmp_path: Path) -> None:
+    """The first shard renamed ``model.safetensors`` (the others and the index gone) holds the first layers only:
+    refused in one line (fewer layers than its config.json names), every file as it was; so is such a shard on its
+    own where no config says how many layers (a T5 v1.1 XXL's widths with fewer than its 24 blocks)."""
+    plain, _, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    folder = shutil.copytree(plain, tmp_path / "renamed")
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".block.1." not in k}, str(folder / "model.safetensors"))
+    before = snapshot(folder)
+    want = (
+        f"error: {folder}/model.safetensors holds 1 of the 2 layers its config.json names (no "
+        "encoder.block.1.layer.1.DenseReluDense.wi_0.weight): it is a part of a model saved in shards (a shard "
+        "renamed, or left without the others?); put all its shards back beside their index file "
+        "(model.safetensors.index.json), or download them again\n"
+    )
+    for args in (("inspect", folder), ("apply", patch, "--to", folder, "--in-place")):
+        r = run(*args)
+        assert r.exit_code == 4 and r.stderr == want, r.output
+    assert snapshot(folder) == before and not (folder / ".erasekit").exists()
+    alone = tmp_path / "t5xxl_fp16.safetensors"
+    _sparse_t5_xxl_blocks(alone, 1)
+    r = run("inspect", alone)
+    assert r.exit_code == 4 and r.stderr == (
+        f"error: {alone} holds 1 of the 24 layers a T5 v1.1 XXL has (no encoder.block.1.layer.1.DenseReluDense.wi_0."
+        "weight): it is a part of a model saved in shards (a shard renamed, or left without the others?); name the "
+        "whole encoder's file, or the folder that holds all its shards and their index\n"
+    ), r.output

@@ -215,3 +215,64 @@ def test_a_refused_command_leaves_the_journal_as_it_was(stack: dict[str, Path], 
     assert result.exit_code == 6
     assert "1 tensors of " in one_line(result)
     assert every_file(t.parent) == before
+
+
+def warnings_of(result) -> list[str]:  # type: ignore[no-untyped-def]
+    return [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+
+
+def test_readers_say_that_a_patch_in_place_is_no_longer_there_whole(stack: dict[str, Path], tmp_path: Path) -> None:
+    """Another program rewrites a tensor patch A wrote in place: every reader says the file no longer holds A whole
+    (which tensor, and that a forced revert restores it: A's undo record holds the bytes), also after another patch
+    was stacked on other tensors, until A is reverted; none reports it applied as if its bytes were there."""
+    t, key = stack["t"], fc1_of_layer_1(stack["t"])
+    assert run("apply", stack["A"], "--to", t, "--in-place").exit_code == 0
+    change_behind_erasekits_back(t, key, tmp_path)
+    warning = (
+        f"warning: {t} no longer holds patch 'A-title' whole, though its undo journal lists it: 1 of the 4 tensors "
+        f"it wrote in place hold other bytes now ({key} in t.safetensors; changed by another program since?); "
+        f"erasekit apply --revert {stack['A']} --to {t} --force restores every tensor's bytes from before it "
+        "(apply it anew after, to have it)"
+    )
+    for _ in range(2):  # the first reader stamps the file anew: the second still knows
+        result = run("inspect", t)
+        assert result.exit_code == 0 and warnings_of(result) == [warning], result.output
+        assert "0001  A-title  1         exact        4 (1 changed since)" in result.stdout
+    result = run("inspect", stack["A"], "--against", t)
+    assert warnings_of(result) == [warning]
+    assert (
+        "exact; note: patches already applied to it: A-title (1 of its 4 tensors changed since by another program)"
+        in " ".join(result.stdout.split())
+    )
+    result = run("inspect", stack["C"], "--against", t)
+    assert (
+        "apply refuses it: a tensor it changes was changed by another program since 'A-title' was applied in place "
+        f"({key}); revert 'A-title' forcing it first, or restore the file" in " ".join(result.stdout.split())
+    )
+    result = run("diff", t, stack["base"])
+    assert result.exit_code == 0 and warnings_of(result) == [warning]
+    assert run("apply", stack["B"], "--to", t, "--in-place").exit_code == 0  # its save still knows A's tensor
+    assert warnings_of(run("inspect", t)) == [warning]
+    assert run("apply", "--revert", stack["A"], "--to", t, "--force").exit_code == 0
+    result = run("inspect", t)
+    assert warnings_of(result) == [] and "changed since" not in result.stdout
+
+
+def test_a_reader_says_when_no_revert_can_restore_a_changed_tensor(stack: dict[str, Path], tmp_path: Path) -> None:
+    """A low-rank patch's undo record holds the change, not the bytes: a tensor another program rewrote cannot be
+    reverted, and the warning says so (and what to do) instead of offering a revert that fails."""
+    t, key = stack["t"], fc1_of_layer_1(stack["t"])
+    low_rank = tmp_path / "L.erasepatch"
+    edited = make_checkpoint(tmp_path / "edL.safetensors", "single-sd1", "F16", edit_layers=[1])
+    assert run("diff", stack["base"], edited, "--rank", "2", "-o", low_rank, "--title", "L-title").exit_code == 0
+    assert run("apply", low_rank, "--to", t, "--in-place").exit_code == 0
+    change_behind_erasekits_back(t, key, tmp_path)
+    [warning] = warnings_of(run("inspect", t))
+    assert warning.endswith(
+        f"changed by another program since?); revert is impossible for {key} (its undo record holds the change, not "
+        "the bytes from before it): restore the file from a backup or download it again (its undo journal is then "
+        "set aside), and apply the patch anew"
+    )
+    before = every_file(t.parent)
+    result = run("apply", "--revert", low_rank, "--to", t, "--force")
+    assert result.exit_code != 0 and every_file(t.parent) == before  # as the warning said

@@ -49,7 +49,7 @@ from .compat import (
 )
 from .hub import in_hub_cache, resolve_model
 from .in_place import applied_in_place, read_consistently, tensor_places
-from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, copy_journal, journal_dir
+from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, copy_journal, journal_dir, named_undo_files
 from .layouts import Checkpoint, WeightFile, check_ffn_dtypes, check_patchable, detect
 from .undo_record import (
     DeltaParts,
@@ -447,8 +447,12 @@ def _copy(ckpt: Checkpoint, tmp: Path) -> None:
 
 
 def _not_the_journal_lock(folder: str, names: list[str]) -> list[str]:
-    """What a copy of a checkpoint folder leaves out of its journal folder: the lock and set-aside journals."""
-    return [n for n in names if n == "lock" or n.startswith(SET_ASIDE)] if Path(folder).name == DIRNAME else []
+    """What a copy of a checkpoint folder leaves out of its journal folder: the lock, set-aside journals and undo
+    records no entry names."""
+    if Path(folder).name != DIRNAME:
+        return []
+    named = named_undo_files(Path(folder))
+    return [n for n in names if n == "lock" or n.startswith(SET_ASIDE) or (n.endswith(".undo") and n not in named)]
 
 
 def _remove_staged(tmp: Path) -> None:
@@ -538,7 +542,7 @@ def apply_to_checkpoint(
         for p in loaded
         if (n := crossing_note(p, ckpt.architecture, slot_map(p, ckpt.architecture, ckpt.encoders, where)))
     ]
-    warnings += order_notes(loaded, applied_in_place(ckpt, stamp=False))
+    warnings += order_notes(loaded, applied_in_place(ckpt, stamp=False, warn=False))  # a refusal is one line
     check_ffn_dtypes(ckpt)  # before a copy is made
     if in_place:
         _refuse_builtin(ckpt)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ..errors import ErasekitError, TargetLockedError, TargetNotWritableError, UndoRecordError
+from ..errors import ErasekitError, ErasekitWarning, TargetLockedError, TargetNotWritableError, UndoRecordError
 from ..format import _st
 from ..format.patchfile import Patch
 from .compat import Stacked, applied_twice, base_statuses, slot_map
 from .journal import Entry, Journal, TensorAt, generation
 from .layouts import Checkpoint, WeightFile
+from .undo_record import TensorRecord, sha256
 
 T = TypeVar("T")
 
@@ -97,10 +99,77 @@ def read_consistently(
     )
 
 
-def checked_journal(ckpt: Checkpoint, stamp: bool = True) -> Journal:
-    """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`, ``stamp`` as there)."""
+def checked_journal(ckpt: Checkpoint, stamp: bool = True, warn: bool = True) -> Journal:
+    """``ckpt``'s journal, once it describes the files there (:func:`recover_interrupted`, ``stamp`` as there);
+    ``warn``: with a warning for each patch applied there whose bytes another program changed since
+    (:func:`warn_changed`)."""
     recover_interrupted(ckpt, stamp)
-    return Journal(ckpt.path, ckpt.journal_files)
+    journal = Journal(ckpt.path, ckpt.journal_files)
+    if warn:
+        warn_changed(ckpt, journal)
+    return journal
+
+
+def changed_in_place(ckpt: Checkpoint, journal: Journal) -> dict[str, list[TensorRecord]]:
+    """Entry id -> the tensors of that committed entry that no longer hold the bytes it left there (another program
+    wrote them since: :meth:`Journal.changed_since`)."""
+    changed = journal.changed_since(tensor_places(ckpt))
+    out: dict[str, list[TensorRecord]] = {}
+    for entry in journal.committed:
+        mine = [r for r in entry.tensors if changed.get((r.file, r.key)) == entry.id]
+        if mine:
+            out[entry.id] = mine
+    return out
+
+
+def warn_changed(ckpt: Checkpoint, journal: Journal) -> None:
+    """Warn, one line per patch applied in place to ``ckpt`` that the file no longer holds whole (another program
+    wrote some of its tensors since), naming them and what to do: the journal says it is applied, the bytes do not."""
+    for entry_id, records in changed_in_place(ckpt, journal).items():
+        entry = next(e for e in journal.committed if e.id == entry_id)
+        warnings.warn(ErasekitWarning(changed_note(ckpt, journal, entry, records)), stacklevel=2)
+
+
+def changed_note(ckpt: Checkpoint, journal: Journal, entry: Entry, records: list[TensorRecord]) -> str:
+    """What :func:`warn_changed` says of ``entry``, whose ``records`` another program changed since."""
+    shown = f"{records[0].key} in {records[0].file or ckpt.path.name}" + (
+        f" and {len(records) - 1} more" if len(records) > 1 else ""
+    )
+    lost = _unrestorable(ckpt, journal, entry, records)
+    if lost:
+        fix = (
+            f"revert is impossible for {lost[0].key}{' and the others' if len(lost) > 1 else ''} (its undo record "
+            "holds the change, not the bytes from before it): restore the file from a backup or download it again "
+            "(its undo journal is then set aside), and apply the patch anew"
+        )
+    else:
+        fix = (
+            f"erasekit apply --revert {entry.patch_path or 'PATCH'} --to {ckpt.path} --force restores every "
+            "tensor's bytes from before it (apply it anew after, to have it)"
+        )
+    return (
+        f"{ckpt.path} no longer holds patch '{entry.patch_title}' whole, though its undo journal lists it: "
+        f"{len(records)} of the {len(entry.tensors)} tensors it wrote in place hold other bytes now ({shown}; "
+        f"changed by another program since?); {fix}"
+    )
+
+
+def _unrestorable(ckpt: Checkpoint, journal: Journal, entry: Entry, records: list[TensorRecord]) -> list[TensorRecord]:
+    """The ``records`` a forced revert of ``entry`` cannot restore: those its undo record holds as a change (a
+    residual record), whose bytes now are not those from before it either."""
+    if entry.undo == "full":
+        return []
+    places = tensor_places(ckpt)
+    try:
+        undo = journal.read_undo(entry, places)
+    except UndoRecordError:
+        return records
+    by_label = {f.label: f for f in ckpt.disk_files}
+    return [
+        r
+        for r in records
+        if not undo[(r.file, r.key)].full and sha256(by_label[r.file].read_raw(r.key)) != r.before_sha256
+    ]
 
 
 def described_journal(ckpt: Checkpoint) -> Journal:
@@ -111,13 +180,18 @@ def described_journal(ckpt: Checkpoint) -> Journal:
         with journal.locked():
             if (reason := journal.foreign(tensor_places(ckpt))) is not None:
                 journal.set_aside(reason)
+    if journal.strays():  # a revert killed before it deleted its undo record: removed where the lock is free
+        with contextlib.suppress(TargetLockedError, TargetNotWritableError), journal.locked():
+            for p in journal.strays():
+                p.unlink()
+    warn_changed(ckpt, journal)
     return journal
 
 
-def applied_in_place(ckpt: Checkpoint, stamp: bool = True) -> list[dict[str, str]]:
-    """The patches applied in place to ``ckpt``, oldest first, as an erase's ``after`` records them (``stamp``:
-    as :func:`recover_interrupted`'s)."""
-    return [{"patch_id": e.patch_id, "title": e.patch_title} for e in checked_journal(ckpt, stamp).committed]
+def applied_in_place(ckpt: Checkpoint, stamp: bool = True, warn: bool = True) -> list[dict[str, str]]:
+    """The patches applied in place to ``ckpt``, oldest first, as an erase's ``after`` records them (``stamp``, ``warn``:
+    as :func:`checked_journal`'s)."""
+    return [{"patch_id": e.patch_id, "title": e.patch_title} for e in checked_journal(ckpt, stamp, warn).committed]
 
 
 def pristine_reader(ckpt: Checkpoint) -> Callable[[WeightFile, str], bytes]:

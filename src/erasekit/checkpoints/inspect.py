@@ -18,8 +18,8 @@ from ..families.encoders import KIND_OF_PROJECTION
 from ..format.erase_config import recorded_defaults
 from ..format.patchfile import Evaluation, Patch, delta_norm, is_patch_file, load_patch
 from .hub import TEXT_ENCODERS, resolve_model
-from .in_place import applied_in_place, described_journal, read_consistently
-from .journal import entry_summary
+from .in_place import changed_in_place, checked_journal, described_journal, read_consistently, tensor_places
+from .journal import Journal, entry_summary
 from .layouts import Checkpoint, check_ffn_dtypes, detect
 from .model_configs import choose_config
 
@@ -226,10 +226,55 @@ def _against(patch: Patch, rows: list[DeltaRow], ckpt: Checkpoint) -> str:
     differing = statuses.count("differs")
     if differing:
         return f"{differing} of {len(statuses)} base tensors differ (apply needs force)"
-    applied = [a["title"] for a in applied_in_place(ckpt)]
-    note = f"; note: patches already applied to it: {', '.join(applied)}" if applied else ""
+    journal = checked_journal(ckpt, warn=False)  # pristine_reader warned of patches no longer there whole
+    refused = _changed_under(patch, mapping, ckpt, journal)
+    if refused:
+        return refused
+    note = _applied_note(ckpt, journal)
     note += f"; {crossing}" if crossing else ""
     return ("exact" if "approx" not in statuses else "approx (same model, other precision)") + note
+
+
+def _changed_under(patch: Patch, mapping: dict[str, str], ckpt: Checkpoint, journal: Journal) -> str | None:
+    """Why apply would refuse ``patch``: tensors it changes that another program wrote since the patch applied in
+    place before it last changed them (as :func:`erasekit.checkpoints.apply` refuses them); None if none."""
+    from .compat import touches
+
+    if any(e.patch_id == patch.patch_id for e in journal.committed):
+        return None  # applied there itself: the note on the applied patches says what changed of it
+    changed = journal.changed_since(tensor_places(ckpt))
+    keys = {
+        (wf.part(key).label, key)
+        for wf in ckpt.files
+        for t in touches(patch, mapping)
+        if t.slot in wf.encoders
+        for key in [wf.encoders[t.slot].key(t.layer, t.proj, t.kind)]
+    }
+    hit = sorted(k for k in keys if k in changed)
+    if not hit:
+        return None
+    title = next(e.patch_title for e in journal.committed if e.id == changed[hit[0]])
+    many = f"{len(hit)} tensors it changes were" if len(hit) > 1 else "a tensor it changes was"
+    return (
+        f"apply refuses it: {many} changed by another program since '{title}' was applied in place ({hit[0][1]}"
+        f"{f' and {len(hit) - 1} more' if len(hit) > 1 else ''}); revert '{title}' forcing it first, or restore "
+        "the file"
+    )
+
+
+def _applied_note(ckpt: Checkpoint, journal: Journal) -> str:
+    """The patches applied in place to ``ckpt``, each with the count of its tensors another program changed since."""
+    changed = changed_in_place(ckpt, journal)
+    applied = [
+        e.patch_title
+        + (
+            f" ({len(changed[e.id])} of its {len(e.tensors)} tensors changed since by another program)"
+            if e.id in changed
+            else ""
+        )
+        for e in journal.committed
+    ]
+    return f"; note: patches already applied to it: {', '.join(applied)}" if applied else ""
 
 
 def inspect_patch(patch: Patch) -> PatchInspection:
@@ -297,12 +342,13 @@ def inspect_path(
                 )
             )
     journal = described_journal(ckpt)  # interrupted entries are shown; a journal of another file is set aside
+    changed = changed_in_place(ckpt, journal)  # tensors of an applied patch that another program changed since
     return CheckpointInspection(
         str(ckpt.path),
         ckpt.layout,
         ckpt.architecture,
         encoders,
-        [entry_summary(e) for e in journal.committed],
+        [{**entry_summary(e), "changed": len(changed.get(e.id, []))} for e in journal.committed],
         [entry_summary(e) for e in journal.interrupted()],
         _config_of(ckpt),
     )

@@ -26,7 +26,13 @@ file's size and header are those it stamped, and every tensor an entry touched h
 before or after that entry. A journal that does not describe the file (the file was replaced) is set aside,
 kept in a folder named ``set-aside-<time>`` beside it, with a warning; nothing is written to the file.
 
-Readers take the lock only to recover or set aside (:mod:`erasekit.checkpoints.in_place`): ``generation`` grows with every
+Two files may hold each other's stamps (their names were swapped): every command refuses them, and the journal
+describes them again once their names are back. A tensor that a committed entry changed and another program wrote
+since is recorded in ``changed`` (:meth:`Journal.changed_since`), for readers to say that the file no longer holds
+that patch whole.
+
+Readers take the lock only to recover, set aside, stamp or delete undo records no entry names
+(:mod:`erasekit.checkpoints.in_place`): ``generation`` grows with every
 save, and a reader that sees the same generation (and no interrupted entry) before and after reading the tensors
 saw no write (:func:`generation`).
 """
@@ -101,6 +107,9 @@ class JournalFile(BaseModel):
     erasekit_journal: int = 1
     generation: int = 0  # grows with every save (to the time in ns, at least: a journal made anew never repeats one)
     files: dict[str, FileStamp] = {}  # weight file label -> its stamp at the last save
+    # weight file label -> tensor key -> the id of the committed entry whose bytes it no longer holds (another
+    # program wrote it after that entry), as the last save found them
+    changed: dict[str, dict[str, str]] = {}
     entries: list[Entry] = []
 
 
@@ -162,6 +171,7 @@ class Journal:
         self.files = files  # label -> weight file path
         self.data = self._load()
         self._undo: dict[str, dict[tuple[str, str], UndoTensor]] = {}  # entry id -> its records, until a save
+        self._changed: dict[tuple[str, str], str] | None = None  # changed_since, once found
 
     # -- reading ---------------------------------------------------------------------------------
     def _load(self) -> JournalFile:
@@ -196,8 +206,17 @@ class Journal:
         return {label: file_stamp(path) for label, path in self.files.items()}
 
     def needs_reconcile(self) -> bool:
-        """Whether the journal has entries and an interrupted one, or a weight file is not as it stamped it."""
-        return bool(self.entries) and (bool(self.interrupted()) or self._stamps_now() != self.data.files)
+        """Whether the journal has entries and an interrupted one, or a weight file is not as it stamped it; or it
+        has undo records no entry names (:meth:`strays`)."""
+        written = bool(self.entries) and (bool(self.interrupted()) or self._stamps_now() != self.data.files)
+        return written or bool(self.strays())
+
+    def strays(self) -> list[Path]:
+        """Undo records no entry names: what a writer killed between writing one and the journal (apply), or
+        between the journal and deleting one (revert, recovery), leaves. Every reader goes by the entries, so
+        they are ignored; the next command that takes the lock deletes them (:meth:`reconcile`)."""
+        live = {e.undo_file for e in self.entries}
+        return sorted(p for p in self.dir.glob("*.undo") if p.name not in live)
 
     def read_undo(self, entry: Entry, tensor_at: TensorAt) -> dict[tuple[str, str], UndoTensor]:
         """The record of every tensor the entry changed (structure checked; values are checked when rebuilt)."""
@@ -299,16 +318,17 @@ class Journal:
         for entry in self.interrupted():
             self.check_undo_file(entry)
         now = self._stamps_now()
+        self._refuse_swapped(now)
         for label, stamp in self.data.files.items():
             if label in now and (now[label].size, now[label].header_sha256) != (stamp.size, stamp.header_sha256):
                 return f"{self.files[label].name} has another size or header than the file it describes"
         if now == self.data.files:
             return None
         busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
-        last = self.last_changes()
+        last, changed = self.last_changes(), self.changed_since(tensor_at)
         for entry in self.committed:
-            mine = [(k, after) for k, (e, after) in last.items() if e is entry and k not in busy]
-            if mine and not any(sha256(self._read(k[0], tensor_at(*k))) == after for k, after in mine):
+            mine = [k for k, (e, _) in last.items() if e is entry and k not in busy]
+            if mine and all(k in changed for k in mine):
                 return f"no tensor that patch '{entry.patch_title}' changed is as it left it"
         proven: set[tuple[str, str]] = set()  # a tensor several interrupted entries changed: proven for one of them
         for entry, older in reversed(self._interrupted_with_older()):
@@ -317,6 +337,61 @@ class Journal:
             except ForeignBytesError as e:
                 return e.problem
         return None
+
+    def _refuse_swapped(self, now: dict[str, FileStamp]) -> None:
+        """Refuse weight files that hold each other's size and header, as the journal stamped them, since their
+        names were swapped (two shards renamed, their index with them): setting the journal aside would lose the
+        patches applied there, and swapping the names back makes it describe the files again."""
+        stamped = {(st.size, st.header_sha256): label for label, st in self.data.files.items()}
+        moved = {
+            label: stamped[(st.size, st.header_sha256)]
+            for label, st in now.items()
+            if label in self.data.files and stamped.get((st.size, st.header_sha256), label) != label
+        }
+        if not moved or set(moved.values()) != set(moved):  # not a renaming of the same files among themselves
+            return
+        name, was = next(iter(moved.items()))
+        others = f" ({len(moved) - 2} more files too)" if len(moved) > 2 else ""
+        raise UndoRecordError(
+            f"{self.files[name].name} of {self.checkpoint} is the file its undo journal knows as "
+            f"{self.files[was].name}{' and the other way round' if moved.get(was) == name else ''}{others}: their "
+            "names were swapped since patches were applied in place; nothing was written",
+            "swap their names back (in the index file too, where one names them) to revert or apply patches there",
+        )
+
+    def changed_since(self, tensor_at: TensorAt) -> dict[tuple[str, str], str]:
+        """Each tensor a committed entry was the last to change (and no interrupted entry touches) that no longer holds
+        the bytes it left, as another program's write leaves it, with that entry's id: in a weight file as the last
+        save stamped it, as that save found them (``changed`` in journal.json); in one written since, by its hash now.
+        Reads, never writes."""
+        if self._changed is None:
+            now = self._stamps_now()
+            written = {label for label in self.files if now[label] != self.data.files.get(label)}
+            busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
+            last = {k: v for k, v in self.last_changes().items() if k not in busy and k[0] in self.files}
+            hashed = [k for k in last if k[0] in written]
+            hashes = map_threads(lambda k: sha256(self._read(k[0], tensor_at(*k))), hashed)
+            found = {k for k, h in zip(hashed, hashes) if h != last[k][1]}
+            found |= {
+                k for k in last if k[0] not in written and self.data.changed.get(k[0], {}).get(k[1]) == last[k][0].id
+            }
+            self._changed = {k: last[k][0].id for k in sorted(found)}
+        return self._changed
+
+    def _still_changed(self) -> dict[str, dict[str, str]]:
+        """What ``changed`` in journal.json says after this command: the tensors found changed that are still last
+        changed by the same entry (a revert restores a tensor's bytes, and apply refuses to change such a tensor)."""
+        found = (
+            self._changed
+            if self._changed is not None
+            else {(label, key): eid for label, keys in self.data.changed.items() for key, eid in keys.items()}
+        )
+        last = self.last_changes()
+        out: dict[str, dict[str, str]] = {}
+        for (label, key), eid in found.items():
+            if (label, key) in last and last[(label, key)][0].id == eid:
+                out.setdefault(label, {})[key] = eid
+        return out
 
     def _interrupted_with_older(self) -> list[tuple[Entry, set[tuple[str, str]]]]:
         """Each interrupted entry, oldest first, with the tensors that older interrupted entries changed."""
@@ -362,6 +437,7 @@ class Journal:
         try:
             self.data = self._load()
             self._undo.clear()
+            self._changed = None
             yield self
         finally:
             unmake = made and not (self.dir / "journal.json").exists()
@@ -382,6 +458,8 @@ class Journal:
             self.data.generation + 1, time.time_ns()
         )  # a new journal does not repeat an old one's
         self.data.files = self._stamps_now()
+        self.data.changed = self._still_changed()
+        self._changed = {(label, key): eid for label, keys in self.data.changed.items() for key, eid in keys.items()}
         with _st.atomic_write(self.dir / "journal.json") as f:
             f.write(self.data.model_dump_json(indent=1).encode())
 
@@ -434,6 +512,7 @@ class Journal:
             with contextlib.suppress(Exception):
                 self.data = self._load()  # what reached the disk
                 self._undo.clear()
+                self._changed = None
                 self.reconcile(tensor_at)
             raise
 
@@ -491,11 +570,8 @@ class Journal:
             done.append(entry)
         if stamp and self.entries and self._stamps_now() != self.data.files:
             self.save()  # the files hold what the journal says: stamp them as they are
-        # Undo files no entry refers to (a crash between writing one and the journal) are garbage.
-        live = {e.undo_file for e in self.entries}
-        for p in self.dir.glob("*.undo"):
-            if p.name not in live:
-                p.unlink()
+        for p in self.strays():  # garbage: see strays
+            p.unlink()
         return done
 
     def set_aside(self, reason: str) -> Path:
@@ -512,7 +588,7 @@ class Journal:
             if p.exists():
                 os.replace(p, folder / p.name)
         _st.fsync_dir(self.dir)
-        self.data, self._undo = JournalFile(), {}
+        self.data, self._undo, self._changed = JournalFile(), {}, None
         warnings.warn(
             ErasekitWarning(
                 f"the undo journal of {self.checkpoint} does not describe the file there ({reason}): it was set aside in "
@@ -529,8 +605,16 @@ def copy_journal(src_checkpoint: Path, dst_dir: Path) -> None:
     if not (src / "journal.json").exists():
         return
     dst_dir.mkdir(parents=True, exist_ok=True)
-    for p in [src / "journal.json", *src.glob("*.undo")]:
+    for p in [src / "journal.json", *(src / name for name in named_undo_files(src))]:
         shutil.copy2(p, dst_dir / p.name)
+
+
+def named_undo_files(folder: Path) -> set[str]:
+    """The undo records the journal in ``folder`` names (a copy leaves out the others: :meth:`Journal.strays`)."""
+    try:
+        return {e.undo_file for e in JournalFile.model_validate_json((folder / "journal.json").read_bytes()).entries}
+    except (OSError, ValidationError):
+        return {p.name for p in folder.glob("*.undo")}  # an unreadable journal is copied as it is, for its reader
 
 
 def entry_summary(entry: Entry) -> dict[str, Any]:

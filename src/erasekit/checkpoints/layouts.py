@@ -45,6 +45,7 @@ from ..families import (
 )
 from ..families.base import EncoderKind, Family, Naming, NotYet, SingleFile, Slot, Unpatched
 from ..families.encoders import ENCODER_KINDS, KIND_OF_NAMING, NAMINGS
+from ..families.encoders.t5 import T5_XXL
 from ..format import _st
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -522,7 +523,9 @@ def _plain_first(wf: WeightFile) -> tuple[bool, str]:
 def _weight_files(folder: Path, root: Path) -> list[WeightFile]:
     """The weight files of a transformers model folder: every ``model*.safetensors`` (the shards an index names as
     one :class:`ShardedFile`), else every ``pytorch_model*.bin``; labels are relative to ``root``."""
-    sharded = [_sharded_file(index, root) for index in sorted(folder.glob("model.safetensors.index*.json"))]
+    sharded = _one_per_shards(
+        [_sharded_file(index, root) for index in sorted(folder.glob("model.safetensors.index*.json"))]
+    )
     named = {shard.path.name for f in sharded for shard in f.shards}
     _refuse_loose_shards(folder, named)
     files: list[WeightFile] = [
@@ -536,6 +539,26 @@ def _weight_files(folder: Path, root: Path) -> list[WeightFile]:
     return sorted(
         (WeightFile(p, str(p.relative_to(root))) for p in folder.glob("pytorch_model*.bin")), key=_plain_first
     )
+
+
+def _one_per_shards(sharded: list[ShardedFile]) -> list[ShardedFile]:
+    """One file for index files that name the same shards (a copy of the index under a variant's name: each agrees
+    with the shards' headers, so they say the same), by the plain index's name where it is one of them: the shards
+    are read, written and journaled once. Index files that share some shards but not all are refused."""
+    kept: list[ShardedFile] = []
+    for f in sorted(sharded, key=_plain_first):
+        names = {shard.path.name for shard in f.shards}
+        for k in kept:
+            theirs = {shard.path.name for shard in k.shards}
+            if names & theirs and names != theirs:
+                raise LayoutError(
+                    f"{k.path} and {f.path.name} both name the shard {sorted(names & theirs)[0]}, but not the same "
+                    "shards",
+                    "remove the index file that is not the model's",
+                )
+        if not any(names == {shard.path.name for shard in k.shards} for k in kept):
+            kept.append(f)
+    return kept
 
 
 def _sharded_file(index: Path, root: Path) -> ShardedFile:
@@ -553,6 +576,7 @@ def _sharded_file(index: Path, root: Path) -> ShardedFile:
         if not (index.parent / name).is_file():
             raise LayoutError(f"{index} names the shard {name}, which is missing", _SHARDS_FIX)
         shards[name] = WeightFile(index.parent / name, str((index.parent / name).relative_to(root)))
+    _refuse_swapped_shards(index, weight_map, shards)
     for key, name in weight_map.items():
         if key not in shards[name].header.entries:
             raise LayoutError(f"{index} puts tensor {key} in {name}, which lacks it", _SHARDS_FIX)
@@ -562,6 +586,23 @@ def _sharded_file(index: Path, root: Path) -> ShardedFile:
             raise LayoutError(f"{shard.path} holds tensor {stray}, which {index.name} does not put there", _SHARDS_FIX)
     holder = {key: shards[name] for key, name in weight_map.items()}
     return ShardedFile(index, str(index.relative_to(root)), list(shards.values()), holder)
+
+
+def _refuse_swapped_shards(index: Path, weight_map: dict[str, str], shards: dict[str, WeightFile]) -> None:
+    """Refuse shards that hold each other's tensors, as the index puts them: their names were swapped (renamed
+    after a download, or by hand), which a re-download would undo along with the patches applied in place."""
+    wanted = {name: {k for k, v in weight_map.items() if v == name} for name in shards}
+    holds = {frozenset(shard.header.entries): name for name, shard in shards.items()}
+    moved = {name: holds.get(frozenset(keys), name) for name, keys in wanted.items()}
+    swapped = {name: other for name, other in moved.items() if other != name}
+    if swapped and all(swapped.get(other) for other in swapped.values()):
+        name, other = next(iter(swapped.items()))
+        raise LayoutError(
+            f"{index} puts the tensors that {other} holds in {name}"
+            + (" and the other way round" if swapped.get(other) == name else "")
+            + ": their names were swapped",
+            "swap the shards' names back",
+        )
 
 
 def _refuse_loose_shards(folder: Path, named: set[str]) -> None:
@@ -716,7 +757,7 @@ def detect(path: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise InputFileError(f"{path} does not exist", "check the path")
     if path.is_dir():
-        return _detect_folder(path)
+        return _refuse_a_part(_detect_folder(path))
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise LayoutError(
@@ -728,7 +769,39 @@ def detect(path: str | os.PathLike) -> Checkpoint:
             f"{path} is one shard of a model saved in shards",
             f"name the folder that holds all its shards and their index ({path.parent})",
         )
-    ckpt = _detect_single_file(path)
+    ckpt = _refuse_a_part(_detect_single_file(path))
     if suffix in PICKLE_SUFFIXES:
         ckpt.layout += " (pickle)"
     return ckpt
+
+
+def _refuse_a_part(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt``, unless a weight file holds an encoder's first layers only, as a shard of a model saved in shards
+    does (``model-00001-of-00002.safetensors`` renamed ``model.safetensors``, or left without its index and the
+    other shards): it would read as an encoder of fewer layers. The rule is cheap: fewer layers than the
+    ``config.json`` beside it names (folders), or than a T5 v1.1 XXL of its widths has."""
+    for wf in ckpt.files:
+        for enc in wf.encoders.values():
+            expected, whose = _layers_expected(wf, enc, ckpt.path.is_dir())
+            if enc.layers < expected:
+                raise LayoutError(
+                    f"{wf.path} holds {enc.layers} of the {expected} layers {whose} (no "
+                    f"{enc.key(enc.layers, enc.projections[0], 'weight')}): it is a part of a model saved in shards "
+                    "(a shard renamed, or left without the others?)",
+                    "put all its shards back beside their index file (model.safetensors.index.json), or download "
+                    "them again"
+                    if ckpt.path.is_dir()
+                    else "name the whole encoder's file, or the folder that holds all its shards and their index",
+                )
+    return ckpt
+
+
+def _layers_expected(wf: WeightFile, enc: EncoderSpec, folder: bool) -> tuple[int, str]:
+    """How many layers ``enc`` should have, and who says so (0: unknown)."""
+    config = _config_json(wf.path.parent) if folder else {}
+    count = config.get("num_layers" if enc.encoder_kind is T5_XXL.kind else "num_hidden_layers")
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count, "its config.json names"
+    if enc.encoder_kind is T5_XXL.kind and (enc.hidden, enc.intermediate) == T5_XXL.largest[:2]:
+        return T5_XXL.largest[2], f"a {T5_XXL.title} has"
+    return 0, ""

@@ -230,7 +230,7 @@ def _render_checkpoint(r: CheckpointInspection) -> None:
             a["title"],
             f"{a['strength']:g}",
             a["fingerprint"],
-            str(a["tensors"]),
+            f"{a['tensors']} ({a['changed']} changed since)" if a.get("changed") else str(a["tensors"]),
             a["applied_at"],
             a["patch_id"][:16],
         )
