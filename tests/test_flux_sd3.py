@@ -1,8 +1,9 @@
 """FLUX.1 and SD3.x as families, for every file operation (inspect, diff, apply and revert, merge, export): their
 diffusers folders (SD3.x with and without its T5), their all-in-one single files, a model id's cache, the encoder files
 ComfyUI users keep beside them (a patch of several encoders applies its one fitting part there), and the files and
-commands that are refused in one line (a transformer alone; erase, generate and eval of a single file without a
-config folder; tests/test_flux_sd3_erase.py runs them on tiny real pipelines).
+commands that are refused in one line (a transformer alone; erase, generate and eval of a single file whose
+transformer the bundled configs do not describe; tests/test_flux_sd3_erase.py and tests/test_flux_sd3_configs.py run
+them on tiny real pipelines).
 
 The folders are tiny and random (:func:`erasekit.testing.make_checkpoint`): real key names and configs for the text
 encoders, placeholder tensors for the transformer and the VAE, which no file operation reads."""
@@ -79,7 +80,10 @@ def test_inspect_shows_the_family_and_its_encoder_slots(tmp_path: Path, layout: 
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert (got["architecture"], got["layout"], [e["slot"] for e in got["encoders"]]) == (arch, shown, slots)
-    assert got["config"] is None  # erasekit does not run them: no configs to load them with
+    if layout.startswith("diffusers"):
+        assert got["config"] is None  # a folder has its own
+    else:  # the placeholder transformer is not FLUX.1's or SD3.x's (tests/test_flux_sd3_configs.py has real ones)
+        assert got["config"].startswith("none (base.safetensors is a transformer of other sizes")
     r = run("inspect", path)
     assert f"architecture  {arch}" in r.stdout and all(f"\n{s} " in r.stdout for s in slots)
 
@@ -325,26 +329,28 @@ def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("layout", ["single-flux", "single-sd3"])
-def test_erase_generate_and_eval_of_a_single_file_without_configs_ask_for_them_in_one_line(
-    tmp_path: Path, layout: str
+@pytest.mark.parametrize(("layout", "name"), [("single-flux", "flux-schnell"), ("single-sd3", "sd3-medium")])
+def test_erase_generate_and_eval_of_a_single_file_the_bundled_configs_do_not_describe_ask_for_a_config(
+    tmp_path: Path, layout: str, name: str
 ) -> None:
     path = model(tmp_path, layout)
     patch = patch_of(tmp_path, layout)
     images = tmp_path / "images"
     images.mkdir()
     before = snapshot(tmp_path)
-    title = family(MODELS[layout][0]).title
+    sizes = (
+        "width 8, 4 input channels, depth 1+1" if name.startswith("flux") else "width 8, 4 input channels, depth 1"
+    )
     for args in (
         ("erase", "--model", path, "--concept", "cat", "--images", images, "-o", tmp_path / "o.erasepatch"),
         ("generate", "--model", path, "-o", tmp_path / "gen", "a cat"),
         ("eval", "--model", path, "--patch", patch, "--concept", "cat"),
     ):
         r = run(*args)
-        assert r.exit_code == 4 and r.stderr == (
-            f"error: erasekit has no configs to load a {title} single file with; give --config DIR, a local "
-            "diffusers folder of the same model (its configs are enough)\n"
+        assert r.exit_code == 4 and r.stderr.startswith(
+            f"error: base.safetensors is a transformer of other sizes ({sizes}); erasekit's bundled {name} config "
         ), (args, r.output)
+        assert r.stderr.endswith("; give a config: a local diffusers folder of this model (--config)\n")
     assert snapshot(tmp_path) == before
 
 

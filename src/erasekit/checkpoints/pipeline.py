@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -143,7 +144,8 @@ def load_pipeline(
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
-        extra |= choice.tokenizers()
+        absent = _absent_from_file(fam, ckpt)
+        extra |= dict.fromkeys(absent) | choice.tokenizers(ckpt.encoders)  # an SD3.x file without its T5
         load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
         load = lambda **kw: cls.from_single_file(  # noqa: E731
             str(path),
@@ -208,13 +210,21 @@ def _absent_optional(fam: Family, index: dict[str, Any]) -> set[str]:
     }
 
 
+def _absent_from_file(fam: Family, ckpt: Checkpoint) -> set[str]:
+    """The components (encoder and tokenizer) of ``fam``'s optional slots that a single file is without."""
+    return {c for s in fam.slots if s.optional and s.name not in ckpt.encoders for c in (s.component, s.tokenizer)}
+
+
 def runnable_family(ckpt: Checkpoint, config: str | os.PathLike | None = None) -> Family:
     """The family of ``ckpt``, which erase, generate and eval can run; :class:`UnsupportedModelError` where they
     cannot, and a :class:`LayoutError` for a single file that erasekit has no configs for and no ``config`` folder
-    is given (FLUX.1, SD3.x): before a judge is asked for or an image read."""
+    is given (a FLUX.1 or SD3.x transformer of other sizes than the bundled configs'): before a judge is asked for or
+    an image read."""
     fam = family(ckpt.architecture)
     if not fam.bare and fam.pipeline and not fam.bundled and config is None and not ckpt.path.is_dir():
         raise LayoutError(f"erasekit has no configs to load a {fam.title} single file with", fam.why_not_run)
+    if fam.flow_matching and config is None and not ckpt.path.is_dir():
+        choose_config(ckpt)  # a transformer the bundled configs do not describe (FLUX.1 Fill): from its header
     if fam.bare:
         raise UnsupportedModelError(
             f"{ckpt.path} is a {fam.title} on its own (no UNet or VAE), which erase, generate and eval cannot run",
@@ -236,6 +246,10 @@ def _own_text_encoders(pipe: Any) -> Any:
     under the running job (after the read was checked to be of one state)."""
     for name in ENCODER_COMPONENTS:
         encoder = getattr(pipe, name, None)
+        if encoder is not None and any(p.is_meta for p in encoder.parameters()):
+            # diffusers loads a single file's encoders into empty weights and ties none: T5's input embedding is
+            # its shared one, which the file holds once (``shared.weight``)
+            encoder.tie_weights()
         for tensor in [*encoder.parameters(), *encoder.buffers()] if encoder is not None else []:
             tensor.data = tensor.data.clone()
     return pipe
@@ -266,19 +280,21 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
 
     from .memory import memory_encoders
 
-    names = list(ckpt.files[0].tensor_info())
+    info = ckpt.files[0].tensor_info()
     for comp, prefix in family(ckpt.architecture).parts:
-        need, have = len(getattr(pipe, comp).state_dict()), sum(k.startswith(prefix) for k in names)
+        # counted in numbers, not tensors: original files fuse what diffusers splits (FLUX.1's and SD3.x's q, k, v)
+        need = sum(p.numel() for p in getattr(pipe, comp).parameters())
+        have = sum(math.prod(shape) for k, (_, shape) in info.items() if k.startswith(prefix))
         if have < need:
             raise LayoutError(
-                f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of its "
-                f"config ({ckpt.config}) has {need}",
+                f"{ckpt.path.name} has {have:,} {comp} weights ({prefix}*) but the {comp} of its "
+                f"config ({ckpt.config}) has {need:,}",
                 "use a complete checkpoint, and a config of the same model",
                 option="config_dir",
             )
-    wf = ckpt.files[0]
     _, encoders = memory_encoders(pipe)
     for slot, enc in ckpt.encoders.items():
+        wf = next(f for f in ckpt.files if slot in f.encoders)
         module, spec = encoders[slot]
         state = module.state_dict()
         for layer, proj, kind in spec.tensors():

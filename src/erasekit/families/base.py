@@ -204,7 +204,11 @@ class Family:
     flow_matching: bool = False  # its denoiser is trained by flow matching: no epsilon or v prediction type
     bundled: tuple[
         str, ...
-    ] = ()  # erasekit's bundled configs (checkpoints/configs/NAME); several: one per prediction type
+    ] = ()  # erasekit's bundled configs (checkpoints/configs/NAME); several: one per prediction type or variant
+    # where its variants differ in the denoiser's shapes (FLUX.1 dev and schnell; SD3 medium, SD3.5 medium and large):
+    # (bundled config, a part of a denoiser key that only that variant's files hold, what that key says), first
+    # match wins; an empty part matches every file
+    variants: tuple[tuple[str, str, str], ...] = ()
     conditioning: Conditioning | None = None  # what its denoiser reads; None where erasekit does not run it
     # UI -> (module prefix, naming) where a UI knows the family's encoder by a name of its own (the SDXL refiner)
     ui_modules: dict[str, tuple[str, str]] = field(default_factory=dict)
