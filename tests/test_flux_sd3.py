@@ -338,9 +338,7 @@ def test_erase_generate_and_eval_of_a_single_file_the_bundled_configs_do_not_des
     images = tmp_path / "images"
     images.mkdir()
     before = snapshot(tmp_path)
-    sizes = (
-        "width 8, 4 input channels, depth 1+1" if name.startswith("flux") else "width 8, 4 input channels, depth 1"
-    )
+    sizes = "width 8, 4 input channels, depth 1+1" if name.startswith("flux") else "width 8, 4 input channels, depth 1"
     for args in (
         ("erase", "--model", path, "--concept", "cat", "--images", images, "-o", tmp_path / "o.erasepatch"),
         ("generate", "--model", path, "-o", tmp_path / "gen", "a cat"),

@@ -1,6 +1,7 @@
 """FLUX.1 and SD3.x single files with nothing beside them: erasekit's bundled configs (FLUX.1 dev and schnell, SD3
 medium, SD3.5 medium and large), the variant told from the transformer's keys and shown by inspect, T5's tokenizer from
-the Hugging Face cache, and erase and generate of such a file (issue 21).
+the Hugging Face cache, and erase and generate of such a file; and Black Forest Labs' transformer file with the encoder
+files and VAE kept beside it (``--text-encoders``, ``--vae``) (issue 21).
 
 As in tests/test_model_configs.py, the real configs are checked by building each model on the meta device; the
 end-to-end tests point erasekit at tiny "bundled" configs (the tiny pipelines' own JSON files) and load single files
@@ -163,7 +164,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out: dict[str, Path] = {"configs": root / "configs", "hub": root / "hub"}
     for arch, name in (("flux", "flux-dev"), ("sd3", "sd3-medium")):
         out[arch] = folder = make_tiny_pipeline(root / arch, arch)
-        out[f"{arch}-file"] = flow_single_files(folder, root / f"{arch}-files")["all-in-one"]
+        files = flow_single_files(folder, root / f"{arch}-files")
+        out[f"{arch}-file"] = files.pop("all-in-one")
+        out |= files  # FLUX.1's files kept apart: transformer, vae, clip_l, t5
         shutil.copytree(folder, out["configs"] / name, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer*"))
     add_to_hub_cache(out["hub"], "black-forest-labs/FLUX.1-schnell", out["flux"], only=("tokenizer_2",))
     return out
@@ -273,3 +276,130 @@ def test_without_t5s_tokenizer_offline_erase_says_what_to_do_in_one_line(
     ), r.output
     assert snapshot(tmp_path) == before
     assert run("inspect", bundled["flux-file"]).exit_code == 0  # torch-free commands need no tokenizer
+
+
+def kept_apart(world: dict[str, Path], root: Path) -> tuple[Path, Path, Path, Path]:
+    """Copies of the transformer, CLIP-L, T5 and VAE files of the tiny FLUX.1-dev, as a ComfyUI user keeps them."""
+    root.mkdir(exist_ok=True)
+    names = ("transformer", "clip_l", "t5", "vae")
+    return tuple(Path(shutil.copy(world[n], root / world[n].name)) for n in names)  # type: ignore[return-value]
+
+
+def test_erase_a_transformer_file_with_its_encoder_files_and_apply_the_patch_to_each(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """The encoder files in any order (each to the slot of its kind); the patch is FLUX.1's (te1 and te3), made for
+    the files as stored, and applies to each file its part, in place and back bit for bit."""
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    out = tmp_path / "cat.erasepatch"
+    images = training_images(tmp_path / "cats")
+    r = run(
+        "erase", "--model", transformer, "--text-encoders", f"{t5},{clip_l}", "--vae", vae, "--concept", "cat",
+        "--images", images, "--steps", "2", "--rank", "dense", "-o", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    patch = load_patch(out)
+    assert (patch.manifest.base.architecture, sorted(patch.manifest.base.encoders)) == ("flux", ["te1", "te3"])
+    assert patch.manifest.base.config is not None and patch.manifest.base.config.startswith("flux-dev (flow matching")
+    from test_clip_judge import make_colour_clip
+
+    judge = make_colour_clip(tmp_path / "clip")
+    files = ("--model", transformer, "--text-encoders", f"{clip_l},{t5}", "--vae", vae)
+    r = run(
+        "eval",
+        *files,
+        "-p",
+        out,
+        "--concept",
+        "red",
+        "--judge",
+        judge,
+        "--keep",
+        "green",
+        "-n",
+        "1",
+        "--steps",
+        "2",
+        "--json",
+    )
+    assert r.exit_code == 0 and json.loads(r.stdout)["labels"][0] == "red", r.output
+    before = snapshot(tmp_path / "models")
+    r = run("apply", out, "--to", t5, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    assert "te1 (CLIP ViT-L/14) part is left for clip_l.safetensors" in r.stderr
+    r = run("apply", out, "--to", clip_l, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    changed = {n for n, digest in snapshot(tmp_path / "models").items() if before[n] != digest}
+    assert changed == {"clip_l.safetensors", "t5xxl_fp16.safetensors"}
+    for target in (t5, clip_l):
+        assert run("apply", "--revert", out, "--to", target).exit_code == 0
+    assert snapshot(tmp_path / "models") == before
+
+
+def test_generate_from_the_files_kept_apart_draws_what_the_all_in_one_file_draws(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    apart, whole = tmp_path / "apart", tmp_path / "whole"
+    args = ("a cat", "-n", "1", "--steps", "2")
+    r = run("generate", "--model", transformer, "--text-encoders", f"{clip_l},{t5}", "--vae", vae, *args, "-o", apart)
+    assert r.exit_code == 0, r.output
+    assert run("generate", "--model", bundled["flux-file"], *args, "-o", whole).exit_code == 0
+    drawn = np.asarray(Image.open(apart / "a-cat_0.png")).astype(int)
+    # the same weights: the same picture, but for a unit of rounding (two runs of one file differ as much on CPU)
+    assert drawn.std() > 10 and np.abs(drawn - np.asarray(Image.open(whole / "a-cat_0.png"))).max() <= 2
+
+
+def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[str, Path], tmp_path: Path) -> None:
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    other_clip = Path(shutil.copy(clip_l, tmp_path / "models" / "clip_l_copy.safetensors"))
+    sd1 = make_checkpoint(tmp_path / "models" / "sd15.safetensors", "single-sd1")
+    cases = [
+        (
+            (transformer, f"{clip_l}", vae),
+            4,
+            "FLUX.1 needs its T5 v1.1 XXL text encoder too; add t5xxl_fp16.safetensors to --text-encoders "
+            "(--text-encoders)",
+        ),
+        (
+            (transformer, f"{clip_l},{t5},{other_clip}", vae),
+            4,
+            "clip_l.safetensors and clip_l_copy.safetensors are both CLIP ViT-L/14 text encoders (te1); give one file "
+            "per text encoder (--text-encoders)",
+        ),
+        (
+            (transformer, f"{sd1},{t5}", vae),
+            4,
+            "sd15.safetensors is a whole SD1.x checkpoint, not one text encoder's file; give each text encoder's own "
+            "file (clip_l.safetensors, t5xxl_fp16.safetensors) (--text-encoders)",
+        ),
+        (
+            (transformer, f"{clip_l},{t5}", None),
+            1,
+            "flux1-dev.safetensors holds no VAE; give its VAE file as well: --vae ae.safetensors (--vae)",
+        ),
+        (
+            (transformer, f"{clip_l},{t5}", clip_l),
+            4,
+            "clip_l.safetensors is not a VAE file (no encoder.conv_in.weight); give the model's VAE as --vae (FLUX.1: "
+            "ae.safetensors) (--vae)",
+        ),
+        (
+            (bundled["flux-file"], f"{clip_l},{t5}", vae),
+            4,
+            "flux-all-in-one.safetensors holds its text encoders itself; leave --text-encoders and --vae out "
+            "(--text-encoders)",
+        ),
+        (
+            (bundled["flux-file"], "", vae),
+            1,
+            "--vae is for a transformer file kept apart from its encoders; give its encoder files too "
+            "(--text-encoders), or leave --vae out (--vae)",
+        ),
+    ]
+    before = snapshot(tmp_path)
+    for (model, encoders, vae_file), code, message in cases:
+        args = ("generate", "--model", model, "--text-encoders", encoders, "a cat", "-o", tmp_path / "out")
+        r = run(*args, *(("--vae", vae_file) if vae_file else ()))
+        assert (r.exit_code, r.stderr) == (code, f"error: {message}\n"), r.output
+    assert snapshot(tmp_path) == before

@@ -113,7 +113,9 @@ def t5_tokenizer_folder(fam: Family) -> Path:
 
     for repo, sub in T5_TOKENIZERS:
         found = try_to_load_from_cache(repo, f"{sub}/tokenizer_config.json")
-        if isinstance(found, str) and any((Path(found).parent / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+        if isinstance(found, str) and any(
+            (Path(found).parent / f).is_file() for f in ("tokenizer.json", "spiece.model")
+        ):
             return Path(found).parent
     repo, sub = T5_TOKENIZERS[0]
     fix = (

@@ -6,15 +6,16 @@ import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError, LayoutError
 from ..families import ENCODER_COMPONENTS, FAMILIES, family, listing
 from ..families.base import Family
-from .layouts import Checkpoint, detect, read_json
-from .model_configs import choose_config
+from .layouts import Checkpoint, WeightFile, read_json
+from .model_configs import ConfigChoice, choose_config
+from .parts import PARTS_LAYOUT, detect_model
 
 
 class UnsupportedModelError(LayoutError):
@@ -94,13 +95,17 @@ def load_pipeline(
     vae_dtype: Any = None,
     config: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
 ) -> tuple[Any, Checkpoint]:
     """A pipeline of its family's class (StableDiffusion(XL)Pipeline) from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
     Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
     of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
     is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
     ``text_encoder_dtype`` and ``vae_dtype`` load the text encoders and the VAE in another dtype than the rest
-    (erase: fp32 encoders to train and an fp32 VAE to encode its images with, a bf16 UNet to compute with)."""
+    (erase: fp32 encoders to train and an fp32 VAE to encode its images with, a bf16 UNet to compute with).
+    ``text_encoders`` and ``vae``: for a transformer file kept apart (Black Forest Labs' ``flux1-dev.safetensors``),
+    its encoder files and its VAE file (:mod:`erasekit.checkpoints.parts`)."""
     from .hub import resolve_model
     from .in_place import read_consistently, recover_interrupted
 
@@ -109,7 +114,7 @@ def load_pipeline(
     import diffusers
     import torch
 
-    ckpt = detect(path)
+    ckpt = detect_model(path, text_encoders, vae)
     recover_interrupted(ckpt)  # never fingerprint or train on a half-applied file
     fam = runnable_family(ckpt, config)
     dtype = torch_dtype or torch.float32
@@ -141,6 +146,11 @@ def load_pipeline(
             variant=variant,
             **extra,
         )
+    elif ckpt.layout == PARTS_LAYOUT:
+        choice = choose_config(ckpt, config, prediction_type)
+        ckpt.config = choice.describe()
+        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
+        load = lambda **_: pipeline_from_parts(cls, ckpt, choice, Path(vae or ""), load_dtype)  # noqa: E731
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
@@ -167,7 +177,7 @@ def load_pipeline(
                     raise
                 # with accelerate installed, diffusers leaves the tensors a file lacks on the meta device and fails
                 # on them; loaded without that (missing tensors random), the check below says what is missing
-                check_single_file_pipeline(load(low_cpu_mem_usage=False), ckpt, config)
+                check_single_file_pipeline(load(low_cpu_mem_usage=False), ckpt, config, vae)
                 raise
 
     try:
@@ -182,7 +192,7 @@ def load_pipeline(
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:240]  # torch puts the why on line 2
         raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {detail})", fix) from None
     if not path.is_dir():
-        check_single_file_pipeline(pipe, ckpt, config)
+        check_single_file_pipeline(pipe, ckpt, config, vae)
         for name in fam.components:
             getattr(pipe, name).to(te_dtype)
         denoiser_of(pipe).to(dtype)
@@ -255,6 +265,15 @@ def _own_text_encoders(pipe: Any) -> Any:
     return pipe
 
 
+def _part_files(ckpt: Checkpoint, vae: str | os.PathLike | None) -> list[tuple[str, WeightFile, str]]:
+    """(component, file, key prefix) of a single file's denoiser and VAE; of a model of separate files, the
+    transformer's file and the VAE's, their keys unprefixed."""
+    parts = family(ckpt.architecture).parts
+    if ckpt.layout != PARTS_LAYOUT:
+        return [(comp, ckpt.files[0], prefix) for comp, prefix in parts]
+    return [(parts[0][0], WeightFile(ckpt.path, ""), ""), (parts[1][0], WeightFile(Path(vae or ""), ""), "")]
+
+
 def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
     """The one dtype diffusers loads a whole single file in, before each component is cast to its own: the
     file's own text-encoder dtype where that loses nothing (an fp16 file for a bf16 UNet and fp32 encoders: no
@@ -271,7 +290,55 @@ def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
     return stored if stored is not None and dtype != torch.float32 else torch.float32
 
 
-def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
+def pipeline_from_parts(cls: Any, ckpt: Checkpoint, choice: ConfigChoice, vae: Path, dtype: Any) -> Any:
+    """A pipeline of class ``cls`` from a model of separate files (:mod:`erasekit.checkpoints.parts`) and the configs
+    ``choice``: diffusers loads the transformer and the VAE from their files as ``from_single_file`` does, and each
+    text encoder from its own file as it loads one from an all-in-one file (its keys put below that file's prefix)."""
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import (
+        create_diffusers_clip_model_from_ldm,
+        create_diffusers_t5_model_from_checkpoint,
+    )
+    from safetensors.torch import load_file
+
+    fam = family(ckpt.architecture)
+    index = read_json(choice.path / "model_index.json")
+    (denoiser, _), (vae_part, _) = fam.parts
+    kw = {"config": str(choice.path), "local_files_only": True, "torch_dtype": dtype}
+    parts: dict[str, Any] = {
+        denoiser: getattr(diffusers, index[denoiser][1]).from_single_file(str(ckpt.path), subfolder=denoiser, **kw),
+        vae_part: getattr(diffusers, index[vae_part][1]).from_single_file(str(vae), subfolder=vae_part, **kw),
+        "scheduler": getattr(diffusers, index["scheduler"][1]).from_pretrained(choice.path, subfolder="scheduler"),
+    }
+    all_in_one = fam.single_files[0].encoders  # slot -> (naming, key prefix) in a ComfyUI all-in-one file
+    for slot in fam.slots:
+        wf = next((f for f in ckpt.files if slot.name in f.encoders), None)
+        if wf is None:  # SD3.x without its T5
+            parts[slot.component] = parts[slot.tokenizer] = None
+            continue
+        spec, prefix = wf.encoders[slot.name], all_in_one[slot.name][1]
+        root = prefix.removesuffix(spec.naming.root)  # the encoder's own root there: text_encoders.clip_l.transformer.
+        state = {
+            prefix + k[len(spec.prefix) :] if k.startswith(spec.prefix) else root + k: v
+            for k, v in load_file(str(wf.path)).items()
+        }
+        make = (
+            create_diffusers_t5_model_from_checkpoint
+            if slot.encoder.kind.name == "t5"
+            else create_diffusers_clip_model_from_ldm
+        )
+        parts[slot.component] = make(
+            getattr(transformers, index[slot.component][1]), state, subfolder=slot.component, **kw
+        )
+        if not choice.bundled:  # a user's config folder holds the tokenizers
+            parts[slot.tokenizer] = transformers.AutoTokenizer.from_pretrained(choice.path, subfolder=slot.tokenizer)
+    return cls(**parts | choice.tokenizers(ckpt.encoders))
+
+
+def check_single_file_pipeline(
+    pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None, vae: str | os.PathLike | None = None
+) -> None:
     """diffusers loads single files with ``strict=False``: without accelerate, tensors that its key conversion
     misses keep their random initial values, silently (with it, they stay on the meta device). Refuse such a pipeline: every UNet and VAE tensor must
     have a source in the file, and the text-encoder FFN tensors erasekit trains must be the file's, bit for bit
@@ -280,14 +347,13 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
 
     from .memory import memory_encoders
 
-    info = ckpt.files[0].tensor_info()
-    for comp, prefix in family(ckpt.architecture).parts:
+    for comp, wf, prefix in _part_files(ckpt, vae):
         # counted in numbers, not tensors: original files fuse what diffusers splits (FLUX.1's and SD3.x's q, k, v)
         need = sum(p.numel() for p in getattr(pipe, comp).parameters())
-        have = sum(math.prod(shape) for k, (_, shape) in info.items() if k.startswith(prefix))
+        have = sum(math.prod(shape) for k, (_, shape) in wf.tensor_info().items() if k.startswith(prefix))
         if have < need:
             raise LayoutError(
-                f"{ckpt.path.name} has {have:,} {comp} weights ({prefix}*) but the {comp} of its "
+                f"{wf.path.name} has {have:,} {comp} weights ({prefix}*) but the {comp} of its "
                 f"config ({ckpt.config}) has {need:,}",
                 "use a complete checkpoint, and a config of the same model",
                 option="config_dir",

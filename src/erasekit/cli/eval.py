@@ -15,7 +15,10 @@ from ._common import (
     JsonOpt,
     ModelOpt,
     PredictionOpt,
+    TextEncodersOpt,
+    VaeOpt,
     errors,
+    file_list,
     make_config,
     out,
     print_json,
@@ -112,6 +115,8 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
     prediction_type: PredictionOpt = None,
+    text_encoders: TextEncodersOpt = None,
+    vae: VaeOpt = None,
     record: Annotated[
         bool,
         typer.Option(
@@ -150,6 +155,8 @@ def eval_cmd(
                 grid=grid,
                 config_dir=config_dir,
                 prediction_type=prediction_type,
+                text_encoders=file_list(text_encoders),
+                vae=vae,
                 progress=lambda done, total: update(done, total, ""),
             )
     if as_json:

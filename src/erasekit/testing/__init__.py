@@ -1100,7 +1100,7 @@ def convert_flux_any_width(checkpoint: dict[str, torch.Tensor], **kwargs: Any) -
     out = convert(sd, **kwargs)
     for key, value in fused.items():
         block, kind = f"single_transformer_blocks.{key.split('.')[1]}.", key.rsplit(".", 1)[1]
-        q, k, v, mlp = torch.split(value, (width, width, width, value.shape[0] - 3 * width), dim=0)
+        q, k, v, mlp = torch.split(value, [width, width, width, value.shape[0] - 3 * width], dim=0)
         for name, part in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
             out[f"{block}{name}.{kind}"] = part.contiguous()
     return out
