@@ -300,17 +300,25 @@ def test_a_model_id_of_the_cache_is_inspected_diffed_and_patched_to_a_copy(
 
 
 @pytest.mark.parametrize(
-    "layout, files",
+    "layout, files, run_with",
     [
-        ("flux-transformer", "clip_l.safetensors and t5xxl_fp16.safetensors"),
-        ("sd3-transformer", "clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors"),
+        (
+            "flux-transformer",
+            "clip_l.safetensors and t5xxl_fp16.safetensors",
+            "--text-encoders clip_l.safetensors,t5xxl_fp16.safetensors --vae ae.safetensors",
+        ),
+        (
+            "sd3-transformer",
+            "clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors",
+            "--text-encoders clip_l.safetensors,clip_g.safetensors --vae FILE",
+        ),
     ],
 )
 def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
-    tmp_path: Path, layout: str, files: str
+    tmp_path: Path, layout: str, files: str, run_with: str
 ) -> None:
     """Black Forest Labs' flux1-dev.safetensors holds the transformer alone; ComfyUI users keep the encoders in files
-    of their own, which is what to patch."""
+    of their own, which is what to patch, and what erase, generate and eval run it with."""
     bfl = make_checkpoint(tmp_path / "flux1-dev.safetensors", layout, "BF16")
     patch = patch_of(tmp_path, "diffusers-flux")
     before = snapshot(tmp_path)
@@ -319,13 +327,17 @@ def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
         ("inspect", bfl),
         ("apply", patch, "--to", bfl, "--in-place"),
         ("diff", bfl, bfl),
-        ("generate", "--model", bfl, "-o", tmp_path / "gen", "a cat"),
     ):
         r = run(*args)
         assert r.exit_code == 4 and r.stderr == (
             f"error: flux1-dev.safetensors holds a {title} transformer but no text encoders; patch the text-encoder "
             f"files it is used with instead ({files}), or a model folder\n"
         ), (args, r.output)
+    r = run("generate", "--model", bfl, "-o", tmp_path / "gen", "a cat")
+    assert r.exit_code == 4 and r.stderr == (
+        f"error: flux1-dev.safetensors holds a {title} transformer but no text encoders; give its encoder files and "
+        f"VAE: {run_with} (--text-encoders)\n"
+    ), r.output
     assert snapshot(tmp_path) == before
 
 

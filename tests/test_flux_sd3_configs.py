@@ -381,14 +381,20 @@ def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[
         (
             (transformer, f"{clip_l},{t5}", clip_l),
             4,
-            "clip_l.safetensors is not a VAE file (no encoder.conv_in.weight); give the model's VAE as --vae (FLUX.1: "
-            "ae.safetensors) (--vae)",
+            "clip_l.safetensors is not a VAE file (no encoder.conv_in.weight); give the model's VAE file as --vae "
+            "(FLUX.1's is ae.safetensors) (--vae)",
         ),
         (
             (bundled["flux-file"], f"{clip_l},{t5}", vae),
             4,
             "flux-all-in-one.safetensors holds its text encoders itself; leave --text-encoders and --vae out "
             "(--text-encoders)",
+        ),
+        (
+            (transformer, "", None),
+            4,
+            "flux1-dev.safetensors holds a FLUX.1 transformer but no text encoders; give its encoder files and VAE: "
+            "--text-encoders clip_l.safetensors,t5xxl_fp16.safetensors --vae ae.safetensors (--text-encoders)",
         ),
         (
             (bundled["flux-file"], "", vae),

@@ -39,16 +39,32 @@ def detect_model(
                 "give its encoder files too (--text-encoders), or leave --vae out",
                 option="vae",
             )
-        return detect(model)
+        return _detect_whole(Path(model))
     path = Path(model)
     fam = _transformer_family(path)
     if vae is None:
         raise ErasekitError(
-            f"{path.name} holds no VAE", "give its VAE file as well: --vae ae.safetensors", option="vae"
+            f"{path.name} holds no VAE", f"give its VAE file as well: --vae {fam.vae_file}", option="vae"
         )
     check_vae(Path(vae))
     files = _slotted(fam, [Path(p) for p in text_encoders])
     return Checkpoint(path, PARTS_LAYOUT, fam.name, files)
+
+
+def _detect_whole(path: Path) -> Checkpoint:
+    """``path`` detected; a transformer file alone is refused with the options that run it."""
+    try:
+        return detect(path)
+    except LayoutError:
+        fam = _denoiser_alone(list(WeightFile(path, "").tensor_info())) if _is_safetensors(path) else None
+        if fam is None:
+            raise
+        files = ",".join(s.encoder.file for s in fam.slots if not s.optional)
+        raise LayoutError(
+            f"{path.name} holds a {fam.title} {fam.parts[0][0]} but no text encoders",
+            f"give its encoder files and VAE: --text-encoders {files} --vae {fam.vae_file}",
+            option="text_encoders",
+        ) from None
 
 
 def _transformer_family(path: Path) -> Family:
@@ -83,7 +99,7 @@ def check_vae(path: Path) -> None:
     if not all(k in keys for k in _VAE_KEYS):
         raise LayoutError(
             f"{path.name} is not a VAE file (no {_VAE_KEYS[0]})",
-            "give the model's VAE as --vae (FLUX.1: ae.safetensors)",
+            "give the model's VAE file as --vae (FLUX.1's is ae.safetensors)",
             option="vae",
         )
 

@@ -199,8 +199,9 @@ class Family:
     safety_checker: bool = False  # whether that pipeline has a safety checker (loaded without one)
     parts: tuple[tuple[str, str], ...] = LDM_PARTS  # what its single files hold besides the encoders
     # what a file of its denoiser alone holds (every one of these key parts; BFL's flux1-dev.safetensors): such a
-    # file is refused with the encoder files to patch instead
+    # file is refused with the encoder files to patch instead, and erase, generate and eval run it with those files
     denoiser_alone: tuple[str, ...] = ()
+    vae_file: str = "FILE"  # the file its VAE is kept in beside such a file (FLUX.1's ae.safetensors)
     flow_matching: bool = False  # its denoiser is trained by flow matching: no epsilon or v prediction type
     bundled: tuple[
         str, ...

@@ -46,6 +46,7 @@ FAMILY = Family(
     ),
     parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
     denoiser_alone=("double_blocks.", "single_blocks."),
+    vae_file="ae.safetensors",
     flow_matching=True,
     conditioning=Conditioning(hidden_from=("te3",), pooled_from=("te1",), pooled_projected=False),
     uis=("comfyui",),
