@@ -215,6 +215,16 @@ def test_a_single_file_loads_with_the_bundled_configs_as_its_folder_does(
     assert pipe.tokenizer("a photo of a zebra").input_ids == reference.tokenizer("a photo of a zebra").input_ids
 
 
+def test_an_sd3_single_file_without_its_t5_loads_without_it(bundled: dict[str, Path], tmp_path: Path) -> None:
+    """SD3 medium's "incl_clips" files hold the two CLIPs only: the pipeline runs without T5 (and its tokenizer)."""
+    no_t5 = tmp_path / "sd3_medium_incl_clips.safetensors"
+    whole = load_file(str(bundled["sd3-file"]))
+    save_file({k: v for k, v in whole.items() if not k.startswith("text_encoders.t5xxl.")}, str(no_t5))
+    pipe, ckpt = load_pipeline(no_t5)
+    assert sorted(ckpt.encoders) == ["te1", "te2"] and (pipe.text_encoder_3, pipe.tokenizer_3) == (None, None)
+    assert pipe.text_encoder_2 is not None
+
+
 def training_images(folder: Path) -> Path:
     folder.mkdir()
     for i in range(2):
@@ -271,7 +281,7 @@ def test_without_t5s_tokenizer_offline_erase_says_what_to_do_in_one_line(
     assert r.exit_code == 1 and r.stderr == (
         "error: FLUX.1 needs T5's tokenizer, which erasekit does not ship and the Hugging Face cache does not hold "
         "(downloads are off: HF_HUB_OFFLINE); go online once (erasekit then downloads it from "
-        "black-forest-labs/FLUX.1-schnell, about 2 MB), or give --config DIR: a diffusers folder of the model with its "
+        "black-forest-labs/FLUX.1-schnell, about 3 MB), or give --config DIR: a diffusers folder of the model with its "
         "tokenizer_2/ folder\n"
     ), r.output
     assert snapshot(tmp_path) == before

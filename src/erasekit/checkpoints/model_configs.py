@@ -23,7 +23,7 @@ FLUX.1 and SD3.x variants differ in their transformers (``Family.variants``: a k
 hold); the transformer's widths and depths are then checked against the chosen config, so a FLUX.1 Fill or Depth file,
 or a fine-tune of other sizes, is refused with the fix (``--config DIR``). Their T5 tokenizer (sentencepiece) is not
 shipped: it is read from the Hugging Face cache, where any of :data:`T5_TOKENIZERS` left it, else downloaded once
-(about 2 MB) from the first of them; only erase, generate and eval need it.
+(about 3 MB) from the first of them; only erase, generate and eval need it.
 
 SD 2.x 512 (epsilon) and 768-v (v-prediction) have the same tensor shapes (a family with one bundled config per
 prediction type, told apart by their schedulers' ``prediction_type``). erasekit decides, in this order:
@@ -119,7 +119,7 @@ def t5_tokenizer_folder(fam: Family) -> Path:
             return Path(found).parent
     repo, sub = T5_TOKENIZERS[0]
     fix = (
-        f"go online once (erasekit then downloads it from {repo}, about 2 MB), or give --config DIR: a diffusers "
+        f"go online once (erasekit then downloads it from {repo}, about 3 MB), or give --config DIR: a diffusers "
         f"folder of the model with its {listing_tokenizers(fam)}"
     )
     if is_offline_mode():

@@ -194,7 +194,8 @@ def load_pipeline(
     if not path.is_dir():
         check_single_file_pipeline(pipe, ckpt, config, vae)
         for name in fam.components:
-            getattr(pipe, name).to(te_dtype)
+            if getattr(pipe, name) is not None:  # SD3.x without its T5
+                getattr(pipe, name).to(te_dtype)
         denoiser_of(pipe).to(dtype)
         pipe.vae.to(vae_dtype)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
