@@ -36,7 +36,10 @@ def test_every_family_names_what_exists() -> None:
             assert set(f.conditioning.slots_read) <= set(slots), f.name
         if f.pipeline:
             assert f.conditioning and not f.bare, f.name
-            assert f.bundled or f.flow_matching, f.name  # FLUX.1 and SD3.x single files need --config for now
+            assert f.bundled, f.name  # its single files run with nothing beside them
+        if len(f.bundled) > 1 and f.flow_matching:  # told apart by a key of the denoiser, the last one for the rest
+            assert [v[0] for v in f.variants] and set(v[0] for v in f.variants) == set(f.bundled), f.name
+            assert all(v[1] for v in f.variants[:-1]) and f.variants[-1][1] == "", f.name
         assert set(f.uis) <= {"comfyui", "a1111", "diffusers"}, f.name
         assert all(s.encoder.file for s in f.slots) if f.denoiser_alone else True, f.name  # named when refused
 

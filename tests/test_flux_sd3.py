@@ -1,8 +1,9 @@
 """FLUX.1 and SD3.x as families, for every file operation (inspect, diff, apply and revert, merge, export): their
 diffusers folders (SD3.x with and without its T5), their all-in-one single files, a model id's cache, the encoder files
 ComfyUI users keep beside them (a patch of several encoders applies its one fitting part there), and the files and
-commands that are refused in one line (a transformer alone; erase, generate and eval of a single file without a
-config folder; tests/test_flux_sd3_erase.py runs them on tiny real pipelines).
+commands that are refused in one line (a transformer alone; erase, generate and eval of a single file whose
+transformer the bundled configs do not describe; tests/test_flux_sd3_erase.py and tests/test_flux_sd3_configs.py run
+them on tiny real pipelines).
 
 The folders are tiny and random (:func:`erasekit.testing.make_checkpoint`): real key names and configs for the text
 encoders, placeholder tensors for the transformer and the VAE, which no file operation reads."""
@@ -79,7 +80,10 @@ def test_inspect_shows_the_family_and_its_encoder_slots(tmp_path: Path, layout: 
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert (got["architecture"], got["layout"], [e["slot"] for e in got["encoders"]]) == (arch, shown, slots)
-    assert got["config"] is None  # erasekit does not run them: no configs to load them with
+    if layout.startswith("diffusers"):
+        assert got["config"] is None  # a folder has its own
+    else:  # the placeholder transformer is not FLUX.1's or SD3.x's (tests/test_flux_sd3_configs.py has real ones)
+        assert got["config"].startswith("none (base.safetensors is a transformer of other sizes")
     r = run("inspect", path)
     assert f"architecture  {arch}" in r.stdout and all(f"\n{s} " in r.stdout for s in slots)
 
@@ -349,17 +353,25 @@ def test_a_model_id_of_the_cache_is_inspected_diffed_and_patched_to_a_copy(
 
 
 @pytest.mark.parametrize(
-    "layout, files",
+    "layout, files, run_with",
     [
-        ("flux-transformer", "clip_l.safetensors and t5xxl_fp16.safetensors"),
-        ("sd3-transformer", "clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors"),
+        (
+            "flux-transformer",
+            "clip_l.safetensors and t5xxl_fp16.safetensors",
+            "--text-encoders clip_l.safetensors,t5xxl_fp16.safetensors --vae ae.safetensors",
+        ),
+        (
+            "sd3-transformer",
+            "clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors",
+            "--text-encoders clip_l.safetensors,clip_g.safetensors --vae FILE",
+        ),
     ],
 )
 def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
-    tmp_path: Path, layout: str, files: str
+    tmp_path: Path, layout: str, files: str, run_with: str
 ) -> None:
     """Black Forest Labs' flux1-dev.safetensors holds the transformer alone; ComfyUI users keep the encoders in files
-    of their own, which is what to patch."""
+    of their own, which is what to patch, and what erase, generate and eval run it with."""
     bfl = make_checkpoint(tmp_path / "flux1-dev.safetensors", layout, "BF16")
     patch = patch_of(tmp_path, "diffusers-flux")
     before = snapshot(tmp_path)
@@ -368,13 +380,17 @@ def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
         ("inspect", bfl),
         ("apply", patch, "--to", bfl, "--in-place"),
         ("diff", bfl, bfl),
-        ("generate", "--model", bfl, "-o", tmp_path / "gen", "a cat"),
     ):
         r = run(*args)
         assert r.exit_code == 4 and r.stderr == (
             f"error: flux1-dev.safetensors holds a {title} transformer but no text encoders; patch the text-encoder "
             f"files it is used with instead ({files}), or a model folder\n"
         ), (args, r.output)
+    r = run("generate", "--model", bfl, "-o", tmp_path / "gen", "a cat")
+    assert r.exit_code == 4 and r.stderr == (
+        f"error: flux1-dev.safetensors holds a {title} transformer but no text encoders; give its encoder files and "
+        f"VAE: {run_with} (--text-encoders)\n"
+    ), r.output
     assert snapshot(tmp_path) == before
 
 
@@ -417,26 +433,26 @@ def test_a_diffusers_transformer_file_is_refused_as_a_transformer_of_its_line(tm
     assert r.exit_code == 4 and r.stderr == expected, r.output
 
 
-@pytest.mark.parametrize("layout", ["single-flux", "single-sd3"])
-def test_erase_generate_and_eval_of_a_single_file_without_configs_ask_for_them_in_one_line(
-    tmp_path: Path, layout: str
+@pytest.mark.parametrize(("layout", "name"), [("single-flux", "flux-schnell"), ("single-sd3", "sd3-medium")])
+def test_erase_generate_and_eval_of_a_single_file_the_bundled_configs_do_not_describe_ask_for_a_config(
+    tmp_path: Path, layout: str, name: str
 ) -> None:
     path = model(tmp_path, layout)
     patch = patch_of(tmp_path, layout)
     images = tmp_path / "images"
     images.mkdir()
     before = snapshot(tmp_path)
-    title = family(MODELS[layout][0]).title
+    sizes = "width 8, 4 input channels, depth 1+1" if name.startswith("flux") else "width 8, 4 input channels, depth 1"
     for args in (
         ("erase", "--model", path, "--concept", "cat", "--images", images, "-o", tmp_path / "o.erasepatch"),
         ("generate", "--model", path, "-o", tmp_path / "gen", "a cat"),
         ("eval", "--model", path, "--patch", patch, "--concept", "cat"),
     ):
         r = run(*args)
-        assert r.exit_code == 4 and r.stderr == (
-            f"error: erasekit has no configs to load a {title} single file with; give --config DIR, a local "
-            "diffusers folder of the same model (its configs are enough)\n"
+        assert r.exit_code == 4 and r.stderr.startswith(
+            f"error: base.safetensors is a transformer of other sizes ({sizes}); erasekit's bundled {name} config "
         ), (args, r.output)
+        assert r.stderr.endswith("; give a config: a local diffusers folder of this model (--config)\n")
     assert snapshot(tmp_path) == before
 
 

@@ -176,7 +176,7 @@ def test_partial_loads_are_refused(tmp_path: Path, world: dict[str, Path], monke
     partial = tmp_path / "partial.safetensors"
     save_file({k: v for k, v in state.items() if k != "model.diffusion_model.out.2.weight"}, str(partial))
     with pytest.raises(
-        LayoutError, match=r"has 207 unet tensors \(model.diffusion_model.\*\) but the unet of its config \(config "
+        LayoutError, match=r"has [0-9,]+ unet weights \(model.diffusion_model.\*\) but the unet of its config \(config "
     ):
         load_pipeline(partial, config=world["configs"])
 

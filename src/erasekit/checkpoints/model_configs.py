@@ -12,7 +12,18 @@ sd2-512    SD 2.x base, epsilon, 512 px            OpenCLIP ViT-H keys + weights
 sd2-768-v  SD 2.x, v-prediction, 768 px            OpenCLIP ViT-H keys + weights
 sdxl       SDXL base 1.0                           both encoders' keys
 sdxl-refiner SDXL refiner 1.0                      bigG alone + UNet label_emb
+flux-dev   FLUX.1-dev (and its fine-tunes)         transformer guidance_in keys
+flux-schnell FLUX.1-schnell                        no guidance_in keys
+sd3-medium SD3 medium                              MMDiT without ln_q, attn2 keys
+sd3.5-medium SD3.5 medium                          MMDiT attn2 (dual attention) keys
+sd3.5-large SD3.5 large and large turbo            MMDiT ln_q without attn2 keys
 ========== ======================================= ===========================
+
+FLUX.1 and SD3.x variants differ in their transformers (``Family.variants``: a key part only that variant's files
+hold); the transformer's widths and depths are then checked against the chosen config, so a FLUX.1 Fill or Depth file,
+or a fine-tune of other sizes, is refused with the fix (``--config DIR``). Their T5 tokenizer (sentencepiece) is not
+shipped: it is read from the Hugging Face cache, where any of :data:`T5_TOKENIZERS` left it, else downloaded once
+(about 3 MB) from the first of them; only erase, generate and eval need it.
 
 SD 2.x 512 (epsilon) and 768-v (v-prediction) have the same tensor shapes (a family with one bundled config per
 prediction type, told apart by their schedulers' ``prediction_type``). erasekit decides, in this order:
@@ -23,7 +34,7 @@ epsilon training does. The choice and its reason are shown by ``erasekit inspect
 spread within :data:`NEAR_THRESHOLD` of the threshold is a guess, and a warning says so.
 
 The CLIP BPE vocabulary ships once, with the built-in model; the tokenizers are built from it.
-Torch-free: only safetensors headers and one small tensor are read.
+Torch-free: only safetensors headers and one small tensor are read (and the Hugging Face cache, for T5's tokenizer).
 """
 
 from __future__ import annotations
@@ -36,8 +47,9 @@ from typing import Any
 
 from ..errors import ErasekitError, ErasekitWarning, InputFileError, LayoutError
 from ..families import ENCODER_COMPONENTS, by_bundled_config, by_components, family
+from ..families.base import Family
 from ..toyworld import builtin_model_path
-from .layouts import Checkpoint, read_json
+from .layouts import Checkpoint, WeightFile, read_json
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 TOKENIZER_DIR = builtin_model_path() / "tokenizer"  # the full CLIP BPE vocabulary, shipped once
@@ -48,6 +60,16 @@ V_PREDICTION_SPREAD = 0.09
 NEAR_THRESHOLD = 0.25
 _SPREAD_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+FLOW_MATCHING = "flow matching"  # what a flow-matching model's choice shows where others show a prediction type
+# (repo, folder) where T5 v1.1's tokenizer lies in the Hugging Face cache, as diffusers downloads leave it; the first
+# (not gated) is the one erasekit downloads where none is cached
+T5_TOKENIZERS = (
+    ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"),
+    ("black-forest-labs/FLUX.1-dev", "tokenizer_2"),
+    ("stabilityai/stable-diffusion-3.5-large", "tokenizer_3"),
+    ("stabilityai/stable-diffusion-3.5-medium", "tokenizer_3"),
+    ("stabilityai/stable-diffusion-3-medium-diffusers", "tokenizer_3"),
+)
 
 
 @dataclass(frozen=True)
@@ -63,18 +85,58 @@ class ConfigChoice:
     def describe(self) -> str:
         return f"{self.name} ({self.prediction_type}; {self.reason})"
 
-    def tokenizers(self) -> dict[str, Any]:
-        """The tokenizer objects to pass to diffusers for a bundled config (a user's folder has its own)."""
+    def tokenizers(self, slots: Any = None) -> dict[str, Any]:
+        """The tokenizer objects to pass to diffusers for a bundled config (a user's folder has its own), of the
+        ``slots`` the model holds (all where None): CLIP's built from the shipped vocabulary, T5's from the Hugging
+        Face cache (:func:`t5_tokenizer_folder`)."""
         if not self.bundled:
             return {}
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer, T5Tokenizer
 
         index = read_json(self.path / "model_index.json")
-        return {
-            slot.tokenizer: CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=slot.encoder.pad_token)
-            for slot in by_bundled_config(self.name).slots
-            if (index.get(slot.tokenizer) or [None])[0] is not None
-        }
+        out = {}
+        for slot in by_bundled_config(self.name).slots:
+            if (index.get(slot.tokenizer) or [None])[0] is None or (slots is not None and slot.name not in slots):
+                continue
+            if slot.encoder.kind.name == "t5":
+                out[slot.tokenizer] = T5Tokenizer.from_pretrained(t5_tokenizer_folder(by_bundled_config(self.name)))
+            else:
+                out[slot.tokenizer] = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=slot.encoder.pad_token)
+        return out
+
+
+def t5_tokenizer_folder(fam: Family) -> Path:
+    """A folder of T5 v1.1's tokenizer: from the Hugging Face cache where a FLUX.1 or SD3.x download left one
+    (:data:`T5_TOKENIZERS`), else downloaded from the first of those repos when online; offline and with none cached,
+    a one-line error that says what to do."""
+    from huggingface_hub import is_offline_mode, snapshot_download, try_to_load_from_cache
+
+    for repo, sub in T5_TOKENIZERS:
+        found = try_to_load_from_cache(repo, f"{sub}/tokenizer_config.json")
+        if isinstance(found, str) and any(
+            (Path(found).parent / f).is_file() for f in ("tokenizer.json", "spiece.model")
+        ):
+            return Path(found).parent
+    repo, sub = T5_TOKENIZERS[0]
+    fix = (
+        f"go online once (erasekit then downloads it from {repo}, about 3 MB), or give --config DIR: a diffusers "
+        f"folder of the model with its {listing_tokenizers(fam)}"
+    )
+    if is_offline_mode():
+        raise ErasekitError(
+            f"{fam.title} needs T5's tokenizer, which erasekit does not ship and the Hugging Face cache does not hold "
+            "(downloads are off: HF_HUB_OFFLINE)",
+            fix,
+        )
+    try:
+        return Path(snapshot_download(repo, allow_patterns=[f"{sub}/*"])) / sub
+    except Exception as e:  # huggingface_hub's HTTP errors, OSError, the transport's: the network, not erasekit
+        raise ErasekitError(f"cannot download T5's tokenizer from {repo} ({type(e).__name__})", fix) from None
+
+
+def listing_tokenizers(fam: Family) -> str:
+    """``tokenizer_2/`` folder: where a family's pipeline folder keeps T5's tokenizer."""
+    return " and ".join(f"{s.tokenizer}/" for s in fam.slots if s.encoder.kind.name == "t5") + " folder"
 
 
 def _metadata_prediction(ckpt: Checkpoint) -> str | None:
@@ -142,6 +204,8 @@ def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> Conf
         raise LayoutError(
             f"erasekit has no configs to load a {fam.title} single file with", f"{fam.why_not_run or 'patch it only'}"
         )
+    if fam.flow_matching:
+        return _flow_choice(ckpt, fam, prediction_type)
     if len(fam.bundled) > 1:
         pred, reason = (prediction_type, "as given") if prediction_type else sd2_prediction(ckpt)
         name = next((n for n in fam.bundled if _scheduler_prediction(CONFIGS_DIR / n) == pred), fam.bundled[0])
@@ -151,6 +215,67 @@ def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> Conf
     choice = ConfigChoice(name, CONFIGS_DIR / name, pred, reason, bundled=True)
     _check_unet(ckpt, choice)
     return choice
+
+
+def _flow_choice(ckpt: Checkpoint, fam: Family, prediction_type: str | None) -> ConfigChoice:
+    """The bundled configs of a FLUX.1 or SD3.x file: its variant by the transformer's keys (``Family.variants``),
+    checked against the transformer's widths and depths."""
+    if prediction_type is not None:
+        raise ErasekitError(
+            f"{fam.title} models have no prediction type (they are trained by flow matching)",
+            "leave the prediction type out",
+            option="prediction_type",
+        )
+    shapes = denoiser_shapes(ckpt)
+    name, _, says = next(v for v in fam.variants if any(v[1] in k for k in shapes))
+    choice = ConfigChoice(name, CONFIGS_DIR / name, FLOW_MATCHING, f"from its transformer's keys: {says}", bundled=True)
+    _check_transformer(ckpt, choice, shapes)
+    return choice
+
+
+def denoiser_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """name -> shape of the tensors of ``ckpt``'s denoiser, below its key prefix (``model.diffusion_model.``; Black
+    Forest Labs' files of the transformer alone have none), from the header of the file at ``ckpt.path``."""
+    wf = next((f for f in ckpt.files if f.path == ckpt.path), None) or WeightFile(ckpt.path, "")
+    prefix = family(ckpt.architecture).parts[0][1]
+    info = wf.tensor_info()
+    inside = {k[len(prefix) :]: shape for k, (_, shape) in info.items() if k.startswith(prefix)}
+    return inside or {k: shape for k, (_, shape) in info.items()}
+
+
+# per flow-matching family: the transformer's first tensor (width x input channels) and its block lists
+_TRANSFORMER_SHAPES = {
+    "flux": ("img_in.weight", (("double_blocks", "num_layers"), ("single_blocks", "num_single_layers"))),
+    "sd3": ("x_embedder.proj.weight", (("joint_blocks", "num_layers"),)),
+}
+_FLUX_OTHERS = {384: "a FLUX.1 Fill model", 128: "a FLUX.1 Depth model"}  # by input channels
+
+
+def _check_transformer(ckpt: Checkpoint, choice: ConfigChoice, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, with a clear line, a file whose transformer is not the chosen config's (FLUX.1 Fill or Depth, other
+    widths or depths)."""
+    first, blocks = _TRANSFORMER_SHAPES[ckpt.architecture]
+    if first not in shapes:
+        raise LayoutError(
+            f"{ckpt.path.name} has {ckpt.architecture} text encoders but no transformer ({first})",
+            "name a whole checkpoint (transformer, VAE and text encoders in one file)",
+        )
+    cfg = read_json(choice.path / "transformer" / "config.json")
+    want = (cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["in_channels"], *(cfg[n] for _, n in blocks))
+    depth = [len({k.split(".")[1] for k in shapes if k.startswith(f"{b}.")}) for b, _ in blocks]
+    got = (*shapes[first][:2], *depth)
+    if got != want:
+        what = _FLUX_OTHERS.get(got[1], "") if ckpt.architecture == "flux" else ""
+        raise LayoutError(
+            f"{ckpt.path.name} is {what or 'a transformer of other sizes'} ({_sizes(got)}); erasekit's bundled "
+            f"{choice.name} config has {_sizes(want)}",
+            "give a config: a local diffusers folder of this model",
+            option="config_dir",
+        )
+
+
+def _sizes(dims: tuple[int, ...]) -> str:
+    return f"width {dims[0]}, {dims[1]} input channels, depth {'+'.join(map(str, dims[2:]))}"
 
 
 def _scheduler_prediction(folder: Path) -> str:
@@ -207,7 +332,7 @@ def user_choice(ckpt: Checkpoint, config: str | os.PathLike, prediction_type: st
                 "give as config the diffusers folder of the model this file was made from",
                 option="config_dir",
             )
-    pred = prediction_type or _scheduler_prediction(folder)
+    pred = FLOW_MATCHING if family(arch).flow_matching else prediction_type or _scheduler_prediction(folder)
     return ConfigChoice(f"config {folder}", folder, pred, "given", bundled=False)
 
 

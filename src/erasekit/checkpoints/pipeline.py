@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError, LayoutError
 from ..families import ENCODER_COMPONENTS, FAMILIES, family, listing
 from ..families.base import Family
-from .layouts import Checkpoint, detect, read_json
-from .model_configs import choose_config
+from .layouts import Checkpoint, WeightFile, read_json
+from .model_configs import ConfigChoice, choose_config
+from .parts import PARTS_LAYOUT, detect_model
 
 
 class UnsupportedModelError(LayoutError):
@@ -93,13 +95,17 @@ def load_pipeline(
     vae_dtype: Any = None,
     config: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
 ) -> tuple[Any, Checkpoint]:
     """A pipeline of its family's class (StableDiffusion(XL)Pipeline) from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
     Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
     of its architecture, or with ``config`` (a local diffusers folder of the same model) when given; the choice
     is in ``ckpt.config``. ``prediction_type`` overrides the scheduler's (``epsilon`` or ``v_prediction``).
     ``text_encoder_dtype`` and ``vae_dtype`` load the text encoders and the VAE in another dtype than the rest
-    (erase: fp32 encoders to train and an fp32 VAE to encode its images with, a bf16 UNet to compute with)."""
+    (erase: fp32 encoders to train and an fp32 VAE to encode its images with, a bf16 UNet to compute with).
+    ``text_encoders`` and ``vae``: for a transformer file kept apart (Black Forest Labs' ``flux1-dev.safetensors``),
+    its encoder files and its VAE file (:mod:`erasekit.checkpoints.parts`)."""
     from .hub import resolve_model
     from .in_place import read_consistently, recover_interrupted
 
@@ -108,7 +114,7 @@ def load_pipeline(
     import diffusers
     import torch
 
-    ckpt = detect(path)
+    ckpt = detect_model(path, text_encoders, vae)
     recover_interrupted(ckpt)  # never fingerprint or train on a half-applied file
     fam = runnable_family(ckpt, config)
     dtype = torch_dtype or torch.float32
@@ -140,10 +146,16 @@ def load_pipeline(
             variant=variant,
             **extra,
         )
+    elif ckpt.layout == PARTS_LAYOUT:
+        choice = choose_config(ckpt, config, prediction_type)
+        ckpt.config = choice.describe()
+        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
+        load = lambda **_: pipeline_from_parts(cls, ckpt, choice, Path(vae or ""), load_dtype)  # noqa: E731
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
-        extra |= choice.tokenizers()
+        absent = _absent_from_file(fam, ckpt)
+        extra |= dict.fromkeys(absent) | choice.tokenizers(ckpt.encoders)  # an SD3.x file without its T5
         load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
         load = lambda **kw: cls.from_single_file(  # noqa: E731
             str(path),
@@ -165,7 +177,7 @@ def load_pipeline(
                     raise
                 # with accelerate installed, diffusers leaves the tensors a file lacks on the meta device and fails
                 # on them; loaded without that (missing tensors random), the check below says what is missing
-                check_single_file_pipeline(load(low_cpu_mem_usage=False), ckpt, config)
+                check_single_file_pipeline(load(low_cpu_mem_usage=False), ckpt, config, vae)
                 raise
 
     try:
@@ -180,9 +192,10 @@ def load_pipeline(
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:240]  # torch puts the why on line 2
         raise LayoutError(f"cannot load a pipeline from {path} ({type(e).__name__}: {detail})", fix) from None
     if not path.is_dir():
-        check_single_file_pipeline(pipe, ckpt, config)
+        check_single_file_pipeline(pipe, ckpt, config, vae)
         for name in fam.components:
-            getattr(pipe, name).to(te_dtype)
+            if getattr(pipe, name) is not None:  # SD3.x without its T5
+                getattr(pipe, name).to(te_dtype)
         denoiser_of(pipe).to(dtype)
         pipe.vae.to(vae_dtype)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
@@ -208,13 +221,21 @@ def _absent_optional(fam: Family, index: dict[str, Any]) -> set[str]:
     }
 
 
+def _absent_from_file(fam: Family, ckpt: Checkpoint) -> set[str]:
+    """The components (encoder and tokenizer) of ``fam``'s optional slots that a single file is without."""
+    return {c for s in fam.slots if s.optional and s.name not in ckpt.encoders for c in (s.component, s.tokenizer)}
+
+
 def runnable_family(ckpt: Checkpoint, config: str | os.PathLike | None = None) -> Family:
     """The family of ``ckpt``, which erase, generate and eval can run; :class:`UnsupportedModelError` where they
     cannot, and a :class:`LayoutError` for a single file that erasekit has no configs for and no ``config`` folder
-    is given (FLUX.1, SD3.x): before a judge is asked for or an image read."""
+    is given (a FLUX.1 or SD3.x transformer of other sizes than the bundled configs'): before a judge is asked for or
+    an image read."""
     fam = family(ckpt.architecture)
     if not fam.bare and fam.pipeline and not fam.bundled and config is None and not ckpt.path.is_dir():
         raise LayoutError(f"erasekit has no configs to load a {fam.title} single file with", fam.why_not_run)
+    if fam.flow_matching and config is None and not ckpt.path.is_dir():
+        choose_config(ckpt)  # a transformer the bundled configs do not describe (FLUX.1 Fill): from its header
     if fam.bare:
         raise UnsupportedModelError(
             f"{ckpt.path} is a {fam.title} on its own (no UNet or VAE), which erase, generate and eval cannot run",
@@ -236,9 +257,22 @@ def _own_text_encoders(pipe: Any) -> Any:
     under the running job (after the read was checked to be of one state)."""
     for name in ENCODER_COMPONENTS:
         encoder = getattr(pipe, name, None)
+        if encoder is not None and any(p.is_meta for p in encoder.parameters()):
+            # diffusers loads a single file's encoders into empty weights and ties none: T5's input embedding is
+            # its shared one, which the file holds once (``shared.weight``)
+            encoder.tie_weights()
         for tensor in [*encoder.parameters(), *encoder.buffers()] if encoder is not None else []:
             tensor.data = tensor.data.clone()
     return pipe
+
+
+def _part_files(ckpt: Checkpoint, vae: str | os.PathLike | None) -> list[tuple[str, WeightFile, str]]:
+    """(component, file, key prefix) of a single file's denoiser and VAE; of a model of separate files, the
+    transformer's file and the VAE's, their keys unprefixed."""
+    parts = family(ckpt.architecture).parts
+    if ckpt.layout != PARTS_LAYOUT:
+        return [(comp, ckpt.files[0], prefix) for comp, prefix in parts]
+    return [(parts[0][0], WeightFile(ckpt.path, ""), ""), (parts[1][0], WeightFile(Path(vae or ""), ""), "")]
 
 
 def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
@@ -257,7 +291,55 @@ def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
     return stored if stored is not None and dtype != torch.float32 else torch.float32
 
 
-def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None) -> None:
+def pipeline_from_parts(cls: Any, ckpt: Checkpoint, choice: ConfigChoice, vae: Path, dtype: Any) -> Any:
+    """A pipeline of class ``cls`` from a model of separate files (:mod:`erasekit.checkpoints.parts`) and the configs
+    ``choice``: diffusers loads the transformer and the VAE from their files as ``from_single_file`` does, and each
+    text encoder from its own file as it loads one from an all-in-one file (its keys put below that file's prefix)."""
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import (
+        create_diffusers_clip_model_from_ldm,
+        create_diffusers_t5_model_from_checkpoint,
+    )
+    from safetensors.torch import load_file
+
+    fam = family(ckpt.architecture)
+    index = read_json(choice.path / "model_index.json")
+    (denoiser, _), (vae_part, _) = fam.parts
+    kw = {"config": str(choice.path), "local_files_only": True, "torch_dtype": dtype}
+    parts: dict[str, Any] = {
+        denoiser: getattr(diffusers, index[denoiser][1]).from_single_file(str(ckpt.path), subfolder=denoiser, **kw),
+        vae_part: getattr(diffusers, index[vae_part][1]).from_single_file(str(vae), subfolder=vae_part, **kw),
+        "scheduler": getattr(diffusers, index["scheduler"][1]).from_pretrained(choice.path, subfolder="scheduler"),
+    }
+    all_in_one = fam.single_files[0].encoders  # slot -> (naming, key prefix) in a ComfyUI all-in-one file
+    for slot in fam.slots:
+        wf = next((f for f in ckpt.files if slot.name in f.encoders), None)
+        if wf is None:  # SD3.x without its T5
+            parts[slot.component] = parts[slot.tokenizer] = None
+            continue
+        spec, prefix = wf.encoders[slot.name], all_in_one[slot.name][1]
+        root = prefix.removesuffix(spec.naming.root)  # the encoder's own root there: text_encoders.clip_l.transformer.
+        state = {
+            prefix + k[len(spec.prefix) :] if k.startswith(spec.prefix) else root + k: v
+            for k, v in load_file(str(wf.path)).items()
+        }
+        make = (
+            create_diffusers_t5_model_from_checkpoint
+            if slot.encoder.kind.name == "t5"
+            else create_diffusers_clip_model_from_ldm
+        )
+        parts[slot.component] = make(
+            getattr(transformers, index[slot.component][1]), state, subfolder=slot.component, **kw
+        )
+        if not choice.bundled:  # a user's config folder holds the tokenizers
+            parts[slot.tokenizer] = transformers.AutoTokenizer.from_pretrained(choice.path, subfolder=slot.tokenizer)
+    return cls(**parts | choice.tokenizers(ckpt.encoders))
+
+
+def check_single_file_pipeline(
+    pipe: Any, ckpt: Checkpoint, config: str | os.PathLike | None, vae: str | os.PathLike | None = None
+) -> None:
     """diffusers loads single files with ``strict=False``: without accelerate, tensors that its key conversion
     misses keep their random initial values, silently (with it, they stay on the meta device). Refuse such a pipeline: every UNet and VAE tensor must
     have a source in the file, and the text-encoder FFN tensors erasekit trains must be the file's, bit for bit
@@ -266,19 +348,20 @@ def check_single_file_pipeline(pipe: Any, ckpt: Checkpoint, config: str | os.Pat
 
     from .memory import memory_encoders
 
-    names = list(ckpt.files[0].tensor_info())
-    for comp, prefix in family(ckpt.architecture).parts:
-        need, have = len(getattr(pipe, comp).state_dict()), sum(k.startswith(prefix) for k in names)
+    for comp, wf, prefix in _part_files(ckpt, vae):
+        # counted in numbers, not tensors: original files fuse what diffusers splits (FLUX.1's and SD3.x's q, k, v)
+        need = sum(p.numel() for p in getattr(pipe, comp).parameters())
+        have = sum(math.prod(shape) for k, (_, shape) in wf.tensor_info().items() if k.startswith(prefix))
         if have < need:
             raise LayoutError(
-                f"{ckpt.path.name} has {have} {comp} tensors ({prefix}*) but the {comp} of its "
-                f"config ({ckpt.config}) has {need}",
+                f"{wf.path.name} has {have:,} {comp} weights ({prefix}*) but the {comp} of its "
+                f"config ({ckpt.config}) has {need:,}",
                 "use a complete checkpoint, and a config of the same model",
                 option="config_dir",
             )
-    wf = ckpt.files[0]
     _, encoders = memory_encoders(pipe)
     for slot, enc in ckpt.encoders.items():
+        wf = next(f for f in ckpt.files if slot in f.encoders)
         module, spec = encoders[slot]
         state = module.state_dict()
         for layer, proj, kind in spec.tensors():

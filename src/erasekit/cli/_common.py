@@ -61,6 +61,27 @@ PredictionOpt = Annotated[
         "single files are told apart from their weights).",
     ),
 ]
+TextEncodersOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--text-encoders",
+        metavar="FILES",
+        help="For a transformer file kept apart from its encoders (Black Forest Labs' flux1-dev.safetensors): "
+        "its text-encoder files, comma-separated (clip_l.safetensors,t5xxl_fp16.safetensors), each taken "
+        "for the encoder of its kind; with --vae.",
+    ),
+]
+VaeOpt = Annotated[
+    Optional[Path],
+    typer.Option("--vae", metavar="FILE", help="With --text-encoders: the VAE file (FLUX.1: ae.safetensors)."),
+]
+
+
+def file_list(text: str | None) -> tuple[Path, ...]:
+    """``"a.safetensors,b.safetensors"`` -> the paths, blanks dropped."""
+    return tuple(Path(p.strip()) for p in (text or "").split(",") if p.strip())
+
+
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed although the base fingerprints do not match.")]
 

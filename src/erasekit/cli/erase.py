@@ -14,9 +14,12 @@ from ._common import (
     JsonOpt,
     ModelOpt,
     PredictionOpt,
+    TextEncodersOpt,
+    VaeOpt,
     brief,
     err,
     errors,
+    file_list,
     human_bytes,
     out,
     packed,
@@ -258,6 +261,8 @@ def erase_cmd(
     ] = None,
     config_dir: ConfigOpt = None,
     prediction_type: PredictionOpt = None,
+    text_encoders: TextEncodersOpt = None,
+    vae: VaeOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the latents cache.")] = False,
     forget_check: Annotated[
         bool,
@@ -338,6 +343,8 @@ def erase_cmd(
                 num_images=num_images,
                 config_dir=config_dir,
                 prediction_type=prediction_type,
+                text_encoders=file_list(text_encoders),
+                vae=vae,
                 after=after or (),
                 progress=lambda s: update(
                     s.step, s.total, f"loss {s.loss:.4f}  {s.step / max(s.seconds, 1e-9):.1f} it/s"

@@ -17,7 +17,10 @@ from ._common import (
     ModelOpt,
     PredictionOpt,
     StepsOpt,
+    TextEncodersOpt,
+    VaeOpt,
     errors,
+    file_list,
     make_config,
     out,
     print_json,
@@ -114,6 +117,8 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
     prediction_type: PredictionOpt = None,
+    text_encoders: TextEncodersOpt = None,
+    vae: VaeOpt = None,
     record: Annotated[
         bool,
         typer.Option(
@@ -152,6 +157,8 @@ def eval_cmd(
                 grid=grid,
                 config_dir=config_dir,
                 prediction_type=prediction_type,
+                text_encoders=file_list(text_encoders),
+                vae=vae,
                 progress=lambda done, total: update(done, total, ""),
             )
     if as_json:

@@ -15,7 +15,10 @@ from ._common import (
     ModelOpt,
     PredictionOpt,
     StepsOpt,
+    TextEncodersOpt,
+    VaeOpt,
     errors,
+    file_list,
     make_config,
     out,
     print_json,
@@ -58,6 +61,8 @@ def generate_cmd(
     device: DeviceOpt = "auto",
     config_dir: ConfigOpt = None,
     prediction_type: PredictionOpt = None,
+    text_encoders: TextEncodersOpt = None,
+    vae: VaeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Render prompts, optionally with patches applied (and without, with --compare)."""
@@ -86,6 +91,8 @@ def generate_cmd(
                 patches=patch or [],
                 config_dir=config_dir,
                 prediction_type=prediction_type,
+                text_encoders=file_list(text_encoders),
+                vae=vae,
                 progress=lambda done, total: update(done, total, ""),
             )
     if as_json:

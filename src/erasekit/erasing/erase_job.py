@@ -33,10 +33,20 @@ class EraseJob:
     prediction_type: str | None = None
     after: list[Any] = field(default_factory=list)  # the earlier patches (Patch objects)
     sources: dict[str, str] = field(default_factory=dict)  # setting -> "user", "model" or "native" (the rest: defaults)
+    text_encoders: tuple[Path, ...] = ()  # a transformer file's encoder files (checkpoints.parts)
+    vae: Path | None = None  # and its VAE file
 
     def load_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one loaded pipeline."""
-        return (str(self.model), str(self.config_dir), self.prediction_type, self.config.device, self.config.dtype)
+        return (
+            str(self.model),
+            str(self.config_dir),
+            self.prediction_type,
+            self.config.device,
+            self.config.dtype,
+            tuple(map(str, self.text_encoders)),
+            str(self.vae),
+        )
 
     def images_digest(self) -> str | None:
         """The sha256 the patch records for its training images, where it is known before the model is loaded."""
@@ -61,16 +71,19 @@ def prepare_erase(
     num_images: int = 4,
     config_dir: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
     after: Sequence[str | os.PathLike] = (),
     replace: bool = False,
     make_folder: bool = False,
 ) -> EraseJob:
     """Check an erase without loading the model (see :func:`erase_model` for the arguments). ``replace``: an
     existing ``output`` is allowed (a batch that redoes a job replaces its patch); ``make_folder``: the output's
-    folder may be missing (:func:`run_erase` makes it)."""
+    folder may be missing (:func:`run_erase` makes it). ``text_encoders`` and ``vae``: for a transformer file kept
+    apart (``flux1-dev.safetensors``), its encoder files and VAE file (:mod:`erasekit.checkpoints.parts`)."""
     from ..checkpoints.hub import resolve_model
-    from ..checkpoints.layouts import detect
     from ..checkpoints.model_configs import native_resolution
+    from ..checkpoints.parts import detect_model
     from ..checkpoints.pipeline import model_settings, runnable_family
     from ..format.patchfile import load_patch
     from ..toyworld import builtin_model_path
@@ -78,7 +91,9 @@ def prepare_erase(
     if not concepts:
         raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     model = resolve_model(model) if model is not None else builtin_model_path()
-    ckpt = detect(model)  # its files' headers: a truncated or foreign file is refused before anything runs
+    ckpt = detect_model(
+        model, text_encoders, vae
+    )  # its files' headers: a truncated or foreign file is refused before anything runs
     runnable_family(ckpt, config_dir)  # a text encoder alone, a FLUX.1 file without configs: before anything is read
     settings = model_settings(model)
     sources: dict[str, str] = {}
@@ -126,6 +141,8 @@ def prepare_erase(
         prediction_type,
         earlier,
         sources,
+        tuple(Path(p) for p in text_encoders),
+        Path(vae) if vae is not None else None,
     )
 
 
@@ -181,6 +198,8 @@ def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:
             text_encoder_dtype=torch.float32,
             vae_dtype=torch.float32,
             config=job.config_dir,
+            text_encoders=job.text_encoders,
+            vae=job.vae,
             prediction_type=job.prediction_type,
         )
 
@@ -237,6 +256,8 @@ def erase_model(
     num_images: int = 4,
     config_dir: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
     after: Sequence[str | os.PathLike] = (),
     progress: Callable[[StepInfo], None] | None = None,
 ) -> EraseReport:
@@ -248,6 +269,8 @@ def erase_model(
     model; ``None`` is allowed for the built-in toy world, whose renderer draws the concept.
     ``config``: an :class:`EraseConfig`, or a dict of settings laid over the model's recommended ones
     (``erasekit.json`` in the model folder; the published recipe where there is none).
+    ``text_encoders`` and ``vae``: for a transformer file kept apart (Black Forest Labs' ``flux1-dev.safetensors``),
+    its encoder files (in any order) and its VAE file.
     """
     from ..checkpoints.pipeline import model_threads
 
@@ -264,6 +287,8 @@ def erase_model(
         num_images=num_images,
         config_dir=config_dir,
         prediction_type=prediction_type,
+        text_encoders=text_encoders,
+        vae=vae,
         after=after,
     )
     with model_threads(job.model):

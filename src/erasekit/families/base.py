@@ -272,12 +272,17 @@ class Family:
     parts: tuple[tuple[str, str], ...] = LDM_PARTS  # what its single files hold besides the encoders
     # what a file of its denoiser alone holds, in each naming (every one of the key parts of one of them; BFL's
     # flux1-dev.safetensors, diffusers' transformer/diffusion_pytorch_model.safetensors): such a file is refused with
-    # the encoder files to patch instead
+    # the encoder files to patch instead, and erase, generate and eval run it with those files
     denoiser_alone: tuple[tuple[str, ...], ...] = ()
+    vae_file: str = "FILE"  # the file its VAE is kept in beside such a file (FLUX.1's ae.safetensors)
     flow_matching: bool = False  # its denoiser is trained by flow matching: no epsilon or v prediction type
     bundled: tuple[
         str, ...
-    ] = ()  # erasekit's bundled configs (checkpoints/configs/NAME); several: one per prediction type
+    ] = ()  # erasekit's bundled configs (checkpoints/configs/NAME); several: one per prediction type or variant
+    # where its variants differ in the denoiser's shapes (FLUX.1 dev and schnell; SD3 medium, SD3.5 medium and large):
+    # (bundled config, a part of a denoiser key that only that variant's files hold, what that key says), first
+    # match wins; an empty part matches every file
+    variants: tuple[tuple[str, str, str], ...] = ()
     conditioning: Conditioning | None = None  # what its denoiser reads; None where erasekit does not run it
     # UI -> (module prefix, naming) where a UI knows the family's encoder by a name of its own (the SDXL refiner)
     ui_modules: dict[str, tuple[str, str]] = field(default_factory=dict)

@@ -6,8 +6,9 @@ kohya name it beside CLIP-L, so a FLUX.1 patch's T5 part is named as a standalon
 
 Its files: diffusers folders; ComfyUI's all-in-one checkpoints (encoders under ``text_encoders.``); Black Forest Labs'
 own ``flux1-dev.safetensors`` holds the transformer alone (refused, naming the encoder files to patch). erase, generate
-and eval run its diffusers folders (a flow-matching transformer: docs/erase.md), and its single files with a config
-folder of the same model."""
+and eval run its diffusers folders (a flow-matching transformer: docs/erase.md) and its single files, with erasekit's
+bundled configs of dev or schnell (told apart by the transformer's guidance embedding) or a config folder of the same
+model."""
 
 from __future__ import annotations
 
@@ -38,13 +39,17 @@ FAMILY = Family(
     diffusers_classes=("Flux",),
     kin=("sd3",),
     pipeline="FluxPipeline",
-    # a single file: erasekit bundles no configs of its transformer and VAE
-    why_not_run="give --config DIR, a local diffusers folder of the same model (its configs are enough)",
+    bundled=("flux-dev", "flux-schnell"),
+    variants=(
+        ("flux-dev", "guidance_in.", "a guidance embedding (guidance_in): FLUX.1-dev"),
+        ("flux-schnell", "", "no guidance embedding: FLUX.1-schnell"),
+    ),
     parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
     denoiser_alone=(
         ("double_blocks.", "single_blocks."),
         ("transformer_blocks.", "single_transformer_blocks.", "x_embedder."),  # diffusers' naming
     ),
+    vae_file="ae.safetensors",
     flow_matching=True,
     conditioning=Conditioning(hidden_from=("te3",), pooled_from=("te1",), pooled_projected=False),
     uis=("comfyui",),

@@ -6,7 +6,8 @@ T5's last hidden state (zeros without T5), and te1's and te2's projected pooled 
 Its files: diffusers folders (``text_encoder_3`` may be absent); SD3.5 all-in-one single files (encoders under
 ``text_encoders.clip_l.``, ``text_encoders.clip_g.``, ``text_encoders.t5xxl.``, with or without T5); a file of the
 transformer alone is refused, naming the encoder files to patch. erase, generate and eval run its diffusers folders
-(a flow-matching transformer: docs/erase.md), and its single files with a config folder of the same model."""
+(a flow-matching transformer: docs/erase.md) and its single files, with erasekit's bundled configs of SD3 medium,
+SD3.5 medium or SD3.5 large (told apart by the transformer's keys) or a config folder of the same model."""
 
 from __future__ import annotations
 
@@ -37,8 +38,12 @@ FAMILY = Family(
     ss_base_model_version="sd3",
     diffusers_classes=("StableDiffusion3",),
     pipeline="StableDiffusion3Pipeline",
-    # a single file: erasekit bundles no configs of its transformer and VAE
-    why_not_run="give --config DIR, a local diffusers folder of the same model (its configs are enough)",
+    bundled=("sd3-medium", "sd3.5-medium", "sd3.5-large"),
+    variants=(
+        ("sd3.5-medium", ".attn2.", "dual-attention blocks (attn2): SD3.5 medium"),
+        ("sd3.5-large", ".ln_q.", "QK norms (ln_q) without dual attention: SD3.5 large or large turbo"),
+        ("sd3-medium", "", "neither QK norms nor dual attention: SD3 medium"),
+    ),
     parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
     denoiser_alone=(("joint_blocks.",), ("transformer_blocks.", "context_embedder.", "pos_embed.")),
     flow_matching=True,

@@ -103,6 +103,8 @@ def evaluate_model(
     grid: str | os.PathLike | None = None,
     config_dir: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Render with and without ``patches`` on the same seeds and judge both (see the module docstring).
@@ -110,11 +112,12 @@ def evaluate_model(
     ``judge``: a local transformers CLIPModel folder; without it only models of the built-in toy world can be
     judged. ``keep``/``stand_ins``: the CLIP judge's other labels (default: those the patches record).
     ``paraphrases``: a file of wordings, one per line, ``{}`` where the concept goes (else a whole prompt), instead
-    of the built-in ones. ``config_dir``: for a single-file ``model``, a local diffusers folder of its family."""
+    of the built-in ones. ``config_dir``: for a single-file ``model``, a local diffusers folder of its family.
+    ``text_encoders`` and ``vae``: for a transformer file kept apart, its encoder files and VAE file."""
     from ..checkpoints.compat import order_notes
     from ..checkpoints.hub import resolve_model
     from ..checkpoints.in_place import in_place_stack
-    from ..checkpoints.layouts import detect
+    from ..checkpoints.parts import detect_model
     from ..checkpoints.pipeline import load_pipeline, model_settings, model_threads, resolve_device, runnable_family
     from ..format.patchfile import load_patch
     from ..toyworld import builtin_model_path
@@ -130,7 +133,7 @@ def evaluate_model(
             option="patches",
         )
     model = model or builtin_model_path()
-    runnable_family(detect(resolve_model(model)), config_dir)  # before a judge is asked for
+    runnable_family(detect_model(resolve_model(model), text_encoders, vae), config_dir)  # before a judge is asked for
     toy = bool(model_settings(model).get("toyworld"))
     prompt_lines = _read_lines(prompts_file, "prompts_file", "prompts") if prompts_file is not None else None
     wordings = _read_lines(paraphrases, "paraphrases", "wordings") if paraphrases is not None else None
@@ -159,7 +162,14 @@ def evaluate_model(
     prompts = [p for p, _ in everything]
     seeds = [config.seed + (i % config.n) for i in range(len(everything))]  # every prompt in a block of n
     with model_threads(model):
-        pipe, ckpt = load_pipeline(model, device=device, config=config_dir, prediction_type=prediction_type)
+        pipe, ckpt = load_pipeline(
+            model,
+            device=device,
+            config=config_dir,
+            prediction_type=prediction_type,
+            text_encoders=text_encoders,
+            vae=vae,
+        )
         in_place, checked = in_place_stack(loaded, ckpt)
         sampling = sampling_of(pipe, config.steps, config.guidance)
         before, after = _render_both(pipe, loaded, prompts, seeds, config, sampling, progress, checked)

@@ -358,6 +358,12 @@ def evaluate_and_record(
     its result into that patch. The patch is checked (it loads, it is writable) before anything is rendered."""
     from .evaluate import evaluate_model
 
+    if kwargs.get("text_encoders"):
+        raise ErasekitError(
+            "--record does not yet take a model of separate files (--text-encoders)",
+            "record the evaluation on the model's diffusers folder or all-in-one file, or evaluate without recording",
+            option="record",
+        )
     path = check_recordable(patches)
     check_measured_on_its_base(load_patch(path), model)
     config = config or EvalConfig()

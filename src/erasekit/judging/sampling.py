@@ -396,9 +396,12 @@ def generate_model(
     patches: Sequence[str | os.PathLike] = (),
     config_dir: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerateReport:
-    """The ``erasekit generate`` job: load the model and the patches (all validated first), then render."""
+    """The ``erasekit generate`` job: load the model and the patches (all validated first), then render.
+    ``text_encoders`` and ``vae``: for a transformer file kept apart, its encoder files and VAE file."""
     from ..checkpoints.in_place import in_place_stack
     from ..checkpoints.pipeline import load_pipeline, model_threads, resolve_device
     from ..format.patchfile import load_patch
@@ -409,7 +412,12 @@ def generate_model(
     model = model if model is not None else builtin_model_path()
     with model_threads(model):
         pipe, ckpt = load_pipeline(
-            model, device=resolve_device(config.device), config=config_dir, prediction_type=prediction_type
+            model,
+            device=resolve_device(config.device),
+            config=config_dir,
+            prediction_type=prediction_type,
+            text_encoders=text_encoders,
+            vae=vae,
         )
         in_place, checked = in_place_stack(loaded, ckpt)
         return generate(

@@ -1003,3 +1003,179 @@ def save_single_file(pipeline_dir: str | Path, out_path: str | Path, fmt: str = 
     else:
         save_file(sd, str(out_path), metadata={"format": "pt"})
     return out_path
+
+
+# -- FLUX.1 / SD3.x diffusers folder -> the single files their users keep ------------------------------------------
+# The transformer's original keys (Black Forest Labs' for FLUX.1, Stability's MMDiT for SD3.x) with their shapes, for
+# a transformer config of any size; the values come from the folder through diffusers' own conversion, inverted.
+
+
+def _flux_original_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a FLUX.1 transformer as Black Forest Labs' files name it, for the diffusers ``cfg``."""
+    h = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    head, mlp, chans = cfg["attention_head_dim"], 4 * h, cfg["in_channels"]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, out: int, inp: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
+
+    linear("img_in", h, chans)
+    linear("txt_in", h, cfg["joint_attention_dim"])
+    for embedder, width in (("time_in", 256), ("vector_in", cfg["pooled_projection_dim"]), ("guidance_in", 256)):
+        if embedder != "guidance_in" or cfg.get("guidance_embeds"):
+            linear(f"{embedder}.in_layer", h, width)
+            linear(f"{embedder}.out_layer", h, h)
+    for i in range(cfg["num_layers"]):
+        for stream in ("img", "txt"):
+            b = f"double_blocks.{i}.{stream}"
+            linear(f"{b}_mod.lin", 6 * h, h)
+            linear(f"{b}_attn.qkv", 3 * h, h)
+            linear(f"{b}_attn.proj", h, h)
+            linear(f"{b}_mlp.0", mlp, h)
+            linear(f"{b}_mlp.2", h, mlp)
+            shapes[f"{b}_attn.norm.query_norm.scale"] = shapes[f"{b}_attn.norm.key_norm.scale"] = (head,)
+    for i in range(cfg["num_single_layers"]):
+        b = f"single_blocks.{i}"
+        linear(f"{b}.linear1", 3 * h + mlp, h)
+        linear(f"{b}.linear2", h, h + mlp)
+        linear(f"{b}.modulation.lin", 3 * h, h)
+        shapes[f"{b}.norm.query_norm.scale"] = shapes[f"{b}.norm.key_norm.scale"] = (head,)
+    linear("final_layer.linear", cfg["patch_size"] ** 2 * (cfg.get("out_channels") or chans), h)
+    linear("final_layer.adaLN_modulation.1", 2 * h, h)
+    return shapes
+
+
+def _sd3_original_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an SD3.x MMDiT as Stability's files name it (below ``model.diffusion_model.``)."""
+    h, head, p = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["attention_head_dim"], cfg["patch_size"]
+    n, dual, qk = cfg["num_layers"], set(cfg.get("dual_attention_layers") or ()), bool(cfg.get("qk_norm"))
+    shapes: dict[str, tuple[int, ...]] = {"pos_embed": (1, cfg["pos_embed_max_size"] ** 2, h)}
+
+    def linear(name: str, out: int, inp: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
+
+    def attention(name: str, proj: bool) -> None:
+        linear(f"{name}.qkv", 3 * h, h)
+        if proj:
+            linear(f"{name}.proj", h, h)
+        if qk:
+            shapes[f"{name}.ln_q.weight"] = shapes[f"{name}.ln_k.weight"] = (head,)
+
+    shapes["x_embedder.proj.weight"], shapes["x_embedder.proj.bias"] = (h, cfg["in_channels"], p, p), (h,)
+    linear("t_embedder.mlp.0", h, 256)
+    linear("t_embedder.mlp.2", h, h)
+    linear("y_embedder.mlp.0", h, cfg["pooled_projection_dim"])
+    linear("y_embedder.mlp.2", h, h)
+    linear("context_embedder", cfg["caption_projection_dim"], cfg["joint_attention_dim"])
+    for i in range(n):
+        x, c, last = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block", i == n - 1
+        attention(f"{x}.attn", True)
+        linear(f"{x}.adaLN_modulation.1", (9 if i in dual else 6) * h, h)
+        linear(f"{x}.mlp.fc1", 4 * h, h)
+        linear(f"{x}.mlp.fc2", h, 4 * h)
+        if i in dual:
+            attention(f"{x}.attn2", True)
+        attention(f"{c}.attn", not last)
+        linear(f"{c}.adaLN_modulation.1", (2 if last else 6) * h, h)
+        if not last:
+            linear(f"{c}.mlp.fc1", 4 * h, h)
+            linear(f"{c}.mlp.fc2", h, 4 * h)
+    linear("final_layer.linear", p * p * cfg["out_channels"], h)
+    linear("final_layer.adaLN_modulation.1", 2 * h, h)
+    return shapes
+
+
+def convert_flux_any_width(checkpoint: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
+    """diffusers' FLUX.1 transformer conversion for a transformer of any width: diffusers' own splits a single
+    block's fused ``linear1`` at FLUX.1's width (3072), so tiny models are converted with the split moved to their
+    width, every other tensor by diffusers. Real FLUX.1 files load with diffusers' own; tests put this one in its
+    place (``SINGLE_FILE_LOADABLE_CLASSES``)."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers as convert
+
+    sd = {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()}
+    width = sd["img_in.weight"].shape[0]
+    fused = {k: sd.pop(k) for k in [k for k in sd if ".linear1." in k]}
+    for key, value in fused.items():  # what diffusers' split expects, never read
+        sd[key] = torch.empty((3 * 3072 + 4 * 3072, *value.shape[1:]), device="meta")
+    out = convert(sd, **kwargs)
+    for key, value in fused.items():
+        block, kind = f"single_transformer_blocks.{key.split('.')[1]}.", key.rsplit(".", 1)[1]
+        q, k, v, mlp = torch.split(value, [width, width, width, value.shape[0] - 3 * width], dim=0)
+        for name, part in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
+            out[f"{block}{name}.{kind}"] = part.contiguous()
+    return out
+
+
+def _to_original(
+    weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], convert: Callable[..., Any]
+) -> dict[str, torch.Tensor]:
+    """``weights`` (diffusers names) under the original names ``shapes`` lists, by running diffusers' conversion
+    (``convert``: original -> diffusers) on the positions of every original element and putting each diffusers value
+    back where it came from; every element must come from exactly one place."""
+    dtype = next(iter(weights.values())).dtype
+    positions, offset = {}, 0
+    for key, shape in shapes.items():
+        n = int(torch.tensor(shape).prod())
+        positions[key] = torch.arange(offset, offset + n, dtype=torch.float64).reshape(shape)
+        offset += n
+    flat = torch.full((offset,), float("nan"), dtype=torch.float64)
+    converted = convert(dict(positions))
+    if set(converted) != set(weights):
+        raise ValueError(f"conversion names differ: {sorted(set(converted) ^ set(weights))[:4]}")
+    for key, where in converted.items():
+        flat[where.flatten().long()] = weights[key].to(torch.float64).flatten()
+    if flat.isnan().any() or sum(w.numel() for w in converted.values()) != offset:
+        raise ValueError("the conversion does not use every original tensor exactly once")
+    out, offset = {}, 0
+    for key, shape in shapes.items():
+        n = int(torch.tensor(shape).prod())
+        out[key] = flat[offset : offset + n].reshape(shape).to(dtype).contiguous()
+        offset += n
+    return out
+
+
+def flow_single_files(pipeline_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """The files users keep of the tiny FLUX.1 or SD3.x pipeline folder ``pipeline_dir`` (as :func:`make_tiny_pipeline`
+    writes it), written into ``out_dir``, values copied bit for bit: ``"all-in-one"``, ComfyUI's checkpoint (the
+    transformer under ``model.diffusion_model.`` in its original names, the VAE under ``first_stage_model.``, the
+    encoders under ``text_encoders.clip_l.transformer.`` and the like); and for FLUX.1 the files Black Forest Labs and
+    ComfyUI users keep apart: ``"transformer"`` (``flux1-dev.safetensors``: the transformer alone, unprefixed),
+    ``"vae"`` (``ae.safetensors``), ``"clip_l"`` and ``"t5"`` (``t5xxl_fp16.safetensors``)."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file, save_file
+
+    src, out_dir = Path(pipeline_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = json.loads((src / "model_index.json").read_text())
+    flux = index["_class_name"].startswith("Flux")
+
+    def part(name: str, weights: str = "diffusion_pytorch_model.safetensors") -> dict[str, torch.Tensor]:
+        return load_file(str(src / name / weights))
+
+    cfg = json.loads((src / "transformer" / "config.json").read_text())
+    shapes = _flux_original_shapes(cfg) if flux else _sd3_original_shapes(cfg)
+    convert = convert_flux_any_width if flux else convert_sd3_transformer_checkpoint_to_diffusers
+    transformer = _to_original(part("transformer"), shapes, convert)
+    vae_cfg = json.loads((src / "vae" / "config.json").read_text())
+    vae = _to_ldm(part("vae"), _vae_rules(vae_cfg), "", "VAE")
+    names = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl" if flux else "clip_g", "text_encoder_3": "t5xxl"}
+    rooted = lambda k: k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k  # noqa: E731
+    encoders = {  # CLIP's keys below text_model., as a whole CLIPTextModel names them (transformers saves them flat)
+        names[c]: {k if names[c] == "t5xxl" else rooted(k): v for k, v in part(c, "model.safetensors").items()}
+        for c in names
+        if (src / c).is_dir()
+    }
+    whole = _prefixed(transformer, "model.diffusion_model.") | _prefixed(vae, "first_stage_model.")
+    for name, sd in encoders.items():
+        whole |= _prefixed(sd, f"text_encoders.{name}.transformer.")
+    files = {"all-in-one": (whole, out_dir / f"{src.name}-all-in-one.safetensors")}
+    if flux:
+        files |= {
+            "transformer": (transformer, out_dir / "flux1-dev.safetensors"),
+            "vae": (vae, out_dir / "ae.safetensors"),
+            "clip_l": (encoders["clip_l"], out_dir / "clip_l.safetensors"),
+            "t5": (encoders["t5xxl"], out_dir / "t5xxl_fp16.safetensors"),
+        }
+    for sd, path in files.values():
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+    return {name: path for name, (_, path) in files.items()}

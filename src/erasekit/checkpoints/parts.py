@@ -1,0 +1,183 @@
+"""A FLUX.1 or SD3.x model kept as separate files, as Black Forest Labs ships FLUX.1 and ComfyUI and Forge users keep
+it: the transformer alone (``flux1-dev.safetensors``: ``double_blocks.``, ``single_blocks.``), each text encoder in a
+file of its own (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``, as ComfyUI's DualCLIPLoader and Forge's
+"VAE / Text Encoder" selector take them) and the VAE (``ae.safetensors``).
+
+erase, generate and eval run such a model from ``--model`` (the transformer), ``--text-encoders`` (the encoder files,
+in any order: each goes to the slot of its kind, CLIP-L ``te1``, CLIP-G ``te2``, T5 ``te3``) and ``--vae``. The
+detected :class:`~erasekit.checkpoints.layouts.Checkpoint` holds the encoder files (layout :data:`PARTS_LAYOUT`); its
+path is the transformer's. A patch erased from it is of the family (FLUX.1: te1 and te3) and applies to each encoder
+file, its fitting part there. Torch-free: headers only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ErasekitError, LayoutError
+from ..families import family, listing
+from ..families.base import Family, Slot
+from .layouts import Checkpoint, EncoderSpec, WeightFile, _denoiser_alone, detect, with_slot
+
+PARTS_LAYOUT = "separate-files"
+_VAE_KEYS = ("encoder.conv_in.weight", "decoder.conv_out.weight")  # LDM's names, as ae.safetensors holds them
+
+
+def detect_model(
+    model: str | os.PathLike,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
+) -> Checkpoint:
+    """``model`` as :func:`~erasekit.checkpoints.layouts.detect` finds it, or, with ``text_encoders``, the model of
+    separate files: ``model`` a transformer alone, ``text_encoders`` its encoder files, ``vae`` its VAE file."""
+    if not text_encoders:
+        if vae is not None:
+            raise ErasekitError(
+                "--vae is for a transformer file kept apart from its encoders",
+                "give its encoder files too (--text-encoders), or leave --vae out",
+                option="vae",
+            )
+        return _detect_whole(Path(model))
+    path = Path(model)
+    fam = _transformer_family(path)
+    if vae is None:
+        raise ErasekitError(
+            f"{path.name} holds no VAE", f"give its VAE file as well: --vae {fam.vae_file}", option="vae"
+        )
+    check_vae(Path(vae))
+    files = _slotted(fam, [Path(p) for p in text_encoders])
+    return Checkpoint(path, PARTS_LAYOUT, fam.name, files)
+
+
+def _detect_whole(path: Path) -> Checkpoint:
+    """``path`` detected; a transformer file alone is refused with the options that run it."""
+    try:
+        return detect(path)
+    except LayoutError:
+        fam = _denoiser_alone(list(WeightFile(path, "").tensor_info())) if _is_safetensors(path) else None
+        if fam is None:
+            raise
+        files = ",".join(s.encoder.file for s in fam.slots if not s.optional)
+        raise LayoutError(
+            f"{path.name} holds a {fam.title} {fam.parts[0][0]} but no text encoders",
+            f"give its encoder files and VAE: --text-encoders {files} --vae {fam.vae_file}",
+            option="text_encoders",
+        ) from None
+
+
+def _transformer_family(path: Path) -> Family:
+    """The family of the transformer file ``path`` (a denoiser alone); one line if it is not one."""
+    try:
+        detect(path)
+    except ErasekitError:
+        if not path.exists():
+            raise
+        fam = _denoiser_alone(list(WeightFile(path, "").tensor_info())) if _is_safetensors(path) else None
+        if fam is not None:
+            return fam
+        raise LayoutError(
+            f"{path.name} is not a FLUX.1 or SD3.x transformer file, which --text-encoders goes with",
+            "name the transformer file (flux1-dev.safetensors) as the model",
+            option="text_encoders",
+        ) from None
+    raise LayoutError(
+        f"{path.name} holds its text encoders itself", "leave --text-encoders and --vae out", option="text_encoders"
+    )
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".safetensors"
+
+
+def check_vae(path: Path) -> None:
+    """Refuse, in one line, a ``--vae`` that is no VAE file of LDM's names (``ae.safetensors``)."""
+    if not path.is_file():
+        raise ErasekitError(f"VAE file {path} does not exist", "check the path", option="vae")
+    keys = WeightFile(path, "").tensor_info() if _is_safetensors(path) else {}
+    if not all(k in keys for k in _VAE_KEYS):
+        raise LayoutError(
+            f"{path.name} is not a VAE file (no {_VAE_KEYS[0]})",
+            "give the model's VAE file as --vae (FLUX.1's is ae.safetensors)",
+            option="vae",
+        )
+
+
+def _slotted(fam: Family, paths: list[Path]) -> list[WeightFile]:
+    """Each encoder file's weight file, its encoder in the slot of ``fam`` that its kind (and widths, where two slots
+    hold one kind) says; one line for a file that is no encoder, an encoder ``fam`` has no slot for, two files for one
+    slot, or a slot without a file (SD3.x's T5 may be left out)."""
+    taken: dict[str, Path] = {}
+    files = []
+    for path in paths:
+        wf, spec = _encoder_file(path)
+        slot = _slot_of(fam, spec, path)
+        if slot.name in taken:
+            raise LayoutError(
+                f"{taken[slot.name].name} and {path.name} are both {slot.encoder.title} text encoders ({slot.name})",
+                "give one file per text encoder",
+                option="text_encoders",
+            )
+        taken[slot.name] = path
+        wf.label = path.name if sum(p.name == path.name for p in paths) == 1 else str(path)
+        wf.encoders = {slot.name: with_slot(spec, slot.name)}
+        files.append(wf)
+    missing = [s for s in fam.slots if s.name not in taken and not s.optional]
+    if missing:
+        raise LayoutError(
+            f"{fam.title} needs its {listing([s.encoder.title for s in missing])} text encoder"
+            f"{'s' if len(missing) > 1 else ''} too",
+            f"add {listing([s.encoder.file for s in missing])} to --text-encoders",
+            option="text_encoders",
+        )
+    return files
+
+
+def _encoder_file(path: Path) -> tuple[WeightFile, EncoderSpec]:
+    """The weight file of an encoder's own file and its one encoder; one line if it is something else."""
+    ckpt = detect(path)
+    fam = family(ckpt.architecture)
+    if not fam.bare or path.is_dir():
+        raise LayoutError(
+            f"{path.name} is {'a folder' if path.is_dir() else f'a whole {fam.title} checkpoint'}, not one text "
+            "encoder's file",
+            "give each text encoder's own file (clip_l.safetensors, t5xxl_fp16.safetensors)",
+            option="text_encoders",
+        )
+    _check_unpatched(ckpt)
+    wf = ckpt.files[0]
+    return wf, next(iter(wf.encoders.values()))
+
+
+def _check_unpatched(ckpt: Checkpoint) -> None:
+    """Refuse an encoder file with patches applied in place: a model of separate files is run as its files are
+    stored, with no undo journal of its own to tell the patches' base from them."""
+    from .in_place import applied_in_place
+
+    applied = applied_in_place(ckpt, stamp=False)
+    if applied:
+        raise ErasekitError(
+            f"{ckpt.path.name} has patches applied in place ({', '.join(repr(a['title']) for a in applied)}), which "
+            "a model of separate files is not run with",
+            f"revert them first (erasekit apply --revert PATCH --to {ckpt.path.name}), or use a copy without them",
+            option="text_encoders",
+        )
+
+
+def _slot_of(fam: Family, spec: EncoderSpec, path: Path) -> Slot:
+    """The slot of ``fam`` an encoder of ``spec``'s kind goes to: the one of that kind, or of several (SD3.x's CLIP-L
+    and CLIP-G) the one of its widths."""
+    kind = spec.encoder_kind
+    slots = [s for s in fam.slots if s.encoder.kind == kind]
+    if len(slots) > 1:
+        slots = [s for s in slots if s.encoder.largest[:2] == spec.dims[:2]]
+    if len(slots) != 1:
+        wants = listing([f"{s.encoder.title} ({s.encoder.file})" for s in fam.slots])
+        raise LayoutError(
+            f"{path.name} is a {kind.title} text encoder of {spec.hidden} x {spec.intermediate} (hidden x FFN), "
+            f"which no {fam.title} slot takes",
+            f"{fam.title} reads {wants}",
+            option="text_encoders",
+        )
+    return slots[0]

@@ -1,0 +1,421 @@
+"""FLUX.1 and SD3.x single files with nothing beside them: erasekit's bundled configs (FLUX.1 dev and schnell, SD3
+medium, SD3.5 medium and large), the variant told from the transformer's keys and shown by inspect, T5's tokenizer from
+the Hugging Face cache, and erase and generate of such a file; and Black Forest Labs' transformer file with the encoder
+files and VAE kept beside it (``--text-encoders``, ``--vae``) (issue 21).
+
+As in tests/test_model_configs.py, the real configs are checked by building each model on the meta device; the
+end-to-end tests point erasekit at tiny "bundled" configs (the tiny pipelines' own JSON files) and load single files
+made from those pipelines (:func:`erasekit.testing.flow_single_files`), with T5's tokenizer (erasekit's counted test
+tokenizer) in a Hugging Face cache as a download of FLUX.1-schnell's ``tokenizer_2/`` leaves it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import snapshot
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from erasekit.checkpoints import model_configs
+from erasekit.checkpoints.model_configs import CONFIGS_DIR
+from erasekit.checkpoints.pipeline import load_pipeline
+from erasekit.cli import app
+from erasekit.format.patchfile import load_patch
+from erasekit.testing import (
+    add_to_hub_cache,
+    convert_flux_any_width,
+    flow_single_files,
+    make_checkpoint,
+    make_tiny_pipeline,
+)
+
+runner = CliRunner()
+
+# parameter counts of the published models as diffusers and transformers build them from these configs
+CLIP_L, CLIP_L_PROJECTED, CLIP_G, T5_XXL, VAE = 123_060_480, 123_650_304, 694_659_840, 4_762_310_656, 83_819_683
+PUBLISHED = {
+    "flux-dev": {"transformer": 11_901_408_320, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL},
+    "flux-schnell": {"transformer": 11_891_178_560, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL},
+    "sd3-medium": {"transformer": 2_028_328_000},
+    "sd3.5-medium": {"transformer": 2_243_171_520},
+    "sd3.5-large": {"transformer": 8_056_627_520},
+}
+SD3_ENCODERS = {"text_encoder": CLIP_L_PROJECTED, "text_encoder_2": CLIP_G, "text_encoder_3": T5_XXL}
+
+
+def run(*args: object):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_bundled_configs_build_the_published_models(name: str) -> None:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    folder = CONFIGS_DIR / name
+    index = json.loads((folder / "model_index.json").read_text())
+    want = PUBLISHED[name] | {"vae": VAE} | ({} if name.startswith("flux") else SD3_ENCODERS)
+    assert {c for c in index if not c.startswith(("_", "tokenizer", "scheduler"))} == set(want)
+    with torch.device("meta"):
+        for comp, count in want.items():
+            cfg = json.loads((folder / comp / "config.json").read_text())
+            cls = index[comp][1]
+            if cls == "T5EncoderModel":
+                model = T5EncoderModel(T5Config(**cfg))
+            elif cls.startswith("CLIP"):
+                model = (CLIPTextModelWithProjection if cls.endswith("Projection") else CLIPTextModel)(
+                    CLIPTextConfig(**cfg)
+                )
+            else:
+                model = {"AutoencoderKL": AutoencoderKL, "FluxTransformer2DModel": FluxTransformer2DModel}.get(
+                    cls, SD3Transformer2DModel
+                ).from_config(cfg)
+            assert sum(p.numel() for p in model.parameters()) == count, (name, comp)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert scheduler["shift"] == (1.0 if name == "flux-schnell" else 3.0)
+
+
+# transformer keys at the published shapes (below model.diffusion_model.): what tells each variant, and its sizes
+FLUX_BLOCKS = [f"double_blocks.{i}.img_mod.lin.bias" for i in range(19)] + [
+    f"single_blocks.{i}.linear1.bias" for i in range(38)
+]
+SD3_BLOCKS = [f"joint_blocks.{i}.x_block.attn.qkv.bias" for i in range(24)]
+VARIANTS = {
+    "flux-dev": ("single-flux", {"img_in.weight": (3072, 64), "guidance_in.in_layer.bias": (3072,)}, FLUX_BLOCKS),
+    "flux-schnell": ("single-flux", {"img_in.weight": (3072, 64)}, FLUX_BLOCKS),
+    "sd3-medium": ("single-sd3", {"x_embedder.proj.weight": (1536, 16, 2, 2)}, SD3_BLOCKS),
+    "sd3.5-medium": (
+        "single-sd3",
+        {
+            "x_embedder.proj.weight": (1536, 16, 2, 2),
+            "joint_blocks.0.x_block.attn2.qkv.bias": (4608,),
+            "joint_blocks.0.x_block.attn.ln_q.weight": (64,),
+        },
+        SD3_BLOCKS,
+    ),
+    "sd3.5-large": (
+        "single-sd3",
+        {"x_embedder.proj.weight": (2432, 16, 2, 2), "joint_blocks.0.x_block.attn.ln_q.weight": (64,)},
+        [f"joint_blocks.{i}.x_block.attn.qkv.bias" for i in range(38)],
+    ),
+}
+
+
+def variant_file(path: Path, layout: str, shaped: dict[str, tuple[int, ...]], blocks: list[str]) -> Path:
+    """A single file of ``layout`` whose transformer holds ``shaped`` tensors (zeros) and ``blocks`` (one number
+    each): enough for the header, which is all the choice reads."""
+    make_checkpoint(path, layout, "F16")
+    sd = {k: v for k, v in load_file(str(path)).items() if not k.startswith("model.diffusion_model.")}
+    sd |= {f"model.diffusion_model.{k}": np.zeros(shape, np.float16) for k, shape in shaped.items()}
+    sd |= {f"model.diffusion_model.{k}": np.zeros(1, np.float16) for k in blocks}
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_inspect_shows_the_variant_told_from_the_transformer_keys(tmp_path: Path, name: str) -> None:
+    path = variant_file(tmp_path / "model.safetensors", *VARIANTS[name])
+    r = run("inspect", path, "--json")
+    assert r.exit_code == 0, r.output
+    says = {
+        "flux-dev": "a guidance embedding (guidance_in): FLUX.1-dev",
+        "flux-schnell": "no guidance embedding: FLUX.1-schnell",
+        "sd3-medium": "neither QK norms nor dual attention: SD3 medium",
+        "sd3.5-medium": "dual-attention blocks (attn2): SD3.5 medium",
+        "sd3.5-large": "QK norms (ln_q) without dual attention: SD3.5 large or large turbo",
+    }[name]
+    assert json.loads(r.stdout)["config"] == f"{name} (flow matching; from its transformer's keys: {says})"
+    assert f"configs       {name} (flow matching; " in run("inspect", path).stdout
+
+
+def test_a_transformer_the_bundled_configs_do_not_describe_is_refused_in_one_line(tmp_path: Path) -> None:
+    """FLUX.1 Fill takes 384 input channels: its file is shown without configs, and erase asks for a config folder
+    before anything is read."""
+    layout, shaped, blocks = VARIANTS["flux-dev"]
+    path = variant_file(tmp_path / "fill.safetensors", layout, shaped | {"img_in.weight": (3072, 384)}, blocks)
+    problem = (
+        "fill.safetensors is a FLUX.1 Fill model (width 3072, 384 input channels, depth 19+38); erasekit's bundled "
+        "flux-dev config has width 3072, 64 input channels, depth 19+38"
+    )
+    assert json.loads(run("inspect", path, "--json").stdout)["config"] == f"none ({problem})"
+    images = tmp_path / "images"
+    images.mkdir()
+    before = snapshot(tmp_path)
+    r = run("erase", "--model", path, "--concept", "cat", "--images", images, "-o", tmp_path / "p.erasepatch")
+    assert (
+        r.exit_code == 4
+        and r.stderr == f"error: {problem}; give a config: a local diffusers folder of this model (--config)\n"
+    )
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny FLUX.1-dev and SD3 pipelines, their single files, their configs laid out as erasekit's bundled ones, and a
+    Hugging Face cache holding T5's tokenizer as a FLUX.1-schnell download leaves it."""
+    root = tmp_path_factory.mktemp("flow-files")
+    out: dict[str, Path] = {"configs": root / "configs", "hub": root / "hub"}
+    for arch, name in (("flux", "flux-dev"), ("sd3", "sd3-medium")):
+        out[arch] = folder = make_tiny_pipeline(root / arch, arch)
+        files = flow_single_files(folder, root / f"{arch}-files")
+        out[f"{arch}-file"] = files.pop("all-in-one")
+        out |= files  # FLUX.1's files kept apart: transformer, vae, clip_l, t5
+        shutil.copytree(folder, out["configs"] / name, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer*"))
+    add_to_hub_cache(out["hub"], "black-forest-labs/FLUX.1-schnell", out["flux"], only=("tokenizer_2",))
+    return out
+
+
+def offline_cache(monkeypatch: pytest.MonkeyPatch, hub: Path) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture()
+def bundled(world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """The tiny configs as erasekit's bundled ones, the cache, and diffusers' FLUX.1 conversion at tiny widths."""
+    import diffusers.loaders.single_file_model as single_file_model
+
+    monkeypatch.setattr(model_configs, "CONFIGS_DIR", world["configs"])
+    flux = single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    monkeypatch.setitem(flux, "checkpoint_mapping_fn", convert_flux_any_width)
+    offline_cache(monkeypatch, world["hub"])
+    return world
+
+
+@pytest.mark.parametrize(("arch", "name"), [("flux", "flux-dev"), ("sd3", "sd3-medium")])
+def test_a_single_file_loads_with_the_bundled_configs_as_its_folder_does(
+    bundled: dict[str, Path], arch: str, name: str
+) -> None:
+    reference, _ = load_pipeline(bundled[arch])
+    pipe, ckpt = load_pipeline(bundled[f"{arch}-file"])
+    assert ckpt.config is not None and ckpt.config.startswith(f"{name} (flow matching; from its transformer's keys")
+    components = ["transformer", "vae", "text_encoder", "text_encoder_2"] + (
+        ["text_encoder_3"] if arch == "sd3" else []
+    )
+    for comp in components:
+        got, want = getattr(pipe, comp).state_dict(), getattr(reference, comp).state_dict()
+        assert set(got) == set(want), comp
+        # diffusers takes SD3.x's CLIP-L projection of a single file as the identity, as Stability's code does
+        differ = {k for k in want if not torch.equal(got[k], want[k])}
+        assert differ == ({"text_projection.weight"} if (arch, comp) == ("sd3", "text_encoder") else set()), comp
+    t5 = pipe.tokenizer_2 if arch == "flux" else pipe.tokenizer_3
+    want_t5 = reference.tokenizer_2 if arch == "flux" else reference.tokenizer_3
+    assert t5("a photo of a zebra").input_ids == want_t5("a photo of a zebra").input_ids
+    assert pipe.tokenizer("a photo of a zebra").input_ids == reference.tokenizer("a photo of a zebra").input_ids
+
+
+def test_an_sd3_single_file_without_its_t5_loads_without_it(bundled: dict[str, Path], tmp_path: Path) -> None:
+    """SD3 medium's "incl_clips" files hold the two CLIPs only: the pipeline runs without T5 (and its tokenizer)."""
+    no_t5 = tmp_path / "sd3_medium_incl_clips.safetensors"
+    whole = load_file(str(bundled["sd3-file"]))
+    save_file({k: v for k, v in whole.items() if not k.startswith("text_encoders.t5xxl.")}, str(no_t5))
+    pipe, ckpt = load_pipeline(no_t5)
+    assert sorted(ckpt.encoders) == ["te1", "te2"] and (pipe.text_encoder_3, pipe.tokenizer_3) == (None, None)
+    assert pipe.text_encoder_2 is not None
+
+
+def training_images(folder: Path) -> Path:
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    return folder
+
+
+def test_erase_a_flux_single_file_with_nothing_beside_it_and_apply_the_patch_to_it(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    model = Path(shutil.copy(bundled["flux-file"], tmp_path / "flux1-dev-all-in-one.safetensors"))
+    out = tmp_path / "cat.erasepatch"
+    images = training_images(tmp_path / "cats")
+    r = run(
+        "erase", "--model", model, "--concept", "cat", "--images", images, "--steps", "2", "--rank", "dense", "-o", out
+    )
+    assert r.exit_code == 0, r.output
+    patch = load_patch(out)
+    assert patch.manifest.base.config is not None and patch.manifest.base.config.startswith("flux-dev (flow matching")
+    assert sorted(patch.manifest.base.encoders) == ["te1", "te3"]
+    before = snapshot(model)
+    r = run("apply", out, "--to", model, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout and snapshot(model) != before, r.output
+    r = run("apply", "--revert", out, "--to", model)
+    assert r.exit_code == 0 and snapshot(model) == before, r.output
+
+
+def test_generate_renders_an_sd3_single_file(bundled: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run("generate", "--model", bundled["sd3-file"], "a cat", "-n", "1", "--steps", "2", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert np.asarray(Image.open(out / "a-cat_0.png")).shape == (32, 32, 3)  # the transformer's size, as the folder's
+
+
+def test_without_t5s_tokenizer_offline_erase_says_what_to_do_in_one_line(
+    bundled: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    offline_cache(monkeypatch, tmp_path / "empty-hub")
+    images = training_images(tmp_path / "cats")
+    before = snapshot(tmp_path)
+    r = run(
+        "erase",
+        "--model",
+        bundled["flux-file"],
+        "--concept",
+        "cat",
+        "--images",
+        images,
+        "-o",
+        tmp_path / "p.erasepatch",
+    )
+    assert r.exit_code == 1 and r.stderr == (
+        "error: FLUX.1 needs T5's tokenizer, which erasekit does not ship and the Hugging Face cache does not hold "
+        "(downloads are off: HF_HUB_OFFLINE); go online once (erasekit then downloads it from "
+        "black-forest-labs/FLUX.1-schnell, about 3 MB), or give --config DIR: a diffusers folder of the model with its "
+        "tokenizer_2/ folder\n"
+    ), r.output
+    assert snapshot(tmp_path) == before
+    assert run("inspect", bundled["flux-file"]).exit_code == 0  # torch-free commands need no tokenizer
+
+
+def kept_apart(world: dict[str, Path], root: Path) -> tuple[Path, Path, Path, Path]:
+    """Copies of the transformer, CLIP-L, T5 and VAE files of the tiny FLUX.1-dev, as a ComfyUI user keeps them."""
+    root.mkdir(exist_ok=True)
+    names = ("transformer", "clip_l", "t5", "vae")
+    return tuple(Path(shutil.copy(world[n], root / world[n].name)) for n in names)  # type: ignore[return-value]
+
+
+def test_erase_a_transformer_file_with_its_encoder_files_and_apply_the_patch_to_each(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """The encoder files in any order (each to the slot of its kind); the patch is FLUX.1's (te1 and te3), made for
+    the files as stored, and applies to each file its part, in place and back bit for bit."""
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    out = tmp_path / "cat.erasepatch"
+    images = training_images(tmp_path / "cats")
+    r = run(
+        "erase", "--model", transformer, "--text-encoders", f"{t5},{clip_l}", "--vae", vae, "--concept", "cat",
+        "--images", images, "--steps", "2", "--rank", "dense", "-o", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    patch = load_patch(out)
+    assert (patch.manifest.base.architecture, sorted(patch.manifest.base.encoders)) == ("flux", ["te1", "te3"])
+    assert patch.manifest.base.config is not None and patch.manifest.base.config.startswith("flux-dev (flow matching")
+    from test_clip_judge import make_colour_clip
+
+    judge = make_colour_clip(tmp_path / "clip")
+    files = ("--model", transformer, "--text-encoders", f"{clip_l},{t5}", "--vae", vae)
+    r = run(
+        "eval",
+        *files,
+        "-p",
+        out,
+        "--concept",
+        "red",
+        "--judge",
+        judge,
+        "--keep",
+        "green",
+        "-n",
+        "1",
+        "--steps",
+        "2",
+        "--json",
+    )
+    assert r.exit_code == 0 and json.loads(r.stdout)["labels"][0] == "red", r.output
+    before = snapshot(tmp_path / "models")
+    r = run("apply", out, "--to", t5, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    assert "te1 (CLIP ViT-L/14) part is left for clip_l.safetensors" in r.stderr
+    r = run("apply", out, "--to", clip_l, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    changed = {n for n, digest in snapshot(tmp_path / "models").items() if before[n] != digest}
+    assert changed == {"clip_l.safetensors", "t5xxl_fp16.safetensors"}
+    for target in (t5, clip_l):
+        assert run("apply", "--revert", out, "--to", target).exit_code == 0
+    assert snapshot(tmp_path / "models") == before
+
+
+def test_generate_from_the_files_kept_apart_draws_what_the_all_in_one_file_draws(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    apart, whole = tmp_path / "apart", tmp_path / "whole"
+    args = ("a cat", "-n", "1", "--steps", "2")
+    r = run("generate", "--model", transformer, "--text-encoders", f"{clip_l},{t5}", "--vae", vae, *args, "-o", apart)
+    assert r.exit_code == 0, r.output
+    assert run("generate", "--model", bundled["flux-file"], *args, "-o", whole).exit_code == 0
+    drawn = np.asarray(Image.open(apart / "a-cat_0.png")).astype(int)
+    # the same weights: the same picture, but for a unit of rounding (two runs of one file differ as much on CPU)
+    assert drawn.std() > 10 and np.abs(drawn - np.asarray(Image.open(whole / "a-cat_0.png"))).max() <= 2
+
+
+def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[str, Path], tmp_path: Path) -> None:
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    other_clip = Path(shutil.copy(clip_l, tmp_path / "models" / "clip_l_copy.safetensors"))
+    sd1 = make_checkpoint(tmp_path / "models" / "sd15.safetensors", "single-sd1")
+    cases = [
+        (
+            (transformer, f"{clip_l}", vae),
+            4,
+            "FLUX.1 needs its T5 v1.1 XXL text encoder too; add t5xxl_fp16.safetensors to --text-encoders "
+            "(--text-encoders)",
+        ),
+        (
+            (transformer, f"{clip_l},{t5},{other_clip}", vae),
+            4,
+            "clip_l.safetensors and clip_l_copy.safetensors are both CLIP ViT-L/14 text encoders (te1); give one file "
+            "per text encoder (--text-encoders)",
+        ),
+        (
+            (transformer, f"{sd1},{t5}", vae),
+            4,
+            "sd15.safetensors is a whole SD1.x checkpoint, not one text encoder's file; give each text encoder's own "
+            "file (clip_l.safetensors, t5xxl_fp16.safetensors) (--text-encoders)",
+        ),
+        (
+            (transformer, f"{clip_l},{t5}", None),
+            1,
+            "flux1-dev.safetensors holds no VAE; give its VAE file as well: --vae ae.safetensors (--vae)",
+        ),
+        (
+            (transformer, f"{clip_l},{t5}", clip_l),
+            4,
+            "clip_l.safetensors is not a VAE file (no encoder.conv_in.weight); give the model's VAE file as --vae "
+            "(FLUX.1's is ae.safetensors) (--vae)",
+        ),
+        (
+            (bundled["flux-file"], f"{clip_l},{t5}", vae),
+            4,
+            "flux-all-in-one.safetensors holds its text encoders itself; leave --text-encoders and --vae out "
+            "(--text-encoders)",
+        ),
+        (
+            (transformer, "", None),
+            4,
+            "flux1-dev.safetensors holds a FLUX.1 transformer but no text encoders; give its encoder files and VAE: "
+            "--text-encoders clip_l.safetensors,t5xxl_fp16.safetensors --vae ae.safetensors (--text-encoders)",
+        ),
+        (
+            (bundled["flux-file"], "", vae),
+            1,
+            "--vae is for a transformer file kept apart from its encoders; give its encoder files too "
+            "(--text-encoders), or leave --vae out (--vae)",
+        ),
+    ]
+    before = snapshot(tmp_path)
+    for (model, encoders, vae_file), code, message in cases:
+        args = ("generate", "--model", model, "--text-encoders", encoders, "a cat", "-o", tmp_path / "out")
+        r = run(*args, *(("--vae", vae_file) if vae_file else ()))
+        assert (r.exit_code, r.stderr) == (code, f"error: {message}\n"), r.output
+    assert snapshot(tmp_path) == before
