@@ -1,5 +1,6 @@
 """The package's parts import one way (docs/architecture.md): top-level helpers, then the architecture families,
-the patch format, the toy world, checkpoints, judging, the toy world's model building (it draws and judges images), erasing, test support,
+the patch format, the toy world, checkpoints, judging, erasing, the toy world's model building (it draws and judges
+images, and trains FLUX.1's with erasing's flow-matching objective), test support,
 the CLI; and no module imports itself in a circle, also through imports made inside functions."""
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ LAYERS = [
     "toyworld",
     "checkpoints",
     "judging",
-    "toymodel",
     "erasing",
+    "toymodel",
     "testing",
     "cli",
 ]
 HELPERS = {"errors", "_torch", "_temps", "_parallel", "_version"}
-TOYMODEL = {"erasekit.toyworld.train", "erasekit.toyworld.measure"}  # train and measure the toy world's model
+# train and measure the toy world's models (FLUX.1's is trained with erasekit's own flow-matching objective)
+TOYMODEL = {f"erasekit.toyworld.{m}" for m in ("train", "train_sdxl", "train_flux", "measure")}
 
 
 def _modules() -> dict[str, Path]:
