@@ -3,6 +3,7 @@
 
     python bench/gpu_suite.py                  # one GPU (cuda): SD1.x, then SDXL size; 3-4 min on an H200 (estimate)
     python bench/gpu_suite.py --only sd1       # one model
+    python bench/gpu_suite.py --only flux      # FLUX.1-dev size (or sd3: SD3.5-large size; flux,sd3: both)
     python bench/gpu_suite.py --quick          # tiny test pipelines on the CPU, 2 steps, no warm-ups: checks the script
 
 The paper's setting: 512 px images (64x64 latents), batch 2, 10 optimizer steps, 4 random training images,
@@ -38,6 +39,24 @@ call) say so. Progress lines go to stderr as each cell ends, so a run cut short 
 
 The reference loop is bench/erase_speed.reference_loop (it moves each step's token ids, timesteps and noise to
 the model's device and synchronizes the device around its timer).
+
+FLUX.1-dev size (``--only flux``: transformer 11.9 B, CLIP-L, T5-XXL 4.76 B, VAE) and SD3.5-large size (``--only
+sd3``: transformer 8.1 B, CLIP-L, OpenCLIP-bigG, T5-XXL, VAE), at the same setting (512 px, batch 2, 10 steps after
+2 warm-up steps; SD3.5 large's native size is 1024 px), built from ``configs/flux-dev`` and ``configs/sd3.5-large``
+with seeded random weights, on the device, held as ``erasekit erase`` holds them (transformer and VAE in the compute
+dtype, text encoders in fp32), with the CLIP tokenizer erasekit ships and the toy world's counted T5 tokenizer
+(T5's does not ship; the prompts are padded to the family's T5 length either way). There is no reference loop
+and no fp32 stage. After a warm-up erase (2 steps):
+
+  1. an erase with the defaults: T5 (and CLIP) train rank-16 factors (``train: auto`` -> factors): loop time,
+     timings, peak memory, trained parameters and Adam's state, patch size;
+  2. the same with the CLIPs only (``encoders``: te1 for FLUX, te1,te2 for SD3; dense, ``rank auto``);
+  3. one 512 px image with the family's default sampling (FLUX.1-dev 28 steps at distilled guidance 3.5; SD3.5
+     large as its model card says), after a 1-step warm-up;
+  4. the defaults with ``checkpointing=True``;
+  5. T5 trained densely (``train: dense``, ``rank: dense``; 3.02 B parameters in Adam): expected OOM on 80 GB.
+
+A FLUX.1 or SD3.x run (``--only flux`` or ``--only sd3``) should take 2 to 4 minutes on an H100 (estimate).
 """
 
 from __future__ import annotations
@@ -65,8 +84,18 @@ from erasekit.checkpoints.pipeline import quiet_libraries  # noqa: E402
 from erasekit.format.erase_config import EraseConfig  # noqa: E402
 
 CONCEPT = "snoopy"
-MODELS = ("sd1", "sdxl")
-NAMES = {"sd1": "SD1.x size", "sdxl": "SDXL size"}
+UNET_MODELS = ("sd1", "sdxl")
+MODELS = (*UNET_MODELS, "flux", "sd3")
+NAMES = {"sd1": "SD1.x size", "sdxl": "SDXL size", "flux": "FLUX.1-dev size", "sd3": "SD3.5-large size"}
+
+
+@dataclass(frozen=True)
+class FlowModel:
+    config: str  # erasekit's bundled config it is built from
+    clips: tuple[str, ...]  # the slots of its CLIP encoders: the erase without T5 trains these
+
+
+FLOW = {"flux": FlowModel("flux-dev", ("te1",)), "sd3": FlowModel("sd3.5-large", ("te1", "te2"))}
 
 
 @dataclass(frozen=True)
@@ -141,6 +170,62 @@ def full_size_pipeline(arch: str, device: torch.device) -> Any:
     return pipe
 
 
+def component_config(folder: Path, part: str) -> dict[str, Any]:
+    """The bundled config of one pipeline component (``transformer``, ``vae``, ``text_encoder_2``...)."""
+    return json.loads((folder / part / "config.json").read_text())
+
+
+def random_module(folder: Path, part: str, library: str, class_name: str, device: torch.device) -> Any:
+    """One component of a bundled config with seeded random weights, built on ``device`` (fp32): its constructor's
+    own initialisation, which on a GPU takes seconds where a CPU takes minutes (FLUX.1's 11.9 B parameters)."""
+    import diffusers
+    import transformers
+
+    cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+    cfg = component_config(folder, part)
+    with torch.device(device):
+        return cls.from_config(cfg) if library == "diffusers" else cls(cls.config_class.from_dict(cfg))
+
+
+def full_size_flow_pipeline(arch: str, device: torch.device) -> Any:
+    """A FLUX.1-dev- or SD3.5-large-size diffusers pipeline with seeded random weights, built on ``device`` and held
+    as ``erasekit erase`` holds it: the transformer and the VAE in the compute dtype, the text encoders in fp32.
+    Each component is built in fp32 and cast before the next is built (FLUX.1's transformer: 47.6 GB, then 23.8).
+    CLIP's tokenizer is the one erasekit ships; T5's, which does not ship, is the toy world's counted one (its ids
+    are a few hundred of T5's 32128: the cost of a step depends on the padded length, not on the ids)."""
+    quiet_libraries()
+    import diffusers
+
+    from erasekit._torch import compute_dtype
+    from erasekit.checkpoints.model_configs import CONFIGS_DIR, ConfigChoice
+    from erasekit.families import by_bundled_config
+    from erasekit.toyworld.t5_tokenizer import t5_tokenizer
+
+    name = FLOW[arch].config
+    folder = CONFIGS_DIR / name
+    index = json.loads((folder / "model_index.json").read_text())
+    slots = by_bundled_config(name).slots
+    held = dict.fromkeys(("transformer", "vae"), compute_dtype("auto", device))
+    held |= {s.component: torch.float32 for s in slots}
+    torch.manual_seed(0)
+    parts: dict[str, Any] = {}
+    for part, dtype in held.items():  # the transformer first, while the device is empty
+        library, class_name = index[part]
+        module = random_module(folder, part, library, class_name, device)
+        parts[part] = module.to(device=device, dtype=dtype).eval()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    clips = {s.name for s in slots if s.encoder.kind.name != "t5"}
+    parts |= ConfigChoice(name, folder, "flow", "bundled", bundled=True).tokenizers(clips)
+    parts |= {s.tokenizer: t5_tokenizer() for s in slots if s.encoder.kind.name == "t5"}
+    pipe = getattr(diffusers, index["_class_name"])(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_pipeline(arch: str, device: torch.device, workdir: Path) -> Any:
     from erasekit.checkpoints.pipeline import load_pipeline
     from erasekit.testing import make_tiny_pipeline
@@ -149,7 +234,15 @@ def tiny_pipeline(arch: str, device: torch.device, workdir: Path) -> Any:
 
 
 def encoders(pipe: Any) -> list[Any]:
-    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [te for te in (getattr(pipe, n, None) for n in names) if te is not None]
+
+
+def drop_grads(pipe: Any) -> None:
+    """Free the gradients an erase cut short (out of memory) left on the encoders' weights."""
+    for te in encoders(pipe):
+        for p in te.parameters():
+            p.grad = None
 
 
 def millions(module: Any) -> str:
@@ -265,6 +358,8 @@ class Suite:
             "timings": dict(rep.timings),
             "total_s": rep.total_seconds,
             "steps": rep.steps,
+            "trained": rep.trained_parameters,
+            "adam_bytes": rep.optimizer_bytes,
         }
         if patch_file:
             with tempfile.TemporaryDirectory(prefix="gpu_suite-") as tmp:
@@ -277,17 +372,24 @@ class Suite:
             out["modules"] = len(rep.patch.manifest.deltas)
         return out
 
-    def generate(self, pipe: Any) -> dict[str, Any]:
-        from erasekit.judging.sampling import render
+    def generate(self, pipe: Any, steps: int | None) -> dict[str, Any]:
+        """One image (``steps``: None for the family's default sampling), after a 1-step warm-up."""
+        from erasekit.checkpoints.pipeline import denoiser_of
+        from erasekit.judging.sampling import render, sampling_of, settings_line
 
-        dtype = pipe.unet.dtype  # the encoders are fp32 and the UNet may not be: autocast bridges them (as erase_model)
+        dtype = denoiser_of(pipe).dtype  # the encoders are fp32 and the denoiser may not be: autocast bridges them
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             render(pipe, f"a photo of a {CONCEPT}", seed=0, resolution=self.s.resolution, steps=1)  # warm-up
             self.meter.start()
             t = time.perf_counter()
-            render(pipe, f"a photo of a {CONCEPT}", seed=0, resolution=self.s.resolution, steps=self.s.gen_steps)
+            render(pipe, f"a photo of a {CONCEPT}", seed=0, resolution=self.s.resolution, steps=steps)
             self.meter.sync()
-        return {"seconds": time.perf_counter() - t, "peak": self.meter.peak(), "resident": self.meter.resident}
+        return {
+            "seconds": time.perf_counter() - t,
+            "peak": self.meter.peak(),
+            "resident": self.meter.resident,
+            "settings": settings_line(sampling_of(pipe, steps), steps, None),
+        }
 
     def reference(self, pipe: Any, imgs: list[Any]) -> dict[str, Any]:
         if getattr(pipe, "text_encoder_2", None) is not None:
@@ -312,11 +414,13 @@ class Suite:
                 p.grad = None
 
     def cast(self, arch: str, pipe: Any, dtype: torch.dtype) -> bool:
-        """UNet and VAE to ``dtype`` (the encoders stay fp32), as a cell: False if that failed."""
+        """UNet (or transformer) and VAE to ``dtype`` (the encoders stay fp32), as a cell: False if that failed."""
+        from erasekit.checkpoints.pipeline import denoiser_of
+
         name = f"to {str(dtype).removeprefix('torch.')}"
 
         def to() -> dict[str, Any]:
-            pipe.unet.to(dtype)
+            denoiser_of(pipe).to(dtype)
             pipe.vae.to(dtype)
             return {"dtype": str(dtype).removeprefix("torch.")}
 
@@ -327,19 +431,26 @@ class Suite:
         box: dict[str, Any] = {}
 
         def build() -> dict[str, Any]:
+            from erasekit.checkpoints.pipeline import denoiser_of
+
             t = time.perf_counter()
-            pipe = tiny_pipeline(arch, self.device, workdir) if self.quick else full_size_pipeline(arch, self.device)
+            if self.quick:
+                pipe = tiny_pipeline(arch, self.device, workdir)
+            elif arch in FLOW:
+                pipe = full_size_flow_pipeline(arch, self.device)
+            else:
+                pipe = full_size_pipeline(arch, self.device)
             box["pipe"] = pipe
             return {
                 "seconds": time.perf_counter() - t,
-                "unet": millions(pipe.unet),
+                "unet": millions(denoiser_of(pipe)),
                 "encoders": " + ".join(millions(te) for te in encoders(pipe)),
                 "vae": millions(pipe.vae),
             }
 
         self.cell(arch, "build", build)
         if "pipe" in box:
-            self.stages(arch, box.pop("pipe"))
+            (self.flow_stages if arch in FLOW else self.stages)(arch, box.pop("pipe"))
         gc.collect()  # the pipeline is gone: free its device memory before the next model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -357,7 +468,7 @@ class Suite:
         self.cell(arch, "erase auto", lambda: self.erase(pipe, imgs, patch_file=True))
         self.cell(arch, "erase dense", lambda: self.erase(pipe, imgs, patch_file=True, rank="dense"))
         self.cell(arch, "erase checkpointing", lambda: self.erase(pipe, imgs, checkpointing=True))
-        self.cell(arch, "generate auto", lambda: self.generate(pipe))
+        self.cell(arch, "generate auto", lambda: self.generate(pipe, s.gen_steps))
         # stage fp32: what the reference loop runs in
         if not self.cast(arch, pipe, torch.float32):
             return
@@ -365,7 +476,30 @@ class Suite:
         if s.warmup:
             self.cell(arch, "warm-up fp32", lambda: self.erase(pipe, imgs, steps=s.warmup, dtype="fp32"))
         self.cell(arch, "erase fp32", lambda: self.erase(pipe, imgs, dtype="fp32"))
-        self.cell(arch, "generate fp32", lambda: self.generate(pipe))
+        self.cell(arch, "generate fp32", lambda: self.generate(pipe, s.gen_steps))
+
+    def flow_stages(self, arch: str, pipe: Any) -> None:
+        """FLUX.1 and SD3.x, held as ``erasekit erase`` holds them: a warm-up erase, then erasekit's defaults (T5
+        trains rank-16 factors), the CLIPs alone (dense, ``rank auto``), one image with the family's sampling,
+        the defaults with checkpointing, and last T5 trained densely (expected OOM on 80 GB)."""
+        from erasekit._torch import compute_dtype
+
+        s = self.s
+        imgs = erase_speed.images(s.images, s.resolution)
+        if not self.cast(arch, pipe, compute_dtype("auto", self.device)):
+            return
+        cells: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("erase auto", lambda: self.erase(pipe, imgs, patch_file=True)),
+            ("erase clips", lambda: self.erase(pipe, imgs, patch_file=True, encoders=list(FLOW[arch].clips))),
+            ("generate auto", lambda: self.generate(pipe, s.gen_steps if self.quick else None)),
+            ("erase checkpointing", lambda: self.erase(pipe, imgs, checkpointing=True)),
+            ("erase dense", lambda: self.erase(pipe, imgs, train="dense", rank="dense")),  # a 6 GB patch: not saved
+        ]
+        if s.warmup:
+            cells.insert(0, ("warm-up auto", lambda: self.erase(pipe, imgs, steps=s.warmup)))
+        for name, fn in cells:
+            self.cell(arch, name, fn)
+            drop_grads(pipe)  # what a cell cut by OOM left behind
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -383,58 +517,90 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def table(results: dict[str, dict[str, Any]], s: Setting) -> str:
-    models = [m for m in MODELS if m in results]
+class Figures:
+    """The cells' figures as the tables print them: a figure, or the cell's reason for having none."""
 
-    def get(m: str, cell: str, key: str) -> Any:
+    def __init__(self, results: dict[str, dict[str, Any]], s: Setting) -> None:
+        self.results = results
+        self.s = s
+
+    def get(self, m: str, cell: str, key: str) -> Any:
         """The figure, or the cell's reason for having none (a string)."""
-        c = results[m].get(cell, "not run")
+        c = self.results[m].get(cell, "not run")
         return c if isinstance(c, str) else c.get(key)
 
+    @staticmethod
     def fmt(value: Any, f: Callable[[Any], str]) -> str:
         return value if isinstance(value, str) else ("n/a (no CUDA)" if value is None else f(value))
 
-    def ratio(m: str, a: tuple[str, str], b: tuple[str, str], suffix: str = "x") -> str:
-        x, y = get(m, *a), get(m, *b)
+    def ratio(self, m: str, a: tuple[str, str], b: tuple[str, str], suffix: str = "x") -> str:
+        x, y = self.get(m, *a), self.get(m, *b)
         if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
             return f"{x / y:.2f}{suffix}"
         return "n/a" if all(isinstance(v, (int, float)) or v is None for v in (x, y)) else "n/a (a cell has no figure)"
 
-    def secs(m: str, cell: str, key: str = "loop_s") -> str:
-        return fmt(
-            get(m, cell, key), lambda v: f"{v:.2f} s ({v / s.steps:.3f} s/step)" if key == "loop_s" else f"{v:.2f} s"
+    def secs(self, m: str, cell: str, key: str = "loop_s") -> str:
+        steps = self.s.steps
+        return self.fmt(
+            self.get(m, cell, key),
+            lambda v: f"{v:.2f} s ({v / steps:.3f} s/step)" if key == "loop_s" else f"{v:.2f} s",
         )
 
-    def size(m: str, cell: str) -> str:
-        n = get(m, cell, "patch_bytes")
+    def size(self, m: str, cell: str) -> str:
+        n = self.get(m, cell, "patch_bytes")
         if isinstance(n, str) or n is None:
-            return fmt(n, str)
-        ranks = get(m, cell, "ranks")
+            return self.fmt(n, str)
+        ranks = self.get(m, cell, "ranks")
         extra = f"; rank {ranks[0]}-{ranks[1]} over {ranks[2]} weights" if ranks else "; dense"
         return f"{n:,} B ({n / 1e6:.1f} MB{extra})"
 
-    def generated(m: str, cell: str) -> str:
-        peak = get(m, cell, "peak")
-        return peak if isinstance(peak, str) else f"{fmt(peak, gb)} ({get(m, cell, 'seconds'):.2f} s)"
+    def generated(self, m: str, cell: str) -> str:
+        peak = self.get(m, cell, "peak")
+        return peak if isinstance(peak, str) else f"{self.fmt(peak, gb)} ({self.get(m, cell, 'seconds'):.2f} s)"
 
-    def dtype(m: str) -> str:
+    def parameters(self, m: str) -> str:
+        """``860M / 123M + 695M / 84M``: the denoiser's, the encoders' and the VAE's (strings, not figures)."""
+        built = self.results[m].get("build", "not run")
+        return built if isinstance(built, str) else f"{built['unet']} / {built['encoders']} / {built['vae']}"
+
+    def dtype(self, m: str) -> str:
         return next(
             (
                 c["dtype"]
-                for name, c in results[m].items()
+                for name, c in self.results[m].items()
                 if name.startswith("to ") and isinstance(c, dict) and c["dtype"] != "float32"
             ),
             "float32",
         )
 
+    def phases(self, models: list[str], cell: str) -> list[tuple[str, Callable[[str], str]]]:
+        """One row per phase of ``EraseReport.timings`` that any model's ``cell`` reports."""
+        names: list[str] = []
+        for m in models:
+            t = self.get(m, cell, "timings")
+            if isinstance(t, dict):
+                names += [p for p in t if p not in names]
+        return [
+            (p, lambda m, p=p: self.fmt(self.get(m, cell, "timings"), lambda t: f"{t[p]:.2f} s" if p in t else "-"))
+            for p in names
+        ]
+
+
+def markdown(models: list[str], rows: list[tuple[str, Callable[[str], str]]]) -> str:
+    lines = ["| figure | " + " | ".join(NAMES[m] for m in models) + " |", "|---|" + "---:|" * len(models)]
+    for label, f in rows:
+        lines.append(f"| {label} | " + " | ".join(f(m) for m in models) + " |")
+    return "\n".join(lines)
+
+
+def table(results: dict[str, dict[str, Any]], s: Setting) -> str:
+    """The SD1.x and SDXL figures."""
+    models = [m for m in UNET_MODELS if m in results]
+    f = Figures(results, s)
+    get, fmt, ratio, secs, size, generated, dtype = f.get, f.fmt, f.ratio, f.secs, f.size, f.generated, f.dtype
+
     rows: list[tuple[str, Callable[[str], str]]] = [
-        (
-            "parameters: UNet / text encoders / VAE",
-            lambda m: fmt(
-                get(m, "build", "unet"),
-                lambda _: f"{get(m, 'build', 'unet')} / {get(m, 'build', 'encoders')} / {get(m, 'build', 'vae')}",
-            ),
-        ),
+        ("parameters: UNet / text encoders / VAE", f.parameters),
         (
             f"**1. loop time, {s.steps} optimizer steps"
             f"{f' after {s.warmup} warm-up steps' if s.warmup else ', no warm-up'}**",
@@ -461,15 +627,7 @@ def table(results: dict[str, dict[str, Any]], s: Setting) -> str:
         ),
         ("**2. a whole erase (auto, rank auto): EraseReport.timings**", lambda m: ""),
     ]
-    phases: list[str] = []
-    for m in models:
-        t = get(m, "erase auto", "timings")
-        if isinstance(t, dict):
-            phases += [p for p in t if p not in phases]
-    for p in phases:
-        rows.append(
-            (f"{p}", lambda m, p=p: fmt(get(m, "erase auto", "timings"), lambda t: f"{t[p]:.2f} s" if p in t else "-"))
-        )
+    rows += f.phases(models, "erase auto")
     rows += [
         ("total (EraseReport.total_seconds)", lambda m: secs(m, "erase auto", "total_s")),
         ("save_patch (not in the timings)", lambda m: secs(m, "erase auto", "save_s")),
@@ -496,10 +654,61 @@ def table(results: dict[str, dict[str, Any]], s: Setting) -> str:
         ("rank dense", lambda m: size(m, "erase dense")),
         ("auto / dense", lambda m: ratio(m, ("erase auto", "patch_bytes"), ("erase dense", "patch_bytes"), "")),
     ]
-    lines = ["| figure | " + " | ".join(NAMES[m] for m in models) + " |", "|---|" + "---:|" * len(models)]
-    for label, f in rows:
-        lines.append(f"| {label} | " + " | ".join(f(m) for m in models) + " |")
-    return "\n".join(lines)
+    return markdown(models, rows)
+
+
+def flow_table(results: dict[str, dict[str, Any]], s: Setting) -> str:
+    """The FLUX.1-dev and SD3.5-large figures."""
+    models = [m for m in FLOW if m in results]
+    f = Figures(results, s)
+    get, fmt, secs = f.get, f.fmt, f.secs
+
+    def trained(m: str, cell: str) -> str:
+        n, state = get(m, cell, "trained"), get(m, cell, "adam_bytes")
+        return fmt(n, lambda n: f"{n:,} parameters, Adam state {state / 1e6:,.1f} MB")
+
+    def generated(m: str) -> str:
+        peak = get(m, "generate auto", "peak")
+        if isinstance(peak, str):
+            return peak
+        return f"{fmt(peak, gb)} ({get(m, 'generate auto', 'seconds'):.2f} s; {get(m, 'generate auto', 'settings')})"
+
+    clips = {m: ",".join(FLOW[m].clips) for m in models}
+    erases = [
+        ("erase auto", "defaults (T5 trains rank-16 factors)"),
+        ("erase clips", "--encoders te1 (FLUX) / te1,te2 (SD3): CLIPs only, dense, rank auto"),
+        ("erase checkpointing", "defaults + checkpointing"),
+        ("erase dense", "train dense, rank dense (T5 dense in Adam; OOM expected on 80 GB)"),
+    ]
+    rows: list[tuple[str, Callable[[str], str]]] = [
+        ("parameters: transformer / text encoders / VAE", f.parameters),
+        ("build on the device (seconds)", lambda m: fmt(get(m, "build", "seconds"), lambda v: f"{v:.1f} s")),
+        ("erase without T5 (--encoders)", lambda m: clips[m]),
+        (
+            f"**1. loop time, {s.steps} optimizer steps"
+            f"{f' after {s.warmup} warm-up steps' if s.warmup else ', no warm-up'} [{' / '.join(map(f.dtype, models))}]**",
+            lambda m: "",
+        ),
+        *[(label, lambda m, c=cell: secs(m, c)) for cell, label in erases],
+        ("**2. a whole erase (defaults): EraseReport.timings**", lambda m: ""),
+        *f.phases(models, "erase auto"),
+        ("total (EraseReport.total_seconds)", lambda m: secs(m, "erase auto", "total_s")),
+        ("save_patch (not in the timings)", lambda m: secs(m, "erase auto", "save_s")),
+        (f"**3. peak device memory ({s.resolution} px, batch {s.batch})**", lambda m: ""),
+        (
+            "resident before the runs (transformer+VAE in compute dtype, encoders fp32)",
+            lambda m: fmt(get(m, "erase auto", "resident"), gb),
+        ),
+        *[(label, lambda m, c=cell: fmt(get(m, c, "peak"), gb)) for cell, label in erases],
+        ("generate 1 image, the family's default sampling", generated),
+        ("erase (defaults) / generate", lambda m: f.ratio(m, ("erase auto", "peak"), ("generate auto", "peak"))),
+        ("**4. what trains (Adam)**", lambda m: ""),
+        *[(label, lambda m, c=cell: trained(m, c)) for cell, label in erases],
+        ("**5. patch size (written by save_patch, BF16)**", lambda m: ""),
+        ("defaults (T5 factors, CLIP factors)", lambda m: f.size(m, "erase auto")),
+        ("CLIPs only (rank auto)", lambda m: f.size(m, "erase clips")),
+    ]
+    return markdown(models, rows)
 
 
 def environment(device: torch.device) -> list[str]:
@@ -518,11 +727,27 @@ def environment(device: torch.device) -> list[str]:
     return lines
 
 
+def models_arg(text: str) -> list[str]:
+    """``--only flux,sd3``: the models, in the order given."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {', '.join(unknown) or '(none)'}; give some of {', '.join(MODELS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda (default), cuda:N or cpu; --quick defaults to cpu")
     ap.add_argument("--quick", action="store_true", help="the tiny test pipelines, small images, few steps")
-    ap.add_argument("--only", choices=MODELS, default=None, help="one model instead of both")
+    ap.add_argument(
+        "--only",
+        type=models_arg,
+        default=None,
+        help=f"models, comma-separated, of {', '.join(MODELS)} (default: sd1,sdxl on a GPU; --quick: all four)",
+    )
     ap.add_argument(
         "--budget",
         type=float,
@@ -540,7 +765,7 @@ def main() -> int:
     suite = Suite(device, s, budget, args.quick)
     suite.log(f"device {device}, setting {s}")
     with tempfile.TemporaryDirectory(prefix="gpu_suite-") as tmp:
-        for arch in [args.only] if args.only else MODELS:
+        for arch in args.only or (MODELS if args.quick else UNET_MODELS):
             suite.run_model(arch, Path(tmp))
     what = "tiny test pipelines (smoke test: figures meaningless)" if args.quick else "random weights"
     latents = "" if args.quick else f" ({s.resolution // 8}x{s.resolution // 8} latents)"
@@ -548,8 +773,12 @@ def main() -> int:
         f"\n{s.resolution} px images{latents}, batch {s.batch}, {s.steps} optimizer steps, {s.images} training "
         f"images, one concept; {what}\n"
     )
-    print(table(suite.results, s))
-    print()
+    if any(m in suite.results for m in UNET_MODELS):
+        print(table(suite.results, s))
+        print()
+    if any(m in suite.results for m in FLOW):
+        print(flow_table(suite.results, s))
+        print()
     for line in environment(device):
         print(line)
     print(f"wall time {time.perf_counter() - suite.t0:.0f} s")

@@ -3,6 +3,7 @@ when erase_model moved to erasekit.erasing.erase_job). Running them is for peopl
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,73 @@ def test_the_t5_real_size_bench_runs_at_tiny_size(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| bit-exact revert (sha256) | yes |" in r.stdout and "| T5-XXL |" in r.stdout
     assert not list(tmp_path.iterdir()), "the tiny file, its patch and its journal are removed"
+
+
+def test_the_gpu_suites_flux_table_shows_each_erase_and_the_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FLUX/SD3 table: step time and peak memory of each erase, the weights already resident, the image's
+    sampling, and an erase that ran out of memory as OOM in each of its rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite", BENCH / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "gpu_suite", suite)  # its dataclasses look their module up
+    spec.loader.exec_module(suite)  # type: ignore[union-attr]
+    erase = {
+        "loop_s": 5.0,
+        "peak": 61_200_000_000,
+        "resident": 43_500_000_000,
+        "timings": {"encode": 1.5, "loop": 5.0},
+        "total_s": 9.0,
+        "trained": 16_515_072,
+        "adam_bytes": 132_120_576,
+        "patch_bytes": 34_000_000,
+        "ranks": (16, 16, 94),
+        "save_s": 0.2,
+    }
+    results = {
+        "flux": {
+            "build": {"seconds": 20.0, "unet": "11901M", "encoders": "123M + 4762M", "vae": "84M"},
+            "to bfloat16": {"dtype": "bfloat16"},
+            "erase auto": erase,
+            "erase clips": erase | {"loop_s": 3.0, "peak": 50_000_000_000},
+            "generate auto": {"seconds": 4.0, "peak": 45_000_000_000, "resident": 43.5e9, "settings": "28 steps"},
+            "erase checkpointing": "not run (past the 270 s budget)",
+            "erase dense": "OOM",
+        }
+    }
+    table = suite.flow_table(results, suite.PAPER)
+    assert table.startswith("| figure | FLUX.1-dev size |\n")
+    assert "| parameters: transformer / text encoders / VAE | 11901M / 123M + 4762M / 84M |" in table
+    assert "| defaults (T5 trains rank-16 factors) | 5.00 s (0.500 s/step) |" in table
+    assert "| defaults (T5 trains rank-16 factors) | 61.20 GB |" in table
+    assert "| resident before the runs (transformer+VAE in compute dtype, encoders fp32) | 43.50 GB |" in table
+    assert "| erase (defaults) / generate | 1.36x |" in table
+    assert "| generate 1 image, the family's default sampling | 45.00 GB (4.00 s; 28 steps) |" in table
+    assert "| defaults (T5 factors, CLIP factors) | 34,000,000 B (34.0 MB; rank 16-16 over 94 weights) |" in table
+    dense = [line for line in table.splitlines() if line.startswith("| train dense, rank dense")]
+    assert len(dense) == 3 and all(line.endswith("| OOM |") for line in dense)
+    assert "| defaults + checkpointing | not run (past the 270 s budget) |" in table
+
+
+@pytest.mark.skipif(
+    not os.environ.get("ERASEKIT_SLOW_TESTS"),
+    reason="two tiny erases per model (about 2 minutes); ERASEKIT_SLOW_TESTS=1",
+)
+def test_the_gpu_suite_runs_its_flux_and_sd3_rows_at_tiny_size() -> None:
+    """--quick --only flux,sd3: every cell of both models runs (the tiny pipelines on the CPU) and the table has
+    a column per model."""
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_suite.py"), "--quick", "--only", "flux,sd3"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=BENCH.parent,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| figure | FLUX.1-dev size | SD3.5-large size |" in r.stdout
+    lines = r.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("| defaults (T5 trains rank-16 factors) |")][0]
+    assert steps.count("s/step") == 2, steps
+    patch = [line for line in lines if line.startswith("| defaults (T5 factors, CLIP factors) |")][0]
+    assert patch.count("rank 16-16") == 2, patch
+    assert "| error: " not in r.stdout and "| OOM |" not in r.stdout
