@@ -288,6 +288,83 @@ def test_without_t5s_tokenizer_offline_erase_says_what_to_do_in_one_line(
     assert run("inspect", bundled["flux-file"]).exit_code == 0  # torch-free commands need no tokenizer
 
 
+def header_only(path: Path, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> Path:
+    """A safetensors file of ``shapes`` (name -> (dtype, shape)) whose data is a hole: real sizes, a header to read."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in sorted(shapes.items()):
+        size = int(np.prod(shape, dtype=np.int64)) * {"F16": 2, "F32": 4}[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + offset)
+    return path
+
+
+def real_size_flux_file(path: Path, tiny: Path) -> Path:
+    """A FLUX.1 all-in-one file whose CLIP-L and T5-XXL have the published sizes (headers only), beside the tiny
+    file's transformer and VAE."""
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with safe_open(str(tiny), "np") as f:
+        shapes = {k: ("F16", tuple(f.get_slice(k).get_shape())) for k in f.keys() if not k.startswith("text_encoders.")}
+    clip = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    t5 = T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        encoders = {"clip_l": CLIPTextModel(clip), "t5xxl": T5EncoderModel(t5)}
+    for name, model in encoders.items():
+        root = "text_model." if name == "clip_l" else ""  # as the files spell CLIP's keys, whatever transformers says
+        for key, tensor in model.state_dict().items():
+            if key != "encoder.embed_tokens.weight":  # tied to shared.weight, which the files hold
+                key = root + key.removeprefix(root)
+                shapes[f"text_encoders.{name}.transformer.{key}"] = ("F16", tuple(tensor.shape))
+    return header_only(path, shapes)
+
+
+def test_a_config_folder_of_the_flux_file_with_its_t5_is_taken_and_one_of_other_sizes_refused(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """--config checks each text encoder by its kind's config keys (T5's d_model, d_ff, num_layers), at tiny and
+    published sizes: erasekit's own flux-dev folder fits a real-size FLUX.1 file."""
+    from erasekit.checkpoints.layouts import detect
+    from erasekit.errors import LayoutError
+
+    assert not model_configs.user_choice(detect(world["flux-file"]), world["flux"]).bundled
+    real = real_size_flux_file(tmp_path / "flux1-dev-aio.safetensors", world["flux-file"])
+    assert (
+        model_configs.user_choice(detect(real), CONFIGS_DIR / "flux-dev").name == f"config {CONFIGS_DIR / 'flux-dev'}"
+    )
+    other = Path(shutil.copytree(CONFIGS_DIR / "flux-dev", tmp_path / "t5-xl"))
+    t5_config = other / "text_encoder_2" / "config.json"
+    t5_config.write_text(json.dumps(json.loads(t5_config.read_text()) | {"d_model": 2048, "d_ff": 5120}))
+    with pytest.raises(LayoutError) as refused:
+        model_configs.user_choice(detect(real), other)
+    assert str(refused.value) == (
+        f"config {other} describes a text encoder of 2048x5120x24 (hidden x FFN x layers) but flux1-dev-aio.safetensors "
+        "holds 4096x10240x24; give as config the diffusers folder of the model this file was made from"
+    )
+    tiny = tmp_path / "tiny"  # apart from the real-size file, a hole of gigabytes that a snapshot would read
+    tiny_other = Path(shutil.copytree(world["flux"], tiny / "other", ignore=shutil.ignore_patterns("*.safetensors")))
+    t5_config = tiny_other / "text_encoder_2" / "config.json"
+    t5 = json.loads(t5_config.read_text())
+    t5_config.write_text(json.dumps(t5 | {"d_ff": t5["d_ff"] * 2}))
+    flux_file = Path(shutil.copy(world["flux-file"], tiny / "flux.safetensors"))
+    tiny_t5 = "x".join(map(str, detect(flux_file).encoders["te3"].dims))
+    other_t5 = f"{t5['d_model']}x{t5['d_ff'] * 2}x{t5['num_layers']}"
+    before = snapshot(tiny)
+    r = run("generate", "--model", flux_file, "--config", tiny_other, "a cat", "-o", tiny / "out")
+    assert (r.exit_code, r.stderr) == (
+        4,
+        f"error: config {tiny_other} describes a text encoder of {other_t5} (hidden x FFN x layers) but "
+        f"flux.safetensors holds {tiny_t5}; give as config the diffusers folder of the model this file was made "
+        "from (--config)\n",
+    ), r.output
+    assert snapshot(tiny) == before
+
+
 def kept_apart(world: dict[str, Path], root: Path) -> tuple[Path, Path, Path, Path]:
     """Copies of the transformer, CLIP-L, T5 and VAE files of the tiny FLUX.1-dev, as a ComfyUI user keeps them."""
     root.mkdir(exist_ok=True)

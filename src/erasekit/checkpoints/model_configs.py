@@ -320,7 +320,7 @@ def user_choice(ckpt: Checkpoint, config: str | os.PathLike, prediction_type: st
         )
     for slot, enc in ckpt.encoders.items():
         cfg = configs[slot]
-        dims = (cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers"))
+        dims = enc.encoder_kind.dims_of(cfg)
         # diffusers' SD2.x text encoder stops one OpenCLIP block early (23 of 24 layers: the penultimate layer)
         layers_fit = dims[2] == enc.layers or (
             enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers
