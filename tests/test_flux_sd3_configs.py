@@ -496,3 +496,96 @@ def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[
         r = run(*args, *(("--vae", vae_file) if vae_file else ()))
         assert (r.exit_code, r.stderr) == (code, f"error: {message}\n"), r.output
     assert snapshot(tmp_path) == before
+
+
+def test_an_encoder_file_of_other_sizes_than_its_slot_is_refused_naming_it(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """CLIP-G given as FLUX.1's CLIP-L, a smaller T5 as its T5-XXL: refused before anything loads, by the file's
+    sizes against its slot's in the bundled configs or the --config folder's."""
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    clip_g = make_checkpoint(tmp_path / "models" / "clip_g.safetensors", "clip-g-file", "F16")
+    t5_small = make_checkpoint(tmp_path / "models" / "t5_small.safetensors", "t5-file", "F16")
+    clip_g_says = (
+        "clip_g.safetensors is a CLIP text encoder of 40x80x2 (hidden x FFN x layers), but FLUX.1's CLIP ViT-L/14 (te1) "
+        "is 32x64x2 in erasekit's bundled flux-dev config; give its CLIP ViT-L/14 file (clip_l.safetensors) instead"
+    )
+    t5_says = (
+        "t5_small.safetensors is a T5 text encoder of 32x64x2 (hidden x FFN x layers), but FLUX.1's T5 v1.1 XXL (te3) "
+        f"is 80x96x2 in config {bundled['flux']}; give its T5 v1.1 XXL file (t5xxl_fp16.safetensors) instead"
+    )
+    cases = [((f"{clip_g},{t5}",), clip_g_says), ((f"{clip_l},{t5_small}", "--config", bundled["flux"]), t5_says)]
+    before = snapshot(tmp_path)
+    for (encoders, *config), message in cases:
+        args = ("--model", transformer, "--text-encoders", encoders, "--vae", vae, *config)
+        r = run("generate", *args, "a cat", "-o", tmp_path / "out")
+        assert (r.exit_code, r.stderr) == (4, f"error: {message} (--text-encoders)\n"), r.output
+    assert snapshot(tmp_path) == before
+
+
+def real_size_parts(root: Path, vae: Path) -> dict[str, Path]:
+    """FLUX.1-dev's transformer (its first tensor and block count), CLIP-L, CLIP-G, T5-XXL and T5 v1.1 base files at
+    their published sizes, headers only, and a copy of ``vae``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    root.mkdir()
+    blocks = [f"double_blocks.{i}.img_attn.qkv.weight" for i in range(19)]
+    blocks += [f"single_blocks.{i}.linear1.weight" for i in range(38)]
+    shapes = {"img_in.weight": (3072, 64), "guidance_in.in_layer.bias": (3072,)} | {b: (1,) for b in blocks}
+    out = {"transformer": header_only(root / "flux1-dev.safetensors", {k: ("F16", s) for k, s in shapes.items()})}
+    clips = {"clip_l": (768, 3072, 12, 12), "clip_g": (1280, 5120, 32, 20)}
+    t5s = {"t5xxl_fp16": (4096, 10240, 24, 64), "t5_base": (768, 2048, 12, 12)}
+    with torch.device("meta"):
+        models = {
+            n: CLIPTextModel(
+                CLIPTextConfig(
+                    hidden_size=d[0], intermediate_size=d[1], num_hidden_layers=d[2], num_attention_heads=d[3]
+                )
+            )
+            for n, d in clips.items()
+        }
+        models |= {
+            n: T5EncoderModel(
+                T5Config(d_model=d[0], d_ff=d[1], num_layers=d[2], num_heads=d[3], feed_forward_proj="gated-gelu")
+            )
+            for n, d in t5s.items()
+        }
+    for name, model in models.items():
+        root_key = "text_model." if name.startswith("clip") else ""
+        sd = {root_key + k.removeprefix(root_key): ("F16", tuple(v.shape)) for k, v in model.state_dict().items()}
+        sd.pop("encoder.embed_tokens.weight", None)
+        out[name] = header_only(root / f"{name}.safetensors", sd)
+    out["vae"] = Path(shutil.copy(vae, root / "ae.safetensors"))
+    return out
+
+
+def test_encoder_files_of_other_sizes_at_published_sizes_are_refused_by_the_bundled_config(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    from erasekit.checkpoints.parts import detect_model
+    from erasekit.checkpoints.pipeline import runnable_family
+    from erasekit.errors import LayoutError
+
+    files = real_size_parts(tmp_path / "models", world["vae"])
+    model, vae = files["transformer"], files["vae"]
+    assert runnable_family(detect_model(model, [files["clip_l"], files["t5xxl_fp16"]], vae)).name == "flux"
+    cases = [
+        (
+            "clip_g",
+            "t5xxl_fp16",
+            "clip_g.safetensors is a CLIP text encoder of 1280x5120x32 (hidden x FFN x layers), but FLUX.1's CLIP "
+            "ViT-L/14 (te1) is 768x3072x12 in erasekit's bundled flux-dev config; give its CLIP ViT-L/14 file "
+            "(clip_l.safetensors) instead",
+        ),
+        (
+            "clip_l",
+            "t5_base",
+            "t5_base.safetensors is a T5 text encoder of 768x2048x12 (hidden x FFN x layers), but FLUX.1's T5 v1.1 XXL "
+            "(te3) is 4096x10240x24 in erasekit's bundled flux-dev config; give its T5 v1.1 XXL file "
+            "(t5xxl_fp16.safetensors) instead",
+        ),
+    ]
+    for clip, t5, message in cases:
+        with pytest.raises(LayoutError) as refused:
+            runnable_family(detect_model(model, [files[clip], files[t5]], vae))
+        assert str(refused.value) == message

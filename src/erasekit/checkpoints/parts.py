@@ -181,3 +181,28 @@ def _slot_of(fam: Family, spec: EncoderSpec, path: Path) -> Slot:
             option="text_encoders",
         )
     return slots[0]
+
+
+def check_encoder_sizes(ckpt: Checkpoint, config: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line naming the file, an encoder file of other sizes than its slot's config (bundled or
+    ``config``) gives, as CLIP-G or OpenCLIP-H for FLUX.1's CLIP-L, or T5 v1.1 base for its T5-XXL: before gigabytes
+    are loaded."""
+    from .model_configs import encoder_configs, encoder_fits
+
+    source, configs = encoder_configs(ckpt, config)
+    fam = family(ckpt.architecture)
+    for wf in ckpt.files:
+        for name, spec in wf.encoders.items():
+            want = spec.encoder_kind.dims_of(configs.get(name, {}))
+            if name in configs and not encoder_fits(spec, want):
+                slot = fam.slot(name)
+                raise LayoutError(
+                    f"{wf.path.name} is a {spec.encoder_kind.title} text encoder of {_dims(spec.dims)} (hidden x FFN x "
+                    f"layers), but {fam.title}'s {slot.encoder.title} ({name}) is {_dims(want)} in {source}",
+                    f"give its {slot.encoder.title} file ({slot.encoder.file}) instead",
+                    option="text_encoders",
+                )
+
+
+def _dims(dims: Sequence[object]) -> str:
+    return "x".join(map(str, dims))
