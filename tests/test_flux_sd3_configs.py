@@ -498,6 +498,46 @@ def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[
     assert snapshot(tmp_path) == before
 
 
+def test_a_part_given_in_the_wrong_option_or_missing_is_refused_saying_where_it_goes(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """The VAE or the transformer among the encoder files, an encoder file as the model; a missing file exits 2
+    (an input file missing, as elsewhere) for --text-encoders and --vae alike."""
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    missing = tmp_path / "models" / "nope.safetensors"
+    cases = [
+        (
+            (transformer, f"{clip_l},{t5},{vae}", vae),
+            4,
+            "ae.safetensors is a VAE file, not a text encoder's; give it as --vae instead (--text-encoders)",
+        ),
+        (
+            (transformer, f"{clip_l},{transformer}", vae),
+            4,
+            "flux1-dev.safetensors is a FLUX.1 transformer file: the model (--model), not a text encoder; leave it out "
+            "of --text-encoders (--text-encoders)",
+        ),
+        (
+            (clip_l, f"{clip_l},{t5}", vae),
+            4,
+            "clip_l.safetensors is a text encoder's file, not a transformer; --model takes the transformer file "
+            "(flux1-dev.safetensors) and the encoder files go in --text-encoders (--model)",
+        ),
+        (
+            (transformer, f"{clip_l},{missing}", vae),
+            2,
+            f"text-encoder file {missing} does not exist; check the path (--text-encoders)",
+        ),
+        ((transformer, f"{clip_l},{t5}", missing), 2, f"VAE file {missing} does not exist; check the path (--vae)"),
+    ]
+    before = snapshot(tmp_path)
+    for (model, encoders, vae_file), code, message in cases:
+        args = ("--model", model, "--text-encoders", encoders, "--vae", vae_file)
+        r = run("generate", *args, "a cat", "-o", tmp_path / "out")
+        assert (r.exit_code, r.stderr) == (code, f"error: {message}\n"), r.output
+    assert snapshot(tmp_path) == before
+
+
 def test_an_encoder_file_of_other_sizes_than_its_slot_is_refused_naming_it(
     bundled: dict[str, Path], tmp_path: Path
 ) -> None:
