@@ -288,6 +288,83 @@ def test_without_t5s_tokenizer_offline_erase_says_what_to_do_in_one_line(
     assert run("inspect", bundled["flux-file"]).exit_code == 0  # torch-free commands need no tokenizer
 
 
+def header_only(path: Path, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> Path:
+    """A safetensors file of ``shapes`` (name -> (dtype, shape)) whose data is a hole: real sizes, a header to read."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in sorted(shapes.items()):
+        size = int(np.prod(shape, dtype=np.int64)) * {"F16": 2, "F32": 4}[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + offset)
+    return path
+
+
+def real_size_flux_file(path: Path, tiny: Path) -> Path:
+    """A FLUX.1 all-in-one file whose CLIP-L and T5-XXL have the published sizes (headers only), beside the tiny
+    file's transformer and VAE."""
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with safe_open(str(tiny), "np") as f:
+        shapes = {k: ("F16", tuple(f.get_slice(k).get_shape())) for k in f.keys() if not k.startswith("text_encoders.")}
+    clip = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    t5 = T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        encoders = {"clip_l": CLIPTextModel(clip), "t5xxl": T5EncoderModel(t5)}
+    for name, model in encoders.items():
+        root = "text_model." if name == "clip_l" else ""  # as the files spell CLIP's keys, whatever transformers says
+        for key, tensor in model.state_dict().items():
+            if key != "encoder.embed_tokens.weight":  # tied to shared.weight, which the files hold
+                key = root + key.removeprefix(root)
+                shapes[f"text_encoders.{name}.transformer.{key}"] = ("F16", tuple(tensor.shape))
+    return header_only(path, shapes)
+
+
+def test_a_config_folder_of_the_flux_file_with_its_t5_is_taken_and_one_of_other_sizes_refused(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """--config checks each text encoder by its kind's config keys (T5's d_model, d_ff, num_layers), at tiny and
+    published sizes: erasekit's own flux-dev folder fits a real-size FLUX.1 file."""
+    from erasekit.checkpoints.layouts import detect
+    from erasekit.errors import LayoutError
+
+    assert not model_configs.user_choice(detect(world["flux-file"]), world["flux"]).bundled
+    real = real_size_flux_file(tmp_path / "flux1-dev-aio.safetensors", world["flux-file"])
+    assert (
+        model_configs.user_choice(detect(real), CONFIGS_DIR / "flux-dev").name == f"config {CONFIGS_DIR / 'flux-dev'}"
+    )
+    other = Path(shutil.copytree(CONFIGS_DIR / "flux-dev", tmp_path / "t5-xl"))
+    t5_config = other / "text_encoder_2" / "config.json"
+    t5_config.write_text(json.dumps(json.loads(t5_config.read_text()) | {"d_model": 2048, "d_ff": 5120}))
+    with pytest.raises(LayoutError) as refused:
+        model_configs.user_choice(detect(real), other)
+    assert str(refused.value) == (
+        f"config {other} describes a text encoder of 2048x5120x24 (hidden x FFN x layers) but flux1-dev-aio.safetensors "
+        "holds 4096x10240x24; give as config the diffusers folder of the model this file was made from"
+    )
+    tiny = tmp_path / "tiny"  # apart from the real-size file, a hole of gigabytes that a snapshot would read
+    tiny_other = Path(shutil.copytree(world["flux"], tiny / "other", ignore=shutil.ignore_patterns("*.safetensors")))
+    t5_config = tiny_other / "text_encoder_2" / "config.json"
+    t5 = json.loads(t5_config.read_text())
+    t5_config.write_text(json.dumps(t5 | {"d_ff": t5["d_ff"] * 2}))
+    flux_file = Path(shutil.copy(world["flux-file"], tiny / "flux.safetensors"))
+    tiny_t5 = "x".join(map(str, detect(flux_file).encoders["te3"].dims))
+    other_t5 = f"{t5['d_model']}x{t5['d_ff'] * 2}x{t5['num_layers']}"
+    before = snapshot(tiny)
+    r = run("generate", "--model", flux_file, "--config", tiny_other, "a cat", "-o", tiny / "out")
+    assert (r.exit_code, r.stderr) == (
+        4,
+        f"error: config {tiny_other} describes a text encoder of {other_t5} (hidden x FFN x layers) but "
+        f"flux.safetensors holds {tiny_t5}; give as config the diffusers folder of the model this file was made "
+        "from (--config)\n",
+    ), r.output
+    assert snapshot(tiny) == before
+
+
 def kept_apart(world: dict[str, Path], root: Path) -> tuple[Path, Path, Path, Path]:
     """Copies of the transformer, CLIP-L, T5 and VAE files of the tiny FLUX.1-dev, as a ComfyUI user keeps them."""
     root.mkdir(exist_ok=True)
@@ -419,3 +496,136 @@ def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[
         r = run(*args, *(("--vae", vae_file) if vae_file else ()))
         assert (r.exit_code, r.stderr) == (code, f"error: {message}\n"), r.output
     assert snapshot(tmp_path) == before
+
+
+def test_a_part_given_in_the_wrong_option_or_missing_is_refused_saying_where_it_goes(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """The VAE or the transformer among the encoder files, an encoder file as the model; a missing file exits 2
+    (an input file missing, as elsewhere) for --text-encoders and --vae alike."""
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    missing = tmp_path / "models" / "nope.safetensors"
+    cases = [
+        (
+            (transformer, f"{clip_l},{t5},{vae}", vae),
+            4,
+            "ae.safetensors is a VAE file, not a text encoder's; give it as --vae instead (--text-encoders)",
+        ),
+        (
+            (transformer, f"{clip_l},{transformer}", vae),
+            4,
+            "flux1-dev.safetensors is a FLUX.1 transformer file: the model (--model), not a text encoder; leave it out "
+            "of --text-encoders (--text-encoders)",
+        ),
+        (
+            (clip_l, f"{clip_l},{t5}", vae),
+            4,
+            "clip_l.safetensors is a text encoder's file, not a transformer; --model takes the transformer file "
+            "(flux1-dev.safetensors) and the encoder files go in --text-encoders (--model)",
+        ),
+        (
+            (transformer, f"{clip_l},{missing}", vae),
+            2,
+            f"text-encoder file {missing} does not exist; check the path (--text-encoders)",
+        ),
+        ((transformer, f"{clip_l},{t5}", missing), 2, f"VAE file {missing} does not exist; check the path (--vae)"),
+    ]
+    before = snapshot(tmp_path)
+    for (model, encoders, vae_file), code, message in cases:
+        args = ("--model", model, "--text-encoders", encoders, "--vae", vae_file)
+        r = run("generate", *args, "a cat", "-o", tmp_path / "out")
+        assert (r.exit_code, r.stderr) == (code, f"error: {message}\n"), r.output
+    assert snapshot(tmp_path) == before
+
+
+def test_an_encoder_file_of_other_sizes_than_its_slot_is_refused_naming_it(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """CLIP-G given as FLUX.1's CLIP-L, a smaller T5 as its T5-XXL: refused before anything loads, by the file's
+    sizes against its slot's in the bundled configs or the --config folder's."""
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    clip_g = make_checkpoint(tmp_path / "models" / "clip_g.safetensors", "clip-g-file", "F16")
+    t5_small = make_checkpoint(tmp_path / "models" / "t5_small.safetensors", "t5-file", "F16")
+    clip_g_says = (
+        "clip_g.safetensors is a CLIP text encoder of 40x80x2 (hidden x FFN x layers), but FLUX.1's CLIP ViT-L/14 (te1) "
+        "is 32x64x2 in erasekit's bundled flux-dev config; give its CLIP ViT-L/14 file (clip_l.safetensors) instead"
+    )
+    t5_says = (
+        "t5_small.safetensors is a T5 text encoder of 32x64x2 (hidden x FFN x layers), but FLUX.1's T5 v1.1 XXL (te3) "
+        f"is 80x96x2 in config {bundled['flux']}; give its T5 v1.1 XXL file (t5xxl_fp16.safetensors) instead"
+    )
+    cases = [((f"{clip_g},{t5}",), clip_g_says), ((f"{clip_l},{t5_small}", "--config", bundled["flux"]), t5_says)]
+    before = snapshot(tmp_path)
+    for (encoders, *config), message in cases:
+        args = ("--model", transformer, "--text-encoders", encoders, "--vae", vae, *config)
+        r = run("generate", *args, "a cat", "-o", tmp_path / "out")
+        assert (r.exit_code, r.stderr) == (4, f"error: {message} (--text-encoders)\n"), r.output
+    assert snapshot(tmp_path) == before
+
+
+def real_size_parts(root: Path, vae: Path) -> dict[str, Path]:
+    """FLUX.1-dev's transformer (its first tensor and block count), CLIP-L, CLIP-G, T5-XXL and T5 v1.1 base files at
+    their published sizes, headers only, and a copy of ``vae``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    root.mkdir()
+    blocks = [f"double_blocks.{i}.img_attn.qkv.weight" for i in range(19)]
+    blocks += [f"single_blocks.{i}.linear1.weight" for i in range(38)]
+    shapes = {"img_in.weight": (3072, 64), "guidance_in.in_layer.bias": (3072,)} | {b: (1,) for b in blocks}
+    out = {"transformer": header_only(root / "flux1-dev.safetensors", {k: ("F16", s) for k, s in shapes.items()})}
+    clips = {"clip_l": (768, 3072, 12, 12), "clip_g": (1280, 5120, 32, 20)}
+    t5s = {"t5xxl_fp16": (4096, 10240, 24, 64), "t5_base": (768, 2048, 12, 12)}
+    with torch.device("meta"):
+        models = {
+            n: CLIPTextModel(
+                CLIPTextConfig(
+                    hidden_size=d[0], intermediate_size=d[1], num_hidden_layers=d[2], num_attention_heads=d[3]
+                )
+            )
+            for n, d in clips.items()
+        }
+        models |= {
+            n: T5EncoderModel(
+                T5Config(d_model=d[0], d_ff=d[1], num_layers=d[2], num_heads=d[3], feed_forward_proj="gated-gelu")
+            )
+            for n, d in t5s.items()
+        }
+    for name, model in models.items():
+        root_key = "text_model." if name.startswith("clip") else ""
+        sd = {root_key + k.removeprefix(root_key): ("F16", tuple(v.shape)) for k, v in model.state_dict().items()}
+        sd.pop("encoder.embed_tokens.weight", None)
+        out[name] = header_only(root / f"{name}.safetensors", sd)
+    out["vae"] = Path(shutil.copy(vae, root / "ae.safetensors"))
+    return out
+
+
+def test_encoder_files_of_other_sizes_at_published_sizes_are_refused_by_the_bundled_config(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    from erasekit.checkpoints.parts import detect_model
+    from erasekit.checkpoints.pipeline import runnable_family
+    from erasekit.errors import LayoutError
+
+    files = real_size_parts(tmp_path / "models", world["vae"])
+    model, vae = files["transformer"], files["vae"]
+    assert runnable_family(detect_model(model, [files["clip_l"], files["t5xxl_fp16"]], vae)).name == "flux"
+    cases = [
+        (
+            "clip_g",
+            "t5xxl_fp16",
+            "clip_g.safetensors is a CLIP text encoder of 1280x5120x32 (hidden x FFN x layers), but FLUX.1's CLIP "
+            "ViT-L/14 (te1) is 768x3072x12 in erasekit's bundled flux-dev config; give its CLIP ViT-L/14 file "
+            "(clip_l.safetensors) instead",
+        ),
+        (
+            "clip_l",
+            "t5_base",
+            "t5_base.safetensors is a T5 text encoder of 768x2048x12 (hidden x FFN x layers), but FLUX.1's T5 v1.1 XXL "
+            "(te3) is 4096x10240x24 in erasekit's bundled flux-dev config; give its T5 v1.1 XXL file "
+            "(t5xxl_fp16.safetensors) instead",
+        ),
+    ]
+    for clip, t5, message in cases:
+        with pytest.raises(LayoutError) as refused:
+            runnable_family(detect_model(model, [files[clip], files[t5]], vae))
+        assert str(refused.value) == message

@@ -49,7 +49,7 @@ from ..errors import ErasekitError, ErasekitWarning, InputFileError, LayoutError
 from ..families import ENCODER_COMPONENTS, by_bundled_config, by_components, family
 from ..families.base import Family
 from ..toyworld import builtin_model_path
-from .layouts import Checkpoint, WeightFile, read_json
+from .layouts import Checkpoint, EncoderSpec, WeightFile, read_json
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 TOKENIZER_DIR = builtin_model_path() / "tokenizer"  # the full CLIP BPE vocabulary, shipped once
@@ -319,13 +319,8 @@ def user_choice(ckpt: Checkpoint, config: str | os.PathLike, prediction_type: st
             option="config_dir",
         )
     for slot, enc in ckpt.encoders.items():
-        cfg = configs[slot]
-        dims = (cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers"))
-        # diffusers' SD2.x text encoder stops one OpenCLIP block early (23 of 24 layers: the penultimate layer)
-        layers_fit = dims[2] == enc.layers or (
-            enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers
-        )
-        if dims[:2] != enc.dims[:2] or not layers_fit:
+        dims = enc.encoder_kind.dims_of(configs[slot])
+        if not encoder_fits(enc, dims):
             raise LayoutError(
                 f"config {folder} describes a text encoder of {'x'.join(map(str, dims))} (hidden x FFN "
                 f"x layers) but {ckpt.path.name} holds {'x'.join(map(str, enc.dims))}",
@@ -334,6 +329,27 @@ def user_choice(ckpt: Checkpoint, config: str | os.PathLike, prediction_type: st
             )
     pred = FLOW_MATCHING if family(arch).flow_matching else prediction_type or _scheduler_prediction(folder)
     return ConfigChoice(f"config {folder}", folder, pred, "given", bundled=False)
+
+
+def encoder_fits(enc: EncoderSpec, dims: tuple[Any, Any, Any]) -> bool:
+    """Whether a config's (hidden, FFN, layers) ``dims`` describe the text encoder ``enc``."""
+    # diffusers' SD2.x text encoder stops one OpenCLIP block early (23 of 24 layers: the penultimate layer)
+    layers_fit = dims[2] == enc.layers or (enc.style == "oc" and isinstance(dims[2], int) and 0 < dims[2] < enc.layers)
+    return dims[:2] == enc.dims[:2] and layers_fit
+
+
+def encoder_configs(ckpt: Checkpoint, config: str | os.PathLike | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(what they are, slot -> text encoder config) of the configs the single file ``ckpt`` is loaded with: the
+    ``config`` folder, else the bundled ones; none where ``config`` is no folder of ``ckpt``'s family
+    (:func:`user_choice` says so)."""
+    if config is None:
+        choice = bundled_choice(ckpt)
+        return f"erasekit's bundled {choice.name} config", config_architecture(choice.path)[1]
+    folder = Path(config)
+    if not folder.is_dir():
+        return "", {}
+    arch, configs = config_architecture(folder)
+    return f"config {folder}", configs if arch == ckpt.architecture else {}
 
 
 def choose_config(

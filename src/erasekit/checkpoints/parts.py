@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import ErasekitError, LayoutError
+from ..errors import ErasekitError, InputFileError, LayoutError
 from ..families import family, listing
 from ..families.base import Family, Slot
 from .layouts import Checkpoint, EncoderSpec, WeightFile, _denoiser_alone, detect, with_slot
@@ -70,7 +70,7 @@ def _detect_whole(path: Path) -> Checkpoint:
 def _transformer_family(path: Path) -> Family:
     """The family of the transformer file ``path`` (a denoiser alone); one line if it is not one."""
     try:
-        detect(path)
+        ckpt = detect(path)
     except ErasekitError:
         if not path.exists():
             raise
@@ -82,6 +82,12 @@ def _transformer_family(path: Path) -> Family:
             "name the transformer file (flux1-dev.safetensors) as the model",
             option="text_encoders",
         ) from None
+    if family(ckpt.architecture).bare:
+        raise LayoutError(
+            f"{path.name} is a text encoder's file, not a transformer",
+            "--model takes the transformer file (flux1-dev.safetensors) and the encoder files go in --text-encoders",
+            option="model",
+        )
     raise LayoutError(
         f"{path.name} holds its text encoders itself", "leave --text-encoders and --vae out", option="text_encoders"
     )
@@ -94,7 +100,7 @@ def _is_safetensors(path: Path) -> bool:
 def check_vae(path: Path) -> None:
     """Refuse, in one line, a ``--vae`` that is no VAE file of LDM's names (``ae.safetensors``)."""
     if not path.is_file():
-        raise ErasekitError(f"VAE file {path} does not exist", "check the path", option="vae")
+        raise InputFileError(f"VAE file {path} does not exist", "check the path", option="vae")
     keys = WeightFile(path, "").tensor_info() if _is_safetensors(path) else {}
     if not all(k in keys for k in _VAE_KEYS):
         raise LayoutError(
@@ -135,8 +141,15 @@ def _slotted(fam: Family, paths: list[Path]) -> list[WeightFile]:
 
 
 def _encoder_file(path: Path) -> tuple[WeightFile, EncoderSpec]:
-    """The weight file of an encoder's own file and its one encoder; one line if it is something else."""
-    ckpt = detect(path)
+    """The weight file of an encoder's own file and its one encoder; one line if it is something else (a missing
+    file, the VAE or the transformer among the encoders)."""
+    if not path.exists():
+        raise InputFileError(f"text-encoder file {path} does not exist", "check the path", option="text_encoders")
+    try:
+        ckpt = detect(path)
+    except LayoutError:
+        _refuse_other_part(path)
+        raise
     fam = family(ckpt.architecture)
     if not fam.bare or path.is_dir():
         raise LayoutError(
@@ -148,6 +161,22 @@ def _encoder_file(path: Path) -> tuple[WeightFile, EncoderSpec]:
     _check_unpatched(ckpt)
     wf = ckpt.files[0]
     return wf, next(iter(wf.encoders.values()))
+
+
+def _refuse_other_part(path: Path) -> None:
+    """Refuse, saying where it goes, the VAE or transformer file of a model kept apart listed among its encoders."""
+    keys = list(WeightFile(path, "").tensor_info()) if _is_safetensors(path) else []
+    if keys and all(k in keys for k in _VAE_KEYS):
+        raise LayoutError(
+            f"{path.name} is a VAE file, not a text encoder's", "give it as --vae instead", option="text_encoders"
+        )
+    fam = _denoiser_alone(keys) if keys else None
+    if fam is not None:
+        raise LayoutError(
+            f"{path.name} is a {fam.title} {fam.parts[0][0]} file: the model (--model), not a text encoder",
+            "leave it out of --text-encoders",
+            option="text_encoders",
+        )
 
 
 def _check_unpatched(ckpt: Checkpoint) -> None:
@@ -181,3 +210,28 @@ def _slot_of(fam: Family, spec: EncoderSpec, path: Path) -> Slot:
             option="text_encoders",
         )
     return slots[0]
+
+
+def check_encoder_sizes(ckpt: Checkpoint, config: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line naming the file, an encoder file of other sizes than its slot's config (bundled or
+    ``config``) gives, as CLIP-G or OpenCLIP-H for FLUX.1's CLIP-L, or T5 v1.1 base for its T5-XXL: before gigabytes
+    are loaded."""
+    from .model_configs import encoder_configs, encoder_fits
+
+    source, configs = encoder_configs(ckpt, config)
+    fam = family(ckpt.architecture)
+    for wf in ckpt.files:
+        for name, spec in wf.encoders.items():
+            want = spec.encoder_kind.dims_of(configs.get(name, {}))
+            if name in configs and not encoder_fits(spec, want):
+                slot = fam.slot(name)
+                raise LayoutError(
+                    f"{wf.path.name} is a {spec.encoder_kind.title} text encoder of {_dims(spec.dims)} (hidden x FFN x "
+                    f"layers), but {fam.title}'s {slot.encoder.title} ({name}) is {_dims(want)} in {source}",
+                    f"give its {slot.encoder.title} file ({slot.encoder.file}) instead",
+                    option="text_encoders",
+                )
+
+
+def _dims(dims: Sequence[object]) -> str:
+    return "x".join(map(str, dims))

@@ -15,7 +15,7 @@ from ..families import ENCODER_COMPONENTS, FAMILIES, family, listing
 from ..families.base import Family
 from .layouts import Checkpoint, WeightFile, read_json
 from .model_configs import ConfigChoice, choose_config
-from .parts import PARTS_LAYOUT, detect_model
+from .parts import PARTS_LAYOUT, check_encoder_sizes, detect_model
 
 
 class UnsupportedModelError(LayoutError):
@@ -236,6 +236,8 @@ def runnable_family(ckpt: Checkpoint, config: str | os.PathLike | None = None) -
         raise LayoutError(f"erasekit has no configs to load a {fam.title} single file with", fam.why_not_run)
     if fam.flow_matching and config is None and not ckpt.path.is_dir():
         choose_config(ckpt)  # a transformer the bundled configs do not describe (FLUX.1 Fill): from its header
+    if ckpt.layout == PARTS_LAYOUT:
+        check_encoder_sizes(ckpt, config)  # CLIP-G given as FLUX.1's CLIP-L: before gigabytes are loaded
     if fam.bare:
         raise UnsupportedModelError(
             f"{ckpt.path} is a {fam.title} on its own (no UNet or VAE), which erase, generate and eval cannot run",

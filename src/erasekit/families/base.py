@@ -111,6 +111,13 @@ class EncoderKind:
     supported: str = ""  # what of the kind erasekit patches, as messages name it ("T5 v1.1"); its title if empty
     # encoders whose files hold keys of this kind's naming but which erasekit does not patch (umT5 beside T5 v1.1)
     lookalikes: tuple[Unpatched, ...] = ()
+    # the keys of its transformers config.json that give its hidden width, FFN width and layers
+    config_dims: tuple[str, str, str] = ("hidden_size", "intermediate_size", "num_hidden_layers")
+
+    def dims_of(self, config: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """(hidden width, FFN width, layers) as a transformers ``config`` of this kind gives them; None where absent."""
+        hidden, ffn, layers = self.config_dims
+        return config.get(hidden), config.get(ffn), config.get(layers)
 
     @property
     def tensor_kinds(self) -> tuple[str, ...]:

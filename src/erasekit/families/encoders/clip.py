@@ -25,6 +25,7 @@ CLIP = EncoderKind(
     namings=(TRANSFORMERS, OPENCLIP),
     transformers_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
     uis=("comfyui", "a1111", "diffusers"),
+    config_dims=("hidden_size", "intermediate_size", "num_hidden_layers"),
 )
 
 # OpenAI's tokenizer pads with its end token; OpenCLIP's with "!" (id 0)

@@ -52,6 +52,7 @@ T5 = EncoderKind(
     uis=("comfyui",),
     supported="T5 v1.1",
     lookalikes=LOOKALIKES,
+    config_dims=("d_model", "d_ff", "num_layers"),
 )
 
 T5_XXL = Encoder("T5 v1.1 XXL", T5, (4096, 10240, 24), pad_token="<pad>", file="t5xxl_fp16.safetensors")
