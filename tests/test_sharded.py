@@ -520,3 +520,24 @@ def test_a_first_shard_on_its_own_is_refused_not_read_as_an_encoder_of_fewer_lay
         "weight): it is a part of a model saved in shards (a shard renamed, or left without the others?); name the "
         "whole encoder's file, or the folder that holds all its shards and their index\n"
     ), r.output
+
+
+def test_a_refused_apply_in_place_leaves_an_undo_record_no_entry_names(tmp_path: Path) -> None:
+    """An undo record no entry names (a copy of one, as a killed revert leaves) is garbage the next writer deletes;
+    a command refused before it writes leaves it, as every other file, as it was; the next one that writes (here a
+    revert) deletes it."""
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    assert run("apply", patch, "--to", sharded, "--in-place").exit_code == 0
+    shutil.copy(sharded / ".erasekit" / "0001.undo", sharded / ".erasekit" / "0099.undo")
+    before = every_file(sharded)
+    r = run("apply", patch, "--to", sharded, "--in-place")
+    assert r.exit_code == 1, r.output
+    assert r.stderr == (
+        f"error: patch 'edited minus plain' is already applied to {sharded} [transformers-t5 (t5-text)] (journal entry "
+        "0001); revert it first, or force it to apply it once more (--force)\n"
+    )
+    assert every_file(sharded) == before
+    r = run("apply", "--revert", patch, "--to", sharded)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (sharded / ".erasekit").glob("*.undo")) == []

@@ -515,6 +515,7 @@ class Journal:
                 self._changed = None
                 self.reconcile(tensor_at)
             raise
+        self.drop_strays()
 
     def revert(
         self,
@@ -541,14 +542,16 @@ class Journal:
         self.entries.remove(entry)
         self.save()
         (self.dir / entry.undo_file).unlink(missing_ok=True)
+        self.drop_strays()
         return verified
 
     def reconcile(self, tensor_at: TensorAt, stamp: bool = True) -> list[Entry]:
         """Under the lock: make the journal describe the weight files or set it aside. Interrupted entries are
         finished or rolled back, newest first, each only after its tensors are proven to hold its before or after
-        bytes; stamps of files written since are renewed once their tensors are checked, where ``stamp`` (a writer,
-        which may yet refuse, passes False: its own save stamps them, and a refusal leaves journal.json as it
-        was). Returns the entries rolled back or finished."""
+        bytes; stamps of files written since are renewed once their tensors are checked, and undo records no entry
+        names are deleted, where ``stamp`` (a writer, which may yet refuse, passes False: its own save stamps them
+        and it deletes them once it writes, and a refusal leaves every file as it was). Returns the entries rolled
+        back or finished."""
         reason = self.foreign(tensor_at) if self.entries else None
         if reason is not None:
             self.set_aside(reason)
@@ -570,9 +573,16 @@ class Journal:
             done.append(entry)
         if stamp and self.entries and self._stamps_now() != self.data.files:
             self.save()  # the files hold what the journal says: stamp them as they are
-        for p in self.strays():  # garbage: see strays
-            p.unlink()
+        if stamp or done:
+            self.drop_strays()
         return done
+
+    def drop_strays(self) -> None:
+        """Under the lock: delete the undo records no entry names (:meth:`strays`), as a command that writes (or a
+        reader that stamps) does; one refused before it writes leaves them."""
+        for p in self.strays():
+            with contextlib.suppress(OSError):  # garbage: the next command tries again
+                p.unlink()
 
     def set_aside(self, reason: str) -> Path:
         """Move the journal and its undo records into ``set-aside-<time>/`` beside them, and warn: the journal
