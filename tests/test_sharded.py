@@ -20,8 +20,9 @@ from conftest import snapshot
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from erasekit.checkpoints.hub import TEXT_ENCODERS, allow_patterns
+from erasekit.checkpoints.hub import TEXT_ENCODERS, allow_patterns, download_command, resolve_model
 from erasekit.cli import app
+from erasekit.errors import ErasekitError
 from erasekit.testing import add_to_hub_cache, make_checkpoint
 
 runner = CliRunner()
@@ -379,6 +380,29 @@ def test_a_model_id_in_the_cache_with_a_sharded_t5_is_read_and_copied(
     assert snapshot(hub) == cached and sorted(
         p.name for p in (tmp_path / "copy" / "text_encoder_2").glob("model*")
     ) == sorted([*SHARDS, INDEX])
+
+
+def test_a_cached_download_cut_off_after_one_of_two_shards_is_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download of FLUX.1's sharded T5 cut off after its first shard: the component has a weight file, but not every
+    shard its index names, so the model is not taken as in the cache (offline, the error says what it lacks)."""
+    from huggingface_hub import constants
+
+    _, sharded, _ = models(tmp_path, "diffusers-flux")
+    hub = tmp_path / "hub"
+    snap = add_to_hub_cache(hub, "org/flux", sharded, commit="3" * 40)
+    for name, value in (("HF_HUB_CACHE", str(hub)), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setenv(name, str(value) if name == "HF_HUB_CACHE" else "1")
+        monkeypatch.setattr(constants, name, value)
+    assert resolve_model("org/flux", TEXT_ENCODERS) == snap
+    (snap / "text_encoder_2" / SHARDS[1]).unlink()
+    with pytest.raises(ErasekitError) as e:
+        resolve_model("org/flux", TEXT_ENCODERS)
+    assert str(e.value) == (
+        "org/flux lacks text_encoder_2 in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE); download "
+        f"it once online: {download_command('org/flux', None, TEXT_ENCODERS)}"
+    )
 
 
 def every_file(root: Path) -> dict[str, bytes]:

@@ -111,7 +111,8 @@ def snapshot(repo: str, revision: str | None, components: tuple[str, ...] = PIPE
 
 def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
     """The parts of a pipeline snapshot that are not there: an index-listed component without weights (its configs
-    alone, as a download stopped before its weights leaves it), a scheduler or tokenizer without files."""
+    alone, as a download stopped before its weights leaves it) or without a shard its index names (one stopped
+    between shards), a scheduler or tokenizer without files."""
     if folder is None or not (folder / "model_index.json").is_file():
         return ["model_index.json"]
     import json
@@ -124,11 +125,33 @@ def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
     listed += [
         c for c in _SMALL if components == PIPELINE and isinstance(index.get(c), list) and index[c][:1] != [None]
     ]
-    return [c for c in listed if not _has_files(folder / c, _WEIGHTS if c in components else ("",))]
+    return [c for c in listed if not (_has_weights(folder / c) if c in components else _has_files(folder / c, ("",)))]
 
 
 def _has_files(folder: Path, suffixes: tuple[str, ...]) -> bool:
     return folder.is_dir() and any(f.name.endswith(suffixes) for f in folder.iterdir())
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether a component's weights are all there: a weight file, and every shard that each index of shards there
+    names (a download cut off between two shards leaves the index and the first)."""
+    if not _has_files(folder, _WEIGHTS):
+        return False
+    indexes = [f for f in folder.iterdir() if _INDEX.fullmatch(f.name)]
+    return all((folder / shard).is_file() for index in indexes for shard in _shards_named(index))
+
+
+def _shards_named(index: Path) -> set[str]:
+    """The shard files an index of shards names (none where it is unreadable: detection says so, with its path)."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return set()
+    if not isinstance(weight_map, dict):
+        return set()
+    return {v for v in weight_map.values() if isinstance(v, str) and "/" not in v and "\\" not in v}
 
 
 def download_command(repo: str, revision: str | None, components: tuple[str, ...] = PIPELINE) -> str:
