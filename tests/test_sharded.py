@@ -565,3 +565,42 @@ def test_a_refused_apply_in_place_leaves_an_undo_record_no_entry_names(tmp_path:
     r = run("apply", "--revert", patch, "--to", sharded)
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (sharded / ".erasekit").glob("*.undo")) == []
+
+
+def test_after_a_touch_one_command_hashes_each_tensor_once_and_inspect_stamps_the_files_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files with a patch in place written since the journal stamped them (touched: a copy, a backup tool) have the
+    tensors the patch wrote hashed against the journal: by one command once each, however many times it reads the
+    journal; and once only, as inspect (a reader that can take the lock) stamps them anew, so the next hashes none."""
+    import os
+
+    import erasekit.checkpoints.journal as journal_module
+
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    assert run("apply", patch, "--to", sharded, "--in-place").exit_code == 0
+    tensors = len(json.loads((sharded / ".erasekit" / "journal.json").read_text())["entries"][0]["tensors"])
+    hashed: list[int] = []
+    real = journal_module.sha256
+    monkeypatch.setattr(journal_module, "sha256", lambda data: hashed.append(len(data)) or real(data))
+
+    def hashes(*args: object, code: int = 0) -> int:
+        hashed.clear()
+        r = run(*args)
+        assert r.exit_code == code, r.output
+        return len(hashed)
+
+    def touch(ns: int) -> None:
+        for name in SHARDS:
+            os.utime(sharded / name, ns=(ns, ns))
+
+    touch(10**18)
+    before = every_file(sharded)
+    assert hashes("apply", patch, "--to", sharded, "--in-place", code=1) == tensors  # refused: changes no file
+    assert every_file(sharded) == before
+    assert hashes("diff", sharded, plain) == tensors
+    touch(2 * 10**18)
+    assert [hashes("inspect", sharded), hashes("inspect", sharded)] == [tensors, 0]
+    stamps = json.loads((sharded / ".erasekit" / "journal.json").read_text())["files"]
+    assert {name: stamps[name]["mtime_ns"] for name in SHARDS} == {name: 2 * 10**18 for name in SHARDS}

@@ -165,13 +165,20 @@ def _held_elsewhere(path: Path, e: OSError) -> TargetNotWritableError:
 class Journal:
     """The journal of one checkpoint. Create with :meth:`open`; mutate only inside :meth:`locked`."""
 
-    def __init__(self, checkpoint: Path, files: dict[str, Path]) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        files: dict[str, Path],
+        hashes: dict[tuple[str, str], tuple[FileStamp, str]] | None = None,
+    ) -> None:
         self.checkpoint = Path(checkpoint)
         self.dir = journal_dir(self.checkpoint)
         self.files = files  # label -> weight file path
         self.data = self._load()
         self._undo: dict[str, dict[tuple[str, str], UndoTensor]] = {}  # entry id -> its records, until a save
         self._changed: dict[tuple[str, str], str] | None = None  # changed_since, once found
+        # (label, key) -> (its file's stamp when hashed, sha256): shared by the journals of one command's checkpoint
+        self._hashes = {} if hashes is None else hashes
 
     # -- reading ---------------------------------------------------------------------------------
     def _load(self) -> JournalFile:
@@ -370,13 +377,22 @@ class Journal:
             busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
             last = {k: v for k, v in self.last_changes().items() if k not in busy and k[0] in self.files}
             hashed = [k for k in last if k[0] in written]
-            hashes = map_threads(lambda k: sha256(self._read(k[0], tensor_at(*k))), hashed)
+            hashes = map_threads(lambda k: self._hash_now(k, now[k[0]], tensor_at), hashed)
             found = {k for k, h in zip(hashed, hashes) if h != last[k][1]}
             found |= {
                 k for k in last if k[0] not in written and self.data.changed.get(k[0], {}).get(k[1]) == last[k][0].id
             }
             self._changed = {k: last[k][0].id for k in sorted(found)}
         return self._changed
+
+    def _hash_now(self, k: tuple[str, str], stamp: FileStamp, tensor_at: TensorAt) -> str:
+        """The sha256 of tensor ``k``'s bytes now, its file stamped ``stamp``: hashed once while the file keeps it."""
+        seen = self._hashes.get(k)
+        if seen is not None and seen[0] == stamp:
+            return seen[1]
+        digest = sha256(self._read(k[0], tensor_at(*k)))
+        self._hashes[k] = (stamp, digest)
+        return digest
 
     def _still_changed(self) -> dict[str, dict[str, str]]:
         """What ``changed`` in journal.json says after this command: the tensors found changed that are still last
