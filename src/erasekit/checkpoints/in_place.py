@@ -49,7 +49,7 @@ def restamp(journal: Journal, places: TensorAt) -> None:
     """Best effort, for a reader: once the journal describes the files there, stamp them as they are (so the next
     reader need not hash their tensors again) and delete undo records no entry names; skipped, silently, where
     another process holds the lock, the folder is read-only, or an entry is interrupted."""
-    with contextlib.suppress(TargetLockedError, TargetNotWritableError, PermissionError), journal.locked():
+    with contextlib.suppress(TargetLockedError, TargetNotWritableError, OSError), journal.locked():
         if not journal.interrupted():
             journal.reconcile(places)
 
