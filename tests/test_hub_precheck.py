@@ -112,8 +112,35 @@ def test_offline_a_flux_index_without_its_t5_and_a_foreign_text_encoder_are_refu
     with pytest.raises(ErasekitError) as e:
         resolve_model("org/mystery")
     assert str(e.value) == (
-        "model org/mystery's text_encoder is a Qwen2Model, not the CLIP text encoder of a SD1.x pipeline (its "
-        f"weights were not downloaded); {SUPPORTED}"
+        "model org/mystery's text_encoder is a Qwen2 language model, as Qwen-Image's Qwen2.5-VL is (Qwen2Model), not "
+        "the CLIP text encoder of a SD1.x pipeline (its weights were not downloaded); erasekit patches CLIP and T5 "
+        "v1.1 text encoders; name a repo whose text_encoder is a CLIP text encoder (CLIPTextModel)"
+    )
+
+
+def with_t5_config(root: Path, flux: Path, name: str, architectures: list[str]) -> Path:
+    """A copy of the tiny FLUX.1 folder whose text_encoder_2/config.json names ``architectures``."""
+    folder = shutil.copytree(flux, root / name)
+    config = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+    (folder / "text_encoder_2" / "config.json").write_text(json.dumps({**config, "architectures": architectures}))
+    return folder
+
+
+def test_offline_a_t5_saved_as_another_t5_class_is_used_and_a_clip_where_the_t5_goes_is_refused(
+    tmp_path: Path, flux: Path, offline: Path
+) -> None:
+    """diffusers loads a component by model_index.json's class: a T5 whose config names T5ForConditionalGeneration
+    (as a T5 saved whole says) is FLUX.1's T5 all the same; a CLIP there is positively not, and says what it is."""
+    folder = with_t5_config(tmp_path, flux, "t5-whole", ["T5ForConditionalGeneration"])
+    add_to_hub_cache(offline, "org/t5-whole", folder, commit=COMMIT)
+    assert (resolve_model("org/t5-whole", TEXT_ENCODERS) / "text_encoder_2" / "config.json").is_file()
+    cache_configs(offline, "org/clip-t5", with_t5_config(tmp_path, flux, "clip-t5", ["CLIPTextModel"]))
+    with pytest.raises(ErasekitError) as e:
+        resolve_model("org/clip-t5", TEXT_ENCODERS)
+    assert str(e.value) == (
+        "model org/clip-t5's text_encoder_2 is a CLIP text encoder (CLIPTextModel), not the T5 v1.1 text encoder of "
+        "a FLUX.1 pipeline (its weights were not downloaded); erasekit patches CLIP and T5 v1.1 text encoders; name "
+        "a repo whose text_encoder_2 is a T5 v1.1 text encoder (T5EncoderModel)"
     )
 
 

@@ -20,8 +20,9 @@ from conftest import snapshot
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from erasekit.checkpoints.hub import TEXT_ENCODERS, allow_patterns
+from erasekit.checkpoints.hub import TEXT_ENCODERS, allow_patterns, download_command, resolve_model
 from erasekit.cli import app
+from erasekit.errors import ErasekitError
 from erasekit.testing import add_to_hub_cache, make_checkpoint
 
 runner = CliRunner()
@@ -381,6 +382,29 @@ def test_a_model_id_in_the_cache_with_a_sharded_t5_is_read_and_copied(
     ) == sorted([*SHARDS, INDEX])
 
 
+def test_a_cached_download_cut_off_after_one_of_two_shards_is_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download of FLUX.1's sharded T5 cut off after its first shard: the component has a weight file, but not every
+    shard its index names, so the model is not taken as in the cache (offline, the error says what it lacks)."""
+    from huggingface_hub import constants
+
+    _, sharded, _ = models(tmp_path, "diffusers-flux")
+    hub = tmp_path / "hub"
+    snap = add_to_hub_cache(hub, "org/flux", sharded, commit="3" * 40)
+    for name, value in (("HF_HUB_CACHE", str(hub)), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setenv(name, str(value) if name == "HF_HUB_CACHE" else "1")
+        monkeypatch.setattr(constants, name, value)
+    assert resolve_model("org/flux", TEXT_ENCODERS) == snap
+    (snap / "text_encoder_2" / SHARDS[1]).unlink()
+    with pytest.raises(ErasekitError) as e:
+        resolve_model("org/flux", TEXT_ENCODERS)
+    assert str(e.value) == (
+        "org/flux lacks text_encoder_2 in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE); download "
+        f"it once online: {download_command('org/flux', None, TEXT_ENCODERS)}"
+    )
+
+
 def every_file(root: Path) -> dict[str, bytes]:
     """Every file under ``root``, the undo journal included."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -520,3 +544,63 @@ def test_a_first_shard_on_its_own_is_refused_not_read_as_an_encoder_of_fewer_lay
         "weight): it is a part of a model saved in shards (a shard renamed, or left without the others?); name the "
         "whole encoder's file, or the folder that holds all its shards and their index\n"
     ), r.output
+
+
+def test_a_refused_apply_in_place_leaves_an_undo_record_no_entry_names(tmp_path: Path) -> None:
+    """An undo record no entry names (a copy of one, as a killed revert leaves) is garbage the next writer deletes;
+    a command refused before it writes leaves it, as every other file, as it was; the next one that writes (here a
+    revert) deletes it."""
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    assert run("apply", patch, "--to", sharded, "--in-place").exit_code == 0
+    shutil.copy(sharded / ".erasekit" / "0001.undo", sharded / ".erasekit" / "0099.undo")
+    before = every_file(sharded)
+    r = run("apply", patch, "--to", sharded, "--in-place")
+    assert r.exit_code == 1, r.output
+    assert r.stderr == (
+        f"error: patch 'edited minus plain' is already applied to {sharded} [transformers-t5 (t5-text)] (journal entry "
+        "0001); revert it first, or force it to apply it once more (--force)\n"
+    )
+    assert every_file(sharded) == before
+    r = run("apply", "--revert", patch, "--to", sharded)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (sharded / ".erasekit").glob("*.undo")) == []
+
+
+def test_after_a_touch_one_command_hashes_each_tensor_once_and_inspect_stamps_the_files_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files with a patch in place written since the journal stamped them (touched: a copy, a backup tool) have the
+    tensors the patch wrote hashed against the journal: by one command once each, however many times it reads the
+    journal; and once only, as inspect (a reader that can take the lock) stamps them anew, so the next hashes none."""
+    import os
+
+    import erasekit.checkpoints.journal as journal_module
+
+    plain, sharded, edited = models(tmp_path, "transformers-t5")
+    patch = patch_of(tmp_path, plain, edited)
+    assert run("apply", patch, "--to", sharded, "--in-place").exit_code == 0
+    tensors = len(json.loads((sharded / ".erasekit" / "journal.json").read_text())["entries"][0]["tensors"])
+    hashed: list[int] = []
+    real = journal_module.sha256
+    monkeypatch.setattr(journal_module, "sha256", lambda data: hashed.append(len(data)) or real(data))
+
+    def hashes(*args: object, code: int = 0) -> int:
+        hashed.clear()
+        r = run(*args)
+        assert r.exit_code == code, r.output
+        return len(hashed)
+
+    def touch(ns: int) -> None:
+        for name in SHARDS:
+            os.utime(sharded / name, ns=(ns, ns))
+
+    touch(10**18)
+    before = every_file(sharded)
+    assert hashes("apply", patch, "--to", sharded, "--in-place", code=1) == tensors  # refused: changes no file
+    assert every_file(sharded) == before
+    assert hashes("diff", sharded, plain) == tensors
+    touch(2 * 10**18)
+    assert [hashes("inspect", sharded), hashes("inspect", sharded)] == [tensors, 0]
+    stamps = json.loads((sharded / ".erasekit" / "journal.json").read_text())["files"]
+    assert {name: stamps[name]["mtime_ns"] for name in SHARDS} == {name: 2 * 10**18 for name in SHARDS}

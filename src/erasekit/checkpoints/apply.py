@@ -48,7 +48,7 @@ from .compat import (
     touches,
 )
 from .hub import in_hub_cache, resolve_model
-from .in_place import applied_in_place, read_consistently, tensor_places
+from .in_place import applied_in_place, journal_of, read_consistently, tensor_places
 from .journal import DIRNAME, SET_ASIDE, Entry, Journal, TensorAt, copy_journal, journal_dir, named_undo_files
 from .layouts import Checkpoint, WeightFile, check_ffn_dtypes, check_patchable, detect
 from .undo_record import (
@@ -285,7 +285,7 @@ def _check_as_left(journal: Journal, jobs: list[_Rewrite], where: str) -> None:
 def _apply_in_place(
     ckpt: Checkpoint, patches: list[Patch], strengths: list[float], force: bool, where: str
 ) -> tuple[list[AppliedPatch], int]:
-    journal = Journal(ckpt.path, ckpt.journal_files)
+    journal = journal_of(ckpt)
     tensor_at = tensor_places(ckpt)
     with journal.locked():
         journal.reconcile(tensor_at, stamp=False)  # a refusal below leaves journal.json as it is
@@ -589,7 +589,7 @@ def revert_from_checkpoint(
     ckpt = detect(target)
     where = f"{ckpt.path} [{ckpt.describe()}]"
     _check_writable(ckpt)
-    journal = Journal(ckpt.path, ckpt.journal_files)
+    journal = journal_of(ckpt)
     if not journal.entries:
         raise NotAppliedError(f"no erasekit patch is applied to {where}", "nothing to revert")
     tensor_at = tensor_places(ckpt)

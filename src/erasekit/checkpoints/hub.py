@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError, InputFileError
-from ..families import ENCODER_COMPONENTS, PIPELINES, TOKENIZER_COMPONENTS, by_components, lines, listing, not_yet
+from ..families import (
+    ENCODER_COMPONENTS,
+    ENCODER_KINDS,
+    PIPELINES,
+    TOKENIZER_COMPONENTS,
+    by_components,
+    lines,
+    listing,
+    not_yet,
+    patched_encoders,
+    unpatched_encoder,
+)
 from ..families.base import EncoderKind, Family
 
 _ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -100,7 +111,8 @@ def snapshot(repo: str, revision: str | None, components: tuple[str, ...] = PIPE
 
 def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
     """The parts of a pipeline snapshot that are not there: an index-listed component without weights (its configs
-    alone, as a download stopped before its weights leaves it), a scheduler or tokenizer without files."""
+    alone, as a download stopped before its weights leaves it) or without a shard its index names (one stopped
+    between shards), a scheduler or tokenizer without files."""
     if folder is None or not (folder / "model_index.json").is_file():
         return ["model_index.json"]
     import json
@@ -113,11 +125,33 @@ def _missing(folder: Path | None, components: tuple[str, ...]) -> list[str]:
     listed += [
         c for c in _SMALL if components == PIPELINE and isinstance(index.get(c), list) and index[c][:1] != [None]
     ]
-    return [c for c in listed if not _has_files(folder / c, _WEIGHTS if c in components else ("",))]
+    return [c for c in listed if not (_has_weights(folder / c) if c in components else _has_files(folder / c, ("",)))]
 
 
 def _has_files(folder: Path, suffixes: tuple[str, ...]) -> bool:
     return folder.is_dir() and any(f.name.endswith(suffixes) for f in folder.iterdir())
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether a component's weights are all there: a weight file, and every shard that each index of shards there
+    names (a download cut off between two shards leaves the index and the first)."""
+    if not _has_files(folder, _WEIGHTS):
+        return False
+    indexes = [f for f in folder.iterdir() if _INDEX.fullmatch(f.name)]
+    return all((folder / shard).is_file() for index in indexes for shard in _shards_named(index))
+
+
+def _shards_named(index: Path) -> set[str]:
+    """The shard files an index of shards names (none where it is unreadable: detection says so, with its path)."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return set()
+    if not isinstance(weight_map, dict):
+        return set()
+    return {v for v in weight_map.values() if isinstance(v, str) and "/" not in v and "\\" not in v}
 
 
 def download_command(repo: str, revision: str | None, components: tuple[str, ...] = PIPELINE) -> str:
@@ -221,16 +255,26 @@ def _family_of_repo(name: str, folder: Path, index: dict[str, Any], class_name: 
 
 
 def _check_encoder_kind(name: str, folder: Path, fam: Family, component: str, kind: EncoderKind) -> None:
-    """Refuse a text encoder whose config names a transformers class its slot does not hold (a Qwen or Gemma model
-    where a CLIP goes); a component without a config.json here is left to detection."""
+    """Refuse a text encoder whose config's ``architectures`` say it is positively not of the kind its slot holds: a
+    class of another kind erasekit knows (a CLIP where a T5 goes), or of a model it recognises and does not patch (a
+    Qwen or Gemma language model, umT5). Other classes (``T5ForConditionalGeneration``, which diffusers loads by
+    model_index.json's class) and a component without a config.json here are left to detection."""
     archs = _config(folder, component).get("architectures")
-    if isinstance(archs, list) and archs and not set(archs) & set(kind.transformers_classes):
-        raise ErasekitError(
-            f"model {name}'s {component} is a {archs[0]}, not the {kind.title} text encoder of a "
-            f"{fam.title} pipeline (its weights were not downloaded)",
-            f"use a {listing(lines(), 'or')} pipeline",
-            option="model",
-        )
+    if not isinstance(archs, list) or set(map(str, archs)) & set(kind.transformers_classes):
+        return
+    for cls in map(str, archs):
+        other = next((k for k in ENCODER_KINDS.values() if cls in k.transformers_classes), None)
+        model = unpatched_encoder({}, [cls])
+        what = f"a {other.title} text encoder" if other else model.what if model else None
+        if what is not None:
+            wanted = f"{kind.supported or kind.title} text encoder"
+            raise ErasekitError(
+                f"model {name}'s {component} is {what} ({cls}), not the {wanted} of a {fam.title} pipeline (its "
+                "weights were not downloaded)",
+                f"erasekit patches {patched_encoders()}; name a repo whose {component} is a {wanted} "
+                f"({kind.transformers_classes[0]})",
+                option="model",
+            )
 
 
 def _config(folder: Path, component: str) -> dict[str, Any]:

@@ -40,6 +40,20 @@ def tensor_places(ckpt: Checkpoint) -> TensorAt:
     return at
 
 
+def journal_of(ckpt: Checkpoint) -> Journal:
+    """``ckpt``'s undo journal as it is now; the journals of one ``ckpt`` (one command's) hash each tensor once."""
+    return Journal(ckpt.path, ckpt.journal_files, ckpt.tensor_hashes)
+
+
+def restamp(journal: Journal, places: TensorAt) -> None:
+    """Best effort, for a reader: once the journal describes the files there, stamp them as they are (so the next
+    reader need not hash their tensors again) and delete undo records no entry names; skipped, silently, where
+    another process holds the lock, the folder is read-only, or an entry is interrupted."""
+    with contextlib.suppress(TargetLockedError, TargetNotWritableError, OSError), journal.locked():
+        if not journal.interrupted():
+            journal.reconcile(places)
+
+
 NO_JOURNAL = (0, False)  # Checkpoint.read_at of one read while it had no journal
 READER_WAIT = 60.0  # seconds a reader waits for a writer of the same checkpoint (an apply, a revert) to finish
 
@@ -51,7 +65,7 @@ def recover_interrupted(ckpt: Checkpoint, stamp: bool = True) -> list[Entry]:
     writer at work); a journal that describes files written since (copied, or stamped by an older erasekit) is
     stamped anew where the lock is free, and read as it is where not (another reader, a read-only folder), or where
     not ``stamp`` (a command that may yet be refused: it changes no file then, and stamps them when it writes)."""
-    journal = Journal(ckpt.path, ckpt.journal_files)
+    journal = journal_of(ckpt)
     if not journal.needs_reconcile():
         return []
     places = tensor_places(ckpt)
@@ -59,8 +73,7 @@ def recover_interrupted(ckpt: Checkpoint, stamp: bool = True) -> list[Entry]:
         reason = journal.foreign(places)
         if reason is None:
             if stamp:
-                with contextlib.suppress(TargetLockedError, TargetNotWritableError), journal.locked():
-                    journal.reconcile(places)  # stamps, best effort
+                restamp(journal, places)
             return []
         if not os.access(journal.dir, os.W_OK):
             raise UndoRecordError(
@@ -104,7 +117,7 @@ def checked_journal(ckpt: Checkpoint, stamp: bool = True, warn: bool = True) -> 
     ``warn``: with a warning for each patch applied there whose bytes another program changed since
     (:func:`warn_changed`)."""
     recover_interrupted(ckpt, stamp)
-    journal = Journal(ckpt.path, ckpt.journal_files)
+    journal = journal_of(ckpt)
     if warn:
         warn_changed(ckpt, journal)
     return journal
@@ -174,16 +187,15 @@ def _unrestorable(ckpt: Checkpoint, journal: Journal, entry: Entry, records: lis
 
 def described_journal(ckpt: Checkpoint) -> Journal:
     """``ckpt``'s journal as it is, interrupted entries included, once it is known to describe the files there
-    (:meth:`Journal.foreign`; else it is set aside). Writes nothing to the weight files: for listing it."""
-    journal = Journal(ckpt.path, ckpt.journal_files)
-    if journal.entries and journal.foreign(tensor_places(ckpt)) is not None:
+    (:meth:`Journal.foreign`; else it is set aside), and with files written since it stamped them stamped anew,
+    where it can (:func:`restamp`). Writes nothing to the weight files: for listing it."""
+    journal, places = journal_of(ckpt), tensor_places(ckpt)
+    if journal.entries and journal.foreign(places) is not None:
         with journal.locked():
-            if (reason := journal.foreign(tensor_places(ckpt))) is not None:
+            if (reason := journal.foreign(places)) is not None:
                 journal.set_aside(reason)
-    if journal.strays():  # a revert killed before it deleted its undo record: removed where the lock is free
-        with contextlib.suppress(TargetLockedError, TargetNotWritableError), journal.locked():
-            for p in journal.strays():
-                p.unlink()
+    if journal.needs_reconcile() and not journal.interrupted():  # files written since stamped, or stray undo records
+        restamp(journal, places)
     warn_changed(ckpt, journal)
     return journal
 
@@ -246,7 +258,7 @@ def refuse_applied_twice(patches: Sequence[Patch], applied: Sequence[dict[str, s
     """Refuse to add in memory a patch that is among those ``applied`` to ``ckpt`` in place, or would apply one of
     them twice (a merged patch that contains one, or one a merged patch applied contains)."""
     there = {a["patch_id"] for a in applied}
-    parts = {e.patch_id: e.parts for e in Journal(ckpt.path, ckpt.journal_files).committed}
+    parts = {e.patch_id: e.parts for e in journal_of(ckpt).committed}
     stack = [Stacked(a["patch_id"], a["title"], parts.get(a["patch_id"], {})) for a in applied]
     for p in patches:
         clash = applied_twice(Stacked.of(p), stack, f"already applied to {ckpt.path} in place")

@@ -165,13 +165,20 @@ def _held_elsewhere(path: Path, e: OSError) -> TargetNotWritableError:
 class Journal:
     """The journal of one checkpoint. Create with :meth:`open`; mutate only inside :meth:`locked`."""
 
-    def __init__(self, checkpoint: Path, files: dict[str, Path]) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        files: dict[str, Path],
+        hashes: dict[tuple[str, str], tuple[FileStamp, str]] | None = None,
+    ) -> None:
         self.checkpoint = Path(checkpoint)
         self.dir = journal_dir(self.checkpoint)
         self.files = files  # label -> weight file path
         self.data = self._load()
         self._undo: dict[str, dict[tuple[str, str], UndoTensor]] = {}  # entry id -> its records, until a save
         self._changed: dict[tuple[str, str], str] | None = None  # changed_since, once found
+        # (label, key) -> (its file's stamp when hashed, sha256): shared by the journals of one command's checkpoint
+        self._hashes = {} if hashes is None else hashes
 
     # -- reading ---------------------------------------------------------------------------------
     def _load(self) -> JournalFile:
@@ -370,13 +377,22 @@ class Journal:
             busy = {(r.file, r.key) for e in self.interrupted() for r in e.tensors}
             last = {k: v for k, v in self.last_changes().items() if k not in busy and k[0] in self.files}
             hashed = [k for k in last if k[0] in written]
-            hashes = map_threads(lambda k: sha256(self._read(k[0], tensor_at(*k))), hashed)
+            hashes = map_threads(lambda k: self._hash_now(k, now[k[0]], tensor_at), hashed)
             found = {k for k, h in zip(hashed, hashes) if h != last[k][1]}
             found |= {
                 k for k in last if k[0] not in written and self.data.changed.get(k[0], {}).get(k[1]) == last[k][0].id
             }
             self._changed = {k: last[k][0].id for k in sorted(found)}
         return self._changed
+
+    def _hash_now(self, k: tuple[str, str], stamp: FileStamp, tensor_at: TensorAt) -> str:
+        """The sha256 of tensor ``k``'s bytes now, its file stamped ``stamp``: hashed once while the file keeps it."""
+        seen = self._hashes.get(k)
+        if seen is not None and seen[0] == stamp:
+            return seen[1]
+        digest = sha256(self._read(k[0], tensor_at(*k)))
+        self._hashes[k] = (stamp, digest)
+        return digest
 
     def _still_changed(self) -> dict[str, dict[str, str]]:
         """What ``changed`` in journal.json says after this command: the tensors found changed that are still last
@@ -515,6 +531,7 @@ class Journal:
                 self._changed = None
                 self.reconcile(tensor_at)
             raise
+        self.drop_strays()
 
     def revert(
         self,
@@ -541,14 +558,16 @@ class Journal:
         self.entries.remove(entry)
         self.save()
         (self.dir / entry.undo_file).unlink(missing_ok=True)
+        self.drop_strays()
         return verified
 
     def reconcile(self, tensor_at: TensorAt, stamp: bool = True) -> list[Entry]:
         """Under the lock: make the journal describe the weight files or set it aside. Interrupted entries are
         finished or rolled back, newest first, each only after its tensors are proven to hold its before or after
-        bytes; stamps of files written since are renewed once their tensors are checked, where ``stamp`` (a writer,
-        which may yet refuse, passes False: its own save stamps them, and a refusal leaves journal.json as it
-        was). Returns the entries rolled back or finished."""
+        bytes; stamps of files written since are renewed once their tensors are checked, and undo records no entry
+        names are deleted, where ``stamp`` (a writer, which may yet refuse, passes False: its own save stamps them
+        and it deletes them once it writes, and a refusal leaves every file as it was). Returns the entries rolled
+        back or finished."""
         reason = self.foreign(tensor_at) if self.entries else None
         if reason is not None:
             self.set_aside(reason)
@@ -570,9 +589,16 @@ class Journal:
             done.append(entry)
         if stamp and self.entries and self._stamps_now() != self.data.files:
             self.save()  # the files hold what the journal says: stamp them as they are
-        for p in self.strays():  # garbage: see strays
-            p.unlink()
+        if stamp or done:
+            self.drop_strays()
         return done
+
+    def drop_strays(self) -> None:
+        """Under the lock: delete the undo records no entry names (:meth:`strays`), as a command that writes (or a
+        reader that stamps) does; one refused before it writes leaves them."""
+        for p in self.strays():
+            with contextlib.suppress(OSError):  # garbage: the next command tries again
+                p.unlink()
 
     def set_aside(self, reason: str) -> Path:
         """Move the journal and its undo records into ``set-aside-<time>/`` beside them, and warn: the journal

@@ -243,6 +243,9 @@ class Checkpoint:
     config: str | None = None  # the component configs a single file was loaded with, and why (model_configs)
     # the undo journal's generation when its files were last read as one state (in_place.read_consistently)
     read_at: tuple[int, bool] | None = field(default=None, compare=False)
+    # the undo journal's hashes of tensors in files written since it stamped them (Journal.changed_since), so that one
+    # command hashes each once: (weight file label, key) -> (the file's stamp when hashed, sha256)
+    tensor_hashes: dict[tuple[str, str], Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def encoders(self) -> dict[str, EncoderSpec]:
