@@ -4,7 +4,8 @@
 #
 #   bash examples/demo.sh [WORKDIR] [CONCEPT] [MODEL]
 #
-# MODEL: a built-in model: toy-sd (the default) or toy-sdxl (the same world in SDXL's architecture).
+# MODEL: a built-in model: toy-sd (the default), toy-sdxl or toy-flux (the same world in SDXL's and FLUX.1's
+# architectures).
 # README_PICTURE=docs/images/demo-circle-before-after.png bash examples/demo.sh  also renders the README's picture
 # (three prompts before and after, six held-out seeds; about 15 s more) and copies it there.
 set -euo pipefail

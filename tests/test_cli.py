@@ -412,7 +412,7 @@ def test_erase_with_a_missing_model_says_so(tmp_path: Path) -> None:
         r.exit_code == 2
         and r.stderr.strip()
         == f"error: {tmp_path / 'nope'} does not exist; check the path "
-        "(or name a model id: ORG/NAME[@REVISION], or a built-in model: toy-sd, toy-sdxl)"
+        "(or name a model id: ORG/NAME[@REVISION], or a built-in model: toy-sd, toy-sdxl, toy-flux)"
     )
     assert list(tmp_path.iterdir()) == []
 

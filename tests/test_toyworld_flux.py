@@ -1,6 +1,8 @@
-"""The FLUX.1-family toy model's parts and training (``python -m erasekit.toyworld.train --family flux``), on random
-weights: the parts fit together, the saved FluxPipeline folder is small and conditions as training did and as
-diffusers does, and measure samples it as it is trained. Not trained or shipped yet (docs/toyworld-flux.md).
+"""The FLUX.1-family toy model (``--model toy-flux``): the shipped folder (small, in the wheel, sampled as it was
+trained, following prompts, erased, generated and judged through the CLI), and its parts and training
+(``python -m erasekit.toyworld.train --family flux``) on random weights: the parts fit together, the saved FluxPipeline
+folder is small and conditions as training did and as diffusers does, and measure samples it as it is trained
+(docs/toyworld-flux.md).
 
 The one test that trains (a smoke run of the flux family, a few minutes) only runs with ERASEKIT_SLOW_TESTS=1.
 """
@@ -18,6 +20,7 @@ from erasekit.toyworld import builtin_model_path
 
 SD_ROOT = builtin_model_path("toy-sd")
 XL_ROOT = builtin_model_path("toy-sdxl")
+ROOT = builtin_model_path("toy-flux")
 PROMPTS = ["a red striped circle", "an image of a purple solid object", ""]
 
 
@@ -199,3 +202,89 @@ def test_training_smoke_run(tmp_path: Path) -> None:
         (XL_ROOT / "erasekit.json").read_text()
     )
     assert np.isfinite(report["generation"]["shape"])
+
+
+# ------------------------------------------------------------------------ the shipped model
+
+
+def test_the_shipped_folder_is_small_complete_and_in_the_wheel() -> None:
+    import tomllib
+
+    assert {p.name for p in ROOT.iterdir()} >= {
+        "model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer",
+        "vae", "erasekit.json",
+    }  # fmt: skip
+    assert sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file()) <= 30 * 1024 * 1024
+    assert json.loads((ROOT / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    settings = json.loads((ROOT / "erasekit.json").read_text())
+    assert settings["toyworld"] is True and settings["erase"]["resolution"] == 32
+    assert settings["sample"] == {
+        "steps": 25, "guidance": 7.5, "guidance_kind": "cfg", "max_sequence_length": 16, "title": "toy-flux"
+    }  # fmt: skip
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["erasekit"]
+    package = ROOT.parents[1]
+    shipped = {p for g in globs for p in package.glob(g) if p.is_file()}
+    assert {p for p in ROOT.rglob("*") if p.is_file()} <= shipped
+
+
+@pytest.fixture(scope="module")
+def shipped():  # type: ignore[no-untyped-def]
+    from erasekit.checkpoints.pipeline import load_pipeline
+
+    return load_pipeline("toy-flux")[0]  # local files only
+
+
+def test_the_shipped_model_is_sampled_and_erased_as_it_was_trained(shipped) -> None:
+    """Real classifier-free guidance at 7.5 on 16 T5 tokens, by its erasekit.json: FLUX.1 schnell's defaults (4
+    steps, no guidance, 256 tokens) would draw noise from it; an erase conditions on the same 16 tokens."""
+    import torch
+
+    from erasekit.erasing.conditioning import Conditioner
+    from erasekit.judging.sampling import sampling_of
+
+    s = sampling_of(shipped)
+    assert (s.steps, s.guidance, s.guidance_kind, s.max_sequence_length, s.title) == (25, 7.5, "cfg", 16, "toy-flux")
+    with torch.no_grad():
+        hidden, added = Conditioner(shipped, 32, None)(["a red circle"], "cpu")
+        theirs, pooled, _ = shipped.encode_prompt(["a red circle"], None, max_sequence_length=16)
+    assert torch.equal(hidden, theirs) and torch.equal(added["text_embeds"], pooled)
+
+
+def test_the_shipped_model_follows_prompts(shipped) -> None:
+    from erasekit.checkpoints.pipeline import model_threads
+    from erasekit.judging.sampling import render_batch
+    from erasekit.toyworld import captions as cap
+    from erasekit.toyworld.judge import judge, load_judge
+
+    specs = [("circle", "red", "solid"), ("square", "blue", "striped"), ("star", "yellow", "hollow")]
+    prompts = [cap.prompt_for(*s) for s in specs for _ in range(4)]
+    with model_threads("toy-flux"):
+        images = render_batch(shipped, prompts, [4242 + i for i in range(12)], resolution=32)
+    labels = judge(images, model=load_judge())
+    for key, pos in (("shape", 0), ("colour", 1), ("pattern", 2)):
+        hits = sum(lab[key] == specs[i // 4][pos] for i, lab in enumerate(labels))
+        assert hits >= 10, (key, hits, labels)
+
+
+def test_erase_generate_and_eval_on_toy_flux(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+    from erasekit.format.patchfile import load_patch
+
+    def run(*args: object):  # type: ignore[no-untyped-def]
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    patch = tmp_path / "circle.erasepatch"
+    r = run("erase", "--model", "toy-flux", "--concept", "circle", "--steps", "2", "-o", patch)
+    assert r.exit_code == 0, r.output
+    base = load_patch(patch).manifest.base
+    assert base.architecture == "flux" and set(base.encoders) == {"te1", "te3"}
+    r = run("generate", "--model", "toy-flux", "-p", patch, "-n", "1", "-o", tmp_path / "g", "a red circle")
+    assert r.exit_code == 0, r.output
+    assert "25 steps, CFG scale 7.5 (toy-flux's default steps and guidance)" in r.stdout
+    r = run("eval", "--model", "toy-flux", "-p", patch, "-c", "circle", "-n", "1", "--steps", "2", "--record")
+    assert r.exit_code == 0, r.output
+    (ev,) = load_patch(patch).manifest.evaluations
+    assert (ev.judge.kind, ev.model.name) == ("toyworld-cnn", "built-in toy world (toy-flux)")

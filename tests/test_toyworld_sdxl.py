@@ -181,7 +181,7 @@ def test_ablation_replaces_one_path_by_the_empty_prompts(pipe) -> None:
 def test_names_resolve_and_a_path_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from erasekit.checkpoints.hub import resolve_model
 
-    assert BUILTIN_MODELS == {"toy-sd": "model", "toy-sdxl": "model-sdxl"}
+    assert BUILTIN_MODELS == {"toy-sd": "model", "toy-sdxl": "model-sdxl", "toy-flux": "model-flux"}
     assert resolve_model("toy-sdxl") == ROOT and resolve_model("toy-sd") == SD_ROOT
     monkeypatch.chdir(tmp_path)
     (tmp_path / "toy-sdxl").mkdir()
@@ -206,7 +206,7 @@ def test_an_unknown_name_lists_the_builtin_ones(tmp_path: Path) -> None:
     assert r.exit_code == 2
     assert r.stderr.strip() == (
         "error: toy-sdxxl does not exist; check the path "
-        "(or name a model id: ORG/NAME[@REVISION], or a built-in model: toy-sd, toy-sdxl)"
+        "(or name a model id: ORG/NAME[@REVISION], or a built-in model: toy-sd, toy-sdxl, toy-flux)"
     )
     assert list(tmp_path.iterdir()) == []
 

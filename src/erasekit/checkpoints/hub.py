@@ -53,7 +53,7 @@ def parse_model_id(text: str) -> tuple[str, str | None] | None:
 
 
 def resolve_model(model: str | os.PathLike, components: tuple[str, ...] = PIPELINE) -> Path:
-    """A local path as it is; a built-in model's name (``toy-sd``, ``toy-sdxl``) as its folder; a model id as the
+    """A local path as it is; a built-in model's name (``toy-sd``, ``toy-sdxl``, ``toy-flux``) as its folder; a model id as the
     folder of its snapshot in the cache (downloaded if needed). A path that exists always wins over a name or an id
     of the same spelling."""
     from ..toyworld import BUILTIN_MODELS, builtin_model_path

@@ -37,7 +37,7 @@ ModelOpt = Annotated[
         "file, a diffusers folder, or a model id ORG/NAME[@REVISION] (from "
         "the Hugging Face cache, downloaded if missing): SD1.x, SD2.x, SDXL, "
         "FLUX.1, SD3.x; "
-        "or a built-in toy-world model: toy-sd, toy-sdxl. "
+        "or a built-in toy-world model: toy-sd, toy-sdxl, toy-flux. "
         "[default: toy-sd]",
     ),
 ]

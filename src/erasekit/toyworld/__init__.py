@@ -8,8 +8,9 @@
 * ``concepts`` -- what ``erasekit eval`` asks about: ``attribute_of``, ``render_concept``, ``eval_prompts``
 * ``measure``  -- ``python -m erasekit.toyworld.measure``: a model's accuracy per prompt set (imports torch)
 
-Two models of the world are built in, named for ``--model``: ``toy-sd`` (the default, a StableDiffusionPipeline,
-folder ``model/``) and ``toy-sdxl`` (a StableDiffusionXLPipeline with two text encoders, folder ``model-sdxl/``).
+Three models of the world are built in, named for ``--model``: ``toy-sd`` (the default, a StableDiffusionPipeline,
+folder ``model/``), ``toy-sdxl`` (a StableDiffusionXLPipeline with two text encoders, folder ``model-sdxl/``) and
+``toy-flux`` (a FluxPipeline: CLIP's pooled vector and a small T5, folder ``model-flux/``).
 
 Importing this package does not import torch. The world (render, captions, concepts, judge, tokenizer) imports
 only the top-level helpers, so that judging can use it; ``train`` and ``measure`` build and measure the model
@@ -25,13 +26,14 @@ from ..errors import InputFileError
 _HERE = Path(__file__).resolve().parent
 
 # the built-in models by the name --model takes -> their folder next to this file
-BUILTIN_MODELS = {"toy-sd": "model", "toy-sdxl": "model-sdxl"}
+BUILTIN_MODELS = {"toy-sd": "model", "toy-sdxl": "model-sdxl", "toy-flux": "model-flux"}
 DEFAULT_MODEL = "toy-sd"
 
 
 def builtin_model_path(name: str = DEFAULT_MODEL) -> Path:
-    """The folder of a shipped diffusers pipeline: ``toy-sd`` (load with ``StableDiffusionPipeline.from_pretrained``)
-    or ``toy-sdxl`` (``StableDiffusionXLPipeline.from_pretrained``)."""
+    """The folder of a shipped diffusers pipeline: ``toy-sd`` (load with ``StableDiffusionPipeline.from_pretrained``),
+    ``toy-sdxl`` (``StableDiffusionXLPipeline.from_pretrained``) or ``toy-flux`` (``FluxPipeline.from_pretrained``;
+    sample it with ``max_sequence_length=16`` and real guidance: docs/toyworld-flux.md)."""
     if name not in BUILTIN_MODELS:
         raise InputFileError(f"{name!r} is not a built-in model", f"name one of {', '.join(BUILTIN_MODELS)}")
     return _HERE / BUILTIN_MODELS[name]

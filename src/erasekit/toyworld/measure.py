@@ -1,6 +1,6 @@
 """Measure a toy-world model: generate images for prompts and let the judge say what they show.
 
-    python -m erasekit.toyworld.measure [--model DIR|toy-sd|toy-sdxl] [--judge FILE] [--n 16] [--seed 1000] [--set full]
+    python -m erasekit.toyworld.measure [--model DIR|toy-sd|toy-sdxl|toy-flux] [--judge FILE] [--n 16] [--seed 1000] [--set full]
         [--ablate pooled|tokens]
 
 Prompt sets: ``full`` (every shape x colour x pattern, 75 prompts; shape, colour and pattern are all
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         "--model",
         type=Path,
         default=None,
-        help="pipeline folder (SD, SDXL or FLUX.1), or toy-sd / toy-sdxl (default: the shipped toy-sd)",
+        help="pipeline folder (SD, SDXL or FLUX.1), or toy-sd / toy-sdxl / toy-flux (default: the shipped toy-sd)",
     )
     ap.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
     ap.add_argument("--n", type=int, default=16, help="images per prompt")

@@ -560,12 +560,11 @@ def shipped_vae_dir() -> Path:
 
 
 def shipped_settings(family: str) -> Path:
-    """The erasekit.json a newly trained model starts from: the shipped model's of its family, where there is one
-    (flux: toy-sdxl's for now, the other model with a pooled path)."""
+    """The erasekit.json a newly trained model starts from: the shipped model's of its family (its recommended erase
+    and sampling settings)."""
     from . import builtin_model_path
 
-    own = builtin_model_path("toy-sd" if family == "sd" else "toy-sdxl") / "erasekit.json"
-    return own if own.is_file() else builtin_model_path("toy-sd") / "erasekit.json"
+    return builtin_model_path({"sd": "toy-sd", "sdxl": "toy-sdxl", "flux": "toy-flux"}[family]) / "erasekit.json"
 
 
 def main(argv: list[str] | None = None) -> dict:
