@@ -207,9 +207,8 @@ def test_training_smoke_run(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ the shipped model
 
 
-def test_the_shipped_folder_is_small_complete_and_in_the_wheel() -> None:
-    import tomllib
-
+def test_the_shipped_folder_is_small_and_complete() -> None:
+    """(tests/test_toyworld_sdxl.py checks that the wheel ships it.)"""
     assert {p.name for p in ROOT.iterdir()} >= {
         "model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer",
         "vae", "erasekit.json",
@@ -221,11 +220,6 @@ def test_the_shipped_folder_is_small_complete_and_in_the_wheel() -> None:
     assert settings["sample"] == {
         "steps": 25, "guidance": 7.5, "guidance_kind": "cfg", "max_sequence_length": 16, "title": "toy-flux"
     }  # fmt: skip
-    pyproject = Path(__file__).parents[1] / "pyproject.toml"
-    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["erasekit"]
-    package = ROOT.parents[1]
-    shipped = {p for g in globs for p in package.glob(g) if p.is_file()}
-    assert {p for p in ROOT.rglob("*") if p.is_file()} <= shipped
 
 
 @pytest.fixture(scope="module")

@@ -75,14 +75,16 @@ def _safetensors_header(path: Path) -> dict:
     return json.loads(raw[8 : 8 + n])
 
 
-def test_the_wheel_ships_the_folder() -> None:
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_the_wheel_ships_every_built_in_models_folder(name: str) -> None:
     import tomllib
 
+    root = builtin_model_path(name)
     pyproject = Path(__file__).parents[1] / "pyproject.toml"
     globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["erasekit"]
-    package = ROOT.parents[1]
+    package = root.parents[1]
     shipped = {p for g in globs for p in package.glob(g) if p.is_file()}
-    assert {p for p in ROOT.rglob("*") if p.is_file()} <= shipped
+    assert {p for p in root.rglob("*") if p.is_file()} <= shipped
 
 
 @pytest.fixture(scope="module")
