@@ -3,10 +3,13 @@ table's misses (a built-in toy-world model; the eval prompts, seeds and settings
 
     python bench/flips.py --model toy-sdxl --concept circle PATCH [PATCH ...]
 
-For every image of the three attribute tables, it prints those whose label changes (for the images that name the
-concept, in the other attributes: erasing "red" may change their colour, not their shape), with the judge's probability of its two likeliest labels before the patch: a "neighbour -6.2 pp" that is
-one image the judge put at 0.51 square against 0.47 star is a coin the smallest drift flips, not a concept the
-erase damaged. Then the concept's paraphrases, before -> after. About a minute per patch on one idle core (n=16).
+For every image of the three attribute tables, it prints the concept's own images that the judge still labels the
+concept after the patch (the target rate's misses, with the judge's two likeliest labels after), then those whose
+label changes (for the images that name the concept, in the other attributes: erasing "red" may change their
+colour, not their shape), with the judge's probability of its two likeliest labels before the patch: a "neighbour
+-6.2 pp" that is one image the judge put at 0.51 square against 0.47 star is a coin the smallest drift flips, not a
+concept the erase damaged. Then the concept's paraphrases, before -> after. About a minute per patch on one idle
+core (n=16).
 """
 
 from __future__ import annotations
@@ -54,8 +57,11 @@ def main() -> None:
     for path in args.patches:
         with patches_applied(pipe, [load_patch(path)]):
             after = render_batch(pipe, prompts, seeds, resolution=32, steps=25, guidance=7.5)
-        labels_after = judge(after)
+        labels_after, probs_after = judge(after, return_probs=True)
         print(f"== {path}")
+        for i, (prompt, truth) in enumerate(specs):
+            if truth.get(attr) == args.concept and labels_after[i][attr] == args.concept:
+                print(f"  kept {args.concept}: {prompt!r} seed {seeds[i]} (after: {margins(probs_after, attr, i)})")
         for i, (prompt, truth) in enumerate(specs):
             for a in (a for a in ATTRIBUTES if a != attr or args.concept not in truth.values()):
                 b, f = labels_before[i][a], labels_after[i][a]
