@@ -73,19 +73,22 @@ def assert_as_found(module: Any, found: dict[str, Any]) -> None:
 
 class BlockWatch:
     """Where every block's weights are at each use of a block (its first submodule called: in its forward pass, and
-    in the backward pass's recomputation) and between uses (a block called by the transformer, before it moves in):
-    at home, the storage each parameter was found in, or elsewhere (a copy, on the device)."""
+    in the backward pass's recomputation; and differentiated, in the backward pass) and between uses (a block called
+    by the transformer, before it moves in): at home, the storage each parameter was found in, or elsewhere (a copy,
+    on the device)."""
 
     def __init__(self, transformer: Any, arch: str) -> None:
         self.blocks = blocks_of(transformer, names(arch))
         self.home = [self.storage(i) for i in range(len(self.blocks))]
         self.uses = [0] * len(self.blocks)
+        self.backward_uses = [0] * len(self.blocks)
         self.wrong: list[str] = []
         self.hooks = [
             hook
             for i, block in enumerate(self.blocks)
             for hook in (
                 next(block.children()).register_forward_pre_hook(lambda *_, i=i: self.inside(i)),
+                next(block.children()).register_full_backward_hook(lambda *_, i=i: self.differentiated(i)),
                 block.register_forward_pre_hook(lambda *_, i=i: self.between(i)),
             )
         ]
@@ -96,11 +99,21 @@ class BlockWatch:
     def at_home(self, i: int) -> bool:
         return self.storage(i) == self.home[i]
 
+    def alone_away(self, i: int) -> bool:
+        away = all(a != b for a, b in zip(self.storage(i), self.home[i]))
+        return away and all(self.at_home(j) for j in range(len(self.blocks)) if j != i)
+
     def inside(self, i: int) -> None:
         self.uses[i] += 1
-        away = all(a != b for a, b in zip(self.storage(i), self.home[i]))
-        if not away or not all(self.at_home(j) for j in range(len(self.blocks)) if j != i):
+        if not self.alone_away(i):
             self.wrong.append(f"use of block {i}: not it alone on the device")
+
+    def differentiated(self, i: int) -> None:
+        """The backward pass through the recomputed block reads its weights (RMSNorm's saved ``self.weight``): they
+        must still be on the device."""
+        self.backward_uses[i] += 1
+        if not self.alone_away(i):
+            self.wrong.append(f"backward through block {i}: not it alone on the device")
 
     def between(self, i: int) -> None:
         if not all(self.at_home(j) for j in range(len(self.blocks))):
@@ -115,6 +128,7 @@ def block_bytes(transformer: Any, arch: str) -> int:
     return sum(p.numel() * p.element_size() for b in blocks_of(transformer, names(arch)) for p in b.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the watch's hook on a block taking kwargs
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_streamed_erase_gives_the_unstreamed_patch_moving_each_block_twice_a_step(
     pipes: dict[str, Any], images: list[Any], arch: str
@@ -131,6 +145,7 @@ def test_a_streamed_erase_gives_the_unstreamed_patch_moving_each_block_twice_a_s
     finally:
         watch.close()
     assert watch.wrong == [] and watch.uses == [2 * SETTINGS["steps"]] * len(watch.blocks)
+    assert watch.backward_uses == [SETTINGS["steps"]] * len(watch.blocks)
     assert plain.streamed_bytes == 0
     assert streamed_erase.streamed_bytes == 2 * SETTINGS["steps"] * block_bytes(pipe.transformer, arch)
     assert streamed_erase.losses == pytest.approx(plain.losses, rel=1e-6)

@@ -98,7 +98,7 @@ def streamed(denoiser: Any, names: Sequence[str], device: Any) -> Iterator[Block
     finally:
         for block, own in had:
             if own is None:
-                del block.forward
+                vars(block).pop("forward", None)
             else:
                 block.forward = own
         stream.restore()
@@ -129,17 +129,19 @@ class _Call:
         self.arguments = _replaced((args, kwargs), _needs_grad, repeat(_HOLE))
         self.outputs: Any = None
         kind = stream.device.type
-        self.autocast = dict(
-            device_type=kind,
-            dtype=torch.get_autocast_dtype(kind),
-            enabled=torch.is_autocast_enabled(kind),
-            cache_enabled=torch.is_autocast_cache_enabled(),
-        )
+        self.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        self.autocast_cache = torch.is_autocast_cache_enabled()
 
     def run(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
         """The block's output tensors for ``inputs`` in place of the tensors that required gradients."""
+        with self.stream.on_device(self.block):
+            return self._outputs(inputs)
+
+    def _outputs(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """:meth:`run` with the block on the device."""
         args, kwargs = _replaced(self.arguments, _is_hole, iter(inputs))
-        with self.stream.on_device(self.block), torch.autocast(**self.autocast):
+        kind, dtype, enabled = self.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache):
             out = self.forward(*args, **kwargs)
         self.outputs = _replaced(out, _any, repeat(_HOLE))
         return tuple(_tensors(out, _any))
@@ -149,10 +151,11 @@ class _Call:
         return _replaced(self.outputs, _is_hole, iter(tensors))
 
     def input_grads(self, saved: Sequence[Any], grads: Sequence[Any]) -> tuple[Any, ...]:
-        """The gradients of the inputs: the block recomputed from ``saved`` on the device, then differentiated."""
+        """The gradients of the inputs: the block recomputed from ``saved`` on the device, then differentiated there
+        (an op may have saved a weight itself for its backward, as RMSNorm's ``x * self.weight`` does)."""
         inputs = [x.detach().requires_grad_(True) for x in saved]
-        with torch.enable_grad():
-            outputs = self.run(inputs)
+        with self.stream.on_device(self.block), torch.enable_grad():
+            outputs = self._outputs(inputs)
             pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
             if not pairs:
                 return (None,) * len(inputs)
