@@ -50,11 +50,14 @@ and no fp32 stage. After a warm-up erase (2 steps):
 
   1. an erase with the defaults: T5 (and CLIP) train rank-16 factors (``train: auto`` -> factors): loop time,
      timings, peak memory, trained parameters and Adam's state, patch size;
-  2. the same with the CLIPs only (``encoders``: te1 for FLUX, te1,te2 for SD3; dense, ``rank auto``);
-  3. one 512 px image with the family's default sampling (FLUX.1-dev 28 steps at distilled guidance 3.5; SD3.5
+  2. the 24 GB configuration: the defaults with ``offload: blocks`` (the transformer's blocks in CPU memory,
+     streamed to the GPU for each forward pass and again for the backward) and the text encoders held in bf16
+     (their fp32 weights kept in CPU memory meanwhile, and put back after): loop time, peak memory, bytes moved;
+  3. the same with the CLIPs only (``encoders``: te1 for FLUX, te1,te2 for SD3; dense, ``rank auto``);
+  4. one 512 px image with the family's default sampling (FLUX.1-dev 28 steps at distilled guidance 3.5; SD3.5
      large as its model card says), after a 1-step warm-up;
-  4. the defaults with ``checkpointing=True``;
-  5. T5 trained densely (``train: dense``, ``rank: dense``; 3.02 B parameters in Adam): expected OOM on 80 GB.
+  5. the defaults with ``checkpointing=True``;
+  6. T5 trained densely (``train: dense``, ``rank: dense``; 3.02 B parameters in Adam): expected OOM on 80 GB.
 
 A FLUX.1 or SD3.x run (``--only flux`` or ``--only sd3``) should take 2 to 4 minutes on an H100 (estimate).
 """
@@ -70,7 +73,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +230,32 @@ def full_size_flow_pipeline(arch: str, device: torch.device) -> Any:
     return pipe
 
 
+@contextmanager
+def held_for_24gb(pipe: Any, device: torch.device) -> Iterator[None]:
+    """Within the block, ``pipe`` held as an erase that fits 24 GB holds it: the transformer's streamed blocks
+    (``Family.streamed_blocks``) in CPU memory, as ``erasekit erase --offload blocks`` loads them, and the text
+    encoders in bf16 on the device (their fp32 weights kept in CPU memory meanwhile, put back after, bit for bit)."""
+    from erasekit.checkpoints.pipeline import denoiser_of
+    from erasekit.erasing.streaming import blocks_of
+    from erasekit.families import of_pipeline
+
+    family = of_pipeline(pipe)
+    blocks = blocks_of(denoiser_of(pipe), family.streamed_blocks if family else ())
+    tensors = [t for te in encoders(pipe) for t in (*te.parameters(), *te.buffers()) if t.is_floating_point()]
+    kept = [t.data.to("cpu") for t in tensors]
+    try:
+        for block in blocks:
+            block.to("cpu")
+        for t in tensors:
+            t.data = t.data.to(torch.bfloat16)
+        yield
+    finally:
+        for t, fp32 in zip(tensors, kept):
+            t.data = fp32.to(t.device)
+        for block in blocks:
+            block.to(device)
+
+
 def tiny_pipeline(arch: str, device: torch.device, workdir: Path) -> Any:
     from erasekit.checkpoints.pipeline import load_pipeline
     from erasekit.testing import make_tiny_pipeline
@@ -360,6 +390,7 @@ class Suite:
             "steps": rep.steps,
             "trained": rep.trained_parameters,
             "adam_bytes": rep.optimizer_bytes,
+            "streamed_bytes": rep.streamed_bytes,
         }
         if patch_file:
             with tempfile.TemporaryDirectory(prefix="gpu_suite-") as tmp:
@@ -371,6 +402,12 @@ class Suite:
             out["ranks"] = (min(ranks), max(ranks), len(ranks)) if ranks else None
             out["modules"] = len(rep.patch.manifest.deltas)
         return out
+
+    def streamed_erase(self, pipe: Any, imgs: list[Any]) -> dict[str, Any]:
+        """The 24 GB configuration: the defaults with ``offload: blocks``, on the pipeline held as ``erasekit erase
+        --offload blocks`` holds it with bf16 encoders (:func:`held_for_24gb`)."""
+        with held_for_24gb(pipe, self.device):
+            return self.erase(pipe, imgs, offload="blocks")
 
     def generate(self, pipe: Any, steps: int | None) -> dict[str, Any]:
         """One image (``steps``: None for the family's default sampling), after a 1-step warm-up."""
@@ -490,6 +527,7 @@ class Suite:
             return
         cells: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("erase auto", lambda: self.erase(pipe, imgs, patch_file=True)),
+            ("erase streamed", lambda: self.streamed_erase(pipe, imgs)),
             ("erase clips", lambda: self.erase(pipe, imgs, patch_file=True, encoders=list(FLOW[arch].clips))),
             ("generate auto", lambda: self.generate(pipe, s.gen_steps if self.quick else None)),
             ("erase checkpointing", lambda: self.erase(pipe, imgs, checkpointing=True)),
@@ -667,6 +705,10 @@ def flow_table(results: dict[str, dict[str, Any]], s: Setting) -> str:
         n, state = get(m, cell, "trained"), get(m, cell, "adam_bytes")
         return fmt(n, lambda n: f"{n:,} parameters, Adam state {state / 1e6:,.1f} MB")
 
+    def streamed(m: str) -> str:
+        moved = get(m, "erase streamed", "streamed_bytes")
+        return fmt(moved, lambda n: gb(n / s.steps)) if moved is not None else "n/a"
+
     def generated(m: str) -> str:
         peak = get(m, "generate auto", "peak")
         if isinstance(peak, str):
@@ -676,6 +718,7 @@ def flow_table(results: dict[str, dict[str, Any]], s: Setting) -> str:
     clips = {m: ",".join(FLOW[m].clips) for m in models}
     erases = [
         ("erase auto", "defaults (T5 trains rank-16 factors)"),
+        ("erase streamed", "defaults, --offload blocks, encoders bf16 (the 24 GB configuration)"),
         ("erase clips", "--encoders te1 (FLUX) / te1,te2 (SD3): CLIPs only, dense, rank auto"),
         ("erase checkpointing", "defaults + checkpointing"),
         ("erase dense", "train dense, rank dense (T5 dense in Adam; OOM expected on 80 GB)"),
@@ -699,7 +742,12 @@ def flow_table(results: dict[str, dict[str, Any]], s: Setting) -> str:
             "resident before the runs (transformer+VAE in compute dtype, encoders fp32)",
             lambda m: fmt(get(m, "erase auto", "resident"), gb),
         ),
+        (
+            "resident before the 24 GB configuration's erase (blocks in CPU memory, encoders bf16)",
+            lambda m: fmt(get(m, "erase streamed", "resident"), gb),
+        ),
         *[(label, lambda m, c=cell: fmt(get(m, c, "peak"), gb)) for cell, label in erases],
+        ("moved to the device a step (--offload blocks: the blocks, twice)", streamed),
         ("generate 1 image, the family's default sampling", generated),
         ("erase (defaults) / generate", lambda m: f.ratio(m, ("erase auto", "peak"), ("generate auto", "peak"))),
         ("**4. what trains (Adam)**", lambda m: ""),

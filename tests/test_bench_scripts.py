@@ -81,7 +81,8 @@ def test_the_t5_real_size_bench_runs_at_tiny_size(tmp_path: Path) -> None:
 
 def test_the_gpu_suites_flux_table_shows_each_erase_and_the_oom(monkeypatch: pytest.MonkeyPatch) -> None:
     """The FLUX/SD3 table: step time and peak memory of each erase, the weights already resident, the image's
-    sampling, and an erase that ran out of memory as OOM in each of its rows."""
+    sampling, the bytes the 24 GB configuration moves a step, and an erase that ran out of memory as OOM in each of
+    its rows."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_suite", BENCH / "gpu_suite.py")
@@ -105,6 +106,8 @@ def test_the_gpu_suites_flux_table_shows_each_erase_and_the_oom(monkeypatch: pyt
             "build": {"seconds": 20.0, "unet": "11901M", "encoders": "123M + 4762M", "vae": "84M"},
             "to bfloat16": {"dtype": "bfloat16"},
             "erase auto": erase,
+            "erase streamed": erase
+            | {"loop_s": 25.0, "peak": 16_400_000_000, "resident": 11_000_000_000, "streamed_bytes": 476_000_000_000},
             "erase clips": erase | {"loop_s": 3.0, "peak": 50_000_000_000},
             "generate auto": {"seconds": 4.0, "peak": 45_000_000_000, "resident": 43.5e9, "settings": "28 steps"},
             "erase checkpointing": "not run (past the 270 s budget)",
@@ -123,6 +126,12 @@ def test_the_gpu_suites_flux_table_shows_each_erase_and_the_oom(monkeypatch: pyt
     dense = [line for line in table.splitlines() if line.startswith("| train dense, rank dense")]
     assert len(dense) == 3 and all(line.endswith("| OOM |") for line in dense)
     assert "| defaults + checkpointing | not run (past the 270 s budget) |" in table
+    streamed = "| defaults, --offload blocks, encoders bf16 (the 24 GB configuration) |"
+    assert f"{streamed} 25.00 s (2.500 s/step) |" in table and f"{streamed} 16.40 GB |" in table
+    assert "| moved to the device a step (--offload blocks: the blocks, twice) | 47.60 GB |" in table
+    assert (
+        "| resident before the 24 GB configuration's erase (blocks in CPU memory, encoders bf16) | 11.00 GB |" in table
+    )
 
 
 @pytest.mark.skipif(

@@ -97,6 +97,7 @@ def load_pipeline(
     prediction_type: str | None = None,
     text_encoders: Sequence[str | os.PathLike] = (),
     vae: str | os.PathLike | None = None,
+    offload_blocks: bool = False,
 ) -> tuple[Any, Checkpoint]:
     """A pipeline of its family's class (StableDiffusion(XL)Pipeline) from a local diffusers folder, a model id (``ORG/NAME[@REVISION]``, from the
     Hugging Face cache or downloaded), or a single file. A single file is built with erasekit's bundled configs
@@ -105,7 +106,9 @@ def load_pipeline(
     ``text_encoder_dtype`` and ``vae_dtype`` load the text encoders and the VAE in another dtype than the rest
     (erase: fp32 encoders to train and an fp32 VAE to encode its images with, a bf16 UNet to compute with).
     ``text_encoders`` and ``vae``: for a transformer file kept apart (Black Forest Labs' ``flux1-dev.safetensors``),
-    its encoder files and its VAE file (:mod:`erasekit.checkpoints.parts`)."""
+    its encoder files and its VAE file (:mod:`erasekit.checkpoints.parts`). ``offload_blocks``: the denoiser's
+    streamed blocks (``Family.streamed_blocks``) stay in CPU memory, everything else goes to ``device`` (erase's
+    ``offload: blocks`` streams them from there)."""
     from .hub import resolve_model
     from .in_place import read_consistently, recover_interrupted
 
@@ -201,7 +204,24 @@ def load_pipeline(
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
+    if offload_blocks:
+        return _to_device_but_blocks(pipe, device, fam.streamed_blocks), ckpt
     return pipe.to(device), ckpt
+
+
+def _to_device_but_blocks(pipe: Any, device: Any, blocks: Sequence[str]) -> Any:
+    """``pipe.to(device)``, but for the denoiser's block lists ``blocks``, which stay where they are (in CPU memory,
+    as loaded). FLUX.1's and SD3.x's transformers hold no tensors of their own outside their submodules."""
+    import torch
+
+    denoiser = denoiser_of(pipe)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module) and component is not denoiser:
+            component.to(device)
+    for name, child in denoiser.named_children():
+        if name not in blocks:
+            child.to(device)
+    return pipe
 
 
 def denoiser_of(pipe: Any) -> Any:

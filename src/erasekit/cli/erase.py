@@ -275,6 +275,16 @@ def erase_cmd(
         bool,
         typer.Option("--checkpointing", help="Gradient checkpointing of the frozen UNet: less memory for more time."),
     ] = False,
+    offload: Annotated[
+        Optional[str],
+        typer.Option(
+            "--offload",
+            metavar="none|blocks",
+            help="Where the frozen denoiser is held: none (on the device, whole), blocks (FLUX.1, SD3.x: the "
+            "transformer's blocks in CPU memory, each moved to the GPU for its forward pass and again for its "
+            "backward pass; for a GPU the model does not fit, such as 24 GB for FLUX.1-dev). [default: none]",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Erase concepts from a model's text encoder by few-shot unlearning; write the change as a patch."""
@@ -325,6 +335,7 @@ def erase_cmd(
             "flip": flip,
             "dtype": dtype,
             "patch_dtype": patch_dtype.upper() if patch_dtype else None,
+            "offload": offload,
         }
         overrides = {k: v for k, v in given.items() if v is not None}
         if no_early_stop:
@@ -372,6 +383,8 @@ def erase_cmd(
         )
     )
     out.print("  time: " + ", ".join(f"{phase} {s:.2f} s" for phase, s in report.timings.items()))
+    if report.streamed_bytes:
+        out.print(f"  the transformer's blocks streamed from CPU memory: {human_bytes(report.streamed_bytes)} moved")
     if report.rank_kept is not None:
         ranks = [d.rank for d in report.patch.manifest.deltas.values() if d.rank]
         out.print(

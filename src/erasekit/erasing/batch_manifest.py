@@ -63,6 +63,7 @@ class JobOptions(BaseModel):
     no_cache: bool | None = None
     forget_check: bool | None = None
     checkpointing: bool | None = None
+    offload: str | None = None
 
 
 class JobEntry(JobOptions):
@@ -258,6 +259,7 @@ def _erase_arguments(options: dict[str, Any], folder: Path) -> tuple[dict[str, A
             "max_rank",
             "forget_check",
             "checkpointing",
+            "offload",
         )
         if k in o
     }

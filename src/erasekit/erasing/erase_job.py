@@ -16,7 +16,7 @@ from ..errors import ErasekitError
 from ..format._st import check_new_output
 from ..format.erase_config import EraseConfig, effective_settings, recommended_for
 from .training_images import image_key, images_digest
-from .unlearn import Clock, EraseReport, StepInfo, erase
+from .unlearn import Clock, EraseReport, StepInfo, erase, offloaded_blocks
 
 
 @dataclass
@@ -44,6 +44,7 @@ class EraseJob:
             self.prediction_type,
             self.config.device,
             self.config.dtype,
+            self.config.offload,
             tuple(map(str, self.text_encoders)),
             str(self.vae),
         )
@@ -94,7 +95,8 @@ def prepare_erase(
     ckpt = detect_model(
         model, text_encoders, vae
     )  # its files' headers: a truncated or foreign file is refused before anything runs
-    runnable_family(ckpt, config_dir)  # a text encoder alone, a FLUX.1 file without configs: before anything is read
+    # a text encoder alone, a FLUX.1 file without configs: refused before anything is read
+    fam = runnable_family(ckpt, config_dir)
     settings = model_settings(model)
     sources: dict[str, str] = {}
     if not isinstance(config, EraseConfig):
@@ -104,6 +106,7 @@ def prepare_erase(
         sources = {k: v for k, v in sources.items() if v != "default"}
         config, sources = _at_native_size(config, sources, native_resolution(ckpt, config_dir, prediction_type))
     config, sources = _training_decided(config, sources, ckpt)
+    offloaded_blocks(config.offload, fam)  # a UNet is not streamed
     _check_concept_templates(config, concepts)
     out = Path(output)
     check_new_output(out, replace, make_folder)
@@ -201,6 +204,7 @@ def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:
             text_encoders=job.text_encoders,
             vae=job.vae,
             prediction_type=job.prediction_type,
+            offload_blocks=job.config.offload == "blocks",
         )
 
 
@@ -228,15 +232,23 @@ def run_erase(
 
 
 def _draw_images(job: EraseJob, pipe: Any, clock: Clock) -> list[list[Any]]:
-    """``images auto``: ``num_images`` per concept, drawn by the unpatched model."""
+    """``images auto``: ``num_images`` per concept, drawn by the unpatched model (its blocks streamed where the job
+    offloads them)."""
     import torch
 
     from ..checkpoints.pipeline import denoiser_of
+    from ..families import of_pipeline
     from ..judging.sampling import concept_prompt, render
+    from .streaming import streamed
 
     denoiser = denoiser_of(pipe)
     dtype = denoiser.dtype  # the encoders are fp32 and the denoiser may not be: autocast bridges them
-    with clock("render"), torch.autocast(denoiser.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    blocks = offloaded_blocks(job.config.offload, of_pipeline(pipe))
+    with (
+        clock("render"),
+        streamed(denoiser, blocks, denoiser.device),
+        torch.autocast(denoiser.device.type, dtype=dtype, enabled=dtype != torch.float32),
+    ):
         return [
             [
                 render(pipe, concept_prompt(c, job.config.kind), seed=job.config.seed + i, resolution=None)

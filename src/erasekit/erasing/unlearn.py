@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ErasekitError, NonFiniteError
+from ..families.base import Family
 from ..format.erase_config import EraseConfig
 from .compress import Compaction, linear_modules
 from .conditioning import Conditioner, check_concepts, trainable
@@ -81,6 +82,9 @@ class EraseReport:
     # biases) and the bytes of its state after the loop (two float32 moments a parameter, and a step count a tensor)
     trained_parameters: int = 0
     optimizer_bytes: int = 0
+    # offload: blocks: the bytes of the denoiser's blocks moved to the device (twice their size an optimizer step:
+    # for the forward pass and again for the backward; once more for each pass without gradients)
+    streamed_bytes: int = 0
 
 
 class Clock:
@@ -178,6 +182,8 @@ def erase(
     the new one will be stacked on, applied in memory for the erase: it learns what is left to erase with them in
     place, and records them (``after`` in its settings). Its base is still the model without them.
     ``config.train: auto`` is decided here as :meth:`~erasekit.format.erase_config.EraseConfig.for_kinds` decides it.
+    ``config.offload: blocks`` (FLUX.1, SD3.x) streams the transformer's blocks to the device of its other modules
+    from wherever they are (:mod:`erasekit.erasing.streaming`; kept in CPU memory they never fill the device).
     """
     import torch
 
@@ -185,7 +191,9 @@ def erase(
     from ..checkpoints.in_place import applied_in_place
     from ..checkpoints.memory import patches_applied
     from ..checkpoints.pipeline import denoiser_of
+    from ..families import of_pipeline
     from ..format.patchfile import source_date
+    from .streaming import streamed
 
     t_start = time.perf_counter()
     clock = Clock()
@@ -196,7 +204,8 @@ def erase(
             f"{len(concepts)} concepts but {len(images)} image sets", "give one image set per concept", option="images"
         )
     unet = denoiser_of(pipe)  # the UNet, or FLUX.1's and SD3.x's transformer
-    device = unet.device
+    device = unet.device  # where its modules outside the streamed blocks are (offload: blocks)
+    streamed_blocks = offloaded_blocks(config.offload, of_pipeline(pipe))
     cond_of = Conditioner(pipe, config.resolution, config.encoders)
     for _, tok in cond_of.all.values():
         check_concepts(tok, concepts)
@@ -230,7 +239,11 @@ def erase(
     config = config.for_kinds(_kinds(cond_of))  # train: auto decided (factors where a T5 trains)
     encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
     te_dtypes = {slot: te.dtype for slot, te in encoders.items()}  # the fingerprints of in-memory weights use these
-    with kept_as_found((unet, pipe.vae, *encoders.values())), _gradient_checkpointing(unet, config.checkpointing):
+    with (
+        kept_as_found((unet, pipe.vae, *encoders.values())),
+        _gradient_checkpointing(unet, config.checkpointing and not streamed_blocks),  # streaming recomputes already
+        streamed(unet, streamed_blocks, device) as stream,
+    ):
         for module in (unet, pipe.vae, *encoders.values()):
             module.requires_grad_(False)
         for te in encoders.values():
@@ -346,6 +359,7 @@ def erase(
         timings=clock.seconds,
         trained_parameters=adam[0],
         optimizer_bytes=adam[1],
+        streamed_bytes=stream.bytes_moved if stream else 0,
     )
 
 
@@ -411,6 +425,21 @@ def _adam_size(opt: Any) -> tuple[int, int]:
     held = [t for state in opt.state.values() for t in state.values() if hasattr(t, "element_size")]
     trains = sum(p.numel() for group in opt.param_groups for p in group["params"])
     return trains, sum(t.numel() * t.element_size() for t in held)
+
+
+def offloaded_blocks(offload: str, fam: Family | None) -> tuple[str, ...]:
+    """The block lists of ``fam``'s denoiser that the ``offload`` setting streams (none for ``none``); refused for a
+    family whose denoiser is not streamed (a UNet: it fits a GPU whole)."""
+    if offload == "none":
+        return ()
+    if fam is None or not fam.streamed_blocks:
+        what = f"{fam.title}'s UNet fits a GPU whole" if fam is not None else "this model's denoiser is not streamed"
+        raise ErasekitError(
+            f"offload {offload} streams the blocks of FLUX.1's and SD3.x's transformer; {what}",
+            "leave offload at none (checkpointing saves memory on a UNet)",
+            option="offload",
+        )
+    return fam.streamed_blocks
 
 
 def _kinds(cond_of: Conditioner) -> set[str]:

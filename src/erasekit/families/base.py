@@ -283,6 +283,10 @@ class Family:
     denoiser_alone: tuple[tuple[str, ...], ...] = ()
     vae_file: str = "FILE"  # the file its VAE is kept in beside such a file (FLUX.1's ae.safetensors)
     flow_matching: bool = False  # its denoiser is trained by flow matching: no epsilon or v prediction type
+    # the lists of its denoiser's blocks that erase's ``offload: blocks`` keeps in CPU memory and streams to the device
+    # one block at a time (FLUX.1's transformer_blocks and single_transformer_blocks); empty: its denoiser is not
+    # streamed (a UNet fits a GPU whole)
+    streamed_blocks: tuple[str, ...] = ()
     bundled: tuple[
         str, ...
     ] = ()  # erasekit's bundled configs (checkpoints/configs/NAME); several: one per prediction type or variant

@@ -51,6 +51,7 @@ FAMILY = Family(
     ),
     vae_file="ae.safetensors",
     flow_matching=True,
+    streamed_blocks=("transformer_blocks", "single_transformer_blocks"),
     conditioning=Conditioning(hidden_from=("te3",), pooled_from=("te1",), pooled_projected=False),
     uis=("comfyui",),
     # the diffusers FluxPipeline's defaults and its documentation's: schnell is timestep-distilled (4 steps, prompts

@@ -47,6 +47,7 @@ FAMILY = Family(
     parts=(("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")),
     denoiser_alone=(("joint_blocks.",), ("transformer_blocks.", "context_embedder.", "pos_embed.")),
     flow_matching=True,
+    streamed_blocks=("transformer_blocks",),
     conditioning=Conditioning(
         hidden_from=("te1", "te2"), hidden_layer="penultimate", sequence_from=("te3",), pooled_from=("te1", "te2")
     ),

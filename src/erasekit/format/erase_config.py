@@ -153,6 +153,12 @@ class EraseConfig(BaseModel):
     cache: bool = True
     forget_check: bool = False  # also measure the denoising loss on fixed draws before and after (8 UNet passes)
     checkpointing: bool = False  # gradient checkpointing of the frozen UNet: less memory, about 1.3x the time
+    # where the frozen denoiser's weights are held. "none": on the erase's device, whole. "blocks" (FLUX.1, SD3.x): the
+    # transformer's blocks in CPU memory (pinned where CUDA is), each moved to the device for its forward pass and
+    # again for the backward, where it is recomputed (erasekit.erasing.streaming): a GPU that cannot hold the
+    # transformer beside the text encoders (FLUX.1-dev's 23.8 GB on 24 GB) runs the erase, for the time of moving
+    # the blocks twice a step. The same results either way (up to float rounding)
+    offload: Literal["none", "blocks"] = "none"
     # "paper": the published recipe, ascent only. "anchored": ascent plus a penalty that keeps the encoder's
     # output for other prompts (generic captions and --keep concepts) where it was, and an early stop when the
     # erasure tips (mean of the last `stop_window` losses above `stop_ratio` x the first ones).
@@ -253,7 +259,9 @@ class EraseConfig(BaseModel):
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the manifest records (device and cache are where it ran, not what it computed)."""
-        hp = self.model_dump(mode="json", exclude={"device", "cache", "seed", "forget_check", "checkpointing"})
+        hp = self.model_dump(
+            mode="json", exclude={"device", "cache", "seed", "forget_check", "checkpointing", "offload"}
+        )
         if self.rank != "auto":
             hp.pop("rank_tol")
             hp.pop("max_rank")
