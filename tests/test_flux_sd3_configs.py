@@ -166,7 +166,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[arch] = folder = make_tiny_pipeline(root / arch, arch)
         files = flow_single_files(folder, root / f"{arch}-files")
         out[f"{arch}-file"] = files.pop("all-in-one")
-        out |= files  # FLUX.1's files kept apart: transformer, vae, clip_l, t5
+        # the files kept apart: FLUX.1's transformer, vae, clip_l, t5; SD3's sd3-transformer, sd3-clip_l, ...
+        out |= {(k if arch == "flux" else f"{arch}-{k}"): v for k, v in files.items()}
         shutil.copytree(folder, out["configs"] / name, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer*"))
     add_to_hub_cache(out["hub"], "black-forest-labs/FLUX.1-schnell", out["flux"], only=("tokenizer_2",))
     return out
