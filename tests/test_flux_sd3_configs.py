@@ -453,7 +453,8 @@ def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[
             (transformer, f"{clip_l},{t5},{other_clip}", vae),
             4,
             "clip_l.safetensors and clip_l_copy.safetensors are both CLIP ViT-L/14 text encoders (te1); give one file "
-            "per text encoder (--text-encoders)",
+            "per text encoder: FLUX.1 reads CLIP ViT-L/14 (clip_l.safetensors) and T5 v1.1 XXL (t5xxl_fp16.safetensors) "
+            "(--text-encoders)",
         ),
         (
             (transformer, f"{sd1},{t5}", vae),
@@ -564,9 +565,162 @@ def test_an_encoder_file_of_other_sizes_than_its_slot_is_refused_naming_it(
     assert snapshot(tmp_path) == before
 
 
+def kept_apart_sd3(world: dict[str, Path], root: Path) -> dict[str, Path]:
+    """Copies of the tiny SD3 medium's files as Stability AI ships them and ComfyUI users keep them: the transformer
+    and VAE (``sd3_medium.safetensors``, below ``model.diffusion_model.`` and ``first_stage_model.``), and
+    ``clip_l``, ``clip_g`` and ``t5xxl_fp16.safetensors`` with Hugging Face key names."""
+    root.mkdir(exist_ok=True)
+    return {n: Path(shutil.copy(world[f"sd3-{n}"], root)) for n in ("transformer", "clip_l", "clip_g", "t5")}
+
+
+def test_erase_an_sd3_transformer_file_with_its_three_encoder_files_and_apply_the_patch_to_each(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """No --vae (the file holds it); the encoder files in any order, CLIP-L and CLIP-G told by their widths; the
+    patch is SD3's (te1, te2, te3), generate draws, and each encoder file takes its part in place and reverts bit for
+    bit."""
+    files = kept_apart_sd3(bundled, tmp_path / "models")
+    model, clip_l, clip_g, t5 = files["transformer"], files["clip_l"], files["clip_g"], files["t5"]
+    out = tmp_path / "cat.erasepatch"
+    images = training_images(tmp_path / "cats")
+    r = run(
+        "erase", "--model", model, "--text-encoders", f"{t5},{clip_g},{clip_l}", "--concept", "cat",
+        "--images", images, "--steps", "2", "-o", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    patch = load_patch(out)
+    assert (patch.manifest.base.architecture, sorted(patch.manifest.base.encoders)) == ("sd3", ["te1", "te2", "te3"])
+    assert patch.manifest.base.config is not None and patch.manifest.base.config.startswith("sd3-medium (flow matching")
+    encoders = f"{clip_g},{t5},{clip_l}"
+    r = run(
+        "generate", "--model", model, "--text-encoders", encoders, "a cat", "-n", "1", "--steps", "2", "-o", tmp_path
+    )
+    assert r.exit_code == 0 and np.asarray(Image.open(tmp_path / "a-cat_0.png")).std() > 10, r.output
+    r = run("inspect", out, "--against", clip_g)
+    assert r.exit_code == 0 and "(encoder te2 -> te)" in r.stdout, r.output
+    left = "te1 (CLIP ViT-L/14) and te3 (T5 v1.1 XXL) parts are left for clip_l.safetensors and t5xxl_fp16.safetensors"
+    assert left in " ".join(r.stdout.split())
+    before = snapshot(tmp_path / "models")
+    for target in (t5, clip_g, clip_l):
+        r = run("apply", out, "--to", target, "--in-place")
+        assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    changed = {n for n, digest in snapshot(tmp_path / "models").items() if before[n] != digest}
+    assert changed == {"clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"}
+    for target in (clip_l, t5, clip_g):
+        assert run("apply", "--revert", out, "--to", target).exit_code == 0
+    assert snapshot(tmp_path / "models") == before
+
+
+@pytest.mark.parametrize("form", ["as Stability AI ships it", "the transformer alone, with --vae"])
+def test_an_sd3_model_of_separate_files_loads_the_weights_of_its_all_in_one_file(
+    bundled: dict[str, Path], tmp_path: Path, form: str
+) -> None:
+    """sd3_medium.safetensors (the transformer and the VAE, prefixed) with no --vae, or the transformer alone
+    (unprefixed, as ComfyUI's models/diffusion_models/ holds one) with a VAE file: every component's tensors are the
+    all-in-one file's, bit for bit."""
+    files = kept_apart_sd3(bundled, tmp_path)
+    vae = None
+    if form != "as Stability AI ships it":
+        whole = load_file(str(files["transformer"]))
+        for part, prefix in (("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")):
+            save_file(
+                {k[len(prefix) :]: v for k, v in whole.items() if k.startswith(prefix)},
+                str(tmp_path / f"{part}.safetensors"),
+            )
+        files["transformer"], vae = tmp_path / "transformer.safetensors", tmp_path / "vae.safetensors"
+    encoders = [files["t5"], files["clip_l"], files["clip_g"]]
+    pipe, ckpt = load_pipeline(files["transformer"], text_encoders=encoders, vae=vae)
+    reference, _ = load_pipeline(bundled["sd3-file"])
+    assert ckpt.config is not None and ckpt.config.startswith("sd3-medium (flow matching")
+    for comp in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        got, want = getattr(pipe, comp).state_dict(), getattr(reference, comp).state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), comp
+
+
+def test_an_sd3_transformer_file_runs_with_its_two_clips_alone_and_a_config_folder(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """SD3.x runs without T5, as its pipeline and ComfyUI's DualCLIPLoader do: the patch is CLIP-L's and CLIP-G's.
+    With --config (a folder of the tiny model, which erasekit's own configs do not describe), erase and eval take the
+    CLIPs' widths from that folder."""
+    files = kept_apart_sd3(world, tmp_path / "models")
+    model, encoders = files["transformer"], f"{files['clip_g']},{files['clip_l']}"
+    out = tmp_path / "cat.erasepatch"
+    r = run(
+        "erase", "--model", model, "--text-encoders", encoders, "--config", world["sd3"], "--concept", "cat",
+        "--images", training_images(tmp_path / "cats"), "--steps", "2", "--rank", "dense", "-o", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert sorted(load_patch(out).manifest.base.encoders) == ["te1", "te2"]
+    r = run(
+        "eval", "--model", model, "--text-encoders", encoders, "--config", world["sd3"], "-p", out, "--concept", "cat"
+    )
+    assert (r.exit_code, r.stderr) == (
+        1,
+        f"error: {model} is not a model of the built-in toy world, the only one eval's own judge knows; give a local "
+        "transformers CLIP model folder to judge its images with (--judge)\n",
+    ), r.output
+
+
+def clip_header(path: Path, hidden: int, ffn: int) -> Path:
+    """A CLIP text encoder's file of ``hidden`` x ``ffn`` (2 layers), Hugging Face key names, header only."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2, num_attention_heads=2)
+    with torch.device("meta"):
+        sd = CLIPTextModel(config).state_dict()
+    return header_only(
+        path, {f"text_model.{k.removeprefix('text_model.')}": ("F16", tuple(v.shape)) for k, v in sd.items()}
+    )
+
+
+SD3_READS = (
+    "SD3.x reads CLIP ViT-L/14 (clip_l.safetensors) and OpenCLIP ViT-bigG/14 (clip_g.safetensors), and T5 v1.1 XXL "
+    "(t5xxl_fp16.safetensors) where given"
+)
+
+
+def test_sd3_encoder_files_of_the_wrong_widths_are_refused_in_one_line(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """CLIP-G given twice, a CLIP-L in CLIP-G's place (a copy of clip_l named clip_g.safetensors), CLIP-G left out and
+    a CLIP of widths neither slot has: each refused in one line before anything loads, every file as it was."""
+    files = kept_apart_sd3(bundled, tmp_path / "models")
+    model, clip_l, clip_g, t5 = files["transformer"], files["clip_l"], files["clip_g"], files["t5"]
+    clip_g_copy = Path(shutil.copy(clip_g, tmp_path / "models" / "clip_g_copy.safetensors"))
+    (tmp_path / "renamed").mkdir()
+    clip_l_as_g = Path(shutil.copy(clip_l, tmp_path / "renamed" / "clip_g.safetensors"))
+    clip_h = clip_header(tmp_path / "models" / "clip_h.safetensors", 48, 96)
+    cases = [
+        (
+            f"{clip_l},{clip_g},{clip_g_copy},{t5}",
+            "clip_g.safetensors and clip_g_copy.safetensors are both OpenCLIP ViT-bigG/14 text encoders (te2); give one "
+            f"file per text encoder: {SD3_READS}",
+        ),
+        (
+            f"{clip_l},{clip_l_as_g},{t5}",
+            "clip_l.safetensors and clip_g.safetensors are both CLIP ViT-L/14 text encoders (te1); give one file per text "
+            f"encoder: {SD3_READS}",
+        ),
+        (
+            f"{clip_l},{t5}",
+            "SD3.x needs its OpenCLIP ViT-bigG/14 text encoder too; add clip_g.safetensors to --text-encoders",
+        ),
+        (
+            f"{clip_h},{clip_g},{t5}",
+            f"clip_h.safetensors is a CLIP text encoder of 48 x 96 (hidden x FFN), which no SD3.x slot takes; {SD3_READS}",
+        ),
+    ]
+    before = snapshot(tmp_path)
+    for encoders, message in cases:
+        r = run("generate", "--model", model, "--text-encoders", encoders, "a cat", "-o", tmp_path / "out")
+        assert (r.exit_code, r.stderr) == (4, f"error: {message} (--text-encoders)\n"), r.output
+    assert snapshot(tmp_path) == before
+
+
 def real_size_parts(root: Path, vae: Path) -> dict[str, Path]:
-    """FLUX.1-dev's transformer (its first tensor and block count), CLIP-L, CLIP-G, T5-XXL and T5 v1.1 base files at
-    their published sizes, headers only, and a copy of ``vae``."""
+    """FLUX.1-dev's transformer and SD3 medium's with its VAE (their first tensors and block counts), CLIP-L, CLIP-G,
+    T5-XXL and T5 v1.1 base files at their published sizes, headers only, and a copy of ``vae``."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     root.mkdir()
@@ -574,6 +728,12 @@ def real_size_parts(root: Path, vae: Path) -> dict[str, Path]:
     blocks += [f"single_blocks.{i}.linear1.weight" for i in range(38)]
     shapes = {"img_in.weight": (3072, 64), "guidance_in.in_layer.bias": (3072,)} | {b: (1,) for b in blocks}
     out = {"transformer": header_only(root / "flux1-dev.safetensors", {k: ("F16", s) for k, s in shapes.items()})}
+    sd3 = {"x_embedder.proj.weight": (1536, 16, 2, 2)} | {
+        f"joint_blocks.{i}.x_block.attn.qkv.bias": (1,) for i in range(24)
+    }
+    sd3 = {f"model.diffusion_model.{k}": v for k, v in sd3.items()}
+    sd3 |= {f"first_stage_model.{k}": (1,) for k in ("encoder.conv_in.weight", "decoder.conv_out.weight")}
+    out["sd3_medium"] = header_only(root / "sd3_medium.safetensors", {k: ("F16", s) for k, s in sd3.items()})
     clips = {"clip_l": (768, 3072, 12, 12), "clip_g": (1280, 5120, 32, 20)}
     t5s = {"t5xxl_fp16": (4096, 10240, 24, 64), "t5_base": (768, 2048, 12, 12)}
     with torch.device("meta"):
@@ -630,3 +790,26 @@ def test_encoder_files_of_other_sizes_at_published_sizes_are_refused_by_the_bund
         with pytest.raises(LayoutError) as refused:
             runnable_family(detect_model(model, [files[clip], files[t5]], vae))
         assert str(refused.value) == message
+
+
+def test_sd3_encoder_files_at_published_sizes_go_to_the_slots_of_the_bundled_config(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """SD3 medium's file (its VAE inside) with CLIP-G, T5-XXL and CLIP-L in that order: CLIP-L and CLIP-G go to te1 and
+    te2 by the widths of erasekit's bundled sd3-medium config; a T5 v1.1 base is refused by it."""
+    from erasekit.checkpoints.parts import detect_model
+    from erasekit.checkpoints.pipeline import runnable_family
+    from erasekit.errors import LayoutError
+
+    files = real_size_parts(tmp_path / "models", world["vae"])
+    ckpt = detect_model(files["sd3_medium"], [files["clip_g"], files["t5xxl_fp16"], files["clip_l"]])
+    assert runnable_family(ckpt).name == "sd3"
+    slots = {slot: wf.path.name for wf in ckpt.files for slot in wf.encoders}
+    assert slots == {"te1": "clip_l.safetensors", "te2": "clip_g.safetensors", "te3": "t5xxl_fp16.safetensors"}
+    with pytest.raises(LayoutError) as refused:
+        runnable_family(detect_model(files["sd3_medium"], [files["clip_g"], files["t5_base"], files["clip_l"]]))
+    assert str(refused.value) == (
+        "t5_base.safetensors is a T5 text encoder of 768x2048x12 (hidden x FFN x layers), but SD3.x's T5 v1.1 XXL "
+        "(te3) is 4096x10240x24 in erasekit's bundled sd3-medium config; give its T5 v1.1 XXL file "
+        "(t5xxl_fp16.safetensors) instead"
+    )

@@ -84,10 +84,11 @@ def _detect_whole(path: Path) -> Checkpoint:
         fam = _denoiser_alone(list(WeightFile(path, "").tensor_info())) if _is_safetensors(path) else None
         if fam is None:
             raise
-        files = ",".join(s.encoder.file for s in fam.slots if not s.optional)
+        files = ",".join(s.encoder.file for s in fam.slots)
+        vae = "" if _vae_prefix(path) is not None else f" --vae {fam.vae_file}"
         raise LayoutError(
             f"{path.name} holds a {fam.title} {fam.parts[0][0]} but no text encoders",
-            f"give its encoder files and VAE: --text-encoders {files} --vae {fam.vae_file}",
+            f"give its encoder files{' and VAE' if vae else ''}: --text-encoders {files}{vae}",
             option="text_encoders",
         ) from None
 
@@ -175,7 +176,7 @@ def _slotted(fam: Family, paths: list[Path], widths: dict[str, tuple[object, ...
         if slot.name in taken:
             raise LayoutError(
                 f"{taken[slot.name].name} and {path.name} are both {slot.encoder.title} text encoders ({slot.name})",
-                "give one file per text encoder",
+                f"give one file per text encoder: {_reads(fam)}",
                 option="text_encoders",
             )
         taken[slot.name] = path
@@ -255,14 +256,20 @@ def _slot_of(fam: Family, spec: EncoderSpec, path: Path, widths: dict[str, tuple
     if len(slots) > 1:
         slots = [s for s in slots if widths[s.name] == tuple(spec.dims[:2])]
     if len(slots) != 1:
-        wants = listing([f"{s.encoder.title} ({s.encoder.file})" for s in fam.slots])
         raise LayoutError(
             f"{path.name} is a {kind.title} text encoder of {spec.hidden} x {spec.intermediate} (hidden x FFN), "
             f"which no {fam.title} slot takes",
-            f"{fam.title} reads {wants}",
+            _reads(fam),
             option="text_encoders",
         )
     return slots[0]
+
+
+def _reads(fam: Family) -> str:
+    """What text encoders ``fam`` reads and the files they are kept in, the optional ones said so."""
+    wants = [f"{s.encoder.title} ({s.encoder.file})" for s in fam.slots if not s.optional]
+    optional = [f"{s.encoder.title} ({s.encoder.file})" for s in fam.slots if s.optional]
+    return f"{fam.title} reads {listing(wants)}" + (f", and {listing(optional)} where given" if optional else "")
 
 
 def check_encoder_sizes(ckpt: Checkpoint, config: str | os.PathLike | None = None) -> None:
