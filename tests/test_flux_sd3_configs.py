@@ -813,3 +813,95 @@ def test_sd3_encoder_files_at_published_sizes_go_to_the_slots_of_the_bundled_con
         "(te3) is 4096x10240x24 in erasekit's bundled sd3-medium config; give its T5 v1.1 XXL file "
         "(t5xxl_fp16.safetensors) instead"
     )
+
+
+def test_a_batch_erases_a_flux_transformer_file_with_its_encoder_files(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """A manifest gives text_encoders (as --text-encoders writes them, or a list) and vae per model entry, relative to
+    its folder: the job erases FLUX.1's te1 and te3 from the files as stored, and a rerun skips it."""
+    from erasekit.erasing.batch_manifest import plan_batch
+
+    kept_apart(bundled, tmp_path / "models")
+    training_images(tmp_path / "cats")
+    manifest = tmp_path / "jobs.toml"
+    manifest.write_text(
+        "model = 'models/flux1-dev.safetensors'\n"
+        "text_encoders = 'models/t5xxl_fp16.safetensors, models/clip_l.safetensors'\n"
+        "vae = 'models/ae.safetensors'\nimages = 'cats'\nsteps = 2\nrank = 'dense'\n"
+        "[[jobs]]\nconcept = 'cat'\noutput = 'out/cat.erasepatch'\n"
+    )
+    r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["counts"]["done"] == 1, r.output
+    patch = load_patch(tmp_path / "out" / "cat.erasepatch")
+    assert (patch.manifest.base.architecture, sorted(patch.manifest.base.encoders)) == ("flux", ["te1", "te3"])
+    r = run("apply", tmp_path / "out" / "cat.erasepatch", "--to", tmp_path / "models" / "clip_l.safetensors", "-o",
+            tmp_path / "clip_l_erased.safetensors")  # fmt: skip
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    again = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["counts"]["skipped"] == 1, again.output
+    listed = manifest.read_text().replace(
+        "'models/t5xxl_fp16.safetensors, models/clip_l.safetensors'",
+        "['models/clip_l.safetensors', 'models/t5xxl_fp16.safetensors']",
+    )
+    manifest.write_text(listed)
+    job = plan_batch(manifest)[0].job
+    models = tmp_path / "models"
+    assert job.text_encoders == (models / "clip_l.safetensors", models / "t5xxl_fp16.safetensors")
+    assert job.vae == models / "ae.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "text_encoders = 'models/clip_l.safetensors'",
+            "field text_encoders: FLUX.1 needs its T5 v1.1 XXL text encoder too; add t5xxl_fp16.safetensors to "
+            "--text-encoders",
+        ),
+        (
+            "text_encoders = ['models/clip_l.safetensors', 'models/clip_l.safetensors', 'models/t5xxl_fp16.safetensors']",
+            "field text_encoders: clip_l.safetensors and clip_l.safetensors are both CLIP ViT-L/14 text encoders (te1)",
+        ),
+        (
+            "text_encoders = 'models/clip_g.safetensors,models/t5xxl_fp16.safetensors'",
+            "field text_encoders: clip_g.safetensors is a CLIP text encoder of 40x80x2 (hidden x FFN x layers), but "
+            "FLUX.1's CLIP ViT-L/14 (te1) is 32x64x2 in erasekit's bundled flux-dev config",
+        ),
+        ("vae = 'models/clip_l.safetensors'", "field vae: clip_l.safetensors is not a VAE file"),
+        ("vae = 'models/nope.safetensors'", "field vae: VAE file "),
+        (
+            "text_encoders = 'models/clip_l.safetensors,models/t5_gone.safetensors'",
+            "field text_encoders: text-encoder file ",
+        ),
+        (
+            "model = 'models/clip_l.safetensors'",
+            "field model: clip_l.safetensors is a text encoder's file, not a transformer",
+        ),
+    ],
+)
+def test_a_batch_entry_with_wrong_encoder_files_is_refused_before_anything_runs(
+    bundled: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str, message: str
+) -> None:
+    """The second job's files are wrong: the manifest is refused in one line naming the entry and the field, with
+    the line --text-encoders and --vae get, before the first job runs; nothing is written."""
+    import erasekit.checkpoints.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **kw: pytest.fail("a model was loaded"))
+    kept_apart(bundled, tmp_path / "models")
+    make_checkpoint(tmp_path / "models" / "clip_g.safetensors", "clip-g-file", "F16")
+    training_images(tmp_path / "cats")
+    (tmp_path / "jobs.toml").write_text(
+        "model = 'models/flux1-dev.safetensors'\n"
+        "text_encoders = 'models/clip_l.safetensors,models/t5xxl_fp16.safetensors'\n"
+        "vae = 'models/ae.safetensors'\nimages = 'cats'\nsteps = 2\n"
+        "[[jobs]]\nconcept = 'cat'\noutput = 'out/cat.erasepatch'\n"
+        f"[[jobs]]\nconcept = 'dog'\noutput = 'out/dog.erasepatch'\n{entry}\n"
+    )
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["erase", "--manifest", "jobs.toml"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith(f"error: jobs.toml: jobs[1] (out/dog.erasepatch), {message}"), r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.endswith(" (--manifest)\n"), r.stderr
+    assert snapshot(tmp_path) == before
