@@ -660,6 +660,12 @@ def test_an_sd3_transformer_file_runs_with_its_two_clips_alone_and_a_config_fold
         f"error: {model} is not a model of the built-in toy world, the only one eval's own judge knows; give a local "
         "transformers CLIP model folder to judge its images with (--judge)\n",
     ), r.output
+    nowhere = tmp_path / "nowhere"
+    r = run("generate", "--model", model, "--text-encoders", encoders, "--config", nowhere, "a cat", "-o", tmp_path)
+    assert (r.exit_code, r.stderr) == (
+        2,
+        f"error: config {nowhere} is not a folder; name a local diffusers pipeline folder (--config)\n",
+    ), r.output
 
 
 def clip_header(path: Path, hidden: int, ffn: int) -> Path:

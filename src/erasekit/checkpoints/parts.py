@@ -155,9 +155,11 @@ def _slot_widths(fam: Family, transformer: Path, config: str | os.PathLike | Non
     kinds = [s.encoder.kind.name for s in fam.slots]
     if len(set(kinds)) == len(kinds):
         return {}
-    from .model_configs import encoder_configs
+    from .model_configs import choose_config, config_architecture
 
-    _, configs = encoder_configs(Checkpoint(transformer, PARTS_LAYOUT, fam.name, []), config)
+    # the configs' own checks first: a --config that is no folder of this family is refused as such
+    choice = choose_config(Checkpoint(transformer, PARTS_LAYOUT, fam.name, []), config)
+    configs = config_architecture(choice.path)[1]
     return {
         s.name: s.encoder.kind.dims_of(configs[s.name])[:2] if s.name in configs else s.encoder.largest[:2]
         for s in fam.slots
