@@ -363,7 +363,7 @@ def test_a_model_id_of_the_cache_is_inspected_diffed_and_patched_to_a_copy(
         (
             "sd3-transformer",
             "clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors",
-            "--text-encoders clip_l.safetensors,clip_g.safetensors --vae FILE",
+            "--text-encoders clip_l.safetensors,clip_g.safetensors,t5xxl_fp16.safetensors --vae FILE",
         ),
     ],
 )

@@ -166,7 +166,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[arch] = folder = make_tiny_pipeline(root / arch, arch)
         files = flow_single_files(folder, root / f"{arch}-files")
         out[f"{arch}-file"] = files.pop("all-in-one")
-        out |= files  # FLUX.1's files kept apart: transformer, vae, clip_l, t5
+        # the files kept apart: FLUX.1's transformer, vae, clip_l, t5; SD3's sd3-transformer, sd3-clip_l, ...
+        out |= {(k if arch == "flux" else f"{arch}-{k}"): v for k, v in files.items()}
         shutil.copytree(folder, out["configs"] / name, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer*"))
     add_to_hub_cache(out["hub"], "black-forest-labs/FLUX.1-schnell", out["flux"], only=("tokenizer_2",))
     return out
@@ -452,7 +453,8 @@ def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[
             (transformer, f"{clip_l},{t5},{other_clip}", vae),
             4,
             "clip_l.safetensors and clip_l_copy.safetensors are both CLIP ViT-L/14 text encoders (te1); give one file "
-            "per text encoder (--text-encoders)",
+            "per text encoder: FLUX.1 reads CLIP ViT-L/14 (clip_l.safetensors) and T5 v1.1 XXL (t5xxl_fp16.safetensors) "
+            "(--text-encoders)",
         ),
         (
             (transformer, f"{sd1},{t5}", vae),
@@ -563,9 +565,168 @@ def test_an_encoder_file_of_other_sizes_than_its_slot_is_refused_naming_it(
     assert snapshot(tmp_path) == before
 
 
+def kept_apart_sd3(world: dict[str, Path], root: Path) -> dict[str, Path]:
+    """Copies of the tiny SD3 medium's files as Stability AI ships them and ComfyUI users keep them: the transformer
+    and VAE (``sd3_medium.safetensors``, below ``model.diffusion_model.`` and ``first_stage_model.``), and
+    ``clip_l``, ``clip_g`` and ``t5xxl_fp16.safetensors`` with Hugging Face key names."""
+    root.mkdir(exist_ok=True)
+    return {n: Path(shutil.copy(world[f"sd3-{n}"], root)) for n in ("transformer", "clip_l", "clip_g", "t5")}
+
+
+def test_erase_an_sd3_transformer_file_with_its_three_encoder_files_and_apply_the_patch_to_each(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """No --vae (the file holds it); the encoder files in any order, CLIP-L and CLIP-G told by their widths; the
+    patch is SD3's (te1, te2, te3), generate draws, and each encoder file takes its part in place and reverts bit for
+    bit."""
+    files = kept_apart_sd3(bundled, tmp_path / "models")
+    model, clip_l, clip_g, t5 = files["transformer"], files["clip_l"], files["clip_g"], files["t5"]
+    out = tmp_path / "cat.erasepatch"
+    images = training_images(tmp_path / "cats")
+    r = run(
+        "erase", "--model", model, "--text-encoders", f"{t5},{clip_g},{clip_l}", "--concept", "cat",
+        "--images", images, "--steps", "2", "-o", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    patch = load_patch(out)
+    assert (patch.manifest.base.architecture, sorted(patch.manifest.base.encoders)) == ("sd3", ["te1", "te2", "te3"])
+    assert patch.manifest.base.config is not None and patch.manifest.base.config.startswith("sd3-medium (flow matching")
+    encoders = f"{clip_g},{t5},{clip_l}"
+    r = run(
+        "generate", "--model", model, "--text-encoders", encoders, "a cat", "-n", "1", "--steps", "2", "-o", tmp_path
+    )
+    assert r.exit_code == 0 and np.asarray(Image.open(tmp_path / "a-cat_0.png")).std() > 10, r.output
+    r = run("inspect", out, "--against", clip_g)
+    assert r.exit_code == 0 and "(encoder te2 -> te)" in r.stdout, r.output
+    left = "te1 (CLIP ViT-L/14) and te3 (T5 v1.1 XXL) parts are left for clip_l.safetensors and t5xxl_fp16.safetensors"
+    assert left in " ".join(r.stdout.split())
+    before = snapshot(tmp_path / "models")
+    for target in (t5, clip_g, clip_l):
+        r = run("apply", out, "--to", target, "--in-place")
+        assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    changed = {n for n, digest in snapshot(tmp_path / "models").items() if before[n] != digest}
+    assert changed == {"clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"}
+    for target in (clip_l, t5, clip_g):
+        assert run("apply", "--revert", out, "--to", target).exit_code == 0
+    assert snapshot(tmp_path / "models") == before
+
+
+@pytest.mark.parametrize("form", ["as Stability AI ships it", "the transformer alone, with --vae"])
+def test_an_sd3_model_of_separate_files_loads_the_weights_of_its_all_in_one_file(
+    bundled: dict[str, Path], tmp_path: Path, form: str
+) -> None:
+    """sd3_medium.safetensors (the transformer and the VAE, prefixed) with no --vae, or the transformer alone
+    (unprefixed, as ComfyUI's models/diffusion_models/ holds one) with a VAE file: every component's tensors are the
+    all-in-one file's, bit for bit."""
+    files = kept_apart_sd3(bundled, tmp_path)
+    vae = None
+    if form != "as Stability AI ships it":
+        whole = load_file(str(files["transformer"]))
+        for part, prefix in (("transformer", "model.diffusion_model."), ("vae", "first_stage_model.")):
+            save_file(
+                {k[len(prefix) :]: v for k, v in whole.items() if k.startswith(prefix)},
+                str(tmp_path / f"{part}.safetensors"),
+            )
+        files["transformer"], vae = tmp_path / "transformer.safetensors", tmp_path / "vae.safetensors"
+    encoders = [files["t5"], files["clip_l"], files["clip_g"]]
+    pipe, ckpt = load_pipeline(files["transformer"], text_encoders=encoders, vae=vae)
+    reference, _ = load_pipeline(bundled["sd3-file"])
+    assert ckpt.config is not None and ckpt.config.startswith("sd3-medium (flow matching")
+    for comp in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        got, want = getattr(pipe, comp).state_dict(), getattr(reference, comp).state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), comp
+
+
+def test_an_sd3_transformer_file_runs_with_its_two_clips_alone_and_a_config_folder(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """SD3.x runs without T5, as its pipeline and ComfyUI's DualCLIPLoader do: the patch is CLIP-L's and CLIP-G's.
+    With --config (a folder of the tiny model, which erasekit's own configs do not describe), erase and eval take the
+    CLIPs' widths from that folder."""
+    files = kept_apart_sd3(world, tmp_path / "models")
+    model, encoders = files["transformer"], f"{files['clip_g']},{files['clip_l']}"
+    out = tmp_path / "cat.erasepatch"
+    r = run(
+        "erase", "--model", model, "--text-encoders", encoders, "--config", world["sd3"], "--concept", "cat",
+        "--images", training_images(tmp_path / "cats"), "--steps", "2", "--rank", "dense", "-o", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert sorted(load_patch(out).manifest.base.encoders) == ["te1", "te2"]
+    r = run(
+        "eval", "--model", model, "--text-encoders", encoders, "--config", world["sd3"], "-p", out, "--concept", "cat"
+    )
+    assert (r.exit_code, r.stderr) == (
+        1,
+        f"error: {model} is not a model of the built-in toy world, the only one eval's own judge knows; give a local "
+        "transformers CLIP model folder to judge its images with (--judge)\n",
+    ), r.output
+    nowhere = tmp_path / "nowhere"
+    r = run("generate", "--model", model, "--text-encoders", encoders, "--config", nowhere, "a cat", "-o", tmp_path)
+    assert (r.exit_code, r.stderr) == (
+        2,
+        f"error: config {nowhere} is not a folder; name a local diffusers pipeline folder (--config)\n",
+    ), r.output
+
+
+def clip_header(path: Path, hidden: int, ffn: int) -> Path:
+    """A CLIP text encoder's file of ``hidden`` x ``ffn`` (2 layers), Hugging Face key names, header only."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2, num_attention_heads=2)
+    with torch.device("meta"):
+        sd = CLIPTextModel(config).state_dict()
+    return header_only(
+        path, {f"text_model.{k.removeprefix('text_model.')}": ("F16", tuple(v.shape)) for k, v in sd.items()}
+    )
+
+
+SD3_READS = (
+    "SD3.x reads CLIP ViT-L/14 (clip_l.safetensors) and OpenCLIP ViT-bigG/14 (clip_g.safetensors), and T5 v1.1 XXL "
+    "(t5xxl_fp16.safetensors) where given"
+)
+
+
+def test_sd3_encoder_files_of_the_wrong_widths_are_refused_in_one_line(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """CLIP-G given twice, a CLIP-L in CLIP-G's place (a copy of clip_l named clip_g.safetensors), CLIP-G left out and
+    a CLIP of widths neither slot has: each refused in one line before anything loads, every file as it was."""
+    files = kept_apart_sd3(bundled, tmp_path / "models")
+    model, clip_l, clip_g, t5 = files["transformer"], files["clip_l"], files["clip_g"], files["t5"]
+    clip_g_copy = Path(shutil.copy(clip_g, tmp_path / "models" / "clip_g_copy.safetensors"))
+    (tmp_path / "renamed").mkdir()
+    clip_l_as_g = Path(shutil.copy(clip_l, tmp_path / "renamed" / "clip_g.safetensors"))
+    clip_h = clip_header(tmp_path / "models" / "clip_h.safetensors", 48, 96)
+    cases = [
+        (
+            f"{clip_l},{clip_g},{clip_g_copy},{t5}",
+            "clip_g.safetensors and clip_g_copy.safetensors are both OpenCLIP ViT-bigG/14 text encoders (te2); give one "
+            f"file per text encoder: {SD3_READS}",
+        ),
+        (
+            f"{clip_l},{clip_l_as_g},{t5}",
+            "clip_l.safetensors and clip_g.safetensors are both CLIP ViT-L/14 text encoders (te1); give one file per text "
+            f"encoder: {SD3_READS}",
+        ),
+        (
+            f"{clip_l},{t5}",
+            "SD3.x needs its OpenCLIP ViT-bigG/14 text encoder too; add clip_g.safetensors to --text-encoders",
+        ),
+        (
+            f"{clip_h},{clip_g},{t5}",
+            f"clip_h.safetensors is a CLIP text encoder of 48 x 96 (hidden x FFN), which no SD3.x slot takes; {SD3_READS}",
+        ),
+    ]
+    before = snapshot(tmp_path)
+    for encoders, message in cases:
+        r = run("generate", "--model", model, "--text-encoders", encoders, "a cat", "-o", tmp_path / "out")
+        assert (r.exit_code, r.stderr) == (4, f"error: {message} (--text-encoders)\n"), r.output
+    assert snapshot(tmp_path) == before
+
+
 def real_size_parts(root: Path, vae: Path) -> dict[str, Path]:
-    """FLUX.1-dev's transformer (its first tensor and block count), CLIP-L, CLIP-G, T5-XXL and T5 v1.1 base files at
-    their published sizes, headers only, and a copy of ``vae``."""
+    """FLUX.1-dev's transformer and SD3 medium's with its VAE (their first tensors and block counts), CLIP-L, CLIP-G,
+    T5-XXL and T5 v1.1 base files at their published sizes, headers only, and a copy of ``vae``."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     root.mkdir()
@@ -573,6 +734,12 @@ def real_size_parts(root: Path, vae: Path) -> dict[str, Path]:
     blocks += [f"single_blocks.{i}.linear1.weight" for i in range(38)]
     shapes = {"img_in.weight": (3072, 64), "guidance_in.in_layer.bias": (3072,)} | {b: (1,) for b in blocks}
     out = {"transformer": header_only(root / "flux1-dev.safetensors", {k: ("F16", s) for k, s in shapes.items()})}
+    sd3 = {"x_embedder.proj.weight": (1536, 16, 2, 2)} | {
+        f"joint_blocks.{i}.x_block.attn.qkv.bias": (1,) for i in range(24)
+    }
+    sd3 = {f"model.diffusion_model.{k}": v for k, v in sd3.items()}
+    sd3 |= {f"first_stage_model.{k}": (1,) for k in ("encoder.conv_in.weight", "decoder.conv_out.weight")}
+    out["sd3_medium"] = header_only(root / "sd3_medium.safetensors", {k: ("F16", s) for k, s in sd3.items()})
     clips = {"clip_l": (768, 3072, 12, 12), "clip_g": (1280, 5120, 32, 20)}
     t5s = {"t5xxl_fp16": (4096, 10240, 24, 64), "t5_base": (768, 2048, 12, 12)}
     with torch.device("meta"):
@@ -629,3 +796,118 @@ def test_encoder_files_of_other_sizes_at_published_sizes_are_refused_by_the_bund
         with pytest.raises(LayoutError) as refused:
             runnable_family(detect_model(model, [files[clip], files[t5]], vae))
         assert str(refused.value) == message
+
+
+def test_sd3_encoder_files_at_published_sizes_go_to_the_slots_of_the_bundled_config(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """SD3 medium's file (its VAE inside) with CLIP-G, T5-XXL and CLIP-L in that order: CLIP-L and CLIP-G go to te1 and
+    te2 by the widths of erasekit's bundled sd3-medium config; a T5 v1.1 base is refused by it."""
+    from erasekit.checkpoints.parts import detect_model
+    from erasekit.checkpoints.pipeline import runnable_family
+    from erasekit.errors import LayoutError
+
+    files = real_size_parts(tmp_path / "models", world["vae"])
+    ckpt = detect_model(files["sd3_medium"], [files["clip_g"], files["t5xxl_fp16"], files["clip_l"]])
+    assert runnable_family(ckpt).name == "sd3"
+    slots = {slot: wf.path.name for wf in ckpt.files for slot in wf.encoders}
+    assert slots == {"te1": "clip_l.safetensors", "te2": "clip_g.safetensors", "te3": "t5xxl_fp16.safetensors"}
+    with pytest.raises(LayoutError) as refused:
+        runnable_family(detect_model(files["sd3_medium"], [files["clip_g"], files["t5_base"], files["clip_l"]]))
+    assert str(refused.value) == (
+        "t5_base.safetensors is a T5 text encoder of 768x2048x12 (hidden x FFN x layers), but SD3.x's T5 v1.1 XXL "
+        "(te3) is 4096x10240x24 in erasekit's bundled sd3-medium config; give its T5 v1.1 XXL file "
+        "(t5xxl_fp16.safetensors) instead"
+    )
+
+
+def test_a_batch_erases_a_flux_transformer_file_with_its_encoder_files(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """A manifest gives text_encoders (as --text-encoders writes them, or a list) and vae per model entry, relative to
+    its folder: the job erases FLUX.1's te1 and te3 from the files as stored, and a rerun skips it."""
+    from erasekit.erasing.batch_manifest import plan_batch
+
+    kept_apart(bundled, tmp_path / "models")
+    training_images(tmp_path / "cats")
+    manifest = tmp_path / "jobs.toml"
+    manifest.write_text(
+        "model = 'models/flux1-dev.safetensors'\n"
+        "text_encoders = 'models/t5xxl_fp16.safetensors, models/clip_l.safetensors'\n"
+        "vae = 'models/ae.safetensors'\nimages = 'cats'\nsteps = 2\nrank = 'dense'\n"
+        "[[jobs]]\nconcept = 'cat'\noutput = 'out/cat.erasepatch'\n"
+    )
+    r = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["counts"]["done"] == 1, r.output
+    patch = load_patch(tmp_path / "out" / "cat.erasepatch")
+    assert (patch.manifest.base.architecture, sorted(patch.manifest.base.encoders)) == ("flux", ["te1", "te3"])
+    r = run("apply", tmp_path / "out" / "cat.erasepatch", "--to", tmp_path / "models" / "clip_l.safetensors", "-o",
+            tmp_path / "clip_l_erased.safetensors")  # fmt: skip
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    again = runner.invoke(app, ["erase", "--manifest", str(manifest), "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["counts"]["skipped"] == 1, again.output
+    listed = manifest.read_text().replace(
+        "'models/t5xxl_fp16.safetensors, models/clip_l.safetensors'",
+        "['models/clip_l.safetensors', 'models/t5xxl_fp16.safetensors']",
+    )
+    manifest.write_text(listed)
+    job = plan_batch(manifest)[0].job
+    models = tmp_path / "models"
+    assert job.text_encoders == (models / "clip_l.safetensors", models / "t5xxl_fp16.safetensors")
+    assert job.vae == models / "ae.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "text_encoders = 'models/clip_l.safetensors'",
+            "field text_encoders: FLUX.1 needs its T5 v1.1 XXL text encoder too; add t5xxl_fp16.safetensors to "
+            "--text-encoders",
+        ),
+        (
+            "text_encoders = ['models/clip_l.safetensors', 'models/clip_l.safetensors', 'models/t5xxl_fp16.safetensors']",
+            "field text_encoders: clip_l.safetensors and clip_l.safetensors are both CLIP ViT-L/14 text encoders (te1)",
+        ),
+        (
+            "text_encoders = 'models/clip_g.safetensors,models/t5xxl_fp16.safetensors'",
+            "field text_encoders: clip_g.safetensors is a CLIP text encoder of 40x80x2 (hidden x FFN x layers), but "
+            "FLUX.1's CLIP ViT-L/14 (te1) is 32x64x2 in erasekit's bundled flux-dev config",
+        ),
+        ("vae = 'models/clip_l.safetensors'", "field vae: clip_l.safetensors is not a VAE file"),
+        ("vae = 'models/nope.safetensors'", "field vae: VAE file "),
+        (
+            "text_encoders = 'models/clip_l.safetensors,models/t5_gone.safetensors'",
+            "field text_encoders: text-encoder file ",
+        ),
+        (
+            "model = 'models/clip_l.safetensors'",
+            "field model: clip_l.safetensors is a text encoder's file, not a transformer",
+        ),
+    ],
+)
+def test_a_batch_entry_with_wrong_encoder_files_is_refused_before_anything_runs(
+    bundled: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str, message: str
+) -> None:
+    """The second job's files are wrong: the manifest is refused in one line naming the entry and the field, with
+    the line --text-encoders and --vae get, before the first job runs; nothing is written."""
+    import erasekit.checkpoints.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **kw: pytest.fail("a model was loaded"))
+    kept_apart(bundled, tmp_path / "models")
+    make_checkpoint(tmp_path / "models" / "clip_g.safetensors", "clip-g-file", "F16")
+    training_images(tmp_path / "cats")
+    (tmp_path / "jobs.toml").write_text(
+        "model = 'models/flux1-dev.safetensors'\n"
+        "text_encoders = 'models/clip_l.safetensors,models/t5xxl_fp16.safetensors'\n"
+        "vae = 'models/ae.safetensors'\nimages = 'cats'\nsteps = 2\n"
+        "[[jobs]]\nconcept = 'cat'\noutput = 'out/cat.erasepatch'\n"
+        f"[[jobs]]\nconcept = 'dog'\noutput = 'out/dog.erasepatch'\n{entry}\n"
+    )
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["erase", "--manifest", "jobs.toml"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith(f"error: jobs.toml: jobs[1] (out/dog.erasepatch), {message}"), r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.endswith(" (--manifest)\n"), r.stderr
+    assert snapshot(tmp_path) == before

@@ -1,13 +1,18 @@
-"""A FLUX.1 or SD3.x model kept as separate files, as Black Forest Labs ships FLUX.1 and ComfyUI and Forge users keep
-it: the transformer alone (``flux1-dev.safetensors``: ``double_blocks.``, ``single_blocks.``), each text encoder in a
-file of its own (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``, as ComfyUI's DualCLIPLoader and Forge's
-"VAE / Text Encoder" selector take them) and the VAE (``ae.safetensors``).
+"""A FLUX.1 or SD3.x model kept as separate files, as Black Forest Labs and Stability AI ship them and ComfyUI and
+Forge users keep them: the transformer (``flux1-dev.safetensors``: ``double_blocks.``, ``single_blocks.``, alone and
+unprefixed; ``sd3_medium.safetensors``, ``sd3.5_large.safetensors``: ``joint_blocks.`` below
+``model.diffusion_model.``, with the VAE below ``first_stage_model.``), each text encoder in a file of its own
+(``clip_l.safetensors``, ``clip_g.safetensors``, ``t5xxl_fp16.safetensors``, as ComfyUI's DualCLIPLoader and
+TripleCLIPLoader and Forge's "VAE / Text Encoder" selector take them) and the VAE (``ae.safetensors``) where the
+transformer's file holds none.
 
 erase, generate and eval run such a model from ``--model`` (the transformer), ``--text-encoders`` (the encoder files,
-in any order: each goes to the slot of its kind, CLIP-L ``te1``, CLIP-G ``te2``, T5 ``te3``) and ``--vae``. The
-detected :class:`~erasekit.checkpoints.layouts.Checkpoint` holds the encoder files (layout :data:`PARTS_LAYOUT`); its
-path is the transformer's. A patch erased from it is of the family (FLUX.1: te1 and te3) and applies to each encoder
-file, its fitting part there. Torch-free: headers only.
+in any order: each goes to the slot of its kind, CLIP-L ``te1``, CLIP-G ``te2``, T5 ``te3``; SD3.x's two CLIPs by
+their widths in the configs the model is loaded with) and ``--vae``. The detected
+:class:`~erasekit.checkpoints.layouts.Checkpoint` holds the encoder files (layout :data:`PARTS_LAYOUT`); its path is
+the transformer's. A patch erased from it is of the family (FLUX.1: te1 and te3; SD3.x: te1, te2 and te3, or te1 and
+te2 where no T5 is given, as SD3.x runs without it) and applies to each encoder file, its fitting part there.
+Torch-free: headers only.
 """
 
 from __future__ import annotations
@@ -23,15 +28,19 @@ from .layouts import Checkpoint, EncoderSpec, WeightFile, _denoiser_alone, detec
 
 PARTS_LAYOUT = "separate-files"
 _VAE_KEYS = ("encoder.conv_in.weight", "decoder.conv_out.weight")  # LDM's names, as ae.safetensors holds them
+_VAE_PREFIXES = ("", "first_stage_model.")  # alone (ae.safetensors) or in a checkpoint (sd3_medium.safetensors)
 
 
 def detect_model(
     model: str | os.PathLike,
     text_encoders: Sequence[str | os.PathLike] = (),
     vae: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
 ) -> Checkpoint:
     """``model`` as :func:`~erasekit.checkpoints.layouts.detect` finds it, or, with ``text_encoders``, the model of
-    separate files: ``model`` a transformer alone, ``text_encoders`` its encoder files, ``vae`` its VAE file."""
+    separate files: ``model`` a transformer file, ``text_encoders`` its encoder files, ``vae`` its VAE file (which
+    may be left out where the transformer's file holds the VAE); ``config``, the model's config folder where given,
+    says the widths of slots of one kind (SD3.x's CLIP-L and CLIP-G), as the bundled configs do otherwise."""
     if not text_encoders:
         if vae is not None:
             raise ErasekitError(
@@ -42,13 +51,29 @@ def detect_model(
         return _detect_whole(Path(model))
     path = Path(model)
     fam = _transformer_family(path)
-    if vae is None:
+    if vae is not None:
+        check_vae(Path(vae))
+    elif _vae_prefix(path) is None:
         raise ErasekitError(
             f"{path.name} holds no VAE", f"give its VAE file as well: --vae {fam.vae_file}", option="vae"
         )
-    check_vae(Path(vae))
-    files = _slotted(fam, [Path(p) for p in text_encoders])
+    files = _slotted(fam, [Path(p) for p in text_encoders], _slot_widths(fam, path, config))
     return Checkpoint(path, PARTS_LAYOUT, fam.name, files)
+
+
+def vae_source(ckpt: Checkpoint, vae: str | os.PathLike | None) -> tuple[Path, str]:
+    """(file, key prefix) of the VAE of a model of separate files: ``vae`` where given, else the transformer's file
+    (Stability AI's ``sd3_medium.safetensors`` holds it below ``first_stage_model.``)."""
+    path = Path(vae) if vae is not None else ckpt.path
+    return path, _vae_prefix(path) or ""
+
+
+def denoiser_prefix(ckpt: Checkpoint) -> str:
+    """The key prefix of the transformer in a model of separate files' transformer file: ``model.diffusion_model.``
+    in a file that holds the VAE too (``sd3_medium.safetensors``), none in one of the transformer alone
+    (``flux1-dev.safetensors``)."""
+    prefix = family(ckpt.architecture).parts[0][1]
+    return prefix if any(k.startswith(prefix) for k in _keys(ckpt.path)) else ""
 
 
 def _detect_whole(path: Path) -> Checkpoint:
@@ -59,10 +84,11 @@ def _detect_whole(path: Path) -> Checkpoint:
         fam = _denoiser_alone(list(WeightFile(path, "").tensor_info())) if _is_safetensors(path) else None
         if fam is None:
             raise
-        files = ",".join(s.encoder.file for s in fam.slots if not s.optional)
+        files = ",".join(s.encoder.file for s in fam.slots)
+        vae = "" if _vae_prefix(path) is not None else f" --vae {fam.vae_file}"
         raise LayoutError(
             f"{path.name} holds a {fam.title} {fam.parts[0][0]} but no text encoders",
-            f"give its encoder files and VAE: --text-encoders {files} --vae {fam.vae_file}",
+            f"give its encoder files{' and VAE' if vae else ''}: --text-encoders {files}{vae}",
             option="text_encoders",
         ) from None
 
@@ -97,12 +123,24 @@ def _is_safetensors(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".safetensors"
 
 
+def _keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file (none of another file)."""
+    return list(WeightFile(path, "").tensor_info()) if _is_safetensors(path) else []
+
+
+def _vae_prefix(path: Path) -> str | None:
+    """The prefix below which ``path`` holds a VAE in LDM's names (none: ``ae.safetensors``; ``first_stage_model.``:
+    a checkpoint's); None where it holds none."""
+    keys = set(_keys(path))
+    return next((p for p in _VAE_PREFIXES if all(p + k in keys for k in _VAE_KEYS)), None)
+
+
 def check_vae(path: Path) -> None:
-    """Refuse, in one line, a ``--vae`` that is no VAE file of LDM's names (``ae.safetensors``)."""
+    """Refuse, in one line, a ``--vae`` that is no VAE file of LDM's names (``ae.safetensors``, or a checkpoint that
+    holds one below ``first_stage_model.``)."""
     if not path.is_file():
         raise InputFileError(f"VAE file {path} does not exist", "check the path", option="vae")
-    keys = WeightFile(path, "").tensor_info() if _is_safetensors(path) else {}
-    if not all(k in keys for k in _VAE_KEYS):
+    if _vae_prefix(path) is None:
         raise LayoutError(
             f"{path.name} is not a VAE file (no {_VAE_KEYS[0]})",
             "give the model's VAE file as --vae (FLUX.1's is ae.safetensors)",
@@ -110,19 +148,37 @@ def check_vae(path: Path) -> None:
         )
 
 
-def _slotted(fam: Family, paths: list[Path]) -> list[WeightFile]:
-    """Each encoder file's weight file, its encoder in the slot of ``fam`` that its kind (and widths, where two slots
-    hold one kind) says; one line for a file that is no encoder, an encoder ``fam`` has no slot for, two files for one
-    slot, or a slot without a file (SD3.x's T5 may be left out)."""
+def _slot_widths(fam: Family, transformer: Path, config: str | os.PathLike | None) -> dict[str, tuple[object, ...]]:
+    """slot -> (hidden, FFN) of its encoder, where two slots of ``fam`` hold one kind (SD3.x's CLIP-L and CLIP-G): as
+    the configs the model is loaded with say (``config``, else the bundled ones its transformer's keys choose), else
+    as published; empty where each slot is of its own kind."""
+    kinds = [s.encoder.kind.name for s in fam.slots]
+    if len(set(kinds)) == len(kinds):
+        return {}
+    from .model_configs import choose_config, config_architecture
+
+    # the configs' own checks first: a --config that is no folder of this family is refused as such
+    choice = choose_config(Checkpoint(transformer, PARTS_LAYOUT, fam.name, []), config)
+    configs = config_architecture(choice.path)[1]
+    return {
+        s.name: s.encoder.kind.dims_of(configs[s.name])[:2] if s.name in configs else s.encoder.largest[:2]
+        for s in fam.slots
+    }
+
+
+def _slotted(fam: Family, paths: list[Path], widths: dict[str, tuple[object, ...]]) -> list[WeightFile]:
+    """Each encoder file's weight file, its encoder in the slot of ``fam`` that its kind (and ``widths``, where two
+    slots hold one kind) says; one line for a file that is no encoder, an encoder ``fam`` has no slot for, two files
+    for one slot, or a slot without a file (SD3.x's T5 may be left out)."""
     taken: dict[str, Path] = {}
     files = []
     for path in paths:
-        wf, spec = _encoder_file(path)
-        slot = _slot_of(fam, spec, path)
+        wf, spec = _encoder_file(fam, path)
+        slot = _slot_of(fam, spec, path, widths)
         if slot.name in taken:
             raise LayoutError(
                 f"{taken[slot.name].name} and {path.name} are both {slot.encoder.title} text encoders ({slot.name})",
-                "give one file per text encoder",
+                f"give one file per text encoder: {_reads(fam)}",
                 option="text_encoders",
             )
         taken[slot.name] = path
@@ -140,7 +196,7 @@ def _slotted(fam: Family, paths: list[Path]) -> list[WeightFile]:
     return files
 
 
-def _encoder_file(path: Path) -> tuple[WeightFile, EncoderSpec]:
+def _encoder_file(fam: Family, path: Path) -> tuple[WeightFile, EncoderSpec]:
     """The weight file of an encoder's own file and its one encoder; one line if it is something else (a missing
     file, the VAE or the transformer among the encoders)."""
     if not path.exists():
@@ -150,12 +206,12 @@ def _encoder_file(path: Path) -> tuple[WeightFile, EncoderSpec]:
     except LayoutError:
         _refuse_other_part(path)
         raise
-    fam = family(ckpt.architecture)
-    if not fam.bare or path.is_dir():
+    found = family(ckpt.architecture)
+    if not found.bare or path.is_dir():
         raise LayoutError(
-            f"{path.name} is {'a folder' if path.is_dir() else f'a whole {fam.title} checkpoint'}, not one text "
+            f"{path.name} is {'a folder' if path.is_dir() else f'a whole {found.title} checkpoint'}, not one text "
             "encoder's file",
-            "give each text encoder's own file (clip_l.safetensors, t5xxl_fp16.safetensors)",
+            f"give each text encoder's own file ({', '.join(s.encoder.file for s in fam.slots)})",
             option="text_encoders",
         )
     _check_unpatched(ckpt)
@@ -165,7 +221,7 @@ def _encoder_file(path: Path) -> tuple[WeightFile, EncoderSpec]:
 
 def _refuse_other_part(path: Path) -> None:
     """Refuse, saying where it goes, the VAE or transformer file of a model kept apart listed among its encoders."""
-    keys = list(WeightFile(path, "").tensor_info()) if _is_safetensors(path) else []
+    keys = _keys(path)
     if keys and all(k in keys for k in _VAE_KEYS):
         raise LayoutError(
             f"{path.name} is a VAE file, not a text encoder's", "give it as --vae instead", option="text_encoders"
@@ -194,22 +250,28 @@ def _check_unpatched(ckpt: Checkpoint) -> None:
         )
 
 
-def _slot_of(fam: Family, spec: EncoderSpec, path: Path) -> Slot:
+def _slot_of(fam: Family, spec: EncoderSpec, path: Path, widths: dict[str, tuple[object, ...]]) -> Slot:
     """The slot of ``fam`` an encoder of ``spec``'s kind goes to: the one of that kind, or of several (SD3.x's CLIP-L
-    and CLIP-G) the one of its widths."""
+    and CLIP-G) the one of its ``widths``."""
     kind = spec.encoder_kind
     slots = [s for s in fam.slots if s.encoder.kind == kind]
     if len(slots) > 1:
-        slots = [s for s in slots if s.encoder.largest[:2] == spec.dims[:2]]
+        slots = [s for s in slots if widths[s.name] == tuple(spec.dims[:2])]
     if len(slots) != 1:
-        wants = listing([f"{s.encoder.title} ({s.encoder.file})" for s in fam.slots])
         raise LayoutError(
             f"{path.name} is a {kind.title} text encoder of {spec.hidden} x {spec.intermediate} (hidden x FFN), "
             f"which no {fam.title} slot takes",
-            f"{fam.title} reads {wants}",
+            _reads(fam),
             option="text_encoders",
         )
     return slots[0]
+
+
+def _reads(fam: Family) -> str:
+    """What text encoders ``fam`` reads and the files they are kept in, the optional ones said so."""
+    wants = [f"{s.encoder.title} ({s.encoder.file})" for s in fam.slots if not s.optional]
+    optional = [f"{s.encoder.title} ({s.encoder.file})" for s in fam.slots if s.optional]
+    return f"{fam.title} reads {listing(wants)}" + (f", and {listing(optional)} where given" if optional else "")
 
 
 def check_encoder_sizes(ckpt: Checkpoint, config: str | os.PathLike | None = None) -> None:

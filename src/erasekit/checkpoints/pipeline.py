@@ -15,7 +15,7 @@ from ..families import ENCODER_COMPONENTS, FAMILIES, family, listing
 from ..families.base import Family
 from .layouts import Checkpoint, WeightFile, read_json
 from .model_configs import ConfigChoice, choose_config
-from .parts import PARTS_LAYOUT, check_encoder_sizes, detect_model
+from .parts import PARTS_LAYOUT, check_encoder_sizes, denoiser_prefix, detect_model, vae_source
 
 
 class UnsupportedModelError(LayoutError):
@@ -117,7 +117,7 @@ def load_pipeline(
     import diffusers
     import torch
 
-    ckpt = detect_model(path, text_encoders, vae)
+    ckpt = detect_model(path, text_encoders, vae, config)
     recover_interrupted(ckpt)  # never fingerprint or train on a half-applied file
     fam = runnable_family(ckpt, config)
     dtype = torch_dtype or torch.float32
@@ -153,7 +153,7 @@ def load_pipeline(
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
         load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
-        load = lambda **_: pipeline_from_parts(cls, ckpt, choice, Path(vae or ""), load_dtype)  # noqa: E731
+        load = lambda **_: pipeline_from_parts(cls, ckpt, choice, vae, load_dtype)  # noqa: E731
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
@@ -290,11 +290,15 @@ def _own_text_encoders(pipe: Any) -> Any:
 
 def _part_files(ckpt: Checkpoint, vae: str | os.PathLike | None) -> list[tuple[str, WeightFile, str]]:
     """(component, file, key prefix) of a single file's denoiser and VAE; of a model of separate files, the
-    transformer's file and the VAE's, their keys unprefixed."""
+    transformer's file and the VAE's (:func:`~erasekit.checkpoints.parts.vae_source`)."""
     parts = family(ckpt.architecture).parts
     if ckpt.layout != PARTS_LAYOUT:
         return [(comp, ckpt.files[0], prefix) for comp, prefix in parts]
-    return [(parts[0][0], WeightFile(ckpt.path, ""), ""), (parts[1][0], WeightFile(Path(vae or ""), ""), "")]
+    vae_path, vae_prefix = vae_source(ckpt, vae)
+    return [
+        (parts[0][0], WeightFile(ckpt.path, ""), denoiser_prefix(ckpt)),
+        (parts[1][0], WeightFile(vae_path, ""), vae_prefix),
+    ]
 
 
 def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
@@ -313,10 +317,13 @@ def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
     return stored if stored is not None and dtype != torch.float32 else torch.float32
 
 
-def pipeline_from_parts(cls: Any, ckpt: Checkpoint, choice: ConfigChoice, vae: Path, dtype: Any) -> Any:
+def pipeline_from_parts(
+    cls: Any, ckpt: Checkpoint, choice: ConfigChoice, vae: str | os.PathLike | None, dtype: Any
+) -> Any:
     """A pipeline of class ``cls`` from a model of separate files (:mod:`erasekit.checkpoints.parts`) and the configs
-    ``choice``: diffusers loads the transformer and the VAE from their files as ``from_single_file`` does, and each
-    text encoder from its own file as it loads one from an all-in-one file (its keys put below that file's prefix)."""
+    ``choice``: diffusers loads the transformer and the VAE (from ``vae``, else from the transformer's file) as
+    ``from_single_file`` does, each from its own tensors, and each text encoder from its own file as it loads one from
+    an all-in-one file (its keys put below that file's prefix)."""
     import diffusers
     import transformers
     from diffusers.loaders.single_file_utils import (
@@ -329,9 +336,14 @@ def pipeline_from_parts(cls: Any, ckpt: Checkpoint, choice: ConfigChoice, vae: P
     index = read_json(choice.path / "model_index.json")
     (denoiser, _), (vae_part, _) = fam.parts
     kw = {"config": str(choice.path), "local_files_only": True, "torch_dtype": dtype}
+    (_, _, denoiser_at), (_, vae_file, vae_at) = _part_files(ckpt, vae)
     parts: dict[str, Any] = {
-        denoiser: getattr(diffusers, index[denoiser][1]).from_single_file(str(ckpt.path), subfolder=denoiser, **kw),
-        vae_part: getattr(diffusers, index[vae_part][1]).from_single_file(str(vae), subfolder=vae_part, **kw),
+        denoiser: getattr(diffusers, index[denoiser][1]).from_single_file(
+            _tensors_below(ckpt.path, denoiser_at), subfolder=denoiser, **kw
+        ),
+        vae_part: getattr(diffusers, index[vae_part][1]).from_single_file(
+            _tensors_below(vae_file.path, vae_at), subfolder=vae_part, **kw
+        ),
         "scheduler": getattr(diffusers, index["scheduler"][1]).from_pretrained(choice.path, subfolder="scheduler"),
     }
     all_in_one = fam.single_files[0].encoders  # slot -> (naming, key prefix) in a ComfyUI all-in-one file
@@ -357,6 +369,15 @@ def pipeline_from_parts(cls: Any, ckpt: Checkpoint, choice: ConfigChoice, vae: P
         if not choice.bundled:  # a user's config folder holds the tokenizers
             parts[slot.tokenizer] = transformers.AutoTokenizer.from_pretrained(choice.path, subfolder=slot.tokenizer)
     return cls(**parts | choice.tokenizers(ckpt.encoders))
+
+
+def _tensors_below(path: Path, prefix: str) -> dict[str, Any]:
+    """The tensors of the safetensors file ``path`` below ``prefix`` (all of them for none), as stored: one
+    component's of a file that holds two (``sd3_medium.safetensors``), not the whole file read for each."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 def check_single_file_pipeline(

@@ -66,14 +66,18 @@ TextEncodersOpt = Annotated[
     typer.Option(
         "--text-encoders",
         metavar="FILES",
-        help="For a transformer file kept apart from its encoders (Black Forest Labs' flux1-dev.safetensors): "
-        "its text-encoder files, comma-separated (clip_l.safetensors,t5xxl_fp16.safetensors), each taken "
-        "for the encoder of its kind; with --vae.",
+        help="For a transformer file kept apart from its encoders (Black Forest Labs' flux1-dev.safetensors, "
+        "Stability AI's sd3_medium.safetensors): its text-encoder files, comma-separated "
+        "(clip_l.safetensors,t5xxl_fp16.safetensors), in any order, each taken for the encoder of its kind.",
     ),
 ]
 VaeOpt = Annotated[
     Optional[Path],
-    typer.Option("--vae", metavar="FILE", help="With --text-encoders: the VAE file (FLUX.1: ae.safetensors)."),
+    typer.Option(
+        "--vae",
+        metavar="FILE",
+        help="With --text-encoders: the VAE file (FLUX.1: ae.safetensors), where the transformer's file holds none.",
+    ),
 ]
 
 

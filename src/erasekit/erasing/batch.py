@@ -222,12 +222,23 @@ def settings_differ(job: Any, patch: Any, checked: dict[Any, Any] | None = None)
 def _in_place(job: Any, checked: dict[Any, Any]) -> list[dict[str, str]]:
     """The patches applied in place to the job's model, which an erase of it records as made after."""
     from ..checkpoints.in_place import applied_in_place
-    from ..checkpoints.layouts import detect
 
-    key = ("in place", str(job.model))
+    key = ("in place", *_model_files(job))
     if key not in checked:
-        checked[key] = applied_in_place(detect(job.model))
+        checked[key] = applied_in_place(_detected(job))
     return checked[key]
+
+
+def _model_files(job: Any) -> tuple[str, ...]:
+    """The job's model as the files it is read from: the model, and a transformer file's encoder files."""
+    return (str(job.model), *map(str, job.text_encoders))
+
+
+def _detected(job: Any) -> Any:
+    """The job's model detected as its erase detects it (a transformer file with its encoder files and VAE)."""
+    from ..checkpoints.parts import detect_model
+
+    return detect_model(job.model, job.text_encoders, job.vae, job.config_dir)
 
 
 def _base_differs(job: Any, patch: Any, checked: dict[Any, Any]) -> str | None:
@@ -235,11 +246,10 @@ def _base_differs(job: Any, patch: Any, checked: dict[Any, Any]) -> str | None:
     per model and base: the patches of a batch share their base, and reading it is most of a resume check."""
     from ..checkpoints.compat import base_statuses, slot_map
     from ..checkpoints.in_place import pristine_reader
-    from ..checkpoints.layouts import detect
 
-    key = (str(job.model), tuple(sorted((name, fp.sha256) for name, fp in patch.manifest.base.tensors.items())))
+    key = (*_model_files(job), tuple(sorted((name, fp.sha256) for name, fp in patch.manifest.base.tensors.items())))
     if key not in checked:
-        ckpt = detect(job.model)
+        ckpt = _detected(job)
         try:
             mapping = slot_map(patch, ckpt.architecture, ckpt.encoders, str(job.model))
             checked[key] = "differs" not in base_statuses(patch, ckpt, mapping, pristine_reader(ckpt)).values()

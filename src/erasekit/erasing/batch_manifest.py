@@ -4,7 +4,9 @@
 The file's top-level keys are defaults for every job, named like ``erase``'s long options with underscores
 (``steps = 10``, ``recipe = "anchored"``, ``model = "..."``, ``images = "auto"``); each ``[[jobs]]`` table has
 ``concept`` (a string, or a list for one multi-concept patch), ``output`` and any option that overrides a default.
-Paths are relative to the manifest's folder. Every refusal is one line naming the entry and the field.
+Paths are relative to the manifest's folder. A transformer file kept apart from its encoders (``flux1-dev.safetensors``)
+is a ``model`` with ``text_encoders`` (a comma-separated string, as ``--text-encoders`` writes it, or a list) and
+``vae``. Every refusal is one line naming the entry and the field.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class JobOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None  # a path (relative to the manifest's folder) or a model id
+    text_encoders: str | list[str] | None = None  # a transformer file's encoder files: "a,b" or ["a", "b"]
+    vae: str | None = None  # and its VAE file, where the transformer's file holds none
     config: str | None = None  # a single-file model's diffusers folder (erase --config)
     prediction_type: str | None = None
     images: str | list[str] | None = None  # "auto", a folder, or one folder per concept
@@ -292,8 +296,13 @@ def _erase_arguments(options: dict[str, Any], folder: Path) -> tuple[dict[str, A
     model = o.pop("model", None)
     if model is not None and here(model).exists():
         model = here(model)
+    encoder_files = o.pop("text_encoders", None) or []
+    if isinstance(encoder_files, str):
+        encoder_files = [e for e in map(str.strip, encoder_files.split(",")) if e]
     call = {
         "model": model,
+        "text_encoders": [here(e) for e in encoder_files],
+        "vae": here(o.pop("vae")) if "vae" in o else None,
         "images": images,
         "after": [here(p) for p in listed(o.pop("after", []))],
         "config_dir": here(o.pop("config")) if "config" in o else None,

@@ -93,7 +93,7 @@ def prepare_erase(
         raise ErasekitError("no concept given", "name at least one concept", option="concepts")
     model = resolve_model(model) if model is not None else builtin_model_path()
     ckpt = detect_model(
-        model, text_encoders, vae
+        model, text_encoders, vae, config_dir
     )  # its files' headers: a truncated or foreign file is refused before anything runs
     # a text encoder alone, a FLUX.1 file without configs: refused before anything is read
     fam = runnable_family(ckpt, config_dir)

@@ -133,7 +133,9 @@ def evaluate_model(
             option="patches",
         )
     model = model or builtin_model_path()
-    runnable_family(detect_model(resolve_model(model), text_encoders, vae), config_dir)  # before a judge is asked for
+    runnable_family(
+        detect_model(resolve_model(model), text_encoders, vae, config_dir), config_dir
+    )  # before a judge is asked for
     toy = bool(model_settings(model).get("toyworld"))
     prompt_lines = _read_lines(prompts_file, "prompts_file", "prompts") if prompts_file is not None else None
     wordings = _read_lines(paraphrases, "paraphrases", "wordings") if paraphrases is not None else None

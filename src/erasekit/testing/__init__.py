@@ -1134,13 +1134,20 @@ def _to_original(
     return out
 
 
+# the encoders' own files as ComfyUI users keep them (models/text_encoders/), and the name of each in an all-in-one file
+_ENCODER_FILES = (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl_fp16", "t5xxl"))
+
+
 def flow_single_files(pipeline_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """The files users keep of the tiny FLUX.1 or SD3.x pipeline folder ``pipeline_dir`` (as :func:`make_tiny_pipeline`
     writes it), written into ``out_dir``, values copied bit for bit: ``"all-in-one"``, ComfyUI's checkpoint (the
     transformer under ``model.diffusion_model.`` in its original names, the VAE under ``first_stage_model.``, the
-    encoders under ``text_encoders.clip_l.transformer.`` and the like); and for FLUX.1 the files Black Forest Labs and
-    ComfyUI users keep apart: ``"transformer"`` (``flux1-dev.safetensors``: the transformer alone, unprefixed),
-    ``"vae"`` (``ae.safetensors``), ``"clip_l"`` and ``"t5"`` (``t5xxl_fp16.safetensors``)."""
+    encoders under ``text_encoders.clip_l.transformer.`` and the like); and the files kept apart, the encoders' with
+    Hugging Face key names: for FLUX.1, as Black Forest Labs and ComfyUI users keep them, ``"transformer"``
+    (``flux1-dev.safetensors``: the transformer alone, unprefixed), ``"vae"`` (``ae.safetensors``), ``"clip_l"`` and
+    ``"t5"`` (``t5xxl_fp16.safetensors``); for SD3.x, as Stability AI ships them, ``"transformer"``
+    (``sd3_medium.safetensors``: the transformer and the VAE, below ``model.diffusion_model.`` and
+    ``first_stage_model.``), ``"clip_l"``, ``"clip_g"`` and ``"t5"`` (the files of its ``text_encoders/``)."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     from safetensors.torch import load_file, save_file
 
@@ -1169,13 +1176,16 @@ def flow_single_files(pipeline_dir: str | Path, out_dir: str | Path) -> dict[str
     for name, sd in encoders.items():
         whole |= _prefixed(sd, f"text_encoders.{name}.transformer.")
     files = {"all-in-one": (whole, out_dir / f"{src.name}-all-in-one.safetensors")}
+    apart = {name: (encoders[key], out_dir / f"{name}.safetensors") for name, key in _ENCODER_FILES if key in encoders}
     if flux:
         files |= {
             "transformer": (transformer, out_dir / "flux1-dev.safetensors"),
             "vae": (vae, out_dir / "ae.safetensors"),
-            "clip_l": (encoders["clip_l"], out_dir / "clip_l.safetensors"),
-            "t5": (encoders["t5xxl"], out_dir / "t5xxl_fp16.safetensors"),
         }
+    else:
+        mmdit_and_vae = _prefixed(transformer, "model.diffusion_model.") | _prefixed(vae, "first_stage_model.")
+        files["transformer"] = (mmdit_and_vae, out_dir / "sd3_medium.safetensors")
+    files |= {("t5" if name.startswith("t5") else name): part for name, part in apart.items()}
     for sd, path in files.values():
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
     return {name: path for name, (_, path) in files.items()}
