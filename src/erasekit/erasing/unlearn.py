@@ -32,7 +32,7 @@ from ..format.erase_config import EraseConfig
 from .compress import Compaction, linear_modules
 from .conditioning import Conditioner, check_concepts, trainable
 from .denoising import Denoiser, Draws, make_denoiser, normalised_latents
-from .erase_patch import Trained, build_patch
+from .erase_patch import Trained, build_patch, memory_fingerprints
 from .factors import Factors
 from .recipes import Objective, Step, make_recipe
 from .surgery import surgery_grads
@@ -81,6 +81,10 @@ class EraseReport:
     # biases) and the bytes of its state after the loop (two float32 moments a parameter, and a step count a tensor)
     trained_parameters: int = 0
     optimizer_bytes: int = 0
+    # the text encoders' weights as the loop held them: their bytes (every encoder's parameters, trained and frozen)
+    # and their dtype: "fp32" where they train (train: dense), under train: factors the dtype the loop computes in
+    encoder_bytes: int = 0
+    encoder_dtype: str = "fp32"
 
 
 class Clock:
@@ -181,7 +185,7 @@ def erase(
     """
     import torch
 
-    from .._torch import kept_as_found, native_bf16
+    from .._torch import encoder_dtype, held_in, kept_as_found, native_bf16
     from ..checkpoints.in_place import applied_in_place
     from ..checkpoints.memory import patches_applied
     from ..checkpoints.pipeline import denoiser_of
@@ -230,32 +234,22 @@ def erase(
     config = config.for_kinds(_kinds(cond_of))  # train: auto decided (factors where a T5 trains)
     encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
     te_dtypes = {slot: te.dtype for slot, te in encoders.items()}  # the fingerprints of in-memory weights use these
+    held = encoder_dtype(config.train, config.dtype, device)  # float32 where they train, or frozen in bf16
     with kept_as_found((unet, pipe.vae, *encoders.values())), _gradient_checkpointing(unet, config.checkpointing):
         for module in (unet, pipe.vae, *encoders.values()):
             module.requires_grad_(False)
-        for te in encoders.values():
-            te.to(torch.float32)
-        trained = Trained(
-            [
-                p
-                for slot, te in cond_of.trained.items()
-                for p in trainable(
-                    slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot)
-                )
-            ],
-            {},
-            te_dtypes,
-        )
-        if config.train == "factors":
-            trained.trained_factors = Factors(
-                linear_modules(cond_of, {m: p for m, kind, p in trained.params if kind == "weight"}),
-                int(config.rank),
-                config.seed + 3,  # + 1: the forget check's draws, + 2: compression's rows
-            )
-        if after:  # the patch is for the weights before the earlier patches: a stack is judged against those
-            trained.base = {(m, k): p.detach().to("cpu", copy=True) for m, k, p in trained.params}
-        # an erase after other patches learns on top of them; trained factors act through hooks while it runs
-        with patches_applied(pipe, after), _attached(trained.trained_factors):
+        params = [
+            p
+            for slot, te in cond_of.trained.items()
+            for p in trainable(slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot))
+        ]
+        # the patch is for the weights as found: before the earlier patches and any conversion
+        trained = Trained(params, {}, memory_fingerprints(params, te_dtypes) if base_files is None else {})
+        trained.trained_factors = _factors(config, cond_of, params)
+        # the encoders held in their dtype; an erase after other patches learns on top of them; trained factors act
+        # through hooks while it runs
+        with held_in(encoders.values(), held), patches_applied(pipe, after), _attached(trained.trained_factors):
+            encoder_bytes = sum(p.numel() * p.element_size() for te in encoders.values() for p in te.parameters())
             trained.keep_originals()
             try:
                 check = (
@@ -346,6 +340,8 @@ def erase(
         timings=clock.seconds,
         trained_parameters=adam[0],
         optimizer_bytes=adam[1],
+        encoder_bytes=encoder_bytes,
+        encoder_dtype="bf16" if held == torch.bfloat16 else "fp32",
     )
 
 
@@ -411,6 +407,19 @@ def _adam_size(opt: Any) -> tuple[int, int]:
     held = [t for state in opt.state.values() for t in state.values() if hasattr(t, "element_size")]
     trains = sum(p.numel() for group in opt.param_groups for p in group["params"])
     return trains, sum(t.numel() * t.element_size() for t in held)
+
+
+def _factors(config: EraseConfig, cond_of: Conditioner, params: list[tuple[str, str, Any]]) -> Factors | None:
+    """With ``train: factors``, the factors of the trained weights and the deltas of the trained biases (else
+    None)."""
+    if config.train != "factors":
+        return None
+    return Factors(
+        linear_modules(cond_of, {m: p for m, kind, p in params if kind == "weight"}),
+        int(config.rank),
+        config.seed + 3,  # + 1: the forget check's draws, + 2: compression's rows
+        [m for m, kind, _ in params if kind == "bias"],
+    )
 
 
 def _kinds(cond_of: Conditioner) -> set[str]:
