@@ -71,7 +71,8 @@ def memory_fingerprints(params: list[tuple[str, str, Any]], te_dtypes: dict[str,
 
     fps = {}
     for m, kind, p in params:
-        orig = p.detach().cpu().to(te_dtypes[parse_module_name(m)[0]])
+        slot = parse_module_name(m)[0]  # type: ignore[index]
+        orig = p.detach().cpu().to(te_dtypes[slot])
         fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
     return fps
 
@@ -111,7 +112,7 @@ def build_patch(
         from ..checkpoints.in_place import pristine_reader
 
         read = pristine_reader(base_files)
-    for m, kind, p in trained.params:
+    for m, kind, _ in trained.params:
         slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
         if kind == "weight":
             stored, deltas[m] = delta_tensors(  # no bias delta where the projection has no bias (T5)

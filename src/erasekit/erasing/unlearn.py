@@ -7,14 +7,15 @@ Method: Fuchi & Takagi, "Erasing Concepts from Text-to-Image Diffusion Models wi
 2. each step: a batch of latents, uniform timesteps, Gaussian noise, a prompt from the templates;
 3. loss = MSE(UNet(noisy, t, TE(prompt)), target) with target = noise (epsilon) or velocity (v-prediction);
 4. *ascend* that loss (minimise its negative) with Adam, updating only TE FFN fc1/fc2 weights and biases (with
-   ``train: factors``, low-rank factors of each weight's change and the biases: :mod:`erasekit.erasing.factors`);
+   ``train: factors``, low-rank factors of each weight's change and the biases' deltas: :mod:`erasekit.erasing.factors`);
 5. the patch is the difference of those tensors before and after (or the trained factors).
 
 What makes it faster than the reference script at the same number of optimizer steps: only the FFN
 tensors require gradients (no weight gradients for the UNet, attention or embeddings, and no backward
 pass below the lowest trained layer), no per-epoch checkpoint writes, latents encoded once and cached,
 SDPA attention, and bf16 autocast for the frozen UNet on devices that compute bf16 natively (GPUs; CPUs
-with AVX512-BF16 or AMX).
+with AVX512-BF16 or AMX). With ``train: factors`` the frozen text encoders are held in that dtype too
+(:func:`erasekit._torch.encoder_dtype`).
 """
 
 from __future__ import annotations
