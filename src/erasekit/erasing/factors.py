@@ -1,10 +1,12 @@
 """``train: factors``: each trained FFN weight learns its delta as two low-rank factors, LoRA-style (Hu et al.,
 "LoRA: Low-Rank Adaptation of Large Language Models", 2021), instead of as a dense matrix.
 
-A layer's ``W x + b`` becomes ``W x + b + up (down x) + db``, added by a forward hook while the erase runs; ``W`` and
-``b`` are never written, so they can stay in a narrower dtype than the factors (bf16: ``erasekit._torch.encoder_dtype``).
-``db`` is the bias's delta, where the bias trains (CLIP's; T5 has none): float32, starting at zero. ``down`` (r x in) starts small and random, uniform in +-1/sqrt(in) as a Linear's own weight starts, drawn
-from a generator seeded by the erase's seed; ``up`` (out x r) starts at zero, so the erase starts where the model is.
+A layer's ``W x + b`` becomes ``W x + b + up (down x) + db``, added by a forward hook while the erase runs; ``W``
+and ``b`` are never written, so they can stay in a narrower dtype than the factors (bf16:
+``erasekit._torch.encoder_dtype``). ``db`` is the bias's delta, where the bias trains (CLIP's; T5 has none): float32,
+starting at zero. ``down`` (r x in) starts small and random, uniform in +-1/sqrt(in) as a Linear's own weight
+starts, drawn from a generator seeded by the erase's seed; ``up`` (out x r) starts at zero, so the erase starts
+where the model is.
 Adam trains only the factors (and CLIP's bias deltas, dense as before): r (out + in) parameters a weight instead of
 out x in, 459 K instead of 3.0 B for T5-XXL's FFN at rank 16. The patch stores ``up @ down`` as those factors are
 (``format.patchfile.lowrank_tensors``: ``lora_up`` holds ``up`` scaled by rank / alpha, so that a UI's
