@@ -44,15 +44,15 @@ FLUX.1-dev size (``--only flux``: transformer 11.9 B, CLIP-L, T5-XXL 4.76 B, VAE
 sd3``: transformer 8.1 B, CLIP-L, OpenCLIP-bigG, T5-XXL, VAE), at the same setting (512 px, batch 2, 10 steps after
 2 warm-up steps; SD3.5 large's native size is 1024 px), built from ``configs/flux-dev`` and ``configs/sd3.5-large``
 with seeded random weights, on the device, held as ``erasekit erase`` holds them (transformer and VAE in the compute
-dtype, text encoders in fp32), with the CLIP tokenizer erasekit ships and the toy world's counted T5 tokenizer
+dtype, text encoders too: an erase through T5 trains factors and holds the frozen encoders so), with the CLIP tokenizer erasekit ships and the toy world's counted T5 tokenizer
 (T5's does not ship; the prompts are padded to the family's T5 length either way). There is no reference loop
 and no fp32 stage. After a warm-up erase (2 steps):
 
   1. an erase with the defaults: T5 (and CLIP) train rank-16 factors (``train: auto`` -> factors): loop time,
      timings, peak memory, trained parameters and Adam's state, patch size;
   2. the 24 GB configuration: the defaults with ``offload: blocks`` (the transformer's blocks in CPU memory,
-     streamed to the GPU for each forward pass and again for the backward) and the text encoders held in bf16
-     (their fp32 weights kept in CPU memory meanwhile, and put back after): loop time, peak memory, bytes moved;
+     streamed to the GPU for each forward pass and again for the backward), the encoders held as in 1: loop time,
+     peak memory, bytes moved;
   3. the same with the CLIPs only (``encoders``: te1 for FLUX, te1,te2 for SD3; dense, ``rank auto``);
   4. one 512 px image with the family's default sampling (FLUX.1-dev 28 steps at distilled guidance 3.5; SD3.5
      large as its model card says), after a 1-step warm-up;
@@ -193,14 +193,15 @@ def random_module(folder: Path, part: str, library: str, class_name: str, device
 
 def full_size_flow_pipeline(arch: str, device: torch.device) -> Any:
     """A FLUX.1-dev- or SD3.5-large-size diffusers pipeline with seeded random weights, built on ``device`` and held
-    as ``erasekit erase`` holds it: the transformer and the VAE in the compute dtype, the text encoders in fp32.
+    as ``erasekit erase`` loads it: the transformer and the VAE in the compute dtype, the text encoders in the dtype
+    an erase through T5 holds them in (``train: factors``: the compute dtype, bf16 on a GPU with bf16).
     Each component is built in fp32 and cast before the next is built (FLUX.1's transformer: 47.6 GB, then 23.8).
     CLIP's tokenizer is the one erasekit ships; T5's, which does not ship, is the toy world's counted one (its ids
     are a few hundred of T5's 32128: the cost of a step depends on the padded length, not on the ids)."""
     quiet_libraries()
     import diffusers
 
-    from erasekit._torch import compute_dtype
+    from erasekit._torch import compute_dtype, encoder_dtype
     from erasekit.checkpoints.model_configs import CONFIGS_DIR, ConfigChoice
     from erasekit.families import by_bundled_config
     from erasekit.toyworld.t5_tokenizer import t5_tokenizer
@@ -210,7 +211,7 @@ def full_size_flow_pipeline(arch: str, device: torch.device) -> Any:
     index = json.loads((folder / "model_index.json").read_text())
     slots = by_bundled_config(name).slots
     held = dict.fromkeys(("transformer", "vae"), compute_dtype("auto", device))
-    held |= {s.component: torch.float32 for s in slots}
+    held |= {s.component: encoder_dtype("factors", "auto", device) for s in slots}
     torch.manual_seed(0)
     parts: dict[str, Any] = {}
     for part, dtype in held.items():  # the transformer first, while the device is empty
@@ -232,26 +233,20 @@ def full_size_flow_pipeline(arch: str, device: torch.device) -> Any:
 
 @contextmanager
 def held_for_24gb(pipe: Any, device: torch.device) -> Iterator[None]:
-    """Within the block, ``pipe`` held as an erase that fits 24 GB holds it: the transformer's streamed blocks
-    (``Family.streamed_blocks``) in CPU memory, as ``erasekit erase --offload blocks`` loads them, and the text
-    encoders in bf16 on the device (their fp32 weights kept in CPU memory meanwhile, put back after, bit for bit)."""
+    """Within the block, the transformer's streamed blocks (``Family.streamed_blocks``) in CPU memory, as ``erasekit
+    erase --offload blocks`` loads them (the text encoders are already held as an erase through T5 holds them:
+    :func:`flow_pipeline`); back on ``device`` after."""
     from erasekit.checkpoints.pipeline import denoiser_of
     from erasekit.erasing.streaming import blocks_of
     from erasekit.families import of_pipeline
 
     family = of_pipeline(pipe)
     blocks = blocks_of(denoiser_of(pipe), family.streamed_blocks if family else ())
-    tensors = [t for te in encoders(pipe) for t in (*te.parameters(), *te.buffers()) if t.is_floating_point()]
-    kept = [t.data.to("cpu") for t in tensors]
     try:
         for block in blocks:
             block.to("cpu")
-        for t in tensors:
-            t.data = t.data.to(torch.bfloat16)
         yield
     finally:
-        for t, fp32 in zip(tensors, kept):
-            t.data = fp32.to(t.device)
         for block in blocks:
             block.to(device)
 
@@ -405,7 +400,7 @@ class Suite:
 
     def streamed_erase(self, pipe: Any, imgs: list[Any]) -> dict[str, Any]:
         """The 24 GB configuration: the defaults with ``offload: blocks``, on the pipeline held as ``erasekit erase
-        --offload blocks`` holds it with bf16 encoders (:func:`held_for_24gb`)."""
+        --offload blocks`` holds it (:func:`held_for_24gb`)."""
         with held_for_24gb(pipe, self.device):
             return self.erase(pipe, imgs, offload="blocks")
 
@@ -739,11 +734,11 @@ def flow_table(results: dict[str, dict[str, Any]], s: Setting) -> str:
         ("save_patch (not in the timings)", lambda m: secs(m, "erase auto", "save_s")),
         (f"**3. peak device memory ({s.resolution} px, batch {s.batch})**", lambda m: ""),
         (
-            "resident before the runs (transformer+VAE in compute dtype, encoders fp32)",
+            "resident before the runs (transformer, VAE and encoders in compute dtype)",
             lambda m: fmt(get(m, "erase auto", "resident"), gb),
         ),
         (
-            "resident before the 24 GB configuration's erase (blocks in CPU memory, encoders bf16)",
+            "resident before the 24 GB configuration's erase (blocks in CPU memory)",
             lambda m: fmt(get(m, "erase streamed", "resident"), gb),
         ),
         *[(label, lambda m, c=cell: fmt(get(m, c, "peak"), gb)) for cell, label in erases],

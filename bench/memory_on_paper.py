@@ -14,8 +14,9 @@ Assumptions (each a flag or a constant here):
 - A trained tensor: float32 weight, float32 gradient and Adam's two float32 moments, 16 bytes a parameter; with
   8-bit Adam (bitsandbytes' blockwise states) 10 bytes. Low-rank training (``train: factors``, erasekit's default
   where a T5 trains) trains factors ``up`` (out x r) and ``down`` (r x in) per FFN matrix, and CLIP's FFN biases,
-  at 16 bytes a parameter, and keeps every encoder weight frozen: in bf16 (2 bytes a parameter), or in float32 as
-  ``erasekit erase`` holds the text encoders today (4 bytes; the "encoders fp32" rows).
+  at 16 bytes a parameter, and keeps every encoder weight frozen: in bf16 (2 bytes a parameter), as ``erasekit
+  erase`` holds them where the loop computes in bf16 (``--dtype auto`` on a GPU), or in float32 as it does with
+  ``--dtype fp32`` (4 bytes; the "encoders fp32" rows).
 - Activations, with gradient checkpointing per block in the denoiser and in the trained encoders (their inputs
   stored in bf16, one block recomputed at a time, about 20 hidden-widths per token): the denoiser for one image
   (its latent tokens plus the text tokens), each encoder for ``--prompts`` prompts a step (the concept's and the

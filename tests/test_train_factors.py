@@ -18,7 +18,8 @@ from erasekit.checkpoints.memory import apply_patch
 from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.erasing.batch import settings_differ
 from erasekit.erasing.conditioning import Conditioner, encoder_outputs, output_drift
-from erasekit.erasing.erase_job import erase_model, prepare_erase
+from erasekit.erasing.erase_job import erase_model, load_for, prepare_erase
+from erasekit.erasing.unlearn import Clock, EraseReport, erase
 from erasekit.errors import ErasekitError
 from erasekit.format.erase_config import FACTOR_RANK, EraseConfig
 from erasekit.format.patchfile import Patch, load_patch
@@ -167,3 +168,169 @@ def test_factors_stored_dense_are_refused_before_the_model_loads(tmp_path: Path)
     with pytest.raises(ErasekitError, match="invalid train: .*factors are stored as they are trained") as e:
         erase_model(None, ["circle"], None, tmp_path / "p.erasepatch", {"train": "factors", "rank": "dense"})
     assert e.value.option == "train" and not (tmp_path / "p.erasepatch").exists()
+
+
+# -- the frozen encoders held in bf16 under train: factors (issue 21, item 5) ----------------------------------------
+
+HELD = dict(resolution=32, steps=2, batch_size=1, cache=False, device="cpu", lr=1e-2)
+ENCODERS = ("text_encoder", "text_encoder_2")  # the tiny FLUX.1's CLIP-L and T5
+
+
+def cat_images() -> list[Any]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+
+
+def encoder_dtypes(pipe: Any) -> set[torch.dtype]:
+    return {p.dtype for name in ENCODERS for p in getattr(pipe, name).parameters()}
+
+
+def recording(pipe: Any, seen: list[set[torch.dtype]]) -> Any:
+    """A progress callback that records the encoders' dtypes at each step."""
+    return lambda _: seen.append(encoder_dtypes(pipe))
+
+
+def fp32_bytes(pipe: Any) -> int:
+    return sum(4 * p.numel() for name in ENCODERS for p in getattr(pipe, name).parameters())
+
+
+def encoder_state(pipe: Any) -> dict[str, tuple[Any, torch.dtype, bool]]:
+    """Every encoder parameter's value, dtype and requires_grad flag: what the caller gets back."""
+    return {
+        f"{name}.{k}": (v.detach().clone(), v.dtype, v.requires_grad)
+        for name in ENCODERS
+        for k, v in getattr(pipe, name).named_parameters()
+    }
+
+
+def assert_as_found(before: dict[str, tuple[Any, torch.dtype, bool]], pipe: Any) -> None:
+    after = encoder_state(pipe)
+    assert after.keys() == before.keys()
+    for k, (value, dtype, grad) in before.items():
+        assert after[k][1:] == (dtype, grad), f"{k}: dtype or requires_grad changed"
+        assert torch.equal(after[k][0], value), f"{k}: value changed"
+
+
+@dataclass
+class HeldErases:
+    pipe: Any
+    before: dict[str, tuple[Any, torch.dtype, bool]]
+    reports: dict[str, EraseReport]  # dtype setting -> the erase's report
+    seen: dict[str, list[set[torch.dtype]]]  # dtype setting -> the encoders' dtypes at each step
+
+
+@pytest.fixture(scope="module")
+def held(flux: Path) -> HeldErases:
+    """The same 2-step erase of "cat" from the tiny FLUX.1 (train: factors through CLIP-L and T5), with ``dtype``
+    fp32 and bf16, on one pipeline loaded in float32; its progress callback records the encoders' dtypes."""
+    pipe, _ = load_pipeline(flux)
+    before = encoder_state(pipe)
+    reports, seen = {}, {}
+    for dtype in ("fp32", "bf16"):
+        seen[dtype] = []
+        config = EraseConfig(**HELD, dtype=dtype)  # type: ignore[arg-type]
+        reports[dtype] = erase(pipe, ["cat"], [cat_images()], config, progress=recording(pipe, seen[dtype]))
+    return HeldErases(pipe, before, reports, seen)
+
+
+def test_under_factors_dtype_bf16_holds_the_frozen_encoders_in_bf16_and_trains_in_float32(held: HeldErases) -> None:
+    """Every encoder weight is bf16 in the loop (fp32 with dtype fp32), and the report says so: half the bytes.
+    Adam's state is two float32 moments a parameter and a float32 step a tensor (bf16 parameters would have bf16
+    moments): the factors and bias deltas it trains are float32. The pipeline comes back bit for bit."""
+    bf16, fp32 = held.reports["bf16"], held.reports["fp32"]
+    assert held.seen == {"fp32": [{torch.float32}] * 2, "bf16": [{torch.bfloat16}] * 2}
+    assert (bf16.encoder_dtype, fp32.encoder_dtype) == ("bf16", "fp32")
+    assert fp32.encoder_bytes == 2 * bf16.encoder_bytes == fp32_bytes(held.pipe) > 0
+    tensors = 2 * (4 + 6) + 4  # up and down of CLIP-L's 4 FFN weights and T5's 6, and CLIP-L's 4 bias deltas
+    assert bf16.trained_parameters == fp32.trained_parameters
+    assert bf16.optimizer_bytes == fp32.optimizer_bytes == 8 * bf16.trained_parameters + 4 * tensors
+    assert_as_found(held.before, held.pipe)
+
+
+def test_a_bf16_held_erase_stores_what_the_fp32_one_does_to_bf16s_precision(held: HeldErases, flux: Path) -> None:
+    """The same layout (factors, CLIP's bias deltas dense), the same base fingerprints (of the weights as found:
+    the bf16-held patch applies "exact" to them), and deltas pointing the same way. Not closer: Adam's first steps
+    move each entry by about +-lr whatever its gradient's size, so entries whose gradient is near zero turn over
+    with bf16's rounding of the forward pass (2^-8 relative). Measured: cosine 0.95 or more per tensor, the
+    empty prompt's drift within 4%; asserted: 0.9 and 10%."""
+    assert held.reports["bf16"].encoder_dtype == "bf16"
+    a, b = held.reports["fp32"].patch, held.reports["bf16"].patch
+    assert a.manifest.deltas == b.manifest.deltas and a.manifest.base.tensors == b.manifest.base.tensors
+    assert {n: t.shape for n, t in a.tensors.items()} == {n: t.shape for n, t in b.tensors.items()}
+    assert len([n for n in b.tensors if n.endswith(".diff_b")]) == 4
+    for name, x in a.tensors.items():
+        x, y = x.astype(np.float64).ravel(), b.tensors[name].astype(np.float64).ravel()
+        assert x @ y >= 0.9 * np.linalg.norm(x) * np.linalg.norm(y), name
+    drift = b.manifest.method.hyperparameters["empty_prompt_drift"]
+    assert drift == pytest.approx(a.manifest.method.hyperparameters["empty_prompt_drift"], rel=0.1)
+    pipe, _ = load_pipeline(flux)
+    assert apply_patch(pipe, b).applied[0].fingerprint == "exact"
+
+
+def test_an_error_mid_loop_gives_back_encoders_held_in_bf16(flux: Path) -> None:
+    """A caller's fp16 CLIP-L and fp32 T5, both held in bf16 (rounding each), come back bit for bit when the loop
+    fails after its first step."""
+    pipe, _ = load_pipeline(flux)
+    pipe.text_encoder.to(torch.float16)
+    before, seen = encoder_state(pipe), []
+
+    def fails(_: Any) -> None:
+        seen.append(encoder_dtypes(pipe))
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        erase(pipe, ["cat"], [cat_images()], EraseConfig(**HELD, dtype="bf16"), progress=fails)  # type: ignore[arg-type]
+    assert seen == [{torch.bfloat16}]
+    assert_as_found(before, pipe)
+
+
+def test_a_dense_clip_only_erase_keeps_float32_encoders(flux: Path) -> None:
+    """dtype bf16 without factors: CLIP-L's weights train, so every encoder stays float32, as before."""
+    pipe, _ = load_pipeline(flux)
+    seen: list[set[torch.dtype]] = []
+    config = EraseConfig(**HELD, dtype="bf16", encoders=["te1"])  # type: ignore[arg-type]
+    report = erase(pipe, ["cat"], [cat_images()], config, progress=recording(pipe, seen))
+    assert seen == [{torch.float32}] * 2 and report.rank_kept is not None, "dense training"
+    assert (report.encoder_dtype, report.encoder_bytes) == ("fp32", fp32_bytes(pipe))
+
+
+def test_the_cli_loads_the_encoders_as_an_erase_holds_them(tmp_path: Path, t5_erase: T5Erase, flux: Path) -> None:
+    """``erase --dtype bf16`` loads T5 and CLIP-L in bf16 (they are never float32 on the device), reports half the
+    float32 bytes, and its patch applies "exact" to the files it was erased from; a dense erase's encoders load
+    float32, and a batch does not share one pipeline between the two."""
+    out = tmp_path / "bf16.erasepatch"
+    r = run(
+        "erase",
+        "--model",
+        flux,
+        "--concept",
+        "cat",
+        "--images",
+        t5_erase.images,
+        "--dtype",
+        "bf16",
+        "--steps",
+        "2",
+        "-o",
+        out,
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    pipe, _ = load_pipeline(flux)
+    assert (report["encoder_dtype"], 2 * report["encoder_bytes"]) == ("bf16", fp32_bytes(pipe))
+    target = shutil.copytree(flux, tmp_path / "flux")
+    r = run("apply", out, "--to", target, "--in-place")
+    assert r.exit_code == 0 and "base fingerprint exact" in r.stdout, r.output
+    jobs = {
+        train: prepare_erase(
+            flux, ["cat"], [t5_erase.images], tmp_path / f"{train}.erasepatch", {"dtype": "bf16", "train": train}
+        )
+        for train in ("factors", "dense")
+    }
+    assert jobs["factors"].load_key() != jobs["dense"].load_key()
+    for train, dtype in (("factors", torch.bfloat16), ("dense", torch.float32)):
+        loaded, _ = load_for(jobs[train], Clock())
+        assert encoder_dtypes(loaded) == {dtype}, train

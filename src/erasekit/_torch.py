@@ -62,6 +62,36 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def encoder_dtype(train: str, setting: str, device: torch.device) -> torch.dtype:
+    """The dtype an erase holds the text encoders' weights in. Where the weights train (``train: dense``): float32.
+    Under ``train: factors`` they are frozen (Adam trains the factors and bias deltas, float32): held in the dtype
+    the loop computes the denoiser in (:func:`compute_dtype` of the ``dtype`` setting: bf16, or float32). Never fp16:
+    T5 overflows in it (and the setting refuses fp16)."""
+    return compute_dtype(setting, device) if train == "factors" else torch.float32
+
+
+@contextlib.contextmanager
+def held_in(modules: Iterable[torch.nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """Hold ``modules``' floating-point parameters and buffers in ``dtype`` within the block, and give each back
+    bit for bit in its own dtype on leaving it, by success or error. A widening (bf16 or fp16 to float32) is undone
+    by converting back; a conversion that may round (float32 or fp16 to bf16) keeps the tensor as found in CPU
+    memory (off the GPU, which holds only the narrower copy) and puts it back."""
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}.values()
+    converted = [t for t in tensors if t.is_floating_point() and t.dtype != dtype]
+    found: list[tuple[torch.Tensor, torch.dtype, torch.Tensor | None]] = []  # (tensor, its dtype, its value if kept)
+    try:
+        with torch.no_grad():
+            for t in converted:
+                widens = dtype.itemsize > t.dtype.itemsize
+                found.append((t, t.dtype, None if widens else t.data.to("cpu")))
+                t.data = t.data.to(dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for t, was, kept in found:
+                t.data = t.data.to(was) if kept is None else kept.to(t.device)
+
+
 @contextlib.contextmanager
 def kept_as_found(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
     """Give back ``modules`` as they were on leaving the block, by success or error: each parameter's and

@@ -224,10 +224,11 @@ def erase_cmd(
         Optional[str],
         typer.Option(
             "--dtype",
-            help="Autocast dtype of the frozen UNet: auto (bf16 where "
-            "the device computes it natively: GPUs, CPUs with "
-            "AVX512-BF16/AMX; else fp32), fp32, bf16 (fp16 is refused: its "
-            "gradients underflow without loss scaling).",
+            help="Autocast dtype of the frozen UNet, and the dtype the frozen "
+            "text encoders are held in where low-rank factors train (T5 "
+            "erases): auto (bf16 where the device computes it natively: "
+            "GPUs, CPUs with AVX512-BF16/AMX; else fp32), fp32, bf16 (fp16 "
+            "is refused: its gradients underflow without loss scaling).",
         ),
     ] = None,
     rank: Annotated[

@@ -45,6 +45,7 @@ class EraseJob:
             self.config.device,
             self.config.dtype,
             self.config.offload,
+            self.config.train,  # with dtype, the encoders' dtype: a dense erase must not train bf16-loaded weights
             tuple(map(str, self.text_encoders)),
             str(self.vae),
         )
@@ -185,11 +186,12 @@ def _check_concept_templates(config: EraseConfig, concepts: Sequence[str]) -> No
 
 def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:
     """The pipeline and checkpoint a job runs on: the frozen UNet in the dtype the loop computes in, the text
-    encoders in fp32 (they train) and the VAE in fp32 (it encodes the training images once: SDXL's overflows in
-    fp16, and bf16 weights would round the latents)."""
+    encoders in the dtype the erase holds them in (:func:`~erasekit._torch.encoder_dtype`: fp32 where their weights
+    train; under ``train: factors`` frozen, in bf16 where the loop computes in it) and the VAE in fp32 (it encodes
+    the training images once: SDXL's overflows in fp16, and bf16 weights would round the latents)."""
     import torch
 
-    from .._torch import compute_dtype
+    from .._torch import compute_dtype, encoder_dtype
     from ..checkpoints.pipeline import load_pipeline, resolve_device
 
     device = resolve_device(job.config.device)
@@ -198,7 +200,7 @@ def load_for(job: EraseJob, clock: Clock) -> tuple[Any, Any]:
             job.model,
             device=device,
             torch_dtype=compute_dtype(job.config.dtype, device),
-            text_encoder_dtype=torch.float32,
+            text_encoder_dtype=encoder_dtype(job.config.train, job.config.dtype, device),
             vae_dtype=torch.float32,
             config=job.config_dir,
             text_encoders=job.text_encoders,
@@ -242,7 +244,7 @@ def _draw_images(job: EraseJob, pipe: Any, clock: Clock) -> list[list[Any]]:
     from .streaming import streamed
 
     denoiser = denoiser_of(pipe)
-    dtype = denoiser.dtype  # the encoders are fp32 and the denoiser may not be: autocast bridges them
+    dtype = denoiser.dtype  # the encoders may be fp32 and the denoiser not: autocast bridges them
     blocks = offloaded_blocks(job.config.offload, of_pipeline(pipe))
     with (
         clock("render"),

@@ -15,24 +15,24 @@ from ..format.erase_config import EraseConfig
 @dataclass
 class Trained:
     """What the loop trained: (module, kind, parameter) triples, the original values of those it writes (on the
-    CPU: on a GPU the memory is the optimizer's) and the encoders' dtypes before the erase; after it, the dense
-    deltas (numpy) of the tensors it wrote and, when stored low-rank, each weight's factors. With ``trained_factors``
-    (``train: factors``) the weights are never written: their factors train in their place (biases still do)."""
+    CPU: on a GPU the memory is the optimizer's) and, where no files give the base, the fingerprints of the
+    parameters as the erase found them (:func:`memory_fingerprints`); after it, the dense deltas (numpy) of the
+    tensors it trained and, when stored low-rank, each weight's factors. With ``trained_factors`` (``train:
+    factors``) the model is never written: factors and bias deltas train in place of its weights and biases."""
 
     params: list[tuple[str, str, Any]]
     originals: dict[tuple[str, str], Any]
-    te_dtypes: dict[str, Any]
+    fingerprints: dict[str, Any]
     dense: dict[tuple[str, str], Any] = field(default_factory=dict)
     factors: dict[str, Any] = field(default_factory=dict)
-    base: dict[tuple[str, str], Any] | None = None  # the values the patch is for, where not the originals (--after)
     trained_factors: Any = None  # with train: factors, their erasing.factors.Factors
 
     def written(self) -> list[tuple[str, str, Any]]:
-        """The triples whose parameters the loop writes: all of them, or with trained factors the biases alone."""
-        return [t for t in self.params if self.trained_factors is None or t[1] != "weight"]
+        """The triples whose parameters the loop writes: all of them, or with trained factors none."""
+        return self.params if self.trained_factors is None else []
 
     def optimized(self) -> list[Any]:
-        """The tensors Adam trains: the written parameters, and the factors where they train."""
+        """The tensors Adam trains: the written parameters, or the factors and bias deltas where they train."""
         factors = self.trained_factors.tensors() if self.trained_factors is not None else []
         return [p for _, _, p in self.written()] + factors
 
@@ -45,6 +45,7 @@ class Trained:
         }
         if self.trained_factors is not None:
             self.factors = self.trained_factors.stored()
+            self.dense |= {(m, "bias"): db for m, db in self.trained_factors.stored_biases().items()}
 
     def weight_norms(self, modules: Any) -> dict[str, float]:
         """``|delta W|`` (Frobenius) of each module's weight."""
@@ -53,17 +54,27 @@ class Trained:
             return {m: norms[m] for m in modules}
         return {m: float(np.linalg.norm(self.dense[(m, "weight")])) for m in modules}
 
-    def original(self, m: str, kind: str, p: Any) -> Any:
-        """The value the patch is for of parameter ``p``: as it was before the erase (and before --after's patches);
-        a weight whose factors trained is as it was."""
-        return (self.base or self.originals).get((m, kind), p.detach().cpu())
-
     def restore(self) -> None:
         import torch
 
         with torch.no_grad():
             for m, kind, p in self.written():
                 p.copy_(self.originals[(m, kind)])
+
+
+def memory_fingerprints(params: list[tuple[str, str, Any]], te_dtypes: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprints of the trained tensors as they are in memory, each in its encoder's dtype (``te_dtypes``):
+    the base a patch records where no files give it. Taken before the erase converts or patches anything."""
+    from .._torch import dtype_code, tensor_bytes
+    from ..format.names import parse_module_name
+    from ..format.patchfile import fingerprint
+
+    fps = {}
+    for m, kind, p in params:
+        slot = parse_module_name(m)[0]  # type: ignore[index]
+        orig = p.detach().cpu().to(te_dtypes[slot])
+        fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
+    return fps
 
 
 METHOD_NAMES = {"doco": "wu-2024-doco"}  # the other recipes are variants of Fuchi & Takagi's
@@ -82,7 +93,6 @@ def build_patch(
     fingerprints (of the files on disk when ``base_files`` is given, so it applies "exact" to them). ``ran``:
     what the run measured, recorded with the hyperparameters; ``provenance``: the manifest's ``Method`` fields
     (images_sha256, num_images, duration_s)."""
-    from .._torch import dtype_code, tensor_bytes
     from ..format.names import parse_module_name
     from ..format.patchfile import (
         Concept,
@@ -102,7 +112,7 @@ def build_patch(
         from ..checkpoints.in_place import pristine_reader
 
         read = pristine_reader(base_files)
-    for m, kind, p in trained.params:
+    for m, kind, _ in trained.params:
         slot, layer, proj = parse_module_name(m)  # type: ignore[misc]
         if kind == "weight":
             stored, deltas[m] = delta_tensors(  # no bias delta where the projection has no bias (T5)
@@ -115,8 +125,7 @@ def build_patch(
             dtype, shape = wf.tensor_info()[key]
             fps[f"{m}.{kind}"] = fingerprint(read(wf, key), dtype, shape)
         else:  # of the weights as they were in memory
-            orig = trained.original(m, kind, p).to(trained.te_dtypes[slot])
-            fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
+            fps[f"{m}.{kind}"] = trained.fingerprints[f"{m}.{kind}"]
     hp = config.hyperparameters() | ran
     manifest = new_manifest(
         title=" + ".join(concepts) + " erased",

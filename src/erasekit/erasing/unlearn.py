@@ -7,14 +7,15 @@ Method: Fuchi & Takagi, "Erasing Concepts from Text-to-Image Diffusion Models wi
 2. each step: a batch of latents, uniform timesteps, Gaussian noise, a prompt from the templates;
 3. loss = MSE(UNet(noisy, t, TE(prompt)), target) with target = noise (epsilon) or velocity (v-prediction);
 4. *ascend* that loss (minimise its negative) with Adam, updating only TE FFN fc1/fc2 weights and biases (with
-   ``train: factors``, low-rank factors of each weight's change and the biases: :mod:`erasekit.erasing.factors`);
+   ``train: factors``, low-rank factors of each weight's change and the biases' deltas: :mod:`erasekit.erasing.factors`);
 5. the patch is the difference of those tensors before and after (or the trained factors).
 
 What makes it faster than the reference script at the same number of optimizer steps: only the FFN
 tensors require gradients (no weight gradients for the UNet, attention or embeddings, and no backward
 pass below the lowest trained layer), no per-epoch checkpoint writes, latents encoded once and cached,
 SDPA attention, and bf16 autocast for the frozen UNet on devices that compute bf16 natively (GPUs; CPUs
-with AVX512-BF16 or AMX).
+with AVX512-BF16 or AMX). With ``train: factors`` the frozen text encoders are held in that dtype too
+(:func:`erasekit._torch.encoder_dtype`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..format.erase_config import EraseConfig
 from .compress import Compaction, linear_modules
 from .conditioning import Conditioner, check_concepts, trainable
 from .denoising import Denoiser, Draws, make_denoiser, normalised_latents
-from .erase_patch import Trained, build_patch
+from .erase_patch import Trained, build_patch, memory_fingerprints
 from .factors import Factors
 from .recipes import Objective, Step, make_recipe
 from .surgery import surgery_grads
@@ -85,6 +86,10 @@ class EraseReport:
     # offload: blocks: the bytes of the denoiser's blocks moved to the device (twice their size an optimizer step:
     # for the forward pass and again for the backward; once more for each pass without gradients)
     streamed_bytes: int = 0
+    # the text encoders' weights as the loop held them: their bytes (every encoder's parameters, trained and frozen)
+    # and their dtype: "fp32" where they train (train: dense), under train: factors the dtype the loop computes in
+    encoder_bytes: int = 0
+    encoder_dtype: str = "fp32"
 
 
 class Clock:
@@ -187,7 +192,7 @@ def erase(
     """
     import torch
 
-    from .._torch import kept_as_found, native_bf16
+    from .._torch import encoder_dtype, held_in, kept_as_found, native_bf16
     from ..checkpoints.in_place import applied_in_place
     from ..checkpoints.memory import patches_applied
     from ..checkpoints.pipeline import denoiser_of
@@ -239,6 +244,7 @@ def erase(
     config = config.for_kinds(_kinds(cond_of))  # train: auto decided (factors where a T5 trains)
     encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
     te_dtypes = {slot: te.dtype for slot, te in encoders.items()}  # the fingerprints of in-memory weights use these
+    held = encoder_dtype(config.train, config.dtype, device)  # float32 where they train, or frozen in bf16
     with (
         kept_as_found((unet, pipe.vae, *encoders.values())),
         _gradient_checkpointing(unet, config.checkpointing and not streamed_blocks),  # streaming recomputes already
@@ -246,29 +252,18 @@ def erase(
     ):
         for module in (unet, pipe.vae, *encoders.values()):
             module.requires_grad_(False)
-        for te in encoders.values():
-            te.to(torch.float32)
-        trained = Trained(
-            [
-                p
-                for slot, te in cond_of.trained.items()
-                for p in trainable(
-                    slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot)
-                )
-            ],
-            {},
-            te_dtypes,
-        )
-        if config.train == "factors":
-            trained.trained_factors = Factors(
-                linear_modules(cond_of, {m: p for m, kind, p in trained.params if kind == "weight"}),
-                int(config.rank),
-                config.seed + 3,  # + 1: the forget check's draws, + 2: compression's rows
-            )
-        if after:  # the patch is for the weights before the earlier patches: a stack is judged against those
-            trained.base = {(m, k): p.detach().to("cpu", copy=True) for m, k, p in trained.params}
-        # an erase after other patches learns on top of them; trained factors act through hooks while it runs
-        with patches_applied(pipe, after), _attached(trained.trained_factors):
+        params = [
+            p
+            for slot, te in cond_of.trained.items()
+            for p in trainable(slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot))
+        ]
+        # the patch is for the weights as found: before the earlier patches and any conversion
+        trained = Trained(params, {}, memory_fingerprints(params, te_dtypes) if base_files is None else {})
+        trained.trained_factors = _factors(config, cond_of, params)
+        # the encoders held in their dtype; an erase after other patches learns on top of them; trained factors act
+        # through hooks while it runs
+        with held_in(encoders.values(), held), patches_applied(pipe, after), _attached(trained.trained_factors):
+            encoder_bytes = sum(p.numel() * p.element_size() for te in encoders.values() for p in te.parameters())
             trained.keep_originals()
             try:
                 check = (
@@ -360,6 +355,8 @@ def erase(
         trained_parameters=adam[0],
         optimizer_bytes=adam[1],
         streamed_bytes=stream.bytes_moved if stream else 0,
+        encoder_bytes=encoder_bytes,
+        encoder_dtype="bf16" if held == torch.bfloat16 else "fp32",
     )
 
 
@@ -440,6 +437,19 @@ def offloaded_blocks(offload: str, fam: Family | None) -> tuple[str, ...]:
             option="offload",
         )
     return fam.streamed_blocks
+
+
+def _factors(config: EraseConfig, cond_of: Conditioner, params: list[tuple[str, str, Any]]) -> Factors | None:
+    """With ``train: factors``, the factors of the trained weights and the deltas of the trained biases (else
+    None)."""
+    if config.train != "factors":
+        return None
+    return Factors(
+        linear_modules(cond_of, {m: p for m, kind, p in params if kind == "weight"}),
+        int(config.rank),
+        config.seed + 3,  # + 1: the forget check's draws, + 2: compression's rows
+        [m for m, kind, _ in params if kind == "bias"],
+    )
 
 
 def _kinds(cond_of: Conditioner) -> set[str]:

@@ -133,7 +133,9 @@ class EraseConfig(BaseModel):
     encoders: list[SlotName] | None = None  # SDXL: which encoders to train; None = all
     seed: int = 0
     device: str = "auto"
-    # autocast dtype of the frozen UNet; auto: bf16 where the device computes it natively, else fp32
+    # autocast dtype of the frozen UNet, and with train: factors the dtype the frozen text encoders are held in
+    # (erasekit._torch.encoder_dtype; dense training holds them in fp32); auto: bf16 where the device computes it
+    # natively, else fp32
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     flip: bool = True  # horizontal flip, p = 0.5, decided once per image
     patch_dtype: Literal["F32", "F16", "BF16"] = "BF16"
