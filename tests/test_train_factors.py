@@ -334,3 +334,32 @@ def test_the_cli_loads_the_encoders_as_an_erase_holds_them(tmp_path: Path, t5_er
     for train, dtype in (("factors", torch.bfloat16), ("dense", torch.float32)):
         loaded, _ = load_for(jobs[train], Clock())
         assert encoder_dtypes(loaded) == {dtype}, train
+
+
+@pytest.mark.parametrize("kept", ["all-in-one", "apart"])
+def test_a_single_files_vae_loads_in_float32_as_stored_beside_bf16_held_encoders(tmp_path: Path, kept: str) -> None:
+    """``erase --dtype bf16`` of an SD3 single file, or of its transformer file with the encoder files: the encoders
+    load in bf16, the VAE (it encodes the training images) in float32 with the values it is stored with, its folder's
+    bit for bit, as under dense training; not rounded through bf16 (the loop's dtype and the encoders' alike)."""
+    from erasekit.testing import flow_single_files
+
+    folder = make_tiny_pipeline(tmp_path / "sd3", "sd3")
+    files = flow_single_files(folder, tmp_path / "files")
+    (tmp_path / "cats").mkdir()
+    for i, image in enumerate(cat_images()):
+        image.save(tmp_path / "cats" / f"cat{i}.png")
+    model, encoders = (
+        (files["all-in-one"], [])
+        if kept == "all-in-one"
+        else (files["transformer"], [files["clip_l"], files["clip_g"], files["t5"]])
+    )
+    job = prepare_erase(
+        model, ["cat"], [tmp_path / "cats"], tmp_path / "p.erasepatch", {"dtype": "bf16", "device": "cpu"},
+        config_dir=folder, text_encoders=encoders,
+    )  # fmt: skip
+    loaded, _ = load_for(job, Clock())
+    assert job.config.train == "factors" and encoder_dtypes(loaded) == {torch.bfloat16}
+    want = load_pipeline(folder)[0].vae.state_dict()
+    got = loaded.vae.state_dict()
+    assert {p.dtype for p in got.values()} == {torch.float32}
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []

@@ -152,14 +152,14 @@ def load_pipeline(
     elif ckpt.layout == PARTS_LAYOUT:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
-        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
+        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype, vae_dtype)
         load = lambda **_: pipeline_from_parts(cls, ckpt, choice, vae, load_dtype)  # noqa: E731
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
         absent = _absent_from_file(fam, ckpt)
         extra |= dict.fromkeys(absent) | choice.tokenizers(ckpt.encoders)  # an SD3.x file without its T5
-        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
+        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype, vae_dtype)
         load = lambda **kw: cls.from_single_file(  # noqa: E731
             str(path),
             config=str(choice.path),
@@ -301,13 +301,13 @@ def _part_files(ckpt: Checkpoint, vae: str | os.PathLike | None) -> list[tuple[s
     ]
 
 
-def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
-    """The one dtype diffusers loads a whole single file in, before each component is cast to its own: the
-    file's own text-encoder dtype where that loses nothing (an fp16 file for a bf16 UNet and fp32 encoders: no
-    fp32 copy of the UNet is ever made), else fp32."""
+def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any, vae_dtype: Any) -> Any:
+    """The one dtype diffusers loads a whole single file in, before each component is cast to its own: theirs where
+    they share one; else the file's own text-encoder dtype where that loses nothing (an fp16 file for a bf16 UNet
+    and fp32 encoders or VAE: no fp32 copy of the UNet is ever made), else fp32."""
     import torch
 
-    if dtype == te_dtype:
+    if dtype == te_dtype == vae_dtype:
         return dtype
     wf = next(f for f in ckpt.files if f.encoders)
     enc = next(iter(wf.encoders.values()))
