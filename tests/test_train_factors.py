@@ -363,3 +363,26 @@ def test_a_single_files_vae_loads_in_float32_as_stored_beside_bf16_held_encoders
     got = loaded.vae.state_dict()
     assert {p.dtype for p in got.values()} == {torch.float32}
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+def test_an_erase_after_a_patch_holds_in_bf16_a_pipeline_with_a_patch_applied_in_memory(
+    held: HeldErases, flux: Path
+) -> None:
+    """A caller's float32 pipeline with a patch applied in memory, erased ``after`` another patch with the encoders
+    held in bf16: the earlier patch is checked against the weights below the applied one in their own dtype (not
+    their bytes read as bf16), and the pipeline comes back as found, the applied patch still revertible."""
+    from erasekit.checkpoints.memory import revert_patch
+
+    pipe, _ = load_pipeline(flux)
+    pristine = encoder_state(pipe)
+    apply_patch(pipe, held.reports["fp32"].patch)
+    before = encoder_state(pipe)
+    config = EraseConfig(**HELD, dtype="bf16")  # type: ignore[arg-type]
+    report = erase(pipe, ["dog"], [cat_images()], config, after=[held.reports["bf16"].patch])
+    assert report.encoder_dtype == "bf16"
+    assert [a["patch_id"] for a in report.patch.manifest.method.hyperparameters["after"]] == [
+        held.reports["bf16"].patch.patch_id
+    ]
+    assert_as_found(before, pipe)
+    revert_patch(pipe, held.reports["fp32"].patch)
+    assert_as_found(pristine, pipe)
