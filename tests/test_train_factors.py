@@ -386,3 +386,17 @@ def test_an_erase_after_a_patch_holds_in_bf16_a_pipeline_with_a_patch_applied_in
     assert_as_found(before, pipe)
     revert_patch(pipe, held.reports["fp32"].patch)
     assert_as_found(pristine, pipe)
+
+
+def test_a_patch_erased_from_a_half_precision_pipeline_applies_exact_to_it(tmp_path: Path) -> None:
+    """SD3.x loaded in fp16 as diffusers documents it keeps T5's ``wo`` in float32 (transformers'
+    ``_keep_in_fp32_modules``): the patch's base fingerprints are of each tensor in its own dtype as found (``wo``
+    float32, not rounded to fp16), so the patch applies "exact" to such a pipeline."""
+    folder = make_tiny_pipeline(tmp_path / "sd3", "sd3")
+    pipe, _ = load_pipeline(folder, torch_dtype=torch.float16)
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    assert pipe.text_encoder_3.get_parameter(wo).dtype == torch.float32
+    config = EraseConfig(**HELD, dtype="bf16")  # type: ignore[arg-type]
+    patch = erase(pipe, ["cat"], [cat_images()], config).patch
+    assert patch.manifest.base.tensors["lora_te3_encoder_block_0_layer_1_DenseReluDense_wo.weight"].dtype == "F32"
+    assert apply_patch(load_pipeline(folder, torch_dtype=torch.float16)[0], patch).applied[0].fingerprint == "exact"
