@@ -59,7 +59,7 @@ and no fp32 stage. After a warm-up erase (2 steps):
   5. the defaults with ``checkpointing=True``;
   6. T5 trained densely (``train: dense``, ``rank: dense``; 3.02 B parameters in Adam): expected OOM on 80 GB.
 
-A FLUX.1 or SD3.x run (``--only flux`` or ``--only sd3``) should take 2 to 4 minutes on an H100 (estimate).
+A FLUX.1 or SD3.x run (``--only flux`` or ``--only sd3``) should take 3 to 5 minutes on an H100 (estimate).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def full_size_flow_pipeline(arch: str, device: torch.device) -> Any:
 def held_for_24gb(pipe: Any, device: torch.device) -> Iterator[None]:
     """Within the block, the transformer's streamed blocks (``Family.streamed_blocks``) in CPU memory, as ``erasekit
     erase --offload blocks`` loads them (the text encoders are already held as an erase through T5 holds them:
-    :func:`flow_pipeline`); back on ``device`` after."""
+    :func:`full_size_flow_pipeline`); back on ``device`` after."""
     from erasekit.checkpoints.pipeline import denoiser_of
     from erasekit.erasing.streaming import blocks_of
     from erasekit.families import of_pipeline

@@ -20,6 +20,7 @@ import torch
 from conftest import snapshot
 from PIL import Image
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import save_file as torch_save_file
 from typer.testing import CliRunner
 
 from erasekit.checkpoints import model_configs
@@ -436,6 +437,26 @@ def test_generate_from_the_files_kept_apart_draws_what_the_all_in_one_file_draws
     drawn = np.asarray(Image.open(apart / "a-cat_0.png")).astype(int)
     # the same weights: the same picture, but for a unit of rounding (two runs of one file differ as much on CPU)
     assert drawn.std() > 10 and np.abs(drawn - np.asarray(Image.open(whole / "a-cat_0.png"))).max() <= 2
+
+
+def test_files_kept_apart_load_each_in_its_own_dtype_whatever_the_encoder_files_are_stored_in(
+    bundled: dict[str, Path], tmp_path: Path
+) -> None:
+    """As Black Forest Labs and ComfyUI keep FLUX.1-dev: the transformer stored in bf16, the VAE in fp32 and the
+    encoders in fp16. An erase's load (a bf16 transformer, fp32 encoders and VAE) gives the transformer and the VAE
+    the values stored, as from files that are all fp32 (the transformer's rounded to bf16 alike): neither goes
+    through the encoder files' fp16."""
+    transformer, clip_l, t5, vae = kept_apart(bundled, tmp_path / "models")
+    for path, dtype in ((transformer, torch.bfloat16), (clip_l, torch.float16), (t5, torch.float16)):
+        tensors = {k: torch.from_numpy(v) for k, v in load_file(str(path)).items()}
+        torch_save_file({k: v.to(dtype) for k, v in tensors.items()}, str(path))
+    dtypes = {"torch_dtype": torch.bfloat16, "text_encoder_dtype": torch.float32, "vae_dtype": torch.float32}
+    pipe, _ = load_pipeline(transformer, text_encoders=[clip_l, t5], vae=vae, **dtypes)  # type: ignore[arg-type]
+    fp32_files = [bundled["clip_l"], bundled["t5"]]
+    reference, _ = load_pipeline(bundled["transformer"], text_encoders=fp32_files, vae=vae, **dtypes)  # type: ignore[arg-type]
+    for comp in ("transformer", "vae"):
+        got, want = getattr(pipe, comp).state_dict(), getattr(reference, comp).state_dict()
+        assert [k for k in want if not torch.equal(got[k], want[k])] == [], comp
 
 
 def test_files_that_do_not_make_the_model_are_refused_in_one_line(bundled: dict[str, Path], tmp_path: Path) -> None:

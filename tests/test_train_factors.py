@@ -334,3 +334,69 @@ def test_the_cli_loads_the_encoders_as_an_erase_holds_them(tmp_path: Path, t5_er
     for train, dtype in (("factors", torch.bfloat16), ("dense", torch.float32)):
         loaded, _ = load_for(jobs[train], Clock())
         assert encoder_dtypes(loaded) == {dtype}, train
+
+
+@pytest.mark.parametrize("kept", ["all-in-one", "apart"])
+def test_a_single_files_vae_loads_in_float32_as_stored_beside_bf16_held_encoders(tmp_path: Path, kept: str) -> None:
+    """``erase --dtype bf16`` of an SD3 single file, or of its transformer file with the encoder files: the encoders
+    load in bf16, the VAE (it encodes the training images) in float32 with the values it is stored with, its folder's
+    bit for bit, as under dense training; not rounded through bf16 (the loop's dtype and the encoders' alike)."""
+    from erasekit.testing import flow_single_files
+
+    folder = make_tiny_pipeline(tmp_path / "sd3", "sd3")
+    files = flow_single_files(folder, tmp_path / "files")
+    (tmp_path / "cats").mkdir()
+    for i, image in enumerate(cat_images()):
+        image.save(tmp_path / "cats" / f"cat{i}.png")
+    model, encoders = (
+        (files["all-in-one"], [])
+        if kept == "all-in-one"
+        else (files["transformer"], [files["clip_l"], files["clip_g"], files["t5"]])
+    )
+    job = prepare_erase(
+        model, ["cat"], [tmp_path / "cats"], tmp_path / "p.erasepatch", {"dtype": "bf16", "device": "cpu"},
+        config_dir=folder, text_encoders=encoders,
+    )  # fmt: skip
+    loaded, _ = load_for(job, Clock())
+    assert job.config.train == "factors" and encoder_dtypes(loaded) == {torch.bfloat16}
+    want = load_pipeline(folder)[0].vae.state_dict()
+    got = loaded.vae.state_dict()
+    assert {p.dtype for p in got.values()} == {torch.float32}
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+def test_an_erase_after_a_patch_holds_in_bf16_a_pipeline_with_a_patch_applied_in_memory(
+    held: HeldErases, flux: Path
+) -> None:
+    """A caller's float32 pipeline with a patch applied in memory, erased ``after`` another patch with the encoders
+    held in bf16: the earlier patch is checked against the weights below the applied one in their own dtype (not
+    their bytes read as bf16), and the pipeline comes back as found, the applied patch still revertible."""
+    from erasekit.checkpoints.memory import revert_patch
+
+    pipe, _ = load_pipeline(flux)
+    pristine = encoder_state(pipe)
+    apply_patch(pipe, held.reports["fp32"].patch)
+    before = encoder_state(pipe)
+    config = EraseConfig(**HELD, dtype="bf16")  # type: ignore[arg-type]
+    report = erase(pipe, ["dog"], [cat_images()], config, after=[held.reports["bf16"].patch])
+    assert report.encoder_dtype == "bf16"
+    assert [a["patch_id"] for a in report.patch.manifest.method.hyperparameters["after"]] == [
+        held.reports["bf16"].patch.patch_id
+    ]
+    assert_as_found(before, pipe)
+    revert_patch(pipe, held.reports["fp32"].patch)
+    assert_as_found(pristine, pipe)
+
+
+def test_a_patch_erased_from_a_half_precision_pipeline_applies_exact_to_it(tmp_path: Path) -> None:
+    """SD3.x loaded in fp16 as diffusers documents it keeps T5's ``wo`` in float32 (transformers'
+    ``_keep_in_fp32_modules``): the patch's base fingerprints are of each tensor in its own dtype as found (``wo``
+    float32, not rounded to fp16), so the patch applies "exact" to such a pipeline."""
+    folder = make_tiny_pipeline(tmp_path / "sd3", "sd3")
+    pipe, _ = load_pipeline(folder, torch_dtype=torch.float16)
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    assert pipe.text_encoder_3.get_parameter(wo).dtype == torch.float32
+    config = EraseConfig(**HELD, dtype="bf16")  # type: ignore[arg-type]
+    patch = erase(pipe, ["cat"], [cat_images()], config).patch
+    assert patch.manifest.base.tensors["lora_te3_encoder_block_0_layer_1_DenseReluDense_wo.weight"].dtype == "F32"
+    assert apply_patch(load_pipeline(folder, torch_dtype=torch.float16)[0], patch).applied[0].fingerprint == "exact"

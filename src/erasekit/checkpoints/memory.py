@@ -123,7 +123,7 @@ def apply_patch(
         check_patchable(dtype_code(p.dtype), f"{where}: tensor {spec.key(t.layer, t.proj, t.kind)}")
         params[t] = p
         pristine = _memory_pristine(model, t.slot, spec.key(t.layer, t.proj, t.kind), p)
-        fps[f"{t.module}.{t.kind}"] = fingerprint(tensor_bytes(pristine), dtype_code(p.dtype), tuple(p.shape))
+        fps[f"{t.module}.{t.kind}"] = fingerprint(tensor_bytes(pristine), dtype_code(pristine.dtype), tuple(p.shape))
     status, differing = judge_fingerprints(patch, fps, force, where)
     with torch.no_grad():
         news = {

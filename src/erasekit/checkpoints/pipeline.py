@@ -152,14 +152,14 @@ def load_pipeline(
     elif ckpt.layout == PARTS_LAYOUT:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
-        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
-        load = lambda **_: pipeline_from_parts(cls, ckpt, choice, vae, load_dtype)  # noqa: E731
+        part_dtypes = {"default": dtype, "vae": vae_dtype} | dict.fromkeys(fam.components, te_dtype)
+        load = lambda **_: pipeline_from_parts(cls, ckpt, choice, vae, part_dtypes)  # noqa: E731
     else:
         choice = choose_config(ckpt, config, prediction_type)
         ckpt.config = choice.describe()
         absent = _absent_from_file(fam, ckpt)
         extra |= dict.fromkeys(absent) | choice.tokenizers(ckpt.encoders)  # an SD3.x file without its T5
-        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype)
+        load_dtype = single_file_load_dtype(ckpt, dtype, te_dtype, vae_dtype)
         load = lambda **kw: cls.from_single_file(  # noqa: E731
             str(path),
             config=str(choice.path),
@@ -301,13 +301,13 @@ def _part_files(ckpt: Checkpoint, vae: str | os.PathLike | None) -> list[tuple[s
     ]
 
 
-def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
-    """The one dtype diffusers loads a whole single file in, before each component is cast to its own: the
-    file's own text-encoder dtype where that loses nothing (an fp16 file for a bf16 UNet and fp32 encoders: no
-    fp32 copy of the UNet is ever made), else fp32."""
+def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any, vae_dtype: Any) -> Any:
+    """The one dtype diffusers loads a whole single file in, before each component is cast to its own: theirs where
+    they share one; else the file's own text-encoder dtype where that loses nothing (an fp16 file for a bf16 UNet
+    and fp32 encoders or VAE: no fp32 copy of the UNet is ever made), else fp32."""
     import torch
 
-    if dtype == te_dtype:
+    if dtype == te_dtype == vae_dtype:
         return dtype
     wf = next(f for f in ckpt.files if f.encoders)
     enc = next(iter(wf.encoders.values()))
@@ -318,12 +318,13 @@ def single_file_load_dtype(ckpt: Checkpoint, dtype: Any, te_dtype: Any) -> Any:
 
 
 def pipeline_from_parts(
-    cls: Any, ckpt: Checkpoint, choice: ConfigChoice, vae: str | os.PathLike | None, dtype: Any
+    cls: Any, ckpt: Checkpoint, choice: ConfigChoice, vae: str | os.PathLike | None, dtypes: dict[str, Any]
 ) -> Any:
     """A pipeline of class ``cls`` from a model of separate files (:mod:`erasekit.checkpoints.parts`) and the configs
     ``choice``: diffusers loads the transformer and the VAE (from ``vae``, else from the transformer's file) as
     ``from_single_file`` does, each from its own tensors, and each text encoder from its own file as it loads one from
-    an all-in-one file (its keys put below that file's prefix)."""
+    an all-in-one file (its keys put below that file's prefix). ``dtypes``: component -> the dtype it loads in (else
+    ``"default"``'s): each file is read into its own component's, never through another file's."""
     import diffusers
     import transformers
     from diffusers.loaders.single_file_utils import (
@@ -335,14 +336,21 @@ def pipeline_from_parts(
     fam = family(ckpt.architecture)
     index = read_json(choice.path / "model_index.json")
     (denoiser, _), (vae_part, _) = fam.parts
-    kw = {"config": str(choice.path), "local_files_only": True, "torch_dtype": dtype}
+
+    def kw(comp: str) -> dict[str, Any]:
+        return {
+            "config": str(choice.path),
+            "local_files_only": True,
+            "torch_dtype": dtypes.get(comp, dtypes["default"]),
+        }
+
     (_, _, denoiser_at), (_, vae_file, vae_at) = _part_files(ckpt, vae)
     parts: dict[str, Any] = {
         denoiser: getattr(diffusers, index[denoiser][1]).from_single_file(
-            _tensors_below(ckpt.path, denoiser_at), subfolder=denoiser, **kw
+            _tensors_below(ckpt.path, denoiser_at), subfolder=denoiser, **kw(denoiser)
         ),
         vae_part: getattr(diffusers, index[vae_part][1]).from_single_file(
-            _tensors_below(vae_file.path, vae_at), subfolder=vae_part, **kw
+            _tensors_below(vae_file.path, vae_at), subfolder=vae_part, **kw(vae_part)
         ),
         "scheduler": getattr(diffusers, index["scheduler"][1]).from_pretrained(choice.path, subfolder="scheduler"),
     }
@@ -364,7 +372,7 @@ def pipeline_from_parts(
             else create_diffusers_clip_model_from_ldm
         )
         parts[slot.component] = make(
-            getattr(transformers, index[slot.component][1]), state, subfolder=slot.component, **kw
+            getattr(transformers, index[slot.component][1]), state, subfolder=slot.component, **kw(slot.component)
         )
         if not choice.bundled:  # a user's config folder holds the tokenizers
             parts[slot.tokenizer] = transformers.AutoTokenizer.from_pretrained(choice.path, subfolder=slot.tokenizer)

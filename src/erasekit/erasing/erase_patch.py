@@ -62,19 +62,14 @@ class Trained:
                 p.copy_(self.originals[(m, kind)])
 
 
-def memory_fingerprints(params: list[tuple[str, str, Any]], te_dtypes: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprints of the trained tensors as they are in memory, each in its encoder's dtype (``te_dtypes``):
-    the base a patch records where no files give it. Taken before the erase converts or patches anything."""
+def memory_fingerprints(params: list[tuple[str, str, Any]]) -> dict[str, Any]:
+    """The fingerprints of the trained tensors as they are in memory, each in its own dtype (T5's ``wo`` may be
+    float32 in an fp16 encoder): the base a patch records where no files give it. Taken before the erase converts or
+    patches anything."""
     from .._torch import dtype_code, tensor_bytes
-    from ..format.names import parse_module_name
     from ..format.patchfile import fingerprint
 
-    fps = {}
-    for m, kind, p in params:
-        slot = parse_module_name(m)[0]  # type: ignore[index]
-        orig = p.detach().cpu().to(te_dtypes[slot])
-        fps[f"{m}.{kind}"] = fingerprint(tensor_bytes(orig), dtype_code(orig.dtype), tuple(orig.shape))
-    return fps
+    return {f"{m}.{kind}": fingerprint(tensor_bytes(p), dtype_code(p.dtype), tuple(p.shape)) for m, kind, p in params}
 
 
 METHOD_NAMES = {"doco": "wu-2024-doco"}  # the other recipes are variants of Fuchi & Takagi's

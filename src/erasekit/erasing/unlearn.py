@@ -243,7 +243,6 @@ def erase(
     )
     config = config.for_kinds(_kinds(cond_of))  # train: auto decided (factors where a T5 trains)
     encoders = {slot: te for slot, (te, _) in cond_of.all.items()}
-    te_dtypes = {slot: te.dtype for slot, te in encoders.items()}  # the fingerprints of in-memory weights use these
     held = encoder_dtype(config.train, config.dtype, device)  # float32 where they train, or frozen in bf16
     with (
         kept_as_found((unet, pipe.vae, *encoders.values())),
@@ -258,7 +257,7 @@ def erase(
             for p in trainable(slot, te, config.layers if config.layers is not None else cond_of.useful_layers(slot))
         ]
         # the patch is for the weights as found: before the earlier patches and any conversion
-        trained = Trained(params, {}, memory_fingerprints(params, te_dtypes) if base_files is None else {})
+        trained = Trained(params, {}, memory_fingerprints(params) if base_files is None else {})
         trained.trained_factors = _factors(config, cond_of, params)
         # the encoders held in their dtype; an erase after other patches learns on top of them; trained factors act
         # through hooks while it runs
