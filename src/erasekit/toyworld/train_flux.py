@@ -17,8 +17,10 @@ Trained with the flow-matching objective erasekit erases FLUX.1 with (``erasing.
 (``true_cfg_scale`` and ``negative_prompt=""``), its unconditional branch the empty prompt's conditioning, as
 trained on the 10% empty captions (``captions.py``).
 
-So that both paths carry the concepts, as for the SDXL family (``train_sdxl.py``), 30% of the rows have their T5
-tokens replaced by the empty prompt's, the pooled vector kept.
+So that T5's tokens carry the prompt, as FLUX.1's transformer reads it (its text tokens in the joint attention of
+every block; CLIP's pooled vector only in the modulation), 30% of the rows have their pooled vector replaced by the
+empty prompt's, the T5 tokens kept; no row the reverse (docs/toyworld-flux.md says why: a first model trained the
+other way round drew from the pooled vector, and T5 alone could not erase from it).
 
 Its loss is erasekit's own ``FlowMatching`` objective, so that training and erasing share one definition; ``train.py``,
 above it, drives the training loop.
@@ -54,8 +56,8 @@ class FluxSettings:
     double_layers: int = 2
     single_layers: int = 4
     shift: float = 1.0  # the scheduler's static shift (FLUX.1-schnell's): 16 image tokens need none
-    p_tokens_empty: float = 0.3  # a row conditioned on its pooled vector alone
-    p_pooled_empty: float = 0.0  # a row conditioned on its T5 tokens alone
+    p_tokens_empty: float = 0.0  # a row conditioned on its pooled vector alone
+    p_pooled_empty: float = 0.3  # a row conditioned on its T5 tokens alone
 
 
 def make_t5(x: FluxSettings, vocab_size: int) -> Any:
