@@ -147,6 +147,38 @@ def test_erasekit_conditions_as_the_pipelines_do(tmp_path: Path, tiny: dict[str,
     assert torch.equal(outputs["hidden"], tokens) and torch.equal(outputs["pooled"], pooled)
 
 
+def test_a_clip_only_erase_measures_its_stored_form_with_t5_run_once(tiny: dict[str, Path]) -> None:
+    """A FLUX.1 erase that trains CLIP-L alone stores its change at ``--rank auto``, which measures the encoders'
+    outputs before and after compressing, up to six passes over the same prompts: T5, which the erase leaves alone
+    (and which costs most at full size), runs once for them, and gives the same outputs as when run each time."""
+    from erasekit.erasing.compress import Compaction
+    from erasekit.erasing.conditioning import Conditioner, trainable
+    from erasekit.format.erase_config import EraseConfig
+
+    pipe = loaded(tiny["flux"])
+    cond_of = Conditioner(pipe, 32, ["te1"])
+    t5_calls: list[int] = []
+    handle = pipe.text_encoder_2.register_forward_hook(lambda *_: t5_calls.append(1))
+    try:
+        config = EraseConfig(rank="auto", rank_tol=1e-6)  # every tightening runs: the most passes
+        params = trainable("te1", pipe.text_encoder, None)
+        originals = {(m, k): p.detach().clone() for m, k, p in params}
+        with torch.no_grad():
+            for _, _, p in params:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+        compaction = Compaction(config, ["cat"], [None], cond_of, "cpu")
+        compaction.factors(params, originals)
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for m, k, p in params:
+                p.copy_(originals[(m, k)])
+    assert len(t5_calls) == 1
+    with torch.no_grad():
+        again = cond_of(compaction.judged, "cpu")[0]
+    assert torch.equal(compaction.base["hidden"], again.float())
+
+
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
 def test_the_denoiser_trains_the_rectified_flow(tiny: dict[str, Path], arch: str) -> None:
     """noisy = (1 - sigma) x0 + sigma noise, target noise - x0, sigma from the scheduler's training table (SD3's

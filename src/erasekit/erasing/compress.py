@@ -49,7 +49,8 @@ class Compaction:
         self.config, self.cond_of, self.device = config, cond_of, device
         self.groups, self.held_out = _measured_prompts(config, concepts, captions)
         self.judged = sum(self.groups, []) + self.held_out  # the prompts the end-to-end errors are measured on
-        self.base = _conditioning(cond_of, self.judged, device)
+        self.frozen: dict[Any, Any] = {}  # the untrained encoders' outputs for them, computed once (T5's: costly)
+        self.base = _conditioning(cond_of, self.judged, device, self.frozen)
 
     def factors(
         self, params: list[tuple[str, str, Any]], originals: dict[tuple[str, str], Any]
@@ -60,7 +61,9 @@ class Compaction:
         import torch
 
         gen = torch.Generator().manual_seed(self.config.seed + 2)
-        inputs, trained = _ffn_inputs(self.cond_of, self.groups, params, self.device, gen, INPUT_ROWS, self.held_out)
+        inputs, trained = _ffn_inputs(
+            self.cond_of, self.groups, params, self.device, gen, INPUT_ROWS, self.held_out, self.frozen
+        )
         deltas = {m: p.detach().cpu() - originals[(m, kind)] for m, kind, p in params if kind == "weight"}  # on the CPU
         tol = self.config.rank_tol
         stored: dict[str, LowRank] = {}
@@ -68,7 +71,7 @@ class Compaction:
             ranks = {m: lr.rank for m, lr in stored.items()}
             stored = _compress(self.config, deltas, inputs, tol)
             _with_factors(params, originals, stored)
-            got = _conditioning(self.cond_of, self.judged, self.device)
+            got = _conditioning(self.cond_of, self.judged, self.device, self.frozen)
             errors = {name: relative_error(got[name], trained[name], self.base[name]) for name in got}
             done = self.config.rank != "auto" or max(errors.values()) <= self.config.rank_tol
             if done or ranks == {m: lr.rank for m, lr in stored.items()}:  # met, or tightening no longer helps
@@ -109,6 +112,7 @@ def _ffn_inputs(
     gen: Any,
     rows: int,
     held_out: Sequence[str] = (),
+    frozen: dict[Any, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per trained FFN layer, the inputs it sees on the prompts: ``rows`` token rows in all, split evenly between
     the groups, drawn with ``gen`` (for a layer read only through the pooled embedding, every prompt's end-of-text
@@ -152,7 +156,7 @@ def _ffn_inputs(
 
     handles = [mod.register_forward_pre_hook(hook(m)) for m, mod in modules.items()]
     try:
-        conditioning = _conditioning(cond_of, sum(groups, []) + list(held_out), device)
+        conditioning = _conditioning(cond_of, sum(groups, []) + list(held_out), device, frozen)
     finally:
         for h in handles:
             h.remove()
@@ -171,14 +175,17 @@ def linear_modules(cond_of: Any, layers: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _conditioning(cond_of: Any, prompts: list[str], device: Any) -> dict[str, Any]:
-    """Each output the UNet reads from the text encoders for ``prompts`` (hidden states, pooled embedding)."""
+def _conditioning(
+    cond_of: Any, prompts: list[str], device: Any, frozen: dict[Any, Any] | None = None
+) -> dict[str, Any]:
+    """Each output the UNet reads from the text encoders for ``prompts`` (hidden states, pooled embedding); the
+    untrained encoders' outputs kept in and reused from ``frozen`` (:class:`~.conditioning.Conditioner`)."""
     import torch
 
     from .conditioning import encoder_outputs
 
     with torch.no_grad():
-        return {name: out.float() for name, out in encoder_outputs(cond_of(prompts, device)).items()}
+        return {name: out.float() for name, out in encoder_outputs(cond_of(prompts, device, frozen)).items()}
 
 
 def _compress(config: Any, deltas: dict[str, Any], inputs: dict[str, Any], tol: float) -> dict[str, LowRank]:

@@ -118,18 +118,29 @@ class Conditioner:
             self._ids.update({(id(tok), length, p): row for p, row in zip(new, rows)})
         return torch.stack([self._ids[(id(tok), length, p)] for p in prompts]).to(device)
 
-    def __call__(self, prompts: list[str], device: Any) -> tuple[Any, dict[str, Any] | None]:
+    def __call__(
+        self, prompts: list[str], device: Any, frozen: dict[Any, Any] | None = None
+    ) -> tuple[Any, dict[str, Any] | None]:
         """(the token states the denoiser attends to, its added conditioning: ``text_embeds``, the pooled
-        embeddings, and SDXL's ``time_ids``; None where it reads neither)."""
+        embeddings, and SDXL's ``time_ids``; None where it reads neither). ``frozen``: where given, the outputs of
+        the encoders the erase does not train are kept there by prompts and reused (they cannot change while it
+        runs: for passes without gradients that repeat their prompts, e.g. a CLIP-only FLUX.1 erase's T5)."""
         import torch
 
         reads = self.reads
         penultimate = reads.hidden_layer == "penultimate"
         outs = {}
         for slot in reads.slots_read:
-            if slot in self.all:
-                te = self.all[slot][0]
-                outs[slot] = te(self._token_ids(slot, prompts, device), output_hidden_states=penultimate)
+            if slot not in self.all:
+                continue
+            key = (slot, tuple(prompts), str(device))
+            if frozen is not None and slot not in self.trained and key in frozen:
+                outs[slot] = frozen[key]
+                continue
+            te = self.all[slot][0]
+            outs[slot] = te(self._token_ids(slot, prompts, device), output_hidden_states=penultimate)
+            if frozen is not None and slot not in self.trained:
+                frozen[key] = outs[slot]
         hidden = [outs[s].hidden_states[-2] if penultimate else outs[s][0] for s in reads.hidden_from]
         cond = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]
         if reads.sequence_from:
