@@ -119,7 +119,7 @@ def test_the_gpu_suites_flux_table_shows_each_erase_and_the_oom(monkeypatch: pyt
     assert "| parameters: transformer / text encoders / VAE | 11901M / 123M + 4762M / 84M |" in table
     assert "| defaults (T5 trains rank-16 factors) | 5.00 s (0.500 s/step) |" in table
     assert "| defaults (T5 trains rank-16 factors) | 61.20 GB |" in table
-    assert "| resident before the runs (transformer+VAE in compute dtype, encoders fp32) | 43.50 GB |" in table
+    assert "| resident before the runs (transformer, VAE and encoders in compute dtype) | 43.50 GB |" in table
     assert "| erase (defaults) / generate | 1.36x |" in table
     assert "| generate 1 image, the family's default sampling | 45.00 GB (4.00 s; 28 steps) |" in table
     assert "| defaults (T5 factors, CLIP factors) | 34,000,000 B (34.0 MB; rank 16-16 over 94 weights) |" in table
@@ -130,7 +130,7 @@ def test_the_gpu_suites_flux_table_shows_each_erase_and_the_oom(monkeypatch: pyt
     assert f"{streamed} 25.00 s (2.500 s/step) |" in table and f"{streamed} 16.40 GB |" in table
     assert "| moved to the device a step (--offload blocks: the blocks, twice) | 47.60 GB |" in table
     assert (
-        "| resident before the 24 GB configuration's erase (blocks in CPU memory, encoders bf16) | 11.00 GB |" in table
+        "| resident before the 24 GB configuration's erase (blocks in CPU memory) | 11.00 GB |" in table
     )
 
 
