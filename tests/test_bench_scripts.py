@@ -129,9 +129,7 @@ def test_the_gpu_suites_flux_table_shows_each_erase_and_the_oom(monkeypatch: pyt
     streamed = "| defaults, --offload blocks, encoders bf16 (the 24 GB configuration) |"
     assert f"{streamed} 25.00 s (2.500 s/step) |" in table and f"{streamed} 16.40 GB |" in table
     assert "| moved to the device a step (--offload blocks: the blocks, twice) | 47.60 GB |" in table
-    assert (
-        "| resident before the 24 GB configuration's erase (blocks in CPU memory) | 11.00 GB |" in table
-    )
+    assert "| resident before the 24 GB configuration's erase (blocks in CPU memory) | 11.00 GB |" in table
 
 
 @pytest.mark.skipif(
