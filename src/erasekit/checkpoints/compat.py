@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import FingerprintMismatchError, IncompatiblePatchError
-from ..families import family, known_encoders, listing, same_slots
+from ..families import family, known_encoders, listing, same_slots, with_article
 from ..families.base import EncoderKind
 from ..format.names import parse_module_name
 from ..format.patchfile import Patch, compare_fingerprint, fingerprint
@@ -46,7 +46,7 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
         if len(fits) != 1:
             raise IncompatiblePatchError(
                 f"patch '{m.title}' (from a bare text encoder, width {pe.hidden}) fits {len(fits)} encoders of {where}",
-                f"apply it to a {family(parch).title} folder instead",
+                f"apply it to {with_article(family(parch).title)} folder instead",
             )
         mapping = {used[0]: fits[0]}
     else:
@@ -139,8 +139,8 @@ def _kind(architecture: str, slot: str) -> EncoderKind:
 
 def _no_encoder_of(patch: Patch, kind: EncoderKind, where: str) -> IncompatiblePatchError:
     return IncompatiblePatchError(
-        f"patch '{patch.title}' changes a {kind.title} text encoder, and {where} has none",
-        f"apply it to a model with a {kind.title} text encoder",
+        f"patch '{patch.title}' changes {with_article(kind.title)} text encoder, and {where} has none",
+        f"apply it to a model with {with_article(kind.title)} text encoder",
     )
 
 

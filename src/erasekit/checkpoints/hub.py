@@ -31,6 +31,7 @@ from ..families import (
     not_yet,
     patched_encoders,
     unpatched_encoder,
+    with_article,
 )
 from ..families.base import EncoderKind, Family
 
@@ -228,7 +229,7 @@ def check_repo(name: str, folder: Path, files: list[str] | None, components: tup
     ]
     if missing:
         raise ErasekitError(
-            f"model {name} is a {fam.title} pipeline without the weights of its {', '.join(missing)} (nothing "
+            f"model {name} is {with_article(fam.title)} pipeline without the weights of its {', '.join(missing)} (nothing "
             "more was downloaded)",
             "name a complete diffusers repo of it (every component in its model_index.json, each with weights), "
             "or a local folder",
@@ -265,11 +266,11 @@ def _check_encoder_kind(name: str, folder: Path, fam: Family, component: str, ki
     for cls in map(str, archs):
         other = next((k for k in ENCODER_KINDS.values() if cls in k.transformers_classes), None)
         model = unpatched_encoder({}, [cls])
-        what = f"a {other.title} text encoder" if other else model.what if model else None
+        what = f"{with_article(other.title)} text encoder" if other else model.what if model else None
         if what is not None:
             wanted = f"{kind.supported or kind.title} text encoder"
             raise ErasekitError(
-                f"model {name}'s {component} is {what} ({cls}), not the {wanted} of a {fam.title} pipeline (its "
+                f"model {name}'s {component} is {what} ({cls}), not the {wanted} of {with_article(fam.title)} pipeline (its "
                 "weights were not downloaded)",
                 f"erasekit patches {patched_encoders()}; name a repo whose {component} is a {wanted} "
                 f"({kind.transformers_classes[0]})",

@@ -42,6 +42,7 @@ from ..families import (
     single_file_encoders,
     unpatched_denoiser,
     unpatched_encoder,
+    with_article,
 )
 from ..families.base import EncoderKind, Family, Naming, NotYet, SingleFile, Slot, Unpatched
 from ..families.encoders import ENCODER_KINDS, KIND_OF_NAMING, NAMINGS
@@ -328,7 +329,7 @@ def _encoder_of(style: str, prefix: str, tensors: dict[tuple[int, str, str], tup
         if tuple(got) != spec.shape(proj, tensor_kind):
             raise LayoutError(
                 f"tensor {key} has shape {list(got)}, expected {list(spec.shape(proj, tensor_kind))}",
-                f"the file is damaged or not a {kind.title} text encoder",
+                f"the file is damaged or not {with_article(kind.title)} text encoder",
             )
     return spec
 
@@ -452,7 +453,7 @@ def _no_encoders_in(path: Path, wf: WeightFile, info: dict[str, Any]) -> LayoutE
     if fam is not None:
         files = [s.encoder.file for s in fam.slots]
         return LayoutError(
-            f"{path.name} holds a {fam.title} {fam.parts[0][0]} but no text encoders",
+            f"{path.name} holds {with_article(fam.title)} {fam.parts[0][0]} but no text encoders",
             f"patch the text-encoder files it is used with instead ({listing(files)}), or a model folder",
         )
     model = unpatched_encoder(_shapes(info))
@@ -463,7 +464,7 @@ def _no_encoders_in(path: Path, wf: WeightFile, info: dict[str, Any]) -> LayoutE
         f"{path.name} looks like {looks}, which erasekit does not erase or patch"
         if looks
         else f"{path} has no text encoder FFN tensors erasekit knows "
-        f"({len(info)} tensors; neither {listing([*lines(), *(f'a {f.title}' for f in BARE)], 'nor')})",
+        f"({len(info)} tensors; neither {listing([*lines(), *(with_article(f.title) for f in BARE)], 'nor')})",
         f"erasekit supports {listing(lines())} checkpoints: one .safetensors/.ckpt file, a "
         "diffusers folder or a model id",
     )
@@ -664,7 +665,7 @@ def _encoder_folder_files(root: Path, sub: str, slot: Slot) -> list[WeightFile]:
             kind = slot.encoder.kind
             what = f"the shards of {wf.path} do" if isinstance(wf, ShardedFile) else f"{wf.path} does"
             raise LayoutError(
-                f"{what} not look like a {kind.title} text encoder "
+                f"{what} not look like {with_article(kind.title)} text encoder "
                 f"(no {kind.namings[0].path('N', kind.projections[0])}.weight)",
                 "re-download the text encoder weights",
             )
@@ -806,5 +807,5 @@ def _layers_expected(wf: WeightFile, enc: EncoderSpec, folder: bool) -> tuple[in
     if isinstance(count, int) and not isinstance(count, bool):
         return count, "its config.json names"
     if enc.encoder_kind is T5_XXL.kind and (enc.hidden, enc.intermediate) == T5_XXL.largest[:2]:
-        return T5_XXL.largest[2], f"a {T5_XXL.title} has"
+        return T5_XXL.largest[2], f"{with_article(T5_XXL.title)} has"
     return 0, ""

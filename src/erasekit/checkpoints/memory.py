@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from ..errors import ErasekitError, IncompatiblePatchError, NonFiniteError, NotAppliedError, RevertOrderError
-from ..families import BARE, ENCODER_COMPONENTS, bare_by_class, of_pipeline
+from ..families import BARE, ENCODER_COMPONENTS, bare_by_class, of_pipeline, with_article
 from ..families.base import Slot
 from ..format.patchfile import Patch, fingerprint
 from .apply import AppliedPatch, ApplyReport, RevertReport, as_patch
@@ -91,7 +91,7 @@ def _spec_of(module: Any, slot: Slot) -> EncoderSpec:
     if spec is None:
         kind = slot.encoder.kind
         raise IncompatiblePatchError(
-            f"{type(module).__name__} is not a {kind.title} text encoder",
+            f"{type(module).__name__} is not {with_article(kind.title)} text encoder",
             f"pass a pipeline or {kind.transformers_classes[0]}",
         )
     return spec

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError, ErasekitWarning, InputFileError, LayoutError
-from ..families import ENCODER_COMPONENTS, by_bundled_config, by_components, family
+from ..families import ENCODER_COMPONENTS, by_bundled_config, by_components, family, with_article
 from ..families.base import Family
 from ..toyworld import builtin_model_path
 from .layouts import Checkpoint, EncoderSpec, WeightFile, read_json
@@ -197,12 +197,13 @@ def bundled_choice(ckpt: Checkpoint, prediction_type: str | None = None) -> Conf
     fam = family(ckpt.architecture)
     if fam.bare:
         raise LayoutError(
-            f"{ckpt.path.name} holds only a {fam.title}, no UNet or VAE",
+            f"{ckpt.path.name} holds only {with_article(fam.title)}, no UNet or VAE",
             "name a whole Stable Diffusion checkpoint (a text-encoder file can be patched, not run)",
         )
     if not fam.bundled:
         raise LayoutError(
-            f"erasekit has no configs to load a {fam.title} single file with", f"{fam.why_not_run or 'patch it only'}"
+            f"erasekit has no configs to load {with_article(fam.title)} single file with",
+            f"{fam.why_not_run or 'patch it only'}",
         )
     if fam.flow_matching:
         return _flow_choice(ckpt, fam, prediction_type)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ErasekitError, InputFileError, LayoutError
-from ..families import family, listing
+from ..families import family, listing, with_article
 from ..families.base import Family, Slot
 from .layouts import Checkpoint, EncoderSpec, WeightFile, _denoiser_alone, detect, with_slot
 
@@ -87,7 +87,7 @@ def _detect_whole(path: Path) -> Checkpoint:
         files = ",".join(s.encoder.file for s in fam.slots)
         vae = "" if _vae_prefix(path) is not None else f" --vae {fam.vae_file}"
         raise LayoutError(
-            f"{path.name} holds a {fam.title} {fam.parts[0][0]} but no text encoders",
+            f"{path.name} holds {with_article(fam.title)} {fam.parts[0][0]} but no text encoders",
             f"give its encoder files{' and VAE' if vae else ''}: --text-encoders {files}{vae}",
             option="text_encoders",
         ) from None
@@ -229,7 +229,7 @@ def _refuse_other_part(path: Path) -> None:
     fam = _denoiser_alone(keys) if keys else None
     if fam is not None:
         raise LayoutError(
-            f"{path.name} is a {fam.title} {fam.parts[0][0]} file: the model (--model), not a text encoder",
+            f"{path.name} is {with_article(fam.title)} {fam.parts[0][0]} file: the model (--model), not a text encoder",
             "leave it out of --text-encoders",
             option="text_encoders",
         )
@@ -259,7 +259,7 @@ def _slot_of(fam: Family, spec: EncoderSpec, path: Path, widths: dict[str, tuple
         slots = [s for s in slots if widths[s.name] == tuple(spec.dims[:2])]
     if len(slots) != 1:
         raise LayoutError(
-            f"{path.name} is a {kind.title} text encoder of {spec.hidden} x {spec.intermediate} (hidden x FFN), "
+            f"{path.name} is {with_article(kind.title)} text encoder of {spec.hidden} x {spec.intermediate} (hidden x FFN), "
             f"which no {fam.title} slot takes",
             _reads(fam),
             option="text_encoders",
@@ -288,7 +288,7 @@ def check_encoder_sizes(ckpt: Checkpoint, config: str | os.PathLike | None = Non
             if name in configs and not encoder_fits(spec, want):
                 slot = fam.slot(name)
                 raise LayoutError(
-                    f"{wf.path.name} is a {spec.encoder_kind.title} text encoder of {_dims(spec.dims)} (hidden x FFN x "
+                    f"{wf.path.name} is {with_article(spec.encoder_kind.title)} text encoder of {_dims(spec.dims)} (hidden x FFN x "
                     f"layers), but {fam.title}'s {slot.encoder.title} ({name}) is {_dims(want)} in {source}",
                     f"give its {slot.encoder.title} file ({slot.encoder.file}) instead",
                     option="text_encoders",

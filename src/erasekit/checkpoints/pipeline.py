@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError, LayoutError
-from ..families import ENCODER_COMPONENTS, FAMILIES, family, listing
+from ..families import ENCODER_COMPONENTS, FAMILIES, family, listing, with_article
 from ..families.base import Family
 from .layouts import Checkpoint, WeightFile, read_json
 from .model_configs import ConfigChoice, choose_config
@@ -253,14 +253,16 @@ def runnable_family(ckpt: Checkpoint, config: str | os.PathLike | None = None) -
     an image read."""
     fam = family(ckpt.architecture)
     if not fam.bare and fam.pipeline and not fam.bundled and config is None and not ckpt.path.is_dir():
-        raise LayoutError(f"erasekit has no configs to load a {fam.title} single file with", fam.why_not_run)
+        raise LayoutError(
+            f"erasekit has no configs to load {with_article(fam.title)} single file with", fam.why_not_run
+        )
     if fam.flow_matching and config is None and not ckpt.path.is_dir():
         choose_config(ckpt)  # a transformer the bundled configs do not describe (FLUX.1 Fill): from its header
     if ckpt.layout == PARTS_LAYOUT:
         check_encoder_sizes(ckpt, config)  # CLIP-G given as FLUX.1's CLIP-L: before gigabytes are loaded
     if fam.bare:
         raise UnsupportedModelError(
-            f"{ckpt.path} is a {fam.title} on its own (no UNet or VAE), which erase, generate and eval cannot run",
+            f"{ckpt.path} is {with_article(fam.title)} on its own (no UNet or VAE), which erase, generate and eval cannot run",
             "name the whole Stable Diffusion model it belongs "
             "to (a text-encoder file still takes patches: erasekit apply)",
         )

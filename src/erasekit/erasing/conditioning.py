@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ErasekitError
-from ..families import of_pipeline
+from ..families import of_pipeline, with_article
 from ..families.base import EncoderKind
 from ..families.encoders import ENCODER_KINDS
 from ..format.names import module_name
@@ -51,7 +51,7 @@ class Conditioner:
         family = of_pipeline(pipe)
         if family is not None and family.pipeline is None:  # the SDXL refiner
             raise ErasekitError(
-                f"erase cannot run a {family.title} pipeline ({type(pipe).__name__})", family.why_not_run
+                f"erase cannot run {with_article(family.title)} pipeline ({type(pipe).__name__})", family.why_not_run
             )
         if family is None or family.conditioning is None:
             raise ErasekitError(

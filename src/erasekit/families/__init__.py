@@ -132,6 +132,11 @@ def listing(words: Sequence[str], last: str = "and") -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
 
 
+def with_article(title: str) -> str:
+    """``title`` with its article, as read aloud: "an SD3.x", "an SDXL base", "a FLUX.1", "a T5"."""
+    return f"{'an' if title.startswith(('SD', 'A', 'E', 'I', 'O', 'U')) else 'a'} {title}"
+
+
 def lines() -> list[str]:
     """The model lines erasekit supports (SD1.x, SD2.x, SDXL, FLUX.1, SD3.x), as messages list them."""
     return list(dict.fromkeys(f.line for f in FAMILIES.values() if f.line))

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ErasekitError, IncompatiblePatchError, TargetNotWritableError
-from ..families import PIPELINES, family, listing
+from ..families import PIPELINES, family, listing, with_article
 from ..families.base import EncoderKind
 from ..families.encoders import NAMINGS
 from . import _st
@@ -94,7 +94,7 @@ def _check_reached(patch: Patch, ui: str) -> None:
     if kind is not None:
         others = [UI_NAMES[u] for u in kind.uis]
         raise IncompatiblePatchError(
-            f"{UI_NAMES[ui]} loads no network into a {kind.title} text encoder",
+            f"{UI_NAMES[ui]} loads no network into {with_article(kind.title)} text encoder",
             f"load the patch in {listing(others, 'or')}, or apply it to the encoder itself (erasekit apply)",
         )
 
@@ -119,7 +119,7 @@ def ui_advice(patch: Patch, path: str | os.PathLike) -> list[str]:
         if ui not in base.uis:
             how = f"no export for {base.title} patches yet"
         elif kind is not None:
-            how = f"loads no network into a {kind.title} text encoder"
+            how = f"loads no network into {with_article(kind.title)} text encoder"
         elif loads_as_is(patch, ui):
             how = f"use {path.name} as it is" if path.suffix == ".safetensors" else f"copy it as {name}"
         else:
