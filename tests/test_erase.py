@@ -18,7 +18,7 @@ from erasekit.checkpoints.pipeline import load_pipeline
 from erasekit.erasing.erase_job import erase_model
 from erasekit.erasing.unlearn import erase
 from erasekit.errors import ErasekitError, InputFileError, LayoutError, NonFiniteError, TargetNotWritableError
-from erasekit.format.erase_config import EraseConfig
+from erasekit.format.erase_config import GENERIC_ANCHORS, EraseConfig
 from erasekit.format.patchfile import load_patch
 from erasekit.testing import make_checkpoint, make_tiny_pipeline
 
@@ -345,10 +345,10 @@ def test_anchors_naming_the_erased_concept_are_dropped() -> None:
         keep=["cross"],
         templates=["a photo of a {}"],
     )
-    prompts, refs, weights = _anchor_prompts(cfg, ["circle"])
+    prompts, refs, weights, unkept = _anchor_prompts(cfg, ["circle"])
     assert prompts == ["", "a blue square", "a photo of a cross"]
     assert refs == [[p] for p in prompts]
-    assert weights.tolist() == [1.0, 1.0, 5.0]
+    assert weights.tolist() == [1.0, 1.0, 5.0] and unkept.tolist() == [1.0, 1.0, 0.0]
 
 
 def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
@@ -362,9 +362,44 @@ def test_keep_weighs_the_anchors_that_name_the_kept_concept() -> None:
         keep=["purple"],
         templates=["a photo of a {}"],
     )
-    prompts, _, weights = _anchor_prompts(cfg, ["red"])
+    prompts, _, weights, unkept = _anchor_prompts(cfg, ["red"])
     assert prompts == ["", "a purple object", "a blue square", "a purpled square", "a photo of a purple"]
     assert weights.tolist() == [1.0, 5.0, 1.0, 1.0, 5.0]
+    assert unkept.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]  # the weights without --keep, which the penalty divides by
+
+
+def test_keep_holds_the_kept_prompts_harder_and_the_others_as_hard_as_without_it() -> None:
+    """--keep adds a hold on the kept concept's prompts and takes none from the others: with the kept prompts where
+    they were, the penalty is the one without --keep, whatever keep_weight (a weighted mean over all held prompts
+    held the others half as hard at keep weight 5 on the built-in models, and their images drifted)."""
+    from erasekit.erasing.recipes.holding import Holding
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = ["", "a purple object", "a blue square", "a photo of a purple", *GENERIC_ANCHORS]
+    table = {p: torch.randn(3, 4, generator=gen) for p in prompts}
+
+    def penalty(keep: list[str], keep_weight: float, moved: set[str]) -> float:
+        cfg = EraseConfig(
+            recipe="anchored",
+            anchor_prompts=prompts[:3],
+            keep=keep,
+            keep_weight=keep_weight,
+            templates=["a photo of a {}"],
+        )
+        holding = Holding(cfg, ["red"], "cpu")
+        holding.prepare(lambda ps: (torch.stack([table[p] for p in ps]), None))
+        holding.chosen = list(range(len(holding.held)))
+        cond = torch.stack([table[p] + (0.5 if p in moved else 0.0) for p in holding.held])
+        return float(holding.penalty((cond, None)))
+
+    others = {"", "a blue square"}
+    without = penalty([], 5.0, others)
+    assert without > 0
+    for weight in (0.5, 5.0, 20.0):
+        assert penalty(["purple"], weight, others) == pytest.approx(without, rel=1e-6)
+    kept_moved = {"a purple object", "a photo of a purple"}
+    assert penalty(["purple"], 5.0, kept_moved) == pytest.approx(5 * penalty(["purple"], 1.0, kept_moved), rel=1e-6)
+    assert penalty(["purple"], 5.0, kept_moved) > penalty([], 5.0, kept_moved)
 
 
 def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
@@ -377,7 +412,7 @@ def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
         stand_in_weight=0.5,
         templates=["a photo of a {}", "a {}"],
     )
-    prompts, refs, weights = _anchor_prompts(cfg, ["circle", "red"])
+    prompts, refs, weights, _ = _anchor_prompts(cfg, ["circle", "red"])
     # whole words only ("circles" is not "circle"); both erased words replaced; "" drops a word; templates added
     assert prompts == [
         "",
@@ -488,7 +523,7 @@ def test_each_concept_is_trained_and_held_in_its_own_templates() -> None:
         concept_templates={"Striped": ["a {} pattern", "{} pattern"], "hollow": ["{} thing"]},
         stand_ins={"striped": "solid", "red": "blue"},
     )
-    prompts, refs, weights = _anchor_prompts(cfg, ["red", "striped"])
+    prompts, refs, weights, _ = _anchor_prompts(cfg, ["red", "striped"])
     assert prompts == ["", "a photo of a red", "a striped pattern", "striped pattern", "hollow thing"]
     assert refs[1:4] == [["a photo of a blue"], ["a solid pattern"], ["solid pattern"]]
     assert weights.tolist() == pytest.approx([1.0, 0.3, 0.3, 0.3, 5.0])
@@ -510,7 +545,7 @@ def test_a_prompt_naming_part_of_a_concept_is_dropped_even_with_a_stand_in() -> 
         stand_ins={"Van Gogh": "Monet"},
         templates=["{}"],
     )
-    prompts, refs, _ = _anchor_prompts(cfg, ["Van Gogh"])
+    prompts, refs, _, _ = _anchor_prompts(cfg, ["Van Gogh"])
     assert prompts == ["", "a Van Gogh painting", "a tree", "Van Gogh"]
     assert refs == [[""], ["a Monet painting"], ["a tree"], ["Monet"]]
 

@@ -33,12 +33,13 @@ def names(prompt: str, concept: str) -> bool:
     return bool(_phrase(concept).search(prompt))
 
 
-def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[str], list[list[str]], Any]:
+def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[str], list[list[str]], Any, Any]:
     """Prompts whose conditioning is held in place (the empty prompt first unless the list has it elsewhere:
     classifier-free guidance encodes it for every image); for each, the prompts whose mean original conditioning it is
     held at (the prompt itself, or for one naming an erased concept with stand-ins, that prompt with each stand-in
-    in the concept's place; the concept in its first four templates is added so); and their weights (--keep counts
-    more: the anchors naming a --keep concept, and the concept in its first four templates).
+    in the concept's place; the concept in its first four templates is added so); their weights (--keep counts
+    more: the anchors naming a --keep concept, and the concept in its first four templates); and the weights they
+    would have without --keep (the kept concept's templates 0), which the penalty is normalised by.
     An anchor that names an erased concept without a stand-in (or names only part of a concept of several words)
     is dropped: holding it would fight the erasure."""
     import torch
@@ -51,24 +52,31 @@ def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[s
         words = set(p.lower().replace(",", " ").split())
         named = [c for c in erased if set(c.split()) & words]
         if not named:  # an anchor naming a --keep concept counts as much as the concept's own template prompts
-            held.append((p, [p], config.keep_weight if any(names(p, k) for k in config.keep) else 1.0))
+            held.append((p, [p], config.keep_weight if any(names(p, k) for k in config.keep) else 1.0, 1.0))
         elif all(c in stand_ins and names(p, c) for c in named):
             alts = [p]
             for c in named:
                 alts = [replace_words(a, c, s) for a in alts for s in stand_ins[c]]
-            held.append((p, alts, config.stand_in_weight))
+            held.append((p, alts, config.stand_in_weight, config.stand_in_weight))
     seen = {h[0] for h in held}  # the concept in its own templates, held at its stand-ins in the same templates
     held += [
-        (t.format(c), [replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]], config.stand_in_weight)
+        (t.format(c), [replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]], *[config.stand_in_weight] * 2)
         for c in concepts
         if c.lower() in stand_ins
         for t in config.templates_for(c)[:4]
         if t.format(c) not in seen
     ]
     held += [
-        (p, [p], config.keep_weight) for k in config.keep for p in (t.format(k) for t in config.templates_for(k)[:4])
+        (p, [p], config.keep_weight, 0.0)
+        for k in config.keep
+        for p in (t.format(k) for t in config.templates_for(k)[:4])
     ]
-    return [h[0] for h in held], [h[1] for h in held], torch.tensor([h[2] for h in held])
+    return (
+        [h[0] for h in held],
+        [h[1] for h in held],
+        torch.tensor([h[2] for h in held]),
+        torch.tensor([h[3] for h in held]),
+    )
 
 
 class Holding:
@@ -76,8 +84,8 @@ class Holding:
 
     def __init__(self, config: EraseConfig, concepts: list[str], device: Any) -> None:
         self.config = config
-        self.held, self.references, weights = anchor_prompts(config, concepts)
-        self.weights = weights.to(device)
+        self.held, self.references, weights, unkept = anchor_prompts(config, concepts)
+        self.weights, self.unkept = weights.to(device), unkept.to(device)
         self.chosen: list[int] = []
 
     def prepare(self, encode: Any) -> None:
@@ -107,12 +115,14 @@ class Holding:
         return [self.held[j] for j in self.chosen]
 
     def penalty(self, conditioning: tuple[Any, dict[str, Any] | None]) -> Any:
-        """``anchor_weight`` x the weighted mean, over the step's held prompts, of their squared drift in each
-        output's unit, averaged over the outputs (``conditioning``: the step's own, as the conditioner gives it)."""
+        """``anchor_weight`` x the weighted sum, over the step's held prompts, of their squared drift in each
+        output's unit, averaged over the outputs (``conditioning``: the step's own, as the conditioner gives it),
+        divided by the sum of the weights they would have without ``--keep``: without it a weighted mean; with it,
+        the kept concept's prompts are held harder and the others exactly as hard as without it (a weighted mean
+        over all of them would hold the others less, the more the kept concept weighs)."""
         outputs = encoder_outputs(conditioning)
         drift = sum(self.drift(name, out) for name, out in outputs.items()) / len(outputs)
-        w = self.weights[self.chosen]
-        return self.config.anchor_weight * (drift * w).sum() / w.sum()
+        return self.config.anchor_weight * (drift * self.weights[self.chosen]).sum() / self.unkept[self.chosen].sum()
 
     def drift(self, name: str, output: Any) -> Any:
         """Each of the step's held prompts' mean squared drift in output ``name``, in that output's unit."""
