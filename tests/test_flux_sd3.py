@@ -375,7 +375,7 @@ def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
     bfl = make_checkpoint(tmp_path / "flux1-dev.safetensors", layout, "BF16")
     patch = patch_of(tmp_path, "diffusers-flux")
     before = snapshot(tmp_path)
-    title = "FLUX.1" if layout.startswith("flux") else "SD3.x"
+    title = "a FLUX.1" if layout.startswith("flux") else "an SD3.x"
     for args in (
         ("inspect", bfl),
         ("apply", patch, "--to", bfl, "--in-place"),
@@ -383,12 +383,12 @@ def test_a_transformer_file_without_encoders_names_the_encoder_files_to_patch(
     ):
         r = run(*args)
         assert r.exit_code == 4 and r.stderr == (
-            f"error: flux1-dev.safetensors holds a {title} transformer but no text encoders; patch the text-encoder "
+            f"error: flux1-dev.safetensors holds {title} transformer but no text encoders; patch the text-encoder "
             f"files it is used with instead ({files}), or a model folder\n"
         ), (args, r.output)
     r = run("generate", "--model", bfl, "-o", tmp_path / "gen", "a cat")
     assert r.exit_code == 4 and r.stderr == (
-        f"error: flux1-dev.safetensors holds a {title} transformer but no text encoders; give its encoder files and "
+        f"error: flux1-dev.safetensors holds {title} transformer but no text encoders; give its encoder files and "
         f"VAE: {run_with} (--text-encoders)\n"
     ), r.output
     assert snapshot(tmp_path) == before
@@ -427,7 +427,8 @@ def test_a_diffusers_transformer_file_is_refused_as_a_transformer_of_its_line(tm
         "erasekit patches CLIP and T5 v1.1 text encoders, those of SD1.x, SD2.x, SDXL, FLUX.1 and SD3.x, or such an "
         "encoder's own file or folder\n"
         if line == "HunyuanVideo"
-        else f"error: diffusion_pytorch_model.safetensors holds a {line} transformer but no text encoders; patch the "
+        else f"error: diffusion_pytorch_model.safetensors holds {'an' if line == 'SD3.x' else 'a'} {line} transformer "
+        "but no text encoders; patch the "
         f"text-encoder files it is used with instead ({files}), or a model folder\n"
     )
     assert r.exit_code == 4 and r.stderr == expected, r.output
