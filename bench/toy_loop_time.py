@@ -7,7 +7,7 @@ Every model erases the concept with its own recommended settings (its erasekit.j
 epochs at 32 px, 24 anchors a step), which give every model the same number of optimizer steps and the same batch,
 so the loop times compare the models, not their settings. The repeats run round-robin (toy-sd, toy-sdxl, toy-flux,
 toy-sd, ...), so a change in the machine's load falls on every model alike; the figures are medians, and the
-ratios are to toy-sd's median from the same run. Torch runs on --threads threads (default 1).
+ratios are to toy-sd's median from the same run. Each erase runs on the one torch thread its erasekit.json sets.
 
 Printed per model: optimizer steps, median loop seconds and milliseconds a step, the ratio to toy-sd, the
 parameters Adam trained, the patch's bytes on disk, and what it stores per encoder.
@@ -21,8 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 from erasekit.erasing.erase_job import erase_model
 from erasekit.format.patchfile import load_patch
@@ -51,9 +49,7 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--concept", default="circle")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     models = args.models.split(",")
     loops: dict[str, list[float]] = {m: [] for m in models}
     reports = {}
@@ -82,7 +78,7 @@ def main() -> int:
             f"| {m} | {report.steps} | {loop:.2f} | {1000 * loop / report.steps:.0f} | {loop / base:.2f} "
             f"| {report.trained_parameters:,} | {size:,} | {stored} |"
         )
-    print(f"\nreproduce: python {' '.join(sys.argv)} (torch threads {args.threads})")
+    print(f"\nreproduce: python {' '.join(sys.argv)}")
     return 0
 
 

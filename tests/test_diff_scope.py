@@ -79,7 +79,7 @@ def test_clip_text_and_pipeline_patches_meet_by_one_rule_everywhere(tmp_path: Pa
     diff_checkpoints(te_base, te_edit, output=clip_patch)
     diff_checkpoints(sd_base, sd_edit, output=sd_patch)
     assert load_patch(clip_patch).manifest.base.architecture == "clip-text"
-    note = "was made for clip-text and goes to a sd1 model by matching FFN shapes (encoder te -> te)"
+    note = "was made for clip-text and goes to an sd1 model by matching FFN shapes (encoder te -> te)"
 
     r = runner.invoke(app, ["diff", str(sd_patch), str(clip_patch), "--json"])
     assert r.exit_code == 0, r.output

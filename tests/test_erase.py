@@ -412,7 +412,7 @@ def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
         stand_in_weight=0.5,
         templates=["a photo of a {}", "a {}"],
     )
-    prompts, refs, weights, _ = _anchor_prompts(cfg, ["circle", "red"])
+    prompts, refs, weights, unkept = _anchor_prompts(cfg, ["circle", "red"])
     # whole words only ("circles" is not "circle"); both erased words replaced; "" drops a word; templates added
     assert prompts == [
         "",
@@ -434,7 +434,7 @@ def test_stand_ins_hold_the_erased_prompts_at_the_stand_in_prompts() -> None:
         ["a photo of a", "a photo of a green"],
         ["a", "a green"],
     ]
-    assert weights.tolist() == [1.0, 0.5, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    assert weights.tolist() == unkept.tolist() == [1.0, 0.5, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]  # no --keep: the same
     assert EraseConfig(stand_ins={"red": "blue"}).stand_ins == {"red": ["blue"]}
 
 

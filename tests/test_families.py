@@ -50,3 +50,38 @@ def test_module_names_of_every_slot_read_back() -> None:
             for proj in s.encoder.kind.projections:
                 assert parse_module_name(module_name(s.name, 11, proj)) == (s.name, 11, proj)
     assert parse_module_name("lora_te1_text_model_encoder_layers_03_mlp_fc1") is None  # no leading zeros
+
+
+def test_messages_name_a_family_with_the_article_it_is_read_with() -> None:
+    """ "an SD3.x pipeline", "an sdxl model", "a FLUX.1 transformer", "an AuraFlow transformer": family titles,
+    architecture ids and the other words messages put an article before."""
+    from erasekit.families import with_article
+
+    titles = {f.title for f in FAMILIES.values()}
+    assert {"SD1.x", "SDXL base", "FLUX.1", "SD3.x"} <= titles
+    words = [
+        "SD1.x",
+        "SDXL base",
+        "sd3",
+        "FLUX.1",
+        "flux",
+        "clip-text",
+        "T5",
+        "UMT5",
+        "AuraFlow",
+        "epsilon",
+        "v_prediction",
+    ]
+    assert [with_article(w) for w in words] == [
+        "an SD1.x",
+        "an SDXL base",
+        "an sd3",
+        "a FLUX.1",
+        "a flux",
+        "a clip-text",
+        "a T5",
+        "a UMT5",
+        "an AuraFlow",
+        "an epsilon",
+        "a v_prediction",
+    ]

@@ -204,7 +204,7 @@ def test_an_sd3_patch_goes_to_clip_g_by_its_shapes_and_a_patch_fitting_no_part_i
     assert r.exit_code == 5 and r.stderr.count("\n") == 1, r.output
     assert r.stderr.startswith(
         "error: patch 'edited minus base' changes the te1 (CLIP ViT-L/14), te2 (OpenCLIP ViT-bigG/14) and te3 (T5 "
-        "v1.1 XXL) of a sd3 model, and none of them fit "
+        "v1.1 XXL) of an sd3 model, and none of them fit "
     )
     assert snapshot(sd2) == before and not (tmp_path / "none").exists()
 
@@ -282,7 +282,7 @@ def test_patches_cross_between_flux_and_sd3_slot_for_slot_as_their_fingerprints_
     before = snapshot(sd3)
     r = run("apply", flux, "--to", sd3, "--in-place")  # the same CLIP-L and T5 (the toy models draw them alike)
     assert r.exit_code == 0 and "7 tensors, base fingerprint exact" in r.stdout, r.output
-    assert "was made for flux and goes to a sd3 model slot for slot (te1, te3); its base fingerprints tell" in r.stderr
+    assert "was made for flux and goes to an sd3 model slot for slot (te1, te3); its base fingerprints tell" in r.stderr
     assert run("apply", "--revert", flux, "--to", sd3).exit_code == 0 and snapshot(sd3) == before
     sd3_patch = patch_of(tmp_path, "diffusers-sd3", "sd3p")
     target = tmp_path / "diffusers-flux" / "base"

@@ -51,7 +51,8 @@ def slot_map(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec], 
         mapping = {used[0]: fits[0]}
     else:
         raise IncompatiblePatchError(
-            f"patch '{m.title}' is for {parch}, but {where} is {architecture}", f"apply it to a {parch} checkpoint"
+            f"patch '{m.title}' is for {parch}, but {where} is {architecture}",
+            f"apply it to {with_article(parch)} checkpoint",
         )
     for ps, cs in mapping.items():
         if cs not in encoders:
@@ -100,9 +101,9 @@ def _part_for(patch: Patch, architecture: str, encoders: dict[str, EncoderSpec],
         widths = "" if ce is None else _widths(patch, _kind(architecture, target), ce.hidden)
         owners = [f"{s} to {family(parch).slot(s).encoder.title}'s{_file(parch, s)}" for s in _used(patch)]
         raise IncompatiblePatchError(
-            f"patch '{m.title}' changes the {listing(titles)} of a {parch} model, and "
+            f"patch '{m.title}' changes the {listing(titles)} of {with_article(parch)} model, and "
             f"{len(fits) or 'none'} of them fit{'s' if len(fits) == 1 else ''} {where}{widths}",
-            f"apply it to a {parch} checkpoint, or each part to its own encoder's file: {', '.join(owners)}",
+            f"apply it to {with_article(parch)} checkpoint, or each part to its own encoder's file: {', '.join(owners)}",
         )
     return {fits[0]: target}
 
@@ -158,7 +159,7 @@ def crossing_note(patch: Patch, architecture: str, mapping: dict[str, str]) -> s
         else f"slot for slot ({', '.join(sorted(mapping))}); its base fingerprints tell whether the encoders are "
         "the same"
     )
-    note = f"patch '{patch.title}' was made for {parch} and goes to a {architecture} model {how}"
+    note = f"patch '{patch.title}' was made for {parch} and goes to {with_article(architecture)} model {how}"
     left = left_slots(patch, mapping)
     if left:
         files = listing([family(parch).slot(s).encoder.file or f"the {s} encoder's file" for s in left])

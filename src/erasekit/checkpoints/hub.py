@@ -216,7 +216,7 @@ def check_repo(name: str, folder: Path, files: list[str] | None, components: tup
     if line is not None:
         from .layouts import not_yet_error
 
-        raise not_yet_error(f"model {name}", line, f"is a {line.line} pipeline ({class_name})")
+        raise not_yet_error(f"model {name}", line, f"is {with_article(line.line)} pipeline ({class_name})")
     fam = _family_of_repo(name, folder, index, class_name)
     for slot in fam.slots:
         _check_encoder_kind(name, folder, fam, slot.component, slot.encoder.kind)

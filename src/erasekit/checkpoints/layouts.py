@@ -740,7 +740,7 @@ def _refuse_unknown_pipeline(path: Path, class_name: str, components: list[str],
     SD1.x's component name) or holding a text encoder component no family has."""
     line = not_yet(class_name)
     if line is not None:
-        raise not_yet_error(f"diffusers folder {path}", line, f"is a {line.line} pipeline ({class_name})")
+        raise not_yet_error(f"diffusers folder {path}", line, f"is {with_article(line.line)} pipeline ({class_name})")
     unknown = [c for c in components if c.startswith("text_encoder") and c not in known]
     if unknown:
         raise LayoutError(

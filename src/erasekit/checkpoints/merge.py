@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import JsonValue
 
 from ..errors import ErasekitError, IncompatiblePatchError, NonFiniteError, TargetNotWritableError
-from ..families import weight_shape
+from ..families import weight_shape, with_article
 from ..format import _st
 from ..format.lowrank import truncated_svd
 from ..format.names import parse_module_name
@@ -171,7 +171,8 @@ def _check_same_base(patches: list[Patch]) -> tuple[dict[str, EncoderInfo], dict
         if mine is not None:
             if pred is not None and pred[0] != mine:
                 raise IncompatiblePatchError(
-                    f"{_name(pred[1])} was made for a {pred[0]} model but {_name(p)} for a {mine} one", _SAME_BASE
+                    f"{_name(pred[1])} was made for {with_article(pred[0])} model but {_name(p)} for {with_article(mine)} one",
+                    _SAME_BASE,
                 )
             pred = pred or (mine, p)
         for key, fp in sorted(base.tensors.items()):

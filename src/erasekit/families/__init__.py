@@ -12,6 +12,7 @@ from typing import Any
 
 from . import clip_text, flux, sd1, sd2, sd3, sdxl, sdxl_refiner, t5_text, unpatched
 from .base import Encoder, EncoderKind, Family, NotYet, Unpatched
+from .base import with_article as with_article  # for the modules that word messages
 from .encoders import ENCODER_KINDS, KIND_OF_PROJECTION
 
 # in the order messages and manifests list them
@@ -130,11 +131,6 @@ def weight_shape(proj: str, hidden: int, intermediate: int) -> tuple[int, int]:
 def listing(words: Sequence[str], last: str = "and") -> str:
     """``"SD1.x, SD2.x and SDXL"``."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
-
-
-def with_article(title: str) -> str:
-    """``title`` with its article, as read aloud: "an SD3.x", "an SDXL base", "a FLUX.1", "a T5"."""
-    return f"{'an' if title.startswith(('SD', 'A', 'E', 'I', 'O', 'U')) else 'a'} {title}"
 
 
 def lines() -> list[str]:

@@ -327,3 +327,9 @@ class Family:
         """The sampling defaults of a pipeline of this family whose components' configs ``setting(component, key)``
         reads: those of the first variant it is, else the family's own."""
         return next(s for s in self.sampling if s.when is None or setting(*s.when[:2]) == s.when[2])
+
+
+def with_article(name: str) -> str:
+    """``name`` with its article, as it is read aloud: "an SD3.x", "an sdxl", "an AuraFlow", "an epsilon", "a FLUX.1",
+    "a T5", "a UMT5" (initials and names read letter by letter take "an" before an S; vowels "an", except U)."""
+    return f"{'an' if name.lower().startswith('sd') or name[:1].upper() in 'AEIO' else 'a'} {name}"

@@ -7,7 +7,7 @@ told from a file's header (its tensors' names and shapes) or a config's class na
 
 from __future__ import annotations
 
-from .base import NotYet, Unpatched
+from .base import NotYet, Unpatched, with_article
 
 _DECODER_LAYERS = r"layers\.\d+\.mlp\.gate_proj\.weight$"  # a Llama-style language model's FFN
 _VOCABULARY = r"(^|\.)embed_tokens\.weight$"  # its token embedding: [vocabulary, width]
@@ -72,7 +72,9 @@ def _denoiser(
 ) -> Unpatched:
     """How a file of ``line``'s denoiser (``part``: "transformer") alone is told: tensors named by ``keys`` (after
     any prefix, ``model.diffusion_model.`` included)."""
-    return Unpatched(f"a {line} {part}", evidence, keys=tuple(rf"(^|\.){k}" for k in keys), sizes=sizes, yet=True)
+    return Unpatched(
+        f"{with_article(line)} {part}", evidence, keys=tuple(rf"(^|\.){k}" for k in keys), sizes=sizes, yet=True
+    )
 
 
 # in the order they are tried: a FLUX.2 or Chroma transformer before FLUX.1's (they share its double and single

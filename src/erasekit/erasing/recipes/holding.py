@@ -38,15 +38,15 @@ def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[s
     classifier-free guidance encodes it for every image); for each, the prompts whose mean original conditioning it is
     held at (the prompt itself, or for one naming an erased concept with stand-ins, that prompt with each stand-in
     in the concept's place; the concept in its first four templates is added so); their weights (--keep counts
-    more: the anchors naming a --keep concept, and the concept in its first four templates); and the weights they
-    would have without --keep (the kept concept's templates 0), which the penalty is normalised by.
+    ``keep_weight`` times: the anchors naming a --keep concept, and the concept in its first four templates); and the
+    weights they would have without --keep (the kept concept's templates 0), which the penalty is normalised by.
     An anchor that names an erased concept without a stand-in (or names only part of a concept of several words)
     is dropped: holding it would fight the erasure."""
     import torch
 
     erased = [c.lower() for c in concepts]
     stand_ins = {k.lower(): v for k, v in config.stand_ins.items()}
-    held: list[tuple[str, list[str], float]] = []
+    held: list[tuple[str, list[str], float, float]] = []  # (prompt, held at, weight, weight without --keep)
     listed = list(config.anchor_prompts if config.anchor_prompts is not None else GENERIC_ANCHORS)
     for p in [""] * ("" not in listed) + listed:  # the empty prompt always: guidance's unconditional branch reads it
         words = set(p.lower().replace(",", " ").split())
@@ -60,7 +60,12 @@ def anchor_prompts(config: EraseConfig, concepts: Sequence[str]) -> tuple[list[s
             held.append((p, alts, config.stand_in_weight, config.stand_in_weight))
     seen = {h[0] for h in held}  # the concept in its own templates, held at its stand-ins in the same templates
     held += [
-        (t.format(c), [replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]], *[config.stand_in_weight] * 2)
+        (
+            t.format(c),
+            [replace_words(t.format(c), c, s) for s in stand_ins[c.lower()]],
+            config.stand_in_weight,
+            config.stand_in_weight,
+        )
         for c in concepts
         if c.lower() in stand_ins
         for t in config.templates_for(c)[:4]
@@ -118,8 +123,8 @@ class Holding:
         """``anchor_weight`` x the weighted sum, over the step's held prompts, of their squared drift in each
         output's unit, averaged over the outputs (``conditioning``: the step's own, as the conditioner gives it),
         divided by the sum of the weights they would have without ``--keep``: without it a weighted mean; with it,
-        the kept concept's prompts are held harder and the others exactly as hard as without it (a weighted mean
-        over all of them would hold the others less, the more the kept concept weighs)."""
+        the kept concept's prompts weigh ``keep_weight`` times and the others as much as without it (in a weighted
+        mean over all of them the others would weigh less, the more the kept concept weighs)."""
         outputs = encoder_outputs(conditioning)
         drift = sum(self.drift(name, out) for name, out in outputs.items()) / len(outputs)
         return self.config.anchor_weight * (drift * self.weights[self.chosen]).sum() / self.unkept[self.chosen].sum()
