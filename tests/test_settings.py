@@ -138,7 +138,7 @@ def test_a_models_per_concept_recommendations_give_each_concept_its_own_wordings
     # and held 1x at 11% in one seed of three (docs/toyworld.md)
     assert striped == BUILTIN | shared | {"keep_weight": 0.5}
     assert recommended_for(settings, ["red"]) == BUILTIN  # no entry: the model's settings as they are
-    # keep_weight 2 for circle: holding a kept shape 5x kept circle's bare word at 12% in two seeds of three
+    # keep_weight 2 for circle: with a kept shape at 5x, circle's paraphrases stayed at 12% in two seeds of three
     assert recommended_for(settings, ["circle"]) == BUILTIN | {"keep_weight": 2.0}
     both = recommended_for(settings, ["Striped", "striped"])  # any case
     assert both["anchor_prompts"] == striped["anchor_prompts"] and both["keep_weight"] == 0.5
