@@ -9,7 +9,7 @@ so the loop times compare the models, not their settings. The repeats run round-
 toy-sd, ...), so a change in the machine's load falls on every model alike; the figures are medians, and the
 ratios are to toy-sd's median from the same run. Each erase runs on the one torch thread its erasekit.json sets.
 
-Printed per model: optimizer steps, median loop seconds and milliseconds a step, the ratio to toy-sd, the
+Printed per model: optimizer steps, median loop seconds (and the fastest and slowest run) and milliseconds a step, the ratio to toy-sd, the
 parameters Adam trained, the patch's bytes on disk, and what it stores per encoder.
 """
 
@@ -67,7 +67,7 @@ def main() -> int:
     print(f"load average at end: {open('/proc/loadavg').read().strip()}\n")
     base = statistics.median(loops[models[0]])
     print(
-        f"| model | steps | loop s (median of {args.repeats}) | ms a step | x {models[0]} | trained parameters "
+        f"| model | steps | loop s (median of {args.repeats}; min-max) | ms a step | x {models[0]} | trained parameters "
         "| patch bytes | deltas stored (encoder: modules, storage) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
@@ -75,7 +75,8 @@ def main() -> int:
         report, size, stored = reports[m]
         loop = statistics.median(loops[m])
         print(
-            f"| {m} | {report.steps} | {loop:.2f} | {1000 * loop / report.steps:.0f} | {loop / base:.2f} "
+            f"| {m} | {report.steps} | {loop:.2f} ({min(loops[m]):.2f}-{max(loops[m]):.2f}) "
+            f"| {1000 * loop / report.steps:.0f} | {loop / base:.2f} "
             f"| {report.trained_parameters:,} | {size:,} | {stored} |"
         )
     print(f"\nreproduce: python {' '.join(sys.argv)}")
