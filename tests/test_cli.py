@@ -309,6 +309,10 @@ def test_erase_and_generate_commands(tmp_path: Path, tiny_model: Path) -> None:
             "nor keeps; name it as a --concept or --keep, or check its spelling "
             "(--concept-template)",
         ),
+        (
+            ["--keep", "Circle"],
+            "'Circle' is both erased (--concept) and kept (--keep); name it in one of the two (--keep)",
+        ),
         (["--rank", "0"], "invalid rank: Value error, rank must be at least 1, auto or dense, got 0 (--rank)"),
         (["--rank", "low"], "invalid rank: "),
     ],

@@ -109,6 +109,7 @@ def prepare_erase(
     config, sources = _training_decided(config, sources, ckpt)
     offloaded_blocks(config.offload, fam)  # a UNet is not streamed
     _check_concept_templates(config, concepts)
+    _check_kept_not_erased(config, concepts)
     out = Path(output)
     check_new_output(out, replace, make_folder)
     groups: list[list[Any]] | None = None
@@ -181,6 +182,19 @@ def _check_concept_templates(config: EraseConfig, concepts: Sequence[str]) -> No
             f"templates are given for {stray[0]!r}, which this erase neither erases nor keeps",
             "name it as a --concept or --keep, or check its spelling",
             option="concept_templates",
+        )
+
+
+def _check_kept_not_erased(config: EraseConfig, concepts: Sequence[str]) -> None:
+    """A concept both erased and kept would be pushed away and held in place at once (its prompts held at
+    ``keep_weight`` against its own erasure): one of the two is a mistake."""
+    erased = {c.lower() for c in concepts}
+    both = [k for k in config.keep if k.lower() in erased]
+    if both:
+        raise ErasekitError(
+            f"{both[0]!r} is both erased (--concept) and kept (--keep)",
+            "name it in one of the two",
+            option="keep",
         )
 
 
